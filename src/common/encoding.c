@@ -1,0 +1,165 @@
+#include "config.h"
+
+#include "common/encoding.h"
+
+#include <openssl/rand.h>
+#include <string.h>
+
+static const char std_alphabet[] =
+    "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+static const char url_alphabet[] =
+    "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+
+static kms_err encode(const char *alphabet, int pad, const uint8_t *in, size_t n,
+                      struct kms_buf *out)
+{
+    KMS_ENSURE(n <= (SIZE_MAX / 4) * 3 - 3, KMS_ERR_VALIDATION, "input too large");
+    KMS_GUARD(kms_buf_reserve(out, (n + 2) / 3 * 4));
+    char *o = (char *)out->data + out->len;
+    size_t i = 0;
+    for (; i + 3 <= n; i += 3) {
+        uint32_t v = (uint32_t)in[i] << 16 | (uint32_t)in[i + 1] << 8 | in[i + 2];
+        *o++ = alphabet[v >> 18];
+        *o++ = alphabet[(v >> 12) & 63];
+        *o++ = alphabet[(v >> 6) & 63];
+        *o++ = alphabet[v & 63];
+    }
+    if (n - i == 1) {
+        uint32_t v = (uint32_t)in[i] << 16;
+        *o++ = alphabet[v >> 18];
+        *o++ = alphabet[(v >> 12) & 63];
+        if (pad) {
+            *o++ = '=';
+            *o++ = '=';
+        }
+    } else if (n - i == 2) {
+        uint32_t v = (uint32_t)in[i] << 16 | (uint32_t)in[i + 1] << 8;
+        *o++ = alphabet[v >> 18];
+        *o++ = alphabet[(v >> 12) & 63];
+        *o++ = alphabet[(v >> 6) & 63];
+        if (pad)
+            *o++ = '=';
+    }
+    out->len = (size_t)(o - (char *)out->data);
+    return kms_buf_terminate(out);
+}
+
+static int value_of(const char *alphabet, char c)
+{
+    const char *p = c ? memchr(alphabet, c, 64) : NULL;
+    return p ? (int)(p - alphabet) : -1;
+}
+
+static kms_err decode(const char *alphabet, int padded, const char *in, size_t n,
+                      struct kms_buf *out)
+{
+    size_t body = n;
+    if (padded) {
+        KMS_ENSURE(n % 4 == 0, KMS_ERR_VALIDATION, "base64 length is not a multiple of 4");
+        if (body > 0 && in[body - 1] == '=')
+            body--;
+        if (body > 0 && in[body - 1] == '=')
+            body--;
+    }
+    KMS_ENSURE(body % 4 != 1, KMS_ERR_VALIDATION, "base64 input has a dangling character");
+    KMS_GUARD(kms_buf_reserve(out, body / 4 * 3 + 2));
+    uint32_t acc = 0;
+    unsigned bits = 0;
+    for (size_t i = 0; i < body; i++) {
+        int v = value_of(alphabet, in[i]);
+        KMS_ENSURE(v >= 0, KMS_ERR_VALIDATION, "base64 input has a character outside its alphabet");
+        acc = acc << 6 | (uint32_t)v;
+        bits += 6;
+        if (bits >= 8) {
+            bits -= 8;
+            out->data[out->len++] = (uint8_t)(acc >> bits);
+            acc &= (1u << bits) - 1;
+        }
+    }
+    /* Leftover bits must be zero, so each byte string has one encoding. */
+    KMS_ENSURE(acc == 0, KMS_ERR_VALIDATION, "base64 input has non-zero padding bits");
+    return kms_buf_terminate(out);
+}
+
+kms_err kms_b64_encode(const uint8_t *in, size_t n, struct kms_buf *out)
+{
+    return encode(std_alphabet, 1, in, n, out);
+}
+
+kms_err kms_b64_decode(const char *in, size_t n, struct kms_buf *out)
+{
+    return decode(std_alphabet, 1, in, n, out);
+}
+
+kms_err kms_b64url_encode(const uint8_t *in, size_t n, struct kms_buf *out)
+{
+    return encode(url_alphabet, 0, in, n, out);
+}
+
+kms_err kms_b64url_decode(const char *in, size_t n, struct kms_buf *out)
+{
+    return decode(url_alphabet, 0, in, n, out);
+}
+
+void kms_hex_encode(const uint8_t *in, size_t n, char *out)
+{
+    static const char digits[] = "0123456789abcdef";
+    for (size_t i = 0; i < n; i++) {
+        out[2 * i] = digits[in[i] >> 4];
+        out[2 * i + 1] = digits[in[i] & 15];
+    }
+    out[2 * n] = '\0';
+}
+
+kms_err kms_uuid_new(uint8_t out[KMS_UUID_LEN])
+{
+    KMS_ENSURE(RAND_bytes(out, KMS_UUID_LEN) == 1, KMS_ERR_INTERNAL, "random generator failed");
+    out[6] = (uint8_t)((out[6] & 0x0f) | 0x40);
+    out[8] = (uint8_t)((out[8] & 0x3f) | 0x80);
+    return KMS_OK;
+}
+
+void kms_uuid_format(const uint8_t id[KMS_UUID_LEN], char *out)
+{
+    char hex[2 * KMS_UUID_LEN + 1];
+    kms_hex_encode(id, KMS_UUID_LEN, hex);
+    memcpy(out, hex, 8);
+    out[8] = '-';
+    memcpy(out + 9, hex + 8, 4);
+    out[13] = '-';
+    memcpy(out + 14, hex + 12, 4);
+    out[18] = '-';
+    memcpy(out + 19, hex + 16, 4);
+    out[23] = '-';
+    memcpy(out + 24, hex + 20, 12);
+    out[36] = '\0';
+}
+
+static int hex_value(char c)
+{
+    if (c >= '0' && c <= '9')
+        return c - '0';
+    if (c >= 'a' && c <= 'f')
+        return c - 'a' + 10;
+    if (c >= 'A' && c <= 'F')
+        return c - 'A' + 10;
+    return -1;
+}
+
+kms_err kms_uuid_parse(const char *s, size_t n, uint8_t out[KMS_UUID_LEN])
+{
+    KMS_ENSURE(n == KMS_UUID_TEXT_LEN, KMS_ERR_NOT_FOUND, "not a key id");
+    size_t o = 0;
+    for (size_t i = 0; i < n;) {
+        if (i == 8 || i == 13 || i == 18 || i == 23) {
+            KMS_ENSURE(s[i] == '-', KMS_ERR_NOT_FOUND, "not a key id");
+            i++;
+            continue;
+        }
+        int hi = hex_value(s[i]), lo = hex_value(s[i + 1]);
+        KMS_ENSURE(hi >= 0 && lo >= 0, KMS_ERR_NOT_FOUND, "not a key id");
+        out[o++] = (uint8_t)(hi << 4 | lo);
+        i += 2;
+    }
+    return KMS_OK;
+}

@@ -1,0 +1,34 @@
+/* Base64 (standard and URL-safe), hex and UUID text forms. */
+#ifndef P11KMS_ENCODING_H
+#define P11KMS_ENCODING_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "common/buf.h"
+
+#define KMS_UUID_LEN 16
+#define KMS_UUID_TEXT_LEN 36
+
+/* Standard alphabet with padding, as AWS's JSON protocol carries blobs. */
+KMS_MUST_CHECK kms_err kms_b64_encode(const uint8_t *in, size_t n, struct kms_buf *out);
+/*
+ * Strict decode: standard alphabet, length a multiple of 4, padding only at
+ * the end, unused trailing bits zero. Anything else is KMS_ERR_VALIDATION.
+ */
+KMS_MUST_CHECK kms_err kms_b64_decode(const char *in, size_t n, struct kms_buf *out);
+/* URL-safe alphabet without padding (RFC 4648 §5), as JOSE uses it. */
+KMS_MUST_CHECK kms_err kms_b64url_encode(const uint8_t *in, size_t n, struct kms_buf *out);
+KMS_MUST_CHECK kms_err kms_b64url_decode(const char *in, size_t n, struct kms_buf *out);
+
+/* Lower-case hex; out holds 2n+1 bytes. */
+void kms_hex_encode(const uint8_t *in, size_t n, char *out);
+
+/* Random (version 4) UUID from OpenSSL's DRBG. */
+KMS_MUST_CHECK kms_err kms_uuid_new(uint8_t out[KMS_UUID_LEN]);
+/* Lower-case 8-4-4-4-12 form; out holds KMS_UUID_TEXT_LEN + 1 bytes. */
+void kms_uuid_format(const uint8_t id[KMS_UUID_LEN], char *out);
+/* Parses the 8-4-4-4-12 form (either case) of exactly n bytes. */
+KMS_MUST_CHECK kms_err kms_uuid_parse(const char *s, size_t n, uint8_t out[KMS_UUID_LEN]);
+
+#endif

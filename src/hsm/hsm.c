@@ -1,0 +1,521 @@
+#include "config.h"
+
+#include "hsm/hsm.h"
+
+#include <errno.h>
+#include <openssl/crypto.h>
+#include <p11-kit/p11-kit.h>
+#include <p11-kit/uri.h>
+#include <pthread.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "common/log.h"
+
+#define APPLICATION "p11kms"
+
+struct kms_hsm {
+    CK_FUNCTION_LIST *fn;
+    CK_SLOT_ID slot;
+    char *pin;
+    size_t pin_len;
+    unsigned timeout_ms;
+
+    pthread_mutex_t lock;
+    pthread_cond_t available;
+    struct kms_session *sessions;
+    struct kms_session **free_list;
+    size_t nsessions;
+    size_t nfree;
+};
+
+kms_err kms_hsm_fail(CK_RV rv, const char *what, const char *file, int line)
+{
+    kms_err e;
+    switch (rv) {
+    case CKR_DEVICE_ERROR:
+    case CKR_DEVICE_REMOVED:
+    case CKR_DEVICE_MEMORY:
+    case CKR_TOKEN_NOT_PRESENT:
+    case CKR_TOKEN_NOT_RECOGNIZED:
+    case CKR_SESSION_HANDLE_INVALID:
+    case CKR_SESSION_CLOSED:
+    case CKR_USER_NOT_LOGGED_IN:
+    case CKR_CRYPTOKI_NOT_INITIALIZED:
+        e = KMS_ERR_KEY_UNAVAILABLE;
+        break;
+    case CKR_KEY_HANDLE_INVALID:
+    case CKR_OBJECT_HANDLE_INVALID:
+        e = KMS_ERR_KEY_UNAVAILABLE;
+        break;
+    default:
+        e = KMS_ERR_INTERNAL;
+        break;
+    }
+    kms_error("%s failed: %s (0x%lx) at %s:%d", what, p11_kit_strerror(rv), (unsigned long)rv,
+              file, line);
+    return kms_err_set(e, file, line, "The key store could not complete the request");
+}
+
+static int session_fault(CK_RV rv)
+{
+    return rv == CKR_SESSION_HANDLE_INVALID || rv == CKR_SESSION_CLOSED ||
+           rv == CKR_DEVICE_ERROR || rv == CKR_DEVICE_REMOVED || rv == CKR_TOKEN_NOT_PRESENT ||
+           rv == CKR_USER_NOT_LOGGED_IN;
+}
+
+/* Marks the session for reopening when rv says it is gone, then maps rv. */
+#define SESSION_CKR(s, rv, what)                                          \
+    do {                                                                  \
+        CK_RV ckr_ = (rv);                                                \
+        if (ckr_ != CKR_OK) {                                             \
+            if (session_fault(ckr_))                                      \
+                (s)->broken = 1;                                          \
+            return kms_hsm_fail(ckr_, (what), __FILE__, __LINE__);        \
+        }                                                                 \
+    } while (0)
+
+static kms_err load_module(const char *path, CK_FUNCTION_LIST **out)
+{
+    CK_FUNCTION_LIST *fn = p11_kit_module_load(path, 0);
+    KMS_ENSURE(fn != NULL, KMS_ERR_INTERNAL, "cannot load PKCS#11 module %s: %s", path,
+               p11_kit_message() ? p11_kit_message() : "unknown error");
+    CK_RV rv = p11_kit_module_initialize(fn);
+    if (rv != CKR_OK) {
+        p11_kit_module_release(fn);
+        return kms_hsm_fail(rv, "C_Initialize", __FILE__, __LINE__);
+    }
+    *out = fn;
+    return KMS_OK;
+}
+
+static void unload_module(CK_FUNCTION_LIST *fn)
+{
+    p11_kit_module_finalize(fn);
+    p11_kit_module_release(fn);
+}
+
+static int token_matches(const char *want, P11KitUri *uri, CK_TOKEN_INFO *info)
+{
+    if (uri)
+        return p11_kit_uri_match_token_info(uri, info);
+    size_t n = p11_kit_space_strlen(info->label, sizeof info->label);
+    return strlen(want) == n && memcmp(want, info->label, n) == 0;
+}
+
+static kms_err find_slot(CK_FUNCTION_LIST *fn, const char *token, CK_SLOT_ID *out)
+{
+    CK_SLOT_ID slots[64];
+    CK_ULONG n = sizeof slots / sizeof slots[0];
+    P11KitUri *uri = NULL;
+    kms_err rc = KMS_FAIL(KMS_ERR_INTERNAL, "token '%s' not found", token);
+
+    KMS_GUARD_CKR(fn->C_GetSlotList(CK_TRUE, slots, &n), "C_GetSlotList");
+    if (strncmp(token, "pkcs11:", 7) == 0) {
+        uri = p11_kit_uri_new();
+        KMS_ENSURE(uri != NULL, KMS_ERR_INTERNAL, "out of memory");
+        if (p11_kit_uri_parse(token, P11_KIT_URI_FOR_TOKEN, uri) != P11_KIT_URI_OK) {
+            p11_kit_uri_free(uri);
+            return KMS_FAIL(KMS_ERR_INTERNAL, "token URI '%s' is not valid", token);
+        }
+    }
+    for (CK_ULONG i = 0; i < n; i++) {
+        CK_TOKEN_INFO info;
+        if (fn->C_GetTokenInfo(slots[i], &info) != CKR_OK)
+            continue;
+        if ((info.flags & CKF_TOKEN_INITIALIZED) && token_matches(token, uri, &info)) {
+            *out = slots[i];
+            rc = KMS_OK;
+            break;
+        }
+    }
+    if (uri)
+        p11_kit_uri_free(uri);
+    return rc;
+}
+
+static kms_err open_session(struct kms_hsm *hsm, CK_SESSION_HANDLE *out)
+{
+    KMS_GUARD_CKR(hsm->fn->C_OpenSession(hsm->slot, CKF_SERIAL_SESSION | CKF_RW_SESSION, NULL,
+                                         NULL, out),
+                  "C_OpenSession");
+    return KMS_OK;
+}
+
+static kms_err login(struct kms_hsm *hsm, CK_SESSION_HANDLE h)
+{
+    CK_RV rv = hsm->fn->C_Login(h, CKU_USER, (CK_UTF8CHAR *)hsm->pin, hsm->pin_len);
+    if (rv == CKR_USER_ALREADY_LOGGED_IN)
+        rv = CKR_OK;
+    KMS_GUARD_CKR(rv, "C_Login");
+    return KMS_OK;
+}
+
+kms_err kms_hsm_open(const struct kms_hsm_config *cfg, struct kms_hsm **out)
+{
+    struct kms_hsm *hsm;
+    kms_err rc;
+    pthread_condattr_t ca;
+    unsigned n = cfg->sessions ? cfg->sessions : 1;
+
+    KMS_ENSURE(cfg->module && cfg->token && cfg->pin, KMS_ERR_INTERNAL,
+               "module, token and PIN are required");
+    hsm = calloc(1, sizeof *hsm);
+    KMS_ENSURE(hsm != NULL, KMS_ERR_INTERNAL, "out of memory");
+    pthread_mutex_init(&hsm->lock, NULL);
+    pthread_condattr_init(&ca);
+    pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
+    pthread_cond_init(&hsm->available, &ca);
+    pthread_condattr_destroy(&ca);
+    hsm->timeout_ms = cfg->acquire_timeout_ms ? cfg->acquire_timeout_ms : 2000;
+    hsm->pin_len = strlen(cfg->pin);
+    hsm->pin = malloc(hsm->pin_len + 1);
+    hsm->sessions = calloc(n, sizeof *hsm->sessions);
+    hsm->free_list = calloc(n, sizeof *hsm->free_list);
+    if (!hsm->pin || !hsm->sessions || !hsm->free_list) {
+        kms_hsm_close(hsm);
+        return KMS_FAIL(KMS_ERR_INTERNAL, "out of memory");
+    }
+    memcpy(hsm->pin, cfg->pin, hsm->pin_len + 1);
+
+    rc = load_module(cfg->module, &hsm->fn);
+    if (rc == KMS_OK)
+        rc = find_slot(hsm->fn, cfg->token, &hsm->slot);
+    for (unsigned i = 0; rc == KMS_OK && i < n; i++) {
+        hsm->sessions[i].hsm = hsm;
+        rc = open_session(hsm, &hsm->sessions[i].handle);
+        if (rc == KMS_OK && i == 0)
+            rc = login(hsm, hsm->sessions[i].handle);
+        if (rc == KMS_OK) {
+            hsm->free_list[hsm->nfree++] = &hsm->sessions[i];
+            hsm->nsessions++;
+        }
+    }
+    if (rc != KMS_OK) {
+        kms_hsm_close(hsm);
+        return rc;
+    }
+    *out = hsm;
+    return KMS_OK;
+}
+
+void kms_hsm_close(struct kms_hsm *hsm)
+{
+    if (!hsm)
+        return;
+    if (hsm->fn) {
+        for (size_t i = 0; i < hsm->nsessions; i++)
+            hsm->fn->C_CloseSession(hsm->sessions[i].handle);
+        unload_module(hsm->fn);
+    }
+    if (hsm->pin)
+        kms_free_secret(hsm->pin, hsm->pin_len + 1);
+    free(hsm->sessions);
+    free(hsm->free_list);
+    pthread_cond_destroy(&hsm->available);
+    pthread_mutex_destroy(&hsm->lock);
+    free(hsm);
+}
+
+int kms_hsm_ready(struct kms_hsm *hsm)
+{
+    struct kms_session *s;
+    CK_SESSION_INFO info;
+    int ok;
+
+    if (kms_hsm_acquire(hsm, &s) != KMS_OK)
+        return 0;
+    CK_RV rv = hsm->fn->C_GetSessionInfo(s->handle, &info);
+    ok = rv == CKR_OK && (info.state == CKS_RW_USER_FUNCTIONS || info.state == CKS_RO_USER_FUNCTIONS);
+    if (rv != CKR_OK && session_fault(rv))
+        s->broken = 1;
+    kms_hsm_release(s);
+    return ok;
+}
+
+kms_err kms_hsm_acquire(struct kms_hsm *hsm, struct kms_session **out)
+{
+    struct timespec deadline;
+    int rc = 0;
+
+    clock_gettime(CLOCK_MONOTONIC, &deadline);
+    deadline.tv_sec += hsm->timeout_ms / 1000;
+    deadline.tv_nsec += (long)(hsm->timeout_ms % 1000) * 1000000L;
+    if (deadline.tv_nsec >= 1000000000L) {
+        deadline.tv_sec++;
+        deadline.tv_nsec -= 1000000000L;
+    }
+    pthread_mutex_lock(&hsm->lock);
+    while (hsm->nfree == 0 && rc != ETIMEDOUT)
+        rc = pthread_cond_timedwait(&hsm->available, &hsm->lock, &deadline);
+    if (hsm->nfree == 0) {
+        pthread_mutex_unlock(&hsm->lock);
+        return KMS_FAIL(KMS_ERR_DEPENDENCY_TIMEOUT, "No key store session became free in time");
+    }
+    *out = hsm->free_list[--hsm->nfree];
+    pthread_mutex_unlock(&hsm->lock);
+    return KMS_OK;
+}
+
+/* Replaces a session the token has dropped; logs in again if it must. */
+static void reopen(struct kms_session *s)
+{
+    struct kms_hsm *hsm = s->hsm;
+    CK_SESSION_HANDLE h;
+
+    hsm->fn->C_CloseSession(s->handle);
+    if (open_session(hsm, &h) != KMS_OK)
+        return; /* stays broken; the next user fails and tries again */
+    CK_SESSION_INFO info;
+    if (hsm->fn->C_GetSessionInfo(h, &info) == CKR_OK && info.state != CKS_RW_USER_FUNCTIONS &&
+        login(hsm, h) != KMS_OK) {
+        hsm->fn->C_CloseSession(h);
+        return;
+    }
+    s->handle = h;
+    s->broken = 0;
+}
+
+void kms_hsm_release(struct kms_session *s)
+{
+    struct kms_hsm *hsm = s->hsm;
+    if (s->broken)
+        reopen(s);
+    pthread_mutex_lock(&hsm->lock);
+    hsm->free_list[hsm->nfree++] = s;
+    pthread_cond_signal(&hsm->available);
+    pthread_mutex_unlock(&hsm->lock);
+}
+
+kms_err kms_hsm_random(struct kms_session *s, uint8_t *out, size_t n)
+{
+    SESSION_CKR(s, s->hsm->fn->C_GenerateRandom(s->handle, out, n), "C_GenerateRandom");
+    return KMS_OK;
+}
+
+kms_err kms_hsm_generate_aes(struct kms_session *s, const uint8_t *id, size_t id_len,
+                             const char *label, CK_OBJECT_HANDLE *out)
+{
+    CK_MECHANISM mech = {CKM_AES_KEY_GEN, NULL, 0};
+    CK_OBJECT_CLASS cls = CKO_SECRET_KEY;
+    CK_KEY_TYPE kt = CKK_AES;
+    CK_ULONG len = 32;
+    CK_BBOOL yes = CK_TRUE, no = CK_FALSE;
+    CK_ATTRIBUTE tmpl[] = {
+        {CKA_CLASS, &cls, sizeof cls},
+        {CKA_KEY_TYPE, &kt, sizeof kt},
+        {CKA_VALUE_LEN, &len, sizeof len},
+        {CKA_TOKEN, &yes, sizeof yes},
+        {CKA_PRIVATE, &yes, sizeof yes},
+        {CKA_SENSITIVE, &yes, sizeof yes},
+        {CKA_EXTRACTABLE, &no, sizeof no},
+        {CKA_ENCRYPT, &yes, sizeof yes},
+        {CKA_DECRYPT, &yes, sizeof yes},
+        {CKA_WRAP, &no, sizeof no},
+        {CKA_UNWRAP, &no, sizeof no},
+        {CKA_SIGN, &no, sizeof no},
+        {CKA_VERIFY, &no, sizeof no},
+        {CKA_DERIVE, &no, sizeof no},
+        {CKA_ID, (void *)id, id_len},
+        {CKA_LABEL, (void *)label, strlen(label)},
+    };
+    SESSION_CKR(s, s->hsm->fn->C_GenerateKey(s->handle, &mech, tmpl, sizeof tmpl / sizeof tmpl[0], out),
+                "C_GenerateKey");
+    return KMS_OK;
+}
+
+static CK_MECHANISM gcm_mechanism(CK_GCM_PARAMS *p, const uint8_t iv[12], const uint8_t *aad,
+                                  size_t aad_len)
+{
+    p->pIv = (CK_BYTE *)iv;
+    p->ulIvLen = 12;
+    p->ulIvBits = 96;
+    p->pAAD = (CK_BYTE *)aad;
+    p->ulAADLen = aad_len;
+    p->ulTagBits = 128;
+    CK_MECHANISM m = {CKM_AES_GCM, p, sizeof *p};
+    return m;
+}
+
+kms_err kms_hsm_gcm_encrypt(struct kms_session *s, CK_OBJECT_HANDLE key, const uint8_t iv[12],
+                            const uint8_t *aad, size_t aad_len, const uint8_t *in, size_t n,
+                            uint8_t *out)
+{
+    CK_GCM_PARAMS params;
+    CK_MECHANISM mech = gcm_mechanism(&params, iv, aad, aad_len);
+    CK_ULONG out_len = n + 16;
+    CK_FUNCTION_LIST *fn = s->hsm->fn;
+
+    SESSION_CKR(s, fn->C_EncryptInit(s->handle, &mech, key), "C_EncryptInit");
+    SESSION_CKR(s, fn->C_Encrypt(s->handle, (CK_BYTE *)in, n, out, &out_len), "C_Encrypt");
+    KMS_ENSURE(out_len == n + 16, KMS_ERR_INTERNAL, "token returned %lu bytes for GCM, not %zu",
+               (unsigned long)out_len, n + 16);
+    return KMS_OK;
+}
+
+kms_err kms_hsm_gcm_decrypt(struct kms_session *s, CK_OBJECT_HANDLE key, const uint8_t iv[12],
+                            const uint8_t *aad, size_t aad_len, const uint8_t *in, size_t n,
+                            uint8_t *out)
+{
+    CK_GCM_PARAMS params;
+    CK_MECHANISM mech = gcm_mechanism(&params, iv, aad, aad_len);
+    CK_FUNCTION_LIST *fn = s->hsm->fn;
+    CK_RV rv;
+    CK_ULONG out_len;
+    uint8_t *tmp;
+
+    KMS_ENSURE(n >= 16, KMS_ERR_INVALID_CIPHERTEXT, "The ciphertext is too short");
+    /* Some modules write n bytes before checking the tag; give them room. */
+    tmp = malloc(n);
+    KMS_ENSURE(tmp != NULL, KMS_ERR_INTERNAL, "out of memory");
+    out_len = n;
+    rv = fn->C_DecryptInit(s->handle, &mech, key);
+    if (rv == CKR_OK)
+        rv = fn->C_Decrypt(s->handle, (CK_BYTE *)in, n, tmp, &out_len);
+    if (rv == CKR_OK && out_len != n - 16)
+        rv = CKR_GENERAL_ERROR;
+    if (rv == CKR_OK)
+        memcpy(out, tmp, n - 16);
+    kms_free_secret(tmp, n);
+    if (rv == CKR_OK)
+        return KMS_OK;
+    OPENSSL_cleanse(out, n - 16);
+    if (session_fault(rv)) {
+        s->broken = 1;
+        return kms_hsm_fail(rv, "C_Decrypt", __FILE__, __LINE__);
+    }
+    if (rv == CKR_ENCRYPTED_DATA_INVALID || rv == CKR_ENCRYPTED_DATA_LEN_RANGE ||
+        rv == CKR_GENERAL_ERROR || rv == CKR_FUNCTION_FAILED) {
+        kms_debug("C_Decrypt refused the ciphertext: %s", p11_kit_strerror(rv));
+        return KMS_FAIL(KMS_ERR_INVALID_CIPHERTEXT,
+                        "The ciphertext, its key or its encryption context is not valid");
+    }
+    return kms_hsm_fail(rv, "C_Decrypt", __FILE__, __LINE__);
+}
+
+kms_err kms_hsm_create_data(struct kms_session *s, const char *label, const void *value, size_t n,
+                            CK_OBJECT_HANDLE *out)
+{
+    CK_OBJECT_CLASS cls = CKO_DATA;
+    CK_BBOOL yes = CK_TRUE;
+    CK_ATTRIBUTE tmpl[] = {
+        {CKA_CLASS, &cls, sizeof cls},
+        {CKA_TOKEN, &yes, sizeof yes},
+        {CKA_PRIVATE, &yes, sizeof yes},
+        {CKA_MODIFIABLE, &yes, sizeof yes},
+        {CKA_APPLICATION, (void *)APPLICATION, sizeof APPLICATION - 1},
+        {CKA_LABEL, (void *)label, strlen(label)},
+        {CKA_VALUE, (void *)value, n},
+    };
+    SESSION_CKR(s, s->hsm->fn->C_CreateObject(s->handle, tmpl, sizeof tmpl / sizeof tmpl[0], out),
+                "C_CreateObject");
+    return KMS_OK;
+}
+
+kms_err kms_hsm_destroy(struct kms_session *s, CK_OBJECT_HANDLE h)
+{
+    SESSION_CKR(s, s->hsm->fn->C_DestroyObject(s->handle, h), "C_DestroyObject");
+    return KMS_OK;
+}
+
+kms_err kms_hsm_find(struct kms_session *s, CK_ATTRIBUTE *tmpl, CK_ULONG n, CK_OBJECT_HANDLE **out,
+                     size_t *count)
+{
+    CK_FUNCTION_LIST *fn = s->hsm->fn;
+    CK_OBJECT_HANDLE *all = NULL;
+    size_t len = 0, cap = 0;
+    CK_RV rv;
+
+    SESSION_CKR(s, fn->C_FindObjectsInit(s->handle, tmpl, n), "C_FindObjectsInit");
+    for (;;) {
+        CK_ULONG got = 0;
+        if (len == cap) {
+            size_t ncap = cap ? cap * 2 : 256;
+            CK_OBJECT_HANDLE *p = realloc(all, ncap * sizeof *all);
+            if (!p) {
+                rv = CKR_HOST_MEMORY;
+                break;
+            }
+            all = p;
+            cap = ncap;
+        }
+        rv = fn->C_FindObjects(s->handle, all + len, cap - len, &got);
+        if (rv != CKR_OK || got == 0)
+            break;
+        len += got;
+    }
+    CK_RV frv = fn->C_FindObjectsFinal(s->handle);
+    if (rv == CKR_OK)
+        rv = frv;
+    if (rv != CKR_OK) {
+        free(all);
+        SESSION_CKR(s, rv, "C_FindObjects");
+    }
+    *out = all;
+    *count = len;
+    return KMS_OK;
+}
+
+kms_err kms_hsm_get_bytes(struct kms_session *s, CK_OBJECT_HANDLE h, CK_ATTRIBUTE_TYPE type,
+                          struct kms_buf *out)
+{
+    CK_ATTRIBUTE a = {type, NULL, 0};
+    CK_FUNCTION_LIST *fn = s->hsm->fn;
+
+    SESSION_CKR(s, fn->C_GetAttributeValue(s->handle, h, &a, 1), "C_GetAttributeValue");
+    KMS_ENSURE(a.ulValueLen != CK_UNAVAILABLE_INFORMATION && a.ulValueLen <= (1u << 24),
+               KMS_ERR_INTERNAL, "token attribute is unavailable or too large");
+    KMS_GUARD(kms_buf_reserve(out, a.ulValueLen));
+    a.pValue = out->data + out->len;
+    SESSION_CKR(s, fn->C_GetAttributeValue(s->handle, h, &a, 1), "C_GetAttributeValue");
+    out->len += a.ulValueLen;
+    return kms_buf_terminate(out);
+}
+
+kms_err kms_hsm_init_token(const char *module, const char *label, const char *so_pin,
+                           const char *user_pin)
+{
+    CK_FUNCTION_LIST *fn;
+    CK_SLOT_ID slots[64], slot = 0;
+    CK_ULONG n = sizeof slots / sizeof slots[0];
+    CK_UTF8CHAR padded[32];
+    CK_SESSION_HANDLE h;
+    CK_RV rv;
+    int found = 0;
+
+    KMS_GUARD(load_module(module, &fn));
+    rv = fn->C_GetSlotList(CK_TRUE, slots, &n);
+    for (CK_ULONG i = 0; rv == CKR_OK && i < n && !found; i++) {
+        CK_TOKEN_INFO info;
+        if (fn->C_GetTokenInfo(slots[i], &info) == CKR_OK && !(info.flags & CKF_TOKEN_INITIALIZED)) {
+            slot = slots[i];
+            found = 1;
+        }
+    }
+    if (rv != CKR_OK || !found) {
+        unload_module(fn);
+        if (rv != CKR_OK)
+            return kms_hsm_fail(rv, "C_GetSlotList", __FILE__, __LINE__);
+        return KMS_FAIL(KMS_ERR_INTERNAL, "no free slot for a new token");
+    }
+    memset(padded, ' ', sizeof padded);
+    memcpy(padded, label, strlen(label) < sizeof padded ? strlen(label) : sizeof padded);
+    rv = fn->C_InitToken(slot, (CK_UTF8CHAR *)so_pin, strlen(so_pin), padded);
+    /* SoftHSM2 moves a newly initialised token to a new slot id: find it by label. */
+    if (rv == CKR_OK)
+        rv = find_slot(fn, label, &slot) == KMS_OK ? CKR_OK : CKR_TOKEN_NOT_PRESENT;
+    if (rv == CKR_OK)
+        rv = fn->C_OpenSession(slot, CKF_SERIAL_SESSION | CKF_RW_SESSION, NULL, NULL, &h);
+    if (rv == CKR_OK) {
+        rv = fn->C_Login(h, CKU_SO, (CK_UTF8CHAR *)so_pin, strlen(so_pin));
+        if (rv == CKR_OK) {
+            rv = fn->C_InitPIN(h, (CK_UTF8CHAR *)user_pin, strlen(user_pin));
+            fn->C_Logout(h);
+        }
+        fn->C_CloseSession(h);
+    }
+    unload_module(fn);
+    KMS_GUARD_CKR(rv, "token initialisation");
+    return KMS_OK;
+}

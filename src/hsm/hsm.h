@@ -1,0 +1,90 @@
+/*
+ * The PKCS#11 layer: a module loaded through p11-kit, one token, a logged-in
+ * user and a bounded pool of sessions. Every CK_RV is checked and mapped to a
+ * kms_err; the CK_RV's name goes to the log, never to a client.
+ */
+#ifndef P11KMS_HSM_H
+#define P11KMS_HSM_H
+
+#include <p11-kit/pkcs11.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "common/buf.h"
+
+struct kms_hsm_config {
+    const char *module;   /* module path, or a name p11-kit resolves */
+    const char *token;    /* token label, or an RFC 7512 "pkcs11:" URI */
+    const char *pin;      /* user PIN; copied, the caller wipes its own */
+    unsigned sessions;    /* pool size, at least 1 */
+    unsigned acquire_timeout_ms;
+};
+
+struct kms_hsm;
+
+struct kms_session {
+    CK_SESSION_HANDLE handle;
+    struct kms_hsm *hsm;
+    int broken;           /* a session-level fault: reopen before reuse */
+};
+
+KMS_MUST_CHECK kms_err kms_hsm_open(const struct kms_hsm_config *cfg, struct kms_hsm **out);
+void kms_hsm_close(struct kms_hsm *hsm);
+/* True when the token answers and the user is logged in. */
+int kms_hsm_ready(struct kms_hsm *hsm);
+
+/* Takes a session from the pool, waiting at most the configured time. */
+KMS_MUST_CHECK kms_err kms_hsm_acquire(struct kms_hsm *hsm, struct kms_session **out);
+void kms_hsm_release(struct kms_session *s);
+
+KMS_MUST_CHECK kms_err kms_hsm_random(struct kms_session *s, uint8_t *out, size_t n);
+
+/*
+ * Generates a 256-bit AES key inside the token: token object, private,
+ * sensitive, not extractable, encrypt/decrypt only.
+ */
+KMS_MUST_CHECK kms_err kms_hsm_generate_aes(struct kms_session *s, const uint8_t *id, size_t id_len,
+                                            const char *label, CK_OBJECT_HANDLE *out);
+
+/* AES-GCM with a 96-bit IV and 128-bit tag; out receives n + 16 bytes. */
+KMS_MUST_CHECK kms_err kms_hsm_gcm_encrypt(struct kms_session *s, CK_OBJECT_HANDLE key,
+                                           const uint8_t iv[12], const uint8_t *aad, size_t aad_len,
+                                           const uint8_t *in, size_t n, uint8_t *out);
+/*
+ * in is ciphertext followed by the tag (n >= 16); out receives n - 16 bytes.
+ * A wrong tag is KMS_ERR_INVALID_CIPHERTEXT and out is wiped.
+ */
+KMS_MUST_CHECK kms_err kms_hsm_gcm_decrypt(struct kms_session *s, CK_OBJECT_HANDLE key,
+                                           const uint8_t iv[12], const uint8_t *aad, size_t aad_len,
+                                           const uint8_t *in, size_t n, uint8_t *out);
+
+/* A private token CKO_DATA object with CKA_APPLICATION "p11kms". */
+KMS_MUST_CHECK kms_err kms_hsm_create_data(struct kms_session *s, const char *label,
+                                           const void *value, size_t n, CK_OBJECT_HANDLE *out);
+KMS_MUST_CHECK kms_err kms_hsm_destroy(struct kms_session *s, CK_OBJECT_HANDLE h);
+
+/* All objects matching tmpl; *out is malloc'd (free it), *count may be 0. */
+KMS_MUST_CHECK kms_err kms_hsm_find(struct kms_session *s, CK_ATTRIBUTE *tmpl, CK_ULONG n,
+                                    CK_OBJECT_HANDLE **out, size_t *count);
+/* One variable-length attribute's bytes, appended to out. */
+KMS_MUST_CHECK kms_err kms_hsm_get_bytes(struct kms_session *s, CK_OBJECT_HANDLE h,
+                                         CK_ATTRIBUTE_TYPE type, struct kms_buf *out);
+
+/*
+ * Initialises a fresh token on the first slot that has none, with the given
+ * label, SO PIN and user PIN. For development mode; the module is loaded,
+ * used and released here.
+ */
+KMS_MUST_CHECK kms_err kms_hsm_init_token(const char *module, const char *label,
+                                          const char *so_pin, const char *user_pin);
+
+/* Maps a CK_RV to our error, logging its name with what was being done. */
+kms_err kms_hsm_fail(CK_RV rv, const char *what, const char *file, int line);
+#define KMS_GUARD_CKR(rv, what)                                          \
+    do {                                                                 \
+        CK_RV kms_ckr_ = (rv);                                           \
+        if (kms_ckr_ != CKR_OK)                                          \
+            return kms_hsm_fail(kms_ckr_, (what), __FILE__, __LINE__);   \
+    } while (0)
+
+#endif

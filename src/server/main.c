@@ -1,0 +1,191 @@
+/* p11kmsd: the p11kms key management server. */
+#include "config.h"
+
+#include <getopt.h>
+#include <openssl/crypto.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/resource.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "common/json_alloc.h"
+#include "common/log.h"
+#include "server/dev.h"
+#include "server/server.h"
+
+static void usage(FILE *f)
+{
+    fprintf(f,
+            "usage: p11kmsd --dev [--state-dir DIR] [--listen HOST:PORT] [options]\n"
+            "       p11kmsd --config FILE [--listen HOST:PORT] [options]\n"
+            "\n"
+            "  --dev              development mode: a SoftHSM2 token, a principal and the key\n"
+            "                     alias/dev in DIR, made on first start and reused after\n"
+            "  --state-dir DIR    development state folder (default $XDG_STATE_HOME/p11kms-dev\n"
+            "                     or ~/.local/state/p11kms-dev)\n"
+            "  --config FILE      configuration file (see docs/operations.md)\n"
+            "  --listen HOST:PORT address to serve on (port 0 picks a free port)\n"
+            "  --threads N        HTTP worker threads\n"
+            "  --verbose          log every request\n"
+            "  --version          print the version\n"
+            "\n"
+            "The token PIN comes from the configured pin_file or the P11KMS_PIN\n"
+            "environment variable, never from the command line.\n");
+}
+
+static char *default_state_dir(void)
+{
+    const char *xdg = getenv("XDG_STATE_HOME"), *home = getenv("HOME");
+    char path[4096];
+    if (xdg && *xdg)
+        snprintf(path, sizeof path, "%s/p11kms-dev", xdg);
+    else
+        snprintf(path, sizeof path, "%s/.local/state/p11kms-dev", home && *home ? home : ".");
+    /* make the parents; the state folder itself is made 0700 later */
+    char parent[4096];
+    snprintf(parent, sizeof parent, "%s", path);
+    for (char *p = parent + 1; *p; p++) {
+        if (*p == '/') {
+            *p = '\0';
+            mkdir(parent, 0755);
+            *p = '/';
+        }
+    }
+    return strdup(path);
+}
+
+static kms_err read_pin(const struct kms_config *cfg, char **pin, size_t *len)
+{
+    const char *env = getenv("P11KMS_PIN");
+    if (cfg->pin_file)
+        return kms_read_secret_file(cfg->pin_file, pin, len);
+    KMS_ENSURE(env != NULL, KMS_ERR_VALIDATION, "no PIN: set pin_file or P11KMS_PIN");
+    *len = strlen(env);
+    *pin = strdup(env);
+    KMS_ENSURE(*pin != NULL, KMS_ERR_INTERNAL, "out of memory");
+    /* Keep the PIN out of /proc/self/environ from now on. */
+    OPENSSL_cleanse((char *)env, *len);
+    unsetenv("P11KMS_PIN");
+    return KMS_OK;
+}
+
+static kms_err start(struct kms_server *srv)
+{
+    char *pin = NULL;
+    size_t pin_len = 0;
+    kms_err rc;
+
+    KMS_GUARD(kms_config_check(&srv->cfg));
+    KMS_GUARD(kms_credentials_load(srv->cfg.credentials_file, &srv->creds));
+    KMS_GUARD(read_pin(&srv->cfg, &pin, &pin_len));
+    struct kms_hsm_config hc = {
+        .module = srv->cfg.module,
+        .token = srv->cfg.token,
+        .pin = pin,
+        .sessions = srv->cfg.sessions ? srv->cfg.sessions : srv->cfg.threads + 1,
+        .acquire_timeout_ms = srv->cfg.session_timeout_ms,
+    };
+    rc = kms_hsm_open(&hc, &srv->hsm);
+    kms_free_secret(pin, pin_len + 1);
+    if (rc != KMS_OK)
+        return rc;
+    struct kms_keystore_config kc = {srv->cfg.region, srv->cfg.account};
+    KMS_GUARD(kms_keystore_open(srv->hsm, &kc, &srv->ks));
+    kms_info("token opened: %zu keys", kms_keystore_count(srv->ks));
+    return KMS_OK;
+}
+
+int main(int argc, char **argv)
+{
+    static const struct option options[] = {
+        {"dev", no_argument, NULL, 'd'},
+        {"state-dir", required_argument, NULL, 's'},
+        {"config", required_argument, NULL, 'c'},
+        {"listen", required_argument, NULL, 'l'},
+        {"threads", required_argument, NULL, 't'},
+        {"verbose", no_argument, NULL, 'v'},
+        {"version", no_argument, NULL, 'V'},
+        {"help", no_argument, NULL, 'h'},
+        {NULL, 0, NULL, 0},
+    };
+    struct kms_server srv;
+    const char *config_file = NULL, *listen = NULL, *threads = NULL;
+    char *state_dir = NULL;
+    int dev = 0, opt, status = 1;
+    sigset_t stop;
+    struct rlimit no_core = {0, 0};
+
+    memset(&srv, 0, sizeof srv);
+    kms_config_defaults(&srv.cfg);
+    while ((opt = getopt_long(argc, argv, "", options, NULL)) != -1) {
+        switch (opt) {
+        case 'd': dev = 1; break;
+        case 's': free(state_dir); state_dir = strdup(optarg); break;
+        case 'c': config_file = optarg; break;
+        case 'l': listen = optarg; break;
+        case 't': threads = optarg; break;
+        case 'v': kms_log_set_level(KMS_LOG_DEBUG); break;
+        case 'V': printf("p11kmsd %s\n", PACKAGE_VERSION); return 0;
+        case 'h': usage(stdout); return 0;
+        default: usage(stderr); return 2;
+        }
+    }
+    if (optind != argc || dev == !!config_file) {
+        usage(stderr);
+        return 2;
+    }
+
+    /* Secrets must not reach a core file. */
+    setrlimit(RLIMIT_CORE, &no_core);
+    kms_json_use_cleansing_alloc();
+    signal(SIGPIPE, SIG_IGN);
+    sigemptyset(&stop);
+    sigaddset(&stop, SIGINT);
+    sigaddset(&stop, SIGTERM);
+    pthread_sigmask(SIG_BLOCK, &stop, NULL);
+
+    kms_err rc = KMS_OK;
+    if (config_file)
+        rc = kms_config_load(&srv.cfg, config_file);
+    if (rc == KMS_OK && listen)
+        rc = kms_config_set(&srv.cfg, "listen", listen);
+    if (rc == KMS_OK && threads)
+        rc = kms_config_set(&srv.cfg, "threads", threads);
+    if (rc == KMS_OK && dev) {
+        if (!state_dir)
+            state_dir = default_state_dir();
+        rc = state_dir ? kms_dev_prepare(state_dir, &srv.cfg) : KMS_FAIL(KMS_ERR_INTERNAL, "out of memory");
+    }
+    if (rc == KMS_OK)
+        rc = start(&srv);
+    if (rc == KMS_OK && dev)
+        rc = kms_dev_ensure_key(&srv);
+    if (rc == KMS_OK)
+        rc = kms_http_start(&srv);
+    if (rc == KMS_OK && dev)
+        rc = kms_dev_write_env(state_dir, &srv);
+    if (rc == KMS_OK && !dev) {
+        printf("p11kmsd: serving http://%s:%u\n", srv.host, srv.port);
+        fflush(stdout);
+    }
+    if (rc == KMS_OK) {
+        int sig = 0;
+        kms_info("ready on %s:%u", srv.host, srv.port);
+        sigwait(&stop, &sig);
+        kms_info("stopping on signal %d", sig);
+        status = 0;
+    } else {
+        kms_error("%s", kms_err_message());
+    }
+    kms_http_stop(&srv);
+    kms_keystore_close(srv.ks);
+    kms_hsm_close(srv.hsm);
+    kms_credentials_free(&srv.creds);
+    kms_config_free(&srv.cfg);
+    free(state_dir);
+    return status;
+}

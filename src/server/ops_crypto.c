@@ -1,0 +1,179 @@
+/*
+ * Cryptographic operations: GenerateDataKey(WithoutPlaintext), Encrypt,
+ * Decrypt, GenerateRandom. Every buffer that held a plaintext is a kms_buf,
+ * cleansed when freed; jansson's copies are cleansed by its allocator.
+ */
+#include "config.h"
+
+#include <string.h>
+
+#include "server/ops.h"
+
+#define DATA_KEY_MAX 1024
+#define PLAINTEXT_MAX 4096
+#define CIPHERTEXT_MAX 6144
+#define RANDOM_MAX 1024
+
+/* NumberOfBytes or KeySpec (AES_256/AES_128), exactly one of them. */
+static kms_err data_key_size(json_t *in, size_t *out)
+{
+    const char *spec;
+    long bytes = 0;
+    int have_bytes;
+
+    KMS_GUARD(kms_in_int(in, "NumberOfBytes", 1, DATA_KEY_MAX, &bytes, &have_bytes));
+    KMS_GUARD(kms_in_string(in, "KeySpec", 0, 1, 16, &spec));
+    KMS_ENSURE(!(have_bytes && spec), KMS_ERR_VALIDATION,
+               "Please specify either number of bytes or key spec.");
+    KMS_ENSURE(have_bytes || spec, KMS_ERR_VALIDATION,
+               "Please specify either number of bytes or key spec.");
+    if (have_bytes) {
+        *out = (size_t)bytes;
+        return KMS_OK;
+    }
+    if (strcmp(spec, "AES_256") == 0)
+        *out = 32;
+    else if (strcmp(spec, "AES_128") == 0)
+        *out = 16;
+    else
+        return KMS_FAIL(KMS_ERR_VALIDATION,
+                        "1 validation error detected: Value '%.16s' at 'keySpec' failed to satisfy "
+                        "constraint: Member must satisfy enum value set: [AES_256, AES_128]",
+                        spec);
+    return KMS_OK;
+}
+
+static kms_err generate_data_key(struct kms_request *r, int with_plaintext)
+{
+    const char *ref;
+    size_t n = 0;
+    struct kms_buf ctx = KMS_BUF_INIT, key = KMS_BUF_INIT, blob = KMS_BUF_INIT;
+    struct kms_key_info k = {0};
+    kms_err rc;
+
+    KMS_GUARD(kms_in_string(r->in, "KeyId", 1, 1, 2048, &ref));
+    KMS_GUARD(data_key_size(r->in, &n));
+    KMS_GUARD(kms_in_grant_tokens(r->in));
+    KMS_ENSURE(!json_object_get(r->in, "Recipient"), KMS_ERR_UNSUPPORTED,
+               "Recipient (Nitro Enclaves attestation) is not supported");
+    rc = kms_in_context(r->in, &ctx);
+    if (rc == KMS_OK)
+        rc = kms_buf_reserve(&key, n);
+    if (rc == KMS_OK)
+        rc = kms_keystore_random(r->srv->ks, key.data, n);
+    if (rc == KMS_OK) {
+        key.len = n;
+        rc = kms_keystore_encrypt(r->srv->ks, ref, &ctx, key.data, key.len, &blob, &k);
+    }
+    if (rc == KMS_OK) {
+        r->out = json_pack("{s:s}", "KeyId", k.arn);
+        if (!r->out)
+            rc = KMS_FAIL(KMS_ERR_INTERNAL, "out of memory");
+    }
+    if (rc == KMS_OK)
+        rc = kms_out_blob(r->out, "CiphertextBlob", blob.data, blob.len);
+    if (rc == KMS_OK && with_plaintext)
+        rc = kms_out_blob(r->out, "Plaintext", key.data, key.len);
+    kms_buf_free(&key);
+    kms_buf_free(&blob);
+    kms_buf_free(&ctx);
+    kms_key_info_clear(&k);
+    return rc;
+}
+
+kms_err kms_op_generate_data_key(struct kms_request *r)
+{
+    return generate_data_key(r, 1);
+}
+
+kms_err kms_op_generate_data_key_without_plaintext(struct kms_request *r)
+{
+    return generate_data_key(r, 0);
+}
+
+kms_err kms_op_encrypt(struct kms_request *r)
+{
+    const char *ref;
+    int present;
+    struct kms_buf ctx = KMS_BUF_INIT, pt = KMS_BUF_INIT, blob = KMS_BUF_INIT;
+    struct kms_key_info k = {0};
+    kms_err rc;
+
+    KMS_GUARD(kms_in_string(r->in, "KeyId", 1, 1, 2048, &ref));
+    KMS_GUARD(kms_in_grant_tokens(r->in));
+    KMS_GUARD(kms_in_algorithm(r->in));
+    rc = kms_in_blob(r->in, "Plaintext", 1, 1, PLAINTEXT_MAX, &pt, &present);
+    if (rc == KMS_OK)
+        rc = kms_in_context(r->in, &ctx);
+    if (rc == KMS_OK)
+        rc = kms_keystore_encrypt(r->srv->ks, ref, &ctx, pt.data, pt.len, &blob, &k);
+    if (rc == KMS_OK) {
+        r->out = json_pack("{s:s, s:s}", "KeyId", k.arn, "EncryptionAlgorithm", "SYMMETRIC_DEFAULT");
+        if (!r->out)
+            rc = KMS_FAIL(KMS_ERR_INTERNAL, "out of memory");
+    }
+    if (rc == KMS_OK)
+        rc = kms_out_blob(r->out, "CiphertextBlob", blob.data, blob.len);
+    kms_buf_free(&pt);
+    kms_buf_free(&blob);
+    kms_buf_free(&ctx);
+    kms_key_info_clear(&k);
+    return rc;
+}
+
+kms_err kms_op_decrypt(struct kms_request *r)
+{
+    const char *ref;
+    int present;
+    struct kms_buf ctx = KMS_BUF_INIT, pt = KMS_BUF_INIT, blob = KMS_BUF_INIT;
+    struct kms_key_info k = {0};
+    kms_err rc;
+
+    KMS_GUARD(kms_in_string(r->in, "KeyId", 0, 1, 2048, &ref));
+    KMS_GUARD(kms_in_grant_tokens(r->in));
+    KMS_GUARD(kms_in_algorithm(r->in));
+    KMS_ENSURE(!json_object_get(r->in, "Recipient"), KMS_ERR_UNSUPPORTED,
+               "Recipient (Nitro Enclaves attestation) is not supported");
+    rc = kms_in_blob(r->in, "CiphertextBlob", 1, 1, CIPHERTEXT_MAX, &blob, &present);
+    if (rc == KMS_OK)
+        rc = kms_in_context(r->in, &ctx);
+    if (rc == KMS_OK)
+        rc = kms_keystore_decrypt(r->srv->ks, blob.data, blob.len, &ctx, ref, &pt, &k);
+    if (rc == KMS_OK) {
+        r->out = json_pack("{s:s, s:s}", "KeyId", k.arn, "EncryptionAlgorithm", "SYMMETRIC_DEFAULT");
+        if (!r->out)
+            rc = KMS_FAIL(KMS_ERR_INTERNAL, "out of memory");
+    }
+    if (rc == KMS_OK)
+        rc = kms_out_blob(r->out, "Plaintext", pt.data, pt.len);
+    kms_buf_free(&pt);
+    kms_buf_free(&blob);
+    kms_buf_free(&ctx);
+    kms_key_info_clear(&k);
+    return rc;
+}
+
+kms_err kms_op_generate_random(struct kms_request *r)
+{
+    long n = 0;
+    int present;
+    struct kms_buf bytes = KMS_BUF_INIT;
+    kms_err rc;
+
+    KMS_GUARD(kms_in_int(r->in, "NumberOfBytes", 1, RANDOM_MAX, &n, &present));
+    KMS_ENSURE(present, KMS_ERR_VALIDATION,
+               "1 validation error detected: Value null at 'numberOfBytes' failed to satisfy "
+               "constraint: Member must not be null");
+    KMS_ENSURE(!json_object_get(r->in, "CustomKeyStoreId"), KMS_ERR_UNSUPPORTED,
+               "Custom key stores are not supported");
+    rc = kms_buf_reserve(&bytes, (size_t)n);
+    if (rc == KMS_OK)
+        rc = kms_keystore_random(r->srv->ks, bytes.data, (size_t)n);
+    if (rc == KMS_OK) {
+        r->out = json_object();
+        rc = r->out ? kms_out_blob(r->out, "Plaintext", bytes.data, (size_t)n)
+                    : KMS_FAIL(KMS_ERR_INTERNAL, "out of memory");
+    }
+    kms_buf_free(&bytes);
+    return rc;
+}

@@ -1,0 +1,138 @@
+/* Key and alias management: CreateKey, DescribeKey, ListKeys, CreateAlias, ListAliases. */
+#include "config.h"
+
+#include <stdlib.h>
+#include <string.h>
+
+#include "server/ops.h"
+
+#define LIST_LIMIT_MAX 1000
+#define LIST_LIMIT_DEFAULT 100
+
+static kms_err check_choice(json_t *in, const char *name, const char *only)
+{
+    const char *v;
+    KMS_GUARD(kms_in_string(in, name, 0, 1, 64, &v));
+    KMS_ENSURE(!v || strcmp(v, only) == 0, KMS_ERR_UNSUPPORTED,
+               "%s %.64s is not supported; only %s", name, v, only);
+    return KMS_OK;
+}
+
+kms_err kms_op_create_key(struct kms_request *r)
+{
+    const char *description, *policy;
+    struct kms_key_info k = {0};
+    json_t *multi = json_object_get(r->in, "MultiRegion");
+
+    KMS_GUARD(kms_in_string(r->in, "Description", 0, 0, KMS_DESCRIPTION_MAX, &description));
+    KMS_GUARD(kms_in_string(r->in, "Policy", 0, 1, 32768, &policy));
+    KMS_GUARD(check_choice(r->in, "KeyUsage", "ENCRYPT_DECRYPT"));
+    KMS_GUARD(check_choice(r->in, "KeySpec", "SYMMETRIC_DEFAULT"));
+    KMS_GUARD(check_choice(r->in, "CustomerMasterKeySpec", "SYMMETRIC_DEFAULT"));
+    KMS_GUARD(check_choice(r->in, "Origin", "AWS_KMS"));
+    KMS_ENSURE(!json_object_get(r->in, "CustomKeyStoreId"), KMS_ERR_UNSUPPORTED,
+               "Custom key stores are not supported");
+    KMS_ENSURE(!multi || json_is_false(multi), KMS_ERR_UNSUPPORTED,
+               "Multi-Region keys are not supported");
+    KMS_GUARD(kms_keystore_create_key(r->srv->ks, description, &k));
+    r->out = json_pack("{s:o}", "KeyMetadata", kms_key_metadata(r->srv, &k));
+    kms_key_info_clear(&k);
+    KMS_ENSURE(r->out != NULL, KMS_ERR_INTERNAL, "out of memory");
+    return KMS_OK;
+}
+
+kms_err kms_op_describe_key(struct kms_request *r)
+{
+    const char *ref;
+    struct kms_key_info k = {0};
+
+    KMS_GUARD(kms_in_string(r->in, "KeyId", 1, 1, 2048, &ref));
+    KMS_GUARD(kms_in_grant_tokens(r->in));
+    KMS_GUARD(kms_keystore_describe(r->srv->ks, ref, &k));
+    r->out = json_pack("{s:o}", "KeyMetadata", kms_key_metadata(r->srv, &k));
+    kms_key_info_clear(&k);
+    KMS_ENSURE(r->out != NULL, KMS_ERR_INTERNAL, "out of memory");
+    return KMS_OK;
+}
+
+static kms_err list_args(json_t *in, size_t *limit, const char **marker)
+{
+    long l = LIST_LIMIT_DEFAULT;
+    int present;
+    KMS_GUARD(kms_in_int(in, "Limit", 1, LIST_LIMIT_MAX, &l, &present));
+    KMS_GUARD(kms_in_string(in, "Marker", 0, 1, 1024, marker));
+    *limit = (size_t)l;
+    return KMS_OK;
+}
+
+/*
+ * Both lists fetch one entry more than asked: when it is there, the page is
+ * truncated and that entry's name is the marker the next page starts from.
+ */
+kms_err kms_op_list_keys(struct kms_request *r)
+{
+    size_t limit, n = 0;
+    const char *marker;
+    struct kms_key_info *keys;
+    kms_err rc;
+
+    KMS_GUARD(list_args(r->in, &limit, &marker));
+    keys = calloc(limit + 1, sizeof *keys);
+    KMS_ENSURE(keys != NULL, KMS_ERR_INTERNAL, "out of memory");
+    rc = kms_keystore_list_keys(r->srv->ks, marker, limit + 1, keys, &n);
+    if (rc == KMS_OK) {
+        json_t *list = json_array();
+        for (size_t i = 0; i < n && i < limit; i++)
+            json_array_append_new(list, json_pack("{s:s, s:s}", "KeyId", keys[i].id_text, "KeyArn",
+                                                  keys[i].arn));
+        r->out = json_pack("{s:o, s:b}", "Keys", list, "Truncated", n > limit);
+        if (r->out && n > limit)
+            json_object_set_new(r->out, "NextMarker", json_string(keys[limit].id_text));
+        if (!r->out)
+            rc = KMS_FAIL(KMS_ERR_INTERNAL, "out of memory");
+    }
+    for (size_t i = 0; i < n; i++)
+        kms_key_info_clear(&keys[i]);
+    free(keys);
+    return rc;
+}
+
+kms_err kms_op_create_alias(struct kms_request *r)
+{
+    const char *name, *target;
+    KMS_GUARD(kms_in_string(r->in, "AliasName", 1, 1, KMS_ALIAS_MAX, &name));
+    KMS_GUARD(kms_in_string(r->in, "TargetKeyId", 1, 1, 2048, &target));
+    KMS_GUARD(kms_keystore_create_alias(r->srv->ks, name, target));
+    r->out = NULL;
+    return KMS_OK;
+}
+
+kms_err kms_op_list_aliases(struct kms_request *r)
+{
+    size_t limit, n = 0;
+    const char *marker, *key;
+    struct kms_alias_info *aliases;
+    kms_err rc;
+
+    KMS_GUARD(list_args(r->in, &limit, &marker));
+    KMS_GUARD(kms_in_string(r->in, "KeyId", 0, 1, 2048, &key));
+    aliases = calloc(limit + 1, sizeof *aliases);
+    KMS_ENSURE(aliases != NULL, KMS_ERR_INTERNAL, "out of memory");
+    rc = kms_keystore_list_aliases(r->srv->ks, key, marker, limit + 1, aliases, &n);
+    if (rc == KMS_OK) {
+        json_t *list = json_array();
+        for (size_t i = 0; i < n && i < limit; i++)
+            json_array_append_new(
+                list, json_pack("{s:s, s:s, s:s, s:I, s:I}", "AliasName", aliases[i].name,
+                                "AliasArn", aliases[i].arn, "TargetKeyId", aliases[i].target_id,
+                                "CreationDate", (json_int_t)aliases[i].created, "LastUpdatedDate",
+                                (json_int_t)aliases[i].updated));
+        r->out = json_pack("{s:o, s:b}", "Aliases", list, "Truncated", n > limit);
+        if (r->out && n > limit)
+            json_object_set_new(r->out, "NextMarker", json_string(aliases[limit].name));
+        if (!r->out)
+            rc = KMS_FAIL(KMS_ERR_INTERNAL, "out of memory");
+    }
+    free(aliases);
+    return rc;
+}

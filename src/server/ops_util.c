@@ -1,0 +1,192 @@
+#include "config.h"
+
+#include <ctype.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "common/blob.h"
+#include "common/encoding.h"
+#include "server/server.h"
+
+/* AWS names members in its messages with a lower-case first letter. */
+static void member(const char *name, char *out, size_t n)
+{
+    snprintf(out, n, "%s", name);
+    out[0] = (char)tolower((unsigned char)out[0]);
+}
+
+static kms_err missing(const char *name)
+{
+    char m[64];
+    member(name, m, sizeof m);
+    return KMS_FAIL(KMS_ERR_VALIDATION,
+                    "1 validation error detected: Value null at '%s' failed to satisfy constraint: "
+                    "Member must not be null",
+                    m);
+}
+
+static kms_err wrong_type(const char *name, const char *want)
+{
+    return KMS_FAIL(KMS_ERR_SERIALIZATION, "%s must be %s", name, want);
+}
+
+kms_err kms_in_string(json_t *in, const char *name, int required, size_t min, size_t max,
+                      const char **out)
+{
+    json_t *v = json_object_get(in, name);
+    char m[64];
+    *out = NULL;
+    if (!v || json_is_null(v)) {
+        if (required)
+            return missing(name);
+        return KMS_OK;
+    }
+    if (!json_is_string(v))
+        return wrong_type(name, "a string");
+    size_t n = json_string_length(v);
+    member(name, m, sizeof m);
+    KMS_ENSURE(strlen(json_string_value(v)) == n, KMS_ERR_VALIDATION, "%s contains a NUL character",
+               name);
+    KMS_ENSURE(n >= min, KMS_ERR_VALIDATION,
+               "1 validation error detected: Value at '%s' failed to satisfy constraint: "
+               "Member must have length greater than or equal to %zu",
+               m, min);
+    KMS_ENSURE(n <= max, KMS_ERR_VALIDATION,
+               "1 validation error detected: Value at '%s' failed to satisfy constraint: "
+               "Member must have length less than or equal to %zu",
+               m, max);
+    *out = json_string_value(v);
+    return KMS_OK;
+}
+
+kms_err kms_in_int(json_t *in, const char *name, long min, long max, long *out, int *present)
+{
+    json_t *v = json_object_get(in, name);
+    char m[64];
+    *present = 0;
+    if (!v || json_is_null(v))
+        return KMS_OK;
+    if (!json_is_integer(v))
+        return wrong_type(name, "an integer");
+    json_int_t x = json_integer_value(v);
+    member(name, m, sizeof m);
+    KMS_ENSURE(x >= min, KMS_ERR_VALIDATION,
+               "1 validation error detected: Value '%lld' at '%s' failed to satisfy constraint: "
+               "Member must have value greater than or equal to %ld",
+               (long long)x, m, min);
+    KMS_ENSURE(x <= max, KMS_ERR_VALIDATION,
+               "1 validation error detected: Value '%lld' at '%s' failed to satisfy constraint: "
+               "Member must have value less than or equal to %ld",
+               (long long)x, m, max);
+    *out = (long)x;
+    *present = 1;
+    return KMS_OK;
+}
+
+kms_err kms_in_blob(json_t *in, const char *name, int required, size_t min, size_t max,
+                    struct kms_buf *out, int *present)
+{
+    json_t *v = json_object_get(in, name);
+    char m[64];
+    *present = 0;
+    if (!v || json_is_null(v)) {
+        if (required)
+            return missing(name);
+        return KMS_OK;
+    }
+    if (!json_is_string(v))
+        return wrong_type(name, "a base64 string");
+    if (kms_b64_decode(json_string_value(v), json_string_length(v), out) != KMS_OK)
+        return KMS_FAIL(KMS_ERR_SERIALIZATION, "%s is not valid base64", name);
+    member(name, m, sizeof m);
+    KMS_ENSURE(out->len >= min, KMS_ERR_VALIDATION,
+               "1 validation error detected: Value at '%s' failed to satisfy constraint: "
+               "Member must have length greater than or equal to %zu",
+               m, min);
+    KMS_ENSURE(out->len <= max, KMS_ERR_VALIDATION,
+               "1 validation error detected: Value at '%s' failed to satisfy constraint: "
+               "Member must have length less than or equal to %zu",
+               m, max);
+    *present = 1;
+    return KMS_OK;
+}
+
+kms_err kms_in_context(json_t *in, struct kms_buf *out)
+{
+    json_t *ctx = json_object_get(in, "EncryptionContext");
+    struct kms_context_pair *pairs;
+    const char *key;
+    json_t *value;
+    size_t n = 0;
+    kms_err rc;
+
+    if (!ctx || json_is_null(ctx))
+        return kms_context_canonical(NULL, 0, out);
+    if (!json_is_object(ctx))
+        return wrong_type("EncryptionContext", "an object of strings");
+    pairs = calloc(json_object_size(ctx) + 1, sizeof *pairs);
+    KMS_ENSURE(pairs != NULL, KMS_ERR_INTERNAL, "out of memory");
+    json_object_foreach(ctx, key, value) {
+        if (!json_is_string(value)) {
+            free(pairs);
+            return wrong_type("EncryptionContext values", "strings");
+        }
+        pairs[n].key = key;
+        pairs[n].key_len = strlen(key);
+        pairs[n].value = json_string_value(value);
+        pairs[n].value_len = json_string_length(value);
+        n++;
+    }
+    rc = kms_context_canonical(pairs, n, out);
+    free(pairs);
+    return rc;
+}
+
+kms_err kms_in_grant_tokens(json_t *in)
+{
+    json_t *v = json_object_get(in, "GrantTokens"), *t;
+    size_t i;
+    if (!v || json_is_null(v))
+        return KMS_OK;
+    if (!json_is_array(v))
+        return wrong_type("GrantTokens", "a list of strings");
+    KMS_ENSURE(json_array_size(v) <= 10, KMS_ERR_VALIDATION,
+               "1 validation error detected: Value at 'grantTokens' failed to satisfy constraint: "
+               "Member must have length less than or equal to 10");
+    json_array_foreach(v, i, t) {
+        if (!json_is_string(t))
+            return wrong_type("GrantTokens", "a list of strings");
+    }
+    return KMS_OK;
+}
+
+kms_err kms_in_algorithm(json_t *in)
+{
+    const char *alg;
+    KMS_GUARD(kms_in_string(in, "EncryptionAlgorithm", 0, 1, 64, &alg));
+    KMS_ENSURE(!alg || strcmp(alg, "SYMMETRIC_DEFAULT") == 0, KMS_ERR_VALIDATION,
+               "EncryptionAlgorithm must be SYMMETRIC_DEFAULT for a symmetric key");
+    return KMS_OK;
+}
+
+kms_err kms_out_blob(json_t *out, const char *name, const uint8_t *p, size_t n)
+{
+    struct kms_buf b64 = KMS_BUF_INIT;
+    kms_err rc = kms_b64_encode(p, n, &b64);
+    if (rc == KMS_OK && json_object_set_new(out, name, json_stringn((const char *)b64.data, b64.len)) != 0)
+        rc = KMS_FAIL(KMS_ERR_INTERNAL, "out of memory");
+    kms_buf_free(&b64);
+    return rc;
+}
+
+json_t *kms_key_metadata(struct kms_server *srv, const struct kms_key_info *k)
+{
+    return json_pack("{s:s, s:s, s:s, s:I, s:b, s:s, s:s, s:s, s:s, s:s, s:s, s:s, s:[s], s:b}",
+                     "AWSAccountId", srv->cfg.account, "KeyId", k->id_text, "Arn", k->arn,
+                     "CreationDate", (json_int_t)k->created, "Enabled",
+                     k->state == KMS_KEY_ENABLED, "Description", k->description ? k->description : "",
+                     "KeyUsage", "ENCRYPT_DECRYPT", "KeyState", kms_key_state_name(k->state),
+                     "Origin", "AWS_KMS", "KeyManager", "CUSTOMER", "CustomerMasterKeySpec",
+                     "SYMMETRIC_DEFAULT", "KeySpec", "SYMMETRIC_DEFAULT", "EncryptionAlgorithms",
+                     "SYMMETRIC_DEFAULT", "MultiRegion", 0);
+}

@@ -1,0 +1,75 @@
+/* p11kmsd: the HTTP front end, request dispatch and operations. */
+#ifndef P11KMS_SERVER_H
+#define P11KMS_SERVER_H
+
+#include <jansson.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "common/buf.h"
+#include "keystore/keystore.h"
+#include "server/settings.h"
+
+struct MHD_Daemon;
+
+struct kms_server {
+    struct kms_config cfg;
+    struct kms_credentials creds;
+    struct kms_hsm *hsm;
+    struct kms_keystore *ks;
+    struct MHD_Daemon *daemon;
+    unsigned port;           /* the port actually bound */
+    char host[256];
+};
+
+/* Starts listening on cfg.listen; the daemon's threads serve from then on. */
+KMS_MUST_CHECK kms_err kms_http_start(struct kms_server *srv);
+void kms_http_stop(struct kms_server *srv);
+
+/* The signed, parsed request an operation sees. */
+struct kms_request {
+    struct kms_server *srv;
+    const char *principal;
+    json_t *in;   /* the request body: always a JSON object */
+    json_t *out;  /* set by the operation: the response object, or NULL for an empty body */
+};
+
+typedef kms_err (*kms_op_fn)(struct kms_request *r);
+
+/* The operation for an X-Amz-Target, or NULL. */
+kms_op_fn kms_op_lookup(const char *target);
+
+/*
+ * Verifies the request's SigV4 signature against the credentials.
+ * On success *principal names the caller.
+ */
+struct MHD_Connection;
+KMS_MUST_CHECK kms_err kms_auth_verify(struct kms_server *srv, struct MHD_Connection *c,
+                                       const char *method, const char *url,
+                                       const struct kms_buf *body, const char **principal);
+
+/* ---- request field helpers (ops_util.c) ----------------------------------- */
+
+/* A string member; NULL when absent and not required. */
+KMS_MUST_CHECK kms_err kms_in_string(json_t *in, const char *name, int required, size_t min,
+                                     size_t max, const char **out);
+/* An integer member; *present says whether it was there. */
+KMS_MUST_CHECK kms_err kms_in_int(json_t *in, const char *name, long min, long max, long *out,
+                                  int *present);
+/* A base64 blob member, decoded into out (which the caller frees). */
+KMS_MUST_CHECK kms_err kms_in_blob(json_t *in, const char *name, int required, size_t min,
+                                   size_t max, struct kms_buf *out, int *present);
+/* EncryptionContext in canonical form (empty when absent). */
+KMS_MUST_CHECK kms_err kms_in_context(json_t *in, struct kms_buf *out);
+/* GrantTokens: accepted and checked for shape, not used. */
+KMS_MUST_CHECK kms_err kms_in_grant_tokens(json_t *in);
+/* EncryptionAlgorithm, when given, must be SYMMETRIC_DEFAULT. */
+KMS_MUST_CHECK kms_err kms_in_algorithm(json_t *in);
+
+/* Sets a base64 member on out. */
+KMS_MUST_CHECK kms_err kms_out_blob(json_t *out, const char *name, const uint8_t *p, size_t n);
+
+/* KeyMetadata as DescribeKey and CreateKey return it. */
+json_t *kms_key_metadata(struct kms_server *srv, const struct kms_key_info *k);
+
+#endif

@@ -1,0 +1,360 @@
+#include "config.h"
+
+#include "server/settings.h"
+
+#include <ctype.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <openssl/crypto.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "common/buf.h"
+
+#define MAX_FILE (1u << 20)
+
+void kms_config_defaults(struct kms_config *c)
+{
+    memset(c, 0, sizeof *c);
+    c->threads = 4;
+    c->session_timeout_ms = 2000;
+    c->max_body = 64 * 1024;
+}
+
+void kms_config_free(struct kms_config *c)
+{
+    free(c->module);
+    free(c->token);
+    free(c->pin_file);
+    free(c->credentials_file);
+    free(c->listen);
+    free(c->region);
+    free(c->account);
+    memset(c, 0, sizeof *c);
+}
+
+static kms_err set_string(char **field, const char *value)
+{
+    char *copy = strdup(value);
+    KMS_ENSURE(copy != NULL, KMS_ERR_INTERNAL, "out of memory");
+    free(*field);
+    *field = copy;
+    return KMS_OK;
+}
+
+static kms_err set_unsigned(unsigned long *out, const char *key, const char *value,
+                            unsigned long min, unsigned long max)
+{
+    char *end;
+    errno = 0;
+    unsigned long v = strtoul(value, &end, 10);
+    KMS_ENSURE(*value && !*end && errno == 0 && isdigit((unsigned char)*value) && v >= min &&
+                   v <= max,
+               KMS_ERR_VALIDATION, "%s must be a number from %lu to %lu", key, min, max);
+    *out = v;
+    return KMS_OK;
+}
+
+kms_err kms_config_set(struct kms_config *c, const char *key, const char *value)
+{
+    unsigned long v;
+    if (strcmp(key, "module") == 0)
+        return set_string(&c->module, value);
+    if (strcmp(key, "token") == 0)
+        return set_string(&c->token, value);
+    if (strcmp(key, "pin_file") == 0)
+        return set_string(&c->pin_file, value);
+    if (strcmp(key, "credentials_file") == 0)
+        return set_string(&c->credentials_file, value);
+    if (strcmp(key, "listen") == 0) {
+        char host[256];
+        unsigned port;
+        KMS_GUARD(kms_parse_listen(value, host, sizeof host, &port));
+        return set_string(&c->listen, value);
+    }
+    if (strcmp(key, "region") == 0) {
+        for (const char *p = value; *p; p++)
+            KMS_ENSURE(islower((unsigned char)*p) || isdigit((unsigned char)*p) || *p == '-',
+                       KMS_ERR_VALIDATION, "region must be lower-case letters, digits and '-'");
+        KMS_ENSURE(*value && strlen(value) < 32, KMS_ERR_VALIDATION, "region must be 1-31 characters");
+        return set_string(&c->region, value);
+    }
+    if (strcmp(key, "account") == 0) {
+        KMS_ENSURE(strlen(value) == 12 && strspn(value, "0123456789") == 12, KMS_ERR_VALIDATION,
+                   "account must be 12 digits");
+        return set_string(&c->account, value);
+    }
+    if (strcmp(key, "threads") == 0) {
+        KMS_GUARD(set_unsigned(&v, key, value, 1, 256));
+        c->threads = (unsigned)v;
+        return KMS_OK;
+    }
+    if (strcmp(key, "sessions") == 0) {
+        KMS_GUARD(set_unsigned(&v, key, value, 1, 1024));
+        c->sessions = (unsigned)v;
+        return KMS_OK;
+    }
+    if (strcmp(key, "session_timeout_ms") == 0) {
+        KMS_GUARD(set_unsigned(&v, key, value, 1, 600000));
+        c->session_timeout_ms = (unsigned)v;
+        return KMS_OK;
+    }
+    if (strcmp(key, "max_body") == 0) {
+        KMS_GUARD(set_unsigned(&v, key, value, 1024, 16u << 20));
+        c->max_body = v;
+        return KMS_OK;
+    }
+    return KMS_FAIL(KMS_ERR_VALIDATION, "unknown setting '%.64s'", key);
+}
+
+static char *trim(char *s)
+{
+    while (isspace((unsigned char)*s))
+        s++;
+    char *e = s + strlen(s);
+    while (e > s && isspace((unsigned char)e[-1]))
+        *--e = '\0';
+    return s;
+}
+
+kms_err kms_config_parse(struct kms_config *c, const char *text)
+{
+    char *copy = strdup(text), *line;
+    unsigned lineno = 0;
+    kms_err rc = KMS_OK;
+
+    KMS_ENSURE(copy != NULL, KMS_ERR_INTERNAL, "out of memory");
+    for (char *p = copy; rc == KMS_OK && p; p = line) {
+        char *nl = strchr(p, '\n');
+        line = nl ? nl + 1 : NULL;
+        if (nl)
+            *nl = '\0';
+        lineno++;
+        char *hash = strchr(p, '#');
+        if (hash)
+            *hash = '\0';
+        char *s = trim(p);
+        if (!*s)
+            continue;
+        char *eq = strchr(s, '=');
+        if (!eq) {
+            rc = KMS_FAIL(KMS_ERR_VALIDATION, "line %u: expected 'key = value'", lineno);
+            break;
+        }
+        *eq = '\0';
+        char *key = trim(s), *value = trim(eq + 1);
+        if (!*key || !*value) {
+            rc = KMS_FAIL(KMS_ERR_VALIDATION, "line %u: expected 'key = value'", lineno);
+            break;
+        }
+        rc = kms_config_set(c, key, value);
+        if (rc != KMS_OK) {
+            char msg[256];
+            snprintf(msg, sizeof msg, "%s", kms_err_message());
+            rc = KMS_FAIL(rc, "line %u: %s", lineno, msg);
+        }
+    }
+    free(copy);
+    return rc;
+}
+
+static kms_err read_file(const char *path, int secret, char **out, size_t *len)
+{
+    struct kms_buf b = KMS_BUF_INIT;
+    struct stat st;
+    kms_err rc = KMS_OK;
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+
+    KMS_ENSURE(fd >= 0, KMS_ERR_VALIDATION, "cannot open %s: %s", path, strerror(errno));
+    if (fstat(fd, &st) != 0)
+        rc = KMS_FAIL(KMS_ERR_VALIDATION, "cannot stat %s: %s", path, strerror(errno));
+    else if (!S_ISREG(st.st_mode))
+        rc = KMS_FAIL(KMS_ERR_VALIDATION, "%s is not a regular file", path);
+    else if (secret && (st.st_mode & (S_IRWXG | S_IRWXO)))
+        rc = KMS_FAIL(KMS_ERR_VALIDATION,
+                      "%s holds secrets but group or others may access it (mode %03o); chmod 600 it",
+                      path, (unsigned)(st.st_mode & 0777));
+    while (rc == KMS_OK) {
+        rc = kms_buf_reserve(&b, 4096);
+        if (rc != KMS_OK)
+            break;
+        ssize_t got = read(fd, b.data + b.len, 4096);
+        if (got < 0 && errno == EINTR)
+            continue;
+        if (got < 0)
+            rc = KMS_FAIL(KMS_ERR_VALIDATION, "cannot read %s: %s", path, strerror(errno));
+        else if (got == 0)
+            break;
+        else if ((b.len += (size_t)got) > MAX_FILE)
+            rc = KMS_FAIL(KMS_ERR_VALIDATION, "%s is too large", path);
+    }
+    close(fd);
+    if (rc == KMS_OK)
+        rc = kms_buf_terminate(&b);
+    if (rc != KMS_OK) {
+        kms_buf_free(&b);
+        return rc;
+    }
+    /* Hand over the buffer; its capacity is at least len + 1. Shrink by copying. */
+    char *copy = malloc(b.len + 1);
+    if (!copy) {
+        kms_buf_free(&b);
+        return KMS_FAIL(KMS_ERR_INTERNAL, "out of memory");
+    }
+    memcpy(copy, b.data, b.len + 1);
+    *len = b.len;
+    *out = copy;
+    kms_buf_free(&b);
+    return KMS_OK;
+}
+
+kms_err kms_config_load(struct kms_config *c, const char *path)
+{
+    char *text;
+    size_t len;
+    KMS_GUARD(read_file(path, 0, &text, &len));
+    KMS_ENSURE(strlen(text) == len, KMS_ERR_VALIDATION, "%s contains a NUL byte", path);
+    kms_err rc = kms_config_parse(c, text);
+    free(text);
+    return rc;
+}
+
+kms_err kms_config_check(const struct kms_config *c)
+{
+    KMS_ENSURE(c->module, KMS_ERR_VALIDATION, "the configuration needs 'module'");
+    KMS_ENSURE(c->token, KMS_ERR_VALIDATION, "the configuration needs 'token'");
+    KMS_ENSURE(c->credentials_file, KMS_ERR_VALIDATION, "the configuration needs 'credentials_file'");
+    KMS_ENSURE(c->listen, KMS_ERR_VALIDATION, "the configuration needs 'listen'");
+    KMS_ENSURE(c->region, KMS_ERR_VALIDATION, "the configuration needs 'region'");
+    KMS_ENSURE(c->account, KMS_ERR_VALIDATION, "the configuration needs 'account'");
+    return KMS_OK;
+}
+
+kms_err kms_parse_listen(const char *s, char *host, size_t host_len, unsigned *port)
+{
+    const char *colon, *h = s;
+    size_t hl;
+    if (*s == '[') {
+        const char *close = strchr(s, ']');
+        KMS_ENSURE(close && close[1] == ':', KMS_ERR_VALIDATION, "listen must be HOST:PORT");
+        h = s + 1;
+        hl = (size_t)(close - h);
+        colon = close + 1;
+    } else {
+        colon = strrchr(s, ':');
+        KMS_ENSURE(colon != NULL, KMS_ERR_VALIDATION, "listen must be HOST:PORT");
+        hl = (size_t)(colon - s);
+    }
+    KMS_ENSURE(hl > 0 && hl < host_len, KMS_ERR_VALIDATION, "listen must be HOST:PORT");
+    char *end;
+    errno = 0;
+    unsigned long p = strtoul(colon + 1, &end, 10);
+    KMS_ENSURE(colon[1] && !*end && errno == 0 && p <= 65535 && isdigit((unsigned char)colon[1]),
+               KMS_ERR_VALIDATION, "listen port must be 0-65535");
+    memcpy(host, h, hl);
+    host[hl] = '\0';
+    *port = (unsigned)p;
+    return KMS_OK;
+}
+
+kms_err kms_read_secret_file(const char *path, char **out, size_t *len)
+{
+    KMS_GUARD(read_file(path, 1, out, len));
+    while (*len > 0 && ((*out)[*len - 1] == '\n' || (*out)[*len - 1] == '\r'))
+        (*out)[--*len] = '\0';
+    return KMS_OK;
+}
+
+void kms_credentials_free(struct kms_credentials *c)
+{
+    for (size_t i = 0; i < c->n; i++) {
+        free(c->p[i].access_key);
+        if (c->p[i].secret)
+            kms_free_secret(c->p[i].secret, strlen(c->p[i].secret));
+        free(c->p[i].name);
+    }
+    free(c->p);
+    c->p = NULL;
+    c->n = 0;
+}
+
+kms_err kms_credentials_parse(const char *text, struct kms_credentials *out)
+{
+    unsigned lineno = 0;
+    const char *p = text;
+    kms_err rc = KMS_OK;
+
+    memset(out, 0, sizeof *out);
+    while (rc == KMS_OK && *p) {
+        const char *nl = strchr(p, '\n');
+        size_t n = nl ? (size_t)(nl - p) : strlen(p);
+        char field[3][256];
+        int nf = 0;
+        lineno++;
+        for (size_t i = 0; i < n && rc == KMS_OK;) {
+            while (i < n && (p[i] == ' ' || p[i] == '\t' || p[i] == '\r'))
+                i++;
+            if (i == n || p[i] == '#')
+                break;
+            size_t start = i;
+            while (i < n && !(p[i] == ' ' || p[i] == '\t' || p[i] == '\r'))
+                i++;
+            if (nf == 3 || i - start >= sizeof field[0])
+                rc = KMS_FAIL(KMS_ERR_VALIDATION,
+                              "credentials line %u: expected 'ACCESS_KEY_ID SECRET NAME'", lineno);
+            else {
+                memcpy(field[nf], p + start, i - start);
+                field[nf++][i - start] = '\0';
+            }
+        }
+        if (rc == KMS_OK && nf != 0 && nf != 3)
+            rc = KMS_FAIL(KMS_ERR_VALIDATION,
+                          "credentials line %u: expected 'ACCESS_KEY_ID SECRET NAME'", lineno);
+        if (rc == KMS_OK && nf == 3 && kms_credentials_find(out, field[0], strlen(field[0])))
+            rc = KMS_FAIL(KMS_ERR_VALIDATION, "credentials line %u: access key id appears twice",
+                          lineno);
+        if (rc == KMS_OK && nf == 3) {
+            struct kms_principal *np = realloc(out->p, (out->n + 1) * sizeof *np);
+            if (!np)
+                rc = KMS_FAIL(KMS_ERR_INTERNAL, "out of memory");
+            else {
+                out->p = np;
+                struct kms_principal *pr = &out->p[out->n++];
+                pr->access_key = strdup(field[0]);
+                pr->secret = strdup(field[1]);
+                pr->name = strdup(field[2]);
+                if (!pr->access_key || !pr->secret || !pr->name)
+                    rc = KMS_FAIL(KMS_ERR_INTERNAL, "out of memory");
+            }
+        }
+        OPENSSL_cleanse(field, sizeof field);
+        p += n + (nl ? 1 : 0);
+    }
+    if (rc == KMS_OK && out->n == 0)
+        rc = KMS_FAIL(KMS_ERR_VALIDATION, "the credentials file names no principal");
+    if (rc != KMS_OK)
+        kms_credentials_free(out);
+    return rc;
+}
+
+kms_err kms_credentials_load(const char *path, struct kms_credentials *out)
+{
+    char *text;
+    size_t len;
+    KMS_GUARD(kms_read_secret_file(path, &text, &len));
+    kms_err rc = kms_credentials_parse(text, out);
+    kms_free_secret(text, len + 1);
+    return rc;
+}
+
+const struct kms_principal *kms_credentials_find(const struct kms_credentials *c,
+                                                 const char *access_key, size_t len)
+{
+    for (size_t i = 0; i < c->n; i++)
+        if (strlen(c->p[i].access_key) == len && memcmp(c->p[i].access_key, access_key, len) == 0)
+            return &c->p[i];
+    return NULL;
+}

@@ -1,0 +1,68 @@
+/* The server's configuration file and credentials file. */
+#ifndef P11KMS_SETTINGS_H
+#define P11KMS_SETTINGS_H
+
+#include <stddef.h>
+
+#include "common/error.h"
+
+struct kms_config {
+    char *module;           /* PKCS#11 module path or p11-kit name */
+    char *token;            /* token label or pkcs11: URI */
+    char *pin_file;         /* file holding the user PIN (or env P11KMS_PIN) */
+    char *credentials_file;
+    char *listen;           /* HOST:PORT */
+    char *region;
+    char *account;
+    unsigned threads;       /* HTTP worker threads */
+    unsigned sessions;      /* token sessions; defaults to threads */
+    unsigned session_timeout_ms;
+    size_t max_body;        /* bytes */
+};
+
+void kms_config_defaults(struct kms_config *c);
+void kms_config_free(struct kms_config *c);
+/* Replaces *field with a copy of value. */
+KMS_MUST_CHECK kms_err kms_config_set(struct kms_config *c, const char *key, const char *value);
+/*
+ * Parses "key = value" lines ('#' starts a comment). Unknown keys, missing
+ * '=' and bad numbers are errors naming the line.
+ */
+KMS_MUST_CHECK kms_err kms_config_parse(struct kms_config *c, const char *text);
+KMS_MUST_CHECK kms_err kms_config_load(struct kms_config *c, const char *path);
+/* Checks that every required setting is present. */
+KMS_MUST_CHECK kms_err kms_config_check(const struct kms_config *c);
+
+/* Splits HOST:PORT; host may be [v6]. */
+KMS_MUST_CHECK kms_err kms_parse_listen(const char *s, char *host, size_t host_len,
+                                        unsigned *port);
+
+/*
+ * Reads a whole file that holds a secret, refusing one that group or others
+ * may read. *out is NUL-terminated and must be released with kms_free_secret
+ * (*len + 1 bytes). Trailing newlines are removed.
+ */
+KMS_MUST_CHECK kms_err kms_read_secret_file(const char *path, char **out, size_t *len);
+
+struct kms_principal {
+    char *access_key;
+    char *secret;
+    char *name;
+};
+
+struct kms_credentials {
+    struct kms_principal *p;
+    size_t n;
+};
+
+/*
+ * Credentials file: one principal per line, "ACCESS_KEY_ID SECRET NAME";
+ * blank lines and '#' comments ignored. Refused when group/world-readable.
+ */
+KMS_MUST_CHECK kms_err kms_credentials_load(const char *path, struct kms_credentials *out);
+KMS_MUST_CHECK kms_err kms_credentials_parse(const char *text, struct kms_credentials *out);
+void kms_credentials_free(struct kms_credentials *c);
+const struct kms_principal *kms_credentials_find(const struct kms_credentials *c,
+                                                 const char *access_key, size_t len);
+
+#endif
