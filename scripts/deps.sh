@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Installs the Debian packages p11kms needs to build, run and test, when missing.
+# Idempotent: packages already installed are left alone.
+set -euo pipefail
+
+packages=(
+    # build
+    build-essential autoconf automake libtool pkg-config
+    # libraries
+    libp11-kit-dev p11-kit libssl-dev libmicrohttpd-dev libjansson-dev libcurl4-openssl-dev libcmocka-dev
+    # the development and test token
+    softhsm2
+    # integration tests: real AWS clients and a PKCS#11 binding
+    awscli python3 python3-boto3 python3-pykcs11 curl
+)
+
+missing=()
+for p in "${packages[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+[ ${#missing[@]} -eq 0 ] && exit 0
+
+if [ "$(id -u)" -ne 0 ]; then
+    command -v sudo >/dev/null || { echo "deps.sh: run as root to install: ${missing[*]}" >&2; exit 1; }
+    SUDO=sudo
+else
+    SUDO=
+fi
+echo "deps.sh: installing ${missing[*]}" >&2
+export DEBIAN_FRONTEND=noninteractive
+$SUDO apt-get update -qq
+$SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null

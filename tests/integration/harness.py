@@ -1,0 +1,520 @@
+"""Integration-test harness for p11kmsd: real SoftHSM2 tokens, a real server on
+loopback (port chosen by the server), boto3 / the aws CLI / raw SigV4 requests,
+and a small TAP runner for automake's tap-driver.
+
+Only Debian-packaged modules are used (python3-boto3, python3-pykcs11), so the
+tests run under /usr/bin/python3.
+"""
+
+import base64
+import datetime
+import http.client
+import json
+import os
+import queue
+import re
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import traceback
+import urllib.error
+import urllib.request
+
+import boto3
+import botocore.auth
+import botocore.awsrequest
+import botocore.config
+import botocore.credentials
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+SRCDIR = os.environ.get("P11KMS_SRCDIR") or os.path.normpath(os.path.join(HERE, "..", ".."))
+MAKE_TOKEN = os.path.join(SRCDIR, "softhsm-fixtures", "make-token.sh")
+SOFTHSM_MODULE = os.environ.get("SOFTHSM_MODULE") or "/usr/lib/softhsm/libsofthsm2.so"
+AWS_CLI = "/usr/bin/aws"
+REGION = "us-east-1"
+ACCOUNT = "123456789012"
+JSON_TYPE = "application/x-amz-json-1.1"
+READY_TIMEOUT = 20.0
+STOP_TIMEOUT = 15.0
+UUID_RE = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
+
+
+def p11kmsd_path():
+    """$P11KMSD (set by `make check`), else the binary two levels up."""
+    path = os.environ.get("P11KMSD") or os.path.normpath(os.path.join(HERE, "..", "..", "p11kmsd"))
+    if not os.access(path, os.X_OK):
+        raise RuntimeError("p11kmsd not found or not executable at %s (set P11KMSD)" % path)
+    return path
+
+
+# ---- TAP --------------------------------------------------------------------
+
+
+def diag(text):
+    for line in str(text).splitlines() or [""]:
+        print("# " + line)
+    sys.stdout.flush()
+
+
+class TapRunner:
+    """Runs test functions in order, printing TAP. A test is a callable; it
+    passes when it returns. The exit status is 0 only if every test passed."""
+
+    def __init__(self):
+        self.tests = []
+
+    def add(self, name, fn):
+        self.tests.append((name, fn))
+
+    def test(self, fn):
+        """Decorator: registers fn under its name without the test_ prefix."""
+        name = fn.__name__
+        if name.startswith("test_"):
+            name = name[5:]
+        self.add(name, fn)
+        return fn
+
+    def run(self, setup=None, teardown=None):
+        """setup() and teardown() run around all tests; a failure in either
+        fails the run (teardown always runs)."""
+        started = time.monotonic()
+        print("1..%d" % len(self.tests))
+        sys.stdout.flush()
+        failed = 0
+        setup_error = None
+        if setup:
+            try:
+                setup()
+            except BaseException:  # noqa: B902 - reported below as TAP
+                setup_error = traceback.format_exc()
+                diag("set-up failed:")
+                diag(setup_error)
+        for n, (name, fn) in enumerate(self.tests, 1):
+            if setup_error is not None:
+                print("not ok %d - %s" % (n, name))
+                diag("not run: set-up failed")
+                failed += 1
+                continue
+            t0 = time.monotonic()
+            try:
+                fn()
+            except BaseException as e:  # noqa: B902
+                failed += 1
+                print("not ok %d - %s" % (n, name))
+                diag(traceback.format_exc())
+                if isinstance(e, KeyboardInterrupt):
+                    break
+            else:
+                print("ok %d - %s" % (n, name))
+                diag("%.2f s" % (time.monotonic() - t0))
+            sys.stdout.flush()
+        if teardown:
+            try:
+                teardown()
+            except BaseException:  # noqa: B902
+                # Every test already has its line; the plan is fixed, so a
+                # tear-down failure (e.g. a bad exit status) is a "Bail out!".
+                diag(traceback.format_exc())
+                print("Bail out! tear-down failed")
+                failed += 1
+        diag("total %.1f s" % (time.monotonic() - started))
+        sys.stdout.flush()
+        return 0 if failed == 0 else 1
+
+
+# ---- assertions ---------------------------------------------------------------
+
+
+def eq(actual, expected, what=""):
+    if actual != expected:
+        raise AssertionError("%s%r != expected %r" % (what + ": " if what else "", actual, expected))
+
+
+def check(cond, what):
+    if not cond:
+        raise AssertionError(what)
+
+
+# ---- fixtures -----------------------------------------------------------------
+
+
+class Workspace:
+    """A temporary folder removed by close()."""
+
+    def __init__(self, prefix="p11kms-it-"):
+        self.path = tempfile.mkdtemp(prefix=prefix)
+        os.chmod(self.path, 0o700)
+
+    def sub(self, *names):
+        return os.path.join(self.path, *names)
+
+    def close(self):
+        shutil.rmtree(self.path, ignore_errors=True)
+
+
+class Token:
+    def __init__(self, directory, label):
+        self.dir = directory
+        self.label = label
+        self.conf = os.path.join(directory, "softhsm2.conf")
+        self.so_pin_file = os.path.join(directory, "so.pin")
+        self.pin_file = os.path.join(directory, "user.pin")
+
+    def user_pin(self):
+        with open(self.pin_file) as f:
+            return f.read().strip()
+
+
+def make_token(directory, label):
+    """A fresh SoftHSM2 token through softhsm-fixtures/make-token.sh."""
+    env = dict(os.environ, SOFTHSM_MODULE=SOFTHSM_MODULE)
+    r = subprocess.run(["/bin/sh", MAKE_TOKEN, directory, label], env=env,
+                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=60)
+    if r.returncode != 0 or r.stdout or r.stderr:
+        raise RuntimeError("make-token.sh failed (%d): stdout %r stderr %r"
+                           % (r.returncode, r.stdout, r.stderr))
+    return Token(directory, label)
+
+
+def write_private(path, text, mode=0o600):
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.chmod(path, mode)
+    return path
+
+
+class Principal:
+    def __init__(self, access_key, secret, name):
+        self.access_key = access_key
+        self.secret = secret
+        self.name = name
+
+
+def new_principal(name):
+    alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZ234567"
+    akid = "AKIA" + "".join(secrets.choice(alphabet) for _ in range(16))
+    secret = base64.b64encode(secrets.token_bytes(30)).decode()
+    return Principal(akid, secret, name)
+
+
+def write_credentials(path, principals, mode=0o600):
+    lines = ["# access-key-id secret-access-key principal"]
+    lines += ["%s %s %s" % (p.access_key, p.secret, p.name) for p in principals]
+    return write_private(path, "\n".join(lines) + "\n", mode)
+
+
+def write_config(path, token, credentials_file, **extra):
+    settings = {
+        "module": SOFTHSM_MODULE,
+        "token": token.label,
+        "pin_file": token.pin_file,
+        "credentials_file": credentials_file,
+        "listen": "127.0.0.1:0",
+        "region": REGION,
+        "account": ACCOUNT,
+        "threads": "4",
+    }
+    settings.update(extra)
+    text = "# p11kmsd integration-test configuration\n"
+    text += "".join("%s = %s\n" % kv for kv in settings.items())
+    return write_private(path, text)
+
+
+# ---- the server ---------------------------------------------------------------
+
+SERVING_RE = re.compile(r"^p11kmsd: serving http://([^:/\s]+|\[[^\]]+\]):(\d+)")
+
+
+class Server:
+    """A running p11kmsd. stop() sends SIGTERM and asserts exit status 0."""
+
+    def __init__(self, args, env, log_path):
+        self.args = [p11kmsd_path()] + list(args)
+        self.env = env
+        self.log_path = log_path
+        self.proc = None
+        self.port = None
+        self.host = None
+        self.stdout_lines = []
+        self._lines = queue.Queue()
+        self._stderr = None
+
+    @property
+    def endpoint(self):
+        return "http://%s:%d" % (self.host, self.port)
+
+    def start(self, timeout=READY_TIMEOUT):
+        self._stderr = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(self.args, env=self.env, stdin=subprocess.DEVNULL,
+                                     stdout=subprocess.PIPE, stderr=self._stderr)
+        threading.Thread(target=self._read_stdout, daemon=True).start()
+        deadline = time.monotonic() + timeout
+        try:
+            while self.port is None:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise RuntimeError("p11kmsd printed no 'serving' line in %.0f s" % timeout)
+                try:
+                    line = self._lines.get(timeout=min(left, 0.5))
+                except queue.Empty:
+                    line = ""
+                if line is None:
+                    raise RuntimeError("p11kmsd exited with status %s before serving:\n%s"
+                                       % (self.proc.wait(), self.stderr_text()))
+                m = SERVING_RE.match(line)
+                if m:
+                    self.host, self.port = m.group(1), int(m.group(2))
+            self.wait_ready(deadline)
+        except BaseException:
+            self.kill()
+            raise
+        return self
+
+    def _read_stdout(self):
+        for raw in self.proc.stdout:
+            line = raw.decode("utf-8", "replace").rstrip("\n")
+            self.stdout_lines.append(line)
+            self._lines.put(line)
+        self._lines.put(None)
+
+    def wait_ready(self, deadline):
+        last = None
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError("p11kmsd exited with status %s:\n%s"
+                                   % (self.proc.returncode, self.stderr_text()))
+            try:
+                with urllib.request.urlopen(self.endpoint + "/readyz", timeout=2) as r:
+                    if r.status == 200:
+                        return
+                    last = r.status
+            except urllib.error.HTTPError as e:
+                last = e.code
+            except OSError as e:
+                last = e
+            time.sleep(0.05)
+        raise RuntimeError("GET /readyz did not answer 200 in time (last: %r)" % (last,))
+
+    def stderr_text(self):
+        try:
+            with open(self.log_path, "rb") as f:
+                return f.read().decode("utf-8", "replace")
+        except OSError:
+            return ""
+
+    def stop(self):
+        """SIGTERM; returns the exit status after asserting it is 0."""
+        if self.proc is None:
+            return None
+        proc, self.proc = self.proc, None
+        try:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+            try:
+                status = proc.wait(timeout=STOP_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+                raise AssertionError("p11kmsd did not stop within %.0f s of SIGTERM" % STOP_TIMEOUT)
+        finally:
+            self._close()
+        if status != 0:
+            raise AssertionError("p11kmsd exited with status %d on SIGTERM; stderr:\n%s"
+                                 % (status, self.stderr_text()))
+        return status
+
+    def kill(self):
+        """For failure paths: make sure the process is gone."""
+        if self.proc is None:
+            return
+        proc, self.proc = self.proc, None
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=STOP_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        self._close()
+
+    def _close(self):
+        if self._stderr:
+            self._stderr.close()
+            self._stderr = None
+
+
+def server_env(extra=None):
+    env = dict(os.environ)
+    for k in ("P11KMS_PIN", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
+              "AWS_PROFILE", "AWS_ENDPOINT_URL"):
+        env.pop(k, None)
+    if extra:
+        env.update(extra)
+    return env
+
+
+def start_config_server(config_path, token, log_path, extra_args=()):
+    env = server_env({"SOFTHSM2_CONF": token.conf})
+    return Server(["--config", config_path, "--listen", "127.0.0.1:0"] + list(extra_args),
+                  env, log_path).start()
+
+
+def start_dev_server(state_dir, log_path, extra_args=()):
+    env = server_env()
+    env.pop("SOFTHSM2_CONF", None)
+    return Server(["--dev", "--state-dir", state_dir, "--listen", "127.0.0.1:0"] + list(extra_args),
+                  env, log_path).start()
+
+
+def run_failing(args, env, timeout=20):
+    """Runs p11kmsd expecting it to refuse to start; returns (status, stdout, stderr)."""
+    r = subprocess.run([p11kmsd_path()] + list(args), env=env, stdin=subprocess.DEVNULL,
+                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=timeout)
+    return r.returncode, r.stdout.decode("utf-8", "replace"), r.stderr.decode("utf-8", "replace")
+
+
+# ---- clients ------------------------------------------------------------------
+
+
+def kms_client(endpoint, principal, region=REGION):
+    session = boto3.session.Session(aws_access_key_id=principal.access_key,
+                                    aws_secret_access_key=principal.secret, region_name=region)
+    return session.client("kms", endpoint_url=endpoint,
+                          config=botocore.config.Config(retries={"max_attempts": 1},
+                                                        connect_timeout=5, read_timeout=30))
+
+
+def aws(args, env, timeout=60):
+    """Runs /usr/bin/aws with env; returns (status, stdout, stderr)."""
+    full = dict(env)
+    full.setdefault("AWS_PAGER", "")
+    full.setdefault("AWS_CONFIG_FILE", "/dev/null")
+    full.setdefault("AWS_SHARED_CREDENTIALS_FILE", "/dev/null")
+    r = subprocess.run([AWS_CLI] + list(args), env=full, stdin=subprocess.DEVNULL,
+                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=timeout)
+    return r.returncode, r.stdout.decode("utf-8", "replace"), r.stderr.decode("utf-8", "replace")
+
+
+def client_error(fn, *args, **kwargs):
+    """Calls a boto3 operation that must fail on the server; returns
+    (error code, HTTP status, message)."""
+    import botocore.exceptions
+    try:
+        fn(*args, **kwargs)
+    except botocore.exceptions.ClientError as e:
+        return (e.response["Error"]["Code"], e.response["ResponseMetadata"]["HTTPStatusCode"],
+                e.response["Error"].get("Message"))
+    raise AssertionError("the call succeeded; an error was expected")
+
+
+# ---- raw signed requests ------------------------------------------------------
+
+
+class _FixedTimeSigV4(botocore.auth.SigV4Auth):
+    """SigV4 with a chosen signing time (botocore always signs with now)."""
+
+    def __init__(self, credentials, service, region, when):
+        super().__init__(credentials, service, region)
+        self._when = when
+
+    def add_auth(self, request):
+        request.context["timestamp"] = self._when.strftime(botocore.auth.SIGV4_TIMESTAMP)
+        self._modify_request_before_signing(request)
+        canonical = self.canonical_request(request)
+        string_to_sign = self.string_to_sign(request, canonical)
+        self._inject_signature_to_request(request, self.signature(string_to_sign, request))
+
+
+class RawResponse:
+    def __init__(self, status, headers, body):
+        self.status = status
+        self.headers = headers
+        self.body = body
+
+    def json(self):
+        return json.loads(self.body.decode("utf-8"))
+
+    def header(self, name):
+        for k, v in self.headers:
+            if k.lower() == name.lower():
+                return v
+        return None
+
+
+def sign(endpoint, target, body, principal, region=REGION, when=None, headers=None):
+    """Returns (headers dict, body bytes) of a SigV4-signed KMS request."""
+    if isinstance(body, (dict, list)):
+        body = json.dumps(body).encode()
+    hdrs = {"Content-Type": JSON_TYPE}
+    if target is not None:
+        hdrs["X-Amz-Target"] = target
+    if headers:
+        hdrs.update(headers)
+    req = botocore.awsrequest.AWSRequest(method="POST", url=endpoint + "/", data=body, headers=hdrs)
+    creds = botocore.credentials.Credentials(principal.access_key, principal.secret)
+    if when is None:
+        botocore.auth.SigV4Auth(creds, "kms", region).add_auth(req)
+    else:
+        _FixedTimeSigV4(creds, "kms", region, when).add_auth(req)
+    return dict(req.headers.items()), body
+
+
+def raw_request(endpoint, method="POST", path="/", headers=None, body=b"", timeout=30):
+    """One HTTP request with exactly these headers (plus Host, Content-Length,
+    which http.client adds). Returns a RawResponse."""
+    m = re.match(r"^http://([^:/]+):(\d+)$", endpoint)
+    conn = http.client.HTTPConnection(m.group(1), int(m.group(2)), timeout=timeout)
+    try:
+        conn.putrequest(method, path, skip_accept_encoding=True)
+        for k, v in (headers or {}).items():
+            conn.putheader(k, v)
+        if method == "POST" or body:
+            conn.putheader("Content-Length", str(len(body)))
+        conn.endheaders()
+        if body:
+            try:
+                conn.send(body)
+            except (BrokenPipeError, ConnectionResetError):
+                pass  # the server may answer (413) before reading all of it
+        r = conn.getresponse()
+        return RawResponse(r.status, r.getheaders(), r.read())
+    finally:
+        conn.close()
+
+
+def signed_request(endpoint, target, body, principal, **kw):
+    """Signs and sends; kw: region, when, headers (for sign), send_body (sent
+    instead of the signed body)."""
+    send_body = kw.pop("send_body", None)
+    headers, signed_body = sign(endpoint, target, body, principal, **kw)
+    return raw_request(endpoint, headers=headers,
+                       body=signed_body if send_body is None else send_body)
+
+
+def kms_call(endpoint, operation, params, principal, **kw):
+    return signed_request(endpoint, "TrentService." + operation, params, principal, **kw)
+
+
+def check_error_response(r, error_type, status):
+    """An error answer: exact HTTP status, JSON with __type and message, and
+    X-Amzn-ErrorType equal to __type."""
+    try:
+        doc = r.json()
+    except ValueError:
+        raise AssertionError("error body is not JSON: status %d body %r" % (r.status, r.body))
+    eq((r.status, doc.get("__type")), (status, error_type), "HTTP status and __type (body %r)" % doc)
+    eq(sorted(doc), ["__type", "message"], "error document members")
+    check(isinstance(doc["message"], str) and doc["message"], "message is a non-empty string")
+    eq(r.header("X-Amzn-ErrorType"), error_type, "X-Amzn-ErrorType header")
+    eq((r.header("Content-Type") or "").split(";")[0], JSON_TYPE, "Content-Type")
+    return doc
+
+
+def utcnow():
+    return datetime.datetime.now(datetime.timezone.utc).replace(tzinfo=None)
