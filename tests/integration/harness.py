@@ -7,6 +7,7 @@ tests run under /usr/bin/python3.
 """
 
 import base64
+import ctypes
 import datetime
 import http.client
 import json
@@ -67,6 +68,7 @@ class TapRunner:
 
     def __init__(self):
         self.tests = []
+        self.failed = 0
 
     def add(self, name, fn):
         self.tests.append((name, fn))
@@ -83,6 +85,10 @@ class TapRunner:
         """setup() and teardown() run around all tests; a failure in either
         fails the run (teardown always runs)."""
         started = time.monotonic()
+        # A SIGTERM or SIGHUP (a test-suite timeout) interrupts the run so that
+        # the tear-down still stops the servers and removes the temporary files.
+        for sig in (signal.SIGTERM, signal.SIGHUP):
+            signal.signal(sig, _interrupt)
         print("1..%d" % len(self.tests))
         sys.stdout.flush()
         failed = 0
@@ -105,6 +111,7 @@ class TapRunner:
                 fn()
             except BaseException as e:  # noqa: B902
                 failed += 1
+                self.failed = failed
                 print("not ok %d - %s" % (n, name))
                 diag(traceback.format_exc())
                 if isinstance(e, KeyboardInterrupt):
@@ -125,6 +132,10 @@ class TapRunner:
         diag("total %.1f s" % (time.monotonic() - started))
         sys.stdout.flush()
         return 0 if failed == 0 else 1
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt("signal %d" % signum)
 
 
 # ---- assertions ---------------------------------------------------------------
@@ -228,6 +239,18 @@ def write_config(path, token, credentials_file, **extra):
 
 # ---- the server ---------------------------------------------------------------
 
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent():
+    """In the child before exec: SIGTERM p11kmsd if the test process dies
+    without stopping it (killed by a timeout, say)."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    except (OSError, AttributeError):
+        pass
+
+
 SERVING_RE = re.compile(r"^p11kmsd: serving http://([^:/\s]+|\[[^\]]+\]):(\d+)")
 
 
@@ -252,7 +275,8 @@ class Server:
     def start(self, timeout=READY_TIMEOUT):
         self._stderr = open(self.log_path, "ab")
         self.proc = subprocess.Popen(self.args, env=self.env, stdin=subprocess.DEVNULL,
-                                     stdout=subprocess.PIPE, stderr=self._stderr)
+                                     stdout=subprocess.PIPE, stderr=self._stderr,
+                                     preexec_fn=_die_with_parent)
         threading.Thread(target=self._read_stdout, daemon=True).start()
         deadline = time.monotonic() + timeout
         try:

@@ -1,0 +1,230 @@
+#!/usr/bin/python3
+"""p11kmsd --dev: the state folder it makes, the README's aws CLI flow, and a
+restart on the same state folder. TAP output."""
+
+import base64
+import json
+import os
+import re
+import stat
+import subprocess
+import sys
+import uuid
+
+sys.dont_write_bytecode = True  # keep __pycache__ out of the source tree
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import harness as h  # noqa: E402
+from harness import check, eq  # noqa: E402
+
+T = h.TapRunner()
+test = T.test
+
+DEV_ACCOUNT = "111122223333"
+ENV_NAMES = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL",
+             "P11KMS_ENDPOINT")
+PRIVATE_FILES = ("softhsm2.conf", "so.pin", "user.pin", "credentials", "env")
+CONTEXT = {"app": "readme", "run": "1"}
+
+
+class Ctx:
+    ws = None
+    state = None
+    server = None
+    env = None          # the variables DIR/env exports, first run
+    files = None        # contents of the state files, first run
+    key_id = None
+    first = None        # the first run's generate-data-key answer (decoded)
+
+
+C = Ctx()
+
+
+def setup():
+    C.ws = h.Workspace()
+    C.state = C.ws.sub("state")          # made by p11kmsd itself
+    C.server = h.start_dev_server(C.state, C.ws.sub("p11kmsd-1.log"))
+    h.diag("p11kmsd --dev serving %s" % C.server.endpoint)
+
+
+def teardown():
+    try:
+        if C.server:
+            if T.failed:
+                h.diag("p11kmsd's log:\n" + C.server.stderr_text())
+            C.server.stop()
+    finally:
+        if C.ws:
+            C.ws.close()
+
+
+def path(name):
+    return os.path.join(C.state, name)
+
+
+def read(name):
+    with open(path(name)) as f:
+        return f.read()
+
+
+def clean_env():
+    """The environment for the aws CLI: nothing AWS_* from outside, no config files."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    env.update(AWS_CONFIG_FILE="/dev/null", AWS_SHARED_CREDENTIALS_FILE="/dev/null", AWS_PAGER="")
+    return env
+
+
+def sourced_env():
+    """What `. DIR/env` sets, read back through bash."""
+    script = '. "$1" && for n in %s; do printf "%%s=%%s\\0" "$n" "${!n-<unset>}"; done' % " ".join(
+        ENV_NAMES + ("AWS_REGION",))
+    r = subprocess.run(["bash", "-c", script, "bash", path("env")], env=clean_env(),
+                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=10)
+    eq((r.returncode, r.stderr), (0, b""), "sourcing DIR/env")
+    return dict(item.split("=", 1) for item in r.stdout.decode().split("\0") if item)
+
+
+def readme_cli(command):
+    """Runs a shell line after `. DIR/env`, as the README does; returns its JSON output."""
+    line = '. "$STATE/env"; ' + command
+    env = dict(clean_env(), STATE=C.state)
+    r = subprocess.run(["bash", "-c", line], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                       timeout=60)
+    if r.returncode != 0:
+        raise AssertionError("%r failed (%d): %s" % (command, r.returncode, r.stderr.decode()))
+    return json.loads(r.stdout)
+
+
+def principal_from_env(env):
+    return h.Principal(env["AWS_ACCESS_KEY_ID"], env["AWS_SECRET_ACCESS_KEY"], "dev")
+
+
+@test
+def test_state_folder_files_and_modes():
+    eq(stat.S_IMODE(os.stat(C.state).st_mode), 0o700, "state folder mode")
+    eq(stat.S_IMODE(os.stat(path("tokens")).st_mode), 0o700, "tokens folder mode")
+    check(os.listdir(path("tokens")), "the tokens folder holds a token")
+    for name in PRIVATE_FILES:
+        st = os.stat(path(name))
+        check(stat.S_ISREG(st.st_mode), "%s is a regular file" % name)
+        eq(stat.S_IMODE(st.st_mode), 0o600, "mode of %s" % name)
+    for name in ("so.pin", "user.pin"):
+        eq(re.match(r"^[0-9a-f]{32}$", read(name)) is not None, True, "%s is 32 hex digits" % name)
+    check(read("so.pin") != read("user.pin"), "two different PINs")
+    conf = read("softhsm2.conf")
+    check("directories.tokendir = %s\n" % path("tokens") in conf,
+          "softhsm2.conf names the tokens folder: %r" % conf)
+    leftovers = [n for n in os.listdir(C.state) if n.endswith(".tmp")]
+    eq(leftovers, [], "no temporary files left")
+    C.files = {name: read(name) for name in PRIVATE_FILES if name != "env"}
+
+
+@test
+def test_env_file():
+    env = sourced_env()
+    for name in ENV_NAMES:
+        check(env.get(name) not in (None, "", "<unset>"), "DIR/env sets %s" % name)
+    eq(env["AWS_DEFAULT_REGION"], "us-east-1", "AWS_DEFAULT_REGION")
+    eq(env["AWS_ENDPOINT_URL"], C.server.endpoint, "AWS_ENDPOINT_URL")
+    eq(env["P11KMS_ENDPOINT"], C.server.endpoint, "P11KMS_ENDPOINT")
+    check(re.match(r"^AKIA[A-Z2-7]{16}$", env["AWS_ACCESS_KEY_ID"]), "access key id format")
+    creds = [line.split() for line in read("credentials").splitlines()
+             if line.strip() and not line.startswith("#")]
+    eq(creds, [[env["AWS_ACCESS_KEY_ID"], env["AWS_SECRET_ACCESS_KEY"], "dev"]],
+       "credentials file against DIR/env")
+    eq(C.server.stdout_lines[0],
+       "p11kmsd: serving %s (key alias alias/dev)" % C.server.endpoint, "first stdout line")
+    C.env = env
+
+
+@test
+def test_dev_key():
+    kms = h.kms_client(C.server.endpoint, principal_from_env(C.env))
+    md = kms.describe_key(KeyId="alias/dev")["KeyMetadata"]
+    check(h.UUID_RE.match(md["KeyId"]), "KeyId is a UUID")
+    eq(md["Arn"], "arn:aws:kms:us-east-1:%s:key/%s" % (DEV_ACCOUNT, md["KeyId"]), "Arn")
+    eq(md["KeyState"], "Enabled", "KeyState")
+    eq([k["KeyId"] for k in kms.list_keys()["Keys"]], [md["KeyId"]], "exactly one key")
+    aliases = kms.list_aliases()["Aliases"]
+    eq([(a["AliasName"], a["TargetKeyId"]) for a in aliases], [("alias/dev", md["KeyId"])], "aliases")
+    C.key_id = md["KeyId"]
+
+
+def key_arn():
+    return "arn:aws:kms:us-east-1:%s:key/%s" % (DEV_ACCOUNT, C.key_id)
+
+
+@test
+def test_readme_flow_with_aws_cli():
+    out = readme_cli('/usr/bin/aws kms generate-data-key --endpoint-url "$AWS_ENDPOINT_URL" '
+                     '--key-id alias/dev --key-spec AES_256')
+    eq(sorted(out), ["CiphertextBlob", "KeyId", "Plaintext"], "generate-data-key members")
+    plaintext = base64.b64decode(out["Plaintext"], validate=True)
+    blob = base64.b64decode(out["CiphertextBlob"], validate=True)
+    eq(len(plaintext), 32, "Plaintext length")
+    eq(out["KeyId"], key_arn(), "KeyId")
+    eq(len(blob), 1 + 16 + 4 + 12 + 32 + 16, "CiphertextBlob length")
+    eq(blob[1:17], uuid.UUID(C.key_id).bytes, "the blob names the dev key")
+
+    with open(C.ws.sub("blob.bin"), "wb") as f:
+        f.write(blob)
+    dec = readme_cli('/usr/bin/aws kms decrypt --endpoint-url "$AWS_ENDPOINT_URL" '
+                     '--ciphertext-blob fileb://%s' % C.ws.sub("blob.bin"))
+    eq(base64.b64decode(dec["Plaintext"]), plaintext, "aws kms decrypt")
+    eq(dec["KeyId"], key_arn(), "decrypt KeyId")
+    eq(dec["EncryptionAlgorithm"], "SYMMETRIC_DEFAULT", "decrypt EncryptionAlgorithm")
+
+    # with an encryption context, through the CLI's JSON argument
+    ctx = json.dumps(CONTEXT)
+    out = readme_cli("/usr/bin/aws kms generate-data-key --endpoint-url \"$AWS_ENDPOINT_URL\" "
+                     "--key-id alias/dev --key-spec AES_256 --encryption-context '%s'" % ctx)
+    with open(C.ws.sub("blob-ctx.bin"), "wb") as f:
+        f.write(base64.b64decode(out["CiphertextBlob"]))
+    dec = readme_cli("/usr/bin/aws kms decrypt --endpoint-url \"$AWS_ENDPOINT_URL\" "
+                     "--ciphertext-blob fileb://%s --encryption-context '%s'"
+                     % (C.ws.sub("blob-ctx.bin"), ctx))
+    eq(dec["Plaintext"], out["Plaintext"], "decrypt with the context")
+    status, _, errtext = h.aws(["kms", "decrypt", "--endpoint-url", C.server.endpoint,
+                                "--ciphertext-blob", "fileb://" + C.ws.sub("blob-ctx.bin")],
+                               dict(clean_env(), **{k: C.env[k] for k in ENV_NAMES[:3]}))
+    eq(status, 254, "aws kms decrypt without the context exits 254 (stderr %r)" % errtext)
+    check("InvalidCiphertextException" in errtext, "the CLI reports InvalidCiphertextException")
+
+    C.first = {"plaintext": plaintext, "blob": blob, "ctx_blob": base64.b64decode(out["CiphertextBlob"]),
+               "ctx_plaintext": base64.b64decode(out["Plaintext"])}
+
+
+@test
+def test_restart_on_same_state_folder():
+    old_endpoint = C.server.endpoint
+    server, C.server = C.server, None
+    server.stop()
+    C.server = h.start_dev_server(C.state, C.ws.sub("p11kmsd-2.log"))
+    h.diag("restarted: %s (was %s)" % (C.server.endpoint, old_endpoint))
+
+    for name, text in C.files.items():
+        eq(read(name), text, "%s unchanged by the restart" % name)
+    env = sourced_env()
+    eq(env["AWS_ACCESS_KEY_ID"], C.env["AWS_ACCESS_KEY_ID"], "same access key id")
+    eq(env["AWS_SECRET_ACCESS_KEY"], C.env["AWS_SECRET_ACCESS_KEY"], "same secret")
+    eq(env["AWS_ENDPOINT_URL"], C.server.endpoint, "AWS_ENDPOINT_URL names the new port")
+    eq(stat.S_IMODE(os.stat(path("env")).st_mode), 0o600, "env mode after the rewrite")
+
+    kms = h.kms_client(C.server.endpoint, principal_from_env(env))
+    eq(kms.describe_key(KeyId="alias/dev")["KeyMetadata"]["KeyId"], C.key_id, "same alias/dev key")
+    keys = kms.list_keys()
+    eq([k["KeyId"] for k in keys["Keys"]], [C.key_id], "still exactly one key")
+    eq(keys["Truncated"], False, "ListKeys Truncated")
+    eq([a["AliasName"] for a in kms.list_aliases()["Aliases"]], ["alias/dev"], "still one alias")
+
+    # the first run's blobs, through the CLI and through boto3
+    dec = readme_cli('/usr/bin/aws kms decrypt --endpoint-url "$AWS_ENDPOINT_URL" '
+                     '--ciphertext-blob fileb://%s' % C.ws.sub("blob.bin"))
+    eq(base64.b64decode(dec["Plaintext"]), C.first["plaintext"], "first run's blob (aws CLI)")
+    eq(dec["KeyId"], key_arn(), "KeyId")
+    d = kms.decrypt(CiphertextBlob=C.first["ctx_blob"], EncryptionContext=CONTEXT)
+    eq(d["Plaintext"], C.first["ctx_plaintext"], "first run's blob with context (boto3)")
+
+
+if __name__ == "__main__":
+    sys.exit(T.run(setup, teardown))
