@@ -1,6 +1,371 @@
+/*
+ * Unit tests for src/common/encoding.h: strict base64 (RFC 4648 §4), URL-safe
+ * base64 without padding (§5), hex and UUID text forms.
+ */
+#include "config.h"
+
 #include <stdarg.h>
 #include <stddef.h>
 #include <setjmp.h>
 #include <cmocka.h>
-static void t(void **s){(void)s;}
-int main(void){const struct CMUnitTest tests[]={cmocka_unit_test(t)};return cmocka_run_group_tests(tests,NULL,NULL);}
+
+#include <stdint.h>
+#include <string.h>
+
+#include "common/encoding.h"
+
+/* RFC 4648 §10 test vectors. */
+static const struct {
+    const char *plain;
+    const char *b64;
+} rfc4648[] = {
+    {"", ""},
+    {"f", "Zg=="},
+    {"fo", "Zm8="},
+    {"foo", "Zm9v"},
+    {"foob", "Zm9vYg=="},
+    {"fooba", "Zm9vYmE="},
+    {"foobar", "Zm9vYmFy"},
+};
+
+#define N_ELEMS(a) (sizeof(a) / sizeof((a)[0]))
+
+/* Decodes s (its strlen) and returns the error; out is freed. */
+static kms_err b64_decode_rc(const char *s)
+{
+    struct kms_buf out = KMS_BUF_INIT;
+    kms_err rc = kms_b64_decode(s, strlen(s), &out);
+    kms_buf_free(&out);
+    return rc;
+}
+
+static kms_err b64url_decode_rc(const char *s)
+{
+    struct kms_buf out = KMS_BUF_INIT;
+    kms_err rc = kms_b64url_decode(s, strlen(s), &out);
+    kms_buf_free(&out);
+    return rc;
+}
+
+/* ---- standard base64 ------------------------------------------------------------ */
+
+static void test_b64_encode_rfc4648(void **state)
+{
+    (void)state;
+    for (size_t i = 0; i < N_ELEMS(rfc4648); i++) {
+        struct kms_buf out = KMS_BUF_INIT;
+        size_t n = strlen(rfc4648[i].b64);
+        assert_int_equal(
+            kms_b64_encode((const uint8_t *)rfc4648[i].plain, strlen(rfc4648[i].plain), &out),
+            KMS_OK);
+        assert_int_equal(out.len, n);
+        assert_memory_equal(out.data, rfc4648[i].b64, n);
+        assert_int_equal(out.data[n], '\0');
+        kms_buf_free(&out);
+    }
+}
+
+static void test_b64_decode_rfc4648(void **state)
+{
+    (void)state;
+    for (size_t i = 0; i < N_ELEMS(rfc4648); i++) {
+        struct kms_buf out = KMS_BUF_INIT;
+        size_t n = strlen(rfc4648[i].plain);
+        assert_int_equal(kms_b64_decode(rfc4648[i].b64, strlen(rfc4648[i].b64), &out), KMS_OK);
+        assert_int_equal(out.len, n);
+        if (n)
+            assert_memory_equal(out.data, rfc4648[i].plain, n);
+        kms_buf_free(&out);
+    }
+}
+
+static void test_b64_decode_bad_length(void **state)
+{
+    (void)state;
+    assert_int_equal(b64_decode_rc("Z"), KMS_ERR_VALIDATION);
+    assert_int_equal(b64_decode_rc("Zg"), KMS_ERR_VALIDATION);
+    assert_int_equal(b64_decode_rc("Zg="), KMS_ERR_VALIDATION);
+    assert_int_equal(b64_decode_rc("Zm9"), KMS_ERR_VALIDATION);
+    assert_int_equal(b64_decode_rc("Zm9vY"), KMS_ERR_VALIDATION);
+    assert_int_equal(b64_decode_rc("Zm9vYg="), KMS_ERR_VALIDATION);
+}
+
+static void test_b64_decode_bad_characters(void **state)
+{
+    (void)state;
+    assert_int_equal(b64_decode_rc("Zm9v!A=="), KMS_ERR_VALIDATION);
+    assert_int_equal(b64_decode_rc("Z m9"), KMS_ERR_VALIDATION);
+    assert_int_equal(b64_decode_rc("Zm9 "), KMS_ERR_VALIDATION);
+    assert_int_equal(b64_decode_rc("Zm9\n"), KMS_ERR_VALIDATION);
+    assert_int_equal(b64_decode_rc("-_8="), KMS_ERR_VALIDATION); /* URL-safe alphabet */
+    assert_int_equal(b64_decode_rc("Zm\xc3\xa9"), KMS_ERR_VALIDATION);
+    assert_int_equal(b64_decode_rc("+/8="), KMS_OK); /* the same bytes, standard */
+}
+
+static void test_b64_decode_padding_misplaced(void **state)
+{
+    (void)state;
+    /* '=' in the middle */
+    assert_int_equal(b64_decode_rc("Zg==Zg=="), KMS_ERR_VALIDATION);
+    assert_int_equal(b64_decode_rc("Z=g="), KMS_ERR_VALIDATION);
+    assert_int_equal(b64_decode_rc("Zm=v"), KMS_ERR_VALIDATION);
+    /* a third '=' */
+    assert_int_equal(b64_decode_rc("Z==="), KMS_ERR_VALIDATION);
+    assert_int_equal(b64_decode_rc("===="), KMS_ERR_VALIDATION);
+    assert_int_equal(b64_decode_rc("Zm9vZ==="), KMS_ERR_VALIDATION);
+}
+
+static void test_b64_decode_nonzero_padding_bits(void **state)
+{
+    struct kms_buf out = KMS_BUF_INIT;
+    (void)state;
+
+    /* "f" is Zg==; Zh== carries the same byte with a stray bit in the padding. */
+    assert_int_equal(b64_decode_rc("Zh=="), KMS_ERR_VALIDATION);
+    assert_int_equal(b64_decode_rc("Zv=="), KMS_ERR_VALIDATION);
+    /* "fo" is Zm8=; Zm9= sets a low bit of the last character. */
+    assert_int_equal(b64_decode_rc("Zm9="), KMS_ERR_VALIDATION);
+    assert_int_equal(kms_b64_decode("Zg==", 4, &out), KMS_OK);
+    assert_int_equal(out.len, 1);
+    assert_int_equal(out.data[0], 'f');
+    kms_buf_free(&out);
+}
+
+static void test_b64_decode_nul_inside(void **state)
+{
+    static const char with_nul[8] = {'Z', 'm', '9', '\0', 'Y', 'g', '=', '='};
+    static const char nul_last[4] = {'Z', 'm', '9', '\0'};
+    struct kms_buf out = KMS_BUF_INIT;
+    (void)state;
+
+    assert_int_equal(kms_b64_decode(with_nul, sizeof with_nul, &out), KMS_ERR_VALIDATION);
+    kms_buf_free(&out);
+    assert_int_equal(kms_b64_decode(nul_last, sizeof nul_last, &out), KMS_ERR_VALIDATION);
+    kms_buf_free(&out);
+}
+
+static void test_b64_binary_round_trip(void **state)
+{
+    uint8_t all[256];
+    struct kms_buf enc = KMS_BUF_INIT, dec = KMS_BUF_INIT;
+    (void)state;
+
+    for (size_t i = 0; i < sizeof all; i++)
+        all[i] = (uint8_t)i;
+    /* every length up to 256, so each tail (0, 1 and 2 leftover bytes) is met */
+    for (size_t n = 0; n <= sizeof all; n++) {
+        assert_int_equal(kms_b64_encode(all, n, &enc), KMS_OK);
+        assert_int_equal(enc.len, (n + 2) / 3 * 4);
+        assert_int_equal(kms_b64_decode((const char *)enc.data, enc.len, &dec), KMS_OK);
+        assert_int_equal(dec.len, n);
+        if (n)
+            assert_memory_equal(dec.data, all, n);
+        kms_buf_free(&enc);
+        kms_buf_free(&dec);
+    }
+}
+
+/* ---- URL-safe base64 ------------------------------------------------------------ */
+
+static void test_b64url_vectors(void **state)
+{
+    static const uint8_t fbff[] = {0xfb, 0xff};
+    static const uint8_t fbefbe[] = {0xfb, 0xef, 0xbe};
+    struct kms_buf out = KMS_BUF_INIT;
+    (void)state;
+
+    /* RFC 4648 §10 strings, padding dropped */
+    for (size_t i = 0; i < N_ELEMS(rfc4648); i++) {
+        const char *b64 = rfc4648[i].b64;
+        size_t n = strcspn(b64, "=");
+        assert_int_equal(
+            kms_b64url_encode((const uint8_t *)rfc4648[i].plain, strlen(rfc4648[i].plain), &out),
+            KMS_OK);
+        assert_int_equal(out.len, n);
+        assert_memory_equal(out.data, b64, n);
+        kms_buf_free(&out);
+
+        assert_int_equal(kms_b64url_decode(b64, n, &out), KMS_OK);
+        assert_int_equal(out.len, strlen(rfc4648[i].plain));
+        if (out.len)
+            assert_memory_equal(out.data, rfc4648[i].plain, out.len);
+        kms_buf_free(&out);
+    }
+
+    /* the two characters that differ from the standard alphabet */
+    assert_int_equal(kms_b64url_encode(fbff, sizeof fbff, &out), KMS_OK);
+    assert_int_equal(out.len, 3);
+    assert_memory_equal(out.data, "-_8", 3);
+    kms_buf_free(&out);
+    assert_int_equal(kms_b64_encode(fbff, sizeof fbff, &out), KMS_OK);
+    assert_int_equal(out.len, 4);
+    assert_memory_equal(out.data, "+/8=", 4);
+    kms_buf_free(&out);
+
+    assert_int_equal(kms_b64url_encode(fbefbe, sizeof fbefbe, &out), KMS_OK);
+    assert_int_equal(out.len, 4);
+    assert_memory_equal(out.data, "----", 4);
+    kms_buf_free(&out);
+
+    assert_int_equal(kms_b64url_decode("-_8", 3, &out), KMS_OK);
+    assert_int_equal(out.len, sizeof fbff);
+    assert_memory_equal(out.data, fbff, sizeof fbff);
+    kms_buf_free(&out);
+}
+
+static void test_b64url_rejects(void **state)
+{
+    (void)state;
+    assert_int_equal(b64url_decode_rc("+_8"), KMS_ERR_VALIDATION);
+    assert_int_equal(b64url_decode_rc("-/8"), KMS_ERR_VALIDATION);
+    assert_int_equal(b64url_decode_rc("-_8="), KMS_ERR_VALIDATION);
+    assert_int_equal(b64url_decode_rc("Zg=="), KMS_ERR_VALIDATION);
+    assert_int_equal(b64url_decode_rc("Zm9vY"), KMS_ERR_VALIDATION); /* 4k+1 characters */
+    assert_int_equal(b64url_decode_rc("Z"), KMS_ERR_VALIDATION);
+    assert_int_equal(b64url_decode_rc("Zh"), KMS_ERR_VALIDATION); /* padding bits */
+    assert_int_equal(b64url_decode_rc("Zg"), KMS_OK);
+}
+
+static void test_b64url_binary_round_trip(void **state)
+{
+    uint8_t all[256];
+    struct kms_buf enc = KMS_BUF_INIT, dec = KMS_BUF_INIT;
+    (void)state;
+
+    for (size_t i = 0; i < sizeof all; i++)
+        all[i] = (uint8_t)(255 - i);
+    for (size_t n = 0; n <= sizeof all; n++) {
+        assert_int_equal(kms_b64url_encode(all, n, &enc), KMS_OK);
+        assert_int_equal(enc.len, (4 * n + 2) / 3);
+        assert_null(memchr(enc.data, '=', enc.len));
+        assert_null(memchr(enc.data, '+', enc.len));
+        assert_null(memchr(enc.data, '/', enc.len));
+        assert_int_equal(kms_b64url_decode((const char *)enc.data, enc.len, &dec), KMS_OK);
+        assert_int_equal(dec.len, n);
+        if (n)
+            assert_memory_equal(dec.data, all, n);
+        kms_buf_free(&enc);
+        kms_buf_free(&dec);
+    }
+}
+
+/* ---- hex ------------------------------------------------------------------------ */
+
+static void test_hex_encode(void **state)
+{
+    static const uint8_t in[] = {0x00, 0x01, 0x7f, 0x80, 0xab, 0xcd, 0xef, 0xff};
+    char out[2 * sizeof in + 1];
+    char empty[1] = {'x'};
+    (void)state;
+
+    memset(out, 'x', sizeof out);
+    kms_hex_encode(in, sizeof in, out);
+    assert_memory_equal(out, "00017f80abcdefff", sizeof out); /* includes the NUL */
+    kms_hex_encode(in, 0, empty);
+    assert_int_equal(empty[0], '\0');
+}
+
+/* ---- UUIDs ---------------------------------------------------------------------- */
+
+static void test_uuid_new(void **state)
+{
+    uint8_t a[KMS_UUID_LEN], b[KMS_UUID_LEN];
+    (void)state;
+
+    for (int i = 0; i < 64; i++) {
+        assert_int_equal(kms_uuid_new(a), KMS_OK);
+        assert_int_equal(a[6] >> 4, 4);      /* version 4 */
+        assert_int_equal(a[8] & 0xc0, 0x80); /* variant 10 */
+    }
+    assert_int_equal(kms_uuid_new(b), KMS_OK);
+    assert_memory_not_equal(a, b, sizeof a);
+}
+
+static void test_uuid_format_parse(void **state)
+{
+    static const uint8_t id[KMS_UUID_LEN] = {0x00, 0x11, 0x22, 0x33, 0x44, 0x55, 0x66, 0x77,
+                                             0x88, 0x99, 0xaa, 0xbb, 0xcc, 0xdd, 0xee, 0xff};
+    static const char text[] = "00112233-4455-6677-8899-aabbccddeeff";
+    char out[KMS_UUID_TEXT_LEN + 1];
+    uint8_t back[KMS_UUID_LEN];
+    (void)state;
+
+    memset(out, 'x', sizeof out);
+    kms_uuid_format(id, out);
+    assert_memory_equal(out, text, sizeof text);
+    assert_int_equal(kms_uuid_parse(out, KMS_UUID_TEXT_LEN, back), KMS_OK);
+    assert_memory_equal(back, id, sizeof id);
+
+    /* upper case is accepted too */
+    memset(back, 0, sizeof back);
+    assert_int_equal(kms_uuid_parse("00112233-4455-6677-8899-AABBCCDDEEFF", 36, back), KMS_OK);
+    assert_memory_equal(back, id, sizeof id);
+
+    /* and a fresh random one survives the trip */
+    uint8_t fresh[KMS_UUID_LEN];
+    assert_int_equal(kms_uuid_new(fresh), KMS_OK);
+    kms_uuid_format(fresh, out);
+    assert_int_equal(strlen(out), KMS_UUID_TEXT_LEN);
+    assert_int_equal(kms_uuid_parse(out, strlen(out), back), KMS_OK);
+    assert_memory_equal(back, fresh, sizeof fresh);
+}
+
+static void test_uuid_parse_rejects(void **state)
+{
+    static const char good[] = "00112233-4455-6677-8899-aabbccddeeff";
+    char bad[64];
+    uint8_t out[KMS_UUID_LEN];
+    (void)state;
+
+    /* wrong length, the same text cut short or made longer */
+    assert_int_equal(kms_uuid_parse(good, 35, out), KMS_ERR_NOT_FOUND);
+    assert_int_equal(kms_uuid_parse("00112233-4455-6677-8899-aabbccddeeff0", 37, out),
+                     KMS_ERR_NOT_FOUND);
+    assert_int_equal(kms_uuid_parse("", 0, out), KMS_ERR_NOT_FOUND);
+    assert_int_equal(kms_uuid_parse("00112233445566778899aabbccddeeff", 32, out),
+                     KMS_ERR_NOT_FOUND);
+
+    /* each dash replaced by a hex digit, length still 36 */
+    static const size_t dashes[] = {8, 13, 18, 23};
+    for (size_t i = 0; i < N_ELEMS(dashes); i++) {
+        memcpy(bad, good, sizeof good);
+        bad[dashes[i]] = '0';
+        assert_int_equal(kms_uuid_parse(bad, 36, out), KMS_ERR_NOT_FOUND);
+    }
+    /* dashes in the wrong places */
+    assert_int_equal(kms_uuid_parse("0011223-34455-6677-8899-aabbccddeeff", 36, out),
+                     KMS_ERR_NOT_FOUND);
+
+    /* a non-hex character at every digit position, both nibbles */
+    for (size_t i = 0; i < 36; i++) {
+        if (i == 8 || i == 13 || i == 18 || i == 23)
+            continue;
+        memcpy(bad, good, sizeof good);
+        bad[i] = 'g';
+        assert_int_equal(kms_uuid_parse(bad, 36, out), KMS_ERR_NOT_FOUND);
+        bad[i] = '-';
+        assert_int_equal(kms_uuid_parse(bad, 36, out), KMS_ERR_NOT_FOUND);
+    }
+}
+
+int main(void)
+{
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_b64_encode_rfc4648),
+        cmocka_unit_test(test_b64_decode_rfc4648),
+        cmocka_unit_test(test_b64_decode_bad_length),
+        cmocka_unit_test(test_b64_decode_bad_characters),
+        cmocka_unit_test(test_b64_decode_padding_misplaced),
+        cmocka_unit_test(test_b64_decode_nonzero_padding_bits),
+        cmocka_unit_test(test_b64_decode_nul_inside),
+        cmocka_unit_test(test_b64_binary_round_trip),
+        cmocka_unit_test(test_b64url_vectors),
+        cmocka_unit_test(test_b64url_rejects),
+        cmocka_unit_test(test_b64url_binary_round_trip),
+        cmocka_unit_test(test_hex_encode),
+        cmocka_unit_test(test_uuid_new),
+        cmocka_unit_test(test_uuid_format_parse),
+        cmocka_unit_test(test_uuid_parse_rejects),
+    };
+    return cmocka_run_group_tests(tests, NULL, NULL);
+}
