@@ -30,7 +30,8 @@ kms_err kms_blob_decode(const uint8_t *p, size_t n, struct kms_blob *out)
         kms_read_u32be(&r, &out->key_version) != KMS_OK ||
         kms_read_bytes(&r, KMS_GCM_IV_LEN, &out->iv) != KMS_OK)
         return KMS_FAIL(KMS_ERR_INVALID_CIPHERTEXT, "The ciphertext is too short");
-    KMS_ENSURE(out->key_version != 0, KMS_ERR_INVALID_CIPHERTEXT, "The ciphertext names no key version");
+    KMS_ENSURE(out->key_version != 0, KMS_ERR_INVALID_CIPHERTEXT,
+               "The ciphertext names no key version");
     memcpy(out->key_id, id, KMS_UUID_LEN);
     out->ciphertext = r.p;
     out->ciphertext_len = r.left - KMS_GCM_TAG_LEN;

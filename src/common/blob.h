@@ -27,11 +27,11 @@
 struct kms_blob {
     uint8_t key_id[KMS_UUID_LEN];
     uint32_t key_version;
-    const uint8_t *header;      /* KMS_BLOB_HEADER_LEN bytes */
-    const uint8_t *iv;          /* KMS_GCM_IV_LEN bytes */
-    const uint8_t *ciphertext;  /* ciphertext_len bytes, followed by the tag */
+    const uint8_t *header;     /* KMS_BLOB_HEADER_LEN bytes */
+    const uint8_t *iv;         /* KMS_GCM_IV_LEN bytes */
+    const uint8_t *ciphertext; /* ciphertext_len bytes, followed by the tag */
     size_t ciphertext_len;
-    const uint8_t *tag;         /* KMS_GCM_TAG_LEN bytes */
+    const uint8_t *tag; /* KMS_GCM_TAG_LEN bytes */
 };
 
 /* Writes the header for a key version into out. */
@@ -41,8 +41,7 @@ void kms_blob_header(const uint8_t key_id[KMS_UUID_LEN], uint32_t key_version,
 KMS_MUST_CHECK kms_err kms_blob_decode(const uint8_t *p, size_t n, struct kms_blob *out);
 /* AAD = header || canonical context. */
 KMS_MUST_CHECK kms_err kms_blob_aad(const uint8_t header[KMS_BLOB_HEADER_LEN],
-                                    const struct kms_buf *canonical_context,
-                                    struct kms_buf *out);
+                                    const struct kms_buf *canonical_context, struct kms_buf *out);
 
 /* One encryption-context pair; neither string need be NUL-terminated. */
 struct kms_context_pair {

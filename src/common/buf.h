@@ -19,7 +19,10 @@ struct kms_buf {
     size_t cap;
 };
 
-#define KMS_BUF_INIT {NULL, 0, 0}
+#define KMS_BUF_INIT \
+    {                \
+        NULL, 0, 0   \
+    }
 
 KMS_MUST_CHECK kms_err kms_buf_reserve(struct kms_buf *b, size_t extra);
 KMS_MUST_CHECK kms_err kms_buf_append(struct kms_buf *b, const void *p, size_t n);

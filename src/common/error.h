@@ -12,30 +12,30 @@
 
 typedef enum kms_err {
     KMS_OK = 0,
-    KMS_ERR_VALIDATION,          /* ValidationException 400 */
-    KMS_ERR_SERIALIZATION,       /* SerializationException 400: body is not the JSON we expect */
-    KMS_ERR_NOT_FOUND,           /* NotFoundException 404 */
-    KMS_ERR_ALREADY_EXISTS,      /* AlreadyExistsException 409 */
-    KMS_ERR_DISABLED,            /* DisabledException 409 */
-    KMS_ERR_INVALID_STATE,       /* KMSInvalidStateException 409 */
-    KMS_ERR_INVALID_CIPHERTEXT,  /* InvalidCiphertextException 400 */
-    KMS_ERR_INCORRECT_KEY,       /* IncorrectKeyException 400 */
-    KMS_ERR_INVALID_ALIAS,       /* InvalidAliasNameException 400 */
-    KMS_ERR_INVALID_ARN,         /* InvalidArnException 400 */
-    KMS_ERR_INVALID_KEY_USAGE,   /* InvalidKeyUsageException 400 */
-    KMS_ERR_LIMIT_EXCEEDED,      /* LimitExceededException 400 */
-    KMS_ERR_UNSUPPORTED,         /* UnsupportedOperationException 400 */
-    KMS_ERR_UNKNOWN_OPERATION,   /* UnknownOperationException 400 */
-    KMS_ERR_ACCESS_DENIED,       /* AccessDeniedException 400 */
-    KMS_ERR_MISSING_AUTH,        /* MissingAuthenticationTokenException 400 */
-    KMS_ERR_INCOMPLETE_SIGNATURE,/* IncompleteSignatureException 400 */
-    KMS_ERR_INVALID_SIGNATURE,   /* InvalidSignatureException 400 */
-    KMS_ERR_UNRECOGNIZED_CLIENT, /* UnrecognizedClientException 400 */
-    KMS_ERR_TOO_LARGE,           /* ValidationException 413: request body over the limit */
-    KMS_ERR_THROTTLED,           /* ThrottlingException 429 */
-    KMS_ERR_INTERNAL,            /* KMSInternalException 500 */
-    KMS_ERR_KEY_UNAVAILABLE,     /* KeyUnavailableException 500 */
-    KMS_ERR_DEPENDENCY_TIMEOUT,  /* DependencyTimeoutException 503 */
+    KMS_ERR_VALIDATION,           /* ValidationException 400 */
+    KMS_ERR_SERIALIZATION,        /* SerializationException 400: body is not the JSON we expect */
+    KMS_ERR_NOT_FOUND,            /* NotFoundException 404 */
+    KMS_ERR_ALREADY_EXISTS,       /* AlreadyExistsException 409 */
+    KMS_ERR_DISABLED,             /* DisabledException 409 */
+    KMS_ERR_INVALID_STATE,        /* KMSInvalidStateException 409 */
+    KMS_ERR_INVALID_CIPHERTEXT,   /* InvalidCiphertextException 400 */
+    KMS_ERR_INCORRECT_KEY,        /* IncorrectKeyException 400 */
+    KMS_ERR_INVALID_ALIAS,        /* InvalidAliasNameException 400 */
+    KMS_ERR_INVALID_ARN,          /* InvalidArnException 400 */
+    KMS_ERR_INVALID_KEY_USAGE,    /* InvalidKeyUsageException 400 */
+    KMS_ERR_LIMIT_EXCEEDED,       /* LimitExceededException 400 */
+    KMS_ERR_UNSUPPORTED,          /* UnsupportedOperationException 400 */
+    KMS_ERR_UNKNOWN_OPERATION,    /* UnknownOperationException 400 */
+    KMS_ERR_ACCESS_DENIED,        /* AccessDeniedException 400 */
+    KMS_ERR_MISSING_AUTH,         /* MissingAuthenticationTokenException 400 */
+    KMS_ERR_INCOMPLETE_SIGNATURE, /* IncompleteSignatureException 400 */
+    KMS_ERR_INVALID_SIGNATURE,    /* InvalidSignatureException 400 */
+    KMS_ERR_UNRECOGNIZED_CLIENT,  /* UnrecognizedClientException 400 */
+    KMS_ERR_TOO_LARGE,            /* ValidationException 413: request body over the limit */
+    KMS_ERR_THROTTLED,            /* ThrottlingException 429 */
+    KMS_ERR_INTERNAL,             /* KMSInternalException 500 */
+    KMS_ERR_KEY_UNAVAILABLE,      /* KeyUnavailableException 500 */
+    KMS_ERR_DEPENDENCY_TIMEOUT,   /* DependencyTimeoutException 503 */
     KMS_ERR_COUNT
 } kms_err;
 
@@ -67,9 +67,9 @@ const char *kms_err_where(void);
     } while (0)
 
 /* Fail with code e and a message when cond does not hold. */
-#define KMS_ENSURE(cond, e, ...)              \
-    do {                                      \
-        if (!(cond))                          \
+#define KMS_ENSURE(cond, e, ...)               \
+    do {                                       \
+        if (!(cond))                           \
             return KMS_FAIL((e), __VA_ARGS__); \
     } while (0)
 

@@ -72,7 +72,8 @@ kms_err kms_sigv4_parse_auth(const char *header, struct kms_sigv4_auth *out)
                KMS_ERR_INCOMPLETE_SIGNATURE, "Credential is malformed");
     KMS_ENSURE((size_t)(cred + cred_len - slash[3] - 1) == strlen("aws4_request") &&
                    memcmp(slash[3] + 1, "aws4_request", 12) == 0,
-               KMS_ERR_INCOMPLETE_SIGNATURE, "Credential should be scoped with a valid terminator: 'aws4_request'");
+               KMS_ERR_INCOMPLETE_SIGNATURE,
+               "Credential should be scoped with a valid terminator: 'aws4_request'");
     for (size_t i = 0; i < 8; i++)
         KMS_ENSURE(isdigit((unsigned char)out->date[i]), KMS_ERR_INCOMPLETE_SIGNATURE,
                    "Credential date is malformed");
@@ -84,7 +85,8 @@ kms_err kms_sigv4_uri_encode(const char *s, size_t n, int keep_slash, struct kms
     static const char hex[] = "0123456789ABCDEF";
     for (size_t i = 0; i < n; i++) {
         unsigned char c = (unsigned char)s[i];
-        if (isalnum(c) || c == '-' || c == '_' || c == '.' || c == '~' || (keep_slash && c == '/')) {
+        if (isalnum(c) || c == '-' || c == '_' || c == '.' || c == '~' ||
+            (keep_slash && c == '/')) {
             KMS_GUARD(kms_buf_append_u8(out, c));
         } else {
             char e[3] = {'%', hex[c >> 4], hex[c & 15]};
@@ -167,7 +169,8 @@ static kms_err append_header(struct kms_buf *out, const char *name, size_t name_
         KMS_GUARD(kms_buf_append_u8(out, (uint8_t)tolower((unsigned char)name[i])));
     KMS_GUARD(kms_buf_append_u8(out, ':'));
     for (size_t i = 0; i < n; i++) {
-        if (strlen(headers[i].name) != name_len || strncasecmp(headers[i].name, name, name_len) != 0)
+        if (strlen(headers[i].name) != name_len ||
+            strncasecmp(headers[i].name, name, name_len) != 0)
             continue;
         if (found++)
             KMS_GUARD(kms_buf_append_u8(out, ','));

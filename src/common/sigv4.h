@@ -31,17 +31,17 @@ struct kms_query_param {
 struct kms_sigv4_auth {
     const char *access_key;
     size_t access_key_len;
-    const char *date;          /* YYYYMMDD */
+    const char *date; /* YYYYMMDD */
     size_t date_len;
     const char *region;
     size_t region_len;
     const char *service;
     size_t service_len;
-    const char *scope;         /* date/region/service/aws4_request */
+    const char *scope; /* date/region/service/aws4_request */
     size_t scope_len;
     const char *signed_headers; /* lower-case names joined by ';' */
     size_t signed_headers_len;
-    const char *signature;     /* 64 hex digits */
+    const char *signature; /* 64 hex digits */
     size_t signature_len;
 };
 
@@ -63,11 +63,9 @@ KMS_MUST_CHECK kms_err kms_sigv4_uri_encode(const char *s, size_t n, int keep_sl
  * path is the decoded path ("/" when empty).
  */
 KMS_MUST_CHECK kms_err kms_sigv4_canonical_request(
-    const char *method, const char *path,
-    const struct kms_query_param *query, size_t nquery,
-    const struct kms_header *headers, size_t nheaders,
-    const char *signed_headers, size_t signed_headers_len,
-    const char *payload_hash_hex, struct kms_buf *out);
+    const char *method, const char *path, const struct kms_query_param *query, size_t nquery,
+    const struct kms_header *headers, size_t nheaders, const char *signed_headers,
+    size_t signed_headers_len, const char *payload_hash_hex, struct kms_buf *out);
 
 /* "AWS4-HMAC-SHA256\n<amz_date>\n<scope>\n<hex sha256 of canonical request>". */
 KMS_MUST_CHECK kms_err kms_sigv4_string_to_sign(const char *amz_date, const char *scope,

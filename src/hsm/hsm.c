@@ -42,38 +42,31 @@ kms_err kms_hsm_fail(CK_RV rv, const char *what, const char *file, int line)
     case CKR_SESSION_HANDLE_INVALID:
     case CKR_SESSION_CLOSED:
     case CKR_USER_NOT_LOGGED_IN:
-    case CKR_CRYPTOKI_NOT_INITIALIZED:
-        e = KMS_ERR_KEY_UNAVAILABLE;
-        break;
+    case CKR_CRYPTOKI_NOT_INITIALIZED: e = KMS_ERR_KEY_UNAVAILABLE; break;
     case CKR_KEY_HANDLE_INVALID:
-    case CKR_OBJECT_HANDLE_INVALID:
-        e = KMS_ERR_KEY_UNAVAILABLE;
-        break;
-    default:
-        e = KMS_ERR_INTERNAL;
-        break;
+    case CKR_OBJECT_HANDLE_INVALID: e = KMS_ERR_KEY_UNAVAILABLE; break;
+    default: e = KMS_ERR_INTERNAL; break;
     }
-    kms_error("%s failed: %s (0x%lx) at %s:%d", what, p11_kit_strerror(rv), (unsigned long)rv,
-              file, line);
+    kms_error("%s failed: %s (0x%lx) at %s:%d", what, p11_kit_strerror(rv), (unsigned long)rv, file,
+              line);
     return kms_err_set(e, file, line, "The key store could not complete the request");
 }
 
 static int session_fault(CK_RV rv)
 {
-    return rv == CKR_SESSION_HANDLE_INVALID || rv == CKR_SESSION_CLOSED ||
-           rv == CKR_DEVICE_ERROR || rv == CKR_DEVICE_REMOVED || rv == CKR_TOKEN_NOT_PRESENT ||
-           rv == CKR_USER_NOT_LOGGED_IN;
+    return rv == CKR_SESSION_HANDLE_INVALID || rv == CKR_SESSION_CLOSED || rv == CKR_DEVICE_ERROR ||
+           rv == CKR_DEVICE_REMOVED || rv == CKR_TOKEN_NOT_PRESENT || rv == CKR_USER_NOT_LOGGED_IN;
 }
 
 /* Marks the session for reopening when rv says it is gone, then maps rv. */
-#define SESSION_CKR(s, rv, what)                                          \
-    do {                                                                  \
-        CK_RV ckr_ = (rv);                                                \
-        if (ckr_ != CKR_OK) {                                             \
-            if (session_fault(ckr_))                                      \
-                (s)->broken = 1;                                          \
-            return kms_hsm_fail(ckr_, (what), __FILE__, __LINE__);        \
-        }                                                                 \
+#define SESSION_CKR(s, rv, what)                                   \
+    do {                                                           \
+        CK_RV ckr_ = (rv);                                         \
+        if (ckr_ != CKR_OK) {                                      \
+            if (session_fault(ckr_))                               \
+                (s)->broken = 1;                                   \
+            return kms_hsm_fail(ckr_, (what), __FILE__, __LINE__); \
+        }                                                          \
     } while (0)
 
 static kms_err load_module(const char *path, CK_FUNCTION_LIST **out)
@@ -137,9 +130,9 @@ static kms_err find_slot(CK_FUNCTION_LIST *fn, const char *token, CK_SLOT_ID *ou
 
 static kms_err open_session(struct kms_hsm *hsm, CK_SESSION_HANDLE *out)
 {
-    KMS_GUARD_CKR(hsm->fn->C_OpenSession(hsm->slot, CKF_SERIAL_SESSION | CKF_RW_SESSION, NULL,
-                                         NULL, out),
-                  "C_OpenSession");
+    KMS_GUARD_CKR(
+        hsm->fn->C_OpenSession(hsm->slot, CKF_SERIAL_SESSION | CKF_RW_SESSION, NULL, NULL, out),
+        "C_OpenSession");
     return KMS_OK;
 }
 
@@ -227,7 +220,8 @@ int kms_hsm_ready(struct kms_hsm *hsm)
     if (kms_hsm_acquire(hsm, &s) != KMS_OK)
         return 0;
     CK_RV rv = hsm->fn->C_GetSessionInfo(s->handle, &info);
-    ok = rv == CKR_OK && (info.state == CKS_RW_USER_FUNCTIONS || info.state == CKS_RO_USER_FUNCTIONS);
+    ok = rv == CKR_OK &&
+         (info.state == CKS_RW_USER_FUNCTIONS || info.state == CKS_RO_USER_FUNCTIONS);
     if (rv != CKR_OK && session_fault(rv))
         s->broken = 1;
     kms_hsm_release(s);
@@ -303,25 +297,18 @@ kms_err kms_hsm_generate_aes(struct kms_session *s, const uint8_t *id, size_t id
     CK_ULONG len = 32;
     CK_BBOOL yes = CK_TRUE, no = CK_FALSE;
     CK_ATTRIBUTE tmpl[] = {
-        {CKA_CLASS, &cls, sizeof cls},
-        {CKA_KEY_TYPE, &kt, sizeof kt},
-        {CKA_VALUE_LEN, &len, sizeof len},
-        {CKA_TOKEN, &yes, sizeof yes},
-        {CKA_PRIVATE, &yes, sizeof yes},
-        {CKA_SENSITIVE, &yes, sizeof yes},
-        {CKA_EXTRACTABLE, &no, sizeof no},
-        {CKA_ENCRYPT, &yes, sizeof yes},
-        {CKA_DECRYPT, &yes, sizeof yes},
-        {CKA_WRAP, &no, sizeof no},
-        {CKA_UNWRAP, &no, sizeof no},
-        {CKA_SIGN, &no, sizeof no},
-        {CKA_VERIFY, &no, sizeof no},
-        {CKA_DERIVE, &no, sizeof no},
-        {CKA_ID, (void *)id, id_len},
-        {CKA_LABEL, (void *)label, strlen(label)},
+        {CKA_CLASS, &cls, sizeof cls},     {CKA_KEY_TYPE, &kt, sizeof kt},
+        {CKA_VALUE_LEN, &len, sizeof len}, {CKA_TOKEN, &yes, sizeof yes},
+        {CKA_PRIVATE, &yes, sizeof yes},   {CKA_SENSITIVE, &yes, sizeof yes},
+        {CKA_EXTRACTABLE, &no, sizeof no}, {CKA_ENCRYPT, &yes, sizeof yes},
+        {CKA_DECRYPT, &yes, sizeof yes},   {CKA_WRAP, &no, sizeof no},
+        {CKA_UNWRAP, &no, sizeof no},      {CKA_SIGN, &no, sizeof no},
+        {CKA_VERIFY, &no, sizeof no},      {CKA_DERIVE, &no, sizeof no},
+        {CKA_ID, (void *)id, id_len},      {CKA_LABEL, (void *)label, strlen(label)},
     };
-    SESSION_CKR(s, s->hsm->fn->C_GenerateKey(s->handle, &mech, tmpl, sizeof tmpl / sizeof tmpl[0], out),
-                "C_GenerateKey");
+    SESSION_CKR(
+        s, s->hsm->fn->C_GenerateKey(s->handle, &mech, tmpl, sizeof tmpl / sizeof tmpl[0], out),
+        "C_GenerateKey");
     return KMS_OK;
 }
 
@@ -488,7 +475,8 @@ kms_err kms_hsm_init_token(const char *module, const char *label, const char *so
     rv = fn->C_GetSlotList(CK_TRUE, slots, &n);
     for (CK_ULONG i = 0; rv == CKR_OK && i < n && !found; i++) {
         CK_TOKEN_INFO info;
-        if (fn->C_GetTokenInfo(slots[i], &info) == CKR_OK && !(info.flags & CKF_TOKEN_INITIALIZED)) {
+        if (fn->C_GetTokenInfo(slots[i], &info) == CKR_OK &&
+            !(info.flags & CKF_TOKEN_INITIALIZED)) {
             slot = slots[i];
             found = 1;
         }

@@ -13,10 +13,10 @@
 #include "common/buf.h"
 
 struct kms_hsm_config {
-    const char *module;   /* module path, or a name p11-kit resolves */
-    const char *token;    /* token label, or an RFC 7512 "pkcs11:" URI */
-    const char *pin;      /* user PIN; copied, the caller wipes its own */
-    unsigned sessions;    /* pool size, at least 1 */
+    const char *module; /* module path, or a name p11-kit resolves */
+    const char *token;  /* token label, or an RFC 7512 "pkcs11:" URI */
+    const char *pin;    /* user PIN; copied, the caller wipes its own */
+    unsigned sessions;  /* pool size, at least 1 */
     unsigned acquire_timeout_ms;
 };
 
@@ -25,7 +25,7 @@ struct kms_hsm;
 struct kms_session {
     CK_SESSION_HANDLE handle;
     struct kms_hsm *hsm;
-    int broken;           /* a session-level fault: reopen before reuse */
+    int broken; /* a session-level fault: reopen before reuse */
 };
 
 KMS_MUST_CHECK kms_err kms_hsm_open(const struct kms_hsm_config *cfg, struct kms_hsm **out);
@@ -75,16 +75,16 @@ KMS_MUST_CHECK kms_err kms_hsm_get_bytes(struct kms_session *s, CK_OBJECT_HANDLE
  * label, SO PIN and user PIN. For development mode; the module is loaded,
  * used and released here.
  */
-KMS_MUST_CHECK kms_err kms_hsm_init_token(const char *module, const char *label,
-                                          const char *so_pin, const char *user_pin);
+KMS_MUST_CHECK kms_err kms_hsm_init_token(const char *module, const char *label, const char *so_pin,
+                                          const char *user_pin);
 
 /* Maps a CK_RV to our error, logging its name with what was being done. */
 kms_err kms_hsm_fail(CK_RV rv, const char *what, const char *file, int line);
-#define KMS_GUARD_CKR(rv, what)                                          \
-    do {                                                                 \
-        CK_RV kms_ckr_ = (rv);                                           \
-        if (kms_ckr_ != CKR_OK)                                          \
-            return kms_hsm_fail(kms_ckr_, (what), __FILE__, __LINE__);   \
+#define KMS_GUARD_CKR(rv, what)                                        \
+    do {                                                               \
+        CK_RV kms_ckr_ = (rv);                                         \
+        if (kms_ckr_ != CKR_OK)                                        \
+            return kms_hsm_fail(kms_ckr_, (what), __FILE__, __LINE__); \
     } while (0)
 
 #endif

@@ -74,12 +74,9 @@ static int64_t now_seconds(void)
 const char *kms_key_state_name(enum kms_key_state s)
 {
     switch (s) {
-    case KMS_KEY_ENABLED:
-        return "Enabled";
-    case KMS_KEY_DISABLED:
-        return "Disabled";
-    case KMS_KEY_PENDING_DELETION:
-        return "PendingDeletion";
+    case KMS_KEY_ENABLED: return "Enabled";
+    case KMS_KEY_DISABLED: return "Disabled";
+    case KMS_KEY_PENDING_DELETION: return "PendingDeletion";
     }
     return "Unavailable";
 }
@@ -225,18 +222,19 @@ static kms_err meta_encode(const struct key *k, struct kms_buf *out)
     kms_err rc = KMS_OK;
 
     for (size_t i = 0; i < k->nversions; i++)
-        json_array_append_new(versions, json_pack("{s:I, s:I}", "v", (json_int_t)k->versions[i].number,
-                                                  "created", (json_int_t)k->versions[i].created));
+        json_array_append_new(versions,
+                              json_pack("{s:I, s:I}", "v", (json_int_t)k->versions[i].number,
+                                        "created", (json_int_t)k->versions[i].created));
     for (size_t i = 0; i < k->naliases; i++)
         json_array_append_new(aliases, json_pack("{s:s, s:I, s:I}", "name", k->aliases[i].name,
                                                  "created", (json_int_t)k->aliases[i].created,
                                                  "updated", (json_int_t)k->aliases[i].updated));
-    root = json_pack("{s:i, s:s, s:I, s:I, s:s, s:s, s:s, s:s, s:I, s:o, s:o}",
-                     "format", 1, "id", k->id_text, "gen", (json_int_t)k->generation,
-                     "created", (json_int_t)k->created, "description", k->description ? k->description : "",
-                     "state", kms_key_state_name(k->state), "usage", "ENCRYPT_DECRYPT",
-                     "spec", "SYMMETRIC_DEFAULT", "current", (json_int_t)k->current,
-                     "versions", versions, "aliases", aliases);
+    root = json_pack("{s:i, s:s, s:I, s:I, s:s, s:s, s:s, s:s, s:I, s:o, s:o}", "format", 1, "id",
+                     k->id_text, "gen", (json_int_t)k->generation, "created",
+                     (json_int_t)k->created, "description", k->description ? k->description : "",
+                     "state", kms_key_state_name(k->state), "usage", "ENCRYPT_DECRYPT", "spec",
+                     "SYMMETRIC_DEFAULT", "current", (json_int_t)k->current, "versions", versions,
+                     "aliases", aliases);
     KMS_ENSURE(root != NULL, KMS_ERR_INTERNAL, "cannot encode key metadata");
     rc = kms_json_dump(root, JSON_SORT_KEYS, out);
     json_decref(root);
@@ -471,7 +469,8 @@ void kms_key_info_clear(struct kms_key_info *info)
     memset(info, 0, sizeof *info);
 }
 
-static kms_err info_copy_locked(struct kms_keystore *ks, const struct key *k, struct kms_key_info *out)
+static kms_err info_copy_locked(struct kms_keystore *ks, const struct key *k,
+                                struct kms_key_info *out)
 {
     kms_key_info_clear(out);
     memcpy(out->id, k->id, KMS_UUID_LEN);
@@ -495,8 +494,8 @@ static kms_err resolve_locked(struct kms_keystore *ks, const char *ref, int allo
 
     KMS_ENSURE(ref && *ref, KMS_ERR_VALIDATION, "KeyId is required");
     if (strncmp(ref, "arn:", 4) == 0) {
-        KMS_ENSURE(strncmp(ref, "arn:aws:kms:", 12) == 0, KMS_ERR_INVALID_ARN,
-                   "Invalid arn %.256s", ref);
+        KMS_ENSURE(strncmp(ref, "arn:aws:kms:", 12) == 0, KMS_ERR_INVALID_ARN, "Invalid arn %.256s",
+                   ref);
         KMS_ENSURE(strncmp(ref, ks->arn_prefix, plen) == 0, KMS_ERR_NOT_FOUND,
                    "Key '%.256s' does not exist", ref);
         rest = ref + plen;
@@ -647,8 +646,7 @@ kms_err kms_keystore_create_key(struct kms_keystore *ks, const char *description
 kms_err kms_alias_name_check(const char *name)
 {
     size_t n = strlen(name);
-    KMS_ENSURE(n >= 7 && n <= KMS_ALIAS_MAX && strncmp(name, "alias/", 6) == 0,
-               KMS_ERR_VALIDATION,
+    KMS_ENSURE(n >= 7 && n <= KMS_ALIAS_MAX && strncmp(name, "alias/", 6) == 0, KMS_ERR_VALIDATION,
                "AliasName must begin with 'alias/' and be at most 256 characters");
     KMS_ENSURE(strncmp(name, "alias/aws/", 10) != 0, KMS_ERR_INVALID_ALIAS,
                "Alias names beginning with 'alias/aws/' are reserved");
@@ -767,7 +765,8 @@ static kms_err version_handle_locked(struct kms_keystore *ks, const struct key *
             return KMS_OK;
         }
     }
-    return KMS_FAIL(KMS_ERR_INVALID_CIPHERTEXT, "The ciphertext names a key version that does not exist");
+    return KMS_FAIL(KMS_ERR_INVALID_CIPHERTEXT,
+                    "The ciphertext names a key version that does not exist");
 }
 
 kms_err kms_keystore_encrypt(struct kms_keystore *ks, const char *ref,
@@ -839,8 +838,8 @@ kms_err kms_keystore_decrypt(struct kms_keystore *ks, const uint8_t *p, size_t n
             rc = KMS_FAIL(KMS_ERR_INVALID_CIPHERTEXT,
                           "The ciphertext refers to a customer master key that does not exist");
         else if (expected && expected != k)
-            rc = KMS_FAIL(KMS_ERR_INCORRECT_KEY,
-                          "The key ID in the request does not identify the key that encrypted the ciphertext");
+            rc = KMS_FAIL(KMS_ERR_INCORRECT_KEY, "The key ID in the request does not identify the "
+                                                 "key that encrypted the ciphertext");
     }
     if (rc == KMS_OK)
         rc = usable_locked(ks, k);

@@ -22,7 +22,8 @@ struct fields {
     int overflow;
 };
 
-static enum MHD_Result collect(void *cls, enum MHD_ValueKind kind, const char *key, const char *value)
+static enum MHD_Result collect(void *cls, enum MHD_ValueKind kind, const char *key,
+                               const char *value)
 {
     struct fields *f = cls;
     if (kind == MHD_HEADER_KIND) {
@@ -90,7 +91,8 @@ kms_err kms_auth_verify(struct kms_server *srv, struct MHD_Connection *c, const 
     struct fields f;
     const char *authz = MHD_lookup_connection_value(c, MHD_HEADER_KIND, "Authorization");
     const char *amz_date = MHD_lookup_connection_value(c, MHD_HEADER_KIND, "X-Amz-Date");
-    const char *content_sha = MHD_lookup_connection_value(c, MHD_HEADER_KIND, "X-Amz-Content-Sha256");
+    const char *content_sha =
+        MHD_lookup_connection_value(c, MHD_HEADER_KIND, "X-Amz-Content-Sha256");
     const struct kms_principal *p;
     char payload_hash[KMS_SHA256_HEX_LEN + 1], signature[KMS_SHA256_HEX_LEN + 1];
     uint8_t key[KMS_SHA256_LEN];
@@ -123,7 +125,8 @@ kms_err kms_auth_verify(struct kms_server *srv, struct MHD_Connection *c, const 
     KMS_ENSURE(p != NULL, KMS_ERR_UNRECOGNIZED_CLIENT,
                "The security token included in the request is invalid.");
 
-    KMS_GUARD(kms_sha256_hex(body->data ? body->data : (const uint8_t *)"", body->len, payload_hash));
+    KMS_GUARD(
+        kms_sha256_hex(body->data ? body->data : (const uint8_t *)"", body->len, payload_hash));
     KMS_ENSURE(!content_sha || strcmp(content_sha, payload_hash) == 0, KMS_ERR_INVALID_SIGNATURE,
                "The provided 'x-amz-content-sha256' header does not match what was computed.");
 
@@ -133,7 +136,8 @@ kms_err kms_auth_verify(struct kms_server *srv, struct MHD_Connection *c, const 
     KMS_ENSURE(!f.overflow, KMS_ERR_VALIDATION, "The request has too many headers");
 
     rc = kms_sigv4_canonical_request(method, url, f.query, f.nquery, f.headers, f.nheaders,
-                                     auth.signed_headers, auth.signed_headers_len, payload_hash, &creq);
+                                     auth.signed_headers, auth.signed_headers_len, payload_hash,
+                                     &creq);
     if (rc == KMS_OK)
         rc = kms_sigv4_string_to_sign(amz_date, auth.scope, auth.scope_len, &creq, &sts);
     if (rc == KMS_OK)
@@ -141,9 +145,8 @@ kms_err kms_auth_verify(struct kms_server *srv, struct MHD_Connection *c, const 
                                    auth.region_len, auth.service, auth.service_len, key);
     if (rc == KMS_OK)
         rc = kms_sigv4_signature(key, &sts, signature);
-    if (rc == KMS_OK &&
-        (auth.signature_len != KMS_SHA256_HEX_LEN ||
-         CRYPTO_memcmp(signature, auth.signature, KMS_SHA256_HEX_LEN) != 0))
+    if (rc == KMS_OK && (auth.signature_len != KMS_SHA256_HEX_LEN ||
+                         CRYPTO_memcmp(signature, auth.signature, KMS_SHA256_HEX_LEN) != 0))
         rc = KMS_FAIL(KMS_ERR_INVALID_SIGNATURE,
                       "The request signature we calculated does not match the signature you "
                       "provided. Check your AWS Secret Access Key and signing method.");

@@ -93,7 +93,8 @@ static enum MHD_Result send_text(struct MHD_Connection *c, unsigned status, cons
     return send_buf(c, status, &body, "text/plain", KMS_OK);
 }
 
-static enum MHD_Result serve_health(struct kms_server *srv, struct MHD_Connection *c, const char *url)
+static enum MHD_Result serve_health(struct kms_server *srv, struct MHD_Connection *c,
+                                    const char *url)
 {
     if (strcmp(url, "/healthz") == 0)
         return send_text(c, 200, "ok\n");
@@ -124,7 +125,8 @@ static kms_err pick_operation(struct MHD_Connection *c, kms_op_fn *op, const cha
 {
     const char *target = MHD_lookup_connection_value(c, MHD_HEADER_KIND, "X-Amz-Target");
     const char *type = MHD_lookup_connection_value(c, MHD_HEADER_KIND, "Content-Type");
-    KMS_ENSURE(target != NULL, KMS_ERR_UNKNOWN_OPERATION, "The request names no operation (X-Amz-Target)");
+    KMS_ENSURE(target != NULL, KMS_ERR_UNKNOWN_OPERATION,
+               "The request names no operation (X-Amz-Target)");
     KMS_ENSURE(strncmp(target, TARGET_PREFIX, sizeof TARGET_PREFIX - 1) == 0,
                KMS_ERR_UNKNOWN_OPERATION, "Unknown operation %.128s", target);
     *name = target + sizeof TARGET_PREFIX - 1;
@@ -176,7 +178,8 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *c, const cha
     struct req_state *st = *con_cls;
 
     if (!st) {
-        if (strcmp(method, "GET") == 0 && (strcmp(url, "/healthz") == 0 || strcmp(url, "/readyz") == 0))
+        if (strcmp(method, "GET") == 0 &&
+            (strcmp(url, "/healthz") == 0 || strcmp(url, "/readyz") == 0))
             return serve_health(srv, c, url);
         if (strcmp(method, "POST") != 0 || strcmp(url, "/") != 0) {
             kms_err_clear();
@@ -190,7 +193,8 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *c, const cha
         const char *cl = MHD_lookup_connection_value(c, MHD_HEADER_KIND, "Content-Length");
         if (cl && strtoull(cl, NULL, 10) > srv->cfg.max_body) {
             st->too_large = 1;
-            return send_error(c, KMS_FAIL(KMS_ERR_TOO_LARGE, "The request body is larger than %zu bytes",
+            return send_error(c, KMS_FAIL(KMS_ERR_TOO_LARGE,
+                                          "The request body is larger than %zu bytes",
                                           srv->cfg.max_body));
         }
         return MHD_YES;
@@ -207,8 +211,9 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *c, const cha
         return MHD_YES;
     }
     if (st->too_large)
-        return send_error(c, KMS_FAIL(KMS_ERR_TOO_LARGE, "The request body is larger than %zu bytes",
-                                      srv->cfg.max_body));
+        return send_error(c,
+                          KMS_FAIL(KMS_ERR_TOO_LARGE, "The request body is larger than %zu bytes",
+                                   srv->cfg.max_body));
     return serve_kms(srv, c, url, method, st);
 }
 
@@ -240,13 +245,10 @@ kms_err kms_http_start(struct kms_server *srv)
     if (ai->ai_family == AF_INET6)
         flags |= MHD_USE_IPv6;
     srv->daemon = MHD_start_daemon(
-        flags, (uint16_t)port, NULL, NULL, on_request, srv,
-        MHD_OPTION_SOCK_ADDR, ai->ai_addr,
-        MHD_OPTION_THREAD_POOL_SIZE, (unsigned int)srv->cfg.threads,
-        MHD_OPTION_CONNECTION_TIMEOUT, (unsigned int)30,
-        MHD_OPTION_CONNECTION_LIMIT, (unsigned int)1024,
-        MHD_OPTION_NOTIFY_COMPLETED, on_completed, srv,
-        MHD_OPTION_END);
+        flags, (uint16_t)port, NULL, NULL, on_request, srv, MHD_OPTION_SOCK_ADDR, ai->ai_addr,
+        MHD_OPTION_THREAD_POOL_SIZE, (unsigned int)srv->cfg.threads, MHD_OPTION_CONNECTION_TIMEOUT,
+        (unsigned int)30, MHD_OPTION_CONNECTION_LIMIT, (unsigned int)1024,
+        MHD_OPTION_NOTIFY_COMPLETED, on_completed, srv, MHD_OPTION_END);
     freeaddrinfo(ai);
     KMS_ENSURE(srv->daemon != NULL, KMS_ERR_INTERNAL, "cannot listen on %s", srv->cfg.listen);
     const union MHD_DaemonInfo *info = MHD_get_daemon_info(srv->daemon, MHD_DAEMON_INFO_BIND_PORT);

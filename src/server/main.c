@@ -19,22 +19,21 @@
 
 static void usage(FILE *f)
 {
-    fprintf(f,
-            "usage: p11kmsd --dev [--state-dir DIR] [--listen HOST:PORT] [options]\n"
-            "       p11kmsd --config FILE [--listen HOST:PORT] [options]\n"
-            "\n"
-            "  --dev              development mode: a SoftHSM2 token, a principal and the key\n"
-            "                     alias/dev in DIR, made on first start and reused after\n"
-            "  --state-dir DIR    development state folder (default $XDG_STATE_HOME/p11kms-dev\n"
-            "                     or ~/.local/state/p11kms-dev)\n"
-            "  --config FILE      configuration file (see docs/operations.md)\n"
-            "  --listen HOST:PORT address to serve on (port 0 picks a free port)\n"
-            "  --threads N        HTTP worker threads\n"
-            "  --verbose          log every request\n"
-            "  --version          print the version\n"
-            "\n"
-            "The token PIN comes from the configured pin_file or the P11KMS_PIN\n"
-            "environment variable, never from the command line.\n");
+    fprintf(f, "usage: p11kmsd --dev [--state-dir DIR] [--listen HOST:PORT] [options]\n"
+               "       p11kmsd --config FILE [--listen HOST:PORT] [options]\n"
+               "\n"
+               "  --dev              development mode: a SoftHSM2 token, a principal and the key\n"
+               "                     alias/dev in DIR, made on first start and reused after\n"
+               "  --state-dir DIR    development state folder (default $XDG_STATE_HOME/p11kms-dev\n"
+               "                     or ~/.local/state/p11kms-dev)\n"
+               "  --config FILE      configuration file (see docs/operations.md)\n"
+               "  --listen HOST:PORT address to serve on (port 0 picks a free port)\n"
+               "  --threads N        HTTP worker threads\n"
+               "  --verbose          log every request\n"
+               "  --version          print the version\n"
+               "\n"
+               "The token PIN comes from the configured pin_file or the P11KMS_PIN\n"
+               "environment variable, never from the command line.\n");
 }
 
 static char *default_state_dir(void)
@@ -124,7 +123,10 @@ int main(int argc, char **argv)
     while ((opt = getopt_long(argc, argv, "", options, NULL)) != -1) {
         switch (opt) {
         case 'd': dev = 1; break;
-        case 's': free(state_dir); state_dir = strdup(optarg); break;
+        case 's':
+            free(state_dir);
+            state_dir = strdup(optarg);
+            break;
         case 'c': config_file = optarg; break;
         case 'l': listen = optarg; break;
         case 't': threads = optarg; break;
@@ -158,7 +160,8 @@ int main(int argc, char **argv)
     if (rc == KMS_OK && dev) {
         if (!state_dir)
             state_dir = default_state_dir();
-        rc = state_dir ? kms_dev_prepare(state_dir, &srv.cfg) : KMS_FAIL(KMS_ERR_INTERNAL, "out of memory");
+        rc = state_dir ? kms_dev_prepare(state_dir, &srv.cfg)
+                       : KMS_FAIL(KMS_ERR_INTERNAL, "out of memory");
     }
     if (rc == KMS_OK)
         rc = start(&srv);

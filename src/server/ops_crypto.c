@@ -108,7 +108,8 @@ kms_err kms_op_encrypt(struct kms_request *r)
     if (rc == KMS_OK)
         rc = kms_keystore_encrypt(r->srv->ks, ref, &ctx, pt.data, pt.len, &blob, &k);
     if (rc == KMS_OK) {
-        r->out = json_pack("{s:s, s:s}", "KeyId", k.arn, "EncryptionAlgorithm", "SYMMETRIC_DEFAULT");
+        r->out =
+            json_pack("{s:s, s:s}", "KeyId", k.arn, "EncryptionAlgorithm", "SYMMETRIC_DEFAULT");
         if (!r->out)
             rc = KMS_FAIL(KMS_ERR_INTERNAL, "out of memory");
     }
@@ -140,7 +141,8 @@ kms_err kms_op_decrypt(struct kms_request *r)
     if (rc == KMS_OK)
         rc = kms_keystore_decrypt(r->srv->ks, blob.data, blob.len, &ctx, ref, &pt, &k);
     if (rc == KMS_OK) {
-        r->out = json_pack("{s:s, s:s}", "KeyId", k.arn, "EncryptionAlgorithm", "SYMMETRIC_DEFAULT");
+        r->out =
+            json_pack("{s:s, s:s}", "KeyId", k.arn, "EncryptionAlgorithm", "SYMMETRIC_DEFAULT");
         if (!r->out)
             rc = KMS_FAIL(KMS_ERR_INTERNAL, "out of memory");
     }

@@ -83,8 +83,8 @@ kms_err kms_op_list_keys(struct kms_request *r)
     if (rc == KMS_OK) {
         json_t *list = json_array();
         for (size_t i = 0; i < n && i < limit; i++)
-            json_array_append_new(list, json_pack("{s:s, s:s}", "KeyId", keys[i].id_text, "KeyArn",
-                                                  keys[i].arn));
+            json_array_append_new(
+                list, json_pack("{s:s, s:s}", "KeyId", keys[i].id_text, "KeyArn", keys[i].arn));
         r->out = json_pack("{s:o, s:b}", "Keys", list, "Truncated", n > limit);
         if (r->out && n > limit)
             json_object_set_new(r->out, "NextMarker", json_string(keys[limit].id_text));

@@ -126,7 +126,8 @@ kms_err kms_in_context(json_t *in, struct kms_buf *out)
         return wrong_type("EncryptionContext", "an object of strings");
     pairs = calloc(json_object_size(ctx) + 1, sizeof *pairs);
     KMS_ENSURE(pairs != NULL, KMS_ERR_INTERNAL, "out of memory");
-    json_object_foreach(ctx, key, value) {
+    json_object_foreach(ctx, key, value)
+    {
         if (!json_is_string(value)) {
             free(pairs);
             return wrong_type("EncryptionContext values", "strings");
@@ -153,7 +154,8 @@ kms_err kms_in_grant_tokens(json_t *in)
     KMS_ENSURE(json_array_size(v) <= 10, KMS_ERR_VALIDATION,
                "1 validation error detected: Value at 'grantTokens' failed to satisfy constraint: "
                "Member must have length less than or equal to 10");
-    json_array_foreach(v, i, t) {
+    json_array_foreach(v, i, t)
+    {
         if (!json_is_string(t))
             return wrong_type("GrantTokens", "a list of strings");
     }
@@ -173,7 +175,8 @@ kms_err kms_out_blob(json_t *out, const char *name, const uint8_t *p, size_t n)
 {
     struct kms_buf b64 = KMS_BUF_INIT;
     kms_err rc = kms_b64_encode(p, n, &b64);
-    if (rc == KMS_OK && json_object_set_new(out, name, json_stringn((const char *)b64.data, b64.len)) != 0)
+    if (rc == KMS_OK &&
+        json_object_set_new(out, name, json_stringn((const char *)b64.data, b64.len)) != 0)
         rc = KMS_FAIL(KMS_ERR_INTERNAL, "out of memory");
     kms_buf_free(&b64);
     return rc;
@@ -183,10 +186,10 @@ json_t *kms_key_metadata(struct kms_server *srv, const struct kms_key_info *k)
 {
     return json_pack("{s:s, s:s, s:s, s:I, s:b, s:s, s:s, s:s, s:s, s:s, s:s, s:s, s:[s], s:b}",
                      "AWSAccountId", srv->cfg.account, "KeyId", k->id_text, "Arn", k->arn,
-                     "CreationDate", (json_int_t)k->created, "Enabled",
-                     k->state == KMS_KEY_ENABLED, "Description", k->description ? k->description : "",
-                     "KeyUsage", "ENCRYPT_DECRYPT", "KeyState", kms_key_state_name(k->state),
-                     "Origin", "AWS_KMS", "KeyManager", "CUSTOMER", "CustomerMasterKeySpec",
+                     "CreationDate", (json_int_t)k->created, "Enabled", k->state == KMS_KEY_ENABLED,
+                     "Description", k->description ? k->description : "", "KeyUsage",
+                     "ENCRYPT_DECRYPT", "KeyState", kms_key_state_name(k->state), "Origin",
+                     "AWS_KMS", "KeyManager", "CUSTOMER", "CustomerMasterKeySpec",
                      "SYMMETRIC_DEFAULT", "KeySpec", "SYMMETRIC_DEFAULT", "EncryptionAlgorithms",
                      "SYMMETRIC_DEFAULT", "MultiRegion", 0);
 }

@@ -18,7 +18,7 @@ struct kms_server {
     struct kms_hsm *hsm;
     struct kms_keystore *ks;
     struct MHD_Daemon *daemon;
-    unsigned port;           /* the port actually bound */
+    unsigned port; /* the port actually bound */
     char host[256];
 };
 
@@ -30,8 +30,8 @@ void kms_http_stop(struct kms_server *srv);
 struct kms_request {
     struct kms_server *srv;
     const char *principal;
-    json_t *in;   /* the request body: always a JSON object */
-    json_t *out;  /* set by the operation: the response object, or NULL for an empty body */
+    json_t *in;  /* the request body: always a JSON object */
+    json_t *out; /* set by the operation: the response object, or NULL for an empty body */
 };
 
 typedef kms_err (*kms_op_fn)(struct kms_request *r);

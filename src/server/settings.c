@@ -79,7 +79,8 @@ kms_err kms_config_set(struct kms_config *c, const char *key, const char *value)
         for (const char *p = value; *p; p++)
             KMS_ENSURE(islower((unsigned char)*p) || isdigit((unsigned char)*p) || *p == '-',
                        KMS_ERR_VALIDATION, "region must be lower-case letters, digits and '-'");
-        KMS_ENSURE(*value && strlen(value) < 32, KMS_ERR_VALIDATION, "region must be 1-31 characters");
+        KMS_ENSURE(*value && strlen(value) < 32, KMS_ERR_VALIDATION,
+                   "region must be 1-31 characters");
         return set_string(&c->region, value);
     }
     if (strcmp(key, "account") == 0) {
@@ -174,9 +175,10 @@ static kms_err read_file(const char *path, int secret, char **out, size_t *len)
     else if (!S_ISREG(st.st_mode))
         rc = KMS_FAIL(KMS_ERR_VALIDATION, "%s is not a regular file", path);
     else if (secret && (st.st_mode & (S_IRWXG | S_IRWXO)))
-        rc = KMS_FAIL(KMS_ERR_VALIDATION,
-                      "%s holds secrets but group or others may access it (mode %03o); chmod 600 it",
-                      path, (unsigned)(st.st_mode & 0777));
+        rc =
+            KMS_FAIL(KMS_ERR_VALIDATION,
+                     "%s holds secrets but group or others may access it (mode %03o); chmod 600 it",
+                     path, (unsigned)(st.st_mode & 0777));
     while (rc == KMS_OK) {
         rc = kms_buf_reserve(&b, 4096);
         if (rc != KMS_OK)
@@ -226,7 +228,8 @@ kms_err kms_config_check(const struct kms_config *c)
 {
     KMS_ENSURE(c->module, KMS_ERR_VALIDATION, "the configuration needs 'module'");
     KMS_ENSURE(c->token, KMS_ERR_VALIDATION, "the configuration needs 'token'");
-    KMS_ENSURE(c->credentials_file, KMS_ERR_VALIDATION, "the configuration needs 'credentials_file'");
+    KMS_ENSURE(c->credentials_file, KMS_ERR_VALIDATION,
+               "the configuration needs 'credentials_file'");
     KMS_ENSURE(c->listen, KMS_ERR_VALIDATION, "the configuration needs 'listen'");
     KMS_ENSURE(c->region, KMS_ERR_VALIDATION, "the configuration needs 'region'");
     KMS_ENSURE(c->account, KMS_ERR_VALIDATION, "the configuration needs 'account'");

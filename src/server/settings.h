@@ -7,17 +7,17 @@
 #include "common/error.h"
 
 struct kms_config {
-    char *module;           /* PKCS#11 module path or p11-kit name */
-    char *token;            /* token label or pkcs11: URI */
-    char *pin_file;         /* file holding the user PIN (or env P11KMS_PIN) */
+    char *module;   /* PKCS#11 module path or p11-kit name */
+    char *token;    /* token label or pkcs11: URI */
+    char *pin_file; /* file holding the user PIN (or env P11KMS_PIN) */
     char *credentials_file;
-    char *listen;           /* HOST:PORT */
+    char *listen; /* HOST:PORT */
     char *region;
     char *account;
-    unsigned threads;       /* HTTP worker threads */
-    unsigned sessions;      /* token sessions; defaults to threads */
+    unsigned threads;  /* HTTP worker threads */
+    unsigned sessions; /* token sessions; defaults to threads */
     unsigned session_timeout_ms;
-    size_t max_body;        /* bytes */
+    size_t max_body; /* bytes */
 };
 
 void kms_config_defaults(struct kms_config *c);
@@ -34,8 +34,7 @@ KMS_MUST_CHECK kms_err kms_config_load(struct kms_config *c, const char *path);
 KMS_MUST_CHECK kms_err kms_config_check(const struct kms_config *c);
 
 /* Splits HOST:PORT; host may be [v6]. */
-KMS_MUST_CHECK kms_err kms_parse_listen(const char *s, char *host, size_t host_len,
-                                        unsigned *port);
+KMS_MUST_CHECK kms_err kms_parse_listen(const char *s, char *host, size_t host_len, unsigned *port);
 
 /*
  * Reads a whole file that holds a secret, refusing one that group or others
