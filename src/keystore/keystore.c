@@ -516,8 +516,8 @@ static kms_err resolve_locked(struct kms_keystore *ks, const char *ref, int allo
     if (kms_uuid_parse(rest, strlen(rest), id) != KMS_OK)
         return KMS_FAIL(KMS_ERR_NOT_FOUND, "Invalid keyId '%.256s'", ref);
     *out = key_find_locked(ks, id);
-    KMS_ENSURE(*out != NULL, KMS_ERR_NOT_FOUND, "Key '%s%.256s' does not exist",
-               ref == rest ? ks->arn_prefix : "", ref == rest ? "" : ref);
+    KMS_ENSURE(*out != NULL, KMS_ERR_NOT_FOUND, "Key '%skey/%.36s' does not exist", ks->arn_prefix,
+               rest);
     return KMS_OK;
 }
 

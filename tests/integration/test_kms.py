@@ -334,6 +334,10 @@ def test_unknown_key_is_not_found():
            "Encrypt(%s)" % ref)
     r = h.kms_call(C.server.endpoint, "DescribeKey", {"KeyId": "alias/nope"}, C.principal)
     h.check_error_response(r, "NotFoundException", 404)
+    for ref in (missing, arn(missing)):
+        r = h.kms_call(C.server.endpoint, "DescribeKey", {"KeyId": ref}, C.principal)
+        doc = h.check_error_response(r, "NotFoundException", 404)
+        eq(doc["message"], "Key '%s' does not exist" % arn(missing), "NotFound message names the key ARN")
 
 
 @test
