@@ -91,6 +91,15 @@ kms_err kms_op_generate_data_key_without_plaintext(struct kms_request *r)
     return generate_data_key(r, 0);
 }
 
+/* Encrypt's and Decrypt's answer: the key's ARN, the algorithm and one base64 member. */
+static kms_err respond(struct kms_request *r, const struct kms_key_info *k, const char *member,
+                       const struct kms_buf *value)
+{
+    r->out = json_pack("{s:s, s:s}", "KeyId", k->arn, "EncryptionAlgorithm", "SYMMETRIC_DEFAULT");
+    KMS_ENSURE(r->out != NULL, KMS_ERR_INTERNAL, "out of memory");
+    return kms_out_blob(r->out, member, value->data, value->len);
+}
+
 kms_err kms_op_encrypt(struct kms_request *r)
 {
     const char *ref;
@@ -107,14 +116,8 @@ kms_err kms_op_encrypt(struct kms_request *r)
         rc = kms_in_context(r->in, &ctx);
     if (rc == KMS_OK)
         rc = kms_keystore_encrypt(r->srv->ks, ref, &ctx, pt.data, pt.len, &blob, &k);
-    if (rc == KMS_OK) {
-        r->out =
-            json_pack("{s:s, s:s}", "KeyId", k.arn, "EncryptionAlgorithm", "SYMMETRIC_DEFAULT");
-        if (!r->out)
-            rc = KMS_FAIL(KMS_ERR_INTERNAL, "out of memory");
-    }
     if (rc == KMS_OK)
-        rc = kms_out_blob(r->out, "CiphertextBlob", blob.data, blob.len);
+        rc = respond(r, &k, "CiphertextBlob", &blob);
     kms_buf_free(&pt);
     kms_buf_free(&blob);
     kms_buf_free(&ctx);
@@ -140,14 +143,8 @@ kms_err kms_op_decrypt(struct kms_request *r)
         rc = kms_in_context(r->in, &ctx);
     if (rc == KMS_OK)
         rc = kms_keystore_decrypt(r->srv->ks, blob.data, blob.len, &ctx, ref, &pt, &k);
-    if (rc == KMS_OK) {
-        r->out =
-            json_pack("{s:s, s:s}", "KeyId", k.arn, "EncryptionAlgorithm", "SYMMETRIC_DEFAULT");
-        if (!r->out)
-            rc = KMS_FAIL(KMS_ERR_INTERNAL, "out of memory");
-    }
     if (rc == KMS_OK)
-        rc = kms_out_blob(r->out, "Plaintext", pt.data, pt.len);
+        rc = respond(r, &k, "Plaintext", &pt);
     kms_buf_free(&pt);
     kms_buf_free(&blob);
     kms_buf_free(&ctx);

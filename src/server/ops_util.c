@@ -30,11 +30,25 @@ static kms_err wrong_type(const char *name, const char *want)
     return KMS_FAIL(KMS_ERR_SERIALIZATION, "%s must be %s", name, want);
 }
 
+static kms_err check_length(const char *name, size_t n, size_t min, size_t max)
+{
+    char m[64];
+    member(name, m, sizeof m);
+    KMS_ENSURE(n >= min, KMS_ERR_VALIDATION,
+               "1 validation error detected: Value at '%s' failed to satisfy constraint: "
+               "Member must have length greater than or equal to %zu",
+               m, min);
+    KMS_ENSURE(n <= max, KMS_ERR_VALIDATION,
+               "1 validation error detected: Value at '%s' failed to satisfy constraint: "
+               "Member must have length less than or equal to %zu",
+               m, max);
+    return KMS_OK;
+}
+
 kms_err kms_in_string(json_t *in, const char *name, int required, size_t min, size_t max,
                       const char **out)
 {
     json_t *v = json_object_get(in, name);
-    char m[64];
     *out = NULL;
     if (!v || json_is_null(v)) {
         if (required)
@@ -44,17 +58,9 @@ kms_err kms_in_string(json_t *in, const char *name, int required, size_t min, si
     if (!json_is_string(v))
         return wrong_type(name, "a string");
     size_t n = json_string_length(v);
-    member(name, m, sizeof m);
     KMS_ENSURE(strlen(json_string_value(v)) == n, KMS_ERR_VALIDATION, "%s contains a NUL character",
                name);
-    KMS_ENSURE(n >= min, KMS_ERR_VALIDATION,
-               "1 validation error detected: Value at '%s' failed to satisfy constraint: "
-               "Member must have length greater than or equal to %zu",
-               m, min);
-    KMS_ENSURE(n <= max, KMS_ERR_VALIDATION,
-               "1 validation error detected: Value at '%s' failed to satisfy constraint: "
-               "Member must have length less than or equal to %zu",
-               m, max);
+    KMS_GUARD(check_length(name, n, min, max));
     *out = json_string_value(v);
     return KMS_OK;
 }
@@ -87,7 +93,6 @@ kms_err kms_in_blob(json_t *in, const char *name, int required, size_t min, size
                     struct kms_buf *out, int *present)
 {
     json_t *v = json_object_get(in, name);
-    char m[64];
     *present = 0;
     if (!v || json_is_null(v)) {
         if (required)
@@ -98,15 +103,7 @@ kms_err kms_in_blob(json_t *in, const char *name, int required, size_t min, size
         return wrong_type(name, "a base64 string");
     if (kms_b64_decode(json_string_value(v), json_string_length(v), out) != KMS_OK)
         return KMS_FAIL(KMS_ERR_SERIALIZATION, "%s is not valid base64", name);
-    member(name, m, sizeof m);
-    KMS_ENSURE(out->len >= min, KMS_ERR_VALIDATION,
-               "1 validation error detected: Value at '%s' failed to satisfy constraint: "
-               "Member must have length greater than or equal to %zu",
-               m, min);
-    KMS_ENSURE(out->len <= max, KMS_ERR_VALIDATION,
-               "1 validation error detected: Value at '%s' failed to satisfy constraint: "
-               "Member must have length less than or equal to %zu",
-               m, max);
+    KMS_GUARD(check_length(name, out->len, min, max));
     *present = 1;
     return KMS_OK;
 }

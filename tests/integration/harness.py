@@ -134,6 +134,19 @@ class TapRunner:
         return 0 if failed == 0 else 1
 
 
+def finish(runner, workspace, server):
+    """The common tear-down: stops the server (showing its log when a test
+    failed) and then removes the workspace, whatever happens."""
+    try:
+        if server:
+            if runner.failed:
+                diag("p11kmsd's log:\n" + server.stderr_text())
+            server.stop()
+    finally:
+        if workspace:
+            workspace.close()
+
+
 def _interrupt(signum, frame):
     raise KeyboardInterrupt("signal %d" % signum)
 

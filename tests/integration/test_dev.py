@@ -48,14 +48,7 @@ def setup():
 
 
 def teardown():
-    try:
-        if C.server:
-            if T.failed:
-                h.diag("p11kmsd's log:\n" + C.server.stderr_text())
-            C.server.stop()
-    finally:
-        if C.ws:
-            C.ws.close()
+    h.finish(T, C.ws, C.server)
 
 
 def path(name):
