@@ -381,8 +381,8 @@ kms_err kms_hsm_gcm_decrypt(struct kms_session *s, CK_OBJECT_HANDLE key, const u
     return kms_hsm_fail(rv, "C_Decrypt", __FILE__, __LINE__);
 }
 
-kms_err kms_hsm_create_data(struct kms_session *s, const char *label, const void *value, size_t n,
-                            CK_OBJECT_HANDLE *out)
+kms_err kms_hsm_create_data(struct kms_session *s, const char *label, const uint8_t *oid,
+                            size_t oid_len, const void *value, size_t n, CK_OBJECT_HANDLE *out)
 {
     CK_OBJECT_CLASS cls = CKO_DATA;
     CK_BBOOL yes = CK_TRUE;
@@ -393,10 +393,18 @@ kms_err kms_hsm_create_data(struct kms_session *s, const char *label, const void
         {CKA_MODIFIABLE, &yes, sizeof yes},
         {CKA_APPLICATION, (void *)APPLICATION, sizeof APPLICATION - 1},
         {CKA_LABEL, (void *)label, strlen(label)},
+        {CKA_OBJECT_ID, (void *)oid, oid_len},
         {CKA_VALUE, (void *)value, n},
     };
     SESSION_CKR(s, s->hsm->fn->C_CreateObject(s->handle, tmpl, sizeof tmpl / sizeof tmpl[0], out),
                 "C_CreateObject");
+    return KMS_OK;
+}
+
+kms_err kms_hsm_set_label(struct kms_session *s, CK_OBJECT_HANDLE h, const char *label)
+{
+    CK_ATTRIBUTE a = {CKA_LABEL, (void *)label, strlen(label)};
+    SESSION_CKR(s, s->hsm->fn->C_SetAttributeValue(s->handle, h, &a, 1), "C_SetAttributeValue");
     return KMS_OK;
 }
 

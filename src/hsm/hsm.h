@@ -58,9 +58,13 @@ KMS_MUST_CHECK kms_err kms_hsm_gcm_decrypt(struct kms_session *s, CK_OBJECT_HAND
                                            const uint8_t iv[12], const uint8_t *aad, size_t aad_len,
                                            const uint8_t *in, size_t n, uint8_t *out);
 
-/* A private token CKO_DATA object with CKA_APPLICATION "p11kms". */
+/* A private token CKO_DATA object with CKA_APPLICATION "p11kms" and the given CKA_OBJECT_ID. */
 KMS_MUST_CHECK kms_err kms_hsm_create_data(struct kms_session *s, const char *label,
-                                           const void *value, size_t n, CK_OBJECT_HANDLE *out);
+                                           const uint8_t *oid, size_t oid_len, const void *value,
+                                           size_t n, CK_OBJECT_HANDLE *out);
+/* Replaces an object's CKA_LABEL. */
+KMS_MUST_CHECK kms_err kms_hsm_set_label(struct kms_session *s, CK_OBJECT_HANDLE h,
+                                         const char *label);
 KMS_MUST_CHECK kms_err kms_hsm_destroy(struct kms_session *s, CK_OBJECT_HANDLE h);
 
 /* All objects matching tmpl; *out is malloc'd (free it), *count may be 0. */

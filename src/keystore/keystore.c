@@ -1,95 +1,47 @@
 #include "config.h"
 
-#include "keystore/keystore.h"
+#include "keystore/internal.h"
 
-#include <jansson.h>
-#include <openssl/crypto.h>
+#include <openssl/evp.h>
 #include <openssl/rand.h>
-#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
 
-#include "common/json_alloc.h"
 #include "common/log.h"
 
-#define META_LABEL_PREFIX "p11kms-key:"
-#define KEK_LABEL_PREFIX "p11kms-kek:"
-#define KEK_ID_LEN (KMS_UUID_LEN + 4)
-
-struct version {
-    uint32_t number;
-    int64_t created;
-    CK_OBJECT_HANDLE handle; /* CK_INVALID_HANDLE until found in the token */
-};
-
-struct key_alias {
-    char *name;
-    int64_t created;
-    int64_t updated;
-};
-
-struct key {
-    uint8_t id[KMS_UUID_LEN];
-    char id_text[KMS_UUID_TEXT_LEN + 1];
-    int64_t created;
-    char *description;
-    enum kms_key_state state;
-    uint32_t current;
-    struct version *versions;
-    size_t nversions;
-    struct key_alias *aliases;
-    size_t naliases;
-    uint64_t generation;
-    CK_OBJECT_HANDLE meta;
-};
-
-/* One alias in the index: the name (owned by its key) and the key. */
-struct alias_entry {
-    const struct key_alias *alias;
-    struct key *key;
-};
-
-struct kms_keystore {
-    struct kms_hsm *hsm;
-    char region[64];
-    char account[32];
-    char arn_prefix[128]; /* arn:aws:kms:<region>:<account>: */
-
-    /* Readers copy what they need out under rd; writers also hold write. */
-    pthread_rwlock_t rw;
-    pthread_mutex_t write;
-    struct key **keys; /* sorted by id */
-    size_t nkeys, capkeys;
-    struct alias_entry *aliases; /* sorted by name */
-    size_t naliases, capaliases;
-};
-
-static int64_t now_seconds(void)
+int64_t kms_now(void)
 {
     return (int64_t)time(NULL);
+}
+
+void kms_keystore_config_defaults(struct kms_keystore_config *c)
+{
+    memset(c, 0, sizeof *c);
+    c->region = "us-east-1";
+    c->account = "111122223333";
+    c->usage_bound = 1ull << 30;
+    c->usage_block = 10000;
+    c->day_seconds = 86400;
+    c->rotation_min_days = 90;
+    c->rotation_max_days = 2560;
+    c->pending_min_days = 7;
+    c->pending_max_days = 30;
+    c->max_on_demand = 10;
+    c->refresh_ms = 1000;
+    c->full_refresh_seconds = 60;
+    c->orphan_grace_seconds = 600;
 }
 
 const char *kms_key_state_name(enum kms_key_state s)
 {
     switch (s) {
-    case KMS_KEY_ENABLED: return "Enabled";
-    case KMS_KEY_DISABLED: return "Disabled";
-    case KMS_KEY_PENDING_DELETION: return "PendingDeletion";
+    case KMS_KEY_ENABLED: return KMS_STATE_ENABLED;
+    case KMS_KEY_DISABLED: return KMS_STATE_DISABLED;
+    case KMS_KEY_PENDING_DELETION: return KMS_STATE_PENDING;
     }
     return "Unavailable";
-}
-
-static int state_from_name(const char *s, enum kms_key_state *out)
-{
-    for (int i = KMS_KEY_ENABLED; i <= KMS_KEY_PENDING_DELETION; i++) {
-        if (strcmp(s, kms_key_state_name((enum kms_key_state)i)) == 0) {
-            *out = (enum kms_key_state)i;
-            return 1;
-        }
-    }
-    return 0;
 }
 
 static void key_free(struct key *k)
@@ -97,11 +49,18 @@ static void key_free(struct key *k)
     if (!k)
         return;
     free(k->description);
-    for (size_t i = 0; i < k->naliases; i++)
-        free(k->aliases[i].name);
-    free(k->aliases);
     free(k->versions);
+    free(k->signature);
     free(k);
+}
+
+static void alias_free(struct alias *a)
+{
+    if (!a)
+        return;
+    free(a->name);
+    free(a->signature);
+    free(a);
 }
 
 /* ---- index ---------------------------------------------------------------- */
@@ -125,11 +84,17 @@ static size_t key_position(struct kms_keystore *ks, const uint8_t id[KMS_UUID_LE
     return lo;
 }
 
-static struct key *key_find_locked(struct kms_keystore *ks, const uint8_t id[KMS_UUID_LEN])
+struct key *kms_key_any_locked(struct kms_keystore *ks, const uint8_t id[KMS_UUID_LEN])
 {
     int found;
     size_t i = key_position(ks, id, &found);
     return found ? ks->keys[i] : NULL;
+}
+
+struct key *kms_key_find_locked(struct kms_keystore *ks, const uint8_t id[KMS_UUID_LEN])
+{
+    struct key *k = kms_key_any_locked(ks, id);
+    return k && !k->destroyed ? k : NULL;
 }
 
 static size_t alias_position(struct kms_keystore *ks, const char *name, int *found)
@@ -137,7 +102,7 @@ static size_t alias_position(struct kms_keystore *ks, const char *name, int *fou
     size_t lo = 0, hi = ks->naliases;
     while (lo < hi) {
         size_t mid = lo + (hi - lo) / 2;
-        int c = strcmp(ks->aliases[mid].alias->name, name);
+        int c = strcmp(ks->aliases[mid]->name, name);
         if (c == 0) {
             *found = 1;
             return mid;
@@ -149,6 +114,13 @@ static size_t alias_position(struct kms_keystore *ks, const char *name, int *fou
     }
     *found = 0;
     return lo;
+}
+
+struct alias *kms_alias_find_locked(struct kms_keystore *ks, const char *name)
+{
+    int found;
+    size_t i = alias_position(ks, name, &found);
+    return found ? ks->aliases[i] : NULL;
 }
 
 static kms_err grow(void **arr, size_t *cap, size_t need, size_t size)
@@ -165,272 +137,246 @@ static kms_err grow(void **arr, size_t *cap, size_t need, size_t size)
     return KMS_OK;
 }
 
-static void alias_index_remove_key_locked(struct kms_keystore *ks, const struct key *k)
+static json_int_t int_of(const json_t *o, const char *name)
 {
-    size_t o = 0;
-    for (size_t i = 0; i < ks->naliases; i++)
-        if (ks->aliases[i].key != k)
-            ks->aliases[o++] = ks->aliases[i];
-    ks->naliases = o;
+    return json_integer_value(json_object_get(o, name));
 }
 
-static kms_err alias_index_add_key_locked(struct kms_keystore *ks, struct key *k)
+/* An index entry from a key's view. */
+static kms_err key_from_view(const uint8_t id[KMS_UUID_LEN], const struct kms_view *view,
+                             const char *signature, struct key **out)
 {
-    KMS_GUARD(grow((void **)&ks->aliases, &ks->capaliases, ks->naliases + k->naliases,
-                   sizeof *ks->aliases));
-    for (size_t j = 0; j < k->naliases; j++) {
-        int found;
-        size_t i = alias_position(ks, k->aliases[j].name, &found);
-        if (found) {
-            /* Two keys claim one alias (a race between nodes): the first key id wins. */
-            if (memcmp(ks->aliases[i].key->id, k->id, KMS_UUID_LEN) > 0)
-                ks->aliases[i].key = k, ks->aliases[i].alias = &k->aliases[j];
-            continue;
-        }
-        memmove(&ks->aliases[i + 1], &ks->aliases[i], (ks->naliases - i) * sizeof *ks->aliases);
-        ks->aliases[i].alias = &k->aliases[j];
-        ks->aliases[i].key = k;
-        ks->naliases++;
+    const json_t *s = view->state, *versions = json_object_get(s, "versions"), *v;
+    const char *state = json_string_value(json_object_get(s, "state"));
+    const char *description = json_string_value(json_object_get(s, "description"));
+    struct key *k = calloc(1, sizeof *k);
+    size_t i;
+
+    KMS_ENSURE(k != NULL, KMS_ERR_INTERNAL, "out of memory");
+    memcpy(k->id, id, KMS_UUID_LEN);
+    kms_uuid_format(id, k->id_text);
+    k->gen = view->gen;
+    k->created = int_of(s, "created");
+    k->description = strdup(description ? description : "");
+    k->signature = strdup(signature ? signature : "");
+    k->nversions = json_array_size(versions);
+    k->versions = calloc(k->nversions + 1, sizeof *k->versions);
+    if (!k->description || !k->signature || !k->versions || !state) {
+        key_free(k);
+        return KMS_FAIL(KMS_ERR_INTERNAL, "out of memory or malformed key %s", k->id_text);
     }
+    if (strcmp(state, KMS_STATE_ENABLED) == 0)
+        k->state = KMS_KEY_ENABLED;
+    else if (strcmp(state, KMS_STATE_DISABLED) == 0)
+        k->state = KMS_KEY_DISABLED;
+    else
+        k->state = KMS_KEY_PENDING_DELETION;
+    k->destroyed = strcmp(state, KMS_STATE_DESTROYED) == 0;
+    k->deletion_date = int_of(s, "deletion_date");
+    k->rotation_enabled = json_is_true(json_object_get(s, "rotation_enabled"));
+    k->rotation_days = int_of(s, "rotation_period_days");
+    k->next_rotation = int_of(s, "next_rotation");
+    k->current = (uint32_t)int_of(s, "current");
+    json_array_foreach(versions, i, v)
+    {
+        const char *rot = json_string_value(json_object_get(v, "rotation"));
+        struct version *ver = &k->versions[i];
+        ver->vid = (uint32_t)int_of(v, "vid");
+        ver->n = (uint32_t)int_of(v, "n");
+        ver->created = int_of(v, "created");
+        ver->reserved = (uint64_t)int_of(v, "reserved");
+        ver->bound = (uint64_t)int_of(v, "bound");
+        ver->listed = json_is_true(json_object_get(v, "listed"));
+        ver->on_demand = rot && strcmp(rot, "ON_DEMAND") == 0;
+        ver->handle = CK_INVALID_HANDLE;
+    }
+    *out = k;
     return KMS_OK;
 }
 
-/* Puts k in the index, replacing (and freeing) an older copy of the same key. */
-static kms_err index_put_locked(struct kms_keystore *ks, struct key *k)
+static struct usage *usage_new(struct kms_keystore *ks)
 {
+    struct usage *u = calloc(1, sizeof *u);
+    if (!u)
+        return NULL;
+    pthread_mutex_init(&u->lock, NULL);
+    u->next_all = ks->usages;
+    ks->usages = u;
+    return u;
+}
+
+kms_err kms_index_key_view(struct kms_keystore *ks, const uint8_t id[KMS_UUID_LEN],
+                           const struct kms_view *view, const char *signature)
+{
+    struct key *k = NULL;
     int found;
-    size_t i = key_position(ks, k->id, &found);
+
+    if (!view->state) {
+        kms_index_remove_key(ks, id);
+        return KMS_OK;
+    }
+    KMS_GUARD(key_from_view(id, view, signature, &k));
+    pthread_rwlock_wrlock(&ks->rw);
+    size_t i = key_position(ks, id, &found);
     if (found) {
         struct key *old = ks->keys[i];
-        alias_index_remove_key_locked(ks, old);
+        if (old->gen > k->gen) {
+            /* A slower reader's older view: keep what we have. */
+            pthread_rwlock_unlock(&ks->rw);
+            key_free(k);
+            return KMS_OK;
+        }
+        k->usage = old->usage;
+        k->purged = old->destroyed && k->destroyed && old->purged;
+        for (size_t a = 0; a < k->nversions; a++)
+            for (size_t b = 0; b < old->nversions; b++)
+                if (k->versions[a].vid == old->versions[b].vid &&
+                    old->versions[b].handle != KEK_MISSING)
+                    k->versions[a].handle = old->versions[b].handle;
         ks->keys[i] = k;
         key_free(old);
+    } else if (grow((void **)&ks->keys, &ks->capkeys, ks->nkeys + 1, sizeof *ks->keys) != KMS_OK ||
+               !(k->usage = usage_new(ks))) {
+        pthread_rwlock_unlock(&ks->rw);
+        key_free(k);
+        return KMS_FAIL(KMS_ERR_INTERNAL, "out of memory");
     } else {
-        KMS_GUARD(grow((void **)&ks->keys, &ks->capkeys, ks->nkeys + 1, sizeof *ks->keys));
         memmove(&ks->keys[i + 1], &ks->keys[i], (ks->nkeys - i) * sizeof *ks->keys);
         ks->keys[i] = k;
         ks->nkeys++;
     }
-    return alias_index_add_key_locked(ks, k);
+    pthread_rwlock_unlock(&ks->rw);
+    return KMS_OK;
 }
 
-/* ---- metadata ------------------------------------------------------------- */
-
-static kms_err meta_encode(const struct key *k, struct kms_buf *out)
+void kms_index_remove_key(struct kms_keystore *ks, const uint8_t id[KMS_UUID_LEN])
 {
-    json_t *versions = json_array(), *aliases = json_array(), *root;
-    kms_err rc = KMS_OK;
-
-    for (size_t i = 0; i < k->nversions; i++)
-        json_array_append_new(versions,
-                              json_pack("{s:I, s:I}", "v", (json_int_t)k->versions[i].number,
-                                        "created", (json_int_t)k->versions[i].created));
-    for (size_t i = 0; i < k->naliases; i++)
-        json_array_append_new(aliases, json_pack("{s:s, s:I, s:I}", "name", k->aliases[i].name,
-                                                 "created", (json_int_t)k->aliases[i].created,
-                                                 "updated", (json_int_t)k->aliases[i].updated));
-    root = json_pack("{s:i, s:s, s:I, s:I, s:s, s:s, s:s, s:s, s:I, s:o, s:o}", "format", 1, "id",
-                     k->id_text, "gen", (json_int_t)k->generation, "created",
-                     (json_int_t)k->created, "description", k->description ? k->description : "",
-                     "state", kms_key_state_name(k->state), "usage", "ENCRYPT_DECRYPT", "spec",
-                     "SYMMETRIC_DEFAULT", "current", (json_int_t)k->current, "versions", versions,
-                     "aliases", aliases);
-    KMS_ENSURE(root != NULL, KMS_ERR_INTERNAL, "cannot encode key metadata");
-    rc = kms_json_dump(root, JSON_SORT_KEYS, out);
-    json_decref(root);
-    return rc;
-}
-
-static kms_err meta_decode(const uint8_t *p, size_t n, struct key **out)
-{
-    json_error_t jerr;
-    json_t *root = json_loadb((const char *)p, n, JSON_REJECT_DUPLICATES, &jerr);
-    json_t *versions = NULL, *aliases = NULL;
-    const char *id = NULL, *description = NULL, *state = NULL;
-    json_int_t gen = 0, created = 0, current = 0;
-    int format = 0;
-    struct key *k = NULL;
-    kms_err rc = KMS_FAIL(KMS_ERR_INTERNAL, "key metadata is not valid");
-
-    if (!root || json_unpack_ex(root, &jerr, 0, "{s:i, s:s, s:I, s:I, s:s, s:s, s:I, s:o, s:o}",
-                                "format", &format, "id", &id, "gen", &gen, "created", &created,
-                                "description", &description, "state", &state, "current", &current,
-                                "versions", &versions, "aliases", &aliases) != 0)
-        goto done;
-    if (format != 1 || !json_is_array(versions) || !json_is_array(aliases) || gen < 1 ||
-        current < 1 || current > UINT32_MAX)
-        goto done;
-    k = calloc(1, sizeof *k);
-    if (!k)
-        goto done;
-    if (kms_uuid_parse(id, strlen(id), k->id) != KMS_OK || !state_from_name(state, &k->state))
-        goto done;
-    kms_uuid_format(k->id, k->id_text);
-    k->generation = (uint64_t)gen;
-    k->created = created;
-    k->current = (uint32_t)current;
-    k->description = strdup(description);
-    k->nversions = json_array_size(versions);
-    k->versions = calloc(k->nversions ? k->nversions : 1, sizeof *k->versions);
-    k->naliases = json_array_size(aliases);
-    k->aliases = calloc(k->naliases ? k->naliases : 1, sizeof *k->aliases);
-    if (!k->description || !k->versions || !k->aliases)
-        goto done;
-    for (size_t i = 0; i < k->nversions; i++) {
-        json_int_t v = 0, c = 0;
-        if (json_unpack(json_array_get(versions, i), "{s:I, s:I}", "v", &v, "created", &c) != 0 ||
-            v < 1 || v > UINT32_MAX)
-            goto done;
-        k->versions[i].number = (uint32_t)v;
-        k->versions[i].created = c;
-        k->versions[i].handle = CK_INVALID_HANDLE;
+    int found;
+    pthread_rwlock_wrlock(&ks->rw);
+    size_t i = key_position(ks, id, &found);
+    if (found) {
+        key_free(ks->keys[i]);
+        memmove(&ks->keys[i], &ks->keys[i + 1], (ks->nkeys - i - 1) * sizeof *ks->keys);
+        ks->nkeys--;
     }
-    for (size_t i = 0; i < k->naliases; i++) {
-        const char *name = NULL;
-        json_int_t c = 0, u = 0;
-        if (json_unpack(json_array_get(aliases, i), "{s:s, s:I, s:I}", "name", &name, "created", &c,
-                        "updated", &u) != 0 ||
-            !(k->aliases[i].name = strdup(name)))
-            goto done;
-        k->aliases[i].created = c;
-        k->aliases[i].updated = u;
+    pthread_rwlock_unlock(&ks->rw);
+}
+
+kms_err kms_index_alias_view(struct kms_keystore *ks, const char *name, const struct kms_view *view,
+                             const char *signature)
+{
+    struct alias *a;
+    const char *target;
+    int found;
+
+    if (!view->state) {
+        kms_index_remove_alias(ks, name);
+        return KMS_OK;
     }
-    *out = k;
-    k = NULL;
-    rc = KMS_OK;
-done:
-    key_free(k);
-    json_decref(root);
-    return rc;
-}
-
-static void meta_label(const struct key *k, char *out, size_t n)
-{
-    snprintf(out, n, META_LABEL_PREFIX "%s:%llu", k->id_text, (unsigned long long)k->generation);
-}
-
-/*
- * Writes k's metadata as generation k->generation (the caller has bumped it)
- * and then removes the generation it replaces. A crash between the two leaves
- * both; readers take the higher.
- */
-static kms_err meta_store(struct kms_session *s, struct key *k, CK_OBJECT_HANDLE previous)
-{
-    struct kms_buf json = KMS_BUF_INIT;
-    char label[128];
-    kms_err rc = meta_encode(k, &json);
-    meta_label(k, label, sizeof label);
-    if (rc == KMS_OK)
-        rc = kms_hsm_create_data(s, label, json.data, json.len, &k->meta);
-    kms_buf_free(&json);
-    if (rc == KMS_OK && previous != CK_INVALID_HANDLE && kms_hsm_destroy(s, previous) != KMS_OK)
-        kms_warn("could not remove an old metadata generation of key %s", k->id_text);
-    return rc;
-}
-
-/* ---- loading -------------------------------------------------------------- */
-
-static kms_err load_metadata(struct kms_keystore *ks, struct kms_session *s)
-{
-    CK_OBJECT_CLASS cls = CKO_DATA;
-    static const char app[] = "p11kms";
-    CK_ATTRIBUTE tmpl[] = {
-        {CKA_CLASS, &cls, sizeof cls},
-        {CKA_APPLICATION, (void *)app, sizeof app - 1},
-    };
-    CK_OBJECT_HANDLE *handles = NULL;
-    size_t n = 0;
-    kms_err rc;
-
-    KMS_GUARD(kms_hsm_find(s, tmpl, 2, &handles, &n));
-    rc = KMS_OK;
-    for (size_t i = 0; i < n && rc == KMS_OK; i++) {
-        struct kms_buf value = KMS_BUF_INIT;
-        struct key *k = NULL, *have;
-        rc = kms_hsm_get_bytes(s, handles[i], CKA_VALUE, &value);
-        if (rc == KMS_OK && meta_decode(value.data, value.len, &k) != KMS_OK) {
-            kms_warn("skipping a p11kms data object whose metadata does not parse");
-            kms_err_clear();
+    a = calloc(1, sizeof *a);
+    KMS_ENSURE(a != NULL, KMS_ERR_INTERNAL, "out of memory");
+    a->name = strdup(name);
+    a->signature = strdup(signature ? signature : "");
+    target = json_string_value(json_object_get(view->state, "target"));
+    a->live = target && *target && kms_uuid_parse(target, strlen(target), a->target) == KMS_OK;
+    a->created = int_of(view->state, "created");
+    a->updated = int_of(view->state, "updated");
+    a->gen = view->gen;
+    kms_err_clear();
+    if (!a->name || !a->signature) {
+        alias_free(a);
+        return KMS_FAIL(KMS_ERR_INTERNAL, "out of memory");
+    }
+    pthread_rwlock_wrlock(&ks->rw);
+    size_t i = alias_position(ks, name, &found);
+    if (found) {
+        if (ks->aliases[i]->gen > a->gen) {
+            alias_free(a);
+        } else {
+            alias_free(ks->aliases[i]);
+            ks->aliases[i] = a;
         }
-        kms_buf_free(&value);
-        if (!k)
-            continue;
-        k->meta = handles[i];
-        have = key_find_locked(ks, k->id);
-        if (have && have->generation >= k->generation) {
-            key_free(k); /* an older generation a crash left behind */
-            continue;
-        }
-        rc = index_put_locked(ks, k);
-        if (rc != KMS_OK)
-            key_free(k);
+    } else if (grow((void **)&ks->aliases, &ks->capaliases, ks->naliases + 1,
+                    sizeof *ks->aliases) != KMS_OK) {
+        pthread_rwlock_unlock(&ks->rw);
+        alias_free(a);
+        return KMS_FAIL(KMS_ERR_INTERNAL, "out of memory");
+    } else {
+        memmove(&ks->aliases[i + 1], &ks->aliases[i], (ks->naliases - i) * sizeof *ks->aliases);
+        ks->aliases[i] = a;
+        ks->naliases++;
     }
-    free(handles);
-    return rc;
+    pthread_rwlock_unlock(&ks->rw);
+    return KMS_OK;
 }
 
-static kms_err load_versions(struct kms_keystore *ks, struct kms_session *s)
+void kms_index_remove_alias(struct kms_keystore *ks, const char *name)
 {
-    CK_OBJECT_CLASS cls = CKO_SECRET_KEY;
-    CK_KEY_TYPE kt = CKK_AES;
-    CK_ATTRIBUTE tmpl[] = {
-        {CKA_CLASS, &cls, sizeof cls},
-        {CKA_KEY_TYPE, &kt, sizeof kt},
-    };
-    CK_OBJECT_HANDLE *handles = NULL;
-    size_t n = 0;
-    kms_err rc;
-
-    KMS_GUARD(kms_hsm_find(s, tmpl, 2, &handles, &n));
-    rc = KMS_OK;
-    for (size_t i = 0; i < n && rc == KMS_OK; i++) {
-        struct kms_buf id = KMS_BUF_INIT;
-        rc = kms_hsm_get_bytes(s, handles[i], CKA_ID, &id);
-        if (rc == KMS_OK && id.len == KEK_ID_LEN) {
-            struct key *k = key_find_locked(ks, id.data);
-            uint32_t v = (uint32_t)id.data[16] << 24 | (uint32_t)id.data[17] << 16 |
-                         (uint32_t)id.data[18] << 8 | id.data[19];
-            for (size_t j = 0; k && j < k->nversions; j++)
-                if (k->versions[j].number == v)
-                    k->versions[j].handle = handles[i];
-        }
-        kms_buf_free(&id);
+    int found;
+    pthread_rwlock_wrlock(&ks->rw);
+    size_t i = alias_position(ks, name, &found);
+    if (found) {
+        alias_free(ks->aliases[i]);
+        memmove(&ks->aliases[i], &ks->aliases[i + 1], (ks->naliases - i - 1) * sizeof *ks->aliases);
+        ks->naliases--;
     }
-    free(handles);
-    return rc;
+    pthread_rwlock_unlock(&ks->rw);
 }
+
+void kms_alias_oid(const char *name, uint8_t oid[KMS_OID_LEN])
+{
+    uint8_t md[32];
+    unsigned len = 0;
+    EVP_MD_CTX *c = EVP_MD_CTX_new();
+    if (c && EVP_DigestInit_ex(c, EVP_sha256(), NULL) == 1 &&
+        EVP_DigestUpdate(c, "p11kms alias\n", 13) == 1 &&
+        EVP_DigestUpdate(c, name, strlen(name)) == 1 && EVP_DigestFinal_ex(c, md, &len) == 1)
+        memcpy(oid, md, KMS_OID_LEN);
+    else
+        memset(oid, 0xff, KMS_OID_LEN);
+    EVP_MD_CTX_free(c);
+}
+
+/* ---- open and close ------------------------------------------------------- */
 
 kms_err kms_keystore_open(struct kms_hsm *hsm, const struct kms_keystore_config *cfg,
                           struct kms_keystore **out)
 {
     struct kms_keystore *ks = calloc(1, sizeof *ks);
     struct kms_session *s;
+    pthread_condattr_t ca;
     kms_err rc;
 
     KMS_ENSURE(ks != NULL, KMS_ERR_INTERNAL, "out of memory");
     ks->hsm = hsm;
+    ks->cfg = *cfg;
     snprintf(ks->region, sizeof ks->region, "%s", cfg->region);
     snprintf(ks->account, sizeof ks->account, "%s", cfg->account);
+    ks->cfg.region = ks->region;
+    ks->cfg.account = ks->account;
+    if (ks->cfg.usage_block > ks->cfg.usage_bound)
+        ks->cfg.usage_block = ks->cfg.usage_bound;
     snprintf(ks->arn_prefix, sizeof ks->arn_prefix, "arn:aws:kms:%s:%s:", ks->region, ks->account);
     pthread_rwlock_init(&ks->rw, NULL);
     pthread_mutex_init(&ks->write, NULL);
+    pthread_mutex_init(&ks->refresh_one, NULL);
+    pthread_mutex_init(&ks->stop_lock, NULL);
+    pthread_condattr_init(&ca);
+    pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
+    pthread_cond_init(&ks->stop_cond, &ca);
+    pthread_condattr_destroy(&ca);
 
     rc = kms_hsm_acquire(hsm, &s);
     if (rc == KMS_OK) {
-        rc = load_metadata(ks, s);
+        rc = kms_marker_init(ks, s);
         if (rc == KMS_OK)
-            rc = load_versions(ks, s);
+            rc = kms_refresh_all(ks, s, 1);
         kms_hsm_release(s);
     }
     if (rc != KMS_OK) {
         kms_keystore_close(ks);
         return rc;
     }
-    for (size_t i = 0; i < ks->nkeys; i++)
-        for (size_t j = 0; j < ks->keys[i]->nversions; j++)
-            if (ks->keys[i]->versions[j].handle == CK_INVALID_HANDLE)
-                kms_warn("key %s version %u has no key object in the token", ks->keys[i]->id_text,
-                         ks->keys[i]->versions[j].number);
     *out = ks;
     return KMS_OK;
 }
@@ -439,26 +385,39 @@ void kms_keystore_close(struct kms_keystore *ks)
 {
     if (!ks)
         return;
+    kms_keystore_stop(ks);
     for (size_t i = 0; i < ks->nkeys; i++)
         key_free(ks->keys[i]);
+    for (size_t i = 0; i < ks->naliases; i++)
+        alias_free(ks->aliases[i]);
+    while (ks->usages) {
+        struct usage *u = ks->usages;
+        ks->usages = u->next_all;
+        pthread_mutex_destroy(&u->lock);
+        free(u);
+    }
+    for (size_t i = 0; i < ks->nmarkers; i++)
+        free(ks->marker_labels[i]);
+    free(ks->markers);
+    free(ks->marker_labels);
     free(ks->keys);
     free(ks->aliases);
     pthread_rwlock_destroy(&ks->rw);
     pthread_mutex_destroy(&ks->write);
+    pthread_mutex_destroy(&ks->refresh_one);
+    pthread_mutex_destroy(&ks->stop_lock);
+    pthread_cond_destroy(&ks->stop_cond);
     free(ks);
 }
 
 size_t kms_keystore_count(struct kms_keystore *ks)
 {
+    size_t n = 0;
     pthread_rwlock_rdlock(&ks->rw);
-    size_t n = ks->nkeys;
+    for (size_t i = 0; i < ks->nkeys; i++)
+        n += !ks->keys[i]->destroyed;
     pthread_rwlock_unlock(&ks->rw);
     return n;
-}
-
-const char *kms_keystore_region(struct kms_keystore *ks)
-{
-    return ks->region;
 }
 
 /* ---- lookups -------------------------------------------------------------- */
@@ -469,8 +428,7 @@ void kms_key_info_clear(struct kms_key_info *info)
     memset(info, 0, sizeof *info);
 }
 
-static kms_err info_copy_locked(struct kms_keystore *ks, const struct key *k,
-                                struct kms_key_info *out)
+kms_err kms_info_copy_locked(struct kms_keystore *ks, const struct key *k, struct kms_key_info *out)
 {
     kms_key_info_clear(out);
     memcpy(out->id, k->id, KMS_UUID_LEN);
@@ -479,14 +437,17 @@ static kms_err info_copy_locked(struct kms_keystore *ks, const struct key *k,
     out->created = k->created;
     out->state = k->state;
     out->current_version = k->current;
+    out->deletion_date = k->deletion_date;
+    out->rotation_enabled = k->rotation_enabled;
+    out->rotation_period_days = k->rotation_days;
+    out->next_rotation = k->next_rotation;
     out->description = strdup(k->description ? k->description : "");
     KMS_ENSURE(out->description != NULL, KMS_ERR_INTERNAL, "out of memory");
     return KMS_OK;
 }
 
-/* Finds the key a reference names: id, key ARN, alias name or alias ARN. */
-static kms_err resolve_locked(struct kms_keystore *ks, const char *ref, int allow_alias,
-                              struct key **out)
+kms_err kms_resolve_locked(struct kms_keystore *ks, const char *ref, int allow_alias,
+                           struct key **out)
 {
     uint8_t id[KMS_UUID_LEN];
     size_t plen = strlen(ks->arn_prefix);
@@ -506,28 +467,54 @@ static kms_err resolve_locked(struct kms_keystore *ks, const char *ref, int allo
                        ref);
     }
     if (strncmp(rest, "alias/", 6) == 0) {
-        int found;
         KMS_ENSURE(allow_alias, KMS_ERR_NOT_FOUND, "Key '%.256s' does not exist", ref);
-        size_t i = alias_position(ks, rest, &found);
-        KMS_ENSURE(found, KMS_ERR_NOT_FOUND, "Alias '%.256s' is not found.", ref);
-        *out = ks->aliases[i].key;
+        struct alias *a = kms_alias_find_locked(ks, rest);
+        KMS_ENSURE(a && a->live, KMS_ERR_NOT_FOUND, "Alias '%s%.256s' is not found.",
+                   ks->arn_prefix, rest);
+        *out = kms_key_find_locked(ks, a->target);
+        KMS_ENSURE(*out != NULL, KMS_ERR_NOT_FOUND, "Alias '%s%.256s' is not found.",
+                   ks->arn_prefix, rest);
         return KMS_OK;
     }
     if (kms_uuid_parse(rest, strlen(rest), id) != KMS_OK)
         return KMS_FAIL(KMS_ERR_NOT_FOUND, "Invalid keyId '%.256s'", ref);
-    *out = key_find_locked(ks, id);
+    *out = kms_key_find_locked(ks, id);
     KMS_ENSURE(*out != NULL, KMS_ERR_NOT_FOUND, "Key '%skey/%.36s' does not exist", ks->arn_prefix,
                rest);
     return KMS_OK;
+}
+
+/* Resolves ref to a key id (copied out) under the read lock. */
+static kms_err resolve_id(struct kms_keystore *ks, const char *ref, int allow_alias,
+                          uint8_t id[KMS_UUID_LEN])
+{
+    struct key *k;
+    pthread_rwlock_rdlock(&ks->rw);
+    kms_err rc = kms_resolve_locked(ks, ref, allow_alias, &k);
+    if (rc == KMS_OK)
+        memcpy(id, k->id, KMS_UUID_LEN);
+    pthread_rwlock_unlock(&ks->rw);
+    return rc;
+}
+
+static kms_err describe_id(struct kms_keystore *ks, const uint8_t id[KMS_UUID_LEN],
+                           struct kms_key_info *out)
+{
+    pthread_rwlock_rdlock(&ks->rw);
+    struct key *k = kms_key_find_locked(ks, id);
+    kms_err rc = k ? kms_info_copy_locked(ks, k, out)
+                   : KMS_FAIL(KMS_ERR_NOT_FOUND, "The key no longer exists");
+    pthread_rwlock_unlock(&ks->rw);
+    return rc;
 }
 
 kms_err kms_keystore_describe(struct kms_keystore *ks, const char *ref, struct kms_key_info *out)
 {
     struct key *k;
     pthread_rwlock_rdlock(&ks->rw);
-    kms_err rc = resolve_locked(ks, ref, 1, &k);
+    kms_err rc = kms_resolve_locked(ks, ref, 1, &k);
     if (rc == KMS_OK)
-        rc = info_copy_locked(ks, k, out);
+        rc = kms_info_copy_locked(ks, k, out);
     pthread_rwlock_unlock(&ks->rw);
     return rc;
 }
@@ -550,8 +537,10 @@ kms_err kms_keystore_list_keys(struct kms_keystore *ks, const char *marker, size
             start = key_position(ks, id, &found);
     }
     for (size_t i = start; rc == KMS_OK && i < ks->nkeys && *n < limit; i++) {
+        if (ks->keys[i]->destroyed)
+            continue;
         memset(&ids[*n], 0, sizeof ids[*n]);
-        rc = info_copy_locked(ks, ks->keys[i], &ids[*n]);
+        rc = kms_info_copy_locked(ks, ks->keys[i], &ids[*n]);
         if (rc == KMS_OK)
             (*n)++;
     }
@@ -559,89 +548,306 @@ kms_err kms_keystore_list_keys(struct kms_keystore *ks, const char *marker, size
     return rc;
 }
 
-/* ---- mutations ------------------------------------------------------------ */
+/* ---- changes -------------------------------------------------------------- */
 
-static kms_err key_dup(const struct key *k, struct key **out)
+kms_err kms_key_change(struct kms_keystore *ks, struct kms_session *s,
+                       const uint8_t id[KMS_UUID_LEN], const json_t *op)
 {
-    struct key *c = calloc(1, sizeof *c);
-    KMS_ENSURE(c != NULL, KMS_ERR_INTERNAL, "out of memory");
-    *c = *k;
-    c->description = strdup(k->description ? k->description : "");
-    c->versions = calloc(k->nversions + 1, sizeof *c->versions);
-    c->aliases = calloc(k->naliases + 1, sizeof *c->aliases);
-    c->naliases = 0;
-    if (c->versions)
-        memcpy(c->versions, k->versions, k->nversions * sizeof *k->versions);
-    for (size_t i = 0; c->aliases && i < k->naliases; i++) {
-        c->aliases[i] = k->aliases[i];
-        if (!(c->aliases[i].name = strdup(k->aliases[i].name)))
-            break;
-        c->naliases++;
-    }
-    if (!c->description || !c->versions || !c->aliases || c->naliases != k->naliases) {
-        key_free(c);
+    char name[KMS_UUID_TEXT_LEN + 1];
+    struct kms_view view = {0};
+    kms_uuid_format(id, name);
+    KMS_GUARD(kms_record_change(s, &kms_key_kind, name, id, op, &view));
+    /* The index learns the new view now; other nodes at their next poll. */
+    kms_err rc = kms_index_key_view(ks, id, &view, NULL);
+    kms_view_clear(&view);
+    kms_marker_touch(ks, s);
+    return rc;
+}
+
+/* One change to a key named by ref, serialised with this node's other changes. */
+static kms_err change_ref(struct kms_keystore *ks, const char *ref, json_t *op,
+                          uint8_t id_out[KMS_UUID_LEN])
+{
+    struct kms_session *s;
+    uint8_t id[KMS_UUID_LEN];
+    kms_err rc;
+
+    if (!op)
         return KMS_FAIL(KMS_ERR_INTERNAL, "out of memory");
+    rc = resolve_id(ks, ref, 1, id);
+    if (rc == KMS_OK)
+        rc = kms_hsm_acquire(ks->hsm, &s);
+    if (rc == KMS_OK) {
+        pthread_mutex_lock(&ks->write);
+        rc = kms_key_change(ks, s, id, op);
+        pthread_mutex_unlock(&ks->write);
+        kms_hsm_release(s);
     }
-    *out = c;
-    return KMS_OK;
+    if (rc == KMS_OK && id_out)
+        memcpy(id_out, id, KMS_UUID_LEN);
+    json_decref(op);
+    return rc;
+}
+
+void kms_kek_id(const uint8_t id[KMS_UUID_LEN], uint32_t vid, uint8_t out[KEK_ID_LEN])
+{
+    memcpy(out, id, KMS_UUID_LEN);
+    out[16] = (uint8_t)(vid >> 24);
+    out[17] = (uint8_t)(vid >> 16);
+    out[18] = (uint8_t)(vid >> 8);
+    out[19] = (uint8_t)vid;
+}
+
+/* A random version id no version of this key has. */
+static kms_err new_vid(struct kms_keystore *ks, const uint8_t id[KMS_UUID_LEN], uint32_t *out)
+{
+    for (int tries = 0; tries < 16; tries++) {
+        uint32_t v;
+        int taken = 0;
+        KMS_ENSURE(RAND_bytes((uint8_t *)&v, sizeof v) == 1, KMS_ERR_INTERNAL,
+                   "random generator failed");
+        if (v == 0)
+            continue;
+        pthread_rwlock_rdlock(&ks->rw);
+        struct key *k = kms_key_find_locked(ks, id);
+        for (size_t i = 0; k && i < k->nversions; i++)
+            taken |= k->versions[i].vid == v;
+        pthread_rwlock_unlock(&ks->rw);
+        if (!taken) {
+            *out = v;
+            return KMS_OK;
+        }
+    }
+    return KMS_FAIL(KMS_ERR_INTERNAL, "cannot pick a version id");
+}
+
+static kms_err make_kek(struct kms_session *s, const uint8_t id[KMS_UUID_LEN], uint32_t vid,
+                        CK_OBJECT_HANDLE *out)
+{
+    uint8_t kek_id[KEK_ID_LEN];
+    char label[128], text[KMS_UUID_TEXT_LEN + 1];
+    kms_kek_id(id, vid, kek_id);
+    kms_uuid_format(id, text);
+    /* The creation time lets a sweep tell an abandoned object from one being made. */
+    snprintf(label, sizeof label, "p11kms-kek:%s:%u:%lld", text, vid, (long long)kms_now());
+    return kms_hsm_generate_aes(s, kek_id, sizeof kek_id, label, out);
+}
+
+kms_err kms_key_rotate(struct kms_keystore *ks, const uint8_t id[KMS_UUID_LEN], const char *reason,
+                       uint32_t from)
+{
+    struct kms_session *s;
+    CK_OBJECT_HANDLE h = CK_INVALID_HANDLE;
+    uint32_t vid = 0;
+    json_t *op = kms_op_new("rotate");
+    kms_err rc;
+
+    KMS_ENSURE(op != NULL, KMS_ERR_INTERNAL, "out of memory");
+    rc = new_vid(ks, id, &vid);
+    if (rc == KMS_OK)
+        rc = kms_hsm_acquire(ks->hsm, &s);
+    if (rc != KMS_OK) {
+        json_decref(op);
+        return rc;
+    }
+    json_object_set_new(op, "vid", json_integer(vid));
+    json_object_set_new(op, "date", json_integer(kms_now()));
+    json_object_set_new(op, "reason", json_string(reason));
+    json_object_set_new(op, "bound", json_integer((json_int_t)ks->cfg.usage_bound));
+    json_object_set_new(op, "from", json_integer(from));
+    json_object_set_new(op, "limit", json_integer(ks->cfg.max_on_demand));
+    pthread_mutex_lock(&ks->write);
+    /* The key object first: a record must never name a version the token lacks. */
+    rc = make_kek(s, id, vid, &h);
+    if (rc == KMS_OK) {
+        rc = kms_key_change(ks, s, id, op);
+        if (rc != KMS_OK && kms_hsm_destroy(s, h) != KMS_OK)
+            kms_err_clear(); /* left for the orphan sweep */
+    }
+    if (rc == KMS_OK) {
+        pthread_rwlock_wrlock(&ks->rw);
+        struct key *k = kms_key_find_locked(ks, id);
+        for (size_t i = 0; k && i < k->nversions; i++)
+            if (k->versions[i].vid == vid)
+                k->versions[i].handle = h;
+        pthread_rwlock_unlock(&ks->rw);
+    }
+    pthread_mutex_unlock(&ks->write);
+    kms_hsm_release(s);
+    json_decref(op);
+    return rc;
 }
 
 kms_err kms_keystore_create_key(struct kms_keystore *ks, const char *description,
                                 struct kms_key_info *out)
 {
-    struct key *k = calloc(1, sizeof *k);
-    struct kms_session *s = NULL;
-    uint8_t kek_id[KEK_ID_LEN];
-    char label[96];
+    uint8_t id[KMS_UUID_LEN];
+    uint32_t vid = 0;
+    struct kms_session *s;
+    CK_OBJECT_HANDLE h = CK_INVALID_HANDLE;
+    json_t *op;
     kms_err rc;
+    int64_t now = kms_now();
 
-    KMS_ENSURE(k != NULL, KMS_ERR_INTERNAL, "out of memory");
-    k->description = strdup(description ? description : "");
-    k->versions = calloc(1, sizeof *k->versions);
-    k->aliases = calloc(1, sizeof *k->aliases);
-    if (!k->description || !k->versions || !k->aliases) {
-        key_free(k);
-        return KMS_FAIL(KMS_ERR_INTERNAL, "out of memory");
-    }
-    rc = kms_uuid_new(k->id);
-    kms_uuid_format(k->id, k->id_text);
-    k->created = now_seconds();
-    k->state = KMS_KEY_ENABLED;
-    k->current = 1;
-    k->generation = 1;
-    k->nversions = 1;
-    k->versions[0].number = 1;
-    k->versions[0].created = k->created;
-    memcpy(kek_id, k->id, KMS_UUID_LEN);
-    kek_id[16] = kek_id[17] = kek_id[18] = 0;
-    kek_id[19] = 1;
-    snprintf(label, sizeof label, KEK_LABEL_PREFIX "%s:1", k->id_text);
-
-    if (rc == KMS_OK)
-        rc = kms_hsm_acquire(ks->hsm, &s);
-    /* The KEK first: metadata that names a version must find its object. */
-    if (rc == KMS_OK)
-        rc = kms_hsm_generate_aes(s, kek_id, sizeof kek_id, label, &k->versions[0].handle);
-    if (rc == KMS_OK) {
-        rc = meta_store(s, k, CK_INVALID_HANDLE);
-        if (rc != KMS_OK && kms_hsm_destroy(s, k->versions[0].handle) != KMS_OK)
-            kms_warn("could not remove the key object of a key whose creation failed");
-    }
-    if (s)
-        kms_hsm_release(s);
+    KMS_GUARD(kms_uuid_new(id));
+    KMS_GUARD(new_vid(ks, id, &vid));
+    op = kms_op_new("create");
+    KMS_ENSURE(op != NULL, KMS_ERR_INTERNAL, "out of memory");
+    json_object_set_new(
+        op, "state",
+        json_pack("{s:I, s:s, s:s, s:I, s:b, s:I, s:I, s:I, s:I, s:I, s:[{s:I, s:I, s:I, s:I, s:I, "
+                  "s:s, s:b}]}",
+                  "created", (json_int_t)now, "description", description ? description : "",
+                  "state", KMS_STATE_ENABLED, "deletion_date", (json_int_t)0, "rotation_enabled", 0,
+                  "rotation_period_days", (json_int_t)0, "rotation_period_seconds", (json_int_t)0,
+                  "next_rotation", (json_int_t)0, "on_demand", (json_int_t)0, "current",
+                  (json_int_t)vid, "versions", "vid", (json_int_t)vid, "n", (json_int_t)1,
+                  "created", (json_int_t)now, "reserved", (json_int_t)0, "bound",
+                  (json_int_t)ks->cfg.usage_bound, "rotation", "", "listed", 0));
+    rc = kms_hsm_acquire(ks->hsm, &s);
     if (rc != KMS_OK) {
-        key_free(k);
+        json_decref(op);
         return rc;
     }
     pthread_mutex_lock(&ks->write);
-    pthread_rwlock_wrlock(&ks->rw);
-    rc = index_put_locked(ks, k);
-    if (rc == KMS_OK)
-        rc = info_copy_locked(ks, k, out);
-    pthread_rwlock_unlock(&ks->rw);
+    rc = make_kek(s, id, vid, &h);
+    if (rc == KMS_OK) {
+        rc = kms_key_change(ks, s, id, op);
+        if (rc != KMS_OK && kms_hsm_destroy(s, h) != KMS_OK)
+            kms_err_clear();
+    }
+    if (rc == KMS_OK) {
+        pthread_rwlock_wrlock(&ks->rw);
+        struct key *k = kms_key_find_locked(ks, id);
+        if (k)
+            k->versions[0].handle = h;
+        rc = k ? kms_info_copy_locked(ks, k, out)
+               : KMS_FAIL(KMS_ERR_INTERNAL, "the new key is not in the index");
+        pthread_rwlock_unlock(&ks->rw);
+    }
     pthread_mutex_unlock(&ks->write);
+    kms_hsm_release(s);
+    json_decref(op);
     return rc;
 }
+
+kms_err kms_keystore_enable(struct kms_keystore *ks, const char *ref, int enable)
+{
+    return change_ref(ks, ref, kms_op_new(enable ? "enable" : "disable"), NULL);
+}
+
+static kms_err check_days(long days, unsigned min, unsigned max, const char *member)
+{
+    KMS_ENSURE(days >= (long)min && days <= (long)max, KMS_ERR_VALIDATION,
+               "1 validation error detected: Value '%ld' at '%s' failed to satisfy constraint: "
+               "Member must have value between %u and %u",
+               days, member, min, max);
+    return KMS_OK;
+}
+
+kms_err kms_keystore_schedule_deletion(struct kms_keystore *ks, const char *ref, long days,
+                                       struct kms_key_info *out)
+{
+    uint8_t id[KMS_UUID_LEN];
+    json_t *op;
+    if (days == 0)
+        days = (long)ks->cfg.pending_max_days;
+    KMS_GUARD(check_days(days, ks->cfg.pending_min_days, ks->cfg.pending_max_days,
+                         "pendingWindowInDays"));
+    op = kms_op_new("schedule_deletion");
+    if (op)
+        json_object_set_new(op, "deletion_date",
+                            json_integer(kms_now() + (json_int_t)days * ks->cfg.day_seconds));
+    KMS_GUARD(change_ref(ks, ref, op, id));
+    return describe_id(ks, id, out);
+}
+
+kms_err kms_keystore_cancel_deletion(struct kms_keystore *ks, const char *ref,
+                                     struct kms_key_info *out)
+{
+    uint8_t id[KMS_UUID_LEN];
+    KMS_GUARD(change_ref(ks, ref, kms_op_new("cancel_deletion"), id));
+    return describe_id(ks, id, out);
+}
+
+kms_err kms_keystore_enable_rotation(struct kms_keystore *ks, const char *ref, long days)
+{
+    json_t *op;
+    if (days == 0)
+        days = 365;
+    KMS_GUARD(check_days(days, ks->cfg.rotation_min_days, ks->cfg.rotation_max_days,
+                         "rotationPeriodInDays"));
+    op = kms_op_new("enable_rotation");
+    if (op) {
+        json_object_set_new(op, "date", json_integer(kms_now()));
+        json_object_set_new(op, "period_days", json_integer(days));
+        json_object_set_new(op, "period_seconds",
+                            json_integer((json_int_t)days * ks->cfg.day_seconds));
+    }
+    return change_ref(ks, ref, op, NULL);
+}
+
+kms_err kms_keystore_disable_rotation(struct kms_keystore *ks, const char *ref)
+{
+    return change_ref(ks, ref, kms_op_new("disable_rotation"), NULL);
+}
+
+kms_err kms_keystore_rotate_on_demand(struct kms_keystore *ks, const char *ref,
+                                      struct kms_key_info *out)
+{
+    uint8_t id[KMS_UUID_LEN];
+    struct key *k;
+
+    pthread_rwlock_rdlock(&ks->rw);
+    kms_err rc = kms_resolve_locked(ks, ref, 1, &k);
+    if (rc == KMS_OK) {
+        memcpy(id, k->id, KMS_UUID_LEN);
+        if (k->state == KMS_KEY_DISABLED)
+            rc = KMS_FAIL(KMS_ERR_DISABLED, "%skey/%s is disabled.", ks->arn_prefix, k->id_text);
+        else if (k->state != KMS_KEY_ENABLED)
+            rc = KMS_FAIL(KMS_ERR_INVALID_STATE, "%skey/%s is pending deletion.", ks->arn_prefix,
+                          k->id_text);
+    }
+    pthread_rwlock_unlock(&ks->rw);
+    KMS_GUARD(rc);
+    KMS_GUARD(kms_key_rotate(ks, id, KMS_ROTATE_DEMAND, 0));
+    return describe_id(ks, id, out);
+}
+
+kms_err kms_keystore_list_rotations(struct kms_keystore *ks, const char *ref, uint32_t marker,
+                                    size_t limit, struct kms_rotation_info *out, size_t *n,
+                                    struct kms_key_info *info)
+{
+    struct key *k;
+    *n = 0;
+    pthread_rwlock_rdlock(&ks->rw);
+    kms_err rc = kms_resolve_locked(ks, ref, 1, &k);
+    if (rc == KMS_OK)
+        rc = kms_info_copy_locked(ks, k, info);
+    /* Versions are kept in the order they were made; n orders them. */
+    for (uint32_t want = marker ? marker : 2; rc == KMS_OK && *n < limit; want++) {
+        const struct version *v = NULL;
+        uint32_t next = UINT32_MAX;
+        for (size_t i = 0; i < k->nversions; i++) {
+            const struct version *c = &k->versions[i];
+            if (c->listed && c->n >= want && c->n < next) {
+                next = c->n;
+                v = c;
+            }
+        }
+        if (!v)
+            break;
+        out[*n].n = v->n;
+        out[*n].date = v->created;
+        out[*n].on_demand = v->on_demand;
+        (*n)++;
+        want = v->n;
+    }
+    pthread_rwlock_unlock(&ks->rw);
+    return rc;
+}
+
+/* ---- aliases -------------------------------------------------------------- */
 
 kms_err kms_alias_name_check(const char *name)
 {
@@ -660,55 +866,79 @@ kms_err kms_alias_name_check(const char *name)
     return KMS_OK;
 }
 
-kms_err kms_keystore_create_alias(struct kms_keystore *ks, const char *name, const char *target_ref)
+/* The alias target must be a key id or key ARN, of a key not pending deletion. */
+static kms_err alias_target(struct kms_keystore *ks, const char *ref,
+                            char out[KMS_UUID_TEXT_LEN + 1])
 {
-    struct key *k, *next = NULL;
-    struct kms_session *s = NULL;
-    struct key_alias *a;
-    int found;
-    kms_err rc;
-
-    KMS_GUARD(kms_alias_name_check(name));
-    pthread_mutex_lock(&ks->write);
-    /* Writers are serialised by ks->write, so reading the index without rw is safe here. */
-    rc = resolve_locked(ks, target_ref, 0, &k);
-    if (rc == KMS_OK) {
-        alias_position(ks, name, &found);
-        if (found)
-            rc = KMS_FAIL(KMS_ERR_ALREADY_EXISTS, "An alias with the name %s%s already exists",
-                          ks->arn_prefix, name);
-    }
+    struct key *k;
+    pthread_rwlock_rdlock(&ks->rw);
+    kms_err rc = kms_resolve_locked(ks, ref, 0, &k);
     if (rc == KMS_OK && k->state == KMS_KEY_PENDING_DELETION)
         rc = KMS_FAIL(KMS_ERR_INVALID_STATE, "%skey/%s is pending deletion.", ks->arn_prefix,
                       k->id_text);
     if (rc == KMS_OK)
-        rc = key_dup(k, &next);
+        memcpy(out, k->id_text, KMS_UUID_TEXT_LEN + 1);
+    pthread_rwlock_unlock(&ks->rw);
+    return rc;
+}
+
+static kms_err alias_change(struct kms_keystore *ks, const char *name, json_t *op)
+{
+    struct kms_session *s;
+    struct kms_view view = {0};
+    uint8_t oid[KMS_OID_LEN];
+    kms_err rc;
+
+    if (!op)
+        return KMS_FAIL(KMS_ERR_INTERNAL, "out of memory");
+    json_object_set_new(op, "date", json_integer(kms_now()));
+    kms_alias_oid(name, oid);
+    rc = kms_hsm_acquire(ks->hsm, &s);
     if (rc == KMS_OK) {
-        a = &next->aliases[next->naliases];
-        a->name = strdup(name);
-        a->created = a->updated = now_seconds();
-        if (!a->name)
-            rc = KMS_FAIL(KMS_ERR_INTERNAL, "out of memory");
-        else
-            next->naliases++;
-    }
-    if (rc == KMS_OK) {
-        next->generation = k->generation + 1;
-        rc = kms_hsm_acquire(ks->hsm, &s);
-    }
-    if (rc == KMS_OK) {
-        rc = meta_store(s, next, k->meta);
+        pthread_mutex_lock(&ks->write);
+        rc = kms_record_change(s, &kms_alias_kind, name, oid, op, &view);
+        if (rc == KMS_OK) {
+            rc = kms_index_alias_view(ks, name, &view, NULL);
+            kms_marker_touch(ks, s);
+        }
+        pthread_mutex_unlock(&ks->write);
         kms_hsm_release(s);
     }
-    if (rc == KMS_OK) {
-        pthread_rwlock_wrlock(&ks->rw);
-        rc = index_put_locked(ks, next);
-        pthread_rwlock_unlock(&ks->rw);
-        next = NULL;
-    }
-    pthread_mutex_unlock(&ks->write);
-    key_free(next);
+    kms_view_clear(&view);
+    json_decref(op);
+    if (rc == KMS_ERR_ALREADY_EXISTS)
+        return KMS_FAIL(rc, "An alias with the name %s%s already exists", ks->arn_prefix, name);
+    if (rc == KMS_ERR_NOT_FOUND)
+        return KMS_FAIL(rc, "Alias %s%s is not found.", ks->arn_prefix, name);
     return rc;
+}
+
+kms_err kms_keystore_create_alias(struct kms_keystore *ks, const char *name, const char *target_ref)
+{
+    char target[KMS_UUID_TEXT_LEN + 1];
+    KMS_GUARD(kms_alias_name_check(name));
+    KMS_GUARD(alias_target(ks, target_ref, target));
+    json_t *op = kms_op_new("create");
+    if (op)
+        json_object_set_new(op, "target", json_string(target));
+    return alias_change(ks, name, op);
+}
+
+kms_err kms_keystore_update_alias(struct kms_keystore *ks, const char *name, const char *target_ref)
+{
+    char target[KMS_UUID_TEXT_LEN + 1];
+    KMS_GUARD(kms_alias_name_check(name));
+    KMS_GUARD(alias_target(ks, target_ref, target));
+    json_t *op = kms_op_new("update");
+    if (op)
+        json_object_set_new(op, "target", json_string(target));
+    return alias_change(ks, name, op);
+}
+
+kms_err kms_keystore_delete_alias(struct kms_keystore *ks, const char *name)
+{
+    KMS_GUARD(kms_alias_name_check(name));
+    return alias_change(ks, name, kms_op_new("delete"));
 }
 
 kms_err kms_keystore_list_aliases(struct kms_keystore *ks, const char *key_ref, const char *marker,
@@ -721,149 +951,24 @@ kms_err kms_keystore_list_aliases(struct kms_keystore *ks, const char *key_ref, 
     *n = 0;
     pthread_rwlock_rdlock(&ks->rw);
     if (key_ref)
-        rc = resolve_locked(ks, key_ref, 0, &only);
+        rc = kms_resolve_locked(ks, key_ref, 0, &only);
     if (rc == KMS_OK && marker) {
         int found;
         i = alias_position(ks, marker, &found);
     }
-    for (; rc == KMS_OK && i < ks->naliases; i++) {
-        const struct alias_entry *e = &ks->aliases[i];
-        if (only && e->key != only)
+    for (; rc == KMS_OK && i < ks->naliases && *n < limit; i++) {
+        const struct alias *a = ks->aliases[i];
+        struct key *k = a->live ? kms_key_find_locked(ks, a->target) : NULL;
+        if (!k || (only && k != only))
             continue;
-        if (*n == limit)
-            break;
-        struct kms_alias_info *a = &out[(*n)++];
-        snprintf(a->name, sizeof a->name, "%s", e->alias->name);
-        snprintf(a->arn, sizeof a->arn, "%s%s", ks->arn_prefix, e->alias->name);
-        memcpy(a->target_id, e->key->id_text, sizeof a->target_id);
-        a->created = e->alias->created;
-        a->updated = e->alias->updated;
+        struct kms_alias_info *o = &out[(*n)++];
+        snprintf(o->name, sizeof o->name, "%s", a->name);
+        snprintf(o->arn, sizeof o->arn, "%s%s", ks->arn_prefix, a->name);
+        memcpy(o->target_id, k->id_text, sizeof o->target_id);
+        o->created = a->created;
+        o->updated = a->updated;
     }
     pthread_rwlock_unlock(&ks->rw);
-    return rc;
-}
-
-/* ---- cryptography --------------------------------------------------------- */
-
-static kms_err usable_locked(struct kms_keystore *ks, const struct key *k)
-{
-    KMS_ENSURE(k->state != KMS_KEY_DISABLED, KMS_ERR_DISABLED, "%skey/%s is disabled.",
-               ks->arn_prefix, k->id_text);
-    KMS_ENSURE(k->state == KMS_KEY_ENABLED, KMS_ERR_INVALID_STATE, "%skey/%s is pending deletion.",
-               ks->arn_prefix, k->id_text);
-    return KMS_OK;
-}
-
-static kms_err version_handle_locked(struct kms_keystore *ks, const struct key *k, uint32_t v,
-                                     CK_OBJECT_HANDLE *out)
-{
-    for (size_t i = 0; i < k->nversions; i++) {
-        if (k->versions[i].number == v) {
-            KMS_ENSURE(k->versions[i].handle != CK_INVALID_HANDLE, KMS_ERR_KEY_UNAVAILABLE,
-                       "%skey/%s version %u is unavailable", ks->arn_prefix, k->id_text, v);
-            *out = k->versions[i].handle;
-            return KMS_OK;
-        }
-    }
-    return KMS_FAIL(KMS_ERR_INVALID_CIPHERTEXT,
-                    "The ciphertext names a key version that does not exist");
-}
-
-kms_err kms_keystore_encrypt(struct kms_keystore *ks, const char *ref,
-                             const struct kms_buf *canonical_context, const uint8_t *plaintext,
-                             size_t n, struct kms_buf *blob, struct kms_key_info *info)
-{
-    uint8_t header[KMS_BLOB_HEADER_LEN], iv[KMS_GCM_IV_LEN];
-    struct kms_buf aad = KMS_BUF_INIT;
-    struct kms_session *s = NULL;
-    CK_OBJECT_HANDLE h = CK_INVALID_HANDLE;
-    struct key *k;
-    kms_err rc;
-
-    pthread_rwlock_rdlock(&ks->rw);
-    rc = resolve_locked(ks, ref, 1, &k);
-    if (rc == KMS_OK)
-        rc = usable_locked(ks, k);
-    if (rc == KMS_OK)
-        rc = version_handle_locked(ks, k, k->current, &h);
-    if (rc == KMS_OK) {
-        kms_blob_header(k->id, k->current, header);
-        rc = info_copy_locked(ks, k, info);
-    }
-    pthread_rwlock_unlock(&ks->rw);
-
-    if (rc == KMS_OK && RAND_bytes(iv, sizeof iv) != 1)
-        rc = KMS_FAIL(KMS_ERR_INTERNAL, "random generator failed");
-    if (rc == KMS_OK)
-        rc = kms_blob_aad(header, canonical_context, &aad);
-    if (rc == KMS_OK)
-        rc = kms_buf_reserve(blob, KMS_BLOB_OVERHEAD + n);
-    if (rc == KMS_OK)
-        rc = kms_hsm_acquire(ks->hsm, &s);
-    if (rc == KMS_OK) {
-        size_t at = blob->len + sizeof header + sizeof iv;
-        rc = kms_hsm_gcm_encrypt(s, h, iv, aad.data, aad.len, plaintext, n, blob->data + at);
-        kms_hsm_release(s);
-    }
-    if (rc == KMS_OK) {
-        /* header and IV go in front of what the token wrote */
-        memcpy(blob->data + blob->len, header, sizeof header);
-        memcpy(blob->data + blob->len + sizeof header, iv, sizeof iv);
-        blob->len += KMS_BLOB_OVERHEAD + n;
-    }
-    kms_buf_free(&aad);
-    return rc;
-}
-
-kms_err kms_keystore_decrypt(struct kms_keystore *ks, const uint8_t *p, size_t n,
-                             const struct kms_buf *canonical_context, const char *expect_ref,
-                             struct kms_buf *plaintext, struct kms_key_info *info)
-{
-    struct kms_blob blob;
-    struct kms_buf aad = KMS_BUF_INIT;
-    struct kms_session *s = NULL;
-    CK_OBJECT_HANDLE h = CK_INVALID_HANDLE;
-    struct key *k, *expected = NULL;
-    kms_err rc;
-
-    KMS_GUARD(kms_blob_decode(p, n, &blob));
-    pthread_rwlock_rdlock(&ks->rw);
-    if (expect_ref)
-        rc = resolve_locked(ks, expect_ref, 1, &expected);
-    else
-        rc = KMS_OK;
-    if (rc == KMS_OK) {
-        k = key_find_locked(ks, blob.key_id);
-        if (!k)
-            rc = KMS_FAIL(KMS_ERR_INVALID_CIPHERTEXT,
-                          "The ciphertext refers to a customer master key that does not exist");
-        else if (expected && expected != k)
-            rc = KMS_FAIL(KMS_ERR_INCORRECT_KEY, "The key ID in the request does not identify the "
-                                                 "key that encrypted the ciphertext");
-    }
-    if (rc == KMS_OK)
-        rc = usable_locked(ks, k);
-    if (rc == KMS_OK)
-        rc = version_handle_locked(ks, k, blob.key_version, &h);
-    if (rc == KMS_OK)
-        rc = info_copy_locked(ks, k, info);
-    pthread_rwlock_unlock(&ks->rw);
-
-    if (rc == KMS_OK)
-        rc = kms_blob_aad(blob.header, canonical_context, &aad);
-    if (rc == KMS_OK)
-        rc = kms_buf_reserve(plaintext, blob.ciphertext_len);
-    if (rc == KMS_OK)
-        rc = kms_hsm_acquire(ks->hsm, &s);
-    if (rc == KMS_OK) {
-        rc = kms_hsm_gcm_decrypt(s, h, blob.iv, aad.data, aad.len, blob.ciphertext,
-                                 blob.ciphertext_len + KMS_GCM_TAG_LEN,
-                                 plaintext->data + plaintext->len);
-        kms_hsm_release(s);
-    }
-    if (rc == KMS_OK)
-        plaintext->len += blob.ciphertext_len;
-    kms_buf_free(&aad);
     return rc;
 }
 

@@ -1,10 +1,17 @@
 /*
- * The key model (DESIGN §5). All state lives in the token: each KEK version
- * is an AES-256 secret key object with CKA_ID = uuid || version, and each
- * key's metadata is a CKO_DATA object holding JSON, written as a new
- * generation and the previous one removed. The in-memory index maps key ids
- * and alias names to versions and object handles, so a request never
- * searches the token.
+ * The key model (DESIGN §5). All state lives in the token, so nodes pointed at
+ * one token share nothing else:
+ *
+ * - each KEK version is an AES-256 secret key object with CKA_ID =
+ *   uuid || vid, where vid is a random 32-bit version id (the blob's "key
+ *   version" field), so a blob names exactly one object even when two nodes
+ *   rotate a key at once;
+ * - each key and each alias is a generational record (record.h);
+ * - a "change marker" data object gets a new random label after every change;
+ *   each node polls it and re-reads what changed.
+ *
+ * The in-memory index maps key ids and alias names to versions and object
+ * handles, so a request never searches the token.
  */
 #ifndef P11KMS_KEYSTORE_H
 #define P11KMS_KEYSTORE_H
@@ -26,7 +33,20 @@ struct kms_keystore;
 struct kms_keystore_config {
     const char *region;
     const char *account;
+    uint64_t usage_bound;          /* wraps per version; default 2^30 */
+    uint64_t usage_block;          /* wraps reserved per metadata write; default 10000 */
+    unsigned day_seconds;          /* one "day" of periods and windows; 86400 */
+    unsigned rotation_min_days;    /* 90 */
+    unsigned rotation_max_days;    /* 2560 */
+    unsigned pending_min_days;     /* 7 */
+    unsigned pending_max_days;     /* 30 */
+    unsigned max_on_demand;        /* on-demand rotations per key; 10 */
+    unsigned refresh_ms;           /* change-marker poll interval; 1000 */
+    unsigned full_refresh_seconds; /* re-read everything this often; 60 */
+    unsigned orphan_grace_seconds; /* a key object no record names is removed after this; 600 */
 };
+
+void kms_keystore_config_defaults(struct kms_keystore_config *c);
 
 /* A copy of what a request needs to know about one key; owned by the caller. */
 struct kms_key_info {
@@ -35,7 +55,11 @@ struct kms_key_info {
     char arn[KMS_ARN_MAX];
     int64_t created;
     enum kms_key_state state;
-    uint32_t current_version;
+    uint32_t current_version; /* vid */
+    int64_t deletion_date;
+    int rotation_enabled;
+    int64_t rotation_period_days;
+    int64_t next_rotation;
     char *description; /* malloc'd; kms_key_info_clear frees it */
 };
 
@@ -47,49 +71,81 @@ struct kms_alias_info {
     int64_t updated;
 };
 
+struct kms_rotation_info {
+    uint32_t n; /* the version's ordinal: the marker of ListKeyRotations */
+    int64_t date;
+    int on_demand;
+};
+
 /* Opens the key store over a logged-in token and reads every key into the index. */
 KMS_MUST_CHECK kms_err kms_keystore_open(struct kms_hsm *hsm, const struct kms_keystore_config *cfg,
                                          struct kms_keystore **out);
 void kms_keystore_close(struct kms_keystore *ks);
 size_t kms_keystore_count(struct kms_keystore *ks);
-const char *kms_keystore_region(struct kms_keystore *ks);
+
+/* Starts and stops the background thread: change polling, scheduled rotation, deletion. */
+KMS_MUST_CHECK kms_err kms_keystore_start(struct kms_keystore *ks);
+void kms_keystore_stop(struct kms_keystore *ks);
+/* One pass of the background work now (tests and start-up). */
+void kms_keystore_tick(struct kms_keystore *ks);
 
 void kms_key_info_clear(struct kms_key_info *info);
 const char *kms_key_state_name(enum kms_key_state s);
 
-/* Creates a key with version 1 generated inside the token. */
+/* ---- keys ---- */
 KMS_MUST_CHECK kms_err kms_keystore_create_key(struct kms_keystore *ks, const char *description,
                                                struct kms_key_info *out);
-
 /* Resolves a key id, key ARN, alias name or alias ARN. */
 KMS_MUST_CHECK kms_err kms_keystore_describe(struct kms_keystore *ks, const char *ref,
                                              struct kms_key_info *out);
-
 /*
  * Lists at most limit keys in id order, from the key marker names (NULL for
  * the start) on. Each entry of out must be released with kms_key_info_clear.
  */
 KMS_MUST_CHECK kms_err kms_keystore_list_keys(struct kms_keystore *ks, const char *marker,
                                               size_t limit, struct kms_key_info *out, size_t *n);
+KMS_MUST_CHECK kms_err kms_keystore_enable(struct kms_keystore *ks, const char *ref, int enable);
+/* days 0 means the configured maximum (AWS's default of 30). */
+KMS_MUST_CHECK kms_err kms_keystore_schedule_deletion(struct kms_keystore *ks, const char *ref,
+                                                      long days, struct kms_key_info *out);
+KMS_MUST_CHECK kms_err kms_keystore_cancel_deletion(struct kms_keystore *ks, const char *ref,
+                                                    struct kms_key_info *out);
 
+/* ---- rotation ---- */
+/* days 0 means AWS's default of 365 (bounded by the configured range). */
+KMS_MUST_CHECK kms_err kms_keystore_enable_rotation(struct kms_keystore *ks, const char *ref,
+                                                    long days);
+KMS_MUST_CHECK kms_err kms_keystore_disable_rotation(struct kms_keystore *ks, const char *ref);
+KMS_MUST_CHECK kms_err kms_keystore_rotate_on_demand(struct kms_keystore *ks, const char *ref,
+                                                     struct kms_key_info *out);
+/* Rotations (versions after the first) in order, from ordinal marker (0: start) on. */
+KMS_MUST_CHECK kms_err kms_keystore_list_rotations(struct kms_keystore *ks, const char *ref,
+                                                   uint32_t marker, size_t limit,
+                                                   struct kms_rotation_info *out, size_t *n,
+                                                   struct kms_key_info *key);
+
+/* ---- aliases ---- */
 /* Validates an alias name as AWS does (alias/..., not alias/aws/...). */
 KMS_MUST_CHECK kms_err kms_alias_name_check(const char *name);
 KMS_MUST_CHECK kms_err kms_keystore_create_alias(struct kms_keystore *ks, const char *name,
                                                  const char *target_ref);
+KMS_MUST_CHECK kms_err kms_keystore_update_alias(struct kms_keystore *ks, const char *name,
+                                                 const char *target_ref);
+KMS_MUST_CHECK kms_err kms_keystore_delete_alias(struct kms_keystore *ks, const char *name);
 /* At most limit aliases in name order from marker on, optionally only one key's. */
 KMS_MUST_CHECK kms_err kms_keystore_list_aliases(struct kms_keystore *ks, const char *key_ref,
                                                  const char *marker, size_t limit,
                                                  struct kms_alias_info *out, size_t *n);
 
+/* ---- cryptography ---- */
 /*
- * Wraps plaintext under the key's newest enabled version: out receives the
- * blob. canonical_context is the encryption context's canonical form.
+ * Wraps plaintext under the key's current version: out receives the blob.
+ * canonical_context is the encryption context's canonical form.
  */
 KMS_MUST_CHECK kms_err kms_keystore_encrypt(struct kms_keystore *ks, const char *ref,
                                             const struct kms_buf *canonical_context,
                                             const uint8_t *plaintext, size_t n,
                                             struct kms_buf *blob, struct kms_key_info *key);
-
 /*
  * Unwraps a blob. When expect_ref is given, the blob must be under that key
  * (else KMS_ERR_INCORRECT_KEY). plaintext is cleansed on every failure.
@@ -98,7 +154,6 @@ KMS_MUST_CHECK kms_err kms_keystore_decrypt(struct kms_keystore *ks, const uint8
                                             const struct kms_buf *canonical_context,
                                             const char *expect_ref, struct kms_buf *plaintext,
                                             struct kms_key_info *key);
-
 /* Random bytes from the token's generator. */
 KMS_MUST_CHECK kms_err kms_keystore_random(struct kms_keystore *ks, uint8_t *out, size_t n);
 

@@ -92,7 +92,9 @@ static kms_err start(struct kms_server *srv)
     kms_free_secret(pin, pin_len + 1);
     if (rc != KMS_OK)
         return rc;
-    struct kms_keystore_config kc = {srv->cfg.region, srv->cfg.account};
+    struct kms_keystore_config kc = srv->cfg.keys;
+    kc.region = srv->cfg.region;
+    kc.account = srv->cfg.account;
     KMS_GUARD(kms_keystore_open(srv->hsm, &kc, &srv->ks));
     kms_info("token opened: %zu keys", kms_keystore_count(srv->ks));
     return KMS_OK;
@@ -168,6 +170,8 @@ int main(int argc, char **argv)
     if (rc == KMS_OK && dev)
         rc = kms_dev_ensure_key(&srv);
     if (rc == KMS_OK)
+        rc = kms_keystore_start(srv.ks);
+    if (rc == KMS_OK)
         rc = kms_http_start(&srv);
     if (rc == KMS_OK && dev)
         rc = kms_dev_write_env(state_dir, &srv);
@@ -185,6 +189,8 @@ int main(int argc, char **argv)
         kms_error("%s", kms_err_message());
     }
     kms_http_stop(&srv);
+    if (srv.ks)
+        kms_keystore_stop(srv.ks);
     kms_keystore_close(srv.ks);
     kms_hsm_close(srv.hsm);
     kms_credentials_free(&srv.creds);

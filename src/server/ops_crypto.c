@@ -176,3 +176,56 @@ kms_err kms_op_generate_random(struct kms_request *r)
     kms_buf_free(&bytes);
     return rc;
 }
+
+kms_err kms_op_re_encrypt(struct kms_request *r)
+{
+    const char *source, *dest, *alg;
+    int present;
+    struct kms_buf blob = KMS_BUF_INIT, pt = KMS_BUF_INIT, out = KMS_BUF_INIT;
+    struct kms_buf sctx = KMS_BUF_INIT, dctx = KMS_BUF_INIT;
+    struct kms_key_info sk = {0}, dk = {0};
+    json_t *ctx;
+    kms_err rc;
+
+    KMS_GUARD(kms_in_string(r->in, "SourceKeyId", 0, 1, 2048, &source));
+    KMS_GUARD(kms_in_string(r->in, "DestinationKeyId", 1, 1, 2048, &dest));
+    KMS_GUARD(kms_in_grant_tokens(r->in));
+    KMS_GUARD(kms_in_string(r->in, "SourceEncryptionAlgorithm", 0, 1, 64, &alg));
+    KMS_ENSURE(!alg || strcmp(alg, "SYMMETRIC_DEFAULT") == 0, KMS_ERR_VALIDATION,
+               "SourceEncryptionAlgorithm must be SYMMETRIC_DEFAULT for a symmetric key");
+    KMS_GUARD(kms_in_string(r->in, "DestinationEncryptionAlgorithm", 0, 1, 64, &alg));
+    KMS_ENSURE(!alg || strcmp(alg, "SYMMETRIC_DEFAULT") == 0, KMS_ERR_VALIDATION,
+               "DestinationEncryptionAlgorithm must be SYMMETRIC_DEFAULT for a symmetric key");
+    rc = kms_in_blob(r->in, "CiphertextBlob", 1, 1, CIPHERTEXT_MAX, &blob, &present);
+    /* kms_in_context reads "EncryptionContext": hand it each context in turn. */
+    ctx =
+        json_pack("{s:O?}", "EncryptionContext", json_object_get(r->in, "SourceEncryptionContext"));
+    if (rc == KMS_OK)
+        rc = ctx ? kms_in_context(ctx, &sctx) : KMS_FAIL(KMS_ERR_INTERNAL, "out of memory");
+    json_decref(ctx);
+    ctx = json_pack("{s:O?}", "EncryptionContext",
+                    json_object_get(r->in, "DestinationEncryptionContext"));
+    if (rc == KMS_OK)
+        rc = ctx ? kms_in_context(ctx, &dctx) : KMS_FAIL(KMS_ERR_INTERNAL, "out of memory");
+    json_decref(ctx);
+    /* The plaintext stays in this process, in a buffer cleansed when freed. */
+    if (rc == KMS_OK)
+        rc = kms_keystore_decrypt(r->srv->ks, blob.data, blob.len, &sctx, source, &pt, &sk);
+    if (rc == KMS_OK)
+        rc = kms_keystore_encrypt(r->srv->ks, dest, &dctx, pt.data, pt.len, &out, &dk);
+    if (rc == KMS_OK) {
+        r->out = json_pack("{s:s, s:s, s:s, s:s}", "SourceKeyId", sk.arn, "KeyId", dk.arn,
+                           "SourceEncryptionAlgorithm", "SYMMETRIC_DEFAULT",
+                           "DestinationEncryptionAlgorithm", "SYMMETRIC_DEFAULT");
+        rc = r->out ? kms_out_blob(r->out, "CiphertextBlob", out.data, out.len)
+                    : KMS_FAIL(KMS_ERR_INTERNAL, "out of memory");
+    }
+    kms_buf_free(&blob);
+    kms_buf_free(&pt);
+    kms_buf_free(&out);
+    kms_buf_free(&sctx);
+    kms_buf_free(&dctx);
+    kms_key_info_clear(&sk);
+    kms_key_info_clear(&dk);
+    return rc;
+}

@@ -1,4 +1,7 @@
-/* Key and alias management: CreateKey, DescribeKey, ListKeys, CreateAlias, ListAliases. */
+/*
+ * Key and alias management: CreateKey, DescribeKey, ListKeys, CreateAlias,
+ * UpdateAlias, DeleteAlias, ListAliases.
+ */
 #include "config.h"
 
 #include <stdlib.h>
@@ -63,6 +66,21 @@ static kms_err list_args(json_t *in, size_t *limit, const char **marker)
     KMS_GUARD(kms_in_string(in, "Marker", 0, 1, 1024, marker));
     *limit = (size_t)l;
     return KMS_OK;
+}
+
+kms_err kms_op_update_alias(struct kms_request *r)
+{
+    const char *name, *target;
+    KMS_GUARD(kms_in_string(r->in, "AliasName", 1, 1, KMS_ALIAS_MAX, &name));
+    KMS_GUARD(kms_in_string(r->in, "TargetKeyId", 1, 1, 2048, &target));
+    return kms_keystore_update_alias(r->srv->ks, name, target);
+}
+
+kms_err kms_op_delete_alias(struct kms_request *r)
+{
+    const char *name;
+    KMS_GUARD(kms_in_string(r->in, "AliasName", 1, 1, KMS_ALIAS_MAX, &name));
+    return kms_keystore_delete_alias(r->srv->ks, name);
 }
 
 /*

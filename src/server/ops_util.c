@@ -181,12 +181,15 @@ kms_err kms_out_blob(json_t *out, const char *name, const uint8_t *p, size_t n)
 
 json_t *kms_key_metadata(struct kms_server *srv, const struct kms_key_info *k)
 {
-    return json_pack("{s:s, s:s, s:s, s:I, s:b, s:s, s:s, s:s, s:s, s:s, s:s, s:s, s:[s], s:b}",
-                     "AWSAccountId", srv->cfg.account, "KeyId", k->id_text, "Arn", k->arn,
-                     "CreationDate", (json_int_t)k->created, "Enabled", k->state == KMS_KEY_ENABLED,
-                     "Description", k->description ? k->description : "", "KeyUsage",
-                     "ENCRYPT_DECRYPT", "KeyState", kms_key_state_name(k->state), "Origin",
-                     "AWS_KMS", "KeyManager", "CUSTOMER", "CustomerMasterKeySpec",
-                     "SYMMETRIC_DEFAULT", "KeySpec", "SYMMETRIC_DEFAULT", "EncryptionAlgorithms",
-                     "SYMMETRIC_DEFAULT", "MultiRegion", 0);
+    json_t *m = json_pack(
+        "{s:s, s:s, s:s, s:I, s:b, s:s, s:s, s:s, s:s, s:s, s:s, s:s, s:[s], s:b}", "AWSAccountId",
+        srv->cfg.account, "KeyId", k->id_text, "Arn", k->arn, "CreationDate",
+        (json_int_t)k->created, "Enabled", k->state == KMS_KEY_ENABLED, "Description",
+        k->description ? k->description : "", "KeyUsage", "ENCRYPT_DECRYPT", "KeyState",
+        kms_key_state_name(k->state), "Origin", "AWS_KMS", "KeyManager", "CUSTOMER",
+        "CustomerMasterKeySpec", "SYMMETRIC_DEFAULT", "KeySpec", "SYMMETRIC_DEFAULT",
+        "EncryptionAlgorithms", "SYMMETRIC_DEFAULT", "MultiRegion", 0);
+    if (m && k->state == KMS_KEY_PENDING_DELETION)
+        json_object_set_new(m, "DeletionDate", json_integer(k->deletion_date));
+    return m;
 }

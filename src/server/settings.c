@@ -4,6 +4,7 @@
 
 #include <ctype.h>
 #include <errno.h>
+#include <stddef.h>
 #include <fcntl.h>
 #include <openssl/crypto.h>
 #include <stdio.h>
@@ -22,6 +23,7 @@ void kms_config_defaults(struct kms_config *c)
     c->threads = 4;
     c->session_timeout_ms = 2000;
     c->max_body = 64 * 1024;
+    kms_keystore_config_defaults(&c->keys);
 }
 
 void kms_config_free(struct kms_config *c)
@@ -106,6 +108,42 @@ kms_err kms_config_set(struct kms_config *c, const char *key, const char *value)
     if (strcmp(key, "max_body") == 0) {
         KMS_GUARD(set_unsigned(&v, key, value, 1024, 16u << 20));
         c->max_body = v;
+        return KMS_OK;
+    }
+    static const struct {
+        const char *name;
+        size_t offset;
+        unsigned long min, max;
+    } numbers[] = {
+        {"day_seconds", offsetof(struct kms_keystore_config, day_seconds), 1, 86400},
+        {"rotation_min_days", offsetof(struct kms_keystore_config, rotation_min_days), 1, 2560},
+        {"rotation_max_days", offsetof(struct kms_keystore_config, rotation_max_days), 1, 2560},
+        {"pending_min_days", offsetof(struct kms_keystore_config, pending_min_days), 0, 30},
+        {"pending_max_days", offsetof(struct kms_keystore_config, pending_max_days), 0, 30},
+        {"max_on_demand_rotations", offsetof(struct kms_keystore_config, max_on_demand), 0,
+         1000000},
+        {"refresh_ms", offsetof(struct kms_keystore_config, refresh_ms), 10, 60000},
+        {"full_refresh_seconds", offsetof(struct kms_keystore_config, full_refresh_seconds), 1,
+         86400},
+        {"orphan_grace_seconds", offsetof(struct kms_keystore_config, orphan_grace_seconds), 0,
+         86400 * 30},
+    };
+    for (size_t i = 0; i < sizeof numbers / sizeof numbers[0]; i++) {
+        if (strcmp(key, numbers[i].name) == 0) {
+            KMS_GUARD(set_unsigned(&v, key, value, numbers[i].min, numbers[i].max));
+            *(unsigned *)((char *)&c->keys + numbers[i].offset) = (unsigned)v;
+            return KMS_OK;
+        }
+    }
+    if (strcmp(key, "usage_bound") == 0) {
+        /* At most 2^32 wraps under one key with random 96-bit IVs (NIST SP 800-38D). */
+        KMS_GUARD(set_unsigned(&v, key, value, 1, 4294967295ul));
+        c->keys.usage_bound = v;
+        return KMS_OK;
+    }
+    if (strcmp(key, "usage_block") == 0) {
+        KMS_GUARD(set_unsigned(&v, key, value, 1, 1000000000ul));
+        c->keys.usage_block = v;
         return KMS_OK;
     }
     return KMS_FAIL(KMS_ERR_VALIDATION, "unknown setting '%.64s'", key);
@@ -233,6 +271,10 @@ kms_err kms_config_check(const struct kms_config *c)
     KMS_ENSURE(c->listen, KMS_ERR_VALIDATION, "the configuration needs 'listen'");
     KMS_ENSURE(c->region, KMS_ERR_VALIDATION, "the configuration needs 'region'");
     KMS_ENSURE(c->account, KMS_ERR_VALIDATION, "the configuration needs 'account'");
+    KMS_ENSURE(c->keys.rotation_min_days <= c->keys.rotation_max_days, KMS_ERR_VALIDATION,
+               "rotation_min_days is above rotation_max_days");
+    KMS_ENSURE(c->keys.pending_min_days <= c->keys.pending_max_days, KMS_ERR_VALIDATION,
+               "pending_min_days is above pending_max_days");
     return KMS_OK;
 }
 

@@ -5,6 +5,7 @@
 #include <stddef.h>
 
 #include "common/error.h"
+#include "keystore/keystore.h"
 
 struct kms_config {
     char *module;   /* PKCS#11 module path or p11-kit name */
@@ -17,7 +18,8 @@ struct kms_config {
     unsigned threads;  /* HTTP worker threads */
     unsigned sessions; /* token sessions; defaults to threads */
     unsigned session_timeout_ms;
-    size_t max_body; /* bytes */
+    size_t max_body;                 /* bytes */
+    struct kms_keystore_config keys; /* lifecycle and multi-node settings */
 };
 
 void kms_config_defaults(struct kms_config *c);

@@ -38,6 +38,7 @@ ALIAS = "alias/it-main"
 ARN_PREFIX = "arn:aws:kms:%s:%s:" % (h.REGION, h.ACCOUNT)
 CONTEXT = {"purpose": "integration-test", "tenant": "acme"}
 BLOB_OVERHEAD = 1 + 16 + 4 + 12 + 16
+VERSION_IDS = {}  # key id -> the 4-byte version id its blobs carry
 
 
 def setup():
@@ -165,7 +166,11 @@ def check_blob_header(blob, key_id, plaintext_len):
     eq(len(blob), BLOB_OVERHEAD + plaintext_len, "blob length")
     eq(blob[0], 1, "blob format version")
     eq(blob[1:17], uuid.UUID(key_id).bytes, "blob key id")
-    eq(blob[17:21], b"\x00\x00\x00\x01", "blob key version")
+    # The version field is the version's random 32-bit id: never 0, and one
+    # value for every blob made under the key's (single) version.
+    vid = blob[17:21]
+    check(vid != b"\x00\x00\x00\x00", "blob key version id is not 0")
+    eq(VERSION_IDS.setdefault(key_id, vid), vid, "blob key version id of %s" % key_id)
 
 
 @test
@@ -580,8 +585,11 @@ def test_kek_is_sensitive_and_not_extractable():
             eq(values[PyKCS11.CKA_PRIVATE], True, "CKA_PRIVATE")
             eq(values[PyKCS11.CKA_LOCAL], True, "CKA_LOCAL (generated in the token)")
             key_id = bytes(session.getAttributeValue(k, [PyKCS11.CKA_ID], allAsBinary=True)[0])
-            check(len(key_id) >= 16, "CKA_ID holds at least the key's uuid")
-            ids.add(str(uuid.UUID(bytes=key_id[:16])))
+            eq(len(key_id), 20, "CKA_ID is the key's uuid and the version id")
+            owner = str(uuid.UUID(bytes=key_id[:16]))
+            ids.add(owner)
+            if owner in VERSION_IDS:
+                eq(key_id[16:], VERSION_IDS[owner], "the blob's version id names this object")
 
             # CKA_VALUE must be refused: straight through the low-level call, since
             # PyKCS11's getAttributeValue turns CKR_ATTRIBUTE_SENSITIVE into None.

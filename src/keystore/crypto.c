@@ -1,0 +1,269 @@
+/*
+ * Wrapping and unwrapping under KEK versions, with each version's uses
+ * counted durably: a node reserves a block of uses in the key's record before
+ * spending them, so a crash wastes at most a block and never lets a version
+ * wrap past its bound (NIST SP 800-38D: random 96-bit IVs).
+ */
+#include "config.h"
+
+#include <openssl/rand.h>
+#include <string.h>
+
+#include "common/log.h"
+#include "keystore/internal.h"
+
+static kms_err usable_locked(struct kms_keystore *ks, const struct key *k)
+{
+    KMS_ENSURE(k->state != KMS_KEY_DISABLED, KMS_ERR_DISABLED, "%skey/%s is disabled.",
+               ks->arn_prefix, k->id_text);
+    KMS_ENSURE(k->state == KMS_KEY_ENABLED, KMS_ERR_INVALID_STATE, "%skey/%s is pending deletion.",
+               ks->arn_prefix, k->id_text);
+    return KMS_OK;
+}
+
+static const struct version *version_locked(const struct key *k, uint32_t vid)
+{
+    for (size_t i = 0; i < k->nversions; i++)
+        if (k->versions[i].vid == vid)
+            return &k->versions[i];
+    return NULL;
+}
+
+/* Reserves uses of version vid for this node; *granted is how many. */
+static kms_err reserve(struct kms_keystore *ks, const uint8_t id[KMS_UUID_LEN], uint32_t vid,
+                       uint64_t *granted)
+{
+    struct kms_session *s;
+    uint64_t count = ks->cfg.usage_block, room = 0;
+    kms_err rc;
+
+    pthread_rwlock_rdlock(&ks->rw);
+    struct key *k = kms_key_find_locked(ks, id);
+    const struct version *v = k ? version_locked(k, vid) : NULL;
+    if (v && v->bound > v->reserved)
+        room = v->bound - v->reserved;
+    pthread_rwlock_unlock(&ks->rw);
+    KMS_ENSURE(room > 0, KMS_ERR_LIMIT_EXCEEDED, "The key version has reached its usage bound.");
+    if (count > room)
+        count = room;
+
+    KMS_GUARD(kms_hsm_acquire(ks->hsm, &s));
+    json_t *op = kms_op_new("reserve");
+    if (!op) {
+        kms_hsm_release(s);
+        return KMS_FAIL(KMS_ERR_INTERNAL, "out of memory");
+    }
+    json_object_set_new(op, "vid", json_integer(vid));
+    json_object_set_new(op, "count", json_integer((json_int_t)count));
+    pthread_mutex_lock(&ks->write);
+    rc = kms_key_change(ks, s, id, op);
+    pthread_mutex_unlock(&ks->write);
+    kms_hsm_release(s);
+    json_decref(op);
+    if (rc == KMS_OK)
+        *granted = count;
+    return rc;
+}
+
+/*
+ * Takes one use of the key's current version for this node. When the
+ * version is at its bound, rotates the key (once) and answers with the new
+ * current version through *vid.
+ */
+static kms_err take_use(struct kms_keystore *ks, const uint8_t id[KMS_UUID_LEN], struct usage *u,
+                        uint32_t *vid)
+{
+    kms_err rc = KMS_OK;
+
+    pthread_mutex_lock(&u->lock);
+    if (u->vid != *vid) {
+        u->vid = *vid;
+        u->remaining = 0;
+    }
+    if (u->remaining == 0) {
+        uint64_t granted = 0;
+        rc = reserve(ks, id, *vid, &granted);
+        if (rc == KMS_ERR_LIMIT_EXCEEDED) {
+            kms_err_clear();
+            kms_info("key %02x%02x%02x%02x...: version %u reached its usage bound; rotating", id[0],
+                     id[1], id[2], id[3], *vid);
+            rc = kms_key_rotate(ks, id, KMS_ROTATE_USAGE, *vid);
+            if (rc == KMS_OK) {
+                pthread_rwlock_rdlock(&ks->rw);
+                struct key *k = kms_key_find_locked(ks, id);
+                uint32_t now = k ? k->current : *vid;
+                pthread_rwlock_unlock(&ks->rw);
+                if (now == *vid)
+                    rc = KMS_FAIL(KMS_ERR_INVALID_STATE,
+                                  "The key's current version reached its usage bound and the key "
+                                  "could not be rotated.");
+                else {
+                    *vid = now;
+                    u->vid = now;
+                    rc = reserve(ks, id, now, &granted);
+                }
+            } else {
+                kms_err_clear();
+                rc = KMS_FAIL(KMS_ERR_INVALID_STATE,
+                              "The key's current version reached its usage bound and the key could "
+                              "not be rotated.");
+            }
+        }
+        if (rc == KMS_OK)
+            u->remaining = granted;
+    }
+    if (rc == KMS_OK)
+        u->remaining--;
+    pthread_mutex_unlock(&u->lock);
+    return rc;
+}
+
+kms_err kms_keystore_encrypt(struct kms_keystore *ks, const char *ref,
+                             const struct kms_buf *canonical_context, const uint8_t *plaintext,
+                             size_t n, struct kms_buf *blob, struct kms_key_info *info)
+{
+    uint8_t header[KMS_BLOB_HEADER_LEN], iv[KMS_GCM_IV_LEN], id[KMS_UUID_LEN];
+    struct kms_buf aad = KMS_BUF_INIT;
+    struct kms_session *s = NULL;
+    CK_OBJECT_HANDLE h = CK_INVALID_HANDLE;
+    struct usage *u = NULL;
+    uint32_t vid = 0, taken;
+    struct key *k;
+    kms_err rc;
+
+    pthread_rwlock_rdlock(&ks->rw);
+    rc = kms_resolve_locked(ks, ref, 1, &k);
+    if (rc == KMS_OK)
+        rc = usable_locked(ks, k);
+    if (rc == KMS_OK) {
+        memcpy(id, k->id, KMS_UUID_LEN);
+        vid = k->current;
+        u = k->usage;
+    }
+    pthread_rwlock_unlock(&ks->rw);
+    KMS_GUARD(rc);
+
+    taken = vid;
+    KMS_GUARD(take_use(ks, id, u, &taken));
+    pthread_rwlock_rdlock(&ks->rw);
+    k = kms_key_find_locked(ks, id);
+    const struct version *v = k ? version_locked(k, taken) : NULL;
+    if (!k)
+        rc = KMS_FAIL(KMS_ERR_NOT_FOUND, "The key no longer exists");
+    else if (!v || v->handle == CK_INVALID_HANDLE || v->handle == KEK_MISSING)
+        rc = KMS_FAIL(KMS_ERR_KEY_UNAVAILABLE, "%skey/%s: its current key material is unavailable",
+                      ks->arn_prefix, k->id_text);
+    else
+        rc = usable_locked(ks, k);
+    if (rc == KMS_OK) {
+        h = v->handle;
+        kms_blob_header(k->id, taken, header);
+        rc = kms_info_copy_locked(ks, k, info);
+    }
+    pthread_rwlock_unlock(&ks->rw);
+
+    if (rc == KMS_OK && RAND_bytes(iv, sizeof iv) != 1)
+        rc = KMS_FAIL(KMS_ERR_INTERNAL, "random generator failed");
+    if (rc == KMS_OK)
+        rc = kms_blob_aad(header, canonical_context, &aad);
+    if (rc == KMS_OK)
+        rc = kms_buf_reserve(blob, KMS_BLOB_OVERHEAD + n);
+    if (rc == KMS_OK)
+        rc = kms_hsm_acquire(ks->hsm, &s);
+    if (rc == KMS_OK) {
+        size_t at = blob->len + sizeof header + sizeof iv;
+        rc = kms_hsm_gcm_encrypt(s, h, iv, aad.data, aad.len, plaintext, n, blob->data + at);
+        kms_hsm_release(s);
+    }
+    if (rc == KMS_OK) {
+        memcpy(blob->data + blob->len, header, sizeof header);
+        memcpy(blob->data + blob->len + sizeof header, iv, sizeof iv);
+        blob->len += KMS_BLOB_OVERHEAD + n;
+    }
+    kms_buf_free(&aad);
+    return rc;
+}
+
+/* The handle of a blob's version, re-reading the key once when this node has not seen it. */
+static kms_err blob_key(struct kms_keystore *ks, const struct kms_blob *blob,
+                        const char *expect_ref, CK_OBJECT_HANDLE *h, struct kms_key_info *info)
+{
+    for (int pass = 0;; pass++) {
+        struct key *k, *expected = NULL;
+        const struct version *v = NULL;
+        kms_err rc = KMS_OK;
+        int unseen = 0;
+
+        pthread_rwlock_rdlock(&ks->rw);
+        if (expect_ref)
+            rc = kms_resolve_locked(ks, expect_ref, 1, &expected);
+        k = kms_key_any_locked(ks, blob->key_id);
+        if (rc == KMS_OK) {
+            if (!k) {
+                unseen = 1;
+                rc = KMS_FAIL(KMS_ERR_INVALID_CIPHERTEXT,
+                              "The ciphertext refers to a key that does not exist");
+            } else if (k->destroyed) {
+                rc = KMS_FAIL(KMS_ERR_NOT_FOUND, "Key '%skey/%s' does not exist", ks->arn_prefix,
+                              k->id_text);
+            } else if (expected && expected != k) {
+                rc = KMS_FAIL(KMS_ERR_INCORRECT_KEY,
+                              "The key ID in the request does not identify the key that "
+                              "encrypted the ciphertext");
+            } else if ((v = version_locked(k, blob->key_version)) == NULL) {
+                unseen = 1;
+                rc = KMS_FAIL(KMS_ERR_INVALID_CIPHERTEXT,
+                              "The ciphertext names a key version that does not exist");
+            }
+        }
+        if (rc == KMS_OK)
+            rc = usable_locked(ks, k);
+        if (rc == KMS_OK && (v->handle == CK_INVALID_HANDLE || v->handle == KEK_MISSING))
+            rc = KMS_FAIL(KMS_ERR_KEY_UNAVAILABLE, "%skey/%s: that key material is unavailable",
+                          ks->arn_prefix, k->id_text);
+        if (rc == KMS_OK) {
+            *h = v->handle;
+            rc = kms_info_copy_locked(ks, k, info);
+        }
+        pthread_rwlock_unlock(&ks->rw);
+        if (rc == KMS_OK || !unseen || pass > 0)
+            return rc;
+        /* Made on another node since our last look: read that key now. */
+        char msg[256];
+        snprintf(msg, sizeof msg, "%s", kms_err_message());
+        if (kms_refresh_key(ks, blob->key_id, blob->key_version) != KMS_OK) {
+            kms_err_clear();
+            return KMS_FAIL(rc, "%s", msg);
+        }
+    }
+}
+
+kms_err kms_keystore_decrypt(struct kms_keystore *ks, const uint8_t *p, size_t n,
+                             const struct kms_buf *canonical_context, const char *expect_ref,
+                             struct kms_buf *plaintext, struct kms_key_info *info)
+{
+    struct kms_blob blob;
+    struct kms_buf aad = KMS_BUF_INIT;
+    struct kms_session *s = NULL;
+    CK_OBJECT_HANDLE h = CK_INVALID_HANDLE;
+    kms_err rc;
+
+    KMS_GUARD(kms_blob_decode(p, n, &blob));
+    rc = blob_key(ks, &blob, expect_ref, &h, info);
+    if (rc == KMS_OK)
+        rc = kms_blob_aad(blob.header, canonical_context, &aad);
+    if (rc == KMS_OK)
+        rc = kms_buf_reserve(plaintext, blob.ciphertext_len);
+    if (rc == KMS_OK)
+        rc = kms_hsm_acquire(ks->hsm, &s);
+    if (rc == KMS_OK) {
+        rc = kms_hsm_gcm_decrypt(s, h, blob.iv, aad.data, aad.len, blob.ciphertext,
+                                 blob.ciphertext_len + KMS_GCM_TAG_LEN,
+                                 plaintext->data + plaintext->len);
+        kms_hsm_release(s);
+    }
+    if (rc == KMS_OK)
+        plaintext->len += blob.ciphertext_len;
+    kms_buf_free(&aad);
+    return rc;
+}

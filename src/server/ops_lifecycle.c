@@ -1,0 +1,159 @@
+/*
+ * Key states and rotation: EnableKey, DisableKey, ScheduleKeyDeletion,
+ * CancelKeyDeletion, EnableKeyRotation, DisableKeyRotation,
+ * GetKeyRotationStatus, RotateKeyOnDemand, ListKeyRotations.
+ */
+#include "config.h"
+
+#include <errno.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "server/ops.h"
+
+#define LIST_LIMIT_MAX 1000
+#define LIST_LIMIT_DEFAULT 100
+
+static kms_err key_id(struct kms_request *r, const char **ref)
+{
+    return kms_in_string(r->in, "KeyId", 1, 1, 2048, ref);
+}
+
+kms_err kms_op_enable_key(struct kms_request *r)
+{
+    const char *ref;
+    KMS_GUARD(key_id(r, &ref));
+    return kms_keystore_enable(r->srv->ks, ref, 1);
+}
+
+kms_err kms_op_disable_key(struct kms_request *r)
+{
+    const char *ref;
+    KMS_GUARD(key_id(r, &ref));
+    return kms_keystore_enable(r->srv->ks, ref, 0);
+}
+
+kms_err kms_op_schedule_key_deletion(struct kms_request *r)
+{
+    const char *ref;
+    long days = 0;
+    int present;
+    struct kms_key_info k = {0};
+
+    KMS_GUARD(key_id(r, &ref));
+    KMS_GUARD(kms_in_int(r->in, "PendingWindowInDays", 0, 365, &days, &present));
+    KMS_ENSURE(!present || days > 0, KMS_ERR_VALIDATION,
+               "1 validation error detected: Value '0' at 'pendingWindowInDays' failed to satisfy "
+               "constraint: Member must have value greater than or equal to 1");
+    KMS_GUARD(kms_keystore_schedule_deletion(r->srv->ks, ref, days, &k));
+    if (!present)
+        days = (long)r->srv->cfg.keys.pending_max_days;
+    r->out = json_pack("{s:s, s:I, s:s, s:i}", "KeyId", k.arn, "DeletionDate",
+                       (json_int_t)k.deletion_date, "KeyState", "PendingDeletion",
+                       "PendingWindowInDays", (int)days);
+    kms_key_info_clear(&k);
+    KMS_ENSURE(r->out != NULL, KMS_ERR_INTERNAL, "out of memory");
+    return KMS_OK;
+}
+
+kms_err kms_op_cancel_key_deletion(struct kms_request *r)
+{
+    const char *ref;
+    struct kms_key_info k = {0};
+    KMS_GUARD(key_id(r, &ref));
+    KMS_GUARD(kms_keystore_cancel_deletion(r->srv->ks, ref, &k));
+    r->out = json_pack("{s:s}", "KeyId", k.arn);
+    kms_key_info_clear(&k);
+    KMS_ENSURE(r->out != NULL, KMS_ERR_INTERNAL, "out of memory");
+    return KMS_OK;
+}
+
+kms_err kms_op_enable_key_rotation(struct kms_request *r)
+{
+    const char *ref;
+    long days = 0;
+    int present;
+    KMS_GUARD(key_id(r, &ref));
+    KMS_GUARD(kms_in_int(r->in, "RotationPeriodInDays", 1, 100000, &days, &present));
+    return kms_keystore_enable_rotation(r->srv->ks, ref, present ? days : 0);
+}
+
+kms_err kms_op_disable_key_rotation(struct kms_request *r)
+{
+    const char *ref;
+    KMS_GUARD(key_id(r, &ref));
+    return kms_keystore_disable_rotation(r->srv->ks, ref);
+}
+
+kms_err kms_op_get_key_rotation_status(struct kms_request *r)
+{
+    const char *ref;
+    struct kms_key_info k = {0};
+    KMS_GUARD(key_id(r, &ref));
+    KMS_GUARD(kms_keystore_describe(r->srv->ks, ref, &k));
+    r->out = json_pack("{s:b, s:s}", "KeyRotationEnabled", k.rotation_enabled, "KeyId", k.arn);
+    if (r->out && k.rotation_enabled) {
+        json_object_set_new(r->out, "RotationPeriodInDays", json_integer(k.rotation_period_days));
+        json_object_set_new(r->out, "NextRotationDate", json_integer(k.next_rotation));
+    }
+    kms_key_info_clear(&k);
+    KMS_ENSURE(r->out != NULL, KMS_ERR_INTERNAL, "out of memory");
+    return KMS_OK;
+}
+
+kms_err kms_op_rotate_key_on_demand(struct kms_request *r)
+{
+    const char *ref;
+    struct kms_key_info k = {0};
+    KMS_GUARD(key_id(r, &ref));
+    KMS_GUARD(kms_keystore_rotate_on_demand(r->srv->ks, ref, &k));
+    r->out = json_pack("{s:s}", "KeyId", k.arn);
+    kms_key_info_clear(&k);
+    KMS_ENSURE(r->out != NULL, KMS_ERR_INTERNAL, "out of memory");
+    return KMS_OK;
+}
+
+kms_err kms_op_list_key_rotations(struct kms_request *r)
+{
+    const char *ref, *marker;
+    long limit = LIST_LIMIT_DEFAULT;
+    int present;
+    unsigned long from = 0;
+    size_t n = 0;
+    struct kms_rotation_info *rot;
+    struct kms_key_info k = {0};
+    kms_err rc;
+
+    KMS_GUARD(key_id(r, &ref));
+    KMS_GUARD(kms_in_int(r->in, "Limit", 1, LIST_LIMIT_MAX, &limit, &present));
+    KMS_GUARD(kms_in_string(r->in, "Marker", 0, 1, 64, &marker));
+    if (marker) {
+        char *end;
+        errno = 0;
+        from = strtoul(marker, &end, 10);
+        KMS_ENSURE(*end == '\0' && errno == 0 && from >= 2 && from <= UINT32_MAX,
+                   KMS_ERR_VALIDATION, "Marker is not valid");
+    }
+    rot = calloc((size_t)limit + 1, sizeof *rot);
+    KMS_ENSURE(rot != NULL, KMS_ERR_INTERNAL, "out of memory");
+    rc = kms_keystore_list_rotations(r->srv->ks, ref, (uint32_t)from, (size_t)limit + 1, rot, &n,
+                                     &k);
+    if (rc == KMS_OK) {
+        json_t *list = json_array();
+        for (size_t i = 0; i < n && i < (size_t)limit; i++)
+            json_array_append_new(list, json_pack("{s:s, s:I, s:s}", "KeyId", k.arn, "RotationDate",
+                                                  (json_int_t)rot[i].date, "RotationType",
+                                                  rot[i].on_demand ? "ON_DEMAND" : "AUTOMATIC"));
+        r->out = json_pack("{s:o, s:b}", "Rotations", list, "Truncated", n > (size_t)limit);
+        if (r->out && n > (size_t)limit) {
+            char next[16];
+            snprintf(next, sizeof next, "%u", rot[limit].n);
+            json_object_set_new(r->out, "NextMarker", json_string(next));
+        }
+        if (!r->out)
+            rc = KMS_FAIL(KMS_ERR_INTERNAL, "out of memory");
+    }
+    kms_key_info_clear(&k);
+    free(rot);
+    return rc;
+}
