@@ -659,11 +659,13 @@ kms_err kms_key_rotate(struct kms_keystore *ks, const uint8_t id[KMS_UUID_LEN], 
     pthread_mutex_lock(&ks->write);
     /* The key object first: a record must never name a version the token lacks. */
     rc = make_kek(s, id, vid, &h);
-    if (rc == KMS_OK) {
+    /*
+     * When the change fails, the object stays: a record written before the
+     * failure may name it (unlisted), and the orphan sweep removes it once
+     * no record does.
+     */
+    if (rc == KMS_OK)
         rc = kms_key_change(ks, s, id, op);
-        if (rc != KMS_OK && kms_hsm_destroy(s, h) != KMS_OK)
-            kms_err_clear(); /* left for the orphan sweep */
-    }
     if (rc == KMS_OK) {
         pthread_rwlock_wrlock(&ks->rw);
         struct key *k = kms_key_find_locked(ks, id);
@@ -711,11 +713,8 @@ kms_err kms_keystore_create_key(struct kms_keystore *ks, const char *description
     }
     pthread_mutex_lock(&ks->write);
     rc = make_kek(s, id, vid, &h);
-    if (rc == KMS_OK) {
-        rc = kms_key_change(ks, s, id, op);
-        if (rc != KMS_OK && kms_hsm_destroy(s, h) != KMS_OK)
-            kms_err_clear();
-    }
+    if (rc == KMS_OK)
+        rc = kms_key_change(ks, s, id, op); /* on failure the object is left to the sweep */
     if (rc == KMS_OK) {
         pthread_rwlock_wrlock(&ks->rw);
         struct key *k = kms_key_find_locked(ks, id);
