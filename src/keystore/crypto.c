@@ -67,55 +67,104 @@ static kms_err reserve(struct kms_keystore *ks, const uint8_t id[KMS_UUID_LEN], 
 
 /*
  * Takes one use of the key's current version for this node. When the
- * version is at its bound, rotates the key (once) and answers with the new
- * current version through *vid.
+ * version is at its bound, rotates the key and answers with the new current
+ * version through *vid.
+ *
+ * The current version is read again under u->lock: a request that read it
+ * before another request's rotation must not switch this node back to the
+ * used-up version (that threw away the new version's reserved block, made a
+ * needless version object, and could exhaust the new version so that the
+ * request failed with LimitExceededException).
  */
 static kms_err take_use(struct kms_keystore *ks, const uint8_t id[KMS_UUID_LEN], struct usage *u,
                         uint32_t *vid)
 {
     kms_err rc = KMS_OK;
+    uint32_t rotated_from = 0;
 
     pthread_mutex_lock(&u->lock);
-    if (u->vid != *vid) {
-        u->vid = *vid;
-        u->remaining = 0;
-    }
-    if (u->remaining == 0) {
+    for (int attempt = 0;; attempt++) {
         uint64_t granted = 0;
+        pthread_rwlock_rdlock(&ks->rw);
+        struct key *k = kms_key_find_locked(ks, id);
+        if (k)
+            *vid = k->current;
+        pthread_rwlock_unlock(&ks->rw);
+        if (rotated_from && *vid == rotated_from) {
+            /* The rotation did not take (the key is no longer Enabled). */
+            rc = KMS_FAIL(KMS_ERR_INVALID_STATE,
+                          "The key's current version reached its usage bound and the key could "
+                          "not be rotated.");
+            break;
+        }
+        if (u->vid != *vid) {
+            u->vid = *vid;
+            u->remaining = 0;
+        }
+        if (u->remaining > 0)
+            break;
         rc = reserve(ks, id, *vid, &granted);
-        if (rc == KMS_ERR_LIMIT_EXCEEDED) {
-            kms_err_clear();
+        if (rc == KMS_OK) {
+            u->remaining = granted;
+            break;
+        }
+        if (rc != KMS_ERR_LIMIT_EXCEEDED)
+            break;
+        kms_err_clear();
+        /* Another node may use up a fresh version first: try a few rotations. */
+        if (attempt < 4) {
             kms_info("key %02x%02x%02x%02x...: version %u reached its usage bound; rotating", id[0],
                      id[1], id[2], id[3], *vid);
+            rotated_from = *vid;
             rc = kms_key_rotate(ks, id, KMS_ROTATE_USAGE, *vid);
-            if (rc == KMS_OK) {
-                pthread_rwlock_rdlock(&ks->rw);
-                struct key *k = kms_key_find_locked(ks, id);
-                uint32_t now = k ? k->current : *vid;
-                pthread_rwlock_unlock(&ks->rw);
-                if (now == *vid)
-                    rc = KMS_FAIL(KMS_ERR_INVALID_STATE,
-                                  "The key's current version reached its usage bound and the key "
-                                  "could not be rotated.");
-                else {
-                    *vid = now;
-                    u->vid = now;
-                    rc = reserve(ks, id, now, &granted);
-                }
-            } else {
-                kms_err_clear();
-                rc = KMS_FAIL(KMS_ERR_INVALID_STATE,
-                              "The key's current version reached its usage bound and the key could "
-                              "not be rotated.");
-            }
         }
-        if (rc == KMS_OK)
-            u->remaining = granted;
+        if (attempt >= 4 || rc != KMS_OK) {
+            kms_err_clear();
+            rc = KMS_FAIL(KMS_ERR_INVALID_STATE,
+                          "The key's current version reached its usage bound and the key could "
+                          "not be rotated.");
+            break;
+        }
     }
     if (rc == KMS_OK)
         u->remaining--;
     pthread_mutex_unlock(&u->lock);
     return rc;
+}
+
+/*
+ * A version this node indexed a moment ago may not have its key object's
+ * handle yet: a refresh indexes the views first and attaches handles after,
+ * and a rotation sets its new version's handle only after writing the record
+ * and touching the change marker. A request meeting such a version looks the
+ * object up itself rather than failing with KeyUnavailableException.
+ */
+static void attach_version(struct kms_keystore *ks, const uint8_t id[KMS_UUID_LEN], uint32_t vid)
+{
+    struct kms_session *s;
+    CK_OBJECT_HANDLE h = CK_INVALID_HANDLE;
+
+    pthread_rwlock_rdlock(&ks->rw);
+    struct key *k = kms_key_find_locked(ks, id);
+    const struct version *v = k ? version_locked(k, vid) : NULL;
+    int unattached = v && v->handle == CK_INVALID_HANDLE;
+    pthread_rwlock_unlock(&ks->rw);
+    if (!unattached)
+        return;
+    if (kms_hsm_acquire(ks->hsm, &s) == KMS_OK) {
+        if (kms_kek_find(s, id, vid, &h) != KMS_OK)
+            h = CK_INVALID_HANDLE;
+        kms_hsm_release(s);
+    }
+    kms_err_clear();
+    if (h == CK_INVALID_HANDLE)
+        return; /* the refresh marks it missing */
+    pthread_rwlock_wrlock(&ks->rw);
+    k = kms_key_find_locked(ks, id);
+    for (size_t i = 0; k && i < k->nversions; i++)
+        if (k->versions[i].vid == vid && k->versions[i].handle == CK_INVALID_HANDLE)
+            k->versions[i].handle = h;
+    pthread_rwlock_unlock(&ks->rw);
 }
 
 kms_err kms_keystore_encrypt(struct kms_keystore *ks, const char *ref,
@@ -145,6 +194,7 @@ kms_err kms_keystore_encrypt(struct kms_keystore *ks, const char *ref,
 
     taken = vid;
     KMS_GUARD(take_use(ks, id, u, &taken));
+    attach_version(ks, id, taken);
     pthread_rwlock_rdlock(&ks->rw);
     k = kms_key_find_locked(ks, id);
     const struct version *v = k ? version_locked(k, taken) : NULL;
@@ -194,6 +244,7 @@ static kms_err blob_key(struct kms_keystore *ks, const struct kms_blob *blob,
         kms_err rc = KMS_OK;
         int unseen = 0;
 
+        attach_version(ks, blob->key_id, blob->key_version);
         pthread_rwlock_rdlock(&ks->rw);
         if (expect_ref)
             rc = kms_resolve_locked(ks, expect_ref, 1, &expected);

@@ -630,6 +630,18 @@ static kms_err make_kek(struct kms_session *s, const uint8_t id[KMS_UUID_LEN], u
     kms_uuid_format(id, text);
     /* The creation time lets a sweep tell an abandoned object from one being made. */
     snprintf(label, sizeof label, "p11kms-kek:%s:%u:%lld", text, vid, (long long)kms_now());
+    /*
+     * Look first: SoftHSM2's file store (2.6.1) re-reads its object list only
+     * when the token's generation counter differs from the last value this
+     * process saw, and every object this process creates sets that value to
+     * the counter on disk. Creating an object without a C_FindObjects shortly
+     * before hides, from this process, every object other nodes made since its
+     * last find, until one of them changes the token again. (The record paths
+     * scan just before they write.)
+     */
+    CK_OBJECT_HANDLE existing = CK_INVALID_HANDLE;
+    KMS_GUARD(kms_kek_find(s, id, vid, &existing));
+    KMS_ENSURE(existing == CK_INVALID_HANDLE, KMS_ERR_INTERNAL, "key version %u already exists", vid);
     return kms_hsm_generate_aes(s, kek_id, sizeof kek_id, label, out);
 }
 
@@ -891,6 +903,13 @@ static kms_err alias_change(struct kms_keystore *ks, const char *name, json_t *o
     if (!op)
         return KMS_FAIL(KMS_ERR_INTERNAL, "out of memory");
     json_object_set_new(op, "date", json_integer(kms_now()));
+    /* An alias of a deleted key went with it, as in AWS: the model treats it as gone. */
+    pthread_rwlock_rdlock(&ks->rw);
+    struct alias *a = kms_alias_find_locked(ks, name);
+    struct key *dead = a && a->live ? kms_key_any_locked(ks, a->target) : NULL;
+    if (dead && dead->destroyed)
+        json_object_set_new(op, "dead", json_string(dead->id_text));
+    pthread_rwlock_unlock(&ks->rw);
     kms_alias_oid(name, oid);
     rc = kms_hsm_acquire(ks->hsm, &s);
     if (rc == KMS_OK) {

@@ -209,15 +209,20 @@ static kms_err alias_apply(json_t **state, const json_t *op)
     const char *target = json_string_value(json_object_get(op, "target"));
     json_int_t date = int_of(op, "date");
 
+    /* "dead": a deleted key; an alias still naming it went with it, as in AWS. */
+    const char *dead = json_string_value(json_object_get(op, "dead"));
+    const char *old = json_string_value(json_object_get(*state, "target"));
+    int live = alias_exists(*state) && !(dead && old && strcmp(old, dead) == 0);
+
     KMS_ENSURE(type != NULL, KMS_ERR_INTERNAL, "a change without a type");
     if (strcmp(type, "create") == 0) {
-        KMS_ENSURE(!alias_exists(*state), KMS_ERR_ALREADY_EXISTS, "The alias already exists.");
+        KMS_ENSURE(!live, KMS_ERR_ALREADY_EXISTS, "The alias already exists.");
         KMS_ENSURE(target && *target, KMS_ERR_INTERNAL, "malformed alias creation");
         json_decref(*state);
         *state = json_pack("{s:s, s:I, s:I}", "target", target, "created", date, "updated", date);
         return KMS_OK;
     }
-    KMS_ENSURE(alias_exists(*state), KMS_ERR_NOT_FOUND, "The alias does not exist.");
+    KMS_ENSURE(live, KMS_ERR_NOT_FOUND, "The alias does not exist.");
     if (strcmp(type, "update") == 0) {
         KMS_ENSURE(target && *target, KMS_ERR_INTERNAL, "malformed alias update");
         json_object_set_new(*state, "target", json_string(target));

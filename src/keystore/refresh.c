@@ -217,7 +217,8 @@ static kms_err attach_handles(struct kms_keystore *ks, struct kms_session *s,
     pthread_rwlock_rdlock(&ks->rw);
     for (size_t i = 0; i < ks->nkeys && rc == KMS_OK; i++)
         for (size_t j = 0; j < ks->keys[i]->nversions && rc == KMS_OK; j++) {
-            if (ks->keys[i]->versions[j].handle != CK_INVALID_HANDLE)
+            /* A deleted key's objects are gone on purpose: nothing to look for. */
+            if (ks->keys[i]->destroyed || ks->keys[i]->versions[j].handle != CK_INVALID_HANDLE)
                 continue;
             if (n == cap) {
                 struct want *p = realloc(w, (cap = cap ? cap * 2 : 16) * sizeof *w);
@@ -355,9 +356,41 @@ static kms_err signature(const struct entry *e, size_t n, struct kms_buf *out)
     return kms_buf_terminate(out);
 }
 
+/*
+ * Start-up repair of what a crash between "write the next generation" and
+ * "remove the previous" left: older records whose every version the single
+ * newest record already names are removed.
+ */
+static void remove_superseded(struct kms_session *s, struct kms_record *recs, size_t n)
+{
+    size_t top = 0, ntop = 0;
+    for (size_t i = 0; i < n; i++)
+        if (recs[i].gen > recs[top].gen)
+            top = i;
+    for (size_t i = 0; i < n; i++)
+        ntop += recs[i].gen == recs[top].gen;
+    if (ntop != 1)
+        return; /* a race not yet settled: its writers settle it */
+    const json_t *newest = json_object_get(recs[top].doc, "state");
+    for (size_t i = 0; i < n; i++) {
+        const json_t *state = json_object_get(recs[i].doc, "state"), *v;
+        size_t k;
+        int covered = 1;
+        if (i == top)
+            continue;
+        json_array_foreach(json_object_get(state, "versions"), k, v)
+        {
+            covered &= kms_model_version(
+                           newest, (uint32_t)json_integer_value(json_object_get(v, "vid"))) != NULL;
+        }
+        if (covered && kms_hsm_destroy(s, recs[i].handle) != KMS_OK)
+            kms_err_clear();
+    }
+}
+
 /* Reads one entity's records (handles from a scan) and indexes its view. */
 static kms_err index_entity(struct kms_keystore *ks, struct kms_session *s, const struct entry *e,
-                            size_t n, const char *sig)
+                            size_t n, const char *sig, int repair)
 {
     const struct kms_record_kind *kind =
         strcmp(e[0].kind, "key") == 0 ? &kms_key_kind : &kms_alias_kind;
@@ -380,6 +413,8 @@ static kms_err index_entity(struct kms_keystore *ks, struct kms_session *s, cons
     }
     if (rc == KMS_OK)
         rc = kms_records_view(kind, recs, got, &view);
+    if (rc == KMS_OK && repair && got > 1)
+        remove_superseded(s, recs, got);
     if (rc == KMS_OK) {
         if (kind == &kms_key_kind) {
             uint8_t id[KMS_UUID_LEN];
@@ -514,8 +549,10 @@ kms_err kms_refresh_all(struct kms_keystore *ks, struct kms_session *s, int swee
         while (j < ne && strcmp(e[j].kind, e[i].kind) == 0 && strcmp(e[j].name, e[i].name) == 0)
             j++;
         rc = signature(&e[i], j - i, &sig);
-        if (rc == KMS_OK && !key_signature_is(ks, e[i].kind, e[i].name, (const char *)sig.data))
-            rc = index_entity(ks, s, &e[i], j - i, (const char *)sig.data);
+        /* With a sweep, entities with several records are read again to repair them. */
+        if (rc == KMS_OK && ((sweep && j - i > 1) ||
+                             !key_signature_is(ks, e[i].kind, e[i].name, (const char *)sig.data)))
+            rc = index_entity(ks, s, &e[i], j - i, (const char *)sig.data, sweep);
         kms_buf_free(&sig);
         i = j;
     }
@@ -718,8 +755,13 @@ void kms_keystore_tick(struct kms_keystore *ks)
         return;
     }
     int full = kms_now() - ks->last_full_refresh >= (int64_t)ks->cfg.full_refresh_seconds;
-    if (full && kms_marker_init(ks, s) != KMS_OK)
-        kms_err_clear();
+    if (full) {
+        /* Writers touch the markers under ks->write; replace the list under it too. */
+        pthread_mutex_lock(&ks->write);
+        if (kms_marker_init(ks, s) != KMS_OK)
+            kms_err_clear();
+        pthread_mutex_unlock(&ks->write);
+    }
     if (marker_moved(ks, s) || full) {
         /* This node's own writers wait, so a scan never drops what one just made. */
         pthread_mutex_lock(&ks->write);

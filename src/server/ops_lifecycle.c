@@ -14,9 +14,13 @@
 #define LIST_LIMIT_MAX 1000
 #define LIST_LIMIT_DEFAULT 100
 
+/* These operations take a key id or key ARN, as AWS's do; not an alias. */
 static kms_err key_id(struct kms_request *r, const char **ref)
 {
-    return kms_in_string(r->in, "KeyId", 1, 1, 2048, ref);
+    KMS_GUARD(kms_in_string(r->in, "KeyId", 1, 1, 2048, ref));
+    KMS_ENSURE(strncmp(*ref, "alias/", 6) != 0 && !strstr(*ref, ":alias/"), KMS_ERR_NOT_FOUND,
+               "Key '%.256s' does not exist: this operation takes a key id or key ARN", *ref);
+    return KMS_OK;
 }
 
 kms_err kms_op_enable_key(struct kms_request *r)
