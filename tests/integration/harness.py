@@ -366,6 +366,19 @@ class Server:
                                  % (status, self.stderr_text()))
         return status
 
+    def sigkill(self):
+        """A crash: SIGKILL, then reap. Returns the exit status (-SIGKILL when
+        the process was still running; anything else means it had died)."""
+        if self.proc is None:
+            return None
+        proc, self.proc = self.proc, None
+        try:
+            if proc.poll() is None:
+                os.kill(proc.pid, signal.SIGKILL)
+            return proc.wait(timeout=STOP_TIMEOUT)
+        finally:
+            self._close()
+
     def kill(self):
         """For failure paths: make sure the process is gone."""
         if self.proc is None:
