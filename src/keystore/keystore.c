@@ -641,7 +641,8 @@ static kms_err make_kek(struct kms_session *s, const uint8_t id[KMS_UUID_LEN], u
      */
     CK_OBJECT_HANDLE existing = CK_INVALID_HANDLE;
     KMS_GUARD(kms_kek_find(s, id, vid, &existing));
-    KMS_ENSURE(existing == CK_INVALID_HANDLE, KMS_ERR_INTERNAL, "key version %u already exists", vid);
+    KMS_ENSURE(existing == CK_INVALID_HANDLE, KMS_ERR_INTERNAL, "key version %u already exists",
+               vid);
     return kms_hsm_generate_aes(s, kek_id, sizeof kek_id, label, out);
 }
 

@@ -195,7 +195,19 @@ static void key_keep(json_t *state, const json_t *other)
     }
 }
 
-const struct kms_record_kind kms_key_kind = {"key", key_apply, key_keep};
+/*
+ * New versions and reservations only add (a version, uses of a version), so
+ * one missed by a writer may still be applied after later changes. A state
+ * change (enable, disable, deletion, rotation settings) may not: applied after
+ * a later one, it would undo it.
+ */
+static int key_late(const json_t *op)
+{
+    const char *type = json_string_value(json_object_get(op, "type"));
+    return type && (strcmp(type, "rotate") == 0 || strcmp(type, "reserve") == 0);
+}
+
+const struct kms_record_kind kms_key_kind = {"key", key_apply, key_keep, key_late};
 
 static int alias_exists(const json_t *s)
 {
@@ -238,4 +250,4 @@ static kms_err alias_apply(json_t **state, const json_t *op)
     return KMS_FAIL(KMS_ERR_INTERNAL, "unknown change type %.32s", type);
 }
 
-const struct kms_record_kind kms_alias_kind = {"alias", alias_apply, NULL};
+const struct kms_record_kind kms_alias_kind = {"alias", alias_apply, NULL, NULL};

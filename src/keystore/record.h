@@ -41,6 +41,12 @@ struct kms_record_kind {
     kms_err (*apply)(json_t **state, const json_t *op);
     /* Folds into state what must survive from another record. May be NULL. */
     void (*keep)(json_t *state, const json_t *other);
+    /*
+     * True when op still holds if applied after changes made later than it
+     * (it commutes with them), so that a view applies it when a writer of a
+     * later generation missed it. May be NULL (never).
+     */
+    int (*late)(const json_t *op);
 };
 
 /* The entity as every node sees it. state is NULL when there is none. */

@@ -383,7 +383,21 @@ static void remove_superseded(struct kms_session *s, struct kms_record *recs, si
             covered &= kms_model_version(
                            newest, (uint32_t)json_integer_value(json_object_get(v, "vid"))) != NULL;
         }
-        if (covered && kms_hsm_destroy(s, recs[i].handle) != KMS_OK)
+        /*
+         * ...and whose change it holds (views still apply a change it lacks),
+         * from two generations down, as writers do (record.c).
+         */
+        const json_t *op = json_object_get(recs[i].doc, "op");
+        const char *id = json_string_value(json_object_get(op, "id"));
+        size_t a;
+        json_t *x;
+        int held = 0;
+        json_array_foreach(json_object_get(recs[top].doc, "applied"), a, x)
+        {
+            held |= id && json_is_string(x) && strcmp(json_string_value(x), id) == 0;
+        }
+        if (covered && held && recs[i].gen + 2 <= recs[top].gen &&
+            kms_hsm_destroy(s, recs[i].handle) != KMS_OK)
             kms_err_clear();
     }
 }
@@ -397,6 +411,7 @@ static kms_err index_entity(struct kms_keystore *ks, struct kms_session *s, cons
     struct kms_record *recs = calloc(n + 1, sizeof *recs);
     struct kms_view view = {0};
     size_t got = 0;
+    int vanished = 0;
     kms_err rc = KMS_OK;
 
     KMS_ENSURE(recs != NULL, KMS_ERR_INTERNAL, "out of memory");
@@ -406,10 +421,22 @@ static kms_err index_entity(struct kms_keystore *ks, struct kms_session *s, cons
         if (rc == KMS_OK &&
             kms_record_parse(kind, e[i].name, value.data, value.len, &recs[got]) == KMS_OK)
             recs[got++].handle = e[i].handle;
-        if (rc == KMS_ERR_KEY_UNAVAILABLE && !s->broken)
+        if (rc == KMS_ERR_KEY_UNAVAILABLE && !s->broken) {
             rc = KMS_OK;
+            vanished = 1;
+        }
         kms_err_clear();
         kms_buf_free(&value);
+    }
+    /*
+     * A record removed since the scan was replaced by one the scan did not
+     * see: what is left may be an older state, or nothing, which would drop
+     * the entity. Its writer touches the marker after removing it, so the
+     * next refresh reads the entity again.
+     */
+    if (rc == KMS_OK && vanished) {
+        kms_records_free(recs, got);
+        return KMS_OK;
     }
     if (rc == KMS_OK)
         rc = kms_records_view(kind, recs, got, &view);
@@ -517,7 +544,7 @@ kms_err kms_refresh_all(struct kms_keystore *ks, struct kms_session *s, int swee
     struct entry *e;
     size_t n = 0, ne = 0, nkeks = 0;
     struct kek *keks = NULL;
-    int first = ks->nkeys == 0 && ks->naliases == 0;
+    int first = ks->nkeys == 0 && ks->naliases == 0, vanished = 0;
     kms_err rc;
 
     KMS_GUARD(kms_hsm_find(s, tmpl, 2, &handles, &n));
@@ -537,6 +564,7 @@ kms_err kms_refresh_all(struct kms_keystore *ks, struct kms_session *s, int swee
         }
         if (rc == KMS_ERR_KEY_UNAVAILABLE && !s->broken) {
             rc = KMS_OK;
+            vanished = 1;
             kms_err_clear();
         }
         free(label);
@@ -556,7 +584,8 @@ kms_err kms_refresh_all(struct kms_keystore *ks, struct kms_session *s, int swee
         kms_buf_free(&sig);
         i = j;
     }
-    if (rc == KMS_OK)
+    /* A record removed between find and read may have been an entity's only one seen. */
+    if (rc == KMS_OK && !vanished)
         drop_vanished(ks, e, ne);
     entries_free(e, ne);
     /* At start-up (and on a sweep) one scan of all key objects beats a find per version. */

@@ -189,6 +189,56 @@ static void test_racing_on_demand_rotations_both_count(void **unused)
     release(r, 2);
 }
 
+/*
+ * A writer whose scan missed a record (written between its scan and its write) wrote the next
+ * generation without that record's change and won the merge: the change, which its own writer
+ * saw merged in and acknowledged, still holds, once.
+ */
+static void test_change_missed_by_a_writer_still_holds(void **unused)
+{
+    (void)unused;
+    json_t *r1 = rotate("r1", 201, KMS_ROTATE_DEMAND, 1005);
+    json_t *with_r1 = key_state("Enabled");
+    assert_int_equal(kms_key_kind.apply(&with_r1, r1), KMS_OK);
+    json_t *sibling = json_deep_copy(with_r1), *u2 = reserve("u2", 2);
+    assert_int_equal(kms_key_kind.apply(&sibling, u2), KMS_OK);
+    json_t *winner = key_state("Enabled"), *u1 = reserve("u1", 3);
+    assert_int_equal(kms_key_kind.apply(&winner, u1), KMS_OK);
+    struct kms_record r[3] = {
+        make(&kms_key_kind, KEY, 3, "aa", "c1,u1", u1, winner),
+        make(&kms_key_kind, KEY, 3, "bb", "c1,r1,u2", u2, sibling),
+        make(&kms_key_kind, KEY, 2, "cc", "c1,r1", r1, with_r1),
+    };
+    struct kms_view v;
+    view_of(&kms_key_kind, r, 3, &v);
+    assert_true(applied_has(&v, "u1"));
+    assert_true(applied_has(&v, "u2"));
+    assert_true(applied_has(&v, "r1"));
+    assert_int_equal(num(v.state, "on_demand"), 1);
+    assert_int_equal(num(v.state, "current"), 201);
+    assert_int_equal(json_array_size(json_object_get(v.state, "versions")), 2);
+    assert_true(json_is_true(json_object_get(kms_model_version(v.state, 201), "listed")));
+    assert_int_equal(num(kms_model_version(v.state, 100), "reserved"), 5);
+    kms_view_clear(&v);
+    release(r, 3);
+}
+
+/* ...but a missed state change is not applied late: it would undo the later one. */
+static void test_missed_state_change_is_not_applied_late(void **unused)
+{
+    (void)unused;
+    struct kms_record r[2] = {
+        make(&kms_key_kind, KEY, 3, "aa", "c1,e1", op("e1", "enable"), key_state("Enabled")),
+        make(&kms_key_kind, KEY, 2, "bb", "c1,d1", op("d1", "disable"), key_state("Disabled")),
+    };
+    struct kms_view v;
+    view_of(&kms_key_kind, r, 2, &v);
+    assert_string_equal(str(v.state, "state"), "Enabled");
+    assert_false(applied_has(&v, "d1"));
+    kms_view_clear(&v);
+    release(r, 2);
+}
+
 /* Two schedulers rotating one due key: one rotation, the other version kept unlisted. */
 static void test_racing_scheduled_rotations_count_once(void **unused)
 {
@@ -378,6 +428,8 @@ int main(void)
         cmocka_unit_test(test_highest_generation_wins),
         cmocka_unit_test(test_same_generation_merges_in_any_order),
         cmocka_unit_test(test_racing_on_demand_rotations_both_count),
+        cmocka_unit_test(test_change_missed_by_a_writer_still_holds),
+        cmocka_unit_test(test_missed_state_change_is_not_applied_late),
         cmocka_unit_test(test_racing_scheduled_rotations_count_once),
         cmocka_unit_test(test_reservations_add_up_to_the_bound),
         cmocka_unit_test(test_versions_of_older_records_are_kept),
