@@ -13,7 +13,13 @@
 
 int64_t kms_now(void)
 {
-    return (int64_t)time(NULL);
+    /*
+     * Not time(): on Linux it reads the coarse clock, up to a tick behind, so
+     * a date computed just after a second begins could fall in the previous one.
+     */
+    struct timespec t;
+    clock_gettime(CLOCK_REALTIME, &t);
+    return (int64_t)t.tv_sec;
 }
 
 void kms_keystore_config_defaults(struct kms_keystore_config *c)

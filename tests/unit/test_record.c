@@ -23,12 +23,12 @@ static json_t *key_state(const char *state)
     return json_pack("{s:I, s:s, s:s, s:I, s:b, s:I, s:I, s:I, s:I, s:I, "
                      "s:[{s:I, s:I, s:I, s:I, s:I, s:s, s:b}]}",
                      "created", (json_int_t)1000, "description", "", "state", state,
-                     "deletion_date", (json_int_t)0, "rotation_enabled", 1,
-                     "rotation_period_days", (json_int_t)1, "rotation_period_seconds",
-                     (json_int_t)10, "next_rotation", (json_int_t)1010, "on_demand", (json_int_t)0,
-                     "current", (json_int_t)100, "versions", "vid", (json_int_t)100, "n",
-                     (json_int_t)1, "created", (json_int_t)1000, "reserved", (json_int_t)0,
-                     "bound", (json_int_t)10, "rotation", "", "listed", 0);
+                     "deletion_date", (json_int_t)0, "rotation_enabled", 1, "rotation_period_days",
+                     (json_int_t)1, "rotation_period_seconds", (json_int_t)10, "next_rotation",
+                     (json_int_t)1010, "on_demand", (json_int_t)0, "current", (json_int_t)100,
+                     "versions", "vid", (json_int_t)100, "n", (json_int_t)1, "created",
+                     (json_int_t)1000, "reserved", (json_int_t)0, "bound", (json_int_t)10,
+                     "rotation", "", "listed", 0);
 }
 
 /* A record as the token holds it; steals op and state. */
@@ -45,8 +45,7 @@ static struct kms_record make(const struct kms_record_kind *kind, const char *na
                             kind->kind, "name", name, "gen", gen, "nonce", nonce, "applied",
                             applied, "op", op, "state", state ? state : json_null());
     char *text = json_dumps(doc, 0);
-    assert_int_equal(kms_record_parse(kind, name, (const uint8_t *)text, strlen(text), &r),
-                     KMS_OK);
+    assert_int_equal(kms_record_parse(kind, name, (const uint8_t *)text, strlen(text), &r), KMS_OK);
     free(text);
     json_decref(doc);
     return r;
@@ -73,7 +72,8 @@ static int applied_has(const struct kms_view *v, const char *id)
 {
     size_t i;
     json_t *x;
-    json_array_foreach(v->applied, i, x) {
+    json_array_foreach(v->applied, i, x)
+    {
         if (strcmp(json_string_value(x), id) == 0)
             return 1;
     }
@@ -106,8 +106,8 @@ static void release(struct kms_record *r, size_t n)
 static void test_single_record(void **unused)
 {
     (void)unused;
-    struct kms_record r[1] = {make(&kms_key_kind, KEY, 1, "aa", "c1", op("c1", "create"),
-                                   key_state("Enabled"))};
+    struct kms_record r[1] = {
+        make(&kms_key_kind, KEY, 1, "aa", "c1", op("c1", "create"), key_state("Enabled"))};
     struct kms_view v;
     view_of(&kms_key_kind, r, 1, &v);
     assert_int_equal(v.gen, 1);
@@ -140,8 +140,8 @@ static void test_same_generation_merges_in_any_order(void **unused)
     json_t *on_demand = rotate("c3", 200, KMS_ROTATE_DEMAND, 1005);
     json_t *tmp = rotated;
     assert_int_equal(kms_key_kind.apply(&tmp, on_demand), KMS_OK);
-    struct kms_record a = make(&kms_key_kind, KEY, 2, "11", "c1,c2", op("c2", "disable"),
-                               key_state("Disabled"));
+    struct kms_record a =
+        make(&kms_key_kind, KEY, 2, "11", "c1,c2", op("c2", "disable"), key_state("Disabled"));
     struct kms_record b = make(&kms_key_kind, KEY, 2, "22", "c1,c3", on_demand, rotated);
     struct kms_record order1[2] = {a, b}, order2[2] = {b, a};
     struct kms_view v1, v2;
@@ -312,10 +312,11 @@ static void test_key_state_transitions(void **unused)
     (void)unused;
     json_t *s = key_state("Enabled");
     json_t *dis = op("1", "disable"), *en = op("2", "enable"), *cancel = op("3", "cancel_deletion");
-    json_t *sched = json_pack("{s:s, s:s, s:i}", "id", "4", "type", "schedule_deletion",
-                              "deletion_date", 2000);
+    json_t *sched =
+        json_pack("{s:s, s:s, s:i}", "id", "4", "type", "schedule_deletion", "deletion_date", 2000);
     json_t *demand = rotate("5", 500, KMS_ROTATE_DEMAND, 1001);
-    json_t *destroy_early = json_pack("{s:s, s:s, s:i}", "id", "6", "type", "destroy", "date", 1999);
+    json_t *destroy_early =
+        json_pack("{s:s, s:s, s:i}", "id", "6", "type", "destroy", "date", 1999);
     json_t *destroy = json_pack("{s:s, s:s, s:i}", "id", "7", "type", "destroy", "date", 2000);
 
     assert_int_equal(kms_key_kind.apply(&s, dis), KMS_OK);
@@ -378,11 +379,11 @@ static void test_alias_update_and_delete(void **unused)
 {
     (void)unused;
     json_t *s = NULL;
-    json_t *upd = json_pack("{s:s, s:s, s:s, s:i}", "id", "u", "type", "update", "target", "k2",
-                            "date", 9);
+    json_t *upd =
+        json_pack("{s:s, s:s, s:s, s:i}", "id", "u", "type", "update", "target", "k2", "date", 9);
     json_t *del = json_pack("{s:s, s:s, s:i}", "id", "d", "type", "delete", "date", 10);
-    json_t *cre = json_pack("{s:s, s:s, s:s, s:i}", "id", "c", "type", "create", "target", "k1",
-                            "date", 8);
+    json_t *cre =
+        json_pack("{s:s, s:s, s:s, s:i}", "id", "c", "type", "create", "target", "k1", "date", 8);
     assert_int_equal(kms_alias_kind.apply(&s, upd), KMS_ERR_NOT_FOUND);
     assert_int_equal(kms_alias_kind.apply(&s, cre), KMS_OK);
     assert_int_equal(kms_alias_kind.apply(&s, cre), KMS_ERR_ALREADY_EXISTS);
