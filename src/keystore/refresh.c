@@ -465,21 +465,11 @@ static int key_signature_is(struct kms_keystore *ks, const char *kind, const cha
     pthread_rwlock_rdlock(&ks->rw);
     if (strcmp(kind, "key") == 0) {
         uint8_t id[KMS_UUID_LEN];
-        if (kms_uuid_parse(name, strlen(name), id) == KMS_OK) {
-            for (size_t a = 0, b = ks->nkeys; a < b;) {
-                size_t m = a + (b - a) / 2;
-                int c = memcmp(ks->keys[m]->id, id, KMS_UUID_LEN);
-                if (c == 0) {
-                    same = strcmp(ks->keys[m]->signature, sig) == 0;
-                    break;
-                }
-                if (c < 0)
-                    a = m + 1;
-                else
-                    b = m;
-            }
-        }
+        struct key *k = NULL;
+        if (kms_uuid_parse(name, strlen(name), id) == KMS_OK)
+            k = kms_key_any_locked(ks, id);
         kms_err_clear();
+        same = k && strcmp(k->signature, sig) == 0;
     } else {
         struct alias *a = kms_alias_find_locked(ks, name);
         same = a && strcmp(a->signature, sig) == 0;

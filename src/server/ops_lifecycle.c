@@ -23,6 +23,15 @@ static kms_err key_id(struct kms_request *r, const char **ref)
     return KMS_OK;
 }
 
+/* The answer of operations that return only the key's ARN. */
+static kms_err answer_key_id(struct kms_request *r, struct kms_key_info *k)
+{
+    r->out = json_pack("{s:s}", "KeyId", k->arn);
+    kms_key_info_clear(k);
+    KMS_ENSURE(r->out != NULL, KMS_ERR_INTERNAL, "out of memory");
+    return KMS_OK;
+}
+
 kms_err kms_op_enable_key(struct kms_request *r)
 {
     const char *ref;
@@ -66,10 +75,7 @@ kms_err kms_op_cancel_key_deletion(struct kms_request *r)
     struct kms_key_info k = {0};
     KMS_GUARD(key_id(r, &ref));
     KMS_GUARD(kms_keystore_cancel_deletion(r->srv->ks, ref, &k));
-    r->out = json_pack("{s:s}", "KeyId", k.arn);
-    kms_key_info_clear(&k);
-    KMS_ENSURE(r->out != NULL, KMS_ERR_INTERNAL, "out of memory");
-    return KMS_OK;
+    return answer_key_id(r, &k);
 }
 
 kms_err kms_op_enable_key_rotation(struct kms_request *r)
@@ -111,10 +117,7 @@ kms_err kms_op_rotate_key_on_demand(struct kms_request *r)
     struct kms_key_info k = {0};
     KMS_GUARD(key_id(r, &ref));
     KMS_GUARD(kms_keystore_rotate_on_demand(r->srv->ks, ref, &k));
-    r->out = json_pack("{s:s}", "KeyId", k.arn);
-    kms_key_info_clear(&k);
-    KMS_ENSURE(r->out != NULL, KMS_ERR_INTERNAL, "out of memory");
-    return KMS_OK;
+    return answer_key_id(r, &k);
 }
 
 kms_err kms_op_list_key_rotations(struct kms_request *r)
