@@ -24,6 +24,15 @@ struct kms_hsm {
 
     pthread_mutex_t lock;
     pthread_cond_t available;
+    /*
+     * Changes to token objects (create, generate, set an attribute, destroy)
+     * exclude searches and attribute reads in this process. SoftHSM2 2.6.1's
+     * file store is not safe against them: with one thread creating objects
+     * while others search, some creations fail with CKR_GENERAL_ERROR although
+     * the object is made, and the process loses some of its own objects from
+     * its list for good.
+     */
+    pthread_rwlock_t objects;
     struct kms_session *sessions;
     struct kms_session **free_list;
     size_t nsessions;
@@ -161,6 +170,12 @@ kms_err kms_hsm_open(const struct kms_hsm_config *cfg, struct kms_hsm **out)
     pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
     pthread_cond_init(&hsm->available, &ca);
     pthread_condattr_destroy(&ca);
+    pthread_rwlockattr_t ra;
+    pthread_rwlockattr_init(&ra);
+    /* Searches come often: changes must not wait behind an endless row of them. */
+    pthread_rwlockattr_setkind_np(&ra, PTHREAD_RWLOCK_PREFER_WRITER_NONRECURSIVE_NP);
+    pthread_rwlock_init(&hsm->objects, &ra);
+    pthread_rwlockattr_destroy(&ra);
     hsm->timeout_ms = cfg->acquire_timeout_ms ? cfg->acquire_timeout_ms : 2000;
     hsm->pin_len = strlen(cfg->pin);
     hsm->pin = malloc(hsm->pin_len + 1);
@@ -208,6 +223,7 @@ void kms_hsm_close(struct kms_hsm *hsm)
     free(hsm->free_list);
     pthread_cond_destroy(&hsm->available);
     pthread_mutex_destroy(&hsm->lock);
+    pthread_rwlock_destroy(&hsm->objects);
     free(hsm);
 }
 
@@ -306,9 +322,10 @@ kms_err kms_hsm_generate_aes(struct kms_session *s, const uint8_t *id, size_t id
         {CKA_VERIFY, &no, sizeof no},      {CKA_DERIVE, &no, sizeof no},
         {CKA_ID, (void *)id, id_len},      {CKA_LABEL, (void *)label, strlen(label)},
     };
-    SESSION_CKR(
-        s, s->hsm->fn->C_GenerateKey(s->handle, &mech, tmpl, sizeof tmpl / sizeof tmpl[0], out),
-        "C_GenerateKey");
+    pthread_rwlock_wrlock(&s->hsm->objects);
+    CK_RV rv = s->hsm->fn->C_GenerateKey(s->handle, &mech, tmpl, sizeof tmpl / sizeof tmpl[0], out);
+    pthread_rwlock_unlock(&s->hsm->objects);
+    SESSION_CKR(s, rv, "C_GenerateKey");
     return KMS_OK;
 }
 
@@ -396,21 +413,29 @@ kms_err kms_hsm_create_data(struct kms_session *s, const char *label, const uint
         {CKA_OBJECT_ID, (void *)oid, oid_len},
         {CKA_VALUE, (void *)value, n},
     };
-    SESSION_CKR(s, s->hsm->fn->C_CreateObject(s->handle, tmpl, sizeof tmpl / sizeof tmpl[0], out),
-                "C_CreateObject");
+    pthread_rwlock_wrlock(&s->hsm->objects);
+    CK_RV rv = s->hsm->fn->C_CreateObject(s->handle, tmpl, sizeof tmpl / sizeof tmpl[0], out);
+    pthread_rwlock_unlock(&s->hsm->objects);
+    SESSION_CKR(s, rv, "C_CreateObject");
     return KMS_OK;
 }
 
 kms_err kms_hsm_set_label(struct kms_session *s, CK_OBJECT_HANDLE h, const char *label)
 {
     CK_ATTRIBUTE a = {CKA_LABEL, (void *)label, strlen(label)};
-    SESSION_CKR(s, s->hsm->fn->C_SetAttributeValue(s->handle, h, &a, 1), "C_SetAttributeValue");
+    pthread_rwlock_wrlock(&s->hsm->objects);
+    CK_RV rv = s->hsm->fn->C_SetAttributeValue(s->handle, h, &a, 1);
+    pthread_rwlock_unlock(&s->hsm->objects);
+    SESSION_CKR(s, rv, "C_SetAttributeValue");
     return KMS_OK;
 }
 
 kms_err kms_hsm_destroy(struct kms_session *s, CK_OBJECT_HANDLE h)
 {
-    SESSION_CKR(s, s->hsm->fn->C_DestroyObject(s->handle, h), "C_DestroyObject");
+    pthread_rwlock_wrlock(&s->hsm->objects);
+    CK_RV rv = s->hsm->fn->C_DestroyObject(s->handle, h);
+    pthread_rwlock_unlock(&s->hsm->objects);
+    SESSION_CKR(s, rv, "C_DestroyObject");
     return KMS_OK;
 }
 
@@ -422,7 +447,11 @@ kms_err kms_hsm_find(struct kms_session *s, CK_ATTRIBUTE *tmpl, CK_ULONG n, CK_O
     size_t len = 0, cap = 0;
     CK_RV rv;
 
-    SESSION_CKR(s, fn->C_FindObjectsInit(s->handle, tmpl, n), "C_FindObjectsInit");
+    pthread_rwlock_rdlock(&s->hsm->objects);
+    rv = fn->C_FindObjectsInit(s->handle, tmpl, n);
+    if (rv != CKR_OK)
+        pthread_rwlock_unlock(&s->hsm->objects);
+    SESSION_CKR(s, rv, "C_FindObjectsInit");
     for (;;) {
         CK_ULONG got = 0;
         if (len == cap) {
@@ -441,6 +470,7 @@ kms_err kms_hsm_find(struct kms_session *s, CK_ATTRIBUTE *tmpl, CK_ULONG n, CK_O
         len += got;
     }
     CK_RV frv = fn->C_FindObjectsFinal(s->handle);
+    pthread_rwlock_unlock(&s->hsm->objects);
     if (rv == CKR_OK)
         rv = frv;
     if (rv != CKR_OK) {
@@ -458,12 +488,18 @@ kms_err kms_hsm_get_bytes(struct kms_session *s, CK_OBJECT_HANDLE h, CK_ATTRIBUT
     CK_ATTRIBUTE a = {type, NULL, 0};
     CK_FUNCTION_LIST *fn = s->hsm->fn;
 
-    SESSION_CKR(s, fn->C_GetAttributeValue(s->handle, h, &a, 1), "C_GetAttributeValue");
+    pthread_rwlock_rdlock(&s->hsm->objects);
+    CK_RV rv = fn->C_GetAttributeValue(s->handle, h, &a, 1);
+    pthread_rwlock_unlock(&s->hsm->objects);
+    SESSION_CKR(s, rv, "C_GetAttributeValue");
     KMS_ENSURE(a.ulValueLen != CK_UNAVAILABLE_INFORMATION && a.ulValueLen <= (1u << 24),
                KMS_ERR_INTERNAL, "token attribute is unavailable or too large");
     KMS_GUARD(kms_buf_reserve(out, a.ulValueLen));
     a.pValue = out->data + out->len;
-    SESSION_CKR(s, fn->C_GetAttributeValue(s->handle, h, &a, 1), "C_GetAttributeValue");
+    pthread_rwlock_rdlock(&s->hsm->objects);
+    rv = fn->C_GetAttributeValue(s->handle, h, &a, 1);
+    pthread_rwlock_unlock(&s->hsm->objects);
+    SESSION_CKR(s, rv, "C_GetAttributeValue");
     out->len += a.ulValueLen;
     return kms_buf_terminate(out);
 }

@@ -595,9 +595,9 @@ def test_lifecycle_changes_propagate():
 # its 4 KB stdio buffer that another process writes meanwhile (reproduced
 # without p11kms: one process creating 12 KB data objects, another finding
 # objects; the reader ends up missing some for good). A node missing a record
-# for good keeps another view than the other node. 12 rounds keep a key under
-# about 30 versions.
-ROUNDS_PER_KEY = 12
+# for good keeps another view than the other node. 9 rounds keep a key's
+# record (about 15 versions and its list of recent changes) under 4 KB.
+ROUNDS_PER_KEY = 9
 # A round lasts at least this long, so that each raced key sees several
 # scheduled rotations (one a second) racing on both nodes.
 ROUND_SECONDS = 0.35
