@@ -56,8 +56,13 @@ kms_err kms_hsm_fail(CK_RV rv, const char *what, const char *file, int line)
     case CKR_OBJECT_HANDLE_INVALID: e = KMS_ERR_KEY_UNAVAILABLE; break;
     default: e = KMS_ERR_INTERNAL; break;
     }
-    kms_error("%s failed: %s (0x%lx) at %s:%d", what, p11_kit_strerror(rv), (unsigned long)rv, file,
-              line);
+    /*
+     * An object that vanished (another node removed a superseded record between
+     * our search and our read or destroy) is an expected race, not a fault.
+     */
+    kms_log(rv == CKR_OBJECT_HANDLE_INVALID ? KMS_LOG_DEBUG : KMS_LOG_ERROR,
+            "%s failed: %s (0x%lx) at %s:%d", what, p11_kit_strerror(rv), (unsigned long)rv, file,
+            line);
     return kms_err_set(e, file, line, "The key store could not complete the request");
 }
 
