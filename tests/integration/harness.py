@@ -255,6 +255,14 @@ def write_config(path, token, credentials_file, **extra):
 _PR_SET_PDEATHSIG = 1
 
 
+def token_and_config(ws, label, principal, **settings):
+    """A fresh token in ws, a credentials file for principal and a
+    configuration naming both (settings as for write_config)."""
+    token = make_token(ws.sub("token"), label)
+    creds = write_credentials(ws.sub("credentials"), [principal])
+    return token, write_config(ws.sub("p11kmsd.conf"), token, creds, **settings)
+
+
 def _die_with_parent():
     """In the child before exec: SIGTERM p11kmsd if the test process dies
     without stopping it (killed by a timeout, say)."""

@@ -88,10 +88,8 @@ class AliasState:
 
 def setup():
     C.ws = h.Workspace(prefix="p11kms-crash-")
-    C.token = h.make_token(C.ws.sub("token"), "p11kms-crash")
     C.principal = h.new_principal("crasher")
-    creds = h.write_credentials(C.ws.sub("credentials"), [C.principal])
-    C.config = h.write_config(C.ws.sub("p11kmsd.conf"), C.token, creds, **SETTINGS)
+    C.token, C.config = h.token_and_config(C.ws, "p11kms-crash", C.principal, **SETTINGS)
     C.rng = random.Random(SEED)
     C.lock = threading.Lock()
     C.keys = []

@@ -43,10 +43,8 @@ VERSION_IDS = {}  # key id -> the 4-byte version id its blobs carry
 
 def setup():
     C.ws = h.Workspace()
-    C.token = h.make_token(C.ws.sub("token"), "p11kms-it")
     C.principal = h.new_principal("tester")
-    creds = h.write_credentials(C.ws.sub("credentials"), [C.principal])
-    C.config = h.write_config(C.ws.sub("p11kmsd.conf"), C.token, creds)
+    C.token, C.config = h.token_and_config(C.ws, "p11kms-it", C.principal)
     C.server = h.start_config_server(C.config, C.token, C.ws.sub("p11kmsd.log"))
     C.kms = h.kms_client(C.server.endpoint, C.principal)
     h.diag("p11kmsd serving %s" % C.server.endpoint)
@@ -361,9 +359,7 @@ def test_list_keys_pagination():
     ws = h.Workspace()
     server = None
     try:
-        token = h.make_token(ws.sub("token"), "p11kms-it-list")
-        creds = h.write_credentials(ws.sub("credentials"), [C.principal])
-        config = h.write_config(ws.sub("p11kmsd.conf"), token, creds)
+        token, config = h.token_and_config(ws, "p11kms-it-list", C.principal)
         server = h.start_config_server(config, token, ws.sub("p11kmsd.log"))
         kms = h.kms_client(server.endpoint, C.principal)
         eq(kms.list_keys()["Keys"], [], "a fresh token lists no keys")

@@ -56,10 +56,8 @@ C = Ctx()
 
 def setup():
     C.ws = h.Workspace()
-    C.token = h.make_token(C.ws.sub("token"), "p11kms-it-life")
     C.principal = h.new_principal("tester")
-    creds = h.write_credentials(C.ws.sub("credentials"), [C.principal])
-    C.config = h.write_config(C.ws.sub("p11kmsd.conf"), C.token, creds, **KNOBS)
+    C.token, C.config = h.token_and_config(C.ws, "p11kms-it-life", C.principal, **KNOBS)
     C.server = h.start_config_server(C.config, C.token, C.ws.sub("p11kmsd.log"))
     h.diag("p11kmsd serving %s" % C.server.endpoint)
 
@@ -481,10 +479,8 @@ def test_usage_bounded_rotation():
     ws = h.Workspace()
     server = None
     try:
-        token = h.make_token(ws.sub("token"), "p11kms-it-usage")
-        creds = h.write_credentials(ws.sub("credentials"), [C.principal])
-        config = h.write_config(ws.sub("p11kmsd.conf"), token, creds, usage_bound="5",
-                                usage_block="2", **KNOBS)
+        token, config = h.token_and_config(ws, "p11kms-it-usage", C.principal, usage_bound="5",
+                                           usage_block="2", **KNOBS)
         server = h.start_config_server(config, token, ws.sub("p11kmsd.log"))
         try:
             _usage_checks(server, token)
