@@ -44,8 +44,15 @@ struct key {
     int64_t rotation_days;
     int64_t next_rotation;
     uint32_t current;
+    /* The record's versions first (nrecord of them), then those only history objects hold. */
     struct version *versions;
     size_t nversions;
+    size_t nrecord;
+    struct version *history; /* every version the key's history objects hold (history.c) */
+    size_t nhistory;
+    uint32_t archived_n;     /* the record's: versions up to this ordinal moved to history */
+    uint32_t history_n;      /* the highest ordinal the history objects read cover */
+    char *history_signature; /* the history objects read: "upto:nonce,..." */
     uint64_t gen;
     char *signature; /* the records this view came from: "gen:nonce,..." */
     struct usage *usage;
@@ -117,12 +124,29 @@ kms_err kms_index_alias_view(struct kms_keystore *ks, const char *name, const st
 void kms_index_remove_key(struct kms_keystore *ks, const uint8_t id[KMS_UUID_LEN]);
 void kms_index_remove_alias(struct kms_keystore *ks, const char *name);
 void kms_alias_oid(const char *name, uint8_t oid[KMS_OID_LEN]);
+/* An object id for name in a domain ("p11kms alias", "p11kms history"). */
+void kms_oid_of(const char *domain, const void *name, size_t n, uint8_t oid[KMS_OID_LEN]);
+/* A version from its JSON form in a key's state or history. */
+void kms_version_from_json(const json_t *v, struct version *out);
+/* Replaces a key's history versions (takes h) and what they cover. */
+kms_err kms_index_key_history(struct kms_keystore *ks, const uint8_t id[KMS_UUID_LEN],
+                              struct version *h, size_t n, uint32_t upto, const char *signature);
 /* Writes a change to a key and indexes the result. */
 kms_err kms_key_change(struct kms_keystore *ks, struct kms_session *s,
                        const uint8_t id[KMS_UUID_LEN], const json_t *op);
 /* Makes a KEK object for a new version and writes the rotation. */
 kms_err kms_key_rotate(struct kms_keystore *ks, const uint8_t id[KMS_UUID_LEN], const char *reason,
                        uint32_t from);
+
+/* history.c: old versions moved out of a key's record into immutable objects */
+/* Reads every history object of a key into the index. */
+kms_err kms_history_load(struct kms_keystore *ks, struct kms_session *s,
+                         const uint8_t id[KMS_UUID_LEN]);
+/* When the key's record holds many versions, moves the oldest to a history object. */
+kms_err kms_history_archive(struct kms_keystore *ks, struct kms_session *s,
+                            const uint8_t id[KMS_UUID_LEN]);
+/* Removes a destroyed key's history objects. */
+void kms_history_destroy(struct kms_session *s, const uint8_t id[KMS_UUID_LEN]);
 
 /* refresh.c */
 kms_err kms_refresh_all(struct kms_keystore *ks, struct kms_session *s, int sweep_orphans);

@@ -56,6 +56,8 @@ static void key_free(struct key *k)
         return;
     free(k->description);
     free(k->versions);
+    free(k->history);
+    free(k->history_signature);
     free(k->signature);
     free(k);
 }
@@ -168,8 +170,9 @@ static kms_err key_from_view(const uint8_t id[KMS_UUID_LEN], const struct kms_vi
     k->nversions = json_array_size(versions);
     k->versions = calloc(k->nversions + 1, sizeof *k->versions);
     if (!k->description || !k->signature || !k->versions || !state) {
+        kms_err rc = KMS_FAIL(KMS_ERR_INTERNAL, "out of memory or malformed key %s", k->id_text);
         key_free(k);
-        return KMS_FAIL(KMS_ERR_INTERNAL, "out of memory or malformed key %s", k->id_text);
+        return rc;
     }
     if (strcmp(state, KMS_STATE_ENABLED) == 0)
         k->state = KMS_KEY_ENABLED;
@@ -183,21 +186,83 @@ static kms_err key_from_view(const uint8_t id[KMS_UUID_LEN], const struct kms_vi
     k->rotation_days = int_of(s, "rotation_period_days");
     k->next_rotation = int_of(s, "next_rotation");
     k->current = (uint32_t)int_of(s, "current");
+    k->archived_n = (uint32_t)int_of(s, "archived_n");
+    k->nrecord = k->nversions;
     json_array_foreach(versions, i, v)
     {
-        const char *rot = json_string_value(json_object_get(v, "rotation"));
-        struct version *ver = &k->versions[i];
-        ver->vid = (uint32_t)int_of(v, "vid");
-        ver->n = (uint32_t)int_of(v, "n");
-        ver->created = int_of(v, "created");
-        ver->reserved = (uint64_t)int_of(v, "reserved");
-        ver->bound = (uint64_t)int_of(v, "bound");
-        ver->listed = json_is_true(json_object_get(v, "listed"));
-        ver->on_demand = rot && strcmp(rot, "ON_DEMAND") == 0;
-        ver->handle = CK_INVALID_HANDLE;
+        kms_version_from_json(v, &k->versions[i]);
     }
     *out = k;
     return KMS_OK;
+}
+
+void kms_version_from_json(const json_t *v, struct version *ver)
+{
+    const char *rot = json_string_value(json_object_get(v, "rotation"));
+    ver->vid = (uint32_t)int_of(v, "vid");
+    ver->n = (uint32_t)int_of(v, "n");
+    ver->created = int_of(v, "created");
+    ver->reserved = (uint64_t)int_of(v, "reserved");
+    ver->bound = (uint64_t)int_of(v, "bound");
+    ver->listed = json_is_true(json_object_get(v, "listed"));
+    ver->on_demand = rot && strcmp(rot, "ON_DEMAND") == 0;
+    ver->handle = CK_INVALID_HANDLE;
+}
+
+static const struct version *version_in(const struct version *v, size_t n, uint32_t vid)
+{
+    for (size_t i = 0; i < n; i++)
+        if (v[i].vid == vid)
+            return &v[i];
+    return NULL;
+}
+
+/*
+ * k->versions becomes the record's versions followed by the history
+ * versions the record does not name, each keeping a handle found before.
+ */
+static kms_err merge_history(struct key *k)
+{
+    struct version *v = calloc(k->nrecord + k->nhistory + 1, sizeof *v);
+    size_t n = k->nrecord;
+    KMS_ENSURE(v != NULL, KMS_ERR_INTERNAL, "out of memory");
+    memcpy(v, k->versions, k->nrecord * sizeof *v);
+    for (size_t i = 0; i < k->nhistory; i++) {
+        if (version_in(v, n, k->history[i].vid))
+            continue;
+        const struct version *had = version_in(k->versions, k->nversions, k->history[i].vid);
+        v[n] = k->history[i];
+        v[n++].handle = had ? had->handle : CK_INVALID_HANDLE;
+    }
+    free(k->versions);
+    k->versions = v;
+    k->nversions = n;
+    return KMS_OK;
+}
+
+kms_err kms_index_key_history(struct kms_keystore *ks, const uint8_t id[KMS_UUID_LEN],
+                              struct version *h, size_t n, uint32_t upto, const char *signature)
+{
+    char *sig = strdup(signature);
+    kms_err rc = KMS_OK;
+
+    pthread_rwlock_wrlock(&ks->rw);
+    struct key *k = kms_key_any_locked(ks, id);
+    if (k && sig) {
+        free(k->history);
+        free(k->history_signature);
+        k->history = h;
+        k->nhistory = n;
+        k->history_n = upto;
+        k->history_signature = sig;
+        h = NULL;
+        sig = NULL;
+        rc = merge_history(k);
+    }
+    pthread_rwlock_unlock(&ks->rw);
+    free(h);
+    free(sig);
+    return rc;
 }
 
 static struct usage *usage_new(struct kms_keystore *ks)
@@ -234,6 +299,17 @@ kms_err kms_index_key_view(struct kms_keystore *ks, const uint8_t id[KMS_UUID_LE
         }
         k->usage = old->usage;
         k->purged = old->destroyed && k->destroyed && old->purged;
+        k->history = old->history;
+        k->nhistory = old->nhistory;
+        k->history_n = old->history_n;
+        k->history_signature = old->history_signature;
+        old->history = NULL;
+        old->history_signature = NULL;
+        if (merge_history(k) != KMS_OK) {
+            pthread_rwlock_unlock(&ks->rw);
+            key_free(k);
+            return KMS_FAIL(KMS_ERR_INTERNAL, "out of memory");
+        }
         for (size_t a = 0; a < k->nversions; a++)
             for (size_t b = 0; b < old->nversions; b++)
                 if (k->versions[a].vid == old->versions[b].vid &&
@@ -329,18 +405,23 @@ void kms_index_remove_alias(struct kms_keystore *ks, const char *name)
     pthread_rwlock_unlock(&ks->rw);
 }
 
-void kms_alias_oid(const char *name, uint8_t oid[KMS_OID_LEN])
+void kms_oid_of(const char *domain, const void *name, size_t n, uint8_t oid[KMS_OID_LEN])
 {
     uint8_t md[32];
     unsigned len = 0;
     EVP_MD_CTX *c = EVP_MD_CTX_new();
     if (c && EVP_DigestInit_ex(c, EVP_sha256(), NULL) == 1 &&
-        EVP_DigestUpdate(c, "p11kms alias\n", 13) == 1 &&
-        EVP_DigestUpdate(c, name, strlen(name)) == 1 && EVP_DigestFinal_ex(c, md, &len) == 1)
+        EVP_DigestUpdate(c, domain, strlen(domain)) == 1 && EVP_DigestUpdate(c, "\n", 1) == 1 &&
+        EVP_DigestUpdate(c, name, n) == 1 && EVP_DigestFinal_ex(c, md, &len) == 1)
         memcpy(oid, md, KMS_OID_LEN);
     else
         memset(oid, 0xff, KMS_OID_LEN);
     EVP_MD_CTX_free(c);
+}
+
+void kms_alias_oid(const char *name, uint8_t oid[KMS_OID_LEN])
+{
+    kms_oid_of("p11kms alias", name, strlen(name), oid);
 }
 
 /* ---- open and close ------------------------------------------------------- */
@@ -692,6 +773,11 @@ kms_err kms_key_rotate(struct kms_keystore *ks, const uint8_t id[KMS_UUID_LEN], 
             if (k->versions[i].vid == vid)
                 k->versions[i].handle = h;
         pthread_rwlock_unlock(&ks->rw);
+        /* The rotation stands whatever happens here; a later one archives again. */
+        if (kms_history_archive(ks, s, id) != KMS_OK) {
+            kms_warn("could not move old key versions to history: %s", kms_err_message());
+            kms_err_clear();
+        }
     }
     pthread_mutex_unlock(&ks->write);
     kms_hsm_release(s);

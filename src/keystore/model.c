@@ -75,7 +75,8 @@ static kms_err rotate(json_t *s, const json_t *op)
      * A rotation that is no longer due (another node made it first) still
      * keeps its version, unlisted: a version object is never forgotten.
      */
-    json_int_t n = 0;
+    /* Ordinals go on past versions moved to the key's history (archive below). */
+    json_int_t n = int_of(s, "archived_n");
     size_t i;
     json_t *v;
     json_array_foreach(versions, i, v)
@@ -111,6 +112,37 @@ static kms_err reserve(json_t *s, const json_t *op)
     return KMS_OK;
 }
 
+/*
+ * Moves versions out of the record once a history object holds them
+ * (keystore.c writes that object first), so the record does not grow with
+ * every rotation. The current version always stays. archived_n, the highest
+ * ordinal moved, only grows.
+ */
+static kms_err archive(json_t *s, const json_t *op)
+{
+    json_t *versions = json_object_get(s, "versions"), *vids = json_object_get(op, "vids"), *v;
+    json_int_t upto = int_of(op, "upto");
+    size_t i, j;
+
+    KMS_ENSURE(json_is_array(versions) && json_is_array(vids) && upto > 0, KMS_ERR_INTERNAL,
+               "malformed archive change");
+    for (i = json_array_size(versions); i-- > 0;) {
+        json_int_t vid = int_of(json_array_get(versions, i), "vid");
+        if (vid == int_of(s, "current"))
+            continue;
+        json_array_foreach(vids, j, v)
+        {
+            if (json_integer_value(v) == vid) {
+                json_array_remove(versions, i);
+                break;
+            }
+        }
+    }
+    if (upto > int_of(s, "archived_n"))
+        json_object_set_new(s, "archived_n", json_integer(upto));
+    return KMS_OK;
+}
+
 static kms_err key_apply(json_t **state, const json_t *op)
 {
     const char *type = json_string_value(json_object_get(op, "type"));
@@ -129,6 +161,8 @@ static kms_err key_apply(json_t **state, const json_t *op)
         return rotate(s, op);
     if (strcmp(type, "reserve") == 0)
         return reserve(s, op);
+    if (strcmp(type, "archive") == 0)
+        return archive(s, op);
     if (strcmp(type, "enable") == 0) {
         KMS_GUARD(require_not_pending(s));
         json_object_set_new(s, "state", json_string(KMS_STATE_ENABLED));
@@ -177,14 +211,21 @@ static kms_err key_apply(json_t **state, const json_t *op)
     return KMS_FAIL(KMS_ERR_INTERNAL, "unknown change type %.32s", type);
 }
 
-/* Every version any record names stays known, and its reservations never shrink. */
+/*
+ * Every version any record names stays known, and its reservations never
+ * shrink; except versions already moved to the key's history, which older
+ * records still name.
+ */
 static void key_keep(json_t *state, const json_t *other)
 {
     json_t *versions = json_object_get(state, "versions"), *v;
+    json_int_t archived = int_of(state, "archived_n");
     size_t i;
     json_array_foreach(json_object_get(other, "versions"), i, v)
     {
         json_t *mine = kms_model_version(state, (uint32_t)int_of(v, "vid"));
+        if (!mine && int_of(v, "n") <= archived)
+            continue;
         if (!mine) {
             json_t *copy = json_deep_copy(v);
             json_object_set_new(copy, "listed", json_false());
@@ -196,15 +237,17 @@ static void key_keep(json_t *state, const json_t *other)
 }
 
 /*
- * New versions and reservations only add (a version, uses of a version), so
- * one missed by a writer may still be applied after later changes. A state
+ * New versions and reservations only add (a version, uses of a version), and
+ * an archive only moves what a history object already holds, so one missed by
+ * a writer may still be applied after later changes. A state
  * change (enable, disable, deletion, rotation settings) may not: applied after
  * a later one, it would undo it.
  */
 static int key_late(const json_t *op)
 {
     const char *type = json_string_value(json_object_get(op, "type"));
-    return type && (strcmp(type, "rotate") == 0 || strcmp(type, "reserve") == 0);
+    return type && (strcmp(type, "rotate") == 0 || strcmp(type, "reserve") == 0 ||
+                    strcmp(type, "archive") == 0);
 }
 
 const struct kms_record_kind kms_key_kind = {"key", key_apply, key_keep, key_late};

@@ -274,6 +274,8 @@ static void sweep_orphans(struct kms_keystore *ks, struct kms_session *s, const 
         struct key *k = kms_key_find_locked(ks, keks[i].id);
         for (size_t j = 0; k && j < k->nversions; j++)
             named |= k->versions[j].vid == vid;
+        /* Not while some of the key's history is unread: it may name the object. */
+        named |= k && k->archived_n > k->history_n;
         pthread_rwlock_unlock(&ks->rw);
         if (named || keks[i].created == 0 ||
             keks[i].created + (int64_t)ks->cfg.orphan_grace_seconds > now)
@@ -378,10 +380,12 @@ static void remove_superseded(struct kms_session *s, struct kms_record *recs, si
         int covered = 1;
         if (i == top)
             continue;
+        json_int_t archived = json_integer_value(json_object_get(newest, "archived_n"));
         json_array_foreach(json_object_get(state, "versions"), k, v)
         {
-            covered &= kms_model_version(
-                           newest, (uint32_t)json_integer_value(json_object_get(v, "vid"))) != NULL;
+            covered &= kms_model_version(newest, (uint32_t)json_integer_value(
+                                                     json_object_get(v, "vid"))) != NULL ||
+                       json_integer_value(json_object_get(v, "n")) <= archived;
         }
         /*
          * ...and whose change it holds (views still apply a change it lacks),
@@ -463,13 +467,16 @@ static int key_signature_is(struct kms_keystore *ks, const char *kind, const cha
 {
     int same = 0;
     pthread_rwlock_rdlock(&ks->rw);
-    if (strcmp(kind, "key") == 0) {
+    if (strcmp(kind, "key") == 0 || strcmp(kind, "history") == 0) {
         uint8_t id[KMS_UUID_LEN];
         struct key *k = NULL;
         if (kms_uuid_parse(name, strlen(name), id) == KMS_OK)
             k = kms_key_any_locked(ks, id);
         kms_err_clear();
-        same = k && strcmp(k->signature, sig) == 0;
+        if (k && strcmp(kind, "key") == 0)
+            same = strcmp(k->signature, sig) == 0;
+        else if (k)
+            same = k->history_signature && strcmp(k->history_signature, sig) == 0;
     } else {
         struct alias *a = kms_alias_find_locked(ks, name);
         same = a && strcmp(a->signature, sig) == 0;
@@ -523,6 +530,47 @@ static void drop_vanished(struct kms_keystore *ks, const struct entry *e, size_t
     }
 }
 
+/*
+ * Reads the history of every key whose history objects changed since the
+ * last look, or whose record says it has history this node has not read.
+ */
+static kms_err load_histories(struct kms_keystore *ks, struct kms_session *s, const struct entry *e,
+                              size_t ne)
+{
+    kms_err rc = KMS_OK;
+    for (size_t i = 0; i < ne && rc == KMS_OK;) {
+        size_t j = i;
+        struct kms_buf sig = KMS_BUF_INIT;
+        uint8_t id[KMS_UUID_LEN];
+        while (j < ne && strcmp(e[j].kind, e[i].kind) == 0 && strcmp(e[j].name, e[i].name) == 0)
+            j++;
+        if (strcmp(e[i].kind, "history") == 0 &&
+            kms_uuid_parse(e[i].name, strlen(e[i].name), id) == KMS_OK) {
+            rc = signature(&e[i], j - i, &sig);
+            if (rc == KMS_OK && !key_signature_is(ks, "history", e[i].name, (const char *)sig.data))
+                rc = kms_history_load(ks, s, id);
+        }
+        kms_err_clear();
+        kms_buf_free(&sig);
+        i = j;
+    }
+    for (size_t i = 0; rc == KMS_OK;) {
+        uint8_t id[KMS_UUID_LEN];
+        int behind = 0;
+        pthread_rwlock_rdlock(&ks->rw);
+        for (; i < ks->nkeys && !behind; i++)
+            if (ks->keys[i]->archived_n > ks->keys[i]->history_n && !ks->keys[i]->destroyed) {
+                memcpy(id, ks->keys[i]->id, KMS_UUID_LEN);
+                behind = 1;
+            }
+        pthread_rwlock_unlock(&ks->rw);
+        if (!behind)
+            break;
+        rc = kms_history_load(ks, s, id);
+    }
+    return rc;
+}
+
 kms_err kms_refresh_all(struct kms_keystore *ks, struct kms_session *s, int sweep)
 {
     CK_OBJECT_CLASS cls = CKO_DATA;
@@ -568,12 +616,16 @@ kms_err kms_refresh_all(struct kms_keystore *ks, struct kms_session *s, int swee
             j++;
         rc = signature(&e[i], j - i, &sig);
         /* With a sweep, entities with several records are read again to repair them. */
-        if (rc == KMS_OK && ((sweep && j - i > 1) ||
-                             !key_signature_is(ks, e[i].kind, e[i].name, (const char *)sig.data)))
+        if (rc == KMS_OK && strcmp(e[i].kind, "history") != 0 &&
+            ((sweep && j - i > 1) ||
+             !key_signature_is(ks, e[i].kind, e[i].name, (const char *)sig.data)))
             rc = index_entity(ks, s, &e[i], j - i, (const char *)sig.data, sweep);
         kms_buf_free(&sig);
         i = j;
     }
+    /* Then the keys' history objects, now that the keys are indexed. */
+    if (rc == KMS_OK)
+        rc = load_histories(ks, s, e, ne);
     /* A record removed between find and read may have been an entity's only one seen. */
     if (rc == KMS_OK && !vanished)
         drop_vanished(ks, e, ne);
@@ -640,6 +692,8 @@ kms_err kms_refresh_key(struct kms_keystore *ks, const uint8_t id[KMS_UUID_LEN],
             rc = kms_records_view(&kms_key_kind, recs, n, &view);
         if (rc == KMS_OK && view.state)
             rc = kms_index_key_view(ks, id, &view, NULL);
+        if (rc == KMS_OK && view.state && !has_version(ks, id, vid))
+            rc = kms_history_load(ks, s, id);
         if (rc == KMS_OK)
             rc = attach_handles(ks, s, NULL, 0);
         kms_hsm_release(s);
@@ -674,23 +728,25 @@ static void finish_destroy(struct kms_keystore *ks, const uint8_t id[KMS_UUID_LE
     struct kms_session *s;
     uint32_t *vids = NULL;
     size_t nv = 0, removed = 0;
+    kms_err rc;
 
+    if (kms_hsm_acquire(ks->hsm, &s) != KMS_OK) {
+        kms_err_clear();
+        return;
+    }
+    /* Every version, those moved to history included. */
+    rc = kms_history_load(ks, s, id);
     pthread_rwlock_rdlock(&ks->rw);
     struct key *k = kms_key_any_locked(ks, id);
-    if (k) {
+    if (k && rc == KMS_OK) {
         nv = k->nversions;
         vids = calloc(nv + 1, sizeof *vids);
         for (size_t j = 0; vids && j < nv; j++)
             vids[j] = k->versions[j].vid;
     }
     pthread_rwlock_unlock(&ks->rw);
-    if (!vids || kms_hsm_acquire(ks->hsm, &s) != KMS_OK) {
-        free(vids);
-        kms_err_clear();
-        return;
-    }
+    rc = vids ? KMS_OK : KMS_ERR_INTERNAL;
     kms_uuid_format(id, name);
-    kms_err rc = KMS_OK;
     for (size_t j = 0; j < nv && rc == KMS_OK; j++) {
         CK_OBJECT_HANDLE h;
         rc = kms_kek_find(s, id, vids[j], &h);
@@ -699,6 +755,8 @@ static void finish_destroy(struct kms_keystore *ks, const uint8_t id[KMS_UUID_LE
             removed += rc == KMS_OK;
         }
     }
+    if (rc == KMS_OK)
+        kms_history_destroy(s, id);
     kms_hsm_release(s);
     if (rc == KMS_OK) {
         pthread_rwlock_wrlock(&ks->rw);

@@ -304,6 +304,48 @@ def key_records(token_view, key):
     return sorted(out, key=lambda x: (x[0], x[1]["nonce"]))
 
 
+def history_objects(token_view, key):
+    """The key's history objects: [document]."""
+    out = []
+    for d in token_view["data"]:
+        if d["label"].startswith("p11kms-history:%s:" % key):
+            doc = json.loads(d["value"])
+            eq((doc["format"], doc["kind"], doc["name"]), (1, "history", key), "history header")
+            eq(d["label"], "p11kms-history:%s:%d:%s" % (key, doc["upto"], doc["nonce"]),
+               "history label")
+            out.append(doc)
+    return out
+
+
+def check_history(key, vids):
+    """The key's records stay small: old versions live in history objects, and records
+    and history together name every version exactly as made (ordinals 1..n)."""
+    view = inspect_token(C.token)
+    records = key_records(view, key)
+    check(records, "the key has records")
+    for gen, doc in records:
+        size = len(json.dumps(doc, sort_keys=True, separators=(",", ":")))
+        check(size < 3000, "record generation %d is %d bytes" % (gen, size))
+        check(len(doc["state"]["versions"]) <= 13,
+              "record generation %d names %d versions" % (gen, len(doc["state"]["versions"])))
+    top = records[-1][1]["state"]
+    hist = history_objects(view, key)
+    check(hist, "the key has history objects")
+    by_vid = {}
+    for doc in hist:
+        for v in doc["versions"]:
+            by_vid[v["vid"]] = v["n"]
+    eq(max(doc["upto"] for doc in hist), top["archived_n"], "the record's archived_n")
+    for v in top["versions"]:
+        check(v["n"] > top["archived_n"], "a record version above archived_n")
+        by_vid[v["vid"]] = v["n"]
+    eq(sorted(by_vid), sorted(int.from_bytes(v, "big") for v in vids),
+       "records and history name every version")
+    eq(sorted(by_vid.values()), list(range(1, len(vids) + 1)), "ordinals 1..%d" % len(vids))
+    eq([by_vid[int.from_bytes(v, "big")] for v in vids], list(range(1, len(vids) + 1)),
+       "ordinals in the order the versions were made")
+
+
 def vid_bytes(vid_int):
     return vid_int.to_bytes(4, "big")
 
@@ -378,9 +420,13 @@ def test_versions_and_on_demand_rotation():
 def test_on_demand_rotation_limit():
     """max_on_demand_rotations = 20: the 21st is refused."""
     key = create_key("limit")
+    vids = [vid_of(gdk(key)[0])]
     for i in range(20):
         eq(call("RotateKeyOnDemand", {"KeyId": key}), {"KeyId": arn(key)}, "rotation %d" % (i + 1))
+        vids.append(vid_of(gdk(key)[0]))
+    eq(len(set(vids)), 21, "21 distinct versions")
     fails("RotateKeyOnDemand", {"KeyId": key}, "LimitExceededException", 400, "the 21st rotation")
+    check_history(key, vids)
     rots = rotations(key)
     eq(len(rots), 20, "ListKeyRotations entries")
     eq({r["RotationType"] for r in rots}, {"ON_DEMAND"}, "rotation types")
@@ -690,14 +736,19 @@ def test_deletion():
     keep = create_key("survivor")
     call_empty("CreateAlias", {"AliasName": "alias/lc-doomed", "TargetKeyId": key})
     blob1, pt1 = gdk(key, ctx={"d": "1"}, record=False)
-    call("RotateKeyOnDemand", {"KeyId": key})
+    # enough versions that some live in history objects, which deletion removes too
+    vids = [vid_of(blob1)]
+    for _ in range(15):
+        call("RotateKeyOnDemand", {"KeyId": key})
+        vids.append(vid_of(gdk(key)[0]))
     blob2, pt2 = gdk(key, ctx={"d": "2"}, record=False)
     check(vid_of(blob1) != vid_of(blob2), "two versions")
     for b in ({"key": key, "blob": blob1, "ctx": {"d": "1"}, "pt": pt1},
               {"key": key, "blob": blob2, "ctx": {"d": "2"}, "pt": pt2}):
         C.blobs.append(b)
-    eq(sorted(keks_of(inspect_token(C.token), key)), sorted([vid_of(blob1), vid_of(blob2)]),
-       "two secret key objects before the deletion")
+    check_history(key, vids)
+    eq(sorted(keks_of(inspect_token(C.token), key)), sorted(vids),
+       "16 secret key objects before the deletion")
 
     before = math.floor(time.time())
     a = call("ScheduleKeyDeletion", {"KeyId": key, "PendingWindowInDays": 1})
@@ -732,10 +783,12 @@ def test_deletion():
     fails("CreateAlias", {"AliasName": "alias/lc-x", "TargetKeyId": key}, "NotFoundException", 404,
           "an alias for the deleted key")
 
-    # both key objects are destroyed
-    view = wait_for(lambda: (lambda v: v if not keks_of(v, key) else None)(inspect_token(C.token)),
+    # all its key objects and history objects are destroyed
+    view = wait_for(lambda: (lambda v: v if not keks_of(v, key) and not history_objects(v, key)
+                             else None)(inspect_token(C.token)),
                     3.0, "the key objects are removed", 0.2)
     check(keks_of(view, keep), "the other key's object is still there")
+    eq(history_objects(view, key), [], "the key's history objects are removed")
     # its tombstone record remains
     check(key_records(view, key), "the deleted key keeps a record")
     eq(key_records(view, key)[-1][1]["state"]["state"], "Destroyed", "the record says Destroyed")

@@ -589,15 +589,14 @@ def test_lifecycle_changes_propagate():
 # ---- 3. concurrent changes on both nodes --------------------------------------------
 
 
-# A fresh raced key every ROUNDS_PER_KEY rounds: each version adds about
-# 120 bytes to a key's record, and SoftHSM2 2.6.1 (file store) permanently
-# loses, in a process reading the token, about 1% of the objects larger than
-# its 4 KB stdio buffer that another process writes meanwhile (reproduced
-# without p11kms: one process creating 12 KB data objects, another finding
-# objects; the reader ends up missing some for good). A node missing a record
-# for good keeps another view than the other node. 9 rounds keep a key's
-# record (about 15 versions and its list of recent changes) under 4 KB.
-ROUNDS_PER_KEY = 9
+# One raced key for all the rounds: it ends with over 100 versions (two
+# on-demand rotations every third round, a scheduled one every second), while
+# its record stays small (old versions move to history objects). That matters
+# on SoftHSM2 2.6.1 (file store), which permanently loses, in a process
+# reading the token, about 1% of the objects larger than its 4 KB stdio buffer
+# that another process writes meanwhile (reproduced without p11kms: one
+# process creating 12 KB data objects, another finding objects).
+MIN_VERSIONS = 100
 # A round lasts at least this long, so that each raced key sees several
 # scheduled rotations (one a second) racing on both nodes.
 ROUND_SECONDS = 0.35
@@ -821,12 +820,8 @@ def test_race_rounds():
     expect_ok(call(a, "CreateAlias", {"AliasName": R.alias, "TargetKeyId": R.x}), "CreateAlias")
 
     started = time.monotonic()
+    start_raced_key()
     for i in range(ROUNDS):
-        if i % ROUNDS_PER_KEY == 0:
-            if R.key:
-                # The retired key stops growing; its rotations are checked at the end.
-                expect_ok(call(a, "DisableKeyRotation", {"KeyId": R.key}), "DisableKeyRotation")
-            start_raced_key()
         began = time.monotonic()
         run_round(i)
         time.sleep(max(0.0, ROUND_SECONDS - (time.monotonic() - began)))
@@ -844,11 +839,14 @@ def test_race_rounds():
                 list_rotations(a, key), list_rotations(b, key)))
         check_rotations(rotations, "raced key %d after the rounds" % n, key)
         automatic += sum(1 for _, t in rotations if t == "AUTOMATIC")
-    check(automatic >= len(R.keys), "%d scheduled rotations listed on %d raced keys, each of "
-          "which had rotation due every second for a few seconds" % (automatic, len(R.keys)))
+    check(automatic >= min(ROUNDS // 10, 10), "%d scheduled rotations listed; rotation was due "
+          "every second for %.0f s" % (automatic, elapsed))
+    versions = len(final["rotations"]) + 1
+    if ROUNDS >= 100:
+        check(versions >= MIN_VERSIONS, "the raced key has %d versions" % versions)
     waits = sorted(R.waits)
-    h.diag("%d rounds on %d raced keys in %.1f s (%.0f ms a round with its agreement poll)"
-           % (ROUNDS, len(R.keys), elapsed, 1000 * elapsed / max(ROUNDS, 1)))
+    h.diag("%d rounds in %.1f s (%.0f ms a round with its agreement poll); the raced key "
+           "has %d versions" % (ROUNDS, elapsed, 1000 * elapsed / max(ROUNDS, 1), versions))
     h.diag("agreement after a round: median %.3f s, worst %.3f s, tries up to %d"
            % (waits[len(waits) // 2], waits[-1], max(R.agree_tries)))
     h.diag("rotations listed: %d ON_DEMAND (as many acknowledged), %d AUTOMATIC"

@@ -307,6 +307,97 @@ static void test_versions_of_older_records_are_kept(void **unused)
     release(r, 2);
 }
 
+static json_t *archive_op(const char *id, json_int_t upto, json_int_t vid1, json_int_t vid2)
+{
+    return json_pack("{s:s, s:s, s:[I, I], s:I}", "id", id, "type", "archive", "vids", vid1, vid2,
+                     "upto", upto);
+}
+
+/* Versions 100 (n 1), 201 (n 2), 202 (n 3, current). */
+static json_t *three_versions(void)
+{
+    json_t *s = key_state("Enabled"), *a = rotate("ra", 201, KMS_ROTATE_DEMAND, 1001),
+           *b = rotate("rb", 202, KMS_ROTATE_DEMAND, 1002);
+    assert_int_equal(kms_key_kind.apply(&s, a), KMS_OK);
+    assert_int_equal(kms_key_kind.apply(&s, b), KMS_OK);
+    json_decref(a);
+    json_decref(b);
+    assert_int_equal(num(kms_model_version(s, 202), "n"), 3);
+    return s;
+}
+
+/* An archive drops the named versions but never the current one; ordinals go on. */
+static void test_archive_moves_versions_and_ordinals_go_on(void **unused)
+{
+    (void)unused;
+    json_t *s = three_versions(), *a = archive_op("ar", 3, 100, 202);
+    assert_int_equal(kms_key_kind.apply(&s, a), KMS_OK);
+    assert_null(kms_model_version(s, 100));
+    assert_non_null(kms_model_version(s, 201));
+    assert_non_null(kms_model_version(s, 202)); /* current */
+    assert_int_equal(num(s, "archived_n"), 3);
+    json_t *r = rotate("rc", 203, KMS_ROTATE_DEMAND, 1003);
+    assert_int_equal(kms_key_kind.apply(&s, r), KMS_OK);
+    assert_int_equal(num(kms_model_version(s, 203), "n"), 4);
+    /* A smaller archive later does not lower archived_n. */
+    json_t *b = archive_op("as", 1, 201, 201);
+    assert_int_equal(kms_key_kind.apply(&s, b), KMS_OK);
+    assert_int_equal(num(s, "archived_n"), 3);
+    assert_null(kms_model_version(s, 201));
+    json_decref(a);
+    json_decref(b);
+    json_decref(r);
+    json_decref(s);
+}
+
+/* Older records still naming archived versions do not bring them back. */
+static void test_archived_versions_are_not_revived(void **unused)
+{
+    (void)unused;
+    json_t *before = three_versions(), *after = json_deep_copy(before);
+    json_t *a = archive_op("ar", 2, 100, 201);
+    assert_int_equal(kms_key_kind.apply(&after, a), KMS_OK);
+    struct kms_record r[2] = {
+        make(&kms_key_kind, KEY, 3, "aa", "c1,ra,rb,ar", a, after),
+        make(&kms_key_kind, KEY, 2, "bb", "c1,ra,rb", rotate("rb", 202, KMS_ROTATE_DEMAND, 1002),
+             before),
+    };
+    struct kms_view v;
+    view_of(&kms_key_kind, r, 2, &v);
+    assert_int_equal(json_array_size(json_object_get(v.state, "versions")), 1);
+    assert_non_null(kms_model_version(v.state, 202));
+    assert_int_equal(num(v.state, "archived_n"), 2);
+    kms_view_clear(&v);
+    release(r, 2);
+}
+
+/* An archive that lost a same-generation race to a rotation is applied on top of it. */
+static void test_archive_racing_a_rotation(void **unused)
+{
+    (void)unused;
+    json_t *base = three_versions(), *arch = json_deep_copy(base), *rot = json_deep_copy(base);
+    json_t *a = archive_op("ar", 2, 100, 201), *o = rotate("rd", 204, KMS_ROTATE_DEMAND, 1004);
+    assert_int_equal(kms_key_kind.apply(&arch, a), KMS_OK);
+    assert_int_equal(kms_key_kind.apply(&rot, o), KMS_OK);
+    json_decref(base);
+    struct kms_record r[2] = {
+        make(&kms_key_kind, KEY, 3, "bb", "c1,ra,rb,ar", a, arch),
+        make(&kms_key_kind, KEY, 3, "aa", "c1,ra,rb,rd", o, rot),
+    };
+    struct kms_view v;
+    view_of(&kms_key_kind, r, 2, &v);
+    assert_true(applied_has(&v, "ar"));
+    assert_true(applied_has(&v, "rd"));
+    assert_int_equal(num(v.state, "current"), 204);
+    assert_int_equal(num(v.state, "archived_n"), 2);
+    assert_null(kms_model_version(v.state, 100));
+    assert_null(kms_model_version(v.state, 201));
+    assert_int_equal(num(kms_model_version(v.state, 202), "n"), 3);
+    assert_int_equal(num(kms_model_version(v.state, 204), "n"), 4);
+    kms_view_clear(&v);
+    release(r, 2);
+}
+
 static void test_key_state_transitions(void **unused)
 {
     (void)unused;
@@ -434,6 +525,9 @@ int main(void)
         cmocka_unit_test(test_racing_scheduled_rotations_count_once),
         cmocka_unit_test(test_reservations_add_up_to_the_bound),
         cmocka_unit_test(test_versions_of_older_records_are_kept),
+        cmocka_unit_test(test_archive_moves_versions_and_ordinals_go_on),
+        cmocka_unit_test(test_archived_versions_are_not_revived),
+        cmocka_unit_test(test_archive_racing_a_rotation),
         cmocka_unit_test(test_key_state_transitions),
         cmocka_unit_test(test_on_demand_limit),
         cmocka_unit_test(test_alias_create_race_has_one_winner),
