@@ -37,7 +37,62 @@ struct kms_hsm {
     struct kms_session **free_list;
     size_t nsessions;
     size_t nfree;
+    unsigned waiting;
+
+    kms_hsm_observer observe;
+    void *observe_arg;
 };
+
+const char *const kms_hsm_call_names[KMS_HSM_CALL_COUNT + 1] = {
+    "C_GenerateRandom",    "C_GenerateKey",
+    "C_Encrypt",           "C_Decrypt",
+    "C_CreateObject",      "C_SetAttributeValue",
+    "C_DestroyObject",     "C_FindObjects",
+    "C_GetAttributeValue", NULL,
+};
+
+struct timed {
+    struct kms_hsm *hsm;
+    enum kms_hsm_call call;
+    struct timespec start;
+};
+
+static void timed_end(struct timed *t)
+{
+    struct timespec end;
+    if (!t->hsm->observe)
+        return;
+    clock_gettime(CLOCK_MONOTONIC, &end);
+    int64_t ns =
+        (int64_t)(end.tv_sec - t->start.tv_sec) * 1000000000 + (end.tv_nsec - t->start.tv_nsec);
+    t->hsm->observe(t->hsm->observe_arg, t->call, ns > 0 ? (uint64_t)ns : 0);
+}
+
+static struct timed timed_begin(struct kms_hsm *hsm, enum kms_hsm_call call)
+{
+    struct timed t = {hsm, call, {0, 0}};
+    if (hsm->observe)
+        clock_gettime(CLOCK_MONOTONIC, &t.start);
+    return t;
+}
+
+/* Times the rest of the enclosing function, however it returns. */
+#define TIMED(h, c) struct timed timed_ __attribute__((cleanup(timed_end))) = timed_begin((h), (c))
+
+void kms_hsm_observe(struct kms_hsm *hsm, kms_hsm_observer fn, void *arg)
+{
+    hsm->observe = fn;
+    hsm->observe_arg = arg;
+}
+
+void kms_hsm_load(struct kms_hsm *hsm, struct kms_hsm_load *out)
+{
+    pthread_mutex_lock(&hsm->lock);
+    out->sessions = (unsigned)hsm->nsessions;
+    out->in_use = (unsigned)(hsm->nsessions - hsm->nfree);
+    out->waiting = hsm->waiting;
+    pthread_mutex_unlock(&hsm->lock);
+}
 
 kms_err kms_hsm_fail(CK_RV rv, const char *what, const char *file, int line)
 {
@@ -232,14 +287,19 @@ void kms_hsm_close(struct kms_hsm *hsm)
     free(hsm);
 }
 
+static kms_err acquire_within(struct kms_hsm *hsm, unsigned timeout_ms, struct kms_session **out);
+
 int kms_hsm_ready(struct kms_hsm *hsm)
 {
     struct kms_session *s;
     CK_SESSION_INFO info;
     int ok;
 
-    if (kms_hsm_acquire(hsm, &s) != KMS_OK)
+    /* Not long: a probe must not queue behind requests. No free session is not ready. */
+    if (acquire_within(hsm, hsm->timeout_ms < 200 ? hsm->timeout_ms : 200, &s) != KMS_OK) {
+        kms_err_clear();
         return 0;
+    }
     CK_RV rv = hsm->fn->C_GetSessionInfo(s->handle, &info);
     ok = rv == CKR_OK &&
          (info.state == CKS_RW_USER_FUNCTIONS || info.state == CKS_RO_USER_FUNCTIONS);
@@ -249,27 +309,52 @@ int kms_hsm_ready(struct kms_hsm *hsm)
     return ok;
 }
 
-kms_err kms_hsm_acquire(struct kms_hsm *hsm, struct kms_session **out)
+static kms_err acquire_within(struct kms_hsm *hsm, unsigned timeout_ms, struct kms_session **out)
 {
     struct timespec deadline;
     int rc = 0;
 
     clock_gettime(CLOCK_MONOTONIC, &deadline);
-    deadline.tv_sec += hsm->timeout_ms / 1000;
-    deadline.tv_nsec += (long)(hsm->timeout_ms % 1000) * 1000000L;
+    deadline.tv_sec += timeout_ms / 1000;
+    deadline.tv_nsec += (long)(timeout_ms % 1000) * 1000000L;
     if (deadline.tv_nsec >= 1000000000L) {
         deadline.tv_sec++;
         deadline.tv_nsec -= 1000000000L;
     }
     pthread_mutex_lock(&hsm->lock);
+    hsm->waiting++;
     while (hsm->nfree == 0 && rc != ETIMEDOUT)
         rc = pthread_cond_timedwait(&hsm->available, &hsm->lock, &deadline);
+    hsm->waiting--;
     if (hsm->nfree == 0) {
         pthread_mutex_unlock(&hsm->lock);
         return KMS_FAIL(KMS_ERR_DEPENDENCY_TIMEOUT, "No key store session became free in time");
     }
     *out = hsm->free_list[--hsm->nfree];
     pthread_mutex_unlock(&hsm->lock);
+    return KMS_OK;
+}
+
+static void reopen(struct kms_session *s);
+
+kms_err kms_hsm_acquire(struct kms_hsm *hsm, struct kms_session **out)
+{
+    KMS_GUARD(acquire_within(hsm, hsm->timeout_ms, out));
+    /*
+     * A session the token dropped, which could not be replaced when it was
+     * released: try again now, and fail rather than use it.
+     */
+    if ((*out)->broken) {
+        reopen(*out);
+        if ((*out)->broken) {
+            pthread_mutex_lock(&hsm->lock);
+            hsm->free_list[hsm->nfree++] = *out;
+            pthread_cond_signal(&hsm->available);
+            pthread_mutex_unlock(&hsm->lock);
+            *out = NULL;
+            return KMS_FAIL(KMS_ERR_KEY_UNAVAILABLE, "The key store's token is not available");
+        }
+    }
     return KMS_OK;
 }
 
@@ -283,9 +368,10 @@ static void reopen(struct kms_session *s)
     if (open_session(hsm, &h) != KMS_OK)
         return; /* stays broken; the next user fails and tries again */
     CK_SESSION_INFO info;
-    if (hsm->fn->C_GetSessionInfo(h, &info) == CKR_OK && info.state != CKS_RW_USER_FUNCTIONS &&
-        login(hsm, h) != KMS_OK) {
+    if (hsm->fn->C_GetSessionInfo(h, &info) != CKR_OK ||
+        (info.state != CKS_RW_USER_FUNCTIONS && login(hsm, h) != KMS_OK)) {
         hsm->fn->C_CloseSession(h);
+        kms_err_clear();
         return;
     }
     s->handle = h;
@@ -305,6 +391,7 @@ void kms_hsm_release(struct kms_session *s)
 
 kms_err kms_hsm_random(struct kms_session *s, uint8_t *out, size_t n)
 {
+    TIMED(s->hsm, KMS_HSM_RANDOM);
     SESSION_CKR(s, s->hsm->fn->C_GenerateRandom(s->handle, out, n), "C_GenerateRandom");
     return KMS_OK;
 }
@@ -312,6 +399,7 @@ kms_err kms_hsm_random(struct kms_session *s, uint8_t *out, size_t n)
 kms_err kms_hsm_generate_aes(struct kms_session *s, const uint8_t *id, size_t id_len,
                              const char *label, CK_OBJECT_HANDLE *out)
 {
+    TIMED(s->hsm, KMS_HSM_GENERATE);
     CK_MECHANISM mech = {CKM_AES_KEY_GEN, NULL, 0};
     CK_OBJECT_CLASS cls = CKO_SECRET_KEY;
     CK_KEY_TYPE kt = CKK_AES;
@@ -351,6 +439,7 @@ kms_err kms_hsm_gcm_encrypt(struct kms_session *s, CK_OBJECT_HANDLE key, const u
                             const uint8_t *aad, size_t aad_len, const uint8_t *in, size_t n,
                             uint8_t *out)
 {
+    TIMED(s->hsm, KMS_HSM_ENCRYPT);
     CK_GCM_PARAMS params;
     CK_MECHANISM mech = gcm_mechanism(&params, iv, aad, aad_len);
     CK_ULONG out_len = n + 16;
@@ -367,6 +456,7 @@ kms_err kms_hsm_gcm_decrypt(struct kms_session *s, CK_OBJECT_HANDLE key, const u
                             const uint8_t *aad, size_t aad_len, const uint8_t *in, size_t n,
                             uint8_t *out)
 {
+    TIMED(s->hsm, KMS_HSM_DECRYPT);
     CK_GCM_PARAMS params;
     CK_MECHANISM mech = gcm_mechanism(&params, iv, aad, aad_len);
     CK_FUNCTION_LIST *fn = s->hsm->fn;
@@ -406,6 +496,7 @@ kms_err kms_hsm_gcm_decrypt(struct kms_session *s, CK_OBJECT_HANDLE key, const u
 kms_err kms_hsm_create_data(struct kms_session *s, const char *label, const uint8_t *oid,
                             size_t oid_len, const void *value, size_t n, CK_OBJECT_HANDLE *out)
 {
+    TIMED(s->hsm, KMS_HSM_CREATE);
     CK_OBJECT_CLASS cls = CKO_DATA;
     CK_BBOOL yes = CK_TRUE;
     CK_ATTRIBUTE tmpl[] = {
@@ -427,6 +518,7 @@ kms_err kms_hsm_create_data(struct kms_session *s, const char *label, const uint
 
 kms_err kms_hsm_set_label(struct kms_session *s, CK_OBJECT_HANDLE h, const char *label)
 {
+    TIMED(s->hsm, KMS_HSM_SET_ATTRIBUTE);
     CK_ATTRIBUTE a = {CKA_LABEL, (void *)label, strlen(label)};
     pthread_rwlock_wrlock(&s->hsm->objects);
     CK_RV rv = s->hsm->fn->C_SetAttributeValue(s->handle, h, &a, 1);
@@ -437,6 +529,7 @@ kms_err kms_hsm_set_label(struct kms_session *s, CK_OBJECT_HANDLE h, const char 
 
 kms_err kms_hsm_destroy(struct kms_session *s, CK_OBJECT_HANDLE h)
 {
+    TIMED(s->hsm, KMS_HSM_DESTROY);
     pthread_rwlock_wrlock(&s->hsm->objects);
     CK_RV rv = s->hsm->fn->C_DestroyObject(s->handle, h);
     pthread_rwlock_unlock(&s->hsm->objects);
@@ -447,6 +540,7 @@ kms_err kms_hsm_destroy(struct kms_session *s, CK_OBJECT_HANDLE h)
 kms_err kms_hsm_find(struct kms_session *s, CK_ATTRIBUTE *tmpl, CK_ULONG n, CK_OBJECT_HANDLE **out,
                      size_t *count)
 {
+    TIMED(s->hsm, KMS_HSM_FIND);
     CK_FUNCTION_LIST *fn = s->hsm->fn;
     CK_OBJECT_HANDLE *all = NULL;
     size_t len = 0, cap = 0;
@@ -490,6 +584,7 @@ kms_err kms_hsm_find(struct kms_session *s, CK_ATTRIBUTE *tmpl, CK_ULONG n, CK_O
 kms_err kms_hsm_get_bytes(struct kms_session *s, CK_OBJECT_HANDLE h, CK_ATTRIBUTE_TYPE type,
                           struct kms_buf *out)
 {
+    TIMED(s->hsm, KMS_HSM_GET_ATTRIBUTE);
     CK_ATTRIBUTE a = {type, NULL, 0};
     CK_FUNCTION_LIST *fn = s->hsm->fn;
 

@@ -28,7 +28,34 @@ struct kms_session {
     int broken; /* a session-level fault: reopen before reuse */
 };
 
+/* The token calls p11kmsd times, for its metrics (one per kms_hsm_* function). */
+enum kms_hsm_call {
+    KMS_HSM_RANDOM,        /* C_GenerateRandom */
+    KMS_HSM_GENERATE,      /* C_GenerateKey */
+    KMS_HSM_ENCRYPT,       /* C_EncryptInit + C_Encrypt */
+    KMS_HSM_DECRYPT,       /* C_DecryptInit + C_Decrypt */
+    KMS_HSM_CREATE,        /* C_CreateObject */
+    KMS_HSM_SET_ATTRIBUTE, /* C_SetAttributeValue */
+    KMS_HSM_DESTROY,       /* C_DestroyObject */
+    KMS_HSM_FIND,          /* C_FindObjectsInit, C_FindObjects..., C_FindObjectsFinal */
+    KMS_HSM_GET_ATTRIBUTE, /* C_GetAttributeValue (twice: length, then value) */
+    KMS_HSM_CALL_COUNT
+};
+/* "C_Encrypt", ...: one name per call above. */
+extern const char *const kms_hsm_call_names[KMS_HSM_CALL_COUNT + 1];
+/* Called after every timed call, from the calling thread; must be cheap. */
+typedef void (*kms_hsm_observer)(void *arg, enum kms_hsm_call call, uint64_t ns);
+
+struct kms_hsm_load {
+    unsigned sessions; /* in the pool */
+    unsigned in_use;
+    unsigned waiting; /* threads waiting for one */
+};
+
 KMS_MUST_CHECK kms_err kms_hsm_open(const struct kms_hsm_config *cfg, struct kms_hsm **out);
+/* Set before the first call is made. */
+void kms_hsm_observe(struct kms_hsm *hsm, kms_hsm_observer fn, void *arg);
+void kms_hsm_load(struct kms_hsm *hsm, struct kms_hsm_load *out);
 void kms_hsm_close(struct kms_hsm *hsm);
 /* True when the token answers and the user is logged in. */
 int kms_hsm_ready(struct kms_hsm *hsm);

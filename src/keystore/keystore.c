@@ -509,6 +509,29 @@ size_t kms_keystore_count(struct kms_keystore *ks)
 
 /* ---- lookups -------------------------------------------------------------- */
 
+kms_err kms_keystore_survey(struct kms_keystore *ks, size_t *keys, size_t *versions,
+                            kms_err (*fn)(void *arg, const struct kms_version_usage *u), void *arg)
+{
+    kms_err rc = KMS_OK;
+    *keys = *versions = 0;
+    pthread_rwlock_rdlock(&ks->rw);
+    for (size_t i = 0; i < ks->nkeys && rc == KMS_OK; i++) {
+        const struct key *k = ks->keys[i];
+        if (k->destroyed)
+            continue;
+        (*keys)++;
+        *versions += k->nversions;
+        for (size_t j = 0; fn && j < k->nversions && rc == KMS_OK; j++)
+            if (k->versions[j].vid == k->current && k->state == KMS_KEY_ENABLED) {
+                struct kms_version_usage u = {k->id_text, k->current, k->versions[j].reserved,
+                                              k->versions[j].bound};
+                rc = fn(arg, &u);
+            }
+    }
+    pthread_rwlock_unlock(&ks->rw);
+    return rc;
+}
+
 void kms_key_info_clear(struct kms_key_info *info)
 {
     free(info->description);

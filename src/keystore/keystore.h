@@ -83,6 +83,21 @@ KMS_MUST_CHECK kms_err kms_keystore_open(struct kms_hsm *hsm, const struct kms_k
 void kms_keystore_close(struct kms_keystore *ks);
 size_t kms_keystore_count(struct kms_keystore *ks);
 
+/* One usable key's current version and its uses (for the metrics). */
+struct kms_version_usage {
+    const char *key_id; /* uuid text */
+    uint32_t vid;
+    uint64_t reserved; /* uses reserved by all nodes: at least the wraps made */
+    uint64_t bound;
+};
+/*
+ * Counts the keys (destroyed ones left out) and their versions, and calls fn
+ * for each usable key's current version, under the index's read lock: fn
+ * must be quick and must not call back into the key store.
+ */
+kms_err kms_keystore_survey(struct kms_keystore *ks, size_t *keys, size_t *versions,
+                            kms_err (*fn)(void *arg, const struct kms_version_usage *u), void *arg);
+
 /* Starts and stops the background thread: change polling, scheduled rotation, deletion. */
 KMS_MUST_CHECK kms_err kms_keystore_start(struct kms_keystore *ks);
 void kms_keystore_stop(struct kms_keystore *ks);

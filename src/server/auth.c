@@ -3,6 +3,8 @@
 
 #include <microhttpd.h>
 #include <openssl/crypto.h>
+#include <pthread.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
@@ -85,7 +87,8 @@ static int signed_list_has(const char *list, size_t len, const char *name)
 }
 
 kms_err kms_auth_verify(struct kms_server *srv, struct MHD_Connection *c, const char *method,
-                        const char *url, const struct kms_buf *body, const char **principal)
+                        const char *url, const struct kms_buf *body,
+                        char principal[KMS_PRINCIPAL_MAX + 1])
 {
     struct kms_sigv4_auth auth;
     struct fields f;
@@ -100,6 +103,7 @@ kms_err kms_auth_verify(struct kms_server *srv, struct MHD_Connection *c, const 
     time_t when, now = time(NULL);
     kms_err rc;
 
+    principal[0] = '\0';
     KMS_ENSURE(authz != NULL, KMS_ERR_MISSING_AUTH, "Request is missing Authentication Token");
     KMS_GUARD(kms_sigv4_parse_auth(authz, &auth));
     KMS_ENSURE(amz_date != NULL, KMS_ERR_INCOMPLETE_SIGNATURE,
@@ -121,10 +125,6 @@ kms_err kms_auth_verify(struct kms_server *srv, struct MHD_Connection *c, const 
                KMS_ERR_INVALID_SIGNATURE, "'Host' must be a signed header");
     KMS_ENSURE(signed_list_has(auth.signed_headers, auth.signed_headers_len, "x-amz-date"),
                KMS_ERR_INVALID_SIGNATURE, "'X-Amz-Date' must be a signed header");
-    p = kms_credentials_find(&srv->creds, auth.access_key, auth.access_key_len);
-    KMS_ENSURE(p != NULL, KMS_ERR_UNRECOGNIZED_CLIENT,
-               "The security token included in the request is invalid.");
-
     KMS_GUARD(
         kms_sha256_hex(body->data ? body->data : (const uint8_t *)"", body->len, payload_hash));
     KMS_ENSURE(!content_sha || strcmp(content_sha, payload_hash) == 0, KMS_ERR_INVALID_SIGNATURE,
@@ -140,9 +140,18 @@ kms_err kms_auth_verify(struct kms_server *srv, struct MHD_Connection *c, const 
                                      &creq);
     if (rc == KMS_OK)
         rc = kms_sigv4_string_to_sign(amz_date, auth.scope, auth.scope_len, &creq, &sts);
+    /* The credentials may be replaced (SIGHUP): the name is copied out under the lock. */
+    pthread_rwlock_rdlock(&srv->creds_lock);
+    p = kms_credentials_find(&srv->creds, auth.access_key, auth.access_key_len);
+    if (rc == KMS_OK && !p)
+        rc = KMS_FAIL(KMS_ERR_UNRECOGNIZED_CLIENT,
+                      "The security token included in the request is invalid.");
     if (rc == KMS_OK)
         rc = kms_sigv4_signing_key(p->secret, auth.date, auth.date_len, auth.region,
                                    auth.region_len, auth.service, auth.service_len, key);
+    if (rc == KMS_OK)
+        snprintf(principal, KMS_PRINCIPAL_MAX + 1, "%s", p->name);
+    pthread_rwlock_unlock(&srv->creds_lock);
     if (rc == KMS_OK)
         rc = kms_sigv4_signature(key, &sts, signature);
     if (rc == KMS_OK && (auth.signature_len != KMS_SHA256_HEX_LEN ||
@@ -150,8 +159,8 @@ kms_err kms_auth_verify(struct kms_server *srv, struct MHD_Connection *c, const 
         rc = KMS_FAIL(KMS_ERR_INVALID_SIGNATURE,
                       "The request signature we calculated does not match the signature you "
                       "provided. Check your AWS Secret Access Key and signing method.");
-    if (rc == KMS_OK)
-        *principal = p->name;
+    if (rc != KMS_OK)
+        principal[0] = '\0';
     OPENSSL_cleanse(key, sizeof key);
     kms_buf_free(&creq);
     kms_buf_free(&sts);

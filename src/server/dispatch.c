@@ -5,38 +5,48 @@
 
 #include "server/ops.h"
 
-static const struct {
-    const char *name;
-    kms_op_fn fn;
-} operations[] = {
-    {"CancelKeyDeletion", kms_op_cancel_key_deletion},
-    {"CreateAlias", kms_op_create_alias},
-    {"CreateKey", kms_op_create_key},
-    {"Decrypt", kms_op_decrypt},
-    {"DeleteAlias", kms_op_delete_alias},
-    {"DescribeKey", kms_op_describe_key},
-    {"DisableKey", kms_op_disable_key},
-    {"DisableKeyRotation", kms_op_disable_key_rotation},
-    {"EnableKey", kms_op_enable_key},
-    {"EnableKeyRotation", kms_op_enable_key_rotation},
-    {"Encrypt", kms_op_encrypt},
-    {"GenerateDataKey", kms_op_generate_data_key},
-    {"GenerateDataKeyWithoutPlaintext", kms_op_generate_data_key_without_plaintext},
-    {"GenerateRandom", kms_op_generate_random},
-    {"GetKeyRotationStatus", kms_op_get_key_rotation_status},
-    {"ListAliases", kms_op_list_aliases},
-    {"ListKeyRotations", kms_op_list_key_rotations},
-    {"ListKeys", kms_op_list_keys},
-    {"ReEncrypt", kms_op_re_encrypt},
-    {"RotateKeyOnDemand", kms_op_rotate_key_on_demand},
-    {"ScheduleKeyDeletion", kms_op_schedule_key_deletion},
-    {"UpdateAlias", kms_op_update_alias},
+/* Sorted by name. index_only: served from the index, without a token call. */
+static const struct kms_op operations[] = {
+    {"CancelKeyDeletion", kms_op_cancel_key_deletion, 0},
+    {"CreateAlias", kms_op_create_alias, 0},
+    {"CreateKey", kms_op_create_key, 0},
+    {"Decrypt", kms_op_decrypt, 0},
+    {"DeleteAlias", kms_op_delete_alias, 0},
+    {"DescribeKey", kms_op_describe_key, 1},
+    {"DisableKey", kms_op_disable_key, 0},
+    {"DisableKeyRotation", kms_op_disable_key_rotation, 0},
+    {"EnableKey", kms_op_enable_key, 0},
+    {"EnableKeyRotation", kms_op_enable_key_rotation, 0},
+    {"Encrypt", kms_op_encrypt, 0},
+    {"GenerateDataKey", kms_op_generate_data_key, 0},
+    {"GenerateDataKeyWithoutPlaintext", kms_op_generate_data_key_without_plaintext, 0},
+    {"GenerateRandom", kms_op_generate_random, 0},
+    {"GetKeyRotationStatus", kms_op_get_key_rotation_status, 1},
+    {"ListAliases", kms_op_list_aliases, 1},
+    {"ListKeyRotations", kms_op_list_key_rotations, 1},
+    {"ListKeys", kms_op_list_keys, 1},
+    {"ReEncrypt", kms_op_re_encrypt, 0},
+    {"RotateKeyOnDemand", kms_op_rotate_key_on_demand, 0},
+    {"ScheduleKeyDeletion", kms_op_schedule_key_deletion, 0},
+    {"UpdateAlias", kms_op_update_alias, 0},
 };
 
-kms_op_fn kms_op_lookup(const char *target)
+const struct kms_op *kms_op_lookup(const char *target)
 {
-    for (size_t i = 0; i < sizeof operations / sizeof operations[0]; i++)
+    for (size_t i = 0; i < KMS_OP_COUNT; i++)
         if (strcmp(operations[i].name, target) == 0)
-            return operations[i].fn;
+            return &operations[i];
     return NULL;
 }
+
+const struct kms_op *kms_op_at(size_t i)
+{
+    return i < KMS_OP_COUNT ? &operations[i] : NULL;
+}
+
+size_t kms_op_index(const struct kms_op *op)
+{
+    return (size_t)(op - operations);
+}
+
+_Static_assert(sizeof operations / sizeof operations[0] == KMS_OP_COUNT, "KMS_OP_COUNT");

@@ -7,21 +7,55 @@
 
 #include <microhttpd.h>
 #include <netdb.h>
+#include <openssl/crypto.h>
+#include <pthread.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
+#include <unistd.h>
 
 #include "common/encoding.h"
 #include "common/json_alloc.h"
 #include "common/log.h"
+#include "common/metrics.h"
+#include "server/pool.h"
+#include "server/ratelimit.h"
 #include "server/server.h"
+#include "server/stats.h"
 
 #define JSON_TYPE "application/x-amz-json-1.1"
 #define TARGET_PREFIX "TrentService."
 
+/*
+ * A request that uses the token goes to the worker pool (pool.h) with its
+ * connection suspended, so that a hung token never holds an HTTP thread and
+ * every such request is answered by request_timeout_ms. Requests served from
+ * the index run here.
+ */
+struct job {
+    struct kms_task task;
+    pthread_mutex_t lock;
+    int refs;
+    struct kms_server *srv;
+    struct MHD_Connection *c;
+    const struct kms_op *op;
+    char principal[KMS_PRINCIPAL_MAX + 1];
+    json_t *in, *out;
+    kms_err rc;         /* the operation's outcome, on the worker */
+    char message[512];  /* its message: kms_err_message() is per thread */
+    int64_t started_ns; /* CLOCK_MONOTONIC */
+    /* The answer, set once; the connection is resumed when it is suspended. */
+    int answered, suspended;
+    unsigned status;
+    kms_err error;
+    struct kms_buf body;
+};
+
 struct req_state {
     struct kms_buf body;
     int too_large;
+    struct job *job; /* while a worker has the request, and until its answer is sent */
 };
 
 /* Response bodies may hold plaintext: cleansed when MHD lets go of them. */
@@ -32,8 +66,9 @@ static void free_body(void *cls)
     free(b);
 }
 
-static enum MHD_Result send_buf(struct MHD_Connection *c, unsigned status, struct kms_buf *body,
-                                const char *content_type, kms_err e)
+static enum MHD_Result send_buf(struct kms_server *srv, struct MHD_Connection *c, unsigned status,
+                                struct kms_buf *body, const char *content_type, kms_err e,
+                                unsigned retry_after_s)
 {
     struct kms_buf *owned = malloc(sizeof *owned);
     struct MHD_Response *resp;
@@ -59,48 +94,79 @@ static enum MHD_Result send_buf(struct MHD_Connection *c, unsigned status, struc
     MHD_add_response_header(resp, "x-amzn-RequestId", request_id);
     if (e != KMS_OK)
         MHD_add_response_header(resp, "X-Amzn-ErrorType", kms_err_type(e));
-    if (e == KMS_ERR_THROTTLED)
-        MHD_add_response_header(resp, "Retry-After", "1");
+    if (e == KMS_ERR_THROTTLED) {
+        char retry[16];
+        snprintf(retry, sizeof retry, "%u", retry_after_s ? retry_after_s : 1);
+        MHD_add_response_header(resp, "Retry-After", retry);
+    }
+    if (srv->draining)
+        MHD_add_response_header(resp, "Connection", "close");
     ret = MHD_queue_response(c, status, resp);
     MHD_destroy_response(resp);
     return ret;
 }
 
-static enum MHD_Result send_json(struct MHD_Connection *c, unsigned status, json_t *j, kms_err e)
+/* An AWS JSON error body for e with message. */
+static kms_err error_body(kms_err e, const char *message, struct kms_buf *out)
+{
+    json_t *j = json_pack("{s:s, s:s}", "__type", kms_err_type(e), "message", message);
+    KMS_ENSURE(j != NULL, KMS_ERR_INTERNAL, "out of memory");
+    kms_err rc = kms_json_dump(j, 0, out);
+    json_decref(j);
+    return rc;
+}
+
+static enum MHD_Result send_json(struct kms_server *srv, struct MHD_Connection *c, json_t *j)
 {
     struct kms_buf body = KMS_BUF_INIT;
     if (j && kms_json_dump(j, 0, &body) != KMS_OK) {
         kms_buf_free(&body);
         return MHD_NO;
     }
-    return send_buf(c, status, &body, JSON_TYPE, e);
+    return send_buf(srv, c, 200, &body, JSON_TYPE, KMS_OK, 0);
 }
 
-static enum MHD_Result send_error(struct MHD_Connection *c, kms_err e)
-{
-    const char *msg = kms_err_message();
-    json_t *j = json_pack("{s:s, s:s}", "__type", kms_err_type(e), "message", msg);
-    enum MHD_Result ret = send_json(c, kms_err_status(e), j, e);
-    json_decref(j);
-    return ret;
-}
-
-static enum MHD_Result send_text(struct MHD_Connection *c, unsigned status, const char *text)
+static enum MHD_Result send_error(struct kms_server *srv, struct MHD_Connection *c, kms_err e,
+                                  unsigned retry_after_s)
 {
     struct kms_buf body = KMS_BUF_INIT;
-    if (kms_buf_append_str(&body, text) != KMS_OK)
+    if (error_body(e, kms_err_message(), &body) != KMS_OK) {
+        kms_buf_free(&body);
         return MHD_NO;
-    return send_buf(c, status, &body, "text/plain", KMS_OK);
+    }
+    return send_buf(srv, c, kms_err_status(e), &body, JSON_TYPE, e, retry_after_s);
 }
 
-static enum MHD_Result serve_health(struct kms_server *srv, struct MHD_Connection *c,
-                                    const char *url)
+static enum MHD_Result send_text(struct kms_server *srv, struct MHD_Connection *c, unsigned status,
+                                 const char *content_type, struct kms_buf *body)
 {
-    if (strcmp(url, "/healthz") == 0)
-        return send_text(c, 200, "ok\n");
-    if (kms_hsm_ready(srv->hsm))
-        return send_text(c, 200, "ready\n");
-    return send_text(c, 503, "token not ready\n");
+    return send_buf(srv, c, status, body, content_type, KMS_OK, 0);
+}
+
+static enum MHD_Result serve_get(struct kms_server *srv, struct MHD_Connection *c, const char *url)
+{
+    struct kms_buf body = KMS_BUF_INIT;
+    unsigned status = 200;
+    const char *type = "text/plain";
+    kms_err rc;
+
+    if (strcmp(url, "/healthz") == 0) {
+        rc = kms_buf_append_str(&body, "ok\n");
+    } else if (strcmp(url, "/readyz") == 0) {
+        int ready = !srv->draining && kms_hsm_ready(srv->hsm);
+        status = ready ? 200 : 503;
+        rc = kms_buf_append_str(&body, ready           ? "ready\n"
+                                       : srv->draining ? "shutting down\n"
+                                                       : "token not ready\n");
+    } else {
+        type = KMS_METRICS_CONTENT_TYPE;
+        rc = kms_stats_render(srv, &body);
+    }
+    if (rc != KMS_OK) {
+        kms_buf_free(&body);
+        return MHD_NO;
+    }
+    return send_text(srv, c, status, type, &body);
 }
 
 static kms_err parse_body(const struct kms_buf *body, json_t **out)
@@ -121,7 +187,7 @@ static kms_err parse_body(const struct kms_buf *body, json_t **out)
     return KMS_OK;
 }
 
-static kms_err pick_operation(struct MHD_Connection *c, kms_op_fn *op, const char **name)
+static kms_err pick_operation(struct MHD_Connection *c, const struct kms_op **op)
 {
     const char *target = MHD_lookup_connection_value(c, MHD_HEADER_KIND, "X-Amz-Target");
     const char *type = MHD_lookup_connection_value(c, MHD_HEADER_KIND, "Content-Type");
@@ -129,8 +195,7 @@ static kms_err pick_operation(struct MHD_Connection *c, kms_op_fn *op, const cha
                "The request names no operation (X-Amz-Target)");
     KMS_ENSURE(strncmp(target, TARGET_PREFIX, sizeof TARGET_PREFIX - 1) == 0,
                KMS_ERR_UNKNOWN_OPERATION, "Unknown operation %.128s", target);
-    *name = target + sizeof TARGET_PREFIX - 1;
-    *op = kms_op_lookup(*name);
+    *op = kms_op_lookup(target + sizeof TARGET_PREFIX - 1);
     KMS_ENSURE(*op != NULL, KMS_ERR_UNKNOWN_OPERATION, "Unknown operation %.128s", target);
     KMS_ENSURE(type && (strncmp(type, JSON_TYPE, sizeof JSON_TYPE - 1) == 0 ||
                         strncmp(type, "application/x-amz-json-1.0", 26) == 0),
@@ -138,33 +203,191 @@ static kms_err pick_operation(struct MHD_Connection *c, kms_op_fn *op, const cha
     return KMS_OK;
 }
 
+/* Takes the request's cost from its principal's and the global buckets. */
+static kms_err admit(struct kms_server *srv, const struct kms_op *op, const char *principal,
+                     unsigned *retry_after_s)
+{
+    enum kms_op_class cls;
+    double cost;
+    uint32_t retry_ms = 0;
+    kms_ratelimit_classify(op->name, &cls, &cost);
+    if (kms_ratelimit_take(srv->limits, principal, cls, cost, kms_monotonic_ns(), &retry_ms))
+        return KMS_OK;
+    *retry_after_s = (retry_ms + 999) / 1000;
+    kms_stats_throttled(srv, cls);
+    return KMS_FAIL(KMS_ERR_THROTTLED, "Rate exceeded");
+}
+
+static void log_outcome(const char *op, const char *principal, kms_err rc, const char *message)
+{
+    if (kms_err_status(rc) >= 500)
+        kms_error("%s by %s failed: %s", op, *principal ? principal : "-", message);
+    kms_debug("%s by %s: %s", op, *principal ? principal : "-",
+              rc == KMS_OK ? "ok" : kms_err_type(rc));
+}
+
+/* ---- requests run by a worker ----------------------------------------------- */
+
+static void job_release(struct job *j)
+{
+    pthread_mutex_lock(&j->lock);
+    int last = --j->refs == 0;
+    pthread_mutex_unlock(&j->lock);
+    if (!last)
+        return;
+    json_decref(j->in);
+    json_decref(j->out);
+    kms_buf_free(&j->body);
+    OPENSSL_cleanse(j->message, sizeof j->message);
+    pthread_mutex_destroy(&j->lock);
+    free(j);
+}
+
+static void job_run(struct kms_task *t)
+{
+    struct job *j = (struct job *)t;
+    struct kms_request r = {j->srv, j->principal, j->in, NULL};
+    kms_err_clear();
+    j->rc = j->op->fn(&r);
+    j->out = r.out;
+    snprintf(j->message, sizeof j->message, "%s", j->rc == KMS_OK ? "" : kms_err_message());
+    log_outcome(j->op->name, j->principal, j->rc, j->message);
+}
+
+/* Sets the answer (once) and resumes the connection when it waits for it. */
+static void job_answer(struct job *j, unsigned status, kms_err e, struct kms_buf *body)
+{
+    pthread_mutex_lock(&j->lock);
+    if (!j->answered) {
+        j->answered = 1;
+        j->status = status;
+        j->error = e;
+        j->body = *body;
+        *body = (struct kms_buf)KMS_BUF_INIT;
+        if (j->suspended)
+            MHD_resume_connection(j->c);
+    }
+    pthread_mutex_unlock(&j->lock);
+    kms_buf_free(body);
+}
+
+static void job_answer_error(struct job *j, kms_err e, const char *message)
+{
+    struct kms_buf body = KMS_BUF_INIT;
+    if (error_body(e, message, &body) != KMS_OK) {
+        kms_buf_free(&body);
+        e = KMS_ERR_INTERNAL;
+    }
+    job_answer(j, kms_err_status(e), e, &body);
+}
+
+static void task_answer(struct kms_task *t, int expired)
+{
+    struct job *j = (struct job *)t;
+    struct kms_buf body = KMS_BUF_INIT;
+    if (expired) {
+        char message[128];
+        snprintf(message, sizeof message, "The key store did not answer within %u ms",
+                 j->srv->cfg.request_timeout_ms);
+        kms_error("%s by %s: %s", j->op->name, j->principal, message);
+        kms_stats_request(j->srv, j->op, KMS_ERR_DEPENDENCY_TIMEOUT, j->started_ns);
+        job_answer_error(j, KMS_ERR_DEPENDENCY_TIMEOUT, message);
+        return;
+    }
+    kms_stats_request(j->srv, j->op, j->rc, j->started_ns);
+    if (j->rc != KMS_OK) {
+        job_answer_error(j, j->rc, j->message);
+        return;
+    }
+    if (j->out && kms_json_dump(j->out, 0, &body) != KMS_OK) {
+        kms_buf_free(&body);
+        job_answer_error(j, KMS_ERR_INTERNAL, "The answer could not be encoded");
+        return;
+    }
+    json_decref(j->out); /* may hold plaintext: the cleansing allocator wipes it */
+    j->out = NULL;
+    job_answer(j, 200, KMS_OK, &body);
+}
+
+static void task_release(struct kms_task *t)
+{
+    job_release((struct job *)t);
+}
+
+/* Hands the request to a worker; its connection waits, suspended, for the answer. */
+static enum MHD_Result hand_over(struct kms_server *srv, struct MHD_Connection *c,
+                                 struct req_state *st, const struct kms_op *op,
+                                 const char *principal, json_t *in, int64_t started)
+{
+    struct job *j = calloc(1, sizeof *j);
+    if (!j) {
+        json_decref(in);
+        return MHD_NO;
+    }
+    pthread_mutex_init(&j->lock, NULL);
+    j->refs = 2; /* the connection's and the pool's */
+    j->srv = srv;
+    j->c = c;
+    j->op = op;
+    snprintf(j->principal, sizeof j->principal, "%s", principal);
+    j->in = in;
+    j->started_ns = started;
+    j->task.run = job_run;
+    j->task.answer = task_answer;
+    j->task.release = task_release;
+    j->task.deadline_ns = started + (int64_t)srv->cfg.request_timeout_ms * 1000000;
+    st->job = j;
+    if (kms_pool_submit(srv->pool, &j->task) != KMS_OK) {
+        j->refs = 1;
+        kms_stats_request(srv, op, KMS_ERR_DEPENDENCY_TIMEOUT, started);
+        log_outcome(op->name, principal, KMS_ERR_DEPENDENCY_TIMEOUT, kms_err_message());
+        job_answer_error(j, KMS_ERR_DEPENDENCY_TIMEOUT, kms_err_message());
+    }
+    /* Suspended only while the answer is still to come (a worker may be done already). */
+    pthread_mutex_lock(&j->lock);
+    if (!j->answered) {
+        MHD_suspend_connection(c);
+        j->suspended = 1;
+    }
+    int answered = j->answered;
+    pthread_mutex_unlock(&j->lock);
+    if (answered) {
+        enum MHD_Result ret = send_buf(srv, c, j->status, &j->body, JSON_TYPE, j->error, 0);
+        st->job = NULL;
+        job_release(j);
+        return ret;
+    }
+    return MHD_YES;
+}
+
 static enum MHD_Result serve_kms(struct kms_server *srv, struct MHD_Connection *c, const char *url,
                                  const char *method, struct req_state *st)
 {
-    struct kms_request r = {srv, NULL, NULL, NULL};
-    const char *op_name = "-";
-    kms_op_fn op = NULL;
-    kms_err rc;
+    char principal[KMS_PRINCIPAL_MAX + 1];
+    struct kms_request r = {srv, principal, NULL, NULL};
+    const struct kms_op *op = NULL;
+    int64_t started = kms_monotonic_ns();
+    unsigned retry_after_s = 0;
     enum MHD_Result ret;
+    kms_err rc;
 
     kms_err_clear();
-    rc = kms_auth_verify(srv, c, method, url, &st->body, &r.principal);
+    rc = kms_auth_verify(srv, c, method, url, &st->body, principal);
     if (rc == KMS_OK)
-        rc = pick_operation(c, &op, &op_name);
+        rc = pick_operation(c, &op);
+    if (rc == KMS_OK)
+        rc = admit(srv, op, principal, &retry_after_s);
     if (rc == KMS_OK)
         rc = parse_body(&st->body, &r.in);
-    if (rc == KMS_OK)
-        rc = op(&r);
-    if (rc == KMS_OK) {
-        ret = send_json(c, 200, r.out, KMS_OK);
-    } else {
-        if (kms_err_status(rc) >= 500)
-            kms_error("%s by %s failed: %s (%s)", op_name, r.principal ? r.principal : "-",
-                      kms_err_message(), kms_err_where());
-        ret = send_error(c, rc);
+    if (rc == KMS_OK && !op->index_only) {
+        kms_buf_free(&st->body);
+        return hand_over(srv, c, st, op, principal, r.in, started);
     }
-    kms_debug("%s %s by %s: %s", method, op_name, r.principal ? r.principal : "-",
-              rc == KMS_OK ? "ok" : kms_err_type(rc));
+    if (rc == KMS_OK)
+        rc = op->fn(&r);
+    kms_stats_request(srv, op, rc, started);
+    log_outcome(op ? op->name : "-", principal, rc, kms_err_message());
+    ret = rc == KMS_OK ? send_json(srv, c, r.out) : send_error(srv, c, rc, retry_after_s);
     json_decref(r.in);
     json_decref(r.out);
     return ret;
@@ -176,15 +399,20 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *c, const cha
 {
     struct kms_server *srv = cls;
     struct req_state *st = *con_cls;
+    (void)version;
 
     if (!st) {
         if (strcmp(method, "GET") == 0 &&
-            (strcmp(url, "/healthz") == 0 || strcmp(url, "/readyz") == 0))
-            return serve_health(srv, c, url);
+            (strcmp(url, "/healthz") == 0 || strcmp(url, "/readyz") == 0 ||
+             strcmp(url, "/metrics") == 0))
+            return serve_get(srv, c, url);
         if (strcmp(method, "POST") != 0 || strcmp(url, "/") != 0) {
             kms_err_clear();
-            return send_error(c, KMS_FAIL(KMS_ERR_UNKNOWN_OPERATION,
-                                          "Only POST / and GET /healthz, /readyz are served"));
+            return send_error(
+                srv, c,
+                KMS_FAIL(KMS_ERR_UNKNOWN_OPERATION,
+                         "Only POST / and GET /healthz, /readyz, /metrics are served"),
+                0);
         }
         st = calloc(1, sizeof *st);
         if (!st)
@@ -193,11 +421,21 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *c, const cha
         const char *cl = MHD_lookup_connection_value(c, MHD_HEADER_KIND, "Content-Length");
         if (cl && strtoull(cl, NULL, 10) > srv->cfg.max_body) {
             st->too_large = 1;
-            return send_error(c, KMS_FAIL(KMS_ERR_TOO_LARGE,
-                                          "The request body is larger than %zu bytes",
-                                          srv->cfg.max_body));
+            return send_error(srv, c,
+                              KMS_FAIL(KMS_ERR_TOO_LARGE,
+                                       "The request body is larger than %zu bytes",
+                                       srv->cfg.max_body),
+                              0);
         }
         return MHD_YES;
+    }
+    if (st->job) {
+        /* Resumed: the worker's (or the watchdog's) answer is ready. */
+        struct job *j = st->job;
+        enum MHD_Result ret = send_buf(srv, c, j->status, &j->body, JSON_TYPE, j->error, 0);
+        st->job = NULL;
+        job_release(j);
+        return ret;
     }
     if (*upload_size) {
         if (!st->too_large && st->body.len + *upload_size <= srv->cfg.max_body) {
@@ -211,9 +449,10 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *c, const cha
         return MHD_YES;
     }
     if (st->too_large)
-        return send_error(c,
+        return send_error(srv, c,
                           KMS_FAIL(KMS_ERR_TOO_LARGE, "The request body is larger than %zu bytes",
-                                   srv->cfg.max_body));
+                                   srv->cfg.max_body),
+                          0);
     return serve_kms(srv, c, url, method, st);
 }
 
@@ -221,8 +460,13 @@ static void on_completed(void *cls, struct MHD_Connection *c, void **con_cls,
                          enum MHD_RequestTerminationCode toe)
 {
     struct req_state *st = *con_cls;
+    (void)cls;
+    (void)c;
+    (void)toe;
     if (!st)
         return;
+    if (st->job)
+        job_release(st->job);
     kms_buf_free(&st->body);
     free(st);
     *con_cls = NULL;
@@ -233,7 +477,9 @@ kms_err kms_http_start(struct kms_server *srv)
     struct addrinfo hints = {0}, *ai = NULL;
     char port_text[8];
     unsigned port;
-    unsigned flags = MHD_USE_INTERNAL_POLLING_THREAD | MHD_USE_AUTO | MHD_USE_ERROR_LOG;
+    unsigned flags = MHD_USE_INTERNAL_POLLING_THREAD | MHD_USE_AUTO | MHD_USE_ERROR_LOG |
+                     MHD_USE_ITC | MHD_ALLOW_SUSPEND_RESUME;
+    struct kms_pool_config pc = {srv->cfg.workers, srv->cfg.queue_max};
 
     KMS_GUARD(kms_parse_listen(srv->cfg.listen, srv->host, sizeof srv->host, &port));
     snprintf(port_text, sizeof port_text, "%u", port);
@@ -244,11 +490,19 @@ kms_err kms_http_start(struct kms_server *srv)
                "cannot resolve listen address %s", srv->cfg.listen);
     if (ai->ai_family == AF_INET6)
         flags |= MHD_USE_IPv6;
+    kms_err rc = kms_pool_start(&pc, &srv->pool);
+    if (rc != KMS_OK) {
+        freeaddrinfo(ai);
+        return rc;
+    }
     srv->daemon = MHD_start_daemon(
         flags, (uint16_t)port, NULL, NULL, on_request, srv, MHD_OPTION_SOCK_ADDR, ai->ai_addr,
         MHD_OPTION_THREAD_POOL_SIZE, (unsigned int)srv->cfg.threads, MHD_OPTION_CONNECTION_TIMEOUT,
-        (unsigned int)30, MHD_OPTION_CONNECTION_LIMIT, (unsigned int)1024,
-        MHD_OPTION_NOTIFY_COMPLETED, on_completed, srv, MHD_OPTION_END);
+        (unsigned int)srv->cfg.connection_timeout_s, MHD_OPTION_CONNECTION_LIMIT,
+        (unsigned int)srv->cfg.max_connections, MHD_OPTION_PER_IP_CONNECTION_LIMIT,
+        (unsigned int)srv->cfg.per_ip_connections, MHD_OPTION_CONNECTION_MEMORY_LIMIT,
+        (size_t)srv->cfg.max_header, MHD_OPTION_NOTIFY_COMPLETED, on_completed, srv,
+        MHD_OPTION_END);
     freeaddrinfo(ai);
     KMS_ENSURE(srv->daemon != NULL, KMS_ERR_INTERNAL, "cannot listen on %s", srv->cfg.listen);
     const union MHD_DaemonInfo *info = MHD_get_daemon_info(srv->daemon, MHD_DAEMON_INFO_BIND_PORT);
@@ -256,9 +510,29 @@ kms_err kms_http_start(struct kms_server *srv)
     return KMS_OK;
 }
 
+void kms_http_drain(struct kms_server *srv)
+{
+    if (!srv->daemon)
+        return;
+    srv->draining = 1;
+    MHD_socket fd = MHD_quiesce_daemon(srv->daemon);
+    if (fd != MHD_INVALID_SOCKET)
+        close(fd);
+    int drained = kms_pool_drain(srv->pool, srv->cfg.drain_timeout_ms);
+    unsigned queued = 0, running = 0;
+    kms_pool_load(srv->pool, &queued, &running);
+    if (drained)
+        kms_info("requests in flight answered; stopping");
+    else
+        kms_warn("%u requests still running after %u ms; stopping", running,
+                 srv->cfg.drain_timeout_ms);
+}
+
 void kms_http_stop(struct kms_server *srv)
 {
     if (srv->daemon)
         MHD_stop_daemon(srv->daemon);
     srv->daemon = NULL;
+    kms_pool_free(srv->pool);
+    srv->pool = NULL;
 }

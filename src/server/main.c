@@ -15,7 +15,10 @@
 #include "common/json_alloc.h"
 #include "common/log.h"
 #include "server/dev.h"
+#include "server/pool.h"
+#include "server/ratelimit.h"
 #include "server/server.h"
+#include "server/stats.h"
 
 static void usage(FILE *f)
 {
@@ -72,6 +75,25 @@ static kms_err read_pin(const struct kms_config *cfg, char **pin, size_t *len)
     return KMS_OK;
 }
 
+/* Room for as many connections as asked, within what the process may open. */
+static void fit_connections(struct kms_config *cfg)
+{
+    struct rlimit files;
+    if (getrlimit(RLIMIT_NOFILE, &files) != 0)
+        return;
+    if (files.rlim_cur < files.rlim_max && files.rlim_cur < cfg->max_connections + 256u) {
+        files.rlim_cur = files.rlim_max;
+        setrlimit(RLIMIT_NOFILE, &files);
+        getrlimit(RLIMIT_NOFILE, &files);
+    }
+    if (files.rlim_cur != RLIM_INFINITY && files.rlim_cur < cfg->max_connections + 256u) {
+        unsigned fit = files.rlim_cur > 512 ? (unsigned)files.rlim_cur - 256 : 256;
+        kms_warn("max_connections %u lowered to %u: the open files limit is %llu",
+                 cfg->max_connections, fit, (unsigned long long)files.rlim_cur);
+        cfg->max_connections = fit;
+    }
+}
+
 static kms_err start(struct kms_server *srv)
 {
     char *pin = NULL;
@@ -80,12 +102,18 @@ static kms_err start(struct kms_server *srv)
 
     KMS_GUARD(kms_config_check(&srv->cfg));
     KMS_GUARD(kms_credentials_load(srv->cfg.credentials_file, &srv->creds));
+    KMS_GUARD(kms_ratelimit_new(&srv->cfg.limits, &srv->limits));
     KMS_GUARD(read_pin(&srv->cfg, &pin, &pin_len));
+    if (!srv->cfg.workers)
+        srv->cfg.workers = srv->cfg.threads;
+    if (!srv->cfg.sessions)
+        srv->cfg.sessions = srv->cfg.workers + 1; /* and one for the key store's own work */
+    fit_connections(&srv->cfg);
     struct kms_hsm_config hc = {
         .module = srv->cfg.module,
         .token = srv->cfg.token,
         .pin = pin,
-        .sessions = srv->cfg.sessions ? srv->cfg.sessions : srv->cfg.threads + 1,
+        .sessions = srv->cfg.sessions,
         .acquire_timeout_ms = srv->cfg.session_timeout_ms,
     };
     rc = kms_hsm_open(&hc, &srv->hsm);
@@ -98,6 +126,38 @@ static kms_err start(struct kms_server *srv)
     KMS_GUARD(kms_keystore_open(srv->hsm, &kc, &srv->ks));
     kms_info("token opened: %zu keys", kms_keystore_count(srv->ks));
     return KMS_OK;
+}
+
+/*
+ * SIGHUP: the credentials file and, with --config, the rate limits are read
+ * again. A file that does not load leaves everything as it was.
+ */
+static void reload(struct kms_server *srv, const char *config_file)
+{
+    struct kms_credentials creds = {0};
+    struct kms_config fresh;
+    kms_err rc = KMS_OK;
+
+    kms_config_defaults(&fresh);
+    if (config_file)
+        rc = kms_config_load(&fresh, config_file);
+    if (rc == KMS_OK)
+        rc = kms_credentials_load(config_file ? fresh.credentials_file : srv->cfg.credentials_file,
+                                  &creds);
+    if (rc == KMS_OK && config_file)
+        rc = kms_ratelimit_configure(srv->limits, &fresh.limits, kms_monotonic_ns());
+    if (rc == KMS_OK) {
+        pthread_rwlock_wrlock(&srv->creds_lock);
+        struct kms_credentials old = srv->creds;
+        srv->creds = creds;
+        pthread_rwlock_unlock(&srv->creds_lock);
+        kms_credentials_free(&old);
+        kms_info("reloaded: %zu principals%s", srv->creds.n, config_file ? ", rate limits" : "");
+    } else {
+        kms_error("reload refused, keeping the running settings: %s", kms_err_message());
+        kms_credentials_free(&creds);
+    }
+    kms_config_free(&fresh);
 }
 
 int main(int argc, char **argv)
@@ -150,7 +210,9 @@ int main(int argc, char **argv)
     sigemptyset(&stop);
     sigaddset(&stop, SIGINT);
     sigaddset(&stop, SIGTERM);
+    sigaddset(&stop, SIGHUP);
     pthread_sigmask(SIG_BLOCK, &stop, NULL);
+    pthread_rwlock_init(&srv.creds_lock, NULL);
 
     kms_err rc = KMS_OK;
     if (config_file)
@@ -172,6 +234,8 @@ int main(int argc, char **argv)
     if (rc == KMS_OK)
         rc = kms_keystore_start(srv.ks);
     if (rc == KMS_OK)
+        rc = kms_stats_start(&srv);
+    if (rc == KMS_OK)
         rc = kms_http_start(&srv);
     if (rc == KMS_OK && dev)
         rc = kms_dev_write_env(state_dir, &srv);
@@ -182,19 +246,24 @@ int main(int argc, char **argv)
     if (rc == KMS_OK) {
         int sig = 0;
         kms_info("ready on %s:%u", srv.host, srv.port);
-        sigwait(&stop, &sig);
-        kms_info("stopping on signal %d", sig);
+        while (sigwait(&stop, &sig) == 0 && sig == SIGHUP)
+            reload(&srv, config_file);
+        kms_info("stopping on signal %d: no new connections, answering those in flight", sig);
+        kms_http_drain(&srv);
         status = 0;
     } else {
         kms_error("%s", kms_err_message());
     }
     kms_http_stop(&srv);
+    kms_stats_free(&srv);
+    kms_ratelimit_free(srv.limits);
     if (srv.ks)
         kms_keystore_stop(srv.ks);
     kms_keystore_close(srv.ks);
     kms_hsm_close(srv.hsm);
     kms_credentials_free(&srv.creds);
     kms_config_free(&srv.cfg);
+    pthread_rwlock_destroy(&srv.creds_lock);
     free(state_dir);
     return status;
 }

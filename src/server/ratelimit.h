@@ -12,12 +12,13 @@
  * consulted).
  *
  * Defaults (kms_ratelimit_config_defaults), per principal:
- *   crypto  KMS_RL_DEFAULT_CRYPTO_RATE = 10000/s, burst 20000
- *   manage  KMS_RL_DEFAULT_MANAGE_RATE =   100/s, burst   200
+ *   crypto  KMS_RL_DEFAULT_CRYPTO_RATE = 50000/s, burst 50000
+ *   manage  KMS_RL_DEFAULT_MANAGE_RATE =  1000/s, burst  2000
  *   global  0 = unlimited
- * AWS's shared quota for symmetric cryptographic operations is thousands of
- * requests per second per account; its management calls are limited to a
- * few to a few thousand per second each.
+ * The crypto default is above what one node serves (about 20,000/s on two
+ * cores), so it only stops a runaway client; operators set their own. With
+ * the management costs below that is 1000 reads, 200 changes or 100 new keys
+ * or rotations a second.
  *
  * State is bounded: at most KMS_RL_MAX_PRINCIPALS principals get buckets of
  * their own (those named in overrides first, then others as they first make
@@ -40,10 +41,10 @@
 
 enum kms_op_class { KMS_CLASS_CRYPTO, KMS_CLASS_MANAGE, KMS_CLASS_COUNT };
 
-#define KMS_RL_DEFAULT_CRYPTO_RATE 10000.0
-#define KMS_RL_DEFAULT_CRYPTO_BURST 20000.0
-#define KMS_RL_DEFAULT_MANAGE_RATE 100.0
-#define KMS_RL_DEFAULT_MANAGE_BURST 200.0
+#define KMS_RL_DEFAULT_CRYPTO_RATE 50000.0
+#define KMS_RL_DEFAULT_CRYPTO_BURST 50000.0
+#define KMS_RL_DEFAULT_MANAGE_RATE 1000.0
+#define KMS_RL_DEFAULT_MANAGE_BURST 2000.0
 
 /* Principals with a bucket of their own; the rest share the overflow entry. */
 #define KMS_RL_MAX_PRINCIPALS 4096
@@ -164,7 +165,7 @@ size_t kms_ratelimit_principals(struct kms_ratelimit *rl);
  *   manage 1: reads served from the index (DescribeKey, List*, GetKeyRotationStatus)
  *   manage 5: metadata rewrites (Enable/Disable*, *KeyDeletion, *Alias, *Tag*)
  *   manage 10: CreateKey, RotateKeyOnDemand (a new KEK and a metadata object)
- * With the default manage rate that is 100 reads, 20 changes or 10 new keys a
+ * With the default manage rate that is 1000 reads, 200 changes or 100 new keys a
  * second per principal. An unknown or NULL name is manage 1, so a bad target
  * never spends the crypto quota.
  */

@@ -3,6 +3,7 @@
 #define P11KMS_SERVER_H
 
 #include <jansson.h>
+#include <pthread.h>
 #include <stddef.h>
 #include <stdint.h>
 
@@ -11,42 +12,64 @@
 #include "server/settings.h"
 
 struct MHD_Daemon;
+struct kms_pool;
+struct kms_ratelimit;
+struct kms_stats;
 
 struct kms_server {
     struct kms_config cfg;
+    pthread_rwlock_t creds_lock; /* SIGHUP replaces creds */
     struct kms_credentials creds;
     struct kms_hsm *hsm;
     struct kms_keystore *ks;
+    struct kms_pool *pool;
+    struct kms_ratelimit *limits;
+    struct kms_stats *stats;
     struct MHD_Daemon *daemon;
-    unsigned port; /* the port actually bound */
+    volatile int draining; /* SIGTERM: answers say Connection: close, /readyz 503 */
+    unsigned port;         /* the port actually bound */
     char host[256];
 };
 
 /* Starts listening on cfg.listen; the daemon's threads serve from then on. */
 KMS_MUST_CHECK kms_err kms_http_start(struct kms_server *srv);
+/* SIGTERM: stops accepting connections and answers what is in flight, for up to drain_timeout_ms.
+ */
+void kms_http_drain(struct kms_server *srv);
 void kms_http_stop(struct kms_server *srv);
 
 /* The signed, parsed request an operation sees. */
 struct kms_request {
     struct kms_server *srv;
-    const char *principal;
-    json_t *in;  /* the request body: always a JSON object */
+    const char *principal; /* "" until the signature is verified */
+    json_t *in;            /* the request body: always a JSON object */
     json_t *out; /* set by the operation: the response object, or NULL for an empty body */
 };
 
 typedef kms_err (*kms_op_fn)(struct kms_request *r);
 
-/* The operation for an X-Amz-Target, or NULL. */
-kms_op_fn kms_op_lookup(const char *target);
+struct kms_op {
+    const char *name; /* as in X-Amz-Target after "TrentService." */
+    kms_op_fn fn;
+    int index_only; /* no token call: served on the HTTP thread, not by a worker */
+};
+
+#define KMS_OP_COUNT 22
+/* The operation named target, or NULL. */
+const struct kms_op *kms_op_lookup(const char *target);
+/* Operations by position 0..KMS_OP_COUNT-1, and an operation's position. */
+const struct kms_op *kms_op_at(size_t i);
+size_t kms_op_index(const struct kms_op *op);
 
 /*
  * Verifies the request's SigV4 signature against the credentials.
- * On success *principal names the caller.
+ * On success principal names the caller; else it is empty.
  */
 struct MHD_Connection;
 KMS_MUST_CHECK kms_err kms_auth_verify(struct kms_server *srv, struct MHD_Connection *c,
                                        const char *method, const char *url,
-                                       const struct kms_buf *body, const char **principal);
+                                       const struct kms_buf *body,
+                                       char principal[KMS_PRINCIPAL_MAX + 1]);
 
 /* ---- request field helpers (ops_util.c) ----------------------------------- */
 

@@ -22,8 +22,15 @@ void kms_config_defaults(struct kms_config *c)
     memset(c, 0, sizeof *c);
     c->threads = 4;
     c->session_timeout_ms = 2000;
+    c->queue_max = 256;
+    c->request_timeout_ms = 5000;
+    c->max_connections = 4096;
+    c->connection_timeout_s = 30;
+    c->max_header = 16 * 1024;
+    c->drain_timeout_ms = 10000;
     c->max_body = 64 * 1024;
     kms_keystore_config_defaults(&c->keys);
+    kms_ratelimit_config_defaults(&c->limits);
 }
 
 void kms_config_free(struct kms_config *c)
@@ -35,6 +42,7 @@ void kms_config_free(struct kms_config *c)
     free(c->listen);
     free(c->region);
     free(c->account);
+    kms_ratelimit_config_free(&c->limits);
     memset(c, 0, sizeof *c);
 }
 
@@ -90,21 +98,32 @@ kms_err kms_config_set(struct kms_config *c, const char *key, const char *value)
                    "account must be 12 digits");
         return set_string(&c->account, value);
     }
-    if (strcmp(key, "threads") == 0) {
-        KMS_GUARD(set_unsigned(&v, key, value, 1, 256));
-        c->threads = (unsigned)v;
-        return KMS_OK;
+    static const struct {
+        const char *name;
+        size_t offset;
+        unsigned long min, max;
+    } server_numbers[] = {
+        {"threads", offsetof(struct kms_config, threads), 1, 256},
+        {"workers", offsetof(struct kms_config, workers), 1, 1024},
+        {"sessions", offsetof(struct kms_config, sessions), 1, 1024},
+        {"session_timeout_ms", offsetof(struct kms_config, session_timeout_ms), 1, 600000},
+        {"queue_max", offsetof(struct kms_config, queue_max), 1, 65536},
+        {"request_timeout_ms", offsetof(struct kms_config, request_timeout_ms), 10, 600000},
+        {"max_connections", offsetof(struct kms_config, max_connections), 16, 1000000},
+        {"per_ip_connections", offsetof(struct kms_config, per_ip_connections), 0, 1000000},
+        {"connection_timeout_s", offsetof(struct kms_config, connection_timeout_s), 1, 3600},
+        {"max_header", offsetof(struct kms_config, max_header), 4096, 1u << 20},
+        {"drain_timeout_ms", offsetof(struct kms_config, drain_timeout_ms), 0, 600000},
+    };
+    for (size_t i = 0; i < sizeof server_numbers / sizeof server_numbers[0]; i++) {
+        if (strcmp(key, server_numbers[i].name) == 0) {
+            KMS_GUARD(set_unsigned(&v, key, value, server_numbers[i].min, server_numbers[i].max));
+            *(unsigned *)((char *)c + server_numbers[i].offset) = (unsigned)v;
+            return KMS_OK;
+        }
     }
-    if (strcmp(key, "sessions") == 0) {
-        KMS_GUARD(set_unsigned(&v, key, value, 1, 1024));
-        c->sessions = (unsigned)v;
-        return KMS_OK;
-    }
-    if (strcmp(key, "session_timeout_ms") == 0) {
-        KMS_GUARD(set_unsigned(&v, key, value, 1, 600000));
-        c->session_timeout_ms = (unsigned)v;
-        return KMS_OK;
-    }
+    if (kms_ratelimit_config_is_key(key))
+        return kms_ratelimit_config_set(&c->limits, key, value);
     if (strcmp(key, "max_body") == 0) {
         KMS_GUARD(set_unsigned(&v, key, value, 1024, 16u << 20));
         c->max_body = v;
@@ -358,6 +377,12 @@ kms_err kms_credentials_parse(const char *text, struct kms_credentials *out)
         if (rc == KMS_OK && nf != 0 && nf != 3)
             rc = KMS_FAIL(KMS_ERR_VALIDATION,
                           "credentials line %u: expected 'ACCESS_KEY_ID SECRET NAME'", lineno);
+        if (rc == KMS_OK && nf == 3 &&
+            (strlen(field[2]) > KMS_PRINCIPAL_MAX ||
+             strspn(field[2], KMS_PRINCIPAL_CHARS) != strlen(field[2])))
+            rc = KMS_FAIL(KMS_ERR_VALIDATION,
+                          "credentials line %u: NAME must be 1-%d of A-Z a-z 0-9 _ . @ + = , -",
+                          lineno, KMS_PRINCIPAL_MAX);
         if (rc == KMS_OK && nf == 3 && kms_credentials_find(out, field[0], strlen(field[0])))
             rc = KMS_FAIL(KMS_ERR_VALIDATION, "credentials line %u: access key id appears twice",
                           lineno);

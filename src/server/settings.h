@@ -6,6 +6,7 @@
 
 #include "common/error.h"
 #include "keystore/keystore.h"
+#include "server/ratelimit.h"
 
 struct kms_config {
     char *module;   /* PKCS#11 module path or p11-kit name */
@@ -15,10 +16,19 @@ struct kms_config {
     char *listen; /* HOST:PORT */
     char *region;
     char *account;
-    unsigned threads;  /* HTTP worker threads */
-    unsigned sessions; /* token sessions; defaults to threads */
-    unsigned session_timeout_ms;
-    size_t max_body;                 /* bytes */
+    unsigned threads;  /* HTTP threads (network and requests served from the index) */
+    unsigned workers;  /* threads running requests that use the token; defaults to sessions */
+    unsigned sessions; /* token sessions; defaults to threads + 1 */
+    unsigned session_timeout_ms; /* longest wait for a token session */
+    unsigned queue_max;          /* requests waiting for a worker before 503 */
+    unsigned request_timeout_ms; /* a request unanswered by then gets 503 */
+    unsigned max_connections;
+    unsigned per_ip_connections;   /* 0: no limit per client address */
+    unsigned connection_timeout_s; /* idle time before a connection is closed */
+    unsigned max_header;           /* bytes of request line and headers per connection */
+    unsigned drain_timeout_ms;     /* SIGTERM: longest wait for requests in flight */
+    size_t max_body;               /* bytes */
+    struct kms_ratelimit_config limits;
     struct kms_keystore_config keys; /* lifecycle and multi-node settings */
 };
 
@@ -44,6 +54,10 @@ KMS_MUST_CHECK kms_err kms_parse_listen(const char *s, char *host, size_t host_l
  * (*len + 1 bytes). Trailing newlines are removed.
  */
 KMS_MUST_CHECK kms_err kms_read_secret_file(const char *path, char **out, size_t *len);
+
+/* A principal's name: what policies, limits and the audit log call it. */
+#define KMS_PRINCIPAL_MAX 64
+#define KMS_PRINCIPAL_CHARS "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_.@+=,-"
 
 struct kms_principal {
     char *access_key;

@@ -417,8 +417,9 @@ def server_env(extra=None):
     return env
 
 
-def start_config_server(config_path, token, log_path, extra_args=()):
-    env = server_env({"SOFTHSM2_CONF": token.conf})
+def start_config_server(config_path, token, log_path, extra_args=(), env=None):
+    """p11kmsd --config on token; env: more environment variables for it."""
+    env = server_env(dict(env or {}, SOFTHSM2_CONF=token.conf))
     return Server(["--config", config_path, "--listen", "127.0.0.1:0"] + list(extra_args),
                   env, log_path).start()
 

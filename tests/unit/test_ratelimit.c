@@ -80,20 +80,20 @@ static void test_defaults(void **state)
     memset(&c, 0xa5, sizeof c);
     kms_ratelimit_config_defaults(&c);
     assert_true(c.global.rate == 0);
-    assert_true(c.per_principal[KMS_CLASS_CRYPTO].rate == 10000);
-    assert_true(c.per_principal[KMS_CLASS_CRYPTO].burst == 20000);
-    assert_true(c.per_principal[KMS_CLASS_MANAGE].rate == 100);
-    assert_true(c.per_principal[KMS_CLASS_MANAGE].burst == 200);
+    assert_true(c.per_principal[KMS_CLASS_CRYPTO].rate == 50000);
+    assert_true(c.per_principal[KMS_CLASS_CRYPTO].burst == 50000);
+    assert_true(c.per_principal[KMS_CLASS_MANAGE].rate == 1000);
+    assert_true(c.per_principal[KMS_CLASS_MANAGE].burst == 2000);
     assert_null(c.overrides);
     assert_int_equal(c.noverrides, 0);
     assert_int_equal(kms_ratelimit_config_check(&c), KMS_OK);
 
-    /* the defaults in action: 20000 crypto and 200 manage at once, then 1/10000 s and 1/100 s */
+    /* the defaults in action: 50000 crypto and 2000 manage at once, then 1/50000 s and 1/1000 s */
     rl = make(&c);
-    assert_int_equal(drain(rl, "svc", KMS_CLASS_CRYPTO, 1, T0, 30000), 20000);
+    assert_int_equal(drain(rl, "svc", KMS_CLASS_CRYPTO, 1, T0, 60000), 50000);
     expect_refused(rl, "svc", KMS_CLASS_CRYPTO, 1, T0, 1);
-    assert_int_equal(drain(rl, "svc", KMS_CLASS_MANAGE, 1, T0, 300), 200);
-    expect_refused(rl, "svc", KMS_CLASS_MANAGE, 1, T0, 10);
+    assert_int_equal(drain(rl, "svc", KMS_CLASS_MANAGE, 1, T0, 3000), 2000);
+    expect_refused(rl, "svc", KMS_CLASS_MANAGE, 1, T0, 1);
     kms_ratelimit_free(rl);
     kms_ratelimit_config_free(&c);
 }

@@ -1,0 +1,312 @@
+#include "config.h"
+
+#include "server/pool.h"
+
+#include <pthread.h>
+#include <stdlib.h>
+#include <time.h>
+
+#include "common/log.h"
+
+#define WATCH_MS 10
+
+enum {
+    QUEUED = 1,
+    RUNNING,  /* a worker is in run() */
+    DONE,     /* run() returned in time: its worker answers */
+    EXPIRING, /* the watchdog is answering it */
+    EXPIRED,  /* answered by the watchdog */
+};
+
+struct kms_pool {
+    pthread_mutex_t lock;
+    pthread_cond_t work;    /* a task was queued, or stopping */
+    pthread_cond_t changed; /* a task was released or answered by the watchdog */
+    pthread_cond_t stop_watch;
+    struct kms_task *head, *tail;
+    unsigned queued, queue_max;
+    unsigned inflight;         /* submitted and not yet released */
+    struct kms_task **running; /* per worker */
+    pthread_t *threads;
+    unsigned nworkers, started;
+    pthread_t watchdog;
+    int watching;
+    int draining, stopping;
+};
+
+struct worker_arg {
+    struct kms_pool *p;
+    unsigned index;
+};
+
+int64_t kms_monotonic_ns(void)
+{
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (int64_t)t.tv_sec * 1000000000 + t.tv_nsec;
+}
+
+static void released(struct kms_pool *p)
+{
+    pthread_mutex_lock(&p->lock);
+    p->inflight--;
+    pthread_cond_broadcast(&p->changed);
+    pthread_mutex_unlock(&p->lock);
+}
+
+static void *worker(void *arg)
+{
+    struct worker_arg *wa = arg;
+    struct kms_pool *p = wa->p;
+    unsigned me = wa->index;
+    free(wa);
+
+    pthread_mutex_lock(&p->lock);
+    for (;;) {
+        while (!p->head && !p->stopping)
+            pthread_cond_wait(&p->work, &p->lock);
+        if (!p->head)
+            break;
+        struct kms_task *t = p->head;
+        p->head = t->next;
+        if (!p->head)
+            p->tail = NULL;
+        p->queued--;
+        if (t->deadline_ns <= kms_monotonic_ns()) {
+            /* Waited past its deadline: answer that without running it. */
+            t->state = EXPIRED;
+            pthread_mutex_unlock(&p->lock);
+            t->answer(t, 1);
+            t->release(t);
+            pthread_mutex_lock(&p->lock);
+            p->inflight--;
+            pthread_cond_broadcast(&p->changed);
+            continue;
+        }
+        t->state = RUNNING;
+        p->running[me] = t;
+        pthread_mutex_unlock(&p->lock);
+
+        t->run(t);
+
+        pthread_mutex_lock(&p->lock);
+        p->running[me] = NULL;
+        while (t->state == EXPIRING)
+            pthread_cond_wait(&p->changed, &p->lock);
+        int answer = t->state == RUNNING;
+        if (answer)
+            t->state = DONE;
+        pthread_mutex_unlock(&p->lock);
+        if (answer)
+            t->answer(t, 0);
+        t->release(t);
+        pthread_mutex_lock(&p->lock);
+        p->inflight--;
+        pthread_cond_broadcast(&p->changed);
+    }
+    pthread_mutex_unlock(&p->lock);
+    return NULL;
+}
+
+/* Answers every task past its deadline, queued or running. */
+static void expire(struct kms_pool *p)
+{
+    int64_t now = kms_monotonic_ns();
+    struct kms_task *dead = NULL, *late = NULL;
+
+    pthread_mutex_lock(&p->lock);
+    for (unsigned i = 0; i < p->nworkers; i++) {
+        struct kms_task *t = p->running[i];
+        if (t && t->state == RUNNING && t->deadline_ns <= now) {
+            t->state = EXPIRING;
+            t->next = late;
+            late = t;
+        }
+    }
+    for (struct kms_task **link = &p->head, *prev = NULL; *link;) {
+        struct kms_task *t = *link;
+        if (t->deadline_ns <= now) {
+            *link = t->next;
+            if (p->tail == t)
+                p->tail = prev;
+            p->queued--;
+            t->state = EXPIRED;
+            t->next = dead;
+            dead = t;
+        } else {
+            prev = t;
+            link = &t->next;
+        }
+    }
+    pthread_mutex_unlock(&p->lock);
+
+    while (dead) {
+        struct kms_task *t = dead;
+        dead = t->next;
+        t->answer(t, 1);
+        t->release(t);
+        released(p);
+    }
+    while (late) {
+        struct kms_task *t = late;
+        late = t->next;
+        t->answer(t, 1);
+        /* Its worker releases it once run() returns. */
+        pthread_mutex_lock(&p->lock);
+        t->state = EXPIRED;
+        pthread_cond_broadcast(&p->changed);
+        pthread_mutex_unlock(&p->lock);
+    }
+}
+
+static void *watch(void *arg)
+{
+    struct kms_pool *p = arg;
+    pthread_mutex_lock(&p->lock);
+    while (p->watching) {
+        struct timespec until;
+        clock_gettime(CLOCK_REALTIME, &until);
+        until.tv_nsec += WATCH_MS * 1000000L;
+        if (until.tv_nsec >= 1000000000L) {
+            until.tv_sec++;
+            until.tv_nsec -= 1000000000L;
+        }
+        pthread_cond_timedwait(&p->stop_watch, &p->lock, &until);
+        if (!p->watching)
+            break;
+        pthread_mutex_unlock(&p->lock);
+        expire(p);
+        pthread_mutex_lock(&p->lock);
+    }
+    pthread_mutex_unlock(&p->lock);
+    return NULL;
+}
+
+kms_err kms_pool_start(const struct kms_pool_config *cfg, struct kms_pool **out)
+{
+    struct kms_pool *p = calloc(1, sizeof *p);
+    KMS_ENSURE(p != NULL, KMS_ERR_INTERNAL, "out of memory");
+    pthread_mutex_init(&p->lock, NULL);
+    pthread_cond_init(&p->work, NULL);
+    pthread_cond_init(&p->changed, NULL);
+    pthread_cond_init(&p->stop_watch, NULL);
+    p->nworkers = cfg->workers ? cfg->workers : 1;
+    p->queue_max = cfg->queue_max;
+    p->running = calloc(p->nworkers, sizeof *p->running);
+    p->threads = calloc(p->nworkers, sizeof *p->threads);
+    if (!p->running || !p->threads) {
+        kms_pool_free(p);
+        return KMS_FAIL(KMS_ERR_INTERNAL, "out of memory");
+    }
+    for (; p->started < p->nworkers; p->started++) {
+        struct worker_arg *wa = malloc(sizeof *wa);
+        if (!wa) {
+            kms_pool_free(p);
+            return KMS_FAIL(KMS_ERR_INTERNAL, "out of memory");
+        }
+        *wa = (struct worker_arg){p, p->started};
+        if (pthread_create(&p->threads[p->started], NULL, worker, wa) != 0) {
+            free(wa);
+            kms_pool_free(p);
+            return KMS_FAIL(KMS_ERR_INTERNAL, "cannot start a worker thread");
+        }
+    }
+    p->watching = 1;
+    if (pthread_create(&p->watchdog, NULL, watch, p) != 0) {
+        p->watching = 0;
+        kms_pool_free(p);
+        return KMS_FAIL(KMS_ERR_INTERNAL, "cannot start the watchdog thread");
+    }
+    *out = p;
+    return KMS_OK;
+}
+
+kms_err kms_pool_submit(struct kms_pool *p, struct kms_task *t)
+{
+    pthread_mutex_lock(&p->lock);
+    if (p->draining || p->queued >= p->queue_max) {
+        int draining = p->draining;
+        pthread_mutex_unlock(&p->lock);
+        return KMS_FAIL(KMS_ERR_DEPENDENCY_TIMEOUT, "%s",
+                        draining ? "The server is shutting down"
+                                 : "The server is overloaded: too many requests are waiting for "
+                                   "the key store");
+    }
+    t->state = QUEUED;
+    t->next = NULL;
+    if (p->tail)
+        p->tail->next = t;
+    else
+        p->head = t;
+    p->tail = t;
+    p->queued++;
+    p->inflight++;
+    pthread_cond_signal(&p->work);
+    pthread_mutex_unlock(&p->lock);
+    return KMS_OK;
+}
+
+void kms_pool_load(struct kms_pool *p, unsigned *queued, unsigned *running)
+{
+    pthread_mutex_lock(&p->lock);
+    *queued = p->queued;
+    *running = p->inflight - p->queued;
+    pthread_mutex_unlock(&p->lock);
+}
+
+int kms_pool_drain(struct kms_pool *p, unsigned timeout_ms)
+{
+    int64_t end = kms_monotonic_ns() + (int64_t)timeout_ms * 1000000;
+    int drained;
+
+    pthread_mutex_lock(&p->lock);
+    p->draining = 1;
+    while (p->inflight > 0 && kms_monotonic_ns() < end) {
+        struct timespec until;
+        clock_gettime(CLOCK_REALTIME, &until);
+        until.tv_nsec += WATCH_MS * 1000000L;
+        if (until.tv_nsec >= 1000000000L) {
+            until.tv_sec++;
+            until.tv_nsec -= 1000000000L;
+        }
+        pthread_cond_timedwait(&p->changed, &p->lock, &until);
+    }
+    drained = p->inflight == 0;
+    pthread_mutex_unlock(&p->lock);
+    return drained;
+}
+
+void kms_pool_free(struct kms_pool *p)
+{
+    if (!p)
+        return;
+    pthread_mutex_lock(&p->lock);
+    p->stopping = 1;
+    p->draining = 1;
+    int stuck = p->inflight > p->queued;
+    pthread_cond_broadcast(&p->work);
+    if (p->watching) {
+        p->watching = 0;
+        pthread_cond_broadcast(&p->stop_watch);
+        pthread_mutex_unlock(&p->lock);
+        pthread_join(p->watchdog, NULL);
+    } else {
+        pthread_mutex_unlock(&p->lock);
+    }
+    if (stuck) {
+        /* A worker is still in a task (a hung token): leave the threads, and the pool. */
+        kms_warn("stopping with %s still running in a token call", "a request");
+        for (unsigned i = 0; i < p->started; i++)
+            pthread_detach(p->threads[i]);
+        return;
+    }
+    for (unsigned i = 0; i < p->started; i++)
+        pthread_join(p->threads[i], NULL);
+    free(p->running);
+    free(p->threads);
+    pthread_cond_destroy(&p->work);
+    pthread_cond_destroy(&p->changed);
+    pthread_cond_destroy(&p->stop_watch);
+    pthread_mutex_destroy(&p->lock);
+    free(p);
+}

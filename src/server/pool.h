@@ -1,0 +1,57 @@
+/*
+ * The worker pool that runs requests which touch the token, so that a token
+ * that hangs costs the workers stuck in it and never the HTTP threads: every
+ * request gets an answer by its deadline, and requests past what the pool
+ * can queue are refused at once.
+ *
+ * A task is answered exactly once, by one of:
+ *   - a worker, after run() returned in time: answer(t, 0);
+ *   - the watchdog, when the deadline passed first (queued or running):
+ *     answer(t, 1), while run() may still be going on another thread;
+ *   - kms_pool_submit's caller, when the pool refused it (no answer call).
+ * After answer, release(t) is called exactly once, when the pool no longer
+ * touches t (for a task that expired while running: once run() returned).
+ */
+#ifndef P11KMS_POOL_H
+#define P11KMS_POOL_H
+
+#include <stdint.h>
+
+#include "common/error.h"
+
+struct kms_task {
+    void (*run)(struct kms_task *t);
+    void (*answer)(struct kms_task *t, int expired);
+    void (*release)(struct kms_task *t);
+    int64_t deadline_ns; /* CLOCK_MONOTONIC */
+    /* the pool's */
+    struct kms_task *next;
+    int state;
+};
+
+struct kms_pool_config {
+    unsigned workers;   /* threads running tasks */
+    unsigned queue_max; /* tasks waiting for a worker, beyond which submit refuses */
+};
+
+struct kms_pool;
+
+KMS_MUST_CHECK kms_err kms_pool_start(const struct kms_pool_config *cfg, struct kms_pool **out);
+/*
+ * Queues t. KMS_ERR_DEPENDENCY_TIMEOUT when the queue is full or the pool is
+ * draining: then nothing of t is called.
+ */
+KMS_MUST_CHECK kms_err kms_pool_submit(struct kms_pool *p, struct kms_task *t);
+/* Tasks waiting and running now. */
+void kms_pool_load(struct kms_pool *p, unsigned *queued, unsigned *running);
+/*
+ * Refuses new tasks and waits up to timeout_ms for the queued and running
+ * ones to be answered and released. Returns 1 when all were.
+ */
+int kms_pool_drain(struct kms_pool *p, unsigned timeout_ms);
+/* Stops the threads. Workers still stuck in a task (see drain) are left behind. */
+void kms_pool_free(struct kms_pool *p);
+
+int64_t kms_monotonic_ns(void);
+
+#endif

@@ -1,0 +1,300 @@
+#!/usr/bin/python3
+"""Token faults (DESIGN §6): p11kmsd on the fault-injecting PKCS#11 module
+(tests/faultmod), which forwards to a fresh SoftHSM2 token. Each listed CK_RV
+injected into each listed function gives the right AWS error and never a 2xx;
+once the fault stops, the next requests succeed without a restart; faults at
+random never give a 2xx with a wrong answer; a hung token call is answered
+with 503 by request_timeout_ms while requests that do not need the token go
+on; /readyz follows the token. TAP output."""
+
+import base64
+import os
+import sys
+import threading
+import time
+
+sys.dont_write_bytecode = True  # keep __pycache__ out of the source tree
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import faultmod  # noqa: E402
+import harness as h  # noqa: E402
+import promtext  # noqa: E402
+from harness import check, eq  # noqa: E402
+
+T = h.TapRunner()
+test = T.test
+
+REQUEST_TIMEOUT_MS = 1500
+SESSION_TIMEOUT_MS = 500
+WORKERS = 3
+
+# The CK_RVs a token answers when it, a session or the login is lost.
+FAULTS = ("CKR_DEVICE_ERROR", "CKR_SESSION_HANDLE_INVALID", "CKR_SESSION_CLOSED",
+          "CKR_USER_NOT_LOGGED_IN", "CKR_TOKEN_NOT_PRESENT", "CKR_DEVICE_REMOVED")
+# Every one of them is KeyUnavailableException (500): the key material could not be used.
+EXPECTED = ("KeyUnavailableException", 500)
+
+
+class Ctx:
+    ws = None
+    token = None
+    principal = None
+    server = None
+    faults = None
+    key = None
+    blob = None       # a GenerateDataKey blob made before any fault
+    plaintext = None  # its data key
+    ep = None
+
+
+C = Ctx()
+
+
+def setup():
+    C.ws = h.Workspace()
+    C.principal = h.new_principal("faulted")
+    C.faults = faultmod.FaultControl(C.ws.sub("faults"))
+    C.token, config = h.token_and_config(
+        C.ws, "p11kms-it-faults", C.principal, module=faultmod.faultmod_module(),
+        request_timeout_ms=str(REQUEST_TIMEOUT_MS), session_timeout_ms=str(SESSION_TIMEOUT_MS),
+        workers=str(WORKERS), threads="2", queue_max="8", full_refresh_seconds="3600",
+        refresh_ms="1000")
+    C.server = h.start_config_server(config, C.token, C.ws.sub("p11kmsd.log"),
+                                     env=C.faults.env())
+    C.ep = C.server.endpoint
+    C.key = ok("CreateKey", {})["KeyMetadata"]["KeyId"]
+    gdk = ok("GenerateDataKey", {"KeyId": C.key, "KeySpec": "AES_256"})
+    C.blob = gdk["CiphertextBlob"]
+    C.plaintext = gdk["Plaintext"]
+    h.diag("p11kmsd on the fault module, serving %s" % C.ep)
+
+
+def teardown():
+    if C.faults:
+        C.faults.clear()
+    h.finish(T, C.ws, C.server)
+
+
+def call(op, body):
+    return h.kms_call(C.ep, op, body, C.principal)
+
+
+def ok(op, body):
+    r = call(op, body)
+    if r.status != 200:
+        raise AssertionError("%s answered %d: %r" % (op, r.status, r.body))
+    return r.json()
+
+
+# The request that makes the token run each function, and how to check its answer.
+def req_generate_data_key():
+    return call("GenerateDataKey", {"KeyId": C.key, "KeySpec": "AES_256"})
+
+
+def req_decrypt():
+    return call("Decrypt", {"CiphertextBlob": C.blob})
+
+
+def req_generate_random():
+    return call("GenerateRandom", {"NumberOfBytes": 32})
+
+
+def req_create_key():
+    return call("CreateKey", {"Description": "made while the token fails"})
+
+
+REQUESTS = {
+    "C_EncryptInit": ("GenerateDataKey", req_generate_data_key),
+    "C_Encrypt": ("GenerateDataKey", req_generate_data_key),
+    "C_Decrypt": ("Decrypt", req_decrypt),
+    # CreateKey looks for an object with the new version's id first, then generates it.
+    "C_FindObjects": ("CreateKey", req_create_key),
+    "C_GenerateKey": ("CreateKey", req_create_key),
+    "C_GenerateRandom": ("GenerateRandom", req_generate_random),
+}
+
+
+def answer_is_right(op, r):
+    """A 200 answer of op: the exact shape, and a data key that decrypts (checked later)."""
+    doc = r.json()
+    if op == "GenerateDataKey":
+        eq(sorted(doc), ["CiphertextBlob", "KeyId", "Plaintext"], "GenerateDataKey members")
+        eq(len(base64.b64decode(doc["Plaintext"])), 32, "data key length")
+    elif op == "Decrypt":
+        eq(doc["Plaintext"], C.plaintext, "Decrypt gives the data key")
+    elif op == "GenerateRandom":
+        eq(len(base64.b64decode(doc["Plaintext"])), 32, "random bytes")
+    elif op == "CreateKey":
+        eq(doc["KeyMetadata"]["KeyState"], "Enabled", "the new key's state")
+    return doc
+
+
+def metrics():
+    r = h.raw_request(C.ep, method="GET", path="/metrics")
+    eq(r.status, 200, "/metrics status")
+    return promtext.parse(r.body.decode())
+
+
+@test
+def test_each_fault_in_each_function():
+    """36 cases: the request fails with KeyUnavailableException (500) while the fault lasts,
+    the module saw the injected call, and with the fault gone the next requests succeed."""
+    cases = 0
+    for fn, (op, request) in REQUESTS.items():
+        for rv in FAULTS:
+            what = "%s in %s (%s)" % (rv, fn, op)
+            C.faults.set(fn, rv=rv)
+            for attempt in range(2):
+                r = request()
+                check(r.status != 200, "%s: answered 200 while the token fails" % what)
+                h.check_error_response(r, *EXPECTED)
+            check(C.faults.injected(fn) >= 2, "%s: the module injected %d faults"
+                  % (what, C.faults.injected(fn)))
+            C.faults.clear()
+            for attempt in range(3):
+                r = request()
+                if r.status != 200:
+                    raise AssertionError("%s: after the fault, attempt %d answered %d %r"
+                                         % (what, attempt + 1, r.status, r.body))
+                answer_is_right(op, r)
+            cases += 1
+    eq(cases, len(REQUESTS) * len(FAULTS), "cases run")
+    m = metrics()
+    check(promtext.value(m, "p11kms_requests_total", operation="GenerateDataKey",
+                         outcome="KeyUnavailableException") >= 2 * 2 * len(FAULTS),
+          "the failures are counted by outcome")
+
+
+@test
+def test_random_faults_never_give_a_wrong_answer():
+    """With C_Encrypt and C_Decrypt failing at random, every 200 is right."""
+    C.faults.set("C_Encrypt", rv="CKR_DEVICE_ERROR", probability=0.3)
+    made, failed = [], 0
+    for i in range(60):
+        r = req_generate_data_key()
+        if r.status == 200:
+            made.append(answer_is_right("GenerateDataKey", r))
+        else:
+            h.check_error_response(r, *EXPECTED)
+            failed += 1
+    C.faults.clear()
+    C.faults.set("C_Decrypt", rv="CKR_SESSION_HANDLE_INVALID", probability=0.3)
+    decrypted, refused = 0, 0
+    for doc in made:
+        r = call("Decrypt", {"CiphertextBlob": doc["CiphertextBlob"]})
+        if r.status == 200:
+            eq(r.json()["Plaintext"], doc["Plaintext"], "a Decrypt answered 200 is right")
+            decrypted += 1
+        else:
+            h.check_error_response(r, *EXPECTED)
+            refused += 1
+    C.faults.clear()
+    # what failed while the faults lasted decrypts now
+    for doc in made:
+        eq(ok("Decrypt", {"CiphertextBlob": doc["CiphertextBlob"]})["Plaintext"], doc["Plaintext"],
+           "Decrypt after the faults")
+    h.diag("GenerateDataKey: %d answered, %d failed; Decrypt: %d answered, %d failed"
+           % (len(made), failed, decrypted, refused))
+    check(failed > 0 and made, "faults at 30%% gave both outcomes (%d, %d)" % (len(made), failed))
+    check(refused > 0 and decrypted > 0, "faults at 30%% gave both outcomes (%d, %d)"
+          % (decrypted, refused))
+
+
+@test
+def test_token_gone_and_back():
+    """Every call fails as if the token were removed: requests fail, /readyz says so; when
+    it is back, both recover by themselves."""
+    C.faults.add("* rv=CKR_DEVICE_REMOVED")
+    r = h.raw_request(C.ep, method="GET", path="/readyz")
+    eq((r.status, r.body), (503, b"token not ready\n"), "/readyz while the token is gone")
+    for request, op in ((req_generate_data_key, "GenerateDataKey"), (req_decrypt, "Decrypt")):
+        h.check_error_response(request(), *EXPECTED)
+    eq(ok("DescribeKey", {"KeyId": C.key})["KeyMetadata"]["KeyId"], C.key,
+       "DescribeKey is served from the index meanwhile")
+    eq(promtext.value(metrics(), "p11kms_token_ready"), 0.0, "p11kms_token_ready")
+    C.faults.clear()
+    r = h.raw_request(C.ep, method="GET", path="/readyz")
+    eq((r.status, r.body), (200, b"ready\n"), "/readyz once the token is back")
+    for _ in range(2 * WORKERS + 2):  # every session has been dropped: each must recover
+        answer_is_right("GenerateDataKey", req_generate_data_key())
+        eq(ok("Decrypt", {"CiphertextBlob": C.blob})["Plaintext"], C.plaintext, "Decrypt")
+    eq(promtext.value(metrics(), "p11kms_token_ready"), 1.0, "p11kms_token_ready")
+
+
+@test
+def test_hung_token_answers_503_in_time():
+    """C_Encrypt hangs: every request that needs it gets 503 DependencyTimeoutException
+    within request_timeout_ms (plus a margin), requests served from the index go on, and
+    once the token answers again the server serves normally."""
+    C.faults.stall("C_Encrypt")
+    results = [None] * (WORKERS + 4)
+
+    def one(i):
+        t0 = time.monotonic()
+        r = req_generate_data_key()
+        results[i] = (r, time.monotonic() - t0)
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(results))]
+    for t in threads:
+        t.start()
+    C.faults.wait_stalling("C_Encrypt", n=1, timeout=10)
+    t0 = time.monotonic()
+    eq(ok("DescribeKey", {"KeyId": C.key})["KeyMetadata"]["KeyId"], C.key,
+       "DescribeKey while the token hangs")
+    check(time.monotonic() - t0 < 1.0, "DescribeKey did not wait for the token")
+    for t in threads:
+        t.join(timeout=30)
+    check(not any(t.is_alive() for t in threads), "every request was answered")
+    bound = REQUEST_TIMEOUT_MS / 1000.0 + 1.0
+    for r, took in results:
+        h.check_error_response(r, "DependencyTimeoutException", 503)
+        check(took < bound, "answered after %.2f s, bound %.1f s" % (took, bound))
+    h.diag("hung token: %d requests answered 503 within %.2f s (bound %.1f s)"
+           % (len(results), max(t for _, t in results), bound))
+    m = metrics()
+    check(promtext.value(m, "p11kms_requests_running") >= 1, "requests stuck in the token")
+    C.faults.clear()
+    deadline = time.monotonic() + 10
+    while promtext.value(metrics(), "p11kms_requests_running") > 0:
+        check(time.monotonic() < deadline, "stuck requests end once the token answers")
+        time.sleep(0.05)
+    for _ in range(2 * WORKERS):
+        answer_is_right("GenerateDataKey", req_generate_data_key())
+
+
+@test
+def test_overload_fails_fast():
+    """More token requests than workers and queue while the token is slow: the excess is
+    refused at once with 503, the rest are served."""
+    C.faults.stall("C_Encrypt", ms=400)
+    n = WORKERS + 8 + 6  # workers busy, queue_max = 8 waiting, the rest refused
+    results = [None] * n
+    barrier = threading.Barrier(n)
+
+    def one(i):
+        barrier.wait(timeout=10)
+        t0 = time.monotonic()
+        r = req_generate_data_key()
+        results[i] = (r, time.monotonic() - t0)
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=30)
+    C.faults.clear()
+    served = [x for x in results if x[0].status == 200]
+    refused = [x for x in results if x[0].status != 200]
+    for r, took in refused:
+        doc = h.check_error_response(r, "DependencyTimeoutException", 503)
+        check(took < REQUEST_TIMEOUT_MS / 1000.0 + 1.0, "a refusal took %.2f s" % took)
+        check(doc["message"], "message")
+    for r, _ in served:
+        answer_is_right("GenerateDataKey", r)
+    h.diag("overload: %d served, %d refused with 503" % (len(served), len(refused)))
+    check(len(refused) >= 1, "some requests were refused (%d served)" % len(served))
+    check(len(served) >= WORKERS, "the workers' requests were served (%d)" % len(served))
+
+
+if __name__ == "__main__":
+    sys.exit(T.run(setup, teardown))
