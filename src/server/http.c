@@ -9,6 +9,7 @@
 #include <netdb.h>
 #include <openssl/crypto.h>
 #include <pthread.h>
+#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -220,7 +221,7 @@ static kms_err admit(struct kms_server *srv, const struct kms_op *op, const char
 
 static void log_outcome(const char *op, const char *principal, kms_err rc, const char *message)
 {
-    if (kms_err_status(rc) >= 500)
+    if (rc != KMS_OK && kms_err_status(rc) >= 500)
         kms_error("%s by %s failed: %s", op, *principal ? principal : "-", message);
     kms_debug("%s by %s: %s", op, *principal ? principal : "-",
               rc == KMS_OK ? "ok" : kms_err_type(rc));
@@ -393,6 +394,8 @@ static enum MHD_Result serve_kms(struct kms_server *srv, struct MHD_Connection *
     return ret;
 }
 
+static void request_done(struct kms_server *srv);
+
 static enum MHD_Result on_request(void *cls, struct MHD_Connection *c, const char *url,
                                   const char *method, const char *version, const char *upload,
                                   size_t *upload_size, void **con_cls)
@@ -414,13 +417,26 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *c, const cha
                          "Only POST / and GET /healthz, /readyz, /metrics are served"),
                 0);
         }
+        pthread_mutex_lock(&srv->active_lock);
+        int stopping = srv->stopping;
+        if (!stopping)
+            srv->active++;
+        pthread_mutex_unlock(&srv->active_lock);
+        if (stopping) {
+            kms_err_clear();
+            return send_error(
+                srv, c, KMS_FAIL(KMS_ERR_DEPENDENCY_TIMEOUT, "The server is shutting down"), 0);
+        }
         st = calloc(1, sizeof *st);
-        if (!st)
+        if (!st) {
+            request_done(srv);
             return MHD_NO;
+        }
         *con_cls = st;
         const char *cl = MHD_lookup_connection_value(c, MHD_HEADER_KIND, "Content-Length");
         if (cl && strtoull(cl, NULL, 10) > srv->cfg.max_body) {
             st->too_large = 1;
+            kms_stats_request(srv, NULL, KMS_ERR_TOO_LARGE, kms_monotonic_ns());
             return send_error(srv, c,
                               KMS_FAIL(KMS_ERR_TOO_LARGE,
                                        "The request body is larger than %zu bytes",
@@ -448,19 +464,28 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *c, const cha
         *upload_size = 0;
         return MHD_YES;
     }
-    if (st->too_large)
+    if (st->too_large) {
+        kms_stats_request(srv, NULL, KMS_ERR_TOO_LARGE, kms_monotonic_ns());
         return send_error(srv, c,
                           KMS_FAIL(KMS_ERR_TOO_LARGE, "The request body is larger than %zu bytes",
                                    srv->cfg.max_body),
                           0);
+    }
     return serve_kms(srv, c, url, method, st);
+}
+
+static void request_done(struct kms_server *srv)
+{
+    pthread_mutex_lock(&srv->active_lock);
+    if (--srv->active == 0)
+        pthread_cond_broadcast(&srv->active_done);
+    pthread_mutex_unlock(&srv->active_lock);
 }
 
 static void on_completed(void *cls, struct MHD_Connection *c, void **con_cls,
                          enum MHD_RequestTerminationCode toe)
 {
     struct req_state *st = *con_cls;
-    (void)cls;
     (void)c;
     (void)toe;
     if (!st)
@@ -470,6 +495,17 @@ static void on_completed(void *cls, struct MHD_Connection *c, void **con_cls,
     kms_buf_free(&st->body);
     free(st);
     *con_cls = NULL;
+    request_done(cls);
+}
+
+/* libmicrohttpd's own messages (a client that went away, ...) are for debugging only. */
+static void mhd_log(void *cls, const char *fmt, va_list ap)
+{
+    char line[512];
+    (void)cls;
+    vsnprintf(line, sizeof line, fmt, ap);
+    line[strcspn(line, "\n")] = '\0';
+    kms_debug("libmicrohttpd: %s", line);
 }
 
 kms_err kms_http_start(struct kms_server *srv)
@@ -502,7 +538,7 @@ kms_err kms_http_start(struct kms_server *srv)
         (unsigned int)srv->cfg.max_connections, MHD_OPTION_PER_IP_CONNECTION_LIMIT,
         (unsigned int)srv->cfg.per_ip_connections, MHD_OPTION_CONNECTION_MEMORY_LIMIT,
         (size_t)srv->cfg.max_header, MHD_OPTION_NOTIFY_COMPLETED, on_completed, srv,
-        MHD_OPTION_END);
+        MHD_OPTION_EXTERNAL_LOGGER, mhd_log, NULL, MHD_OPTION_END);
     freeaddrinfo(ai);
     KMS_ENSURE(srv->daemon != NULL, KMS_ERR_INTERNAL, "cannot listen on %s", srv->cfg.listen);
     const union MHD_DaemonInfo *info = MHD_get_daemon_info(srv->daemon, MHD_DAEMON_INFO_BIND_PORT);
@@ -510,22 +546,63 @@ kms_err kms_http_start(struct kms_server *srv)
     return KMS_OK;
 }
 
-void kms_http_drain(struct kms_server *srv)
+/* Waits until no request is active or until ms have passed; 1 when none is. */
+static int wait_idle(struct kms_server *srv, unsigned ms)
+{
+    int64_t end = kms_monotonic_ns() + (int64_t)ms * 1000000;
+    pthread_mutex_lock(&srv->active_lock);
+    while (srv->active > 0 && kms_monotonic_ns() < end) {
+        struct timespec until;
+        clock_gettime(CLOCK_REALTIME, &until);
+        until.tv_nsec += 10 * 1000000L;
+        if (until.tv_nsec >= 1000000000L) {
+            until.tv_sec++;
+            until.tv_nsec -= 1000000000L;
+        }
+        pthread_cond_timedwait(&srv->active_done, &srv->active_lock, &until);
+    }
+    int idle = srv->active == 0;
+    pthread_mutex_unlock(&srv->active_lock);
+    return idle;
+}
+
+int kms_http_drain(struct kms_server *srv)
 {
     if (!srv->daemon)
-        return;
+        return 1;
     srv->draining = 1;
     MHD_socket fd = MHD_quiesce_daemon(srv->daemon);
     if (fd != MHD_INVALID_SOCKET)
         close(fd);
-    int drained = kms_pool_drain(srv->pool, srv->cfg.drain_timeout_ms);
+    /*
+     * Requests on connections already open are still served (their answers
+     * close the connection), until every one begun has been answered and
+     * sent, or drain_timeout_ms.
+     */
+    int idle = wait_idle(srv, srv->cfg.drain_timeout_ms);
+    pthread_mutex_lock(&srv->active_lock);
+    srv->stopping = 1;
+    pthread_mutex_unlock(&srv->active_lock);
+    if (!idle) {
+        /* What is still with a worker (a hung token) is answered 503 now. */
+        kms_warn("requests still in flight after %u ms: answering them 503",
+                 srv->cfg.drain_timeout_ms);
+        kms_pool_expire_all(srv->pool);
+        idle = wait_idle(srv, 2000);
+    }
+    /* A worker may still be between sending its answer and letting go of the task. */
+    int workers_idle = kms_pool_wait_idle(srv->pool, 1000);
     unsigned queued = 0, running = 0;
     kms_pool_load(srv->pool, &queued, &running);
-    if (drained)
-        kms_info("requests in flight answered; stopping");
+    if (idle && workers_idle) {
+        kms_info("every request begun was answered; stopping");
+        return 1;
+    }
+    if (idle)
+        kms_error("%u workers are stuck in token calls", running);
     else
-        kms_warn("%u requests still running after %u ms; stopping", running,
-                 srv->cfg.drain_timeout_ms);
+        kms_error("requests could not be completed");
+    return 0;
 }
 
 void kms_http_stop(struct kms_server *srv)

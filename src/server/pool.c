@@ -31,7 +31,7 @@ struct kms_pool {
     unsigned nworkers, started;
     pthread_t watchdog;
     int watching;
-    int draining, stopping;
+    int stopping;
 };
 
 struct worker_arg {
@@ -224,11 +224,11 @@ kms_err kms_pool_start(const struct kms_pool_config *cfg, struct kms_pool **out)
 kms_err kms_pool_submit(struct kms_pool *p, struct kms_task *t)
 {
     pthread_mutex_lock(&p->lock);
-    if (p->draining || p->queued >= p->queue_max) {
-        int draining = p->draining;
+    if (p->stopping || p->queued >= p->queue_max) {
+        int stopping = p->stopping;
         pthread_mutex_unlock(&p->lock);
         return KMS_FAIL(KMS_ERR_DEPENDENCY_TIMEOUT, "%s",
-                        draining ? "The server is shutting down"
+                        stopping ? "The server is shutting down"
                                  : "The server is overloaded: too many requests are waiting for "
                                    "the key store");
     }
@@ -254,13 +254,22 @@ void kms_pool_load(struct kms_pool *p, unsigned *queued, unsigned *running)
     pthread_mutex_unlock(&p->lock);
 }
 
-int kms_pool_drain(struct kms_pool *p, unsigned timeout_ms)
+void kms_pool_expire_all(struct kms_pool *p)
+{
+    pthread_mutex_lock(&p->lock);
+    for (unsigned i = 0; i < p->nworkers; i++)
+        if (p->running[i])
+            p->running[i]->deadline_ns = 0;
+    for (struct kms_task *t = p->head; t; t = t->next)
+        t->deadline_ns = 0;
+    pthread_mutex_unlock(&p->lock);
+    expire(p);
+}
+
+int kms_pool_wait_idle(struct kms_pool *p, unsigned timeout_ms)
 {
     int64_t end = kms_monotonic_ns() + (int64_t)timeout_ms * 1000000;
-    int drained;
-
     pthread_mutex_lock(&p->lock);
-    p->draining = 1;
     while (p->inflight > 0 && kms_monotonic_ns() < end) {
         struct timespec until;
         clock_gettime(CLOCK_REALTIME, &until);
@@ -271,9 +280,9 @@ int kms_pool_drain(struct kms_pool *p, unsigned timeout_ms)
         }
         pthread_cond_timedwait(&p->changed, &p->lock, &until);
     }
-    drained = p->inflight == 0;
+    int idle = p->inflight == 0;
     pthread_mutex_unlock(&p->lock);
-    return drained;
+    return idle;
 }
 
 void kms_pool_free(struct kms_pool *p)
@@ -282,7 +291,6 @@ void kms_pool_free(struct kms_pool *p)
         return;
     pthread_mutex_lock(&p->lock);
     p->stopping = 1;
-    p->draining = 1;
     int stuck = p->inflight > p->queued;
     pthread_cond_broadcast(&p->work);
     if (p->watching) {

@@ -38,17 +38,19 @@ struct kms_pool;
 
 KMS_MUST_CHECK kms_err kms_pool_start(const struct kms_pool_config *cfg, struct kms_pool **out);
 /*
- * Queues t. KMS_ERR_DEPENDENCY_TIMEOUT when the queue is full or the pool is
- * draining: then nothing of t is called.
+ * Queues t. KMS_ERR_DEPENDENCY_TIMEOUT when the queue is full: then nothing
+ * of t is called.
  */
 KMS_MUST_CHECK kms_err kms_pool_submit(struct kms_pool *p, struct kms_task *t);
 /* Tasks waiting and running now. */
 void kms_pool_load(struct kms_pool *p, unsigned *queued, unsigned *running);
 /*
- * Refuses new tasks and waits up to timeout_ms for the queued and running
- * ones to be answered and released. Returns 1 when all were.
+ * Answers every task not answered yet as expired (answer(t, 1)), at once:
+ * for a shutdown that cannot wait for them any longer.
  */
-int kms_pool_drain(struct kms_pool *p, unsigned timeout_ms);
+void kms_pool_expire_all(struct kms_pool *p);
+/* Waits up to timeout_ms until no task is queued or running; 1 when none is. */
+int kms_pool_wait_idle(struct kms_pool *p, unsigned timeout_ms);
 /* Stops the threads. Workers still stuck in a task (see drain) are left behind. */
 void kms_pool_free(struct kms_pool *p);
 

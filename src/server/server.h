@@ -27,15 +27,25 @@ struct kms_server {
     struct kms_stats *stats;
     struct MHD_Daemon *daemon;
     volatile int draining; /* SIGTERM: answers say Connection: close, /readyz 503 */
-    unsigned port;         /* the port actually bound */
+    /* POST requests begun and not completed; none begins once stopping is set. */
+    pthread_mutex_t active_lock;
+    pthread_cond_t active_done;
+    unsigned active;
+    int stopping;
+    unsigned port; /* the port actually bound */
     char host[256];
 };
 
 /* Starts listening on cfg.listen; the daemon's threads serve from then on. */
 KMS_MUST_CHECK kms_err kms_http_start(struct kms_server *srv);
-/* SIGTERM: stops accepting connections and answers what is in flight, for up to drain_timeout_ms.
+/*
+ * SIGTERM: stops accepting connections and answers what is in flight, for up
+ * to drain_timeout_ms; then answers what is left with 503. Returns 0 when
+ * some request could not be completed or a worker is stuck in a token
+ * call: the daemon cannot be stopped
+ * then, only the process.
  */
-void kms_http_drain(struct kms_server *srv);
+int kms_http_drain(struct kms_server *srv);
 void kms_http_stop(struct kms_server *srv);
 
 /* The signed, parsed request an operation sees. */
