@@ -7,11 +7,11 @@ packages=(
     # build
     build-essential autoconf automake libtool pkg-config
     # libraries
-    libp11-kit-dev p11-kit libssl-dev libmicrohttpd-dev libjansson-dev libcurl4-openssl-dev libcmocka-dev
+    libp11-kit-dev p11-kit libssl-dev libmicrohttpd-dev libgnutls28-dev libjansson-dev libcurl4-openssl-dev libcmocka-dev
     # the development and test token
     softhsm2
     # integration tests: real AWS clients and a PKCS#11 binding
-    awscli python3 python3-boto3 python3-pykcs11 python3-prometheus-client curl
+    awscli python3 python3-boto3 python3-pykcs11 python3-prometheus-client curl openssl
     # multi-node integration test: two servers on one token behind a load balancer
     nginx
 )

@@ -24,6 +24,7 @@
 #include "server/ratelimit.h"
 #include "server/server.h"
 #include "server/stats.h"
+#include "server/tls.h"
 
 #define JSON_TYPE "application/x-amz-json-1.1"
 #define TARGET_PREFIX "TrentService."
@@ -56,7 +57,8 @@ struct job {
 struct req_state {
     struct kms_buf body;
     int too_large;
-    struct job *job; /* while a worker has the request, and until its answer is sent */
+    char client_cert[65]; /* the connection's client certificate fingerprint, or "" */
+    struct job *job;      /* while a worker has the request, and until its answer is sent */
 };
 
 /* Response bodies may hold plaintext: cleansed when MHD lets go of them. */
@@ -201,6 +203,17 @@ static kms_err pick_operation(struct MHD_Connection *c, const struct kms_op **op
     KMS_ENSURE(type && (strncmp(type, JSON_TYPE, sizeof JSON_TYPE - 1) == 0 ||
                         strncmp(type, "application/x-amz-json-1.0", 26) == 0),
                KMS_ERR_SERIALIZATION, "Content-Type must be " JSON_TYPE);
+    return KMS_OK;
+}
+
+/* A principal bound to a client certificate must have come with that one. */
+static kms_err check_binding(struct kms_server *srv, const char *principal, const char *fingerprint)
+{
+    for (size_t i = 0; i < srv->cfg.nbindings; i++)
+        if (strcmp(srv->cfg.bindings[i].principal, principal) == 0)
+            KMS_ENSURE(strcmp(srv->cfg.bindings[i].fingerprint, fingerprint) == 0,
+                       KMS_ERR_ACCESS_DENIED,
+                       "%s must connect with the client certificate bound to it", principal);
     return KMS_OK;
 }
 
@@ -375,6 +388,8 @@ static enum MHD_Result serve_kms(struct kms_server *srv, struct MHD_Connection *
     kms_err_clear();
     rc = kms_auth_verify(srv, c, method, url, &st->body, principal);
     if (rc == KMS_OK)
+        rc = check_binding(srv, principal, st->client_cert);
+    if (rc == KMS_OK)
         rc = pick_operation(c, &op);
     if (rc == KMS_OK)
         rc = admit(srv, op, principal, &retry_after_s);
@@ -405,9 +420,16 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *c, const cha
     (void)version;
 
     if (!st) {
-        if (strcmp(method, "GET") == 0 &&
-            (strcmp(url, "/healthz") == 0 || strcmp(url, "/readyz") == 0 ||
-             strcmp(url, "/metrics") == 0))
+        char fingerprint[65];
+        int health = strcmp(method, "GET") == 0 &&
+                     (strcmp(url, "/healthz") == 0 || strcmp(url, "/readyz") == 0);
+        /* Load balancers probe health without a client certificate; nothing else does. */
+        kms_err_clear();
+        if (!health && kms_tls_client(srv->tls, c, fingerprint) != KMS_OK) {
+            kms_stats_request(srv, NULL, KMS_ERR_ACCESS_DENIED, kms_monotonic_ns());
+            return send_error(srv, c, KMS_ERR_ACCESS_DENIED, 0);
+        }
+        if (health || (strcmp(method, "GET") == 0 && strcmp(url, "/metrics") == 0))
             return serve_get(srv, c, url);
         if (strcmp(method, "POST") != 0 || strcmp(url, "/") != 0) {
             kms_err_clear();
@@ -432,6 +454,7 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *c, const cha
             request_done(srv);
             return MHD_NO;
         }
+        memcpy(st->client_cert, fingerprint, sizeof fingerprint);
         *con_cls = st;
         const char *cl = MHD_lookup_connection_value(c, MHD_HEADER_KIND, "Content-Length");
         if (cl && strtoull(cl, NULL, 10) > srv->cfg.max_body) {
@@ -531,9 +554,21 @@ kms_err kms_http_start(struct kms_server *srv)
         freeaddrinfo(ai);
         return rc;
     }
+    struct MHD_OptionItem tls[5];
+    size_t ntls = 0;
+    if (srv->tls) {
+        flags |= MHD_USE_TLS;
+        tls[ntls++] = (struct MHD_OptionItem){MHD_OPTION_HTTPS_MEM_CERT, 0, srv->tls->cert};
+        tls[ntls++] = (struct MHD_OptionItem){MHD_OPTION_HTTPS_MEM_KEY, 0, srv->tls->key};
+        tls[ntls++] = (struct MHD_OptionItem){MHD_OPTION_HTTPS_PRIORITIES, 0, srv->tls->priorities};
+        if (srv->tls->ca && srv->tls->client_cert != KMS_CLIENT_CERT_NONE)
+            tls[ntls++] = (struct MHD_OptionItem){MHD_OPTION_HTTPS_MEM_TRUST, 0, srv->tls->ca};
+    }
+    tls[ntls] = (struct MHD_OptionItem){MHD_OPTION_END, 0, NULL};
     srv->daemon = MHD_start_daemon(
-        flags, (uint16_t)port, NULL, NULL, on_request, srv, MHD_OPTION_SOCK_ADDR, ai->ai_addr,
-        MHD_OPTION_THREAD_POOL_SIZE, (unsigned int)srv->cfg.threads, MHD_OPTION_CONNECTION_TIMEOUT,
+        flags, (uint16_t)port, NULL, NULL, on_request, srv, MHD_OPTION_ARRAY, tls,
+        MHD_OPTION_SOCK_ADDR, ai->ai_addr, MHD_OPTION_THREAD_POOL_SIZE,
+        (unsigned int)srv->cfg.threads, MHD_OPTION_CONNECTION_TIMEOUT,
         (unsigned int)srv->cfg.connection_timeout_s, MHD_OPTION_CONNECTION_LIMIT,
         (unsigned int)srv->cfg.max_connections, MHD_OPTION_PER_IP_CONNECTION_LIMIT,
         (unsigned int)srv->cfg.per_ip_connections, MHD_OPTION_CONNECTION_MEMORY_LIMIT,

@@ -8,6 +8,9 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <errno.h>
+#include <sys/mman.h>
+#include <sys/prctl.h>
 #include <sys/resource.h>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -19,6 +22,7 @@
 #include "server/ratelimit.h"
 #include "server/server.h"
 #include "server/stats.h"
+#include "server/tls.h"
 
 static void usage(FILE *f)
 {
@@ -94,6 +98,28 @@ static void fit_connections(struct kms_config *cfg)
     }
 }
 
+/*
+ * Keeps the process's memory (PINs, data keys, plaintext on their way) out of
+ * swap. Pages are locked as they are touched (MCL_ONFAULT), so thread stacks
+ * do not cost their whole reservation.
+ */
+static kms_err lock_memory(const struct kms_config *cfg)
+{
+    if (mlockall(MCL_CURRENT | MCL_FUTURE | MCL_ONFAULT) == 0)
+        return KMS_OK;
+    struct rlimit lim = {0, 0};
+    getrlimit(RLIMIT_MEMLOCK, &lim);
+    KMS_ENSURE(!cfg->require_locked_memory, KMS_ERR_VALIDATION,
+               "cannot lock memory (%s; RLIMIT_MEMLOCK %llu bytes) and require_locked_memory is "
+               "set: raise the limit (systemd LimitMEMLOCK=infinity) or run with CAP_IPC_LOCK",
+               strerror(errno), (unsigned long long)lim.rlim_cur);
+    kms_warn("memory is NOT locked (%s; RLIMIT_MEMLOCK %llu bytes): secrets may be swapped out. "
+             "Raise the limit (systemd LimitMEMLOCK=infinity), or set require_locked_memory = "
+             "true to refuse to start like this",
+             strerror(errno), (unsigned long long)lim.rlim_cur);
+    return KMS_OK;
+}
+
 static kms_err start(struct kms_server *srv)
 {
     char *pin = NULL;
@@ -103,6 +129,7 @@ static kms_err start(struct kms_server *srv)
     KMS_GUARD(kms_config_check(&srv->cfg));
     KMS_GUARD(kms_credentials_load(srv->cfg.credentials_file, &srv->creds));
     KMS_GUARD(kms_ratelimit_new(&srv->cfg.limits, &srv->limits));
+    KMS_GUARD(kms_tls_load(&srv->cfg, &srv->tls));
     KMS_GUARD(read_pin(&srv->cfg, &pin, &pin_len));
     if (!srv->cfg.workers)
         srv->cfg.workers = srv->cfg.threads;
@@ -203,8 +230,9 @@ int main(int argc, char **argv)
         return 2;
     }
 
-    /* Secrets must not reach a core file. */
+    /* Secrets must not reach a core file, nor another process of this user (ptrace, /proc). */
     setrlimit(RLIMIT_CORE, &no_core);
+    prctl(PR_SET_DUMPABLE, 0, 0, 0, 0);
     kms_json_use_cleansing_alloc();
     signal(SIGPIPE, SIG_IGN);
     sigemptyset(&stop);
@@ -230,6 +258,8 @@ int main(int argc, char **argv)
                        : KMS_FAIL(KMS_ERR_INTERNAL, "out of memory");
     }
     if (rc == KMS_OK)
+        rc = lock_memory(&srv.cfg);
+    if (rc == KMS_OK)
         rc = start(&srv);
     if (rc == KMS_OK && dev)
         rc = kms_dev_ensure_key(&srv);
@@ -242,7 +272,7 @@ int main(int argc, char **argv)
     if (rc == KMS_OK && dev)
         rc = kms_dev_write_env(state_dir, &srv);
     if (rc == KMS_OK && !dev) {
-        printf("p11kmsd: serving http://%s:%u\n", srv.host, srv.port);
+        printf("p11kmsd: serving %s://%s:%u\n", srv.tls ? "https" : "http", srv.host, srv.port);
         fflush(stdout);
     }
     if (rc == KMS_OK) {
@@ -263,6 +293,7 @@ int main(int argc, char **argv)
     kms_http_stop(&srv);
     kms_stats_free(&srv);
     kms_ratelimit_free(srv.limits);
+    kms_tls_free(srv.tls);
     if (srv.ks)
         kms_keystore_stop(srv.ks);
     kms_keystore_close(srv.ks);

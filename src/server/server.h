@@ -15,6 +15,7 @@ struct MHD_Daemon;
 struct kms_pool;
 struct kms_ratelimit;
 struct kms_stats;
+struct kms_tls;
 
 struct kms_server {
     struct kms_config cfg;
@@ -25,6 +26,7 @@ struct kms_server {
     struct kms_pool *pool;
     struct kms_ratelimit *limits;
     struct kms_stats *stats;
+    struct kms_tls *tls; /* NULL: plain HTTP */
     struct MHD_Daemon *daemon;
     volatile int draining; /* SIGTERM: answers say Connection: close, /readyz 503 */
     /* POST requests begun and not completed; none begins once stopping is set. */

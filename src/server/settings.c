@@ -2,6 +2,7 @@
 
 #include "server/settings.h"
 
+#include <arpa/inet.h>
 #include <ctype.h>
 #include <errno.h>
 #include <stddef.h>
@@ -28,6 +29,8 @@ void kms_config_defaults(struct kms_config *c)
     c->connection_timeout_s = 30;
     c->max_header = 16 * 1024;
     c->drain_timeout_ms = 10000;
+    c->tls_min_version = 13;
+    c->tls_client_cert = -1; /* unset: require with tls_client_ca_file, else none */
     c->max_body = 64 * 1024;
     kms_keystore_config_defaults(&c->keys);
     kms_ratelimit_config_defaults(&c->limits);
@@ -43,6 +46,12 @@ void kms_config_free(struct kms_config *c)
     free(c->region);
     free(c->account);
     kms_ratelimit_config_free(&c->limits);
+    free(c->tls_cert_file);
+    free(c->tls_key_file);
+    free(c->tls_client_ca_file);
+    for (size_t i = 0; i < c->nbindings; i++)
+        free(c->bindings[i].principal);
+    free(c->bindings);
     memset(c, 0, sizeof *c);
 }
 
@@ -65,6 +74,45 @@ static kms_err set_unsigned(unsigned long *out, const char *key, const char *val
                    v <= max,
                KMS_ERR_VALIDATION, "%s must be a number from %lu to %lu", key, min, max);
     *out = v;
+    return KMS_OK;
+}
+
+static kms_err set_bool(int *out, const char *key, const char *value)
+{
+    if (strcmp(value, "true") == 0 || strcmp(value, "yes") == 0)
+        *out = 1;
+    else if (strcmp(value, "false") == 0 || strcmp(value, "no") == 0)
+        *out = 0;
+    else
+        return KMS_FAIL(KMS_ERR_VALIDATION, "%s must be true or false", key);
+    return KMS_OK;
+}
+
+/* client_cert.<principal> = the hex SHA-256 of the certificate (colons allowed). */
+static kms_err set_binding(struct kms_config *c, const char *principal, const char *value)
+{
+    char fp[65];
+    size_t n = 0;
+    KMS_ENSURE(*principal && strlen(principal) <= KMS_PRINCIPAL_MAX &&
+                   strspn(principal, KMS_PRINCIPAL_CHARS) == strlen(principal),
+               KMS_ERR_VALIDATION, "client_cert.<principal>: not a principal name");
+    for (const char *p = value; *p; p++) {
+        if (*p == ':')
+            continue;
+        KMS_ENSURE(isxdigit((unsigned char)*p) && n < 64, KMS_ERR_VALIDATION,
+                   "client_cert.%s must be a SHA-256 fingerprint (64 hex digits)", principal);
+        fp[n++] = (char)tolower((unsigned char)*p);
+    }
+    KMS_ENSURE(n == 64, KMS_ERR_VALIDATION,
+               "client_cert.%s must be a SHA-256 fingerprint (64 hex digits)", principal);
+    fp[64] = '\0';
+    struct kms_cert_binding *b = realloc(c->bindings, (c->nbindings + 1) * sizeof *b);
+    KMS_ENSURE(b != NULL, KMS_ERR_INTERNAL, "out of memory");
+    c->bindings = b;
+    b[c->nbindings].principal = strdup(principal);
+    KMS_ENSURE(b[c->nbindings].principal != NULL, KMS_ERR_INTERNAL, "out of memory");
+    memcpy(b[c->nbindings].fingerprint, fp, sizeof fp);
+    c->nbindings++;
     return KMS_OK;
 }
 
@@ -165,6 +213,33 @@ kms_err kms_config_set(struct kms_config *c, const char *key, const char *value)
         c->keys.usage_block = v;
         return KMS_OK;
     }
+    if (strcmp(key, "tls_cert_file") == 0)
+        return set_string(&c->tls_cert_file, value);
+    if (strcmp(key, "tls_key_file") == 0)
+        return set_string(&c->tls_key_file, value);
+    if (strcmp(key, "tls_client_ca_file") == 0)
+        return set_string(&c->tls_client_ca_file, value);
+    if (strcmp(key, "tls_min_version") == 0) {
+        KMS_ENSURE(strcmp(value, "1.3") == 0 || strcmp(value, "1.2") == 0, KMS_ERR_VALIDATION,
+                   "tls_min_version must be 1.3 or 1.2");
+        c->tls_min_version = strcmp(value, "1.3") == 0 ? 13 : 12;
+        return KMS_OK;
+    }
+    if (strcmp(key, "tls_client_cert") == 0) {
+        static const char *const modes[] = {"none", "request", "require"};
+        for (int i = 0; i < 3; i++)
+            if (strcmp(value, modes[i]) == 0) {
+                c->tls_client_cert = i;
+                return KMS_OK;
+            }
+        return KMS_FAIL(KMS_ERR_VALIDATION, "tls_client_cert must be none, request or require");
+    }
+    if (strcmp(key, "allow_plain_http") == 0)
+        return set_bool(&c->allow_plain_http, key, value);
+    if (strcmp(key, "require_locked_memory") == 0)
+        return set_bool(&c->require_locked_memory, key, value);
+    if (strncmp(key, "client_cert.", 12) == 0)
+        return set_binding(c, key + 12, value);
     return KMS_FAIL(KMS_ERR_VALIDATION, "unknown setting '%.64s'", key);
 }
 
@@ -294,7 +369,35 @@ kms_err kms_config_check(const struct kms_config *c)
                "rotation_min_days is above rotation_max_days");
     KMS_ENSURE(c->keys.pending_min_days <= c->keys.pending_max_days, KMS_ERR_VALIDATION,
                "pending_min_days is above pending_max_days");
+    KMS_ENSURE(!c->tls_cert_file == !c->tls_key_file, KMS_ERR_VALIDATION,
+               "tls_cert_file and tls_key_file go together");
+    KMS_ENSURE(c->tls_cert_file || (!c->tls_client_ca_file && !c->nbindings), KMS_ERR_VALIDATION,
+               "client certificates need TLS (tls_cert_file, tls_key_file)");
+    KMS_ENSURE(!c->nbindings || c->tls_client_ca_file, KMS_ERR_VALIDATION,
+               "client_cert.<principal> needs tls_client_ca_file");
+    KMS_ENSURE(c->tls_client_cert <= KMS_CLIENT_CERT_NONE || c->tls_client_ca_file,
+               KMS_ERR_VALIDATION, "tls_client_cert needs tls_client_ca_file");
+    char host[256];
+    unsigned port;
+    KMS_GUARD(kms_parse_listen(c->listen, host, sizeof host, &port));
+    KMS_ENSURE(c->tls_cert_file || c->allow_plain_http || kms_host_is_loopback(host),
+               KMS_ERR_VALIDATION,
+               "plain HTTP is served on loopback only: set tls_cert_file and tls_key_file, or "
+               "allow_plain_http = true");
     return KMS_OK;
+}
+
+int kms_host_is_loopback(const char *host)
+{
+    struct in_addr a4;
+    struct in6_addr a6;
+    if (strcmp(host, "localhost") == 0)
+        return 1;
+    if (inet_pton(AF_INET, host, &a4) == 1)
+        return (ntohl(a4.s_addr) >> 24) == 127;
+    if (inet_pton(AF_INET6, host, &a6) == 1)
+        return IN6_IS_ADDR_LOOPBACK(&a6);
+    return 0;
 }
 
 kms_err kms_parse_listen(const char *s, char *host, size_t host_len, unsigned *port)

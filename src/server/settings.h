@@ -8,6 +8,14 @@
 #include "keystore/keystore.h"
 #include "server/ratelimit.h"
 
+enum { KMS_CLIENT_CERT_NONE, KMS_CLIENT_CERT_REQUEST, KMS_CLIENT_CERT_REQUIRE };
+
+/* A principal that must present this client certificate (hex SHA-256 of its DER). */
+struct kms_cert_binding {
+    char *principal;
+    char fingerprint[65];
+};
+
 struct kms_config {
     char *module;   /* PKCS#11 module path or p11-kit name */
     char *token;    /* token label or pkcs11: URI */
@@ -29,6 +37,16 @@ struct kms_config {
     unsigned drain_timeout_ms;     /* SIGTERM: longest wait for requests in flight */
     size_t max_body;               /* bytes */
     struct kms_ratelimit_config limits;
+    /* TLS: HTTPS when tls_cert_file is set */
+    char *tls_cert_file;
+    char *tls_key_file; /* refused when group/world-readable */
+    char *tls_client_ca_file;
+    unsigned tls_min_version; /* 13 (default) or 12 */
+    int tls_client_cert;      /* KMS_CLIENT_CERT_*: with tls_client_ca_file, default require */
+    struct kms_cert_binding *bindings; /* client_cert.<principal> = SHA-256 fingerprint */
+    size_t nbindings;
+    int allow_plain_http;            /* plain HTTP on an address other than loopback */
+    int require_locked_memory;       /* refuse to start when mlockall fails */
     struct kms_keystore_config keys; /* lifecycle and multi-node settings */
 };
 
@@ -44,6 +62,9 @@ KMS_MUST_CHECK kms_err kms_config_parse(struct kms_config *c, const char *text);
 KMS_MUST_CHECK kms_err kms_config_load(struct kms_config *c, const char *path);
 /* Checks that every required setting is present. */
 KMS_MUST_CHECK kms_err kms_config_check(const struct kms_config *c);
+
+/* True when host is a loopback address or "localhost". */
+int kms_host_is_loopback(const char *host);
 
 /* Splits HOST:PORT; host may be [v6]. */
 KMS_MUST_CHECK kms_err kms_parse_listen(const char *s, char *host, size_t host_len, unsigned *port);

@@ -17,6 +17,7 @@ import re
 import secrets
 import shutil
 import signal
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -272,7 +273,7 @@ def _die_with_parent():
         pass
 
 
-SERVING_RE = re.compile(r"^p11kmsd: serving http://([^:/\s]+|\[[^\]]+\]):(\d+)")
+SERVING_RE = re.compile(r"^p11kmsd: serving (https?)://([^:/\s]+|\[[^\]]+\]):(\d+)")
 
 
 class Server:
@@ -288,10 +289,12 @@ class Server:
         self.stdout_lines = []
         self._lines = queue.Queue()
         self._stderr = None
+        self.scheme = "http"
+        self.ssl_context = None  # for https: trusts the server's CA
 
     @property
     def endpoint(self):
-        return "http://%s:%d" % (self.host, self.port)
+        return "%s://%s:%d" % (self.scheme, self.host, self.port)
 
     def start(self, timeout=READY_TIMEOUT):
         self._stderr = open(self.log_path, "ab")
@@ -314,7 +317,7 @@ class Server:
                                        % (self.proc.wait(), self.stderr_text()))
                 m = SERVING_RE.match(line)
                 if m:
-                    self.host, self.port = m.group(1), int(m.group(2))
+                    self.scheme, self.host, self.port = m.group(1), m.group(2), int(m.group(3))
             self.wait_ready(deadline)
         except BaseException:
             self.kill()
@@ -335,7 +338,8 @@ class Server:
                 raise RuntimeError("p11kmsd exited with status %s:\n%s"
                                    % (self.proc.returncode, self.stderr_text()))
             try:
-                with urllib.request.urlopen(self.endpoint + "/readyz", timeout=2) as r:
+                with urllib.request.urlopen(self.endpoint + "/readyz", timeout=2,
+                                            context=self.ssl_context) as r:
                     if r.status == 200:
                         return
                     last = r.status
@@ -417,11 +421,15 @@ def server_env(extra=None):
     return env
 
 
-def start_config_server(config_path, token, log_path, extra_args=(), env=None):
-    """p11kmsd --config on token; env: more environment variables for it."""
+def start_config_server(config_path, token, log_path, extra_args=(), env=None, ca_file=None):
+    """p11kmsd --config on token; env: more environment variables for it;
+    ca_file: the CA that signed its TLS certificate (for https)."""
     env = server_env(dict(env or {}, SOFTHSM2_CONF=token.conf))
-    return Server(["--config", config_path, "--listen", "127.0.0.1:0"] + list(extra_args),
-                  env, log_path).start()
+    server = Server(["--config", config_path, "--listen", "127.0.0.1:0"] + list(extra_args),
+                    env, log_path)
+    if ca_file:
+        server.ssl_context = ssl.create_default_context(cafile=ca_file)
+    return server.start()
 
 
 def start_dev_server(state_dir, log_path, extra_args=()):
@@ -441,12 +449,15 @@ def run_failing(args, env, timeout=20):
 # ---- clients ------------------------------------------------------------------
 
 
-def kms_client(endpoint, principal, region=REGION):
+def kms_client(endpoint, principal, region=REGION, ca_file=None, client_cert=None):
+    """boto3's KMS client; for https, ca_file verifies the server and
+    client_cert is a (certificate file, key file) pair to present."""
     session = boto3.session.Session(aws_access_key_id=principal.access_key,
                                     aws_secret_access_key=principal.secret, region_name=region)
-    return session.client("kms", endpoint_url=endpoint,
+    return session.client("kms", endpoint_url=endpoint, verify=ca_file if ca_file else None,
                           config=botocore.config.Config(retries={"max_attempts": 1},
-                                                        connect_timeout=5, read_timeout=30))
+                                                        connect_timeout=5, read_timeout=30,
+                                                        client_cert=client_cert))
 
 
 def aws(args, env, timeout=60):
