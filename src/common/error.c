@@ -25,6 +25,8 @@ static const struct {
                                "The ciphertext was not made under the given key"},
     [KMS_ERR_INVALID_ALIAS] = {"InvalidAliasNameException", 400, "The alias name is not valid"},
     [KMS_ERR_INVALID_ARN] = {"InvalidArnException", 400, "The ARN is not valid"},
+    [KMS_ERR_MALFORMED_POLICY] = {"MalformedPolicyDocumentException", 400,
+                                  "The key policy is not valid"},
     [KMS_ERR_INVALID_KEY_USAGE] = {"InvalidKeyUsageException", 400,
                                    "The key usage does not allow this request"},
     [KMS_ERR_LIMIT_EXCEEDED] = {"LimitExceededException", 400, "A limit was exceeded"},

@@ -22,6 +22,7 @@ typedef enum kms_err {
     KMS_ERR_INCORRECT_KEY,        /* IncorrectKeyException 400 */
     KMS_ERR_INVALID_ALIAS,        /* InvalidAliasNameException 400 */
     KMS_ERR_INVALID_ARN,          /* InvalidArnException 400 */
+    KMS_ERR_MALFORMED_POLICY,     /* MalformedPolicyDocumentException 400 */
     KMS_ERR_INVALID_KEY_USAGE,    /* InvalidKeyUsageException 400 */
     KMS_ERR_LIMIT_EXCEEDED,       /* LimitExceededException 400 */
     KMS_ERR_UNSUPPORTED,          /* UnsupportedOperationException 400 */

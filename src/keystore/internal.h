@@ -56,6 +56,8 @@ struct key {
     uint64_t gen;
     char *signature; /* the records this view came from: "gen:nonce,..." */
     struct usage *usage;
+    char *policy_text;
+    void *policy; /* compiled by cfg.compile_policy; NULL when none */
 };
 
 struct alias {

@@ -50,10 +50,13 @@ const char *kms_key_state_name(enum kms_key_state s)
     return "Unavailable";
 }
 
-static void key_free(struct key *k)
+static void key_free(struct kms_keystore *ks, struct key *k)
 {
     if (!k)
         return;
+    if (k->policy && ks->cfg.free_policy)
+        ks->cfg.free_policy(k->policy);
+    free(k->policy_text);
     free(k->description);
     free(k->versions);
     free(k->history);
@@ -151,8 +154,8 @@ static json_int_t int_of(const json_t *o, const char *name)
 }
 
 /* An index entry from a key's view. */
-static kms_err key_from_view(const uint8_t id[KMS_UUID_LEN], const struct kms_view *view,
-                             const char *signature, struct key **out)
+static kms_err key_from_view(struct kms_keystore *ks, const uint8_t id[KMS_UUID_LEN],
+                             const struct kms_view *view, const char *signature, struct key **out)
 {
     const json_t *s = view->state, *versions = json_object_get(s, "versions"), *v;
     const char *state = json_string_value(json_object_get(s, "state"));
@@ -169,9 +172,13 @@ static kms_err key_from_view(const uint8_t id[KMS_UUID_LEN], const struct kms_vi
     k->signature = strdup(signature ? signature : "");
     k->nversions = json_array_size(versions);
     k->versions = calloc(k->nversions + 1, sizeof *k->versions);
-    if (!k->description || !k->signature || !k->versions || !state) {
+    const char *policy = json_string_value(json_object_get(s, "policy"));
+    if (!policy)
+        policy = ks->cfg.default_policy;
+    k->policy_text = strdup(policy ? policy : "");
+    if (!k->description || !k->signature || !k->versions || !state || !k->policy_text) {
         kms_err rc = KMS_FAIL(KMS_ERR_INTERNAL, "out of memory or malformed key %s", k->id_text);
-        key_free(k);
+        key_free(ks, k);
         return rc;
     }
     if (strcmp(state, KMS_STATE_ENABLED) == 0)
@@ -286,7 +293,16 @@ kms_err kms_index_key_view(struct kms_keystore *ks, const uint8_t id[KMS_UUID_LE
         kms_index_remove_key(ks, id);
         return KMS_OK;
     }
-    KMS_GUARD(key_from_view(id, view, signature, &k));
+    KMS_GUARD(key_from_view(ks, id, view, signature, &k));
+    if (ks->cfg.compile_policy && *k->policy_text &&
+        ks->cfg.compile_policy(ks->cfg.policy_arg, k->policy_text, strlen(k->policy_text),
+                               &k->policy) != KMS_OK) {
+        /* Fail closed: a key whose policy does not compile allows nothing. */
+        kms_warn("key %s: its policy does not compile (%s); it allows nothing", k->id_text,
+                 kms_err_message());
+        kms_err_clear();
+        k->policy = NULL;
+    }
     pthread_rwlock_wrlock(&ks->rw);
     size_t i = key_position(ks, id, &found);
     if (found) {
@@ -294,7 +310,7 @@ kms_err kms_index_key_view(struct kms_keystore *ks, const uint8_t id[KMS_UUID_LE
         if (old->gen > k->gen) {
             /* A slower reader's older view: keep what we have. */
             pthread_rwlock_unlock(&ks->rw);
-            key_free(k);
+            key_free(ks, k);
             return KMS_OK;
         }
         k->usage = old->usage;
@@ -307,7 +323,7 @@ kms_err kms_index_key_view(struct kms_keystore *ks, const uint8_t id[KMS_UUID_LE
         old->history_signature = NULL;
         if (merge_history(k) != KMS_OK) {
             pthread_rwlock_unlock(&ks->rw);
-            key_free(k);
+            key_free(ks, k);
             return KMS_FAIL(KMS_ERR_INTERNAL, "out of memory");
         }
         for (size_t a = 0; a < k->nversions; a++)
@@ -316,11 +332,11 @@ kms_err kms_index_key_view(struct kms_keystore *ks, const uint8_t id[KMS_UUID_LE
                     old->versions[b].handle != KEK_MISSING)
                     k->versions[a].handle = old->versions[b].handle;
         ks->keys[i] = k;
-        key_free(old);
+        key_free(ks, old);
     } else if (grow((void **)&ks->keys, &ks->capkeys, ks->nkeys + 1, sizeof *ks->keys) != KMS_OK ||
                !(k->usage = usage_new(ks))) {
         pthread_rwlock_unlock(&ks->rw);
-        key_free(k);
+        key_free(ks, k);
         return KMS_FAIL(KMS_ERR_INTERNAL, "out of memory");
     } else {
         memmove(&ks->keys[i + 1], &ks->keys[i], (ks->nkeys - i) * sizeof *ks->keys);
@@ -337,7 +353,7 @@ void kms_index_remove_key(struct kms_keystore *ks, const uint8_t id[KMS_UUID_LEN
     pthread_rwlock_wrlock(&ks->rw);
     size_t i = key_position(ks, id, &found);
     if (found) {
-        key_free(ks->keys[i]);
+        key_free(ks, ks->keys[i]);
         memmove(&ks->keys[i], &ks->keys[i + 1], (ks->nkeys - i - 1) * sizeof *ks->keys);
         ks->nkeys--;
     }
@@ -474,7 +490,7 @@ void kms_keystore_close(struct kms_keystore *ks)
         return;
     kms_keystore_stop(ks);
     for (size_t i = 0; i < ks->nkeys; i++)
-        key_free(ks->keys[i]);
+        key_free(ks, ks->keys[i]);
     for (size_t i = 0; i < ks->naliases; i++)
         alias_free(ks->aliases[i]);
     while (ks->usages) {
@@ -809,7 +825,7 @@ kms_err kms_key_rotate(struct kms_keystore *ks, const uint8_t id[KMS_UUID_LEN], 
 }
 
 kms_err kms_keystore_create_key(struct kms_keystore *ks, const char *description,
-                                struct kms_key_info *out)
+                                const char *policy, struct kms_key_info *out)
 {
     uint8_t id[KMS_UUID_LEN];
     uint32_t vid = 0;
@@ -834,6 +850,8 @@ kms_err kms_keystore_create_key(struct kms_keystore *ks, const char *description
                   (json_int_t)vid, "versions", "vid", (json_int_t)vid, "n", (json_int_t)1,
                   "created", (json_int_t)now, "reserved", (json_int_t)0, "bound",
                   (json_int_t)ks->cfg.usage_bound, "rotation", "", "listed", 0));
+    if (policy)
+        json_object_set_new(json_object_get(op, "state"), "policy", json_string(policy));
     rc = kms_hsm_acquire(ks->hsm, &s);
     if (rc != KMS_OK) {
         json_decref(op);
@@ -856,6 +874,50 @@ kms_err kms_keystore_create_key(struct kms_keystore *ks, const char *description
     kms_hsm_release(s);
     json_decref(op);
     return rc;
+}
+
+kms_err kms_keystore_authorize(struct kms_keystore *ks, const char *ref, int allow_alias,
+                               kms_err (*fn)(void *arg, const struct kms_key_guard *g), void *arg)
+{
+    struct key *k;
+    char arn[KMS_ARN_MAX];
+    pthread_rwlock_rdlock(&ks->rw);
+    kms_err rc = kms_resolve_locked(ks, ref, allow_alias, &k);
+    if (rc == KMS_OK) {
+        snprintf(arn, sizeof arn, "%skey/%s", ks->arn_prefix, k->id_text);
+        struct kms_key_guard g = {k->id_text, arn, k->policy};
+        rc = fn(arg, &g);
+    }
+    pthread_rwlock_unlock(&ks->rw);
+    return rc;
+}
+
+void kms_keystore_learn(struct kms_keystore *ks, const uint8_t id[KMS_UUID_LEN], uint32_t vid)
+{
+    if (kms_refresh_key(ks, id, vid) != KMS_OK)
+        kms_err_clear();
+}
+
+kms_err kms_keystore_get_policy(struct kms_keystore *ks, const char *ref, char **out)
+{
+    struct key *k;
+    pthread_rwlock_rdlock(&ks->rw);
+    kms_err rc = kms_resolve_locked(ks, ref, 0, &k);
+    if (rc == KMS_OK) {
+        *out = strdup(k->policy_text);
+        if (!*out)
+            rc = KMS_FAIL(KMS_ERR_INTERNAL, "out of memory");
+    }
+    pthread_rwlock_unlock(&ks->rw);
+    return rc;
+}
+
+kms_err kms_keystore_put_policy(struct kms_keystore *ks, const char *ref, const char *policy)
+{
+    json_t *op = kms_op_new("put_policy");
+    if (op)
+        json_object_set_new(op, "policy", json_string(policy));
+    return change_ref(ks, ref, op, NULL);
 }
 
 kms_err kms_keystore_enable(struct kms_keystore *ks, const char *ref, int enable)

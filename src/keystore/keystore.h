@@ -44,6 +44,16 @@ struct kms_keystore_config {
     unsigned refresh_ms;           /* change-marker poll interval; 1000 */
     unsigned full_refresh_seconds; /* re-read everything this often; 60 */
     unsigned orphan_grace_seconds; /* a key object no record names is removed after this; 600 */
+    /*
+     * Key policies: the key store keeps each key's policy text in its record
+     * and a compiled form in the index, made by compile_policy (NULL: none is
+     * made) and released by free_policy. A policy that does not compile
+     * leaves the key with none: authorize callers must then refuse.
+     */
+    kms_err (*compile_policy)(void *arg, const char *text, size_t n, void **out);
+    void (*free_policy)(void *compiled);
+    void *policy_arg;
+    const char *default_policy; /* for keys whose record has none (made before policies) */
 };
 
 void kms_keystore_config_defaults(struct kms_keystore_config *c);
@@ -109,7 +119,32 @@ const char *kms_key_state_name(enum kms_key_state s);
 
 /* ---- keys ---- */
 KMS_MUST_CHECK kms_err kms_keystore_create_key(struct kms_keystore *ks, const char *description,
-                                               struct kms_key_info *out);
+                                               const char *policy, struct kms_key_info *out);
+
+/* What an authorization callback sees of one key, under the index's read lock. */
+struct kms_key_guard {
+    const char *id_text;
+    const char *arn;
+    const void *policy; /* compiled; NULL when the key's policy did not compile */
+};
+/*
+ * Resolves ref (key id, key ARN, alias when allow_alias) and calls fn with
+ * the key's guard under the index's read lock; fn must be quick. Returns the
+ * resolution's error or fn's.
+ */
+KMS_MUST_CHECK kms_err
+kms_keystore_authorize(struct kms_keystore *ks, const char *ref, int allow_alias,
+                       kms_err (*fn)(void *arg, const struct kms_key_guard *g), void *arg);
+/*
+ * Reads one key from the token now when this node has not seen it (or the
+ * version vid of it): a blob may name a key made on another node moments ago.
+ */
+void kms_keystore_learn(struct kms_keystore *ks, const uint8_t id[KMS_UUID_LEN], uint32_t vid);
+/* The key's policy text (malloc'd). */
+KMS_MUST_CHECK kms_err kms_keystore_get_policy(struct kms_keystore *ks, const char *ref,
+                                               char **out);
+KMS_MUST_CHECK kms_err kms_keystore_put_policy(struct kms_keystore *ks, const char *ref,
+                                               const char *policy);
 /* Resolves a key id, key ARN, alias name or alias ARN. */
 KMS_MUST_CHECK kms_err kms_keystore_describe(struct kms_keystore *ks, const char *ref,
                                              struct kms_key_info *out);

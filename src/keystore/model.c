@@ -184,6 +184,13 @@ static kms_err key_apply(json_t **state, const json_t *op)
         json_object_set_new(s, "rotation_period_seconds", json_integer(secs));
         return KMS_OK;
     }
+    if (strcmp(type, "put_policy") == 0) {
+        const char *policy = json_string_value(json_object_get(op, "policy"));
+        KMS_GUARD(require_not_pending(s));
+        KMS_ENSURE(policy != NULL, KMS_ERR_INTERNAL, "malformed policy change");
+        json_object_set_new(s, "policy", json_string(policy));
+        return KMS_OK;
+    }
     if (strcmp(type, "disable_rotation") == 0) {
         KMS_GUARD(require_enabled(s));
         json_object_set_new(s, "rotation_enabled", json_false());

@@ -190,7 +190,7 @@ kms_err kms_dev_ensure_key(struct kms_server *srv)
         return KMS_OK;
     }
     kms_err_clear();
-    KMS_GUARD(kms_keystore_create_key(srv->ks, "p11kms development key", &k));
+    KMS_GUARD(kms_keystore_create_key(srv->ks, "p11kms development key", NULL, &k));
     rc = kms_keystore_create_alias(srv->ks, KMS_DEV_ALIAS, k.id_text);
     if (rc == KMS_OK)
         kms_info("created key %s with alias %s", k.arn, KMS_DEV_ALIAS);

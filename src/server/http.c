@@ -43,10 +43,10 @@ struct job {
     struct MHD_Connection *c;
     const struct kms_op *op;
     char principal[KMS_PRINCIPAL_MAX + 1];
-    json_t *in, *out;
-    kms_err rc;         /* the operation's outcome, on the worker */
-    char message[512];  /* its message: kms_err_message() is per thread */
-    int64_t started_ns; /* CLOCK_MONOTONIC */
+    struct kms_request r; /* principal points to the above */
+    kms_err rc;           /* the operation's outcome, on the worker */
+    char message[512];    /* its message: kms_err_message() is per thread */
+    int64_t started_ns;   /* CLOCK_MONOTONIC */
     /* The answer, set once; the connection is resumed when it is suspended. */
     int answered, suspended;
     unsigned status;
@@ -249,8 +249,9 @@ static void job_release(struct job *j)
     pthread_mutex_unlock(&j->lock);
     if (!last)
         return;
-    json_decref(j->in);
-    json_decref(j->out);
+    json_decref(j->r.in);
+    json_decref(j->r.out);
+    kms_buf_free(&j->r.context);
     kms_buf_free(&j->body);
     OPENSSL_cleanse(j->message, sizeof j->message);
     pthread_mutex_destroy(&j->lock);
@@ -260,10 +261,8 @@ static void job_release(struct job *j)
 static void job_run(struct kms_task *t)
 {
     struct job *j = (struct job *)t;
-    struct kms_request r = {j->srv, j->principal, j->in, NULL};
     kms_err_clear();
-    j->rc = j->op->fn(&r);
-    j->out = r.out;
+    j->rc = j->op->fn(&j->r);
     snprintf(j->message, sizeof j->message, "%s", j->rc == KMS_OK ? "" : kms_err_message());
     log_outcome(j->op->name, j->principal, j->rc, j->message);
 }
@@ -313,13 +312,13 @@ static void task_answer(struct kms_task *t, int expired)
         job_answer_error(j, j->rc, j->message);
         return;
     }
-    if (j->out && kms_json_dump(j->out, 0, &body) != KMS_OK) {
+    if (j->r.out && kms_json_dump(j->r.out, 0, &body) != KMS_OK) {
         kms_buf_free(&body);
         job_answer_error(j, KMS_ERR_INTERNAL, "The answer could not be encoded");
         return;
     }
-    json_decref(j->out); /* may hold plaintext: the cleansing allocator wipes it */
-    j->out = NULL;
+    json_decref(j->r.out); /* may hold plaintext: the cleansing allocator wipes it */
+    j->r.out = NULL;
     job_answer(j, 200, KMS_OK, &body);
 }
 
@@ -344,7 +343,9 @@ static enum MHD_Result hand_over(struct kms_server *srv, struct MHD_Connection *
     j->c = c;
     j->op = op;
     snprintf(j->principal, sizeof j->principal, "%s", principal);
-    j->in = in;
+    j->r.srv = srv;
+    j->r.principal = j->principal;
+    j->r.in = in;
     j->started_ns = started;
     j->task.run = job_run;
     j->task.answer = task_answer;
@@ -378,13 +379,16 @@ static enum MHD_Result serve_kms(struct kms_server *srv, struct MHD_Connection *
                                  const char *method, struct req_state *st)
 {
     char principal[KMS_PRINCIPAL_MAX + 1];
-    struct kms_request r = {srv, principal, NULL, NULL};
+    struct kms_request r;
     const struct kms_op *op = NULL;
     int64_t started = kms_monotonic_ns();
     unsigned retry_after_s = 0;
     enum MHD_Result ret;
     kms_err rc;
 
+    memset(&r, 0, sizeof r);
+    r.srv = srv;
+    r.principal = principal;
     kms_err_clear();
     rc = kms_auth_verify(srv, c, method, url, &st->body, principal);
     if (rc == KMS_OK)
@@ -406,6 +410,7 @@ static enum MHD_Result serve_kms(struct kms_server *srv, struct MHD_Connection *
     ret = rc == KMS_OK ? send_json(srv, c, r.out) : send_error(srv, c, rc, retry_after_s);
     json_decref(r.in);
     json_decref(r.out);
+    kms_buf_free(&r.context);
     return ret;
 }
 

@@ -18,6 +18,7 @@
 #include "common/json_alloc.h"
 #include "common/log.h"
 #include "server/dev.h"
+#include "server/ops.h"
 #include "server/pool.h"
 #include "server/ratelimit.h"
 #include "server/server.h"
@@ -150,6 +151,11 @@ static kms_err start(struct kms_server *srv)
     struct kms_keystore_config kc = srv->cfg.keys;
     kc.region = srv->cfg.region;
     kc.account = srv->cfg.account;
+    kc.compile_policy = kms_policy_compile;
+    kc.free_policy = kms_policy_release;
+    kc.policy_arg = srv;
+    KMS_GUARD(kms_account_policy(srv->cfg.account, &srv->account_policy));
+    kc.default_policy = srv->account_policy;
     KMS_GUARD(kms_keystore_open(srv->hsm, &kc, &srv->ks));
     kms_info("token opened: %zu keys", kms_keystore_count(srv->ks));
     return KMS_OK;
@@ -291,12 +297,13 @@ int main(int argc, char **argv)
         kms_error("%s", kms_err_message());
     }
     kms_http_stop(&srv);
-    kms_stats_free(&srv);
-    kms_ratelimit_free(srv.limits);
-    kms_tls_free(srv.tls);
     if (srv.ks)
         kms_keystore_stop(srv.ks);
+    kms_stats_free(&srv); /* after every thread that calls the token */
+    kms_ratelimit_free(srv.limits);
+    kms_tls_free(srv.tls);
     kms_keystore_close(srv.ks);
+    free(srv.account_policy); /* the key store's default policy */
     kms_hsm_close(srv.hsm);
     kms_credentials_free(&srv.creds);
     kms_config_free(&srv.cfg);

@@ -7,6 +7,7 @@
 
 #include <string.h>
 
+#include "common/encoding.h"
 #include "server/ops.h"
 
 #define DATA_KEY_MAX 1024
@@ -58,6 +59,10 @@ static kms_err generate_data_key(struct kms_request *r, int with_plaintext)
                "Recipient (Nitro Enclaves attestation) is not supported");
     rc = kms_in_context(r->in, &ctx);
     if (rc == KMS_OK)
+        rc = kms_authorize(
+            r, with_plaintext ? "kms:GenerateDataKey" : "kms:GenerateDataKeyWithoutPlaintext", ref,
+            1, json_object_get(r->in, "EncryptionContext"));
+    if (rc == KMS_OK)
         rc = kms_buf_reserve(&key, n);
     if (rc == KMS_OK)
         rc = kms_keystore_random(r->srv->ks, key.data, n);
@@ -74,6 +79,7 @@ static kms_err generate_data_key(struct kms_request *r, int with_plaintext)
         rc = kms_out_blob(r->out, "CiphertextBlob", blob.data, blob.len);
     if (rc == KMS_OK && with_plaintext)
         rc = kms_out_blob(r->out, "Plaintext", key.data, key.len);
+    kms_note_blob(r, &blob, &ctx);
     kms_buf_free(&key);
     kms_buf_free(&blob);
     kms_buf_free(&ctx);
@@ -89,6 +95,34 @@ kms_err kms_op_generate_data_key(struct kms_request *r)
 kms_err kms_op_generate_data_key_without_plaintext(struct kms_request *r)
 {
     return generate_data_key(r, 0);
+}
+
+/*
+ * The policy of the key a blob names decides. A key this node has not seen
+ * yet is read from the token first; a blob whose key does not exist (or a
+ * malformed blob) is left to the decryption, which answers the right error.
+ */
+static kms_err authorize_blob(struct kms_request *r, const char *action, const struct kms_buf *blob,
+                              json_t *context)
+{
+    struct kms_blob b;
+    char id[KMS_UUID_TEXT_LEN + 1];
+    if (kms_blob_decode(blob->data, blob->len, &b) != KMS_OK) {
+        kms_err_clear();
+        return KMS_OK;
+    }
+    kms_uuid_format(b.key_id, id);
+    kms_err rc = kms_authorize(r, action, id, 0, context);
+    if (rc == KMS_ERR_NOT_FOUND) {
+        kms_err_clear();
+        kms_keystore_learn(r->srv->ks, b.key_id, b.key_version);
+        rc = kms_authorize(r, action, id, 0, context);
+    }
+    if (rc == KMS_ERR_NOT_FOUND) {
+        kms_err_clear();
+        rc = KMS_OK;
+    }
+    return rc;
 }
 
 /* Encrypt's and Decrypt's answer: the key's ARN, the algorithm and one base64 member. */
@@ -115,9 +149,12 @@ kms_err kms_op_encrypt(struct kms_request *r)
     if (rc == KMS_OK)
         rc = kms_in_context(r->in, &ctx);
     if (rc == KMS_OK)
+        rc = kms_authorize(r, "kms:Encrypt", ref, 1, json_object_get(r->in, "EncryptionContext"));
+    if (rc == KMS_OK)
         rc = kms_keystore_encrypt(r->srv->ks, ref, &ctx, pt.data, pt.len, &blob, &k);
     if (rc == KMS_OK)
         rc = respond(r, &k, "CiphertextBlob", &blob);
+    kms_note_blob(r, &blob, &ctx);
     kms_buf_free(&pt);
     kms_buf_free(&blob);
     kms_buf_free(&ctx);
@@ -142,9 +179,12 @@ kms_err kms_op_decrypt(struct kms_request *r)
     if (rc == KMS_OK)
         rc = kms_in_context(r->in, &ctx);
     if (rc == KMS_OK)
+        rc = authorize_blob(r, "kms:Decrypt", &blob, json_object_get(r->in, "EncryptionContext"));
+    if (rc == KMS_OK)
         rc = kms_keystore_decrypt(r->srv->ks, blob.data, blob.len, &ctx, ref, &pt, &k);
     if (rc == KMS_OK)
         rc = respond(r, &k, "Plaintext", &pt);
+    kms_note_blob(r, &blob, &ctx);
     kms_buf_free(&pt);
     kms_buf_free(&blob);
     kms_buf_free(&ctx);
@@ -208,6 +248,12 @@ kms_err kms_op_re_encrypt(struct kms_request *r)
     if (rc == KMS_OK)
         rc = ctx ? kms_in_context(ctx, &dctx) : KMS_FAIL(KMS_ERR_INTERNAL, "out of memory");
     json_decref(ctx);
+    if (rc == KMS_OK)
+        rc = authorize_blob(r, "kms:ReEncryptFrom", &blob,
+                            json_object_get(r->in, "SourceEncryptionContext"));
+    if (rc == KMS_OK)
+        rc = kms_authorize(r, "kms:ReEncryptTo", dest, 1,
+                           json_object_get(r->in, "DestinationEncryptionContext"));
     /* The plaintext stays in this process, in a buffer cleansed when freed. */
     if (rc == KMS_OK)
         rc = kms_keystore_decrypt(r->srv->ks, blob.data, blob.len, &sctx, source, &pt, &sk);
@@ -220,6 +266,7 @@ kms_err kms_op_re_encrypt(struct kms_request *r)
         rc = r->out ? kms_out_blob(r->out, "CiphertextBlob", out.data, out.len)
                     : KMS_FAIL(KMS_ERR_INTERNAL, "out of memory");
     }
+    kms_note_blob(r, &blob, &sctx);
     kms_buf_free(&blob);
     kms_buf_free(&pt);
     kms_buf_free(&out);

@@ -4,6 +4,7 @@
  */
 #include "config.h"
 
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -37,9 +38,60 @@ kms_err kms_op_create_key(struct kms_request *r)
                "Custom key stores are not supported");
     KMS_ENSURE(!multi || json_is_false(multi), KMS_ERR_UNSUPPORTED,
                "Multi-Region keys are not supported");
-    KMS_GUARD(kms_keystore_create_key(r->srv->ks, description, &k));
+    KMS_GUARD(kms_authorize_create(r));
+    char *text = NULL;
+    kms_err rc =
+        policy ? kms_check_new_policy(r, policy, "kms:PutKeyPolicy") : kms_default_policy(r, &text);
+    if (rc == KMS_OK)
+        rc = kms_keystore_create_key(r->srv->ks, description, policy ? policy : text, &k);
+    free(text);
+    KMS_GUARD(rc);
+    snprintf(r->key_arn, sizeof r->key_arn, "%s", k.arn);
     r->out = json_pack("{s:o}", "KeyMetadata", kms_key_metadata(r->srv, &k));
     kms_key_info_clear(&k);
+    KMS_ENSURE(r->out != NULL, KMS_ERR_INTERNAL, "out of memory");
+    return KMS_OK;
+}
+
+kms_err kms_op_put_key_policy(struct kms_request *r)
+{
+    const char *ref, *name, *policy;
+    KMS_GUARD(kms_in_string(r->in, "KeyId", 1, 1, 2048, &ref));
+    KMS_GUARD(kms_in_string(r->in, "PolicyName", 0, 1, 128, &name));
+    KMS_ENSURE(!name || strcmp(name, "default") == 0, KMS_ERR_NOT_FOUND,
+               "A key has one policy, named \"default\"");
+    KMS_GUARD(kms_in_string(r->in, "Policy", 1, 1, 32768, &policy));
+    KMS_ENSURE(strncmp(ref, "alias/", 6) != 0 && !strstr(ref, ":alias/"), KMS_ERR_NOT_FOUND,
+               "Key '%.256s' does not exist: this operation takes a key id or key ARN", ref);
+    KMS_GUARD(kms_authorize(r, "kms:PutKeyPolicy", ref, 0, NULL));
+    KMS_GUARD(kms_check_new_policy(r, policy, "kms:PutKeyPolicy"));
+    return kms_keystore_put_policy(r->srv->ks, ref, policy);
+}
+
+kms_err kms_op_get_key_policy(struct kms_request *r)
+{
+    const char *ref, *name;
+    char *policy = NULL;
+    KMS_GUARD(kms_in_string(r->in, "KeyId", 1, 1, 2048, &ref));
+    KMS_GUARD(kms_in_string(r->in, "PolicyName", 0, 1, 128, &name));
+    KMS_ENSURE(!name || strcmp(name, "default") == 0, KMS_ERR_NOT_FOUND,
+               "A key has one policy, named \"default\"");
+    KMS_ENSURE(strncmp(ref, "alias/", 6) != 0 && !strstr(ref, ":alias/"), KMS_ERR_NOT_FOUND,
+               "Key '%.256s' does not exist: this operation takes a key id or key ARN", ref);
+    KMS_GUARD(kms_authorize(r, "kms:GetKeyPolicy", ref, 0, NULL));
+    KMS_GUARD(kms_keystore_get_policy(r->srv->ks, ref, &policy));
+    r->out = json_pack("{s:s, s:s}", "Policy", policy, "PolicyName", "default");
+    free(policy);
+    KMS_ENSURE(r->out != NULL, KMS_ERR_INTERNAL, "out of memory");
+    return KMS_OK;
+}
+
+kms_err kms_op_list_key_policies(struct kms_request *r)
+{
+    const char *ref;
+    KMS_GUARD(kms_in_string(r->in, "KeyId", 1, 1, 2048, &ref));
+    KMS_GUARD(kms_authorize(r, "kms:ListKeyPolicies", ref, 0, NULL));
+    r->out = json_pack("{s:[s], s:b}", "PolicyNames", "default", "Truncated", 0);
     KMS_ENSURE(r->out != NULL, KMS_ERR_INTERNAL, "out of memory");
     return KMS_OK;
 }
@@ -51,6 +103,7 @@ kms_err kms_op_describe_key(struct kms_request *r)
 
     KMS_GUARD(kms_in_string(r->in, "KeyId", 1, 1, 2048, &ref));
     KMS_GUARD(kms_in_grant_tokens(r->in));
+    KMS_GUARD(kms_authorize(r, "kms:DescribeKey", ref, 1, NULL));
     KMS_GUARD(kms_keystore_describe(r->srv->ks, ref, &k));
     r->out = json_pack("{s:o}", "KeyMetadata", kms_key_metadata(r->srv, &k));
     kms_key_info_clear(&k);
@@ -73,6 +126,10 @@ kms_err kms_op_update_alias(struct kms_request *r)
     const char *name, *target;
     KMS_GUARD(kms_in_string(r->in, "AliasName", 1, 1, KMS_ALIAS_MAX, &name));
     KMS_GUARD(kms_in_string(r->in, "TargetKeyId", 1, 1, 2048, &target));
+    KMS_GUARD(kms_alias_name_check(name));
+    /* Both keys' policies: the one the alias leaves and the one it moves to. */
+    KMS_GUARD(kms_authorize(r, "kms:UpdateAlias", name, 1, NULL));
+    KMS_GUARD(kms_authorize(r, "kms:UpdateAlias", target, 0, NULL));
     return kms_keystore_update_alias(r->srv->ks, name, target);
 }
 
@@ -80,6 +137,8 @@ kms_err kms_op_delete_alias(struct kms_request *r)
 {
     const char *name;
     KMS_GUARD(kms_in_string(r->in, "AliasName", 1, 1, KMS_ALIAS_MAX, &name));
+    KMS_GUARD(kms_alias_name_check(name));
+    KMS_GUARD(kms_authorize(r, "kms:DeleteAlias", name, 1, NULL));
     return kms_keystore_delete_alias(r->srv->ks, name);
 }
 
@@ -120,6 +179,8 @@ kms_err kms_op_create_alias(struct kms_request *r)
     const char *name, *target;
     KMS_GUARD(kms_in_string(r->in, "AliasName", 1, 1, KMS_ALIAS_MAX, &name));
     KMS_GUARD(kms_in_string(r->in, "TargetKeyId", 1, 1, 2048, &target));
+    KMS_GUARD(kms_alias_name_check(name));
+    KMS_GUARD(kms_authorize(r, "kms:CreateAlias", target, 0, NULL));
     KMS_GUARD(kms_keystore_create_alias(r->srv->ks, name, target));
     r->out = NULL;
     return KMS_OK;

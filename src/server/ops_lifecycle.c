@@ -14,13 +14,16 @@
 #define LIST_LIMIT_MAX 1000
 #define LIST_LIMIT_DEFAULT 100
 
-/* These operations take a key id or key ARN, as AWS's do; not an alias. */
-static kms_err key_id(struct kms_request *r, const char **ref)
+/*
+ * These operations take a key id or key ARN, as AWS's do, not an alias; the
+ * key's policy (or the caller being an admin) must allow action.
+ */
+static kms_err key_id(struct kms_request *r, const char *action, const char **ref)
 {
     KMS_GUARD(kms_in_string(r->in, "KeyId", 1, 1, 2048, ref));
     KMS_ENSURE(strncmp(*ref, "alias/", 6) != 0 && !strstr(*ref, ":alias/"), KMS_ERR_NOT_FOUND,
                "Key '%.256s' does not exist: this operation takes a key id or key ARN", *ref);
-    return KMS_OK;
+    return kms_authorize(r, action, *ref, 0, NULL);
 }
 
 /* The answer of operations that return only the key's ARN. */
@@ -35,14 +38,14 @@ static kms_err answer_key_id(struct kms_request *r, struct kms_key_info *k)
 kms_err kms_op_enable_key(struct kms_request *r)
 {
     const char *ref;
-    KMS_GUARD(key_id(r, &ref));
+    KMS_GUARD(key_id(r, "kms:EnableKey", &ref));
     return kms_keystore_enable(r->srv->ks, ref, 1);
 }
 
 kms_err kms_op_disable_key(struct kms_request *r)
 {
     const char *ref;
-    KMS_GUARD(key_id(r, &ref));
+    KMS_GUARD(key_id(r, "kms:DisableKey", &ref));
     return kms_keystore_enable(r->srv->ks, ref, 0);
 }
 
@@ -53,7 +56,7 @@ kms_err kms_op_schedule_key_deletion(struct kms_request *r)
     int present;
     struct kms_key_info k = {0};
 
-    KMS_GUARD(key_id(r, &ref));
+    KMS_GUARD(key_id(r, "kms:ScheduleKeyDeletion", &ref));
     KMS_GUARD(kms_in_int(r->in, "PendingWindowInDays", 0, 365, &days, &present));
     KMS_ENSURE(!present || days > 0, KMS_ERR_VALIDATION,
                "1 validation error detected: Value '0' at 'pendingWindowInDays' failed to satisfy "
@@ -73,7 +76,7 @@ kms_err kms_op_cancel_key_deletion(struct kms_request *r)
 {
     const char *ref;
     struct kms_key_info k = {0};
-    KMS_GUARD(key_id(r, &ref));
+    KMS_GUARD(key_id(r, "kms:CancelKeyDeletion", &ref));
     KMS_GUARD(kms_keystore_cancel_deletion(r->srv->ks, ref, &k));
     return answer_key_id(r, &k);
 }
@@ -83,7 +86,7 @@ kms_err kms_op_enable_key_rotation(struct kms_request *r)
     const char *ref;
     long days = 0;
     int present;
-    KMS_GUARD(key_id(r, &ref));
+    KMS_GUARD(key_id(r, "kms:EnableKeyRotation", &ref));
     KMS_GUARD(kms_in_int(r->in, "RotationPeriodInDays", 1, 100000, &days, &present));
     return kms_keystore_enable_rotation(r->srv->ks, ref, present ? days : 0);
 }
@@ -91,7 +94,7 @@ kms_err kms_op_enable_key_rotation(struct kms_request *r)
 kms_err kms_op_disable_key_rotation(struct kms_request *r)
 {
     const char *ref;
-    KMS_GUARD(key_id(r, &ref));
+    KMS_GUARD(key_id(r, "kms:DisableKeyRotation", &ref));
     return kms_keystore_disable_rotation(r->srv->ks, ref);
 }
 
@@ -99,7 +102,7 @@ kms_err kms_op_get_key_rotation_status(struct kms_request *r)
 {
     const char *ref;
     struct kms_key_info k = {0};
-    KMS_GUARD(key_id(r, &ref));
+    KMS_GUARD(key_id(r, "kms:GetKeyRotationStatus", &ref));
     KMS_GUARD(kms_keystore_describe(r->srv->ks, ref, &k));
     r->out = json_pack("{s:b, s:s}", "KeyRotationEnabled", k.rotation_enabled, "KeyId", k.arn);
     if (r->out && k.rotation_enabled) {
@@ -115,7 +118,7 @@ kms_err kms_op_rotate_key_on_demand(struct kms_request *r)
 {
     const char *ref;
     struct kms_key_info k = {0};
-    KMS_GUARD(key_id(r, &ref));
+    KMS_GUARD(key_id(r, "kms:RotateKeyOnDemand", &ref));
     KMS_GUARD(kms_keystore_rotate_on_demand(r->srv->ks, ref, &k));
     return answer_key_id(r, &k);
 }
@@ -131,7 +134,7 @@ kms_err kms_op_list_key_rotations(struct kms_request *r)
     struct kms_key_info k = {0};
     kms_err rc;
 
-    KMS_GUARD(key_id(r, &ref));
+    KMS_GUARD(key_id(r, "kms:ListKeyRotations", &ref));
     KMS_GUARD(kms_in_int(r->in, "Limit", 1, LIST_LIMIT_MAX, &limit, &present));
     KMS_GUARD(kms_in_string(r->in, "Marker", 0, 1, 64, &marker));
     if (marker) {

@@ -1,11 +1,13 @@
 #include "config.h"
 
 #include <ctype.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "common/blob.h"
 #include "common/encoding.h"
+#include "server/ops.h"
 #include "server/server.h"
 
 /* AWS names members in its messages with a lower-case first letter. */
@@ -192,4 +194,24 @@ json_t *kms_key_metadata(struct kms_server *srv, const struct kms_key_info *k)
     if (m && k->state == KMS_KEY_PENDING_DELETION)
         json_object_set_new(m, "DeletionDate", json_integer(k->deletion_date));
     return m;
+}
+
+void kms_note_blob(struct kms_request *r, const struct kms_buf *blob, const struct kms_buf *ctx)
+{
+    /*
+     * Read the header by hand: kms_blob_decode would record a failure and
+     * replace the message of the error the operation may be returning.
+     */
+    char id[KMS_UUID_TEXT_LEN + 1];
+    if (blob->len >= KMS_BLOB_HEADER_LEN && blob->data[0] == KMS_BLOB_FORMAT_V1) {
+        kms_uuid_format(blob->data + 1, id);
+        snprintf(r->key_arn, sizeof r->key_arn, "arn:aws:kms:%s:%s:key/%s", r->srv->cfg.region,
+                 r->srv->cfg.account, id);
+        const uint8_t *v = blob->data + 1 + KMS_UUID_LEN;
+        r->key_version = (uint32_t)v[0] << 24 | (uint32_t)v[1] << 16 | (uint32_t)v[2] << 8 | v[3];
+    }
+    if (ctx->len && !r->context.len && kms_buf_reserve(&r->context, ctx->len) == KMS_OK) {
+        memcpy(r->context.data, ctx->data, ctx->len);
+        r->context.len = ctx->len;
+    }
 }

@@ -26,7 +26,8 @@ struct kms_server {
     struct kms_pool *pool;
     struct kms_ratelimit *limits;
     struct kms_stats *stats;
-    struct kms_tls *tls; /* NULL: plain HTTP */
+    struct kms_tls *tls;  /* NULL: plain HTTP */
+    char *account_policy; /* the policy of keys whose record has none */
     struct MHD_Daemon *daemon;
     volatile int draining; /* SIGTERM: answers say Connection: close, /readyz 503 */
     /* POST requests begun and not completed; none begins once stopping is set. */
@@ -56,6 +57,11 @@ struct kms_request {
     const char *principal; /* "" until the signature is verified */
     json_t *in;            /* the request body: always a JSON object */
     json_t *out; /* set by the operation: the response object, or NULL for an empty body */
+    /* For the audit log, filled in as the operation learns them. */
+    char key_arn[KMS_ARN_MAX];
+    uint32_t key_version;
+    struct kms_buf context; /* canonical encryption context; cleansed */
+    char decision[80];      /* how authorization went: "allow <statement>", "admin", "deny ..." */
 };
 
 typedef kms_err (*kms_op_fn)(struct kms_request *r);
@@ -66,7 +72,7 @@ struct kms_op {
     int index_only; /* no token call: served on the HTTP thread, not by a worker */
 };
 
-#define KMS_OP_COUNT 22
+#define KMS_OP_COUNT 25
 /* The operation named target, or NULL. */
 const struct kms_op *kms_op_lookup(const char *target);
 /* Operations by position 0..KMS_OP_COUNT-1, and an operation's position. */

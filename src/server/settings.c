@@ -51,6 +51,9 @@ void kms_config_free(struct kms_config *c)
     free(c->tls_client_ca_file);
     for (size_t i = 0; i < c->nbindings; i++)
         free(c->bindings[i].principal);
+    for (size_t i = 0; i < c->nadmins; i++)
+        free(c->admins[i]);
+    free(c->admins);
     free(c->bindings);
     memset(c, 0, sizeof *c);
 }
@@ -85,6 +88,31 @@ static kms_err set_bool(int *out, const char *key, const char *value)
         *out = 0;
     else
         return KMS_FAIL(KMS_ERR_VALIDATION, "%s must be true or false", key);
+    return KMS_OK;
+}
+
+/* admin_principals = name, name, ... (replaces an earlier list). */
+static kms_err set_admins(struct kms_config *c, const char *value)
+{
+    for (size_t i = 0; i < c->nadmins; i++)
+        free(c->admins[i]);
+    c->nadmins = 0;
+    for (const char *p = value; *p;) {
+        p += strspn(p, " ,");
+        size_t n = strcspn(p, " ,");
+        if (n == 0)
+            break;
+        KMS_ENSURE(n <= KMS_PRINCIPAL_MAX && strspn(p, KMS_PRINCIPAL_CHARS) >= n,
+                   KMS_ERR_VALIDATION, "admin_principals: '%.*s' is not a principal name",
+                   (int)(n > 64 ? 64 : n), p);
+        char **a = realloc(c->admins, (c->nadmins + 1) * sizeof *a);
+        KMS_ENSURE(a != NULL, KMS_ERR_INTERNAL, "out of memory");
+        c->admins = a;
+        a[c->nadmins] = strndup(p, n);
+        KMS_ENSURE(a[c->nadmins] != NULL, KMS_ERR_INTERNAL, "out of memory");
+        c->nadmins++;
+        p += n;
+    }
     return KMS_OK;
 }
 
@@ -233,6 +261,14 @@ kms_err kms_config_set(struct kms_config *c, const char *key, const char *value)
                 return KMS_OK;
             }
         return KMS_FAIL(KMS_ERR_VALIDATION, "tls_client_cert must be none, request or require");
+    }
+    if (strcmp(key, "admin_principals") == 0)
+        return set_admins(c, value);
+    if (strcmp(key, "default_key_policy") == 0) {
+        KMS_ENSURE(strcmp(value, "account") == 0 || strcmp(value, "creator") == 0,
+                   KMS_ERR_VALIDATION, "default_key_policy must be account or creator");
+        c->default_policy_creator = strcmp(value, "creator") == 0;
+        return KMS_OK;
     }
     if (strcmp(key, "allow_plain_http") == 0)
         return set_bool(&c->allow_plain_http, key, value);

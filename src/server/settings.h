@@ -45,6 +45,9 @@ struct kms_config {
     int tls_client_cert;      /* KMS_CLIENT_CERT_*: with tls_client_ca_file, default require */
     struct kms_cert_binding *bindings; /* client_cert.<principal> = SHA-256 fingerprint */
     size_t nbindings;
+    char **admins; /* admin_principals: may create keys and manage every key */
+    size_t nadmins;
+    int default_policy_creator;      /* default_key_policy = creator (else: account) */
     int allow_plain_http;            /* plain HTTP on an address other than loopback */
     int require_locked_memory;       /* refuse to start when mlockall fails */
     struct kms_keystore_config keys; /* lifecycle and multi-node settings */

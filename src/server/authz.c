@@ -1,0 +1,194 @@
+/*
+ * Who may do what: each key's policy (policy.h) decides for the operations on
+ * that key; admin principals may manage every key whatever its policy (so a
+ * policy can never lock a key out of reach) but use keys only as their
+ * policies allow; CreateKey is the admins' when admins are configured.
+ */
+#include "config.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "common/log.h"
+#include "server/ops.h"
+#include "server/policy.h"
+
+/* Operations that use key material, which admins get only through the key's policy. */
+static int cryptographic(const char *action)
+{
+    static const char *const uses[] = {
+        "kms:Encrypt",     "kms:Decrypt",         "kms:ReEncryptFrom",
+        "kms:ReEncryptTo", "kms:GenerateDataKey", "kms:GenerateDataKeyWithoutPlaintext"};
+    for (size_t i = 0; i < sizeof uses / sizeof uses[0]; i++)
+        if (strcmp(uses[i], action) == 0)
+            return 1;
+    return 0;
+}
+
+int kms_is_admin(struct kms_server *srv, const char *principal)
+{
+    for (size_t i = 0; i < srv->cfg.nadmins; i++)
+        if (strcmp(srv->cfg.admins[i], principal) == 0)
+            return 1;
+    return 0;
+}
+
+struct check {
+    struct kms_request *r;
+    const char *action;
+    struct kms_policy_request pr;
+};
+
+static kms_err decide(void *arg, const struct kms_key_guard *g)
+{
+    struct check *c = arg;
+    struct kms_request *r = c->r;
+    char why[48] = "";
+
+    snprintf(r->key_arn, sizeof r->key_arn, "%s", g->arn);
+    c->pr.key_arn = g->arn;
+    enum kms_policy_decision d = g->policy ? kms_policy_evaluate(g->policy, &c->pr, why, sizeof why)
+                                           : KMS_POLICY_IMPLICIT_DENY;
+    if (d == KMS_POLICY_ALLOW) {
+        snprintf(r->decision, sizeof r->decision, "allow %s", why);
+        return KMS_OK;
+    }
+    if (d == KMS_POLICY_EXPLICIT_DENY)
+        snprintf(r->decision, sizeof r->decision, "deny %s", why);
+    else
+        snprintf(r->decision, sizeof r->decision, "%s", g->policy ? "deny" : "deny (no policy)");
+    return KMS_FAIL(KMS_ERR_ACCESS_DENIED,
+                    "User: %s is not authorized to perform: %s on resource: %s because %s",
+                    r->principal, c->action, g->arn,
+                    d == KMS_POLICY_EXPLICIT_DENY ? "a statement of the key policy denies it"
+                                                  : "no statement of the key policy allows it");
+}
+
+kms_err kms_authorize(struct kms_request *r, const char *action, const char *ref, int allow_alias,
+                      json_t *context)
+{
+    struct kms_server *srv = r->srv;
+    struct kms_context_pair pairs[64], *p = pairs;
+    size_t n = json_object_size(context), i = 0;
+    const char *k;
+    json_t *v;
+    kms_err rc;
+
+    if (!cryptographic(action) && kms_is_admin(srv, r->principal)) {
+        /* Admins manage every key; the key must still exist. */
+        snprintf(r->decision, sizeof r->decision, "admin");
+        return kms_keystore_authorize(srv->ks, ref, allow_alias, kms_note_key, r);
+    }
+    if (n > sizeof pairs / sizeof pairs[0]) {
+        p = calloc(n, sizeof *p);
+        KMS_ENSURE(p != NULL, KMS_ERR_INTERNAL, "out of memory");
+    }
+    json_object_foreach(context, k, v)
+    {
+        if (!json_is_string(v) || i == n)
+            continue;
+        p[i].key = k;
+        p[i].key_len = strlen(k);
+        p[i].value = json_string_value(v);
+        p[i].value_len = json_string_length(v);
+        i++;
+    }
+    struct check c = {r, action, {r->principal, srv->cfg.account, action, NULL, i ? p : NULL, i}};
+    rc = kms_keystore_authorize(srv->ks, ref, allow_alias, decide, &c);
+    if (p != pairs)
+        free(p);
+    return rc;
+}
+
+kms_err kms_note_key(void *arg, const struct kms_key_guard *g)
+{
+    struct kms_request *r = arg;
+    snprintf(r->key_arn, sizeof r->key_arn, "%s", g->arn);
+    return KMS_OK;
+}
+
+kms_err kms_authorize_create(struct kms_request *r)
+{
+    if (r->srv->cfg.nadmins == 0) {
+        snprintf(r->decision, sizeof r->decision, "allow (no admins configured)");
+        return KMS_OK;
+    }
+    if (kms_is_admin(r->srv, r->principal)) {
+        snprintf(r->decision, sizeof r->decision, "admin");
+        return KMS_OK;
+    }
+    snprintf(r->decision, sizeof r->decision, "deny (not an admin)");
+    return KMS_FAIL(KMS_ERR_ACCESS_DENIED,
+                    "User: %s is not authorized to perform: kms:CreateKey: only the admin "
+                    "principals may create keys",
+                    r->principal);
+}
+
+kms_err kms_policy_compile(void *arg, const char *text, size_t n, void **out)
+{
+    struct kms_server *srv = arg;
+    struct kms_policy *p = NULL;
+    KMS_GUARD(kms_policy_parse(text, n, srv->cfg.account, &p));
+    *out = p;
+    return KMS_OK;
+}
+
+void kms_policy_release(void *compiled)
+{
+    kms_policy_free(compiled);
+}
+
+kms_err kms_account_policy(const char *account, char **out)
+{
+    char text[512];
+    snprintf(text, sizeof text,
+             "{\"Version\":\"2012-10-17\",\"Id\":\"p11kms-default\",\"Statement\":[{\"Sid\":"
+             "\"Enable the account's principals\",\"Effect\":\"Allow\",\"Principal\":{\"AWS\":"
+             "\"arn:aws:iam::%s:root\"},\"Action\":\"kms:*\",\"Resource\":\"*\"}]}",
+             account);
+    *out = strdup(text);
+    KMS_ENSURE(*out != NULL, KMS_ERR_INTERNAL, "out of memory");
+    return KMS_OK;
+}
+
+kms_err kms_default_policy(struct kms_request *r, char **out)
+{
+    struct kms_server *srv = r->srv;
+    if (srv->cfg.default_policy_creator) {
+        const char *who[] = {r->principal};
+        return kms_policy_default(srv->cfg.account, who, 1, out);
+    }
+    return kms_account_policy(srv->cfg.account, out);
+}
+
+kms_err kms_check_new_policy(struct kms_request *r, const char *text, const char *action)
+{
+    struct kms_server *srv = r->srv;
+    struct kms_policy *p = NULL;
+    char arn[KMS_ARN_MAX];
+    json_t *bypass = json_object_get(r->in, "BypassPolicyLockoutSafetyCheck");
+
+    KMS_ENSURE(!bypass || json_is_boolean(bypass), KMS_ERR_SERIALIZATION,
+               "BypassPolicyLockoutSafetyCheck must be a boolean");
+    KMS_GUARD(kms_policy_parse(text, strlen(text), srv->cfg.account, &p));
+    if (json_is_true(bypass) || kms_is_admin(srv, r->principal)) {
+        kms_policy_free(p);
+        return KMS_OK;
+    }
+    /*
+     * AWS's lockout safety check: the caller must still be able to change
+     * the policy under the new one. A new key has no ARN yet: its statements
+     * are checked against any key of this account.
+     */
+    if (r->key_arn[0])
+        snprintf(arn, sizeof arn, "%s", r->key_arn);
+    else
+        snprintf(arn, sizeof arn, "arn:aws:kms:%s:%s:key/*", srv->cfg.region, srv->cfg.account);
+    struct kms_policy_request pr = {r->principal, srv->cfg.account, action, arn, NULL, 0};
+    enum kms_policy_decision d = kms_policy_evaluate(p, &pr, NULL, 0);
+    kms_policy_free(p);
+    KMS_ENSURE(d == KMS_POLICY_ALLOW, KMS_ERR_MALFORMED_POLICY,
+               "The new key policy will not allow you to update the key policy in the future.");
+    return KMS_OK;
+}
