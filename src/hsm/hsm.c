@@ -651,3 +651,69 @@ kms_err kms_hsm_init_token(const char *module, const char *label, const char *so
     KMS_GUARD_CKR(rv, "token initialisation");
     return KMS_OK;
 }
+
+/* ---- the audit log's key and records ---------------------------------------- */
+
+kms_err kms_hsm_generate_hmac(struct kms_session *s, const uint8_t *id, size_t id_len,
+                              const char *label, CK_OBJECT_HANDLE *out)
+{
+    TIMED(s->hsm, KMS_HSM_GENERATE);
+    CK_MECHANISM mech = {CKM_GENERIC_SECRET_KEY_GEN, NULL, 0};
+    CK_OBJECT_CLASS cls = CKO_SECRET_KEY;
+    CK_KEY_TYPE kt = CKK_GENERIC_SECRET;
+    CK_ULONG len = 32;
+    CK_BBOOL yes = CK_TRUE, no = CK_FALSE;
+    CK_ATTRIBUTE tmpl[] = {
+        {CKA_CLASS, &cls, sizeof cls},     {CKA_KEY_TYPE, &kt, sizeof kt},
+        {CKA_VALUE_LEN, &len, sizeof len}, {CKA_TOKEN, &yes, sizeof yes},
+        {CKA_PRIVATE, &yes, sizeof yes},   {CKA_SENSITIVE, &yes, sizeof yes},
+        {CKA_EXTRACTABLE, &no, sizeof no}, {CKA_ENCRYPT, &no, sizeof no},
+        {CKA_DECRYPT, &no, sizeof no},     {CKA_WRAP, &no, sizeof no},
+        {CKA_UNWRAP, &no, sizeof no},      {CKA_SIGN, &yes, sizeof yes},
+        {CKA_VERIFY, &yes, sizeof yes},    {CKA_DERIVE, &no, sizeof no},
+        {CKA_ID, (void *)id, id_len},      {CKA_LABEL, (void *)label, strlen(label)},
+    };
+    pthread_rwlock_wrlock(&s->hsm->objects);
+    CK_RV rv = s->hsm->fn->C_GenerateKey(s->handle, &mech, tmpl, sizeof tmpl / sizeof tmpl[0], out);
+    pthread_rwlock_unlock(&s->hsm->objects);
+    SESSION_CKR(s, rv, "C_GenerateKey");
+    return KMS_OK;
+}
+
+kms_err kms_hsm_hmac_sha256(struct kms_session *s, CK_OBJECT_HANDLE key, const uint8_t *data,
+                            size_t n, uint8_t out[32])
+{
+    CK_MECHANISM mech = {CKM_SHA256_HMAC, NULL, 0};
+    CK_FUNCTION_LIST *fn = s->hsm->fn;
+    CK_ULONG out_len = 32;
+
+    SESSION_CKR(s, fn->C_SignInit(s->handle, &mech, key), "C_SignInit");
+    SESSION_CKR(s, fn->C_Sign(s->handle, (CK_BYTE *)data, n, out, &out_len), "C_Sign");
+    KMS_ENSURE(out_len == 32, KMS_ERR_INTERNAL, "token returned %lu bytes for HMAC-SHA256, not 32",
+               (unsigned long)out_len);
+    return KMS_OK;
+}
+
+kms_err kms_hsm_create_app_data(struct kms_session *s, const char *application, const char *label,
+                                const uint8_t *oid, size_t oid_len, const void *value, size_t n,
+                                CK_OBJECT_HANDLE *out)
+{
+    TIMED(s->hsm, KMS_HSM_CREATE);
+    CK_OBJECT_CLASS cls = CKO_DATA;
+    CK_BBOOL yes = CK_TRUE;
+    CK_ATTRIBUTE tmpl[] = {
+        {CKA_CLASS, &cls, sizeof cls},
+        {CKA_TOKEN, &yes, sizeof yes},
+        {CKA_PRIVATE, &yes, sizeof yes},
+        {CKA_MODIFIABLE, &yes, sizeof yes},
+        {CKA_APPLICATION, (void *)application, strlen(application)},
+        {CKA_LABEL, (void *)label, strlen(label)},
+        {CKA_OBJECT_ID, (void *)oid, oid_len},
+        {CKA_VALUE, (void *)value, n},
+    };
+    pthread_rwlock_wrlock(&s->hsm->objects);
+    CK_RV rv = s->hsm->fn->C_CreateObject(s->handle, tmpl, sizeof tmpl / sizeof tmpl[0], out);
+    pthread_rwlock_unlock(&s->hsm->objects);
+    SESSION_CKR(s, rv, "C_CreateObject");
+    return KMS_OK;
+}

@@ -118,4 +118,25 @@ kms_err kms_hsm_fail(CK_RV rv, const char *what, const char *file, int line);
             return kms_hsm_fail(kms_ckr_, (what), __FILE__, __LINE__); \
     } while (0)
 
+/* ---- the audit log's key and records (src/server/audit.c) ---- */
+
+/*
+ * Generates a 256-bit generic secret inside the token for HMAC-SHA256: token
+ * object, private, sensitive, not extractable, sign/verify only.
+ */
+KMS_MUST_CHECK kms_err kms_hsm_generate_hmac(struct kms_session *s, const uint8_t *id,
+                                             size_t id_len, const char *label,
+                                             CK_OBJECT_HANDLE *out);
+/* HMAC-SHA256 of data under a token key (CKM_SHA256_HMAC); out receives 32 bytes. */
+KMS_MUST_CHECK kms_err kms_hsm_hmac_sha256(struct kms_session *s, CK_OBJECT_HANDLE key,
+                                           const uint8_t *data, size_t n, uint8_t out[32]);
+/*
+ * As kms_hsm_create_data, under another CKA_APPLICATION: objects the key
+ * store's scans (application "p11kms") neither see nor pay for.
+ */
+KMS_MUST_CHECK kms_err kms_hsm_create_app_data(struct kms_session *s, const char *application,
+                                               const char *label, const uint8_t *oid,
+                                               size_t oid_len, const void *value, size_t n,
+                                               CK_OBJECT_HANDLE *out);
+
 #endif

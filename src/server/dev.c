@@ -178,6 +178,11 @@ kms_err kms_dev_prepare(const char *dir, struct kms_config *cfg)
         KMS_GUARD(kms_config_set(cfg, "region", DEV_REGION));
     if (!cfg->account)
         KMS_GUARD(kms_config_set(cfg, "account", DEV_ACCOUNT));
+    if (!cfg->audit_log) {
+        char audit[4096];
+        KMS_GUARD(path_join(audit, sizeof audit, dir, "audit.log"));
+        KMS_GUARD(kms_config_set(cfg, "audit_log", audit));
+    }
     return KMS_OK;
 }
 

@@ -23,6 +23,7 @@
 #include "server/pool.h"
 #include "server/ratelimit.h"
 #include "server/server.h"
+#include "server/audit.h"
 #include "server/stats.h"
 #include "server/tls.h"
 
@@ -43,6 +44,8 @@ struct job {
     struct MHD_Connection *c;
     const struct kms_op *op;
     char principal[KMS_PRINCIPAL_MAX + 1];
+    char request_id[KMS_UUID_TEXT_LEN + 1];
+    char source[64];
     struct kms_request r; /* principal points to the above */
     kms_err rc;           /* the operation's outcome, on the worker */
     char message[512];    /* its message: kms_err_message() is per thread */
@@ -58,7 +61,9 @@ struct req_state {
     struct kms_buf body;
     int too_large;
     char client_cert[65]; /* the connection's client certificate fingerprint, or "" */
-    struct job *job;      /* while a worker has the request, and until its answer is sent */
+    char request_id[KMS_UUID_TEXT_LEN + 1];
+    char source[64]; /* client address, "ip:port" */
+    struct job *job; /* while a worker has the request, and until its answer is sent */
 };
 
 /* Response bodies may hold plaintext: cleansed when MHD lets go of them. */
@@ -69,14 +74,24 @@ static void free_body(void *cls)
     free(b);
 }
 
+/* A fresh request id (uuid text). */
+static void new_request_id(char out[KMS_UUID_TEXT_LEN + 1])
+{
+    uint8_t id[KMS_UUID_LEN];
+    if (kms_uuid_new(id) == KMS_OK)
+        kms_uuid_format(id, out);
+    else
+        snprintf(out, KMS_UUID_TEXT_LEN + 1, "00000000-0000-0000-0000-000000000000");
+}
+
+/* request_id: the id the audit log has for this request; NULL for a fresh one. */
 static enum MHD_Result send_buf(struct kms_server *srv, struct MHD_Connection *c, unsigned status,
                                 struct kms_buf *body, const char *content_type, kms_err e,
-                                unsigned retry_after_s)
+                                unsigned retry_after_s, const char *request_id)
 {
     struct kms_buf *owned = malloc(sizeof *owned);
     struct MHD_Response *resp;
-    uint8_t id[KMS_UUID_LEN];
-    char request_id[KMS_UUID_TEXT_LEN + 1] = "00000000-0000-0000-0000-000000000000";
+    char fresh[KMS_UUID_TEXT_LEN + 1];
     enum MHD_Result ret;
 
     if (!owned) {
@@ -91,8 +106,10 @@ static enum MHD_Result send_buf(struct kms_server *srv, struct MHD_Connection *c
         free_body(owned);
         return MHD_NO;
     }
-    if (kms_uuid_new(id) == KMS_OK)
-        kms_uuid_format(id, request_id);
+    if (!request_id) {
+        new_request_id(fresh);
+        request_id = fresh;
+    }
     MHD_add_response_header(resp, "Content-Type", content_type);
     MHD_add_response_header(resp, "x-amzn-RequestId", request_id);
     if (e != KMS_OK)
@@ -119,31 +136,32 @@ static kms_err error_body(kms_err e, const char *message, struct kms_buf *out)
     return rc;
 }
 
-static enum MHD_Result send_json(struct kms_server *srv, struct MHD_Connection *c, json_t *j)
+static enum MHD_Result send_json(struct kms_server *srv, struct MHD_Connection *c, json_t *j,
+                                 const char *request_id)
 {
     struct kms_buf body = KMS_BUF_INIT;
     if (j && kms_json_dump(j, 0, &body) != KMS_OK) {
         kms_buf_free(&body);
         return MHD_NO;
     }
-    return send_buf(srv, c, 200, &body, JSON_TYPE, KMS_OK, 0);
+    return send_buf(srv, c, 200, &body, JSON_TYPE, KMS_OK, 0, request_id);
 }
 
 static enum MHD_Result send_error(struct kms_server *srv, struct MHD_Connection *c, kms_err e,
-                                  unsigned retry_after_s)
+                                  unsigned retry_after_s, const char *request_id)
 {
     struct kms_buf body = KMS_BUF_INIT;
     if (error_body(e, kms_err_message(), &body) != KMS_OK) {
         kms_buf_free(&body);
         return MHD_NO;
     }
-    return send_buf(srv, c, kms_err_status(e), &body, JSON_TYPE, e, retry_after_s);
+    return send_buf(srv, c, kms_err_status(e), &body, JSON_TYPE, e, retry_after_s, request_id);
 }
 
 static enum MHD_Result send_text(struct kms_server *srv, struct MHD_Connection *c, unsigned status,
                                  const char *content_type, struct kms_buf *body)
 {
-    return send_buf(srv, c, status, body, content_type, KMS_OK, 0);
+    return send_buf(srv, c, status, body, content_type, KMS_OK, 0, NULL);
 }
 
 static enum MHD_Result serve_get(struct kms_server *srv, struct MHD_Connection *c, const char *url)
@@ -242,6 +260,44 @@ static void log_outcome(const char *op, const char *principal, kms_err rc, const
 
 /* ---- requests run by a worker ----------------------------------------------- */
 
+/*
+ * One audit line per request. KMS_ERR_INTERNAL when it could not be written:
+ * the request then fails closed. A failing log is reported once, not per line.
+ */
+static kms_err audit(struct kms_server *srv, const struct kms_request *r, const char *request_id,
+                     const char *source, const struct kms_op *op, kms_err outcome, int64_t started)
+{
+    static volatile int failing;
+    if (!srv->audit)
+        return KMS_OK;
+    int64_t us = (kms_monotonic_ns() - started) / 1000;
+    struct kms_audit_record rec = {
+        request_id,
+        r && r->principal ? r->principal : "",
+        source,
+        op ? op->name : "none",
+        r && r->key_arn[0] ? r->key_arn : NULL,
+        r ? r->key_version : 0,
+        r && r->context.len ? &r->context : NULL,
+        outcome == KMS_OK ? "ok" : kms_err_type(outcome),
+        r && r->decision[0] ? r->decision : NULL,
+        us > 0 ? (uint64_t)us : 0,
+    };
+    if (kms_audit_write(srv->audit, &rec) == KMS_OK) {
+        if (failing) {
+            failing = 0;
+            kms_info("audit log: written again; requests are served");
+        }
+        return KMS_OK;
+    }
+    kms_stats_audit_failure(srv);
+    if (!failing) {
+        failing = 1;
+        kms_error("audit log: %s; requests fail until it can be written", kms_err_message());
+    }
+    return KMS_FAIL(KMS_ERR_INTERNAL, "The request could not be audited");
+}
+
 static void job_release(struct job *j)
 {
     pthread_mutex_lock(&j->lock);
@@ -265,6 +321,14 @@ static void job_run(struct kms_task *t)
     j->rc = j->op->fn(&j->r);
     snprintf(j->message, sizeof j->message, "%s", j->rc == KMS_OK ? "" : kms_err_message());
     log_outcome(j->op->name, j->principal, j->rc, j->message);
+    if (audit(j->srv, &j->r, j->request_id, j->source, j->op, j->rc, j->started_ns) != KMS_OK &&
+        j->rc == KMS_OK) {
+        /* Fail closed: no answer (no plaintext) leaves without its audit line. */
+        j->rc = KMS_ERR_INTERNAL;
+        snprintf(j->message, sizeof j->message, "%s", kms_err_message());
+        json_decref(j->r.out);
+        j->r.out = NULL;
+    }
 }
 
 /* Sets the answer (once) and resumes the connection when it waits for it. */
@@ -304,6 +368,12 @@ static void task_answer(struct kms_task *t, int expired)
                  j->srv->cfg.request_timeout_ms);
         kms_error("%s by %s: %s", j->op->name, j->principal, message);
         kms_stats_request(j->srv, j->op, KMS_ERR_DEPENDENCY_TIMEOUT, j->started_ns);
+        /* Not the request's own fields: its worker may still be filling them in. */
+        struct kms_request bare = {0};
+        bare.principal = j->principal;
+        if (audit(j->srv, &bare, j->request_id, j->source, j->op, KMS_ERR_DEPENDENCY_TIMEOUT,
+                  j->started_ns) != KMS_OK)
+            kms_err_clear();
         job_answer_error(j, KMS_ERR_DEPENDENCY_TIMEOUT, message);
         return;
     }
@@ -343,6 +413,8 @@ static enum MHD_Result hand_over(struct kms_server *srv, struct MHD_Connection *
     j->c = c;
     j->op = op;
     snprintf(j->principal, sizeof j->principal, "%s", principal);
+    memcpy(j->request_id, st->request_id, sizeof j->request_id);
+    memcpy(j->source, st->source, sizeof j->source);
     j->r.srv = srv;
     j->r.principal = j->principal;
     j->r.in = in;
@@ -354,9 +426,14 @@ static enum MHD_Result hand_over(struct kms_server *srv, struct MHD_Connection *
     st->job = j;
     if (kms_pool_submit(srv->pool, &j->task) != KMS_OK) {
         j->refs = 1;
+        char message[256];
+        snprintf(message, sizeof message, "%s", kms_err_message());
         kms_stats_request(srv, op, KMS_ERR_DEPENDENCY_TIMEOUT, started);
-        log_outcome(op->name, principal, KMS_ERR_DEPENDENCY_TIMEOUT, kms_err_message());
-        job_answer_error(j, KMS_ERR_DEPENDENCY_TIMEOUT, kms_err_message());
+        log_outcome(op->name, principal, KMS_ERR_DEPENDENCY_TIMEOUT, message);
+        if (audit(srv, &j->r, j->request_id, j->source, op, KMS_ERR_DEPENDENCY_TIMEOUT, started) !=
+            KMS_OK)
+            kms_err_clear();
+        job_answer_error(j, KMS_ERR_DEPENDENCY_TIMEOUT, message);
     }
     /* Suspended only while the answer is still to come (a worker may be done already). */
     pthread_mutex_lock(&j->lock);
@@ -367,7 +444,8 @@ static enum MHD_Result hand_over(struct kms_server *srv, struct MHD_Connection *
     int answered = j->answered;
     pthread_mutex_unlock(&j->lock);
     if (answered) {
-        enum MHD_Result ret = send_buf(srv, c, j->status, &j->body, JSON_TYPE, j->error, 0);
+        enum MHD_Result ret =
+            send_buf(srv, c, j->status, &j->body, JSON_TYPE, j->error, 0, j->request_id);
         st->job = NULL;
         job_release(j);
         return ret;
@@ -405,9 +483,21 @@ static enum MHD_Result serve_kms(struct kms_server *srv, struct MHD_Connection *
     }
     if (rc == KMS_OK)
         rc = op->fn(&r);
-    kms_stats_request(srv, op, rc, started);
     log_outcome(op ? op->name : "-", principal, rc, kms_err_message());
-    ret = rc == KMS_OK ? send_json(srv, c, r.out) : send_error(srv, c, rc, retry_after_s);
+    if (rc != KMS_OK) {
+        /* The error's message, kept across the audit write. */
+        char message[512];
+        snprintf(message, sizeof message, "%s", kms_err_message());
+        if (audit(srv, &r, st->request_id, st->source, op, rc, started) != KMS_OK)
+            rc = KMS_ERR_INTERNAL;
+        else
+            KMS_FAIL(rc, "%s", message);
+    } else {
+        rc = audit(srv, &r, st->request_id, st->source, op, rc, started);
+    }
+    kms_stats_request(srv, op, rc, started);
+    ret = rc == KMS_OK ? send_json(srv, c, r.out, st->request_id)
+                       : send_error(srv, c, rc, retry_after_s, st->request_id);
     json_decref(r.in);
     json_decref(r.out);
     kms_buf_free(&r.context);
@@ -415,6 +505,35 @@ static enum MHD_Result serve_kms(struct kms_server *srv, struct MHD_Connection *
 }
 
 static void request_done(struct kms_server *srv);
+
+/* "ip:port" of the client, for the audit log. */
+static void client_address(struct MHD_Connection *c, char *out, size_t n)
+{
+    const union MHD_ConnectionInfo *info =
+        MHD_get_connection_info(c, MHD_CONNECTION_INFO_CLIENT_ADDRESS);
+    char host[NI_MAXHOST], port[NI_MAXSERV];
+    snprintf(out, n, "-");
+    if (!info || !info->client_addr)
+        return;
+    socklen_t len = info->client_addr->sa_family == AF_INET6 ? sizeof(struct sockaddr_in6)
+                                                             : sizeof(struct sockaddr_in);
+    if (getnameinfo(info->client_addr, len, host, sizeof host, port, sizeof port,
+                    NI_NUMERICHOST | NI_NUMERICSERV) == 0)
+        snprintf(out, n, strchr(host, ':') ? "[%s]:%s" : "%s:%s", host, port);
+}
+
+static enum MHD_Result too_large(struct kms_server *srv, struct MHD_Connection *c,
+                                 struct req_state *st)
+{
+    int64_t now = kms_monotonic_ns();
+    kms_stats_request(srv, NULL, KMS_ERR_TOO_LARGE, now);
+    if (audit(srv, NULL, st->request_id, st->source, NULL, KMS_ERR_TOO_LARGE, now) != KMS_OK)
+        kms_err_clear();
+    return send_error(
+        srv, c,
+        KMS_FAIL(KMS_ERR_TOO_LARGE, "The request body is larger than %zu bytes", srv->cfg.max_body),
+        0, st->request_id);
+}
 
 static enum MHD_Result on_request(void *cls, struct MHD_Connection *c, const char *url,
                                   const char *method, const char *version, const char *upload,
@@ -431,8 +550,16 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *c, const cha
         /* Load balancers probe health without a client certificate; nothing else does. */
         kms_err_clear();
         if (!health && kms_tls_client(srv->tls, c, fingerprint) != KMS_OK) {
+            char id[KMS_UUID_TEXT_LEN + 1], source[64], message[128];
+            snprintf(message, sizeof message, "%s", kms_err_message());
+            new_request_id(id);
+            client_address(c, source, sizeof source);
             kms_stats_request(srv, NULL, KMS_ERR_ACCESS_DENIED, kms_monotonic_ns());
-            return send_error(srv, c, KMS_ERR_ACCESS_DENIED, 0);
+            if (audit(srv, NULL, id, source, NULL, KMS_ERR_ACCESS_DENIED, kms_monotonic_ns()) !=
+                KMS_OK)
+                kms_err_clear();
+            KMS_FAIL(KMS_ERR_ACCESS_DENIED, "%s", message);
+            return send_error(srv, c, KMS_ERR_ACCESS_DENIED, 0, id);
         }
         if (health || (strcmp(method, "GET") == 0 && strcmp(url, "/metrics") == 0))
             return serve_get(srv, c, url);
@@ -442,7 +569,7 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *c, const cha
                 srv, c,
                 KMS_FAIL(KMS_ERR_UNKNOWN_OPERATION,
                          "Only POST / and GET /healthz, /readyz, /metrics are served"),
-                0);
+                0, NULL);
         }
         pthread_mutex_lock(&srv->active_lock);
         int stopping = srv->stopping;
@@ -451,8 +578,9 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *c, const cha
         pthread_mutex_unlock(&srv->active_lock);
         if (stopping) {
             kms_err_clear();
-            return send_error(
-                srv, c, KMS_FAIL(KMS_ERR_DEPENDENCY_TIMEOUT, "The server is shutting down"), 0);
+            return send_error(srv, c,
+                              KMS_FAIL(KMS_ERR_DEPENDENCY_TIMEOUT, "The server is shutting down"),
+                              0, NULL);
         }
         st = calloc(1, sizeof *st);
         if (!st) {
@@ -460,23 +588,21 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *c, const cha
             return MHD_NO;
         }
         memcpy(st->client_cert, fingerprint, sizeof fingerprint);
+        new_request_id(st->request_id);
+        client_address(c, st->source, sizeof st->source);
         *con_cls = st;
         const char *cl = MHD_lookup_connection_value(c, MHD_HEADER_KIND, "Content-Length");
         if (cl && strtoull(cl, NULL, 10) > srv->cfg.max_body) {
             st->too_large = 1;
-            kms_stats_request(srv, NULL, KMS_ERR_TOO_LARGE, kms_monotonic_ns());
-            return send_error(srv, c,
-                              KMS_FAIL(KMS_ERR_TOO_LARGE,
-                                       "The request body is larger than %zu bytes",
-                                       srv->cfg.max_body),
-                              0);
+            return too_large(srv, c, st);
         }
         return MHD_YES;
     }
     if (st->job) {
         /* Resumed: the worker's (or the watchdog's) answer is ready. */
         struct job *j = st->job;
-        enum MHD_Result ret = send_buf(srv, c, j->status, &j->body, JSON_TYPE, j->error, 0);
+        enum MHD_Result ret =
+            send_buf(srv, c, j->status, &j->body, JSON_TYPE, j->error, 0, j->request_id);
         st->job = NULL;
         job_release(j);
         return ret;
@@ -492,13 +618,8 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *c, const cha
         *upload_size = 0;
         return MHD_YES;
     }
-    if (st->too_large) {
-        kms_stats_request(srv, NULL, KMS_ERR_TOO_LARGE, kms_monotonic_ns());
-        return send_error(srv, c,
-                          KMS_FAIL(KMS_ERR_TOO_LARGE, "The request body is larger than %zu bytes",
-                                   srv->cfg.max_body),
-                          0);
-    }
+    if (st->too_large)
+        return too_large(srv, c, st);
     return serve_kms(srv, c, url, method, st);
 }
 

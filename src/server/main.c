@@ -18,6 +18,7 @@
 #include "common/json_alloc.h"
 #include "common/log.h"
 #include "server/dev.h"
+#include "server/audit.h"
 #include "server/ops.h"
 #include "server/pool.h"
 #include "server/ratelimit.h"
@@ -157,6 +158,14 @@ static kms_err start(struct kms_server *srv)
     KMS_GUARD(kms_account_policy(srv->cfg.account, &srv->account_policy));
     kc.default_policy = srv->account_policy;
     KMS_GUARD(kms_keystore_open(srv->hsm, &kc, &srv->ks));
+    if (srv->cfg.audit_log) {
+        struct kms_audit_config ac = {srv->cfg.audit_log, srv->cfg.audit_checkpoint_lines,
+                                      srv->cfg.audit_checkpoint_seconds};
+        KMS_GUARD(kms_audit_open(&ac, srv->hsm, &srv->audit));
+        kms_info("audit log %s (log id %s)", srv->cfg.audit_log, kms_audit_id(srv->audit));
+    } else {
+        kms_warn("no audit_log configured: requests are not audited");
+    }
     kms_info("token opened: %zu keys", kms_keystore_count(srv->ks));
     return KMS_OK;
 }
@@ -171,6 +180,11 @@ static void reload(struct kms_server *srv, const char *config_file)
     struct kms_config fresh;
     kms_err rc = KMS_OK;
 
+    /* Log rotation first: whatever the rest of the reload does. */
+    if (srv->audit && kms_audit_reopen(srv->audit) != KMS_OK) {
+        kms_error("audit log: %s", kms_err_message());
+        kms_err_clear();
+    }
     kms_config_defaults(&fresh);
     if (config_file)
         rc = kms_config_load(&fresh, config_file);
@@ -297,6 +311,7 @@ int main(int argc, char **argv)
         kms_error("%s", kms_err_message());
     }
     kms_http_stop(&srv);
+    kms_audit_close(srv.audit); /* its close checkpoint */
     if (srv.ks)
         kms_keystore_stop(srv.ks);
     kms_stats_free(&srv); /* after every thread that calls the token */

@@ -49,6 +49,7 @@ void kms_config_free(struct kms_config *c)
     free(c->tls_cert_file);
     free(c->tls_key_file);
     free(c->tls_client_ca_file);
+    free(c->audit_log);
     for (size_t i = 0; i < c->nbindings; i++)
         free(c->bindings[i].principal);
     for (size_t i = 0; i < c->nadmins; i++)
@@ -261,6 +262,18 @@ kms_err kms_config_set(struct kms_config *c, const char *key, const char *value)
                 return KMS_OK;
             }
         return KMS_FAIL(KMS_ERR_VALIDATION, "tls_client_cert must be none, request or require");
+    }
+    if (strcmp(key, "audit_log") == 0)
+        return set_string(&c->audit_log, value);
+    if (strcmp(key, "audit_checkpoint_lines") == 0) {
+        KMS_GUARD(set_unsigned(&v, key, value, 1, 1000000));
+        c->audit_checkpoint_lines = (unsigned)v;
+        return KMS_OK;
+    }
+    if (strcmp(key, "audit_checkpoint_seconds") == 0) {
+        KMS_GUARD(set_unsigned(&v, key, value, 1, 86400));
+        c->audit_checkpoint_seconds = (unsigned)v;
+        return KMS_OK;
     }
     if (strcmp(key, "admin_principals") == 0)
         return set_admins(c, value);

@@ -47,9 +47,12 @@ struct kms_config {
     size_t nbindings;
     char **admins; /* admin_principals: may create keys and manage every key */
     size_t nadmins;
-    int default_policy_creator;      /* default_key_policy = creator (else: account) */
-    int allow_plain_http;            /* plain HTTP on an address other than loopback */
-    int require_locked_memory;       /* refuse to start when mlockall fails */
+    int default_policy_creator; /* default_key_policy = creator (else: account) */
+    int allow_plain_http;       /* plain HTTP on an address other than loopback */
+    int require_locked_memory;  /* refuse to start when mlockall fails */
+    char *audit_log;            /* the audit log's path; NULL: none */
+    unsigned audit_checkpoint_lines;
+    unsigned audit_checkpoint_seconds;
     struct kms_keystore_config keys; /* lifecycle and multi-node settings */
 };
 

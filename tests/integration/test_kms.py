@@ -562,9 +562,18 @@ def test_kek_is_sensitive_and_not_extractable():
     session = lib.openSession(slots[0], PyKCS11.CKF_SERIAL_SESSION)
     session.login(C.token.user_pin())
     try:
-        keys = session.findObjects([(PyKCS11.CKA_CLASS, PyKCS11.CKO_SECRET_KEY)])
+        # the audit log's HMAC key: generic secret, sign/verify only, never leaves the token
+        audit = session.findObjects([(PyKCS11.CKA_CLASS, PyKCS11.CKO_SECRET_KEY),
+                                     (PyKCS11.CKA_KEY_TYPE, PyKCS11.CKK_GENERIC_SECRET)])
+        eq(len(audit), 1, "the audit key")
+        attrs = [PyKCS11.CKA_LABEL, PyKCS11.CKA_SENSITIVE, PyKCS11.CKA_EXTRACTABLE,
+                 PyKCS11.CKA_SIGN, PyKCS11.CKA_VERIFY, PyKCS11.CKA_ENCRYPT, PyKCS11.CKA_DECRYPT]
+        eq(session.getAttributeValue(audit[0], attrs),
+           ["p11kms-audit-key", True, False, True, True, False, False], "the audit key's attributes")
+        keys = session.findObjects([(PyKCS11.CKA_CLASS, PyKCS11.CKO_SECRET_KEY),
+                                    (PyKCS11.CKA_KEY_TYPE, PyKCS11.CKK_AES)])
         # one KEK per key made by this run (the pagination test used its own token)
-        eq(len(keys), 2, "secret keys on the token")
+        eq(len(keys), 2, "AES secret keys on the token")
         ids = set()
         for k in keys:
             attrs = [PyKCS11.CKA_KEY_TYPE, PyKCS11.CKA_VALUE_LEN, PyKCS11.CKA_TOKEN,

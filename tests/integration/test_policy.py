@@ -9,7 +9,11 @@ documents, and policies surviving a restart. TAP output."""
 import base64
 import json
 import os
+import signal
+import subprocess
 import sys
+import threading
+import time
 
 sys.dont_write_bytecode = True  # keep __pycache__ out of the source tree
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -245,6 +249,118 @@ def test_policies_survive_a_restart():
     back = ok(C.alice, "Decrypt", {"CiphertextBlob": C.acme_blob,
                                    "EncryptionContext": {"tenant": "acme"}})
     check(len(base64.b64decode(back["Plaintext"])) == 32, "alice still decrypts")
+
+
+# ---- the audit log ---------------------------------------------------------------------
+
+
+AUDIT_TOOL = os.environ.get("P11KMS_AUDIT") or os.path.join(h.SRCDIR, "p11kms-audit")
+
+
+def audit_path():
+    return C.config + ".audit.log"
+
+
+def audit_lines():
+    with open(audit_path()) as f:
+        return [json.loads(line) for line in f]
+
+
+def verify(*files):
+    env = dict(os.environ, SOFTHSM2_CONF=C.token.conf)
+    r = subprocess.run([AUDIT_TOOL, "verify", "--config", C.config] + list(files), env=env,
+                       stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                       timeout=60)
+    return r.returncode, (r.stdout + r.stderr).decode("utf-8", "replace")
+
+
+@test
+def test_refusals_are_audited_and_no_secret_is():
+    d = ok(C.alice, "GenerateDataKey", {"KeyId": C.key, "KeySpec": "AES_256",
+                                        "EncryptionContext": {"tenant": "acme", "order": "42"}})
+    denied(C.bob, "Decrypt", {"CiphertextBlob": d["CiphertextBlob"],
+                              "EncryptionContext": {"tenant": "acme", "order": "42"}},
+           "kms:Decrypt", C.key, "a statement of the key policy denies it")
+    lines = audit_lines()
+    refusal = [x for x in lines if x.get("principal") == "bob" and x.get("operation") == "Decrypt"
+               and x.get("type") == "request"][-1]
+    eq((refusal["outcome"], refusal["decision"], refusal["key_arn"]),
+       ("AccessDeniedException", "deny NeverBobDecrypts", ARN + C.key), "the refusal's line")
+    eq(refusal["context_keys"], ["order", "tenant"], "context key names, not values")
+    check(len(refusal["context_digest"]) == 64, "a digest of the context")
+    check(refusal["key_version"] > 0 and refusal["latency_us"] >= 0, "version and latency")
+    made = [x for x in lines if x.get("principal") == "alice"
+            and x.get("operation") == "GenerateDataKey" and x.get("outcome") == "ok"][-1]
+    eq(made["decision"], "allow AliceUsesForAcme", "the allowing statement is named")
+    eq(made["context_digest"], refusal["context_digest"], "same context, same digest")
+    with open(audit_path()) as f:
+        text = f.read()
+    for secret, what in ((d["Plaintext"], "a data key"), ("acme", "a context value"),
+                         (C.alice.secret, "a secret access key"), (C.token.user_pin(), "the PIN")):
+        check(secret not in text, "%s is not in the audit log" % what)
+    rc, out = verify(audit_path())
+    eq(rc, 0, "p11kms-audit verify on the live log: %s" % out)
+
+
+@test
+def test_audit_failure_fails_closed():
+    """The log's file is rotated to a disk that is full (/dev/full): requests fail with
+    KMSInternalException and serve again as soon as the log can be written."""
+    log = audit_path()
+    os.rename(log, log + ".1")
+    os.symlink("/dev/full", log)
+    C.server.proc.send_signal(signal.SIGHUP)
+    deadline = time.monotonic() + 10
+    while "audit log:" not in C.server.stderr_text():
+        check(time.monotonic() < deadline, "the server reports the unwritable log")
+        time.sleep(0.05)
+    body = {"KeyId": C.other, "KeySpec": "AES_256"}
+    r = call(C.bob, "GenerateDataKey", body)
+    doc = h.check_error_response(r, "KMSInternalException", 500)
+    eq(doc["message"], "The request could not be audited", "message")
+    check("Plaintext" not in r.body.decode(), "no data key leaves unaudited")
+    r = call(C.bob, "DescribeKey", {"KeyId": C.other})
+    h.check_error_response(r, "KMSInternalException", 500)
+    m = h.raw_request(C.server.endpoint, method="GET", path="/metrics").body.decode()
+    check("p11kms_audit_write_failures_total 0\n" not in m, "the failures are counted")
+    os.remove(log)
+    ok(C.bob, "GenerateDataKey", body)
+    ok(C.bob, "DescribeKey", {"KeyId": C.other})
+    rc, out = verify(log + ".1", log)
+    eq(rc, 0, "the rotated file and the new one verify together: %s" % out)
+
+
+@test
+def test_sighup_adds_a_principal_without_a_failed_request():
+    carol = h.new_principal("carol")
+    failures, done = [], threading.Event()
+
+    def load():
+        while not done.is_set():
+            r = call(C.alice, "GenerateDataKey", {"KeyId": C.key, "KeySpec": "AES_256",
+                                                  "EncryptionContext": {"tenant": "acme"}})
+            if r.status != 200:
+                failures.append((r.status, r.body))
+
+    threads = [threading.Thread(target=load) for _ in range(4)]
+    for t in threads:
+        t.start()
+    try:
+        time.sleep(0.3)
+        h.write_credentials(C.ws.sub("credentials"), [C.admin, C.alice, C.bob, carol])
+        C.server.proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 10
+        while call(carol, "ListKeys", {}).status != 200:
+            check(time.monotonic() < deadline, "carol is known after SIGHUP")
+            time.sleep(0.05)
+        time.sleep(0.3)
+    finally:
+        done.set()
+        for t in threads:
+            t.join()
+    eq(failures, [], "requests that failed during the reload")
+    denied(carol, "GenerateDataKey", {"KeyId": C.key, "KeySpec": "AES_256"},
+           "kms:GenerateDataKey", C.key)
 
 
 if __name__ == "__main__":

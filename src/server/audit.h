@@ -1,0 +1,223 @@
+/*
+ * The tamper-evident audit log (DESIGN §7): one JSON line per request, each
+ * carrying the SHA-256 of the line before it, and every so often a checkpoint
+ * line MAC'd inside the token with a key that never leaves it. The token also
+ * keeps, per log, the sequence number of the latest checkpoint, so a log cut
+ * short after a checkpoint is noticed too. `p11kms-audit verify` checks it all.
+ *
+ * A "log" is one server run (a random 128-bit id); a file may hold several
+ * logs one after another (restarts append), and one log may span several
+ * files (rotation). Lines are written with one write(2) each and end in '\n';
+ * hashes cover the bytes before it. Members are in strcmp order, except a
+ * checkpoint's "mac", which is always last:
+ *
+ *   {"context_digest":"<64 hex>","context_keys":["k",...],"decision":"...",
+ *    "key_arn":"...","key_version":N,"latency_us":N,"log":"<32 hex>",
+ *    "operation":"...","outcome":"ok"|"<AWS error type>","prev":"<64 hex>",
+ *    "principal":"...","request_id":"...","seq":N,"source":"ip:port",
+ *    "time":"YYYY-MM-DDTHH:MM:SS.mmmZ","type":"request","v":1}
+ *   {"key":"<32 hex>","kind":"open|periodic|rotate|close","log":..,"prev":..,
+ *    "seq":N,"time":..,"type":"checkpoint","v":1,"mac":"<64 hex>"}
+ *   {"log":..,"prev":..,"reason":"sighup|recover","seq":N,"time":..,"type":"reopen","v":1}
+ *
+ * context_*, decision, key_arn and key_version are left out when the request
+ * has none. "seq" counts the lines of one log from 1, its "open" checkpoint.
+ * "prev" is the hex SHA-256 of the line written before: the last line of
+ * the file (whatever log wrote it) for an "open" checkpoint, 64 zeros when
+ * the file was empty; the log's previous line, in the file it left, for a
+ * "reopen" line, which begins every file the log goes on in (after SIGHUP, or
+ * after a failure when the path now names another file). A "rotate"
+ * checkpoint is the last line of a file the log left on SIGHUP.
+ *
+ * A checkpoint's MAC is CKM_SHA256_HMAC, in the token, under the key whose
+ * CKA_ID is "key", of the line's bytes up to `,"mac":"` followed by `}`: the
+ * checkpoint without its mac member, as kms_audit_checkpoint_body makes it.
+ *
+ * Never in the log: key material, plaintext, encryption-context values (only
+ * their names and an HMAC of the canonical context under a per-log key
+ * derived in the token), PINs or secrets.
+ */
+#ifndef P11KMS_AUDIT_H
+#define P11KMS_AUDIT_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "common/buf.h"
+#include "hsm/hsm.h"
+
+/* The token objects. */
+#define KMS_AUDIT_KEY_LABEL "p11kms-audit-key"  /* CKO_SECRET_KEY, CKK_GENERIC_SECRET */
+#define KMS_AUDIT_APPLICATION "p11kms-audit"    /* CKO_DATA per log: its latest checkpoint */
+#define KMS_AUDIT_RECORD_PREFIX "p11kms-audit:" /* record label: prefix log:seq:hash16 */
+#define KMS_AUDIT_OID "p11kms-audit-log"        /* the records' CKA_OBJECT_ID (16 bytes) */
+
+#define KMS_AUDIT_LOG_ID_LEN 16 /* bytes; 32 hex in the log */
+#define KMS_AUDIT_KEY_ID_LEN 16 /* the key's CKA_ID */
+#define KMS_AUDIT_TIME_LEN 24   /* "2024-01-02T03:04:05.678Z" */
+
+struct kms_audit_config {
+    const char *path;            /* the log file; opened O_APPEND, created 0600 */
+    unsigned checkpoint_lines;   /* a checkpoint after this many lines; 0: 1000 */
+    unsigned checkpoint_seconds; /* and at most this long after a line; 0: 60 */
+};
+
+/* One request. Strings are copied into the line; NULL strings are written as "". */
+struct kms_audit_record {
+    const char *request_id; /* uuid text */
+    const char *principal;  /* "" when unauthenticated */
+    const char *source;     /* client address "ip:port" */
+    const char *operation;  /* "GenerateDataKey", or "none" */
+    const char *key_arn;    /* NULL when none */
+    uint32_t key_version;   /* 0 when none */
+    const struct kms_buf
+        *context;         /* canonical encryption context (kms_context_canonical) or NULL */
+    const char *outcome;  /* "ok" or the AWS error type */
+    const char *decision; /* policy decision, e.g. "allow #0"; NULL: none */
+    uint64_t latency_us;
+};
+
+struct kms_audit;
+
+/*
+ * Opens (creating if need be) the log at cfg->path and starts a new log: a
+ * random log id, the token's audit key (made on first start), a record of the
+ * log in the token, the "open" checkpoint, and a thread that writes periodic
+ * checkpoints. Uses one token session for a moment; the hsm must outlive the
+ * log. Any failure is an error: the server must not serve without its log.
+ */
+KMS_MUST_CHECK kms_err kms_audit_open(const struct kms_audit_config *cfg, struct kms_hsm *hsm,
+                                      struct kms_audit **out);
+/*
+ * Writes one line. Thread-safe; lines are in seq order. KMS_ERR_INTERNAL when
+ * the line could not be written (nothing of it stays in the file and the chain
+ * does not advance): the caller fails the request with KMSInternalException.
+ * After a failure the next call opens the path again: if it names another file
+ * now (the old one was removed, or could not be opened), that file starts with
+ * a "reopen" line. Never uses the token.
+ */
+KMS_MUST_CHECK kms_err kms_audit_write(struct kms_audit *a, const struct kms_audit_record *r);
+/*
+ * SIGHUP, after log rotation: when the path names another file than the one
+ * being written, seals the old file with a "rotate" checkpoint and continues
+ * the log in a new file at the path, starting with a "reopen" line. When the
+ * new file cannot be opened the error is returned and requests fail (fail
+ * closed) until kms_audit_write manages to open it. Uses a token session.
+ */
+KMS_MUST_CHECK kms_err kms_audit_reopen(struct kms_audit *a);
+/* Writes a checkpoint now (when lines were written since the last). Uses a token session. */
+KMS_MUST_CHECK kms_err kms_audit_checkpoint(struct kms_audit *a);
+/* The log id (32 hex), as in the log's "log" members and the token's record. */
+const char *kms_audit_id(const struct kms_audit *a);
+/* Stops the checkpoint thread, writes the "close" checkpoint, frees. NULL is fine. */
+void kms_audit_close(struct kms_audit *a);
+
+/* ---- line formats: for the writer, the verify tool and the tests -------------------- */
+
+/* "YYYY-MM-DDTHH:MM:SS.mmmZ" (UTC); out holds KMS_AUDIT_TIME_LEN + 1 bytes. */
+void kms_audit_format_time(int64_t sec, long nsec, char out[KMS_AUDIT_TIME_LEN + 1]);
+
+/* Appends s as a JSON string; invalid UTF-8 becomes U+FFFD. */
+KMS_MUST_CHECK kms_err kms_audit_json_string(struct kms_buf *out, const char *s, size_t n);
+
+/* HMAC-SHA256 of a canonical context under the log's digest key, as 64 hex. */
+KMS_MUST_CHECK kms_err kms_audit_context_digest(const uint8_t key[32],
+                                                const struct kms_buf *context, char hex[65]);
+
+/*
+ * A request line with three holes (prev, seq, time) filled under the log's
+ * lock; built beforehand, off the lock.
+ */
+struct kms_audit_template {
+    struct kms_buf text;
+    size_t at_prev, at_seq, at_time; /* offsets of the holes in text */
+};
+/* digest_key may be NULL only when r->context is NULL. */
+KMS_MUST_CHECK kms_err kms_audit_template_build(const struct kms_audit_record *r,
+                                                const char *log_id, const uint8_t *digest_key,
+                                                struct kms_audit_template *out);
+/* Appends the finished line (without '\n') to line. */
+KMS_MUST_CHECK kms_err kms_audit_template_fill(const struct kms_audit_template *t, uint64_t seq,
+                                               const uint8_t prev[32], const char *time,
+                                               struct kms_buf *line);
+void kms_audit_template_free(struct kms_audit_template *t);
+
+/* The checkpoint without its mac: the bytes the MAC covers. */
+KMS_MUST_CHECK kms_err kms_audit_checkpoint_body(const char *key_hex, const char *kind,
+                                                 const char *log_id, uint64_t seq,
+                                                 const uint8_t prev[32], const char *time,
+                                                 struct kms_buf *out);
+/* body with `,"mac":"<hex>"}` in place of its final '}'. */
+KMS_MUST_CHECK kms_err kms_audit_checkpoint_line(const struct kms_buf *body, const uint8_t mac[32],
+                                                 struct kms_buf *line);
+/* reason: "sighup" or "recover". */
+KMS_MUST_CHECK kms_err kms_audit_reopen_line(const char *log_id, uint64_t seq,
+                                             const uint8_t prev[32], const char *time,
+                                             const char *reason, struct kms_buf *line);
+
+/* ---- verifying: the core of `p11kms-audit verify`, without the token ---------------- */
+
+/* What the token records for one log: its latest checkpoint. */
+struct kms_audit_token_record {
+    char log[2 * KMS_AUDIT_LOG_ID_LEN + 1];
+    uint64_t seq;  /* 0: no checkpoint yet */
+    char hash[17]; /* first 16 hex of that checkpoint line's SHA-256; "" with seq 0 */
+};
+/* Parses "p11kms-audit:<log>:<seq>:<hash16>"; 0 when it is not one. */
+int kms_audit_record_label_parse(const char *label, size_t n, struct kms_audit_token_record *out);
+/* Formats a record's label; out holds 80 bytes. */
+void kms_audit_record_label(const char *log_id, uint64_t seq, const uint8_t hash[32], char out[80]);
+
+/*
+ * Checks a checkpoint's MAC: 1 when it verifies, 0 when it does not, -1 when
+ * the key named by key_hex is not there.
+ */
+typedef int (*kms_audit_mac_check)(void *arg, const char *key_hex, const uint8_t *body, size_t n,
+                                   const uint8_t mac[32]);
+
+struct kms_audit_verify_config {
+    kms_audit_mac_check mac; /* NULL: MACs not checked */
+    void *mac_arg;
+    /* With have_records, every log must have a record and reach its checkpoint. */
+    const struct kms_audit_token_record *records;
+    size_t nrecords;
+    int have_records;
+};
+
+enum kms_audit_finding {
+    KMS_AUDIT_INTACT,
+    KMS_AUDIT_NOT_JSON,     /* "not JSON" */
+    KMS_AUDIT_NOT_AUDIT,    /* JSON, but not an audit line */
+    KMS_AUDIT_CHANGED,      /* "changed" */
+    KMS_AUDIT_MISSING,      /* lines removed before this one (or from here to the end) */
+    KMS_AUDIT_OUT_OF_ORDER, /* "out of order" */
+    KMS_AUDIT_INSERTED,     /* "inserted" */
+    KMS_AUDIT_BAD_MAC,      /* "checkpoint MAC does not verify" */
+    KMS_AUDIT_UNKNOWN_KEY,  /* the checkpoint's key is not in the token */
+    KMS_AUDIT_NO_RECORD,    /* the log has no record in the token */
+};
+
+struct kms_audit_report {
+    enum kms_audit_finding finding;
+    const char *file; /* as given to kms_audit_verify_file; NULL when intact */
+    uint64_t line;    /* 1-based, in that file */
+    char text[400];   /* "line 7: changed (its hash does not match line 8's prev)" */
+    uint64_t lines, logs, checkpoints, macs_checked;
+    int continues; /* the last log ends with a "rotate" checkpoint: it goes on in a later file */
+};
+
+struct kms_audit_verifier;
+
+KMS_MUST_CHECK kms_err kms_audit_verifier_new(const struct kms_audit_verify_config *cfg,
+                                              struct kms_audit_verifier **out);
+/* The lines that follow come from this file (name kept, not copied); numbering restarts. */
+void kms_audit_verify_file(struct kms_audit_verifier *v, const char *name);
+/*
+ * One line, without its '\n' (complete: 0 when the file ended without one).
+ * Returns 1 when the first problem is settled: stop feeding, then finish.
+ */
+int kms_audit_verify_line(struct kms_audit_verifier *v, const char *line, size_t n, int complete);
+/* Settles what is pending and fills out; the verifier is freed. */
+void kms_audit_verify_finish(struct kms_audit_verifier *v, struct kms_audit_report *out);
+
+#endif

@@ -1,0 +1,653 @@
+#!/usr/bin/python3
+"""The tamper-evident audit log (src/server/audit.c) against a fresh SoftHSM2
+token, through tests/unit/audit_writer (opens the log, writes records, reopens,
+closes) and `p11kms-audit verify`: an untouched log verifies, and each kind of
+tampering is named at its line; the log fails closed when it cannot be written
+and recovers when it can; rotation, restarts, timed checkpoints and the token
+objects. TAP output."""
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+
+sys.dont_write_bytecode = True  # keep __pycache__ out of the source tree
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import faultmod  # noqa: E402
+import harness as h  # noqa: E402
+from harness import check, eq  # noqa: E402
+
+T = h.TapRunner()
+test = T.test
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+BUILD = os.path.normpath(os.path.join(HERE, "..", ".."))
+AUDIT = os.environ.get("P11KMS_AUDIT") or os.path.join(BUILD, "p11kms-audit")
+WRITER = os.environ.get("P11KMS_AUDIT_WRITER") or os.path.join(BUILD, "tests", "unit",
+                                                               "audit_writer")
+SECRET_VALUES = ("secret-tenant-acme", "audit-test")  # the writer's context values
+HEX64 = re.compile(r"^[0-9a-f]{64}$")
+REQUEST_FIELDS = {"context_digest", "context_keys", "decision", "key_arn", "key_version",
+                  "latency_us", "log", "operation", "outcome", "prev", "principal", "request_id",
+                  "seq", "source", "time", "type", "v"}
+
+
+class Ctx:
+    ws = None
+    token = None
+    config = None
+    base = None      # the lines (with '\n') of a log written once in set-up
+    base_id = None   # its log id
+
+
+C = Ctx()
+
+
+class Writer:
+    """tests/unit/audit_writer on C.token: one command, one answer."""
+
+    def __init__(self, path, lines=1000, seconds=3600, config=None, token=None, env=None):
+        token = token or C.token
+        env = h.server_env(dict(env or {}, SOFTHSM2_CONF=token.conf))
+        self.proc = subprocess.Popen([WRITER, config or C.config, path, str(lines), str(seconds)],
+                                     env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, text=True)
+        first = self.proc.stdout.readline().strip()
+        if not first.startswith("open "):
+            self.proc.kill()
+            raise AssertionError("audit_writer did not open the log: %r %r"
+                                 % (first, self.proc.stderr.read()))
+        self.log_id = first[5:]
+
+    def cmd(self, text):
+        self.proc.stdin.write(text + "\n")
+        self.proc.stdin.flush()
+        return self.proc.stdout.readline().strip()
+
+    def ok(self, text):
+        eq(self.cmd(text), "ok", text)
+
+    def fails_closed(self, text):
+        answer = self.cmd(text)
+        check(answer.startswith("error KMSInternalException "),
+              "%s fails with KMSInternalException: %r" % (text, answer))
+        return answer
+
+    def close(self):
+        out, err = self.proc.communicate("close\n", timeout=30)
+        eq((self.proc.returncode, out.strip()), (0, "closed"), "audit_writer closed (stderr %r)"
+           % err)
+        return err
+
+
+def verify(*paths, config=True, env_token=None):
+    args = [AUDIT, "verify"] + (["--config", config if isinstance(config, str) else C.config]
+                                if config else []) + list(paths)
+    env = h.server_env({"SOFTHSM2_CONF": (env_token or C.token).conf})
+    r = subprocess.run(args, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                       stderr=subprocess.PIPE, text=True, timeout=60)
+    return r.returncode, r.stdout.strip(), r.stderr.strip()
+
+
+def read_lines(path):
+    with open(path) as f:
+        return f.readlines()
+
+
+def write_lines(name, lines):
+    path = C.ws.sub(name)
+    with open(path, "w") as f:
+        f.writelines(lines)
+    return path
+
+
+def expect_problem(name, lines, report, config=True):
+    """Writes lines to a file, verifies it and checks the report, which must
+    begin with "FILE: " + report."""
+    path = write_lines(name, lines)
+    status, out, err = verify(path, config=config)
+    h.diag(out)
+    eq(status, 1, "verify's exit status (stdout %r, stderr %r)" % (out, err))
+    check(out.startswith(path + ": " + report), "report %r starts with %r" % (out, report))
+
+
+def expect_intact(*paths, config=True):
+    status, out, err = verify(*paths, config=config)
+    eq(status, 0, "verify's exit status (stdout %r, stderr %r)" % (out, err))
+    check(out.startswith("intact: "), "intact: %r" % out)
+    return out
+
+
+def kinds(lines):
+    """(type, kind or reason) of each line."""
+    out = []
+    for line in lines:
+        d = json.loads(line)
+        out.append((d["type"], d.get("kind") or d.get("reason")))
+    return out
+
+
+def setup():
+    C.ws = h.Workspace()
+    C.token = h.make_token(C.ws.sub("token"), "p11kms-audit-it")
+    C.config = h.write_config(C.ws.sub("p11kmsd.conf"), C.token, C.ws.sub("credentials"))
+    # 34 lines: the opening checkpoint, 12 records, a checkpoint (line 14), 12
+    # records, a checkpoint (line 27), 6 records, the closing checkpoint.
+    path = C.ws.sub("base.log")
+    w = Writer(path)
+    C.base_id = w.log_id
+    w.ok("write 12")
+    w.ok("checkpoint")
+    w.ok("write 12")
+    w.ok("checkpoint")
+    w.ok("write 6")
+    w.close()
+    C.base = read_lines(path)
+
+
+def teardown():
+    h.finish(T, C.ws, None)
+
+
+# ---- the untouched log and its format -------------------------------------------
+
+
+@test
+def test_untouched_log_verifies():
+    eq(len(C.base), 34, "lines in the base log")
+    out = expect_intact(C.ws.sub("base.log"))
+    check(out.startswith("intact: 34 lines, 1 logs, 4 checkpoints; 4 checkpoint MACs verified"),
+          "summary with --config: %r" % out)
+    out = expect_intact(C.ws.sub("base.log"), config=False)
+    check("checkpoint MACs and truncation not checked" in out, "summary without --config: %r" % out)
+
+
+@test
+def test_line_format():
+    k = kinds(C.base)
+    eq(k[0], ("checkpoint", "open"), "line 1")
+    eq((k[13], k[26], k[33]), (("checkpoint", "periodic"),) * 2 + (("checkpoint", "close"),),
+       "lines 14, 27, 34")
+    prev = "0" * 64
+    for n, line in enumerate(C.base, 1):
+        d = json.loads(line)
+        eq((d["v"], d["seq"], d["log"]), (1, n, C.base_id), "line %d: v, seq, log" % n)
+        eq(d["prev"], prev, "line %d: prev is the SHA-256 of line %d" % (n, n - 1))
+        prev = hashlib.sha256(line.rstrip("\n").encode()).hexdigest()
+        check(re.match(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$", d["time"]),
+              "line %d: time %r" % (n, d["time"]))
+        if d["type"] == "request":
+            body = line.rstrip("\n")
+            eq(json.dumps(d, sort_keys=True, separators=(",", ":")), body,
+               "line %d: compact JSON with sorted keys" % n)
+        else:
+            check(line.rstrip("\n").endswith('"mac":"%s"}' % d["mac"]),
+                  "line %d: mac is the last member" % n)
+            check(HEX64.match(d["mac"]), "line %d: mac is hex" % n)
+    r = json.loads(C.base[1])
+    eq(set(r), REQUEST_FIELDS, "a request line's members")
+    eq((r["principal"], r["source"], r["operation"], r["outcome"], r["decision"],
+        r["key_version"]), ("tester", "127.0.0.1:40000", "Encrypt", "ok", "allow #0", 3),
+       "record fields")
+    eq(r["context_keys"], ["purpose", "tenant"], "context key names, in canonical order")
+    check(HEX64.match(r["context_digest"]), "context digest is 64 hex")
+    # Keyed: not a plain SHA-256 of the canonical context, and the same within one log.
+    canonical = b"".join([(2).to_bytes(4, "big"),
+                          (7).to_bytes(4, "big"), b"purpose", (10).to_bytes(4, "big"),
+                          b"audit-test", (6).to_bytes(4, "big"), b"tenant",
+                          (18).to_bytes(4, "big"), b"secret-tenant-acme"])
+    check(r["context_digest"] != hashlib.sha256(canonical).hexdigest(),
+          "the digest is not a plain SHA-256 of the context")
+    digests = {json.loads(x).get("context_digest") for x in C.base} - {None}
+    eq(len(digests), 1, "one digest for one context within a log")
+    # a record without a context, and a denied one
+    d = json.loads(C.base[3])
+    check("context_keys" not in d and "context_digest" not in d, "no context members: %r" % d)
+    d = json.loads(C.base[4])
+    eq((d["outcome"], d["decision"]), ("AccessDeniedException", "deny (implicit)"), "denied")
+
+
+@test
+def test_no_secrets_in_the_log():
+    text = "".join(C.base)
+    for value in SECRET_VALUES + (C.token.user_pin(),):
+        check(value not in text, "%r is not in the log" % value)
+
+
+# ---- tampering --------------------------------------------------------------------
+
+
+@test
+def test_edit_a_field():
+    lines = list(C.base)
+    lines[6] = lines[6].replace('"principal":"tester"', '"principal":"admin"')
+    check(lines[6] != C.base[6], "line 7 edited")
+    expect_problem("edit.log", lines, "line 7: changed (its hash does not match line 8's prev)")
+    expect_problem("edit.log", lines, "line 7: changed", config=False)
+    # the last record before a checkpoint: the checkpoint's MAC vouches for its prev
+    lines = list(C.base)
+    lines[12] = lines[12].replace('"principal":"tester"', '"principal":"admin"')
+    check(lines[12] != C.base[12], "line 13 edited")
+    expect_problem("edit13.log", lines, "line 13: changed (its hash does not match line 14's prev)")
+    # the prev member itself
+    lines = list(C.base)
+    d = json.loads(lines[9])
+    lines[9] = lines[9].replace(d["prev"], "f" * 64)
+    expect_problem("edit-prev.log", lines, "line 10: changed (its prev does not match line 9)")
+    # the seq member
+    lines = list(C.base)
+    lines[9] = lines[9].replace('"seq":10,', '"seq":12,')
+    expect_problem("edit-seq.log", lines, "line 10: changed (seq 12 where 10 was expected")
+
+
+@test
+def test_edit_a_checkpoint():
+    lines = list(C.base)
+    lines[13] = lines[13].replace('"kind":"periodic"', '"kind":"close"')
+    expect_problem("edit-cp.log", lines, "line 14: checkpoint MAC does not verify")
+    expect_problem("edit-cp.log", lines, "line 14: changed", config=False)
+    # the last line: only its MAC can tell
+    lines = list(C.base)
+    lines[33] = lines[33].replace('"kind":"close"', '"kind":"periodic"')
+    expect_problem("edit-last.log", lines, "line 34: checkpoint MAC does not verify")
+    # a checkpoint naming a key the token does not hold
+    lines = list(C.base)
+    key = json.loads(lines[13])["key"]
+    lines[13] = lines[13].replace(key, "0" * 32)
+    expect_problem("edit-key.log", lines, "line 14: checkpoint made with key %s, which the token "
+                   "does not hold" % ("0" * 32))
+
+
+@test
+def test_delete_a_line():
+    lines = list(C.base)
+    del lines[8]
+    expect_problem("delete.log", lines,
+                   "line 9: a line is missing before it (seq 9 expected, 10 found)")
+    expect_problem("delete.log", lines, "line 9: a line is missing before it", config=False)
+    lines = list(C.base)
+    del lines[8:11]
+    expect_problem("delete3.log", lines,
+                   "line 9: lines are missing before it (seq 9 expected, 12 found)")
+    expect_problem("delete-first.log", C.base[1:], "line 1: lines are missing before it")
+    expect_problem("delete-last.log", C.base[:-1],
+                   "line 34: missing (the file ends at line 33 with seq 33 of log %s, but the "
+                   "token records its checkpoint seq 34)" % C.base_id)
+
+
+@test
+def test_swap_two_lines():
+    lines = list(C.base)
+    lines[19], lines[20] = lines[20], lines[19]
+    expect_problem("swap.log", lines, "line 20: out of order (seq 21 where 20 was expected; seq 20 "
+                   "is at line 21)")
+    expect_problem("swap.log", lines, "line 20: out of order", config=False)
+    # a line moved further down
+    lines = list(C.base)
+    moved = lines.pop(4)
+    lines.insert(9, moved)
+    expect_problem("move.log", lines, "line 5: out of order (seq 6 where 5 was expected; seq 5 is "
+                   "at line 10)")
+
+
+@test
+def test_truncate_after_a_checkpoint():
+    lines = C.base[:27]  # ends with the checkpoint on line 27
+    eq(kinds(lines)[-1], ("checkpoint", "periodic"), "the last line left")
+    expect_problem("truncated.log", lines,
+                   "line 28: missing (the file ends at line 27 with seq 27 of log %s, but the "
+                   "token records its checkpoint seq 34)" % C.base_id)
+    # without the token the chain is whole: the tool says what it could not check
+    path = write_lines("truncated.log", lines)
+    status, out, _ = verify(path, config=False)
+    eq(status, 0, "without --config")
+    check("truncation not checked" in out, "says truncation was not checked: %r" % out)
+
+
+@test
+def test_insert_a_copied_line():
+    lines = list(C.base)
+    lines.insert(10, C.base[4])
+    expect_problem("insert.log", lines, "line 11: inserted (seq 5 repeats line 5)")
+    lines = list(C.base)
+    lines.insert(5, C.base[4])
+    expect_problem("insert-adjacent.log", lines, "line 6: inserted (a copy of line 5)")
+    # a made-up line that chains correctly to the line before it: the next line skips it
+    lines = list(C.base)
+    fake = json.loads(C.base[5])
+    fake["principal"] = "mallory"
+    fake["prev"] = hashlib.sha256(C.base[4].rstrip("\n").encode()).hexdigest()
+    lines.insert(5, json.dumps(fake, sort_keys=True, separators=(",", ":")) + "\n")
+    expect_problem("insert-fake.log", lines, "line 6: inserted")
+
+
+@test
+def test_not_an_audit_line():
+    lines = list(C.base)
+    lines[3] = "this is not JSON\n"
+    expect_problem("garbage.log", lines, "line 4: not JSON")
+    lines = list(C.base)
+    lines[3] = '{"hello":"world"}\n'
+    expect_problem("alien.log", lines, "line 4: not an audit line")
+
+
+@test
+def test_wrong_token():
+    other = h.make_token(C.ws.sub("token2"), "p11kms-audit-other")
+    config = h.write_config(C.ws.sub("other.conf"), other, C.ws.sub("credentials"))
+    status, out, err = verify(C.ws.sub("base.log"), config=config, env_token=other)
+    eq(status, 1, "exit status (%r %r)" % (out, err))
+    check(": line 1: checkpoint made with key " in out and "does not hold" in out,
+          "the key is not in that token: %r" % out)
+
+
+# ---- restarts, rotation, checkpoints --------------------------------------------------
+
+
+@test
+def test_restart_appends_to_the_chain():
+    path = C.ws.sub("restart.log")
+    shutil.copy(C.ws.sub("base.log"), path)
+    w = Writer(path)
+    w.ok("write 3")
+    w.close()
+    lines = read_lines(path)
+    eq(len(lines), 34 + 5, "lines after the second run")
+    second = json.loads(lines[34])
+    eq((second["type"], second["kind"], second["seq"]), ("checkpoint", "open", 1), "line 35")
+    eq(second["prev"], hashlib.sha256(lines[33].rstrip("\n").encode()).hexdigest(),
+       "the second log chains to the first log's last line")
+    out = expect_intact(path)
+    check(out.startswith("intact: 39 lines, 2 logs"), "two logs: %r" % out)
+    # the end of the first run removed: the token knows where it ended
+    cut = lines[:33] + lines[34:]
+    expect_problem("restart-cut.log", cut, "line 34: lines are missing before it (log %s ends at "
+                   "line 33 with seq 33, but the token records its checkpoint seq 34)" % C.base_id)
+    # the whole second run removed but for its opening line
+    expect_problem("restart-tail.log", lines[:35], "line 36: missing")
+
+
+@test
+def test_rotation_and_sighup():
+    d = C.ws.sub("rot")
+    os.mkdir(d)
+    path = os.path.join(d, "audit.log")
+    w = Writer(path)
+    w.ok("write 5")
+    w.ok("reopen")  # nothing rotated: nothing happens
+    eq(len(read_lines(path)), 6, "a reopen without rotation writes nothing")
+    os.rename(path, path + ".1")
+    w.ok("write 2")  # still to the moved file, as until SIGHUP
+    w.ok("reopen")
+    w.ok("write 4")
+    w.close()
+    old, new = read_lines(path + ".1"), read_lines(path)
+    eq(kinds(old)[-1], ("checkpoint", "rotate"), "the old file ends with a rotate checkpoint")
+    eq(kinds(new)[0], ("reopen", "sighup"), "the new file begins with a reopen line")
+    eq(json.loads(new[0])["prev"], hashlib.sha256(old[-1].rstrip("\n").encode()).hexdigest(),
+       "the new file chains to the old one")
+    expect_intact(path + ".1", path)
+    expect_intact(path)
+    out = expect_intact(path + ".1")
+    check("goes on in a later file" in out, "the old file alone says so: %r" % out)
+    # the new file with its head cut
+    expect_problem("rot-head.log", new[2:], "line 1: lines are missing before it")
+    # the files out of order
+    status, out, _ = verify(path, path + ".1")
+    eq(status, 1, "files given newest first: %r" % out)
+
+
+@test
+def test_timed_checkpoint():
+    path = C.ws.sub("timed.log")
+    w = Writer(path, lines=1000, seconds=1)
+    w.ok("write 1")
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and len(read_lines(path)) < 3:
+        time.sleep(0.1)
+    eq(kinds(read_lines(path)), [("checkpoint", "open"), ("request", None),
+                                 ("checkpoint", "periodic")], "a checkpoint a second after a line")
+    time.sleep(1.5)
+    eq(len(read_lines(path)), 3, "no checkpoints while idle")
+    # the token already records it: cutting it off is seen while the writer still runs
+    expect_problem("timed-cut.log", read_lines(path)[:2], "line 3: missing")
+    w.close()
+    expect_intact(path)
+
+
+@test
+def test_checkpoint_every_n_lines():
+    path = C.ws.sub("counted.log")
+    w = Writer(path, lines=5, seconds=3600)
+    for _ in range(12):
+        w.ok("write 1")
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and kinds(read_lines(path)).count(("checkpoint",
+                                                                         "periodic")) < 2:
+        time.sleep(0.05)
+        w.ok("write 1")
+    w.close()
+    k = kinds(read_lines(path))
+    check(k.count(("checkpoint", "periodic")) >= 2, "periodic checkpoints: %r" % k)
+    expect_intact(path)
+
+
+@test
+def test_concurrent_writers():
+    path = C.ws.sub("threads.log")
+    w = Writer(path, lines=50, seconds=1)
+    w.ok("threads 8 250")
+    os.rename(path, path + ".1")  # rotated while lines keep coming
+    w.cmd("reopen")
+    w.ok("threads 8 250")
+    w.close()
+    old, new = read_lines(path + ".1"), read_lines(path)
+    k = kinds(old) + kinds(new)
+    eq(k.count(("request", None)), 4000, "every record written once")
+    check(k.count(("checkpoint", "periodic")) >= 2, "periodic checkpoints among them")
+    eq([json.loads(x)["seq"] for x in old + new], list(range(1, len(k) + 1)),
+       "seq follows the order of the lines")
+    expect_intact(path + ".1", path)
+
+
+@test
+def test_hung_token_does_not_stop_lines():
+    faults = faultmod.FaultControl(C.ws.sub("faults"))
+    config = h.write_config(C.ws.sub("faulted.conf"), C.token, C.ws.sub("credentials"),
+                            module=faultmod.faultmod_module())
+    path = C.ws.sub("hung.log")
+    w = Writer(path, lines=5, seconds=3600, config=config, env=faults.env())
+    w.ok("write 2")
+    faults.stall("C_Sign")  # until cleared
+    w.ok("write 3")  # the 5th line since the opening checkpoint wakes the checkpoint thread
+    faults.wait_stalling("C_Sign", n=1, timeout=10)
+    t0 = time.monotonic()
+    w.ok("threads 4 25")
+    took = time.monotonic() - t0
+    check(took < 2, "lines are written while the token hangs in a checkpoint (%.2f s)" % took)
+    eq(kinds(read_lines(path)).count(("checkpoint", "periodic")), 0, "no checkpoint yet")
+    faults.clear()
+    w.close()
+    k = kinds(read_lines(path))
+    check(("checkpoint", "periodic") in k, "the checkpoint was written once the token answered")
+    expect_intact(path)
+
+
+# ---- failing closed -----------------------------------------------------------------
+
+
+@test
+def test_unwritable_directory_fails_closed():
+    d = C.ws.sub("closed")
+    os.mkdir(d, 0o700)
+    path = os.path.join(d, "audit.log")
+    w = Writer(path)
+    w.ok("write 3")
+    files = []
+    # Rotated, and the new file cannot be made: here a directory in its place,
+    # which stops root too.
+    os.rename(path, path + ".1")
+    files.append(path + ".1")
+    os.mkdir(path)
+    w.fails_closed("reopen")
+    w.fails_closed("write 1")
+    w.fails_closed("write 1")
+    os.rmdir(path)
+    w.ok("write 2")
+    if os.geteuid() != 0:
+        # and the directory itself read-only (root would write anyway)
+        os.rename(path, path + ".2")
+        files.append(path + ".2")
+        os.chmod(d, 0o500)
+        try:
+            w.fails_closed("reopen")
+            w.fails_closed("write 1")
+        finally:
+            os.chmod(d, 0o700)
+        w.ok("write 1")
+    else:
+        h.diag("running as root: the read-only directory case is not tried")
+    # the log removed while the directory cannot take a new one
+    os.rename(path, path + ".3")
+    files.append(path + ".3")
+    os.unlink(path + ".3")  # its lines are gone: keep a copy for the chain check
+    os.rename(d, d + "-away")
+    open(d, "w").close()  # a file where the directory was: nothing can be opened below it
+    try:
+        w.fails_closed("write 1")
+    finally:
+        os.unlink(d)
+        os.rename(d + "-away", d)
+    w.ok("write 1")
+    err = w.close()
+    check("requests fail until it can be written" in err, "the failure is logged: %r" % err)
+    first = read_lines(files[0])
+    eq(kinds(first)[-1], ("checkpoint", "rotate"), "the first file was sealed")
+    expect_intact(*files[:-1])
+    new = read_lines(path)
+    eq(kinds(new)[0], ("reopen", "recover"), "the file made after the failure begins so")
+    expect_intact(path)
+
+
+@test
+def test_write_error_fails_closed():
+    d = C.ws.sub("full")
+    os.mkdir(d, 0o700)
+    path = os.path.join(d, "audit.log")
+    w = Writer(path)
+    w.ok("write 2")
+    # Rotated onto a device that takes no bytes (ENOSPC): opened, but every write fails.
+    os.rename(path, path + ".1")
+    os.symlink("/dev/full", path)
+    w.fails_closed("reopen")
+    w.fails_closed("write 1")
+    w.fails_closed("write 3")
+    os.unlink(path)
+    w.ok("write 2")
+    w.close()
+    new = read_lines(path)
+    eq(kinds(new), [("reopen", "recover"), ("request", None), ("request", None),
+                    ("checkpoint", "close")], "the new file")
+    eq(json.loads(new[0])["seq"], json.loads(read_lines(path + ".1")[-1])["seq"] + 1,
+       "the chain did not advance on failed writes")
+    expect_intact(path + ".1", path)
+
+
+@test
+def test_cannot_open_at_start():
+    d = C.ws.sub("nodir")
+    path = os.path.join(d, "missing", "audit.log")
+    env = h.server_env({"SOFTHSM2_CONF": C.token.conf})
+    r = subprocess.run([WRITER, C.config, path], env=env, stdin=subprocess.DEVNULL,
+                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, timeout=30)
+    eq(r.returncode, 1, "the log does not open (stdout %r)" % r.stdout)
+    check(r.stdout.startswith("error KMSInternalException cannot open the audit log " + path),
+          "the error names the file: %r" % r.stdout)
+
+
+# ---- the token's objects and the tool ------------------------------------------------
+
+
+@test
+def test_token_objects():
+    import PyKCS11
+
+    lib = PyKCS11.PyKCS11Lib()
+    os.environ["SOFTHSM2_CONF"] = C.token.conf
+    lib.load(h.SOFTHSM_MODULE)
+    slot = [s for s in lib.getSlotList(tokenPresent=True)
+            if lib.getTokenInfo(s).label.strip() == C.token.label][0]
+    session = lib.openSession(slot, PyKCS11.CKF_SERIAL_SESSION)
+    session.login(C.token.user_pin())
+    try:
+        keys = session.findObjects([(PyKCS11.CKA_CLASS, PyKCS11.CKO_SECRET_KEY)])
+        eq(len(keys), 1, "secret keys: the audit key only, made once for every run")
+        attrs = [PyKCS11.CKA_LABEL, PyKCS11.CKA_KEY_TYPE, PyKCS11.CKA_VALUE_LEN,
+                 PyKCS11.CKA_TOKEN, PyKCS11.CKA_PRIVATE, PyKCS11.CKA_SENSITIVE,
+                 PyKCS11.CKA_EXTRACTABLE, PyKCS11.CKA_ALWAYS_SENSITIVE,
+                 PyKCS11.CKA_NEVER_EXTRACTABLE, PyKCS11.CKA_SIGN, PyKCS11.CKA_VERIFY,
+                 PyKCS11.CKA_ENCRYPT, PyKCS11.CKA_DECRYPT, PyKCS11.CKA_WRAP, PyKCS11.CKA_UNWRAP,
+                 PyKCS11.CKA_DERIVE]
+        got = session.getAttributeValue(keys[0], attrs)
+        eq(got[:3], ["p11kms-audit-key", PyKCS11.CKK_GENERIC_SECRET, 32],
+           "the audit key's label, type and length")
+        eq([bool(x) for x in got[3:]],
+           [True, True, True, False, True, True, True, True, False, False, False, False, False],
+           "the audit key's flags: token, private, sensitive, not extractable, always sensitive, "
+           "never extractable, sign and verify only")
+        eq(session.getAttributeValue(keys[0], [PyKCS11.CKA_VALUE])[0], None, "CKA_VALUE")
+        key_id = bytes(session.getAttributeValue(keys[0], [PyKCS11.CKA_ID],
+                                                 allAsBinary=True)[0]).hex()
+        eq(json.loads(C.base[0])["key"], key_id, "checkpoints name the key by CKA_ID")
+
+        data = session.findObjects([(PyKCS11.CKA_CLASS, PyKCS11.CKO_DATA)])
+        records = {}
+        for o in data:
+            app, label, value = session.getAttributeValue(
+                o, [PyKCS11.CKA_APPLICATION, PyKCS11.CKA_LABEL, PyKCS11.CKA_VALUE],
+                allAsBinary=True)
+            eq(bytes(app), b"p11kms-audit", "application of every data object here")
+            label = bytes(label).decode()
+            m = re.match(r"^p11kms-audit:([0-9a-f]{32}):(\d+):([0-9a-f]{16})?$", label)
+            check(m, "record label %r" % label)
+            records[m.group(1)] = (int(m.group(2)), m.group(3), json.loads(bytes(value)))
+        seq, hash16, value = records[C.base_id]
+        eq((seq, hash16), (34, hashlib.sha256(C.base[33].rstrip("\n").encode()).hexdigest()[:16]),
+           "the base log's record: its closing checkpoint")
+        eq((value["log"], value["path"]), (C.base_id, C.ws.sub("base.log")), "record value")
+    finally:
+        session.logout()
+        session.closeSession()
+
+
+@test
+def test_tool_usage():
+    env = h.server_env({"SOFTHSM2_CONF": C.token.conf})
+
+    def run(args):
+        r = subprocess.run([AUDIT] + args, env=env, stdin=subprocess.DEVNULL,
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, timeout=30)
+        return r.returncode, r.stdout, r.stderr
+
+    eq(run([])[0], 2, "no command")
+    eq(run(["verify"])[0], 2, "no file")
+    eq(run(["check", "x"])[0], 2, "unknown command")
+    status, out, _ = run(["--help"])
+    eq(status, 0, "--help")
+    check("verify" in out, "usage text")
+    status, _, err = run(["verify", C.ws.sub("no-such.log")])
+    eq(status, 2, "a missing file")
+    check("no-such.log" in err, "names the file: %r" % err)
+    status, _, err = run(["verify", "--config", C.ws.sub("no-such.conf"), C.ws.sub("base.log")])
+    eq(status, 2, "a missing configuration")
+    empty = write_lines("empty.log", [])
+    eq(run(["verify", empty])[0], 1, "an empty log")
+
+
+if __name__ == "__main__":
+    sys.exit(T.run(setup, teardown))

@@ -1,0 +1,186 @@
+/*
+ * A test driver for src/server/audit.c, run by tests/integration/test_audit.py:
+ *
+ *   audit_writer CONFIG LOGFILE [CHECKPOINT_LINES [CHECKPOINT_SECONDS]]
+ *
+ * Opens the token named by CONFIG (p11kmsd's configuration file) and the audit
+ * log at LOGFILE, prints "open LOG_ID", then reads commands from stdin and
+ * answers each with one line, "ok" or "error TYPE MESSAGE":
+ *
+ *   write [N]     N request records (default 1); stops at the first failure
+ *   threads T N   T threads writing N records each, at once
+ *   reopen        kms_audit_reopen, as on SIGHUP
+ *   checkpoint    kms_audit_checkpoint
+ *   close         (or end of input) closes the log and exits 0
+ *
+ * Every record carries the encryption context {"purpose": "audit-test",
+ * "tenant": "secret-tenant-acme"}: the values must not reach the log.
+ */
+#include "config.h"
+
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "common/blob.h"
+#include "common/buf.h"
+#include "common/encoding.h"
+#include "common/log.h"
+#include "hsm/hsm.h"
+#include "server/audit.h"
+#include "server/settings.h"
+
+static void answer(kms_err rc)
+{
+    if (rc == KMS_OK)
+        printf("ok\n");
+    else
+        printf("error %s %s\n", kms_err_type(rc), kms_err_message());
+    fflush(stdout);
+    kms_err_clear();
+}
+
+static kms_err write_records(struct kms_audit *a, unsigned n, const struct kms_buf *context)
+{
+    static unsigned counter;
+    for (unsigned i = 0; i < n; i++) {
+        uint8_t id[KMS_UUID_LEN];
+        char rid[KMS_UUID_TEXT_LEN + 1], source[32];
+        unsigned k = __atomic_fetch_add(&counter, 1, __ATOMIC_RELAXED);
+        KMS_GUARD(kms_uuid_new(id));
+        kms_uuid_format(id, rid);
+        snprintf(source, sizeof source, "127.0.0.1:%u", 40000 + k % 20000);
+        struct kms_audit_record r = {
+            .request_id = rid,
+            .principal = "tester",
+            .source = source,
+            .operation = k % 3 == 2 ? "DescribeKey" : "Encrypt",
+            .key_arn = "arn:aws:kms:us-east-1:123456789012:key/0b5b8f7e-1c1a-4d7e-9a0e-"
+                       "3f1e2d3c4b5a",
+            .key_version = 3,
+            .context = k % 3 == 2 ? NULL : context,
+            .outcome = k % 4 == 3 ? "AccessDeniedException" : "ok",
+            .decision = k % 4 == 3 ? "deny (implicit)" : "allow #0",
+            .latency_us = 100 + k,
+        };
+        KMS_GUARD(kms_audit_write(a, &r));
+    }
+    return KMS_OK;
+}
+
+struct writer_thread {
+    pthread_t t;
+    struct kms_audit *a;
+    unsigned n;
+    const struct kms_buf *context;
+    kms_err rc;
+    char message[256];
+};
+
+static void *writer_main(void *arg)
+{
+    struct writer_thread *w = arg;
+    w->rc = write_records(w->a, w->n, w->context);
+    snprintf(w->message, sizeof w->message, "%s", kms_err_message());
+    return NULL;
+}
+
+/* T threads at once; answers with the first failure, if any. */
+static void write_threads(struct kms_audit *a, unsigned t, unsigned n,
+                          const struct kms_buf *context)
+{
+    struct writer_thread w[64];
+    unsigned started = 0;
+    if (t > 64)
+        t = 64;
+    for (; started < t; started++) {
+        w[started] = (struct writer_thread){.a = a, .n = n, .context = context};
+        if (pthread_create(&w[started].t, NULL, writer_main, &w[started]) != 0)
+            break;
+    }
+    kms_err rc = started == t ? KMS_OK : KMS_FAIL(KMS_ERR_INTERNAL, "cannot start threads");
+    for (unsigned i = 0; i < started; i++) {
+        pthread_join(w[i].t, NULL);
+        if (rc == KMS_OK && w[i].rc != KMS_OK)
+            rc = KMS_FAIL(w[i].rc, "%s", w[i].message);
+    }
+    answer(rc);
+}
+
+int main(int argc, char **argv)
+{
+    struct kms_config cfg;
+    struct kms_hsm *hsm = NULL;
+    struct kms_audit *a = NULL;
+    struct kms_buf context = KMS_BUF_INIT;
+    char *pin = NULL, line[256];
+    size_t pin_len = 0;
+    kms_err rc;
+
+    if (argc < 3 || argc > 5) {
+        fprintf(stderr, "usage: audit_writer CONFIG LOGFILE [CHECKPOINT_LINES [SECONDS]]\n");
+        return 2;
+    }
+    kms_log_set_level(KMS_LOG_WARN);
+    kms_config_defaults(&cfg);
+    rc = kms_config_load(&cfg, argv[1]);
+    if (rc == KMS_OK)
+        rc = kms_read_secret_file(cfg.pin_file, &pin, &pin_len);
+    if (rc == KMS_OK) {
+        struct kms_hsm_config hc = {
+            .module = cfg.module, .token = cfg.token, .pin = pin, .sessions = 2};
+        rc = kms_hsm_open(&hc, &hsm);
+        kms_free_secret(pin, pin_len + 1);
+    }
+    if (rc == KMS_OK) {
+        struct kms_context_pair pairs[] = {
+            {"tenant", 6, "secret-tenant-acme", 18},
+            {"purpose", 7, "audit-test", 10},
+        };
+        rc = kms_context_canonical(pairs, 2, &context);
+    }
+    if (rc == KMS_OK) {
+        struct kms_audit_config ac = {
+            .path = argv[2],
+            .checkpoint_lines = argc > 3 ? (unsigned)strtoul(argv[3], NULL, 10) : 0,
+            .checkpoint_seconds = argc > 4 ? (unsigned)strtoul(argv[4], NULL, 10) : 0,
+        };
+        rc = kms_audit_open(&ac, hsm, &a);
+    }
+    if (rc != KMS_OK) {
+        answer(rc);
+        kms_hsm_close(hsm);
+        kms_config_free(&cfg);
+        kms_buf_free(&context);
+        return 1;
+    }
+    printf("open %s\n", kms_audit_id(a));
+    fflush(stdout);
+    while (fgets(line, sizeof line, stdin)) {
+        unsigned n = 1;
+        if (strncmp(line, "write", 5) == 0) {
+            sscanf(line + 5, "%u", &n);
+            answer(write_records(a, n, &context));
+        } else if (strncmp(line, "threads", 7) == 0) {
+            unsigned t = 1;
+            sscanf(line + 7, "%u %u", &t, &n);
+            write_threads(a, t, n, &context);
+        } else if (strncmp(line, "reopen", 6) == 0) {
+            answer(kms_audit_reopen(a));
+        } else if (strncmp(line, "checkpoint", 10) == 0) {
+            answer(kms_audit_checkpoint(a));
+        } else if (strncmp(line, "close", 5) == 0) {
+            break;
+        } else {
+            printf("error usage unknown command\n");
+            fflush(stdout);
+        }
+    }
+    kms_audit_close(a);
+    kms_hsm_close(hsm);
+    kms_config_free(&cfg);
+    kms_buf_free(&context);
+    printf("closed\n");
+    return 0;
+}
