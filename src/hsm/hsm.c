@@ -44,11 +44,17 @@ struct kms_hsm {
 };
 
 const char *const kms_hsm_call_names[KMS_HSM_CALL_COUNT + 1] = {
-    "C_GenerateRandom",    "C_GenerateKey",
-    "C_Encrypt",           "C_Decrypt",
-    "C_CreateObject",      "C_SetAttributeValue",
-    "C_DestroyObject",     "C_FindObjects",
-    "C_GetAttributeValue", NULL,
+    "C_GenerateRandom",
+    "C_GenerateKey",
+    "C_Encrypt",
+    "C_Decrypt",
+    "C_CreateObject",
+    "C_SetAttributeValue",
+    "C_DestroyObject",
+    "C_FindObjects",
+    "C_GetAttributeValue",
+    "C_Sign",
+    NULL,
 };
 
 struct timed {
@@ -683,6 +689,7 @@ kms_err kms_hsm_generate_hmac(struct kms_session *s, const uint8_t *id, size_t i
 kms_err kms_hsm_hmac_sha256(struct kms_session *s, CK_OBJECT_HANDLE key, const uint8_t *data,
                             size_t n, uint8_t out[32])
 {
+    TIMED(s->hsm, KMS_HSM_SIGN);
     CK_MECHANISM mech = {CKM_SHA256_HMAC, NULL, 0};
     CK_FUNCTION_LIST *fn = s->hsm->fn;
     CK_ULONG out_len = 32;

@@ -39,6 +39,7 @@ enum kms_hsm_call {
     KMS_HSM_DESTROY,       /* C_DestroyObject */
     KMS_HSM_FIND,          /* C_FindObjectsInit, C_FindObjects..., C_FindObjectsFinal */
     KMS_HSM_GET_ATTRIBUTE, /* C_GetAttributeValue (twice: length, then value) */
+    KMS_HSM_SIGN,          /* C_SignInit + C_Sign: the audit log's HMACs */
     KMS_HSM_CALL_COUNT
 };
 /* "C_Encrypt", ...: one name per call above. */
