@@ -402,23 +402,29 @@ kms_err kms_hsm_random(struct kms_session *s, uint8_t *out, size_t n)
     return KMS_OK;
 }
 
-kms_err kms_hsm_generate_aes(struct kms_session *s, const uint8_t *id, size_t id_len,
-                             const char *label, CK_OBJECT_HANDLE *out)
+/*
+ * A 256-bit secret generated inside the token: token object, private,
+ * sensitive, not extractable, usable for exactly one pair of purposes
+ * (encrypt/decrypt, or sign/verify).
+ */
+static kms_err generate_secret(struct kms_session *s, CK_MECHANISM_TYPE gen, CK_KEY_TYPE kt,
+                               int crypt, const uint8_t *id, size_t id_len, const char *label,
+                               CK_OBJECT_HANDLE *out)
 {
     TIMED(s->hsm, KMS_HSM_GENERATE);
-    CK_MECHANISM mech = {CKM_AES_KEY_GEN, NULL, 0};
+    CK_MECHANISM mech = {gen, NULL, 0};
     CK_OBJECT_CLASS cls = CKO_SECRET_KEY;
-    CK_KEY_TYPE kt = CKK_AES;
     CK_ULONG len = 32;
-    CK_BBOOL yes = CK_TRUE, no = CK_FALSE;
+    CK_BBOOL yes = CK_TRUE, no = CK_FALSE, c = crypt ? CK_TRUE : CK_FALSE,
+             m = crypt ? CK_FALSE : CK_TRUE;
     CK_ATTRIBUTE tmpl[] = {
         {CKA_CLASS, &cls, sizeof cls},     {CKA_KEY_TYPE, &kt, sizeof kt},
         {CKA_VALUE_LEN, &len, sizeof len}, {CKA_TOKEN, &yes, sizeof yes},
         {CKA_PRIVATE, &yes, sizeof yes},   {CKA_SENSITIVE, &yes, sizeof yes},
-        {CKA_EXTRACTABLE, &no, sizeof no}, {CKA_ENCRYPT, &yes, sizeof yes},
-        {CKA_DECRYPT, &yes, sizeof yes},   {CKA_WRAP, &no, sizeof no},
-        {CKA_UNWRAP, &no, sizeof no},      {CKA_SIGN, &no, sizeof no},
-        {CKA_VERIFY, &no, sizeof no},      {CKA_DERIVE, &no, sizeof no},
+        {CKA_EXTRACTABLE, &no, sizeof no}, {CKA_ENCRYPT, &c, sizeof c},
+        {CKA_DECRYPT, &c, sizeof c},       {CKA_WRAP, &no, sizeof no},
+        {CKA_UNWRAP, &no, sizeof no},      {CKA_SIGN, &m, sizeof m},
+        {CKA_VERIFY, &m, sizeof m},        {CKA_DERIVE, &no, sizeof no},
         {CKA_ID, (void *)id, id_len},      {CKA_LABEL, (void *)label, strlen(label)},
     };
     pthread_rwlock_wrlock(&s->hsm->objects);
@@ -426,6 +432,12 @@ kms_err kms_hsm_generate_aes(struct kms_session *s, const uint8_t *id, size_t id
     pthread_rwlock_unlock(&s->hsm->objects);
     SESSION_CKR(s, rv, "C_GenerateKey");
     return KMS_OK;
+}
+
+kms_err kms_hsm_generate_aes(struct kms_session *s, const uint8_t *id, size_t id_len,
+                             const char *label, CK_OBJECT_HANDLE *out)
+{
+    return generate_secret(s, CKM_AES_KEY_GEN, CKK_AES, 1, id, id_len, label, out);
 }
 
 static CK_MECHANISM gcm_mechanism(CK_GCM_PARAMS *p, const uint8_t iv[12], const uint8_t *aad,
@@ -663,27 +675,8 @@ kms_err kms_hsm_init_token(const char *module, const char *label, const char *so
 kms_err kms_hsm_generate_hmac(struct kms_session *s, const uint8_t *id, size_t id_len,
                               const char *label, CK_OBJECT_HANDLE *out)
 {
-    TIMED(s->hsm, KMS_HSM_GENERATE);
-    CK_MECHANISM mech = {CKM_GENERIC_SECRET_KEY_GEN, NULL, 0};
-    CK_OBJECT_CLASS cls = CKO_SECRET_KEY;
-    CK_KEY_TYPE kt = CKK_GENERIC_SECRET;
-    CK_ULONG len = 32;
-    CK_BBOOL yes = CK_TRUE, no = CK_FALSE;
-    CK_ATTRIBUTE tmpl[] = {
-        {CKA_CLASS, &cls, sizeof cls},     {CKA_KEY_TYPE, &kt, sizeof kt},
-        {CKA_VALUE_LEN, &len, sizeof len}, {CKA_TOKEN, &yes, sizeof yes},
-        {CKA_PRIVATE, &yes, sizeof yes},   {CKA_SENSITIVE, &yes, sizeof yes},
-        {CKA_EXTRACTABLE, &no, sizeof no}, {CKA_ENCRYPT, &no, sizeof no},
-        {CKA_DECRYPT, &no, sizeof no},     {CKA_WRAP, &no, sizeof no},
-        {CKA_UNWRAP, &no, sizeof no},      {CKA_SIGN, &yes, sizeof yes},
-        {CKA_VERIFY, &yes, sizeof yes},    {CKA_DERIVE, &no, sizeof no},
-        {CKA_ID, (void *)id, id_len},      {CKA_LABEL, (void *)label, strlen(label)},
-    };
-    pthread_rwlock_wrlock(&s->hsm->objects);
-    CK_RV rv = s->hsm->fn->C_GenerateKey(s->handle, &mech, tmpl, sizeof tmpl / sizeof tmpl[0], out);
-    pthread_rwlock_unlock(&s->hsm->objects);
-    SESSION_CKR(s, rv, "C_GenerateKey");
-    return KMS_OK;
+    return generate_secret(s, CKM_GENERIC_SECRET_KEY_GEN, CKK_GENERIC_SECRET, 0, id, id_len, label,
+                           out);
 }
 
 kms_err kms_hsm_hmac_sha256(struct kms_session *s, CK_OBJECT_HANDLE key, const uint8_t *data,

@@ -713,13 +713,7 @@ static int wait_idle(struct kms_server *srv, unsigned ms)
     int64_t end = kms_monotonic_ns() + (int64_t)ms * 1000000;
     pthread_mutex_lock(&srv->active_lock);
     while (srv->active > 0 && kms_monotonic_ns() < end) {
-        struct timespec until;
-        clock_gettime(CLOCK_REALTIME, &until);
-        until.tv_nsec += 10 * 1000000L;
-        if (until.tv_nsec >= 1000000000L) {
-            until.tv_sec++;
-            until.tv_nsec -= 1000000000L;
-        }
+        struct timespec until = kms_realtime_after_ms(10);
         pthread_cond_timedwait(&srv->active_done, &srv->active_lock, &until);
     }
     int idle = srv->active == 0;

@@ -66,21 +66,6 @@ static char *default_state_dir(void)
     return strdup(path);
 }
 
-static kms_err read_pin(const struct kms_config *cfg, char **pin, size_t *len)
-{
-    const char *env = getenv("P11KMS_PIN");
-    if (cfg->pin_file)
-        return kms_read_secret_file(cfg->pin_file, pin, len);
-    KMS_ENSURE(env != NULL, KMS_ERR_VALIDATION, "no PIN: set pin_file or P11KMS_PIN");
-    *len = strlen(env);
-    *pin = strdup(env);
-    KMS_ENSURE(*pin != NULL, KMS_ERR_INTERNAL, "out of memory");
-    /* Keep the PIN out of /proc/self/environ from now on. */
-    OPENSSL_cleanse((char *)env, *len);
-    unsetenv("P11KMS_PIN");
-    return KMS_OK;
-}
-
 /* Room for as many connections as asked, within what the process may open. */
 static void fit_connections(struct kms_config *cfg)
 {
@@ -132,7 +117,7 @@ static kms_err start(struct kms_server *srv)
     KMS_GUARD(kms_credentials_load(srv->cfg.credentials_file, &srv->creds));
     KMS_GUARD(kms_ratelimit_new(&srv->cfg.limits, &srv->limits));
     KMS_GUARD(kms_tls_load(&srv->cfg, &srv->tls));
-    KMS_GUARD(read_pin(&srv->cfg, &pin, &pin_len));
+    KMS_GUARD(kms_read_pin(&srv->cfg, 1, &pin, &pin_len));
     if (!srv->cfg.workers)
         srv->cfg.workers = srv->cfg.threads;
     if (!srv->cfg.sessions)

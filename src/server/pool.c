@@ -39,6 +39,19 @@ struct worker_arg {
     unsigned index;
 };
 
+struct timespec kms_realtime_after_ms(unsigned ms)
+{
+    struct timespec t;
+    clock_gettime(CLOCK_REALTIME, &t);
+    t.tv_sec += ms / 1000;
+    t.tv_nsec += (long)(ms % 1000) * 1000000L;
+    if (t.tv_nsec >= 1000000000L) {
+        t.tv_sec++;
+        t.tv_nsec -= 1000000000L;
+    }
+    return t;
+}
+
 int64_t kms_monotonic_ns(void)
 {
     struct timespec t;
@@ -164,13 +177,7 @@ static void *watch(void *arg)
     struct kms_pool *p = arg;
     pthread_mutex_lock(&p->lock);
     while (p->watching) {
-        struct timespec until;
-        clock_gettime(CLOCK_REALTIME, &until);
-        until.tv_nsec += WATCH_MS * 1000000L;
-        if (until.tv_nsec >= 1000000000L) {
-            until.tv_sec++;
-            until.tv_nsec -= 1000000000L;
-        }
+        struct timespec until = kms_realtime_after_ms(WATCH_MS);
         pthread_cond_timedwait(&p->stop_watch, &p->lock, &until);
         if (!p->watching)
             break;
@@ -271,13 +278,7 @@ int kms_pool_wait_idle(struct kms_pool *p, unsigned timeout_ms)
     int64_t end = kms_monotonic_ns() + (int64_t)timeout_ms * 1000000;
     pthread_mutex_lock(&p->lock);
     while (p->inflight > 0 && kms_monotonic_ns() < end) {
-        struct timespec until;
-        clock_gettime(CLOCK_REALTIME, &until);
-        until.tv_nsec += WATCH_MS * 1000000L;
-        if (until.tv_nsec >= 1000000000L) {
-            until.tv_sec++;
-            until.tv_nsec -= 1000000000L;
-        }
+        struct timespec until = kms_realtime_after_ms(WATCH_MS);
         pthread_cond_timedwait(&p->changed, &p->lock, &until);
     }
     int idle = p->inflight == 0;

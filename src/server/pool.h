@@ -16,6 +16,7 @@
 #define P11KMS_POOL_H
 
 #include <stdint.h>
+#include <time.h>
 
 #include "common/error.h"
 
@@ -55,5 +56,7 @@ int kms_pool_wait_idle(struct kms_pool *p, unsigned timeout_ms);
 void kms_pool_free(struct kms_pool *p);
 
 int64_t kms_monotonic_ns(void);
+/* CLOCK_REALTIME ms from now: the deadline pthread_cond_timedwait takes. */
+struct timespec kms_realtime_after_ms(unsigned ms);
 
 #endif

@@ -476,6 +476,23 @@ kms_err kms_parse_listen(const char *s, char *host, size_t host_len, unsigned *p
     return KMS_OK;
 }
 
+kms_err kms_read_pin(const struct kms_config *cfg, int forget_env, char **pin, size_t *len)
+{
+    char *env = getenv("P11KMS_PIN");
+    if (cfg->pin_file)
+        return kms_read_secret_file(cfg->pin_file, pin, len);
+    KMS_ENSURE(env != NULL, KMS_ERR_VALIDATION, "no PIN: set pin_file or P11KMS_PIN");
+    *len = strlen(env);
+    *pin = strdup(env);
+    KMS_ENSURE(*pin != NULL, KMS_ERR_INTERNAL, "out of memory");
+    if (forget_env) {
+        /* Keep the PIN out of /proc/self/environ from now on. */
+        OPENSSL_cleanse(env, *len);
+        unsetenv("P11KMS_PIN");
+    }
+    return KMS_OK;
+}
+
 kms_err kms_read_secret_file(const char *path, char **out, size_t *len)
 {
     KMS_GUARD(read_file(path, 1, out, len));

@@ -81,6 +81,13 @@ KMS_MUST_CHECK kms_err kms_parse_listen(const char *s, char *host, size_t host_l
  * (*len + 1 bytes). Trailing newlines are removed.
  */
 KMS_MUST_CHECK kms_err kms_read_secret_file(const char *path, char **out, size_t *len);
+/*
+ * The token's user PIN: from cfg->pin_file, else the environment variable
+ * P11KMS_PIN (wiped and removed when forget_env). Release with kms_free_secret
+ * (*len + 1 bytes).
+ */
+KMS_MUST_CHECK kms_err kms_read_pin(const struct kms_config *cfg, int forget_env, char **pin,
+                                    size_t *len);
 
 /* A principal's name: what policies, limits and the audit log call it. */
 #define KMS_PRINCIPAL_MAX 64

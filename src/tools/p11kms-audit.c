@@ -58,18 +58,6 @@ struct token {
     int failed; /* a token error while checking: reported, exit 2 */
 };
 
-static kms_err read_pin(const struct kms_config *cfg, char **pin, size_t *len)
-{
-    const char *env = getenv("P11KMS_PIN");
-    if (cfg->pin_file)
-        return kms_read_secret_file(cfg->pin_file, pin, len);
-    KMS_ENSURE(env != NULL, KMS_ERR_VALIDATION, "no PIN: set pin_file or P11KMS_PIN");
-    *len = strlen(env);
-    *pin = strdup(env);
-    KMS_ENSURE(*pin != NULL, KMS_ERR_INTERNAL, "out of memory");
-    return KMS_OK;
-}
-
 /* The records of every log, read before the log files: a server still writing only adds. */
 static kms_err read_records(struct token *t)
 {
@@ -163,7 +151,7 @@ static kms_err open_token(const char *config_file, struct token *t)
     if (rc == KMS_OK && (!cfg.module || !cfg.token))
         rc = KMS_FAIL(KMS_ERR_VALIDATION, "%s names no module or token", config_file);
     if (rc == KMS_OK)
-        rc = read_pin(&cfg, &pin, &pin_len);
+        rc = kms_read_pin(&cfg, 0, &pin, &pin_len);
     if (rc == KMS_OK) {
         struct kms_hsm_config hc = {
             .module = cfg.module,
