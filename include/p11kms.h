@@ -1,16 +1,187 @@
 /*
- * p11kms public API.
+ * libp11kms: the p11kms client library.
  *
- * The client library (libp11kms: signed calls, retries, the data-key cache and
- * JWE envelopes) is declared here as it lands; today this header carries the
- * version only.
+ * A client speaks the AWS KMS JSON protocol to p11kmsd (or any service that
+ * speaks it) over libcurl with SigV4 signatures, retries with backoff and a
+ * circuit breaker, keeps unwrapped data keys in a cache in locked memory
+ * (OpenSSL's secure heap), and seals payloads as JWE (RFC 7516, A256GCM)
+ * under data keys it gets from the service.
+ *
+ * One client may be shared by any number of threads. Every function returns
+ * a p11kms_status; p11kms_last_error() gives the message of the calling
+ * thread's last failure (never key material or plaintext). Buffers this
+ * library returns that may hold secrets are released with p11kms_free(),
+ * which wipes them.
+ *
+ * Fail closed: when no data key can be had, sealing fails; nothing is ever
+ * sent or stored in plaintext as a fallback.
  */
 #ifndef P11KMS_H
 #define P11KMS_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
 
 #define P11KMS_VERSION_MAJOR 0
 #define P11KMS_VERSION_MINOR 1
 #define P11KMS_VERSION_PATCH 0
 #define P11KMS_VERSION_STRING "0.1.0"
+
+/* Marks what libp11kms exports; it is built with -fvisibility=hidden. */
+#if defined(__GNUC__) && !defined(P11KMS_NO_EXPORT)
+#define P11KMS_API __attribute__((visibility("default")))
+#else
+#define P11KMS_API
+#endif
+
+typedef enum p11kms_status {
+    P11KMS_OK = 0,
+    /* the library's own */
+    P11KMS_ERR_ARGUMENT,     /* a bad argument (NULL, too long, malformed key id...) */
+    P11KMS_ERR_MEMORY,       /* out of memory, or the secure heap is full */
+    P11KMS_ERR_MEMORY_LOCK,  /* memory cannot be locked and require_locked_memory is set */
+    P11KMS_ERR_CONFIG,       /* no endpoint, no credentials, an unusable option */
+    P11KMS_ERR_TRANSPORT,    /* no answer: connection refused, reset, timed out (after retries) */
+    P11KMS_ERR_CIRCUIT_OPEN, /* the circuit breaker is open: the service is failing */
+    P11KMS_ERR_PROTOCOL,     /* an answer that is not what the protocol says */
+    P11KMS_ERR_MALFORMED,    /* a JWE that does not parse, or a header we do not accept */
+    P11KMS_ERR_DECRYPT,      /* a JWE whose tag does not verify (altered, or wrong context) */
+    /* the service's, one per AWS error type */
+    P11KMS_ERR_VALIDATION,           /* ValidationException */
+    P11KMS_ERR_SERIALIZATION,        /* SerializationException */
+    P11KMS_ERR_NOT_FOUND,            /* NotFoundException */
+    P11KMS_ERR_ALREADY_EXISTS,       /* AlreadyExistsException */
+    P11KMS_ERR_DISABLED,             /* DisabledException */
+    P11KMS_ERR_INVALID_STATE,        /* KMSInvalidStateException */
+    P11KMS_ERR_INVALID_CIPHERTEXT,   /* InvalidCiphertextException */
+    P11KMS_ERR_INCORRECT_KEY,        /* IncorrectKeyException */
+    P11KMS_ERR_INVALID_ALIAS,        /* InvalidAliasNameException */
+    P11KMS_ERR_INVALID_ARN,          /* InvalidArnException */
+    P11KMS_ERR_INVALID_KEY_USAGE,    /* InvalidKeyUsageException */
+    P11KMS_ERR_LIMIT_EXCEEDED,       /* LimitExceededException */
+    P11KMS_ERR_UNSUPPORTED,          /* UnsupportedOperationException */
+    P11KMS_ERR_UNKNOWN_OPERATION,    /* UnknownOperationException */
+    P11KMS_ERR_ACCESS_DENIED,        /* AccessDeniedException */
+    P11KMS_ERR_MISSING_AUTH,         /* MissingAuthenticationTokenException */
+    P11KMS_ERR_INCOMPLETE_SIGNATURE, /* IncompleteSignatureException */
+    P11KMS_ERR_INVALID_SIGNATURE,    /* InvalidSignatureException */
+    P11KMS_ERR_UNRECOGNIZED_CLIENT,  /* UnrecognizedClientException */
+    P11KMS_ERR_MALFORMED_POLICY,     /* MalformedPolicyDocumentException */
+    P11KMS_ERR_THROTTLED,            /* ThrottlingException */
+    P11KMS_ERR_INTERNAL,             /* KMSInternalException */
+    P11KMS_ERR_KEY_UNAVAILABLE,      /* KeyUnavailableException */
+    P11KMS_ERR_DEPENDENCY_TIMEOUT,   /* DependencyTimeoutException */
+    P11KMS_ERR_SERVICE,              /* another error type the service named */
+    P11KMS_STATUS_COUNT
+} p11kms_status;
+
+/* "OK", "CircuitOpen", ... or the AWS error type name ("NotFoundException"). */
+P11KMS_API const char *p11kms_status_name(p11kms_status s);
+/* The calling thread's last failure message; "" when none. */
+P11KMS_API const char *p11kms_last_error(void);
+
+struct p11kms_options {
+    /* The service. NULL: P11KMS_ENDPOINT, then AWS_ENDPOINT_URL. */
+    const char *endpoint;
+    /* NULL: AWS_REGION, then AWS_DEFAULT_REGION, then "us-east-1". */
+    const char *region;
+    /* NULL: AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN. Copied. */
+    const char *access_key_id;
+    const char *secret_access_key;
+    const char *session_token;
+    /* TLS: server verification is always on; ca_file replaces the system CAs. */
+    const char *ca_file;
+    const char *client_cert_file; /* PEM, with client_key_file: a client certificate */
+    const char *client_key_file;
+    /* Timeouts. */
+    unsigned connect_timeout_ms; /* 0: 5000 */
+    unsigned timeout_ms;         /* one attempt, whole; 0: 10000 */
+    /* Retries (ThrottlingException/429, 5xx, connection errors): full jitter. */
+    unsigned max_attempts;    /* 0: 4 (the first and 3 retries); 1: no retry */
+    unsigned retry_base_ms;   /* 0: 50; the n-th retry waits random(0, min(cap, base * 2^n)) */
+    unsigned retry_cap_ms;    /* 0: 2000; a Retry-After is honoured up to this */
+    unsigned retry_budget_ms; /* 0: 15000; no retry starts after this much time in a call */
+    /* Circuit breaker: opens after this many consecutive failed calls, fails fast while
+       open, lets one probe through (half-open) after the cool-down. */
+    unsigned breaker_threshold;   /* 0: 5 */
+    unsigned breaker_cooldown_ms; /* 0: 5000 */
+    /* Data-key cache, as the AWS Encryption SDK's caching materials manager. */
+    unsigned cache_max_age_s;    /* 0: no cache */
+    size_t cache_max_entries;    /* 0: 1000; least recently used goes first */
+    uint64_t cache_max_messages; /* per data key sealed with; 0: 2^32 */
+    uint64_t cache_max_bytes;    /* per data key sealed with; 0: 2^62 */
+    unsigned cache_grace_s;      /* open with a cached data key up to this long past its
+                                    age while the service cannot be reached; 0: never */
+    int require_locked_memory;   /* fail p11kms_client_new when memory cannot be locked */
+};
+
+/* The defaults: every field 0 or NULL. */
+P11KMS_API void p11kms_options_init(struct p11kms_options *o);
+
+typedef struct p11kms_client p11kms_client;
+
+P11KMS_API p11kms_status p11kms_client_new(const struct p11kms_options *o, p11kms_client **out);
+/* Wipes the cache and frees everything; NULL is fine. */
+P11KMS_API void p11kms_client_free(p11kms_client *c);
+
+/* 1 when the cache lives in locked memory (the secure heap). */
+P11KMS_API int p11kms_client_memory_locked(const p11kms_client *c);
+
+/* One encryption-context pair (NUL-terminated UTF-8). */
+struct p11kms_context {
+    const char *key;
+    const char *value;
+};
+
+/* A data key: plaintext in the secure heap, blob and ARN ordinary memory. */
+struct p11kms_data_key {
+    uint8_t *plaintext;
+    size_t plaintext_len;
+    uint8_t *blob;
+    size_t blob_len;
+    char key_arn[256];
+};
+/* Wipes and frees what the key holds; the struct is zeroed. */
+P11KMS_API void p11kms_data_key_clear(struct p11kms_data_key *k);
+
+/* GenerateDataKey (AES_256) under key_id (id, ARN or alias) with the context. */
+P11KMS_API p11kms_status p11kms_generate_data_key(p11kms_client *c, const char *key_id,
+                                                  const struct p11kms_context *ctx, size_t nctx,
+                                                  struct p11kms_data_key *out);
+/* Decrypt of a data key's blob (through the cache when it is on). */
+P11KMS_API p11kms_status p11kms_decrypt_data_key(p11kms_client *c, const uint8_t *blob,
+                                                 size_t blob_len, const struct p11kms_context *ctx,
+                                                 size_t nctx, struct p11kms_data_key *out);
+
+/*
+ * Seals payload as a JWE in compact serialization under a data key of key_id
+ * (from the cache when it is on and within its limits, else from
+ * GenerateDataKey). The protected header holds alg "dir", enc "A256GCM",
+ * "p11kms_blob" (the data key's blob, base64url), "kid" (the key ARN) and
+ * "p11kms_ctx" (the encryption context), so it is the AAD that binds them.
+ * *out is NUL-terminated; release it with p11kms_free.
+ */
+P11KMS_API p11kms_status p11kms_seal(p11kms_client *c, const char *key_id,
+                                     const struct p11kms_context *ctx, size_t nctx,
+                                     const uint8_t *payload, size_t n, char **out, size_t *out_len);
+/*
+ * Opens a JWE made by p11kms_seal (or by any JOSE library with the same
+ * header): the context must equal the one it was sealed with. *out is
+ * released with p11kms_free.
+ */
+P11KMS_API p11kms_status p11kms_open(p11kms_client *c, const char *jwe, size_t len,
+                                     const struct p11kms_context *ctx, size_t nctx, uint8_t **out,
+                                     size_t *out_len);
+
+/* Wipes n bytes at p and frees them (p may be NULL). */
+P11KMS_API void p11kms_free(void *p, size_t n);
+
+#ifdef __cplusplus
+}
+#endif
 
 #endif

@@ -11,7 +11,7 @@ packages=(
     # the development and test token
     softhsm2
     # integration tests: real AWS clients and a PKCS#11 binding
-    awscli python3 python3-boto3 python3-pykcs11 python3-prometheus-client curl openssl
+    awscli python3 python3-boto3 python3-pykcs11 python3-prometheus-client python3-jwcrypto python3-cryptography curl openssl
     # multi-node integration test: two servers on one token behind a load balancer
     nginx
 )

@@ -275,3 +275,135 @@ kms_err kms_sigv4_signature(const uint8_t key[KMS_SHA256_LEN], const struct kms_
     kms_hex_encode(mac, sizeof mac, out);
     return KMS_OK;
 }
+
+kms_err kms_sigv4_amz_date(time_t when, char *out)
+{
+    struct tm tm;
+    KMS_ENSURE(gmtime_r(&when, &tm) != NULL, KMS_ERR_INTERNAL, "cannot convert the time");
+    KMS_ENSURE(strftime(out, KMS_AMZ_DATE_LEN + 1, "%Y%m%dT%H%M%SZ", &tm) == KMS_AMZ_DATE_LEN,
+               KMS_ERR_INTERNAL, "cannot format the time");
+    return KMS_OK;
+}
+
+/* Longest header name the signer takes; ours are all far shorter. */
+#define SIGN_NAME_MAX 64
+
+static int name_cmp(const void *a, const void *b)
+{
+    return strcmp(*(const char *const *)a, *(const char *const *)b);
+}
+
+static const char *header_value(const struct kms_sigv4_request *req, const char *name)
+{
+    for (size_t i = 0; i < req->nheaders; i++)
+        if (strcasecmp(req->headers[i].name, name) == 0)
+            return req->headers[i].value;
+    return NULL;
+}
+
+/* The ';'-joined list of req's header names, lower-cased, sorted, each once. */
+static kms_err signed_header_list(const struct kms_sigv4_request *req, struct kms_buf *out)
+{
+    char names[KMS_SIGV4_MAX_HEADERS][SIGN_NAME_MAX + 1];
+    const char *sorted[KMS_SIGV4_MAX_HEADERS];
+
+    KMS_ENSURE(req->nheaders > 0 && req->nheaders <= KMS_SIGV4_MAX_HEADERS, KMS_ERR_VALIDATION,
+               "a request to sign needs 1 to %d headers", KMS_SIGV4_MAX_HEADERS);
+    for (size_t i = 0; i < req->nheaders; i++) {
+        size_t n = strlen(req->headers[i].name);
+        KMS_ENSURE(n > 0 && n <= SIGN_NAME_MAX, KMS_ERR_VALIDATION,
+                   "a header name to sign is empty or too long");
+        for (size_t j = 0; j <= n; j++)
+            names[i][j] = (char)tolower((unsigned char)req->headers[i].name[j]);
+        sorted[i] = names[i];
+    }
+    qsort(sorted, req->nheaders, sizeof sorted[0], name_cmp);
+    for (size_t i = 0; i < req->nheaders; i++) {
+        if (i > 0 && strcmp(sorted[i], sorted[i - 1]) == 0)
+            continue;
+        if (out->len > 0)
+            KMS_GUARD(kms_buf_append_u8(out, ';'));
+        KMS_GUARD(kms_buf_append_str(out, sorted[i]));
+    }
+    return kms_buf_terminate(out);
+}
+
+kms_err kms_sigv4_sign(const struct kms_sigv4_request *req, const char *access_key,
+                       const char *secret, const char *region, const char *service,
+                       const char *amz_date, struct kms_buf *out)
+{
+    struct kms_buf signed_headers = KMS_BUF_INIT, creq = KMS_BUF_INIT, scope = KMS_BUF_INIT,
+                   sts = KMS_BUF_INIT;
+    char payload_hash[KMS_SHA256_HEX_LEN + 1], signature[KMS_SHA256_HEX_LEN + 1];
+    uint8_t key[KMS_SHA256_LEN];
+    const char *date_header;
+    kms_err rc;
+
+    KMS_ENSURE(req && req->method && access_key && *access_key && secret && region && *region &&
+                   service && *service && amz_date,
+               KMS_ERR_VALIDATION, "a request to sign needs a method, credentials and a scope");
+    KMS_ENSURE(strlen(amz_date) == KMS_AMZ_DATE_LEN, KMS_ERR_VALIDATION,
+               "X-Amz-Date must be in the form YYYYMMDD'T'HHMMSS'Z'");
+    date_header = header_value(req, "X-Amz-Date");
+    KMS_ENSURE(date_header && strcmp(date_header, amz_date) == 0, KMS_ERR_VALIDATION,
+               "the request to sign must carry X-Amz-Date %s", amz_date);
+    KMS_ENSURE(header_value(req, "Host") != NULL, KMS_ERR_VALIDATION,
+               "the request to sign must carry Host");
+
+    rc = signed_header_list(req, &signed_headers);
+    if (rc != KMS_OK)
+        goto cleanup;
+    rc = kms_sha256_hex(req->payload ? req->payload : "", req->payload_len, payload_hash);
+    if (rc != KMS_OK)
+        goto cleanup;
+    rc = kms_sigv4_canonical_request(req->method, req->path, req->query, req->nquery, req->headers,
+                                     req->nheaders, (const char *)signed_headers.data,
+                                     signed_headers.len, payload_hash, &creq);
+    if (rc == KMS_OK)
+        rc = kms_buf_append(&scope, amz_date, 8);
+    if (rc == KMS_OK)
+        rc = kms_buf_append_u8(&scope, '/');
+    if (rc == KMS_OK)
+        rc = kms_buf_append_str(&scope, region);
+    if (rc == KMS_OK)
+        rc = kms_buf_append_u8(&scope, '/');
+    if (rc == KMS_OK)
+        rc = kms_buf_append_str(&scope, service);
+    if (rc == KMS_OK)
+        rc = kms_buf_append_str(&scope, "/aws4_request");
+    if (rc == KMS_OK)
+        rc = kms_sigv4_string_to_sign(amz_date, (const char *)scope.data, scope.len, &creq, &sts);
+    if (rc == KMS_OK)
+        rc = kms_sigv4_signing_key(secret, amz_date, 8, region, strlen(region), service,
+                                   strlen(service), key);
+    if (rc == KMS_OK)
+        rc = kms_sigv4_signature(key, &sts, signature);
+    if (rc != KMS_OK)
+        goto cleanup;
+
+    rc = kms_buf_append_str(out, KMS_SIGV4_ALGORITHM " Credential=");
+    if (rc == KMS_OK)
+        rc = kms_buf_append_str(out, access_key);
+    if (rc == KMS_OK)
+        rc = kms_buf_append_u8(out, '/');
+    if (rc == KMS_OK)
+        rc = kms_buf_append(out, scope.data, scope.len);
+    if (rc == KMS_OK)
+        rc = kms_buf_append_str(out, ", SignedHeaders=");
+    if (rc == KMS_OK)
+        rc = kms_buf_append(out, signed_headers.data, signed_headers.len);
+    if (rc == KMS_OK)
+        rc = kms_buf_append_str(out, ", Signature=");
+    if (rc == KMS_OK)
+        rc = kms_buf_append_str(out, signature);
+    if (rc == KMS_OK)
+        rc = kms_buf_terminate(out);
+
+cleanup:
+    OPENSSL_cleanse(key, sizeof key);
+    kms_buf_free(&signed_headers);
+    kms_buf_free(&creq);
+    kms_buf_free(&scope);
+    kms_buf_free(&sts);
+    return rc;
+}

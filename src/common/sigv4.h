@@ -8,6 +8,7 @@
 
 #include <stddef.h>
 #include <stdint.h>
+#include <time.h>
 
 #include "common/buf.h"
 
@@ -85,5 +86,38 @@ KMS_MUST_CHECK kms_err kms_sigv4_signature(const uint8_t key[KMS_SHA256_LEN],
 
 /* Hex SHA-256 of bytes; out holds 65 bytes. */
 KMS_MUST_CHECK kms_err kms_sha256_hex(const void *p, size_t n, char *out);
+
+/* ---- the client's side: signing with the code above ---- */
+
+#define KMS_AMZ_DATE_LEN 16 /* YYYYMMDDTHHMMSSZ */
+#define KMS_SIGV4_MAX_HEADERS 32
+
+/* A request to sign. Every header in it is signed. */
+struct kms_sigv4_request {
+    const char *method;
+    const char *path; /* decoded; "/" when NULL or empty */
+    const struct kms_query_param *query;
+    size_t nquery;
+    const struct kms_header *headers; /* Host and X-Amz-Date among them */
+    size_t nheaders;
+    const void *payload;
+    size_t payload_len;
+};
+
+/* X-Amz-Date's form of a UTC time; out holds KMS_AMZ_DATE_LEN + 1 bytes. */
+KMS_MUST_CHECK kms_err kms_sigv4_amz_date(time_t when, char *out);
+
+/*
+ * Signs req for access_key under the scope <date>/region/service/aws4_request
+ * with amz_date (which must equal req's X-Amz-Date header) and writes the
+ * value of the Authorization header into out. It goes through the verifier's
+ * own kms_sigv4_canonical_request, _string_to_sign, _signing_key and
+ * _signature, with every header of req signed (names lower-cased, sorted,
+ * each once), so a request this signs is one the verifier accepts. The
+ * signing key is wiped before returning; out holds no secret.
+ */
+KMS_MUST_CHECK kms_err kms_sigv4_sign(const struct kms_sigv4_request *req, const char *access_key,
+                                      const char *secret, const char *region, const char *service,
+                                      const char *amz_date, struct kms_buf *out);
 
 #endif

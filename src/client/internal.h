@@ -1,0 +1,188 @@
+/*
+ * libp11kms internals shared by its files:
+ *   client.c    options, p11kms_client_new/free, status names, last error
+ *   transport.c libcurl, SigV4 signing, retries with full jitter, circuit breaker
+ *   keys.c      p11kms_generate_data_key / p11kms_decrypt_data_key (cache-aware)
+ *   cache.c     the data-key cache in the secure heap
+ *   jwe.c       JWE compact/JSON serialization with A256GCM
+ *   envelope.c  p11kms_seal / p11kms_open: data keys + cache + JWE
+ */
+#ifndef P11KMS_CLIENT_INTERNAL_H
+#define P11KMS_CLIENT_INTERNAL_H
+
+#include <jansson.h>
+#include <pthread.h>
+#include <stdint.h>
+#include <sys/types.h>
+
+#include "p11kms.h"
+
+struct kms_cache;
+struct kms_transport;
+
+struct p11kms_client {
+    struct p11kms_options opt; /* strings point into the copies below */
+    char *endpoint, *region, *access_key_id, *secret_access_key, *session_token;
+    char *ca_file, *client_cert_file, *client_key_file;
+    struct kms_transport *transport;
+    struct kms_cache *cache; /* NULL when cache_max_age_s is 0 */
+    int memory_locked;
+};
+
+/* Records the calling thread's failure message and returns s. */
+p11kms_status kms_client_fail(p11kms_status s, const char *fmt, ...)
+    __attribute__((format(printf, 2, 3)));
+/* The status for an AWS error type name ("NotFoundException"), P11KMS_ERR_SERVICE if unknown. */
+p11kms_status kms_client_status_of_type(const char *type);
+/*
+ * n bytes for a secret (a data key, an answer carrying one): from the secure
+ * heap when it is set up, else -- unless require_locked_memory is set --
+ * ordinary memory. Release with p11kms_free (it wipes either kind).
+ */
+void *kms_client_secret_alloc(const p11kms_client *c, size_t n);
+
+/* ---- transport.c ---- */
+p11kms_status kms_transport_new(p11kms_client *c, struct kms_transport **out);
+void kms_transport_free(struct kms_transport *t);
+/*
+ * One operation ("GenerateDataKey") with a JSON request: signs, sends,
+ * retries and goes through the breaker. On P11KMS_OK *response is the answer
+ * (an object, maybe empty); else NULL and the service's error maps to its
+ * status, with its message as the thread's last error.
+ */
+p11kms_status kms_transport_call(p11kms_client *c, const char *operation, const json_t *request,
+                                 json_t **response);
+
+/*
+ * The circuit breaker, with the clock passed in (tests drive it by hand).
+ * Closed: calls go; a failed call (transport error, 5xx, throttling, after
+ * its retries) counts, any answer from the service resets the count; at
+ * threshold consecutive failures it opens. Open: calls fail fast until
+ * cooldown_ms have passed; then the first call is let through as the probe
+ * (half-open) and every other call fails fast until the probe ends: success
+ * closes, failure re-opens for another cool-down. Each change of state bumps
+ * generation: results of calls let in before it no longer count. The caller
+ * holds the lock that guards b.
+ */
+enum kms_breaker_state { KMS_BREAKER_CLOSED, KMS_BREAKER_OPEN, KMS_BREAKER_HALF_OPEN };
+enum kms_breaker_result {
+    KMS_BREAKER_SUCCESS, /* the service answered (2xx, or a 4xx client error) */
+    KMS_BREAKER_FAILURE, /* transport error, 5xx or throttling */
+    KMS_BREAKER_NONE     /* nothing learned (a local error before sending) */
+};
+struct kms_breaker {
+    unsigned threshold, cooldown_ms;
+    enum kms_breaker_state state;
+    unsigned failures; /* consecutive, while closed */
+    uint64_t opened_at_ms;
+    uint64_t generation;
+};
+struct kms_breaker_ticket {
+    uint64_t generation;
+    int probe;
+};
+void kms_breaker_init(struct kms_breaker *b, unsigned threshold, unsigned cooldown_ms);
+/* 1: the call may go (*t says how to report it); 0: fail fast. */
+int kms_breaker_admit_locked(struct kms_breaker *b, uint64_t now_ms, struct kms_breaker_ticket *t);
+void kms_breaker_record_locked(struct kms_breaker *b, const struct kms_breaker_ticket *t,
+                               enum kms_breaker_result r, uint64_t now_ms);
+/*
+ * Full jitter: the wait before retry number `retry` (1 for the first) is
+ * rnd() mod (ceiling + 1) with ceiling = min(cap_ms, base_ms * 2^retry); a
+ * Retry-After (0: none) raises it to min(retry_after_ms, cap_ms).
+ */
+uint64_t kms_backoff_ms(unsigned retry, unsigned base_ms, unsigned cap_ms, uint64_t retry_after_ms,
+                        uint64_t (*rnd)(void *arg), void *rnd_arg);
+/* The breaker's state now (tests and diagnostics). */
+enum kms_breaker_state kms_transport_breaker_state(struct kms_transport *t);
+
+/* ---- keys.c: straight to the service, no cache ---- */
+p11kms_status kms_service_generate(p11kms_client *c, const char *key_id,
+                                   const struct p11kms_context *ctx, size_t nctx,
+                                   struct p11kms_data_key *out);
+p11kms_status kms_service_decrypt(p11kms_client *c, const uint8_t *blob, size_t blob_len,
+                                  const struct p11kms_context *ctx, size_t nctx,
+                                  struct p11kms_data_key *out);
+
+/* ---- cache.c ---- */
+p11kms_status kms_cache_new(const struct p11kms_options *o, struct kms_cache **out);
+void kms_cache_free(struct kms_cache *cache);
+/*
+ * Decrypt side: a copy of the data key for (blob, canonical context), if
+ * cached and younger than cache_max_age_s (plus cache_grace_s when grace is
+ * set: the service cannot be reached). P11KMS_ERR_NOT_FOUND when not.
+ */
+p11kms_status kms_cache_get_decrypt(struct kms_cache *cache, const uint8_t *blob, size_t blob_len,
+                                    const uint8_t *canon_ctx, size_t canon_len, int grace,
+                                    struct p11kms_data_key *out);
+void kms_cache_put_decrypt(struct kms_cache *cache, const struct p11kms_data_key *k,
+                           const uint8_t *canon_ctx, size_t canon_len);
+/*
+ * Encrypt side: a copy of a cached data key for (key_id, canonical context)
+ * that may seal `bytes` more bytes; counts the message and bytes against it.
+ */
+p11kms_status kms_cache_take_for_seal(struct kms_cache *cache, const char *key_id,
+                                      const uint8_t *canon_ctx, size_t canon_len, uint64_t bytes,
+                                      struct p11kms_data_key *out);
+void kms_cache_put_for_seal(struct kms_cache *cache, const char *key_id, const uint8_t *canon_ctx,
+                            size_t canon_len, const struct p11kms_data_key *k, uint64_t bytes);
+/* 1 when the cache's entries live in locked memory (the secure heap); 0 when not. */
+int kms_cache_locked(const struct kms_cache *cache);
+/* Entries held now, both sides together. */
+size_t kms_cache_count(struct kms_cache *cache);
+/* Tests: the clock in milliseconds (NULL: CLOCK_BOOTTIME); set before any other use. */
+void kms_cache_set_clock(struct kms_cache *cache, uint64_t (*now_ms)(void *arg), void *arg);
+/* Tests: where key slot i lives and its size, to check evicted slots are zero. */
+p11kms_status kms_cache_debug_slot(struct kms_cache *cache, size_t i, const uint8_t **p, size_t *n);
+
+/* The canonical form of a context (the server's, src/common/blob.h); malloc'd. */
+p11kms_status kms_client_canonical(const struct p11kms_context *ctx, size_t nctx, uint8_t **out,
+                                   size_t *out_len);
+
+/* ---- jwe.c: RFC 7516, "alg":"dir", "enc":"A256GCM" ---- */
+#define KMS_JWE_KEY_LEN 32
+#define KMS_JWE_IV_LEN 12
+#define KMS_JWE_TAG_LEN 16
+#define KMS_JWE_MAX_PAYLOAD ((size_t)64 << 20) /* plaintext bytes */
+#define KMS_JWE_MAX_HEADER ((size_t)64 << 10)  /* protected header JSON bytes */
+#define KMS_JWE_MAX_BLOB 6144                  /* as AWS bounds a CiphertextBlob */
+
+enum kms_jwe_form { KMS_JWE_COMPACT, KMS_JWE_FLATTENED };
+
+/* A parsed JWE; nothing in it is secret. kms_jwe_clear releases it. */
+struct kms_jwe {
+    json_t *header;  /* the protected header, an object */
+    const char *kid; /* in header */
+    uint8_t *blob;   /* p11kms_blob, decoded */
+    size_t blob_len;
+    struct p11kms_context *ctx; /* p11kms_ctx; strings in header */
+    size_t nctx;
+    char *aad; /* ASCII(BASE64URL(UTF8(protected header))) */
+    size_t aad_len;
+    uint8_t iv[KMS_JWE_IV_LEN];
+    uint8_t tag[KMS_JWE_TAG_LEN];
+    uint8_t *ciphertext;
+    size_t ciphertext_len;
+};
+
+/*
+ * Seals payload under key: the protected header holds alg, enc, kid,
+ * p11kms_blob and p11kms_ctx (members in that order, context keys sorted).
+ * iv NULL: a fresh random one (tests pass a fixed one). *out is
+ * NUL-terminated, malloc'd.
+ */
+p11kms_status kms_jwe_seal(enum kms_jwe_form form, const uint8_t key[KMS_JWE_KEY_LEN],
+                           const uint8_t *iv, const char *kid, const uint8_t *blob, size_t blob_len,
+                           const struct p11kms_context *ctx, size_t nctx, const uint8_t *payload,
+                           size_t n, char **out, size_t *out_len);
+/* Parses the compact or the flattened JSON serialization; P11KMS_ERR_MALFORMED when not ours. */
+p11kms_status kms_jwe_parse(const char *token, size_t len, struct kms_jwe *out);
+/*
+ * AES-256-GCM open of a parsed JWE. *out (malloc'd, release with
+ * p11kms_free) is set only when the tag verifies; else P11KMS_ERR_DECRYPT.
+ */
+p11kms_status kms_jwe_decrypt(const struct kms_jwe *j, const uint8_t *key, size_t key_len,
+                              uint8_t **out, size_t *out_len);
+void kms_jwe_clear(struct kms_jwe *j);
+
+#endif
