@@ -16,6 +16,9 @@ packages=(
     nginx
 )
 
+# interop tests: JavaScript JOSE (npm's jose, pinned in tests/interop/package-lock.json)
+command -v node >/dev/null && command -v npm >/dev/null || packages+=(nodejs npm)
+
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -6,6 +6,9 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 scripts/deps.sh || exit 1
 scripts/build.sh || exit 1
+# The JavaScript side of the interop tests, exactly as locked.
+[ -d tests/interop/node_modules/jose ] ||
+    (cd tests/interop && npm ci --no-audit --no-fund --loglevel=error) || exit 1
 make -j"$(nproc)" check
 status=$?
 scripts/count-results.sh .

@@ -20,6 +20,7 @@ standard JOSE library, and the whole path through p11kmsd. TAP output.
 import base64
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -116,6 +117,51 @@ def header_for(blob, ctx, **extra):
 
 
 PAYLOADS = [b"", b'{"hello":"world"}', bytes(range(256)) * 400]
+
+
+# ---- the `jose` package from npm (tests/interop, installed by `npm ci`) ---------------
+
+INTEROP = os.path.join(h.SRCDIR, "tests", "interop")
+NODE = shutil.which("node") or "/usr/bin/node"
+
+
+def jose_ready():
+    return os.path.isdir(os.path.join(INTEROP, "node_modules", "jose")) and os.access(NODE, os.X_OK)
+
+
+def jose(args, stdin):
+    r = subprocess.run([NODE, os.path.join(INTEROP, "jose_tool.mjs")] + list(args), input=stdin,
+                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=60)
+    return r.returncode, r.stdout.decode("utf-8", "replace"), r.stderr.decode("utf-8", "replace")
+
+
+@test
+def test_npm_jose_opens_ours_and_we_open_its():
+    if not jose_ready():
+        # A release tarball carries no node_modules: scripts/test.sh runs `npm ci` in the
+        # source tree, so the main CI run always has it.
+        raise h.Skip("the npm package jose is not installed (npm ci --prefix tests/interop)")
+    key, blob = os.urandom(32), os.urandom(70)
+    ctx = {"tenant": "acme", "purpose": "jose"}
+    for payload in (b"x", b'{"hello":"world"}', bytes(range(256)) * 40):
+        token = our_seal(key, blob, ctx, payload)
+        rc, out, err = jose(["open", key.hex()], token.encode())
+        eq((rc, err), (0, ""), "jose opens our token")
+        got = json.loads(out)
+        eq(base64.b64decode(got["payload"]), payload, "jose's plaintext")
+        eq(got["header"], header_for(blob, ctx), "jose reads our protected header")
+        rc, theirs, err = jose(["seal", key.hex(), json.dumps(header_for(blob, ctx))], payload)
+        eq((rc, err), (0, ""), "jose seals")
+        rc, out, err = our_open(key, theirs.strip(), ctx)
+        eq((rc, out), (0, payload), "we open jose's token (stderr %r)" % err)
+    # jose refuses ours altered, and a wrong key
+    token = our_seal(key, blob, ctx, b"payload")
+    parts = token.split(".")
+    parts[3] = b64u(bytes([unb64u(parts[3])[0] ^ 1]) + unb64u(parts[3])[1:])
+    rc, _, err = jose(["open", key.hex()], ".".join(parts).encode())
+    eq(rc, 1, "jose refuses an altered ciphertext (%s)" % err.strip())
+    rc, _, err = jose(["open", os.urandom(32).hex()], token.encode())
+    eq(rc, 1, "jose refuses another key (%s)" % err.strip())
 
 
 # ---- offline: jwe.c against jwcrypto ------------------------------------------------
