@@ -50,6 +50,7 @@ typedef enum p11kms_status {
     P11KMS_ERR_PROTOCOL,     /* an answer that is not what the protocol says */
     P11KMS_ERR_MALFORMED,    /* a JWE that does not parse, or a header we do not accept */
     P11KMS_ERR_DECRYPT,      /* a JWE whose tag does not verify (altered, or wrong context) */
+    P11KMS_ERR_TRUNCATED,    /* a stream that ends before its final chunk */
     /* the service's, one per AWS error type */
     P11KMS_ERR_VALIDATION,           /* ValidationException */
     P11KMS_ERR_SERIALIZATION,        /* SerializationException */
@@ -176,6 +177,54 @@ P11KMS_API p11kms_status p11kms_seal(p11kms_client *c, const char *key_id,
 P11KMS_API p11kms_status p11kms_open(p11kms_client *c, const char *jwe, size_t len,
                                      const struct p11kms_context *ctx, size_t nctx, uint8_t **out,
                                      size_t *out_len);
+
+/*
+ * Any operation of the service: request_json is the request body (a JSON
+ * object; NULL for {}), *response_json the answer's (NUL-terminated, "{}" for
+ * an empty answer; release with p11kms_free). For the management operations
+ * the CLI offers (CreateKey, ListKeys, PutKeyPolicy, ...).
+ */
+P11KMS_API p11kms_status p11kms_call(p11kms_client *c, const char *operation,
+                                     const char *request_json, char **response_json,
+                                     size_t *response_len);
+
+/* ---- streaming envelopes (docs/format.md): large payloads, constant memory ---- */
+
+/* Reads up to cap bytes into buf; *got 0 means the end of the input. */
+typedef p11kms_status (*p11kms_read_fn)(void *arg, uint8_t *buf, size_t cap, size_t *got);
+/* Writes n bytes (all of them, or fails). */
+typedef p11kms_status (*p11kms_write_fn)(void *arg, const uint8_t *buf, size_t n);
+/* Called after each chunk with the plaintext bytes done so far. */
+typedef void (*p11kms_progress_fn)(void *arg, uint64_t done);
+
+struct p11kms_stream_options {
+    size_t chunk_size; /* plaintext bytes per chunk; 0: 65536 (at most 16 MiB); decryption
+                          ignores it and uses the stream's own */
+    p11kms_progress_fn progress;
+    void *progress_arg;
+};
+
+/*
+ * Encrypts everything in reads under a fresh data key of key_id, writing the
+ * stream (header, then chunks, the last one flagged) through out.
+ */
+P11KMS_API p11kms_status p11kms_stream_encrypt(p11kms_client *c, const char *key_id,
+                                               const struct p11kms_context *ctx, size_t nctx,
+                                               const struct p11kms_stream_options *o,
+                                               p11kms_read_fn in, void *in_arg, p11kms_write_fn out,
+                                               void *out_arg);
+/*
+ * Decrypts a stream: each chunk's plaintext is written only after its tag
+ * verifies. A stream that ends before its final chunk is P11KMS_ERR_TRUNCATED
+ * (after the verified chunks were written); anything altered, reordered or
+ * repeated is P11KMS_ERR_DECRYPT; a context other than the stream's too.
+ */
+P11KMS_API p11kms_status p11kms_stream_decrypt(p11kms_client *c, const struct p11kms_context *ctx,
+                                               size_t nctx, const struct p11kms_stream_options *o,
+                                               p11kms_read_fn in, void *in_arg, p11kms_write_fn out,
+                                               void *out_arg);
+/* 1 when p (n bytes, at least 4) starts a stream rather than a JWE. */
+P11KMS_API int p11kms_stream_detect(const uint8_t *p, size_t n);
 
 /* Wipes n bytes at p and frees them (p may be NULL). */
 P11KMS_API void p11kms_free(void *p, size_t n);

@@ -53,6 +53,7 @@ static const char *const status_names[P11KMS_STATUS_COUNT] = {
     [P11KMS_ERR_PROTOCOL] = "ProtocolError",
     [P11KMS_ERR_MALFORMED] = "MalformedEnvelope",
     [P11KMS_ERR_DECRYPT] = "DecryptionFailed",
+    [P11KMS_ERR_TRUNCATED] = "TruncatedStream",
     [P11KMS_ERR_VALIDATION] = "ValidationException",
     [P11KMS_ERR_SERIALIZATION] = "SerializationException",
     [P11KMS_ERR_NOT_FOUND] = "NotFoundException",

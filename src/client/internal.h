@@ -6,6 +6,7 @@
  *   cache.c     the data-key cache in the secure heap
  *   jwe.c       JWE compact/JSON serialization with A256GCM
  *   envelope.c  p11kms_seal / p11kms_open: data keys + cache + JWE
+ *   stream.c    p11kms_stream_*: chunked AES-256-GCM for large payloads
  */
 #ifndef P11KMS_CLIENT_INTERNAL_H
 #define P11KMS_CLIENT_INTERNAL_H
@@ -184,5 +185,62 @@ p11kms_status kms_jwe_parse(const char *token, size_t len, struct kms_jwe *out);
 p11kms_status kms_jwe_decrypt(const struct kms_jwe *j, const uint8_t *key, size_t key_len,
                               uint8_t **out, size_t *out_len);
 void kms_jwe_clear(struct kms_jwe *j);
+
+/* ---- stream.c: streaming envelopes, chunked AES-256-GCM (docs/format.md) ---- */
+#define KMS_STREAM_VERSION 1
+#define KMS_STREAM_KEY_LEN 32
+#define KMS_STREAM_TAG_LEN 16
+#define KMS_STREAM_PREFIX_LEN 7
+#define KMS_STREAM_NONCE_LEN 12 /* prefix | counter u32 | final u8 */
+#define KMS_STREAM_DIGEST_LEN 32
+#define KMS_STREAM_DEFAULT_CHUNK 65536u
+#define KMS_STREAM_MAX_CHUNK (16u << 20)
+#define KMS_STREAM_MAX_ARN 255u
+#define KMS_STREAM_MAX_BLOB 6144u
+/* magic, version, chunk size, nonce prefix, context digest, ARN length */
+#define KMS_STREAM_FIXED_HEADER (4 + 1 + 4 + KMS_STREAM_PREFIX_LEN + KMS_STREAM_DIGEST_LEN + 2)
+#define KMS_STREAM_MAX_HEADER \
+    (KMS_STREAM_FIXED_HEADER + KMS_STREAM_MAX_ARN + 2 + KMS_STREAM_MAX_BLOB)
+
+/* A parsed stream header; nothing in it is secret. */
+struct kms_stream_header {
+    uint8_t raw[KMS_STREAM_MAX_HEADER]; /* the header's bytes as read */
+    size_t raw_len;
+    uint32_t chunk_size;
+    uint8_t prefix[KMS_STREAM_PREFIX_LEN];
+    uint8_t ctx_digest[KMS_STREAM_DIGEST_LEN];
+    char key_arn[KMS_STREAM_MAX_ARN + 1]; /* "" when the stream names none */
+    const uint8_t *blob;                  /* in raw */
+    size_t blob_len;
+    uint8_t digest[KMS_STREAM_DIGEST_LEN]; /* SHA-256(raw): every chunk's AAD */
+};
+
+/* SHA-256 of the canonical form of a context: what a stream header carries. */
+p11kms_status kms_stream_context_digest(const struct p11kms_context *ctx, size_t nctx,
+                                        uint8_t out[KMS_STREAM_DIGEST_LEN]);
+/*
+ * The stream under a data key the caller has (p11kms_stream_encrypt gets a
+ * fresh one from GenerateDataKey; tests pass their own). prefix NULL: a
+ * random nonce prefix (tests pass a fixed one for vectors). key_arn may be
+ * NULL (none in the header).
+ */
+p11kms_status kms_stream_encrypt_with_key(const uint8_t key[KMS_STREAM_KEY_LEN],
+                                          const uint8_t *prefix, const char *key_arn,
+                                          const uint8_t *blob, size_t blob_len,
+                                          const uint8_t ctx_digest[KMS_STREAM_DIGEST_LEN],
+                                          const struct p11kms_stream_options *o, p11kms_read_fn in,
+                                          void *in_arg, p11kms_write_fn out, void *out_arg);
+/* Reads and checks the header: P11KMS_ERR_MALFORMED, or TRUNCATED when the input ends in it. */
+p11kms_status kms_stream_read_header(p11kms_read_fn in, void *in_arg, struct kms_stream_header *h);
+/* The chunks after a header read by kms_stream_read_header, under key. */
+p11kms_status kms_stream_decrypt_chunks(const uint8_t key[KMS_STREAM_KEY_LEN],
+                                        const struct kms_stream_header *h,
+                                        const struct p11kms_stream_options *o, p11kms_read_fn in,
+                                        void *in_arg, p11kms_write_fn out, void *out_arg);
+/* Header, context check (P11KMS_ERR_DECRYPT when ctx_digest differs), chunks. */
+p11kms_status kms_stream_decrypt_with_key(const uint8_t key[KMS_STREAM_KEY_LEN],
+                                          const uint8_t ctx_digest[KMS_STREAM_DIGEST_LEN],
+                                          const struct p11kms_stream_options *o, p11kms_read_fn in,
+                                          void *in_arg, p11kms_write_fn out, void *out_arg);
 
 #endif

@@ -1,0 +1,383 @@
+/*
+ * p11kms [global options] <group> <command> [options]
+ * p11kms [global options] encrypt|decrypt [options]
+ *
+ * Options may come anywhere after the program name; global ones are the same
+ * for every command. Credentials never come from the command line: only from
+ * the environment (AWS_ACCESS_KEY_ID...) or a profile file.
+ */
+#include "config.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "cli/cli.h"
+
+static const struct cli_opt global_opts[] = {
+    {"endpoint", 0, 1, "the service URL (default: P11KMS_ENDPOINT, then AWS_ENDPOINT_URL)"},
+    {"region", 0, 1,
+     "the region to sign for (default: AWS_REGION, AWS_DEFAULT_REGION, "
+     "the profile's, us-east-1)"},
+    {"profile", 0, 1,
+     "credentials from this profile of ~/.aws/credentials (default: "
+     "AWS_PROFILE when AWS_ACCESS_KEY_ID is not set)"},
+    {"ca-file", 0, 1, "PEM CA certificates to verify an https endpoint with"},
+    {"json", 0, 0, "print answers (and errors) as JSON, for scripts"},
+    {"quiet", 'q', 0, "no progress line, no notes on stderr (errors still)"},
+    {"help", 'h', 0, "help for the program, a group or a command"},
+    {"version", 0, 0, "print the version and exit"},
+    {NULL, 0, 0, NULL},
+};
+
+static const char *const groups[][2] = {
+    {"keys", "create, describe, list, enable and disable keys; rotation and deletion"},
+    {"aliases", "create, update, delete and list aliases"},
+    {"policies", "get and put key policies"},
+    {"data-keys", "generate data keys and decrypt their blobs"},
+};
+
+/* ---- the command table ---- */
+
+static const struct cli_cmd *find_cmd(const char *group, const char *name)
+{
+    for (size_t i = 0; i < cli_key_commands_count; i++) {
+        const struct cli_cmd *c = &cli_key_commands[i];
+        if (group && name && strcmp(c->group, group) == 0 && strcmp(c->name, name) == 0)
+            return c;
+    }
+    for (size_t i = 0; i < cli_data_commands_count; i++) {
+        const struct cli_cmd *c = &cli_data_commands[i];
+        if (!group && name && strcmp(c->name, name) == 0)
+            return c;
+    }
+    return NULL;
+}
+
+static int is_group(const char *s)
+{
+    for (size_t i = 0; i < sizeof groups / sizeof groups[0]; i++)
+        if (strcmp(groups[i][0], s) == 0)
+            return 1;
+    return 0;
+}
+
+static const struct cli_opt *find_opt(const struct cli_opt *opts, const char *name, char shortname)
+{
+    for (; opts && opts->name; opts++) {
+        if (name && strcmp(opts->name, name) == 0)
+            return opts;
+        if (!name && shortname && opts->shortname == shortname)
+            return opts;
+    }
+    return NULL;
+}
+
+/* ---- help ---- */
+
+static void print_opts(FILE *f, const struct cli_opt *opts)
+{
+    for (; opts && opts->name; opts++) {
+        char left[64];
+        if (opts->shortname)
+            snprintf(left, sizeof left, "-%c, --%s%s", opts->shortname, opts->name,
+                     opts->has_arg ? " ARG" : "");
+        else
+            snprintf(left, sizeof left, "    --%s%s", opts->name, opts->has_arg ? " ARG" : "");
+        fprintf(f, "  %-26s %s\n", left, opts->help);
+    }
+}
+
+static void help_main(FILE *f)
+{
+    fprintf(f, "Usage: p11kms [global options] <group> <command> [options]\n"
+               "       p11kms [global options] encrypt|decrypt [options]\n\n"
+               "A client for p11kmsd (the AWS KMS JSON protocol).\n\nGroups and commands:\n");
+    for (size_t g = 0; g < sizeof groups / sizeof groups[0]; g++) {
+        fprintf(f, "  %s:", groups[g][0]);
+        for (size_t i = 0; i < cli_key_commands_count; i++)
+            if (strcmp(cli_key_commands[i].group, groups[g][0]) == 0)
+                fprintf(f, " %s", cli_key_commands[i].name);
+        fprintf(f, "\n");
+    }
+    for (size_t i = 0; i < cli_data_commands_count; i++)
+        fprintf(f, "  %-9s %s\n", cli_data_commands[i].name, cli_data_commands[i].summary);
+    fprintf(f, "\nGlobal options:\n");
+    print_opts(f, global_opts);
+    fprintf(f, "\nCredentials come from AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY and\n"
+               "AWS_SESSION_TOKEN, or from a profile; never from the command line.\n"
+               "Exit codes: 0 ok, 1 the service refused, 2 usage, 3 service unreachable,\n"
+               "4 decryption or integrity failure, 5 other local errors.\n"
+               "`p11kms <group> --help` and `p11kms <group> <command> --help` say more;\n"
+               "see also p11kms(1).\n");
+}
+
+static void help_group(FILE *f, const char *group)
+{
+    fprintf(f, "Usage: p11kms [global options] %s <command> [options]\n\nCommands:\n", group);
+    for (size_t i = 0; i < cli_key_commands_count; i++)
+        if (strcmp(cli_key_commands[i].group, group) == 0)
+            fprintf(f, "  %-18s %s\n", cli_key_commands[i].name, cli_key_commands[i].summary);
+    fprintf(f, "\n`p11kms %s <command> --help` for a command's options.\n", group);
+}
+
+static void help_cmd(FILE *f, const struct cli_cmd *c)
+{
+    fprintf(f, "Usage: p11kms [global options] %s%s%s %s\n\n%s\n", c->group ? c->group : "",
+            c->group ? " " : "", c->name, c->usage, c->summary);
+    if (c->opts && c->opts->name) {
+        fprintf(f, "\nOptions:\n");
+        print_opts(f, c->opts);
+    }
+    fprintf(f, "\nGlobal options:\n");
+    print_opts(f, global_opts);
+}
+
+/* ---- the client ---- */
+
+int cli_client(struct cli *cli, p11kms_client **out)
+{
+    struct p11kms_options o;
+    struct cli_profile prof = {0};
+    const char *profile = cli->profile;
+    p11kms_status st;
+
+    if (cli->client) {
+        *out = cli->client;
+        return 0;
+    }
+    p11kms_options_init(&o);
+    o.endpoint = cli->endpoint;
+    o.region = cli->region;
+    o.ca_file = cli->ca_file;
+    /* As the aws CLI: --profile wins; then credentials in the environment; then
+       AWS_PROFILE, then the default profile when the file has one. */
+    if (!profile && !getenv("AWS_ACCESS_KEY_ID")) {
+        const char *env = getenv("AWS_PROFILE");
+        if (env && *env)
+            profile = env;
+        else if (cli_profile_load("default", &prof) == 0)
+            profile = "default";
+    }
+    if (profile && !prof.access_key_id && cli_profile_load(profile, &prof) != 0)
+        return cli_fail(cli, CLI_EXIT_LOCAL, "ConfigError",
+                        "profile %s: no credentials for it in the credentials file", profile);
+    if (prof.access_key_id) {
+        o.access_key_id = prof.access_key_id;
+        o.secret_access_key = prof.secret_access_key;
+        o.session_token = prof.session_token;
+        if (!o.region && !getenv("AWS_REGION") && !getenv("AWS_DEFAULT_REGION"))
+            o.region = prof.region;
+    }
+    st = p11kms_client_new(&o, &cli->client);
+    cli_profile_clear(&prof); /* the client keeps its own copies */
+    if (st != P11KMS_OK)
+        return cli_fail_status(cli, st, 0);
+    *out = cli->client;
+    return 0;
+}
+
+/* ---- the command line ---- */
+
+static int take(struct cli *cli, struct cli_args *a, const struct cli_opt *o, const char *inline_v,
+                int argc, char **argv, int *i)
+{
+    const char *v = NULL;
+    if (o->has_arg) {
+        if (inline_v)
+            v = inline_v;
+        else if (*i + 1 < argc)
+            v = argv[++*i];
+        else
+            return cli_usage_error(cli, "--%s needs a value", o->name);
+    } else if (inline_v) {
+        return cli_usage_error(cli, "--%s takes no value", o->name);
+    }
+    if (strcmp(o->name, "endpoint") == 0)
+        cli->endpoint = v;
+    else if (strcmp(o->name, "region") == 0)
+        cli->region = v;
+    else if (strcmp(o->name, "profile") == 0)
+        cli->profile = v;
+    else if (strcmp(o->name, "ca-file") == 0)
+        cli->ca_file = v;
+    else if (strcmp(o->name, "json") == 0 && o == find_opt(global_opts, "json", 0))
+        cli->json = 1;
+    else if (strcmp(o->name, "quiet") == 0 && o == find_opt(global_opts, "quiet", 0))
+        cli->quiet = 1;
+    if (a->n == CLI_MAX_ARGS)
+        return cli_usage_error(cli, "too many options");
+    a->name[a->n] = o->name;
+    a->value[a->n] = v;
+    a->n++;
+    return 0;
+}
+
+int main(int argc, char **argv)
+{
+    struct cli cli = {0};
+    struct cli_args a = {0};
+    const char *pos[3] = {NULL, NULL, NULL};
+    size_t npos = 0;
+    int rc, only_positionals = 0;
+
+    for (int i = 1; i < argc; i++) {
+        const char *arg = argv[i];
+        const struct cli_opt *o = NULL;
+        const char *inline_v = NULL;
+        char name[64];
+
+        if (only_positionals || arg[0] != '-' || arg[1] == '\0') {
+            if (npos == 3)
+                return cli_usage_error(&cli, "unexpected argument: %s", arg);
+            pos[npos++] = arg;
+            if (npos == 1 && !is_group(arg) && strcmp(arg, "help") != 0)
+                cli.cmd = find_cmd(NULL, arg);
+            else if (npos == 2 && is_group(pos[0]))
+                cli.cmd = find_cmd(pos[0], arg);
+            continue;
+        }
+        if (strcmp(arg, "--") == 0) {
+            only_positionals = 1;
+            continue;
+        }
+        if (arg[1] == '-') {
+            const char *eq = strchr(arg + 2, '=');
+            size_t n = eq ? (size_t)(eq - (arg + 2)) : strlen(arg + 2);
+            if (n >= sizeof name)
+                return cli_usage_error(&cli, "unknown option: %s", arg);
+            memcpy(name, arg + 2, n);
+            name[n] = '\0';
+            inline_v = eq ? eq + 1 : NULL;
+            o = find_opt(global_opts, name, 0);
+            if (!o && cli.cmd)
+                o = find_opt(cli.cmd->opts, name, 0);
+        } else {
+            if (arg[2] != '\0')
+                inline_v = arg + 2;
+            o = find_opt(global_opts, NULL, arg[1]);
+            if (!o && cli.cmd)
+                o = find_opt(cli.cmd->opts, NULL, arg[1]);
+        }
+        if (!o)
+            return cli_usage_error(&cli, "unknown option: %s%s", arg,
+                                   cli.cmd ? "" : " (options of a command come after it)");
+        if ((rc = take(&cli, &a, o, inline_v, argc, argv, &i)) != 0)
+            return rc;
+    }
+
+    if (cli_flag(&a, "version")) {
+        printf("p11kms %s\n", P11KMS_VERSION_STRING);
+        return CLI_EXIT_OK;
+    }
+    if (npos > 0 && strcmp(pos[0], "help") == 0) {
+        /* p11kms help [group [command]] */
+        pos[0] = pos[1];
+        pos[1] = pos[2];
+        npos = npos - 1;
+        if (npos == 0) {
+            help_main(stdout);
+            return CLI_EXIT_OK;
+        }
+        cli.cmd = is_group(pos[0]) ? (npos > 1 ? find_cmd(pos[0], pos[1]) : NULL)
+                                   : find_cmd(NULL, pos[0]);
+        a.name[a.n] = "help";
+        a.value[a.n++] = NULL;
+    }
+    if (npos == 0) {
+        if (cli_flag(&a, "help")) {
+            help_main(stdout);
+            return CLI_EXIT_OK;
+        }
+        help_main(stderr);
+        return CLI_EXIT_USAGE;
+    }
+    if (!cli.cmd) {
+        if (is_group(pos[0]) && npos == 1) {
+            if (cli_flag(&a, "help")) {
+                help_group(stdout, pos[0]);
+                return CLI_EXIT_OK;
+            }
+            help_group(stderr, pos[0]);
+            return CLI_EXIT_USAGE;
+        }
+        if (is_group(pos[0]))
+            return cli_usage_error(&cli, "%s: no command %s (p11kms %s --help)", pos[0], pos[1],
+                                   pos[0]);
+        return cli_usage_error(&cli, "no command or group %s (p11kms --help)", pos[0]);
+    }
+    if (cli_flag(&a, "help")) {
+        help_cmd(stdout, cli.cmd);
+        return CLI_EXIT_OK;
+    }
+    if (npos > (cli.cmd->group ? 2u : 1u))
+        return cli_usage_error(&cli, "unexpected argument: %s", pos[npos - 1]);
+
+    rc = cli.cmd->run(&cli, &a);
+    p11kms_client_free(cli.client);
+    return rc;
+}
+
+/* ---- option helpers ---- */
+
+const char *cli_arg(const struct cli_args *a, const char *name)
+{
+    const char *v = NULL;
+    for (size_t i = 0; i < a->n; i++)
+        if (strcmp(a->name[i], name) == 0)
+            v = a->value[i];
+    return v;
+}
+
+int cli_flag(const struct cli_args *a, const char *name)
+{
+    for (size_t i = 0; i < a->n; i++)
+        if (strcmp(a->name[i], name) == 0)
+            return 1;
+    return 0;
+}
+
+const char *cli_required(struct cli *cli, const struct cli_args *a, const char *name)
+{
+    const char *v = cli_arg(a, name);
+    if (!v || !*v) {
+        cli_usage_error(cli, "%s %s needs --%s", cli->cmd->group ? cli->cmd->group : "",
+                        cli->cmd->name, name);
+        return NULL;
+    }
+    return v;
+}
+
+int cli_contexts(const struct cli_args *a, struct p11kms_context **out, size_t *n)
+{
+    size_t count = 0, k = 0;
+    struct p11kms_context *ctx;
+    *out = NULL;
+    *n = 0;
+    for (size_t i = 0; i < a->n; i++)
+        if (strcmp(a->name[i], "context") == 0)
+            count++;
+    if (count == 0)
+        return 0;
+    ctx = calloc(count, sizeof *ctx);
+    if (!ctx)
+        return CLI_EXIT_LOCAL;
+    for (size_t i = 0; i < a->n; i++) {
+        const char *v = a->value[i], *eq;
+        if (strcmp(a->name[i], "context") != 0)
+            continue;
+        eq = strchr(v, '=');
+        if (!eq || eq == v) {
+            free(ctx);
+            return cli_usage_error(NULL, "--context wants KEY=VALUE, not %s", v);
+        }
+        /* argv is ours to cut: the key ends at the '=' */
+        ((char *)eq)[0] = '\0';
+        ctx[k].key = v;
+        ctx[k].value = eq + 1;
+        k++;
+    }
+    *out = ctx;
+    *n = k;
+    return 0;
+}
