@@ -114,6 +114,13 @@ void kms_audit_close(struct kms_audit *a);
 
 /* ---- line formats: for the writer, the verify tool and the tests -------------------- */
 
+/* A checkpoint line ends with this member: KMS_AUDIT_MAC_MEMBER, 64 hex, "}. */
+#define KMS_AUDIT_MAC_MEMBER ",\"mac\":\""
+#define KMS_AUDIT_MAC_SUFFIX_LEN (sizeof KMS_AUDIT_MAC_MEMBER - 1 + 64 + 2)
+
+/* 1 when s (n bytes) is lower-case hex. */
+int kms_audit_is_hex(const char *s, size_t n);
+
 /* "YYYY-MM-DDTHH:MM:SS.mmmZ" (UTC); out holds KMS_AUDIT_TIME_LEN + 1 bytes. */
 void kms_audit_format_time(int64_t sec, long nsec, char out[KMS_AUDIT_TIME_LEN + 1]);
 
