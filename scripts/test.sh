@@ -7,7 +7,8 @@ cd "$(dirname "$0")/.."
 scripts/deps.sh || exit 1
 scripts/build.sh || exit 1
 # The JavaScript side of the interop tests, exactly as locked.
-[ -d tests/interop/node_modules/jose ] ||
+[ -d tests/interop/node_modules/jose ] && [ -d tests/interop/node_modules/@aws-sdk/client-kms ] &&
+    [ -d tests/interop/node_modules/@aws-crypto/client-node ] ||
     (cd tests/interop && npm ci --no-audit --no-fund --loglevel=error) || exit 1
 make -j"$(nproc)" check
 status=$?
