@@ -257,7 +257,10 @@ void kms_pool_load(struct kms_pool *p, unsigned *queued, unsigned *running)
 {
     pthread_mutex_lock(&p->lock);
     *queued = p->queued;
-    *running = p->inflight - p->queued;
+    /* Tasks in run() now (stuck ones too); not those answered and being released. */
+    *running = 0;
+    for (unsigned i = 0; i < p->nworkers; i++)
+        *running += p->running[i] != NULL;
     pthread_mutex_unlock(&p->lock);
 }
 
