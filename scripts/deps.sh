@@ -12,6 +12,8 @@ packages=(
     softhsm2
     # integration tests: real AWS clients and a PKCS#11 binding
     awscli python3 python3-boto3 python3-pykcs11 python3-prometheus-client python3-jwcrypto python3-cryptography curl openssl
+    # fuzzing (make fuzz): clang and its libFuzzer runtime
+    clang libclang-rt-dev
     # multi-node integration test: two servers on one token behind a load balancer
     nginx
 )

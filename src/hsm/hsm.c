@@ -83,7 +83,8 @@ static struct timed timed_begin(struct kms_hsm *hsm, enum kms_hsm_call call)
 }
 
 /* Times the rest of the enclosing function, however it returns. */
-#define TIMED(h, c) struct timed timed_ __attribute__((cleanup(timed_end))) = timed_begin((h), (c))
+#define TIMED(h, c) \
+    struct timed timed_ __attribute__((cleanup(timed_end), unused)) = timed_begin((h), (c))
 
 void kms_hsm_observe(struct kms_hsm *hsm, kms_hsm_observer fn, void *arg)
 {
