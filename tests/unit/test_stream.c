@@ -746,15 +746,17 @@ static void test_rss_256mib(void **state)
 static void test_2gib(void **state)
 {
     double s;
-    if (getenv("P11KMS_STREAM_QUICK")) {
-        skip();
-        return;
-    }
+    /*
+     * P11KMS_STREAM_QUICK (sanitizer builds) makes it 64 MiB + 1 byte: cmocka
+     * reports a skipped test as "not ok # SKIP", which the TAP driver counts
+     * as a failure.
+     */
+    uint64_t n = getenv("P11KMS_STREAM_QUICK") ? ((uint64_t)64 << 20) + 1 : ((uint64_t)2 << 30) + 1;
     long before = max_rss_kib();
-    pipe_round_trip(((uint64_t)2 << 30) + 1, &s);
+    pipe_round_trip(n, &s);
     long after = max_rss_kib();
-    print_message("# 2 GiB + 1 byte round trip: %.2f s, max RSS %ld KiB before, %ld KiB after\n", s,
-                  before, after);
+    print_message("# %llu-byte round trip: %.2f s, max RSS %ld KiB before, %ld KiB after\n",
+                  (unsigned long long)n, s, before, after);
     assert_true(after - before < 16 * 1024);
 }
 
