@@ -122,7 +122,7 @@ p11kms_status kms_stream_encrypt_with_key(const uint8_t key[KMS_STREAM_KEY_LEN],
     uint8_t pfx[KMS_STREAM_PREFIX_LEN];
     uint8_t *buf = NULL;
     EVP_CIPHER_CTX *cctx = NULL;
-    size_t hlen = 0;
+    size_t hlen = 0, used = 0; /* used: the most of buf ever written */
     uint64_t done = 0;
 
     if (prefix)
@@ -168,7 +168,9 @@ p11kms_status kms_stream_encrypt_with_key(const uint8_t key[KMS_STREAM_KEY_LEN],
     for (uint32_t counter = 0;; counter++) {
         size_t got = 0;
         int outl = 0;
-        if ((st = read_full(in, in_arg, buf, cs, &got)) != P11KMS_OK)
+        st = read_full(in, in_arg, buf, cs, &got);
+        used = got + KMS_STREAM_TAG_LEN > used ? got + KMS_STREAM_TAG_LEN : used;
+        if (st != P11KMS_OK)
             goto cleanup;
         int final = got < cs;
         /* The last counter value can only be the final chunk's. */
@@ -197,8 +199,10 @@ p11kms_status kms_stream_encrypt_with_key(const uint8_t key[KMS_STREAM_KEY_LEN],
 
 cleanup:
     EVP_CIPHER_CTX_free(cctx);
+    /* Only the bytes ever written can hold plaintext: cleansing the whole
+       buffer would touch every page of a large chunk size for a short input. */
     if (buf)
-        kms_free_secret(buf, cs + KMS_STREAM_TAG_LEN);
+        kms_free_secret(buf, used < cs + KMS_STREAM_TAG_LEN ? used : cs + KMS_STREAM_TAG_LEN);
     return st;
 }
 
@@ -311,6 +315,7 @@ p11kms_status kms_stream_decrypt_chunks(const uint8_t key[KMS_STREAM_KEY_LEN],
     uint8_t *buf = malloc(cap);
     EVP_CIPHER_CTX *cctx = EVP_CIPHER_CTX_new();
     uint64_t done = 0;
+    size_t used = 0; /* the most of buf ever written */
     p11kms_status st = P11KMS_OK;
 
     if (!buf || !cctx || EVP_DecryptInit_ex(cctx, EVP_aes_256_gcm(), NULL, key, NULL) != 1) {
@@ -320,7 +325,9 @@ p11kms_status kms_stream_decrypt_chunks(const uint8_t key[KMS_STREAM_KEY_LEN],
     for (uint32_t counter = 0;; counter++) {
         size_t got = 0;
         int outl = 0;
-        if ((st = read_full(in, in_arg, buf, cap, &got)) != P11KMS_OK)
+        st = read_full(in, in_arg, buf, cap, &got);
+        used = got > used ? got : used;
+        if (st != P11KMS_OK)
             goto cleanup;
         if (got < KMS_STREAM_TAG_LEN) {
             st = kms_client_fail(P11KMS_ERR_TRUNCATED,
@@ -365,7 +372,7 @@ p11kms_status kms_stream_decrypt_chunks(const uint8_t key[KMS_STREAM_KEY_LEN],
 cleanup:
     EVP_CIPHER_CTX_free(cctx);
     if (buf)
-        kms_free_secret(buf, cap);
+        kms_free_secret(buf, used); /* as in encryption: what was written */
     return st;
 }
 

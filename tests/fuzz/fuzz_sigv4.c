@@ -73,8 +73,9 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
             char sig[KMS_SHA256_HEX_LEN + 1];
             if (kms_sigv4_signing_key("secret", auth.date, auth.date_len, auth.region,
                                       auth.region_len, auth.service, auth.service_len,
-                                      key) == KMS_OK)
-                (void)kms_sigv4_signature(key, &sts, sig);
+                                      key) == KMS_OK &&
+                kms_sigv4_signature(key, &sts, sig) == KMS_OK && strlen(sig) != KMS_SHA256_HEX_LEN)
+                abort(); /* a signature is always 64 hex digits */
         }
     }
     kms_buf_free(&sts);
