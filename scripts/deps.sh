@@ -14,6 +14,8 @@ packages=(
     awscli python3 python3-boto3 python3-pykcs11 python3-prometheus-client python3-jwcrypto python3-cryptography curl openssl
     # fuzzing (make fuzz): clang and its libFuzzer runtime
     clang libclang-rt-dev
+    # integration tests with p11kmsd under memcheck (scripts/valgrind-tests.sh)
+    valgrind
     # multi-node integration test: two servers on one token behind a load balancer
     nginx
 )

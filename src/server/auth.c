@@ -138,6 +138,11 @@ kms_err kms_auth_verify(struct kms_server *srv, struct MHD_Connection *c, const 
     rc = kms_sigv4_canonical_request(method, url, f.query, f.nquery, f.headers, f.nheaders,
                                      auth.signed_headers, auth.signed_headers_len, payload_hash,
                                      &creq);
+    /* The operation too, when one is named: SigV4 itself asks only for host, so
+       a signature over DescribeKey would otherwise also serve DisableKey. */
+    if (rc == KMS_OK && MHD_lookup_connection_value(c, MHD_HEADER_KIND, "X-Amz-Target") &&
+        !signed_list_has(auth.signed_headers, auth.signed_headers_len, "x-amz-target"))
+        rc = KMS_FAIL(KMS_ERR_INVALID_SIGNATURE, "'X-Amz-Target' must be a signed header");
     if (rc == KMS_OK)
         rc = kms_sigv4_string_to_sign(amz_date, auth.scope, auth.scope_len, &creq, &sts);
     /* The credentials may be replaced (SIGHUP): the name is copied out under the lock. */

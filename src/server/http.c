@@ -13,6 +13,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
@@ -198,7 +199,8 @@ static kms_err parse_body(const struct kms_buf *body, json_t **out)
         KMS_ENSURE(*out != NULL, KMS_ERR_INTERNAL, "out of memory");
         return KMS_OK;
     }
-    *out = json_loadb((const char *)body->data, body->len, JSON_REJECT_DUPLICATES, &jerr);
+    *out = json_loadb((const char *)body->data, body->len, JSON_REJECT_DUPLICATES | JSON_DECODE_ANY,
+                      &jerr);
     KMS_ENSURE(*out != NULL, KMS_ERR_SERIALIZATION, "The request body is not valid JSON");
     if (!json_is_object(*out)) {
         json_decref(*out);
@@ -206,6 +208,38 @@ static kms_err parse_body(const struct kms_buf *body, json_t **out)
         return KMS_FAIL(KMS_ERR_SERIALIZATION, "The request body must be a JSON object");
     }
     return KMS_OK;
+}
+
+static enum MHD_Result count_header(void *cls, enum MHD_ValueKind kind, const char *key,
+                                    const char *value)
+{
+    (void)kind;
+    (void)value;
+    if (strcasecmp(key, "Content-Length") == 0)
+        (*(unsigned *)cls)++;
+    return MHD_YES;
+}
+
+/* More than one Content-Length: libmicrohttpd takes one, a proxy in front may
+   have taken the other, so the body's end is in doubt (request smuggling). */
+static int framing_in_doubt(struct MHD_Connection *c)
+{
+    unsigned n = 0;
+    MHD_get_connection_values(c, MHD_HEADER_KIND, count_header, &n);
+    return n > 1;
+}
+
+/* The AWS JSON types, alone or with parameters ("; charset=utf-8"). */
+static int json_content_type(const char *type)
+{
+    static const char *const ok[] = {JSON_TYPE, "application/x-amz-json-1.0"};
+    for (size_t i = 0; type && i < sizeof ok / sizeof ok[0]; i++) {
+        size_t n = strlen(ok[i]);
+        if (strncasecmp(type, ok[i], n) == 0 &&
+            (type[n] == '\0' || type[n] == ';' || type[n] == ' '))
+            return 1;
+    }
+    return 0;
 }
 
 static kms_err pick_operation(struct MHD_Connection *c, const struct kms_op **op)
@@ -218,9 +252,7 @@ static kms_err pick_operation(struct MHD_Connection *c, const struct kms_op **op
                KMS_ERR_UNKNOWN_OPERATION, "Unknown operation %.128s", target);
     *op = kms_op_lookup(target + sizeof TARGET_PREFIX - 1);
     KMS_ENSURE(*op != NULL, KMS_ERR_UNKNOWN_OPERATION, "Unknown operation %.128s", target);
-    KMS_ENSURE(type && (strncmp(type, JSON_TYPE, sizeof JSON_TYPE - 1) == 0 ||
-                        strncmp(type, "application/x-amz-json-1.0", 26) == 0),
-               KMS_ERR_SERIALIZATION, "Content-Type must be " JSON_TYPE);
+    KMS_ENSURE(json_content_type(type), KMS_ERR_SERIALIZATION, "Content-Type must be " JSON_TYPE);
     return KMS_OK;
 }
 
@@ -569,6 +601,13 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *c, const cha
                 srv, c,
                 KMS_FAIL(KMS_ERR_UNKNOWN_OPERATION,
                          "Only POST / and GET /healthz, /readyz, /metrics are served"),
+                0, NULL);
+        }
+        if (framing_in_doubt(c)) {
+            kms_err_clear();
+            return send_error(
+                srv, c,
+                KMS_FAIL(KMS_ERR_VALIDATION, "The request has more than one Content-Length header"),
                 0, NULL);
         }
         pthread_mutex_lock(&srv->active_lock);

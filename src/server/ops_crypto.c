@@ -57,7 +57,7 @@ static kms_err generate_data_key(struct kms_request *r, int with_plaintext)
     KMS_GUARD(kms_in_grant_tokens(r->in));
     KMS_ENSURE(!json_object_get(r->in, "Recipient"), KMS_ERR_UNSUPPORTED,
                "Recipient (Nitro Enclaves attestation) is not supported");
-    rc = kms_in_context(r->in, &ctx);
+    rc = kms_in_context(r->in, "EncryptionContext", &ctx);
     if (rc == KMS_OK)
         rc = kms_authorize(
             r, with_plaintext ? "kms:GenerateDataKey" : "kms:GenerateDataKeyWithoutPlaintext", ref,
@@ -147,7 +147,7 @@ kms_err kms_op_encrypt(struct kms_request *r)
     KMS_GUARD(kms_in_algorithm(r->in));
     rc = kms_in_blob(r->in, "Plaintext", 1, 1, PLAINTEXT_MAX, &pt, &present);
     if (rc == KMS_OK)
-        rc = kms_in_context(r->in, &ctx);
+        rc = kms_in_context(r->in, "EncryptionContext", &ctx);
     if (rc == KMS_OK)
         rc = kms_authorize(r, "kms:Encrypt", ref, 1, json_object_get(r->in, "EncryptionContext"));
     if (rc == KMS_OK)
@@ -177,7 +177,7 @@ kms_err kms_op_decrypt(struct kms_request *r)
                "Recipient (Nitro Enclaves attestation) is not supported");
     rc = kms_in_blob(r->in, "CiphertextBlob", 1, 1, CIPHERTEXT_MAX, &blob, &present);
     if (rc == KMS_OK)
-        rc = kms_in_context(r->in, &ctx);
+        rc = kms_in_context(r->in, "EncryptionContext", &ctx);
     if (rc == KMS_OK)
         rc = authorize_blob(r, "kms:Decrypt", &blob, json_object_get(r->in, "EncryptionContext"));
     if (rc == KMS_OK)
@@ -224,7 +224,6 @@ kms_err kms_op_re_encrypt(struct kms_request *r)
     struct kms_buf blob = KMS_BUF_INIT, pt = KMS_BUF_INIT, out = KMS_BUF_INIT;
     struct kms_buf sctx = KMS_BUF_INIT, dctx = KMS_BUF_INIT;
     struct kms_key_info sk = {0}, dk = {0};
-    json_t *ctx;
     kms_err rc;
 
     KMS_GUARD(kms_in_string(r->in, "SourceKeyId", 0, 1, 2048, &source));
@@ -237,17 +236,10 @@ kms_err kms_op_re_encrypt(struct kms_request *r)
     KMS_ENSURE(!alg || strcmp(alg, "SYMMETRIC_DEFAULT") == 0, KMS_ERR_VALIDATION,
                "DestinationEncryptionAlgorithm must be SYMMETRIC_DEFAULT for a symmetric key");
     rc = kms_in_blob(r->in, "CiphertextBlob", 1, 1, CIPHERTEXT_MAX, &blob, &present);
-    /* kms_in_context reads "EncryptionContext": hand it each context in turn. */
-    ctx =
-        json_pack("{s:O?}", "EncryptionContext", json_object_get(r->in, "SourceEncryptionContext"));
     if (rc == KMS_OK)
-        rc = ctx ? kms_in_context(ctx, &sctx) : KMS_FAIL(KMS_ERR_INTERNAL, "out of memory");
-    json_decref(ctx);
-    ctx = json_pack("{s:O?}", "EncryptionContext",
-                    json_object_get(r->in, "DestinationEncryptionContext"));
+        rc = kms_in_context(r->in, "SourceEncryptionContext", &sctx);
     if (rc == KMS_OK)
-        rc = ctx ? kms_in_context(ctx, &dctx) : KMS_FAIL(KMS_ERR_INTERNAL, "out of memory");
-    json_decref(ctx);
+        rc = kms_in_context(r->in, "DestinationEncryptionContext", &dctx);
     if (rc == KMS_OK)
         rc = authorize_blob(r, "kms:ReEncryptFrom", &blob,
                             json_object_get(r->in, "SourceEncryptionContext"));

@@ -38,6 +38,9 @@ kms_err kms_op_create_key(struct kms_request *r)
                "Custom key stores are not supported");
     KMS_ENSURE(!multi || json_is_false(multi), KMS_ERR_UNSUPPORTED,
                "Multi-Region keys are not supported");
+    json_t *bypass = json_object_get(r->in, "BypassPolicyLockoutSafetyCheck");
+    KMS_ENSURE(!bypass || json_is_boolean(bypass), KMS_ERR_SERIALIZATION,
+               "BypassPolicyLockoutSafetyCheck must be a boolean");
     KMS_GUARD(kms_authorize_create(r));
     char *text = NULL;
     kms_err rc =
@@ -194,6 +197,10 @@ kms_err kms_op_list_aliases(struct kms_request *r)
     kms_err rc;
 
     KMS_GUARD(list_args(r->in, &limit, &marker));
+    /* A marker is the alias name a page starts from (NextMarker): as
+       ListKeys and ListKeyRotations do, anything else is refused. */
+    KMS_ENSURE(!marker || kms_alias_name_check(marker) == KMS_OK, KMS_ERR_VALIDATION,
+               "Marker is not valid");
     KMS_GUARD(kms_in_string(r->in, "KeyId", 0, 1, 2048, &key));
     aliases = calloc(limit + 1, sizeof *aliases);
     KMS_ENSURE(aliases != NULL, KMS_ERR_INTERNAL, "out of memory");

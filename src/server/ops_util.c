@@ -110,9 +110,9 @@ kms_err kms_in_blob(json_t *in, const char *name, int required, size_t min, size
     return KMS_OK;
 }
 
-kms_err kms_in_context(json_t *in, struct kms_buf *out)
+kms_err kms_in_context(json_t *in, const char *name, struct kms_buf *out)
 {
-    json_t *ctx = json_object_get(in, "EncryptionContext");
+    json_t *ctx = json_object_get(in, name);
     struct kms_context_pair *pairs;
     const char *key;
     json_t *value;
@@ -122,14 +122,14 @@ kms_err kms_in_context(json_t *in, struct kms_buf *out)
     if (!ctx || json_is_null(ctx))
         return kms_context_canonical(NULL, 0, out);
     if (!json_is_object(ctx))
-        return wrong_type("EncryptionContext", "an object of strings");
+        return wrong_type(name, "an object of strings");
     pairs = calloc(json_object_size(ctx) + 1, sizeof *pairs);
     KMS_ENSURE(pairs != NULL, KMS_ERR_INTERNAL, "out of memory");
     json_object_foreach(ctx, key, value)
     {
         if (!json_is_string(value)) {
             free(pairs);
-            return wrong_type("EncryptionContext values", "strings");
+            return wrong_type(name, "an object of strings");
         }
         pairs[n].key = key;
         pairs[n].key_len = strlen(key);

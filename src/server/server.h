@@ -103,7 +103,7 @@ KMS_MUST_CHECK kms_err kms_in_int(json_t *in, const char *name, long min, long m
 KMS_MUST_CHECK kms_err kms_in_blob(json_t *in, const char *name, int required, size_t min,
                                    size_t max, struct kms_buf *out, int *present);
 /* EncryptionContext in canonical form (empty when absent). */
-KMS_MUST_CHECK kms_err kms_in_context(json_t *in, struct kms_buf *out);
+KMS_MUST_CHECK kms_err kms_in_context(json_t *in, const char *name, struct kms_buf *out);
 /* GrantTokens: accepted and checked for shape, not used. */
 KMS_MUST_CHECK kms_err kms_in_grant_tokens(json_t *in);
 /* EncryptionAlgorithm, when given, must be SYMMETRIC_DEFAULT. */

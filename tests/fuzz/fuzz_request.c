@@ -76,7 +76,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         (blob.len < 1 || blob.len > 4096))
         abort();
     kms_buf_free(&blob);
-    if (kms_in_context(in, &ctx) == KMS_OK && ctx.len < 4)
+    if (kms_in_context(in, "EncryptionContext", &ctx) == KMS_OK && ctx.len < 4)
         abort();
     kms_buf_free(&ctx);
     /* Accepted or refused: both are outcomes; only a crash or leak is a fault. */
