@@ -86,6 +86,38 @@ static int signed_list_has(const char *list, size_t len, const char *name)
     return 0;
 }
 
+/*
+ * p's signing key for the request's date. Region and service are checked to
+ * be this server's and "kms" before, so the key depends on the date alone:
+ * the one derived last is kept per principal (clients sign with today's date;
+ * near midnight both days may alternate, which costs a derivation, not an
+ * error).
+ */
+static kms_err signing_key(struct kms_credentials *creds, const struct kms_principal *p,
+                           const struct kms_sigv4_auth *a, uint8_t key[KMS_SHA256_LEN])
+{
+    struct kms_signing_key_slot *slot = &creds->keys[p - creds->p];
+    int hit;
+
+    if (a->date_len != sizeof slot->date)
+        return kms_sigv4_signing_key(p->secret, a->date, a->date_len, a->region, a->region_len,
+                                     a->service, a->service_len, key);
+    pthread_mutex_lock(&slot->lock);
+    hit = memcmp(slot->date, a->date, sizeof slot->date) == 0;
+    if (hit)
+        memcpy(key, slot->key, KMS_SHA256_LEN);
+    pthread_mutex_unlock(&slot->lock);
+    if (hit)
+        return KMS_OK;
+    KMS_GUARD(kms_sigv4_signing_key(p->secret, a->date, a->date_len, a->region, a->region_len,
+                                    a->service, a->service_len, key));
+    pthread_mutex_lock(&slot->lock);
+    memcpy(slot->date, a->date, sizeof slot->date);
+    memcpy(slot->key, key, KMS_SHA256_LEN);
+    pthread_mutex_unlock(&slot->lock);
+    return KMS_OK;
+}
+
 kms_err kms_auth_verify(struct kms_server *srv, struct MHD_Connection *c, const char *method,
                         const char *url, const struct kms_buf *body,
                         char principal[KMS_PRINCIPAL_MAX + 1])
@@ -152,8 +184,7 @@ kms_err kms_auth_verify(struct kms_server *srv, struct MHD_Connection *c, const 
         rc = KMS_FAIL(KMS_ERR_UNRECOGNIZED_CLIENT,
                       "The security token included in the request is invalid.");
     if (rc == KMS_OK)
-        rc = kms_sigv4_signing_key(p->secret, auth.date, auth.date_len, auth.region,
-                                   auth.region_len, auth.service, auth.service_len, key);
+        rc = signing_key(&srv->creds, p, &auth, key);
     if (rc == KMS_OK)
         snprintf(principal, KMS_PRINCIPAL_MAX + 1, "%s", p->name);
     pthread_rwlock_unlock(&srv->creds_lock);

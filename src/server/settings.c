@@ -503,6 +503,12 @@ kms_err kms_read_secret_file(const char *path, char **out, size_t *len)
 
 void kms_credentials_free(struct kms_credentials *c)
 {
+    if (c->keys) {
+        for (size_t i = 0; i < c->n; i++)
+            pthread_mutex_destroy(&c->keys[i].lock);
+        kms_free_secret(c->keys, c->n * sizeof *c->keys);
+        c->keys = NULL;
+    }
     for (size_t i = 0; i < c->n; i++) {
         free(c->p[i].access_key);
         if (c->p[i].secret)
@@ -574,6 +580,10 @@ kms_err kms_credentials_parse(const char *text, struct kms_credentials *out)
     }
     if (rc == KMS_OK && out->n == 0)
         rc = KMS_FAIL(KMS_ERR_VALIDATION, "the credentials file names no principal");
+    if (rc == KMS_OK && !(out->keys = calloc(out->n, sizeof *out->keys)))
+        rc = KMS_FAIL(KMS_ERR_INTERNAL, "out of memory");
+    for (size_t i = 0; rc == KMS_OK && i < out->n; i++)
+        pthread_mutex_init(&out->keys[i].lock, NULL);
     if (rc != KMS_OK)
         kms_credentials_free(out);
     return rc;

@@ -2,6 +2,7 @@
 #ifndef P11KMS_SETTINGS_H
 #define P11KMS_SETTINGS_H
 
+#include <pthread.h>
 #include <stddef.h>
 
 #include "common/error.h"
@@ -99,9 +100,18 @@ struct kms_principal {
     char *name;
 };
 
+/* One principal's SigV4 signing key for one day (auth.c): the four HMACs of
+   the derivation run once a day, not on every request. Cleansed when freed. */
+struct kms_signing_key_slot {
+    pthread_mutex_t lock;
+    char date[8]; /* YYYYMMDD, or all zero when empty */
+    uint8_t key[32];
+};
+
 struct kms_credentials {
     struct kms_principal *p;
     size_t n;
+    struct kms_signing_key_slot *keys; /* keys[i] belongs to p[i] */
 };
 
 /*
