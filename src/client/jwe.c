@@ -33,6 +33,7 @@
 #include <string.h>
 
 #include "client/internal.h"
+#include "common/digest.h"
 #include "common/encoding.h"
 #include "common/json_alloc.h"
 
@@ -108,7 +109,7 @@ static p11kms_status gcm_seal(const uint8_t *key, const uint8_t *iv, const char 
     int len;
     if (!c)
         return st;
-    if (EVP_EncryptInit_ex(c, EVP_aes_256_gcm(), NULL, NULL, NULL) != 1 ||
+    if (EVP_EncryptInit_ex(c, kms_cipher_aes256gcm(), NULL, NULL, NULL) != 1 ||
         EVP_CIPHER_CTX_ctrl(c, EVP_CTRL_GCM_SET_IVLEN, KMS_JWE_IV_LEN, NULL) != 1 ||
         EVP_EncryptInit_ex(c, NULL, NULL, key, iv) != 1 ||
         EVP_EncryptUpdate(c, NULL, &len, (const uint8_t *)aad, (int)aad_len) != 1 ||
@@ -448,7 +449,7 @@ p11kms_status kms_jwe_decrypt(const struct kms_jwe *j, const uint8_t *key, size_
         st = oom();
         goto cleanup;
     }
-    if (EVP_DecryptInit_ex(c, EVP_aes_256_gcm(), NULL, NULL, NULL) != 1 ||
+    if (EVP_DecryptInit_ex(c, kms_cipher_aes256gcm(), NULL, NULL, NULL) != 1 ||
         EVP_CIPHER_CTX_ctrl(c, EVP_CTRL_GCM_SET_IVLEN, KMS_JWE_IV_LEN, NULL) != 1 ||
         EVP_DecryptInit_ex(c, NULL, NULL, key, j->iv) != 1 ||
         EVP_DecryptUpdate(c, NULL, &len, (const uint8_t *)j->aad, (int)j->aad_len) != 1 ||

@@ -32,6 +32,7 @@
 
 #include "client/internal.h"
 #include "common/buf.h"
+#include "common/digest.h"
 
 static const uint8_t MAGIC[4] = {'P', '1', '1', 'S'};
 
@@ -91,7 +92,7 @@ p11kms_status kms_stream_context_digest(const struct p11kms_context *ctx, size_t
     p11kms_status st = kms_client_canonical(ctx, nctx, &canon, &canon_len);
     if (st != P11KMS_OK)
         return st;
-    if (EVP_Digest(canon, canon_len, out, NULL, EVP_sha256(), NULL) != 1)
+    if (EVP_Digest(canon, canon_len, out, NULL, kms_md_sha256(), NULL) != 1)
         st = kms_client_fail(P11KMS_ERR_MEMORY, "stream: SHA-256 failed");
     free(canon);
     return st;
@@ -151,14 +152,14 @@ p11kms_status kms_stream_encrypt_with_key(const uint8_t key[KMS_STREAM_KEY_LEN],
     header[hlen++] = (uint8_t)blob_len;
     memcpy(header + hlen, blob, blob_len);
     hlen += blob_len;
-    if (EVP_Digest(header, hlen, aad, NULL, EVP_sha256(), NULL) != 1) {
+    if (EVP_Digest(header, hlen, aad, NULL, kms_md_sha256(), NULL) != 1) {
         st = kms_client_fail(P11KMS_ERR_MEMORY, "stream encrypt: SHA-256 failed");
         goto cleanup;
     }
 
     buf = malloc(cs + KMS_STREAM_TAG_LEN);
     cctx = EVP_CIPHER_CTX_new();
-    if (!buf || !cctx || EVP_EncryptInit_ex(cctx, EVP_aes_256_gcm(), NULL, key, NULL) != 1) {
+    if (!buf || !cctx || EVP_EncryptInit_ex(cctx, kms_cipher_aes256gcm(), NULL, key, NULL) != 1) {
         st = kms_client_fail(P11KMS_ERR_MEMORY, "stream encrypt: out of memory");
         goto cleanup;
     }
@@ -297,7 +298,7 @@ p11kms_status kms_stream_read_header(p11kms_read_fn in, void *in_arg, struct kms
     h->blob_len = blob_len;
     if ((st = header_part(in, in_arg, h, blob_len)) != P11KMS_OK)
         return st;
-    if (EVP_Digest(h->raw, h->raw_len, h->digest, NULL, EVP_sha256(), NULL) != 1)
+    if (EVP_Digest(h->raw, h->raw_len, h->digest, NULL, kms_md_sha256(), NULL) != 1)
         return kms_client_fail(P11KMS_ERR_MEMORY, "stream: SHA-256 failed");
     return P11KMS_OK;
 }
@@ -318,7 +319,7 @@ p11kms_status kms_stream_decrypt_chunks(const uint8_t key[KMS_STREAM_KEY_LEN],
     size_t used = 0; /* the most of buf ever written */
     p11kms_status st = P11KMS_OK;
 
-    if (!buf || !cctx || EVP_DecryptInit_ex(cctx, EVP_aes_256_gcm(), NULL, key, NULL) != 1) {
+    if (!buf || !cctx || EVP_DecryptInit_ex(cctx, kms_cipher_aes256gcm(), NULL, key, NULL) != 1) {
         st = kms_client_fail(P11KMS_ERR_MEMORY, "stream decrypt: out of memory");
         goto cleanup;
     }

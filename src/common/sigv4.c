@@ -213,9 +213,7 @@ kms_err kms_sigv4_canonical_request(const char *method, const char *path,
 kms_err kms_sha256_hex(const void *p, size_t n, char *out)
 {
     uint8_t md[KMS_SHA256_LEN];
-    unsigned mdlen = 0;
-    KMS_ENSURE(EVP_Digest(p, n, md, &mdlen, EVP_sha256(), NULL) == 1, KMS_ERR_INTERNAL,
-               "SHA-256 failed");
+    KMS_GUARD(kms_sha256(p, n, md));
     kms_hex_encode(md, sizeof md, out);
     return KMS_OK;
 }
@@ -237,11 +235,7 @@ kms_err kms_sigv4_string_to_sign(const char *amz_date, const char *scope, size_t
 static kms_err hmac(const uint8_t *key, size_t key_len, const void *msg, size_t msg_len,
                     uint8_t out[KMS_SHA256_LEN])
 {
-    unsigned len = 0;
-    KMS_ENSURE(HMAC(EVP_sha256(), key, (int)key_len, msg, msg_len, out, &len) != NULL &&
-                   len == KMS_SHA256_LEN,
-               KMS_ERR_INTERNAL, "HMAC-SHA256 failed");
-    return KMS_OK;
+    return kms_hmac_sha256(key, key_len, msg, msg_len, out);
 }
 
 kms_err kms_sigv4_signing_key(const char *secret, const char *date, size_t date_len,

@@ -11,9 +11,9 @@
 #include <time.h>
 
 #include "common/buf.h"
+#include "common/digest.h"
 
 #define KMS_SIGV4_ALGORITHM "AWS4-HMAC-SHA256"
-#define KMS_SHA256_LEN 32
 #define KMS_SHA256_HEX_LEN 64
 
 /* One header as received: name in any case, value untrimmed. */

@@ -9,6 +9,7 @@
 #include <string.h>
 #include <time.h>
 
+#include "common/digest.h"
 #include "common/log.h"
 
 int64_t kms_now(void)
@@ -426,7 +427,7 @@ void kms_oid_of(const char *domain, const void *name, size_t n, uint8_t oid[KMS_
     uint8_t md[32];
     unsigned len = 0;
     EVP_MD_CTX *c = EVP_MD_CTX_new();
-    if (c && EVP_DigestInit_ex(c, EVP_sha256(), NULL) == 1 &&
+    if (c && EVP_DigestInit_ex(c, kms_md_sha256(), NULL) == 1 &&
         EVP_DigestUpdate(c, domain, strlen(domain)) == 1 && EVP_DigestUpdate(c, "\n", 1) == 1 &&
         EVP_DigestUpdate(c, name, n) == 1 && EVP_DigestFinal_ex(c, md, &len) == 1)
         memcpy(oid, md, KMS_OID_LEN);

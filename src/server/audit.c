@@ -25,6 +25,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "common/digest.h"
 #include "common/encoding.h"
 #include "common/log.h"
 
@@ -167,10 +168,7 @@ static kms_err context_keys(struct kms_buf *b, const struct kms_buf *context)
 kms_err kms_audit_context_digest(const uint8_t key[32], const struct kms_buf *context, char hex[65])
 {
     uint8_t md[32];
-    unsigned md_len = sizeof md;
-    KMS_ENSURE(HMAC(EVP_sha256(), key, 32, context->data, context->len, md, &md_len) != NULL &&
-                   md_len == sizeof md,
-               KMS_ERR_INTERNAL, "HMAC-SHA256 failed");
+    KMS_GUARD(kms_hmac_sha256(key, 32, context->data, context->len, md));
     kms_hex_encode(md, sizeof md, hex);
     return KMS_OK;
 }
@@ -384,11 +382,6 @@ static void now_text(char out[KMS_AUDIT_TIME_LEN + 1])
     kms_audit_format_time(t.tv_sec, t.tv_nsec, out);
 }
 
-static void sha256(const uint8_t *p, size_t n, uint8_t out[32])
-{
-    SHA256(p, n, out);
-}
-
 const char *kms_audit_id(const struct kms_audit *a)
 {
     return a->log_id;
@@ -451,7 +444,7 @@ static kms_err last_line_hash(int fd, const struct stat *st, const char *path, u
     EVP_MD_CTX *md = EVP_MD_CTX_new();
     KMS_ENSURE(md != NULL, KMS_ERR_INTERNAL, "out of memory");
     kms_err rc = KMS_OK;
-    if (EVP_DigestInit_ex(md, EVP_sha256(), NULL) != 1)
+    if (EVP_DigestInit_ex(md, kms_md_sha256(), NULL) != 1)
         rc = KMS_FAIL(KMS_ERR_INTERNAL, "SHA-256 failed");
     for (pos = start; pos < end && rc == KMS_OK;) {
         size_t n = end - pos > (off_t)sizeof buf ? sizeof buf : (size_t)(end - pos);
@@ -535,14 +528,17 @@ static void counted_locked(struct kms_audit *a)
 /* Writes a line as the next in the chain; the chain advances only when it is written. */
 static kms_err chain_line_locked(struct kms_audit *a, const struct kms_buf *line)
 {
-    kms_err rc = append_line_locked(a, line);
+    uint8_t hash[32];
+    kms_err rc = kms_sha256(line->data, line->len, hash);
+    if (rc == KMS_OK)
+        rc = append_line_locked(a, line);
     if (rc != KMS_OK)
         return failed_locked(a, rc);
     if (a->failing)
         kms_info("audit log %s is written again", a->path);
     a->failing = 0;
     a->seq++;
-    sha256(line->data, line->len, a->last);
+    memcpy(a->last, hash, sizeof hash);
     counted_locked(a);
     return KMS_OK;
 }

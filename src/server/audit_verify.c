@@ -14,6 +14,7 @@
 #include <openssl/sha.h>
 #include <string.h>
 
+#include "common/digest.h"
 #include "common/encoding.h"
 
 static const uint8_t zero_hash[32];
@@ -234,8 +235,7 @@ static int parse_line(const char *text, size_t n, int complete, struct line_info
     if (bad) {
         snprintf(why, why_len, "not an audit line (%s)", bad);
     } else {
-        ok = 1;
-        SHA256((const uint8_t *)text, n, L->hash);
+        ok = kms_sha256(text, n, L->hash) == KMS_OK;
     }
     json_decref(o);
     return ok;
