@@ -79,6 +79,36 @@ static void test_b64_decode_rfc4648(void **state)
     }
 }
 
+/* Every byte value as the last character of a group: accepted exactly when it
+   is in the alphabet (or is the padding), and then decoded to its index in it. */
+static void test_b64_every_byte(void **state)
+{
+    (void)state;
+    static const char *const alphabets[2] = {
+        "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/",
+        "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"};
+    for (int url = 0; url < 2; url++)
+        for (int c = 0; c < 256; c++) {
+            char in[4] = {'A', 'A', 'A', (char)c};
+            struct kms_buf out = KMS_BUF_INIT;
+            const char *at = c ? memchr(alphabets[url], c, 64) : NULL;
+            kms_err rc = url ? kms_b64url_decode(in, 4, &out) : kms_b64_decode(in, 4, &out);
+            if (!url && c == '=') { /* padding: "AAA=" is two zero bytes */
+                assert_int_equal(rc, KMS_OK);
+                assert_int_equal(out.len, 2);
+            } else if (!at) {
+                assert_int_equal(rc, KMS_ERR_VALIDATION);
+            } else {
+                assert_int_equal(rc, KMS_OK);
+                assert_int_equal(out.len, 3);
+                assert_int_equal(out.data[0], 0);
+                assert_int_equal(out.data[1], 0);
+                assert_int_equal(out.data[2], at - alphabets[url]);
+            }
+            kms_buf_free(&out);
+        }
+}
+
 static void test_b64_decode_bad_length(void **state)
 {
     (void)state;
@@ -353,6 +383,7 @@ int main(void)
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_b64_encode_rfc4648),
         cmocka_unit_test(test_b64_decode_rfc4648),
+        cmocka_unit_test(test_b64_every_byte),
         cmocka_unit_test(test_b64_decode_bad_length),
         cmocka_unit_test(test_b64_decode_bad_characters),
         cmocka_unit_test(test_b64_decode_padding_misplaced),
