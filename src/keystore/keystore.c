@@ -748,8 +748,8 @@ static kms_err new_vid(struct kms_keystore *ks, const uint8_t id[KMS_UUID_LEN], 
     return KMS_FAIL(KMS_ERR_INTERNAL, "cannot pick a version id");
 }
 
-static kms_err make_kek(struct kms_session *s, const uint8_t id[KMS_UUID_LEN], uint32_t vid,
-                        CK_OBJECT_HANDLE *out)
+static kms_err make_kek(struct kms_keystore *ks, struct kms_session *s,
+                        const uint8_t id[KMS_UUID_LEN], uint32_t vid, CK_OBJECT_HANDLE *out)
 {
     uint8_t kek_id[KEK_ID_LEN];
     char label[128], text[KMS_UUID_TEXT_LEN + 1];
@@ -764,10 +764,12 @@ static kms_err make_kek(struct kms_session *s, const uint8_t id[KMS_UUID_LEN], u
      * the counter on disk. Creating an object without a C_FindObjects shortly
      * before hides, from this process, every object other nodes made since its
      * last find, until one of them changes the token again. (The record paths
-     * scan just before they write.)
+     * scan just before they write; a new key's first record is written right
+     * after this.) A process that is the token's only user need not look.
      */
     CK_OBJECT_HANDLE existing = CK_INVALID_HANDLE;
-    KMS_GUARD(kms_kek_find(s, id, vid, &existing));
+    if (!ks->cfg.sole_user)
+        KMS_GUARD(kms_kek_find(s, id, vid, &existing));
     KMS_ENSURE(existing == CK_INVALID_HANDLE, KMS_ERR_INTERNAL, "key version %u already exists",
                vid);
     return kms_hsm_generate_aes(s, kek_id, sizeof kek_id, label, out);
@@ -798,7 +800,7 @@ kms_err kms_key_rotate(struct kms_keystore *ks, const uint8_t id[KMS_UUID_LEN], 
     json_object_set_new(op, "limit", json_integer(ks->cfg.max_on_demand));
     pthread_mutex_lock(&ks->write);
     /* The key object first: a record must never name a version the token lacks. */
-    rc = make_kek(s, id, vid, &h);
+    rc = make_kek(ks, s, id, vid, &h);
     /*
      * When the change fails, the object stays: a record written before the
      * failure may name it (unlisted), and the orphan sweep removes it once
@@ -829,15 +831,25 @@ kms_err kms_keystore_create_key(struct kms_keystore *ks, const char *description
                                 const char *policy, struct kms_key_info *out)
 {
     uint8_t id[KMS_UUID_LEN];
+    char name[KMS_UUID_TEXT_LEN + 1];
     uint32_t vid = 0;
     struct kms_session *s;
     CK_OBJECT_HANDLE h = CK_INVALID_HANDLE;
+    struct kms_view view = {0};
     json_t *op;
     kms_err rc;
     int64_t now = kms_now();
+    /*
+     * The first block of uses is reserved for this node in the key's first
+     * record: its first wraps here need no write (one with two token
+     * searches, linear in the token's objects, DESIGN §5).
+     */
+    uint64_t block =
+        ks->cfg.usage_block < ks->cfg.usage_bound ? ks->cfg.usage_block : ks->cfg.usage_bound;
 
     KMS_GUARD(kms_uuid_new(id));
     KMS_GUARD(new_vid(ks, id, &vid));
+    kms_uuid_format(id, name);
     op = kms_op_new("create");
     KMS_ENSURE(op != NULL, KMS_ERR_INTERNAL, "out of memory");
     json_object_set_new(
@@ -849,7 +861,7 @@ kms_err kms_keystore_create_key(struct kms_keystore *ks, const char *description
                   "rotation_period_days", (json_int_t)0, "rotation_period_seconds", (json_int_t)0,
                   "next_rotation", (json_int_t)0, "on_demand", (json_int_t)0, "current",
                   (json_int_t)vid, "versions", "vid", (json_int_t)vid, "n", (json_int_t)1,
-                  "created", (json_int_t)now, "reserved", (json_int_t)0, "bound",
+                  "created", (json_int_t)now, "reserved", (json_int_t)block, "bound",
                   (json_int_t)ks->cfg.usage_bound, "rotation", "", "listed", 0));
     if (policy)
         json_object_set_new(json_object_get(op, "state"), "policy", json_string(policy));
@@ -859,17 +871,35 @@ kms_err kms_keystore_create_key(struct kms_keystore *ks, const char *description
         return rc;
     }
     pthread_mutex_lock(&ks->write);
-    rc = make_kek(s, id, vid, &h);
+    rc = make_kek(ks, s, id, vid, &h);
+    /* A fresh random id: no other writer has records of it to settle with. */
     if (rc == KMS_OK)
-        rc = kms_key_change(ks, s, id, op); /* on failure the object is left to the sweep */
+        rc = kms_record_create(s, &kms_key_kind, name, id, op, &view);
+    if (rc == KMS_OK) { /* on failure the object is left to the sweep */
+        rc = kms_index_key_view(ks, id, &view, NULL);
+        kms_marker_touch(ks, s);
+    }
+    kms_view_clear(&view);
     if (rc == KMS_OK) {
+        struct usage *u = NULL;
         pthread_rwlock_wrlock(&ks->rw);
         struct key *k = kms_key_find_locked(ks, id);
-        if (k)
+        if (k) {
             k->versions[0].handle = h;
+            u = k->usage;
+        }
         rc = k ? kms_info_copy_locked(ks, k, out)
                : KMS_FAIL(KMS_ERR_INTERNAL, "the new key is not in the index");
         pthread_rwlock_unlock(&ks->rw);
+        /* Usage entries live as long as the key store; take_use locks u before ks->rw. */
+        if (u) {
+            pthread_mutex_lock(&u->lock);
+            if (u->vid == 0) {
+                u->vid = vid;
+                u->remaining = block;
+            }
+            pthread_mutex_unlock(&u->lock);
+        }
     }
     pthread_mutex_unlock(&ks->write);
     kms_hsm_release(s);

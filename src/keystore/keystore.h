@@ -54,6 +54,13 @@ struct kms_keystore_config {
     void (*free_policy)(void *compiled);
     void *policy_arg;
     const char *default_policy; /* for keys whose record has none (made before policies) */
+    /*
+     * Only this process uses the token (provisioning a token offline): new
+     * key objects are made without the search that first shows this process
+     * the objects other processes made (see make_kek), so making a key costs
+     * the same with any number of objects. Never set in p11kmsd.
+     */
+    int sole_user;
 };
 
 void kms_keystore_config_defaults(struct kms_keystore_config *c);

@@ -273,7 +273,7 @@ kms_err kms_records_scan(struct kms_session *s, const struct kms_record_kind *ki
 static kms_err write_record(struct kms_session *s, const struct kms_record_kind *kind,
                             const char *name, const uint8_t oid[KMS_OID_LEN], uint64_t gen,
                             const json_t *applied, const json_t *op, const json_t *state,
-                            CK_OBJECT_HANDLE *h)
+                            CK_OBJECT_HANDLE *h, json_t **doc_out)
 {
     char nonce[33];
     struct kms_buf label = KMS_BUF_INIT, text = KMS_BUF_INIT;
@@ -286,14 +286,45 @@ static kms_err write_record(struct kms_session *s, const struct kms_record_kind 
                     applied, "op", op, "state", state ? state : json_null());
     KMS_ENSURE(doc != NULL, KMS_ERR_INTERNAL, "cannot encode a record");
     rc = kms_json_dump(doc, JSON_SORT_KEYS, &text);
-    json_decref(doc);
     if (rc == KMS_OK)
         rc = kms_record_label(kind->kind, name, gen, nonce, &label);
     if (rc == KMS_OK)
         rc = kms_hsm_create_data(s, (const char *)label.data, oid, KMS_OID_LEN, text.data, text.len,
                                  h);
+    if (rc == KMS_OK && doc_out)
+        *doc_out = doc;
+    else
+        json_decref(doc);
     kms_buf_free(&label);
     kms_buf_free(&text);
+    return rc;
+}
+
+kms_err kms_record_create(struct kms_session *s, const struct kms_record_kind *kind,
+                          const char *name, const uint8_t oid[KMS_OID_LEN], const json_t *op,
+                          struct kms_view *out)
+{
+    struct kms_record rec = {0};
+    CK_OBJECT_HANDLE h;
+    json_t *state = NULL, *applied = json_array();
+    kms_err rc;
+
+    KMS_ENSURE(applied != NULL, KMS_ERR_INTERNAL, "out of memory");
+    KMS_ENSURE(*op_id(op), KMS_ERR_INTERNAL, "a change needs an id");
+    applied_add(applied, op_id(op));
+    rc = kind->apply(&state, op);
+    if (rc == KMS_OK)
+        rc = write_record(s, kind, name, oid, 1, applied, op, state, &h, &rec.doc);
+    json_decref(state);
+    json_decref(applied);
+    /* The view every reader computes from this one record. */
+    if (rc == KMS_OK) {
+        rec.handle = h;
+        rec.gen = 1;
+        rec.nonce = json_string_value(json_object_get(rec.doc, "nonce"));
+        rc = kms_records_view(kind, &rec, 1, out);
+    }
+    json_decref(rec.doc);
     return rc;
 }
 
@@ -356,7 +387,7 @@ kms_err kms_record_change(struct kms_session *s, const struct kms_record_kind *k
             applied = json_copy(view.applied);
             applied_add(applied, id);
             rc = write_record(s, kind, name, oid, view.gen + 1, applied, op, next,
-                              &written[nwritten]);
+                              &written[nwritten], NULL);
             nwritten += rc == KMS_OK;
         }
         json_decref(next);

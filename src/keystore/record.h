@@ -81,6 +81,15 @@ KMS_MUST_CHECK kms_err kms_record_change(struct kms_session *s, const struct kms
                                          const char *name, const uint8_t oid[KMS_OID_LEN],
                                          const json_t *op, struct kms_view *out);
 
+/*
+ * Writes the first record of an entity no other writer can know of yet (its
+ * name is a fresh random id, not yet shown to anyone): generation 1, with no
+ * scan before or after, so its cost does not grow with the token's objects.
+ */
+KMS_MUST_CHECK kms_err kms_record_create(struct kms_session *s, const struct kms_record_kind *kind,
+                                         const char *name, const uint8_t oid[KMS_OID_LEN],
+                                         const json_t *op, struct kms_view *out);
+
 /* A fresh op {"id": random, "type": type}. */
 json_t *kms_op_new(const char *type);
 
