@@ -54,6 +54,7 @@
 #include "client/internal.h"
 
 #define KEY_LEN 32
+_Static_assert(KEY_LEN == KMS_CACHE_KEY_LEN && KEY_LEN == KMS_JWE_KEY_LEN, "one key size");
 #define MIN_HEAP ((size_t)64 << 10)
 
 enum side { SIDE_DECRYPT = 1, SIDE_SEAL = 2 };
@@ -242,46 +243,106 @@ static uint64_t default_now(void *arg)
     return (uint64_t)ts.tv_sec * 1000u + (uint64_t)ts.tv_nsec / 1000000u;
 }
 
-/* FNV-1a with a per-cache random seed; chains are bounded by max_entries anyway. */
-static uint64_t hash_id(uint64_t seed, const uint8_t *p, size_t n)
-{
-    uint64_t h = 0xcbf29ce484222325ull ^ seed;
-    for (size_t i = 0; i < n; i++) {
-        h ^= p[i];
-        h *= 0x100000001b3ull;
-    }
-    return h ^ (h >> 29);
-}
+/*
+ * An entry's id: side | u32 length | blob or key id | canonical context,
+ * stored in one piece in the entry and looked up in pieces, so a lookup
+ * copies nothing.
+ */
+struct id_parts {
+    uint8_t head[5]; /* side, then a_len big-endian */
+    const uint8_t *a;
+    size_t a_len;
+    const uint8_t *canon;
+    size_t canon_len;
+};
 
-static uint8_t *make_id(enum side side, const uint8_t *a, size_t a_len, const uint8_t *canon,
-                        size_t canon_len, size_t *out_len)
+/* 0 when the id cannot be (a longer than 4 GiB, a total past SIZE_MAX). */
+static int id_parts(enum side side, const uint8_t *a, size_t a_len, const uint8_t *canon,
+                    size_t canon_len, struct id_parts *out)
 {
     if (a_len > UINT32_MAX || canon_len > SIZE_MAX - 5 - a_len)
-        return NULL;
-    size_t n = 5 + a_len + canon_len;
+        return 0;
+    out->head[0] = (uint8_t)side;
+    out->head[1] = (uint8_t)(a_len >> 24);
+    out->head[2] = (uint8_t)(a_len >> 16);
+    out->head[3] = (uint8_t)(a_len >> 8);
+    out->head[4] = (uint8_t)a_len;
+    out->a = a;
+    out->a_len = a_len;
+    out->canon = canon;
+    out->canon_len = canon_len;
+    return 1;
+}
+
+/* The pieces of a stored id (one made by make_id). */
+static struct id_parts parts_of(const uint8_t *id, size_t id_len)
+{
+    struct id_parts p;
+    size_t a_len = (size_t)id[1] << 24 | (size_t)id[2] << 16 | (size_t)id[3] << 8 | id[4];
+    (void)id_parts((enum side)id[0], id + 5, a_len, id + 5 + a_len, id_len - 5 - a_len, &p);
+    return p;
+}
+
+static uint8_t *make_id(const struct id_parts *p, size_t *out_len)
+{
+    size_t n = 5 + p->a_len + p->canon_len;
     uint8_t *id = malloc(n);
     if (!id)
         return NULL;
-    id[0] = (uint8_t)side;
-    id[1] = (uint8_t)(a_len >> 24);
-    id[2] = (uint8_t)(a_len >> 16);
-    id[3] = (uint8_t)(a_len >> 8);
-    id[4] = (uint8_t)a_len;
-    if (a_len)
-        memcpy(id + 5, a, a_len);
-    if (canon_len)
-        memcpy(id + 5 + a_len, canon, canon_len);
+    memcpy(id, p->head, 5);
+    if (p->a_len)
+        memcpy(id + 5, p->a, p->a_len);
+    if (p->canon_len)
+        memcpy(id + 5 + p->a_len, p->canon, p->canon_len);
     *out_len = n;
     return id;
 }
 
+static uint64_t mix(uint64_t h, uint64_t w)
+{
+    h = (h ^ w) * 0x9e3779b97f4a7c15ull;
+    return h ^ (h >> 29);
+}
+
+/* Eight bytes at a time; the last word zero-filled and marked with how many bytes it has. */
+static uint64_t hash_bytes(uint64_t h, const uint8_t *p, size_t n)
+{
+    uint64_t w;
+    for (; n >= 8; p += 8, n -= 8) {
+        memcpy(&w, p, 8);
+        h = mix(h, w);
+    }
+    w = 0;
+    if (n)
+        memcpy(&w, p, n);
+    return mix(h, w ^ (uint64_t)n << 56);
+}
+
+/*
+ * A multiply-xorshift over 8-byte words with a per-cache random seed (FNV-1a,
+ * a byte at a time, was a good part of what a cache hit cost); chains are
+ * bounded by max_entries anyway.
+ */
+static uint64_t hash_id(uint64_t seed, const struct id_parts *p)
+{
+    uint64_t h = hash_bytes(seed, p->head, 5);
+    h = hash_bytes(h, p->a, p->a_len);
+    return hash_bytes(h, p->canon, p->canon_len);
+}
+
+static int id_equal(const struct entry *e, const struct id_parts *p)
+{
+    return e->id_len == 5 + p->a_len + p->canon_len && memcmp(e->id, p->head, 5) == 0 &&
+           (!p->a_len || memcmp(e->id + 5, p->a, p->a_len) == 0) &&
+           (!p->canon_len || memcmp(e->id + 5 + p->a_len, p->canon, p->canon_len) == 0);
+}
+
 /* ---- store operations; all _locked ones expect cache->lock held ------------------ */
 
-static struct entry *find_locked(struct kms_cache *cache, const uint8_t *id, size_t id_len,
-                                 uint64_t h)
+static struct entry *find_locked(struct kms_cache *cache, const struct id_parts *id, uint64_t h)
 {
     for (struct entry *e = cache->buckets[h & (cache->nbuckets - 1)]; e; e = e->hnext)
-        if (e->hash == h && e->id_len == id_len && memcmp(e->id, id, id_len) == 0)
+        if (e->hash == h && id_equal(e, id))
             return e;
     return NULL;
 }
@@ -363,7 +424,8 @@ static uint64_t age_ms_locked(struct kms_cache *cache, const struct entry *e)
 static void insert_locked(struct kms_cache *cache, struct entry *n, const uint8_t *key,
                           struct entry **dead)
 {
-    struct entry *old = find_locked(cache, n->id, n->id_len, n->hash);
+    struct id_parts id = parts_of(n->id, n->id_len);
+    struct entry *old = find_locked(cache, &id, n->hash);
     if (old)
         evict_locked(cache, old, dead);
     if (cache->count >= cache->max_entries)
@@ -558,41 +620,50 @@ static void discard_out(struct p11kms_data_key *out)
     memset(out, 0, sizeof *out);
 }
 
+/*
+ * The decrypt entry for id (hash h) while it may serve (younger than max age,
+ * plus the grace period when grace is set), touched; NULL when not. An entry
+ * past its grace period too goes on the way.
+ */
+static struct entry *usable_decrypt_locked(struct kms_cache *cache, const struct id_parts *id,
+                                           uint64_t h, int grace, struct entry **dead)
+{
+    struct entry *e = find_locked(cache, id, h);
+    if (!e)
+        return NULL;
+    uint64_t age = age_ms_locked(cache, e);
+    if (age < cache->max_age_ms + (grace ? cache->grace_ms : 0)) {
+        touch_locked(cache, e);
+        return e;
+    }
+    if (age >= cache->max_age_ms + cache->grace_ms)
+        evict_locked(cache, e, dead); /* no caller may have it any more */
+    return NULL;
+}
+
 p11kms_status kms_cache_get_decrypt(struct kms_cache *cache, const uint8_t *blob, size_t blob_len,
                                     const uint8_t *canon_ctx, size_t canon_len, int grace,
                                     struct p11kms_data_key *out)
 {
-    if (!cache || !blob || !blob_len || !out || (!canon_ctx && canon_len))
+    struct id_parts id;
+    if (!cache || !blob || !blob_len || !out || (!canon_ctx && canon_len) ||
+        !id_parts(SIDE_DECRYPT, blob, blob_len, canon_ctx, canon_len, &id))
         return P11KMS_ERR_NOT_FOUND;
-    size_t id_len;
-    uint8_t *id = make_id(SIDE_DECRYPT, blob, blob_len, canon_ctx, canon_len, &id_len);
-    if (!id)
+    uint64_t h = hash_id(cache->seed, &id);
+    if (prepare_out(out, blob_len) != P11KMS_OK)
         return P11KMS_ERR_NOT_FOUND;
-    uint64_t h = hash_id(cache->seed, id, id_len);
-    if (prepare_out(out, blob_len) != P11KMS_OK) {
-        free(id);
-        return P11KMS_ERR_NOT_FOUND;
-    }
 
     int hit = 0;
     struct entry *dead = NULL;
     lock_cache(cache, &dead);
-    struct entry *e = find_locked(cache, id, id_len, h);
+    struct entry *e = usable_decrypt_locked(cache, &id, h, grace, &dead);
     if (e) {
-        uint64_t age = age_ms_locked(cache, e);
-        uint64_t limit = cache->max_age_ms + (grace ? cache->grace_ms : 0);
-        if (age < limit) {
-            memcpy(out->plaintext, cache->slab + e->slot * KEY_LEN, KEY_LEN);
-            memcpy(out->key_arn, e->key_arn, sizeof out->key_arn);
-            touch_locked(cache, e);
-            hit = 1;
-        } else if (age >= cache->max_age_ms + cache->grace_ms) {
-            evict_locked(cache, e, &dead); /* no caller may have it any more */
-        }
+        memcpy(out->plaintext, cache->slab + e->slot * KEY_LEN, KEY_LEN);
+        memcpy(out->key_arn, e->key_arn, sizeof out->key_arn);
+        hit = 1;
     }
     pthread_mutex_unlock(&cache->lock);
     free_entries(dead);
-    free(id);
     if (!hit) {
         discard_out(out);
         return P11KMS_ERR_NOT_FOUND;
@@ -602,6 +673,29 @@ p11kms_status kms_cache_get_decrypt(struct kms_cache *cache, const uint8_t *blob
     return P11KMS_OK;
 }
 
+p11kms_status kms_cache_get_decrypt_key(struct kms_cache *cache, const uint8_t *blob,
+                                        size_t blob_len, const uint8_t *canon_ctx, size_t canon_len,
+                                        uint8_t key[KMS_CACHE_KEY_LEN])
+{
+    struct id_parts id;
+    if (!cache || !blob || !blob_len || !key || (!canon_ctx && canon_len) ||
+        !id_parts(SIDE_DECRYPT, blob, blob_len, canon_ctx, canon_len, &id))
+        return P11KMS_ERR_NOT_FOUND;
+    uint64_t h = hash_id(cache->seed, &id);
+
+    int hit = 0;
+    struct entry *dead = NULL;
+    lock_cache(cache, &dead);
+    struct entry *e = usable_decrypt_locked(cache, &id, h, 0, &dead);
+    if (e) {
+        memcpy(key, cache->slab + e->slot * KEY_LEN, KEY_LEN);
+        hit = 1;
+    }
+    pthread_mutex_unlock(&cache->lock);
+    free_entries(dead);
+    return hit ? P11KMS_OK : P11KMS_ERR_NOT_FOUND;
+}
+
 /* An entry for k under id, outside the lock; NULL when it cannot be cached. */
 static struct entry *new_entry(enum side side, const uint8_t *a, size_t a_len, const uint8_t *canon,
                                size_t canon_len, const struct p11kms_data_key *k, uint64_t seed)
@@ -609,10 +703,13 @@ static struct entry *new_entry(enum side side, const uint8_t *a, size_t a_len, c
     if (!k || !k->plaintext || k->plaintext_len != KEY_LEN || !k->blob || !k->blob_len ||
         (!canon && canon_len))
         return NULL;
+    struct id_parts id;
+    if (!id_parts(side, a, a_len, canon, canon_len, &id))
+        return NULL;
     struct entry *n = calloc(1, sizeof *n);
     if (!n)
         return NULL;
-    n->id = make_id(side, a, a_len, canon, canon_len, &n->id_len);
+    n->id = make_id(&id, &n->id_len);
     n->blob = malloc(k->blob_len);
     if (!n->id || !n->blob) {
         free(n->id);
@@ -624,7 +721,7 @@ static struct entry *new_entry(enum side side, const uint8_t *a, size_t a_len, c
     n->blob_len = k->blob_len;
     memcpy(n->key_arn, k->key_arn, sizeof n->key_arn);
     n->key_arn[sizeof n->key_arn - 1] = '\0';
-    n->hash = hash_id(seed, n->id, n->id_len);
+    n->hash = hash_id(seed, &id);
     return n;
 }
 
@@ -648,26 +745,21 @@ p11kms_status kms_cache_take_for_seal(struct kms_cache *cache, const char *key_i
                                       const uint8_t *canon_ctx, size_t canon_len, uint64_t bytes,
                                       struct p11kms_data_key *out)
 {
-    if (!cache || !key_id || !out || (!canon_ctx && canon_len) || bytes > cache->max_bytes)
+    struct id_parts id;
+    if (!cache || !key_id || !out || (!canon_ctx && canon_len) || bytes > cache->max_bytes ||
+        !id_parts(SIDE_SEAL, (const uint8_t *)key_id, strlen(key_id), canon_ctx, canon_len, &id))
         return P11KMS_ERR_NOT_FOUND;
-    size_t id_len;
-    uint8_t *id =
-        make_id(SIDE_SEAL, (const uint8_t *)key_id, strlen(key_id), canon_ctx, canon_len, &id_len);
-    if (!id)
-        return P11KMS_ERR_NOT_FOUND;
-    uint64_t h = hash_id(cache->seed, id, id_len);
+    uint64_t h = hash_id(cache->seed, &id);
     memset(out, 0, sizeof *out);
     out->plaintext = OPENSSL_secure_malloc(KEY_LEN);
-    if (!out->plaintext) {
-        free(id);
+    if (!out->plaintext)
         return P11KMS_ERR_NOT_FOUND;
-    }
 
     int hit = 0;
     uint8_t *blob = NULL;
     struct entry *dead = NULL;
     lock_cache(cache, &dead);
-    struct entry *e = find_locked(cache, id, id_len, h);
+    struct entry *e = find_locked(cache, &id, h);
     if (e) {
         if (age_ms_locked(cache, e) >= cache->max_age_ms || e->messages >= cache->max_messages ||
             bytes > cache->max_bytes - e->bytes) {
@@ -690,7 +782,6 @@ p11kms_status kms_cache_take_for_seal(struct kms_cache *cache, const char *key_i
     }
     pthread_mutex_unlock(&cache->lock);
     free_entries(dead);
-    free(id);
     if (!hit) {
         OPENSSL_secure_clear_free(out->plaintext, KEY_LEN);
         memset(out, 0, sizeof *out);

@@ -133,7 +133,9 @@ p11kms_status kms_client_status_of_type(const char *type)
 p11kms_status kms_client_canonical(const struct p11kms_context *ctx, size_t nctx, uint8_t **out,
                                    size_t *out_len)
 {
-    struct kms_context_pair *pairs = NULL;
+    /* A context has a few pairs: those on the stack, more from the heap. */
+    struct kms_context_pair few[8];
+    struct kms_context_pair *pairs = few;
     struct kms_buf canon = KMS_BUF_INIT;
     p11kms_status st = P11KMS_OK;
 
@@ -143,7 +145,7 @@ p11kms_status kms_client_canonical(const struct p11kms_context *ctx, size_t nctx
     *out_len = 0;
     if (nctx > KMS_CONTEXT_MAX_LEN / 8)
         return kms_client_fail(P11KMS_ERR_ARGUMENT, "encryption context: too many pairs");
-    if (nctx) {
+    if (nctx > sizeof few / sizeof few[0]) {
         pairs = calloc(nctx, sizeof *pairs);
         if (!pairs)
             return kms_client_fail(P11KMS_ERR_MEMORY, "out of memory");
@@ -170,7 +172,8 @@ p11kms_status kms_client_canonical(const struct p11kms_context *ctx, size_t nctx
         canon = (struct kms_buf)KMS_BUF_INIT;
     }
     kms_buf_free(&canon);
-    free(pairs);
+    if (pairs != few)
+        free(pairs);
     return st;
 }
 
@@ -374,6 +377,10 @@ p11kms_status p11kms_client_new(const struct p11kms_options *o, p11kms_client **
     c = calloc(1, sizeof *c);
     if (!c)
         return kms_client_fail(P11KMS_ERR_MEMORY, "out of memory");
+    if ((st = kms_jwe_memo_init(&c->jwe_memo)) != P11KMS_OK) {
+        free(c);
+        return st;
+    }
 
     st = resolve(c, o);
     if (st == P11KMS_OK && o->cache_max_age_s > 0) {
@@ -404,6 +411,7 @@ void p11kms_client_free(p11kms_client *c)
         return;
     kms_transport_free(c->transport);
     kms_cache_free(c->cache);
+    kms_jwe_memo_destroy(&c->jwe_memo);
     free(c->endpoint);
     free(c->region);
     free(c->access_key_id);

@@ -80,33 +80,39 @@ p11kms_status p11kms_open(p11kms_client *c, const char *jwe, size_t len,
 
     struct kms_jwe j;
     struct p11kms_data_key dk;
+    uint8_t key[KMS_JWE_KEY_LEN];
     memset(&dk, 0, sizeof dk);
-    uint8_t *want = NULL, *have = NULL;
-    size_t want_len = 0, have_len = 0;
-    p11kms_status st = kms_jwe_parse(jwe, len, &j);
+    uint8_t *want = NULL;
+    size_t want_len = 0;
+    p11kms_status st = kms_jwe_parse_memo(jwe, len, &c->jwe_memo, &j);
     if (st != P11KMS_OK)
         return st;
     if ((st = kms_client_canonical(ctx, nctx, &want, &want_len)) != P11KMS_OK)
         goto cleanup;
-    if (kms_client_canonical(j.ctx, j.nctx, &have, &have_len) != P11KMS_OK) {
+    if (!j.canon) {
         st = kms_client_fail(P11KMS_ERR_MALFORMED, "JWE: p11kms_ctx is not a usable context");
         goto cleanup;
     }
     /* The context is in the AAD, so another one could only fail the tag: say so
        now, without asking the service for the key. */
-    if (want_len != have_len || CRYPTO_memcmp(want, have, want_len) != 0) {
+    if (want_len != j.canon_len || CRYPTO_memcmp(want, j.canon, want_len) != 0) {
         st = kms_client_fail(P11KMS_ERR_DECRYPT,
                              "the encryption context is not the one the JWE was sealed with");
         goto cleanup;
     }
-    if ((st = p11kms_decrypt_data_key(c, j.blob, j.blob_len, ctx, nctx, &dk)) != P11KMS_OK)
-        goto cleanup;
-    st = kms_jwe_decrypt(&j, dk.plaintext, dk.plaintext_len, out, out_len);
+    /* A cache hit needs the key alone: a copy on the stack, wiped below, rather
+       than a p11kms_data_key with its secure-heap copy, blob and ARN. */
+    if (c->cache &&
+        kms_cache_get_decrypt_key(c->cache, j.blob, j.blob_len, want, want_len, key) == P11KMS_OK)
+        st = kms_jwe_decrypt_in_place(&j, key, sizeof key, out, out_len);
+    else if ((st = kms_decrypt_data_key_canon(c, j.blob, j.blob_len, ctx, nctx, want, want_len,
+                                              &dk)) == P11KMS_OK)
+        st = kms_jwe_decrypt_in_place(&j, dk.plaintext, dk.plaintext_len, out, out_len);
 
 cleanup:
+    OPENSSL_cleanse(key, sizeof key);
     p11kms_data_key_clear(&dk);
     kms_jwe_clear(&j);
     free(want);
-    free(have);
     return st;
 }

@@ -20,13 +20,28 @@
 
 struct kms_cache;
 struct kms_transport;
+struct kms_jwe_hdr; /* a parsed protected header, shared and counted (jwe.c) */
+
+/*
+ * The protected header parsed last, so that opening JWEs sealed under the
+ * same data key and context (whose headers are the same text) parses it
+ * once. Only a header whose text is byte for byte the memo's is taken from
+ * it, and that text is still the AAD the tag is checked against: an altered
+ * header is parsed afresh and fails the tag as before. Safe to share between
+ * threads.
+ */
+struct kms_jwe_memo {
+    pthread_mutex_t lock;     /* guards last, the pointer, only */
+    struct kms_jwe_hdr *last; /* one reference held */
+};
 
 struct p11kms_client {
     struct p11kms_options opt; /* strings point into the copies below */
     char *endpoint, *region, *access_key_id, *secret_access_key, *session_token;
     char *ca_file, *client_cert_file, *client_key_file;
     struct kms_transport *transport;
-    struct kms_cache *cache; /* NULL when cache_max_age_s is 0 */
+    struct kms_cache *cache;      /* NULL when cache_max_age_s is 0 */
+    struct kms_jwe_memo jwe_memo; /* p11kms_open's last protected header */
     int memory_locked;
 };
 
@@ -105,6 +120,15 @@ p11kms_status kms_service_decrypt(p11kms_client *c, const uint8_t *blob, size_t 
                                   const struct p11kms_context *ctx, size_t nctx,
                                   struct p11kms_data_key *out);
 
+/*
+ * p11kms_decrypt_data_key for a caller that has checked its arguments and
+ * made canon, the canonical form of ctx, already.
+ */
+p11kms_status kms_decrypt_data_key_canon(p11kms_client *c, const uint8_t *blob, size_t blob_len,
+                                         const struct p11kms_context *ctx, size_t nctx,
+                                         const uint8_t *canon, size_t canon_len,
+                                         struct p11kms_data_key *out);
+
 /* ---- cache.c ---- */
 p11kms_status kms_cache_new(const struct p11kms_options *o, struct kms_cache **out);
 void kms_cache_free(struct kms_cache *cache);
@@ -116,6 +140,14 @@ void kms_cache_free(struct kms_cache *cache);
 p11kms_status kms_cache_get_decrypt(struct kms_cache *cache, const uint8_t *blob, size_t blob_len,
                                     const uint8_t *canon_ctx, size_t canon_len, int grace,
                                     struct p11kms_data_key *out);
+#define KMS_CACHE_KEY_LEN 32
+/*
+ * The same without grace, for a caller that needs only the key: copied into
+ * key, the caller's to wipe (OPENSSL_cleanse) when done; nothing allocated.
+ */
+p11kms_status kms_cache_get_decrypt_key(struct kms_cache *cache, const uint8_t *blob,
+                                        size_t blob_len, const uint8_t *canon_ctx, size_t canon_len,
+                                        uint8_t key[KMS_CACHE_KEY_LEN]);
 void kms_cache_put_decrypt(struct kms_cache *cache, const struct p11kms_data_key *k,
                            const uint8_t *canon_ctx, size_t canon_len);
 /*
@@ -150,21 +182,32 @@ p11kms_status kms_client_canonical(const struct p11kms_context *ctx, size_t nctx
 
 enum kms_jwe_form { KMS_JWE_COMPACT, KMS_JWE_FLATTENED };
 
-/* A parsed JWE; nothing in it is secret. kms_jwe_clear releases it. */
+/*
+ * A parsed JWE; nothing in it is secret. kms_jwe_clear releases it. The
+ * header's pieces (kid to aad) live in hdr, which JWEs with the same
+ * protected header may share: read-only.
+ */
 struct kms_jwe {
-    json_t *header;  /* the protected header, an object */
-    const char *kid; /* in header */
-    uint8_t *blob;   /* p11kms_blob, decoded */
+    struct kms_jwe_hdr *hdr;
+    json_t *header;      /* the protected header, an object */
+    const char *kid;     /* in header */
+    const uint8_t *blob; /* p11kms_blob, decoded */
     size_t blob_len;
-    struct p11kms_context *ctx; /* p11kms_ctx; strings in header */
+    const struct p11kms_context *ctx; /* p11kms_ctx; strings in header */
     size_t nctx;
-    char *aad; /* ASCII(BASE64URL(UTF8(protected header))) */
+    const uint8_t *canon; /* kms_client_canonical of ctx; NULL when it has none */
+    size_t canon_len;
+    const char *aad; /* ASCII(BASE64URL(UTF8(protected header))), NUL-terminated */
     size_t aad_len;
     uint8_t iv[KMS_JWE_IV_LEN];
     uint8_t tag[KMS_JWE_TAG_LEN];
     uint8_t *ciphertext;
     size_t ciphertext_len;
 };
+
+/* A memo starts empty; destroying it releases the header it holds. */
+p11kms_status kms_jwe_memo_init(struct kms_jwe_memo *m);
+void kms_jwe_memo_destroy(struct kms_jwe_memo *m);
 
 /*
  * Seals payload under key: the protected header holds alg, enc, kid,
@@ -178,12 +221,21 @@ p11kms_status kms_jwe_seal(enum kms_jwe_form form, const uint8_t key[KMS_JWE_KEY
                            size_t n, char **out, size_t *out_len);
 /* Parses the compact or the flattened JSON serialization; P11KMS_ERR_MALFORMED when not ours. */
 p11kms_status kms_jwe_parse(const char *token, size_t len, struct kms_jwe *out);
+/* The same, taking the protected header from memo when it is the one parsed last there. */
+p11kms_status kms_jwe_parse_memo(const char *token, size_t len, struct kms_jwe_memo *memo,
+                                 struct kms_jwe *out);
 /*
  * AES-256-GCM open of a parsed JWE. *out (malloc'd, release with
  * p11kms_free) is set only when the tag verifies; else P11KMS_ERR_DECRYPT.
  */
 p11kms_status kms_jwe_decrypt(const struct kms_jwe *j, const uint8_t *key, size_t key_len,
                               uint8_t **out, size_t *out_len);
+/*
+ * The same, decrypting j's ciphertext where it is: on P11KMS_OK *out is that
+ * buffer; either way j has no ciphertext afterwards (a failed tag wipes it).
+ */
+p11kms_status kms_jwe_decrypt_in_place(struct kms_jwe *j, const uint8_t *key, size_t key_len,
+                                       uint8_t **out, size_t *out_len);
 void kms_jwe_clear(struct kms_jwe *j);
 
 /* ---- stream.c: streaming envelopes, chunked AES-256-GCM (docs/format.md) ---- */

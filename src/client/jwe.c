@@ -29,6 +29,7 @@
 #include <openssl/crypto.h>
 #include <openssl/evp.h>
 #include <openssl/rand.h>
+#include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -243,68 +244,128 @@ cleanup:
 
 /* ---- parsing ---------------------------------------------------------------- */
 
+/*
+ * A parsed protected header. Immutable once made, it is shared, counted,
+ * between the JWEs parsed from the same header text and a client's memo
+ * (struct kms_jwe_memo), so any thread may read it while others hold it.
+ * Everything in it is a function of text alone: a JWE whose header segment
+ * is text byte for byte gets the same pieces whether it parses text again or
+ * takes this. Nothing in it is secret.
+ */
+struct kms_jwe_hdr {
+    atomic_size_t refs;
+    char *text; /* the header segment as in the token (the AAD), NUL-terminated */
+    size_t text_len;
+    json_t *json;
+    const char *kid; /* in json */
+    uint8_t *blob;
+    size_t blob_len;
+    struct p11kms_context *ctx; /* strings in json */
+    size_t nctx;
+    uint8_t *canon; /* the canonical form of ctx; NULL when ctx has none */
+    size_t canon_len;
+};
+
+static void hdr_release(struct kms_jwe_hdr *h)
+{
+    if (!h || atomic_fetch_sub_explicit(&h->refs, 1, memory_order_acq_rel) != 1)
+        return;
+    json_decref(h->json);
+    free(h->text);
+    free(h->blob);
+    free(h->ctx);
+    free(h->canon);
+    free(h);
+}
+
+static struct kms_jwe_hdr *hdr_retain(struct kms_jwe_hdr *h)
+{
+    atomic_fetch_add_explicit(&h->refs, 1, memory_order_relaxed);
+    return h;
+}
+
 static p11kms_status malformed(const char *what)
 {
     return kms_client_fail(P11KMS_ERR_MALFORMED, "JWE: %s", what);
 }
 
-/* Strict base64url of exactly want bytes (want 0: any length up to max). */
-static p11kms_status decode_seg(const char *s, size_t n, size_t want, size_t max,
-                                struct kms_buf *out, const char *what)
+/*
+ * Strict base64url of exactly want bytes (want 0: any length up to max) into
+ * out, which has room for kms_b64url_decoded_len(n) bytes (want, when want is
+ * set). The pieces of a JWE are not secret: the table-driven decoder.
+ */
+static p11kms_status decode_seg(const char *s, size_t n, size_t want, size_t max, uint8_t *out,
+                                size_t *out_len, const char *what)
 {
     if (want ? n != b64url_len(want) : n > b64url_len(max))
         return kms_client_fail(P11KMS_ERR_MALFORMED, "JWE: the %s has the wrong size", what);
-    if (kms_b64url_decode(s, n, out) != KMS_OK)
+    if (kms_b64url_decode_public_to(s, n, out, kms_b64url_decoded_len(n), out_len) != KMS_OK)
         return kms_client_fail(P11KMS_ERR_MALFORMED, "JWE: the %s is not strict base64url", what);
-    if (want && out->len != want)
+    if (want && *out_len != want)
         return kms_client_fail(P11KMS_ERR_MALFORMED, "JWE: the %s has the wrong size", what);
     return P11KMS_OK;
 }
 
-static p11kms_status parse_header(struct kms_jwe *j, const uint8_t *p, size_t n)
+/* As decode_seg, into a fresh malloc'd buffer (*out, at least one byte). */
+static p11kms_status decode_seg_alloc(const char *s, size_t n, size_t max, uint8_t **out,
+                                      size_t *out_len, const char *what)
+{
+    *out = NULL;
+    if (n > b64url_len(max))
+        return kms_client_fail(P11KMS_ERR_MALFORMED, "JWE: the %s has the wrong size", what);
+    size_t cap = kms_b64url_decoded_len(n);
+    uint8_t *p = malloc(cap ? cap : 1);
+    if (!p)
+        return oom();
+    p11kms_status st = decode_seg(s, n, 0, max, p, out_len, what);
+    if (st != P11KMS_OK) {
+        free(p);
+        return st;
+    }
+    *out = p;
+    return P11KMS_OK;
+}
+
+/* The JSON of a protected header, checked, into h. */
+static p11kms_status parse_header_json(struct kms_jwe_hdr *h, const uint8_t *p, size_t n)
 {
     json_error_t err;
-    j->header = json_loadb((const char *)p, n, JSON_REJECT_DUPLICATES, &err);
-    if (!j->header || !json_is_object(j->header))
+    h->json = json_loadb((const char *)p, n, JSON_REJECT_DUPLICATES, &err);
+    if (!h->json || !json_is_object(h->json))
         return malformed("the protected header is not a JSON object without duplicate members");
-    json_t *h = j->header;
-    const char *alg = json_string_value(json_object_get(h, "alg"));
-    const char *enc = json_string_value(json_object_get(h, "enc"));
+    json_t *o = h->json;
+    const char *alg = json_string_value(json_object_get(o, "alg"));
+    const char *enc = json_string_value(json_object_get(o, "enc"));
     if (!alg || strcmp(alg, "dir") != 0)
         return malformed("alg is not \"dir\"");
     if (!enc || strcmp(enc, "A256GCM") != 0)
         return malformed("enc is not \"A256GCM\"");
-    if (json_object_get(h, "zip"))
+    if (json_object_get(o, "zip"))
         return malformed("compressed payloads (zip) are not accepted");
-    if (json_object_get(h, "crit"))
+    if (json_object_get(o, "crit"))
         return malformed("no critical header extension (crit) is understood");
-    json_t *kid = json_object_get(h, "kid");
-    j->kid = json_string_value(kid);
-    if (!j->kid || !json_string_length(kid) || json_string_length(kid) > KID_MAX)
+    json_t *kid = json_object_get(o, "kid");
+    h->kid = json_string_value(kid);
+    if (!h->kid || !json_string_length(kid) || json_string_length(kid) > KID_MAX)
         return malformed("kid is missing, not a string, empty or too long");
 
-    json_t *blob = json_object_get(h, "p11kms_blob");
+    json_t *blob = json_object_get(o, "p11kms_blob");
     if (!json_is_string(blob))
         return malformed("p11kms_blob is missing or not a string");
-    struct kms_buf b = KMS_BUF_INIT;
-    p11kms_status st = decode_seg(json_string_value(blob), json_string_length(blob), 0,
-                                  KMS_JWE_MAX_BLOB, &b, "p11kms_blob");
-    if (st == P11KMS_OK && (b.len == 0 || b.len > KMS_JWE_MAX_BLOB))
-        st = malformed("p11kms_blob is empty or too long");
-    if (st != P11KMS_OK) {
-        kms_buf_free(&b);
+    p11kms_status st = decode_seg_alloc(json_string_value(blob), json_string_length(blob),
+                                        KMS_JWE_MAX_BLOB, &h->blob, &h->blob_len, "p11kms_blob");
+    if (st != P11KMS_OK)
         return st;
-    }
-    j->blob = b.data;
-    j->blob_len = b.len;
+    if (h->blob_len == 0 || h->blob_len > KMS_JWE_MAX_BLOB)
+        return malformed("p11kms_blob is empty or too long");
 
-    json_t *ctx = json_object_get(h, "p11kms_ctx");
+    json_t *ctx = json_object_get(o, "p11kms_ctx");
     if (!json_is_object(ctx))
         return malformed("p11kms_ctx is missing or not an object");
     size_t nctx = json_object_size(ctx);
     if (nctx) {
-        j->ctx = calloc(nctx, sizeof *j->ctx);
-        if (!j->ctx)
+        h->ctx = calloc(nctx, sizeof *h->ctx);
+        if (!h->ctx)
             return oom();
     }
     const char *k;
@@ -313,82 +374,153 @@ static p11kms_status parse_header(struct kms_jwe *j, const uint8_t *p, size_t n)
     {
         if (!json_is_string(v))
             return malformed("a p11kms_ctx value is not a string");
-        j->ctx[j->nctx].key = k;
-        j->ctx[j->nctx].value = json_string_value(v);
-        j->nctx++;
+        h->ctx[h->nctx].key = k;
+        h->ctx[h->nctx].value = json_string_value(v);
+        h->nctx++;
     }
+    /* Made once here rather than on every open of a JWE with this header. A
+       context with no canonical form (too long, say) is the opener's to refuse. */
+    if (kms_client_canonical(h->ctx, h->nctx, &h->canon, &h->canon_len) != P11KMS_OK)
+        h->canon = NULL;
+    return P11KMS_OK;
+}
+
+/* A header segment (text, n characters; n > 0), decoded and parsed. */
+static p11kms_status parse_header(const char *text, size_t n, struct kms_jwe_hdr **out)
+{
+    uint8_t *json = NULL;
+    size_t json_len = 0;
+    struct kms_jwe_hdr *h = calloc(1, sizeof *h);
+    if (!h)
+        return oom();
+    atomic_init(&h->refs, 1);
+    p11kms_status st =
+        decode_seg_alloc(text, n, KMS_JWE_MAX_HEADER, &json, &json_len, "protected header");
+    if (st == P11KMS_OK)
+        st = parse_header_json(h, json, json_len);
+    if (st == P11KMS_OK && !(h->text = malloc(n + 1)))
+        st = oom();
+    if (st != P11KMS_OK) {
+        free(json);
+        hdr_release(h);
+        return st;
+    }
+    memcpy(h->text, text, n);
+    h->text[n] = '\0';
+    h->text_len = n;
+    free(json);
+    *out = h;
+    return P11KMS_OK;
+}
+
+p11kms_status kms_jwe_memo_init(struct kms_jwe_memo *m)
+{
+    m->last = NULL;
+    if (pthread_mutex_init(&m->lock, NULL) != 0)
+        return kms_client_fail(P11KMS_ERR_MEMORY, "cannot create the JWE header memo's mutex");
+    return P11KMS_OK;
+}
+
+void kms_jwe_memo_destroy(struct kms_jwe_memo *m)
+{
+    hdr_release(m->last);
+    m->last = NULL;
+    pthread_mutex_destroy(&m->lock);
+}
+
+/*
+ * The parsed header for a header segment: the memo's when its text is the
+ * segment byte for byte, else parsed afresh (and then remembered). The lock
+ * guards only the pointer: the text is compared outside it, on a reference.
+ */
+static p11kms_status header_of(struct kms_jwe_memo *m, const char *text, size_t n,
+                               struct kms_jwe_hdr **out)
+{
+    struct kms_jwe_hdr *h = NULL;
+    if (m) {
+        pthread_mutex_lock(&m->lock);
+        if (m->last)
+            h = hdr_retain(m->last);
+        pthread_mutex_unlock(&m->lock);
+        if (h && h->text_len == n && memcmp(h->text, text, n) == 0) {
+            *out = h;
+            return P11KMS_OK;
+        }
+        hdr_release(h);
+    }
+    p11kms_status st = parse_header(text, n, &h);
+    if (st != P11KMS_OK)
+        return st;
+    if (m) {
+        struct kms_jwe_hdr *old;
+        hdr_retain(h);
+        pthread_mutex_lock(&m->lock);
+        old = m->last;
+        m->last = h;
+        pthread_mutex_unlock(&m->lock);
+        hdr_release(old);
+    }
+    *out = h;
     return P11KMS_OK;
 }
 
 /* The five pieces, wherever they came from. */
-static p11kms_status parse_pieces(struct kms_jwe *j, const char *h, size_t h_len, size_t ek_len,
-                                  const char *iv, size_t iv_len, const char *ct, size_t ct_len,
-                                  const char *tag, size_t tag_len)
+static p11kms_status parse_pieces(struct kms_jwe *j, struct kms_jwe_memo *m, const char *h,
+                                  size_t h_len, size_t ek_len, const char *iv, size_t iv_len,
+                                  const char *ct, size_t ct_len, const char *tag, size_t tag_len)
 {
     p11kms_status st;
-    struct kms_buf hb = KMS_BUF_INIT, b = KMS_BUF_INIT;
-    if (!h_len) {
-        st = malformed("the protected header is empty");
-        goto cleanup;
-    }
-    if (ek_len) {
-        st = malformed("the encrypted key is not empty, as \"dir\" requires");
-        goto cleanup;
-    }
-    if ((st = decode_seg(h, h_len, 0, KMS_JWE_MAX_HEADER, &hb, "protected header")) != P11KMS_OK)
-        goto cleanup;
-    if ((st = parse_header(j, hb.data, hb.len)) != P11KMS_OK)
-        goto cleanup;
-    if ((st = decode_seg(iv, iv_len, KMS_JWE_IV_LEN, 0, &b, "IV")) != P11KMS_OK)
-        goto cleanup;
-    memcpy(j->iv, b.data, KMS_JWE_IV_LEN);
-    kms_buf_free(&b);
-    if ((st = decode_seg(tag, tag_len, KMS_JWE_TAG_LEN, 0, &b, "tag")) != P11KMS_OK)
-        goto cleanup;
-    memcpy(j->tag, b.data, KMS_JWE_TAG_LEN);
-    kms_buf_free(&b);
-    if ((st = decode_seg(ct, ct_len, 0, KMS_JWE_MAX_PAYLOAD, &b, "ciphertext")) != P11KMS_OK)
-        goto cleanup;
-    j->ciphertext = b.data;
-    j->ciphertext_len = b.len;
-    b.data = NULL;
-    j->aad = malloc(h_len + 1);
-    if (!j->aad) {
-        st = oom();
-        goto cleanup;
-    }
-    memcpy(j->aad, h, h_len);
-    j->aad[h_len] = '\0';
-    j->aad_len = h_len;
-    st = P11KMS_OK;
-cleanup:
-    kms_buf_free(&hb);
-    kms_buf_free(&b);
-    return st;
+    size_t n;
+    if (!h_len)
+        return malformed("the protected header is empty");
+    if (ek_len)
+        return malformed("the encrypted key is not empty, as \"dir\" requires");
+    if ((st = header_of(m, h, h_len, &j->hdr)) != P11KMS_OK)
+        return st;
+    j->header = j->hdr->json;
+    j->kid = j->hdr->kid;
+    j->blob = j->hdr->blob;
+    j->blob_len = j->hdr->blob_len;
+    j->ctx = j->hdr->ctx;
+    j->nctx = j->hdr->nctx;
+    j->canon = j->hdr->canon;
+    j->canon_len = j->hdr->canon_len;
+    j->aad = j->hdr->text;
+    j->aad_len = j->hdr->text_len;
+    if ((st = decode_seg(iv, iv_len, KMS_JWE_IV_LEN, 0, j->iv, &n, "IV")) != P11KMS_OK)
+        return st;
+    if ((st = decode_seg(tag, tag_len, KMS_JWE_TAG_LEN, 0, j->tag, &n, "tag")) != P11KMS_OK)
+        return st;
+    return decode_seg_alloc(ct, ct_len, KMS_JWE_MAX_PAYLOAD, &j->ciphertext, &j->ciphertext_len,
+                            "ciphertext");
 }
 
-static p11kms_status parse_compact(struct kms_jwe *j, const char *t, size_t len)
+static p11kms_status parse_compact(struct kms_jwe *j, struct kms_jwe_memo *m, const char *t,
+                                   size_t len)
 {
     const char *seg[5];
     size_t seg_len[5];
-    size_t k = 0, start = 0;
-    for (size_t i = 0; i <= len; i++) {
-        if (i == len || t[i] == '.') {
-            if (k == 5)
-                return malformed("the compact serialization has more than five segments");
-            seg[k] = t + start;
-            seg_len[k] = i - start;
-            k++;
-            start = i + 1;
-        }
+    size_t k = 0;
+    const char *p = t, *end = t + len;
+    for (;;) {
+        const char *dot = memchr(p, '.', (size_t)(end - p));
+        if (k == 5)
+            return malformed("the compact serialization has more than five segments");
+        seg[k] = p;
+        seg_len[k] = (size_t)((dot ? dot : end) - p);
+        k++;
+        if (!dot)
+            break;
+        p = dot + 1;
     }
     if (k != 5)
         return malformed("the compact serialization does not have five segments");
-    return parse_pieces(j, seg[0], seg_len[0], seg_len[1], seg[2], seg_len[2], seg[3], seg_len[3],
-                        seg[4], seg_len[4]);
+    return parse_pieces(j, m, seg[0], seg_len[0], seg_len[1], seg[2], seg_len[2], seg[3],
+                        seg_len[3], seg[4], seg_len[4]);
 }
 
-static p11kms_status parse_flattened(struct kms_jwe *j, const char *t, size_t len)
+static p11kms_status parse_flattened(struct kms_jwe *j, struct kms_jwe_memo *m, const char *t,
+                                     size_t len)
 {
     json_error_t err;
     json_t *o = json_loadb(t, len, JSON_REJECT_DUPLICATES, &err);
@@ -401,12 +533,13 @@ static p11kms_status parse_flattened(struct kms_jwe *j, const char *t, size_t le
                              &tag, &tag_len, "encrypted_key", &ek, &ek_len) != 0)
         st = malformed("not the flattened JSON serialization of a \"dir\" JWE");
     else
-        st = parse_pieces(j, h, h_len, ek_len, iv, iv_len, ct, ct_len, tag, tag_len);
+        st = parse_pieces(j, m, h, h_len, ek_len, iv, iv_len, ct, ct_len, tag, tag_len);
     json_decref(o);
     return st;
 }
 
-p11kms_status kms_jwe_parse(const char *token, size_t len, struct kms_jwe *out)
+p11kms_status kms_jwe_parse_memo(const char *token, size_t len, struct kms_jwe_memo *memo,
+                                 struct kms_jwe *out)
 {
     if (!out)
         return kms_client_fail(P11KMS_ERR_ARGUMENT, "JWE parse: NULL argument");
@@ -420,15 +553,49 @@ p11kms_status kms_jwe_parse(const char *token, size_t len, struct kms_jwe *out)
     size_t i = 0;
     while (i < len && (token[i] == ' ' || token[i] == '\t' || token[i] == '\n' || token[i] == '\r'))
         i++;
-    p11kms_status st = i < len && token[i] == '{' ? parse_flattened(out, token, len)
-                                                  : parse_compact(out, token, len);
+    p11kms_status st = i < len && token[i] == '{' ? parse_flattened(out, memo, token, len)
+                                                  : parse_compact(out, memo, token, len);
     if (st != P11KMS_OK)
         kms_jwe_clear(out);
     return st;
 }
 
-p11kms_status kms_jwe_decrypt(const struct kms_jwe *j, const uint8_t *key, size_t key_len,
-                              uint8_t **out, size_t *out_len)
+p11kms_status kms_jwe_parse(const char *token, size_t len, struct kms_jwe *out)
+{
+    return kms_jwe_parse_memo(token, len, NULL, out);
+}
+
+/* AES-256-GCM open of n bytes from in to out (in == out: in place); the tag checked last. */
+static p11kms_status gcm_open(const struct kms_jwe *j, const uint8_t *key, const uint8_t *in,
+                              size_t n, uint8_t *out)
+{
+    p11kms_status st;
+    int len;
+    uint8_t tag[KMS_JWE_TAG_LEN];
+    memcpy(tag, j->tag, sizeof tag);
+    EVP_CIPHER_CTX *c = EVP_CIPHER_CTX_new();
+    if (!c)
+        return oom();
+    /* One init with cipher, key and IV: 12 bytes is GCM's default IV length. */
+    _Static_assert(KMS_JWE_IV_LEN == 12, "the IV is GCM's default length");
+    if (EVP_DecryptInit_ex(c, kms_cipher_aes256gcm(), NULL, key, j->iv) != 1 ||
+        EVP_DecryptUpdate(c, NULL, &len, (const uint8_t *)j->aad, (int)j->aad_len) != 1 ||
+        (n && EVP_DecryptUpdate(c, out, &len, in, (int)n) != 1) ||
+        EVP_CIPHER_CTX_ctrl(c, EVP_CTRL_GCM_SET_TAG, KMS_JWE_TAG_LEN, tag) != 1) {
+        st = kms_client_fail(P11KMS_ERR_MEMORY, "JWE: AES-256-GCM failed");
+    } else if (EVP_DecryptFinal_ex(c, out + n, &len) != 1) {
+        st = kms_client_fail(P11KMS_ERR_DECRYPT,
+                             "JWE: the tag does not verify (altered, another data key, or "
+                             "another encryption context)");
+    } else {
+        st = P11KMS_OK;
+    }
+    EVP_CIPHER_CTX_free(c);
+    return st;
+}
+
+static p11kms_status check_decrypt_args(const struct kms_jwe *j, const uint8_t *key, size_t key_len,
+                                        uint8_t **out, size_t *out_len)
 {
     if (!j || !j->aad || !key || !out || !out_len)
         return kms_client_fail(P11KMS_ERR_ARGUMENT, "JWE decrypt: NULL argument");
@@ -436,40 +603,46 @@ p11kms_status kms_jwe_decrypt(const struct kms_jwe *j, const uint8_t *key, size_
     *out_len = 0;
     if (key_len != KMS_JWE_KEY_LEN)
         return kms_client_fail(P11KMS_ERR_ARGUMENT, "JWE decrypt: the data key is not 32 bytes");
+    return P11KMS_OK;
+}
+
+p11kms_status kms_jwe_decrypt(const struct kms_jwe *j, const uint8_t *key, size_t key_len,
+                              uint8_t **out, size_t *out_len)
+{
+    p11kms_status st = check_decrypt_args(j, key, key_len, out, out_len);
+    if (st != P11KMS_OK)
+        return st;
     size_t n = j->ciphertext_len;
     uint8_t *pt = malloc(n ? n : 1);
     if (!pt)
         return oom();
-    p11kms_status st = P11KMS_ERR_DECRYPT;
-    int len;
-    uint8_t tag[KMS_JWE_TAG_LEN];
-    memcpy(tag, j->tag, sizeof tag);
-    EVP_CIPHER_CTX *c = EVP_CIPHER_CTX_new();
-    if (!c) {
-        st = oom();
-        goto cleanup;
+    if ((st = gcm_open(j, key, j->ciphertext, n, pt)) == P11KMS_OK) {
+        *out = pt;
+        *out_len = n;
+        pt = NULL;
     }
-    if (EVP_DecryptInit_ex(c, kms_cipher_aes256gcm(), NULL, NULL, NULL) != 1 ||
-        EVP_CIPHER_CTX_ctrl(c, EVP_CTRL_GCM_SET_IVLEN, KMS_JWE_IV_LEN, NULL) != 1 ||
-        EVP_DecryptInit_ex(c, NULL, NULL, key, j->iv) != 1 ||
-        EVP_DecryptUpdate(c, NULL, &len, (const uint8_t *)j->aad, (int)j->aad_len) != 1 ||
-        (n && EVP_DecryptUpdate(c, pt, &len, j->ciphertext, (int)n) != 1) ||
-        EVP_CIPHER_CTX_ctrl(c, EVP_CTRL_GCM_SET_TAG, KMS_JWE_TAG_LEN, tag) != 1) {
-        st = kms_client_fail(P11KMS_ERR_MEMORY, "JWE: AES-256-GCM failed");
-        goto cleanup;
+    /* Fail closed: whatever was decrypted before the tag failed is wiped. */
+    kms_free_secret(pt, n ? n : 1);
+    return st;
+}
+
+p11kms_status kms_jwe_decrypt_in_place(struct kms_jwe *j, const uint8_t *key, size_t key_len,
+                                       uint8_t **out, size_t *out_len)
+{
+    p11kms_status st = check_decrypt_args(j, key, key_len, out, out_len);
+    if (st != P11KMS_OK)
+        return st;
+    if (!j->ciphertext)
+        return kms_client_fail(P11KMS_ERR_ARGUMENT, "JWE decrypt: the ciphertext is gone");
+    size_t n = j->ciphertext_len;
+    uint8_t *pt = j->ciphertext;
+    j->ciphertext = NULL;
+    j->ciphertext_len = 0;
+    if ((st = gcm_open(j, key, pt, n, pt)) == P11KMS_OK) {
+        *out = pt;
+        *out_len = n;
+        pt = NULL;
     }
-    if (EVP_DecryptFinal_ex(c, pt + n, &len) != 1) {
-        st = kms_client_fail(P11KMS_ERR_DECRYPT,
-                             "JWE: the tag does not verify (altered, another data key, or "
-                             "another encryption context)");
-        goto cleanup;
-    }
-    *out = pt;
-    *out_len = n;
-    pt = NULL;
-    st = P11KMS_OK;
-cleanup:
-    EVP_CIPHER_CTX_free(c);
     /* Fail closed: whatever was decrypted before the tag failed is wiped. */
     kms_free_secret(pt, n ? n : 1);
     return st;
@@ -479,10 +652,7 @@ void kms_jwe_clear(struct kms_jwe *j)
 {
     if (!j)
         return;
-    json_decref(j->header);
-    free(j->blob);
-    free(j->ctx);
-    free(j->aad);
+    hdr_release(j->hdr);
     free(j->ciphertext);
     memset(j, 0, sizeof *j);
 }

@@ -256,6 +256,23 @@ p11kms_status p11kms_decrypt_data_key(p11kms_client *c, const uint8_t *blob, siz
 
     if ((st = kms_client_canonical(ctx, nctx, &canon, &canon_len)) != P11KMS_OK)
         return st;
+    st = kms_decrypt_data_key_canon(c, blob, blob_len, ctx, nctx, canon, canon_len, out);
+    free(canon);
+    return st;
+}
+
+p11kms_status kms_decrypt_data_key_canon(p11kms_client *c, const uint8_t *blob, size_t blob_len,
+                                         const struct p11kms_context *ctx, size_t nctx,
+                                         const uint8_t *canon, size_t canon_len,
+                                         struct p11kms_data_key *out)
+{
+    p11kms_status st;
+
+    memset(out, 0, sizeof *out);
+    if ((st = check_blob(blob, blob_len)) != P11KMS_OK)
+        return st;
+    if (!c->cache)
+        return kms_service_decrypt(c, blob, blob_len, ctx, nctx, out);
     /* Any miss or trouble in the cache just means asking the service. */
     st = kms_cache_get_decrypt(c->cache, blob, blob_len, canon, canon_len, 0, out);
     if (st != P11KMS_OK) {
@@ -276,6 +293,5 @@ p11kms_status p11kms_decrypt_data_key(p11kms_client *c, const uint8_t *blob, siz
             }
         }
     }
-    free(canon);
     return st;
 }

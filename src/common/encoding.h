@@ -21,6 +21,29 @@ KMS_MUST_CHECK kms_err kms_b64_decode(const char *in, size_t n, struct kms_buf *
 KMS_MUST_CHECK kms_err kms_b64url_encode(const uint8_t *in, size_t n, struct kms_buf *out);
 KMS_MUST_CHECK kms_err kms_b64url_decode(const char *in, size_t n, struct kms_buf *out);
 
+/* Bytes that n characters of unpadded base64url decode to (n % 4 == 1 is not base64url). */
+static inline size_t kms_b64url_decoded_len(size_t n)
+{
+    return n / 4 * 3 + (n % 4 ? n % 4 - 1 : 0);
+}
+
+/*
+ * base64url for data that is not secret (a JWE's protected header, IV,
+ * ciphertext and tag; a blob that is itself a ciphertext): a table lookup,
+ * so its time and the memory it touches depend on the characters. It
+ * accepts and refuses exactly what kms_b64url_decode does and gives the same
+ * bytes. Anything that decodes a secret (a data key, a plaintext) uses
+ * kms_b64url_decode / kms_b64_decode, which look nothing up by the character.
+ *
+ * _public_to decodes into out, which has room for cap bytes (at least
+ * kms_b64url_decoded_len(n), else KMS_ERR_INTERNAL), and sets *out_len; on
+ * KMS_ERR_VALIDATION out may hold garbage. _public appends to out and
+ * NUL-terminates, as kms_b64url_decode does; out->len is unchanged on failure.
+ */
+KMS_MUST_CHECK kms_err kms_b64url_decode_public_to(const char *in, size_t n, uint8_t *out,
+                                                   size_t cap, size_t *out_len);
+KMS_MUST_CHECK kms_err kms_b64url_decode_public(const char *in, size_t n, struct kms_buf *out);
+
 /* Lower-case hex; out holds 2n+1 bytes. */
 void kms_hex_encode(const uint8_t *in, size_t n, char *out);
 

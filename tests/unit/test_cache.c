@@ -420,6 +420,106 @@ static void test_grace(void **state)
     kms_cache_free(c);
 }
 
+/* The key-only lookup p11kms_open uses: the same entries, bounds and misses. */
+static p11kms_status get_key(struct kms_cache *c, const struct test_key *t, const uint8_t *ctx,
+                             size_t ctx_len)
+{
+    uint8_t key[KMS_CACHE_KEY_LEN];
+    memset(key, 0xee, sizeof key);
+    p11kms_status st = kms_cache_get_decrypt_key(c, t->blob, t->k.blob_len, ctx, ctx_len, key);
+    if (st == P11KMS_OK)
+        assert_memory_equal(key, t->key, KEY_LEN);
+    else
+        for (size_t i = 0; i < sizeof key; i++)
+            assert_int_equal(key[i], 0xee); /* untouched on a miss */
+    return st;
+}
+
+static void test_get_decrypt_key(void **state)
+{
+    (void)state;
+    struct fake_clock clk = {5};
+    struct p11kms_options o = options(10);
+    o.cache_grace_s = 5;
+    struct kms_cache *c = new_cache(&o, &clk);
+    struct test_key d, s, shorter;
+    uint8_t key[KMS_CACHE_KEY_LEN];
+    make_key(&d, 0xd3, 40);
+    make_key(&s, 0x53, 40);
+    kms_cache_put_decrypt(c, &d.k, CTX_A, sizeof CTX_A);
+    kms_cache_put_for_seal(c, (const char *)"k", CTX_A, sizeof CTX_A, &s.k, 1);
+    long ds = slot_of(c, NSLOTS, &d);
+
+    assert_int_equal(get_key(c, &d, CTX_A, sizeof CTX_A), P11KMS_OK);
+    /* Another context, a blob one byte shorter, no context: other entries. */
+    assert_int_equal(get_key(c, &d, CTX_B, sizeof CTX_B), P11KMS_ERR_NOT_FOUND);
+    assert_int_equal(get_key(c, &d, NULL, 0), P11KMS_ERR_NOT_FOUND);
+    shorter = d;
+    shorter.k.blob_len = 39;
+    assert_int_equal(get_key(c, &shorter, CTX_A, sizeof CTX_A), P11KMS_ERR_NOT_FOUND);
+    /* The seal side's entries are not the decrypt side's. */
+    assert_int_equal(
+        kms_cache_get_decrypt_key(c, (const uint8_t *)"k", 1, CTX_A, sizeof CTX_A, key),
+        P11KMS_ERR_NOT_FOUND);
+    /* Arguments: a miss, never a crash. */
+    assert_int_equal(kms_cache_get_decrypt_key(NULL, d.blob, 40, CTX_A, sizeof CTX_A, key),
+                     P11KMS_ERR_NOT_FOUND);
+    assert_int_equal(kms_cache_get_decrypt_key(c, NULL, 40, CTX_A, sizeof CTX_A, key),
+                     P11KMS_ERR_NOT_FOUND);
+    assert_int_equal(kms_cache_get_decrypt_key(c, d.blob, 0, CTX_A, sizeof CTX_A, key),
+                     P11KMS_ERR_NOT_FOUND);
+    assert_int_equal(kms_cache_get_decrypt_key(c, d.blob, 40, NULL, 3, key), P11KMS_ERR_NOT_FOUND);
+    assert_int_equal(kms_cache_get_decrypt_key(c, d.blob, 40, CTX_A, sizeof CTX_A, NULL),
+                     P11KMS_ERR_NOT_FOUND);
+
+    /* Max age is its bound; grace is not for it (its caller can reach the service). */
+    clk.now_ms += 9999;
+    assert_int_equal(get_key(c, &d, CTX_A, sizeof CTX_A), P11KMS_OK);
+    clk.now_ms += 1;
+    assert_int_equal(get_key(c, &d, CTX_A, sizeof CTX_A), P11KMS_ERR_NOT_FOUND);
+    assert_int_equal(get_dec(c, &d, 1), P11KMS_OK); /* kept for grace */
+    clk.now_ms += 5000;
+    assert_int_equal(get_key(c, &d, CTX_A, sizeof CTX_A), P11KMS_ERR_NOT_FOUND);
+    /* Past grace too: gone, and its slot wiped (the seal entry, not looked at, stays). */
+    assert_int_equal(kms_cache_count(c), 1);
+    assert_slot_zero(c, ds);
+    kms_cache_free(c);
+}
+
+/* The same bytes split another way between blob and context are another id. */
+static void test_id_pieces(void **state)
+{
+    (void)state;
+    struct p11kms_options o = options(60);
+    struct kms_cache *c = new_cache(&o, NULL);
+    struct test_key t;
+    uint8_t bytes[48], key[KMS_CACHE_KEY_LEN];
+    make_key(&t, 0x44, 40);
+    memcpy(bytes, t.blob, 40);
+    memcpy(bytes + 40, CTX_A, 8);
+    kms_cache_put_decrypt(c, &t.k, bytes + 40, 8);
+    assert_int_equal(kms_cache_get_decrypt_key(c, bytes, 40, bytes + 40, 8, key), P11KMS_OK);
+    assert_memory_equal(key, t.key, KEY_LEN);
+    assert_int_equal(kms_cache_get_decrypt_key(c, bytes, 41, bytes + 41, 7, key),
+                     P11KMS_ERR_NOT_FOUND);
+    assert_int_equal(kms_cache_get_decrypt_key(c, bytes, 39, bytes + 39, 9, key),
+                     P11KMS_ERR_NOT_FOUND);
+    /* Every blob length from 1 to 64 and context length from 0 to 14: each finds its own. */
+    struct test_key many[64];
+    for (size_t n = 1; n <= 64; n++) {
+        make_key(&many[n - 1], (uint8_t)n, n);
+        kms_cache_put_decrypt(c, &many[n - 1].k, CTX_B, n % 15);
+    }
+    for (size_t n = 1; n <= 64; n++) {
+        assert_int_equal(get_key(c, &many[n - 1], CTX_B, n % 15), P11KMS_OK);
+        assert_int_equal(get_key(c, &many[n - 1], CTX_A, n % 15),
+                         n % 15 == 14                        ? P11KMS_ERR_NOT_FOUND
+                         : memcmp(CTX_A, CTX_B, n % 15) == 0 ? P11KMS_OK
+                                                             : P11KMS_ERR_NOT_FOUND);
+    }
+    kms_cache_free(c);
+}
+
 static void test_messages(void **state)
 {
     (void)state;
@@ -815,6 +915,8 @@ int main(void)
         cmocka_unit_test(test_keys_are_separate),
         cmocka_unit_test(test_age),
         cmocka_unit_test(test_grace),
+        cmocka_unit_test(test_get_decrypt_key),
+        cmocka_unit_test(test_id_pieces),
         cmocka_unit_test(test_messages),
         cmocka_unit_test(test_bytes),
         cmocka_unit_test(test_entries_lru),

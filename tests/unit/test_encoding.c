@@ -279,6 +279,150 @@ static void test_b64url_binary_round_trip(void **state)
     }
 }
 
+/* ---- base64url for public data ------------------------------------------------ */
+
+/*
+ * The table-driven decoder must accept and refuse exactly what the
+ * constant-time one does, with the same bytes: s (n characters) through both,
+ * and through kms_b64url_decode_public_to with a buffer of exactly the size.
+ */
+static void check_same_as_constant_time(const char *s, size_t n)
+{
+    struct kms_buf ct = KMS_BUF_INIT, pub = KMS_BUF_INIT;
+    kms_err want = kms_b64url_decode(s, n, &ct);
+    kms_err have = kms_b64url_decode_public(s, n, &pub);
+    if (want != have)
+        fail_msg("%zu characters: kms_b64url_decode %d, kms_b64url_decode_public %d", n, want,
+                 have);
+    uint8_t out[512];
+    size_t m = 999;
+    assert_true(n <= sizeof out);
+    kms_err to = kms_b64url_decode_public_to(s, n, out, kms_b64url_decoded_len(n), &m);
+    assert_int_equal(to, want);
+    if (want == KMS_OK) {
+        assert_int_equal(pub.len, ct.len);
+        assert_int_equal(m, ct.len);
+        assert_int_equal(kms_b64url_decoded_len(n), ct.len);
+        if (ct.len) {
+            assert_memory_equal(pub.data, ct.data, ct.len);
+            assert_memory_equal(out, ct.data, ct.len);
+        }
+        assert_int_equal(pub.data[pub.len], '\0');
+    } else {
+        assert_int_equal(pub.len, 0);
+    }
+    kms_buf_free(&ct);
+    kms_buf_free(&pub);
+}
+
+static void test_b64url_public_every_byte(void **state)
+{
+    (void)state;
+    /* Every byte value in every position of a quad and of both tails. */
+    for (size_t n = 2; n <= 8; n++) {
+        if (n % 4 == 1)
+            continue;
+        for (size_t at = 0; at < n; at++)
+            for (int c = 0; c < 256; c++) {
+                char in[8];
+                memset(in, 'A', sizeof in);
+                in[at] = (char)c;
+                check_same_as_constant_time(in, n);
+            }
+    }
+    /* Every pair of characters: each two-character tail, padding bits and all. */
+    for (int a = 0; a < 256; a++)
+        for (int b = 0; b < 256; b++) {
+            char in[2] = {(char)a, (char)b};
+            check_same_as_constant_time(in, 2);
+        }
+    /* The last character of a three-character tail over the whole alphabet and beyond. */
+    for (int c = 0; c < 256; c++) {
+        char in[3] = {'-', '_', (char)c};
+        check_same_as_constant_time(in, 3);
+    }
+}
+
+/* xorshift64*: the same "random" strings on every run. */
+static uint64_t next_random(uint64_t *s)
+{
+    *s ^= *s >> 12;
+    *s ^= *s << 25;
+    *s ^= *s >> 27;
+    return *s * 0x2545f4914f6cdd1dull;
+}
+
+static void test_b64url_public_random(void **state)
+{
+    (void)state;
+    static const char alphabet[] =
+        "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+    uint64_t seed = 0x9e3779b97f4a7c15ull;
+    char in[300];
+    for (int round = 0; round < 200000; round++) {
+        uint64_t r = next_random(&seed);
+        size_t n = (size_t)(r % sizeof in);
+        /* Mostly the alphabet, so most strings decode; now and then any byte. */
+        unsigned odds = (unsigned)(r >> 32) % 4; /* 0: any byte anywhere; else 1 in 2^(3 odds) */
+        for (size_t i = 0; i < n; i++) {
+            uint64_t x = next_random(&seed);
+            if (odds == 0 || x % (1u << (3 * odds)) == 0)
+                in[i] = (char)(x >> 8);
+            else
+                in[i] = alphabet[(x >> 8) % 64];
+        }
+        check_same_as_constant_time(in, n);
+    }
+    /* Valid encodings of random bytes, every length up to 200: all decode. */
+    for (size_t n = 0; n <= 200; n++) {
+        uint8_t bytes[200];
+        struct kms_buf enc = KMS_BUF_INIT, dec = KMS_BUF_INIT;
+        for (size_t i = 0; i < n; i++)
+            bytes[i] = (uint8_t)next_random(&seed);
+        assert_int_equal(kms_b64url_encode(bytes, n, &enc), KMS_OK);
+        check_same_as_constant_time((const char *)enc.data, enc.len);
+        assert_int_equal(kms_b64url_decode_public((const char *)enc.data, enc.len, &dec), KMS_OK);
+        assert_int_equal(dec.len, n);
+        if (n)
+            assert_memory_equal(dec.data, bytes, n);
+        kms_buf_free(&enc);
+        kms_buf_free(&dec);
+    }
+}
+
+static void test_b64url_public_buffers(void **state)
+{
+    (void)state;
+    uint8_t out[8];
+    size_t m = 0;
+    /* The buffer must have room for every byte, even when the input is bad. */
+    assert_int_equal(kms_b64url_decode_public_to("Zm9vYmFy", 8, out, 5, &m), KMS_ERR_INTERNAL);
+    assert_int_equal(kms_b64url_decode_public_to("Zm9vYmFy", 8, out, 6, &m), KMS_OK);
+    assert_int_equal(m, 6);
+    assert_memory_equal(out, "foobar", 6);
+    assert_int_equal(kms_b64url_decode_public_to("", 0, NULL, 0, &m), KMS_OK);
+    assert_int_equal(m, 0);
+    assert_int_equal(kms_b64url_decode_public_to("Zm9vY", 5, out, sizeof out, &m),
+                     KMS_ERR_VALIDATION);
+    /* The kms_buf form appends, as kms_b64url_decode does, and leaves len alone on failure. */
+    struct kms_buf b = KMS_BUF_INIT;
+    assert_int_equal(kms_buf_append(&b, "x", 1), KMS_OK);
+    assert_int_equal(kms_b64url_decode_public("Zm8", 3, &b), KMS_OK);
+    assert_int_equal(b.len, 3);
+    assert_memory_equal(b.data, "xfo", 3);
+    assert_int_equal(kms_b64url_decode_public("Zm+", 3, &b), KMS_ERR_VALIDATION);
+    assert_int_equal(kms_b64url_decode_public("Zm9", 3, &b), KMS_ERR_VALIDATION);
+    assert_int_equal(kms_b64url_decode_public("Zm9vY", 5, &b), KMS_ERR_VALIDATION);
+    assert_int_equal(b.len, 3);
+    kms_buf_free(&b);
+    /* The decoded length of every length the decoders accept. */
+    assert_int_equal(kms_b64url_decoded_len(0), 0);
+    assert_int_equal(kms_b64url_decoded_len(2), 1);
+    assert_int_equal(kms_b64url_decoded_len(3), 2);
+    assert_int_equal(kms_b64url_decoded_len(4), 3);
+    assert_int_equal(kms_b64url_decoded_len(22), 16);
+}
+
 /* ---- hex ------------------------------------------------------------------------ */
 
 static void test_hex_encode(void **state)
@@ -393,6 +537,9 @@ int main(void)
         cmocka_unit_test(test_b64url_vectors),
         cmocka_unit_test(test_b64url_rejects),
         cmocka_unit_test(test_b64url_binary_round_trip),
+        cmocka_unit_test(test_b64url_public_every_byte),
+        cmocka_unit_test(test_b64url_public_random),
+        cmocka_unit_test(test_b64url_public_buffers),
         cmocka_unit_test(test_hex_encode),
         cmocka_unit_test(test_uuid_new),
         cmocka_unit_test(test_uuid_format_parse),

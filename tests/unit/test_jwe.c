@@ -24,6 +24,7 @@
 
 #include <openssl/evp.h>
 #include <openssl/rand.h>
+#include <pthread.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -69,16 +70,24 @@ static int setup(void **state)
     return 0;
 }
 
-/* Parses and decrypts with key; out is checked to be NULL on failure. */
+/* The memo every open_with goes through as well (NULL: none), as p11kms_open's. */
+static struct kms_jwe_memo *memo;
+
+/*
+ * Parses and decrypts with key: without a memo, with kms_jwe_decrypt; with
+ * memo set, through it and with kms_jwe_decrypt_in_place, as p11kms_open
+ * does. out is checked to be NULL on failure.
+ */
 static p11kms_status open_with(const char *tok, size_t len, const uint8_t *k, uint8_t **out,
                                size_t *out_len)
 {
     struct kms_jwe j;
     *out = (uint8_t *)"sentinel";
     *out_len = 99;
-    p11kms_status st = kms_jwe_parse(tok, len, &j);
+    p11kms_status st = memo ? kms_jwe_parse_memo(tok, len, memo, &j) : kms_jwe_parse(tok, len, &j);
     if (st == P11KMS_OK) {
-        st = kms_jwe_decrypt(&j, k, 32, out, out_len);
+        st = memo ? kms_jwe_decrypt_in_place(&j, k, 32, out, out_len)
+                  : kms_jwe_decrypt(&j, k, 32, out, out_len);
         kms_jwe_clear(&j);
     } else {
         /* A failed parse leaves nothing behind. */
@@ -310,21 +319,44 @@ static void test_seal_arguments(void **state)
 
 /* ---- refusals ------------------------------------------------------------------ */
 
+/* With a memo: the good token opens, so the memo holds its header (unless it is NULL). */
+static void prime_memo(const char *tok)
+{
+    uint8_t *out;
+    size_t n;
+    if (!memo)
+        return;
+    assert_int_equal(open_with(tok, strlen(tok), key, &out, &n), P11KMS_OK);
+    assert_int_equal(n, strlen(PAYLOAD));
+    assert_memory_equal(out, PAYLOAD, n);
+    p11kms_free(out, n);
+}
+
 static void test_truncations(void **state)
 {
     (void)state;
     char *flat = flattened_of(VECTOR);
     const char *toks[] = {VECTOR, flat};
-    for (int t = 0; t < 2; t++) {
-        size_t len = strlen(toks[t]);
-        for (size_t i = 0; i < len; i++) {
-            uint8_t *out;
-            size_t n;
-            p11kms_status st = open_with(toks[t], i, key, &out, &n);
-            if (st != P11KMS_ERR_MALFORMED && st != P11KMS_ERR_DECRYPT)
-                fail_msg("truncation to %zu bytes of token %d: status %d", i, t, st);
+    struct kms_jwe_memo m;
+    assert_int_equal(kms_jwe_memo_init(&m), P11KMS_OK);
+    /* Without a memo, then with one that holds the whole token's header throughout. */
+    for (int with_memo = 0; with_memo < 2; with_memo++) {
+        memo = with_memo ? &m : NULL;
+        for (int t = 0; t < 2; t++) {
+            size_t len = strlen(toks[t]);
+            for (size_t i = 0; i < len; i++) {
+                uint8_t *out;
+                size_t n;
+                prime_memo(toks[t]);
+                p11kms_status st = open_with(toks[t], i, key, &out, &n);
+                if (st != P11KMS_ERR_MALFORMED && st != P11KMS_ERR_DECRYPT)
+                    fail_msg("truncation to %zu bytes of token %d (memo %d): status %d", i, t,
+                             with_memo, st);
+            }
         }
     }
+    memo = NULL;
+    kms_jwe_memo_destroy(&m);
     free(flat);
 }
 
@@ -334,20 +366,31 @@ static void test_bit_flips(void **state)
     char *flat = flattened_of(VECTOR);
     char *toks[] = {strdup(VECTOR), flat};
     assert_non_null(toks[0]);
-    for (int t = 0; t < 2; t++) {
-        size_t len = strlen(toks[t]);
-        for (size_t i = 0; i < len; i++) {
-            for (int b = 0; b < 8; b++) {
-                uint8_t *out;
-                size_t n;
-                toks[t][i] ^= (char)(1 << b);
-                p11kms_status st = open_with(toks[t], len, key, &out, &n);
-                toks[t][i] ^= (char)(1 << b);
-                if (st != P11KMS_ERR_MALFORMED && st != P11KMS_ERR_DECRYPT)
-                    fail_msg("bit %d of byte %zu of token %d: status %d", b, i, t, st);
+    struct kms_jwe_memo m;
+    assert_int_equal(kms_jwe_memo_init(&m), P11KMS_OK);
+    /* With a memo, the unaltered token is opened before each altered one: an
+       altered header must never be taken for the one remembered. */
+    for (int with_memo = 0; with_memo < 2; with_memo++) {
+        memo = with_memo ? &m : NULL;
+        for (int t = 0; t < 2; t++) {
+            size_t len = strlen(toks[t]);
+            for (size_t i = 0; i < len; i++) {
+                for (int b = 0; b < 8; b++) {
+                    uint8_t *out;
+                    size_t n;
+                    prime_memo(toks[t]);
+                    toks[t][i] ^= (char)(1 << b);
+                    p11kms_status st = open_with(toks[t], len, key, &out, &n);
+                    toks[t][i] ^= (char)(1 << b);
+                    if (st != P11KMS_ERR_MALFORMED && st != P11KMS_ERR_DECRYPT)
+                        fail_msg("bit %d of byte %zu of token %d (memo %d): status %d", b, i, t,
+                                 with_memo, st);
+                }
             }
         }
     }
+    memo = NULL;
+    kms_jwe_memo_destroy(&m);
     free(toks[0]);
     free(flat);
 }
@@ -495,6 +538,18 @@ static void test_headers(void **state)
         if (st != P11KMS_ERR_MALFORMED)
             fail_msg("header %zu (%s): status %d, not MALFORMED", i, bad[i], st);
     }
+    /* The same through a memo that holds a good header each time. */
+    struct kms_jwe_memo m;
+    assert_int_equal(kms_jwe_memo_init(&m), P11KMS_OK);
+    memo = &m;
+    for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
+        assert_int_equal(header_status(HDR(GOOD_REST)), P11KMS_OK);
+        p11kms_status st = header_status(bad[i]);
+        if (st != P11KMS_ERR_MALFORMED)
+            fail_msg("header %zu (%s) after a good one: status %d, not MALFORMED", i, bad[i], st);
+    }
+    memo = NULL;
+    kms_jwe_memo_destroy(&m);
 
     /* A kid of 255 bytes is the longest. */
     char h[512];
@@ -548,6 +603,183 @@ static void test_flattened_refusals(void **state)
     free(flat);
 }
 
+/* ---- the header memo and decryption in place --------------------------------------- */
+
+static void test_memo(void **state)
+{
+    (void)state;
+    struct kms_jwe_memo m;
+    struct kms_jwe a, b, c;
+    uint8_t *out;
+    size_t n;
+    char *other = make_token(HDR(GOOD_REST), 12, 16, "");
+    char *flat = flattened_of(VECTOR);
+    assert_int_equal(kms_jwe_memo_init(&m), P11KMS_OK);
+
+    /* The second JWE with the same header shares the first one's parse. */
+    assert_int_equal(kms_jwe_parse_memo(VECTOR, strlen(VECTOR), &m, &a), P11KMS_OK);
+    assert_int_equal(kms_jwe_parse_memo(VECTOR, strlen(VECTOR), &m, &b), P11KMS_OK);
+    assert_ptr_equal(a.hdr, b.hdr);
+    check_vector_parts(&a);
+    check_vector_parts(&b);
+    assert_non_null(a.canon);
+    /* The flattened form has the same header text: the same parse again. */
+    assert_int_equal(kms_jwe_parse_memo(flat, strlen(flat), &m, &c), P11KMS_OK);
+    assert_ptr_equal(c.hdr, a.hdr);
+    check_vector_parts(&c);
+    kms_jwe_clear(&c);
+
+    /* Another header takes the memo's place; the JWEs that hold the old one keep it. */
+    assert_int_equal(kms_jwe_parse_memo(other, strlen(other), &m, &c), P11KMS_OK);
+    assert_ptr_not_equal(c.hdr, a.hdr);
+    assert_string_equal(c.kid, "k");
+    assert_int_equal(c.nctx, 1);
+    assert_int_equal(kms_jwe_decrypt_in_place(&c, key, 32, &out, &n), P11KMS_OK);
+    assert_memory_equal(out, PAYLOAD, n);
+    p11kms_free(out, n);
+    kms_jwe_clear(&c);
+    kms_jwe_clear(&b);
+    assert_int_equal(kms_jwe_parse_memo(VECTOR, strlen(VECTOR), &m, &b), P11KMS_OK);
+    assert_ptr_not_equal(b.hdr, a.hdr); /* parsed afresh */
+    check_vector_parts(&b);
+    assert_int_equal(b.canon_len, a.canon_len);
+    assert_memory_equal(b.canon, a.canon, a.canon_len);
+    kms_jwe_clear(&b);
+    check_vector_parts(&a);
+    assert_int_equal(kms_jwe_decrypt(&a, key, 32, &out, &n), P11KMS_OK);
+    assert_memory_equal(out, PAYLOAD, n);
+    p11kms_free(out, n);
+    kms_jwe_clear(&a);
+
+    /* A failed parse leaves the memo as it was. */
+    assert_int_equal(kms_jwe_parse_memo(VECTOR, strlen(VECTOR), &m, &a), P11KMS_OK);
+    char *bad = strdup(VECTOR);
+    assert_non_null(bad);
+    bad[strlen(bad) - 1] = '*';
+    assert_int_equal(kms_jwe_parse_memo(bad, strlen(bad), &m, &b), P11KMS_ERR_MALFORMED);
+    assert_null(b.hdr);
+    assert_int_equal(kms_jwe_parse_memo(VECTOR, strlen(VECTOR), &m, &b), P11KMS_OK);
+    assert_ptr_equal(a.hdr, b.hdr);
+    kms_jwe_clear(&a);
+    kms_jwe_clear(&b);
+    free(bad);
+
+    /* A header whose context has no canonical form parses; the opener refuses it. */
+    char long_value[9000];
+    memset(long_value, 'v', sizeof long_value - 1);
+    long_value[sizeof long_value - 1] = '\0';
+    char *h = malloc(sizeof long_value + 200);
+    assert_non_null(h);
+    snprintf(h, sizeof long_value + 200,
+             HDR(",\"kid\":\"k\",\"p11kms_blob\":\"AQID\",\"p11kms_ctx\":{\"a\":\"%s\"}"),
+             long_value);
+    char *tok = make_token(h, 12, 16, "");
+    assert_int_equal(kms_jwe_parse_memo(tok, strlen(tok), &m, &a), P11KMS_OK);
+    assert_null(a.canon);
+    kms_jwe_clear(&a);
+    free(tok);
+    free(h);
+
+    kms_jwe_memo_destroy(&m);
+    free(other);
+    free(flat);
+}
+
+static void test_decrypt_in_place(void **state)
+{
+    (void)state;
+    struct kms_jwe j;
+    uint8_t *out;
+    size_t n;
+    uint8_t other[32];
+    memcpy(other, key, 32);
+    other[0] ^= 0x80;
+    /* Another key: the tag fails and the ciphertext, decrypted or not, is gone. */
+    assert_int_equal(kms_jwe_parse(VECTOR, strlen(VECTOR), &j), P11KMS_OK);
+    assert_int_equal(kms_jwe_decrypt_in_place(&j, key, 31, &out, &n), P11KMS_ERR_ARGUMENT);
+    assert_non_null(j.ciphertext); /* a refused argument takes nothing */
+    assert_int_equal(kms_jwe_decrypt_in_place(&j, other, 32, &out, &n), P11KMS_ERR_DECRYPT);
+    assert_null(out);
+    assert_int_equal(n, 0);
+    assert_null(j.ciphertext);
+    assert_int_equal(j.ciphertext_len, 0);
+    assert_int_equal(kms_jwe_decrypt_in_place(&j, key, 32, &out, &n), P11KMS_ERR_ARGUMENT);
+    assert_int_equal(kms_jwe_decrypt(&j, key, 32, &out, &n), P11KMS_ERR_DECRYPT);
+    kms_jwe_clear(&j);
+    /* The right key: the plaintext in the ciphertext's buffer, which is the caller's now. */
+    assert_int_equal(kms_jwe_parse(VECTOR, strlen(VECTOR), &j), P11KMS_OK);
+    uint8_t *buf = j.ciphertext;
+    assert_int_equal(kms_jwe_decrypt_in_place(&j, key, 32, &out, &n), P11KMS_OK);
+    assert_ptr_equal(out, buf);
+    assert_int_equal(n, strlen(PAYLOAD));
+    assert_memory_equal(out, PAYLOAD, n);
+    assert_null(j.ciphertext);
+    p11kms_free(out, n);
+    kms_jwe_clear(&j);
+    /* An empty payload. */
+    char *tok;
+    size_t tl;
+    assert_int_equal(
+        kms_jwe_seal(KMS_JWE_COMPACT, key, NULL, KID, blob, 10, NULL, 0, NULL, 0, &tok, &tl),
+        P11KMS_OK);
+    assert_int_equal(kms_jwe_parse(tok, tl, &j), P11KMS_OK);
+    assert_int_equal(kms_jwe_decrypt_in_place(&j, key, 32, &out, &n), P11KMS_OK);
+    assert_non_null(out);
+    assert_int_equal(n, 0);
+    p11kms_free(out, 1);
+    kms_jwe_clear(&j);
+    p11kms_free(tok, tl);
+}
+
+/* Threads open two tokens turn about through one memo, as threads share a client. */
+struct memo_thread {
+    struct kms_jwe_memo *m;
+    const char *toks[2];
+    int failures;
+};
+
+static void *memo_worker(void *arg)
+{
+    struct memo_thread *t = arg;
+    for (int i = 0; i < 3000; i++) {
+        const char *tok = t->toks[i % 2];
+        struct kms_jwe j;
+        uint8_t *out = NULL;
+        size_t n = 0;
+        if (kms_jwe_parse_memo(tok, strlen(tok), t->m, &j) != P11KMS_OK) {
+            t->failures++;
+            continue;
+        }
+        if (strcmp(j.kid, i % 2 ? "k" : KID) != 0 ||
+            kms_jwe_decrypt_in_place(&j, key, 32, &out, &n) != P11KMS_OK || n != strlen(PAYLOAD) ||
+            memcmp(out, PAYLOAD, n) != 0)
+            t->failures++;
+        p11kms_free(out, n ? n : 1);
+        kms_jwe_clear(&j);
+    }
+    return NULL;
+}
+
+static void test_memo_threads(void **state)
+{
+    (void)state;
+    struct kms_jwe_memo m;
+    char *other = make_token(HDR(GOOD_REST), 12, 16, "");
+    assert_int_equal(kms_jwe_memo_init(&m), P11KMS_OK);
+    pthread_t th[4];
+    struct memo_thread t[4];
+    for (int i = 0; i < 4; i++) {
+        t[i] = (struct memo_thread){&m, {VECTOR, other}, 0};
+        assert_int_equal(pthread_create(&th[i], NULL, memo_worker, &t[i]), 0);
+    }
+    for (int i = 0; i < 4; i++) {
+        assert_int_equal(pthread_join(th[i], NULL), 0);
+        assert_int_equal(t[i].failures, 0);
+    }
+    kms_jwe_memo_destroy(&m);
+    free(other);
+}
+
 static void test_sizes(void **state)
 {
     (void)state;
@@ -580,11 +812,19 @@ static void test_sizes(void **state)
 int main(void)
 {
     const struct CMUnitTest tests[] = {
-        cmocka_unit_test(test_vector_seal),        cmocka_unit_test(test_vector_open),
-        cmocka_unit_test(test_round_trips),        cmocka_unit_test(test_seal_arguments),
-        cmocka_unit_test(test_truncations),        cmocka_unit_test(test_bit_flips),
-        cmocka_unit_test(test_segments),           cmocka_unit_test(test_headers),
-        cmocka_unit_test(test_flattened_refusals), cmocka_unit_test(test_sizes),
+        cmocka_unit_test(test_vector_seal),
+        cmocka_unit_test(test_vector_open),
+        cmocka_unit_test(test_round_trips),
+        cmocka_unit_test(test_seal_arguments),
+        cmocka_unit_test(test_truncations),
+        cmocka_unit_test(test_bit_flips),
+        cmocka_unit_test(test_segments),
+        cmocka_unit_test(test_headers),
+        cmocka_unit_test(test_flattened_refusals),
+        cmocka_unit_test(test_memo),
+        cmocka_unit_test(test_decrypt_in_place),
+        cmocka_unit_test(test_memo_threads),
+        cmocka_unit_test(test_sizes),
     };
     return cmocka_run_group_tests(tests, setup, NULL);
 }
