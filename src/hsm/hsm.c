@@ -600,16 +600,36 @@ kms_err kms_hsm_find(struct kms_session *s, CK_ATTRIBUTE *tmpl, CK_ULONG n, CK_O
     return KMS_OK;
 }
 
+#define GUESS 2048 /* bytes kms_hsm_get_bytes offers on its first try */
+
 kms_err kms_hsm_get_bytes(struct kms_session *s, CK_OBJECT_HANDLE h, CK_ATTRIBUTE_TYPE type,
                           struct kms_buf *out)
 {
     TIMED(s->hsm, KMS_HSM_GET_ATTRIBUTE);
-    CK_ATTRIBUTE a = {type, NULL, 0};
     CK_FUNCTION_LIST *fn = s->hsm->fn;
 
+    /*
+     * One call when the value fits in GUESS bytes (labels, ids, most records:
+     * at start-up p11kmsd reads tens of thousands of them, and each call
+     * costs SoftHSM2 a look at the object's file); else the token says
+     * CKR_BUFFER_TOO_SMALL and the length is asked for first.
+     */
+    KMS_GUARD(kms_buf_reserve(out, GUESS));
+    CK_ATTRIBUTE a = {type, out->data + out->len, out->cap - out->len - 1};
     pthread_rwlock_rdlock(&s->hsm->objects);
     CK_RV rv = fn->C_GetAttributeValue(s->handle, h, &a, 1);
     pthread_rwlock_unlock(&s->hsm->objects);
+    if (rv == CKR_OK && a.ulValueLen <= out->cap - out->len - 1) {
+        out->len += a.ulValueLen;
+        return kms_buf_terminate(out);
+    }
+    a.pValue = NULL;
+    a.ulValueLen = 0;
+    if (rv == CKR_OK || rv == CKR_BUFFER_TOO_SMALL) {
+        pthread_rwlock_rdlock(&s->hsm->objects);
+        rv = fn->C_GetAttributeValue(s->handle, h, &a, 1);
+        pthread_rwlock_unlock(&s->hsm->objects);
+    }
     SESSION_CKR(s, rv, "C_GetAttributeValue");
     KMS_ENSURE(a.ulValueLen != CK_UNAVAILABLE_INFORMATION && a.ulValueLen <= (1u << 24),
                KMS_ERR_INTERNAL, "token attribute is unavailable or too large");
@@ -621,6 +641,20 @@ kms_err kms_hsm_get_bytes(struct kms_session *s, CK_OBJECT_HANDLE h, CK_ATTRIBUT
     SESSION_CKR(s, rv, "C_GetAttributeValue");
     out->len += a.ulValueLen;
     return kms_buf_terminate(out);
+}
+
+kms_err kms_hsm_get_attributes(struct kms_session *s, CK_OBJECT_HANDLE h, CK_ATTRIBUTE *tmpl,
+                               CK_ULONG n)
+{
+    TIMED(s->hsm, KMS_HSM_GET_ATTRIBUTE);
+    pthread_rwlock_rdlock(&s->hsm->objects);
+    CK_RV rv = s->hsm->fn->C_GetAttributeValue(s->handle, h, tmpl, n);
+    pthread_rwlock_unlock(&s->hsm->objects);
+    if (rv == CKR_BUFFER_TOO_SMALL || rv == CKR_ATTRIBUTE_TYPE_INVALID ||
+        rv == CKR_ATTRIBUTE_SENSITIVE)
+        return KMS_FAIL(KMS_ERR_NOT_FOUND, "an attribute is not there or does not fit");
+    SESSION_CKR(s, rv, "C_GetAttributeValue");
+    return KMS_OK;
 }
 
 kms_err kms_hsm_init_token(const char *module, const char *label, const char *so_pin,

@@ -103,6 +103,14 @@ KMS_MUST_CHECK kms_err kms_hsm_get_bytes(struct kms_session *s, CK_OBJECT_HANDLE
                                          CK_ATTRIBUTE_TYPE type, struct kms_buf *out);
 
 /*
+ * Several attributes in one call, into the caller's buffers (pValue,
+ * ulValueLen: their sizes; on return the lengths). An attribute that does
+ * not fit or that the object lacks is KMS_ERR_NOT_FOUND, nothing logged.
+ */
+KMS_MUST_CHECK kms_err kms_hsm_get_attributes(struct kms_session *s, CK_OBJECT_HANDLE h,
+                                              CK_ATTRIBUTE *tmpl, CK_ULONG n);
+
+/*
  * Initialises a fresh token on the first slot that has none, with the given
  * label, SO PIN and user PIN. For development mode; the module is loaded,
  * used and released here.

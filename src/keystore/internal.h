@@ -9,6 +9,7 @@
 #include "keystore/record.h"
 
 #define KEK_ID_LEN (KMS_UUID_LEN + 4)
+#define KEK_LABEL_MAX 128 /* "p11kms-kek:<uuid>:<vid>:<created>" fits */
 /* A version whose key object was looked for and not found. */
 #define KEK_MISSING ((CK_OBJECT_HANDLE)-1)
 

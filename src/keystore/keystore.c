@@ -472,9 +472,7 @@ kms_err kms_keystore_open(struct kms_hsm *hsm, const struct kms_keystore_config 
 
     rc = kms_hsm_acquire(hsm, &s);
     if (rc == KMS_OK) {
-        rc = kms_marker_init(ks, s);
-        if (rc == KMS_OK)
-            rc = kms_refresh_all(ks, s, 1);
+        rc = kms_refresh_all(ks, s, 1); /* finds the change markers too */
         kms_hsm_release(s);
     }
     if (rc != KMS_OK) {
@@ -752,7 +750,7 @@ static kms_err make_kek(struct kms_keystore *ks, struct kms_session *s,
                         const uint8_t id[KMS_UUID_LEN], uint32_t vid, CK_OBJECT_HANDLE *out)
 {
     uint8_t kek_id[KEK_ID_LEN];
-    char label[128], text[KMS_UUID_TEXT_LEN + 1];
+    char label[KEK_LABEL_MAX], text[KMS_UUID_TEXT_LEN + 1];
     kms_kek_id(id, vid, kek_id);
     kms_uuid_format(id, text);
     /* The creation time lets a sweep tell an abandoned object from one being made. */

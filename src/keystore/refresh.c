@@ -47,6 +47,24 @@ static kms_err random_label(char *out, size_t n)
     return KMS_OK;
 }
 
+/* Takes handles (malloc'd, n > 0) as the markers, their labels read now or given. */
+static kms_err adopt_markers(struct kms_keystore *ks, struct kms_session *s,
+                             CK_OBJECT_HANDLE *handles, char **labels, size_t n)
+{
+    for (size_t i = 0; i < ks->nmarkers; i++)
+        free(ks->marker_labels[i]);
+    free(ks->markers);
+    free(ks->marker_labels);
+    ks->markers = handles;
+    ks->nmarkers = n;
+    ks->marker_labels = labels ? labels : calloc(n, sizeof *ks->marker_labels);
+    KMS_ENSURE(ks->marker_labels != NULL, KMS_ERR_INTERNAL, "out of memory");
+    for (size_t i = 0; !labels && i < n; i++)
+        if (read_label(s, handles[i], &ks->marker_labels[i]) != KMS_OK)
+            kms_err_clear();
+    return KMS_OK;
+}
+
 /* Finds every marker (two nodes starting at once may each make one), making one if none. */
 kms_err kms_marker_init(struct kms_keystore *ks, struct kms_session *s)
 {
@@ -74,18 +92,7 @@ kms_err kms_marker_init(struct kms_keystore *ks, struct kms_session *s)
         }
         n = 1;
     }
-    for (size_t i = 0; i < ks->nmarkers; i++)
-        free(ks->marker_labels[i]);
-    free(ks->markers);
-    free(ks->marker_labels);
-    ks->markers = handles;
-    ks->nmarkers = n;
-    ks->marker_labels = calloc(n, sizeof *ks->marker_labels);
-    KMS_ENSURE(ks->marker_labels != NULL, KMS_ERR_INTERNAL, "out of memory");
-    for (size_t i = 0; i < n; i++)
-        if (read_label(s, handles[i], &ks->marker_labels[i]) != KMS_OK)
-            kms_err_clear();
-    return KMS_OK;
+    return adopt_markers(ks, s, handles, NULL, n);
 }
 
 void kms_marker_touch(struct kms_keystore *ks, struct kms_session *s)
@@ -172,22 +179,24 @@ static kms_err scan_keks(struct kms_session *s, struct kek **out, size_t *count)
         return KMS_FAIL(KMS_ERR_INTERNAL, "out of memory");
     }
     for (size_t i = 0; i < n && rc == KMS_OK; i++) {
-        struct kms_buf id = KMS_BUF_INIT;
-        char *label = NULL;
-        rc = kms_hsm_get_bytes(s, handles[i], CKA_ID, &id);
-        if (rc == KMS_OK && id.len == KEK_ID_LEN && read_label(s, handles[i], &label) == KMS_OK &&
-            strncmp(label, "p11kms-kek:", 11) == 0) {
+        /* Both in one call: each costs SoftHSM2 a look at the object's file. */
+        uint8_t id[KEK_ID_LEN + 1];
+        char label[KEK_LABEL_MAX + 1];
+        CK_ATTRIBUTE a[] = {{CKA_ID, id, sizeof id}, {CKA_LABEL, label, sizeof label - 1}};
+        rc = kms_hsm_get_attributes(s, handles[i], a, 2);
+        if (rc == KMS_OK && a[0].ulValueLen == KEK_ID_LEN && a[1].ulValueLen > 11 &&
+            memcmp(label, "p11kms-kek:", 11) == 0) {
+            label[a[1].ulValueLen] = '\0';
             const char *colon = strrchr(label, ':');
-            memcpy(keks[got].id, id.data, KEK_ID_LEN);
+            memcpy(keks[got].id, id, KEK_ID_LEN);
             keks[got].handle = handles[i];
             keks[got].created = colon ? strtoll(colon + 1, NULL, 10) : 0;
             got++;
         }
-        if (rc == KMS_ERR_KEY_UNAVAILABLE && !s->broken)
-            rc = KMS_OK; /* removed between find and read */
+        /* Not ours (another application's key), or removed between find and read. */
+        if (rc == KMS_ERR_NOT_FOUND || (rc == KMS_ERR_KEY_UNAVAILABLE && !s->broken))
+            rc = KMS_OK;
         kms_err_clear();
-        free(label);
-        kms_buf_free(&id);
     }
     free(handles);
     if (rc != KMS_OK) {
@@ -578,16 +587,22 @@ kms_err kms_refresh_all(struct kms_keystore *ks, struct kms_session *s, int swee
         {CKA_CLASS, &cls, sizeof cls},
         {CKA_APPLICATION, (void *)application, sizeof application - 1},
     };
-    CK_OBJECT_HANDLE *handles = NULL;
+    CK_OBJECT_HANDLE *handles = NULL, *markers = NULL;
+    char **marker_labels = NULL;
     struct entry *e;
-    size_t n = 0, ne = 0, nkeks = 0;
+    size_t n = 0, ne = 0, nkeks = 0, nmarkers = 0;
     struct kek *keks = NULL;
     int first = ks->nkeys == 0 && ks->naliases == 0, vanished = 0;
     kms_err rc;
 
     KMS_GUARD(kms_hsm_find(s, tmpl, 2, &handles, &n));
     e = calloc(n + 1, sizeof *e);
-    if (!e) {
+    markers = calloc(n + 1, sizeof *markers);
+    marker_labels = calloc(n + 1, sizeof *marker_labels);
+    if (!e || !markers || !marker_labels) {
+        free(e);
+        free(markers);
+        free(marker_labels);
         free(handles);
         return KMS_FAIL(KMS_ERR_INTERNAL, "out of memory");
     }
@@ -595,8 +610,12 @@ kms_err kms_refresh_all(struct kms_keystore *ks, struct kms_session *s, int swee
     for (size_t i = 0; i < n && rc == KMS_OK; i++) {
         char *label = NULL;
         rc = read_label(s, handles[i], &label);
-        if (rc == KMS_OK && strncmp(label, MARKER_PREFIX, sizeof MARKER_PREFIX - 1) != 0 &&
-            parse_label(label, &e[ne])) {
+        /* The change markers are among these objects: no search of their own. */
+        if (rc == KMS_OK && strncmp(label, MARKER_PREFIX, sizeof MARKER_PREFIX - 1) == 0) {
+            markers[nmarkers] = handles[i];
+            marker_labels[nmarkers++] = label;
+            label = NULL;
+        } else if (rc == KMS_OK && parse_label(label, &e[ne])) {
             e[ne].handle = handles[i];
             ne++;
         }
@@ -608,6 +627,23 @@ kms_err kms_refresh_all(struct kms_keystore *ks, struct kms_session *s, int swee
         free(label);
     }
     free(handles);
+    /*
+     * At start-up and on a sweep the markers found replace the list (two
+     * nodes starting at once may each have made one); one is made if none.
+     */
+    if (rc == KMS_OK && (first || sweep)) {
+        if (nmarkers > 0) {
+            rc = adopt_markers(ks, s, markers, marker_labels, nmarkers);
+            markers = NULL;
+            marker_labels = NULL;
+        } else {
+            rc = kms_marker_init(ks, s);
+        }
+    }
+    for (size_t i = 0; marker_labels && i < nmarkers; i++)
+        free(marker_labels[i]);
+    free(marker_labels);
+    free(markers);
     qsort(e, ne, sizeof *e, entry_cmp);
     for (size_t i = 0; i < ne && rc == KMS_OK;) {
         size_t j = i;
@@ -832,15 +868,11 @@ void kms_keystore_tick(struct kms_keystore *ks)
         return;
     }
     int full = kms_now() - ks->last_full_refresh >= (int64_t)ks->cfg.full_refresh_seconds;
-    if (full) {
-        /* Writers touch the markers under ks->write; replace the list under it too. */
-        pthread_mutex_lock(&ks->write);
-        if (kms_marker_init(ks, s) != KMS_OK)
-            kms_err_clear();
-        pthread_mutex_unlock(&ks->write);
-    }
     if (marker_moved(ks, s) || full) {
-        /* This node's own writers wait, so a scan never drops what one just made. */
+        /*
+         * This node's own writers wait, so a scan never drops what one just
+         * made; they touch the markers, which a full refresh replaces.
+         */
         pthread_mutex_lock(&ks->write);
         if (kms_refresh_all(ks, s, full) != KMS_OK) {
             kms_warn("refresh from the token failed: %s", kms_err_message());
