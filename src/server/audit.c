@@ -489,8 +489,6 @@ static kms_err append_line_locked(struct kms_audit *a, const struct kms_buf *lin
         kms_buf_free(&out);
         return rc;
     }
-    if (fstat(a->fd, &st) == 0 && S_ISREG(st.st_mode))
-        before = st.st_size;
     do
         w = write(a->fd, out.data, out.len);
     while (w < 0 && errno == EINTR);
@@ -499,6 +497,9 @@ static kms_err append_line_locked(struct kms_audit *a, const struct kms_buf *lin
         rc = KMS_OK;
     } else {
         int e = w < 0 ? errno : ENOSPC;
+        /* The file is appended to by this process alone: it was w bytes shorter. */
+        if (w > 0 && fstat(a->fd, &st) == 0 && S_ISREG(st.st_mode) && st.st_size >= w)
+            before = st.st_size - w;
         if (w > 0 && (before < 0 || ftruncate(a->fd, before) != 0))
             a->partial = 1;
         rc = KMS_FAIL(KMS_ERR_INTERNAL, "cannot write the audit log %s: %s", a->path, strerror(e));
