@@ -18,6 +18,8 @@ packages=(
     valgrind
     # multi-node integration test: two servers on one token behind a load balancer
     nginx
+    # the soak's high load and make bench: a load generator replaying signed requests
+    wrk
 )
 
 # interop tests: JavaScript JOSE (npm's jose, pinned in tests/interop/package-lock.json)

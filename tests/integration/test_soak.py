@@ -18,6 +18,13 @@ Environment:
                        connection, sending requests back to back (on two
                        cores, 6 to 16 give the same rate: the Python clients,
                        not p11kmsd, are the limit)
+  P11KMS_SOAK_WRK_CONNECTIONS
+                       connections of each of two wrk load generators (default
+                       8; 0: none) replaying SigV4-signed GenerateDataKey and
+                       Decrypt requests meanwhile, so the server runs at the
+                       machine's limit, not at the Python clients' pace
+                       (bench/replay.lua; re-signed every WRK_SEGMENT seconds).
+                       Every one of their answers must be 200 as well.
   P11KMS_SOAK_SEED     seed of the clients' random choices (default: random,
                        printed, so a failing run can be repeated)
   P11KMS_SOAK_SAMPLES  a file to write the RSS samples to (JSON), for a closer look
@@ -71,6 +78,9 @@ def env_number(name, default, kind=int, minimum=1):
 DURATION = env_number("P11KMS_SOAK_SECONDS", 60.0, float, 2)
 CLIENTS = env_number("P11KMS_SOAK_CLIENTS", 8)
 SEED = env_number("P11KMS_SOAK_SEED", secrets.randbelow(1 << 31), int, 0)
+WRK_CONNECTIONS = env_number("P11KMS_SOAK_WRK_CONNECTIONS", 8, int, 0)
+WRK_SEGMENT = 240.0         # signed requests hold for the server's 5 minutes: re-signed this often
+WRK = "/usr/bin/wrk"
 # The warm-up: the first 20% of the load, at least 10 s, at most half of it.
 WARM_UP = min(max(0.2 * DURATION, 10.0), DURATION / 2)
 REFERENCE_WINDOW = 5.0      # the RSS reference: the largest sample of the warm-up's last 5 s
@@ -121,6 +131,7 @@ class Ctx:
     audit_log = None
     audit_start = audit_end = None   # the audit log's size before and after the load
     metrics0 = metrics1 = None       # /metrics before and after the load
+    server_ok = None    # ok requests by operation in /metrics during the load
     result = None       # what the soak gathered, for the tests after it
     samples = []        # the RSS sampler's
     costs = None        # SoftHSM2's memory per object, kB (softhsm_costs)
@@ -754,6 +765,74 @@ class Sampler(threading.Thread):
             self.error = traceback.format_exc()
 
 
+class Blaster(threading.Thread):
+    """One wrk replaying signed requests of one operation (bench/replay.lua)
+    from start to end, in segments of at most WRK_SEGMENT seconds, each with
+    requests signed just before it. Counts what wrk counted: answers (its
+    "requests"), those not 2xx, socket errors and timeouts. A request still in
+    flight when a segment ends is answered by the server and not counted by
+    wrk: the server may count up to WRK_CONNECTIONS more per segment."""
+
+    def __init__(self, op, bodies, end_at):
+        super().__init__(name="wrk-" + op, daemon=True)
+        self.op, self.bodies, self.end_at = op, bodies, end_at
+        self.requests = self.non2xx = self.socket = self.timeouts = self.segments = 0
+        self.error = None
+
+    def requests_file(self, path):
+        host = "%s:%d" % (C.server.host, C.server.port)
+        with open(path, "wb") as f:
+            for params in self.bodies:
+                body = json.dumps(params).encode()
+                headers = sigv4_headers(host, "TrentService." + self.op, body,
+                                        C.principal.access_key, C.principal.secret)
+                head = "POST / HTTP/1.1\r\nHost: %s\r\n%sContent-Length: %d\r\n\r\n" % (
+                    host, "".join("%s: %s\r\n" % kv for kv in headers.items()), len(body))
+                raw = head.encode() + body
+                f.write(b"%d\n" % len(raw) + raw)
+
+    def run(self):
+        try:
+            path = C.ws.sub("wrk-%s.req" % self.op)
+            lua = os.path.join(h.SRCDIR, "bench", "replay.lua")
+            while True:
+                left = self.end_at - time.monotonic()
+                if left < 1:
+                    return
+                self.requests_file(path)
+                p = subprocess.run([WRK, "-t1", "-c%d" % WRK_CONNECTIONS,
+                                    "-d%ds" % int(min(left, WRK_SEGMENT)), "--timeout", "10s",
+                                    "-s", lua, C.server.endpoint + "/", "--", path],
+                                   stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                   stderr=subprocess.PIPE, timeout=WRK_SEGMENT + 60)
+                line = [x for x in p.stdout.decode().splitlines() if x.startswith("wrk_result ")]
+                if p.returncode != 0 or not line:
+                    raise RuntimeError("wrk exited %d without a result: %r %r"
+                                       % (p.returncode, p.stdout[-500:], p.stderr[-500:]))
+                f = dict(re.findall(r"(\w+)=(\S+)", line[0]))
+                self.requests += int(f["requests"])
+                self.non2xx += int(f["non2xx"])
+                self.socket += int(f["connect"]) + int(f["read"]) + int(f["write"])
+                self.timeouts += int(f["timeout"])
+                self.segments += 1
+        except Exception:  # noqa: B902 - reported by the test
+            self.error = traceback.format_exc()
+
+
+def blasters(end_at):
+    """The wrk load of the soak: GenerateDataKey on the long-lived keys and
+    Decrypt of the pinned blobs (which every rotation leaves decryptable)."""
+    if WRK_CONNECTIONS == 0:
+        return []
+    check(os.access(WRK, os.X_OK), "%s (Debian's wrk) for the soak's load; "
+          "P11KMS_SOAK_WRK_CONNECTIONS=0 runs without it" % WRK)
+    gdk = [{"KeyId": md["KeyId"], "KeySpec": "AES_256", "EncryptionContext": {"soak": "wrk"}}
+           for md in C.keys]
+    dec = [{"CiphertextBlob": blob, "EncryptionContext": context}
+           for _, blob, _, context in C.pinned]
+    return [Blaster("GenerateDataKey", gdk, end_at), Blaster("Decrypt", dec, end_at)]
+
+
 def merge(reports):
     total = {"ok": collections.Counter(), "errors": collections.Counter(), "failures": [],
              "latency": {}, "buckets": [0] * 40, "rotations": collections.Counter(),
@@ -823,6 +902,9 @@ def test_mixed_load_without_errors():
         sampler.start()
         cpu0 = cpu_seconds(C.server.proc.pid)
         start.set()
+        wrks = blasters(start_at.value + DURATION)
+        for w in wrks:
+            w.start()
         deadline = start_at.value + DURATION + 60
         while len(reports) < CLIENTS:
             left = deadline - time.monotonic()
@@ -834,6 +916,9 @@ def test_mixed_load_without_errors():
             except queue.Empty:
                 dead = [p.name for p in procs if p.exitcode not in (None, 0)]
                 check(not dead, "client processes died: %r" % dead)
+        for w in wrks:
+            w.join(max(1.0, start_at.value + DURATION + 60 - time.monotonic()))
+            check(not w.is_alive(), "wrk (%s) ended within 60 s of the end" % w.op)
         elapsed = time.monotonic() - start_at.value
     finally:
         if sampler is not None:
@@ -849,14 +934,22 @@ def test_mixed_load_without_errors():
     C.audit_end = os.path.getsize(C.audit_log)
     C.metrics1 = metrics()
     r = merge(reports)
+    r["wrk"] = {w.op: w.requests for w in wrks}
+    r["wrk_segments"] = {w.op: w.segments for w in wrks}
     C.result = r
     C.samples = sampler.samples
     C.elapsed = elapsed
 
-    h.diag("%d requests in %.1f s: %.0f requests/s over %d clients; reconnects %d; p11kmsd "
-           "used %.0f%% of a CPU" % (r["total"], elapsed, r["total"] / elapsed, CLIENTS,
-                                     r["reconnects"], 100 * cpu / elapsed))
-    h.diag("latency: p50 <= %.2f ms, p99 <= %.2f ms, p99.9 <= %.2f ms"
+    everything = r["total"] + sum(r["wrk"].values())
+    h.diag("%d requests in %.1f s: %.0f requests/s, of which %d clients %.0f/s (reconnects %d); "
+           "p11kmsd used %.0f%% of a CPU" % (everything, elapsed, everything / elapsed, CLIENTS,
+                                              r["total"] / elapsed, r["reconnects"],
+                                              100 * cpu / elapsed))
+    for w in wrks:
+        h.diag("wrk %s, %d connections: %d answers (%.0f/s) in %d segments; not 2xx %d, socket "
+               "errors %d, timeouts %d" % (w.op, WRK_CONNECTIONS, w.requests, w.requests / elapsed,
+                                           w.segments, w.non2xx, w.socket, w.timeouts))
+    h.diag("the clients' latency: p50 <= %.2f ms, p99 <= %.2f ms, p99.9 <= %.2f ms"
            % tuple(1000 * percentile(r["buckets"], q) for q in (0.5, 0.99, 0.999)))
     for op in OPERATIONS:
         count, tsum, tmax = r["latency"].get(op, (0, 0.0, 0.0))
@@ -870,6 +963,11 @@ def test_mixed_load_without_errors():
 
     check(sampler.error is None, "the RSS sampler failed:\n%s" % sampler.error)
     check(not r["crashes"], "client processes crashed:\n" + "\n".join(r["crashes"]))
+    for w in wrks:
+        check(w.error is None, "wrk (%s) failed:\n%s" % (w.op, w.error))
+        eq((w.non2xx, w.socket, w.timeouts), (0, 0, 0),
+           "wrk (%s): answers not 2xx, socket errors, timeouts" % w.op)
+        check(w.requests > 0, "wrk (%s) was answered" % w.op)
     check(C.server.proc.poll() is None, "p11kmsd is still running")
     errors = sum(r["errors"].values())
     if errors:
@@ -968,13 +1066,28 @@ def rate(a, b):
     return (b.done - a.done) / (b.t - a.t) if b.t > a.t else 0.0
 
 
+def check_counts(server, what):
+    """server: operation -> ok requests the server counted. Each must be what
+    the clients saw answered 200 plus what wrk counted, and at most
+    WRK_CONNECTIONS more per wrk segment (answered as wrk stopped)."""
+    r = C.result
+    for op in sorted(set(server) | set(r["ok"]) | set(r["wrk"])):
+        low = r["ok"].get(op, 0) + r["wrk"].get(op, 0)
+        high = low + WRK_CONNECTIONS * r["wrk_segments"].get(op, 0)
+        got = server.get(op, 0)
+        check(low <= got <= high, "%s: %s %d, the clients %d and wrk %d (%d segments): expected "
+              "%d..%d" % (op, what, got, r["ok"].get(op, 0), r["wrk"].get(op, 0),
+                          r["wrk_segments"].get(op, 0), low, high))
+
+
 @test
 def test_metrics_count_what_the_clients_saw():
     """/metrics after the soak: for every operation, the ok requests grew by
-    exactly the 200 answers the clients counted (nobody else talks to this
-    server), no other outcome and no throttling appeared, the latency
-    histograms counted every request, nothing is left queued or running, and
-    no audit line failed."""
+    exactly the 200 answers the clients and wrk counted (nobody else talks to
+    this server; wrk's requests in flight as it stops are answered but not
+    counted by it: check_counts), no other outcome and no throttling appeared,
+    the latency histograms counted every request, nothing is left queued or
+    running, and no audit line failed."""
     check(C.result is not None, "the soak ran")
     r = C.result
     m0, m1 = C.metrics0, C.metrics1
@@ -983,8 +1096,8 @@ def test_metrics_count_what_the_clients_saw():
     bad = {k: v for k, v in moved.items() if k[1] != "ok" and v}
     eq(bad, {}, "requests that were not ok during the soak, by (operation, outcome)")
     server_ok = {op: v for (op, outcome), v in moved.items() if outcome == "ok" and v}
-    eq(server_ok, {op: v for op, v in r["ok"].items() if v},
-       "ok requests by operation: server's /metrics vs the clients' count")
+    C.server_ok = server_ok
+    check_counts(server_ok, "ok requests in /metrics")
     for op in server_ok:
         eq(mv(m1, "p11kms_request_duration_seconds_count", operation=op)
            - mv(m0, "p11kms_request_duration_seconds_count", operation=op), server_ok[op],
@@ -996,8 +1109,8 @@ def test_metrics_count_what_the_clients_saw():
     eq((mv(m1, "p11kms_requests_queued"), mv(m1, "p11kms_requests_running")), (0, 0),
        "requests queued and running after the load")
     eq(mv(m1, "p11kms_token_ready"), 1, "p11kms_token_ready")
-    wraps = sum(r["ok"].get(op, 0) for op in ("GenerateDataKey", "GenerateDataKeyWithoutPlaintext",
-                                              "Encrypt", "ReEncrypt"))
+    wraps = sum(server_ok.get(op, 0) for op in ("GenerateDataKey", "GenerateDataKeyWithoutPlaintext",
+                                                "Encrypt", "ReEncrypt"))
     encrypts = (mv(m1, "p11kms_token_call_seconds_count", function="C_Encrypt")
                 - mv(m0, "p11kms_token_call_seconds_count", function="C_Encrypt"))
     check(encrypts >= wraps, "C_Encrypt calls %d >= wraps %d" % (encrypts, wraps))
@@ -1011,8 +1124,9 @@ def test_metrics_count_what_the_clients_saw():
 
 @test
 def test_audit_log_has_a_line_per_request():
-    """Every request of the soak left exactly one audit line, outcome ok, and
-    the log verifies (hash chain and checkpoint MACs) with p11kms-audit."""
+    """Every request of the soak left exactly one audit line, outcome ok (as
+    many per operation as /metrics counted), and the log verifies (hash chain
+    and checkpoint MACs) with p11kms-audit."""
     check(C.result is not None, "the soak ran")
     audited = collections.Counter()
     other = collections.Counter()
@@ -1033,8 +1147,8 @@ def test_audit_log_has_a_line_per_request():
             other[(doc["operation"], doc.get("outcome"))] += 1
     h.diag("%d audit lines during the soak: %d requests, others %s"
            % (lines, sum(audited.values()), dict(other)))
-    eq(dict(audited), {op: v for op, v in C.result["ok"].items() if v},
-       "audited ok requests by operation vs the clients' count")
+    check_counts(dict(audited), "ok audit lines")
+    eq(dict(audited), C.server_ok, "ok audit lines vs ok requests in /metrics, by operation")
     bad = {k: v for k, v in other.items() if isinstance(k, tuple)}
     eq(bad, {}, "audit lines of requests that were not ok")
     tool = os.environ.get("P11KMS_AUDIT") or os.path.join(h.SRCDIR, "p11kms-audit")
