@@ -27,8 +27,12 @@ struct version {
 /* This node's share of a version's reserved uses; outlives index updates. */
 struct usage {
     pthread_mutex_t lock;
+    uint8_t id[KMS_UUID_LEN]; /* the key's */
     uint32_t vid;
     uint64_t remaining;
+    uint64_t block;     /* uses reserved at a time; grows for a busy key (crypto.c) */
+    int64_t granted_at; /* when a block was last reserved ahead */
+    int refilling;      /* the next block is queued or being reserved ahead */
     struct usage *next_all;
 };
 
@@ -102,12 +106,17 @@ struct kms_keystore {
     pthread_t thread;
     int running;
     int stopping;
-    pthread_mutex_t stop_lock;
-    pthread_cond_t stop_cond;
+    pthread_mutex_t stop_lock; /* guards stopping and the refill queue */
+    pthread_cond_t stop_cond;  /* wakes the background thread */
+    struct usage *refills[64]; /* blocks to reserve ahead, for the background thread */
+    size_t nrefills;
     int64_t last_full_refresh;
 };
 
 int64_t kms_now(void);
+
+/* Reserves the blocks of uses queued by requests (crypto.c); the background thread's. */
+void kms_keystore_refill(struct kms_keystore *ks);
 
 /* index (keystore.c) */
 /* A usable (not destroyed) key, or NULL. */

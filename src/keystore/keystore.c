@@ -273,12 +273,14 @@ kms_err kms_index_key_history(struct kms_keystore *ks, const uint8_t id[KMS_UUID
     return rc;
 }
 
-static struct usage *usage_new(struct kms_keystore *ks)
+static struct usage *usage_new(struct kms_keystore *ks, const uint8_t id[KMS_UUID_LEN])
 {
     struct usage *u = calloc(1, sizeof *u);
     if (!u)
         return NULL;
     pthread_mutex_init(&u->lock, NULL);
+    memcpy(u->id, id, KMS_UUID_LEN);
+    u->block = ks->cfg.usage_block;
     u->next_all = ks->usages;
     ks->usages = u;
     return u;
@@ -335,7 +337,7 @@ kms_err kms_index_key_view(struct kms_keystore *ks, const uint8_t id[KMS_UUID_LE
         ks->keys[i] = k;
         key_free(ks, old);
     } else if (grow((void **)&ks->keys, &ks->capkeys, ks->nkeys + 1, sizeof *ks->keys) != KMS_OK ||
-               !(k->usage = usage_new(ks))) {
+               !(k->usage = usage_new(ks, id))) {
         pthread_rwlock_unlock(&ks->rw);
         key_free(ks, k);
         return KMS_FAIL(KMS_ERR_INTERNAL, "out of memory");

@@ -65,6 +65,43 @@ static kms_err adopt_markers(struct kms_keystore *ks, struct kms_session *s,
     return KMS_OK;
 }
 
+/*
+ * The label and, when it fits VALUE_GUESS bytes, CKA_VALUE in one call (each
+ * call costs SoftHSM2 a look at the object's file); *value stays NULL when
+ * it did not fit, for the caller to read on its own.
+ */
+#define VALUE_GUESS 4096
+static kms_err read_label_value(struct kms_session *s, CK_OBJECT_HANDLE h, char **label,
+                                uint8_t **value, size_t *value_len)
+{
+    char text[257];
+    uint8_t *v = malloc(VALUE_GUESS);
+    KMS_ENSURE(v != NULL, KMS_ERR_INTERNAL, "out of memory");
+    CK_ATTRIBUTE a[] = {{CKA_LABEL, text, sizeof text - 1}, {CKA_VALUE, v, VALUE_GUESS}};
+    kms_err rc = kms_hsm_get_attributes(s, h, a, 2);
+    if (rc == KMS_ERR_NOT_FOUND) {
+        kms_err_clear();
+        free(v);
+        return read_label(s, h, label);
+    }
+    if (rc == KMS_OK) {
+        /* Kept until the record is indexed: no more than it needs. */
+        uint8_t *fit = realloc(v, a[1].ulValueLen ? a[1].ulValueLen : 1);
+        *label = strndup(text, a[0].ulValueLen);
+        if (fit)
+            v = fit;
+        if (!*label || !fit)
+            rc = KMS_FAIL(KMS_ERR_INTERNAL, "out of memory");
+    }
+    if (rc != KMS_OK) {
+        free(v);
+        return rc;
+    }
+    *value = v;
+    *value_len = a[1].ulValueLen;
+    return KMS_OK;
+}
+
 /* Finds every marker (two nodes starting at once may each make one), making one if none. */
 kms_err kms_marker_init(struct kms_keystore *ks, struct kms_session *s)
 {
@@ -304,6 +341,8 @@ struct entry {
     uint64_t gen;
     char *nonce;
     CK_OBJECT_HANDLE handle;
+    uint8_t *value; /* CKA_VALUE when read with the label (start-up), else NULL */
+    size_t value_len;
 };
 
 static int entry_cmp(const void *a, const void *b)
@@ -352,6 +391,7 @@ static void entries_free(struct entry *e, size_t n)
         free(e[i].kind);
         free(e[i].name);
         free(e[i].nonce);
+        free(e[i].value);
     }
     free(e);
 }
@@ -430,7 +470,10 @@ static kms_err index_entity(struct kms_keystore *ks, struct kms_session *s, cons
     KMS_ENSURE(recs != NULL, KMS_ERR_INTERNAL, "out of memory");
     for (size_t i = 0; i < n && rc == KMS_OK; i++) {
         struct kms_buf value = KMS_BUF_INIT;
-        rc = kms_hsm_get_bytes(s, e[i].handle, CKA_VALUE, &value);
+        if (e[i].value)
+            rc = kms_buf_append(&value, e[i].value, e[i].value_len);
+        else
+            rc = kms_hsm_get_bytes(s, e[i].handle, CKA_VALUE, &value);
         if (rc == KMS_OK &&
             kms_record_parse(kind, e[i].name, value.data, value.len, &recs[got]) == KMS_OK)
             recs[got++].handle = e[i].handle;
@@ -609,7 +652,11 @@ kms_err kms_refresh_all(struct kms_keystore *ks, struct kms_session *s, int swee
     rc = KMS_OK;
     for (size_t i = 0; i < n && rc == KMS_OK; i++) {
         char *label = NULL;
-        rc = read_label(s, handles[i], &label);
+        uint8_t *value = NULL;
+        size_t value_len = 0;
+        /* At start-up every record is read: its value in the same call as its label. */
+        rc = first ? read_label_value(s, handles[i], &label, &value, &value_len)
+                   : read_label(s, handles[i], &label);
         /* The change markers are among these objects: no search of their own. */
         if (rc == KMS_OK && strncmp(label, MARKER_PREFIX, sizeof MARKER_PREFIX - 1) == 0) {
             markers[nmarkers] = handles[i];
@@ -617,8 +664,12 @@ kms_err kms_refresh_all(struct kms_keystore *ks, struct kms_session *s, int swee
             label = NULL;
         } else if (rc == KMS_OK && parse_label(label, &e[ne])) {
             e[ne].handle = handles[i];
+            e[ne].value = value;
+            e[ne].value_len = value_len;
+            value = NULL;
             ne++;
         }
+        free(value);
         if (rc == KMS_ERR_KEY_UNAVAILABLE && !s->broken) {
             rc = KMS_OK;
             vanished = 1;
@@ -887,20 +938,25 @@ void kms_keystore_tick(struct kms_keystore *ks)
 static void *run(void *arg)
 {
     struct kms_keystore *ks = arg;
+    struct timespec t = {0, 0}, now;
     pthread_mutex_lock(&ks->stop_lock);
     while (!ks->stopping) {
-        struct timespec t;
         pthread_mutex_unlock(&ks->stop_lock);
-        kms_keystore_tick(ks);
-        pthread_mutex_lock(&ks->stop_lock);
-        clock_gettime(CLOCK_MONOTONIC, &t);
-        t.tv_sec += ks->cfg.refresh_ms / 1000;
-        t.tv_nsec += (long)(ks->cfg.refresh_ms % 1000) * 1000000L;
-        if (t.tv_nsec >= 1000000000L) {
-            t.tv_sec++;
-            t.tv_nsec -= 1000000000L;
+        /* Blocks of uses requests queued first, then the poll when it is due. */
+        kms_keystore_refill(ks);
+        clock_gettime(CLOCK_MONOTONIC, &now);
+        if (now.tv_sec > t.tv_sec || (now.tv_sec == t.tv_sec && now.tv_nsec >= t.tv_nsec)) {
+            kms_keystore_tick(ks);
+            clock_gettime(CLOCK_MONOTONIC, &t);
+            t.tv_sec += ks->cfg.refresh_ms / 1000;
+            t.tv_nsec += (long)(ks->cfg.refresh_ms % 1000) * 1000000L;
+            if (t.tv_nsec >= 1000000000L) {
+                t.tv_sec++;
+                t.tv_nsec -= 1000000000L;
+            }
         }
-        if (!ks->stopping)
+        pthread_mutex_lock(&ks->stop_lock);
+        if (!ks->stopping && ks->nrefills == 0)
             pthread_cond_timedwait(&ks->stop_cond, &ks->stop_lock, &t);
     }
     pthread_mutex_unlock(&ks->stop_lock);
