@@ -70,7 +70,7 @@ static kms_err reserve(struct kms_keystore *ks, const uint8_t id[KMS_UUID_LEN], 
  * store's background thread: a record write costs two token searches, linear
  * in the token's objects (0.2 s each at 20,000 objects on SoftHSM2), and no
  * request should wait for it or hold a worker through it. A key whose blocks
- * go within AHEAD_BUSY_SECONDS reserves twice as many at a time, up to
+ * go within AHEAD_BUSY_SECONDS reserves four times as many at a time, up to
  * AHEAD_MAX_FACTOR times usage_block (a crash wastes at most that). Blocks of
  * fewer than AHEAD_MIN uses are only reserved when they run out.
  */
@@ -100,12 +100,15 @@ static void refill(struct kms_keystore *ks, struct usage *u)
     pthread_mutex_lock(&u->lock);
     uint32_t vid = u->vid;
     uint64_t want = u->block;
-    if (u->granted_at && now - u->granted_at < AHEAD_BUSY_SECONDS &&
-        want <= ks->cfg.usage_block * (AHEAD_MAX_FACTOR / 2))
-        want *= 2;
+    if (u->granted_at && now - u->granted_at < AHEAD_BUSY_SECONDS)
+        want = want * 4 < ks->cfg.usage_block * AHEAD_MAX_FACTOR
+                   ? want * 4
+                   : ks->cfg.usage_block * AHEAD_MAX_FACTOR;
     pthread_mutex_unlock(&u->lock);
     /* The block counts only once written: every use is reserved durably first. */
     kms_err rc = reserve(ks, u->id, vid, want, &granted);
+    if (rc != KMS_OK && rc != KMS_ERR_LIMIT_EXCEEDED)
+        kms_warn("could not reserve uses ahead: %s", kms_err_message());
     pthread_mutex_lock(&u->lock);
     if (rc == KMS_OK && u->vid == vid) {
         u->remaining += granted;
@@ -172,6 +175,7 @@ static kms_err take_use(struct kms_keystore *ks, const uint8_t id[KMS_UUID_LEN],
         rc = reserve(ks, id, *vid, u->block, &granted);
         if (rc == KMS_OK) {
             u->remaining = granted;
+            u->granted_at = kms_now();
             break;
         }
         if (rc != KMS_ERR_LIMIT_EXCEEDED)

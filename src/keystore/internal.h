@@ -31,7 +31,7 @@ struct usage {
     uint32_t vid;
     uint64_t remaining;
     uint64_t block;     /* uses reserved at a time; grows for a busy key (crypto.c) */
-    int64_t granted_at; /* when a block was last reserved ahead */
+    int64_t granted_at; /* when this node last reserved a block */
     int refilling;      /* the next block is queued or being reserved ahead */
     struct usage *next_all;
 };

@@ -897,6 +897,7 @@ kms_err kms_keystore_create_key(struct kms_keystore *ks, const char *description
             if (u->vid == 0) {
                 u->vid = vid;
                 u->remaining = block;
+                u->granted_at = now;
             }
             pthread_mutex_unlock(&u->lock);
         }

@@ -132,17 +132,33 @@ kms_err kms_marker_init(struct kms_keystore *ks, struct kms_session *s)
     return adopt_markers(ks, s, handles, NULL, n);
 }
 
+/*
+ * Called under ks->write. When the marker still holds the label this node
+ * last saw, the new label is recorded as seen: this node already has its own
+ * change, and at 10,000 keys re-reading everything for it would cost about a
+ * second of token searches. (A change another node makes between the read
+ * and the write here is then seen at the next full refresh.)
+ */
 void kms_marker_touch(struct kms_keystore *ks, struct kms_session *s)
 {
     char label[64];
     if (random_label(label, sizeof label) != KMS_OK)
         return;
-    for (size_t i = 0; i < ks->nmarkers; i++)
+    for (size_t i = 0; i < ks->nmarkers; i++) {
+        char *before = NULL;
+        int seen = read_label(s, ks->markers[i], &before) == KMS_OK && ks->marker_labels[i] &&
+                   strcmp(before, ks->marker_labels[i]) == 0;
+        kms_err_clear();
+        free(before);
         if (kms_hsm_set_label(s, ks->markers[i], label) != KMS_OK) {
             kms_warn("could not update the change marker; other nodes will see this change at "
                      "their next full refresh");
             kms_err_clear();
+        } else if (seen) {
+            free(ks->marker_labels[i]);
+            ks->marker_labels[i] = strdup(label); /* NULL: the next poll re-reads */
         }
+    }
 }
 
 /* True when a marker's label is not what we last saw (someone changed something). */
@@ -919,7 +935,11 @@ void kms_keystore_tick(struct kms_keystore *ks)
         return;
     }
     int full = kms_now() - ks->last_full_refresh >= (int64_t)ks->cfg.full_refresh_seconds;
-    if (marker_moved(ks, s) || full) {
+    /* Writers update the labels seen (kms_marker_touch) under ks->write. */
+    pthread_mutex_lock(&ks->write);
+    int moved = marker_moved(ks, s);
+    pthread_mutex_unlock(&ks->write);
+    if (moved || full) {
         /*
          * This node's own writers wait, so a scan never drops what one just
          * made; they touch the markers, which a full refresh replaces.
