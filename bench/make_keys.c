@@ -6,16 +6,12 @@
  *
  * FILE is the p11kmsd configuration the benchmark starts the server with
  * (module, token, PIN: the PIN from its pin_file or $P11KMS_PIN, never an
- * argument). Keys are added until the token holds N. With --blobs, each new
+ * argument; the database, made and given a root key when new). Keys are
+ * added until the database holds N. With --blobs, each new
  * key also wraps 32 random bytes under the encryption context given (as
  * GenerateDataKey does: the first block of uses is the creating node's, so
  * no record is written for it), and OUT receives a line "KEY-ID BLOB" per
- * new key, the blob in base64 (a CiphertextBlob Decrypt takes). The token
- * must have no other user meanwhile: keys are made as
- * the token's sole user (kms_keystore_config.sole_user), without the search
- * that shows a process the objects other processes made, which on SoftHSM2
- * is linear in the token's objects (DESIGN §5) and would make filling a
- * token quadratic. Prints one line:
+ * new key, the blob in base64 (a CiphertextBlob Decrypt takes). Prints one line:
  *   make_keys keys=10000 made=9000 seconds=81.2
  * Exits 0, 1 on any failure, 2 on a usage error.
  */
@@ -93,6 +89,7 @@ static int fill(const struct kms_config *cfg, struct options *o)
     char *pin = NULL;
     size_t pin_len = 0, made = 0, have;
     struct kms_hsm *hsm = NULL;
+    struct kms_store *store = NULL;
     struct kms_keystore *ks = NULL;
     double start = now_s();
     int rc = 1;
@@ -113,8 +110,14 @@ static int fill(const struct kms_config *cfg, struct options *o)
     struct kms_keystore_config kc = cfg->keys;
     kc.region = cfg->region;
     kc.account = cfg->account;
-    kc.sole_user = 1;
-    if (kms_keystore_open(hsm, &kc, &ks) != KMS_OK) {
+    struct kms_store_config sc = {cfg->database, cfg->database_timeout_ms, KMS_STORE_INIT};
+    int made_root = 0;
+    if (kms_store_open(&sc, &store) != KMS_OK ||
+        kms_keystore_init_roots(hsm, store, &made_root) != KMS_OK) {
+        rc = fail("database");
+        goto out;
+    }
+    if (kms_keystore_open(hsm, store, &kc, &ks) != KMS_OK) {
         rc = fail("key store");
         goto out;
     }
@@ -153,6 +156,7 @@ out:
         fclose(blobs);
     kms_buf_free(&context);
     kms_keystore_close(ks);
+    kms_store_close(store);
     kms_hsm_close(hsm);
     return rc;
 }

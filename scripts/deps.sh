@@ -7,7 +7,9 @@ packages=(
     # build
     build-essential autoconf automake libtool pkg-config
     # libraries
-    libp11-kit-dev p11-kit libssl-dev libmicrohttpd-dev libgnutls28-dev libjansson-dev libcurl4-openssl-dev libcmocka-dev
+    libp11-kit-dev p11-kit libssl-dev libmicrohttpd-dev libgnutls28-dev libjansson-dev libcurl4-openssl-dev libcmocka-dev libsqlite3-dev
+    # the database's own tool, for operators and the tests (sqlite3 .dump, integrity_check)
+    sqlite3
     # the development and test token
     softhsm2
     # integration tests: real AWS clients and a PKCS#11 binding

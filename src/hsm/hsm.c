@@ -41,6 +41,12 @@ struct kms_hsm {
 
     kms_hsm_observer observe;
     void *observe_arg;
+
+    /* The holder session (kms_hsm_hold) and the epoch of session objects. */
+    pthread_mutex_t holder_lock;
+    struct kms_session holder;
+    int holder_open;
+    unsigned long epoch; /* atomic */
 };
 
 const char *const kms_hsm_call_names[KMS_HSM_CALL_COUNT + 1] = {
@@ -54,6 +60,8 @@ const char *const kms_hsm_call_names[KMS_HSM_CALL_COUNT + 1] = {
     "C_FindObjects",
     "C_GetAttributeValue",
     "C_Sign",
+    "C_WrapKey",
+    "C_UnwrapKey",
     NULL,
 };
 
@@ -233,6 +241,7 @@ kms_err kms_hsm_open(const struct kms_hsm_config *cfg, struct kms_hsm **out)
     hsm = calloc(1, sizeof *hsm);
     KMS_ENSURE(hsm != NULL, KMS_ERR_INTERNAL, "out of memory");
     pthread_mutex_init(&hsm->lock, NULL);
+    pthread_mutex_init(&hsm->holder_lock, NULL);
     pthread_condattr_init(&ca);
     pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
     pthread_cond_init(&hsm->available, &ca);
@@ -267,6 +276,11 @@ kms_err kms_hsm_open(const struct kms_hsm_config *cfg, struct kms_hsm **out)
             hsm->nsessions++;
         }
     }
+    if (rc == KMS_OK) {
+        hsm->holder.hsm = hsm;
+        rc = open_session(hsm, &hsm->holder.handle);
+        hsm->holder_open = rc == KMS_OK;
+    }
     if (rc != KMS_OK) {
         kms_hsm_close(hsm);
         return rc;
@@ -280,6 +294,8 @@ void kms_hsm_close(struct kms_hsm *hsm)
     if (!hsm)
         return;
     if (hsm->fn) {
+        if (hsm->holder_open)
+            hsm->fn->C_CloseSession(hsm->holder.handle);
         for (size_t i = 0; i < hsm->nsessions; i++)
             hsm->fn->C_CloseSession(hsm->sessions[i].handle);
         unload_module(hsm->fn);
@@ -290,6 +306,7 @@ void kms_hsm_close(struct kms_hsm *hsm)
     free(hsm->free_list);
     pthread_cond_destroy(&hsm->available);
     pthread_mutex_destroy(&hsm->lock);
+    pthread_mutex_destroy(&hsm->holder_lock);
     pthread_rwlock_destroy(&hsm->objects);
     free(hsm);
 }
@@ -375,14 +392,53 @@ static void reopen(struct kms_session *s)
     if (open_session(hsm, &h) != KMS_OK)
         return; /* stays broken; the next user fails and tries again */
     CK_SESSION_INFO info;
+    int relogin = 0;
     if (hsm->fn->C_GetSessionInfo(h, &info) != CKR_OK ||
-        (info.state != CKS_RW_USER_FUNCTIONS && login(hsm, h) != KMS_OK)) {
+        (info.state != CKS_RW_USER_FUNCTIONS && (relogin = 1, login(hsm, h) != KMS_OK))) {
         hsm->fn->C_CloseSession(h);
         kms_err_clear();
         return;
     }
     s->handle = h;
     s->broken = 0;
+    if (relogin || s == &hsm->holder) {
+        /* The session objects went with the login or with the holder session. */
+        __atomic_add_fetch(&hsm->epoch, 1, __ATOMIC_SEQ_CST);
+        kms_info("token: %s; unwrapped keys are unwrapped again as they are used",
+                 relogin ? "logged in again" : "holder session reopened");
+    }
+}
+
+unsigned long kms_hsm_epoch(struct kms_hsm *hsm)
+{
+    return __atomic_load_n(&hsm->epoch, __ATOMIC_ACQUIRE);
+}
+
+kms_err kms_hsm_hold(struct kms_hsm *hsm, struct kms_session **out)
+{
+    CK_SESSION_INFO info;
+    pthread_mutex_lock(&hsm->holder_lock);
+    struct kms_session *s = &hsm->holder;
+    /* Cheap, and unwraps are rare: make sure the session (and its objects) still stand. */
+    if (!s->broken) {
+        CK_RV rv = hsm->fn->C_GetSessionInfo(s->handle, &info);
+        if (rv != CKR_OK ||
+            (info.state != CKS_RW_USER_FUNCTIONS && info.state != CKS_RO_USER_FUNCTIONS))
+            s->broken = 1;
+    }
+    if (s->broken)
+        reopen(s);
+    if (s->broken) {
+        pthread_mutex_unlock(&hsm->holder_lock);
+        return KMS_FAIL(KMS_ERR_KEY_UNAVAILABLE, "The key store's token is not available");
+    }
+    *out = s;
+    return KMS_OK;
+}
+
+void kms_hsm_unhold(struct kms_session *holder)
+{
+    pthread_mutex_unlock(&holder->hsm->holder_lock);
 }
 
 void kms_hsm_release(struct kms_session *s)
@@ -432,6 +488,122 @@ static kms_err generate_secret(struct kms_session *s, CK_MECHANISM_TYPE gen, CK_
     CK_RV rv = s->hsm->fn->C_GenerateKey(s->handle, &mech, tmpl, sizeof tmpl / sizeof tmpl[0], out);
     pthread_rwlock_unlock(&s->hsm->objects);
     SESSION_CKR(s, rv, "C_GenerateKey");
+    return KMS_OK;
+}
+
+kms_err kms_hsm_generate_root(struct kms_session *s, const uint8_t *id, size_t id_len,
+                              const char *label, CK_OBJECT_HANDLE *out)
+{
+    TIMED(s->hsm, KMS_HSM_GENERATE);
+    CK_MECHANISM mech = {CKM_AES_KEY_GEN, NULL, 0};
+    CK_OBJECT_CLASS cls = CKO_SECRET_KEY;
+    CK_KEY_TYPE kt = CKK_AES;
+    CK_ULONG len = 32;
+    CK_BBOOL yes = CK_TRUE, no = CK_FALSE;
+    CK_ATTRIBUTE tmpl[] = {
+        {CKA_CLASS, &cls, sizeof cls},     {CKA_KEY_TYPE, &kt, sizeof kt},
+        {CKA_VALUE_LEN, &len, sizeof len}, {CKA_TOKEN, &yes, sizeof yes},
+        {CKA_PRIVATE, &yes, sizeof yes},   {CKA_SENSITIVE, &yes, sizeof yes},
+        {CKA_EXTRACTABLE, &no, sizeof no}, {CKA_ENCRYPT, &no, sizeof no},
+        {CKA_DECRYPT, &no, sizeof no},     {CKA_WRAP, &yes, sizeof yes},
+        {CKA_UNWRAP, &yes, sizeof yes},    {CKA_SIGN, &no, sizeof no},
+        {CKA_VERIFY, &no, sizeof no},      {CKA_DERIVE, &no, sizeof no},
+        {CKA_ID, (void *)id, id_len},      {CKA_LABEL, (void *)label, strlen(label)},
+    };
+    pthread_rwlock_wrlock(&s->hsm->objects);
+    CK_RV rv = s->hsm->fn->C_GenerateKey(s->handle, &mech, tmpl, sizeof tmpl / sizeof tmpl[0], out);
+    pthread_rwlock_unlock(&s->hsm->objects);
+    SESSION_CKR(s, rv, "C_GenerateKey (root key)");
+    return KMS_OK;
+}
+
+kms_err kms_hsm_find_secret(struct kms_session *s, const uint8_t *id, size_t id_len,
+                            CK_OBJECT_HANDLE *out)
+{
+    CK_OBJECT_CLASS cls = CKO_SECRET_KEY;
+    CK_ATTRIBUTE tmpl[] = {{CKA_CLASS, &cls, sizeof cls}, {CKA_ID, (void *)id, id_len}};
+    CK_OBJECT_HANDLE *found = NULL;
+    size_t n = 0;
+    KMS_GUARD(kms_hsm_find(s, tmpl, 2, &found, &n));
+    *out = n > 0 ? found[0] : CK_INVALID_HANDLE;
+    free(found);
+    return KMS_OK;
+}
+
+kms_err kms_hsm_new_wrapped_aes(struct kms_session *s, CK_OBJECT_HANDLE root, uint8_t *out,
+                                size_t *len)
+{
+    CK_MECHANISM gen = {CKM_AES_KEY_GEN, NULL, 0}, wrap = {CKM_AES_KEY_WRAP_PAD, NULL, 0};
+    CK_OBJECT_CLASS cls = CKO_SECRET_KEY;
+    CK_KEY_TYPE kt = CKK_AES;
+    CK_ULONG vlen = 32, wlen = *len;
+    CK_BBOOL yes = CK_TRUE, no = CK_FALSE;
+    /* Extractable so that it can be wrapped: it lives only until the wrap. */
+    CK_ATTRIBUTE tmpl[] = {
+        {CKA_CLASS, &cls, sizeof cls},      {CKA_KEY_TYPE, &kt, sizeof kt},
+        {CKA_VALUE_LEN, &vlen, sizeof vlen}, {CKA_TOKEN, &no, sizeof no},
+        {CKA_PRIVATE, &yes, sizeof yes},    {CKA_SENSITIVE, &yes, sizeof yes},
+        {CKA_EXTRACTABLE, &yes, sizeof yes}, {CKA_ENCRYPT, &yes, sizeof yes},
+        {CKA_DECRYPT, &yes, sizeof yes},    {CKA_WRAP, &no, sizeof no},
+        {CKA_UNWRAP, &no, sizeof no},       {CKA_SIGN, &no, sizeof no},
+        {CKA_VERIFY, &no, sizeof no},       {CKA_DERIVE, &no, sizeof no},
+    };
+    CK_OBJECT_HANDLE h = CK_INVALID_HANDLE;
+    CK_FUNCTION_LIST *fn = s->hsm->fn;
+    CK_RV rv;
+    {
+        TIMED(s->hsm, KMS_HSM_GENERATE);
+        rv = fn->C_GenerateKey(s->handle, &gen, tmpl, sizeof tmpl / sizeof tmpl[0], &h);
+    }
+    SESSION_CKR(s, rv, "C_GenerateKey (key version)");
+    {
+        TIMED(s->hsm, KMS_HSM_WRAP);
+        rv = fn->C_WrapKey(s->handle, &wrap, root, h, out, &wlen);
+    }
+    CK_RV drv;
+    {
+        TIMED(s->hsm, KMS_HSM_DESTROY);
+        drv = fn->C_DestroyObject(s->handle, h);
+    }
+    if (rv == CKR_OK && drv != CKR_OK)
+        rv = drv;
+    if (rv != CKR_OK)
+        OPENSSL_cleanse(out, *len);
+    SESSION_CKR(s, rv, "C_WrapKey");
+    *len = wlen;
+    return KMS_OK;
+}
+
+kms_err kms_hsm_unwrap_aes(struct kms_session *holder, CK_OBJECT_HANDLE root,
+                           const uint8_t *wrapped, size_t len, CK_OBJECT_HANDLE *out)
+{
+    TIMED(holder->hsm, KMS_HSM_UNWRAP);
+    CK_MECHANISM wrap = {CKM_AES_KEY_WRAP_PAD, NULL, 0};
+    CK_OBJECT_CLASS cls = CKO_SECRET_KEY;
+    CK_KEY_TYPE kt = CKK_AES;
+    CK_BBOOL yes = CK_TRUE, no = CK_FALSE;
+    CK_ATTRIBUTE tmpl[] = {
+        {CKA_CLASS, &cls, sizeof cls},     {CKA_KEY_TYPE, &kt, sizeof kt},
+        {CKA_TOKEN, &no, sizeof no},       {CKA_PRIVATE, &yes, sizeof yes},
+        {CKA_SENSITIVE, &yes, sizeof yes}, {CKA_EXTRACTABLE, &no, sizeof no},
+        {CKA_ENCRYPT, &yes, sizeof yes},   {CKA_DECRYPT, &yes, sizeof yes},
+        {CKA_WRAP, &no, sizeof no},        {CKA_UNWRAP, &no, sizeof no},
+        {CKA_SIGN, &no, sizeof no},        {CKA_VERIFY, &no, sizeof no},
+        {CKA_DERIVE, &no, sizeof no},
+    };
+    CK_RV rv = holder->hsm->fn->C_UnwrapKey(holder->handle, &wrap, root, (CK_BYTE *)wrapped, len,
+                                            tmpl, sizeof tmpl / sizeof tmpl[0], out);
+    if (rv == CKR_WRAPPED_KEY_INVALID || rv == CKR_WRAPPED_KEY_LEN_RANGE ||
+        rv == CKR_GENERAL_ERROR || rv == CKR_FUNCTION_FAILED ||
+        rv == CKR_UNWRAPPING_KEY_HANDLE_INVALID) {
+        kms_error("C_UnwrapKey refused a stored key version (%s): the database row is corrupt "
+                  "or names the wrong root key",
+                  p11_kit_strerror(rv));
+        return KMS_FAIL(rv == CKR_UNWRAPPING_KEY_HANDLE_INVALID ? KMS_ERR_KEY_UNAVAILABLE
+                                                                : KMS_ERR_INTERNAL,
+                        "The key store could not unwrap a stored key version");
+    }
+    SESSION_CKR(holder, rv, "C_UnwrapKey");
     return KMS_OK;
 }
 

@@ -40,6 +40,8 @@ enum kms_hsm_call {
     KMS_HSM_FIND,          /* C_FindObjectsInit, C_FindObjects..., C_FindObjectsFinal */
     KMS_HSM_GET_ATTRIBUTE, /* C_GetAttributeValue (twice: length, then value) */
     KMS_HSM_SIGN,          /* C_SignInit + C_Sign: the audit log's HMACs */
+    KMS_HSM_WRAP,          /* C_WrapKey: a new key version under a root key */
+    KMS_HSM_UNWRAP,        /* C_UnwrapKey: a stored version into a session object */
     KMS_HSM_CALL_COUNT
 };
 /* "C_Encrypt", ...: one name per call above. */
@@ -66,6 +68,47 @@ KMS_MUST_CHECK kms_err kms_hsm_acquire(struct kms_hsm *hsm, struct kms_session *
 void kms_hsm_release(struct kms_session *s);
 
 KMS_MUST_CHECK kms_err kms_hsm_random(struct kms_session *s, uint8_t *out, size_t n);
+
+/* ---- root keys and wrapped key versions (DESIGN §5) ---- */
+
+/*
+ * Generates a root key: AES-256 token object, private, sensitive, not
+ * extractable, CKA_WRAP and CKA_UNWRAP only (no encrypt, decrypt, sign).
+ */
+KMS_MUST_CHECK kms_err kms_hsm_generate_root(struct kms_session *s, const uint8_t *id,
+                                             size_t id_len, const char *label,
+                                             CK_OBJECT_HANDLE *out);
+/* The secret key object with this CKA_ID, or CK_INVALID_HANDLE when there is none. */
+KMS_MUST_CHECK kms_err kms_hsm_find_secret(struct kms_session *s, const uint8_t *id, size_t id_len,
+                                           CK_OBJECT_HANDLE *out);
+/*
+ * A new AES-256 key generated in the token as a session object, wrapped at
+ * once under root with CKM_AES_KEY_WRAP_PAD (RFC 5649) and destroyed: only
+ * the wrapped form leaves the token. *len is in: the room in out, out: the
+ * wrapped length (40 bytes for AES-256).
+ */
+KMS_MUST_CHECK kms_err kms_hsm_new_wrapped_aes(struct kms_session *s, CK_OBJECT_HANDLE root,
+                                               uint8_t *out, size_t *len);
+/*
+ * Unwraps a stored version into a session object of the holder session
+ * (kms_hsm_hold): sensitive, not extractable, encrypt/decrypt only. A wrapped
+ * key the root refuses (tampered, truncated, another root) is
+ * KMS_ERR_INTERNAL: a stored row is corrupt, not a bad request.
+ */
+KMS_MUST_CHECK kms_err kms_hsm_unwrap_aes(struct kms_session *holder, CK_OBJECT_HANDLE root,
+                                          const uint8_t *wrapped, size_t len,
+                                          CK_OBJECT_HANDLE *out);
+/*
+ * The holder session: one long-lived session outside the pool that owns the
+ * node's unwrapped session objects (they live as long as it does). Taken by
+ * one thread at a time; reopened (and logged in again) when the token lost
+ * it. Every reopening, and every new login on any session, loses the session
+ * objects: kms_hsm_epoch changes then, and every handle of a session object
+ * or a token object found before must be dropped.
+ */
+KMS_MUST_CHECK kms_err kms_hsm_hold(struct kms_hsm *hsm, struct kms_session **out);
+void kms_hsm_unhold(struct kms_session *holder);
+unsigned long kms_hsm_epoch(struct kms_hsm *hsm);
 
 /*
  * Generates a 256-bit AES key inside the token: token object, private,

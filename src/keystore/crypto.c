@@ -1,8 +1,12 @@
 /*
- * Wrapping and unwrapping under KEK versions, with each version's uses
- * counted durably: a node reserves a block of uses in the key's record before
- * spending them, so a crash wastes at most a block and never lets a version
- * wrap past its bound (NIST SP 800-38D: random 96-bit IVs).
+ * Wrapping and unwrapping under key versions. A version is used through a
+ * session object unwrapped from its stored form into the holder session at
+ * its first use on this node (then kept with the cached key), or, for a
+ * token-resident version, through its token object found once by CKA_ID.
+ * Each version's uses are counted durably: a node reserves a block of uses
+ * in the database before spending them, so a crash wastes at most a block and
+ * never lets a version wrap past its bound (NIST SP 800-38D: random 96-bit
+ * IVs).
  */
 #include "config.h"
 
@@ -12,286 +16,341 @@
 #include "common/log.h"
 #include "keystore/internal.h"
 
-static kms_err usable_locked(struct kms_keystore *ks, const struct key *k)
-{
-    KMS_ENSURE(k->state != KMS_KEY_DISABLED, KMS_ERR_DISABLED, "%skey/%s is disabled.",
-               ks->arn_prefix, k->id_text);
-    KMS_ENSURE(k->state == KMS_KEY_ENABLED, KMS_ERR_INVALID_STATE, "%skey/%s is pending deletion.",
-               ks->arn_prefix, k->id_text);
-    return KMS_OK;
-}
-
-static const struct version *version_locked(const struct key *k, uint32_t vid)
-{
-    for (size_t i = 0; i < k->nversions; i++)
-        if (k->versions[i].vid == vid)
-            return &k->versions[i];
-    return NULL;
-}
-
-/* Reserves uses of version vid for this node; *granted is how many. */
-static kms_err reserve(struct kms_keystore *ks, const uint8_t id[KMS_UUID_LEN], uint32_t vid,
-                       uint64_t count, uint64_t *granted)
-{
-    struct kms_session *s;
-    uint64_t room = 0;
-    kms_err rc;
-
-    pthread_rwlock_rdlock(&ks->rw);
-    struct key *k = kms_key_find_locked(ks, id);
-    const struct version *v = k ? version_locked(k, vid) : NULL;
-    if (v && v->bound > v->reserved)
-        room = v->bound - v->reserved;
-    pthread_rwlock_unlock(&ks->rw);
-    KMS_ENSURE(room > 0, KMS_ERR_LIMIT_EXCEEDED, "The key version has reached its usage bound.");
-    if (count > room)
-        count = room;
-
-    KMS_GUARD(kms_hsm_acquire(ks->hsm, &s));
-    json_t *op = kms_op_new("reserve");
-    if (!op) {
-        kms_hsm_release(s);
-        return KMS_FAIL(KMS_ERR_INTERNAL, "out of memory");
-    }
-    json_object_set_new(op, "vid", json_integer(vid));
-    json_object_set_new(op, "count", json_integer((json_int_t)count));
-    pthread_mutex_lock(&ks->write);
-    rc = kms_key_change(ks, s, id, op);
-    pthread_mutex_unlock(&ks->write);
-    kms_hsm_release(s);
-    json_decref(op);
-    if (rc == KMS_OK)
-        *granted = count;
-    return rc;
-}
+/* One message for every blob that does not open: it says nothing about which keys exist. */
+#define INVALID_BLOB "The ciphertext, its key or its encryption context is not valid"
 
 /*
  * Blocks are reserved ahead, while half of the last one remains, by the key
- * store's background thread: a record write costs two token searches, linear
- * in the token's objects (0.2 s each at 20,000 objects on SoftHSM2), and no
- * request should wait for it or hold a worker through it. A key whose blocks
- * go within AHEAD_BUSY_SECONDS reserves four times as many at a time, up to
- * AHEAD_MAX_FACTOR times usage_block (a crash wastes at most that). Blocks of
- * fewer than AHEAD_MIN uses are only reserved when they run out.
+ * store's background thread, so no request waits for the database write. A
+ * key whose blocks go within AHEAD_BUSY_SECONDS reserves four times as many
+ * at a time, up to AHEAD_MAX_FACTOR times usage_block (a crash wastes at most
+ * that). Blocks of fewer than AHEAD_MIN uses are only reserved when they run
+ * out.
  */
 #define AHEAD_MIN 64
 #define AHEAD_BUSY_SECONDS 30
 #define AHEAD_MAX_FACTOR 64
 
-/* Queues u for the background thread; 0 when the queue is full. */
-static int queue_refill(struct kms_keystore *ks, struct usage *u)
+void kms_token_key_id(const uint8_t id[KMS_UUID_LEN], uint32_t vid,
+                      uint8_t out[KMS_TOKEN_KEY_ID_LEN])
+{
+    memcpy(out, id, KMS_UUID_LEN);
+    out[16] = (uint8_t)(vid >> 24);
+    out[17] = (uint8_t)(vid >> 16);
+    out[18] = (uint8_t)(vid >> 8);
+    out[19] = (uint8_t)vid;
+}
+
+/* Reserves up to want uses of a version in the database; *granted may be 0 (at the bound). */
+static kms_err reserve(struct kms_keystore *ks, struct key *k, uint32_t vid, uint64_t want,
+                       uint64_t *granted)
+{
+    struct kms_tx *tx;
+    uint64_t reserved = 0;
+    *granted = 0;
+    KMS_GUARD(kms_store_begin(ks->store, KMS_TX_WRITE, &tx));
+    kms_err rc = kms_store_reserve(tx, k->id, vid, want, granted, &reserved);
+    if (rc == KMS_OK)
+        rc = kms_store_commit(tx);
+    kms_store_rollback(tx);
+    if (rc == KMS_ERR_NOT_FOUND)
+        return KMS_FAIL(KMS_ERR_NOT_FOUND, "The key no longer exists");
+    KMS_GUARD(rc);
+    pthread_mutex_lock(&ks->lock);
+    struct version *v = kms_version_locked(k, vid);
+    if (v)
+        v->reserved = reserved;
+    pthread_mutex_unlock(&ks->lock);
+    return KMS_OK;
+}
+
+static int queue_refill(struct kms_keystore *ks, const uint8_t id[KMS_UUID_LEN])
 {
     int queued = 0;
-    pthread_mutex_lock(&ks->stop_lock);
+    pthread_mutex_lock(&ks->queue_lock);
     if (ks->nrefills < sizeof ks->refills / sizeof ks->refills[0]) {
-        ks->refills[ks->nrefills++] = u;
+        memcpy(ks->refills[ks->nrefills++], id, KMS_UUID_LEN);
         queued = 1;
-        pthread_cond_signal(&ks->stop_cond);
+        pthread_cond_signal(&ks->wake);
     }
-    pthread_mutex_unlock(&ks->stop_lock);
+    pthread_mutex_unlock(&ks->queue_lock);
     return queued;
 }
 
-static void refill(struct kms_keystore *ks, struct usage *u)
+static void refill(struct kms_keystore *ks, const uint8_t id[KMS_UUID_LEN])
 {
-    int64_t now = kms_now();
+    struct key *k;
     uint64_t granted = 0;
+    int64_t now = kms_now();
 
-    pthread_mutex_lock(&u->lock);
-    uint32_t vid = u->vid;
-    uint64_t want = u->block;
-    if (u->granted_at && now - u->granted_at < AHEAD_BUSY_SECONDS)
+    if (kms_key_get(ks, id, &k) != KMS_OK) {
+        kms_err_clear();
+        return;
+    }
+    pthread_mutex_lock(&ks->lock);
+    uint32_t vid = k->use_vid;
+    uint64_t want = k->use_block;
+    if (k->use_granted && now - k->use_granted < AHEAD_BUSY_SECONDS)
         want = want * 4 < ks->cfg.usage_block * AHEAD_MAX_FACTOR
                    ? want * 4
                    : ks->cfg.usage_block * AHEAD_MAX_FACTOR;
-    pthread_mutex_unlock(&u->lock);
+    pthread_mutex_unlock(&ks->lock);
     /* The block counts only once written: every use is reserved durably first. */
-    kms_err rc = reserve(ks, u->id, vid, want, &granted);
-    if (rc != KMS_OK && rc != KMS_ERR_LIMIT_EXCEEDED)
+    kms_err rc = vid ? reserve(ks, k, vid, want, &granted) : KMS_OK;
+    if (rc != KMS_OK)
         kms_warn("could not reserve uses ahead: %s", kms_err_message());
-    pthread_mutex_lock(&u->lock);
-    if (rc == KMS_OK && u->vid == vid) {
-        u->remaining += granted;
-        u->block = want;
-        u->granted_at = now;
+    pthread_mutex_lock(&ks->lock);
+    if (rc == KMS_OK && granted && k->use_vid == vid) {
+        k->use_remaining += granted;
+        k->use_block = want;
+        k->use_granted = now;
     }
-    u->refilling = 0;
-    pthread_mutex_unlock(&u->lock);
+    k->refilling = 0;
+    pthread_mutex_unlock(&ks->lock);
+    kms_key_put(ks, k);
     kms_err_clear(); /* at the bound, or a fault: the request that finds none left sees it */
 }
 
 void kms_keystore_refill(struct kms_keystore *ks)
 {
     for (;;) {
-        struct usage *u = NULL;
-        pthread_mutex_lock(&ks->stop_lock);
-        if (ks->nrefills > 0 && !ks->stopping)
-            u = ks->refills[--ks->nrefills];
-        pthread_mutex_unlock(&ks->stop_lock);
-        if (!u)
+        uint8_t id[KMS_UUID_LEN];
+        int have = 0;
+        pthread_mutex_lock(&ks->queue_lock);
+        if (ks->nrefills > 0 && !ks->stopping) {
+            memcpy(id, ks->refills[--ks->nrefills], KMS_UUID_LEN);
+            have = 1;
+        }
+        pthread_mutex_unlock(&ks->queue_lock);
+        if (!have)
             return;
-        refill(ks, u);
+        refill(ks, id);
     }
 }
 
 /*
- * Takes one use of the key's current version for this node. When the
- * version is at its bound, rotates the key and answers with the new current
- * version through *vid.
- *
- * The current version is read again under u->lock: a request that read it
- * before another request's rotation must not switch this node back to the
- * used-up version (that threw away the new version's reserved block, made a
- * needless version object, and could exhaust the new version so that the
- * request failed with LimitExceededException).
+ * Takes one use of the key's current version for this node, reserving a
+ * block when none is left; at the bound, rotates the key and takes a use of
+ * the new version. *kp is the held entry, and may be replaced by a fresher one.
  */
-static kms_err take_use(struct kms_keystore *ks, const uint8_t id[KMS_UUID_LEN], struct usage *u,
-                        uint32_t *vid)
+static kms_err take_use(struct kms_keystore *ks, struct key **kp, uint32_t *vid)
 {
-    kms_err rc = KMS_OK;
     uint32_t rotated_from = 0;
-
-    pthread_mutex_lock(&u->lock);
     for (int attempt = 0;; attempt++) {
+        struct key *k = *kp;
         uint64_t granted = 0;
-        pthread_rwlock_rdlock(&ks->rw);
-        struct key *k = kms_key_find_locked(ks, id);
-        if (k)
-            *vid = k->current;
-        pthread_rwlock_unlock(&ks->rw);
-        if (rotated_from && *vid == rotated_from) {
-            /* The rotation did not take (the key is no longer Enabled). */
+        int ahead = 0;
+
+        pthread_mutex_lock(&ks->lock);
+        kms_err rc = kms_key_usable_locked(ks, k);
+        *vid = k->row.current;
+        if (rc == KMS_OK && rotated_from && *vid == rotated_from)
             rc = KMS_FAIL(KMS_ERR_INVALID_STATE,
                           "The key's current version reached its usage bound and the key could "
                           "not be rotated.");
-            break;
+        if (rc == KMS_OK && k->use_vid != *vid) {
+            k->use_vid = *vid;
+            k->use_remaining = 0;
         }
-        if (u->vid != *vid) {
-            u->vid = *vid;
-            u->remaining = 0;
+        if (rc == KMS_OK && k->use_remaining > 0) {
+            k->use_remaining--;
+            ahead = ks->running && ks->cfg.usage_block >= AHEAD_MIN && !k->refilling &&
+                    k->use_remaining <= k->use_block / 2;
+            k->refilling |= ahead;
+            pthread_mutex_unlock(&ks->lock);
+            if (ahead && !queue_refill(ks, k->id)) {
+                pthread_mutex_lock(&ks->lock);
+                k->refilling = 0;
+                pthread_mutex_unlock(&ks->lock);
+            }
+            return KMS_OK;
         }
-        if (u->remaining > 0)
-            break;
-        rc = reserve(ks, id, *vid, u->block, &granted);
-        if (rc == KMS_OK) {
-            u->remaining = granted;
-            u->granted_at = kms_now();
-            break;
+        uint64_t want = k->use_block;
+        pthread_mutex_unlock(&ks->lock);
+        KMS_GUARD(rc);
+
+        rc = reserve(ks, k, *vid, want, &granted);
+        KMS_GUARD(rc);
+        if (granted) {
+            pthread_mutex_lock(&ks->lock);
+            if (k->use_vid == *vid) {
+                k->use_remaining += granted;
+                k->use_granted = kms_now();
+            }
+            pthread_mutex_unlock(&ks->lock);
+            continue;
         }
-        if (rc != KMS_ERR_LIMIT_EXCEEDED)
-            break;
+        /* At the bound: rotate (another node may use up a fresh version first: a few tries). */
+        if (attempt >= 4)
+            return KMS_FAIL(KMS_ERR_INVALID_STATE,
+                            "The key's current version reached its usage bound and the key could "
+                            "not be rotated.");
+        kms_info("key %s: version %u reached its usage bound; rotating", k->id_text, *vid);
+        rotated_from = *vid;
+        uint8_t id[KMS_UUID_LEN];
+        memcpy(id, k->id, KMS_UUID_LEN);
+        KMS_GUARD(kms_key_rotate(ks, id, KMS_ROTATE_USAGE, *vid));
+        struct key *fresh;
+        KMS_GUARD(kms_key_get(ks, id, &fresh));
+        kms_key_put(ks, k);
+        *kp = fresh;
+    }
+}
+
+void kms_unwrapped_destroy(struct kms_keystore *ks, CK_OBJECT_HANDLE h, unsigned long epoch)
+{
+    struct kms_session *holder;
+    if (epoch != kms_hsm_epoch(ks->hsm))
+        return; /* gone with its session or login already */
+    if (kms_hsm_hold(ks->hsm, &holder) != KMS_OK) {
         kms_err_clear();
-        /* Another node may use up a fresh version first: try a few rotations. */
-        if (attempt < 4) {
-            kms_info("key %02x%02x%02x%02x...: version %u reached its usage bound; rotating", id[0],
-                     id[1], id[2], id[3], *vid);
-            rotated_from = *vid;
-            rc = kms_key_rotate(ks, id, KMS_ROTATE_USAGE, *vid);
-        }
-        if (attempt >= 4 || rc != KMS_OK) {
-            kms_err_clear();
-            rc = KMS_FAIL(KMS_ERR_INVALID_STATE,
-                          "The key's current version reached its usage bound and the key could "
-                          "not be rotated.");
-            break;
-        }
+        return;
     }
-    int ahead = 0;
-    if (rc == KMS_OK) {
-        u->remaining--;
-        ahead = ks->running && ks->cfg.usage_block >= AHEAD_MIN && !u->refilling &&
-                u->remaining <= u->block / 2;
-        u->refilling |= ahead;
-    }
-    pthread_mutex_unlock(&u->lock);
-    if (ahead && !queue_refill(ks, u)) {
-        pthread_mutex_lock(&u->lock);
-        u->refilling = 0;
-        pthread_mutex_unlock(&u->lock);
-    }
-    return rc;
+    if (kms_hsm_destroy(holder, h) != KMS_OK)
+        kms_err_clear();
+    kms_hsm_unhold(holder);
 }
 
 /*
- * A version this node indexed a moment ago may not have its key object's
- * handle yet: a refresh indexes the views first and attaches handles after,
- * and a rotation sets its new version's handle only after writing the record
- * and touching the change marker. A request meeting such a version looks the
- * object up itself rather than failing with KeyUnavailableException.
+ * The handle through which version vid of k is used: unwrapped (or found)
+ * now when this node has none in the current epoch.
  */
-static void attach_version(struct kms_keystore *ks, const uint8_t id[KMS_UUID_LEN], uint32_t vid)
+static kms_err version_handle(struct kms_keystore *ks, struct key *k, uint32_t vid,
+                              CK_OBJECT_HANDLE *out)
 {
-    struct kms_session *s;
-    CK_OBJECT_HANDLE h = CK_INVALID_HANDLE;
+    unsigned long epoch = kms_hsm_epoch(ks->hsm);
+    uint8_t wrapped[KMS_WRAPPED_MAX];
+    size_t wrapped_len = 0;
+    uint32_t root = 0;
 
-    pthread_rwlock_rdlock(&ks->rw);
-    struct key *k = kms_key_find_locked(ks, id);
-    const struct version *v = k ? version_locked(k, vid) : NULL;
-    int unattached = v && v->handle == CK_INVALID_HANDLE;
-    pthread_rwlock_unlock(&ks->rw);
-    if (!unattached)
-        return;
-    if (kms_hsm_acquire(ks->hsm, &s) == KMS_OK) {
-        if (kms_kek_find(s, id, vid, &h) != KMS_OK)
-            h = CK_INVALID_HANDLE;
-        kms_hsm_release(s);
+    pthread_mutex_lock(&ks->lock);
+    struct version *v = kms_version_locked(k, vid);
+    if (!v) {
+        pthread_mutex_unlock(&ks->lock);
+        return KMS_FAIL(KMS_ERR_INVALID_CIPHERTEXT, INVALID_BLOB);
     }
-    kms_err_clear();
-    if (h == CK_INVALID_HANDLE)
-        return; /* the refresh marks it missing */
-    pthread_rwlock_wrlock(&ks->rw);
-    k = kms_key_find_locked(ks, id);
-    for (size_t i = 0; k && i < k->nversions; i++)
-        if (k->versions[i].vid == vid && k->versions[i].handle == CK_INVALID_HANDLE)
-            k->versions[i].handle = h;
-    pthread_rwlock_unlock(&ks->rw);
+    if (v->handle != CK_INVALID_HANDLE && v->epoch == epoch) {
+        *out = v->handle;
+        pthread_mutex_unlock(&ks->lock);
+        return KMS_OK;
+    }
+    if (v->wrapped) {
+        memcpy(wrapped, v->wrapped, v->wrapped_len);
+        wrapped_len = v->wrapped_len;
+        root = v->root;
+    }
+    pthread_mutex_unlock(&ks->lock);
+
+    CK_OBJECT_HANDLE h = CK_INVALID_HANDLE;
+    kms_err rc;
+    if (wrapped_len) {
+        CK_OBJECT_HANDLE rh;
+        struct kms_session *holder;
+        rc = kms_root_handle(ks, root, &rh);
+        if (rc == KMS_OK)
+            rc = kms_hsm_hold(ks->hsm, &holder);
+        if (rc == KMS_OK) {
+            epoch = kms_hsm_epoch(ks->hsm);
+            rc = kms_hsm_unwrap_aes(holder, rh, wrapped, wrapped_len, &h);
+            kms_hsm_unhold(holder);
+        }
+        if (rc == KMS_ERR_INTERNAL)
+            kms_error("key %s version %u: the stored key material does not unwrap", k->id_text,
+                      vid);
+    } else {
+        /* A token-resident version: its object, found once. */
+        uint8_t cka_id[KMS_TOKEN_KEY_ID_LEN];
+        struct kms_session *s;
+        kms_token_key_id(k->id, vid, cka_id);
+        rc = kms_hsm_acquire(ks->hsm, &s);
+        if (rc == KMS_OK) {
+            epoch = kms_hsm_epoch(ks->hsm);
+            rc = kms_hsm_find_secret(s, cka_id, sizeof cka_id, &h);
+            kms_hsm_release(s);
+        }
+        if (rc == KMS_OK && h == CK_INVALID_HANDLE) {
+            kms_error("key %s version %u: its token object is missing", k->id_text, vid);
+            rc = KMS_FAIL(KMS_ERR_KEY_UNAVAILABLE,
+                          "%skey/%s: that key material is unavailable", ks->arn_prefix,
+                          k->id_text);
+        }
+    }
+    OPENSSL_cleanse(wrapped, sizeof wrapped);
+    KMS_GUARD(rc);
+
+    CK_OBJECT_HANDLE spare = CK_INVALID_HANDLE;
+    pthread_mutex_lock(&ks->lock);
+    v = kms_version_locked(k, vid);
+    if (v && v->handle != CK_INVALID_HANDLE && v->epoch == epoch) {
+        spare = wrapped_len ? h : CK_INVALID_HANDLE; /* another request was first */
+        h = v->handle;
+    } else if (v) {
+        v->handle = h;
+        v->epoch = epoch;
+    }
+    pthread_mutex_unlock(&ks->lock);
+    if (spare != CK_INVALID_HANDLE)
+        kms_unwrapped_destroy(ks, spare, epoch);
+    *out = h;
+    return KMS_OK;
+}
+
+/* A handle found not to work: forget it so the next use unwraps again. */
+static void forget_handle(struct kms_keystore *ks, struct key *k, uint32_t vid,
+                          CK_OBJECT_HANDLE h)
+{
+    pthread_mutex_lock(&ks->lock);
+    struct version *v = kms_version_locked(k, vid);
+    if (v && v->handle == h)
+        v->handle = CK_INVALID_HANDLE;
+    pthread_mutex_unlock(&ks->lock);
+}
+
+/* GCM under a version, once more with a fresh handle when the token lost the one we had. */
+static kms_err gcm(struct kms_keystore *ks, struct key *k, uint32_t vid, int encrypt,
+                   const uint8_t iv[12], const struct kms_buf *aad, const uint8_t *in, size_t n,
+                   uint8_t *out)
+{
+    for (int attempt = 0;; attempt++) {
+        CK_OBJECT_HANDLE h;
+        struct kms_session *s;
+        kms_err rc = version_handle(ks, k, vid, &h);
+        if (rc == KMS_ERR_KEY_UNAVAILABLE && attempt == 0) {
+            /* The root's handle went with a lost session: find it again, once. */
+            kms_err_clear();
+            kms_root_forget(ks);
+            continue;
+        }
+        KMS_GUARD(rc);
+        KMS_GUARD(kms_hsm_acquire(ks->hsm, &s));
+        rc = encrypt ? kms_hsm_gcm_encrypt(s, h, iv, aad->data, aad->len, in, n, out)
+                             : kms_hsm_gcm_decrypt(s, h, iv, aad->data, aad->len, in, n, out);
+        kms_hsm_release(s);
+        if (rc != KMS_ERR_KEY_UNAVAILABLE || attempt > 0)
+            return rc;
+        /* The object went (a re-login, a lost session): unwrap again, once. */
+        kms_err_clear();
+        forget_handle(ks, k, vid, h);
+    }
 }
 
 kms_err kms_keystore_encrypt(struct kms_keystore *ks, const char *ref,
                              const struct kms_buf *canonical_context, const uint8_t *plaintext,
                              size_t n, struct kms_buf *blob, struct kms_key_info *info)
 {
-    uint8_t header[KMS_BLOB_HEADER_LEN], iv[KMS_GCM_IV_LEN], id[KMS_UUID_LEN];
+    uint8_t header[KMS_BLOB_HEADER_LEN], iv[KMS_GCM_IV_LEN];
     struct kms_buf aad = KMS_BUF_INIT;
-    struct kms_session *s = NULL;
-    CK_OBJECT_HANDLE h = CK_INVALID_HANDLE;
-    struct usage *u = NULL;
-    uint32_t vid = 0, taken;
     struct key *k;
-    kms_err rc;
+    uint32_t vid = 0;
 
-    pthread_rwlock_rdlock(&ks->rw);
-    rc = kms_resolve_locked(ks, ref, 1, &k);
-    if (rc == KMS_OK)
-        rc = usable_locked(ks, k);
+    KMS_GUARD(kms_resolve(ks, ref, 1, &k));
+    kms_err rc = take_use(ks, &k, &vid);
     if (rc == KMS_OK) {
-        memcpy(id, k->id, KMS_UUID_LEN);
-        vid = k->current;
-        u = k->usage;
-    }
-    pthread_rwlock_unlock(&ks->rw);
-    KMS_GUARD(rc);
-
-    taken = vid;
-    KMS_GUARD(take_use(ks, id, u, &taken));
-    attach_version(ks, id, taken);
-    pthread_rwlock_rdlock(&ks->rw);
-    k = kms_key_find_locked(ks, id);
-    const struct version *v = k ? version_locked(k, taken) : NULL;
-    if (!k)
-        rc = KMS_FAIL(KMS_ERR_NOT_FOUND, "The key no longer exists");
-    else if (!v || v->handle == CK_INVALID_HANDLE || v->handle == KEK_MISSING)
-        rc = KMS_FAIL(KMS_ERR_KEY_UNAVAILABLE, "%skey/%s: its current key material is unavailable",
-                      ks->arn_prefix, k->id_text);
-    else
-        rc = usable_locked(ks, k);
-    if (rc == KMS_OK) {
-        h = v->handle;
-        kms_blob_header(k->id, taken, header);
+        pthread_mutex_lock(&ks->lock);
+        kms_blob_header(k->id, vid, header);
         rc = kms_info_copy_locked(ks, k, info);
+        pthread_mutex_unlock(&ks->lock);
     }
-    pthread_rwlock_unlock(&ks->rw);
-
     if (rc == KMS_OK && RAND_bytes(iv, sizeof iv) != 1)
         rc = KMS_FAIL(KMS_ERR_INTERNAL, "random generator failed");
     if (rc == KMS_OK)
@@ -299,74 +358,63 @@ kms_err kms_keystore_encrypt(struct kms_keystore *ks, const char *ref,
     if (rc == KMS_OK)
         rc = kms_buf_reserve(blob, KMS_BLOB_OVERHEAD + n);
     if (rc == KMS_OK)
-        rc = kms_hsm_acquire(ks->hsm, &s);
-    if (rc == KMS_OK) {
-        size_t at = blob->len + sizeof header + sizeof iv;
-        rc = kms_hsm_gcm_encrypt(s, h, iv, aad.data, aad.len, plaintext, n, blob->data + at);
-        kms_hsm_release(s);
-    }
+        rc = gcm(ks, k, vid, 1, iv, &aad, plaintext, n,
+                 blob->data + blob->len + sizeof header + sizeof iv);
     if (rc == KMS_OK) {
         memcpy(blob->data + blob->len, header, sizeof header);
         memcpy(blob->data + blob->len + sizeof header, iv, sizeof iv);
         blob->len += KMS_BLOB_OVERHEAD + n;
     }
+    kms_key_put(ks, k);
     kms_buf_free(&aad);
     return rc;
 }
 
-/* The handle of a blob's version, re-reading the key once when this node has not seen it. */
+/* The held key a blob names, checked against expect_ref and usable, with the version known. */
 static kms_err blob_key(struct kms_keystore *ks, const struct kms_blob *blob,
-                        const char *expect_ref, CK_OBJECT_HANDLE *h, struct kms_key_info *info)
+                        const char *expect_ref, struct key **out, struct kms_key_info *info)
 {
-    for (int pass = 0;; pass++) {
-        struct key *k, *expected = NULL;
-        const struct version *v = NULL;
-        kms_err rc = KMS_OK;
-        int unseen = 0;
+    uint8_t expected[KMS_UUID_LEN];
+    struct key *k;
 
-        attach_version(ks, blob->key_id, blob->key_version);
-        pthread_rwlock_rdlock(&ks->rw);
-        if (expect_ref)
-            rc = kms_resolve_locked(ks, expect_ref, 1, &expected);
-        k = kms_key_any_locked(ks, blob->key_id);
-        if (rc == KMS_OK) {
-            if (!k) {
-                unseen = 1;
-                rc = KMS_FAIL(KMS_ERR_INVALID_CIPHERTEXT,
-                              "The ciphertext refers to a key that does not exist");
-            } else if (k->destroyed) {
-                rc = KMS_FAIL(KMS_ERR_NOT_FOUND, "Key '%skey/%s' does not exist", ks->arn_prefix,
-                              k->id_text);
-            } else if (expected && expected != k) {
-                rc = KMS_FAIL(KMS_ERR_INCORRECT_KEY,
-                              "The key ID in the request does not identify the key that "
-                              "encrypted the ciphertext");
-            } else if ((v = version_locked(k, blob->key_version)) == NULL) {
-                unseen = 1;
-                rc = KMS_FAIL(KMS_ERR_INVALID_CIPHERTEXT,
-                              "The ciphertext names a key version that does not exist");
-            }
-        }
-        if (rc == KMS_OK)
-            rc = usable_locked(ks, k);
-        if (rc == KMS_OK && (v->handle == CK_INVALID_HANDLE || v->handle == KEK_MISSING))
-            rc = KMS_FAIL(KMS_ERR_KEY_UNAVAILABLE, "%skey/%s: that key material is unavailable",
-                          ks->arn_prefix, k->id_text);
-        if (rc == KMS_OK) {
-            *h = v->handle;
-            rc = kms_info_copy_locked(ks, k, info);
-        }
-        pthread_rwlock_unlock(&ks->rw);
-        if (rc == KMS_OK || !unseen || pass > 0)
-            return rc;
-        /* Made on another node since our last look: read that key now. */
-        char msg[256];
-        snprintf(msg, sizeof msg, "%s", kms_err_message());
-        if (kms_refresh_key(ks, blob->key_id, blob->key_version) != KMS_OK) {
-            kms_err_clear();
-            return KMS_FAIL(rc, "%s", msg);
-        }
+    if (expect_ref) {
+        struct key *e;
+        KMS_GUARD(kms_resolve(ks, expect_ref, 1, &e));
+        memcpy(expected, e->id, KMS_UUID_LEN);
+        kms_key_put(ks, e);
     }
+    kms_err rc = kms_key_get(ks, blob->key_id, &k);
+    if (rc == KMS_ERR_NOT_FOUND)
+        return KMS_FAIL(KMS_ERR_INVALID_CIPHERTEXT, INVALID_BLOB);
+    KMS_GUARD(rc);
+    pthread_mutex_lock(&ks->lock);
+    if (k->row.state == KMS_STORE_DESTROYED)
+        rc = KMS_FAIL(KMS_ERR_NOT_FOUND, "Key '%skey/%s' does not exist", ks->arn_prefix,
+                      k->id_text);
+    else if (expect_ref && memcmp(expected, k->id, KMS_UUID_LEN) != 0)
+        rc = KMS_FAIL(KMS_ERR_INCORRECT_KEY, "The key ID in the request does not identify the "
+                                             "key that encrypted the ciphertext");
+    else
+        rc = kms_key_usable_locked(ks, k);
+    int known = rc == KMS_OK && kms_version_locked(k, blob->key_version) != NULL;
+    pthread_mutex_unlock(&ks->lock);
+    if (rc == KMS_OK && !known) {
+        /* Made on another node since this one read the key: one lookup, then remembered. */
+        rc = kms_key_learn_version(ks, k, blob->key_version);
+        if (rc == KMS_ERR_NOT_FOUND)
+            rc = KMS_FAIL(KMS_ERR_INVALID_CIPHERTEXT, INVALID_BLOB);
+    }
+    if (rc == KMS_OK) {
+        pthread_mutex_lock(&ks->lock);
+        rc = kms_info_copy_locked(ks, k, info);
+        pthread_mutex_unlock(&ks->lock);
+    }
+    if (rc != KMS_OK) {
+        kms_key_put(ks, k);
+        return rc;
+    }
+    *out = k;
+    return KMS_OK;
 }
 
 kms_err kms_keystore_decrypt(struct kms_keystore *ks, const uint8_t *p, size_t n,
@@ -375,26 +423,20 @@ kms_err kms_keystore_decrypt(struct kms_keystore *ks, const uint8_t *p, size_t n
 {
     struct kms_blob blob;
     struct kms_buf aad = KMS_BUF_INIT;
-    struct kms_session *s = NULL;
-    CK_OBJECT_HANDLE h = CK_INVALID_HANDLE;
-    kms_err rc;
+    struct key *k = NULL;
 
     KMS_GUARD(kms_blob_decode(p, n, &blob));
-    rc = blob_key(ks, &blob, expect_ref, &h, info);
+    kms_err rc = blob_key(ks, &blob, expect_ref, &k, info);
     if (rc == KMS_OK)
         rc = kms_blob_aad(blob.header, canonical_context, &aad);
     if (rc == KMS_OK)
         rc = kms_buf_reserve(plaintext, blob.ciphertext_len);
     if (rc == KMS_OK)
-        rc = kms_hsm_acquire(ks->hsm, &s);
-    if (rc == KMS_OK) {
-        rc = kms_hsm_gcm_decrypt(s, h, blob.iv, aad.data, aad.len, blob.ciphertext,
-                                 blob.ciphertext_len + KMS_GCM_TAG_LEN,
-                                 plaintext->data + plaintext->len);
-        kms_hsm_release(s);
-    }
+        rc = gcm(ks, k, blob.key_version, 0, blob.iv, &aad, blob.ciphertext,
+                 blob.ciphertext_len + KMS_GCM_TAG_LEN, plaintext->data + plaintext->len);
     if (rc == KMS_OK)
         plaintext->len += blob.ciphertext_len;
+    kms_key_put(ks, k);
     kms_buf_free(&aad);
     return rc;
 }

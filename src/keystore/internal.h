@@ -1,173 +1,210 @@
-/* Key store internals shared by keystore.c, refresh.c and crypto.c. */
+/*
+ * Key store internals, shared by its files:
+ *
+ *   cache.c     the in-memory keys (hash + LRU), aliases and unknown ids
+ *   keystore.c  open and close, lookups, key changes, aliases
+ *   rotation.c  new versions: creation, rotation, the rotation settings
+ *   crypto.c    wrapping and unwrapping under versions, usage reservations
+ *   roots.c     root keys: made by init, found at open
+ *   background.c the thread: change feed, due rotations and deletions, blocks ahead
+ *   migrate.c   import of the token-only layout of earlier releases
+ *
+ * Lock order (each lock is only ever taken with those above it held, never
+ * those below; none is held across a database or token call unless said):
+ *
+ *   1. ks->change      serialises this node's key changes with the background
+ *                      thread's (held across database transactions)
+ *   2. hsm holder lock kms_hsm_hold: unwrapping into the holder session
+ *   3. ks->lock        the caches and every cached entry's fields; never
+ *                      held across a database or token call
+ *   4. ks->queue_lock  the blocks-ahead queue and the background thread's wakeups
+ */
 #ifndef P11KMS_KEYSTORE_INTERNAL_H
 #define P11KMS_KEYSTORE_INTERNAL_H
 
 #include <pthread.h>
 
 #include "keystore/keystore.h"
-#include "keystore/model.h"
-#include "keystore/record.h"
 
-#define KEK_ID_LEN (KMS_UUID_LEN + 4)
-#define KEK_LABEL_MAX 128 /* "p11kms-kek:<uuid>:<vid>:<created>" fits */
-/* A version whose key object was looked for and not found. */
-#define KEK_MISSING ((CK_OBJECT_HANDLE)-1)
+#define KMS_ROOTS_MAX 8
+#define KMS_TOKEN_KEY_ID_LEN (KMS_UUID_LEN + 4) /* CKA_ID of a token-resident version */
 
+/* One version of a cached key. */
 struct version {
     uint32_t vid;
     uint32_t n;
     int64_t created;
+    int rotation; /* enum kms_store_rotation */
     uint64_t reserved;
     uint64_t bound;
-    int listed;
-    int on_demand;
-    CK_OBJECT_HANDLE handle; /* CK_INVALID_HANDLE until found in the token */
+    uint32_t root;
+    uint8_t *wrapped; /* malloc'd; NULL for a token-resident version */
+    size_t wrapped_len;
+    /* The unwrapped session object (or found token object) and the epoch it belongs to. */
+    CK_OBJECT_HANDLE handle;
+    unsigned long epoch;
 };
 
-/* This node's share of a version's reserved uses; outlives index updates. */
-struct usage {
-    pthread_mutex_t lock;
-    uint8_t id[KMS_UUID_LEN]; /* the key's */
-    uint32_t vid;
-    uint64_t remaining;
-    uint64_t block;     /* uses reserved at a time; grows for a busy key (crypto.c) */
-    int64_t granted_at; /* when this node last reserved a block */
-    int refilling;      /* the next block is queued or being reserved ahead */
-    struct usage *next_all;
-};
-
+/* A key held in memory. Fields are read and written under ks->lock. */
 struct key {
     uint8_t id[KMS_UUID_LEN];
     char id_text[KMS_UUID_TEXT_LEN + 1];
-    int64_t created;
-    char *description;
-    enum kms_key_state state;
-    int destroyed; /* deleted: only a tombstone record is left, so its blobs answer NotFound */
-    int purged;    /* this node has removed the destroyed key's objects */
-    int64_t deletion_date;
-    int rotation_enabled;
-    int64_t rotation_days;
-    int64_t next_rotation;
-    uint32_t current;
-    /* The record's versions first (nrecord of them), then those only history objects hold. */
-    struct version *versions;
+    struct kms_key_row row;
+    struct version *versions; /* in ordinal order */
     size_t nversions;
-    size_t nrecord;
-    struct version *history; /* every version the key's history objects hold (history.c) */
-    size_t nhistory;
-    uint32_t archived_n;     /* the record's: versions up to this ordinal moved to history */
-    uint32_t history_n;      /* the highest ordinal the history objects read cover */
-    char *history_signature; /* the history objects read: "upto:nonce,..." */
-    uint64_t gen;
-    char *signature; /* the records this view came from: "gen:nonce,..." */
-    struct usage *usage;
-    char *policy_text;
-    void *policy; /* compiled by cfg.compile_policy; NULL when none */
+    void *policy; /* compiled; NULL when it does not compile (allows nothing) */
+    /* This node's uses of the current version, reserved in the database. */
+    uint32_t use_vid;
+    uint64_t use_remaining;
+    uint64_t use_block;  /* grows for a busy key (crypto.c) */
+    int64_t use_granted; /* when the last block was reserved */
+    int refilling;       /* a block ahead is queued or being reserved */
+    /* A version looked up in the database and not found, and when. */
+    uint32_t missed_vid;
+    int64_t missed_at;
+    int refs;   /* requests holding it; an entry is freed only at 0 */
+    int stale;  /* changed in the database: read again at the next use */
+    int linked; /* in the hash and the LRU */
+    struct key *hnext;
+    struct key *lprev, *lnext; /* LRU: head is the most recently used */
 };
 
-struct alias {
-    char *name;
-    uint8_t target[KMS_UUID_LEN];
-    int live; /* 0: a tombstone */
-    int64_t created;
-    int64_t updated;
-    uint64_t gen;
-    char *signature;
+struct alias_entry {
+    char name[KMS_ALIAS_MAX + 1];
+    struct kms_alias_row row;
+    struct alias_entry *hnext;
+};
+
+struct root {
+    uint32_t id;
+    uint8_t cka_id[KMS_ROOT_ID_LEN];
+    int state;
+    CK_OBJECT_HANDLE handle;
+    unsigned long epoch; /* the handle is re-found after a re-login */
 };
 
 struct kms_keystore {
     struct kms_hsm *hsm;
+    struct kms_store *store;
     struct kms_keystore_config cfg;
     char region[64];
     char account[32];
     char arn_prefix[128]; /* arn:aws:kms:<region>:<account>: */
 
-    /* Readers copy what they need out under rw; writers hold write around token changes. */
-    pthread_rwlock_t rw;
-    pthread_mutex_t write;
-    struct key **keys; /* sorted by id */
-    size_t nkeys, capkeys;
-    struct alias **aliases; /* sorted by name, tombstones included */
-    size_t naliases, capaliases;
-    struct usage *usages;
+    pthread_mutex_t change; /* lock 1 */
+    pthread_mutex_t lock;   /* lock 3 */
 
-    /* Change marker objects and the labels last seen on them. */
-    CK_OBJECT_HANDLE *markers;
-    char **marker_labels;
-    size_t nmarkers;
+    /* cache.c, under lock */
+    struct key **keys; /* hash buckets */
+    size_t nbuckets;
+    size_t nkeys;
+    struct key *lru_head, *lru_tail;
+    struct key *reaped; /* dropped entries no request holds, for kms_cache_reap */
+    uint64_t change_gen; /* bumped by every change seen: a read racing one is not kept */
+    struct alias_entry **aliases;
+    size_t nalias_buckets;
+    size_t naliases;
+    uint8_t (*unknown)[KMS_UUID_LEN]; /* negative cache: open slots by hash */
+    int64_t *unknown_at;
+    size_t nunknown;
 
-    /* Single-flight refresh of one key named by a blob this node has not seen. */
-    pthread_mutex_t refresh_one;
-    uint8_t missed[16][KMS_UUID_LEN];
-    uint32_t missed_vid[16];
-    int64_t missed_at[16];
-    unsigned missed_next;
+    struct root roots[KMS_ROOTS_MAX];
+    size_t nroots;
+    size_t current_root; /* index into roots */
 
+    /* counts for the metrics, refreshed by the background thread */
+    size_t count_keys, count_versions;
+
+    /* background.c */
+    int64_t seen_seq; /* the change sequence read so far */
     pthread_t thread;
     int running;
     int stopping;
-    pthread_mutex_t stop_lock; /* guards stopping and the refill queue */
-    pthread_cond_t stop_cond;  /* wakes the background thread */
-    struct usage *refills[64]; /* blocks to reserve ahead, for the background thread */
+    pthread_mutex_t queue_lock; /* lock 4 */
+    pthread_cond_t wake;
+    uint8_t refills[64][KMS_UUID_LEN];
     size_t nrefills;
-    int64_t last_full_refresh;
+    int64_t last_prune;
+    int64_t last_count;
 };
 
 int64_t kms_now(void);
 
-/* Reserves the blocks of uses queued by requests (crypto.c); the background thread's. */
-void kms_keystore_refill(struct kms_keystore *ks);
+/* ---- cache.c ---- */
+kms_err kms_cache_init(struct kms_keystore *ks);
+void kms_cache_free(struct kms_keystore *ks);
+/*
+ * The key with this id, held (release with kms_key_put): from memory, else
+ * read from the database (one lookup by primary key) and kept. A key the
+ * database lacks is remembered as unknown (KMS_ERR_NOT_FOUND, nothing set);
+ * a destroyed key is returned (row.state KMS_STORE_DESTROYED).
+ */
+kms_err kms_key_get(struct kms_keystore *ks, const uint8_t id[KMS_UUID_LEN], struct key **out);
+void kms_key_put(struct kms_keystore *ks, struct key *k);
+/* Marks a key changed: the next kms_key_get reads it again. */
+void kms_cache_key_changed(struct kms_keystore *ks, const uint8_t id[KMS_UUID_LEN]);
+void kms_cache_alias_changed(struct kms_keystore *ks, const char *name);
+/* Everything may have changed (the change sequence was lost): every entry is read again. */
+void kms_cache_all_changed(struct kms_keystore *ks);
+/* The alias row, from memory or the database; KMS_ERR_NOT_FOUND (nothing set) when none. */
+kms_err kms_alias_lookup(struct kms_keystore *ks, const char *name, struct kms_alias_row *out);
+/* A version of a key under ks->lock, or NULL. */
+struct version *kms_version_locked(struct key *k, uint32_t vid);
+/* Reads a version the key's entry lacks (made elsewhere since it was read); under no lock. */
+kms_err kms_key_learn_version(struct kms_keystore *ks, struct key *k, uint32_t vid);
+/* Installs a key this node has just written (no read back); takes r's allocations. */
+kms_err kms_cache_install(struct kms_keystore *ks, struct kms_key_row *r,
+                          const struct kms_version_row *v, uint64_t uses);
+/* Session objects of dropped entries are destroyed by the caller of this, under no lock. */
+void kms_cache_reap(struct kms_keystore *ks);
 
-/* index (keystore.c) */
-/* A usable (not destroyed) key, or NULL. */
-struct key *kms_key_find_locked(struct kms_keystore *ks, const uint8_t id[KMS_UUID_LEN]);
-/* Any indexed key, destroyed ones included. */
-struct key *kms_key_any_locked(struct kms_keystore *ks, const uint8_t id[KMS_UUID_LEN]);
-struct alias *kms_alias_find_locked(struct kms_keystore *ks, const char *name);
-kms_err kms_resolve_locked(struct kms_keystore *ks, const char *ref, int allow_alias,
-                           struct key **out);
+/* ---- keystore.c ---- */
+/* Resolves a key id, key ARN, alias name or alias ARN to a key id. */
+kms_err kms_resolve_id(struct kms_keystore *ks, const char *ref, int allow_alias,
+                       uint8_t id[KMS_UUID_LEN]);
+/* kms_resolve_id, then the held key; a destroyed key is NotFound. */
+kms_err kms_resolve(struct kms_keystore *ks, const char *ref, int allow_alias, struct key **out);
 kms_err kms_info_copy_locked(struct kms_keystore *ks, const struct key *k,
                              struct kms_key_info *out);
-/* Builds an index entry from a key view and puts it in (takes the write side of rw). */
-kms_err kms_index_key_view(struct kms_keystore *ks, const uint8_t id[KMS_UUID_LEN],
-                           const struct kms_view *view, const char *signature);
-kms_err kms_index_alias_view(struct kms_keystore *ks, const char *name, const struct kms_view *view,
-                             const char *signature);
-void kms_index_remove_key(struct kms_keystore *ks, const uint8_t id[KMS_UUID_LEN]);
-void kms_index_remove_alias(struct kms_keystore *ks, const char *name);
-void kms_alias_oid(const char *name, uint8_t oid[KMS_OID_LEN]);
-/* An object id for name in a domain ("p11kms alias", "p11kms history"). */
-void kms_oid_of(const char *domain, const void *name, size_t n, uint8_t oid[KMS_OID_LEN]);
-/* A version from its JSON form in a key's state or history. */
-void kms_version_from_json(const json_t *v, struct version *out);
-/* Replaces a key's history versions (takes h) and what they cover. */
-kms_err kms_index_key_history(struct kms_keystore *ks, const uint8_t id[KMS_UUID_LEN],
-                              struct version *h, size_t n, uint32_t upto, const char *signature);
-/* Writes a change to a key and indexes the result. */
-kms_err kms_key_change(struct kms_keystore *ks, struct kms_session *s,
-                       const uint8_t id[KMS_UUID_LEN], const json_t *op);
-/* Makes a KEK object for a new version and writes the rotation. */
-kms_err kms_key_rotate(struct kms_keystore *ks, const uint8_t id[KMS_UUID_LEN], const char *reason,
+kms_err kms_key_usable_locked(struct kms_keystore *ks, const struct key *k);
+/*
+ * One change to a key in one write transaction: fn changes the row read
+ * under the database's write lock (or fails, and nothing is written).
+ */
+kms_err kms_key_change(struct kms_keystore *ks, const uint8_t id[KMS_UUID_LEN],
+                       kms_err (*fn)(struct kms_keystore *ks, struct kms_tx *tx,
+                                     struct kms_key_row *r, void *arg),
+                       void *arg);
+
+/* ---- rotation.c ---- */
+/* A new version of a key when still due (reason: KMS_ROTATE_*); from: the usage-bound version. */
+kms_err kms_key_rotate(struct kms_keystore *ks, const uint8_t id[KMS_UUID_LEN], int reason,
                        uint32_t from);
+enum { KMS_ROTATE_SCHEDULE = 1, KMS_ROTATE_USAGE = 2, KMS_ROTATE_DEMAND = 3 };
+/* A new wrapped version under the current root, to be stored as version vid/n of key. */
+kms_err kms_version_make(struct kms_keystore *ks, struct kms_version_row *v);
+/* A random vid no version of the key has, read in tx. */
+kms_err kms_version_new_vid(struct kms_tx *tx, const uint8_t id[KMS_UUID_LEN], uint32_t *out);
 
-/* history.c: old versions moved out of a key's record into immutable objects */
-/* Reads every history object of a key into the index. */
-kms_err kms_history_load(struct kms_keystore *ks, struct kms_session *s,
-                         const uint8_t id[KMS_UUID_LEN]);
-/* When the key's record holds many versions, moves the oldest to a history object. */
-kms_err kms_history_archive(struct kms_keystore *ks, struct kms_session *s,
-                            const uint8_t id[KMS_UUID_LEN]);
-/* Removes a destroyed key's history objects. */
-void kms_history_destroy(struct kms_session *s, const uint8_t id[KMS_UUID_LEN]);
+/* ---- crypto.c ---- */
+/* Reserves the blocks of uses queued by requests; the background thread's. */
+void kms_keystore_refill(struct kms_keystore *ks);
+/* Destroys a session object of the holder (dropped cache entries). */
+void kms_unwrapped_destroy(struct kms_keystore *ks, CK_OBJECT_HANDLE h, unsigned long epoch);
 
-/* refresh.c */
-kms_err kms_refresh_all(struct kms_keystore *ks, struct kms_session *s, int sweep_orphans);
-/* Re-reads one key; a (key, version) still missing is not looked for again for 2 s. */
-kms_err kms_refresh_key(struct kms_keystore *ks, const uint8_t id[KMS_UUID_LEN], uint32_t vid);
-kms_err kms_marker_init(struct kms_keystore *ks, struct kms_session *s);
-void kms_marker_touch(struct kms_keystore *ks, struct kms_session *s);
-kms_err kms_kek_find(struct kms_session *s, const uint8_t id[KMS_UUID_LEN], uint32_t vid,
-                     CK_OBJECT_HANDLE *out);
-void kms_kek_id(const uint8_t id[KMS_UUID_LEN], uint32_t vid, uint8_t out[KEK_ID_LEN]);
+/* ---- roots.c ---- */
+kms_err kms_roots_load(struct kms_keystore *ks);
+/* The handle of a root (re-found after a new epoch). */
+kms_err kms_root_handle(struct kms_keystore *ks, uint32_t id, CK_OBJECT_HANDLE *out);
+/* Every root's handle is found again at its next use (one was refused). */
+void kms_root_forget(struct kms_keystore *ks);
+/* The current root's id. */
+uint32_t kms_root_current(struct kms_keystore *ks);
+
+/* ---- background.c ---- */
+/* Reads the change sequence since the last look and drops what changed. */
+void kms_changes_poll(struct kms_keystore *ks);
+void kms_token_key_id(const uint8_t id[KMS_UUID_LEN], uint32_t vid,
+                      uint8_t out[KMS_TOKEN_KEY_ID_LEN]);
 
 #endif

@@ -1,17 +1,11 @@
 /*
- * The key model (DESIGN §5). All state lives in the token, so nodes pointed at
- * one token share nothing else:
- *
- * - each KEK version is an AES-256 secret key object with CKA_ID =
- *   uuid || vid, where vid is a random 32-bit version id (the blob's "key
- *   version" field), so a blob names exactly one object even when two nodes
- *   rotate a key at once;
- * - each key and each alias is a generational record (record.h);
- * - a "change marker" data object gets a new random label after every change;
- *   each node polls it and re-reads what changed.
- *
- * The in-memory index maps key ids and alias names to versions and object
- * handles, so a request never searches the token.
+ * The key model (DESIGN §5): the token holds only root keys; the database
+ * (src/store/) holds keys, their versions wrapped under a root, aliases and
+ * usage counters. A node keeps the keys it uses in memory (a bounded LRU),
+ * each version it uses unwrapped into a session object of the token, so a
+ * request with a cached key touches neither the database nor a token search.
+ * A change is one database transaction; other nodes learn of it through the
+ * database's change sequence, polled every refresh_ms.
  */
 #ifndef P11KMS_KEYSTORE_H
 #define P11KMS_KEYSTORE_H
@@ -21,6 +15,7 @@
 
 #include "common/blob.h"
 #include "hsm/hsm.h"
+#include "store/store.h"
 
 #define KMS_ARN_MAX 256
 #define KMS_ALIAS_MAX 256
@@ -41,9 +36,9 @@ struct kms_keystore_config {
     unsigned pending_min_days;     /* 7 */
     unsigned pending_max_days;     /* 30 */
     unsigned max_on_demand;        /* on-demand rotations per key; 10 */
-    unsigned refresh_ms;           /* change-marker poll interval; 1000 */
-    unsigned full_refresh_seconds; /* re-read everything this often; 60 */
-    unsigned orphan_grace_seconds; /* a key object no record names is removed after this; 600 */
+    unsigned refresh_ms;           /* change-sequence poll interval; 1000 */
+    unsigned key_cache;            /* keys held in memory, their used versions unwrapped; 4096 */
+    unsigned negative_cache;       /* key ids remembered as unknown; 8192 */
     /*
      * Key policies: the key store keeps each key's policy text in its record
      * and a compiled form in the index, made by compile_policy (NULL: none is
@@ -54,13 +49,6 @@ struct kms_keystore_config {
     void (*free_policy)(void *compiled);
     void *policy_arg;
     const char *default_policy; /* for keys whose record has none (made before policies) */
-    /*
-     * Only this process uses the token (provisioning a token offline): new
-     * key objects are made without the search that first shows this process
-     * the objects other processes made (see make_kek), so making a key costs
-     * the same with any number of objects. Never set in p11kmsd.
-     */
-    int sole_user;
 };
 
 void kms_keystore_config_defaults(struct kms_keystore_config *c);
@@ -94,9 +82,29 @@ struct kms_rotation_info {
     int on_demand;
 };
 
-/* Opens the key store over a logged-in token and reads every key into the index. */
-KMS_MUST_CHECK kms_err kms_keystore_open(struct kms_hsm *hsm, const struct kms_keystore_config *cfg,
+/*
+ * Opens the key store over a logged-in token and an open database; finds the
+ * root keys the database names (KMS_ERR_INTERNAL, saying so, when the
+ * database has none: run p11kmsd init). Keys are read as they are used.
+ */
+KMS_MUST_CHECK kms_err kms_keystore_open(struct kms_hsm *hsm, struct kms_store *store,
+                                         const struct kms_keystore_config *cfg,
                                          struct kms_keystore **out);
+/*
+ * Makes a root key in the token and names it in the database when the
+ * database names none (p11kmsd init, --dev): idempotent. *made says whether
+ * one was made.
+ */
+KMS_MUST_CHECK kms_err kms_keystore_init_roots(struct kms_hsm *hsm, struct kms_store *store,
+                                               int *made);
+/*
+ * Imports the token-only layout of earlier releases (records and key objects
+ * in the token) into the database as token-resident keys, in one
+ * transaction, once: a database that holds the import's mark is left alone
+ * (migrate.c). quiet: say nothing when there is nothing to import.
+ */
+KMS_MUST_CHECK kms_err kms_migrate_token(struct kms_hsm *hsm, struct kms_store *store,
+                                         const struct kms_keystore_config *cfg, int quiet);
 void kms_keystore_close(struct kms_keystore *ks);
 size_t kms_keystore_count(struct kms_keystore *ks);
 
@@ -115,7 +123,7 @@ struct kms_version_usage {
 kms_err kms_keystore_survey(struct kms_keystore *ks, size_t *keys, size_t *versions,
                             kms_err (*fn)(void *arg, const struct kms_version_usage *u), void *arg);
 
-/* Starts and stops the background thread: change polling, scheduled rotation, deletion. */
+/* Starts and stops the background thread: the change feed, scheduled rotation, deletion. */
 KMS_MUST_CHECK kms_err kms_keystore_start(struct kms_keystore *ks);
 void kms_keystore_stop(struct kms_keystore *ks);
 /* One pass of the background work now (tests and start-up). */
@@ -142,11 +150,6 @@ struct kms_key_guard {
 KMS_MUST_CHECK kms_err
 kms_keystore_authorize(struct kms_keystore *ks, const char *ref, int allow_alias,
                        kms_err (*fn)(void *arg, const struct kms_key_guard *g), void *arg);
-/*
- * Reads one key from the token now when this node has not seen it (or the
- * version vid of it): a blob may name a key made on another node moments ago.
- */
-void kms_keystore_learn(struct kms_keystore *ks, const uint8_t id[KMS_UUID_LEN], uint32_t vid);
 /* The key's policy text (malloc'd). */
 KMS_MUST_CHECK kms_err kms_keystore_get_policy(struct kms_keystore *ks, const char *ref,
                                                char **out);

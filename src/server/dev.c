@@ -178,6 +178,12 @@ kms_err kms_dev_prepare(const char *dir, struct kms_config *cfg)
         KMS_GUARD(kms_config_set(cfg, "region", DEV_REGION));
     if (!cfg->account)
         KMS_GUARD(kms_config_set(cfg, "account", DEV_ACCOUNT));
+    if (!cfg->database) {
+        char db[4096], url[4200];
+        KMS_GUARD(path_join(db, sizeof db, dir, "p11kms.db"));
+        snprintf(url, sizeof url, "sqlite:%s", db);
+        KMS_GUARD(kms_config_set(cfg, "database", url));
+    }
     if (!cfg->audit_log) {
         char audit[4096];
         KMS_GUARD(path_join(audit, sizeof audit, dir, "audit.log"));

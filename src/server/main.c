@@ -30,12 +30,16 @@ static void usage(FILE *f)
 {
     fprintf(f, "usage: p11kmsd --dev [--state-dir DIR] [--listen HOST:PORT] [options]\n"
                "       p11kmsd --config FILE [--listen HOST:PORT] [options]\n"
+               "       p11kmsd init --config FILE       make the database and the root key\n"
+               "       p11kmsd migrate --config FILE    import an earlier release's token\n"
+               "       p11kmsd backup --config FILE OUT copy the database to OUT\n"
                "\n"
-               "  --dev              development mode: a SoftHSM2 token, a principal and the key\n"
-               "                     alias/dev in DIR, made on first start and reused after\n"
+               "  --dev              development mode: a SoftHSM2 token, a database, a principal\n"
+               "                     and the key alias/dev in DIR, made on first start\n"
                "  --state-dir DIR    development state folder (default $XDG_STATE_HOME/p11kms-dev\n"
                "                     or ~/.local/state/p11kms-dev)\n"
                "  --config FILE      configuration file (see docs/operations.md)\n"
+               "  --database URL     the database (sqlite:PATH), instead of the configured one\n"
                "  --listen HOST:PORT address to serve on (port 0 picks a free port)\n"
                "  --threads N        HTTP worker threads\n"
                "  --verbose          log every request\n"
@@ -107,7 +111,9 @@ static kms_err lock_memory(const struct kms_config *cfg)
     return KMS_OK;
 }
 
-static kms_err start(struct kms_server *srv)
+enum { RUN_SERVE, RUN_DEV, RUN_INIT, RUN_MIGRATE };
+
+static kms_err start(struct kms_server *srv, int mode)
 {
     char *pin = NULL;
     size_t pin_len = 0;
@@ -134,6 +140,22 @@ static kms_err start(struct kms_server *srv)
     kms_free_secret(pin, pin_len + 1);
     if (rc != KMS_OK)
         return rc;
+    struct kms_store_config sc = {srv->cfg.database, srv->cfg.database_timeout_ms,
+                                  mode == RUN_SERVE ? KMS_STORE_OPEN : KMS_STORE_INIT};
+    KMS_GUARD(kms_store_open(&sc, &srv->store));
+    if (mode != RUN_SERVE) {
+        int made = 0;
+        KMS_GUARD(kms_keystore_init_roots(srv->hsm, srv->store, &made));
+        int version = 0;
+        KMS_GUARD(kms_store_database_version(srv->store, &version));
+        kms_info("database %s at schema version %d; %s", kms_store_name(srv->store), version,
+                 made ? "root key made in the token" : "its root key is in the token");
+        /* An earlier release's state in the token: imported once (a no-op after). */
+        if (mode == RUN_MIGRATE || mode == RUN_DEV)
+            KMS_GUARD(kms_migrate_token(srv->hsm, srv->store, &srv->cfg.keys, mode == RUN_DEV));
+        if (mode == RUN_INIT || mode == RUN_MIGRATE)
+            return KMS_OK;
+    }
     struct kms_keystore_config kc = srv->cfg.keys;
     kc.region = srv->cfg.region;
     kc.account = srv->cfg.account;
@@ -142,7 +164,7 @@ static kms_err start(struct kms_server *srv)
     kc.policy_arg = srv;
     KMS_GUARD(kms_account_policy(srv->cfg.account, &srv->account_policy));
     kc.default_policy = srv->account_policy;
-    KMS_GUARD(kms_keystore_open(srv->hsm, &kc, &srv->ks));
+    KMS_GUARD(kms_keystore_open(srv->hsm, srv->store, &kc, &srv->ks));
     if (srv->cfg.audit_log) {
         struct kms_audit_config ac = {srv->cfg.audit_log, srv->cfg.audit_checkpoint_lines,
                                       srv->cfg.audit_checkpoint_seconds};
@@ -151,8 +173,24 @@ static kms_err start(struct kms_server *srv)
     } else {
         kms_warn("no audit_log configured: requests are not audited");
     }
-    kms_info("token opened: %zu keys", kms_keystore_count(srv->ks));
+    kms_info("key store opened: %zu keys in %s", kms_keystore_count(srv->ks),
+             kms_store_name(srv->store));
     return KMS_OK;
+}
+
+/* p11kmsd backup: the database's online backup; the token's root keys are the HSM's to back up. */
+static kms_err run_backup(const struct kms_config *cfg, const char *out)
+{
+    struct kms_store *st;
+    KMS_ENSURE(cfg->database, KMS_ERR_VALIDATION,
+               "the configuration needs 'database' (sqlite:/path/to/p11kms.db)");
+    struct kms_store_config sc = {cfg->database, cfg->database_timeout_ms, KMS_STORE_OPEN};
+    KMS_GUARD(kms_store_open(&sc, &st));
+    kms_err rc = kms_store_backup(st, out);
+    kms_store_close(st);
+    if (rc == KMS_OK)
+        printf("p11kmsd: backup of %s written to %s\n", cfg->database, out);
+    return rc;
 }
 
 /*
@@ -202,11 +240,14 @@ int main(int argc, char **argv)
         {"threads", required_argument, NULL, 't'},
         {"verbose", no_argument, NULL, 'v'},
         {"version", no_argument, NULL, 'V'},
+        {"database", required_argument, NULL, 'D'},
         {"help", no_argument, NULL, 'h'},
         {NULL, 0, NULL, 0},
     };
     struct kms_server srv;
-    const char *config_file = NULL, *listen = NULL, *threads = NULL;
+    const char *config_file = NULL, *listen = NULL, *threads = NULL, *database = NULL;
+    const char *backup_out = NULL;
+    int command = RUN_SERVE, backup = 0;
     char *state_dir = NULL;
     int dev = 0, opt, status = 1;
     sigset_t stop;
@@ -214,6 +255,21 @@ int main(int argc, char **argv)
 
     memset(&srv, 0, sizeof srv);
     kms_config_defaults(&srv.cfg);
+    if (argc > 1 && argv[1][0] != '-') {
+        if (strcmp(argv[1], "init") == 0)
+            command = RUN_INIT;
+        else if (strcmp(argv[1], "migrate") == 0)
+            command = RUN_MIGRATE;
+        else if (strcmp(argv[1], "backup") == 0)
+            backup = 1;
+        else {
+            fprintf(stderr, "p11kmsd: unknown command '%s'\n", argv[1]);
+            usage(stderr);
+            return 2;
+        }
+        argv++;
+        argc--;
+    }
     while ((opt = getopt_long(argc, argv, "", options, NULL)) != -1) {
         switch (opt) {
         case 'd': dev = 1; break;
@@ -225,15 +281,21 @@ int main(int argc, char **argv)
         case 'l': listen = optarg; break;
         case 't': threads = optarg; break;
         case 'v': kms_log_set_level(KMS_LOG_DEBUG); break;
+        case 'D': database = optarg; break;
         case 'V': printf("p11kmsd %s\n", PACKAGE_VERSION); return 0;
         case 'h': usage(stdout); return 0;
         default: usage(stderr); return 2;
         }
     }
-    if (optind != argc || dev == !!config_file) {
+    if (backup && optind + 1 == argc)
+        backup_out = argv[optind++];
+    if (optind != argc || dev == !!config_file || (backup && !backup_out) ||
+        (command != RUN_SERVE && dev) || (backup && dev)) {
         usage(stderr);
         return 2;
     }
+    if (dev)
+        command = RUN_DEV;
 
     /* Secrets must not reach a core file, nor another process of this user (ptrace, /proc). */
     setrlimit(RLIMIT_CORE, &no_core);
@@ -256,6 +318,15 @@ int main(int argc, char **argv)
         rc = kms_config_set(&srv.cfg, "listen", listen);
     if (rc == KMS_OK && threads)
         rc = kms_config_set(&srv.cfg, "threads", threads);
+    if (rc == KMS_OK && database)
+        rc = kms_config_set(&srv.cfg, "database", database);
+    if (rc == KMS_OK && backup) {
+        rc = run_backup(&srv.cfg, backup_out);
+        if (rc != KMS_OK)
+            kms_error("%s", kms_err_message());
+        kms_config_free(&srv.cfg);
+        return rc == KMS_OK ? 0 : 1;
+    }
     if (rc == KMS_OK && dev) {
         if (!state_dir)
             state_dir = default_state_dir();
@@ -265,7 +336,13 @@ int main(int argc, char **argv)
     if (rc == KMS_OK)
         rc = lock_memory(&srv.cfg);
     if (rc == KMS_OK)
-        rc = start(&srv);
+        rc = start(&srv, command);
+    if (rc == KMS_OK && (command == RUN_INIT || command == RUN_MIGRATE)) {
+        printf("p11kmsd: %s done: %s\n", command == RUN_INIT ? "init" : "migrate",
+               srv.cfg.database);
+        status = 0;
+        goto out;
+    }
     if (rc == KMS_OK && dev)
         rc = kms_dev_ensure_key(&srv);
     if (rc == KMS_OK)
@@ -295,6 +372,7 @@ int main(int argc, char **argv)
     } else {
         kms_error("%s", kms_err_message());
     }
+out:
     kms_http_stop(&srv);
     kms_audit_close(srv.audit); /* its close checkpoint */
     if (srv.ks)
@@ -303,6 +381,7 @@ int main(int argc, char **argv)
     kms_ratelimit_free(srv.limits);
     kms_tls_free(srv.tls);
     kms_keystore_close(srv.ks);
+    kms_store_close(srv.store);
     free(srv.account_policy); /* the key store's default policy */
     kms_hsm_close(srv.hsm);
     kms_credentials_free(&srv.creds);

@@ -98,9 +98,9 @@ kms_err kms_op_generate_data_key_without_plaintext(struct kms_request *r)
 }
 
 /*
- * The policy of the key a blob names decides. A key this node has not seen
- * yet is read from the token first; a blob whose key does not exist (or a
- * malformed blob) is left to the decryption, which answers the right error.
+ * The policy of the key a blob names decides, before anything else is
+ * looked at. A blob whose key does not exist (or a malformed blob) is left to
+ * the decryption, which answers the one error every such blob gets.
  */
 static kms_err authorize_blob(struct kms_request *r, const char *action, const struct kms_buf *blob,
                               json_t *context)
@@ -113,11 +113,6 @@ static kms_err authorize_blob(struct kms_request *r, const char *action, const s
     }
     kms_uuid_format(b.key_id, id);
     kms_err rc = kms_authorize(r, action, id, 0, context);
-    if (rc == KMS_ERR_NOT_FOUND) {
-        kms_err_clear();
-        kms_keystore_learn(r->srv->ks, b.key_id, b.key_version);
-        rc = kms_authorize(r, action, id, 0, context);
-    }
     if (rc == KMS_ERR_NOT_FOUND) {
         kms_err_clear();
         rc = KMS_OK;

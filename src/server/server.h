@@ -23,6 +23,7 @@ struct kms_server {
     pthread_rwlock_t creds_lock; /* SIGHUP replaces creds */
     struct kms_credentials creds;
     struct kms_hsm *hsm;
+    struct kms_store *store;
     struct kms_keystore *ks;
     struct kms_pool *pool;
     struct kms_ratelimit *limits;

@@ -29,6 +29,7 @@ void kms_config_defaults(struct kms_config *c)
     c->connection_timeout_s = 30;
     c->max_header = 16 * 1024;
     c->drain_timeout_ms = 10000;
+    c->database_timeout_ms = 5000;
     c->tls_min_version = 13;
     c->tls_client_cert = -1; /* unset: require with tls_client_ca_file, else none */
     c->max_body = 64 * 1024;
@@ -41,6 +42,7 @@ void kms_config_free(struct kms_config *c)
     free(c->module);
     free(c->token);
     free(c->pin_file);
+    free(c->database);
     free(c->credentials_file);
     free(c->listen);
     free(c->region);
@@ -156,6 +158,11 @@ kms_err kms_config_set(struct kms_config *c, const char *key, const char *value)
         return set_string(&c->pin_file, value);
     if (strcmp(key, "credentials_file") == 0)
         return set_string(&c->credentials_file, value);
+    if (strcmp(key, "database") == 0) {
+        KMS_ENSURE(strncmp(value, "sqlite:", 7) == 0 && value[7], KMS_ERR_VALIDATION,
+                   "database must be sqlite:PATH");
+        return set_string(&c->database, value);
+    }
     if (strcmp(key, "listen") == 0) {
         char host[256];
         unsigned port;
@@ -191,6 +198,7 @@ kms_err kms_config_set(struct kms_config *c, const char *key, const char *value)
         {"connection_timeout_s", offsetof(struct kms_config, connection_timeout_s), 1, 3600},
         {"max_header", offsetof(struct kms_config, max_header), 4096, 1u << 20},
         {"drain_timeout_ms", offsetof(struct kms_config, drain_timeout_ms), 0, 600000},
+        {"database_timeout_ms", offsetof(struct kms_config, database_timeout_ms), 1, 600000},
     };
     for (size_t i = 0; i < sizeof server_numbers / sizeof server_numbers[0]; i++) {
         if (strcmp(key, server_numbers[i].name) == 0) {
@@ -219,10 +227,8 @@ kms_err kms_config_set(struct kms_config *c, const char *key, const char *value)
         {"max_on_demand_rotations", offsetof(struct kms_keystore_config, max_on_demand), 0,
          1000000},
         {"refresh_ms", offsetof(struct kms_keystore_config, refresh_ms), 10, 60000},
-        {"full_refresh_seconds", offsetof(struct kms_keystore_config, full_refresh_seconds), 1,
-         86400},
-        {"orphan_grace_seconds", offsetof(struct kms_keystore_config, orphan_grace_seconds), 0,
-         86400 * 30},
+        {"key_cache", offsetof(struct kms_keystore_config, key_cache), 1, 10000000},
+        {"negative_cache", offsetof(struct kms_keystore_config, negative_cache), 64, 10000000},
     };
     for (size_t i = 0; i < sizeof numbers / sizeof numbers[0]; i++) {
         if (strcmp(key, numbers[i].name) == 0) {
@@ -411,6 +417,8 @@ kms_err kms_config_check(const struct kms_config *c)
     KMS_ENSURE(c->token, KMS_ERR_VALIDATION, "the configuration needs 'token'");
     KMS_ENSURE(c->credentials_file, KMS_ERR_VALIDATION,
                "the configuration needs 'credentials_file'");
+    KMS_ENSURE(c->database, KMS_ERR_VALIDATION,
+               "the configuration needs 'database' (sqlite:/path/to/p11kms.db)");
     KMS_ENSURE(c->listen, KMS_ERR_VALIDATION, "the configuration needs 'listen'");
     KMS_ENSURE(c->region, KMS_ERR_VALIDATION, "the configuration needs 'region'");
     KMS_ENSURE(c->account, KMS_ERR_VALIDATION, "the configuration needs 'account'");

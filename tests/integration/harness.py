@@ -269,6 +269,7 @@ def write_config(path, token, credentials_file, **extra):
         "account": ACCOUNT,
         "threads": "4",
         "audit_log": path + ".audit.log",
+        "database": "sqlite:" + path + ".db",
     }
     settings.update(extra)
     text = "# p11kmsd integration-test configuration\n"
@@ -446,9 +447,25 @@ def server_env(extra=None):
     return env
 
 
-def start_config_server(config_path, token, log_path, extra_args=(), env=None, ca_file=None):
-    """p11kmsd --config on token; env: more environment variables for it;
-    ca_file: the CA that signed its TLS certificate (for https)."""
+def init_database(config_path, token, env=None, extra_args=()):
+    """p11kmsd init --config: the database and the token's root key (idempotent)."""
+    env = server_env(dict(env or {}, SOFTHSM2_CONF=token.conf))
+    r = subprocess.run([p11kmsd_path(), "init", "--config", config_path] + list(extra_args),
+                       env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                       stderr=subprocess.PIPE, timeout=60)
+    if r.returncode != 0:
+        raise RuntimeError("p11kmsd init failed (%d): %s" % (r.returncode,
+                                                             r.stderr.decode(errors="replace")))
+    return r
+
+
+def start_config_server(config_path, token, log_path, extra_args=(), env=None, ca_file=None,
+                        init=True):
+    """p11kmsd --config on token, after p11kmsd init (unless init=False); env:
+    more environment variables for it; ca_file: the CA that signed its TLS
+    certificate (for https)."""
+    if init:
+        init_database(config_path, token, env, [a for a in extra_args if a.startswith("--database")])
     env = server_env(dict(env or {}, SOFTHSM2_CONF=token.conf))
     server = Server(["--config", config_path, "--listen", "127.0.0.1:0"] + list(extra_args),
                     env, log_path)

@@ -8,6 +8,7 @@ import datetime
 import json
 import os
 import sys
+import sqlite3
 import uuid
 
 sys.dont_write_bytecode = True  # keep __pycache__ out of the source tree
@@ -45,6 +46,7 @@ def setup():
     C.ws = h.Workspace()
     C.principal = h.new_principal("tester")
     C.token, C.config = h.token_and_config(C.ws, "p11kms-it", C.principal)
+    C.database = C.config + ".db"
     C.server = h.start_config_server(C.config, C.token, C.ws.sub("p11kmsd.log"))
     C.kms = h.kms_client(C.server.endpoint, C.principal)
     h.diag("p11kmsd serving %s" % C.server.endpoint)
@@ -548,7 +550,7 @@ def test_health_endpoints():
 
 
 @test
-def test_kek_is_sensitive_and_not_extractable():
+def test_root_key_in_token_versions_wrapped_in_database():
     """Reads the token through PKCS#11 while p11kmsd runs."""
     import PyKCS11
     from PyKCS11 import LowLevel
@@ -572,42 +574,48 @@ def test_kek_is_sensitive_and_not_extractable():
            ["p11kms-audit-key", True, False, True, True, False, False], "the audit key's attributes")
         keys = session.findObjects([(PyKCS11.CKA_CLASS, PyKCS11.CKO_SECRET_KEY),
                                     (PyKCS11.CKA_KEY_TYPE, PyKCS11.CKK_AES)])
-        # one KEK per key made by this run (the pagination test used its own token)
-        eq(len(keys), 2, "AES secret keys on the token")
-        ids = set()
-        for k in keys:
-            attrs = [PyKCS11.CKA_KEY_TYPE, PyKCS11.CKA_VALUE_LEN, PyKCS11.CKA_TOKEN,
-                     PyKCS11.CKA_SENSITIVE, PyKCS11.CKA_EXTRACTABLE, PyKCS11.CKA_ALWAYS_SENSITIVE,
-                     PyKCS11.CKA_NEVER_EXTRACTABLE, PyKCS11.CKA_PRIVATE, PyKCS11.CKA_LOCAL]
-            values = dict(zip(attrs, session.getAttributeValue(k, attrs)))
-            eq(values[PyKCS11.CKA_KEY_TYPE], PyKCS11.CKK_AES, "CKA_KEY_TYPE")
-            eq(values[PyKCS11.CKA_VALUE_LEN], 32, "CKA_VALUE_LEN")
-            eq(values[PyKCS11.CKA_TOKEN], True, "CKA_TOKEN")
-            eq(values[PyKCS11.CKA_SENSITIVE], True, "CKA_SENSITIVE")
-            eq(values[PyKCS11.CKA_EXTRACTABLE], False, "CKA_EXTRACTABLE")
-            eq(values[PyKCS11.CKA_ALWAYS_SENSITIVE], True, "CKA_ALWAYS_SENSITIVE")
-            eq(values[PyKCS11.CKA_NEVER_EXTRACTABLE], True, "CKA_NEVER_EXTRACTABLE")
-            eq(values[PyKCS11.CKA_PRIVATE], True, "CKA_PRIVATE")
-            eq(values[PyKCS11.CKA_LOCAL], True, "CKA_LOCAL (generated in the token)")
-            key_id = bytes(session.getAttributeValue(k, [PyKCS11.CKA_ID], allAsBinary=True)[0])
-            eq(len(key_id), 20, "CKA_ID is the key's uuid and the version id")
-            owner = str(uuid.UUID(bytes=key_id[:16]))
-            ids.add(owner)
-            if owner in VERSION_IDS:
-                eq(key_id[16:], VERSION_IDS[owner], "the blob's version id names this object")
-
-            # CKA_VALUE must be refused: straight through the low-level call, since
-            # PyKCS11's getAttributeValue turns CKR_ATTRIBUTE_SENSITIVE into None.
-            template = LowLevel.ckattrlist(1)
-            template[0].SetType(PyKCS11.CKA_VALUE)
-            rv = session.lib.C_GetAttributeValue(session.session, k, template)
-            eq(rv, PyKCS11.CKR_ATTRIBUTE_SENSITIVE,
-               "C_GetAttributeValue(CKA_VALUE) (%s)" % PyKCS11.CKR.get(rv, rv))
-            eq(session.getAttributeValue(k, [PyKCS11.CKA_VALUE])[0], None, "CKA_VALUE")
-        eq(ids, {C.key["KeyId"], C.other["KeyId"]}, "the KEKs belong to this run's keys")
+        # the token holds the root key only: the keys' versions live wrapped in the database
+        eq(len(keys), 1, "AES secret keys on the token (the root key)")
+        root = keys[0]
+        attrs = [PyKCS11.CKA_VALUE_LEN, PyKCS11.CKA_TOKEN, PyKCS11.CKA_PRIVATE,
+                 PyKCS11.CKA_SENSITIVE, PyKCS11.CKA_EXTRACTABLE, PyKCS11.CKA_ALWAYS_SENSITIVE,
+                 PyKCS11.CKA_NEVER_EXTRACTABLE, PyKCS11.CKA_LOCAL, PyKCS11.CKA_WRAP,
+                 PyKCS11.CKA_UNWRAP, PyKCS11.CKA_ENCRYPT, PyKCS11.CKA_DECRYPT, PyKCS11.CKA_SIGN,
+                 PyKCS11.CKA_VERIFY, PyKCS11.CKA_DERIVE]
+        eq(session.getAttributeValue(root, attrs),
+           [32, True, True, True, False, True, True, True, True, True, False, False, False, False,
+            False],
+           "the root key: AES-256, private, sensitive, never extractable, made in the token, "
+           "wrap/unwrap only")
+        label = bytes(session.getAttributeValue(root, [PyKCS11.CKA_LABEL], allAsBinary=True)[0])
+        check(label.startswith(b"p11kms-root:"), "the root key's label: %r" % label)
+        # CKA_VALUE must be refused: straight through the low-level call, since
+        # PyKCS11's getAttributeValue turns CKR_ATTRIBUTE_SENSITIVE into None.
+        template = LowLevel.ckattrlist(1)
+        template[0].SetType(PyKCS11.CKA_VALUE)
+        rv = session.lib.C_GetAttributeValue(session.session, root, template)
+        eq(rv, PyKCS11.CKR_ATTRIBUTE_SENSITIVE,
+           "C_GetAttributeValue(CKA_VALUE) (%s)" % PyKCS11.CKR.get(rv, rv))
+        # the server's unwrapped versions are session objects of its own: not visible here
+        eq(len(session.findObjects([(PyKCS11.CKA_TOKEN, False)])), 0,
+           "another process sees no session object of the server")
     finally:
         session.logout()
         session.closeSession()
+    # the database holds each version wrapped (RFC 5649: 40 bytes for AES-256), under the root
+    db = sqlite3.connect("file:%s?mode=ro" % C.database, uri=True)
+    try:
+        rows = db.execute("SELECT hex(key_id), vid, length(wrapped), root_id FROM versions").fetchall()
+    finally:
+        db.close()
+    by_key = {}
+    for key_hex, vid, wrapped_len, root_id in rows:
+        eq((wrapped_len, root_id), (40, 1), "version %d: wrapped length and root" % vid)
+        by_key.setdefault(str(uuid.UUID(hex=key_hex)), set()).add(vid)
+    eq(set(by_key), {C.key["KeyId"], C.other["KeyId"]}, "the versions belong to this run's keys")
+    for owner, vid in VERSION_IDS.items():
+        check(int.from_bytes(vid, "big") in by_key.get(owner, ()),
+              "the blob's version id names a stored version of %s" % owner)
     # the server is unaffected by the second process on its token
     r = C.kms.generate_data_key(KeyId=ALIAS, KeySpec="AES_256")
     eq(C.kms.decrypt(CiphertextBlob=r["CiphertextBlob"])["Plaintext"], r["Plaintext"],

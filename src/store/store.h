@@ -1,0 +1,234 @@
+/*
+ * The database behind the key store (DESIGN §5): keys, their versions
+ * (wrapped under a root key of the token), aliases, root keys, the change
+ * sequence. One small interface; an engine behind it (SQLite today,
+ * store_sqlite.c; PostgreSQL next), one schema with numbered migrations
+ * (schema.c).
+ *
+ * Every read and write happens inside a transaction on the calling thread's
+ * own connection: kms_store_begin, the row calls, kms_store_commit (or
+ * kms_store_rollback). A write transaction holds the database's write lock
+ * from its first statement, so what it read cannot change under it; updates
+ * are compare-and-set on the row's revision all the same, so an engine
+ * without that lock (PostgreSQL: row locks) keeps the same contract.
+ *
+ * Failures: KMS_ERR_NOT_FOUND for a row that is not there (nothing logged),
+ * KMS_ERR_ALREADY_EXISTS for a unique constraint, KMS_ERR_DEPENDENCY_TIMEOUT
+ * when the database stays busy past its timeout, KMS_ERR_INTERNAL for every
+ * other fault (full, read-only, corrupt, I/O), logged with the engine's words
+ * and never with a row's contents.
+ */
+#ifndef P11KMS_STORE_H
+#define P11KMS_STORE_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "common/blob.h"
+#include "common/error.h"
+
+#define KMS_STORE_DESCRIPTION_MAX 8192
+#define KMS_STORE_ALIAS_MAX 256
+#define KMS_WRAPPED_MAX 4096 /* a wrapped version: AES-256 is 40 bytes; room for RSA-4096 */
+#define KMS_ROOT_ID_LEN 16   /* CKA_ID of a root key object */
+
+struct kms_store;
+struct kms_tx;
+
+/* Key states as stored; the first three are enum kms_key_state's. */
+enum kms_store_key_state {
+    KMS_STORE_ENABLED = 0,
+    KMS_STORE_DISABLED = 1,
+    KMS_STORE_PENDING = 2,
+    KMS_STORE_DESTROYED = 3, /* a tombstone: its versions' rows are gone */
+};
+
+/* Why a version was made (ListKeyRotations' RotationType). */
+enum kms_store_rotation {
+    KMS_ROTATION_NONE = 0,      /* a key's first version */
+    KMS_ROTATION_AUTOMATIC = 1, /* the schedule, or the usage bound */
+    KMS_ROTATION_ON_DEMAND = 2,
+};
+
+struct kms_key_row {
+    uint8_t id[KMS_UUID_LEN];
+    int64_t created;
+    int state; /* enum kms_store_key_state */
+    int64_t deletion_date;
+    int rotation_enabled;
+    int64_t rotation_days;
+    int64_t rotation_seconds; /* one period in seconds (day_seconds × days) */
+    int64_t next_rotation;
+    uint32_t current; /* the current version's vid */
+    uint32_t on_demand; /* on-demand rotations made */
+    int token_resident; /* versions are token objects (migrated keys), not wrapped rows */
+    int64_t rev;        /* bumped by every update; kms_store_key_update compares it */
+    char *description;  /* malloc'd, never NULL once read; kms_key_row_clear frees it */
+    char *policy; /* malloc'd, NULL: the configured default; kms_key_row_clear frees it */
+};
+
+struct kms_version_row {
+    uint8_t key_id[KMS_UUID_LEN];
+    uint32_t vid; /* the blob's "key version": random, unique per key */
+    uint32_t n;   /* ordinal: 1 for the first version */
+    int64_t created;
+    int rotation; /* enum kms_store_rotation */
+    uint64_t reserved; /* uses reserved by every node: at least the wraps made */
+    uint64_t bound;
+    uint32_t root; /* the root key it is wrapped under; 0 for a token-resident version */
+    size_t wrapped_len;
+    uint8_t wrapped[KMS_WRAPPED_MAX];
+};
+
+struct kms_alias_row {
+    char name[KMS_STORE_ALIAS_MAX + 1];
+    uint8_t target[KMS_UUID_LEN];
+    int64_t created;
+    int64_t updated;
+};
+
+enum kms_root_state { KMS_ROOT_CURRENT = 1, KMS_ROOT_RETIRED = 0 };
+
+struct kms_root_row {
+    uint32_t id; /* versions name it */
+    uint8_t cka_id[KMS_ROOT_ID_LEN];
+    char label[64];
+    int64_t created;
+    int state; /* enum kms_root_state */
+};
+
+/* What the change sequence says changed. */
+enum kms_change_kind { KMS_CHANGE_KEY = 1, KMS_CHANGE_ALIAS = 2, KMS_CHANGE_ROOT = 3 };
+
+struct kms_change {
+    int64_t seq;
+    int kind;          /* enum kms_change_kind */
+    const char *name;  /* alias name, or NULL */
+    const uint8_t *id; /* key id (KMS_UUID_LEN), or NULL */
+};
+
+/* ---- the database ---- */
+
+struct kms_store_config {
+    const char *url;     /* "sqlite:/path/to/p11kms.db" */
+    unsigned timeout_ms; /* longest wait for a busy database (default 5000) */
+    /*
+     * KMS_STORE_OPEN: the schema must be this binary's (refuses a database
+     * that is empty, older or newer). KMS_STORE_INIT: creates the database or
+     * migrates an older schema; still refuses a newer one.
+     */
+    int mode;
+};
+enum { KMS_STORE_OPEN = 0, KMS_STORE_INIT = 1 };
+
+KMS_MUST_CHECK kms_err kms_store_open(const struct kms_store_config *cfg, struct kms_store **out);
+void kms_store_close(struct kms_store *st);
+/* The URL without secrets, for logs. */
+const char *kms_store_name(const struct kms_store *st);
+/* The schema version this binary writes, and the database's. */
+int kms_store_schema_version(void);
+KMS_MUST_CHECK kms_err kms_store_database_version(struct kms_store *st, int *out);
+/* A consistent copy of the whole database into a new file (the engine's online backup). */
+KMS_MUST_CHECK kms_err kms_store_backup(struct kms_store *st, const char *path);
+
+/* ---- transactions (one at a time per thread) ---- */
+enum { KMS_TX_READ = 0, KMS_TX_WRITE = 1 };
+KMS_MUST_CHECK kms_err kms_store_begin(struct kms_store *st, int mode, struct kms_tx **out);
+KMS_MUST_CHECK kms_err kms_store_commit(struct kms_tx *tx);
+/* Undoes an open transaction; nothing when tx is NULL or done. */
+void kms_store_rollback(struct kms_tx *tx);
+
+/* ---- keys ---- */
+void kms_key_row_clear(struct kms_key_row *r);
+KMS_MUST_CHECK kms_err kms_store_key_get(struct kms_tx *tx, const uint8_t id[KMS_UUID_LEN],
+                                         struct kms_key_row *out);
+KMS_MUST_CHECK kms_err kms_store_key_insert(struct kms_tx *tx, const struct kms_key_row *r);
+/*
+ * Writes r when the row's revision is still r->rev (else KMS_ERR_INVALID_STATE,
+ * "changed meanwhile"), and sets r->rev to the new revision.
+ */
+KMS_MUST_CHECK kms_err kms_store_key_update(struct kms_tx *tx, struct kms_key_row *r);
+/* Keys not destroyed, in id order from `from` on (NULL: the start), at most limit. */
+KMS_MUST_CHECK kms_err kms_store_keys_list(struct kms_tx *tx, const uint8_t *from, size_t limit,
+                                           kms_err (*fn)(void *arg, const struct kms_key_row *r),
+                                           void *arg);
+KMS_MUST_CHECK kms_err kms_store_key_count(struct kms_tx *tx, size_t *keys, size_t *versions);
+/* Keys due at now: rotation (Enabled, rotation on, next_rotation passed) or deletion. */
+enum { KMS_DUE_ROTATION = 1, KMS_DUE_DELETION = 2 };
+KMS_MUST_CHECK kms_err kms_store_keys_due(struct kms_tx *tx, int64_t now, size_t limit,
+                                          kms_err (*fn)(void *arg, const uint8_t id[KMS_UUID_LEN],
+                                                        int what),
+                                          void *arg);
+
+/* ---- versions ---- */
+KMS_MUST_CHECK kms_err kms_store_version_get(struct kms_tx *tx, const uint8_t key[KMS_UUID_LEN],
+                                             uint32_t vid, struct kms_version_row *out);
+KMS_MUST_CHECK kms_err kms_store_version_insert(struct kms_tx *tx,
+                                                const struct kms_version_row *r);
+/* A key's versions in ordinal order. */
+KMS_MUST_CHECK kms_err kms_store_versions(struct kms_tx *tx, const uint8_t key[KMS_UUID_LEN],
+                                          kms_err (*fn)(void *arg,
+                                                        const struct kms_version_row *r),
+                                          void *arg);
+/* The highest ordinal of a key's versions (0: none). */
+KMS_MUST_CHECK kms_err kms_store_version_max_n(struct kms_tx *tx, const uint8_t key[KMS_UUID_LEN],
+                                               uint32_t *out);
+/*
+ * Reserves up to want uses of a version: *granted is how many (0 at the
+ * bound), *reserved the version's total after.
+ */
+KMS_MUST_CHECK kms_err kms_store_reserve(struct kms_tx *tx, const uint8_t key[KMS_UUID_LEN],
+                                         uint32_t vid, uint64_t want, uint64_t *granted,
+                                         uint64_t *reserved);
+/* Removes every version row of a key (its key material: the key is destroyed). */
+KMS_MUST_CHECK kms_err kms_store_versions_delete(struct kms_tx *tx,
+                                                 const uint8_t key[KMS_UUID_LEN]);
+
+/* ---- aliases ---- */
+KMS_MUST_CHECK kms_err kms_store_alias_get(struct kms_tx *tx, const char *name,
+                                           struct kms_alias_row *out);
+/* KMS_ERR_ALREADY_EXISTS when the name is taken. */
+KMS_MUST_CHECK kms_err kms_store_alias_insert(struct kms_tx *tx, const struct kms_alias_row *r);
+/* KMS_ERR_NOT_FOUND when there is no such alias. */
+KMS_MUST_CHECK kms_err kms_store_alias_update(struct kms_tx *tx, const struct kms_alias_row *r);
+KMS_MUST_CHECK kms_err kms_store_alias_delete(struct kms_tx *tx, const char *name);
+/* Deletes a key's aliases, calling fn (may be NULL) with each name first. */
+KMS_MUST_CHECK kms_err kms_store_aliases_of_key_delete(struct kms_tx *tx,
+                                                       const uint8_t key[KMS_UUID_LEN],
+                                                       void (*fn)(void *arg, const char *name),
+                                                       void *arg);
+/* Aliases in name order from `from` on (NULL: start), only key's when key is given. */
+KMS_MUST_CHECK kms_err kms_store_aliases_list(struct kms_tx *tx, const char *from,
+                                              const uint8_t *key, size_t limit,
+                                              kms_err (*fn)(void *arg,
+                                                            const struct kms_alias_row *r),
+                                              void *arg);
+
+/* ---- root keys ---- */
+KMS_MUST_CHECK kms_err kms_store_roots(struct kms_tx *tx,
+                                       kms_err (*fn)(void *arg, const struct kms_root_row *r),
+                                       void *arg);
+/* Inserts a root; r->id is assigned. */
+KMS_MUST_CHECK kms_err kms_store_root_insert(struct kms_tx *tx, struct kms_root_row *r);
+
+/* ---- settings the database keeps (the migration's mark, ...) ---- */
+KMS_MUST_CHECK kms_err kms_store_meta_get(struct kms_tx *tx, const char *name, char *out,
+                                          size_t n);
+KMS_MUST_CHECK kms_err kms_store_meta_set(struct kms_tx *tx, const char *name, const char *value);
+
+/* ---- the change sequence ---- */
+/* Records in the transaction that a key (id) or an alias (name) changed. */
+KMS_MUST_CHECK kms_err kms_store_note_change(struct kms_tx *tx, int kind,
+                                             const uint8_t *id, const char *name);
+/* The last sequence number written (0: none). */
+KMS_MUST_CHECK kms_err kms_store_change_head(struct kms_tx *tx, int64_t *out);
+/* The oldest sequence number kept (0: none). */
+KMS_MUST_CHECK kms_err kms_store_change_tail(struct kms_tx *tx, int64_t *out);
+/* Changes after seq in order, at most limit. */
+KMS_MUST_CHECK kms_err kms_store_changes(struct kms_tx *tx, int64_t after, size_t limit,
+                                         kms_err (*fn)(void *arg, const struct kms_change *c),
+                                         void *arg);
+/* Forgets changes older than before (seconds since the epoch). */
+KMS_MUST_CHECK kms_err kms_store_changes_prune(struct kms_tx *tx, int64_t before);
+
+#endif

@@ -1,0 +1,1003 @@
+/*
+ * The SQLite engine of the store (store.h): WAL, synchronous=FULL, a busy
+ * timeout, one connection per thread (each made on the thread's first
+ * transaction and kept until the store closes), statements prepared once per
+ * connection. A write transaction is BEGIN IMMEDIATE: it takes the write lock
+ * before reading, so it never reads what another writer is about to change.
+ */
+#include "config.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <pthread.h>
+#include <sqlite3.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "common/log.h"
+#include "store/schema.h"
+#include "store/store.h"
+
+enum stmt {
+    S_BEGIN_READ,
+    S_BEGIN_WRITE,
+    S_COMMIT,
+    S_ROLLBACK,
+    S_KEY_GET,
+    S_KEY_INSERT,
+    S_KEY_UPDATE,
+    S_KEYS_LIST,
+    S_KEYS_LIST_AFTER,
+    S_KEY_COUNT,
+    S_VERSION_COUNT,
+    S_KEYS_ROTATION_DUE,
+    S_KEYS_DELETION_DUE,
+    S_VERSION_GET,
+    S_VERSION_INSERT,
+    S_VERSIONS,
+    S_VERSION_MAX_N,
+    S_RESERVE,
+    S_VERSIONS_DELETE,
+    S_ALIAS_GET,
+    S_ALIAS_INSERT,
+    S_ALIAS_UPDATE,
+    S_ALIAS_DELETE,
+    S_ALIASES_OF_KEY,
+    S_ALIASES_OF_KEY_DELETE,
+    S_ALIASES_LIST,
+    S_ROOTS,
+    S_ROOT_INSERT,
+    S_META_GET,
+    S_META_SET,
+    S_NOTE_CHANGE,
+    S_CHANGE_HEAD,
+    S_CHANGE_TAIL,
+    S_CHANGES,
+    S_CHANGES_PRUNE,
+    S_COUNT
+};
+
+#define KEY_COLUMNS                                                                          \
+    "id, created, description, state, deletion_date, rotation_enabled, rotation_days, "     \
+    "rotation_seconds, next_rotation, current_vid, on_demand, token_resident, policy, rev"
+#define VERSION_COLUMNS "key_id, vid, n, created, rotation, reserved, bound, root_id, wrapped"
+
+static const char *const sql[S_COUNT] = {
+    [S_BEGIN_READ] = "BEGIN DEFERRED",
+    [S_BEGIN_WRITE] = "BEGIN IMMEDIATE",
+    [S_COMMIT] = "COMMIT",
+    [S_ROLLBACK] = "ROLLBACK",
+    [S_KEY_GET] = "SELECT " KEY_COLUMNS " FROM keys WHERE id = ?1",
+    [S_KEY_INSERT] = "INSERT INTO keys (" KEY_COLUMNS ") VALUES "
+                     "(?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, 1)",
+    [S_KEY_UPDATE] = "UPDATE keys SET description = ?3, state = ?4, deletion_date = ?5, "
+                     "rotation_enabled = ?6, rotation_days = ?7, rotation_seconds = ?8, "
+                     "next_rotation = ?9, current_vid = ?10, on_demand = ?11, "
+                     "token_resident = ?12, policy = ?13, rev = rev + 1 "
+                     "WHERE id = ?1 AND rev = ?14",
+    [S_KEYS_LIST] = "SELECT " KEY_COLUMNS " FROM keys WHERE state <> 3 ORDER BY id LIMIT ?1",
+    [S_KEYS_LIST_AFTER] = "SELECT " KEY_COLUMNS " FROM keys WHERE state <> 3 AND id >= ?2 "
+                          "ORDER BY id LIMIT ?1",
+    [S_KEY_COUNT] = "SELECT count(*) FROM keys WHERE state <> 3",
+    [S_VERSION_COUNT] = "SELECT count(*) FROM versions",
+    [S_KEYS_ROTATION_DUE] = "SELECT id FROM keys WHERE state = 0 AND rotation_enabled = 1 "
+                            "AND next_rotation <= ?1 ORDER BY next_rotation LIMIT ?2",
+    [S_KEYS_DELETION_DUE] = "SELECT id FROM keys WHERE state = 2 AND deletion_date <= ?1 "
+                            "ORDER BY deletion_date LIMIT ?2",
+    [S_VERSION_GET] = "SELECT " VERSION_COLUMNS " FROM versions WHERE key_id = ?1 AND vid = ?2",
+    [S_VERSION_INSERT] = "INSERT INTO versions (" VERSION_COLUMNS ") VALUES "
+                         "(?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+    [S_VERSIONS] = "SELECT " VERSION_COLUMNS " FROM versions WHERE key_id = ?1 ORDER BY n",
+    [S_VERSION_MAX_N] = "SELECT coalesce(max(n), 0) FROM versions WHERE key_id = ?1",
+    [S_RESERVE] = "UPDATE versions SET reserved = min(bound, reserved + ?3) "
+                  "WHERE key_id = ?1 AND vid = ?2 RETURNING reserved",
+    [S_VERSIONS_DELETE] = "DELETE FROM versions WHERE key_id = ?1",
+    [S_ALIAS_GET] = "SELECT name, target, created, updated FROM aliases WHERE name = ?1",
+    [S_ALIAS_INSERT] = "INSERT INTO aliases (name, target, created, updated) "
+                       "VALUES (?1, ?2, ?3, ?4)",
+    [S_ALIAS_UPDATE] = "UPDATE aliases SET target = ?2, updated = ?4 WHERE name = ?1",
+    [S_ALIAS_DELETE] = "DELETE FROM aliases WHERE name = ?1",
+    [S_ALIASES_OF_KEY] = "SELECT name FROM aliases WHERE target = ?1 ORDER BY name",
+    [S_ALIASES_OF_KEY_DELETE] = "DELETE FROM aliases WHERE target = ?1",
+    [S_ALIASES_LIST] = "SELECT name, target, created, updated FROM aliases "
+                       "WHERE name >= ?1 AND (?2 IS NULL OR target = ?2) ORDER BY name LIMIT ?3",
+    [S_ROOTS] = "SELECT id, cka_id, label, created, state FROM roots ORDER BY id",
+    [S_ROOT_INSERT] = "INSERT INTO roots (cka_id, label, created, state) VALUES (?1, ?2, ?3, ?4)",
+    [S_META_GET] = "SELECT value FROM meta WHERE name = ?1",
+    [S_META_SET] = "INSERT INTO meta (name, value) VALUES (?1, ?2) "
+                   "ON CONFLICT (name) DO UPDATE SET value = excluded.value",
+    [S_NOTE_CHANGE] = "INSERT INTO changes (kind, key_id, name, at) VALUES (?1, ?2, ?3, ?4)",
+    [S_CHANGE_HEAD] = "SELECT coalesce(max(seq), 0) FROM changes",
+    [S_CHANGE_TAIL] = "SELECT coalesce(min(seq), 0) FROM changes",
+    [S_CHANGES] = "SELECT seq, kind, key_id, name FROM changes WHERE seq > ?1 ORDER BY seq "
+                  "LIMIT ?2",
+    [S_CHANGES_PRUNE] = "DELETE FROM changes WHERE at < ?1 AND seq < (SELECT max(seq) FROM "
+                        "changes)",
+};
+
+struct kms_tx {
+    struct kms_store *st;
+    sqlite3 *db;
+    sqlite3_stmt *stmt[S_COUNT];
+    int open;  /* a transaction is open */
+    int write; /* it is a write transaction */
+    struct kms_tx *next;
+};
+
+struct kms_store {
+    char *path;
+    char *name;
+    unsigned timeout_ms;
+    pthread_key_t conn; /* this thread's struct kms_tx */
+    pthread_mutex_t lock;
+    struct kms_tx *conns;
+};
+
+static kms_err db_fail(sqlite3 *db, int rc, const char *what)
+{
+    const char *msg = db ? sqlite3_errmsg(db) : sqlite3_errstr(rc);
+    int primary = rc & 0xff;
+    if (primary == SQLITE_BUSY || primary == SQLITE_LOCKED) {
+        kms_warn("database: %s: %s", what, msg);
+        return KMS_FAIL(KMS_ERR_DEPENDENCY_TIMEOUT,
+                        "The key store's database did not answer in time");
+    }
+    if (primary == SQLITE_CONSTRAINT)
+        return KMS_FAIL(KMS_ERR_ALREADY_EXISTS, "The entry already exists");
+    kms_error("database: %s: %s (%s)", what, msg, sqlite3_errstr(rc));
+    return KMS_FAIL(KMS_ERR_INTERNAL, "The key store's database failed");
+}
+
+static kms_err exec(sqlite3 *db, const char *text, const char *what)
+{
+    char *err = NULL;
+    int rc = sqlite3_exec(db, text, NULL, NULL, &err);
+    sqlite3_free(err);
+    return rc == SQLITE_OK ? KMS_OK : db_fail(db, rc, what);
+}
+
+/* A connection with the settings every connection has. */
+static kms_err db_connect(struct kms_store *st, int create, sqlite3 **out)
+{
+    sqlite3 *db = NULL;
+    int flags = SQLITE_OPEN_READWRITE | SQLITE_OPEN_NOMUTEX | (create ? SQLITE_OPEN_CREATE : 0);
+    int rc = sqlite3_open_v2(st->path, &db, flags, NULL);
+    if (rc != SQLITE_OK) {
+        kms_err e = KMS_FAIL(KMS_ERR_INTERNAL, "cannot open the database %s: %s", st->name,
+                             db ? sqlite3_errmsg(db) : sqlite3_errstr(rc));
+        sqlite3_close(db);
+        return e;
+    }
+    sqlite3_extended_result_codes(db, 1);
+    sqlite3_busy_timeout(db, (int)st->timeout_ms);
+    /* journal_mode answers a row: run it through exec, which ignores rows. */
+    kms_err e = exec(db,
+                     "PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; "
+                     "PRAGMA foreign_keys = ON; PRAGMA trusted_schema = OFF",
+                     "settings");
+    if (e != KMS_OK) {
+        sqlite3_close(db);
+        return KMS_FAIL(e, "cannot use the database %s: %s", st->name, kms_err_message());
+    }
+    *out = db;
+    return KMS_OK;
+}
+
+static kms_err this_thread(struct kms_store *st, struct kms_tx **out)
+{
+    struct kms_tx *c = pthread_getspecific(st->conn);
+    if (c) {
+        *out = c;
+        return KMS_OK;
+    }
+    c = calloc(1, sizeof *c);
+    KMS_ENSURE(c != NULL, KMS_ERR_INTERNAL, "out of memory");
+    c->st = st;
+    kms_err rc = db_connect(st, 0, &c->db);
+    if (rc != KMS_OK) {
+        free(c);
+        return rc;
+    }
+    pthread_mutex_lock(&st->lock);
+    c->next = st->conns;
+    st->conns = c;
+    pthread_mutex_unlock(&st->lock);
+    pthread_setspecific(st->conn, c);
+    *out = c;
+    return KMS_OK;
+}
+
+static void conn_free(struct kms_tx *c)
+{
+    for (int i = 0; i < S_COUNT; i++)
+        sqlite3_finalize(c->stmt[i]);
+    sqlite3_close(c->db);
+    free(c);
+}
+
+/* The prepared statement s, reset and with no bindings. */
+static kms_err stmt(struct kms_tx *tx, enum stmt s, sqlite3_stmt **out)
+{
+    if (!tx->stmt[s]) {
+        int rc = sqlite3_prepare_v3(tx->db, sql[s], -1, SQLITE_PREPARE_PERSISTENT, &tx->stmt[s],
+                                    NULL);
+        if (rc != SQLITE_OK)
+            return db_fail(tx->db, rc, "prepare");
+    }
+    sqlite3_reset(tx->stmt[s]);
+    sqlite3_clear_bindings(tx->stmt[s]);
+    *out = tx->stmt[s];
+    return KMS_OK;
+}
+
+/* Runs a statement that answers no rows (or whose rows are not wanted). */
+static kms_err run(struct kms_tx *tx, sqlite3_stmt *q, const char *what)
+{
+    int rc;
+    while ((rc = sqlite3_step(q)) == SQLITE_ROW)
+        ;
+    sqlite3_reset(q);
+    return rc == SQLITE_DONE ? KMS_OK : db_fail(tx->db, rc, what);
+}
+
+/* Steps to the next row: 1 a row, 0 done; a failure is returned through *err. */
+static int next_row(struct kms_tx *tx, sqlite3_stmt *q, kms_err *err, const char *what)
+{
+    int rc = sqlite3_step(q);
+    if (rc == SQLITE_ROW)
+        return 1;
+    if (rc != SQLITE_DONE)
+        *err = db_fail(tx->db, rc, what);
+    sqlite3_reset(q);
+    return 0;
+}
+
+static void bind_id(sqlite3_stmt *q, int i, const uint8_t *id)
+{
+    if (id)
+        sqlite3_bind_blob(q, i, id, KMS_UUID_LEN, SQLITE_STATIC);
+    else
+        sqlite3_bind_null(q, i);
+}
+
+static void bind_text(sqlite3_stmt *q, int i, const char *s)
+{
+    if (s)
+        sqlite3_bind_text(q, i, s, -1, SQLITE_STATIC);
+    else
+        sqlite3_bind_null(q, i);
+}
+
+static int column_id(sqlite3_stmt *q, int i, uint8_t out[KMS_UUID_LEN])
+{
+    const void *p = sqlite3_column_blob(q, i);
+    if (!p || sqlite3_column_bytes(q, i) != KMS_UUID_LEN)
+        return 0;
+    memcpy(out, p, KMS_UUID_LEN);
+    return 1;
+}
+
+/* ---- the database ---- */
+
+int kms_store_schema_version(void)
+{
+    return kms_schema_count();
+}
+
+static kms_err user_version(sqlite3 *db, int *out)
+{
+    sqlite3_stmt *q = NULL;
+    int rc = sqlite3_prepare_v2(db, "PRAGMA user_version", -1, &q, NULL);
+    if (rc == SQLITE_OK && (rc = sqlite3_step(q)) == SQLITE_ROW) {
+        *out = sqlite3_column_int(q, 0);
+        rc = SQLITE_OK;
+    }
+    sqlite3_finalize(q);
+    return rc == SQLITE_OK ? KMS_OK : db_fail(db, rc, "schema version");
+}
+
+/* Brings the schema to this binary's version (mode INIT) or checks it is (OPEN). */
+static kms_err schema(struct kms_store *st, sqlite3 *db, int mode)
+{
+    int have = 0, want = kms_schema_count();
+    KMS_GUARD(user_version(db, &have));
+    KMS_ENSURE(have <= want, KMS_ERR_INTERNAL,
+               "the database %s has schema version %d, newer than this p11kmsd's (%d): run the "
+               "release that wrote it, or a newer one",
+               st->name, have, want);
+    if (have == want)
+        return KMS_OK;
+    KMS_ENSURE(mode == KMS_STORE_INIT, KMS_ERR_INTERNAL,
+               have == 0 ? "the database %s is not initialised: run p11kmsd init --config FILE"
+                         : "the database %s has schema version %d, older than this p11kmsd's "
+                           "(%d): run p11kmsd init --config FILE to migrate it",
+               st->name, have, want);
+    KMS_GUARD(exec(db, "BEGIN IMMEDIATE", "migration"));
+    /* Read again under the write lock: another process may have migrated meanwhile. */
+    kms_err rc = user_version(db, &have);
+    for (int v = have + 1; rc == KMS_OK && v <= want; v++) {
+        char pragma[64];
+        rc = exec(db, kms_schema_migration(v), "migration");
+        snprintf(pragma, sizeof pragma, "PRAGMA user_version = %d", v);
+        if (rc == KMS_OK)
+            rc = exec(db, pragma, "migration");
+        if (rc == KMS_OK)
+            kms_info("database %s: schema migrated to version %d", st->name, v);
+    }
+    if (rc == KMS_OK)
+        rc = exec(db, "COMMIT", "migration");
+    if (rc != KMS_OK) {
+        char *err = NULL;
+        sqlite3_exec(db, "ROLLBACK", NULL, NULL, &err);
+        sqlite3_free(err);
+    }
+    return rc;
+}
+
+kms_err kms_store_open(const struct kms_store_config *cfg, struct kms_store **out)
+{
+    const char *url = cfg->url;
+    struct kms_store *st;
+    sqlite3 *db = NULL;
+    kms_err rc;
+
+    KMS_ENSURE(url && strncmp(url, "sqlite:", 7) == 0 && url[7], KMS_ERR_VALIDATION,
+               "database must be sqlite:PATH (PostgreSQL is not supported yet)");
+    const char *path = url + 7;
+    if (strncmp(path, "//", 2) == 0)
+        path += 2; /* sqlite:///abs/path */
+    st = calloc(1, sizeof *st);
+    KMS_ENSURE(st != NULL, KMS_ERR_INTERNAL, "out of memory");
+    st->path = strdup(path);
+    st->name = strdup(url);
+    st->timeout_ms = cfg->timeout_ms ? cfg->timeout_ms : 5000;
+    pthread_mutex_init(&st->lock, NULL);
+    if (!st->path || !st->name || pthread_key_create(&st->conn, NULL) != 0) {
+        free(st->path);
+        free(st->name);
+        free(st);
+        return KMS_FAIL(KMS_ERR_INTERNAL, "out of memory");
+    }
+    if (cfg->mode == KMS_STORE_INIT) {
+        /* Made private before SQLite writes anything into it (the WAL files take its mode). */
+        int fd = open(st->path, O_RDWR | O_CREAT | O_CLOEXEC, 0600);
+        if (fd < 0) {
+            rc = KMS_FAIL(KMS_ERR_INTERNAL, "cannot create the database %s: %s", st->name,
+                          strerror(errno));
+            kms_store_close(st);
+            return rc;
+        }
+        close(fd);
+    } else if (access(st->path, F_OK) != 0) {
+        rc = KMS_FAIL(KMS_ERR_INTERNAL,
+                      "the database %s does not exist: run p11kmsd init --config FILE", st->name);
+        kms_store_close(st);
+        return rc;
+    }
+    rc = db_connect(st, 0, &db);
+    if (rc == KMS_OK) {
+        rc = schema(st, db, cfg->mode);
+        if (rc != KMS_OK && kms_err_message()[0] && strstr(kms_err_message(), st->name) == NULL)
+            rc = KMS_FAIL(rc, "cannot use the database %s: %s", st->name, kms_err_message());
+    }
+    sqlite3_close(db);
+    if (rc != KMS_OK) {
+        kms_store_close(st);
+        return rc;
+    }
+    *out = st;
+    return KMS_OK;
+}
+
+void kms_store_close(struct kms_store *st)
+{
+    if (!st)
+        return;
+    while (st->conns) {
+        struct kms_tx *c = st->conns;
+        st->conns = c->next;
+        conn_free(c);
+    }
+    pthread_key_delete(st->conn);
+    pthread_mutex_destroy(&st->lock);
+    free(st->path);
+    free(st->name);
+    free(st);
+}
+
+const char *kms_store_name(const struct kms_store *st)
+{
+    return st->name;
+}
+
+kms_err kms_store_database_version(struct kms_store *st, int *out)
+{
+    struct kms_tx *c;
+    KMS_GUARD(this_thread(st, &c));
+    return user_version(c->db, out);
+}
+
+kms_err kms_store_backup(struct kms_store *st, const char *path)
+{
+    struct kms_tx *c;
+    sqlite3 *dst = NULL;
+    KMS_GUARD(this_thread(st, &c));
+    KMS_ENSURE(access(path, F_OK) != 0, KMS_ERR_VALIDATION, "%s exists already", path);
+    int fd = open(path, O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
+    KMS_ENSURE(fd >= 0, KMS_ERR_INTERNAL, "cannot create %s: %s", path, strerror(errno));
+    close(fd);
+    int rc = sqlite3_open_v2(path, &dst, SQLITE_OPEN_READWRITE, NULL);
+    if (rc == SQLITE_OK) {
+        sqlite3_backup *b = sqlite3_backup_init(dst, "main", c->db, "main");
+        if (!b) {
+            rc = sqlite3_errcode(dst);
+        } else {
+            /* Steps of 256 pages: writers on other connections go on meanwhile. */
+            do {
+                rc = sqlite3_backup_step(b, 256);
+                if (rc == SQLITE_BUSY || rc == SQLITE_LOCKED)
+                    sqlite3_sleep(10);
+            } while (rc == SQLITE_OK || rc == SQLITE_BUSY || rc == SQLITE_LOCKED);
+            int fin = sqlite3_backup_finish(b);
+            if (rc == SQLITE_DONE)
+                rc = fin;
+        }
+    }
+    kms_err e = KMS_OK;
+    if (rc != SQLITE_OK) {
+        e = KMS_FAIL(KMS_ERR_INTERNAL, "backup to %s failed: %s", path,
+                     dst ? sqlite3_errmsg(dst) : sqlite3_errstr(rc));
+        sqlite3_close(dst);
+        unlink(path);
+        return e;
+    }
+    /* The copy is one file: no WAL beside it. */
+    char *err = NULL;
+    sqlite3_exec(dst, "PRAGMA journal_mode = DELETE", NULL, NULL, &err);
+    sqlite3_free(err);
+    rc = sqlite3_close(dst);
+    KMS_ENSURE(rc == SQLITE_OK, KMS_ERR_INTERNAL, "backup to %s failed: %s", path,
+               sqlite3_errstr(rc));
+    return KMS_OK;
+}
+
+/* ---- transactions ---- */
+
+kms_err kms_store_begin(struct kms_store *st, int mode, struct kms_tx **out)
+{
+    struct kms_tx *c;
+    sqlite3_stmt *q;
+    KMS_GUARD(this_thread(st, &c));
+    KMS_ENSURE(!c->open, KMS_ERR_INTERNAL, "a transaction is already open on this thread");
+    KMS_GUARD(stmt(c, mode == KMS_TX_WRITE ? S_BEGIN_WRITE : S_BEGIN_READ, &q));
+    KMS_GUARD(run(c, q, "begin"));
+    c->open = 1;
+    c->write = mode == KMS_TX_WRITE;
+    *out = c;
+    return KMS_OK;
+}
+
+kms_err kms_store_commit(struct kms_tx *tx)
+{
+    sqlite3_stmt *q;
+    KMS_ENSURE(tx && tx->open, KMS_ERR_INTERNAL, "no transaction to commit");
+    kms_err rc = stmt(tx, S_COMMIT, &q);
+    if (rc == KMS_OK)
+        rc = run(tx, q, "commit");
+    if (rc != KMS_OK) {
+        kms_store_rollback(tx);
+        return rc;
+    }
+    tx->open = 0;
+    return KMS_OK;
+}
+
+void kms_store_rollback(struct kms_tx *tx)
+{
+    sqlite3_stmt *q;
+    if (!tx || !tx->open)
+        return;
+    tx->open = 0;
+    if (sqlite3_get_autocommit(tx->db))
+        return; /* SQLite already rolled back (a failed COMMIT, an I/O error) */
+    if (stmt(tx, S_ROLLBACK, &q) != KMS_OK || run(tx, q, "rollback") != KMS_OK)
+        kms_err_clear();
+}
+
+/* ---- keys ---- */
+
+void kms_key_row_clear(struct kms_key_row *r)
+{
+    free(r->description);
+    free(r->policy);
+    memset(r, 0, sizeof *r);
+}
+
+static kms_err key_from(sqlite3_stmt *q, struct kms_key_row *r)
+{
+    const char *d = (const char *)sqlite3_column_text(q, 2);
+    const char *p = (const char *)sqlite3_column_text(q, 12);
+    memset(r, 0, sizeof *r);
+    KMS_ENSURE(column_id(q, 0, r->id), KMS_ERR_INTERNAL, "a key row without a valid id");
+    r->created = sqlite3_column_int64(q, 1);
+    r->description = strdup(d ? d : "");
+    KMS_ENSURE(r->description != NULL, KMS_ERR_INTERNAL, "out of memory");
+    r->state = sqlite3_column_int(q, 3);
+    r->deletion_date = sqlite3_column_int64(q, 4);
+    r->rotation_enabled = sqlite3_column_int(q, 5);
+    r->rotation_days = sqlite3_column_int64(q, 6);
+    r->rotation_seconds = sqlite3_column_int64(q, 7);
+    r->next_rotation = sqlite3_column_int64(q, 8);
+    r->current = (uint32_t)sqlite3_column_int64(q, 9);
+    r->on_demand = (uint32_t)sqlite3_column_int64(q, 10);
+    r->token_resident = sqlite3_column_int(q, 11);
+    r->rev = sqlite3_column_int64(q, 13);
+    if (p) {
+        r->policy = strdup(p);
+        KMS_ENSURE(r->policy != NULL, KMS_ERR_INTERNAL, "out of memory");
+    }
+    return KMS_OK;
+}
+
+static void bind_key(sqlite3_stmt *q, const struct kms_key_row *r)
+{
+    bind_id(q, 1, r->id);
+    sqlite3_bind_int64(q, 2, r->created);
+    sqlite3_bind_text(q, 3, r->description ? r->description : "", -1, SQLITE_STATIC);
+    sqlite3_bind_int(q, 4, r->state);
+    sqlite3_bind_int64(q, 5, r->deletion_date);
+    sqlite3_bind_int(q, 6, r->rotation_enabled);
+    sqlite3_bind_int64(q, 7, r->rotation_days);
+    sqlite3_bind_int64(q, 8, r->rotation_seconds);
+    sqlite3_bind_int64(q, 9, r->next_rotation);
+    sqlite3_bind_int64(q, 10, r->current);
+    sqlite3_bind_int64(q, 11, r->on_demand);
+    sqlite3_bind_int(q, 12, r->token_resident);
+    bind_text(q, 13, r->policy);
+}
+
+kms_err kms_store_key_get(struct kms_tx *tx, const uint8_t id[KMS_UUID_LEN],
+                          struct kms_key_row *out)
+{
+    sqlite3_stmt *q;
+    kms_err rc = KMS_OK;
+    KMS_GUARD(stmt(tx, S_KEY_GET, &q));
+    bind_id(q, 1, id);
+    if (!next_row(tx, q, &rc, "read a key"))
+        return rc != KMS_OK ? rc : KMS_ERR_NOT_FOUND;
+    rc = key_from(q, out);
+    sqlite3_reset(q);
+    return rc;
+}
+
+kms_err kms_store_key_insert(struct kms_tx *tx, const struct kms_key_row *r)
+{
+    sqlite3_stmt *q;
+    KMS_GUARD(stmt(tx, S_KEY_INSERT, &q));
+    bind_key(q, r);
+    return run(tx, q, "insert a key");
+}
+
+kms_err kms_store_key_update(struct kms_tx *tx, struct kms_key_row *r)
+{
+    sqlite3_stmt *q;
+    KMS_GUARD(stmt(tx, S_KEY_UPDATE, &q));
+    bind_key(q, r);
+    sqlite3_bind_int64(q, 14, r->rev);
+    KMS_GUARD(run(tx, q, "update a key"));
+    KMS_ENSURE(sqlite3_changes(tx->db) == 1, KMS_ERR_INVALID_STATE,
+               "The key changed meanwhile; try again");
+    r->rev++;
+    return KMS_OK;
+}
+
+kms_err kms_store_keys_list(struct kms_tx *tx, const uint8_t *from, size_t limit,
+                            kms_err (*fn)(void *arg, const struct kms_key_row *r), void *arg)
+{
+    sqlite3_stmt *q;
+    struct kms_key_row r = {0};
+    kms_err rc = KMS_OK;
+    KMS_GUARD(stmt(tx, from ? S_KEYS_LIST_AFTER : S_KEYS_LIST, &q));
+    sqlite3_bind_int64(q, 1, (sqlite3_int64)limit);
+    if (from)
+        bind_id(q, 2, from);
+    while (rc == KMS_OK && next_row(tx, q, &rc, "list keys")) {
+        rc = key_from(q, &r);
+        if (rc == KMS_OK)
+            rc = fn(arg, &r);
+        kms_key_row_clear(&r);
+    }
+    sqlite3_reset(q);
+    return rc;
+}
+
+static kms_err count(struct kms_tx *tx, enum stmt s, size_t *out)
+{
+    sqlite3_stmt *q;
+    kms_err rc = KMS_OK;
+    KMS_GUARD(stmt(tx, s, &q));
+    *out = 0;
+    if (next_row(tx, q, &rc, "count"))
+        *out = (size_t)sqlite3_column_int64(q, 0);
+    sqlite3_reset(q);
+    return rc;
+}
+
+kms_err kms_store_key_count(struct kms_tx *tx, size_t *keys, size_t *versions)
+{
+    KMS_GUARD(count(tx, S_KEY_COUNT, keys));
+    return versions ? count(tx, S_VERSION_COUNT, versions) : KMS_OK;
+}
+
+kms_err kms_store_keys_due(struct kms_tx *tx, int64_t now, size_t limit,
+                           kms_err (*fn)(void *arg, const uint8_t id[KMS_UUID_LEN], int what),
+                           void *arg)
+{
+    static const enum stmt which[2] = {S_KEYS_ROTATION_DUE, S_KEYS_DELETION_DUE};
+    kms_err rc = KMS_OK;
+    for (int w = 0; w < 2 && rc == KMS_OK; w++) {
+        sqlite3_stmt *q;
+        uint8_t id[KMS_UUID_LEN];
+        KMS_GUARD(stmt(tx, which[w], &q));
+        sqlite3_bind_int64(q, 1, now);
+        sqlite3_bind_int64(q, 2, (sqlite3_int64)limit);
+        while (rc == KMS_OK && next_row(tx, q, &rc, "due keys"))
+            if (column_id(q, 0, id))
+                rc = fn(arg, id, w == 0 ? KMS_DUE_ROTATION : KMS_DUE_DELETION);
+        sqlite3_reset(q);
+    }
+    return rc;
+}
+
+/* ---- versions ---- */
+
+static kms_err version_from(sqlite3_stmt *q, struct kms_version_row *r)
+{
+    const void *w = sqlite3_column_blob(q, 8);
+    size_t wn = (size_t)sqlite3_column_bytes(q, 8);
+    r->wrapped_len = 0;
+    KMS_ENSURE(column_id(q, 0, r->key_id), KMS_ERR_INTERNAL, "a version row without a key id");
+    r->vid = (uint32_t)sqlite3_column_int64(q, 1);
+    r->n = (uint32_t)sqlite3_column_int64(q, 2);
+    r->created = sqlite3_column_int64(q, 3);
+    r->rotation = sqlite3_column_int(q, 4);
+    r->reserved = (uint64_t)sqlite3_column_int64(q, 5);
+    r->bound = (uint64_t)sqlite3_column_int64(q, 6);
+    r->root = (uint32_t)sqlite3_column_int64(q, 7);
+    KMS_ENSURE(wn <= sizeof r->wrapped, KMS_ERR_INTERNAL, "a wrapped version is too long");
+    if (w && wn)
+        memcpy(r->wrapped, w, wn);
+    r->wrapped_len = wn;
+    return KMS_OK;
+}
+
+kms_err kms_store_version_get(struct kms_tx *tx, const uint8_t key[KMS_UUID_LEN], uint32_t vid,
+                              struct kms_version_row *out)
+{
+    sqlite3_stmt *q;
+    kms_err rc = KMS_OK;
+    KMS_GUARD(stmt(tx, S_VERSION_GET, &q));
+    bind_id(q, 1, key);
+    sqlite3_bind_int64(q, 2, vid);
+    if (!next_row(tx, q, &rc, "read a version"))
+        return rc != KMS_OK ? rc : KMS_ERR_NOT_FOUND;
+    rc = version_from(q, out);
+    sqlite3_reset(q);
+    return rc;
+}
+
+kms_err kms_store_version_insert(struct kms_tx *tx, const struct kms_version_row *r)
+{
+    sqlite3_stmt *q;
+    KMS_GUARD(stmt(tx, S_VERSION_INSERT, &q));
+    bind_id(q, 1, r->key_id);
+    sqlite3_bind_int64(q, 2, r->vid);
+    sqlite3_bind_int64(q, 3, r->n);
+    sqlite3_bind_int64(q, 4, r->created);
+    sqlite3_bind_int(q, 5, r->rotation);
+    sqlite3_bind_int64(q, 6, (sqlite3_int64)r->reserved);
+    sqlite3_bind_int64(q, 7, (sqlite3_int64)r->bound);
+    if (r->root)
+        sqlite3_bind_int64(q, 8, r->root);
+    else
+        sqlite3_bind_null(q, 8);
+    if (r->wrapped_len)
+        sqlite3_bind_blob(q, 9, r->wrapped, (int)r->wrapped_len, SQLITE_STATIC);
+    else
+        sqlite3_bind_null(q, 9);
+    return run(tx, q, "insert a version");
+}
+
+kms_err kms_store_versions(struct kms_tx *tx, const uint8_t key[KMS_UUID_LEN],
+                           kms_err (*fn)(void *arg, const struct kms_version_row *r), void *arg)
+{
+    sqlite3_stmt *q;
+    kms_err rc = KMS_OK;
+    struct kms_version_row *r = malloc(sizeof *r);
+    KMS_ENSURE(r != NULL, KMS_ERR_INTERNAL, "out of memory");
+    rc = stmt(tx, S_VERSIONS, &q);
+    if (rc == KMS_OK) {
+        bind_id(q, 1, key);
+        while (rc == KMS_OK && next_row(tx, q, &rc, "read versions")) {
+            rc = version_from(q, r);
+            if (rc == KMS_OK)
+                rc = fn(arg, r);
+        }
+        sqlite3_reset(q);
+    }
+    free(r);
+    return rc;
+}
+
+kms_err kms_store_version_max_n(struct kms_tx *tx, const uint8_t key[KMS_UUID_LEN], uint32_t *out)
+{
+    sqlite3_stmt *q;
+    kms_err rc = KMS_OK;
+    KMS_GUARD(stmt(tx, S_VERSION_MAX_N, &q));
+    bind_id(q, 1, key);
+    *out = 0;
+    if (next_row(tx, q, &rc, "versions"))
+        *out = (uint32_t)sqlite3_column_int64(q, 0);
+    sqlite3_reset(q);
+    return rc;
+}
+
+kms_err kms_store_reserve(struct kms_tx *tx, const uint8_t key[KMS_UUID_LEN], uint32_t vid,
+                          uint64_t want, uint64_t *granted, uint64_t *reserved)
+{
+    struct kms_version_row *before = malloc(sizeof *before);
+    sqlite3_stmt *q;
+    kms_err rc;
+    KMS_ENSURE(before != NULL, KMS_ERR_INTERNAL, "out of memory");
+    rc = kms_store_version_get(tx, key, vid, before);
+    if (rc == KMS_OK)
+        rc = stmt(tx, S_RESERVE, &q);
+    if (rc == KMS_OK) {
+        bind_id(q, 1, key);
+        sqlite3_bind_int64(q, 2, vid);
+        sqlite3_bind_int64(q, 3, (sqlite3_int64)want);
+        if (next_row(tx, q, &rc, "reserve uses")) {
+            *reserved = (uint64_t)sqlite3_column_int64(q, 0);
+            *granted = *reserved - before->reserved;
+            rc = run(tx, q, "reserve uses");
+        } else if (rc == KMS_OK) {
+            rc = KMS_ERR_NOT_FOUND;
+        }
+    }
+    free(before);
+    return rc;
+}
+
+kms_err kms_store_versions_delete(struct kms_tx *tx, const uint8_t key[KMS_UUID_LEN])
+{
+    sqlite3_stmt *q;
+    KMS_GUARD(stmt(tx, S_VERSIONS_DELETE, &q));
+    bind_id(q, 1, key);
+    return run(tx, q, "delete versions");
+}
+
+/* ---- aliases ---- */
+
+static kms_err alias_from(sqlite3_stmt *q, struct kms_alias_row *r)
+{
+    const char *name = (const char *)sqlite3_column_text(q, 0);
+    KMS_ENSURE(name && strlen(name) <= KMS_STORE_ALIAS_MAX && column_id(q, 1, r->target),
+               KMS_ERR_INTERNAL, "a malformed alias row");
+    snprintf(r->name, sizeof r->name, "%s", name);
+    r->created = sqlite3_column_int64(q, 2);
+    r->updated = sqlite3_column_int64(q, 3);
+    return KMS_OK;
+}
+
+kms_err kms_store_alias_get(struct kms_tx *tx, const char *name, struct kms_alias_row *out)
+{
+    sqlite3_stmt *q;
+    kms_err rc = KMS_OK;
+    KMS_GUARD(stmt(tx, S_ALIAS_GET, &q));
+    bind_text(q, 1, name);
+    if (!next_row(tx, q, &rc, "read an alias"))
+        return rc != KMS_OK ? rc : KMS_ERR_NOT_FOUND;
+    rc = alias_from(q, out);
+    sqlite3_reset(q);
+    return rc;
+}
+
+static kms_err alias_write(struct kms_tx *tx, enum stmt s, const struct kms_alias_row *r,
+                           const char *what)
+{
+    sqlite3_stmt *q;
+    KMS_GUARD(stmt(tx, s, &q));
+    bind_text(q, 1, r->name);
+    bind_id(q, 2, r->target);
+    sqlite3_bind_int64(q, 3, r->created);
+    sqlite3_bind_int64(q, 4, r->updated);
+    return run(tx, q, what);
+}
+
+kms_err kms_store_alias_insert(struct kms_tx *tx, const struct kms_alias_row *r)
+{
+    return alias_write(tx, S_ALIAS_INSERT, r, "insert an alias");
+}
+
+kms_err kms_store_alias_update(struct kms_tx *tx, const struct kms_alias_row *r)
+{
+    KMS_GUARD(alias_write(tx, S_ALIAS_UPDATE, r, "update an alias"));
+    return sqlite3_changes(tx->db) == 1 ? KMS_OK : KMS_ERR_NOT_FOUND;
+}
+
+kms_err kms_store_alias_delete(struct kms_tx *tx, const char *name)
+{
+    sqlite3_stmt *q;
+    KMS_GUARD(stmt(tx, S_ALIAS_DELETE, &q));
+    bind_text(q, 1, name);
+    KMS_GUARD(run(tx, q, "delete an alias"));
+    return sqlite3_changes(tx->db) == 1 ? KMS_OK : KMS_ERR_NOT_FOUND;
+}
+
+kms_err kms_store_aliases_of_key_delete(struct kms_tx *tx, const uint8_t key[KMS_UUID_LEN],
+                                        void (*fn)(void *arg, const char *name), void *arg)
+{
+    sqlite3_stmt *q;
+    kms_err rc = KMS_OK;
+    if (fn) {
+        KMS_GUARD(stmt(tx, S_ALIASES_OF_KEY, &q));
+        bind_id(q, 1, key);
+        while (next_row(tx, q, &rc, "aliases of a key"))
+            fn(arg, (const char *)sqlite3_column_text(q, 0));
+        sqlite3_reset(q);
+        KMS_GUARD(rc);
+    }
+    KMS_GUARD(stmt(tx, S_ALIASES_OF_KEY_DELETE, &q));
+    bind_id(q, 1, key);
+    return run(tx, q, "delete a key's aliases");
+}
+
+kms_err kms_store_aliases_list(struct kms_tx *tx, const char *from, const uint8_t *key,
+                               size_t limit, kms_err (*fn)(void *arg, const struct kms_alias_row *r),
+                               void *arg)
+{
+    sqlite3_stmt *q;
+    struct kms_alias_row r;
+    kms_err rc = KMS_OK;
+    KMS_GUARD(stmt(tx, S_ALIASES_LIST, &q));
+    bind_text(q, 1, from ? from : "");
+    bind_id(q, 2, key);
+    sqlite3_bind_int64(q, 3, (sqlite3_int64)limit);
+    while (rc == KMS_OK && next_row(tx, q, &rc, "list aliases")) {
+        rc = alias_from(q, &r);
+        if (rc == KMS_OK)
+            rc = fn(arg, &r);
+    }
+    sqlite3_reset(q);
+    return rc;
+}
+
+/* ---- root keys ---- */
+
+kms_err kms_store_roots(struct kms_tx *tx, kms_err (*fn)(void *arg, const struct kms_root_row *r),
+                        void *arg)
+{
+    sqlite3_stmt *q;
+    kms_err rc = KMS_OK;
+    KMS_GUARD(stmt(tx, S_ROOTS, &q));
+    while (rc == KMS_OK && next_row(tx, q, &rc, "read root keys")) {
+        struct kms_root_row r = {0};
+        const void *c = sqlite3_column_blob(q, 1);
+        const char *label = (const char *)sqlite3_column_text(q, 2);
+        if (!c || sqlite3_column_bytes(q, 1) != KMS_ROOT_ID_LEN) {
+            rc = KMS_FAIL(KMS_ERR_INTERNAL, "a malformed root key row");
+            break;
+        }
+        r.id = (uint32_t)sqlite3_column_int64(q, 0);
+        memcpy(r.cka_id, c, KMS_ROOT_ID_LEN);
+        snprintf(r.label, sizeof r.label, "%s", label ? label : "");
+        r.created = sqlite3_column_int64(q, 3);
+        r.state = sqlite3_column_int(q, 4);
+        rc = fn(arg, &r);
+    }
+    sqlite3_reset(q);
+    return rc;
+}
+
+kms_err kms_store_root_insert(struct kms_tx *tx, struct kms_root_row *r)
+{
+    sqlite3_stmt *q;
+    KMS_GUARD(stmt(tx, S_ROOT_INSERT, &q));
+    sqlite3_bind_blob(q, 1, r->cka_id, KMS_ROOT_ID_LEN, SQLITE_STATIC);
+    sqlite3_bind_text(q, 2, r->label, -1, SQLITE_STATIC);
+    sqlite3_bind_int64(q, 3, r->created);
+    sqlite3_bind_int(q, 4, r->state);
+    KMS_GUARD(run(tx, q, "insert a root key"));
+    r->id = (uint32_t)sqlite3_last_insert_rowid(tx->db);
+    return KMS_OK;
+}
+
+/* ---- meta ---- */
+
+kms_err kms_store_meta_get(struct kms_tx *tx, const char *name, char *out, size_t n)
+{
+    sqlite3_stmt *q;
+    kms_err rc = KMS_OK;
+    KMS_GUARD(stmt(tx, S_META_GET, &q));
+    bind_text(q, 1, name);
+    if (!next_row(tx, q, &rc, "read a setting"))
+        return rc != KMS_OK ? rc : KMS_ERR_NOT_FOUND;
+    const char *v = (const char *)sqlite3_column_text(q, 0);
+    snprintf(out, n, "%s", v ? v : "");
+    sqlite3_reset(q);
+    return KMS_OK;
+}
+
+kms_err kms_store_meta_set(struct kms_tx *tx, const char *name, const char *value)
+{
+    sqlite3_stmt *q;
+    KMS_GUARD(stmt(tx, S_META_SET, &q));
+    bind_text(q, 1, name);
+    bind_text(q, 2, value);
+    return run(tx, q, "write a setting");
+}
+
+/* ---- the change sequence ---- */
+
+kms_err kms_store_note_change(struct kms_tx *tx, int kind, const uint8_t *id, const char *name)
+{
+    sqlite3_stmt *q;
+    struct timespec t;
+    clock_gettime(CLOCK_REALTIME, &t);
+    KMS_GUARD(stmt(tx, S_NOTE_CHANGE, &q));
+    sqlite3_bind_int(q, 1, kind);
+    bind_id(q, 2, id);
+    bind_text(q, 3, name);
+    sqlite3_bind_int64(q, 4, (sqlite3_int64)t.tv_sec);
+    return run(tx, q, "record a change");
+}
+
+static kms_err seq_of(struct kms_tx *tx, enum stmt s, int64_t *out)
+{
+    size_t n = 0;
+    KMS_GUARD(count(tx, s, &n));
+    *out = (int64_t)n;
+    return KMS_OK;
+}
+
+kms_err kms_store_change_head(struct kms_tx *tx, int64_t *out)
+{
+    return seq_of(tx, S_CHANGE_HEAD, out);
+}
+
+kms_err kms_store_change_tail(struct kms_tx *tx, int64_t *out)
+{
+    return seq_of(tx, S_CHANGE_TAIL, out);
+}
+
+kms_err kms_store_changes(struct kms_tx *tx, int64_t after, size_t limit,
+                          kms_err (*fn)(void *arg, const struct kms_change *c), void *arg)
+{
+    sqlite3_stmt *q;
+    kms_err rc = KMS_OK;
+    KMS_GUARD(stmt(tx, S_CHANGES, &q));
+    sqlite3_bind_int64(q, 1, after);
+    sqlite3_bind_int64(q, 2, (sqlite3_int64)limit);
+    while (rc == KMS_OK && next_row(tx, q, &rc, "read changes")) {
+        uint8_t id[KMS_UUID_LEN];
+        struct kms_change c = {0};
+        c.seq = sqlite3_column_int64(q, 0);
+        c.kind = sqlite3_column_int(q, 1);
+        c.id = column_id(q, 2, id) ? id : NULL;
+        c.name = (const char *)sqlite3_column_text(q, 3);
+        rc = fn(arg, &c);
+    }
+    sqlite3_reset(q);
+    return rc;
+}
+
+kms_err kms_store_changes_prune(struct kms_tx *tx, int64_t before)
+{
+    sqlite3_stmt *q;
+    KMS_GUARD(stmt(tx, S_CHANGES_PRUNE, &q));
+    sqlite3_bind_int64(q, 1, before);
+    return run(tx, q, "prune changes");
+}
