@@ -146,6 +146,7 @@ static int session_fault(CK_RV rv)
 #define SESSION_CKR(s, rv, what)                                   \
     do {                                                           \
         CK_RV ckr_ = (rv);                                         \
+        (s)->last_rv = ckr_;                                       \
         if (ckr_ != CKR_OK) {                                      \
             if (session_fault(ckr_))                               \
                 (s)->broken = 1;                                   \
@@ -540,13 +541,13 @@ kms_err kms_hsm_new_wrapped_aes(struct kms_session *s, CK_OBJECT_HANDLE root, ui
     CK_BBOOL yes = CK_TRUE, no = CK_FALSE;
     /* Extractable so that it can be wrapped: it lives only until the wrap. */
     CK_ATTRIBUTE tmpl[] = {
-        {CKA_CLASS, &cls, sizeof cls},      {CKA_KEY_TYPE, &kt, sizeof kt},
+        {CKA_CLASS, &cls, sizeof cls},       {CKA_KEY_TYPE, &kt, sizeof kt},
         {CKA_VALUE_LEN, &vlen, sizeof vlen}, {CKA_TOKEN, &no, sizeof no},
-        {CKA_PRIVATE, &yes, sizeof yes},    {CKA_SENSITIVE, &yes, sizeof yes},
+        {CKA_PRIVATE, &yes, sizeof yes},     {CKA_SENSITIVE, &yes, sizeof yes},
         {CKA_EXTRACTABLE, &yes, sizeof yes}, {CKA_ENCRYPT, &yes, sizeof yes},
-        {CKA_DECRYPT, &yes, sizeof yes},    {CKA_WRAP, &no, sizeof no},
-        {CKA_UNWRAP, &no, sizeof no},       {CKA_SIGN, &no, sizeof no},
-        {CKA_VERIFY, &no, sizeof no},       {CKA_DERIVE, &no, sizeof no},
+        {CKA_DECRYPT, &yes, sizeof yes},     {CKA_WRAP, &no, sizeof no},
+        {CKA_UNWRAP, &no, sizeof no},        {CKA_SIGN, &no, sizeof no},
+        {CKA_VERIFY, &no, sizeof no},        {CKA_DERIVE, &no, sizeof no},
     };
     CK_OBJECT_HANDLE h = CK_INVALID_HANDLE;
     CK_FUNCTION_LIST *fn = s->hsm->fn;
@@ -668,6 +669,7 @@ kms_err kms_hsm_gcm_decrypt(struct kms_session *s, CK_OBJECT_HANDLE key, const u
     if (rv == CKR_OK)
         memcpy(out, tmp, n - 16);
     kms_free_secret(tmp, n);
+    s->last_rv = rv;
     if (rv == CKR_OK)
         return KMS_OK;
     OPENSSL_cleanse(out, n - 16);

@@ -25,7 +25,8 @@ struct kms_hsm;
 struct kms_session {
     CK_SESSION_HANDLE handle;
     struct kms_hsm *hsm;
-    int broken; /* a session-level fault: reopen before reuse */
+    int broken;    /* a session-level fault: reopen before reuse */
+    CK_RV last_rv; /* the last call's answer */
 };
 
 /* The token calls p11kmsd times, for its metrics (one per kms_hsm_* function). */

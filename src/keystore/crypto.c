@@ -270,9 +270,8 @@ static kms_err version_handle(struct kms_keystore *ks, struct key *k, uint32_t v
         }
         if (rc == KMS_OK && h == CK_INVALID_HANDLE) {
             kms_error("key %s version %u: its token object is missing", k->id_text, vid);
-            rc = KMS_FAIL(KMS_ERR_KEY_UNAVAILABLE,
-                          "%skey/%s: that key material is unavailable", ks->arn_prefix,
-                          k->id_text);
+            rc = KMS_FAIL(KMS_ERR_KEY_UNAVAILABLE, "%skey/%s: that key material is unavailable",
+                          ks->arn_prefix, k->id_text);
         }
     }
     OPENSSL_cleanse(wrapped, sizeof wrapped);
@@ -296,8 +295,7 @@ static kms_err version_handle(struct kms_keystore *ks, struct key *k, uint32_t v
 }
 
 /* A handle found not to work: forget it so the next use unwraps again. */
-static void forget_handle(struct kms_keystore *ks, struct key *k, uint32_t vid,
-                          CK_OBJECT_HANDLE h)
+static void forget_handle(struct kms_keystore *ks, struct key *k, uint32_t vid, CK_OBJECT_HANDLE h)
 {
     pthread_mutex_lock(&ks->lock);
     struct version *v = kms_version_locked(k, vid);
@@ -322,13 +320,17 @@ static kms_err gcm(struct kms_keystore *ks, struct key *k, uint32_t vid, int enc
             continue;
         }
         KMS_GUARD(rc);
+        unsigned long epoch = kms_hsm_epoch(ks->hsm);
         KMS_GUARD(kms_hsm_acquire(ks->hsm, &s));
         rc = encrypt ? kms_hsm_gcm_encrypt(s, h, iv, aad->data, aad->len, in, n, out)
-                             : kms_hsm_gcm_decrypt(s, h, iv, aad->data, aad->len, in, n, out);
-        kms_hsm_release(s);
-        if (rc != KMS_ERR_KEY_UNAVAILABLE || attempt > 0)
+                     : kms_hsm_gcm_decrypt(s, h, iv, aad->data, aad->len, in, n, out);
+        CK_RV rv = s->last_rv;
+        kms_hsm_release(s); /* a broken session is reopened here, perhaps logged in again */
+        int gone = rv == CKR_KEY_HANDLE_INVALID || rv == CKR_OBJECT_HANDLE_INVALID ||
+                   epoch != kms_hsm_epoch(ks->hsm);
+        if (rc != KMS_ERR_KEY_UNAVAILABLE || attempt > 0 || !gone)
             return rc;
-        /* The object went (a re-login, a lost session): unwrap again, once. */
+        /* The object went (a re-login, a lost holder session): unwrap again, once. */
         kms_err_clear();
         forget_handle(ks, k, vid, h);
     }

@@ -99,7 +99,7 @@ struct kms_keystore {
     size_t nbuckets;
     size_t nkeys;
     struct key *lru_head, *lru_tail;
-    struct key *reaped; /* dropped entries no request holds, for kms_cache_reap */
+    struct key *reaped;  /* dropped entries no request holds, for kms_cache_reap */
     uint64_t change_gen; /* bumped by every change seen: a read racing one is not kept */
     struct alias_entry **aliases;
     size_t nalias_buckets;

@@ -346,8 +346,7 @@ kms_err kms_key_change(struct kms_keystore *ks, const uint8_t id[KMS_UUID_LEN],
             rc = KMS_ERR_NOT_FOUND;
         if (rc == KMS_ERR_NOT_FOUND) {
             kms_uuid_format(id, text);
-            rc = KMS_FAIL(KMS_ERR_NOT_FOUND, "Key '%skey/%s' does not exist", ks->arn_prefix,
-                          text);
+            rc = KMS_FAIL(KMS_ERR_NOT_FOUND, "Key '%skey/%s' does not exist", ks->arn_prefix, text);
         }
         if (rc == KMS_OK)
             rc = fn(ks, tx, &row, arg);
@@ -472,8 +471,7 @@ kms_err kms_keystore_schedule_deletion(struct kms_keystore *ks, const char *ref,
     return describe_id(ks, id, out);
 }
 
-static kms_err cancel(struct kms_keystore *ks, struct kms_tx *tx, struct kms_key_row *r,
-                      void *arg)
+static kms_err cancel(struct kms_keystore *ks, struct kms_tx *tx, struct kms_key_row *r, void *arg)
 {
     char text[KMS_UUID_TEXT_LEN + 1];
     (void)tx;

@@ -28,17 +28,17 @@ struct kms_keystore;
 struct kms_keystore_config {
     const char *region;
     const char *account;
-    uint64_t usage_bound;          /* wraps per version; default 2^30 */
-    uint64_t usage_block;          /* wraps reserved per metadata write; default 10000 */
-    unsigned day_seconds;          /* one "day" of periods and windows; 86400 */
-    unsigned rotation_min_days;    /* 90 */
-    unsigned rotation_max_days;    /* 2560 */
-    unsigned pending_min_days;     /* 7 */
-    unsigned pending_max_days;     /* 30 */
-    unsigned max_on_demand;        /* on-demand rotations per key; 10 */
-    unsigned refresh_ms;           /* change-sequence poll interval; 1000 */
-    unsigned key_cache;            /* keys held in memory, their used versions unwrapped; 4096 */
-    unsigned negative_cache;       /* key ids remembered as unknown; 8192 */
+    uint64_t usage_bound;       /* wraps per version; default 2^30 */
+    uint64_t usage_block;       /* wraps reserved per metadata write; default 10000 */
+    unsigned day_seconds;       /* one "day" of periods and windows; 86400 */
+    unsigned rotation_min_days; /* 90 */
+    unsigned rotation_max_days; /* 2560 */
+    unsigned pending_min_days;  /* 7 */
+    unsigned pending_max_days;  /* 30 */
+    unsigned max_on_demand;     /* on-demand rotations per key; 10 */
+    unsigned refresh_ms;        /* change-sequence poll interval; 1000 */
+    unsigned key_cache;         /* keys held in memory, their used versions unwrapped; 4096 */
+    unsigned negative_cache;    /* key ids remembered as unknown; 8192 */
     /*
      * Key policies: the key store keeps each key's policy text in its record
      * and a compiled form in the index, made by compile_policy (NULL: none is

@@ -25,14 +25,15 @@
 #include "keystore/internal.h"
 
 #define MIGRATED_MARK "migrated_token_layout"
-#define RECORD_FORMAT 1
+#define RECORD_FORMAT 2  /* a key's or an alias's record */
+#define HISTORY_FORMAT 1 /* a history object */
 
 struct entity {
     char kind[16];
     char name[KMS_ALIAS_MAX + 1];
     json_int_t gen;
     char nonce[64];
-    json_t *state; /* the newest record's */
+    json_t *state;    /* the newest record's */
     json_t *versions; /* array: every version named anywhere (keys) */
 };
 
@@ -100,8 +101,9 @@ static kms_err take_document(struct import *im, const uint8_t *p, size_t n)
     const char *name = json_string_value(json_object_get(doc, "name"));
     kms_err rc = KMS_OK;
 
-    if (!doc || !kind || !name || int_of(doc, "format") != RECORD_FORMAT ||
-        strlen(name) > KMS_ALIAS_MAX) {
+    json_int_t format = int_of(doc, "format");
+    if (!doc || !kind || !name || strlen(name) > KMS_ALIAS_MAX ||
+        format != (strcmp(kind, "history") == 0 ? HISTORY_FORMAT : RECORD_FORMAT)) {
         json_decref(doc);
         return KMS_OK; /* not one of ours (a change marker, a foreign object) */
     }
@@ -199,8 +201,7 @@ static kms_err import_key(struct kms_tx *tx, const struct entity *e, size_t *ver
     kms_err rc;
 
     KMS_ENSURE(kms_uuid_parse(e->name, strlen(e->name), row.id) == KMS_OK && state >= 0,
-               KMS_ERR_INTERNAL, "a key record of the old layout does not parse (%.64s)",
-               e->name);
+               KMS_ERR_INTERNAL, "a key record of the old layout does not parse (%.64s)", e->name);
     rc = kms_store_key_get(tx, row.id, &had);
     kms_key_row_clear(&had);
     if (rc == KMS_OK)
@@ -330,8 +331,7 @@ kms_err kms_migrate_token(struct kms_hsm *hsm, struct kms_store *store,
             aliases += taken;
         }
         char text[96];
-        snprintf(text, sizeof text, "%zu keys, %zu versions, %zu aliases", keys, versions,
-                 aliases);
+        snprintf(text, sizeof text, "%zu keys, %zu versions, %zu aliases", keys, versions, aliases);
         if (rc == KMS_OK)
             rc = kms_store_meta_set(tx, MIGRATED_MARK, objects ? text : "none");
         if (rc == KMS_OK && keys)

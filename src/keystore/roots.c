@@ -21,8 +21,7 @@ struct roots_read {
 static kms_err collect_root(void *arg, const struct kms_root_row *r)
 {
     struct roots_read *rr = arg;
-    KMS_ENSURE(rr->n < KMS_ROOTS_MAX, KMS_ERR_INTERNAL, "more than %d root keys",
-               KMS_ROOTS_MAX);
+    KMS_ENSURE(rr->n < KMS_ROOTS_MAX, KMS_ERR_INTERNAL, "more than %d root keys", KMS_ROOTS_MAX);
     rr->rows[rr->n++] = *r;
     return KMS_OK;
 }

@@ -177,8 +177,8 @@ static kms_err rotate_in(struct kms_keystore *ks, struct kms_tx *tx, struct kms_
     KMS_GUARD(kms_version_new_vid(tx, r->id, &a->v->vid));
     a->v->n = n + 1;
     a->v->created = now;
-    a->v->rotation = a->reason == KMS_ROTATE_DEMAND ? KMS_ROTATION_ON_DEMAND
-                                                    : KMS_ROTATION_AUTOMATIC;
+    a->v->rotation =
+        a->reason == KMS_ROTATE_DEMAND ? KMS_ROTATION_ON_DEMAND : KMS_ROTATION_AUTOMATIC;
     a->v->reserved = 0;
     a->v->bound = ks->cfg.usage_bound;
     KMS_GUARD(kms_store_version_insert(tx, a->v));

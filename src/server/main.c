@@ -233,16 +233,11 @@ static void reload(struct kms_server *srv, const char *config_file)
 int main(int argc, char **argv)
 {
     static const struct option options[] = {
-        {"dev", no_argument, NULL, 'd'},
-        {"state-dir", required_argument, NULL, 's'},
-        {"config", required_argument, NULL, 'c'},
-        {"listen", required_argument, NULL, 'l'},
-        {"threads", required_argument, NULL, 't'},
-        {"verbose", no_argument, NULL, 'v'},
-        {"version", no_argument, NULL, 'V'},
-        {"database", required_argument, NULL, 'D'},
-        {"help", no_argument, NULL, 'h'},
-        {NULL, 0, NULL, 0},
+        {"dev", no_argument, NULL, 'd'},           {"state-dir", required_argument, NULL, 's'},
+        {"config", required_argument, NULL, 'c'},  {"listen", required_argument, NULL, 'l'},
+        {"threads", required_argument, NULL, 't'}, {"verbose", no_argument, NULL, 'v'},
+        {"version", no_argument, NULL, 'V'},       {"database", required_argument, NULL, 'D'},
+        {"help", no_argument, NULL, 'h'},          {NULL, 0, NULL, 0},
     };
     struct kms_server srv;
     const char *config_file = NULL, *listen = NULL, *threads = NULL, *database = NULL;

@@ -22,9 +22,9 @@ struct kms_config {
     char *token;    /* token label or pkcs11: URI */
     char *pin_file; /* file holding the user PIN (or env P11KMS_PIN) */
     char *credentials_file;
-    char *database; /* "sqlite:/path/to/p11kms.db" */
+    char *database;               /* "sqlite:/path/to/p11kms.db" */
     unsigned database_timeout_ms; /* longest wait for a busy database */
-    char *listen; /* HOST:PORT */
+    char *listen;                 /* HOST:PORT */
     char *region;
     char *account;
     unsigned threads;  /* HTTP threads (network and requests served from the index) */

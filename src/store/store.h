@@ -59,12 +59,12 @@ struct kms_key_row {
     int64_t rotation_days;
     int64_t rotation_seconds; /* one period in seconds (day_seconds × days) */
     int64_t next_rotation;
-    uint32_t current; /* the current version's vid */
+    uint32_t current;   /* the current version's vid */
     uint32_t on_demand; /* on-demand rotations made */
     int token_resident; /* versions are token objects (migrated keys), not wrapped rows */
     int64_t rev;        /* bumped by every update; kms_store_key_update compares it */
     char *description;  /* malloc'd, never NULL once read; kms_key_row_clear frees it */
-    char *policy; /* malloc'd, NULL: the configured default; kms_key_row_clear frees it */
+    char *policy;       /* malloc'd, NULL: the configured default; kms_key_row_clear frees it */
 };
 
 struct kms_version_row {
@@ -72,7 +72,7 @@ struct kms_version_row {
     uint32_t vid; /* the blob's "key version": random, unique per key */
     uint32_t n;   /* ordinal: 1 for the first version */
     int64_t created;
-    int rotation; /* enum kms_store_rotation */
+    int rotation;      /* enum kms_store_rotation */
     uint64_t reserved; /* uses reserved by every node: at least the wraps made */
     uint64_t bound;
     uint32_t root; /* the root key it is wrapped under; 0 for a token-resident version */
@@ -163,12 +163,10 @@ KMS_MUST_CHECK kms_err kms_store_keys_due(struct kms_tx *tx, int64_t now, size_t
 /* ---- versions ---- */
 KMS_MUST_CHECK kms_err kms_store_version_get(struct kms_tx *tx, const uint8_t key[KMS_UUID_LEN],
                                              uint32_t vid, struct kms_version_row *out);
-KMS_MUST_CHECK kms_err kms_store_version_insert(struct kms_tx *tx,
-                                                const struct kms_version_row *r);
+KMS_MUST_CHECK kms_err kms_store_version_insert(struct kms_tx *tx, const struct kms_version_row *r);
 /* A key's versions in ordinal order. */
 KMS_MUST_CHECK kms_err kms_store_versions(struct kms_tx *tx, const uint8_t key[KMS_UUID_LEN],
-                                          kms_err (*fn)(void *arg,
-                                                        const struct kms_version_row *r),
+                                          kms_err (*fn)(void *arg, const struct kms_version_row *r),
                                           void *arg);
 /* The highest ordinal of a key's versions (0: none). */
 KMS_MUST_CHECK kms_err kms_store_version_max_n(struct kms_tx *tx, const uint8_t key[KMS_UUID_LEN],
@@ -198,11 +196,9 @@ KMS_MUST_CHECK kms_err kms_store_aliases_of_key_delete(struct kms_tx *tx,
                                                        void (*fn)(void *arg, const char *name),
                                                        void *arg);
 /* Aliases in name order from `from` on (NULL: start), only key's when key is given. */
-KMS_MUST_CHECK kms_err kms_store_aliases_list(struct kms_tx *tx, const char *from,
-                                              const uint8_t *key, size_t limit,
-                                              kms_err (*fn)(void *arg,
-                                                            const struct kms_alias_row *r),
-                                              void *arg);
+KMS_MUST_CHECK kms_err
+kms_store_aliases_list(struct kms_tx *tx, const char *from, const uint8_t *key, size_t limit,
+                       kms_err (*fn)(void *arg, const struct kms_alias_row *r), void *arg);
 
 /* ---- root keys ---- */
 KMS_MUST_CHECK kms_err kms_store_roots(struct kms_tx *tx,
@@ -212,14 +208,13 @@ KMS_MUST_CHECK kms_err kms_store_roots(struct kms_tx *tx,
 KMS_MUST_CHECK kms_err kms_store_root_insert(struct kms_tx *tx, struct kms_root_row *r);
 
 /* ---- settings the database keeps (the migration's mark, ...) ---- */
-KMS_MUST_CHECK kms_err kms_store_meta_get(struct kms_tx *tx, const char *name, char *out,
-                                          size_t n);
+KMS_MUST_CHECK kms_err kms_store_meta_get(struct kms_tx *tx, const char *name, char *out, size_t n);
 KMS_MUST_CHECK kms_err kms_store_meta_set(struct kms_tx *tx, const char *name, const char *value);
 
 /* ---- the change sequence ---- */
 /* Records in the transaction that a key (id) or an alias (name) changed. */
-KMS_MUST_CHECK kms_err kms_store_note_change(struct kms_tx *tx, int kind,
-                                             const uint8_t *id, const char *name);
+KMS_MUST_CHECK kms_err kms_store_note_change(struct kms_tx *tx, int kind, const uint8_t *id,
+                                             const char *name);
 /* The last sequence number written (0: none). */
 KMS_MUST_CHECK kms_err kms_store_change_head(struct kms_tx *tx, int64_t *out);
 /* The oldest sequence number kept (0: none). */

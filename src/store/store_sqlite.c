@@ -60,8 +60,8 @@ enum stmt {
     S_COUNT
 };
 
-#define KEY_COLUMNS                                                                          \
-    "id, created, description, state, deletion_date, rotation_enabled, rotation_days, "     \
+#define KEY_COLUMNS                                                                     \
+    "id, created, description, state, deletion_date, rotation_enabled, rotation_days, " \
     "rotation_seconds, next_rotation, current_vid, on_demand, token_resident, policy, rev"
 #define VERSION_COLUMNS "key_id, vid, n, created, rotation, reserved, bound, root_id, wrapped"
 
@@ -222,8 +222,8 @@ static void conn_free(struct kms_tx *c)
 static kms_err stmt(struct kms_tx *tx, enum stmt s, sqlite3_stmt **out)
 {
     if (!tx->stmt[s]) {
-        int rc = sqlite3_prepare_v3(tx->db, sql[s], -1, SQLITE_PREPARE_PERSISTENT, &tx->stmt[s],
-                                    NULL);
+        int rc =
+            sqlite3_prepare_v3(tx->db, sql[s], -1, SQLITE_PREPARE_PERSISTENT, &tx->stmt[s], NULL);
         if (rc != SQLITE_OK)
             return db_fail(tx->db, rc, "prepare");
     }
@@ -856,8 +856,8 @@ kms_err kms_store_aliases_of_key_delete(struct kms_tx *tx, const uint8_t key[KMS
 }
 
 kms_err kms_store_aliases_list(struct kms_tx *tx, const char *from, const uint8_t *key,
-                               size_t limit, kms_err (*fn)(void *arg, const struct kms_alias_row *r),
-                               void *arg)
+                               size_t limit,
+                               kms_err (*fn)(void *arg, const struct kms_alias_row *r), void *arg)
 {
     sqlite3_stmt *q;
     struct kms_alias_row r;

@@ -57,7 +57,7 @@ def setup():
     C.token, config = h.token_and_config(
         C.ws, "p11kms-it-faults", C.principal, module=faultmod.faultmod_module(),
         request_timeout_ms=str(REQUEST_TIMEOUT_MS), session_timeout_ms=str(SESSION_TIMEOUT_MS),
-        workers=str(WORKERS), threads="2", queue_max="8", full_refresh_seconds="3600",
+        workers=str(WORKERS), threads="2", queue_max="8",
         refresh_ms="1000")
     C.server = h.start_config_server(config, C.token, C.ws.sub("p11kmsd.log"),
                                      env=C.faults.env())
@@ -103,13 +103,21 @@ def req_create_key():
     return call("CreateKey", {"Description": "made while the token fails"})
 
 
+def req_first_use():
+    """GenerateDataKey on a key just made: its version is unwrapped from the database first."""
+    key = ok("CreateKey", {"Description": "unwrapped at its first use"})["KeyMetadata"]["KeyId"]
+    return call("GenerateDataKey", {"KeyId": key, "KeySpec": "AES_256"})
+
+
 REQUESTS = {
     "C_EncryptInit": ("GenerateDataKey", req_generate_data_key),
     "C_Encrypt": ("GenerateDataKey", req_generate_data_key),
     "C_Decrypt": ("Decrypt", req_decrypt),
-    # CreateKey looks for an object with the new version's id first, then generates it.
-    "C_FindObjects": ("CreateKey", req_create_key),
+    # CreateKey generates the new version in the token, then wraps it under the root key.
     "C_GenerateKey": ("CreateKey", req_create_key),
+    "C_WrapKey": ("CreateKey", req_create_key),
+    # A version this node has not used yet is unwrapped into a session object first.
+    "C_UnwrapKey": ("GenerateDataKey", req_first_use),
     "C_GenerateRandom": ("GenerateRandom", req_generate_random),
 }
 
@@ -137,7 +145,7 @@ def metrics():
 
 @test
 def test_each_fault_in_each_function():
-    """36 cases: the request fails with KeyUnavailableException (500) while the fault lasts,
+    """42 cases: the request fails with KeyUnavailableException (500) while the fault lasts,
     the module saw the injected call, and with the fault gone the next requests succeed."""
     cases = 0
     for fn, (op, request) in REQUESTS.items():
@@ -219,6 +227,36 @@ def test_token_gone_and_back():
         answer_is_right("GenerateDataKey", req_generate_data_key())
         eq(ok("Decrypt", {"CiphertextBlob": C.blob})["Plaintext"], C.plaintext, "Decrypt")
     eq(promtext.value(metrics(), "p11kms_token_ready"), 1.0, "p11kms_token_ready")
+
+
+def token_calls(function):
+    try:
+        return promtext.value(metrics(), "p11kms_token_call_seconds_count", function=function)
+    except KeyError:
+        return 0
+
+
+@test
+def test_lost_holder_session_reunwraps():
+    """The session that holds the unwrapped keys is lost (the token says its handle is
+    invalid): p11kmsd closes it for real, so its session objects are gone; it opens a new
+    one and unwraps each key again at its next use, transparently. Old blobs still open."""
+    eq(answer_is_right("GenerateDataKey", req_generate_data_key())["KeyId"].endswith(C.key),
+       True, "the key is in use (unwrapped)")
+    unwraps = token_calls("C_UnwrapKey")
+    # The next look at the holder session (before an unwrap) is told it is gone.
+    C.faults.set("C_GetSessionInfo", rv="CKR_SESSION_HANDLE_INVALID", nth=1)
+    fresh = req_first_use()
+    eq(fresh.status, 200, "a new key's first use after the holder session was lost (%r)"
+       % fresh.body)
+    eq(C.faults.injected("C_GetSessionInfo"), 1, "the holder session was found lost once")
+    C.faults.clear()
+    for _ in range(3):
+        answer_is_right("GenerateDataKey", req_generate_data_key())
+        eq(ok("Decrypt", {"CiphertextBlob": C.blob})["Plaintext"], C.plaintext,
+           "Decrypt of a blob made before")
+    eq(token_calls("C_UnwrapKey") - unwraps, 2,
+       "unwrapped twice: the new key, then the old key once (its handle went with the session)")
 
 
 @test

@@ -569,7 +569,7 @@ def test_sigterm_answers_requests_in_flight():
     """8 GenerateDataKey requests held in C_Encrypt by the fault module, then
     SIGTERM: no new connections, /readyz 503 on a kept-alive connection, the
     8 answered 200 (with Connection: close) once the token lets go, exit 0
-    within drain_timeout_ms. A new server on the token decrypts all 8."""
+    within drain_timeout_ms. A new server on the token and database decrypts all 8."""
     token = h.make_token(C.ws.sub("drain-token"), "p11kms-drain")
     creds = h.write_credentials(C.ws.sub("drain-credentials"), [C.bob])
     fc = fm.FaultControl(C.ws.sub("drain-faults"))
@@ -656,8 +656,9 @@ def test_sigterm_answers_requests_in_flight():
           "drain logged as complete:\n" + log)
     h.diag("exit %.2f s after SIGTERM, %.2f s after the token let go" % (took, after_clear))
 
-    # The 8 blobs decrypt to their plaintexts on a new server on the same token.
-    plain = h.write_config(C.ws.sub("drain-plain.conf"), token, creds)
+    # The 8 blobs decrypt to their plaintexts on a new server on the same token and database.
+    plain = h.write_config(C.ws.sub("drain-plain.conf"), token, creds,
+                           database="sqlite:" + config + ".db")
     srv2 = h.start_config_server(plain, token, C.ws.sub("drain-plain.log"))
     C.drain_servers.append(srv2)
     for i, r in enumerate(results):

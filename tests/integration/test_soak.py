@@ -151,7 +151,7 @@ def setup():
         C.ws, "p11kms-soak", C.principal,
         rate_crypto="0", rate_manage="0", rate_global="0",
         day_seconds="1", rotation_min_days="1", pending_min_days="1",
-        max_on_demand_rotations="1000000", usage_block="2000", full_refresh_seconds="15")
+        max_on_demand_rotations="1000000", usage_block="2000")
     C.audit_log = C.config + ".audit.log"
     C.server = h.start_config_server(C.config, C.token, C.ws.sub("p11kmsd.log"))
     h.diag("p11kmsd serving %s (pid %d); %.0f s of load (warm-up %.0f s), %d clients, seed %d"

@@ -296,6 +296,7 @@ def test_require_locked_memory():
     setpriv = ["/usr/bin/setpriv", "--inh-caps=-ipc_lock", "--bounding-set=-ipc_lock", "--"]
     prlimit = ["/usr/bin/prlimit", "--memlock=65536:65536", "--"]
     path = config("nolock")
+    h.init_database(path, C.token)
     env = h.server_env({"SOFTHSM2_CONF": C.token.conf})
     srv = h.Server([], env, C.ws.sub("nolock.log"))
     srv.args = prlimit + setpriv + [h.p11kmsd_path(), "--config", path, "--listen", "127.0.0.1:0"]
