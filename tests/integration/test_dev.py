@@ -23,7 +23,8 @@ test = T.test
 DEV_ACCOUNT = "111122223333"
 ENV_NAMES = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL",
              "P11KMS_ENDPOINT")
-PRIVATE_FILES = ("softhsm2.conf", "so.pin", "user.pin", "credentials", "env")
+PRIVATE_FILES = ("softhsm2.conf", "so.pin", "user.pin", "credentials", "env", "p11kms.db")
+MANY_KEYS = 1000
 CONTEXT = {"app": "readme", "run": "1"}
 
 
@@ -109,7 +110,7 @@ def test_state_folder_files_and_modes():
           "softhsm2.conf names the tokens folder: %r" % conf)
     leftovers = [n for n in os.listdir(C.state) if n.endswith(".tmp")]
     eq(leftovers, [], "no temporary files left")
-    C.files = {name: read(name) for name in PRIVATE_FILES if name != "env"}
+    C.files = {name: read(name) for name in PRIVATE_FILES if name not in ("env", "p11kms.db")}
 
 
 @test
@@ -185,6 +186,76 @@ def test_readme_flow_with_aws_cli():
 
     C.first = {"plaintext": plaintext, "blob": blob, "ctx_blob": base64.b64decode(out["CiphertextBlob"]),
                "ctx_plaintext": base64.b64decode(out["Plaintext"])}
+
+
+def token_objects(state):
+    """(class, label) of every object a dev token holds, read with the user PIN; the
+    audit log's checkpoint object is relabelled as the log grows: its label is cut to
+    its kind and log id."""
+    import PyKCS11
+    os.environ["SOFTHSM2_CONF"] = os.path.join(state, "softhsm2.conf")
+    lib = PyKCS11.PyKCS11Lib()
+    lib.load(h.SOFTHSM_MODULE)
+    slot = [s for s in lib.getSlotList(tokenPresent=True)
+            if lib.getTokenInfo(s).label.strip() == "p11kms-dev"][0]
+    session = lib.openSession(slot, PyKCS11.CKF_SERIAL_SESSION)
+    with open(os.path.join(state, "user.pin")) as f:
+        session.login(f.read().strip())
+    try:
+        out = []
+        for o in session.findObjects([]):
+            cls, label = session.getAttributeValue(o, [PyKCS11.CKA_CLASS, PyKCS11.CKA_LABEL])
+            label = label if isinstance(label, str) else bytes(label).decode()
+            if label.startswith("p11kms-audit:"):
+                label = ":".join(label.split(":")[:2])
+            out.append((PyKCS11.CKO[cls], label))
+        return sorted(out)
+    finally:
+        session.logout()
+        session.closeSession()
+
+
+@test
+def test_many_keys_leave_the_token_small():
+    """A dev server that made 1,000 keys (and used each): the token holds the root key and
+    the audit log's objects, nothing per key; the database holds 1,000 more keys, each
+    version a wrapped row."""
+    import sqlite3
+    state = C.ws.sub("many")
+    server = h.start_dev_server(state, C.ws.sub("p11kmsd-many.log"))
+    try:
+        _many_keys(state, server)
+    finally:
+        server.stop()
+
+
+def _many_keys(state, server):
+    import sqlite3
+    creds = [line.split() for line in open(os.path.join(state, "credentials"))
+             if line.strip() and not line.startswith("#")][0]
+    kms = h.kms_client(server.endpoint, h.Principal(creds[0], creds[1], creds[2]))
+    before = token_objects(state)
+    for i in range(MANY_KEYS):
+        key = kms.create_key(Description="key %d" % i)["KeyMetadata"]["KeyId"]
+        if i % 100 == 0:
+            blob = kms.encrypt(KeyId=key, Plaintext=b"x")["CiphertextBlob"]
+            eq(kms.decrypt(CiphertextBlob=blob)["Plaintext"], b"x", "key %d works" % i)
+    after = token_objects(state)
+    eq(after, before, "the token's objects are the same before and after 1,000 keys")
+    roots = [label for cls, label in after if label.startswith("p11kms-root:")]
+    eq(len(roots), 1, "one root key")
+    check(len(after) <= 8, "a handful of objects in the token: %r" % (after,))
+    db = sqlite3.connect("file:%s?mode=ro" % os.path.join(state, "p11kms.db"), uri=True)
+    try:
+        keys = db.execute("SELECT count(*) FROM keys").fetchone()[0]
+        wrapped = db.execute("SELECT count(*) FROM versions WHERE length(wrapped) = 40 AND "
+                             "root_id = 1").fetchone()[0]
+    finally:
+        db.close()
+    eq(keys, MANY_KEYS + 1, "keys in the database (alias/dev's key and the 1,000)")
+    eq(wrapped, MANY_KEYS + 1, "one wrapped version each")
+    h.diag("token objects after %d keys: %d (%s)" % (MANY_KEYS, len(after),
+                                                     ", ".join(c for c, _ in after)))
 
 
 @test
