@@ -89,10 +89,13 @@ kms_err kms_err_set(kms_err e, const char *file, int line, const char *fmt, ...)
     if (!valid(e))
         e = KMS_ERR_INTERNAL;
     if (fmt && *fmt) {
+        /* Through a copy: the arguments may include kms_err_message() itself. */
+        char text[sizeof last_message];
         va_list ap;
         va_start(ap, fmt);
-        vsnprintf(last_message, sizeof last_message, fmt, ap);
+        vsnprintf(text, sizeof text, fmt, ap);
         va_end(ap);
+        memcpy(last_message, text, sizeof text);
     } else {
         snprintf(last_message, sizeof last_message, "%s", table[e].message);
     }

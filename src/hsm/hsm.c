@@ -501,7 +501,17 @@ kms_err kms_hsm_generate_root(struct kms_session *s, const uint8_t *id, size_t i
     CK_KEY_TYPE kt = CKK_AES;
     CK_ULONG len = 32;
     CK_BBOOL yes = CK_TRUE, no = CK_FALSE;
+    /*
+     * What it unwraps is sensitive and never extractable, whoever asks: with
+     * the PIN and a row of the database, nobody can unwrap a version into a
+     * readable object.
+     */
+    CK_ATTRIBUTE unwrapped[] = {
+        {CKA_SENSITIVE, &yes, sizeof yes},
+        {CKA_EXTRACTABLE, &no, sizeof no},
+    };
     CK_ATTRIBUTE tmpl[] = {
+        {CKA_UNWRAP_TEMPLATE, unwrapped, sizeof unwrapped},
         {CKA_CLASS, &cls, sizeof cls},     {CKA_KEY_TYPE, &kt, sizeof kt},
         {CKA_VALUE_LEN, &len, sizeof len}, {CKA_TOKEN, &yes, sizeof yes},
         {CKA_PRIVATE, &yes, sizeof yes},   {CKA_SENSITIVE, &yes, sizeof yes},

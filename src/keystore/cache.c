@@ -61,6 +61,15 @@ static size_t pow2_at_least(size_t n)
 
 kms_err kms_cache_init(struct kms_keystore *ks)
 {
+    const char *p = ks->cfg.default_policy;
+    if (ks->cfg.compile_policy && p && *p &&
+        ks->cfg.compile_policy(ks->cfg.policy_arg, p, strlen(p), &ks->default_policy) != KMS_OK) {
+        kms_warn("the default key policy does not compile (%s): keys without a policy of "
+                 "their own allow nothing",
+                 kms_err_message());
+        kms_err_clear();
+        ks->default_policy = NULL;
+    }
     if (!hash_seed)
         KMS_ENSURE(RAND_bytes((uint8_t *)&hash_seed, sizeof hash_seed) == 1, KMS_ERR_INTERNAL,
                    "random generator failed");
@@ -78,12 +87,14 @@ kms_err kms_cache_init(struct kms_keystore *ks)
 
 static void key_free(struct kms_keystore *ks, struct key *k)
 {
-    if (k->policy && ks->cfg.free_policy)
+    if (k->policy && k->policy != ks->default_policy && ks->cfg.free_policy)
         ks->cfg.free_policy(k->policy);
     for (size_t i = 0; i < k->nversions; i++)
         free(k->versions[i].wrapped);
     free(k->versions);
     kms_key_row_clear(&k->row);
+    if (k->use && --k->use->refs == 0)
+        free(k->use);
     free(k);
 }
 
@@ -116,6 +127,8 @@ void kms_cache_free(struct kms_keystore *ks)
     }
     if (ks->aliases)
         aliases_clear_locked(ks);
+    if (ks->default_policy && ks->cfg.free_policy)
+        ks->cfg.free_policy(ks->default_policy);
     free(ks->keys);
     free(ks->aliases);
     free(ks->unknown);
@@ -287,9 +300,22 @@ static kms_err entry_new(struct kms_keystore *ks, struct kms_key_row *row, struc
     memset(row, 0, sizeof *row);
     memcpy(k->id, k->row.id, KMS_UUID_LEN);
     kms_uuid_format(k->id, k->id_text);
-    k->use_block = ks->cfg.usage_block;
-    const char *policy = k->row.policy ? k->row.policy : ks->cfg.default_policy;
-    if (ks->cfg.compile_policy && policy && *policy &&
+    k->use = calloc(1, sizeof *k->use);
+    if (!k->use) {
+        kms_key_row_clear(&k->row);
+        free(k);
+        return KMS_FAIL(KMS_ERR_INTERNAL, "out of memory");
+    }
+    k->use->block = ks->cfg.usage_block;
+    k->use->refs = 1;
+    const char *policy = k->row.policy;
+    if (!policy) {
+        /* Most keys have the configured default: compiled once, shared. */
+        k->policy = ks->default_policy;
+        *out = k;
+        return KMS_OK;
+    }
+    if (ks->cfg.compile_policy && *policy &&
         ks->cfg.compile_policy(ks->cfg.policy_arg, policy, strlen(policy), &k->policy) != KMS_OK) {
         /* Fail closed: a key whose policy does not compile allows nothing. */
         kms_warn("key %s: its policy does not compile (%s); it allows nothing", k->id_text,
@@ -317,16 +343,11 @@ static void install_locked(struct kms_keystore *ks, struct key *k)
                 ov->handle = CK_INVALID_HANDLE;
             }
         }
-        if (!k->use_vid) {
-            k->use_vid = old->use_vid;
-            k->use_remaining = old->use_remaining;
-            k->use_block = old->use_block;
-            k->use_granted = old->use_granted;
-            k->refilling = old->refilling;
-        }
-        /* The uses are the new entry's now: a request still holding old reserves its own. */
-        old->use_vid = 0;
-        old->use_remaining = 0;
+        /* The same uses: a request still holding old spends them with the new entry. */
+        if (--k->use->refs == 0)
+            free(k->use);
+        k->use = old->use;
+        k->use->refs++;
         unlink_locked(ks, old);
     }
     unknown_forget_locked(ks, k->id);
@@ -429,11 +450,11 @@ kms_err kms_cache_install(struct kms_keystore *ks, struct kms_key_row *r,
         key_free(ks, k);
         return KMS_FAIL(KMS_ERR_INTERNAL, "out of memory");
     }
-    k->use_vid = v->vid;
-    k->use_remaining = uses;
-    k->use_granted = kms_now();
     pthread_mutex_lock(&ks->lock);
     install_locked(ks, k);
+    k->use->vid = v->vid;
+    k->use->remaining = uses;
+    k->use->granted = kms_now();
     pthread_mutex_unlock(&ks->lock);
     kms_cache_reap(ks);
     return KMS_OK;

@@ -88,9 +88,9 @@ static void refill(struct kms_keystore *ks, const uint8_t id[KMS_UUID_LEN])
         return;
     }
     pthread_mutex_lock(&ks->lock);
-    uint32_t vid = k->use_vid;
-    uint64_t want = k->use_block;
-    if (k->use_granted && now - k->use_granted < AHEAD_BUSY_SECONDS)
+    uint32_t vid = k->use->vid;
+    uint64_t want = k->use->block;
+    if (k->use->granted && now - k->use->granted < AHEAD_BUSY_SECONDS)
         want = want * 4 < ks->cfg.usage_block * AHEAD_MAX_FACTOR
                    ? want * 4
                    : ks->cfg.usage_block * AHEAD_MAX_FACTOR;
@@ -100,12 +100,12 @@ static void refill(struct kms_keystore *ks, const uint8_t id[KMS_UUID_LEN])
     if (rc != KMS_OK)
         kms_warn("could not reserve uses ahead: %s", kms_err_message());
     pthread_mutex_lock(&ks->lock);
-    if (rc == KMS_OK && granted && k->use_vid == vid) {
-        k->use_remaining += granted;
-        k->use_block = want;
-        k->use_granted = now;
+    if (rc == KMS_OK && granted && k->use->vid == vid) {
+        k->use->remaining += granted;
+        k->use->block = want;
+        k->use->granted = now;
     }
-    k->refilling = 0;
+    k->use->refilling = 0;
     pthread_mutex_unlock(&ks->lock);
     kms_key_put(ks, k);
     kms_err_clear(); /* at the bound, or a fault: the request that finds none left sees it */
@@ -148,37 +148,40 @@ static kms_err take_use(struct kms_keystore *ks, struct key **kp, uint32_t *vid)
             rc = KMS_FAIL(KMS_ERR_INVALID_STATE,
                           "The key's current version reached its usage bound and the key could "
                           "not be rotated.");
-        if (rc == KMS_OK && k->use_vid != *vid) {
-            k->use_vid = *vid;
-            k->use_remaining = 0;
+        if (rc == KMS_OK && k->use->vid != *vid) {
+            k->use->vid = *vid;
+            k->use->remaining = 0;
         }
-        if (rc == KMS_OK && k->use_remaining > 0) {
-            k->use_remaining--;
-            ahead = ks->running && ks->cfg.usage_block >= AHEAD_MIN && !k->refilling &&
-                    k->use_remaining <= k->use_block / 2;
-            k->refilling |= ahead;
+        if (rc == KMS_OK && k->use->remaining > 0) {
+            k->use->remaining--;
+            ahead = ks->running && ks->cfg.usage_block >= AHEAD_MIN && !k->use->refilling &&
+                    k->use->remaining <= k->use->block / 2;
+            k->use->refilling |= ahead;
             pthread_mutex_unlock(&ks->lock);
             if (ahead && !queue_refill(ks, k->id)) {
                 pthread_mutex_lock(&ks->lock);
-                k->refilling = 0;
+                k->use->refilling = 0;
                 pthread_mutex_unlock(&ks->lock);
             }
             return KMS_OK;
         }
-        uint64_t want = k->use_block;
+        uint64_t want = k->use->block;
         pthread_mutex_unlock(&ks->lock);
         KMS_GUARD(rc);
 
         rc = reserve(ks, k, *vid, want, &granted);
         KMS_GUARD(rc);
         if (granted) {
+            /* One of the block is this request's; the rest stays with the entry. */
             pthread_mutex_lock(&ks->lock);
-            if (k->use_vid == *vid) {
-                k->use_remaining += granted;
-                k->use_granted = kms_now();
+            if (k->use->vid != *vid) {
+                k->use->vid = *vid;
+                k->use->remaining = 0;
             }
+            k->use->remaining += granted - 1;
+            k->use->granted = kms_now();
             pthread_mutex_unlock(&ks->lock);
-            continue;
+            return KMS_OK;
         }
         /* At the bound: rotate (another node may use up a fresh version first: a few tries). */
         if (attempt >= 4)

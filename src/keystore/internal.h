@@ -45,6 +45,20 @@ struct version {
     unsigned long epoch;
 };
 
+/*
+ * This node's uses of a key's current version, reserved in the database. One
+ * per key, shared by the entry and any older entry of the same key a request
+ * still holds, so a block is never stranded on an entry being replaced.
+ */
+struct usage {
+    uint32_t vid;
+    uint64_t remaining;
+    uint64_t block;  /* grows for a busy key (crypto.c) */
+    int64_t granted; /* when the last block was reserved */
+    int refilling;   /* a block ahead is queued or being reserved */
+    int refs;        /* entries pointing here */
+};
+
 /* A key held in memory. Fields are read and written under ks->lock. */
 struct key {
     uint8_t id[KMS_UUID_LEN];
@@ -53,12 +67,8 @@ struct key {
     struct version *versions; /* in ordinal order */
     size_t nversions;
     void *policy; /* compiled; NULL when it does not compile (allows nothing) */
-    /* This node's uses of the current version, reserved in the database. */
-    uint32_t use_vid;
-    uint64_t use_remaining;
-    uint64_t use_block;  /* grows for a busy key (crypto.c) */
-    int64_t use_granted; /* when the last block was reserved */
-    int refilling;       /* a block ahead is queued or being reserved */
+    /* This node's uses, shared by the entries of one key (an entry read again takes them). */
+    struct usage *use;
     /* A version looked up in the database and not found, and when. */
     uint32_t missed_vid;
     int64_t missed_at;
@@ -99,8 +109,9 @@ struct kms_keystore {
     size_t nbuckets;
     size_t nkeys;
     struct key *lru_head, *lru_tail;
-    struct key *reaped;  /* dropped entries no request holds, for kms_cache_reap */
-    uint64_t change_gen; /* bumped by every change seen: a read racing one is not kept */
+    struct key *reaped;   /* dropped entries no request holds, for kms_cache_reap */
+    uint64_t change_gen;  /* bumped by every change seen: a read racing one is not kept */
+    void *default_policy; /* cfg.default_policy compiled, shared by keys without their own */
     struct alias_entry **aliases;
     size_t nalias_buckets;
     size_t naliases;
@@ -181,6 +192,8 @@ kms_err kms_key_change(struct kms_keystore *ks, const uint8_t id[KMS_UUID_LEN],
 kms_err kms_key_rotate(struct kms_keystore *ks, const uint8_t id[KMS_UUID_LEN], int reason,
                        uint32_t from);
 enum { KMS_ROTATE_SCHEDULE = 1, KMS_ROTATE_USAGE = 2, KMS_ROTATE_DEMAND = 3 };
+/* Whether an on-demand rotation of the key may go ahead (state, token residence, limit). */
+kms_err kms_rotation_allowed(struct kms_keystore *ks, const struct kms_key_row *r);
 /* A new wrapped version under the current root, to be stored as version vid/n of key. */
 kms_err kms_version_make(struct kms_keystore *ks, struct kms_version_row *v);
 /* A random vid no version of the key has, read in tx. */

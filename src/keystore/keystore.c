@@ -103,6 +103,8 @@ kms_err kms_keystore_open(struct kms_hsm *hsm, struct kms_store *store,
         kms_store_rollback(tx);
     }
     if (rc != KMS_OK) {
+        if (!strstr(kms_err_message(), kms_store_name(store)))
+            rc = KMS_FAIL(rc, "the database %s: %s", kms_store_name(store), kms_err_message());
         kms_keystore_close(ks);
         return rc;
     }
@@ -358,9 +360,15 @@ kms_err kms_key_change(struct kms_keystore *ks, const uint8_t id[KMS_UUID_LEN],
             rc = kms_store_commit(tx);
         kms_store_rollback(tx);
     }
+    /*
+     * Before the next change of this node begins: a change that reads the
+     * database after this one must find this node's entry stale too. A refused
+     * change left the entry as it was.
+     */
+    if (rc == KMS_OK)
+        kms_cache_key_changed(ks, id);
     pthread_mutex_unlock(&ks->change);
     kms_key_row_clear(&row);
-    kms_cache_key_changed(ks, id);
     return rc;
 }
 
@@ -501,8 +509,13 @@ static kms_err set_rotation(struct kms_keystore *ks, struct kms_tx *tx, struct k
                             void *arg)
 {
     const struct rotation_setting *s = arg;
+    char text[KMS_UUID_TEXT_LEN + 1];
     (void)tx;
     KMS_GUARD(require_enabled(ks, r));
+    kms_uuid_format(r->id, text);
+    KMS_ENSURE(!s || !r->token_resident, KMS_ERR_UNSUPPORTED,
+               "%skey/%s keeps its key material in the token and cannot be rotated", ks->arn_prefix,
+               text);
     if (!s) {
         r->rotation_enabled = 0;
         return KMS_OK;

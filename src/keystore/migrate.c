@@ -246,7 +246,9 @@ static kms_err import_key(struct kms_tx *tx, const struct entity *e, size_t *ver
         r->vid = vid;
         r->n = (uint32_t)n;
         r->created = int_of(x, "created");
-        r->rotation = rot && strcmp(rot, "ON_DEMAND") == 0   ? KMS_ROTATION_ON_DEMAND
+        /* Earlier releases wrote AUTOMATIC for a first version moved to history. */
+        r->rotation = n == 1                                 ? KMS_ROTATION_NONE
+                      : rot && strcmp(rot, "ON_DEMAND") == 0 ? KMS_ROTATION_ON_DEMAND
                       : rot && strcmp(rot, "AUTOMATIC") == 0 ? KMS_ROTATION_AUTOMATIC
                                                              : KMS_ROTATION_NONE;
         r->reserved = (uint64_t)int_of(x, "reserved");

@@ -133,6 +133,22 @@ kms_err kms_keystore_create_key(struct kms_keystore *ks, const char *description
     return rc;
 }
 
+kms_err kms_rotation_allowed(struct kms_keystore *ks, const struct kms_key_row *r)
+{
+    char text[KMS_UUID_TEXT_LEN + 1];
+    kms_uuid_format(r->id, text);
+    KMS_ENSURE(r->state != KMS_STORE_DISABLED, KMS_ERR_DISABLED, "%skey/%s is disabled.",
+               ks->arn_prefix, text);
+    KMS_ENSURE(r->state == KMS_STORE_ENABLED, KMS_ERR_INVALID_STATE,
+               "%skey/%s is pending deletion.", ks->arn_prefix, text);
+    KMS_ENSURE(!r->token_resident, KMS_ERR_UNSUPPORTED,
+               "%skey/%s keeps its key material in the token and cannot be rotated", ks->arn_prefix,
+               text);
+    KMS_ENSURE(r->on_demand < ks->cfg.max_on_demand, KMS_ERR_LIMIT_EXCEEDED,
+               "The key has reached its limit of %u on-demand rotations.", ks->cfg.max_on_demand);
+    return KMS_OK;
+}
+
 struct rotate_args {
     int reason;
     uint32_t from;
@@ -151,16 +167,7 @@ static kms_err rotate_in(struct kms_keystore *ks, struct kms_tx *tx, struct kms_
     kms_uuid_format(r->id, text);
 
     if (a->reason == KMS_ROTATE_DEMAND) {
-        KMS_ENSURE(r->state != KMS_STORE_DISABLED, KMS_ERR_DISABLED, "%skey/%s is disabled.",
-                   ks->arn_prefix, text);
-        KMS_ENSURE(r->state == KMS_STORE_ENABLED, KMS_ERR_INVALID_STATE,
-                   "%skey/%s is pending deletion.", ks->arn_prefix, text);
-        KMS_ENSURE(r->on_demand < ks->cfg.max_on_demand, KMS_ERR_LIMIT_EXCEEDED,
-                   "The key has reached its limit of %u on-demand rotations.",
-                   ks->cfg.max_on_demand);
-        KMS_ENSURE(!r->token_resident, KMS_ERR_UNSUPPORTED,
-                   "%skey/%s keeps its key material in the token and cannot be rotated",
-                   ks->arn_prefix, text);
+        KMS_GUARD(kms_rotation_allowed(ks, r));
     } else if (a->reason == KMS_ROTATE_SCHEDULE) {
         if (r->state != KMS_STORE_ENABLED || !r->rotation_enabled || r->next_rotation > now ||
             r->token_resident) {
@@ -200,8 +207,10 @@ kms_err kms_key_rotate(struct kms_keystore *ks, const uint8_t id[KMS_UUID_LEN], 
     if (rc == KMS_OK)
         rc = kms_key_change(ks, id, rotate_in, &a);
     if (a.not_due) {
+        /* Not due any more: another node (or request) made it; this node's view is old. */
         kms_err_clear();
-        rc = KMS_OK; /* not due any more: nothing to do */
+        kms_cache_key_changed(ks, id);
+        rc = KMS_OK;
     }
     if (rc == KMS_OK && a.made) {
         pthread_mutex_lock(&ks->lock);
@@ -222,8 +231,9 @@ kms_err kms_keystore_rotate_on_demand(struct kms_keystore *ks, const char *ref,
 
     KMS_GUARD(kms_resolve(ks, ref, 1, &k));
     memcpy(id, k->id, KMS_UUID_LEN);
+    /* Checked first on this node's view too, so a refused rotation makes no version. */
     pthread_mutex_lock(&ks->lock);
-    kms_err rc = kms_key_usable_locked(ks, k);
+    kms_err rc = kms_rotation_allowed(ks, &k->row);
     pthread_mutex_unlock(&ks->lock);
     kms_key_put(ks, k);
     KMS_GUARD(rc);

@@ -84,7 +84,8 @@ static const char *const sql[S_COUNT] = {
     [S_KEY_COUNT] = "SELECT count(*) FROM keys WHERE state <> 3",
     [S_VERSION_COUNT] = "SELECT count(*) FROM versions",
     [S_KEYS_ROTATION_DUE] = "SELECT id FROM keys WHERE state = 0 AND rotation_enabled = 1 "
-                            "AND next_rotation <= ?1 ORDER BY next_rotation LIMIT ?2",
+                            "AND token_resident = 0 AND next_rotation <= ?1 "
+                            "ORDER BY next_rotation LIMIT ?2",
     [S_KEYS_DELETION_DUE] = "SELECT id FROM keys WHERE state = 2 AND deletion_date <= ?1 "
                             "ORDER BY deletion_date LIMIT ?2",
     [S_VERSION_GET] = "SELECT " VERSION_COLUMNS " FROM versions WHERE key_id = ?1 AND vid = ?2",
@@ -145,7 +146,7 @@ static kms_err db_fail(sqlite3 *db, int rc, const char *what)
         return KMS_FAIL(KMS_ERR_DEPENDENCY_TIMEOUT,
                         "The key store's database did not answer in time");
     }
-    if (primary == SQLITE_CONSTRAINT)
+    if (rc == SQLITE_CONSTRAINT_PRIMARYKEY || rc == SQLITE_CONSTRAINT_UNIQUE)
         return KMS_FAIL(KMS_ERR_ALREADY_EXISTS, "The entry already exists");
     kms_error("database: %s: %s (%s)", what, msg, sqlite3_errstr(rc));
     return KMS_FAIL(KMS_ERR_INTERNAL, "The key store's database failed");
@@ -179,8 +180,10 @@ static kms_err db_connect(struct kms_store *st, int create, sqlite3 **out)
                      "PRAGMA foreign_keys = ON; PRAGMA trusted_schema = OFF",
                      "settings");
     if (e != KMS_OK) {
+        /* The engine's words (no row contents at this point) say why. */
+        e = KMS_FAIL(e, "cannot use the database %s: %s", st->name, sqlite3_errmsg(db));
         sqlite3_close(db);
-        return KMS_FAIL(e, "cannot use the database %s: %s", st->name, kms_err_message());
+        return e;
     }
     *out = db;
     return KMS_OK;
@@ -435,9 +438,14 @@ kms_err kms_store_backup(struct kms_store *st, const char *path)
         if (!b) {
             rc = sqlite3_errcode(dst);
         } else {
-            /* Steps of 256 pages: writers on other connections go on meanwhile. */
+            /*
+             * One step over the whole file: a read of one WAL snapshot, which
+             * writers do not wait for (in steps, every write by another
+             * connection would restart the copy, and a busy database might
+             * never finish).
+             */
             do {
-                rc = sqlite3_backup_step(b, 256);
+                rc = sqlite3_backup_step(b, -1);
                 if (rc == SQLITE_BUSY || rc == SQLITE_LOCKED)
                     sqlite3_sleep(10);
             } while (rc == SQLITE_OK || rc == SQLITE_BUSY || rc == SQLITE_LOCKED);

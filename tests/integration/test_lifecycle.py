@@ -3,8 +3,13 @@
 token, with short test periods (one "day" is one second): versions and
 on-demand rotation, scheduled rotation, usage-bounded rotation (a second
 server on its own token), key states, deletion, aliases, ReEncrypt, and a
-restart on the same token. The token is also read directly through PyKCS11
-(in a child process, so each look sees the token afresh). TAP output."""
+restart on the same token and database. The database is read directly
+(sqlite3, read-only): each version the API shows is one `versions` row
+wrapped under the root, ordinals 1..N without gaps, ListKeyRotations is the
+rows after the first, a deleted key leaves a tombstone row without versions
+or aliases. The token is read through PyKCS11 (in a child process, so each
+look sees it afresh): whatever keys and versions were made, it holds only
+the root key and the audit log's objects. TAP output."""
 
 import base64
 import collections
@@ -12,6 +17,8 @@ import itertools
 import json
 import math
 import os
+import re
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -226,6 +233,83 @@ def wait_for(fn, timeout, what, interval=0.1):
         time.sleep(interval)
 
 
+# ---- the database, read-only through sqlite3 ------------------------------------
+
+ROTATION_NAMES = {1: "AUTOMATIC", 2: "ON_DEMAND"}
+STATE_CODES = {"Enabled": 0, "Disabled": 1, "PendingDeletion": 2, "Destroyed": 3}
+
+
+def db_path(config):
+    """harness.write_config names the database <config path>.db."""
+    return config + ".db"
+
+
+def db_query(config, sql, args=()):
+    """Rows of one query on the server's database, opened read-only (the
+    server keeps writing it: WAL lets a reader in)."""
+    db = sqlite3.connect("file:%s?mode=ro" % db_path(config), uri=True, timeout=10)
+    try:
+        return db.execute(sql, args).fetchall()
+    finally:
+        db.close()
+
+
+def key_row(key, config=None):
+    """The key's `keys` row as a dict (None when there is none)."""
+    cols = ("state", "deletion_date", "rotation_enabled", "rotation_days", "rotation_seconds",
+            "next_rotation", "current_vid", "on_demand", "token_resident", "description")
+    rows = db_query(config or C.config, "SELECT %s FROM keys WHERE id = ?" % ", ".join(cols),
+                    (uuid.UUID(key).bytes,))
+    eq(len(rows) <= 1, True, "at most one keys row for %s" % key)
+    return dict(zip(cols, rows[0])) if rows else None
+
+
+def version_rows(key, config=None):
+    """The key's `versions` rows in ordinal order: dicts vid (bytes, as in a
+    blob), n, created, rotation, reserved, bound, root_id, wrapped_len."""
+    rows = db_query(config or C.config,
+                    "SELECT vid, n, created, rotation, reserved, bound, root_id, length(wrapped) "
+                    "FROM versions WHERE key_id = ? ORDER BY n", (uuid.UUID(key).bytes,))
+    cols = ("vid", "n", "created", "rotation", "reserved", "bound", "root_id", "wrapped_len")
+    out = [dict(zip(cols, r)) for r in rows]
+    for v in out:
+        v["vid"] = vid_bytes(v["vid"])
+    return out
+
+
+def check_versions(key, vids, rotation_types, config=None, server=None):
+    """The key's versions in the database are exactly vids (blob version ids, in
+    the order they were made): one row each, ordinals 1..N without gaps, each
+    wrapped under root 1 (RFC 5649 wraps AES-256 to 40 bytes); rotation types
+    (0 for the first version, then 1 AUTOMATIC / 2 ON_DEMAND); and
+    ListKeyRotations answers exactly the rows with n >= 2. Returns the rows."""
+    rows = version_rows(key, config)
+    eq([v["vid"] for v in rows], list(vids), "the versions rows of %s (vids by ordinal)" % key)
+    eq([v["n"] for v in rows], list(range(1, len(vids) + 1)), "ordinals 1..%d" % len(vids))
+    for v in rows:
+        eq((v["wrapped_len"], v["root_id"]), (40, 1),
+           "version %s (n %d): wrapped length and root id" % (v["vid"].hex(), v["n"]))
+    eq([v["rotation"] for v in rows], list(rotation_types), "rotation types by ordinal")
+    check_rotations_match_rows(key, rows, server)
+    return rows
+
+
+def check_rotations_match_rows(key, rows, server=None):
+    want = [{"KeyId": arn(key), "RotationDate": v["created"],
+             "RotationType": ROTATION_NAMES[v["rotation"]]} for v in rows if v["n"] >= 2]
+    eq(rotations(key, server), want, "ListKeyRotations of %s against its versions rows" % key)
+
+
+def db_dump(config=None):
+    """keys, versions and aliases, every column, in a stable order."""
+    config = config or C.config
+    return {
+        "keys": db_query(config, "SELECT * FROM keys ORDER BY id"),
+        "versions": db_query(config, "SELECT * FROM versions ORDER BY key_id, n"),
+        "aliases": db_query(config, "SELECT * FROM aliases ORDER BY name"),
+    }
+
+
 # ---- the token, read through PyKCS11 in a child process ------------------------
 
 _INSPECT = r"""
@@ -244,23 +328,28 @@ if len(slots) != 1:
 session = lib.openSession(slots[0], PyKCS11.CKF_SERIAL_SESSION)
 session.login(pin)
 out = {"secret_keys": [], "data": []}
+flags = [("token", PyKCS11.CKA_TOKEN), ("private", PyKCS11.CKA_PRIVATE),
+         ("sensitive", PyKCS11.CKA_SENSITIVE), ("extractable", PyKCS11.CKA_EXTRACTABLE),
+         ("encrypt", PyKCS11.CKA_ENCRYPT), ("decrypt", PyKCS11.CKA_DECRYPT),
+         ("wrap", PyKCS11.CKA_WRAP), ("unwrap", PyKCS11.CKA_UNWRAP),
+         ("sign", PyKCS11.CKA_SIGN), ("verify", PyKCS11.CKA_VERIFY)]
 try:
     for k in session.findObjects([(PyKCS11.CKA_CLASS, PyKCS11.CKO_SECRET_KEY)]):
         try:
             cid = bytes(session.getAttributeValue(k, [PyKCS11.CKA_ID], allAsBinary=True)[0])
-            lab, sens, ext = session.getAttributeValue(
-                k, [PyKCS11.CKA_LABEL, PyKCS11.CKA_SENSITIVE, PyKCS11.CKA_EXTRACTABLE])
+            lab, kt = session.getAttributeValue(k, [PyKCS11.CKA_LABEL, PyKCS11.CKA_KEY_TYPE])
+            vals = session.getAttributeValue(k, [a for _, a in flags])
         except PyKCS11Error:
             continue  # removed by p11kmsd between the find and the read
-        out["secret_keys"].append({"id": cid.hex(), "label": lab, "sensitive": bool(sens),
-                                   "extractable": bool(ext)})
+        entry = {"id": cid.hex(), "label": lab, "key_type": PyKCS11.CKK[kt]}
+        entry.update({n: bool(v) for (n, _), v in zip(flags, vals)})
+        out["secret_keys"].append(entry)
     for d in session.findObjects([(PyKCS11.CKA_CLASS, PyKCS11.CKO_DATA)]):
         try:
-            lab = session.getAttributeValue(d, [PyKCS11.CKA_LABEL])[0]
-            val = bytes(session.getAttributeValue(d, [PyKCS11.CKA_VALUE], allAsBinary=True)[0])
+            lab, app = session.getAttributeValue(d, [PyKCS11.CKA_LABEL, PyKCS11.CKA_APPLICATION])
         except PyKCS11Error:
-            continue
-        out["data"].append({"label": lab, "value": val.decode("utf-8", "replace")})
+            continue  # an audit checkpoint replaced between the find and the read
+        out["data"].append({"label": lab, "application": app})
 finally:
     session.logout()
     session.closeSession()
@@ -279,71 +368,33 @@ def inspect_token(token):
     return json.loads(r.stdout)
 
 
-def keks_of(token_view, key):
-    """The key's secret key objects: {version id bytes: object}."""
-    prefix = uuid.UUID(key).bytes.hex()
-    out = {}
-    for k in token_view["secret_keys"]:
-        if k["id"].startswith(prefix):
-            eq(len(k["id"]), 40, "CKA_ID length (uuid || version id)")
-            vid = bytes.fromhex(k["id"][32:])
-            check(vid not in out, "two objects with CKA_ID %s" % k["id"])
-            out[vid] = k
-    return out
-
-
-def key_records(token_view, key):
-    """The key's records: [(gen, document)]."""
-    out = []
-    for d in token_view["data"]:
-        if d["label"].startswith("p11kms-key:%s:" % key):
-            doc = json.loads(d["value"])
-            eq((doc["format"], doc["kind"], doc["name"]), (2, "key", key), "record header")
-            eq(d["label"], "p11kms-key:%s:%d:%s" % (key, doc["gen"], doc["nonce"]), "record label")
-            out.append((doc["gen"], doc))
-    return sorted(out, key=lambda x: (x[0], x[1]["nonce"]))
-
-
-def history_objects(token_view, key):
-    """The key's history objects: [document]."""
-    out = []
-    for d in token_view["data"]:
-        if d["label"].startswith("p11kms-history:%s:" % key):
-            doc = json.loads(d["value"])
-            eq((doc["format"], doc["kind"], doc["name"]), (1, "history", key), "history header")
-            eq(d["label"], "p11kms-history:%s:%d:%s" % (key, doc["upto"], doc["nonce"]),
-               "history label")
-            out.append(doc)
-    return out
-
-
-def check_history(key, vids):
-    """The key's records stay small: old versions live in history objects, and records
-    and history together name every version exactly as made (ordinals 1..n)."""
-    view = inspect_token(C.token)
-    records = key_records(view, key)
-    check(records, "the key has records")
-    for gen, doc in records:
-        size = len(json.dumps(doc, sort_keys=True, separators=(",", ":")))
-        check(size < 3000, "record generation %d is %d bytes" % (gen, size))
-        check(len(doc["state"]["versions"]) <= 13,
-              "record generation %d names %d versions" % (gen, len(doc["state"]["versions"])))
-    top = records[-1][1]["state"]
-    hist = history_objects(view, key)
-    check(hist, "the key has history objects")
-    by_vid = {}
-    for doc in hist:
-        for v in doc["versions"]:
-            by_vid[v["vid"]] = v["n"]
-    eq(max(doc["upto"] for doc in hist), top["archived_n"], "the record's archived_n")
-    for v in top["versions"]:
-        check(v["n"] > top["archived_n"], "a record version above archived_n")
-        by_vid[v["vid"]] = v["n"]
-    eq(sorted(by_vid), sorted(int.from_bytes(v, "big") for v in vids),
-       "records and history name every version")
-    eq(sorted(by_vid.values()), list(range(1, len(vids) + 1)), "ordinals 1..%d" % len(vids))
-    eq([by_vid[int.from_bytes(v, "big")] for v in vids], list(range(1, len(vids) + 1)),
-       "ordinals in the order the versions were made")
+def check_token(token, config):
+    """Whatever keys and versions the server made, the token holds one AES key,
+    the root the database names (private, sensitive, not extractable, wrap and
+    unwrap only), the audit log's HMAC key, and CKO_DATA objects of the audit
+    log only: no key versions, no metadata records."""
+    view = inspect_token(token)
+    roots = db_query(config, "SELECT id, hex(cka_id), label, state FROM roots")
+    eq(len(roots), 1, "roots rows: %r" % roots)
+    rid, cka_id, label, state = roots[0]
+    eq((rid, state), (1, 1), "the root's id and state")
+    check(re.match(r"^p11kms-root:\d+$", label), "root label %r" % label)
+    eq(len(cka_id), 32, "the root's CKA_ID is 16 bytes")
+    aes = [k for k in view["secret_keys"] if k["key_type"] == "CKK_AES"]
+    others = [k for k in view["secret_keys"] if k["key_type"] != "CKK_AES"]
+    eq([(k["id"], k["label"]) for k in aes], [(cka_id.lower(), label)],
+       "the token's AES keys: only the root")
+    root = aes[0]
+    eq({n: root[n] for n in ("token", "private", "sensitive", "extractable", "encrypt",
+                             "decrypt", "wrap", "unwrap", "sign", "verify")},
+       {"token": True, "private": True, "sensitive": True, "extractable": False,
+        "encrypt": False, "decrypt": False, "wrap": True, "unwrap": True, "sign": False,
+        "verify": False}, "the root's attributes")
+    eq([(k["label"], k["key_type"]) for k in others],
+       [("p11kms-audit-key", "CKK_GENERIC_SECRET")], "the other secret keys: the audit key")
+    eq(sorted({d["application"] for d in view["data"]}), ["p11kms-audit"] if view["data"] else [],
+       "the CKO_DATA objects are the audit log's checkpoints")
+    return view
 
 
 def vid_bytes(vid_int):
@@ -406,14 +457,12 @@ def test_versions_and_on_demand_rotation():
     fails("RotateKeyOnDemand", {"KeyId": str(uuid.uuid4())}, "NotFoundException", 404,
           "a key that does not exist")
 
-    keks = keks_of(inspect_token(C.token), key)
-    eq(sorted(keks), sorted(vids), "the key's secret key objects are its three versions")
-    for vid, k in keks.items():
-        eq((k["sensitive"], k["extractable"]), (True, False),
-           "version %s: sensitive, not extractable" % vid.hex())
-        check(k["label"].startswith("p11kms-kek:%s:%d:" % (key, int.from_bytes(vid, "big"))),
-              "label %r" % k["label"])
-    C.current["rot"] = vids[2]
+    # the database holds exactly the three versions, wrapped; the token none of them
+    check_versions(key, vids, [0, 2, 2])
+    row = key_row(key)
+    eq((row["state"], row["current_vid"], row["on_demand"], row["token_resident"]),
+       (0, int.from_bytes(vids[2], "big"), 2, 0), "the keys row: Enabled, current, 2 on demand")
+    check_token(C.token, C.config)
 
 
 @test
@@ -426,7 +475,8 @@ def test_on_demand_rotation_limit():
         vids.append(vid_of(gdk(key)[0]))
     eq(len(set(vids)), 21, "21 distinct versions")
     fails("RotateKeyOnDemand", {"KeyId": key}, "LimitExceededException", 400, "the 21st rotation")
-    check_history(key, vids)
+    check_versions(key, vids, [0] + [2] * 20)
+    eq(key_row(key)["on_demand"], 20, "the keys row counts 20 on-demand rotations")
     rots = rotations(key)
     eq(len(rots), 20, "ListKeyRotations entries")
     eq({r["RotationType"] for r in rots}, {"ON_DEMAND"}, "rotation types")
@@ -499,6 +549,12 @@ def test_scheduled_rotation():
         time.sleep(0.5)
         eq(rotations(key), settled, "no rotation after DisableKeyRotation")
     eq(vid_of(gdk(key)[0]), current, "the current version is unchanged")
+    rows = version_rows(key)
+    check_versions(key, [v["vid"] for v in rows], [0] + [1] * len(settled))
+    eq((rows[0]["vid"], rows[-1]["vid"]), (vid0, current), "the first and the current version")
+    row = key_row(key)
+    eq((row["rotation_enabled"], row["current_vid"]), (0, int.from_bytes(current, "big")),
+       "the keys row after DisableKeyRotation")
     for b in C.blobs:
         if b["key"] == key:
             check_decrypts(b["blob"], b["ctx"], b["pt"], key, what="a blob of the rotated key")
@@ -514,6 +570,9 @@ def test_scheduled_rotation():
     # enabling again with the same period does not move the date
     call_empty("EnableKeyRotation", {"KeyId": key2, "RotationPeriodInDays": 365})
     eq(call("GetKeyRotationStatus", {"KeyId": key2}), st, "status after the same period again")
+    row = key_row(key2)
+    eq((row["rotation_enabled"], row["rotation_days"], row["rotation_seconds"],
+        row["next_rotation"]), (1, 365, 365, st["NextRotationDate"]), "the keys row of key 2")
     gdk(key2)
 
 
@@ -529,7 +588,7 @@ def test_usage_bounded_rotation():
                                            usage_block="2", **KNOBS)
         server = h.start_config_server(config, token, ws.sub("p11kmsd.log"))
         try:
-            _usage_checks(server, token)
+            _usage_checks(server, token, config)
         except BaseException:
             h.diag("usage server's log:\n" + server.stderr_text())
             raise
@@ -541,7 +600,7 @@ def test_usage_bounded_rotation():
             ws.close()
 
 
-def _usage_checks(server, token):
+def _usage_checks(server, token, config):
     key = create_key("usage", server=server)
     made = [gdk(key, ctx={"n": str(i)}, server=server) for i in range(6)]
     vids = [vid_of(b) for b, _ in made]
@@ -553,19 +612,11 @@ def _usage_checks(server, token):
     for i, (blob, pt) in enumerate(made):
         check_decrypts(blob, {"n": str(i)}, pt, key, server, "data key %d" % i)
 
-    view = inspect_token(token)
-    eq(sorted(keks_of(view, key)), sorted({vids[0], vids[5]}), "two secret key objects")
-    recs = key_records(view, key)
-    check(recs, "the key has records")
-    for gen, doc in recs:
-        for v in doc["state"]["versions"]:
-            eq(v["bound"], 5, "bound (gen %d)" % gen)
-            check(0 <= v["reserved"] <= v["bound"], "reserved %d within the bound (gen %d)"
-                  % (v["reserved"], gen))
-    top = recs[-1][1]["state"]
-    eq({vid_bytes(v["vid"]): v["reserved"] for v in top["versions"]},
-       {vids[0]: 5, vids[5]: 2}, "reservations: the first version used up, one block of the next")
-    eq(vid_bytes(top["current"]), vids[5], "current version")
+    rows = check_versions(key, [vids[0], vids[5]], [0, 1], config, server)
+    eq([v["bound"] for v in rows], [5, 5], "bound")
+    eq({v["vid"]: v["reserved"] for v in rows}, {vids[0]: 5, vids[5]: 2},
+       "reservations: the first version used up, one block of the next")
+    eq(vid_bytes(key_row(key, config)["current_vid"]), vids[5], "current version")
 
     # 14 data keys on a fresh key, one at a time: 5, 5, 4 per version, in order
     key2 = create_key("usage2", server=server)
@@ -574,6 +625,7 @@ def _usage_checks(server, token):
     eq(runs, [5, 5, 4], "uses per version, in order")
     eq(len(set(seq)), 3, "three versions")
     eq(len(rotations(key2, server)), 2, "two rotations")
+    check_versions(key2, [v for v, _ in itertools.groupby(seq)], [0, 1, 1], config, server)
 
     # 40 data keys from 8 threads at once: no version wraps more than 5 times
     key3 = create_key("usage3", server=server)
@@ -599,20 +651,20 @@ def _usage_checks(server, token):
     eq(len(results), 40, "data keys made")
     uses = collections.Counter(vid_of(b) for b, _, _ in results)
     check(max(uses.values()) <= 5, "a version wrapped more than 5 times: %r" % uses)
-    view = inspect_token(token)
-    recs = key_records(view, key3)
-    top = {vid_bytes(v["vid"]): v for v in recs[-1][1]["state"]["versions"]}
+    rows = version_rows(key3, config)
+    top = {v["vid"]: v for v in rows}
     for vid, n in uses.items():
-        check(vid in top, "version %s is in the key's record" % vid.hex())
-        check(n <= top[vid]["reserved"] <= 5, "version %s: %d uses, %d reserved"
-              % (vid.hex(), n, top[vid]["reserved"]))
+        check(vid in top, "version %s has a versions row" % vid.hex())
+        check(n <= top[vid]["reserved"] <= top[vid]["bound"] == 5,
+              "version %s: %d uses, %d reserved, bound %d"
+              % (vid.hex(), n, top[vid]["reserved"], top[vid]["bound"]))
     for blob, pt, i in results:
         check_decrypts(blob, {"i": str(i)}, pt, key3, server, "concurrent data key")
     # One node serialises a key's uses: nothing reserved is thrown away and no rotation is
     # made for nothing, so 40 uses are exactly 8 versions of 5.
     eq(sorted(uses.values()), [5] * 8, "uses per version")
-    eq(sorted(top), sorted(uses), "the versions in the key's record")
-    eq(sorted(keks_of(view, key3)), sorted(uses), "the key's secret key objects")
+    eq(sorted(top), sorted(uses), "the key's versions rows")
+    check_versions(key3, [v["vid"] for v in rows], [0] + [1] * 7, config, server)
     rots = rotations(key3, server)
     eq([r["RotationType"] for r in rots], ["AUTOMATIC"] * 7, "seven AUTOMATIC rotations")
 
@@ -625,6 +677,7 @@ def _usage_checks(server, token):
     call_empty("EnableKey", {"KeyId": key}, server)
     blob, _ = gdk(key, server=server)
     eq(vid_of(blob), vids[5], "after EnableKey the current version's reserved block is used")
+    check_token(token, config)
 
 
 # ---- 4. states ----------------------------------------------------------------
@@ -650,6 +703,7 @@ def test_states():
     call_empty("DisableKey", {"KeyId": key})
     md = describe(key)
     eq((md["KeyState"], md["Enabled"]), ("Disabled", False), "DescribeKey after DisableKey")
+    eq(key_row(key)["state"], STATE_CODES["Disabled"], "the keys row after DisableKey")
     check("DeletionDate" not in md, "no DeletionDate")
     call_empty("DisableKey", {"KeyId": key})  # again: no change, no error
     dis = ("DisabledException", 409)
@@ -689,6 +743,9 @@ def test_states():
     md = describe(key)
     eq((md["KeyState"], md["Enabled"], md.get("DeletionDate")),
        ("PendingDeletion", False, a["DeletionDate"]), "DescribeKey while pending")
+    row = key_row(key)
+    eq((row["state"], row["deletion_date"]), (STATE_CODES["PendingDeletion"], a["DeletionDate"]),
+       "the keys row while pending")
     inv = ("KMSInvalidStateException", 409)
     fails("GenerateDataKey", {"KeyId": key, "KeySpec": "AES_256"}, *inv)
     fails("Encrypt", {"KeyId": key, "Plaintext": b64(b"x")}, *inv)
@@ -704,6 +761,7 @@ def test_states():
           % (time.monotonic() - scheduled))
     md = describe(key)
     eq((md["KeyState"], md["Enabled"]), ("Disabled", False), "after CancelKeyDeletion")
+    eq(key_row(key)["state"], STATE_CODES["Disabled"], "the keys row after CancelKeyDeletion")
     check("DeletionDate" not in md, "no DeletionDate after CancelKeyDeletion")
     fails("GenerateDataKey", {"KeyId": key, "KeySpec": "AES_256"}, *dis, "after the cancel")
     fails("CancelKeyDeletion", {"KeyId": key}, *inv, "a key not pending deletion")
@@ -736,7 +794,6 @@ def test_deletion():
     keep = create_key("survivor")
     call_empty("CreateAlias", {"AliasName": "alias/lc-doomed", "TargetKeyId": key})
     blob1, pt1 = gdk(key, ctx={"d": "1"}, record=False)
-    # enough versions that some live in history objects, which deletion removes too
     vids = [vid_of(blob1)]
     for _ in range(15):
         call("RotateKeyOnDemand", {"KeyId": key})
@@ -746,9 +803,12 @@ def test_deletion():
     for b in ({"key": key, "blob": blob1, "ctx": {"d": "1"}, "pt": pt1},
               {"key": key, "blob": blob2, "ctx": {"d": "2"}, "pt": pt2}):
         C.blobs.append(b)
-    check_history(key, vids)
-    eq(sorted(keks_of(inspect_token(C.token), key)), sorted(vids),
-       "16 secret key objects before the deletion")
+    check_versions(key, vids, [0] + [2] * 15)
+    keep_rows = version_rows(keep)
+    eq(len(keep_rows), 1, "the other key's versions rows")
+    eq(sorted(r[0] for r in db_query(C.config, "SELECT name FROM aliases WHERE target = ?",
+                                     (uuid.UUID(key).bytes,))),
+       ["alias/lc-doomed"], "the key's aliases rows before the deletion")
 
     before = math.floor(time.time())
     a = call("ScheduleKeyDeletion", {"KeyId": key, "PendingWindowInDays": 1})
@@ -783,15 +843,15 @@ def test_deletion():
     fails("CreateAlias", {"AliasName": "alias/lc-x", "TargetKeyId": key}, "NotFoundException", 404,
           "an alias for the deleted key")
 
-    # all its key objects and history objects are destroyed
-    view = wait_for(lambda: (lambda v: v if not keks_of(v, key) and not history_objects(v, key)
-                             else None)(inspect_token(C.token)),
-                    3.0, "the key objects are removed", 0.2)
-    check(keks_of(view, keep), "the other key's object is still there")
-    eq(history_objects(view, key), [], "the key's history objects are removed")
-    # its tombstone record remains
-    check(key_records(view, key), "the deleted key keeps a record")
-    eq(key_records(view, key)[-1][1]["state"]["state"], "Destroyed", "the record says Destroyed")
+    # its versions rows (the wrapped key material) and aliases are gone; its keys row
+    # remains as a tombstone (state 3), so its blobs answer NotFound, not InvalidCiphertext
+    eq(version_rows(key), [], "the deleted key's versions rows")
+    eq(db_query(C.config, "SELECT name FROM aliases WHERE target = ?", (uuid.UUID(key).bytes,)),
+       [], "the deleted key's aliases rows")
+    eq(key_row(key)["state"], STATE_CODES["Destroyed"],
+       "the deleted key's keys row is a tombstone (state 3)")
+    eq(version_rows(keep), keep_rows, "the other key's versions rows are untouched")
+    check_token(C.token, C.config)
 
     # a blob naming a key that never existed
     fake = bytearray(blob1)
@@ -981,44 +1041,86 @@ def snapshot():
     return {"keys": keys, "per_key": per_key, "aliases": all_aliases()}
 
 
+def restart_keys():
+    """Keys in every state the restart must keep, made here so that the restart
+    test does not depend on the tests before it having passed: Disabled,
+    PendingDeletion, rotation enabled, and rotated on demand (its current
+    version is not its first)."""
+    made = {}
+    for name in ("restart-disabled", "restart-pending", "restart-scheduled", "restart-rotated"):
+        made[name] = create_key(name)
+        gdk(made[name], ctx={"restart": name})
+    call("RotateKeyOnDemand", {"KeyId": made["restart-rotated"]})
+    gdk(made["restart-rotated"], ctx={"restart": "after the rotation"})
+    call_empty("EnableKeyRotation", {"KeyId": made["restart-scheduled"]})
+    call_empty("DisableKey", {"KeyId": made["restart-disabled"]})
+    call("ScheduleKeyDeletion", {"KeyId": made["restart-pending"], "PendingWindowInDays": 30})
+    return made
+
+
 @test
 def test_restart():
+    made = restart_keys()
     before = snapshot()
     states = collections.Counter(v["describe"]["KeyState"] for v in before["per_key"].values())
     eq(sorted(states), ["Disabled", "Enabled", "PendingDeletion"], "the key states on the token")
     check(any(v["rotation"]["KeyRotationEnabled"] for v in before["per_key"].values()),
           "a key with rotation enabled")
-    check(not C.deleted & set(before["keys"]), "deleted keys are not listed")
-    eq(sorted(before["keys"]), sorted(set(C.keys.values()) - C.deleted),
+    destroyed = {str(uuid.UUID(bytes=r[0]))
+                 for r in db_query(C.config, "SELECT id FROM keys WHERE state = 3")}
+    check(C.deleted <= destroyed, "the keys deleted here are tombstones in the database")
+    check(not destroyed & set(before["keys"]), "deleted keys are not listed")
+    eq(sorted(before["keys"]), sorted(set(C.keys.values()) - destroyed),
        "ListKeys lists every key made and not deleted")
+    eq(sorted(before["keys"]),
+       sorted(str(uuid.UUID(bytes=r[0]))
+              for r in db_query(C.config, "SELECT id FROM keys WHERE state <> 3")),
+       "ListKeys lists the keys rows not destroyed")
+    eq(sorted((a["AliasName"], a["TargetKeyId"]) for a in before["aliases"]),
+       sorted((r[0], str(uuid.UUID(bytes=r[1])))
+              for r in db_query(C.config, "SELECT name, target FROM aliases")),
+       "ListAliases against the aliases rows")
+    for k in before["keys"]:
+        check_rotations_match_rows(k, version_rows(k))
+    rows_before = db_dump()
 
     C.server.stop()
     C.server = None
     C.server = h.start_config_server(C.config, C.token, C.ws.sub("p11kmsd-2.log"))
     h.diag("p11kmsd restarted, serving %s" % C.server.endpoint)
     after = snapshot()
-    # a deleted key's objects are gone on purpose: no warning about them
-    check("has no key object" not in C.server.stderr_text(),
-          "the restarted server warns about missing key objects:\n" + C.server.stderr_text())
     eq(after["keys"], before["keys"], "ListKeys after the restart")
     for k in before["keys"]:
         for what in ("describe", "rotation", "rotations"):
             eq(after["per_key"][k][what], before["per_key"][k][what], "%s of %s" % (what, k))
     eq(after["aliases"], before["aliases"], "ListAliases after the restart")
+    eq(db_dump(), rows_before, "the keys, versions and aliases rows after the restart")
 
     n = 0
     for b in C.blobs:
-        if b["key"] in C.deleted:
+        if b["key"] in destroyed:
             body = {"CiphertextBlob": b64(b["blob"])}
             if b["ctx"] is not None:
                 body["EncryptionContext"] = b["ctx"]
             fails("Decrypt", body, "NotFoundException", 404, "a blob of the deleted key")
-        else:
+        elif before["per_key"][b["key"]]["describe"]["KeyState"] == "Enabled":
             check_decrypts(b["blob"], b["ctx"], b["pt"], b["key"], what="blob %d" % n)
         n += 1
     h.diag("%d blobs checked after the restart" % n)
-    eq(vid_of(gdk(C.keys["rot"])[0]), C.current["rot"],
-       "a new data key uses the same current version")
+    for name in ("restart-disabled", "restart-pending"):
+        blob = [b for b in C.blobs if b["key"] == made[name]][0]
+        fails("Decrypt", {"CiphertextBlob": b64(blob["blob"]), "EncryptionContext": blob["ctx"]},
+              *{"restart-disabled": ("DisabledException", 409),
+                "restart-pending": ("KMSInvalidStateException", 409)}[name], name)
+    # every Enabled key's new data keys use the current version the database names
+    current = {k: vid_bytes(key_row(k)["current_vid"]) for k in before["keys"]}
+    eq(version_rows(made["restart-rotated"])[-1]["vid"], current[made["restart-rotated"]],
+       "the rotated key's current version is its second")
+    for k in before["keys"]:
+        if before["per_key"][k]["describe"]["KeyState"] == "Enabled":
+            eq(vid_of(gdk(k)[0]), current[k], "a new data key of %s uses the same current version"
+               % k)
+    check_token(C.token, C.config)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,1446 @@
+/*
+ * Unit tests for src/store/store.h on a real SQLite file in a temporary
+ * folder (one per test, removed after it): the schema made by KMS_STORE_INIT
+ * and the refusals of KMS_STORE_OPEN (missing, empty, not a database, newer),
+ * every row call's round trip and its exact errors (stale revisions, unique
+ * constraints, missing rows), the usage reservation's bound, the change
+ * sequence, rollback, what one thread's connection sees of another's
+ * transaction, concurrent writers, a write lock held past the busy timeout,
+ * and the online backup.
+ */
+#include "config.h"
+
+#include <stdarg.h>
+#include <stddef.h>
+#include <setjmp.h>
+#include <cmocka.h>
+
+#include <fcntl.h>
+#include <ftw.h>
+#include <pthread.h>
+#include <sqlite3.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "common/encoding.h"
+#include "common/error.h"
+#include "store/store.h"
+
+/* ---- a temporary folder with a database path in it --------------------------- */
+
+struct fixture {
+    char dir[128];
+    char db[192];  /* DIR/kms.db */
+    char url[256]; /* sqlite:DIR/kms.db */
+    struct kms_store *st;
+};
+
+static int make_fixture(void **state)
+{
+    struct fixture *f = calloc(1, sizeof *f);
+    const char *base = getenv("TMPDIR");
+    if (!f)
+        return -1;
+    snprintf(f->dir, sizeof f->dir, "%s/p11kms-store-XXXXXX",
+             base && *base && strlen(base) < 80 ? base : "/tmp");
+    if (!mkdtemp(f->dir)) {
+        free(f);
+        return -1;
+    }
+    snprintf(f->db, sizeof f->db, "%s/kms.db", f->dir);
+    snprintf(f->url, sizeof f->url, "sqlite:%s", f->db);
+    *state = f;
+    return 0;
+}
+
+static int remove_entry(const char *path, const struct stat *sb, int flag, struct FTW *ftw)
+{
+    (void)sb;
+    (void)flag;
+    (void)ftw;
+    return remove(path);
+}
+
+static int remove_fixture(void **state)
+{
+    struct fixture *f = *state;
+    kms_store_close(f->st);
+    nftw(f->dir, remove_entry, 16, FTW_DEPTH | FTW_PHYS);
+    free(f);
+    return 0;
+}
+
+static kms_err open_store(const char *url, int mode, unsigned timeout_ms, struct kms_store **out)
+{
+    struct kms_store_config c = {.url = url, .timeout_ms = timeout_ms, .mode = mode};
+    kms_err_clear();
+    return kms_store_open(&c, out);
+}
+
+/* The fixture's database, created (KMS_STORE_INIT). */
+static struct kms_store *init_store(struct fixture *f)
+{
+    assert_int_equal(open_store(f->url, KMS_STORE_INIT, 0, &f->st), KMS_OK);
+    return f->st;
+}
+
+static struct kms_tx *begin(struct kms_store *st, int mode)
+{
+    struct kms_tx *tx = NULL;
+    assert_int_equal(kms_store_begin(st, mode, &tx), KMS_OK);
+    assert_non_null(tx);
+    return tx;
+}
+
+static void commit(struct kms_tx *tx)
+{
+    assert_int_equal(kms_store_commit(tx), KMS_OK);
+}
+
+static void write_bytes(const char *path, const void *p, size_t n)
+{
+    int fd = open(path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
+    assert_true(fd >= 0);
+    assert_int_equal(write(fd, p, n), (ssize_t)n);
+    assert_int_equal(close(fd), 0);
+}
+
+/* Runs SQL on a connection of our own, outside the store. */
+static void raw_exec(const char *path, const char *sql)
+{
+    sqlite3 *db = NULL;
+    char *err = NULL;
+    assert_int_equal(sqlite3_open_v2(path, &db, SQLITE_OPEN_READWRITE, NULL), SQLITE_OK);
+    int rc = sqlite3_exec(db, sql, NULL, NULL, &err);
+    if (rc != SQLITE_OK)
+        fail_msg("%s: %s", sql, err ? err : sqlite3_errstr(rc));
+    sqlite3_free(err);
+    assert_int_equal(sqlite3_close(db), SQLITE_OK);
+}
+
+static void assert_contains(const char *haystack, const char *needle)
+{
+    if (!strstr(haystack, needle))
+        fail_msg("\"%s\" does not contain \"%s\"", haystack, needle);
+}
+
+static void id_of(uint8_t id[KMS_UUID_LEN], uint8_t first)
+{
+    memset(id, 0x5a, KMS_UUID_LEN);
+    id[0] = first;
+}
+
+/* A key row with every field set to something distinct. */
+static void key_row(struct kms_key_row *r, uint8_t first, const char *description,
+                    const char *policy)
+{
+    memset(r, 0, sizeof *r);
+    id_of(r->id, first);
+    r->created = 1700000000 + first;
+    r->state = KMS_STORE_ENABLED;
+    r->deletion_date = 1700100000;
+    r->rotation_enabled = 1;
+    r->rotation_days = 90;
+    r->rotation_seconds = 90 * 86400;
+    r->next_rotation = 1707776000;
+    r->current = 0xdeadbeef;
+    r->on_demand = 3;
+    r->token_resident = 0;
+    r->rev = 1;
+    r->description = description ? strdup(description) : NULL;
+    r->policy = policy ? strdup(policy) : NULL;
+}
+
+static void insert_key(struct kms_store *st, uint8_t first, int state)
+{
+    struct kms_key_row r;
+    key_row(&r, first, "k", NULL);
+    r.state = state;
+    struct kms_tx *tx = begin(st, KMS_TX_WRITE);
+    assert_int_equal(kms_store_key_insert(tx, &r), KMS_OK);
+    commit(tx);
+    kms_key_row_clear(&r);
+}
+
+static void assert_key_equal(const struct kms_key_row *a, const struct kms_key_row *b)
+{
+    assert_memory_equal(a->id, b->id, KMS_UUID_LEN);
+    assert_int_equal(a->created, b->created);
+    assert_int_equal(a->state, b->state);
+    assert_int_equal(a->deletion_date, b->deletion_date);
+    assert_int_equal(a->rotation_enabled, b->rotation_enabled);
+    assert_int_equal(a->rotation_days, b->rotation_days);
+    assert_int_equal(a->rotation_seconds, b->rotation_seconds);
+    assert_int_equal(a->next_rotation, b->next_rotation);
+    assert_int_equal(a->current, b->current);
+    assert_int_equal(a->on_demand, b->on_demand);
+    assert_int_equal(a->token_resident, b->token_resident);
+    assert_int_equal(a->rev, b->rev);
+    assert_non_null(a->description);
+    assert_non_null(b->description);
+    assert_string_equal(a->description, b->description);
+    if (a->policy || b->policy) {
+        assert_non_null(a->policy);
+        assert_non_null(b->policy);
+        assert_string_equal(a->policy, b->policy);
+    }
+}
+
+static uint32_t insert_root(struct kms_store *st, uint8_t fill)
+{
+    struct kms_root_row r = {0};
+    memset(r.cka_id, fill, sizeof r.cka_id);
+    snprintf(r.label, sizeof r.label, "p11kms-root:%u", 1700000000u + fill);
+    r.created = 1700000000 + fill;
+    r.state = KMS_ROOT_CURRENT;
+    struct kms_tx *tx = begin(st, KMS_TX_WRITE);
+    assert_int_equal(kms_store_root_insert(tx, &r), KMS_OK);
+    commit(tx);
+    assert_true(r.id > 0);
+    return r.id;
+}
+
+static void version_row(struct kms_version_row *v, const uint8_t key[KMS_UUID_LEN], uint32_t vid,
+                        uint32_t n, uint32_t root)
+{
+    memset(v, 0, sizeof *v);
+    memcpy(v->key_id, key, KMS_UUID_LEN);
+    v->vid = vid;
+    v->n = n;
+    v->created = 1700000000 + n;
+    v->rotation = n == 1 ? KMS_ROTATION_NONE : KMS_ROTATION_ON_DEMAND;
+    v->reserved = 0;
+    v->bound = 10;
+    v->root = root;
+    v->wrapped_len = 40;
+    for (size_t i = 0; i < 40; i++)
+        v->wrapped[i] = (uint8_t)(vid + i);
+}
+
+/* ---- opening ------------------------------------------------------------------- */
+
+static void test_init_creates_schema(void **state)
+{
+    struct fixture *f = *state;
+    struct stat sb;
+    int version = -1;
+
+    assert_true(kms_store_schema_version() >= 1);
+    assert_int_equal(open_store(f->url, KMS_STORE_INIT, 0, &f->st), KMS_OK);
+    assert_string_equal(kms_store_name(f->st), f->url);
+    assert_int_equal(kms_store_database_version(f->st, &version), KMS_OK);
+    assert_int_equal(version, kms_store_schema_version());
+    /* made private: the database holds wrapped keys */
+    assert_int_equal(stat(f->db, &sb), 0);
+    assert_int_equal(sb.st_mode & 077, 0);
+    /* an empty database: no keys, no changes */
+    size_t keys = 99, versions = 99;
+    int64_t head = -1, tail = -1;
+    struct kms_tx *tx = begin(f->st, KMS_TX_READ);
+    assert_int_equal(kms_store_key_count(tx, &keys, &versions), KMS_OK);
+    assert_int_equal(kms_store_change_head(tx, &head), KMS_OK);
+    assert_int_equal(kms_store_change_tail(tx, &tail), KMS_OK);
+    commit(tx);
+    assert_int_equal(keys, 0);
+    assert_int_equal(versions, 0);
+    assert_int_equal(head, 0);
+    assert_int_equal(tail, 0);
+    kms_store_close(f->st);
+    f->st = NULL;
+
+    /* INIT again is idempotent; OPEN accepts it */
+    assert_int_equal(open_store(f->url, KMS_STORE_INIT, 0, &f->st), KMS_OK);
+    kms_store_close(f->st);
+    f->st = NULL;
+    assert_int_equal(open_store(f->url, KMS_STORE_OPEN, 0, &f->st), KMS_OK);
+    assert_int_equal(kms_store_database_version(f->st, &version), KMS_OK);
+    assert_int_equal(version, kms_store_schema_version());
+
+    /* sqlite:///abs/path is the same file */
+    char url3[300];
+    struct kms_store *again = NULL;
+    snprintf(url3, sizeof url3, "sqlite://%s", f->db);
+    assert_int_equal(open_store(url3, KMS_STORE_OPEN, 0, &again), KMS_OK);
+    kms_store_close(again);
+}
+
+static void test_open_refuses_bad_urls(void **state)
+{
+    struct kms_store *st = NULL;
+    (void)state;
+    assert_int_equal(open_store("postgresql://db/kms", KMS_STORE_INIT, 0, &st), KMS_ERR_VALIDATION);
+    assert_int_equal(open_store("sqlite:", KMS_STORE_INIT, 0, &st), KMS_ERR_VALIDATION);
+    assert_int_equal(open_store(NULL, KMS_STORE_INIT, 0, &st), KMS_ERR_VALIDATION);
+    assert_null(st);
+}
+
+static void test_open_missing_file(void **state)
+{
+    struct fixture *f = *state;
+    struct kms_store *st = NULL;
+    assert_int_equal(open_store(f->url, KMS_STORE_OPEN, 0, &st), KMS_ERR_INTERNAL);
+    assert_null(st);
+    assert_contains(kms_err_message(), f->url);
+    assert_contains(kms_err_message(), "does not exist");
+    assert_contains(kms_err_message(), "init");
+    /* OPEN creates nothing */
+    assert_int_not_equal(access(f->db, F_OK), 0);
+}
+
+static void test_open_empty_file(void **state)
+{
+    struct fixture *f = *state;
+    struct kms_store *st = NULL;
+    write_bytes(f->db, "", 0);
+    assert_int_equal(open_store(f->url, KMS_STORE_OPEN, 0, &st), KMS_ERR_INTERNAL);
+    assert_null(st);
+    assert_contains(kms_err_message(), f->url);
+    assert_contains(kms_err_message(), "not initialised");
+    assert_contains(kms_err_message(), "init");
+    /* INIT makes a database of it */
+    assert_int_equal(open_store(f->url, KMS_STORE_INIT, 0, &f->st), KMS_OK);
+}
+
+static void test_open_random_bytes(void **state)
+{
+    struct fixture *f = *state;
+    struct kms_store *st = NULL;
+    uint8_t junk[8192];
+    for (size_t i = 0; i < sizeof junk; i++)
+        junk[i] = (uint8_t)(i * 131 + 7);
+    write_bytes(f->db, junk, sizeof junk);
+    for (int mode = KMS_STORE_OPEN; mode <= KMS_STORE_INIT; mode++) {
+        assert_int_equal(open_store(f->url, mode, 0, &st), KMS_ERR_INTERNAL);
+        assert_null(st);
+        assert_contains(kms_err_message(), f->url);
+        /* the message names the path once, then says what is wrong with it */
+        const char *first = strstr(kms_err_message(), f->url);
+        assert_null(strstr(first + strlen(f->url), f->url));
+        assert_contains(kms_err_message(), "not a database");
+    }
+}
+
+static void test_open_newer_schema(void **state)
+{
+    struct fixture *f = *state;
+    struct kms_store *st = NULL;
+    char want[32];
+    init_store(f);
+    kms_store_close(f->st);
+    f->st = NULL;
+    raw_exec(f->db, "PRAGMA user_version = 99");
+    snprintf(want, sizeof want, "%d", 99);
+    for (int mode = KMS_STORE_OPEN; mode <= KMS_STORE_INIT; mode++) {
+        assert_int_equal(open_store(f->url, mode, 0, &st), KMS_ERR_INTERNAL);
+        assert_null(st);
+        assert_contains(kms_err_message(), f->url);
+        assert_contains(kms_err_message(), "newer");
+        assert_contains(kms_err_message(), want);
+    }
+}
+
+/* ---- keys ---------------------------------------------------------------------- */
+
+static void test_key_round_trip(void **state)
+{
+    struct fixture *f = *state;
+    struct kms_store *st = init_store(f);
+    struct kms_key_row a, b, got = {0};
+    static const char policy[] = "{\"Version\":\"2012-10-17\",\"Statement\":[]}";
+
+    key_row(&a, 1, "first key \xe2\x82\xac 'quoted' \"too\"", NULL);
+    key_row(&b, 2, NULL, policy); /* a NULL description is stored as "" */
+    b.state = KMS_STORE_PENDING;
+    b.rotation_enabled = 0;
+    b.token_resident = 1;
+    b.current = 1;
+    struct kms_tx *tx = begin(st, KMS_TX_WRITE);
+    assert_int_equal(kms_store_key_insert(tx, &a), KMS_OK);
+    assert_int_equal(kms_store_key_insert(tx, &b), KMS_OK);
+    /* the same id again */
+    assert_int_equal(kms_store_key_insert(tx, &a), KMS_ERR_ALREADY_EXISTS);
+    commit(tx);
+
+    tx = begin(st, KMS_TX_READ);
+    assert_int_equal(kms_store_key_get(tx, a.id, &got), KMS_OK);
+    assert_key_equal(&got, &a);
+    assert_null(got.policy);
+    kms_key_row_clear(&got);
+    assert_int_equal(kms_store_key_get(tx, b.id, &got), KMS_OK);
+    free(b.description);
+    b.description = strdup("");
+    assert_key_equal(&got, &b);
+    assert_string_equal(got.policy, policy);
+    kms_key_row_clear(&got);
+    uint8_t missing[KMS_UUID_LEN];
+    id_of(missing, 3);
+    assert_int_equal(kms_store_key_get(tx, missing, &got), KMS_ERR_NOT_FOUND);
+    size_t keys = 0;
+    assert_int_equal(kms_store_key_count(tx, &keys, NULL), KMS_OK);
+    assert_int_equal(keys, 2);
+    commit(tx);
+
+    /* an update of every field: policy set, then cleared again */
+    tx = begin(st, KMS_TX_WRITE);
+    free(a.description);
+    a.description = strdup("changed");
+    free(a.policy);
+    a.policy = strdup(policy);
+    a.state = KMS_STORE_DISABLED;
+    a.deletion_date = 1800000000;
+    a.rotation_enabled = 0;
+    a.rotation_days = 365;
+    a.rotation_seconds = 365 * 86400;
+    a.next_rotation = 1800000001;
+    a.current = 7;
+    a.on_demand = 4;
+    a.token_resident = 1;
+    assert_int_equal(kms_store_key_update(tx, &a), KMS_OK);
+    assert_int_equal(a.rev, 2);
+    assert_int_equal(kms_store_key_get(tx, a.id, &got), KMS_OK);
+    assert_key_equal(&got, &a);
+    kms_key_row_clear(&got);
+    free(a.policy);
+    a.policy = NULL;
+    assert_int_equal(kms_store_key_update(tx, &a), KMS_OK);
+    assert_int_equal(a.rev, 3);
+    commit(tx);
+
+    tx = begin(st, KMS_TX_READ);
+    assert_int_equal(kms_store_key_get(tx, a.id, &got), KMS_OK);
+    assert_key_equal(&got, &a);
+    assert_null(got.policy);
+    commit(tx);
+    kms_key_row_clear(&got);
+    kms_key_row_clear(&a);
+    kms_key_row_clear(&b);
+}
+
+static void test_key_update_stale_rev(void **state)
+{
+    struct fixture *f = *state;
+    struct kms_store *st = init_store(f);
+    struct kms_key_row r, stale, got = {0};
+
+    key_row(&r, 1, "original", NULL);
+    struct kms_tx *tx = begin(st, KMS_TX_WRITE);
+    assert_int_equal(kms_store_key_insert(tx, &r), KMS_OK);
+    commit(tx);
+
+    tx = begin(st, KMS_TX_WRITE);
+    assert_int_equal(kms_store_key_get(tx, r.id, &stale), KMS_OK);
+    assert_int_equal(stale.rev, 1);
+    free(r.description);
+    r.description = strdup("first writer");
+    assert_int_equal(kms_store_key_update(tx, &r), KMS_OK);
+    assert_int_equal(r.rev, 2);
+    /* a writer that read revision 1 loses */
+    free(stale.description);
+    stale.description = strdup("second writer");
+    stale.state = KMS_STORE_DISABLED;
+    kms_err_clear();
+    assert_int_equal(kms_store_key_update(tx, &stale), KMS_ERR_INVALID_STATE);
+    assert_contains(kms_err_message(), "changed meanwhile");
+    assert_int_equal(stale.rev, 1);
+    commit(tx);
+
+    tx = begin(st, KMS_TX_READ);
+    assert_int_equal(kms_store_key_get(tx, r.id, &got), KMS_OK);
+    assert_key_equal(&got, &r);
+    assert_string_equal(got.description, "first writer");
+    assert_int_equal(got.state, KMS_STORE_ENABLED);
+    commit(tx);
+
+    /* an update of a key that is not there is refused the same way */
+    struct kms_key_row ghost;
+    key_row(&ghost, 9, "ghost", NULL);
+    tx = begin(st, KMS_TX_WRITE);
+    assert_int_equal(kms_store_key_update(tx, &ghost), KMS_ERR_INVALID_STATE);
+    assert_int_equal(kms_store_key_get(tx, ghost.id, &got), KMS_ERR_NOT_FOUND);
+    commit(tx);
+    kms_key_row_clear(&ghost);
+    kms_key_row_clear(&got);
+    kms_key_row_clear(&stale);
+    kms_key_row_clear(&r);
+}
+
+struct seen_keys {
+    uint8_t first[16];
+    size_t n;
+};
+
+static kms_err note_key(void *arg, const struct kms_key_row *r)
+{
+    struct seen_keys *s = arg;
+    assert_true(s->n < 16);
+    assert_non_null(r->description);
+    s->first[s->n++] = r->id[0];
+    return KMS_OK;
+}
+
+static kms_err stop_at_second(void *arg, const struct kms_key_row *r)
+{
+    struct seen_keys *s = arg;
+    s->first[s->n++] = r->id[0];
+    return s->n == 2 ? KMS_ERR_LIMIT_EXCEEDED : KMS_OK;
+}
+
+static void list_keys(struct kms_store *st, const uint8_t *from, size_t limit, struct seen_keys *s)
+{
+    memset(s, 0, sizeof *s);
+    struct kms_tx *tx = begin(st, KMS_TX_READ);
+    assert_int_equal(kms_store_keys_list(tx, from, limit, note_key, s), KMS_OK);
+    commit(tx);
+}
+
+static void test_keys_list_paging(void **state)
+{
+    struct fixture *f = *state;
+    struct kms_store *st = init_store(f);
+    struct seen_keys s;
+    uint8_t from[KMS_UUID_LEN];
+
+    /* inserted out of order; 3 and 6 are destroyed */
+    static const uint8_t order[] = {5, 1, 7, 3, 2, 6, 4};
+    for (size_t i = 0; i < sizeof order; i++)
+        insert_key(st, order[i], order[i] % 3 == 0 ? KMS_STORE_DESTROYED : KMS_STORE_ENABLED);
+
+    list_keys(st, NULL, 100, &s);
+    assert_int_equal(s.n, 5);
+    assert_memory_equal(s.first, ((uint8_t[]){1, 2, 4, 5, 7}), 5);
+
+    list_keys(st, NULL, 2, &s);
+    assert_int_equal(s.n, 2);
+    assert_memory_equal(s.first, ((uint8_t[]){1, 2}), 2);
+
+    /* the marker is inclusive */
+    id_of(from, 2);
+    list_keys(st, from, 2, &s);
+    assert_int_equal(s.n, 2);
+    assert_memory_equal(s.first, ((uint8_t[]){2, 4}), 2);
+    /* a destroyed marker starts at the next live key */
+    id_of(from, 3);
+    list_keys(st, from, 100, &s);
+    assert_int_equal(s.n, 3);
+    assert_memory_equal(s.first, ((uint8_t[]){4, 5, 7}), 3);
+    id_of(from, 8);
+    list_keys(st, from, 100, &s);
+    assert_int_equal(s.n, 0);
+    list_keys(st, NULL, 0, &s);
+    assert_int_equal(s.n, 0);
+
+    /* the callback's failure stops the walk and is returned */
+    memset(&s, 0, sizeof s);
+    struct kms_tx *tx = begin(st, KMS_TX_READ);
+    assert_int_equal(kms_store_keys_list(tx, NULL, 100, stop_at_second, &s),
+                     KMS_ERR_LIMIT_EXCEEDED);
+    assert_int_equal(s.n, 2);
+    size_t keys = 0, versions = 9;
+    assert_int_equal(kms_store_key_count(tx, &keys, &versions), KMS_OK);
+    assert_int_equal(keys, 5);
+    assert_int_equal(versions, 0);
+    commit(tx);
+}
+
+struct due_seen {
+    uint8_t first[8];
+    int what[8];
+    size_t n;
+};
+
+static kms_err note_due(void *arg, const uint8_t id[KMS_UUID_LEN], int what)
+{
+    struct due_seen *d = arg;
+    assert_true(d->n < 8);
+    d->first[d->n] = id[0];
+    d->what[d->n++] = what;
+    return KMS_OK;
+}
+
+static void test_keys_due(void **state)
+{
+    struct fixture *f = *state;
+    struct kms_store *st = init_store(f);
+    struct kms_key_row r;
+    struct due_seen d = {0};
+
+    struct kms_tx *tx = begin(st, KMS_TX_WRITE);
+    /* 1: rotation due at 100; 2: rotation due at 200; 3: rotation off; 4: disabled */
+    for (uint8_t i = 1; i <= 4; i++) {
+        key_row(&r, i, "", NULL);
+        r.next_rotation = 100 * i;
+        r.rotation_enabled = i != 3;
+        r.state = i == 4 ? KMS_STORE_DISABLED : KMS_STORE_ENABLED;
+        assert_int_equal(kms_store_key_insert(tx, &r), KMS_OK);
+        kms_key_row_clear(&r);
+    }
+    /* 5: deletion due at 150; 6: pending until 1000 */
+    for (uint8_t i = 5; i <= 6; i++) {
+        key_row(&r, i, "", NULL);
+        r.state = KMS_STORE_PENDING;
+        r.rotation_enabled = 0;
+        r.deletion_date = i == 5 ? 150 : 1000;
+        assert_int_equal(kms_store_key_insert(tx, &r), KMS_OK);
+        kms_key_row_clear(&r);
+    }
+    commit(tx);
+
+    tx = begin(st, KMS_TX_READ);
+    assert_int_equal(kms_store_keys_due(tx, 99, 10, note_due, &d), KMS_OK);
+    assert_int_equal(d.n, 0);
+    assert_int_equal(kms_store_keys_due(tx, 200, 10, note_due, &d), KMS_OK);
+    assert_int_equal(d.n, 3);
+    assert_int_equal(d.first[0], 1);
+    assert_int_equal(d.what[0], KMS_DUE_ROTATION);
+    assert_int_equal(d.first[1], 2);
+    assert_int_equal(d.what[1], KMS_DUE_ROTATION);
+    assert_int_equal(d.first[2], 5);
+    assert_int_equal(d.what[2], KMS_DUE_DELETION);
+    memset(&d, 0, sizeof d);
+    assert_int_equal(kms_store_keys_due(tx, 200, 1, note_due, &d), KMS_OK);
+    assert_int_equal(d.n, 2); /* the limit is per kind */
+    assert_int_equal(d.first[0], 1);
+    assert_int_equal(d.first[1], 5);
+    commit(tx);
+}
+
+/* ---- versions ------------------------------------------------------------------ */
+
+struct seen_versions {
+    uint32_t vid[8];
+    uint32_t n[8];
+    size_t count;
+};
+
+static kms_err note_version(void *arg, const struct kms_version_row *r)
+{
+    struct seen_versions *s = arg;
+    assert_true(s->count < 8);
+    s->vid[s->count] = r->vid;
+    s->n[s->count++] = r->n;
+    return KMS_OK;
+}
+
+static void test_versions(void **state)
+{
+    struct fixture *f = *state;
+    struct kms_store *st = init_store(f);
+    uint8_t key[KMS_UUID_LEN], other[KMS_UUID_LEN];
+    struct kms_version_row v, got;
+    struct seen_versions s = {0};
+    uint32_t max_n = 99;
+
+    uint32_t root = insert_root(st, 0x11);
+    insert_key(st, 1, KMS_STORE_ENABLED);
+    insert_key(st, 2, KMS_STORE_ENABLED);
+    id_of(key, 1);
+    id_of(other, 2);
+
+    struct kms_tx *tx = begin(st, KMS_TX_WRITE);
+    assert_int_equal(kms_store_version_max_n(tx, key, &max_n), KMS_OK);
+    assert_int_equal(max_n, 0);
+    /* inserted out of ordinal order; vids are random, not ordered */
+    static const uint32_t vids[] = {0xc0000003, 0x00000007, 0xffffffff};
+    static const uint32_t ns[] = {3, 1, 2};
+    for (int i = 0; i < 3; i++) {
+        version_row(&v, key, vids[i], ns[i], root);
+        assert_int_equal(kms_store_version_insert(tx, &v), KMS_OK);
+    }
+    /* a token-resident version: no root, no wrapped key */
+    version_row(&v, other, 42, 1, 0);
+    v.wrapped_len = 0;
+    v.reserved = 5;
+    v.rotation = KMS_ROTATION_AUTOMATIC;
+    assert_int_equal(kms_store_version_insert(tx, &v), KMS_OK);
+    commit(tx);
+
+    tx = begin(st, KMS_TX_READ);
+    assert_int_equal(kms_store_version_get(tx, key, 0xffffffff, &got), KMS_OK);
+    version_row(&v, key, 0xffffffff, 2, root);
+    assert_memory_equal(got.key_id, key, KMS_UUID_LEN);
+    assert_int_equal(got.vid, 0xffffffff);
+    assert_int_equal(got.n, 2);
+    assert_int_equal(got.created, v.created);
+    assert_int_equal(got.rotation, KMS_ROTATION_ON_DEMAND);
+    assert_int_equal(got.reserved, 0);
+    assert_int_equal(got.bound, 10);
+    assert_int_equal(got.root, root);
+    assert_int_equal(got.wrapped_len, 40);
+    assert_memory_equal(got.wrapped, v.wrapped, 40);
+
+    assert_int_equal(kms_store_version_get(tx, other, 42, &got), KMS_OK);
+    assert_int_equal(got.root, 0);
+    assert_int_equal(got.wrapped_len, 0);
+    assert_int_equal(got.reserved, 5);
+    assert_int_equal(got.rotation, KMS_ROTATION_AUTOMATIC);
+
+    assert_int_equal(kms_store_version_get(tx, key, 42, &got), KMS_ERR_NOT_FOUND);
+    assert_int_equal(kms_store_version_get(tx, other, 7, &got), KMS_ERR_NOT_FOUND);
+
+    assert_int_equal(kms_store_versions(tx, key, note_version, &s), KMS_OK);
+    assert_int_equal(s.count, 3);
+    assert_int_equal(s.n[0], 1);
+    assert_int_equal(s.vid[0], 0x00000007);
+    assert_int_equal(s.n[1], 2);
+    assert_int_equal(s.vid[1], 0xffffffff);
+    assert_int_equal(s.n[2], 3);
+    assert_int_equal(s.vid[2], 0xc0000003);
+    assert_int_equal(kms_store_version_max_n(tx, key, &max_n), KMS_OK);
+    assert_int_equal(max_n, 3);
+    size_t keys = 0, versions = 0;
+    assert_int_equal(kms_store_key_count(tx, &keys, &versions), KMS_OK);
+    assert_int_equal(keys, 2);
+    assert_int_equal(versions, 4);
+    commit(tx);
+
+    /* UNIQUE (key_id, n) and PRIMARY KEY (key_id, vid) */
+    tx = begin(st, KMS_TX_WRITE);
+    version_row(&v, key, 0x1234, 2, root);
+    assert_int_equal(kms_store_version_insert(tx, &v), KMS_ERR_ALREADY_EXISTS);
+    version_row(&v, key, 0x00000007, 4, root);
+    assert_int_equal(kms_store_version_insert(tx, &v), KMS_ERR_ALREADY_EXISTS);
+    /* the same vid and n under another key are fine */
+    version_row(&v, other, 0x00000007, 2, root);
+    assert_int_equal(kms_store_version_insert(tx, &v), KMS_OK);
+    commit(tx);
+
+    memset(&s, 0, sizeof s);
+    tx = begin(st, KMS_TX_READ);
+    assert_int_equal(kms_store_versions(tx, key, note_version, &s), KMS_OK);
+    assert_int_equal(s.count, 3);
+    commit(tx);
+
+    /* versions_delete takes one key's rows only */
+    tx = begin(st, KMS_TX_WRITE);
+    assert_int_equal(kms_store_versions_delete(tx, key), KMS_OK);
+    commit(tx);
+    memset(&s, 0, sizeof s);
+    tx = begin(st, KMS_TX_READ);
+    assert_int_equal(kms_store_versions(tx, key, note_version, &s), KMS_OK);
+    assert_int_equal(s.count, 0);
+    assert_int_equal(kms_store_versions(tx, other, note_version, &s), KMS_OK);
+    assert_int_equal(s.count, 2);
+    commit(tx);
+}
+
+static void test_reserve_bound(void **state)
+{
+    struct fixture *f = *state;
+    struct kms_store *st = init_store(f);
+    uint8_t key[KMS_UUID_LEN];
+    struct kms_version_row v, got;
+    uint64_t granted = 99, reserved = 99, total = 0;
+
+    uint32_t root = insert_root(st, 0x22);
+    insert_key(st, 1, KMS_STORE_ENABLED);
+    id_of(key, 1);
+    struct kms_tx *tx = begin(st, KMS_TX_WRITE);
+    version_row(&v, key, 77, 1, root);
+    v.bound = 10;
+    v.reserved = 1;
+    assert_int_equal(kms_store_version_insert(tx, &v), KMS_OK);
+    commit(tx);
+
+    static const uint64_t want_granted[] = {4, 4, 1, 0, 0};
+    static const uint64_t want_reserved[] = {5, 9, 10, 10, 10};
+    for (int i = 0; i < 5; i++) {
+        tx = begin(st, KMS_TX_WRITE);
+        assert_int_equal(kms_store_reserve(tx, key, 77, 4, &granted, &reserved), KMS_OK);
+        commit(tx);
+        assert_int_equal(granted, want_granted[i]);
+        assert_int_equal(reserved, want_reserved[i]);
+        total += granted;
+        tx = begin(st, KMS_TX_READ);
+        assert_int_equal(kms_store_version_get(tx, key, 77, &got), KMS_OK);
+        commit(tx);
+        assert_int_equal(got.reserved, reserved);
+        assert_true(got.reserved <= got.bound);
+    }
+    assert_int_equal(total + 1, 10);
+
+    /* a huge request is still capped */
+    tx = begin(st, KMS_TX_WRITE);
+    version_row(&v, key, 78, 2, root);
+    v.bound = 1000;
+    assert_int_equal(kms_store_version_insert(tx, &v), KMS_OK);
+    assert_int_equal(kms_store_reserve(tx, key, 78, UINT64_C(1) << 40, &granted, &reserved),
+                     KMS_OK);
+    assert_int_equal(granted, 1000);
+    assert_int_equal(reserved, 1000);
+    /* a version that is not there */
+    assert_int_equal(kms_store_reserve(tx, key, 79, 1, &granted, &reserved), KMS_ERR_NOT_FOUND);
+    commit(tx);
+}
+
+/* ---- aliases ------------------------------------------------------------------- */
+
+struct seen_aliases {
+    char names[8][KMS_STORE_ALIAS_MAX + 1];
+    size_t n;
+};
+
+static kms_err note_alias(void *arg, const struct kms_alias_row *r)
+{
+    struct seen_aliases *s = arg;
+    assert_true(s->n < 8);
+    snprintf(s->names[s->n++], sizeof s->names[0], "%s", r->name);
+    return KMS_OK;
+}
+
+static void note_deleted(void *arg, const char *name)
+{
+    struct seen_aliases *s = arg;
+    assert_true(s->n < 8);
+    snprintf(s->names[s->n++], sizeof s->names[0], "%s", name);
+}
+
+static void alias_row(struct kms_alias_row *a, const char *name, const uint8_t target[16],
+                      int64_t at)
+{
+    memset(a, 0, sizeof *a);
+    snprintf(a->name, sizeof a->name, "%s", name);
+    memcpy(a->target, target, KMS_UUID_LEN);
+    a->created = a->updated = at;
+}
+
+static void test_aliases(void **state)
+{
+    struct fixture *f = *state;
+    struct kms_store *st = init_store(f);
+    uint8_t k1[KMS_UUID_LEN], k2[KMS_UUID_LEN];
+    struct kms_alias_row a, got;
+    struct seen_aliases s = {0};
+
+    insert_key(st, 1, KMS_STORE_ENABLED);
+    insert_key(st, 2, KMS_STORE_ENABLED);
+    id_of(k1, 1);
+    id_of(k2, 2);
+
+    struct kms_tx *tx = begin(st, KMS_TX_WRITE);
+    alias_row(&a, "alias/b", k1, 100);
+    assert_int_equal(kms_store_alias_insert(tx, &a), KMS_OK);
+    alias_row(&a, "alias/a", k2, 101);
+    assert_int_equal(kms_store_alias_insert(tx, &a), KMS_OK);
+    alias_row(&a, "alias/c", k1, 102);
+    assert_int_equal(kms_store_alias_insert(tx, &a), KMS_OK);
+    alias_row(&a, "alias/d", k2, 103);
+    assert_int_equal(kms_store_alias_insert(tx, &a), KMS_OK);
+    /* the name is taken, whatever the target */
+    alias_row(&a, "alias/b", k2, 104);
+    assert_int_equal(kms_store_alias_insert(tx, &a), KMS_ERR_ALREADY_EXISTS);
+    commit(tx);
+
+    tx = begin(st, KMS_TX_READ);
+    assert_int_equal(kms_store_alias_get(tx, "alias/b", &got), KMS_OK);
+    assert_string_equal(got.name, "alias/b");
+    assert_memory_equal(got.target, k1, KMS_UUID_LEN);
+    assert_int_equal(got.created, 100);
+    assert_int_equal(got.updated, 100);
+    assert_int_equal(kms_store_alias_get(tx, "alias/none", &got), KMS_ERR_NOT_FOUND);
+    /* names are case-sensitive */
+    assert_int_equal(kms_store_alias_get(tx, "alias/B", &got), KMS_ERR_NOT_FOUND);
+
+    assert_int_equal(kms_store_aliases_list(tx, NULL, NULL, 100, note_alias, &s), KMS_OK);
+    assert_int_equal(s.n, 4);
+    assert_string_equal(s.names[0], "alias/a");
+    assert_string_equal(s.names[1], "alias/b");
+    assert_string_equal(s.names[2], "alias/c");
+    assert_string_equal(s.names[3], "alias/d");
+    memset(&s, 0, sizeof s);
+    assert_int_equal(kms_store_aliases_list(tx, NULL, k1, 100, note_alias, &s), KMS_OK);
+    assert_int_equal(s.n, 2);
+    assert_string_equal(s.names[0], "alias/b");
+    assert_string_equal(s.names[1], "alias/c");
+    memset(&s, 0, sizeof s);
+    /* from is inclusive; limit and key filter together */
+    assert_int_equal(kms_store_aliases_list(tx, "alias/b", k2, 1, note_alias, &s), KMS_OK);
+    assert_int_equal(s.n, 1);
+    assert_string_equal(s.names[0], "alias/d");
+    memset(&s, 0, sizeof s);
+    assert_int_equal(kms_store_aliases_list(tx, "alias/b", NULL, 2, note_alias, &s), KMS_OK);
+    assert_int_equal(s.n, 2);
+    assert_string_equal(s.names[0], "alias/b");
+    assert_string_equal(s.names[1], "alias/c");
+    commit(tx);
+
+    tx = begin(st, KMS_TX_WRITE);
+    alias_row(&a, "alias/b", k2, 200);
+    a.created = 1; /* update keeps the creation date */
+    assert_int_equal(kms_store_alias_update(tx, &a), KMS_OK);
+    assert_int_equal(kms_store_alias_get(tx, "alias/b", &got), KMS_OK);
+    assert_memory_equal(got.target, k2, KMS_UUID_LEN);
+    assert_int_equal(got.created, 100);
+    assert_int_equal(got.updated, 200);
+    alias_row(&a, "alias/missing", k2, 200);
+    assert_int_equal(kms_store_alias_update(tx, &a), KMS_ERR_NOT_FOUND);
+    assert_int_equal(kms_store_alias_delete(tx, "alias/missing"), KMS_ERR_NOT_FOUND);
+    assert_int_equal(kms_store_alias_delete(tx, "alias/a"), KMS_OK);
+    assert_int_equal(kms_store_alias_delete(tx, "alias/a"), KMS_ERR_NOT_FOUND);
+    assert_int_equal(kms_store_alias_get(tx, "alias/a", &got), KMS_ERR_NOT_FOUND);
+    commit(tx);
+
+    /* a key's aliases go together; fn hears each name first */
+    memset(&s, 0, sizeof s);
+    tx = begin(st, KMS_TX_WRITE);
+    assert_int_equal(kms_store_aliases_of_key_delete(tx, k2, note_deleted, &s), KMS_OK);
+    assert_int_equal(s.n, 2);
+    assert_string_equal(s.names[0], "alias/b");
+    assert_string_equal(s.names[1], "alias/d");
+    /* again: nothing left, nothing heard */
+    memset(&s, 0, sizeof s);
+    assert_int_equal(kms_store_aliases_of_key_delete(tx, k2, note_deleted, &s), KMS_OK);
+    assert_int_equal(s.n, 0);
+    assert_int_equal(kms_store_aliases_of_key_delete(tx, k2, NULL, NULL), KMS_OK);
+    commit(tx);
+
+    memset(&s, 0, sizeof s);
+    tx = begin(st, KMS_TX_READ);
+    assert_int_equal(kms_store_aliases_list(tx, NULL, NULL, 100, note_alias, &s), KMS_OK);
+    assert_int_equal(s.n, 1);
+    assert_string_equal(s.names[0], "alias/c");
+    commit(tx);
+}
+
+/*
+ * Constraints other than uniqueness are faults, not "already exists" (store.h:
+ * KMS_ERR_ALREADY_EXISTS for a unique constraint, KMS_ERR_INTERNAL for every
+ * other fault): a version of a key that is not there, under a root that is not
+ * there, reserved past its bound; an alias to a key that is not there.
+ */
+static void test_other_constraints_are_faults(void **state)
+{
+    struct fixture *f = *state;
+    struct kms_store *st = init_store(f);
+    uint8_t key[KMS_UUID_LEN], nokey[KMS_UUID_LEN];
+    struct kms_version_row v;
+    struct kms_alias_row a;
+
+    uint32_t root = insert_root(st, 0x44);
+    insert_key(st, 1, KMS_STORE_ENABLED);
+    id_of(key, 1);
+    id_of(nokey, 9);
+    struct kms_tx *tx = begin(st, KMS_TX_WRITE);
+    version_row(&v, nokey, 1, 1, root);
+    assert_int_equal(kms_store_version_insert(tx, &v), KMS_ERR_INTERNAL);
+    version_row(&v, key, 0x99, 1, root + 100);
+    assert_int_equal(kms_store_version_insert(tx, &v), KMS_ERR_INTERNAL);
+    version_row(&v, key, 0x98, 1, root);
+    v.reserved = v.bound + 1;
+    assert_int_equal(kms_store_version_insert(tx, &v), KMS_ERR_INTERNAL);
+    alias_row(&a, "alias/dangling", nokey, 105);
+    assert_int_equal(kms_store_alias_insert(tx, &a), KMS_ERR_INTERNAL);
+    kms_store_rollback(tx);
+}
+
+/* ---- root keys, settings ------------------------------------------------------- */
+
+struct seen_roots {
+    struct kms_root_row rows[4];
+    size_t n;
+};
+
+static kms_err note_root(void *arg, const struct kms_root_row *r)
+{
+    struct seen_roots *s = arg;
+    assert_true(s->n < 4);
+    s->rows[s->n++] = *r;
+    return KMS_OK;
+}
+
+static void test_roots_and_meta(void **state)
+{
+    struct fixture *f = *state;
+    struct kms_store *st = init_store(f);
+    struct seen_roots s = {0};
+    char value[64];
+
+    struct kms_tx *tx = begin(st, KMS_TX_READ);
+    assert_int_equal(kms_store_roots(tx, note_root, &s), KMS_OK);
+    assert_int_equal(s.n, 0);
+    assert_int_equal(kms_store_meta_get(tx, "migrated", value, sizeof value), KMS_ERR_NOT_FOUND);
+    commit(tx);
+
+    uint32_t a = insert_root(st, 0xa1);
+    uint32_t b = insert_root(st, 0xb2);
+    assert_true(b > a);
+
+    /* the same CKA_ID twice is refused */
+    struct kms_root_row dup = {0};
+    memset(dup.cka_id, 0xa1, sizeof dup.cka_id);
+    snprintf(dup.label, sizeof dup.label, "dup");
+    dup.state = KMS_ROOT_RETIRED;
+    tx = begin(st, KMS_TX_WRITE);
+    assert_int_equal(kms_store_root_insert(tx, &dup), KMS_ERR_ALREADY_EXISTS);
+    commit(tx);
+
+    tx = begin(st, KMS_TX_READ);
+    assert_int_equal(kms_store_roots(tx, note_root, &s), KMS_OK);
+    commit(tx);
+    assert_int_equal(s.n, 2);
+    assert_int_equal(s.rows[0].id, a);
+    assert_int_equal(s.rows[1].id, b);
+    uint8_t want[KMS_ROOT_ID_LEN];
+    memset(want, 0xb2, sizeof want);
+    assert_memory_equal(s.rows[1].cka_id, want, KMS_ROOT_ID_LEN);
+    assert_string_equal(s.rows[1].label, "p11kms-root:1700000178");
+    assert_int_equal(s.rows[1].created, 1700000000 + 0xb2);
+    assert_int_equal(s.rows[1].state, KMS_ROOT_CURRENT);
+
+    tx = begin(st, KMS_TX_WRITE);
+    assert_int_equal(kms_store_meta_set(tx, "migrated", "v1 2024-05-01"), KMS_OK);
+    assert_int_equal(kms_store_meta_set(tx, "other", ""), KMS_OK);
+    commit(tx);
+    tx = begin(st, KMS_TX_WRITE);
+    assert_int_equal(kms_store_meta_get(tx, "migrated", value, sizeof value), KMS_OK);
+    assert_string_equal(value, "v1 2024-05-01");
+    assert_int_equal(kms_store_meta_get(tx, "other", value, sizeof value), KMS_OK);
+    assert_string_equal(value, "");
+    /* set again replaces */
+    assert_int_equal(kms_store_meta_set(tx, "migrated", "again"), KMS_OK);
+    assert_int_equal(kms_store_meta_get(tx, "migrated", value, sizeof value), KMS_OK);
+    assert_string_equal(value, "again");
+    /* a short buffer gets a terminated prefix */
+    char small[4];
+    assert_int_equal(kms_store_meta_get(tx, "migrated", small, sizeof small), KMS_OK);
+    assert_string_equal(small, "aga");
+    commit(tx);
+}
+
+/* ---- the change sequence ------------------------------------------------------- */
+
+struct seen_changes {
+    int64_t seq[8];
+    int kind[8];
+    char name[8][32];
+    int has_id[8];
+    uint8_t id0[8];
+    size_t n;
+};
+
+static kms_err note_change(void *arg, const struct kms_change *c)
+{
+    struct seen_changes *s = arg;
+    assert_true(s->n < 8);
+    s->seq[s->n] = c->seq;
+    s->kind[s->n] = c->kind;
+    snprintf(s->name[s->n], sizeof s->name[0], "%s", c->name ? c->name : "(null)");
+    s->has_id[s->n] = c->id != NULL;
+    s->id0[s->n] = c->id ? c->id[0] : 0;
+    s->n++;
+    return KMS_OK;
+}
+
+static void read_changes(struct kms_store *st, int64_t after, size_t limit, struct seen_changes *s,
+                         int64_t *head, int64_t *tail)
+{
+    memset(s, 0, sizeof *s);
+    struct kms_tx *tx = begin(st, KMS_TX_READ);
+    assert_int_equal(kms_store_changes(tx, after, limit, note_change, s), KMS_OK);
+    assert_int_equal(kms_store_change_head(tx, head), KMS_OK);
+    assert_int_equal(kms_store_change_tail(tx, tail), KMS_OK);
+    commit(tx);
+}
+
+static void test_change_sequence(void **state)
+{
+    struct fixture *f = *state;
+    struct kms_store *st = init_store(f);
+    struct seen_changes s;
+    uint8_t k1[KMS_UUID_LEN], k2[KMS_UUID_LEN];
+    int64_t head = -1, tail = -1;
+
+    id_of(k1, 1);
+    id_of(k2, 2);
+    struct kms_tx *tx = begin(st, KMS_TX_WRITE);
+    assert_int_equal(kms_store_note_change(tx, KMS_CHANGE_KEY, k1, NULL), KMS_OK);
+    assert_int_equal(kms_store_note_change(tx, KMS_CHANGE_ALIAS, NULL, "alias/x"), KMS_OK);
+    assert_int_equal(kms_store_note_change(tx, KMS_CHANGE_ROOT, NULL, NULL), KMS_OK);
+    assert_int_equal(kms_store_note_change(tx, KMS_CHANGE_KEY, k2, NULL), KMS_OK);
+    assert_int_equal(kms_store_note_change(tx, KMS_CHANGE_ALIAS, NULL, "alias/y"), KMS_OK);
+    commit(tx);
+    /* a rolled-back change is not in the sequence */
+    tx = begin(st, KMS_TX_WRITE);
+    assert_int_equal(kms_store_note_change(tx, KMS_CHANGE_KEY, k1, NULL), KMS_OK);
+    kms_store_rollback(tx);
+
+    read_changes(st, 0, 100, &s, &head, &tail);
+    assert_int_equal(s.n, 5);
+    assert_int_equal(head, 5);
+    assert_int_equal(tail, 1);
+    for (size_t i = 0; i < 5; i++)
+        assert_int_equal(s.seq[i], (int64_t)i + 1);
+    assert_int_equal(s.kind[0], KMS_CHANGE_KEY);
+    assert_true(s.has_id[0]);
+    assert_int_equal(s.id0[0], 1);
+    assert_string_equal(s.name[0], "(null)");
+    assert_int_equal(s.kind[1], KMS_CHANGE_ALIAS);
+    assert_false(s.has_id[1]);
+    assert_string_equal(s.name[1], "alias/x");
+    assert_int_equal(s.kind[2], KMS_CHANGE_ROOT);
+    assert_false(s.has_id[2]);
+    assert_string_equal(s.name[2], "(null)");
+    assert_int_equal(s.id0[3], 2);
+
+    read_changes(st, 2, 2, &s, &head, &tail);
+    assert_int_equal(s.n, 2);
+    assert_int_equal(s.seq[0], 3);
+    assert_int_equal(s.seq[1], 4);
+    read_changes(st, 5, 100, &s, &head, &tail);
+    assert_int_equal(s.n, 0);
+
+    /* pruning before the epoch removes nothing */
+    tx = begin(st, KMS_TX_WRITE);
+    assert_int_equal(kms_store_changes_prune(tx, 0), KMS_OK);
+    commit(tx);
+    read_changes(st, 0, 100, &s, &head, &tail);
+    assert_int_equal(s.n, 5);
+
+    /* pruning everything keeps the last change, so the head never goes back */
+    tx = begin(st, KMS_TX_WRITE);
+    assert_int_equal(kms_store_changes_prune(tx, (int64_t)time(NULL) + 3600), KMS_OK);
+    commit(tx);
+    read_changes(st, 0, 100, &s, &head, &tail);
+    assert_int_equal(s.n, 1);
+    assert_int_equal(s.seq[0], 5);
+    assert_int_equal(head, 5);
+    assert_int_equal(tail, 5);
+
+    /* sequence numbers are never reused after a prune */
+    tx = begin(st, KMS_TX_WRITE);
+    assert_int_equal(kms_store_note_change(tx, KMS_CHANGE_KEY, k1, NULL), KMS_OK);
+    commit(tx);
+    read_changes(st, 5, 100, &s, &head, &tail);
+    assert_int_equal(s.n, 1);
+    assert_true(s.seq[0] > 5);
+    assert_int_equal(head, s.seq[0]);
+}
+
+/* ---- transactions -------------------------------------------------------------- */
+
+static void test_rollback_undoes(void **state)
+{
+    struct fixture *f = *state;
+    struct kms_store *st = init_store(f);
+    struct kms_key_row r, got = {0};
+    struct kms_alias_row a;
+    char value[16];
+
+    key_row(&r, 1, "rolled back", NULL);
+    struct kms_tx *tx = begin(st, KMS_TX_WRITE);
+    assert_int_equal(kms_store_key_insert(tx, &r), KMS_OK);
+    alias_row(&a, "alias/gone", r.id, 1);
+    assert_int_equal(kms_store_alias_insert(tx, &a), KMS_OK);
+    assert_int_equal(kms_store_meta_set(tx, "m", "v"), KMS_OK);
+    /* visible inside the transaction */
+    assert_int_equal(kms_store_key_get(tx, r.id, &got), KMS_OK);
+    kms_key_row_clear(&got);
+    kms_store_rollback(tx);
+    /* a second rollback, or one of NULL, does nothing */
+    kms_store_rollback(tx);
+    kms_store_rollback(NULL);
+    /* committing a finished transaction is refused */
+    assert_int_equal(kms_store_commit(tx), KMS_ERR_INTERNAL);
+
+    tx = begin(st, KMS_TX_READ);
+    assert_int_equal(kms_store_key_get(tx, r.id, &got), KMS_ERR_NOT_FOUND);
+    assert_int_equal(kms_store_alias_get(tx, "alias/gone", &a), KMS_ERR_NOT_FOUND);
+    assert_int_equal(kms_store_meta_get(tx, "m", value, sizeof value), KMS_ERR_NOT_FOUND);
+    /* one transaction at a time per thread */
+    struct kms_tx *second = NULL;
+    assert_int_equal(kms_store_begin(st, KMS_TX_READ, &second), KMS_ERR_INTERNAL);
+    commit(tx);
+    kms_key_row_clear(&r);
+}
+
+struct reader {
+    struct kms_store *st;
+    uint8_t id[KMS_UUID_LEN];
+    kms_err got;
+    char description[32];
+};
+
+static void *read_key(void *arg)
+{
+    struct reader *rd = arg;
+    struct kms_key_row r = {0};
+    struct kms_tx *tx = NULL;
+    rd->got = kms_store_begin(rd->st, KMS_TX_READ, &tx);
+    if (rd->got == KMS_OK) {
+        rd->got = kms_store_key_get(tx, rd->id, &r);
+        if (rd->got == KMS_OK)
+            snprintf(rd->description, sizeof rd->description, "%s", r.description);
+        kms_err c = kms_store_commit(tx);
+        if (rd->got == KMS_OK || rd->got == KMS_ERR_NOT_FOUND)
+            rd->got = c != KMS_OK ? c : rd->got;
+    }
+    kms_key_row_clear(&r);
+    return NULL;
+}
+
+static kms_err read_in_thread(struct kms_store *st, const uint8_t id[KMS_UUID_LEN], char *desc)
+{
+    pthread_t t;
+    struct reader rd = {.st = st, .got = KMS_ERR_COUNT};
+    memcpy(rd.id, id, KMS_UUID_LEN);
+    assert_int_equal(pthread_create(&t, NULL, read_key, &rd), 0);
+    assert_int_equal(pthread_join(t, NULL), 0);
+    if (desc)
+        snprintf(desc, 32, "%s", rd.description);
+    return rd.got;
+}
+
+static void test_other_thread_sees_committed_only(void **state)
+{
+    struct fixture *f = *state;
+    struct kms_store *st = init_store(f);
+    struct kms_key_row r;
+    char desc[32];
+
+    key_row(&r, 1, "v1", NULL);
+    struct kms_tx *tx = begin(st, KMS_TX_WRITE);
+    assert_int_equal(kms_store_key_insert(tx, &r), KMS_OK);
+    /* open, not committed: the other connection does not see it (nor waits for it) */
+    assert_int_equal(read_in_thread(st, r.id, NULL), KMS_ERR_NOT_FOUND);
+    commit(tx);
+    assert_int_equal(read_in_thread(st, r.id, desc), KMS_OK);
+    assert_string_equal(desc, "v1");
+
+    /* an uncommitted update is not seen either; the committed one is */
+    tx = begin(st, KMS_TX_WRITE);
+    free(r.description);
+    r.description = strdup("v2");
+    assert_int_equal(kms_store_key_update(tx, &r), KMS_OK);
+    assert_int_equal(read_in_thread(st, r.id, desc), KMS_OK);
+    assert_string_equal(desc, "v1");
+    commit(tx);
+    assert_int_equal(read_in_thread(st, r.id, desc), KMS_OK);
+    assert_string_equal(desc, "v2");
+    kms_key_row_clear(&r);
+}
+
+#define WRITES_PER_THREAD 40
+
+struct writer {
+    struct kms_store *st;
+    uint8_t first;
+    pthread_barrier_t *go;
+    int ok;
+    char failure[128];
+};
+
+static void *write_keys(void *arg)
+{
+    struct writer *w = arg;
+    pthread_barrier_wait(w->go);
+    for (int i = 0; i < WRITES_PER_THREAD; i++) {
+        struct kms_key_row r;
+        struct kms_tx *tx = NULL;
+        key_row(&r, w->first, "concurrent", NULL);
+        r.id[1] = (uint8_t)i;
+        kms_err rc = kms_store_begin(w->st, KMS_TX_WRITE, &tx);
+        if (rc == KMS_OK) {
+            rc = kms_store_key_insert(tx, &r);
+            if (rc == KMS_OK)
+                rc = kms_store_note_change(tx, KMS_CHANGE_KEY, r.id, NULL);
+            if (rc == KMS_OK)
+                rc = kms_store_commit(tx);
+            kms_store_rollback(tx);
+        }
+        kms_key_row_clear(&r);
+        if (rc != KMS_OK) {
+            snprintf(w->failure, sizeof w->failure, "write %d: %s %s", i, kms_err_type(rc),
+                     kms_err_message());
+            return NULL;
+        }
+        w->ok++;
+    }
+    return NULL;
+}
+
+static void test_concurrent_writers(void **state)
+{
+    struct fixture *f = *state;
+    struct kms_store *st = init_store(f);
+    pthread_barrier_t go;
+    pthread_t t[2];
+    struct writer w[2] = {{.st = st, .first = 0x10, .go = &go},
+                          {.st = st, .first = 0x20, .go = &go}};
+
+    assert_int_equal(pthread_barrier_init(&go, NULL, 2), 0);
+    for (int i = 0; i < 2; i++)
+        assert_int_equal(pthread_create(&t[i], NULL, write_keys, &w[i]), 0);
+    for (int i = 0; i < 2; i++)
+        assert_int_equal(pthread_join(t[i], NULL), 0);
+    pthread_barrier_destroy(&go);
+    for (int i = 0; i < 2; i++) {
+        if (w[i].failure[0])
+            fail_msg("writer %d: %s", i, w[i].failure);
+        assert_int_equal(w[i].ok, WRITES_PER_THREAD);
+    }
+    size_t keys = 0;
+    int64_t head = 0;
+    struct kms_tx *tx = begin(st, KMS_TX_READ);
+    assert_int_equal(kms_store_key_count(tx, &keys, NULL), KMS_OK);
+    assert_int_equal(kms_store_change_head(tx, &head), KMS_OK);
+    commit(tx);
+    assert_int_equal(keys, 2 * WRITES_PER_THREAD);
+    assert_int_equal(head, 2 * WRITES_PER_THREAD);
+}
+
+static void test_write_lock_timeout(void **state)
+{
+    struct fixture *f = *state;
+    sqlite3 *other = NULL;
+    char *err = NULL;
+    struct kms_tx *tx = NULL;
+
+    init_store(f);
+    kms_store_close(f->st);
+    f->st = NULL;
+    assert_int_equal(open_store(f->url, KMS_STORE_OPEN, 200, &f->st), KMS_OK);
+
+    assert_int_equal(sqlite3_open_v2(f->db, &other, SQLITE_OPEN_READWRITE, NULL), SQLITE_OK);
+    assert_int_equal(sqlite3_exec(other, "BEGIN IMMEDIATE", NULL, NULL, &err), SQLITE_OK);
+    kms_err_clear();
+    assert_int_equal(kms_store_begin(f->st, KMS_TX_WRITE, &tx), KMS_ERR_DEPENDENCY_TIMEOUT);
+    assert_contains(kms_err_message(), "did not answer in time");
+    /* readers go on meanwhile (WAL) */
+    tx = begin(f->st, KMS_TX_READ);
+    size_t keys = 9;
+    assert_int_equal(kms_store_key_count(tx, &keys, NULL), KMS_OK);
+    assert_int_equal(keys, 0);
+    commit(tx);
+    /* once the lock goes, a writer gets in */
+    assert_int_equal(sqlite3_exec(other, "ROLLBACK", NULL, NULL, &err), SQLITE_OK);
+    assert_int_equal(sqlite3_close(other), SQLITE_OK);
+    tx = begin(f->st, KMS_TX_WRITE);
+    assert_int_equal(kms_store_meta_set(tx, "after", "lock"), KMS_OK);
+    commit(tx);
+}
+
+/* ---- backup -------------------------------------------------------------------- */
+
+static void test_backup(void **state)
+{
+    struct fixture *f = *state;
+    struct kms_store *st = init_store(f);
+    struct kms_store *copy = NULL;
+    char path[256], url[300];
+    struct kms_key_row got = {0};
+    struct kms_version_row v, vgot;
+    struct kms_alias_row a;
+    struct seen_roots roots = {0};
+    char value[32];
+
+    uint32_t root = insert_root(st, 0x33);
+    insert_key(st, 1, KMS_STORE_ENABLED);
+    insert_key(st, 2, KMS_STORE_DESTROYED);
+    uint8_t k1[KMS_UUID_LEN];
+    id_of(k1, 1);
+    struct kms_tx *tx = begin(st, KMS_TX_WRITE);
+    version_row(&v, k1, 5, 1, root);
+    assert_int_equal(kms_store_version_insert(tx, &v), KMS_OK);
+    alias_row(&a, "alias/backed-up", k1, 7);
+    assert_int_equal(kms_store_alias_insert(tx, &a), KMS_OK);
+    assert_int_equal(kms_store_meta_set(tx, "mark", "yes"), KMS_OK);
+    assert_int_equal(kms_store_note_change(tx, KMS_CHANGE_KEY, k1, NULL), KMS_OK);
+    commit(tx);
+
+    snprintf(path, sizeof path, "%s/copy.db", f->dir);
+    snprintf(url, sizeof url, "sqlite:%s", path);
+    kms_err_clear();
+    assert_int_equal(kms_store_backup(st, path), KMS_OK);
+    /* the copy is one file, private */
+    struct stat sb;
+    char wal[300];
+    assert_int_equal(stat(path, &sb), 0);
+    assert_int_equal(sb.st_mode & 077, 0);
+    snprintf(wal, sizeof wal, "%s-wal", path);
+    assert_int_not_equal(access(wal, F_OK), 0);
+
+    /* written after the backup: not in the copy */
+    insert_key(st, 3, KMS_STORE_ENABLED);
+
+    assert_int_equal(open_store(url, KMS_STORE_OPEN, 0, &copy), KMS_OK);
+    tx = begin(copy, KMS_TX_READ);
+    size_t keys = 0, versions = 0;
+    int64_t head = 0;
+    assert_int_equal(kms_store_key_count(tx, &keys, &versions), KMS_OK);
+    assert_int_equal(keys, 1); /* 2 is destroyed, 3 came later */
+    assert_int_equal(versions, 1);
+    assert_int_equal(kms_store_key_get(tx, k1, &got), KMS_OK);
+    assert_string_equal(got.description, "k");
+    kms_key_row_clear(&got);
+    uint8_t k2[KMS_UUID_LEN], k3[KMS_UUID_LEN];
+    id_of(k2, 2);
+    id_of(k3, 3);
+    assert_int_equal(kms_store_key_get(tx, k2, &got), KMS_OK);
+    assert_int_equal(got.state, KMS_STORE_DESTROYED);
+    kms_key_row_clear(&got);
+    assert_int_equal(kms_store_key_get(tx, k3, &got), KMS_ERR_NOT_FOUND);
+    assert_int_equal(kms_store_version_get(tx, k1, 5, &vgot), KMS_OK);
+    assert_int_equal(vgot.wrapped_len, 40);
+    assert_memory_equal(vgot.wrapped, v.wrapped, 40);
+    assert_int_equal(vgot.root, root);
+    assert_int_equal(kms_store_alias_get(tx, "alias/backed-up", &a), KMS_OK);
+    assert_memory_equal(a.target, k1, KMS_UUID_LEN);
+    assert_int_equal(kms_store_roots(tx, note_root, &roots), KMS_OK);
+    assert_int_equal(roots.n, 1);
+    assert_int_equal(roots.rows[0].id, root);
+    assert_int_equal(kms_store_meta_get(tx, "mark", value, sizeof value), KMS_OK);
+    assert_string_equal(value, "yes");
+    assert_int_equal(kms_store_change_head(tx, &head), KMS_OK);
+    assert_int_equal(head, 1);
+    commit(tx);
+    kms_store_close(copy);
+
+    /* an existing target is refused and left as it was */
+    char existing[256];
+    snprintf(existing, sizeof existing, "%s/existing", f->dir);
+    write_bytes(existing, "keep me", 7);
+    kms_err_clear();
+    assert_int_equal(kms_store_backup(st, existing), KMS_ERR_VALIDATION);
+    assert_contains(kms_err_message(), existing);
+    assert_int_equal(stat(existing, &sb), 0);
+    assert_int_equal(sb.st_size, 7);
+    /* so is the copy made above */
+    assert_int_equal(kms_store_backup(st, path), KMS_ERR_VALIDATION);
+    /* and a folder that does not exist */
+    snprintf(existing, sizeof existing, "%s/no/such/dir.db", f->dir);
+    assert_int_equal(kms_store_backup(st, existing), KMS_ERR_INTERNAL);
+    assert_contains(kms_err_message(), existing);
+}
+
+int main(void)
+{
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test_setup_teardown(test_init_creates_schema, make_fixture, remove_fixture),
+        cmocka_unit_test_setup_teardown(test_open_refuses_bad_urls, make_fixture, remove_fixture),
+        cmocka_unit_test_setup_teardown(test_open_missing_file, make_fixture, remove_fixture),
+        cmocka_unit_test_setup_teardown(test_open_empty_file, make_fixture, remove_fixture),
+        cmocka_unit_test_setup_teardown(test_open_random_bytes, make_fixture, remove_fixture),
+        cmocka_unit_test_setup_teardown(test_open_newer_schema, make_fixture, remove_fixture),
+        cmocka_unit_test_setup_teardown(test_key_round_trip, make_fixture, remove_fixture),
+        cmocka_unit_test_setup_teardown(test_key_update_stale_rev, make_fixture, remove_fixture),
+        cmocka_unit_test_setup_teardown(test_keys_list_paging, make_fixture, remove_fixture),
+        cmocka_unit_test_setup_teardown(test_keys_due, make_fixture, remove_fixture),
+        cmocka_unit_test_setup_teardown(test_versions, make_fixture, remove_fixture),
+        cmocka_unit_test_setup_teardown(test_reserve_bound, make_fixture, remove_fixture),
+        cmocka_unit_test_setup_teardown(test_aliases, make_fixture, remove_fixture),
+        cmocka_unit_test_setup_teardown(test_other_constraints_are_faults, make_fixture,
+                                        remove_fixture),
+        cmocka_unit_test_setup_teardown(test_roots_and_meta, make_fixture, remove_fixture),
+        cmocka_unit_test_setup_teardown(test_change_sequence, make_fixture, remove_fixture),
+        cmocka_unit_test_setup_teardown(test_rollback_undoes, make_fixture, remove_fixture),
+        cmocka_unit_test_setup_teardown(test_other_thread_sees_committed_only, make_fixture,
+                                        remove_fixture),
+        cmocka_unit_test_setup_teardown(test_concurrent_writers, make_fixture, remove_fixture),
+        cmocka_unit_test_setup_teardown(test_write_lock_timeout, make_fixture, remove_fixture),
+        cmocka_unit_test_setup_teardown(test_backup, make_fixture, remove_fixture),
+    };
+    return cmocka_run_group_tests(tests, NULL, NULL);
+}
