@@ -512,14 +512,22 @@ kms_err kms_hsm_generate_root(struct kms_session *s, const uint8_t *id, size_t i
     };
     CK_ATTRIBUTE tmpl[] = {
         {CKA_UNWRAP_TEMPLATE, unwrapped, sizeof unwrapped},
-        {CKA_CLASS, &cls, sizeof cls},     {CKA_KEY_TYPE, &kt, sizeof kt},
-        {CKA_VALUE_LEN, &len, sizeof len}, {CKA_TOKEN, &yes, sizeof yes},
-        {CKA_PRIVATE, &yes, sizeof yes},   {CKA_SENSITIVE, &yes, sizeof yes},
-        {CKA_EXTRACTABLE, &no, sizeof no}, {CKA_ENCRYPT, &no, sizeof no},
-        {CKA_DECRYPT, &no, sizeof no},     {CKA_WRAP, &yes, sizeof yes},
-        {CKA_UNWRAP, &yes, sizeof yes},    {CKA_SIGN, &no, sizeof no},
-        {CKA_VERIFY, &no, sizeof no},      {CKA_DERIVE, &no, sizeof no},
-        {CKA_ID, (void *)id, id_len},      {CKA_LABEL, (void *)label, strlen(label)},
+        {CKA_CLASS, &cls, sizeof cls},
+        {CKA_KEY_TYPE, &kt, sizeof kt},
+        {CKA_VALUE_LEN, &len, sizeof len},
+        {CKA_TOKEN, &yes, sizeof yes},
+        {CKA_PRIVATE, &yes, sizeof yes},
+        {CKA_SENSITIVE, &yes, sizeof yes},
+        {CKA_EXTRACTABLE, &no, sizeof no},
+        {CKA_ENCRYPT, &no, sizeof no},
+        {CKA_DECRYPT, &no, sizeof no},
+        {CKA_WRAP, &yes, sizeof yes},
+        {CKA_UNWRAP, &yes, sizeof yes},
+        {CKA_SIGN, &no, sizeof no},
+        {CKA_VERIFY, &no, sizeof no},
+        {CKA_DERIVE, &no, sizeof no},
+        {CKA_ID, (void *)id, id_len},
+        {CKA_LABEL, (void *)label, strlen(label)},
     };
     pthread_rwlock_wrlock(&s->hsm->objects);
     CK_RV rv = s->hsm->fn->C_GenerateKey(s->handle, &mech, tmpl, sizeof tmpl / sizeof tmpl[0], out);

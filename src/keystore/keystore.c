@@ -625,7 +625,7 @@ static kms_err alias_change(struct kms_keystore *ks, const char *name, int what,
     if (rc == KMS_ERR_ALREADY_EXISTS)
         return KMS_FAIL(rc, "An alias with the name %s%s already exists", ks->arn_prefix, name);
     if (rc == KMS_ERR_NOT_FOUND && what != ALIAS_CREATE && kms_err_message()[0] == '\0')
-        return KMS_FAIL(rc, "Alias %s%s is not found.", ks->arn_prefix, name);
+        return alias_missing(ks, name);
     return rc;
 }
 
