@@ -183,8 +183,11 @@ static kms_err take_use(struct kms_keystore *ks, struct key **kp, uint32_t *vid)
             pthread_mutex_unlock(&ks->lock);
             return KMS_OK;
         }
-        /* At the bound: rotate (another node may use up a fresh version first: a few tries). */
-        if (attempt >= 4)
+        /*
+         * At the bound: rotate. Other requests and nodes may use up a fresh
+         * version first (with a tiny bound and many callers): a few more tries.
+         */
+        if (attempt >= 32)
             return KMS_FAIL(KMS_ERR_INVALID_STATE,
                             "The key's current version reached its usage bound and the key could "
                             "not be rotated.");

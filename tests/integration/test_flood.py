@@ -662,8 +662,13 @@ def test_flood_does_not_slow_the_victim():
        "the answer to every blob naming the victim's key")
     check(fp99 <= bound, "victim's p99 under flood %.3f ms > 2 x quiet p99 %.3f ms + 2 ms"
           % (1e3 * fp99, 1e3 * qp99))
-    check(rss_after - rss_before <= RSS_GROWTH_MAX, "p11kmsd's VmRSS grew by %.1f MB over the "
-          "flood" % ((rss_after - rss_before) / 2**20))
+    if h.sanitized_server():
+        # AddressSanitizer's quarantine holds freed memory back: no bound on RSS then.
+        h.diag("sanitized p11kmsd: VmRSS grew by %.1f MB (not bounded)"
+               % ((rss_after - rss_before) / 1048576.0))
+    else:
+        check(rss_after - rss_before <= RSS_GROWTH_MAX, "p11kmsd's VmRSS grew by %.1f MB over "
+              "the flood" % ((rss_after - rss_before) / 2**20))
     eq(db_counts(), before_counts, "database rows after the flood")
 
 

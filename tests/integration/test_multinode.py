@@ -1152,8 +1152,11 @@ def test_scheduled_rotation_due_on_both_nodes_makes_one_version():
             eq(len(rows), 1 + len(auto), "%s: versions rows other than AUTOMATIC" % key)
             made += len(auto)
             if acked[key] >= s + 2:
-                # A second rotation, at s + 2, was allowed: not conclusive.
-                check(len(auto) <= 2, "%s: %d AUTOMATIC versions by s + 2" % (key, len(auto)))
+                # Later due times passed before the disable (a slow, sanitized run): one
+                # rotation each was allowed, never more; not conclusive.
+                due_times = int(acked[key]) - s
+                check(len(auto) <= due_times, "%s: %d AUTOMATIC versions for %d due times"
+                      % (key, len(auto), due_times))
                 continue
             if not auto:
                 continue  # neither node got to it before the disable: not conclusive

@@ -1004,14 +1004,14 @@ def test_rss_stable_after_warm_up():
 
     def made(x):
         """Since the warm-up: (key objects kept, key objects destroyed, records
-        kept, records destroyed). A key object is a version: those kept are
-        p11kms_key_versions' increase, the others belonged to deleted keys."""
+        kept, records destroyed). The token keeps no object per key or
+        version: each version made since (p11kms_key_versions' increase) is one
+        unwrapped session object kept in the node's cache once used; the
+        version objects made in the token to be wrapped are destroyed at once
+        (C_GenerateKey = C_DestroyObject for them), and SoftHSM2 reuses their
+        memory. Records: none (the database holds the state)."""
         d = {f: x.objects[f] - base[f] for f in x.objects}
-        keys_kept = d["versions"]
-        keys_destroyed = d["C_GenerateKey"] - keys_kept
-        records_destroyed = d["C_DestroyObject"] - keys_destroyed
-        return (keys_kept, keys_destroyed, d["C_CreateObject"] - records_destroyed,
-                records_destroyed)
+        return (max(d["versions"], 0), 0, 0, 0)
 
     def allowance(x):
         """kB of token state made since the warm-up: (SoftHSM2's, p11kmsd's)."""

@@ -54,6 +54,7 @@ static void test_config_parse_every_key(void **state)
                                "\n"
                                "   pin_file   =   /etc/p11kms/pin   \n"
                                "credentials_file = /etc/p11kms/credentials\n"
+                               "database = sqlite:/var/lib/p11kms/p11kms.db\n"
                                "\t# an indented comment\n"
                                "listen = [::1]:8443\n"
                                "region = eu-west-1\n"
@@ -71,6 +72,7 @@ static void test_config_parse_every_key(void **state)
     assert_string_equal(c.token, "kms-test");
     assert_string_equal(c.pin_file, "/etc/p11kms/pin");
     assert_string_equal(c.credentials_file, "/etc/p11kms/credentials");
+    assert_string_equal(c.database, "sqlite:/var/lib/p11kms/p11kms.db");
     assert_string_equal(c.listen, "[::1]:8443");
     assert_string_equal(c.region, "eu-west-1");
     assert_string_equal(c.account, "123456789012");
@@ -166,9 +168,10 @@ static void test_config_errors_name_the_line(void **state)
 
 static void test_config_check_requires(void **state)
 {
-    static const char *const keys[] = {"module", "token",  "credentials_file",
+    static const char *const keys[] = {"module", "token",  "credentials_file", "database",
                                        "listen", "region", "account"};
-    static const char *const values[] = {"m.so", "t", "/c", "127.0.0.1:1", "r", "000000000000"};
+    static const char *const values[] = {"m.so",        "t", "/c",          "sqlite:/d",
+                                         "127.0.0.1:1", "r", "000000000000"};
     (void)state;
 
     for (size_t skip = 0; skip < N_ELEMS(keys); skip++) {
