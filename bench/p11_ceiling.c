@@ -9,8 +9,9 @@
  *
  * The module is --module, else $SOFTHSM_MODULE, else Debian's SoftHSM2; the
  * PIN the first line of --pin-file, else $P11KMS_PIN (never an argument). An
- * AES-256 key is generated as a session object (--token-object: a token
- * object, as p11kmsd's keys are, destroyed at exit). Each of T threads opens
+ * AES-256 key is generated as a session object, as p11kmsd's unwrapped key
+ * versions are (--token-object: a token object, as the token-only release's
+ * keys and token-resident versions are, destroyed at exit). Each of T threads opens
  * its own session and, for S seconds (default 3) per mode, loops
  *   wrap:   C_EncryptInit(CKM_AES_GCM, 12-byte IV, 64-byte AAD, 128-bit tag)
  *           + C_Encrypt of 32 random bytes

@@ -1,13 +1,21 @@
 -- wrk script of bench/bench.py (docs/performance.md): replays pre-built raw
 -- HTTP/1.1 requests round robin and prints one parseable result line.
 --
---   wrk -t1 -c32 -d8s -s bench/replay.lua http://127.0.0.1:PORT/ -- REQUESTS
+--   wrk -t1 -c32 -d8s -s bench/replay.lua http://127.0.0.1:PORT/ -- REQUESTS [ONCE]
 --
 -- REQUESTS holds records "LENGTH\n" followed by LENGTH bytes of a complete
 -- request (request line, headers with Host and Content-Length, body), as
 -- bench.py writes them: SigV4-signed p11kmsd requests, one per key, valid for
 -- the server's 5-minute window, or one unsigned request for bench/mhd_canned.
 -- Each wrk thread loads them all and starts at its own offset.
+--
+-- With ONCE (a number; one wrk thread only), the run ends after ONCE answers
+-- instead of at the end of -d: the thread stops and sends wrk itself SIGINT,
+-- which ends wrk's wait early as ^C does (done() still prints the result).
+-- bench.py passes the number of requests plus the connections, so that every
+-- request in the file has been sent and answered at least once (a warm-up, or
+-- "every key used once"). Only then is response() defined: wrk reads answers'
+-- headers and bodies only for a script that has one.
 
 local reqs = {}
 local count = 0
@@ -33,6 +41,19 @@ function init(args)
    end
    assert(count > 0, "no requests")
    next_index = ((thread_number or 0) * 7919) % count
+   local once = tonumber(args[2])
+   if once then
+      local answered = 0
+      local ffi = require("ffi")
+      ffi.cdef("int kill(int pid, int sig); int getpid(void);")
+      response = function(status, headers, body)
+         answered = answered + 1
+         if answered == once then
+            wrk.thread:stop()
+            ffi.C.kill(ffi.C.getpid(), 2)
+         end
+      end
+   end
 end
 
 function request()

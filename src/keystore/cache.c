@@ -9,7 +9,8 @@
  * unwrapped session objects of its versions carry over to the new entry
  * (versions never change). A dropped entry still held by a request is freed
  * when the last one lets go; its session objects are destroyed then, under
- * no lock of ours (kms_cache_reap).
+ * no lock of ours (kms_cache_reap), and what is left of its block of uses is
+ * kept for the key's next entry (struct spare_uses).
  */
 #include "config.h"
 
@@ -76,12 +77,14 @@ kms_err kms_cache_init(struct kms_keystore *ks)
     ks->nbuckets = pow2_at_least((size_t)ks->cfg.key_cache * 2);
     ks->nalias_buckets = pow2_at_least(1024);
     ks->nunknown = pow2_at_least(ks->cfg.negative_cache);
+    ks->nspares = pow2_at_least((size_t)ks->cfg.key_cache);
     ks->keys = calloc(ks->nbuckets, sizeof *ks->keys);
     ks->aliases = calloc(ks->nalias_buckets, sizeof *ks->aliases);
     ks->unknown = calloc(ks->nunknown, sizeof *ks->unknown);
     ks->unknown_at = calloc(ks->nunknown, sizeof *ks->unknown_at);
-    KMS_ENSURE(ks->keys && ks->aliases && ks->unknown && ks->unknown_at, KMS_ERR_INTERNAL,
-               "out of memory");
+    ks->spares = calloc(ks->nspares, sizeof *ks->spares);
+    KMS_ENSURE(ks->keys && ks->aliases && ks->unknown && ks->unknown_at && ks->spares,
+               KMS_ERR_INTERNAL, "out of memory");
     return KMS_OK;
 }
 
@@ -133,6 +136,7 @@ void kms_cache_free(struct kms_keystore *ks)
     free(ks->aliases);
     free(ks->unknown);
     free(ks->unknown_at);
+    free(ks->spares);
 }
 
 /* ---- the hash and the LRU, under ks->lock ---- */
@@ -210,11 +214,53 @@ static void link_locked(struct kms_keystore *ks, struct key *k)
     }
 }
 
+/* ---- uses of dropped entries, under ks->lock ---- */
+
+static struct spare_uses *spare_slot(struct kms_keystore *ks, const uint8_t id[KMS_UUID_LEN])
+{
+    return &ks->spares[(size_t)(id_hash(id) >> 11) & (ks->nspares - 1)];
+}
+
+/*
+ * Lets go of a dropped entry's uses: the last entry of its key keeps what is
+ * left of them in the key's spare slot. The count of entries sharing them
+ * (refs) changes only under the lock.
+ */
+static void use_release_locked(struct kms_keystore *ks, struct key *k)
+{
+    struct usage *u = k->use;
+    k->use = NULL;
+    if (!u || --u->refs > 0)
+        return;
+    if (u->remaining > 0) {
+        struct spare_uses *s = spare_slot(ks, k->id);
+        memcpy(s->id, k->id, KMS_UUID_LEN);
+        s->vid = u->vid;
+        s->remaining = u->remaining;
+        s->block = u->block;
+    }
+    free(u);
+}
+
+/* A new entry of a key no other entry holds takes the uses its last one left. */
+static void use_take_locked(struct kms_keystore *ks, struct key *k)
+{
+    struct spare_uses *s = spare_slot(ks, k->id);
+    if (s->remaining == 0 || memcmp(s->id, k->id, KMS_UUID_LEN) != 0)
+        return;
+    k->use->vid = s->vid;
+    k->use->remaining = s->remaining;
+    k->use->block = s->block;
+    s->remaining = 0;
+}
+
 void kms_cache_reap(struct kms_keystore *ks)
 {
     pthread_mutex_lock(&ks->lock);
     struct key *list = ks->reaped;
     ks->reaped = NULL;
+    for (struct key *k = list; k; k = k->hnext)
+        use_release_locked(ks, k);
     pthread_mutex_unlock(&ks->lock);
     while (list) {
         struct key *k = list;
@@ -349,6 +395,8 @@ static void install_locked(struct kms_keystore *ks, struct key *k)
         k->use = old->use;
         k->use->refs++;
         unlink_locked(ks, old);
+    } else {
+        use_take_locked(ks, k);
     }
     unknown_forget_locked(ks, k->id);
     link_locked(ks, k);

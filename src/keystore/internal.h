@@ -59,6 +59,20 @@ struct usage {
     int refs;        /* entries pointing here */
 };
 
+/*
+ * The uses an entry dropped from the cache still had, kept (by key id, one
+ * slot each, under ks->lock) for the entry read again: without them every
+ * cache miss of GenerateDataKey would reserve a new block (a database write)
+ * and waste the rest of the old one. A slot is emptied when taken, so a use
+ * is spent at most once; one overwritten only wastes uses, as a restart does.
+ */
+struct spare_uses {
+    uint8_t id[KMS_UUID_LEN];
+    uint32_t vid;
+    uint64_t remaining; /* 0: the slot is empty */
+    uint64_t block;
+};
+
 /* A key held in memory. Fields are read and written under ks->lock. */
 struct key {
     uint8_t id[KMS_UUID_LEN];
@@ -118,6 +132,8 @@ struct kms_keystore {
     uint8_t (*unknown)[KMS_UUID_LEN]; /* negative cache: open slots by hash */
     int64_t *unknown_at;
     size_t nunknown;
+    struct spare_uses *spares; /* uses of dropped entries: open slots by hash */
+    size_t nspares;
 
     struct root roots[KMS_ROOTS_MAX];
     size_t nroots;

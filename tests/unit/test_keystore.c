@@ -771,6 +771,46 @@ static void test_small_key_cache(void **state)
     }
 }
 
+/*
+ * An entry dropped from the cache leaves the rest of its block of uses for
+ * the entry read again: a cache miss reserves nothing, and every blob made
+ * across the misses opens.
+ */
+static void test_evicted_keys_keep_their_uses(void **state)
+{
+    struct fixture *f = *state;
+    f->cfg.key_cache = 1;
+    f->cfg.usage_block = 50;
+    struct kms_keystore *ks = start(f);
+    struct kms_key_info k[2];
+    struct kms_buf blobs[2][10];
+    struct version_rows v;
+
+    create(ks, "", &k[0]);
+    create(ks, "", &k[1]);
+    /* in turn: each use evicts the other key, whose next use reads it again */
+    for (int i = 0; i < 10; i++) {
+        for (int j = 0; j < 2; j++) {
+            memset(&blobs[j][i], 0, sizeof blobs[j][i]);
+            must_encrypt(ks, k[j].id_text, &f->ctx, "evicted", &blobs[j][i]);
+        }
+    }
+    for (int j = 0; j < 2; j++) {
+        /* CreateKey's block, nothing since: 20 misses, no reservation */
+        read_versions(f->a.store, k[j].id, &v);
+        assert_int_equal(v.n, 1);
+        assert_int_equal(v.reserved[0], 50);
+        for (int i = 0; i < 10; i++) {
+            must_decrypt(ks, &blobs[j][i], &f->ctx, "evicted", k[j].id_text);
+        }
+    }
+    for (int j = 0; j < 2; j++) {
+        for (int i = 0; i < 10; i++)
+            kms_buf_free(&blobs[j][i]);
+        kms_key_info_clear(&k[j]);
+    }
+}
+
 /* ---- aliases ------------------------------------------------------------------- */
 
 static void test_aliases(void **state)
@@ -1291,6 +1331,7 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_rotation_settings, setup, teardown),
         cmocka_unit_test_setup_teardown(test_usage_bound, setup, teardown),
         cmocka_unit_test_setup_teardown(test_small_key_cache, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_evicted_keys_keep_their_uses, setup, teardown),
         cmocka_unit_test_setup_teardown(test_aliases, setup, teardown),
         cmocka_unit_test_setup_teardown(test_schedule_and_cancel, setup, teardown),
         cmocka_unit_test_setup_teardown(test_tick_due_deletion, setup, teardown),
