@@ -10,6 +10,9 @@ packages=(
     libp11-kit-dev p11-kit libssl-dev libmicrohttpd-dev libgnutls28-dev libjansson-dev libcurl4-openssl-dev libcmocka-dev libsqlite3-dev
     # the database's own tool, for operators and the tests (sqlite3 .dump, integrity_check)
     sqlite3
+    # the database of several nodes: libpq to build, a server for the tests
+    # (tests/pgserver.sh runs initdb and pg_ctl from /usr/lib/postgresql/*/bin)
+    libpq-dev postgresql
     # the development and test token
     softhsm2
     # integration tests: real AWS clients and a PKCS#11 binding

@@ -39,7 +39,8 @@ static void usage(FILE *f)
                "  --state-dir DIR    development state folder (default $XDG_STATE_HOME/p11kms-dev\n"
                "                     or ~/.local/state/p11kms-dev)\n"
                "  --config FILE      configuration file (see docs/operations.md)\n"
-               "  --database URL     the database (sqlite:PATH), instead of the configured one\n"
+               "  --database URL     the database (sqlite:PATH or postgresql://...), instead of\n"
+               "                     the configured one\n"
                "  --listen HOST:PORT address to serve on (port 0 picks a free port)\n"
                "  --threads N        HTTP worker threads\n"
                "  --verbose          log every request\n"
@@ -333,8 +334,9 @@ int main(int argc, char **argv)
     if (rc == KMS_OK)
         rc = start(&srv, command);
     if (rc == KMS_OK && (command == RUN_INIT || command == RUN_MIGRATE)) {
+        /* The store's name: the URL without its password. */
         printf("p11kmsd: %s done: %s\n", command == RUN_INIT ? "init" : "migrate",
-               srv.cfg.database);
+               kms_store_name(srv.store));
         status = 0;
         goto out;
     }

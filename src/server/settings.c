@@ -159,8 +159,11 @@ kms_err kms_config_set(struct kms_config *c, const char *key, const char *value)
     if (strcmp(key, "credentials_file") == 0)
         return set_string(&c->credentials_file, value);
     if (strcmp(key, "database") == 0) {
-        KMS_ENSURE(strncmp(value, "sqlite:", 7) == 0 && value[7], KMS_ERR_VALIDATION,
-                   "database must be sqlite:PATH");
+        int sqlite = strncmp(value, "sqlite:", 7) == 0 && value[7];
+        int postgresql =
+            strncmp(value, "postgresql://", 13) == 0 || strncmp(value, "postgres://", 11) == 0;
+        KMS_ENSURE(sqlite || postgresql, KMS_ERR_VALIDATION,
+                   "database must be sqlite:PATH or postgresql://USER@HOST:PORT/NAME");
         return set_string(&c->database, value);
     }
     if (strcmp(key, "listen") == 0) {

@@ -2,6 +2,12 @@
  * The database schema as numbered migrations: migration i (from 1) takes a
  * database from schema version i - 1 to i. A migration is never edited once
  * released; a change to the schema is a new one at the end.
+ *
+ * Each engine has its own list in its own SQL, with the same numbers and the
+ * same logical schema (tables, columns, keys, constraints, indexes): a change
+ * is a new migration at the end of both lists. Where the schema version is
+ * kept is the engine's (SQLite: PRAGMA user_version; PostgreSQL: the table
+ * schema_version, which store_pg.c keeps beside these).
  */
 #include "config.h"
 
@@ -9,7 +15,7 @@
 
 #include <stddef.h>
 
-static const char *const migrations[] = {
+static const char *const sqlite_migrations[] = {
     /* 1: keys, versions, aliases, root keys, the change sequence */
     "CREATE TABLE meta (name TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;"
     "CREATE TABLE roots ("
@@ -63,12 +69,79 @@ static const char *const migrations[] = {
     "  at INTEGER NOT NULL);",
 };
 
+/*
+ * PostgreSQL: BYTEA for BLOB, BIGINT for every INTEGER (SQLite's are 64-bit),
+ * BIGSERIAL for the ids SQLite numbers itself. Names compare and sort in the
+ * "C" collation, byte by byte as SQLite's BINARY does, whatever the
+ * database's default collation is.
+ */
+static const char *const postgresql_migrations[] = {
+    /* 1: keys, versions, aliases, root keys, the change sequence */
+    "CREATE TABLE meta (name TEXT COLLATE \"C\" PRIMARY KEY, value TEXT NOT NULL);"
+    "CREATE TABLE roots ("
+    "  id BIGSERIAL PRIMARY KEY,"
+    "  cka_id BYTEA NOT NULL UNIQUE,"
+    "  label TEXT NOT NULL,"
+    "  created BIGINT NOT NULL,"
+    "  state BIGINT NOT NULL);"
+    "CREATE TABLE keys ("
+    "  id BYTEA PRIMARY KEY CHECK (octet_length(id) = 16),"
+    "  created BIGINT NOT NULL,"
+    "  description TEXT NOT NULL,"
+    "  state BIGINT NOT NULL CHECK (state BETWEEN 0 AND 3),"
+    "  deletion_date BIGINT NOT NULL,"
+    "  rotation_enabled BIGINT NOT NULL,"
+    "  rotation_days BIGINT NOT NULL,"
+    "  rotation_seconds BIGINT NOT NULL,"
+    "  next_rotation BIGINT NOT NULL,"
+    "  current_vid BIGINT NOT NULL,"
+    "  on_demand BIGINT NOT NULL,"
+    "  token_resident BIGINT NOT NULL,"
+    "  policy TEXT,"
+    "  rev BIGINT NOT NULL);"
+    "CREATE INDEX keys_rotation_due ON keys (next_rotation)"
+    "  WHERE state = 0 AND rotation_enabled = 1;"
+    "CREATE INDEX keys_deletion_due ON keys (deletion_date) WHERE state = 2;"
+    "CREATE TABLE versions ("
+    "  key_id BYTEA NOT NULL REFERENCES keys (id),"
+    "  vid BIGINT NOT NULL CHECK (vid BETWEEN 1 AND 4294967295),"
+    "  n BIGINT NOT NULL,"
+    "  created BIGINT NOT NULL,"
+    "  rotation BIGINT NOT NULL,"
+    "  reserved BIGINT NOT NULL,"
+    "  bound BIGINT NOT NULL,"
+    "  root_id BIGINT REFERENCES roots (id),"
+    "  wrapped BYTEA,"
+    "  CHECK (reserved <= bound),"
+    "  PRIMARY KEY (key_id, vid),"
+    "  UNIQUE (key_id, n));"
+    "CREATE TABLE aliases ("
+    "  name TEXT COLLATE \"C\" PRIMARY KEY,"
+    "  target BYTEA NOT NULL REFERENCES keys (id),"
+    "  created BIGINT NOT NULL,"
+    "  updated BIGINT NOT NULL);"
+    "CREATE INDEX aliases_target ON aliases (target);"
+    "CREATE TABLE changes ("
+    "  seq BIGSERIAL PRIMARY KEY,"
+    "  kind BIGINT NOT NULL,"
+    "  key_id BYTEA,"
+    "  name TEXT,"
+    "  at BIGINT NOT NULL);",
+};
+
+#define COUNT(a) (int)(sizeof(a) / sizeof(a)[0])
+
+_Static_assert(COUNT(sqlite_migrations) == COUNT(postgresql_migrations),
+               "every engine has every migration");
+
 int kms_schema_count(void)
 {
-    return (int)(sizeof migrations / sizeof migrations[0]);
+    return COUNT(sqlite_migrations);
 }
 
-const char *kms_schema_migration(int version)
+const char *kms_schema_migration(enum kms_schema_dialect dialect, int version)
 {
-    return version >= 1 && version <= kms_schema_count() ? migrations[version - 1] : NULL;
+    const char *const *list =
+        dialect == KMS_SCHEMA_POSTGRESQL ? postgresql_migrations : sqlite_migrations;
+    return version >= 1 && version <= kms_schema_count() ? list[version - 1] : NULL;
 }

@@ -1,16 +1,19 @@
 /*
  * The database behind the key store (DESIGN §5): keys, their versions
  * (wrapped under a root key of the token), aliases, root keys, the change
- * sequence. One small interface; an engine behind it (SQLite today,
- * store_sqlite.c; PostgreSQL next), one schema with numbered migrations
- * (schema.c).
+ * sequence. One small interface; an engine behind it, picked by the URL's
+ * scheme (store.c): SQLite (sqlite:PATH, store_sqlite.c) for one node,
+ * PostgreSQL (postgresql:// or postgres://, store_pg.c) for several. One
+ * logical schema with numbered migrations, in each engine's SQL (schema.c).
  *
- * Every read and write happens inside a transaction on the calling thread's
- * own connection: kms_store_begin, the row calls, kms_store_commit (or
- * kms_store_rollback). A write transaction holds the database's write lock
- * from its first statement, so what it read cannot change under it; updates
- * are compare-and-set on the row's revision all the same, so an engine
- * without that lock (PostgreSQL: row locks) keeps the same contract.
+ * Every read and write happens inside a transaction of the calling thread:
+ * kms_store_begin, the row calls, kms_store_commit (or kms_store_rollback).
+ * What a write transaction read cannot change under it: SQLite's holds the
+ * database's write lock from its first statement, PostgreSQL's locks each row
+ * it reads (store_pg.c). Updates are compare-and-set on the row's revision
+ * all the same. A refused insert (KMS_ERR_ALREADY_EXISTS), a missing row or a
+ * stale revision leaves the transaction usable; after any other failure it
+ * can only be rolled back.
  *
  * Failures: KMS_ERR_NOT_FOUND for a row that is not there (nothing logged),
  * KMS_ERR_ALREADY_EXISTS for a unique constraint, KMS_ERR_DEPENDENCY_TIMEOUT
@@ -110,8 +113,14 @@ struct kms_change {
 /* ---- the database ---- */
 
 struct kms_store_config {
-    const char *url;     /* "sqlite:/path/to/p11kms.db" */
-    unsigned timeout_ms; /* longest wait for a busy database (default 5000) */
+    /* "sqlite:/path/to/p11kms.db", or a libpq URI "postgresql://user@host:5432/kms?sslmode=..." */
+    const char *url;
+    /*
+     * Longest wait for a busy database (default 5000): SQLite's busy timeout;
+     * PostgreSQL's statement timeout, the wait for a free connection of the
+     * pool, and (in whole seconds, at least 2) the connect timeout.
+     */
+    unsigned timeout_ms;
     /*
      * KMS_STORE_OPEN: the schema must be this binary's (refuses a database
      * that is empty, older or newer). KMS_STORE_INIT: creates the database or
@@ -123,12 +132,15 @@ enum { KMS_STORE_OPEN = 0, KMS_STORE_INIT = 1 };
 
 KMS_MUST_CHECK kms_err kms_store_open(const struct kms_store_config *cfg, struct kms_store **out);
 void kms_store_close(struct kms_store *st);
-/* The URL without secrets, for logs. */
+/* The URL without secrets (PostgreSQL's password), for logs. */
 const char *kms_store_name(const struct kms_store *st);
 /* The schema version this binary writes, and the database's. */
 int kms_store_schema_version(void);
 KMS_MUST_CHECK kms_err kms_store_database_version(struct kms_store *st, int *out);
-/* A consistent copy of the whole database into a new file (the engine's online backup). */
+/*
+ * A consistent copy of the whole database into a new file (SQLite's online
+ * backup). PostgreSQL: KMS_ERR_UNSUPPORTED, use pg_dump or WAL archiving.
+ */
 KMS_MUST_CHECK kms_err kms_store_backup(struct kms_store *st, const char *path);
 
 /* ---- transactions (one at a time per thread) ---- */

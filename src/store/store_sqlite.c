@@ -19,8 +19,8 @@
 #include <unistd.h>
 
 #include "common/log.h"
+#include "store/engine.h"
 #include "store/schema.h"
-#include "store/store.h"
 
 enum stmt {
     S_BEGIN_READ,
@@ -120,23 +120,35 @@ static const char *const sql[S_COUNT] = {
                         "changes)",
 };
 
-struct kms_tx {
-    struct kms_store *st;
+/* A thread's connection; its base is the struct kms_tx handed out (engine.h). */
+struct conn {
+    struct kms_tx base;
+    struct sq_store *st;
     sqlite3 *db;
     sqlite3_stmt *stmt[S_COUNT];
     int open;  /* a transaction is open */
     int write; /* it is a write transaction */
-    struct kms_tx *next;
+    struct conn *next;
 };
 
-struct kms_store {
+struct sq_store {
+    struct kms_store base; /* its name: the URL as given (a path holds no secret) */
     char *path;
-    char *name;
     unsigned timeout_ms;
-    pthread_key_t conn; /* this thread's struct kms_tx */
+    pthread_key_t conn; /* this thread's struct conn */
     pthread_mutex_t lock;
-    struct kms_tx *conns;
+    struct conn *conns;
 };
+
+static struct conn *conn_of(struct kms_tx *tx)
+{
+    return (struct conn *)tx;
+}
+
+static struct sq_store *store_of(struct kms_store *st)
+{
+    return (struct sq_store *)st;
+}
 
 static kms_err db_fail(sqlite3 *db, int rc, const char *what)
 {
@@ -162,13 +174,13 @@ static kms_err exec(sqlite3 *db, const char *text, const char *what)
 }
 
 /* A connection with the settings every connection has. */
-static kms_err db_connect(struct kms_store *st, int create, sqlite3 **out)
+static kms_err db_connect(struct sq_store *st, int create, sqlite3 **out)
 {
     sqlite3 *db = NULL;
     int flags = SQLITE_OPEN_READWRITE | SQLITE_OPEN_NOMUTEX | (create ? SQLITE_OPEN_CREATE : 0);
     int rc = sqlite3_open_v2(st->path, &db, flags, NULL);
     if (rc != SQLITE_OK) {
-        kms_err e = KMS_FAIL(KMS_ERR_INTERNAL, "cannot open the database %s: %s", st->name,
+        kms_err e = KMS_FAIL(KMS_ERR_INTERNAL, "cannot open the database %s: %s", st->base.name,
                              db ? sqlite3_errmsg(db) : sqlite3_errstr(rc));
         sqlite3_close(db);
         return e;
@@ -183,7 +195,7 @@ static kms_err db_connect(struct kms_store *st, int create, sqlite3 **out)
                      "settings");
     if (e != KMS_OK) {
         /* The engine's words (no row contents at this point) say why. */
-        e = KMS_FAIL(e, "cannot use the database %s: %s", st->name, sqlite3_errmsg(db));
+        e = KMS_FAIL(e, "cannot use the database %s: %s", st->base.name, sqlite3_errmsg(db));
         sqlite3_close(db);
         return e;
     }
@@ -191,15 +203,16 @@ static kms_err db_connect(struct kms_store *st, int create, sqlite3 **out)
     return KMS_OK;
 }
 
-static kms_err this_thread(struct kms_store *st, struct kms_tx **out)
+static kms_err this_thread(struct sq_store *st, struct conn **out)
 {
-    struct kms_tx *c = pthread_getspecific(st->conn);
+    struct conn *c = pthread_getspecific(st->conn);
     if (c) {
         *out = c;
         return KMS_OK;
     }
     c = calloc(1, sizeof *c);
     KMS_ENSURE(c != NULL, KMS_ERR_INTERNAL, "out of memory");
+    c->base.engine = &kms_store_sqlite;
     c->st = st;
     kms_err rc = db_connect(st, 0, &c->db);
     if (rc != KMS_OK) {
@@ -215,7 +228,7 @@ static kms_err this_thread(struct kms_store *st, struct kms_tx **out)
     return KMS_OK;
 }
 
-static void conn_free(struct kms_tx *c)
+static void conn_free(struct conn *c)
 {
     for (int i = 0; i < S_COUNT; i++)
         sqlite3_finalize(c->stmt[i]);
@@ -224,7 +237,7 @@ static void conn_free(struct kms_tx *c)
 }
 
 /* The prepared statement s, reset and with no bindings. */
-static kms_err stmt(struct kms_tx *tx, enum stmt s, sqlite3_stmt **out)
+static kms_err stmt(struct conn *tx, enum stmt s, sqlite3_stmt **out)
 {
     if (!tx->stmt[s]) {
         int rc =
@@ -239,7 +252,7 @@ static kms_err stmt(struct kms_tx *tx, enum stmt s, sqlite3_stmt **out)
 }
 
 /* Runs a statement that answers no rows (or whose rows are not wanted). */
-static kms_err run(struct kms_tx *tx, sqlite3_stmt *q, const char *what)
+static kms_err run(struct conn *tx, sqlite3_stmt *q, const char *what)
 {
     int rc;
     while ((rc = sqlite3_step(q)) == SQLITE_ROW)
@@ -249,7 +262,7 @@ static kms_err run(struct kms_tx *tx, sqlite3_stmt *q, const char *what)
 }
 
 /* Steps to the next row: 1 a row, 0 done; a failure is returned through *err. */
-static int next_row(struct kms_tx *tx, sqlite3_stmt *q, kms_err *err, const char *what)
+static int next_row(struct conn *tx, sqlite3_stmt *q, kms_err *err, const char *what)
 {
     int rc = sqlite3_step(q);
     if (rc == SQLITE_ROW)
@@ -287,11 +300,6 @@ static int column_id(sqlite3_stmt *q, int i, uint8_t out[KMS_UUID_LEN])
 
 /* ---- the database ---- */
 
-int kms_store_schema_version(void)
-{
-    return kms_schema_count();
-}
-
 static kms_err user_version(sqlite3 *db, int *out)
 {
     sqlite3_stmt *q = NULL;
@@ -305,32 +313,26 @@ static kms_err user_version(sqlite3 *db, int *out)
 }
 
 /* Brings the schema to this binary's version (mode INIT) or checks it is (OPEN). */
-static kms_err schema(struct kms_store *st, sqlite3 *db, int mode)
+static kms_err schema(struct sq_store *st, sqlite3 *db, int mode)
 {
     int have = 0, want = kms_schema_count();
     KMS_GUARD(user_version(db, &have));
-    KMS_ENSURE(have <= want, KMS_ERR_INTERNAL,
-               "the database %s has schema version %d, newer than this p11kmsd's (%d): run the "
-               "release that wrote it, or a newer one",
-               st->name, have, want);
+    KMS_GUARD(kms_store_schema_usable(st->base.name, have, mode));
     if (have == want)
         return KMS_OK;
-    KMS_ENSURE(mode == KMS_STORE_INIT, KMS_ERR_INTERNAL,
-               have == 0 ? "the database %s is not initialised: run p11kmsd init --config FILE"
-                         : "the database %s has schema version %d, older than this p11kmsd's "
-                           "(%d): run p11kmsd init --config FILE to migrate it",
-               st->name, have, want);
     KMS_GUARD(exec(db, "BEGIN IMMEDIATE", "migration"));
     /* Read again under the write lock: another process may have migrated meanwhile. */
     kms_err rc = user_version(db, &have);
+    if (rc == KMS_OK)
+        rc = kms_store_schema_usable(st->base.name, have, mode);
     for (int v = have + 1; rc == KMS_OK && v <= want; v++) {
         char pragma[64];
-        rc = exec(db, kms_schema_migration(v), "migration");
+        rc = exec(db, kms_schema_migration(KMS_SCHEMA_SQLITE, v), "migration");
         snprintf(pragma, sizeof pragma, "PRAGMA user_version = %d", v);
         if (rc == KMS_OK)
             rc = exec(db, pragma, "migration");
         if (rc == KMS_OK)
-            kms_info("database %s: schema migrated to version %d", st->name, v);
+            kms_info("database %s: schema migrated to version %d", st->base.name, v);
     }
     if (rc == KMS_OK)
         rc = exec(db, "COMMIT", "migration");
@@ -342,27 +344,30 @@ static kms_err schema(struct kms_store *st, sqlite3 *db, int mode)
     return rc;
 }
 
-kms_err kms_store_open(const struct kms_store_config *cfg, struct kms_store **out)
+static void sq_close(struct kms_store *base);
+
+static kms_err sq_open(const struct kms_store_config *cfg, struct kms_store **out)
 {
     const char *url = cfg->url;
-    struct kms_store *st;
+    struct sq_store *st;
     sqlite3 *db = NULL;
     kms_err rc;
 
     KMS_ENSURE(url && strncmp(url, "sqlite:", 7) == 0 && url[7], KMS_ERR_VALIDATION,
-               "database must be sqlite:PATH (PostgreSQL is not supported yet)");
+               "database must be sqlite:PATH");
     const char *path = url + 7;
     if (strncmp(path, "//", 2) == 0)
         path += 2; /* sqlite:///abs/path */
     st = calloc(1, sizeof *st);
     KMS_ENSURE(st != NULL, KMS_ERR_INTERNAL, "out of memory");
+    st->base.engine = &kms_store_sqlite;
     st->path = strdup(path);
-    st->name = strdup(url);
+    st->base.name = strdup(url);
     st->timeout_ms = cfg->timeout_ms ? cfg->timeout_ms : 5000;
     pthread_mutex_init(&st->lock, NULL);
-    if (!st->path || !st->name || pthread_key_create(&st->conn, NULL) != 0) {
+    if (!st->path || !st->base.name || pthread_key_create(&st->conn, NULL) != 0) {
         free(st->path);
-        free(st->name);
+        free(st->base.name);
         free(st);
         return KMS_FAIL(KMS_ERR_INTERNAL, "out of memory");
     }
@@ -370,66 +375,62 @@ kms_err kms_store_open(const struct kms_store_config *cfg, struct kms_store **ou
         /* Made private before SQLite writes anything into it (the WAL files take its mode). */
         int fd = open(st->path, O_RDWR | O_CREAT | O_CLOEXEC, 0600);
         if (fd < 0) {
-            rc = KMS_FAIL(KMS_ERR_INTERNAL, "cannot create the database %s: %s", st->name,
+            rc = KMS_FAIL(KMS_ERR_INTERNAL, "cannot create the database %s: %s", st->base.name,
                           strerror(errno));
-            kms_store_close(st);
+            sq_close(&st->base);
             return rc;
         }
         close(fd);
     } else if (access(st->path, F_OK) != 0) {
         rc = KMS_FAIL(KMS_ERR_INTERNAL,
-                      "the database %s does not exist: run p11kmsd init --config FILE", st->name);
-        kms_store_close(st);
+                      "the database %s does not exist: run p11kmsd init --config FILE",
+                      st->base.name);
+        sq_close(&st->base);
         return rc;
     }
     rc = db_connect(st, 0, &db);
     if (rc == KMS_OK) {
         rc = schema(st, db, cfg->mode);
-        if (rc != KMS_OK && kms_err_message()[0] && strstr(kms_err_message(), st->name) == NULL)
-            rc = KMS_FAIL(rc, "cannot use the database %s: %s", st->name, kms_err_message());
+        if (rc != KMS_OK && kms_err_message()[0] &&
+            strstr(kms_err_message(), st->base.name) == NULL)
+            rc = KMS_FAIL(rc, "cannot use the database %s: %s", st->base.name, kms_err_message());
     }
     sqlite3_close(db);
     if (rc != KMS_OK) {
-        kms_store_close(st);
+        sq_close(&st->base);
         return rc;
     }
-    *out = st;
+    *out = &st->base;
     return KMS_OK;
 }
 
-void kms_store_close(struct kms_store *st)
+static void sq_close(struct kms_store *base)
 {
-    if (!st)
-        return;
+    struct sq_store *st = store_of(base);
     while (st->conns) {
-        struct kms_tx *c = st->conns;
+        struct conn *c = st->conns;
         st->conns = c->next;
         conn_free(c);
     }
     pthread_key_delete(st->conn);
     pthread_mutex_destroy(&st->lock);
     free(st->path);
-    free(st->name);
+    free(st->base.name);
     free(st);
 }
 
-const char *kms_store_name(const struct kms_store *st)
+static kms_err sq_database_version(struct kms_store *st, int *out)
 {
-    return st->name;
-}
-
-kms_err kms_store_database_version(struct kms_store *st, int *out)
-{
-    struct kms_tx *c;
-    KMS_GUARD(this_thread(st, &c));
+    struct conn *c;
+    KMS_GUARD(this_thread(store_of(st), &c));
     return user_version(c->db, out);
 }
 
-kms_err kms_store_backup(struct kms_store *st, const char *path)
+static kms_err sq_backup(struct kms_store *st, const char *path)
 {
-    struct kms_tx *c;
+    struct conn *c;
     sqlite3 *dst = NULL;
-    KMS_GUARD(this_thread(st, &c));
+    KMS_GUARD(this_thread(store_of(st), &c));
     KMS_ENSURE(access(path, F_OK) != 0, KMS_ERR_VALIDATION, "%s exists already", path);
     int fd = open(path, O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
     KMS_ENSURE(fd >= 0, KMS_ERR_INTERNAL, "cannot create %s: %s", path, strerror(errno));
@@ -476,39 +477,43 @@ kms_err kms_store_backup(struct kms_store *st, const char *path)
 
 /* ---- transactions ---- */
 
-kms_err kms_store_begin(struct kms_store *st, int mode, struct kms_tx **out)
+static kms_err sq_begin(struct kms_store *st, int mode, struct kms_tx **out)
 {
-    struct kms_tx *c;
+    struct conn *c;
     sqlite3_stmt *q;
-    KMS_GUARD(this_thread(st, &c));
+    KMS_GUARD(this_thread(store_of(st), &c));
     KMS_ENSURE(!c->open, KMS_ERR_INTERNAL, "a transaction is already open on this thread");
     KMS_GUARD(stmt(c, mode == KMS_TX_WRITE ? S_BEGIN_WRITE : S_BEGIN_READ, &q));
     KMS_GUARD(run(c, q, "begin"));
     c->open = 1;
     c->write = mode == KMS_TX_WRITE;
-    *out = c;
+    *out = &c->base;
     return KMS_OK;
 }
 
-kms_err kms_store_commit(struct kms_tx *tx)
+static void sq_rollback(struct kms_tx *base);
+
+static kms_err sq_commit(struct kms_tx *base)
 {
+    struct conn *tx = conn_of(base);
     sqlite3_stmt *q;
-    KMS_ENSURE(tx && tx->open, KMS_ERR_INTERNAL, "no transaction to commit");
+    KMS_ENSURE(tx->open, KMS_ERR_INTERNAL, "no transaction to commit");
     kms_err rc = stmt(tx, S_COMMIT, &q);
     if (rc == KMS_OK)
         rc = run(tx, q, "commit");
     if (rc != KMS_OK) {
-        kms_store_rollback(tx);
+        sq_rollback(base);
         return rc;
     }
     tx->open = 0;
     return KMS_OK;
 }
 
-void kms_store_rollback(struct kms_tx *tx)
+static void sq_rollback(struct kms_tx *base)
 {
+    struct conn *tx = conn_of(base);
     sqlite3_stmt *q;
-    if (!tx || !tx->open)
+    if (!tx->open)
         return;
     tx->open = 0;
     if (sqlite3_get_autocommit(tx->db))
@@ -518,13 +523,6 @@ void kms_store_rollback(struct kms_tx *tx)
 }
 
 /* ---- keys ---- */
-
-void kms_key_row_clear(struct kms_key_row *r)
-{
-    free(r->description);
-    free(r->policy);
-    memset(r, 0, sizeof *r);
-}
 
 static kms_err key_from(sqlite3_stmt *q, struct kms_key_row *r)
 {
@@ -569,9 +567,10 @@ static void bind_key(sqlite3_stmt *q, const struct kms_key_row *r)
     bind_text(q, 13, r->policy);
 }
 
-kms_err kms_store_key_get(struct kms_tx *tx, const uint8_t id[KMS_UUID_LEN],
+static kms_err sq_key_get(struct kms_tx *base, const uint8_t id[KMS_UUID_LEN],
                           struct kms_key_row *out)
 {
+    struct conn *tx = conn_of(base);
     sqlite3_stmt *q;
     kms_err rc = KMS_OK;
     KMS_GUARD(stmt(tx, S_KEY_GET, &q));
@@ -583,16 +582,18 @@ kms_err kms_store_key_get(struct kms_tx *tx, const uint8_t id[KMS_UUID_LEN],
     return rc;
 }
 
-kms_err kms_store_key_insert(struct kms_tx *tx, const struct kms_key_row *r)
+static kms_err sq_key_insert(struct kms_tx *base, const struct kms_key_row *r)
 {
+    struct conn *tx = conn_of(base);
     sqlite3_stmt *q;
     KMS_GUARD(stmt(tx, S_KEY_INSERT, &q));
     bind_key(q, r);
     return run(tx, q, "insert a key");
 }
 
-kms_err kms_store_key_update(struct kms_tx *tx, struct kms_key_row *r)
+static kms_err sq_key_update(struct kms_tx *base, struct kms_key_row *r)
 {
+    struct conn *tx = conn_of(base);
     sqlite3_stmt *q;
     KMS_GUARD(stmt(tx, S_KEY_UPDATE, &q));
     bind_key(q, r);
@@ -604,9 +605,10 @@ kms_err kms_store_key_update(struct kms_tx *tx, struct kms_key_row *r)
     return KMS_OK;
 }
 
-kms_err kms_store_keys_list(struct kms_tx *tx, const uint8_t *from, size_t limit,
+static kms_err sq_keys_list(struct kms_tx *base, const uint8_t *from, size_t limit,
                             kms_err (*fn)(void *arg, const struct kms_key_row *r), void *arg)
 {
+    struct conn *tx = conn_of(base);
     sqlite3_stmt *q;
     struct kms_key_row r = {0};
     kms_err rc = KMS_OK;
@@ -624,7 +626,7 @@ kms_err kms_store_keys_list(struct kms_tx *tx, const uint8_t *from, size_t limit
     return rc;
 }
 
-static kms_err count(struct kms_tx *tx, enum stmt s, size_t *out)
+static kms_err count(struct conn *tx, enum stmt s, size_t *out)
 {
     sqlite3_stmt *q;
     kms_err rc = KMS_OK;
@@ -636,16 +638,18 @@ static kms_err count(struct kms_tx *tx, enum stmt s, size_t *out)
     return rc;
 }
 
-kms_err kms_store_key_count(struct kms_tx *tx, size_t *keys, size_t *versions)
+static kms_err sq_key_count(struct kms_tx *base, size_t *keys, size_t *versions)
 {
+    struct conn *tx = conn_of(base);
     KMS_GUARD(count(tx, S_KEY_COUNT, keys));
     return versions ? count(tx, S_VERSION_COUNT, versions) : KMS_OK;
 }
 
-kms_err kms_store_keys_due(struct kms_tx *tx, int64_t now, size_t limit,
+static kms_err sq_keys_due(struct kms_tx *base, int64_t now, size_t limit,
                            kms_err (*fn)(void *arg, const uint8_t id[KMS_UUID_LEN], int what),
                            void *arg)
 {
+    struct conn *tx = conn_of(base);
     static const enum stmt which[2] = {S_KEYS_ROTATION_DUE, S_KEYS_DELETION_DUE};
     kms_err rc = KMS_OK;
     for (int w = 0; w < 2 && rc == KMS_OK; w++) {
@@ -684,9 +688,10 @@ static kms_err version_from(sqlite3_stmt *q, struct kms_version_row *r)
     return KMS_OK;
 }
 
-kms_err kms_store_version_get(struct kms_tx *tx, const uint8_t key[KMS_UUID_LEN], uint32_t vid,
+static kms_err sq_version_get(struct kms_tx *base, const uint8_t key[KMS_UUID_LEN], uint32_t vid,
                               struct kms_version_row *out)
 {
+    struct conn *tx = conn_of(base);
     sqlite3_stmt *q;
     kms_err rc = KMS_OK;
     KMS_GUARD(stmt(tx, S_VERSION_GET, &q));
@@ -699,8 +704,9 @@ kms_err kms_store_version_get(struct kms_tx *tx, const uint8_t key[KMS_UUID_LEN]
     return rc;
 }
 
-kms_err kms_store_version_insert(struct kms_tx *tx, const struct kms_version_row *r)
+static kms_err sq_version_insert(struct kms_tx *base, const struct kms_version_row *r)
 {
+    struct conn *tx = conn_of(base);
     sqlite3_stmt *q;
     KMS_GUARD(stmt(tx, S_VERSION_INSERT, &q));
     bind_id(q, 1, r->key_id);
@@ -721,9 +727,10 @@ kms_err kms_store_version_insert(struct kms_tx *tx, const struct kms_version_row
     return run(tx, q, "insert a version");
 }
 
-kms_err kms_store_versions(struct kms_tx *tx, const uint8_t key[KMS_UUID_LEN],
+static kms_err sq_versions(struct kms_tx *base, const uint8_t key[KMS_UUID_LEN],
                            kms_err (*fn)(void *arg, const struct kms_version_row *r), void *arg)
 {
+    struct conn *tx = conn_of(base);
     sqlite3_stmt *q;
     kms_err rc = KMS_OK;
     struct kms_version_row *r = malloc(sizeof *r);
@@ -742,8 +749,9 @@ kms_err kms_store_versions(struct kms_tx *tx, const uint8_t key[KMS_UUID_LEN],
     return rc;
 }
 
-kms_err kms_store_version_max_n(struct kms_tx *tx, const uint8_t key[KMS_UUID_LEN], uint32_t *out)
+static kms_err sq_version_max_n(struct kms_tx *base, const uint8_t key[KMS_UUID_LEN], uint32_t *out)
 {
+    struct conn *tx = conn_of(base);
     sqlite3_stmt *q;
     kms_err rc = KMS_OK;
     KMS_GUARD(stmt(tx, S_VERSION_MAX_N, &q));
@@ -755,14 +763,15 @@ kms_err kms_store_version_max_n(struct kms_tx *tx, const uint8_t key[KMS_UUID_LE
     return rc;
 }
 
-kms_err kms_store_reserve(struct kms_tx *tx, const uint8_t key[KMS_UUID_LEN], uint32_t vid,
+static kms_err sq_reserve(struct kms_tx *base, const uint8_t key[KMS_UUID_LEN], uint32_t vid,
                           uint64_t want, uint64_t *granted, uint64_t *reserved)
 {
+    struct conn *tx = conn_of(base);
     struct kms_version_row *before = malloc(sizeof *before);
     sqlite3_stmt *q;
     kms_err rc;
     KMS_ENSURE(before != NULL, KMS_ERR_INTERNAL, "out of memory");
-    rc = kms_store_version_get(tx, key, vid, before);
+    rc = sq_version_get(base, key, vid, before);
     if (rc == KMS_OK)
         rc = stmt(tx, S_RESERVE, &q);
     if (rc == KMS_OK) {
@@ -781,8 +790,9 @@ kms_err kms_store_reserve(struct kms_tx *tx, const uint8_t key[KMS_UUID_LEN], ui
     return rc;
 }
 
-kms_err kms_store_versions_delete(struct kms_tx *tx, const uint8_t key[KMS_UUID_LEN])
+static kms_err sq_versions_delete(struct kms_tx *base, const uint8_t key[KMS_UUID_LEN])
 {
+    struct conn *tx = conn_of(base);
     sqlite3_stmt *q;
     KMS_GUARD(stmt(tx, S_VERSIONS_DELETE, &q));
     bind_id(q, 1, key);
@@ -802,8 +812,9 @@ static kms_err alias_from(sqlite3_stmt *q, struct kms_alias_row *r)
     return KMS_OK;
 }
 
-kms_err kms_store_alias_get(struct kms_tx *tx, const char *name, struct kms_alias_row *out)
+static kms_err sq_alias_get(struct kms_tx *base, const char *name, struct kms_alias_row *out)
 {
+    struct conn *tx = conn_of(base);
     sqlite3_stmt *q;
     kms_err rc = KMS_OK;
     KMS_GUARD(stmt(tx, S_ALIAS_GET, &q));
@@ -815,7 +826,7 @@ kms_err kms_store_alias_get(struct kms_tx *tx, const char *name, struct kms_alia
     return rc;
 }
 
-static kms_err alias_write(struct kms_tx *tx, enum stmt s, const struct kms_alias_row *r,
+static kms_err alias_write(struct conn *tx, enum stmt s, const struct kms_alias_row *r,
                            const char *what)
 {
     sqlite3_stmt *q;
@@ -827,19 +838,22 @@ static kms_err alias_write(struct kms_tx *tx, enum stmt s, const struct kms_alia
     return run(tx, q, what);
 }
 
-kms_err kms_store_alias_insert(struct kms_tx *tx, const struct kms_alias_row *r)
+static kms_err sq_alias_insert(struct kms_tx *base, const struct kms_alias_row *r)
 {
+    struct conn *tx = conn_of(base);
     return alias_write(tx, S_ALIAS_INSERT, r, "insert an alias");
 }
 
-kms_err kms_store_alias_update(struct kms_tx *tx, const struct kms_alias_row *r)
+static kms_err sq_alias_update(struct kms_tx *base, const struct kms_alias_row *r)
 {
+    struct conn *tx = conn_of(base);
     KMS_GUARD(alias_write(tx, S_ALIAS_UPDATE, r, "update an alias"));
     return sqlite3_changes(tx->db) == 1 ? KMS_OK : KMS_ERR_NOT_FOUND;
 }
 
-kms_err kms_store_alias_delete(struct kms_tx *tx, const char *name)
+static kms_err sq_alias_delete(struct kms_tx *base, const char *name)
 {
+    struct conn *tx = conn_of(base);
     sqlite3_stmt *q;
     KMS_GUARD(stmt(tx, S_ALIAS_DELETE, &q));
     bind_text(q, 1, name);
@@ -847,9 +861,10 @@ kms_err kms_store_alias_delete(struct kms_tx *tx, const char *name)
     return sqlite3_changes(tx->db) == 1 ? KMS_OK : KMS_ERR_NOT_FOUND;
 }
 
-kms_err kms_store_aliases_of_key_delete(struct kms_tx *tx, const uint8_t key[KMS_UUID_LEN],
+static kms_err sq_aliases_of_key_delete(struct kms_tx *base, const uint8_t key[KMS_UUID_LEN],
                                         void (*fn)(void *arg, const char *name), void *arg)
 {
+    struct conn *tx = conn_of(base);
     sqlite3_stmt *q;
     kms_err rc = KMS_OK;
     if (fn) {
@@ -865,10 +880,11 @@ kms_err kms_store_aliases_of_key_delete(struct kms_tx *tx, const uint8_t key[KMS
     return run(tx, q, "delete a key's aliases");
 }
 
-kms_err kms_store_aliases_list(struct kms_tx *tx, const char *from, const uint8_t *key,
+static kms_err sq_aliases_list(struct kms_tx *base, const char *from, const uint8_t *key,
                                size_t limit,
                                kms_err (*fn)(void *arg, const struct kms_alias_row *r), void *arg)
 {
+    struct conn *tx = conn_of(base);
     sqlite3_stmt *q;
     struct kms_alias_row r;
     kms_err rc = KMS_OK;
@@ -887,9 +903,10 @@ kms_err kms_store_aliases_list(struct kms_tx *tx, const char *from, const uint8_
 
 /* ---- root keys ---- */
 
-kms_err kms_store_roots(struct kms_tx *tx, kms_err (*fn)(void *arg, const struct kms_root_row *r),
+static kms_err sq_roots(struct kms_tx *base, kms_err (*fn)(void *arg, const struct kms_root_row *r),
                         void *arg)
 {
+    struct conn *tx = conn_of(base);
     sqlite3_stmt *q;
     kms_err rc = KMS_OK;
     KMS_GUARD(stmt(tx, S_ROOTS, &q));
@@ -912,8 +929,9 @@ kms_err kms_store_roots(struct kms_tx *tx, kms_err (*fn)(void *arg, const struct
     return rc;
 }
 
-kms_err kms_store_root_insert(struct kms_tx *tx, struct kms_root_row *r)
+static kms_err sq_root_insert(struct kms_tx *base, struct kms_root_row *r)
 {
+    struct conn *tx = conn_of(base);
     sqlite3_stmt *q;
     KMS_GUARD(stmt(tx, S_ROOT_INSERT, &q));
     sqlite3_bind_blob(q, 1, r->cka_id, KMS_ROOT_ID_LEN, SQLITE_STATIC);
@@ -927,8 +945,9 @@ kms_err kms_store_root_insert(struct kms_tx *tx, struct kms_root_row *r)
 
 /* ---- meta ---- */
 
-kms_err kms_store_meta_get(struct kms_tx *tx, const char *name, char *out, size_t n)
+static kms_err sq_meta_get(struct kms_tx *base, const char *name, char *out, size_t n)
 {
+    struct conn *tx = conn_of(base);
     sqlite3_stmt *q;
     kms_err rc = KMS_OK;
     KMS_GUARD(stmt(tx, S_META_GET, &q));
@@ -941,8 +960,9 @@ kms_err kms_store_meta_get(struct kms_tx *tx, const char *name, char *out, size_
     return KMS_OK;
 }
 
-kms_err kms_store_meta_set(struct kms_tx *tx, const char *name, const char *value)
+static kms_err sq_meta_set(struct kms_tx *base, const char *name, const char *value)
 {
+    struct conn *tx = conn_of(base);
     sqlite3_stmt *q;
     KMS_GUARD(stmt(tx, S_META_SET, &q));
     bind_text(q, 1, name);
@@ -952,8 +972,9 @@ kms_err kms_store_meta_set(struct kms_tx *tx, const char *name, const char *valu
 
 /* ---- the change sequence ---- */
 
-kms_err kms_store_note_change(struct kms_tx *tx, int kind, const uint8_t *id, const char *name)
+static kms_err sq_note_change(struct kms_tx *base, int kind, const uint8_t *id, const char *name)
 {
+    struct conn *tx = conn_of(base);
     sqlite3_stmt *q;
     struct timespec t;
     clock_gettime(CLOCK_REALTIME, &t);
@@ -965,7 +986,7 @@ kms_err kms_store_note_change(struct kms_tx *tx, int kind, const uint8_t *id, co
     return run(tx, q, "record a change");
 }
 
-static kms_err seq_of(struct kms_tx *tx, enum stmt s, int64_t *out)
+static kms_err seq_of(struct conn *tx, enum stmt s, int64_t *out)
 {
     size_t n = 0;
     KMS_GUARD(count(tx, s, &n));
@@ -973,19 +994,22 @@ static kms_err seq_of(struct kms_tx *tx, enum stmt s, int64_t *out)
     return KMS_OK;
 }
 
-kms_err kms_store_change_head(struct kms_tx *tx, int64_t *out)
+static kms_err sq_change_head(struct kms_tx *base, int64_t *out)
 {
+    struct conn *tx = conn_of(base);
     return seq_of(tx, S_CHANGE_HEAD, out);
 }
 
-kms_err kms_store_change_tail(struct kms_tx *tx, int64_t *out)
+static kms_err sq_change_tail(struct kms_tx *base, int64_t *out)
 {
+    struct conn *tx = conn_of(base);
     return seq_of(tx, S_CHANGE_TAIL, out);
 }
 
-kms_err kms_store_changes(struct kms_tx *tx, int64_t after, size_t limit,
+static kms_err sq_changes(struct kms_tx *base, int64_t after, size_t limit,
                           kms_err (*fn)(void *arg, const struct kms_change *c), void *arg)
 {
+    struct conn *tx = conn_of(base);
     sqlite3_stmt *q;
     kms_err rc = KMS_OK;
     KMS_GUARD(stmt(tx, S_CHANGES, &q));
@@ -1004,10 +1028,48 @@ kms_err kms_store_changes(struct kms_tx *tx, int64_t after, size_t limit,
     return rc;
 }
 
-kms_err kms_store_changes_prune(struct kms_tx *tx, int64_t before)
+static kms_err sq_changes_prune(struct kms_tx *base, int64_t before)
 {
+    struct conn *tx = conn_of(base);
     sqlite3_stmt *q;
     KMS_GUARD(stmt(tx, S_CHANGES_PRUNE, &q));
     sqlite3_bind_int64(q, 1, before);
     return run(tx, q, "prune changes");
 }
+
+const struct kms_store_engine kms_store_sqlite = {
+    .open = sq_open,
+    .close = sq_close,
+    .database_version = sq_database_version,
+    .backup = sq_backup,
+    .begin = sq_begin,
+    .commit = sq_commit,
+    .rollback = sq_rollback,
+    .key_get = sq_key_get,
+    .key_insert = sq_key_insert,
+    .key_update = sq_key_update,
+    .keys_list = sq_keys_list,
+    .key_count = sq_key_count,
+    .keys_due = sq_keys_due,
+    .version_get = sq_version_get,
+    .version_insert = sq_version_insert,
+    .versions = sq_versions,
+    .version_max_n = sq_version_max_n,
+    .reserve = sq_reserve,
+    .versions_delete = sq_versions_delete,
+    .alias_get = sq_alias_get,
+    .alias_insert = sq_alias_insert,
+    .alias_update = sq_alias_update,
+    .alias_delete = sq_alias_delete,
+    .aliases_of_key_delete = sq_aliases_of_key_delete,
+    .aliases_list = sq_aliases_list,
+    .roots = sq_roots,
+    .root_insert = sq_root_insert,
+    .meta_get = sq_meta_get,
+    .meta_set = sq_meta_set,
+    .note_change = sq_note_change,
+    .change_head = sq_change_head,
+    .change_tail = sq_change_tail,
+    .changes = sq_changes,
+    .changes_prune = sq_changes_prune,
+};

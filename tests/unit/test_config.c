@@ -164,6 +164,26 @@ static void test_config_errors_name_the_line(void **state)
     expect_config_error("region = eu-west-1\nlisten = 127.0.0.1:99999\n", 2);
     /* bad region */
     expect_config_error("region = EU-West-1\n", 1);
+    /* a database URL of no engine we have */
+    expect_config_error("\ndatabase = mysql://db/kms\n", 2);
+    expect_config_error("database = sqlite:\n", 1);
+    expect_config_error("database = postgresql:db\n", 1);
+}
+
+/* Both engines' URLs are accepted as written (store.c reads them). */
+static void test_config_database_urls(void **state)
+{
+    static const char *const urls[] = {"sqlite:/var/lib/p11kms/p11kms.db",
+                                       "postgresql://kms@db.example:5432/kms?sslmode=verify-full",
+                                       "postgres://kms@10.0.0.5/kms"};
+    (void)state;
+    for (size_t i = 0; i < N_ELEMS(urls); i++) {
+        struct kms_config c;
+        kms_config_defaults(&c);
+        assert_int_equal(kms_config_set(&c, "database", urls[i]), KMS_OK);
+        assert_string_equal(c.database, urls[i]);
+        kms_config_free(&c);
+    }
 }
 
 static void test_config_check_requires(void **state)
@@ -451,6 +471,7 @@ int main(void)
         cmocka_unit_test(test_config_later_value_wins),
         cmocka_unit_test(test_config_comments_and_blanks_ignored),
         cmocka_unit_test(test_config_errors_name_the_line),
+        cmocka_unit_test(test_config_database_urls),
         cmocka_unit_test(test_config_check_requires),
         cmocka_unit_test(test_parse_listen_good),
         cmocka_unit_test(test_parse_listen_bad),

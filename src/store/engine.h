@@ -1,0 +1,92 @@
+/*
+ * What an engine of the store provides (private to src/store/). store.c
+ * picks the engine by the URL's scheme and forwards every call of store.h to
+ * the engine's table; an engine never sees another's structures.
+ *
+ * Each engine's store and transaction embed the bases below as their first
+ * member, so the engine turns the pointer it gets back into its own structure
+ * with a cast; store.c reads only the engine pointer and the name.
+ */
+#ifndef P11KMS_STORE_ENGINE_H
+#define P11KMS_STORE_ENGINE_H
+
+#include "store/store.h"
+
+struct kms_store_engine;
+
+struct kms_store {
+    const struct kms_store_engine *engine;
+    char *name; /* the URL without secrets, for logs; the engine's, freed by its close */
+};
+
+struct kms_tx {
+    const struct kms_store_engine *engine;
+};
+
+struct kms_store_engine {
+    /* cfg->url has the engine's scheme; on success *out is the engine's store */
+    kms_err (*open)(const struct kms_store_config *cfg, struct kms_store **out);
+    void (*close)(struct kms_store *st);
+    kms_err (*database_version)(struct kms_store *st, int *out);
+    kms_err (*backup)(struct kms_store *st, const char *path);
+
+    kms_err (*begin)(struct kms_store *st, int mode, struct kms_tx **out);
+    kms_err (*commit)(struct kms_tx *tx); /* tx is not NULL */
+    void (*rollback)(struct kms_tx *tx);  /* tx is not NULL */
+
+    kms_err (*key_get)(struct kms_tx *tx, const uint8_t id[KMS_UUID_LEN], struct kms_key_row *out);
+    kms_err (*key_insert)(struct kms_tx *tx, const struct kms_key_row *r);
+    kms_err (*key_update)(struct kms_tx *tx, struct kms_key_row *r);
+    kms_err (*keys_list)(struct kms_tx *tx, const uint8_t *from, size_t limit,
+                         kms_err (*fn)(void *arg, const struct kms_key_row *r), void *arg);
+    kms_err (*key_count)(struct kms_tx *tx, size_t *keys, size_t *versions);
+    kms_err (*keys_due)(struct kms_tx *tx, int64_t now, size_t limit,
+                        kms_err (*fn)(void *arg, const uint8_t id[KMS_UUID_LEN], int what),
+                        void *arg);
+
+    kms_err (*version_get)(struct kms_tx *tx, const uint8_t key[KMS_UUID_LEN], uint32_t vid,
+                           struct kms_version_row *out);
+    kms_err (*version_insert)(struct kms_tx *tx, const struct kms_version_row *r);
+    kms_err (*versions)(struct kms_tx *tx, const uint8_t key[KMS_UUID_LEN],
+                        kms_err (*fn)(void *arg, const struct kms_version_row *r), void *arg);
+    kms_err (*version_max_n)(struct kms_tx *tx, const uint8_t key[KMS_UUID_LEN], uint32_t *out);
+    kms_err (*reserve)(struct kms_tx *tx, const uint8_t key[KMS_UUID_LEN], uint32_t vid,
+                       uint64_t want, uint64_t *granted, uint64_t *reserved);
+    kms_err (*versions_delete)(struct kms_tx *tx, const uint8_t key[KMS_UUID_LEN]);
+
+    kms_err (*alias_get)(struct kms_tx *tx, const char *name, struct kms_alias_row *out);
+    kms_err (*alias_insert)(struct kms_tx *tx, const struct kms_alias_row *r);
+    kms_err (*alias_update)(struct kms_tx *tx, const struct kms_alias_row *r);
+    kms_err (*alias_delete)(struct kms_tx *tx, const char *name);
+    kms_err (*aliases_of_key_delete)(struct kms_tx *tx, const uint8_t key[KMS_UUID_LEN],
+                                     void (*fn)(void *arg, const char *name), void *arg);
+    kms_err (*aliases_list)(struct kms_tx *tx, const char *from, const uint8_t *key, size_t limit,
+                            kms_err (*fn)(void *arg, const struct kms_alias_row *r), void *arg);
+
+    kms_err (*roots)(struct kms_tx *tx, kms_err (*fn)(void *arg, const struct kms_root_row *r),
+                     void *arg);
+    kms_err (*root_insert)(struct kms_tx *tx, struct kms_root_row *r);
+
+    kms_err (*meta_get)(struct kms_tx *tx, const char *name, char *out, size_t n);
+    kms_err (*meta_set)(struct kms_tx *tx, const char *name, const char *value);
+
+    kms_err (*note_change)(struct kms_tx *tx, int kind, const uint8_t *id, const char *name);
+    kms_err (*change_head)(struct kms_tx *tx, int64_t *out);
+    kms_err (*change_tail)(struct kms_tx *tx, int64_t *out);
+    kms_err (*changes)(struct kms_tx *tx, int64_t after, size_t limit,
+                       kms_err (*fn)(void *arg, const struct kms_change *c), void *arg);
+    kms_err (*changes_prune)(struct kms_tx *tx, int64_t before);
+};
+
+extern const struct kms_store_engine kms_store_sqlite;
+extern const struct kms_store_engine kms_store_pg;
+
+/*
+ * Whether a database at schema version have can be used in mode (store.c):
+ * a newer one never, an older or empty one only to migrate it (KMS_STORE_INIT).
+ * The refusal names the database and says what to run, the same words for
+ * every engine. KMS_OK when have is this binary's version, or older in INIT.
+ */
+KMS_MUST_CHECK kms_err kms_store_schema_usable(const char *name, int have, int mode);
+
+#endif

@@ -1,0 +1,260 @@
+/*
+ * store.h's calls, forwarded to the engine the database URL names
+ * (engine.h): sqlite:PATH to store_sqlite.c, postgresql:// or postgres://
+ * (any libpq connection URI) to store_pg.c. What every engine shares lives
+ * here too: the schema version and the words that refuse a schema.
+ */
+#include "config.h"
+
+#include <stdlib.h>
+#include <string.h>
+
+#include "store/engine.h"
+#include "store/schema.h"
+
+static const struct {
+    const char *scheme;
+    const struct kms_store_engine *engine;
+} engines[] = {
+    {"sqlite:", &kms_store_sqlite},
+    {"postgresql://", &kms_store_pg},
+    {"postgres://", &kms_store_pg},
+};
+
+kms_err kms_store_open(const struct kms_store_config *cfg, struct kms_store **out)
+{
+    const char *url = cfg->url;
+    for (size_t i = 0; url && i < sizeof engines / sizeof engines[0]; i++)
+        if (strncmp(url, engines[i].scheme, strlen(engines[i].scheme)) == 0)
+            return engines[i].engine->open(cfg, out);
+    return KMS_FAIL(KMS_ERR_VALIDATION,
+                    "database must be sqlite:PATH or a PostgreSQL URL (postgresql://...)");
+}
+
+void kms_store_close(struct kms_store *st)
+{
+    if (st)
+        st->engine->close(st);
+}
+
+const char *kms_store_name(const struct kms_store *st)
+{
+    return st->name;
+}
+
+int kms_store_schema_version(void)
+{
+    return kms_schema_count();
+}
+
+kms_err kms_store_schema_usable(const char *name, int have, int mode)
+{
+    int want = kms_schema_count();
+    KMS_ENSURE(have <= want, KMS_ERR_INTERNAL,
+               "the database %s has schema version %d, newer than this p11kmsd's (%d): run the "
+               "release that wrote it, or a newer one",
+               name, have, want);
+    if (have == want)
+        return KMS_OK;
+    KMS_ENSURE(mode == KMS_STORE_INIT, KMS_ERR_INTERNAL,
+               have == 0 ? "the database %s is not initialised: run p11kmsd init --config FILE"
+                         : "the database %s has schema version %d, older than this p11kmsd's "
+                           "(%d): run p11kmsd init --config FILE to migrate it",
+               name, have, want);
+    return KMS_OK;
+}
+
+kms_err kms_store_database_version(struct kms_store *st, int *out)
+{
+    return st->engine->database_version(st, out);
+}
+
+kms_err kms_store_backup(struct kms_store *st, const char *path)
+{
+    return st->engine->backup(st, path);
+}
+
+/* ---- transactions ---- */
+
+kms_err kms_store_begin(struct kms_store *st, int mode, struct kms_tx **out)
+{
+    return st->engine->begin(st, mode, out);
+}
+
+kms_err kms_store_commit(struct kms_tx *tx)
+{
+    KMS_ENSURE(tx != NULL, KMS_ERR_INTERNAL, "no transaction to commit");
+    return tx->engine->commit(tx);
+}
+
+void kms_store_rollback(struct kms_tx *tx)
+{
+    if (tx)
+        tx->engine->rollback(tx);
+}
+
+/* ---- keys ---- */
+
+void kms_key_row_clear(struct kms_key_row *r)
+{
+    free(r->description);
+    free(r->policy);
+    memset(r, 0, sizeof *r);
+}
+
+kms_err kms_store_key_get(struct kms_tx *tx, const uint8_t id[KMS_UUID_LEN],
+                          struct kms_key_row *out)
+{
+    return tx->engine->key_get(tx, id, out);
+}
+
+kms_err kms_store_key_insert(struct kms_tx *tx, const struct kms_key_row *r)
+{
+    return tx->engine->key_insert(tx, r);
+}
+
+kms_err kms_store_key_update(struct kms_tx *tx, struct kms_key_row *r)
+{
+    return tx->engine->key_update(tx, r);
+}
+
+kms_err kms_store_keys_list(struct kms_tx *tx, const uint8_t *from, size_t limit,
+                            kms_err (*fn)(void *arg, const struct kms_key_row *r), void *arg)
+{
+    return tx->engine->keys_list(tx, from, limit, fn, arg);
+}
+
+kms_err kms_store_key_count(struct kms_tx *tx, size_t *keys, size_t *versions)
+{
+    return tx->engine->key_count(tx, keys, versions);
+}
+
+kms_err kms_store_keys_due(struct kms_tx *tx, int64_t now, size_t limit,
+                           kms_err (*fn)(void *arg, const uint8_t id[KMS_UUID_LEN], int what),
+                           void *arg)
+{
+    return tx->engine->keys_due(tx, now, limit, fn, arg);
+}
+
+/* ---- versions ---- */
+
+kms_err kms_store_version_get(struct kms_tx *tx, const uint8_t key[KMS_UUID_LEN], uint32_t vid,
+                              struct kms_version_row *out)
+{
+    return tx->engine->version_get(tx, key, vid, out);
+}
+
+kms_err kms_store_version_insert(struct kms_tx *tx, const struct kms_version_row *r)
+{
+    return tx->engine->version_insert(tx, r);
+}
+
+kms_err kms_store_versions(struct kms_tx *tx, const uint8_t key[KMS_UUID_LEN],
+                           kms_err (*fn)(void *arg, const struct kms_version_row *r), void *arg)
+{
+    return tx->engine->versions(tx, key, fn, arg);
+}
+
+kms_err kms_store_version_max_n(struct kms_tx *tx, const uint8_t key[KMS_UUID_LEN], uint32_t *out)
+{
+    return tx->engine->version_max_n(tx, key, out);
+}
+
+kms_err kms_store_reserve(struct kms_tx *tx, const uint8_t key[KMS_UUID_LEN], uint32_t vid,
+                          uint64_t want, uint64_t *granted, uint64_t *reserved)
+{
+    return tx->engine->reserve(tx, key, vid, want, granted, reserved);
+}
+
+kms_err kms_store_versions_delete(struct kms_tx *tx, const uint8_t key[KMS_UUID_LEN])
+{
+    return tx->engine->versions_delete(tx, key);
+}
+
+/* ---- aliases ---- */
+
+kms_err kms_store_alias_get(struct kms_tx *tx, const char *name, struct kms_alias_row *out)
+{
+    return tx->engine->alias_get(tx, name, out);
+}
+
+kms_err kms_store_alias_insert(struct kms_tx *tx, const struct kms_alias_row *r)
+{
+    return tx->engine->alias_insert(tx, r);
+}
+
+kms_err kms_store_alias_update(struct kms_tx *tx, const struct kms_alias_row *r)
+{
+    return tx->engine->alias_update(tx, r);
+}
+
+kms_err kms_store_alias_delete(struct kms_tx *tx, const char *name)
+{
+    return tx->engine->alias_delete(tx, name);
+}
+
+kms_err kms_store_aliases_of_key_delete(struct kms_tx *tx, const uint8_t key[KMS_UUID_LEN],
+                                        void (*fn)(void *arg, const char *name), void *arg)
+{
+    return tx->engine->aliases_of_key_delete(tx, key, fn, arg);
+}
+
+kms_err kms_store_aliases_list(struct kms_tx *tx, const char *from, const uint8_t *key,
+                               size_t limit,
+                               kms_err (*fn)(void *arg, const struct kms_alias_row *r), void *arg)
+{
+    return tx->engine->aliases_list(tx, from, key, limit, fn, arg);
+}
+
+/* ---- root keys ---- */
+
+kms_err kms_store_roots(struct kms_tx *tx, kms_err (*fn)(void *arg, const struct kms_root_row *r),
+                        void *arg)
+{
+    return tx->engine->roots(tx, fn, arg);
+}
+
+kms_err kms_store_root_insert(struct kms_tx *tx, struct kms_root_row *r)
+{
+    return tx->engine->root_insert(tx, r);
+}
+
+/* ---- meta ---- */
+
+kms_err kms_store_meta_get(struct kms_tx *tx, const char *name, char *out, size_t n)
+{
+    return tx->engine->meta_get(tx, name, out, n);
+}
+
+kms_err kms_store_meta_set(struct kms_tx *tx, const char *name, const char *value)
+{
+    return tx->engine->meta_set(tx, name, value);
+}
+
+/* ---- the change sequence ---- */
+
+kms_err kms_store_note_change(struct kms_tx *tx, int kind, const uint8_t *id, const char *name)
+{
+    return tx->engine->note_change(tx, kind, id, name);
+}
+
+kms_err kms_store_change_head(struct kms_tx *tx, int64_t *out)
+{
+    return tx->engine->change_head(tx, out);
+}
+
+kms_err kms_store_change_tail(struct kms_tx *tx, int64_t *out)
+{
+    return tx->engine->change_tail(tx, out);
+}
+
+kms_err kms_store_changes(struct kms_tx *tx, int64_t after, size_t limit,
+                          kms_err (*fn)(void *arg, const struct kms_change *c), void *arg)
+{
+    return tx->engine->changes(tx, after, limit, fn, arg);
+}
+
+kms_err kms_store_changes_prune(struct kms_tx *tx, int64_t before)
+{
+    return tx->engine->changes_prune(tx, before);
+}

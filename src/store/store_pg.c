@@ -1,0 +1,1432 @@
+/*
+ * The PostgreSQL engine of the store (store.h), through libpq, for several
+ * nodes on one database (DESIGN §5). The URL is any libpq connection URI
+ * (postgresql:// or postgres://, sslmode and the rest as libpq reads them).
+ *
+ * Connections: a bounded pool of POOL_SIZE, each made at its first use. A
+ * transaction holds one from kms_store_begin to its commit or rollback; a
+ * begin that finds none free within timeout_ms fails with
+ * KMS_ERR_DEPENDENCY_TIMEOUT. Each connection is made with connect_timeout
+ * (timeout_ms in whole seconds, at least libpq's floor of 2; a connect_timeout
+ * in the URL wins) and runs every statement under statement_timeout =
+ * timeout_ms, so a statement stuck behind a lock or a busy server gives up the
+ * way SQLite's busy timeout does. A connection found dead is closed and made
+ * again at its next use; a BEGIN that finds its connection dead (the server
+ * restarted since) reconnects once, so the store recovers by itself.
+ *
+ * Isolation. store.h's contract is that what a write transaction read cannot
+ * change under it. Row locks keep it here, not SERIALIZABLE: a write
+ * transaction runs at READ COMMITTED and each of its single-row reads (a key,
+ * a version, an alias, a setting) is SELECT ... FOR UPDATE. A second writer of
+ * the same row waits for the first to commit and then reads what it wrote
+ * (two nodes rotating the same due key make one version: the second finds it
+ * no longer due) rather than failing with a serialization error its caller
+ * would have to retry. The root keys are read as a whole ("none yet: make
+ * one"), so a write transaction that reads them locks their table against
+ * other writers first. Other lists read in a write transaction (a key's
+ * versions, its highest ordinal) lock nothing themselves: the key store
+ * writes them only in transactions holding the key's row (kms_key_change,
+ * CreateKey's insert). Read transactions are REPEATABLE READ READ ONLY: one
+ * snapshot, never waiting for writers.
+ *
+ * The change sequence. seq is drawn when a change is written, not when it
+ * commits: two writers could commit out of seq order and a node reading
+ * "changes after N" between the two commits would never see the lower one. So
+ * kms_store_note_change takes a transaction-long advisory lock first: changes
+ * commit one at a time, in seq order, as under SQLite's single writer.
+ *
+ * Statements are prepared once per connection; parameters and results travel
+ * in binary (bytea as its bytes, BIGINT as 8 bytes big-endian). A unique
+ * constraint is INSERT ... ON CONFLICT DO NOTHING, read as
+ * KMS_ERR_ALREADY_EXISTS, so the transaction goes on as it does in SQLite;
+ * any other failure aborts it, and it can only be rolled back.
+ *
+ * Errors: unique_violation KMS_ERR_ALREADY_EXISTS; serialization failure,
+ * deadlock, lock or statement timeout, shutdown, refused and lost connections
+ * KMS_ERR_DEPENDENCY_TIMEOUT; anything else KMS_ERR_INTERNAL. The message the
+ * caller gets is ours (it may reach an API client); the server's primary
+ * message and SQLSTATE, or libpq's words, go to the log and into the
+ * messages of kms_store_open — never the server's DETAIL, which quotes row
+ * contents. The URL's password goes to libpq and nowhere else: the store's
+ * name is the URL without it.
+ */
+#include "config.h"
+
+#include <errno.h>
+#include <libpq-fe.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "common/log.h"
+#include "store/engine.h"
+#include "store/schema.h"
+
+#define POOL_SIZE 8
+#define MAX_PARAMS 14
+
+/* The built-in types' OIDs (pg_type), fixed since PostgreSQL 7. */
+enum { OID_BYTEA = 17, OID_INT8 = 20, OID_TEXT = 25 };
+
+/*
+ * pg_advisory_xact_lock(LOCK_CLASS, what): 'p1km', and what is locked. The
+ * schema's lock serialises two nodes' p11kmsd init; the change sequence's
+ * keeps changes committing in seq order.
+ */
+#define LOCK_CLASS "1882286957"
+#define LOCK_SCHEMA "SELECT pg_advisory_xact_lock(" LOCK_CLASS ", 1)"
+#define LOCK_CHANGES "SELECT pg_advisory_xact_lock(" LOCK_CLASS ", 2)"
+
+enum stmt {
+    S_KEY_GET,
+    S_KEY_GET_LOCK,
+    S_KEY_INSERT,
+    S_KEY_UPDATE,
+    S_KEYS_LIST,
+    S_KEYS_LIST_AFTER,
+    S_KEY_COUNT,
+    S_VERSION_COUNT,
+    S_KEYS_ROTATION_DUE,
+    S_KEYS_DELETION_DUE,
+    S_VERSION_GET,
+    S_VERSION_GET_LOCK,
+    S_VERSION_INSERT,
+    S_VERSIONS,
+    S_VERSION_MAX_N,
+    S_RESERVE_LOCK,
+    S_RESERVE,
+    S_VERSIONS_DELETE,
+    S_ALIAS_GET,
+    S_ALIAS_GET_LOCK,
+    S_ALIAS_INSERT,
+    S_ALIAS_UPDATE,
+    S_ALIAS_DELETE,
+    S_ALIASES_OF_KEY_DELETE,
+    S_ALIASES_OF_KEY_DELETE_NAMES,
+    S_ALIASES_LIST,
+    S_ROOTS,
+    S_ROOT_INSERT,
+    S_META_GET,
+    S_META_GET_LOCK,
+    S_META_SET,
+    S_NOTE_CHANGE,
+    S_CHANGE_HEAD,
+    S_CHANGE_TAIL,
+    S_CHANGES,
+    S_CHANGES_PRUNE,
+    S_COUNT
+};
+
+#define KEY_COLUMNS                                                                     \
+    "id, created, description, state, deletion_date, rotation_enabled, rotation_days, " \
+    "rotation_seconds, next_rotation, current_vid, on_demand, token_resident, policy, rev"
+#define VERSION_COLUMNS "key_id, vid, n, created, rotation, reserved, bound, root_id, wrapped"
+#define ALIAS_COLUMNS "name, target, created, updated"
+
+static const char *const sql[S_COUNT] = {
+    [S_KEY_GET] = "SELECT " KEY_COLUMNS " FROM keys WHERE id = $1",
+    [S_KEY_GET_LOCK] = "SELECT " KEY_COLUMNS " FROM keys WHERE id = $1 FOR UPDATE",
+    [S_KEY_INSERT] = "INSERT INTO keys (" KEY_COLUMNS ") VALUES "
+                     "($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, 1) "
+                     "ON CONFLICT DO NOTHING",
+    [S_KEY_UPDATE] = "UPDATE keys SET description = $3, state = $4, deletion_date = $5, "
+                     "rotation_enabled = $6, rotation_days = $7, rotation_seconds = $8, "
+                     "next_rotation = $9, current_vid = $10, on_demand = $11, "
+                     "token_resident = $12, policy = $13, rev = rev + 1 "
+                     "WHERE id = $1 AND rev = $14",
+    [S_KEYS_LIST] = "SELECT " KEY_COLUMNS " FROM keys WHERE state <> 3 ORDER BY id LIMIT $1",
+    [S_KEYS_LIST_AFTER] = "SELECT " KEY_COLUMNS " FROM keys WHERE state <> 3 AND id >= $2 "
+                          "ORDER BY id LIMIT $1",
+    [S_KEY_COUNT] = "SELECT count(*) FROM keys WHERE state <> 3",
+    [S_VERSION_COUNT] = "SELECT count(*) FROM versions",
+    [S_KEYS_ROTATION_DUE] = "SELECT id FROM keys WHERE state = 0 AND rotation_enabled = 1 "
+                            "AND token_resident = 0 AND next_rotation <= $1 "
+                            "ORDER BY next_rotation LIMIT $2",
+    [S_KEYS_DELETION_DUE] = "SELECT id FROM keys WHERE state = 2 AND deletion_date <= $1 "
+                            "ORDER BY deletion_date LIMIT $2",
+    [S_VERSION_GET] = "SELECT " VERSION_COLUMNS " FROM versions WHERE key_id = $1 AND vid = $2",
+    [S_VERSION_GET_LOCK] = "SELECT " VERSION_COLUMNS " FROM versions "
+                           "WHERE key_id = $1 AND vid = $2 FOR UPDATE",
+    [S_VERSION_INSERT] = "INSERT INTO versions (" VERSION_COLUMNS ") VALUES "
+                         "($1, $2, $3, $4, $5, $6, $7, $8, $9) ON CONFLICT DO NOTHING",
+    [S_VERSIONS] = "SELECT " VERSION_COLUMNS " FROM versions WHERE key_id = $1 ORDER BY n",
+    [S_VERSION_MAX_N] = "SELECT coalesce(max(n), 0) FROM versions WHERE key_id = $1",
+    [S_RESERVE_LOCK] = "SELECT reserved FROM versions WHERE key_id = $1 AND vid = $2 FOR UPDATE",
+    /* least($3, bound) first: a huge request cannot overflow the sum */
+    [S_RESERVE] = "UPDATE versions SET reserved = least(bound, reserved + least($3, bound)) "
+                  "WHERE key_id = $1 AND vid = $2 RETURNING reserved",
+    [S_VERSIONS_DELETE] = "DELETE FROM versions WHERE key_id = $1",
+    [S_ALIAS_GET] = "SELECT " ALIAS_COLUMNS " FROM aliases WHERE name = $1",
+    [S_ALIAS_GET_LOCK] = "SELECT " ALIAS_COLUMNS " FROM aliases WHERE name = $1 FOR UPDATE",
+    [S_ALIAS_INSERT] = "INSERT INTO aliases (" ALIAS_COLUMNS ") VALUES ($1, $2, $3, $4) "
+                       "ON CONFLICT DO NOTHING",
+    [S_ALIAS_UPDATE] = "UPDATE aliases SET target = $2, updated = $4 WHERE name = $1",
+    [S_ALIAS_DELETE] = "DELETE FROM aliases WHERE name = $1",
+    [S_ALIASES_OF_KEY_DELETE] = "DELETE FROM aliases WHERE target = $1",
+    [S_ALIASES_OF_KEY_DELETE_NAMES] = "WITH gone AS (DELETE FROM aliases WHERE target = $1 "
+                                      "RETURNING name) SELECT name FROM gone ORDER BY name",
+    [S_ALIASES_LIST] = "SELECT " ALIAS_COLUMNS " FROM aliases "
+                       "WHERE name >= $1 AND ($2 IS NULL OR target = $2) ORDER BY name LIMIT $3",
+    [S_ROOTS] = "SELECT id, cka_id, label, created, state FROM roots ORDER BY id",
+    [S_ROOT_INSERT] = "INSERT INTO roots (cka_id, label, created, state) VALUES ($1, $2, $3, $4) "
+                      "ON CONFLICT DO NOTHING RETURNING id",
+    [S_META_GET] = "SELECT value FROM meta WHERE name = $1",
+    [S_META_GET_LOCK] = "SELECT value FROM meta WHERE name = $1 FOR UPDATE",
+    [S_META_SET] = "INSERT INTO meta (name, value) VALUES ($1, $2) "
+                   "ON CONFLICT (name) DO UPDATE SET value = excluded.value",
+    [S_NOTE_CHANGE] = "INSERT INTO changes (kind, key_id, name, at) VALUES ($1, $2, $3, $4)",
+    [S_CHANGE_HEAD] = "SELECT coalesce(max(seq), 0) FROM changes",
+    [S_CHANGE_TAIL] = "SELECT coalesce(min(seq), 0) FROM changes",
+    [S_CHANGES] = "SELECT seq, kind, key_id, name FROM changes WHERE seq > $1 ORDER BY seq "
+                  "LIMIT $2",
+    [S_CHANGES_PRUNE] = "DELETE FROM changes WHERE at < $1 AND seq < (SELECT max(seq) FROM "
+                        "changes)",
+};
+
+/* A connection of the pool. */
+struct pg_conn {
+    PGconn *pg;                      /* NULL: not made yet, or dropped */
+    unsigned char prepared[S_COUNT]; /* statements prepared on this connection */
+    struct pg_conn *next_free;
+};
+
+/*
+ * A thread's transaction handle (its base is the struct kms_tx handed out):
+ * made at the thread's first transaction and kept until the store closes, so
+ * a finished transaction's handle never points into another's connection.
+ */
+struct pg_tx {
+    struct kms_tx base;
+    struct pg_store *st;
+    struct pg_conn *c; /* held while a transaction is open, else NULL */
+    int write;
+    int roots_locked; /* the roots' table lock is held */
+    int changes_lock; /* the change sequence's lock is held */
+    struct pg_tx *next;
+};
+
+struct pg_store {
+    struct kms_store base; /* its name: the URL without its password */
+    char *url;             /* with its password: for libpq only */
+    unsigned timeout_ms;
+    char connect_timeout[16]; /* seconds, as libpq reads it */
+    pthread_mutex_t lock;
+    pthread_cond_t freed; /* a connection came back to the pool */
+    struct pg_conn conns[POOL_SIZE];
+    struct pg_conn *free;
+    pthread_key_t thread; /* this thread's struct pg_tx */
+    struct pg_tx *txs;
+};
+
+static struct pg_tx *tx_of(struct kms_tx *tx)
+{
+    return (struct pg_tx *)tx;
+}
+
+static struct pg_store *store_of(struct kms_store *st)
+{
+    return (struct pg_store *)st;
+}
+
+/* ---- the URL ---- */
+
+static int hex_digit(char c)
+{
+    return c >= '0' && c <= '9'   ? c - '0'
+           : c >= 'a' && c <= 'f' ? c - 'a' + 10
+           : c >= 'A' && c <= 'F' ? c - 'A' + 10
+                                  : -1;
+}
+
+/*
+ * Whether the query parameter p (n bytes, "key=value") holds a secret: the
+ * password, or the client key's. libpq percent-decodes keys too, so the key
+ * is compared decoded ("pass%77ord" is the password).
+ */
+static int secret_param(const char *p, size_t n)
+{
+    char key[16];
+    size_t k = 0;
+    for (size_t i = 0; i < n && p[i] != '='; i++) {
+        char c = p[i];
+        if (c == '%' && i + 2 < n && hex_digit(p[i + 1]) >= 0 && hex_digit(p[i + 2]) >= 0) {
+            c = (char)(hex_digit(p[i + 1]) * 16 + hex_digit(p[i + 2]));
+            i += 2;
+        }
+        if (k + 1 >= sizeof key)
+            return 0; /* longer than any secret's key */
+        key[k++] = c;
+    }
+    key[k] = '\0';
+    return strcmp(key, "password") == 0 || strcmp(key, "sslpassword") == 0;
+}
+
+/*
+ * The URL without its secrets, for logs and messages: the password of its
+ * user information (user:password@) and password parameters go; the rest
+ * stays as written. NULL when out of memory.
+ */
+static char *url_redact(const char *url)
+{
+    size_t n = strlen(url), o = 0;
+    char *out = malloc(n + 1);
+    if (!out)
+        return NULL;
+    const char *auth = strstr(url, "://");
+    auth = auth ? auth + 3 : url;
+    const char *end = auth + strcspn(auth, "/?");
+    const char *at = NULL;
+    for (const char *p = auth; p < end; p++)
+        if (*p == '@')
+            at = p;
+    memcpy(out, url, (size_t)(auth - url));
+    o = (size_t)(auth - url);
+    if (at) {
+        const char *colon = memchr(auth, ':', (size_t)(at - auth));
+        const char *user_end = colon ? colon : at;
+        memcpy(out + o, auth, (size_t)(user_end - auth));
+        o += (size_t)(user_end - auth);
+        auth = at;
+    }
+    const char *query = strchr(end, '?');
+    size_t upto = query ? (size_t)(query - auth) : strlen(auth);
+    memcpy(out + o, auth, upto);
+    o += upto;
+    if (query) {
+        char sep = '?';
+        for (const char *p = query + 1; *p;) {
+            size_t len = strcspn(p, "&");
+            if (len && !secret_param(p, len)) {
+                out[o++] = sep;
+                memcpy(out + o, p, len);
+                o += len;
+                sep = '&';
+            }
+            p += len + (p[len] == '&');
+        }
+    }
+    out[o] = '\0';
+    return out;
+}
+
+/* libpq's message on one line, without its trailing newline. */
+static void one_line(const char *msg, char *out, size_t n)
+{
+    size_t o = 0;
+    for (const char *p = msg ? msg : ""; *p && o + 1 < n; p++) {
+        char c = *p == '\n' || *p == '\t' ? ' ' : *p;
+        if (c == ' ' && (o == 0 || out[o - 1] == ' '))
+            continue;
+        out[o++] = c;
+    }
+    while (o > 0 && out[o - 1] == ' ')
+        o--;
+    out[o] = '\0';
+}
+
+/* ---- failures ---- */
+
+/* SQLSTATEs worth a retry later: the database was busy, or went away. */
+static int transient(const char *state)
+{
+    static const char *const codes[] = {
+        "40001", /* serialization_failure */
+        "40P01", /* deadlock_detected */
+        "55P03", /* lock_not_available */
+        "57014", /* query_canceled: statement_timeout */
+        "57P01", /* admin_shutdown */
+        "57P02", /* crash_shutdown */
+        "57P03", /* cannot_connect_now: starting or stopping */
+        "53300", /* too_many_connections */
+    };
+    if (!state)
+        return 0;
+    if (strncmp(state, "08", 2) == 0) /* connection_exception and its kind */
+        return 1;
+    for (size_t i = 0; i < sizeof codes / sizeof codes[0]; i++)
+        if (strcmp(state, codes[i]) == 0)
+            return 1;
+    return 0;
+}
+
+/*
+ * The error for a failed statement: r (may be NULL) is cleared. words, when
+ * given, gets the server's primary message (for open's own messages).
+ */
+static kms_err pg_fail(struct pg_store *st, PGconn *pg, PGresult *r, const char *what, char *words,
+                       size_t n)
+{
+    const char *state = r ? PQresultErrorField(r, PG_DIAG_SQLSTATE) : NULL;
+    const char *primary = r ? PQresultErrorField(r, PG_DIAG_MESSAGE_PRIMARY) : NULL;
+    char msg[256];
+    kms_err e;
+    /*
+     * Only the primary message: DETAIL quotes row contents. Without one, the
+     * failure is libpq's own (a lost connection), whose words name no row.
+     */
+    one_line(primary ? primary : PQerrorMessage(pg), msg, sizeof msg);
+    if (words)
+        snprintf(words, n, "%s", msg);
+    if (state && strcmp(state, "23505") == 0) {
+        e = KMS_FAIL(KMS_ERR_ALREADY_EXISTS, "The entry already exists");
+    } else if (transient(state) || PQstatus(pg) != CONNECTION_OK) {
+        kms_warn("database %s: %s: %s (%s)", st->base.name, what, msg,
+                 state ? state : "connection lost");
+        e = KMS_FAIL(KMS_ERR_DEPENDENCY_TIMEOUT, "The key store's database did not answer in time");
+    } else {
+        kms_error("database %s: %s: %s (SQLSTATE %s)", st->base.name, what, msg,
+                  state ? state : "none");
+        e = KMS_FAIL(KMS_ERR_INTERNAL, "The key store's database failed");
+    }
+    PQclear(r);
+    return e;
+}
+
+/* ---- connections ---- */
+
+/* Server notices (a WARNING at shutdown, ...): their primary message, at debug level. */
+static void on_notice(void *arg, const PGresult *r)
+{
+    struct pg_store *st = arg;
+    char msg[256];
+    one_line(PQresultErrorField(r, PG_DIAG_MESSAGE_PRIMARY), msg, sizeof msg);
+    kms_debug("database %s: %s", st->base.name, msg);
+}
+
+static void conn_drop(struct pg_conn *c)
+{
+    PQfinish(c->pg);
+    c->pg = NULL;
+    memset(c->prepared, 0, sizeof c->prepared);
+}
+
+/*
+ * Makes c's connection, with the settings every connection has. A failure is
+ * logged with libpq's words and answered in ours (callers' messages reach
+ * API clients); words, when given, gets libpq's (for open's own messages).
+ */
+static kms_err conn_make(struct pg_store *st, struct pg_conn *c, char *words, size_t n)
+{
+    /*
+     * Ours first, then the URL (dbname, expanded): libpq takes the last value
+     * of a key, so the URL's own connect_timeout or keepalives win. The
+     * statement timeout is the server's; keepalives (idle as long as the
+     * connect timeout, then 2 probes 1 s apart) are what notice a server that
+     * went silent, a partition, while we wait for an answer.
+     */
+    static const char *const keys[] = {"connect_timeout",  "client_encoding", "application_name",
+                                       "keepalives",       "keepalives_idle", "keepalives_interval",
+                                       "keepalives_count", "dbname",          NULL};
+    const char *values[] = {
+        st->connect_timeout, "UTF8", "p11kmsd", "1", st->connect_timeout, "1", "2", st->url, NULL};
+    char msg[256], set[64];
+
+    conn_drop(c);
+    c->pg = PQconnectdbParams(keys, values, 1);
+    if (!c->pg || PQstatus(c->pg) != CONNECTION_OK) {
+        one_line(c->pg ? PQerrorMessage(c->pg) : "out of memory", msg, sizeof msg);
+        conn_drop(c);
+        kms_warn("database %s: cannot connect: %s", st->base.name, msg);
+        if (words)
+            snprintf(words, n, "%s", msg);
+        return KMS_FAIL(KMS_ERR_DEPENDENCY_TIMEOUT,
+                        "The key store's database did not answer in time");
+    }
+    PQsetNoticeReceiver(c->pg, on_notice, st);
+    /* The busy timeout's counterpart: no statement waits longer (a lock, a busy server). */
+    snprintf(set, sizeof set, "SET statement_timeout = %u", st->timeout_ms);
+    PGresult *r = PQexec(c->pg, set);
+    if (PQresultStatus(r) != PGRES_COMMAND_OK) {
+        kms_err e = pg_fail(st, c->pg, r, "settings", words, n);
+        conn_drop(c);
+        return e;
+    }
+    PQclear(r);
+    return KMS_OK;
+}
+
+/* A connection of the pool, free within timeout_ms; not necessarily made yet. */
+static kms_err pool_take(struct pg_store *st, struct pg_conn **out)
+{
+    struct timespec end;
+    int rc = 0;
+    clock_gettime(CLOCK_MONOTONIC, &end);
+    end.tv_sec += st->timeout_ms / 1000;
+    end.tv_nsec += (long)(st->timeout_ms % 1000) * 1000000L;
+    if (end.tv_nsec >= 1000000000L) {
+        end.tv_sec++;
+        end.tv_nsec -= 1000000000L;
+    }
+    pthread_mutex_lock(&st->lock);
+    while (!st->free && rc != ETIMEDOUT)
+        rc = pthread_cond_timedwait(&st->freed, &st->lock, &end);
+    struct pg_conn *c = st->free;
+    if (c)
+        st->free = c->next_free;
+    pthread_mutex_unlock(&st->lock);
+    if (!c) {
+        kms_warn("database %s: all %d connections stayed busy for %u ms", st->base.name, POOL_SIZE,
+                 st->timeout_ms);
+        return KMS_FAIL(KMS_ERR_DEPENDENCY_TIMEOUT,
+                        "The key store's database did not answer in time");
+    }
+    *out = c;
+    return KMS_OK;
+}
+
+/* Gives c back; a connection that is dead or still in a transaction is dropped first. */
+static void pool_give(struct pg_store *st, struct pg_conn *c)
+{
+    if (c->pg && (PQstatus(c->pg) != CONNECTION_OK || PQtransactionStatus(c->pg) != PQTRANS_IDLE))
+        conn_drop(c);
+    pthread_mutex_lock(&st->lock);
+    c->next_free = st->free;
+    st->free = c;
+    pthread_cond_signal(&st->freed);
+    pthread_mutex_unlock(&st->lock);
+}
+
+static kms_err this_thread(struct pg_store *st, struct pg_tx **out)
+{
+    struct pg_tx *t = pthread_getspecific(st->thread);
+    if (!t) {
+        t = calloc(1, sizeof *t);
+        KMS_ENSURE(t != NULL, KMS_ERR_INTERNAL, "out of memory");
+        t->base.engine = &kms_store_pg;
+        t->st = st;
+        pthread_mutex_lock(&st->lock);
+        t->next = st->txs;
+        st->txs = t;
+        pthread_mutex_unlock(&st->lock);
+        pthread_setspecific(st->thread, t);
+    }
+    *out = t;
+    return KMS_OK;
+}
+
+/* Runs SQL without parameters or wanted rows on t's connection (BEGIN, LOCK, DDL, ...). */
+static kms_err simple(struct pg_tx *t, const char *text, const char *what, char *words, size_t n)
+{
+    PGresult *r = PQexec(t->c->pg, text);
+    ExecStatusType x = PQresultStatus(r);
+    if (x != PGRES_COMMAND_OK && x != PGRES_TUPLES_OK)
+        return pg_fail(t->st, t->c->pg, r, what, words, n);
+    PQclear(r);
+    return KMS_OK;
+}
+
+/* ---- statements ---- */
+
+struct params {
+    int n;
+    const char *values[MAX_PARAMS];
+    int lengths[MAX_PARAMS];
+    int formats[MAX_PARAMS];
+    Oid types[MAX_PARAMS];
+    char ints[MAX_PARAMS][8];
+};
+
+static void p_int(struct params *p, int64_t v)
+{
+    int i = p->n++;
+    uint64_t u = (uint64_t)v;
+    for (int b = 0; b < 8; b++)
+        p->ints[i][b] = (char)(u >> (56 - 8 * b));
+    p->values[i] = p->ints[i];
+    p->lengths[i] = 8;
+    p->formats[i] = 1;
+    p->types[i] = OID_INT8;
+}
+
+/* A count or a limit: a size_t past int64's range is as good as no limit. */
+static void p_size(struct params *p, size_t v)
+{
+    p_int(p, v > (size_t)INT64_MAX ? INT64_MAX : (int64_t)v);
+}
+
+/* A bigint NULL. */
+static void p_null_int(struct params *p)
+{
+    p_int(p, 0);
+    p->values[p->n - 1] = NULL;
+}
+
+/* Bytes as bytea; NULL is SQL NULL. */
+static void p_bytes(struct params *p, const void *b, size_t n)
+{
+    int i = p->n++;
+    p->values[i] = b;
+    p->lengths[i] = (int)n;
+    p->formats[i] = 1;
+    p->types[i] = OID_BYTEA;
+}
+
+/* Text (text's binary form is its bytes); NULL is SQL NULL. */
+static void p_text(struct params *p, const char *s)
+{
+    int i = p->n++;
+    p->values[i] = s;
+    p->lengths[i] = s ? (int)strlen(s) : 0;
+    p->formats[i] = 1;
+    p->types[i] = OID_TEXT;
+}
+
+/*
+ * Runs statement s with p in t's open transaction; rows come back in binary.
+ * On success *out holds the result, which the caller clears.
+ */
+static kms_err run(struct pg_tx *t, enum stmt s, const struct params *p, PGresult **out,
+                   const char *what)
+{
+    char name[16];
+    KMS_ENSURE(t->c != NULL, KMS_ERR_INTERNAL, "no open transaction");
+    PGconn *pg = t->c->pg;
+    snprintf(name, sizeof name, "p11kms_%d", (int)s);
+    if (!t->c->prepared[s]) {
+        PGresult *r = PQprepare(pg, name, sql[s], p->n, p->types);
+        if (PQresultStatus(r) != PGRES_COMMAND_OK)
+            return pg_fail(t->st, pg, r, what, NULL, 0);
+        PQclear(r);
+        t->c->prepared[s] = 1;
+    }
+    PGresult *r = PQexecPrepared(pg, name, p->n, p->values, p->lengths, p->formats, 1);
+    ExecStatusType x = PQresultStatus(r);
+    if (x != PGRES_COMMAND_OK && x != PGRES_TUPLES_OK)
+        return pg_fail(t->st, pg, r, what, NULL, 0);
+    *out = r;
+    return KMS_OK;
+}
+
+/* Runs s for its effect; *changed (may be NULL) is the number of rows it wrote. */
+static kms_err run_write(struct pg_tx *t, enum stmt s, const struct params *p, long *changed,
+                         const char *what)
+{
+    PGresult *r;
+    KMS_GUARD(run(t, s, p, &r, what));
+    if (changed)
+        *changed = strtol(PQcmdTuples(r), NULL, 10);
+    PQclear(r);
+    return KMS_OK;
+}
+
+/* A BIGINT column of the binary result (every integer column is one). */
+static int64_t col_int(const PGresult *r, int row, int col)
+{
+    const unsigned char *p = (const unsigned char *)PQgetvalue(r, row, col);
+    uint64_t v = 0;
+    if (PQgetisnull(r, row, col) || PQgetlength(r, row, col) != 8)
+        return 0;
+    for (int b = 0; b < 8; b++)
+        v = v << 8 | p[b];
+    return (int64_t)v;
+}
+
+static int col_id(const PGresult *r, int row, int col, uint8_t out[KMS_UUID_LEN])
+{
+    if (PQgetisnull(r, row, col) || PQgetlength(r, row, col) != KMS_UUID_LEN)
+        return 0;
+    memcpy(out, PQgetvalue(r, row, col), KMS_UUID_LEN);
+    return 1;
+}
+
+/* A text column, or NULL (libpq ends even binary values with a zero byte). */
+static const char *col_text(const PGresult *r, int row, int col)
+{
+    return PQgetisnull(r, row, col) ? NULL : PQgetvalue(r, row, col);
+}
+
+/* The first column of a one-row answer (a count, a max). */
+static kms_err one_int(struct pg_tx *t, enum stmt s, const struct params *p, int64_t *out,
+                       const char *what)
+{
+    PGresult *r;
+    KMS_GUARD(run(t, s, p, &r, what));
+    *out = PQntuples(r) > 0 ? col_int(r, 0, 0) : 0;
+    PQclear(r);
+    return KMS_OK;
+}
+
+/* ---- the schema ---- */
+
+/* The schema version the database holds: 0 when it has none of our tables. */
+static kms_err read_version(struct pg_tx *t, int *out, char *words, size_t n)
+{
+    PGresult *r = PQexec(t->c->pg, "SELECT to_regclass('schema_version') IS NOT NULL");
+    if (PQresultStatus(r) != PGRES_TUPLES_OK)
+        return pg_fail(t->st, t->c->pg, r, "schema version", words, n);
+    int exists = PQntuples(r) == 1 && strcmp(PQgetvalue(r, 0, 0), "t") == 0;
+    PQclear(r);
+    *out = 0;
+    if (!exists)
+        return KMS_OK;
+    r = PQexec(t->c->pg, "SELECT max(version) FROM schema_version");
+    if (PQresultStatus(r) != PGRES_TUPLES_OK)
+        return pg_fail(t->st, t->c->pg, r, "schema version", words, n);
+    *out = PQntuples(r) == 1 ? atoi(PQgetvalue(r, 0, 0)) : 0;
+    PQclear(r);
+    return KMS_OK;
+}
+
+/* Runs the migrations after have in t (a write transaction holding the schema's lock). */
+static kms_err migrate(struct pg_tx *t, int have, char *words, size_t n)
+{
+    char text[96];
+    if (have == 0)
+        KMS_GUARD(simple(t,
+                         "CREATE TABLE schema_version (version INTEGER NOT NULL, "
+                         "single BOOLEAN PRIMARY KEY DEFAULT TRUE CHECK (single));"
+                         "INSERT INTO schema_version (version) VALUES (0)",
+                         "migration", words, n));
+    for (int v = have + 1; v <= kms_schema_count(); v++) {
+        KMS_GUARD(simple(t, kms_schema_migration(KMS_SCHEMA_POSTGRESQL, v), "migration", words, n));
+        snprintf(text, sizeof text, "UPDATE schema_version SET version = %d", v);
+        KMS_GUARD(simple(t, text, "migration", words, n));
+        kms_info("database %s: schema migrated to version %d", t->st->base.name, v);
+    }
+    return KMS_OK;
+}
+
+static kms_err begin_on(struct pg_store *st, int mode, struct kms_tx **out, char *words, size_t n);
+static kms_err pg_commit(struct kms_tx *base);
+static void pg_rollback(struct kms_tx *base);
+
+/*
+ * Brings the schema to this binary's version (INIT) or checks it is (OPEN).
+ * INIT holds the schema's advisory lock while it reads and migrates, so two
+ * nodes initialising at once migrate once.
+ */
+static kms_err schema(struct pg_store *st, int mode)
+{
+    struct kms_tx *tx;
+    char words[256] = "";
+    int have = 0;
+    kms_err rc =
+        begin_on(st, mode == KMS_STORE_INIT ? KMS_TX_WRITE : KMS_TX_READ, &tx, words, sizeof words);
+    KMS_ENSURE(rc == KMS_OK || !words[0], rc, "cannot connect to the database %s: %s",
+               st->base.name, words);
+    KMS_GUARD(rc);
+    struct pg_tx *t = tx_of(tx);
+    if (mode == KMS_STORE_INIT)
+        rc = simple(t, LOCK_SCHEMA, "migration", words, sizeof words);
+    if (rc == KMS_OK)
+        rc = read_version(t, &have, words, sizeof words);
+    if (rc == KMS_OK) {
+        words[0] = '\0';
+        rc = kms_store_schema_usable(st->base.name, have, mode);
+    }
+    if (rc == KMS_OK && have < kms_schema_count())
+        rc = migrate(t, have, words, sizeof words);
+    if (rc == KMS_OK)
+        rc = pg_commit(tx);
+    pg_rollback(tx);
+    if (rc != KMS_OK && words[0])
+        rc = KMS_FAIL(rc, "cannot use the database %s: %s", st->base.name, words);
+    return rc;
+}
+
+/* ---- the database ---- */
+
+static void pg_close(struct kms_store *base)
+{
+    struct pg_store *st = store_of(base);
+    while (st->txs) {
+        struct pg_tx *t = st->txs;
+        st->txs = t->next;
+        free(t);
+    }
+    for (int i = 0; i < POOL_SIZE; i++)
+        conn_drop(&st->conns[i]);
+    pthread_key_delete(st->thread);
+    pthread_cond_destroy(&st->freed);
+    pthread_mutex_destroy(&st->lock);
+    if (st->url)
+        explicit_bzero(st->url, strlen(st->url));
+    free(st->url);
+    free(st->base.name);
+    free(st);
+}
+
+static kms_err pg_open(const struct kms_store_config *cfg, struct kms_store **out)
+{
+    PQconninfoOption *opts;
+    char *err = NULL;
+    pthread_condattr_t ca;
+
+    /* libpq's words about a bad URL may quote it, password and all: ours only. */
+    opts = PQconninfoParse(cfg->url, &err);
+    PQconninfoFree(opts);
+    PQfreemem(err);
+    KMS_ENSURE(opts != NULL, KMS_ERR_VALIDATION,
+               "database: not a PostgreSQL connection URI (postgresql://user@host:port/name)");
+    struct pg_store *st = calloc(1, sizeof *st);
+    KMS_ENSURE(st != NULL, KMS_ERR_INTERNAL, "out of memory");
+    st->base.engine = &kms_store_pg;
+    st->url = strdup(cfg->url);
+    st->base.name = url_redact(cfg->url);
+    st->timeout_ms = cfg->timeout_ms ? cfg->timeout_ms : 5000;
+    /* libpq counts whole seconds and treats less than 2 as 2 */
+    snprintf(st->connect_timeout, sizeof st->connect_timeout, "%u",
+             st->timeout_ms < 2000 ? 2 : (st->timeout_ms + 999) / 1000);
+    pthread_mutex_init(&st->lock, NULL);
+    pthread_condattr_init(&ca);
+    pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
+    pthread_cond_init(&st->freed, &ca);
+    pthread_condattr_destroy(&ca);
+    for (int i = POOL_SIZE - 1; i >= 0; i--) {
+        st->conns[i].next_free = st->free;
+        st->free = &st->conns[i];
+    }
+    if (!st->url || !st->base.name || pthread_key_create(&st->thread, NULL) != 0) {
+        pthread_cond_destroy(&st->freed);
+        pthread_mutex_destroy(&st->lock);
+        free(st->url);
+        free(st->base.name);
+        free(st);
+        return KMS_FAIL(KMS_ERR_INTERNAL, "out of memory");
+    }
+    kms_err rc = schema(st, cfg->mode);
+    if (rc != KMS_OK) {
+        if (kms_err_message()[0] && strstr(kms_err_message(), st->base.name) == NULL)
+            rc = KMS_FAIL(rc, "cannot use the database %s: %s", st->base.name, kms_err_message());
+        pg_close(&st->base);
+        return rc;
+    }
+    *out = &st->base;
+    return KMS_OK;
+}
+
+static kms_err pg_database_version(struct kms_store *base, int *out)
+{
+    struct kms_tx *tx;
+    KMS_GUARD(begin_on(store_of(base), KMS_TX_READ, &tx, NULL, 0));
+    kms_err rc = read_version(tx_of(tx), out, NULL, 0);
+    if (rc == KMS_OK)
+        rc = pg_commit(tx);
+    pg_rollback(tx);
+    return rc;
+}
+
+static kms_err pg_backup(struct kms_store *base, const char *path)
+{
+    (void)path;
+    return KMS_FAIL(KMS_ERR_UNSUPPORTED,
+                    "the database %s is PostgreSQL: back it up with pg_dump (or WAL archiving "
+                    "for point-in-time recovery); p11kmsd backup copies SQLite databases only",
+                    base->name);
+}
+
+/* ---- transactions ---- */
+
+/* Begins a transaction; words, when given, gets the server's or libpq's words of a failure. */
+static kms_err begin_on(struct pg_store *st, int mode, struct kms_tx **out, char *words, size_t n)
+{
+    struct pg_tx *t = NULL;
+    struct pg_conn *c = NULL;
+    const char *begin = mode == KMS_TX_WRITE ? "BEGIN ISOLATION LEVEL READ COMMITTED"
+                                             : "BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY";
+    KMS_GUARD(this_thread(st, &t));
+    KMS_ENSURE(!t->c, KMS_ERR_INTERNAL, "a transaction is already open on this thread");
+    KMS_GUARD(pool_take(st, &c));
+    t->c = c;
+    kms_err rc = c->pg && PQstatus(c->pg) == CONNECTION_OK ? KMS_OK : conn_make(st, c, words, n);
+    if (rc == KMS_OK) {
+        PGresult *r = PQexec(c->pg, begin);
+        if (PQresultStatus(r) != PGRES_COMMAND_OK && PQstatus(c->pg) != CONNECTION_OK) {
+            /* Dropped by the server since its last use (a restart): made again, once. */
+            PQclear(r);
+            kms_info("database %s: connection lost since its last use; reconnecting",
+                     st->base.name);
+            rc = conn_make(st, c, words, n);
+            r = rc == KMS_OK ? PQexec(c->pg, begin) : NULL;
+        }
+        if (rc == KMS_OK && PQresultStatus(r) != PGRES_COMMAND_OK)
+            rc = pg_fail(st, c->pg, r, "begin", words, n);
+        else
+            PQclear(r);
+    }
+    if (rc != KMS_OK) {
+        t->c = NULL;
+        pool_give(st, c);
+        return rc;
+    }
+    t->write = mode == KMS_TX_WRITE;
+    t->roots_locked = 0;
+    t->changes_lock = 0;
+    *out = &t->base;
+    return KMS_OK;
+}
+
+static kms_err pg_begin(struct kms_store *base, int mode, struct kms_tx **out)
+{
+    return begin_on(store_of(base), mode, out, NULL, 0);
+}
+
+/* Ends t's hold on its connection (rolled back first if still in a transaction). */
+static void release(struct pg_tx *t)
+{
+    struct pg_conn *c = t->c;
+    t->c = NULL;
+    if (c->pg && PQstatus(c->pg) == CONNECTION_OK && PQtransactionStatus(c->pg) != PQTRANS_IDLE)
+        PQclear(PQexec(c->pg, "ROLLBACK"));
+    pool_give(t->st, c);
+}
+
+static kms_err pg_commit(struct kms_tx *base)
+{
+    struct pg_tx *t = tx_of(base);
+    KMS_ENSURE(t->c != NULL, KMS_ERR_INTERNAL, "no transaction to commit");
+    PGresult *r = PQexec(t->c->pg, "COMMIT");
+    kms_err rc = KMS_OK;
+    if (PQresultStatus(r) != PGRES_COMMAND_OK) {
+        /* Lost while committing: the outcome is unknown to us, and failed to the caller. */
+        rc = pg_fail(t->st, t->c->pg, r, "commit", NULL, 0);
+    } else {
+        /* COMMIT of a transaction a statement failed in answers ROLLBACK. */
+        int committed = strcmp(PQcmdStatus(r), "COMMIT") == 0;
+        PQclear(r);
+        if (!committed)
+            rc = KMS_FAIL(KMS_ERR_INTERNAL,
+                          "The transaction was rolled back: one of its statements failed");
+    }
+    release(t);
+    return rc;
+}
+
+static void pg_rollback(struct kms_tx *base)
+{
+    struct pg_tx *t = tx_of(base);
+    if (t->c)
+        release(t);
+}
+
+/* ---- keys ---- */
+
+static kms_err key_from(const PGresult *r, int row, struct kms_key_row *k)
+{
+    const char *d = col_text(r, row, 2);
+    const char *p = col_text(r, row, 12);
+    memset(k, 0, sizeof *k);
+    KMS_ENSURE(col_id(r, row, 0, k->id), KMS_ERR_INTERNAL, "a key row without a valid id");
+    k->created = col_int(r, row, 1);
+    k->description = strdup(d ? d : "");
+    KMS_ENSURE(k->description != NULL, KMS_ERR_INTERNAL, "out of memory");
+    k->state = (int)col_int(r, row, 3);
+    k->deletion_date = col_int(r, row, 4);
+    k->rotation_enabled = (int)col_int(r, row, 5);
+    k->rotation_days = col_int(r, row, 6);
+    k->rotation_seconds = col_int(r, row, 7);
+    k->next_rotation = col_int(r, row, 8);
+    k->current = (uint32_t)col_int(r, row, 9);
+    k->on_demand = (uint32_t)col_int(r, row, 10);
+    k->token_resident = (int)col_int(r, row, 11);
+    k->rev = col_int(r, row, 13);
+    if (p) {
+        k->policy = strdup(p);
+        KMS_ENSURE(k->policy != NULL, KMS_ERR_INTERNAL, "out of memory");
+    }
+    return KMS_OK;
+}
+
+static void bind_key(struct params *p, const struct kms_key_row *k)
+{
+    p_bytes(p, k->id, KMS_UUID_LEN);
+    p_int(p, k->created);
+    p_text(p, k->description ? k->description : "");
+    p_int(p, k->state);
+    p_int(p, k->deletion_date);
+    p_int(p, k->rotation_enabled);
+    p_int(p, k->rotation_days);
+    p_int(p, k->rotation_seconds);
+    p_int(p, k->next_rotation);
+    p_int(p, k->current);
+    p_int(p, k->on_demand);
+    p_int(p, k->token_resident);
+    p_text(p, k->policy);
+}
+
+static kms_err pg_key_get(struct kms_tx *base, const uint8_t id[KMS_UUID_LEN],
+                          struct kms_key_row *out)
+{
+    struct pg_tx *t = tx_of(base);
+    struct params p = {0};
+    PGresult *r;
+    p_bytes(&p, id, KMS_UUID_LEN);
+    KMS_GUARD(run(t, t->write ? S_KEY_GET_LOCK : S_KEY_GET, &p, &r, "read a key"));
+    kms_err rc = PQntuples(r) == 1 ? key_from(r, 0, out) : KMS_ERR_NOT_FOUND;
+    PQclear(r);
+    return rc;
+}
+
+static kms_err pg_key_insert(struct kms_tx *base, const struct kms_key_row *k)
+{
+    struct params p = {0};
+    long n = 0;
+    bind_key(&p, k);
+    KMS_GUARD(run_write(tx_of(base), S_KEY_INSERT, &p, &n, "insert a key"));
+    KMS_ENSURE(n == 1, KMS_ERR_ALREADY_EXISTS, "The entry already exists");
+    return KMS_OK;
+}
+
+static kms_err pg_key_update(struct kms_tx *base, struct kms_key_row *k)
+{
+    struct params p = {0};
+    long n = 0;
+    bind_key(&p, k);
+    p_int(&p, k->rev);
+    KMS_GUARD(run_write(tx_of(base), S_KEY_UPDATE, &p, &n, "update a key"));
+    KMS_ENSURE(n == 1, KMS_ERR_INVALID_STATE, "The key changed meanwhile; try again");
+    k->rev++;
+    return KMS_OK;
+}
+
+static kms_err pg_keys_list(struct kms_tx *base, const uint8_t *from, size_t limit,
+                            kms_err (*fn)(void *arg, const struct kms_key_row *r), void *arg)
+{
+    struct params p = {0};
+    struct kms_key_row k = {0};
+    PGresult *r;
+    p_size(&p, limit);
+    if (from)
+        p_bytes(&p, from, KMS_UUID_LEN);
+    KMS_GUARD(run(tx_of(base), from ? S_KEYS_LIST_AFTER : S_KEYS_LIST, &p, &r, "list keys"));
+    kms_err rc = KMS_OK;
+    for (int i = 0; rc == KMS_OK && i < PQntuples(r); i++) {
+        rc = key_from(r, i, &k);
+        if (rc == KMS_OK)
+            rc = fn(arg, &k);
+        kms_key_row_clear(&k);
+    }
+    PQclear(r);
+    return rc;
+}
+
+static kms_err pg_key_count(struct kms_tx *base, size_t *keys, size_t *versions)
+{
+    struct params p = {0};
+    int64_t n = 0;
+    KMS_GUARD(one_int(tx_of(base), S_KEY_COUNT, &p, &n, "count"));
+    *keys = (size_t)n;
+    if (!versions)
+        return KMS_OK;
+    KMS_GUARD(one_int(tx_of(base), S_VERSION_COUNT, &p, &n, "count"));
+    *versions = (size_t)n;
+    return KMS_OK;
+}
+
+static kms_err pg_keys_due(struct kms_tx *base, int64_t now, size_t limit,
+                           kms_err (*fn)(void *arg, const uint8_t id[KMS_UUID_LEN], int what),
+                           void *arg)
+{
+    static const enum stmt which[2] = {S_KEYS_ROTATION_DUE, S_KEYS_DELETION_DUE};
+    kms_err rc = KMS_OK;
+    for (int w = 0; w < 2 && rc == KMS_OK; w++) {
+        struct params p = {0};
+        uint8_t id[KMS_UUID_LEN];
+        PGresult *r;
+        p_int(&p, now);
+        p_size(&p, limit);
+        KMS_GUARD(run(tx_of(base), which[w], &p, &r, "due keys"));
+        for (int i = 0; rc == KMS_OK && i < PQntuples(r); i++)
+            if (col_id(r, i, 0, id))
+                rc = fn(arg, id, w == 0 ? KMS_DUE_ROTATION : KMS_DUE_DELETION);
+        PQclear(r);
+    }
+    return rc;
+}
+
+/* ---- versions ---- */
+
+static kms_err version_from(const PGresult *r, int row, struct kms_version_row *v)
+{
+    int wn = PQgetisnull(r, row, 8) ? 0 : PQgetlength(r, row, 8);
+    v->wrapped_len = 0;
+    KMS_ENSURE(col_id(r, row, 0, v->key_id), KMS_ERR_INTERNAL, "a version row without a key id");
+    v->vid = (uint32_t)col_int(r, row, 1);
+    v->n = (uint32_t)col_int(r, row, 2);
+    v->created = col_int(r, row, 3);
+    v->rotation = (int)col_int(r, row, 4);
+    v->reserved = (uint64_t)col_int(r, row, 5);
+    v->bound = (uint64_t)col_int(r, row, 6);
+    v->root = (uint32_t)col_int(r, row, 7);
+    KMS_ENSURE((size_t)wn <= sizeof v->wrapped, KMS_ERR_INTERNAL, "a wrapped version is too long");
+    if (wn)
+        memcpy(v->wrapped, PQgetvalue(r, row, 8), (size_t)wn);
+    v->wrapped_len = (size_t)wn;
+    return KMS_OK;
+}
+
+static kms_err pg_version_get(struct kms_tx *base, const uint8_t key[KMS_UUID_LEN], uint32_t vid,
+                              struct kms_version_row *out)
+{
+    struct pg_tx *t = tx_of(base);
+    struct params p = {0};
+    PGresult *r;
+    p_bytes(&p, key, KMS_UUID_LEN);
+    p_int(&p, vid);
+    KMS_GUARD(run(t, t->write ? S_VERSION_GET_LOCK : S_VERSION_GET, &p, &r, "read a version"));
+    kms_err rc = PQntuples(r) == 1 ? version_from(r, 0, out) : KMS_ERR_NOT_FOUND;
+    PQclear(r);
+    return rc;
+}
+
+static kms_err pg_version_insert(struct kms_tx *base, const struct kms_version_row *v)
+{
+    struct params p = {0};
+    long n = 0;
+    p_bytes(&p, v->key_id, KMS_UUID_LEN);
+    p_int(&p, v->vid);
+    p_int(&p, v->n);
+    p_int(&p, v->created);
+    p_int(&p, v->rotation);
+    p_int(&p, (int64_t)v->reserved);
+    p_int(&p, (int64_t)v->bound);
+    if (v->root)
+        p_int(&p, v->root);
+    else
+        p_null_int(&p);
+    p_bytes(&p, v->wrapped_len ? v->wrapped : NULL, v->wrapped_len);
+    KMS_GUARD(run_write(tx_of(base), S_VERSION_INSERT, &p, &n, "insert a version"));
+    KMS_ENSURE(n == 1, KMS_ERR_ALREADY_EXISTS, "The entry already exists");
+    return KMS_OK;
+}
+
+static kms_err pg_versions(struct kms_tx *base, const uint8_t key[KMS_UUID_LEN],
+                           kms_err (*fn)(void *arg, const struct kms_version_row *r), void *arg)
+{
+    struct params p = {0};
+    PGresult *r;
+    struct kms_version_row *v = malloc(sizeof *v);
+    KMS_ENSURE(v != NULL, KMS_ERR_INTERNAL, "out of memory");
+    p_bytes(&p, key, KMS_UUID_LEN);
+    kms_err rc = run(tx_of(base), S_VERSIONS, &p, &r, "read versions");
+    if (rc == KMS_OK) {
+        for (int i = 0; rc == KMS_OK && i < PQntuples(r); i++) {
+            rc = version_from(r, i, v);
+            if (rc == KMS_OK)
+                rc = fn(arg, v);
+        }
+        PQclear(r);
+    }
+    free(v);
+    return rc;
+}
+
+static kms_err pg_version_max_n(struct kms_tx *base, const uint8_t key[KMS_UUID_LEN], uint32_t *out)
+{
+    struct params p = {0};
+    int64_t n = 0;
+    p_bytes(&p, key, KMS_UUID_LEN);
+    KMS_GUARD(one_int(tx_of(base), S_VERSION_MAX_N, &p, &n, "versions"));
+    *out = (uint32_t)n;
+    return KMS_OK;
+}
+
+/* The row is locked first: what was reserved before is then exactly what the update starts from. */
+static kms_err pg_reserve(struct kms_tx *base, const uint8_t key[KMS_UUID_LEN], uint32_t vid,
+                          uint64_t want, uint64_t *granted, uint64_t *reserved)
+{
+    struct pg_tx *t = tx_of(base);
+    struct params p = {0};
+    PGresult *r;
+    p_bytes(&p, key, KMS_UUID_LEN);
+    p_int(&p, vid);
+    KMS_GUARD(run(t, S_RESERVE_LOCK, &p, &r, "reserve uses"));
+    int found = PQntuples(r) == 1;
+    uint64_t before = found ? (uint64_t)col_int(r, 0, 0) : 0;
+    PQclear(r);
+    if (!found)
+        return KMS_ERR_NOT_FOUND;
+    p_int(&p, want > (uint64_t)INT64_MAX ? INT64_MAX : (int64_t)want);
+    KMS_GUARD(run(t, S_RESERVE, &p, &r, "reserve uses"));
+    found = PQntuples(r) == 1;
+    *reserved = found ? (uint64_t)col_int(r, 0, 0) : 0;
+    PQclear(r);
+    KMS_ENSURE(found, KMS_ERR_INTERNAL, "a locked version went missing");
+    *granted = *reserved - before;
+    return KMS_OK;
+}
+
+static kms_err pg_versions_delete(struct kms_tx *base, const uint8_t key[KMS_UUID_LEN])
+{
+    struct params p = {0};
+    p_bytes(&p, key, KMS_UUID_LEN);
+    return run_write(tx_of(base), S_VERSIONS_DELETE, &p, NULL, "delete versions");
+}
+
+/* ---- aliases ---- */
+
+static kms_err alias_from(const PGresult *r, int row, struct kms_alias_row *a)
+{
+    const char *name = col_text(r, row, 0);
+    KMS_ENSURE(name && strlen(name) <= KMS_STORE_ALIAS_MAX && col_id(r, row, 1, a->target),
+               KMS_ERR_INTERNAL, "a malformed alias row");
+    snprintf(a->name, sizeof a->name, "%s", name);
+    a->created = col_int(r, row, 2);
+    a->updated = col_int(r, row, 3);
+    return KMS_OK;
+}
+
+static kms_err pg_alias_get(struct kms_tx *base, const char *name, struct kms_alias_row *out)
+{
+    struct pg_tx *t = tx_of(base);
+    struct params p = {0};
+    PGresult *r;
+    p_text(&p, name);
+    KMS_GUARD(run(t, t->write ? S_ALIAS_GET_LOCK : S_ALIAS_GET, &p, &r, "read an alias"));
+    kms_err rc = PQntuples(r) == 1 ? alias_from(r, 0, out) : KMS_ERR_NOT_FOUND;
+    PQclear(r);
+    return rc;
+}
+
+static kms_err alias_write(struct kms_tx *base, enum stmt s, const struct kms_alias_row *a,
+                           long *changed, const char *what)
+{
+    struct params p = {0};
+    p_text(&p, a->name);
+    p_bytes(&p, a->target, KMS_UUID_LEN);
+    p_int(&p, a->created);
+    p_int(&p, a->updated);
+    return run_write(tx_of(base), s, &p, changed, what);
+}
+
+static kms_err pg_alias_insert(struct kms_tx *base, const struct kms_alias_row *a)
+{
+    long n = 0;
+    KMS_GUARD(alias_write(base, S_ALIAS_INSERT, a, &n, "insert an alias"));
+    KMS_ENSURE(n == 1, KMS_ERR_ALREADY_EXISTS, "The entry already exists");
+    return KMS_OK;
+}
+
+static kms_err pg_alias_update(struct kms_tx *base, const struct kms_alias_row *a)
+{
+    long n = 0;
+    KMS_GUARD(alias_write(base, S_ALIAS_UPDATE, a, &n, "update an alias"));
+    return n == 1 ? KMS_OK : KMS_ERR_NOT_FOUND;
+}
+
+static kms_err pg_alias_delete(struct kms_tx *base, const char *name)
+{
+    struct params p = {0};
+    long n = 0;
+    p_text(&p, name);
+    KMS_GUARD(run_write(tx_of(base), S_ALIAS_DELETE, &p, &n, "delete an alias"));
+    return n == 1 ? KMS_OK : KMS_ERR_NOT_FOUND;
+}
+
+static kms_err pg_aliases_of_key_delete(struct kms_tx *base, const uint8_t key[KMS_UUID_LEN],
+                                        void (*fn)(void *arg, const char *name), void *arg)
+{
+    struct params p = {0};
+    PGresult *r;
+    p_bytes(&p, key, KMS_UUID_LEN);
+    if (!fn)
+        return run_write(tx_of(base), S_ALIASES_OF_KEY_DELETE, &p, NULL, "delete a key's aliases");
+    KMS_GUARD(run(tx_of(base), S_ALIASES_OF_KEY_DELETE_NAMES, &p, &r, "delete a key's aliases"));
+    for (int i = 0; i < PQntuples(r); i++)
+        fn(arg, col_text(r, i, 0));
+    PQclear(r);
+    return KMS_OK;
+}
+
+static kms_err pg_aliases_list(struct kms_tx *base, const char *from, const uint8_t *key,
+                               size_t limit,
+                               kms_err (*fn)(void *arg, const struct kms_alias_row *r), void *arg)
+{
+    struct params p = {0};
+    struct kms_alias_row a;
+    PGresult *r;
+    p_text(&p, from ? from : "");
+    p_bytes(&p, key, key ? KMS_UUID_LEN : 0);
+    p_size(&p, limit);
+    KMS_GUARD(run(tx_of(base), S_ALIASES_LIST, &p, &r, "list aliases"));
+    kms_err rc = KMS_OK;
+    for (int i = 0; rc == KMS_OK && i < PQntuples(r); i++) {
+        rc = alias_from(r, i, &a);
+        if (rc == KMS_OK)
+            rc = fn(arg, &a);
+    }
+    PQclear(r);
+    return rc;
+}
+
+/* ---- root keys ---- */
+
+static kms_err pg_roots(struct kms_tx *base, kms_err (*fn)(void *arg, const struct kms_root_row *r),
+                        void *arg)
+{
+    struct pg_tx *t = tx_of(base);
+    struct params p = {0};
+    PGresult *r;
+    /*
+     * A write transaction reads the roots to decide on adding one: no other
+     * writer may add one before it commits. The lock is taken before the
+     * read, whose snapshot then includes what the last holder committed.
+     */
+    if (t->write && !t->roots_locked) {
+        KMS_ENSURE(t->c != NULL, KMS_ERR_INTERNAL, "no open transaction");
+        KMS_GUARD(
+            simple(t, "LOCK TABLE roots IN SHARE ROW EXCLUSIVE MODE", "read root keys", NULL, 0));
+        t->roots_locked = 1;
+    }
+    KMS_GUARD(run(t, S_ROOTS, &p, &r, "read root keys"));
+    kms_err rc = KMS_OK;
+    for (int i = 0; rc == KMS_OK && i < PQntuples(r); i++) {
+        struct kms_root_row root = {0};
+        const char *label = col_text(r, i, 2);
+        if (PQgetisnull(r, i, 1) || PQgetlength(r, i, 1) != KMS_ROOT_ID_LEN) {
+            rc = KMS_FAIL(KMS_ERR_INTERNAL, "a malformed root key row");
+            break;
+        }
+        root.id = (uint32_t)col_int(r, i, 0);
+        memcpy(root.cka_id, PQgetvalue(r, i, 1), KMS_ROOT_ID_LEN);
+        snprintf(root.label, sizeof root.label, "%s", label ? label : "");
+        root.created = col_int(r, i, 3);
+        root.state = (int)col_int(r, i, 4);
+        rc = fn(arg, &root);
+    }
+    PQclear(r);
+    return rc;
+}
+
+static kms_err pg_root_insert(struct kms_tx *base, struct kms_root_row *root)
+{
+    struct params p = {0};
+    PGresult *r;
+    p_bytes(&p, root->cka_id, KMS_ROOT_ID_LEN);
+    p_text(&p, root->label);
+    p_int(&p, root->created);
+    p_int(&p, root->state);
+    KMS_GUARD(run(tx_of(base), S_ROOT_INSERT, &p, &r, "insert a root key"));
+    int made = PQntuples(r) == 1;
+    if (made)
+        root->id = (uint32_t)col_int(r, 0, 0);
+    PQclear(r);
+    KMS_ENSURE(made, KMS_ERR_ALREADY_EXISTS, "The entry already exists");
+    return KMS_OK;
+}
+
+/* ---- meta ---- */
+
+static kms_err pg_meta_get(struct kms_tx *base, const char *name, char *out, size_t n)
+{
+    struct pg_tx *t = tx_of(base);
+    struct params p = {0};
+    PGresult *r;
+    p_text(&p, name);
+    KMS_GUARD(run(t, t->write ? S_META_GET_LOCK : S_META_GET, &p, &r, "read a setting"));
+    int found = PQntuples(r) == 1;
+    if (found) {
+        const char *v = col_text(r, 0, 0);
+        snprintf(out, n, "%s", v ? v : "");
+    }
+    PQclear(r);
+    return found ? KMS_OK : KMS_ERR_NOT_FOUND;
+}
+
+static kms_err pg_meta_set(struct kms_tx *base, const char *name, const char *value)
+{
+    struct params p = {0};
+    p_text(&p, name);
+    p_text(&p, value);
+    return run_write(tx_of(base), S_META_SET, &p, NULL, "write a setting");
+}
+
+/* ---- the change sequence ---- */
+
+static kms_err pg_note_change(struct kms_tx *base, int kind, const uint8_t *id, const char *name)
+{
+    struct pg_tx *t = tx_of(base);
+    struct params p = {0};
+    struct timespec now;
+    clock_gettime(CLOCK_REALTIME, &now);
+    if (!t->changes_lock) {
+        KMS_ENSURE(t->c != NULL, KMS_ERR_INTERNAL, "no open transaction");
+        KMS_GUARD(simple(t, LOCK_CHANGES, "record a change", NULL, 0));
+        t->changes_lock = 1;
+    }
+    p_int(&p, kind);
+    p_bytes(&p, id, id ? KMS_UUID_LEN : 0);
+    p_text(&p, name);
+    p_int(&p, (int64_t)now.tv_sec);
+    return run_write(t, S_NOTE_CHANGE, &p, NULL, "record a change");
+}
+
+static kms_err pg_change_head(struct kms_tx *base, int64_t *out)
+{
+    struct params p = {0};
+    return one_int(tx_of(base), S_CHANGE_HEAD, &p, out, "read changes");
+}
+
+static kms_err pg_change_tail(struct kms_tx *base, int64_t *out)
+{
+    struct params p = {0};
+    return one_int(tx_of(base), S_CHANGE_TAIL, &p, out, "read changes");
+}
+
+static kms_err pg_changes(struct kms_tx *base, int64_t after, size_t limit,
+                          kms_err (*fn)(void *arg, const struct kms_change *c), void *arg)
+{
+    struct params p = {0};
+    PGresult *r;
+    p_int(&p, after);
+    p_size(&p, limit);
+    KMS_GUARD(run(tx_of(base), S_CHANGES, &p, &r, "read changes"));
+    kms_err rc = KMS_OK;
+    for (int i = 0; rc == KMS_OK && i < PQntuples(r); i++) {
+        uint8_t id[KMS_UUID_LEN];
+        struct kms_change c = {0};
+        c.seq = col_int(r, i, 0);
+        c.kind = (int)col_int(r, i, 1);
+        c.id = col_id(r, i, 2, id) ? id : NULL;
+        c.name = col_text(r, i, 3);
+        rc = fn(arg, &c);
+    }
+    PQclear(r);
+    return rc;
+}
+
+static kms_err pg_changes_prune(struct kms_tx *base, int64_t before)
+{
+    struct params p = {0};
+    p_int(&p, before);
+    return run_write(tx_of(base), S_CHANGES_PRUNE, &p, NULL, "prune changes");
+}
+
+const struct kms_store_engine kms_store_pg = {
+    .open = pg_open,
+    .close = pg_close,
+    .database_version = pg_database_version,
+    .backup = pg_backup,
+    .begin = pg_begin,
+    .commit = pg_commit,
+    .rollback = pg_rollback,
+    .key_get = pg_key_get,
+    .key_insert = pg_key_insert,
+    .key_update = pg_key_update,
+    .keys_list = pg_keys_list,
+    .key_count = pg_key_count,
+    .keys_due = pg_keys_due,
+    .version_get = pg_version_get,
+    .version_insert = pg_version_insert,
+    .versions = pg_versions,
+    .version_max_n = pg_version_max_n,
+    .reserve = pg_reserve,
+    .versions_delete = pg_versions_delete,
+    .alias_get = pg_alias_get,
+    .alias_insert = pg_alias_insert,
+    .alias_update = pg_alias_update,
+    .alias_delete = pg_alias_delete,
+    .aliases_of_key_delete = pg_aliases_of_key_delete,
+    .aliases_list = pg_aliases_list,
+    .roots = pg_roots,
+    .root_insert = pg_root_insert,
+    .meta_get = pg_meta_get,
+    .meta_set = pg_meta_set,
+    .note_change = pg_note_change,
+    .change_head = pg_change_head,
+    .change_tail = pg_change_tail,
+    .changes = pg_changes,
+    .changes_prune = pg_changes_prune,
+};
