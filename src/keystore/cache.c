@@ -23,6 +23,8 @@
 
 #define UNKNOWN_TTL_SECONDS 60
 #define MISSED_VERSION_SECONDS 2
+#define SPARES_MIN ((size_t)1 << 16)
+#define SPARES_MAX ((size_t)1 << 20)
 
 static uint64_t hash_seed;
 
@@ -77,7 +79,15 @@ kms_err kms_cache_init(struct kms_keystore *ks)
     ks->nbuckets = pow2_at_least((size_t)ks->cfg.key_cache * 2);
     ks->nalias_buckets = pow2_at_least(1024);
     ks->nunknown = pow2_at_least(ks->cfg.negative_cache);
-    ks->nspares = pow2_at_least((size_t)ks->cfg.key_cache);
+    /*
+     * Spare uses outnumber the cache: a hot set larger than the cache cycles
+     * through it, and each of its keys should find its block again (40 bytes
+     * a slot: 64 Ki slots at least, 1 Mi at most).
+     */
+    size_t spares = (size_t)ks->cfg.key_cache * 8;
+    ks->nspares = pow2_at_least(spares < SPARES_MIN   ? SPARES_MIN
+                                : spares > SPARES_MAX ? SPARES_MAX
+                                                      : spares);
     ks->keys = calloc(ks->nbuckets, sizeof *ks->keys);
     ks->aliases = calloc(ks->nalias_buckets, sizeof *ks->aliases);
     ks->unknown = calloc(ks->nunknown, sizeof *ks->unknown);
