@@ -759,8 +759,8 @@ class Bench:
         return out
 
     def big_runs(self, large, rng):
-        """key_cache 1000: Decrypt, then GenerateDataKey, on random keys of a
-        hot set of 10,000."""
+        """key_cache 1000: Decrypt, then GenerateDataKey (after one of each
+        hot key, not measured), on random keys of a hot set of 10,000."""
         srv = self.large_server(large, "big", CACHE_BIG)
         out = {}
         try:
@@ -770,6 +770,12 @@ class Bench:
             draws = [rng.choice(hot) for _ in range(nhot)]
             out["dec"] = self.wrk("Decrypt, hot %d, cache %d" % (nhot, CACHE_BIG), ep, presign(
                 self.ws.sub("decbig.req"), ep, p, "Decrypt", [decrypt_body(blobs[k]) for k in draws]))
+            # Not measured: each hot key's first GenerateDataKey since the start
+            # reserves its first block of uses (a database write); after it, a
+            # miss takes back the uses its key left (docs/keystore.md).
+            self.wrk("warm-up: hot set, each once", ep, presign(
+                self.ws.sub("warmbig.req"), ep, p, "GenerateDataKey", [gdk_body(k) for k in hot]),
+                once=len(hot) + self.connections)
             out["gdk"] = self.wrk("GenerateDataKey, hot %d, cache %d" % (nhot, CACHE_BIG), ep, presign(
                 self.ws.sub("gdkbig.req"), ep, p, "GenerateDataKey", [gdk_body(k) for k in draws]))
         finally:
