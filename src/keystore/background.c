@@ -3,6 +3,16 @@
  * change sequence polled every refresh_ms (entries other nodes changed are
  * read again at their next use), rotations and deletions that fall due, and
  * housekeeping (the counts for the metrics, old changes pruned).
+ *
+ * The change feed's thread waits on kms_store_wait_change (PostgreSQL's
+ * LISTEN/NOTIFY; an engine without a feed ends it at once) and, when a change
+ * is announced, sets feed_changed and signals the condition variable the key
+ * store's thread sleeps on, which then reads the change sequence at once
+ * instead of at its next tick: a change reaches this node within a round trip
+ * or two, whatever refresh_ms. The key store's thread never waits on the
+ * feed itself, so blocks queued by requests are reserved as promptly as
+ * before; the timer's poll still runs every refresh_ms and covers whatever
+ * the feed missed (its connection lost, a notification dropped).
  */
 #include "config.h"
 
@@ -18,22 +28,23 @@
 #define COUNT_SECONDS 10
 #define PRUNE_SECONDS 3600
 #define KEEP_CHANGES_SECONDS 86400 /* a node away longer re-reads everything */
+#define FEED_WAIT_MS 60000         /* kms_keystore_stop wakes the wait early */
 
 static kms_err on_change(void *arg, const struct kms_change *c)
 {
     struct kms_keystore *ks = arg;
     if (c->kind == KMS_CHANGE_KEY && c->id)
-        kms_cache_key_changed(ks, c->id);
+        kms_cache_key_changed_at(ks, c->id, c->seq);
     else if (c->kind == KMS_CHANGE_ALIAS && c->name)
         kms_cache_alias_changed(ks, c->name);
     ks->seen_seq = c->seq;
     return KMS_OK;
 }
 
-void kms_changes_poll(struct kms_keystore *ks)
+kms_err kms_changes_poll(struct kms_keystore *ks)
 {
     for (int page = 0; page < 100; page++) {
-        struct kms_tx *tx;
+        struct kms_tx *tx = NULL;
         int64_t tail = 0, before = ks->seen_seq, head = 0;
         kms_err rc = kms_store_begin(ks->store, KMS_TX_READ, &tx);
         if (rc == KMS_OK)
@@ -52,13 +63,22 @@ void kms_changes_poll(struct kms_keystore *ks)
             rc = kms_store_commit(tx);
         kms_store_rollback(tx);
         if (rc != KMS_OK) {
-            kms_warn("reading the change sequence failed: %s", kms_err_message());
+            /* Cached entries stay as they are: nothing is known to have changed. */
+            if (!ks->poll_failing)
+                kms_warn("reading the change sequence failed: %s (said once until it works "
+                         "again)",
+                         kms_err_message());
+            ks->poll_failing = 1;
             kms_err_clear();
-            return;
+            return rc;
         }
+        if (ks->poll_failing)
+            kms_info("reading the change sequence works again");
+        ks->poll_failing = 0;
         if (ks->seen_seq - before < CHANGES_PAGE)
-            return;
+            return KMS_OK;
     }
+    return KMS_OK;
 }
 
 /* ---- deletion ---- */
@@ -250,7 +270,9 @@ static void housekeeping(struct kms_keystore *ks)
 
 void kms_keystore_tick(struct kms_keystore *ks)
 {
-    kms_changes_poll(ks);
+    /* The database is down: the due work and the housekeeping would fail the same way. */
+    if (kms_changes_poll(ks) != KMS_OK)
+        return;
     do_due_work(ks);
     housekeeping(ks);
 }
@@ -261,11 +283,16 @@ static void *run(void *arg)
     struct timespec t = {0, 0}, now;
     pthread_mutex_lock(&ks->queue_lock);
     while (!ks->stopping) {
+        int announced = ks->feed_changed;
+        ks->feed_changed = 0;
         pthread_mutex_unlock(&ks->queue_lock);
-        /* Blocks of uses requests queued first, then the poll when it is due. */
+        /* Blocks of uses requests queued first, then the poll when it is due or announced. */
         kms_keystore_refill(ks);
         clock_gettime(CLOCK_MONOTONIC, &now);
-        if (now.tv_sec > t.tv_sec || (now.tv_sec == t.tv_sec && now.tv_nsec >= t.tv_nsec)) {
+        int due = now.tv_sec > t.tv_sec || (now.tv_sec == t.tv_sec && now.tv_nsec >= t.tv_nsec);
+        if (announced && !due && kms_changes_poll(ks) != KMS_OK)
+            kms_err_clear();
+        if (due) {
             kms_keystore_tick(ks);
             clock_gettime(CLOCK_MONOTONIC, &t);
             t.tv_sec += ks->cfg.refresh_ms / 1000;
@@ -276,10 +303,40 @@ static void *run(void *arg)
             }
         }
         pthread_mutex_lock(&ks->queue_lock);
-        if (!ks->stopping && ks->nrefills == 0)
+        if (!ks->stopping && ks->nrefills == 0 && !ks->feed_changed)
             pthread_cond_timedwait(&ks->wake, &ks->queue_lock, &t);
     }
     pthread_mutex_unlock(&ks->queue_lock);
+    return NULL;
+}
+
+/* The change feed's thread: waits on the database, then wakes the key store's thread. */
+static void *listen_run(void *arg)
+{
+    struct kms_keystore *ks = arg;
+    for (;;) {
+        int changed = 0;
+        pthread_mutex_lock(&ks->queue_lock);
+        int stop = ks->stopping;
+        pthread_mutex_unlock(&ks->queue_lock);
+        if (stop)
+            break;
+        kms_err rc = kms_store_wait_change(ks->store, FEED_WAIT_MS, &changed);
+        if (rc == KMS_ERR_UNSUPPORTED)
+            break; /* no feed (SQLite): the timer's poll is all there is */
+        if (rc != KMS_OK) {
+            kms_warn("the change feed: %s", kms_err_message());
+            kms_err_clear();
+            struct timespec pause = {0, 100 * 1000000L};
+            nanosleep(&pause, NULL);
+        }
+        if (changed) {
+            pthread_mutex_lock(&ks->queue_lock);
+            ks->feed_changed = 1;
+            pthread_cond_signal(&ks->wake);
+            pthread_mutex_unlock(&ks->queue_lock);
+        }
+    }
     return NULL;
 }
 
@@ -289,6 +346,11 @@ kms_err kms_keystore_start(struct kms_keystore *ks)
     KMS_ENSURE(pthread_create(&ks->thread, NULL, run, ks) == 0, KMS_ERR_INTERNAL,
                "cannot start the key store thread");
     ks->running = 1;
+    if (pthread_create(&ks->listener, NULL, listen_run, ks) == 0)
+        ks->listening = 1;
+    else
+        kms_warn("cannot start the change feed's thread: changes are read every %u ms",
+                 ks->cfg.refresh_ms);
     return KMS_OK;
 }
 
@@ -300,6 +362,11 @@ void kms_keystore_stop(struct kms_keystore *ks)
     ks->stopping = 1;
     pthread_cond_signal(&ks->wake);
     pthread_mutex_unlock(&ks->queue_lock);
+    if (ks->listening) {
+        kms_store_wake(ks->store);
+        pthread_join(ks->listener, NULL);
+        ks->listening = 0;
+    }
     pthread_join(ks->thread, NULL);
     ks->running = 0;
 }

@@ -424,6 +424,9 @@ static kms_err load(struct kms_keystore *ks, const uint8_t id[KMS_UUID_LEN], str
         rc = entry_new(ks, &row, &k);
     if (rc == KMS_OK)
         rc = kms_store_versions(tx, id, collect_version, k);
+    /* The same snapshot: every change up to it is in the rows just read. */
+    if (rc == KMS_OK)
+        rc = kms_store_change_head(tx, &k->seq);
     if (rc == KMS_OK)
         rc = kms_store_commit(tx);
     kms_store_rollback(tx);
@@ -500,10 +503,11 @@ void kms_key_put(struct kms_keystore *ks, struct key *k)
 }
 
 kms_err kms_cache_install(struct kms_keystore *ks, struct kms_key_row *r,
-                          const struct kms_version_row *v, uint64_t uses)
+                          const struct kms_version_row *v, uint64_t uses, int64_t seq)
 {
     struct key *k;
     KMS_GUARD(entry_new(ks, r, &k));
+    k->seq = seq;
     if (add_version(k, v) != KMS_OK) {
         key_free(ks, k);
         return KMS_FAIL(KMS_ERR_INTERNAL, "out of memory");
@@ -553,9 +557,14 @@ kms_err kms_key_learn_version(struct kms_keystore *ks, struct key *k, uint32_t v
 
 void kms_cache_key_changed(struct kms_keystore *ks, const uint8_t id[KMS_UUID_LEN])
 {
+    kms_cache_key_changed_at(ks, id, INT64_MAX);
+}
+
+void kms_cache_key_changed_at(struct kms_keystore *ks, const uint8_t id[KMS_UUID_LEN], int64_t seq)
+{
     pthread_mutex_lock(&ks->lock);
     struct key *k = find_locked(ks, id);
-    if (k)
+    if (k && k->seq < seq)
         k->stale = 1;
     unknown_forget_locked(ks, id);
     ks->change_gen++;

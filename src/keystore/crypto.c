@@ -105,6 +105,8 @@ static void refill(struct kms_keystore *ks, const uint8_t id[KMS_UUID_LEN])
         k->use->block = want;
         k->use->granted = now;
     }
+    /* The database is away: every request would queue another try (and a warning). */
+    k->use->ahead_failed = rc == KMS_OK ? 0 : now;
     k->use->refilling = 0;
     pthread_mutex_unlock(&ks->lock);
     kms_key_put(ks, k);
@@ -155,7 +157,8 @@ static kms_err take_use(struct kms_keystore *ks, struct key **kp, uint32_t *vid)
         if (rc == KMS_OK && k->use->remaining > 0) {
             k->use->remaining--;
             ahead = ks->running && ks->cfg.usage_block >= AHEAD_MIN && !k->use->refilling &&
-                    k->use->remaining <= k->use->block / 2;
+                    k->use->remaining <= k->use->block / 2 &&
+                    (!k->use->ahead_failed || kms_now() != k->use->ahead_failed);
             k->use->refilling |= ahead;
             pthread_mutex_unlock(&ks->lock);
             if (ahead && !queue_refill(ks, k->id)) {

@@ -18,6 +18,8 @@
  *   3. ks->lock        the caches and every cached entry's fields; never
  *                      held across a database or token call
  *   4. ks->queue_lock  the blocks-ahead queue and the background thread's wakeups
+ *                      (the change feed's thread takes only this one, and
+ *                      never while it waits on the database)
  */
 #ifndef P11KMS_KEYSTORE_INTERNAL_H
 #define P11KMS_KEYSTORE_INTERNAL_H
@@ -53,10 +55,11 @@ struct version {
 struct usage {
     uint32_t vid;
     uint64_t remaining;
-    uint64_t block;  /* grows for a busy key (crypto.c) */
-    int64_t granted; /* when the last block was reserved */
-    int refilling;   /* a block ahead is queued or being reserved */
-    int refs;        /* entries pointing here */
+    uint64_t block;       /* grows for a busy key (crypto.c) */
+    int64_t granted;      /* when the last block was reserved */
+    int refilling;        /* a block ahead is queued or being reserved */
+    int64_t ahead_failed; /* when reserving ahead last failed: not queued again that second */
+    int refs;             /* entries pointing here */
 };
 
 /*
@@ -86,6 +89,12 @@ struct key {
     /* A version looked up in the database and not found, and when. */
     uint32_t missed_vid;
     int64_t missed_at;
+    /*
+     * The change sequence its rows reflect: they were read (or, for a key this
+     * node created, written) in a transaction that saw every change up to
+     * seq. A change seen later with a seq no higher is already in them. 0: unknown.
+     */
+    int64_t seq;
     int refs;   /* requests holding it; an entry is freed only at 0 */
     int stale;  /* changed in the database: read again at the next use */
     int linked; /* in the hash and the LRU */
@@ -144,11 +153,16 @@ struct kms_keystore {
 
     /* background.c */
     int64_t seen_seq; /* the change sequence read so far */
+    int poll_failing; /* the last read of the change sequence failed (said once) */
     pthread_t thread;
     int running;
     int stopping;
     pthread_mutex_t queue_lock; /* lock 4 */
     pthread_cond_t wake;
+    /* The change feed: a thread waiting on kms_store_wait_change. */
+    pthread_t listener;
+    int listening;    /* the listener thread was started */
+    int feed_changed; /* under queue_lock: a change was announced, read the sequence now */
     uint8_t refills[64][KMS_UUID_LEN];
     size_t nrefills;
     int64_t last_prune;
@@ -170,6 +184,12 @@ kms_err kms_key_get(struct kms_keystore *ks, const uint8_t id[KMS_UUID_LEN], str
 void kms_key_put(struct kms_keystore *ks, struct key *k);
 /* Marks a key changed: the next kms_key_get reads it again. */
 void kms_cache_key_changed(struct kms_keystore *ks, const uint8_t id[KMS_UUID_LEN]);
+/*
+ * The change sequence says the key changed at seq: as kms_cache_key_changed,
+ * unless the entry's rows already reflect it (this node's own change coming
+ * back, or one read since), which then stays usable without the database.
+ */
+void kms_cache_key_changed_at(struct kms_keystore *ks, const uint8_t id[KMS_UUID_LEN], int64_t seq);
 void kms_cache_alias_changed(struct kms_keystore *ks, const char *name);
 /* Everything may have changed (the change sequence was lost): every entry is read again. */
 void kms_cache_all_changed(struct kms_keystore *ks);
@@ -179,9 +199,12 @@ kms_err kms_alias_lookup(struct kms_keystore *ks, const char *name, struct kms_a
 struct version *kms_version_locked(struct key *k, uint32_t vid);
 /* Reads a version the key's entry lacks (made elsewhere since it was read); under no lock. */
 kms_err kms_key_learn_version(struct kms_keystore *ks, struct key *k, uint32_t vid);
-/* Installs a key this node has just written (no read back); takes r's allocations. */
+/*
+ * Installs a key this node has just written (no read back), in a transaction
+ * that saw the change sequence up to seq; takes r's allocations.
+ */
 kms_err kms_cache_install(struct kms_keystore *ks, struct kms_key_row *r,
-                          const struct kms_version_row *v, uint64_t uses);
+                          const struct kms_version_row *v, uint64_t uses, int64_t seq);
 /* Session objects of dropped entries are destroyed by the caller of this, under no lock. */
 void kms_cache_reap(struct kms_keystore *ks);
 
@@ -231,8 +254,11 @@ void kms_root_forget(struct kms_keystore *ks);
 uint32_t kms_root_current(struct kms_keystore *ks);
 
 /* ---- background.c ---- */
-/* Reads the change sequence since the last look and drops what changed. */
-void kms_changes_poll(struct kms_keystore *ks);
+/*
+ * Reads the change sequence since the last look and drops what changed;
+ * KMS_OK, or the database's failure (logged once while it lasts, not set).
+ */
+kms_err kms_changes_poll(struct kms_keystore *ks);
 void kms_token_key_id(const uint8_t id[KMS_UUID_LEN], uint32_t vid,
                       uint8_t out[KMS_TOKEN_KEY_ID_LEN]);
 

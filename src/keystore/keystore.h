@@ -5,7 +5,8 @@
  * each version it uses unwrapped into a session object of the token, so a
  * request with a cached key touches neither the database nor a token search.
  * A change is one database transaction; other nodes learn of it through the
- * database's change sequence, polled every refresh_ms.
+ * database's change sequence, read as soon as the database announces a change
+ * (PostgreSQL's LISTEN/NOTIFY) and every refresh_ms in any case.
  */
 #ifndef P11KMS_KEYSTORE_H
 #define P11KMS_KEYSTORE_H
@@ -36,7 +37,7 @@ struct kms_keystore_config {
     unsigned pending_min_days;  /* 7 */
     unsigned pending_max_days;  /* 30 */
     unsigned max_on_demand;     /* on-demand rotations per key; 10 */
-    unsigned refresh_ms;        /* change-sequence poll interval; 1000 */
+    unsigned refresh_ms;        /* change-sequence poll interval (besides the feed); 1000 */
     unsigned key_cache;         /* keys held in memory, their used versions unwrapped; 4096 */
     unsigned negative_cache;    /* key ids remembered as unknown; 8192 */
     /*

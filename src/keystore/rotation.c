@@ -70,7 +70,7 @@ kms_err kms_keystore_create_key(struct kms_keystore *ks, const char *description
     struct kms_version_row *v = calloc(1, sizeof *v);
     struct kms_key_row row = {0};
     struct kms_tx *tx;
-    int64_t now = kms_now();
+    int64_t now = kms_now(), seq = 0;
     /* The creating node's first block of uses is reserved in the same transaction. */
     uint64_t block = first_block(ks);
     kms_err rc;
@@ -107,6 +107,13 @@ kms_err kms_keystore_create_key(struct kms_keystore *ks, const char *description
                 rc = kms_store_version_insert(tx, v);
             if (rc == KMS_OK)
                 rc = kms_store_note_change(tx, KMS_CHANGE_KEY, row.id, NULL);
+            /*
+             * Its own change's seq (changes commit one at a time, in seq order):
+             * the entry installed below reflects it, so this node does not
+             * read the key again when the change sequence brings it back.
+             */
+            if (rc == KMS_OK)
+                rc = kms_store_change_head(tx, &seq);
             if (rc == KMS_OK)
                 rc = kms_store_commit(tx);
             kms_store_rollback(tx);
@@ -123,7 +130,7 @@ kms_err kms_keystore_create_key(struct kms_keystore *ks, const char *description
         memset(out, 0, sizeof *out);
         char text[KMS_UUID_TEXT_LEN + 1];
         kms_uuid_format(row.id, text);
-        if (kms_cache_install(ks, &row, v, block) != KMS_OK)
+        if (kms_cache_install(ks, &row, v, block, seq) != KMS_OK)
             kms_err_clear(); /* read from the database at its first use instead */
         rc = kms_keystore_describe(ks, text, out);
     }

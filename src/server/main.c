@@ -40,14 +40,15 @@ static void usage(FILE *f)
                "                     or ~/.local/state/p11kms-dev)\n"
                "  --config FILE      configuration file (see docs/operations.md)\n"
                "  --database URL     the database (sqlite:PATH or postgresql://...), instead of\n"
-               "                     the configured one\n"
+               "                     the configured one; never with a password in it\n"
                "  --listen HOST:PORT address to serve on (port 0 picks a free port)\n"
                "  --threads N        HTTP worker threads\n"
                "  --verbose          log every request\n"
                "  --version          print the version\n"
                "\n"
                "The token PIN comes from the configured pin_file or the P11KMS_PIN\n"
-               "environment variable, never from the command line.\n");
+               "environment variable, never from the command line; PostgreSQL's password\n"
+               "from PGPASSFILE or PGPASSWORD (or the configuration file, mode 0600).\n");
 }
 
 static char *default_state_dir(void)
@@ -141,8 +142,13 @@ static kms_err start(struct kms_server *srv, int mode)
     kms_free_secret(pin, pin_len + 1);
     if (rc != KMS_OK)
         return rc;
-    struct kms_store_config sc = {srv->cfg.database, srv->cfg.database_timeout_ms,
-                                  mode == RUN_SERVE ? KMS_STORE_OPEN : KMS_STORE_INIT};
+    struct kms_store_config sc = {
+        .url = srv->cfg.database,
+        .timeout_ms = srv->cfg.database_timeout_ms,
+        .mode = mode == RUN_SERVE ? KMS_STORE_OPEN : KMS_STORE_INIT,
+        .pool_size = srv->cfg.database_pool,
+        .connect_timeout_ms = srv->cfg.database_connect_timeout_ms,
+    };
     KMS_GUARD(kms_store_open(&sc, &srv->store));
     if (mode != RUN_SERVE) {
         int made = 0;
@@ -185,7 +191,13 @@ static kms_err run_backup(const struct kms_config *cfg, const char *out)
     struct kms_store *st;
     KMS_ENSURE(cfg->database, KMS_ERR_VALIDATION,
                "the configuration needs 'database' (sqlite:/path/to/p11kms.db)");
-    struct kms_store_config sc = {cfg->database, cfg->database_timeout_ms, KMS_STORE_OPEN};
+    struct kms_store_config sc = {
+        .url = cfg->database,
+        .timeout_ms = cfg->database_timeout_ms,
+        .mode = KMS_STORE_OPEN,
+        .pool_size = cfg->database_pool,
+        .connect_timeout_ms = cfg->database_connect_timeout_ms,
+    };
     KMS_GUARD(kms_store_open(&sc, &st));
     kms_err rc = kms_store_backup(st, out);
     kms_store_close(st);
@@ -314,6 +326,16 @@ int main(int argc, char **argv)
         rc = kms_config_set(&srv.cfg, "listen", listen);
     if (rc == KMS_OK && threads)
         rc = kms_config_set(&srv.cfg, "threads", threads);
+    /*
+     * Every user of the machine can read a command line (ps, /proc/PID/cmdline):
+     * no password there. The URL is not repeated, for it would show it again.
+     */
+    if (rc == KMS_OK && database && kms_store_url_has_secret(database))
+        rc = KMS_FAIL(KMS_ERR_VALIDATION,
+                      "--database: the URL holds a password, and every user of this machine can "
+                      "read a command line: give the password through PGPASSFILE (or the URL's "
+                      "passfile=FILE) or PGPASSWORD, or put the URL in the configuration file "
+                      "(mode 0600)");
     if (rc == KMS_OK && database)
         rc = kms_config_set(&srv.cfg, "database", database);
     if (rc == KMS_OK && backup) {

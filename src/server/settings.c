@@ -30,6 +30,7 @@ void kms_config_defaults(struct kms_config *c)
     c->max_header = 16 * 1024;
     c->drain_timeout_ms = 10000;
     c->database_timeout_ms = 5000;
+    c->database_pool = KMS_STORE_POOL_DEFAULT;
     c->tls_min_version = 13;
     c->tls_client_cert = -1; /* unset: require with tls_client_ca_file, else none */
     c->max_body = 64 * 1024;
@@ -202,6 +203,9 @@ kms_err kms_config_set(struct kms_config *c, const char *key, const char *value)
         {"max_header", offsetof(struct kms_config, max_header), 4096, 1u << 20},
         {"drain_timeout_ms", offsetof(struct kms_config, drain_timeout_ms), 0, 600000},
         {"database_timeout_ms", offsetof(struct kms_config, database_timeout_ms), 1, 600000},
+        {"database_pool", offsetof(struct kms_config, database_pool), 1, KMS_STORE_POOL_MAX},
+        {"database_connect_timeout_ms", offsetof(struct kms_config, database_connect_timeout_ms), 1,
+         600000},
     };
     for (size_t i = 0; i < sizeof server_numbers / sizeof server_numbers[0]; i++) {
         if (strcmp(key, server_numbers[i].name) == 0) {
@@ -314,6 +318,7 @@ static char *trim(char *s)
 kms_err kms_config_parse(struct kms_config *c, const char *text)
 {
     char *copy = strdup(text), *line;
+    size_t size = strlen(text) + 1;
     unsigned lineno = 0;
     kms_err rc = KMS_OK;
 
@@ -348,11 +353,12 @@ kms_err kms_config_parse(struct kms_config *c, const char *text)
             rc = KMS_FAIL(rc, "line %u: %s", lineno, msg);
         }
     }
-    free(copy);
+    kms_free_secret(copy, size); /* a database URL may hold a password */
     return rc;
 }
 
-static kms_err read_file(const char *path, int secret, char **out, size_t *len)
+/* *mode (may be NULL) gets the file's permission bits. */
+static kms_err read_file(const char *path, int secret, char **out, size_t *len, unsigned *mode)
 {
     struct kms_buf b = KMS_BUF_INIT;
     struct stat st;
@@ -362,9 +368,11 @@ static kms_err read_file(const char *path, int secret, char **out, size_t *len)
     KMS_ENSURE(fd >= 0, KMS_ERR_VALIDATION, "cannot open %s: %s", path, strerror(errno));
     if (fstat(fd, &st) != 0)
         rc = KMS_FAIL(KMS_ERR_VALIDATION, "cannot stat %s: %s", path, strerror(errno));
-    else if (!S_ISREG(st.st_mode))
+    else if (mode)
+        *mode = (unsigned)(st.st_mode & 07777);
+    if (rc == KMS_OK && !S_ISREG(st.st_mode))
         rc = KMS_FAIL(KMS_ERR_VALIDATION, "%s is not a regular file", path);
-    else if (secret && (st.st_mode & (S_IRWXG | S_IRWXO)))
+    else if (rc == KMS_OK && secret && (st.st_mode & (S_IRWXG | S_IRWXO)))
         rc =
             KMS_FAIL(KMS_ERR_VALIDATION,
                      "%s holds secrets but group or others may access it (mode %03o); chmod 600 it",
@@ -407,11 +415,20 @@ kms_err kms_config_load(struct kms_config *c, const char *path)
 {
     char *text;
     size_t len;
-    KMS_GUARD(read_file(path, 0, &text, &len));
+    unsigned mode = 0;
+    KMS_GUARD(read_file(path, 0, &text, &len, &mode));
     KMS_ENSURE(strlen(text) == len, KMS_ERR_VALIDATION, "%s contains a NUL byte", path);
     kms_err rc = kms_config_parse(c, text);
-    free(text);
-    return rc;
+    kms_free_secret(text, len + 1); /* it may hold the database's password */
+    KMS_GUARD(rc);
+    /* The same rule as pin_file's and credentials_file's. */
+    KMS_ENSURE(!c->database || !kms_store_url_has_secret(c->database) ||
+                   !(mode & (S_IRWXG | S_IRWXO)),
+               KMS_ERR_VALIDATION,
+               "%s holds the database password but group or others may access it (mode %03o): "
+               "chmod 600 it, or give the password through PGPASSFILE or PGPASSWORD",
+               path, mode & 0777);
+    return KMS_OK;
 }
 
 kms_err kms_config_check(const struct kms_config *c)
@@ -506,7 +523,7 @@ kms_err kms_read_pin(const struct kms_config *cfg, int forget_env, char **pin, s
 
 kms_err kms_read_secret_file(const char *path, char **out, size_t *len)
 {
-    KMS_GUARD(read_file(path, 1, out, len));
+    KMS_GUARD(read_file(path, 1, out, len, NULL));
     while (*len > 0 && ((*out)[*len - 1] == '\n' || (*out)[*len - 1] == '\r'))
         (*out)[--*len] = '\0';
     return KMS_OK;

@@ -22,9 +22,11 @@ struct kms_config {
     char *token;    /* token label or pkcs11: URI */
     char *pin_file; /* file holding the user PIN (or env P11KMS_PIN) */
     char *credentials_file;
-    char *database;               /* "sqlite:/path/to/p11kms.db" */
-    unsigned database_timeout_ms; /* longest wait for a busy database */
-    char *listen;                 /* HOST:PORT */
+    char *database;                       /* "sqlite:/path/to/p11kms.db" or "postgresql://..." */
+    unsigned database_timeout_ms;         /* longest wait for a busy database */
+    unsigned database_pool;               /* PostgreSQL: connections per node (8) */
+    unsigned database_connect_timeout_ms; /* PostgreSQL: per connection; 0: database_timeout_ms */
+    char *listen;                         /* HOST:PORT */
     char *region;
     char *account;
     unsigned threads;  /* HTTP threads (network and requests served from the index) */
@@ -68,6 +70,11 @@ KMS_MUST_CHECK kms_err kms_config_set(struct kms_config *c, const char *key, con
  * '=' and bad numbers are errors naming the line.
  */
 KMS_MUST_CHECK kms_err kms_config_parse(struct kms_config *c, const char *text);
+/*
+ * kms_config_parse on a file's text. A database URL with a password in it
+ * (user:password@, password=) makes the file hold a secret: refused, as
+ * secret files are, when group or others may access it.
+ */
 KMS_MUST_CHECK kms_err kms_config_load(struct kms_config *c, const char *path);
 /* Checks that every required setting is present. */
 KMS_MUST_CHECK kms_err kms_config_check(const struct kms_config *c);

@@ -76,6 +76,12 @@ struct kms_store_engine {
     kms_err (*changes)(struct kms_tx *tx, int64_t after, size_t limit,
                        kms_err (*fn)(void *arg, const struct kms_change *c), void *arg);
     kms_err (*changes_prune)(struct kms_tx *tx, int64_t before);
+
+    /* NULL: no feed (kms_store_wait_change answers KMS_ERR_UNSUPPORTED) */
+    kms_err (*wait_change)(struct kms_store *st, unsigned timeout_ms, int *changed);
+    void (*wake)(struct kms_store *st);
+    /* NULL: the engine's URLs hold no secret */
+    int (*url_has_secret)(const char *url);
 };
 
 extern const struct kms_store_engine kms_store_sqlite;

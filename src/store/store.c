@@ -21,14 +21,28 @@ static const struct {
     {"postgres://", &kms_store_pg},
 };
 
-kms_err kms_store_open(const struct kms_store_config *cfg, struct kms_store **out)
+static const struct kms_store_engine *engine_of(const char *url)
 {
-    const char *url = cfg->url;
     for (size_t i = 0; url && i < sizeof engines / sizeof engines[0]; i++)
         if (strncmp(url, engines[i].scheme, strlen(engines[i].scheme)) == 0)
-            return engines[i].engine->open(cfg, out);
-    return KMS_FAIL(KMS_ERR_VALIDATION,
-                    "database must be sqlite:PATH or a PostgreSQL URL (postgresql://...)");
+            return engines[i].engine;
+    return NULL;
+}
+
+kms_err kms_store_open(const struct kms_store_config *cfg, struct kms_store **out)
+{
+    const struct kms_store_engine *e = engine_of(cfg->url);
+    KMS_ENSURE(e != NULL, KMS_ERR_VALIDATION,
+               "database must be sqlite:PATH or a PostgreSQL URL (postgresql://...)");
+    KMS_ENSURE(cfg->pool_size <= KMS_STORE_POOL_MAX, KMS_ERR_VALIDATION,
+               "database_pool must be a number from 1 to %d", KMS_STORE_POOL_MAX);
+    return e->open(cfg, out);
+}
+
+int kms_store_url_has_secret(const char *url)
+{
+    const struct kms_store_engine *e = engine_of(url);
+    return e && e->url_has_secret ? e->url_has_secret(url) : 0;
 }
 
 void kms_store_close(struct kms_store *st)
@@ -78,6 +92,14 @@ kms_err kms_store_backup(struct kms_store *st, const char *path)
 
 kms_err kms_store_begin(struct kms_store *st, int mode, struct kms_tx **out)
 {
+    /*
+     * NULL unless a transaction is open: a caller that rolls back after a
+     * failed begin (kms_changes_poll does) then rolls back nothing. The
+     * engines leave *out alone on failure, so it was whatever the caller's
+     * stack held, and a node crashed (SIGSEGV) at its first poll after the
+     * database went away (tests/integration/test_cluster_pg.py).
+     */
+    *out = NULL;
     return st->engine->begin(st, mode, out);
 }
 
@@ -257,4 +279,20 @@ kms_err kms_store_changes(struct kms_tx *tx, int64_t after, size_t limit,
 kms_err kms_store_changes_prune(struct kms_tx *tx, int64_t before)
 {
     return tx->engine->changes_prune(tx, before);
+}
+
+/* ---- the change feed ---- */
+
+kms_err kms_store_wait_change(struct kms_store *st, unsigned timeout_ms, int *changed)
+{
+    *changed = 0;
+    if (!st->engine->wait_change)
+        return KMS_ERR_UNSUPPORTED;
+    return st->engine->wait_change(st, timeout_ms, changed);
+}
+
+void kms_store_wake(struct kms_store *st)
+{
+    if (st->engine->wake)
+        st->engine->wake(st);
 }

@@ -127,13 +127,28 @@ struct kms_store_config {
      * migrates an older schema; still refuses a newer one.
      */
     int mode;
+    /* PostgreSQL: connections of the pool (0: 8). SQLite has one per thread. */
+    unsigned pool_size;
+    /*
+     * PostgreSQL: the longest a new connection may take, the server's answer
+     * to its login included (0: timeout_ms). SQLite opens a file.
+     */
+    unsigned connect_timeout_ms;
 };
 enum { KMS_STORE_OPEN = 0, KMS_STORE_INIT = 1 };
+#define KMS_STORE_POOL_DEFAULT 8
+#define KMS_STORE_POOL_MAX 256
 
 KMS_MUST_CHECK kms_err kms_store_open(const struct kms_store_config *cfg, struct kms_store **out);
 void kms_store_close(struct kms_store *st);
 /* The URL without secrets (PostgreSQL's password), for logs. */
 const char *kms_store_name(const struct kms_store *st);
+/*
+ * Whether a database URL carries a secret: a PostgreSQL password (user:pw@,
+ * password=) or client key passphrase (sslpassword=). The server refuses one
+ * on its command line, where every user of the machine can read it.
+ */
+int kms_store_url_has_secret(const char *url);
 /* The schema version this binary writes, and the database's. */
 int kms_store_schema_version(void);
 KMS_MUST_CHECK kms_err kms_store_database_version(struct kms_store *st, int *out);
@@ -145,6 +160,7 @@ KMS_MUST_CHECK kms_err kms_store_backup(struct kms_store *st, const char *path);
 
 /* ---- transactions (one at a time per thread) ---- */
 enum { KMS_TX_READ = 0, KMS_TX_WRITE = 1 };
+/* *out is NULL after a failure, so kms_store_rollback(*out) is always safe. */
 KMS_MUST_CHECK kms_err kms_store_begin(struct kms_store *st, int mode, struct kms_tx **out);
 KMS_MUST_CHECK kms_err kms_store_commit(struct kms_tx *tx);
 /* Undoes an open transaction; nothing when tx is NULL or done. */
@@ -237,5 +253,25 @@ KMS_MUST_CHECK kms_err kms_store_changes(struct kms_tx *tx, int64_t after, size_
                                          void *arg);
 /* Forgets changes older than before (seconds since the epoch). */
 KMS_MUST_CHECK kms_err kms_store_changes_prune(struct kms_tx *tx, int64_t before);
+
+/* ---- the change feed ---- */
+/*
+ * Waits at most timeout_ms for a change committed by any node, this one's
+ * included, and sets *changed to 1 when one was announced: read the change
+ * sequence now. PostgreSQL announces every transaction that notes a change
+ * (NOTIFY at its commit) to a connection of its own that LISTENs, outside the
+ * pool, made at the first call. When that connection is lost the call goes
+ * on as a plain timed wait (*changed 0) and makes it again at later calls,
+ * backing off from 100 ms to 5 s between tries; announcements sent meanwhile
+ * are lost, so a call that (re)makes it sets *changed to 1. Waiting is never
+ * the only way to learn of changes: read the sequence every so often anyway.
+ *
+ * One thread at a time may wait. KMS_ERR_UNSUPPORTED, at once, when the
+ * engine has no feed (SQLite): poll the sequence on a timer instead.
+ */
+KMS_MUST_CHECK kms_err kms_store_wait_change(struct kms_store *st, unsigned timeout_ms,
+                                             int *changed);
+/* Makes the current or the next kms_store_wait_change return at once (shutting down). */
+void kms_store_wake(struct kms_store *st);
 
 #endif

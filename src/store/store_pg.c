@@ -3,16 +3,34 @@
  * nodes on one database (DESIGN §5). The URL is any libpq connection URI
  * (postgresql:// or postgres://, sslmode and the rest as libpq reads them).
  *
- * Connections: a bounded pool of POOL_SIZE, each made at its first use. A
- * transaction holds one from kms_store_begin to its commit or rollback; a
- * begin that finds none free within timeout_ms fails with
- * KMS_ERR_DEPENDENCY_TIMEOUT. Each connection is made with connect_timeout
- * (timeout_ms in whole seconds, at least libpq's floor of 2; a connect_timeout
- * in the URL wins) and runs every statement under statement_timeout =
- * timeout_ms, so a statement stuck behind a lock or a busy server gives up the
- * way SQLite's busy timeout does. A connection found dead is closed and made
- * again at its next use; a BEGIN that finds its connection dead (the server
- * restarted since) reconnects once, so the store recovers by itself.
+ * Connections: a bounded pool of pool_size (8 by default), each made at its
+ * first use. A transaction holds one from kms_store_begin to its commit or
+ * rollback; a begin that finds none free within timeout_ms fails with
+ * KMS_ERR_DEPENDENCY_TIMEOUT. A connection is made through libpq's
+ * non-blocking calls under our own deadline, connect_timeout_ms (libpq's
+ * connect_timeout counts whole seconds, at least 2, and only in its blocking
+ * calls; one in the URL is read as ours; the host name is still resolved
+ * blocking). A URL naming several hosts is connected to by libpq's blocking
+ * call instead, which gives each host connect_timeout (connect_timeout_ms in
+ * whole seconds, at least 2) before it tries the next. Every statement runs
+ * under statement_timeout = timeout_ms, so a statement stuck behind a lock or
+ * a busy server gives up the way SQLite's busy timeout does, and no answer is
+ * waited for longer than timeout_ms + ANSWER_GRACE_MS: past that the server
+ * is not answering at all (stopped, wedged, behind a proxy that lost it) and
+ * the connection is given up (dropped when it goes back). TCP keepalives
+ * and tcp_user_timeout = timeout_ms notice a server that went silent (a
+ * partition) while we wait for it. A connection found dead is closed and
+ * made again at its next use; a BEGIN that finds its connection dead (the
+ * server restarted since) reconnects once, so the store recovers by itself.
+ *
+ * The change feed (kms_store_wait_change): every transaction that notes a
+ * change also runs pg_notify(FEED_CHANNEL), which the server delivers at its
+ * commit, to every connection that LISTENs, and to nothing when it rolls
+ * back. A store listens on one connection of its own, outside the pool, made
+ * at the first wait; the waiting thread polls its socket and an eventfd
+ * (kms_store_wake). A lost listener is made again at a later wait, after a
+ * backoff, and its first wait then says "changed": notifications sent while
+ * nobody listened are gone, the change sequence still has them.
  *
  * Isolation. store.h's contract is that what a write transaction read cannot
  * change under it. Row locks keep it here, not SERIALIZABLE: a write
@@ -54,18 +72,30 @@
 
 #include <errno.h>
 #include <libpq-fe.h>
+#include <poll.h>
 #include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/eventfd.h>
 #include <time.h>
+#include <unistd.h>
 
 #include "common/log.h"
 #include "store/engine.h"
 #include "store/schema.h"
 
-#define POOL_SIZE 8
 #define MAX_PARAMS 14
+#define FEED_CHANNEL "p11kms_changes"
+/*
+ * How much longer than timeout_ms we wait for any answer: the server's
+ * statement_timeout ends a slow statement first, with its own words; past
+ * this the server is not answering at all (stopped, hung, a proxy in front of
+ * a lost one) and the connection is given up.
+ */
+#define ANSWER_GRACE_MS 250
+#define FEED_BACKOFF_MIN_MS 100
+#define FEED_BACKOFF_MAX_MS 5000
 
 /* The built-in types' OIDs (pg_type), fixed since PostgreSQL 7. */
 enum { OID_BYTEA = 17, OID_INT8 = 20, OID_TEXT = 25 };
@@ -77,7 +107,10 @@ enum { OID_BYTEA = 17, OID_INT8 = 20, OID_TEXT = 25 };
  */
 #define LOCK_CLASS "1882286957"
 #define LOCK_SCHEMA "SELECT pg_advisory_xact_lock(" LOCK_CLASS ", 1)"
-#define LOCK_CHANGES "SELECT pg_advisory_xact_lock(" LOCK_CLASS ", 2)"
+/* ... and announces the transaction's changes to every listener, at its commit. */
+#define LOCK_CHANGES                                              \
+    "SELECT pg_advisory_xact_lock(" LOCK_CLASS ", 2), pg_notify(" \
+    "'" FEED_CHANNEL "', '')"
 
 enum stmt {
     S_KEY_GET,
@@ -189,6 +222,7 @@ static const char *const sql[S_COUNT] = {
 struct pg_conn {
     PGconn *pg;                      /* NULL: not made yet, or dropped */
     unsigned char prepared[S_COUNT]; /* statements prepared on this connection */
+    int hung; /* a statement went unanswered past its deadline: only fit to be dropped */
     struct pg_conn *next_free;
 };
 
@@ -207,15 +241,29 @@ struct pg_tx {
     struct pg_tx *next;
 };
 
+/* The change feed's connection and its state: only the waiting thread's (wake_fd aside). */
+struct pg_feed {
+    struct pg_conn c;    /* listening when c.pg is set */
+    int wake_fd;         /* eventfd: kms_store_wake writes, a wait reads */
+    int64_t retry_at;    /* CLOCK_MONOTONIC ms: the next try to make c */
+    unsigned backoff_ms; /* before the try after a failed one */
+    int down;            /* made once and lost (said once in the log) */
+};
+
 struct pg_store {
     struct kms_store base; /* its name: the URL without its password */
     char *url;             /* with its password: for libpq only */
     unsigned timeout_ms;
-    char connect_timeout[16]; /* seconds, as libpq reads it */
+    unsigned connect_timeout_ms;
+    unsigned hosts;            /* in the URL: more than one, and libpq connects (blocking) */
+    char keepalive_idle[16];   /* seconds, as libpq reads it: the connect timeout's */
+    char tcp_user_timeout[16]; /* ms */
     pthread_mutex_t lock;
     pthread_cond_t freed; /* a connection came back to the pool */
-    struct pg_conn conns[POOL_SIZE];
+    struct pg_conn *conns;
+    unsigned nconns;
     struct pg_conn *free;
+    struct pg_feed feed;
     pthread_key_t thread; /* this thread's struct pg_tx */
     struct pg_tx *txs;
 };
@@ -311,6 +359,35 @@ static char *url_redact(const char *url)
     return out;
 }
 
+/* Whether the URL holds a secret url_redact would drop: user:password@, password=, sslpassword=. */
+static int pg_url_has_secret(const char *url)
+{
+    const char *auth = strstr(url, "://");
+    auth = auth ? auth + 3 : url;
+    const char *end = auth + strcspn(auth, "/?");
+    const char *at = NULL;
+    for (const char *p = auth; p < end; p++)
+        if (*p == '@')
+            at = p;
+    if (at && memchr(auth, ':', (size_t)(at - auth)))
+        return 1;
+    const char *query = strchr(end, '?');
+    for (const char *p = query ? query + 1 : NULL; p && *p;) {
+        size_t len = strcspn(p, "&");
+        if (len && secret_param(p, len))
+            return 1;
+        p += len + (p[len] == '&');
+    }
+    return 0;
+}
+
+static int64_t mono_ms(void)
+{
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (int64_t)t.tv_sec * 1000 + t.tv_nsec / 1000000;
+}
+
 /* libpq's message on one line, without its trailing newline. */
 static void one_line(const char *msg, char *out, size_t n)
 {
@@ -324,6 +401,63 @@ static void one_line(const char *msg, char *out, size_t n)
     while (o > 0 && out[o - 1] == ' ')
         o--;
     out[o] = '\0';
+}
+
+/* ---- answers ---- */
+
+/*
+ * The answer to what was just sent on c (sent: the PQsend* call's result),
+ * as PQexec gives it (the first error, else the last result), waited for at
+ * most timeout_ms + ANSWER_GRACE_MS. NULL when it did not come in time: c is
+ * then hung, and pg_fail says so.
+ */
+static PGresult *answer(struct pg_store *st, struct pg_conn *c, int sent)
+{
+    PGconn *pg = c->pg;
+    PGresult *last = NULL, *error = NULL, *r;
+    int64_t deadline = mono_ms() + st->timeout_ms + ANSWER_GRACE_MS;
+    if (!sent)
+        return NULL; /* libpq's words in PQerrorMessage */
+    for (;;) {
+        while (PQisBusy(pg)) {
+            int64_t left = deadline - mono_ms();
+            struct pollfd p = {PQsocket(pg), POLLIN, 0};
+            int n = left <= 0 ? 0 : poll(&p, 1, left > 60000 ? 60000 : (int)left);
+            if ((left <= 0 || n < 0) && (left <= 0 || errno != EINTR)) {
+                c->hung = 1; /* mid-answer: only fit to be dropped */
+                PQclear(last);
+                PQclear(error);
+                return NULL;
+            }
+            if (n > 0 && !PQconsumeInput(pg))
+                break; /* lost: PQgetResult answers with the error at once */
+        }
+        if ((r = PQgetResult(pg)) == NULL)
+            break;
+        ExecStatusType x = PQresultStatus(r);
+        if (x == PGRES_FATAL_ERROR || x == PGRES_NONFATAL_ERROR || x == PGRES_BAD_RESPONSE) {
+            if (error)
+                PQclear(r);
+            else
+                error = r;
+        } else {
+            PQclear(last);
+            last = r;
+        }
+        if (PQstatus(pg) != CONNECTION_OK)
+            break;
+    }
+    if (error) {
+        PQclear(last);
+        return error;
+    }
+    return last;
+}
+
+/* PQexec with answer's deadline. */
+static PGresult *exec_text(struct pg_store *st, struct pg_conn *c, const char *text)
+{
+    return answer(st, c, PQsendQuery(c->pg, text));
 }
 
 /* ---- failures ---- */
@@ -355,9 +489,10 @@ static int transient(const char *state)
  * The error for a failed statement: r (may be NULL) is cleared. words, when
  * given, gets the server's primary message (for open's own messages).
  */
-static kms_err pg_fail(struct pg_store *st, PGconn *pg, PGresult *r, const char *what, char *words,
-                       size_t n)
+static kms_err pg_fail(struct pg_store *st, struct pg_conn *c, PGresult *r, const char *what,
+                       char *words, size_t n)
 {
+    PGconn *pg = c->pg;
     const char *state = r ? PQresultErrorField(r, PG_DIAG_SQLSTATE) : NULL;
     const char *primary = r ? PQresultErrorField(r, PG_DIAG_MESSAGE_PRIMARY) : NULL;
     char msg[256];
@@ -366,10 +501,17 @@ static kms_err pg_fail(struct pg_store *st, PGconn *pg, PGresult *r, const char 
      * Only the primary message: DETAIL quotes row contents. Without one, the
      * failure is libpq's own (a lost connection), whose words name no row.
      */
-    one_line(primary ? primary : PQerrorMessage(pg), msg, sizeof msg);
+    if (c->hung)
+        snprintf(msg, sizeof msg, "no answer within %u ms; the connection is dropped",
+                 st->timeout_ms + ANSWER_GRACE_MS);
+    else
+        one_line(primary ? primary : PQerrorMessage(pg), msg, sizeof msg);
     if (words)
         snprintf(words, n, "%s", msg);
-    if (state && strcmp(state, "23505") == 0) {
+    if (c->hung) {
+        kms_warn("database %s: %s: %s", st->base.name, what, msg);
+        e = KMS_FAIL(KMS_ERR_DEPENDENCY_TIMEOUT, "The key store's database did not answer in time");
+    } else if (state && strcmp(state, "23505") == 0) {
         e = KMS_FAIL(KMS_ERR_ALREADY_EXISTS, "The entry already exists");
     } else if (transient(state) || PQstatus(pg) != CONNECTION_OK) {
         kms_warn("database %s: %s: %s (%s)", st->base.name, what, msg,
@@ -399,36 +541,105 @@ static void conn_drop(struct pg_conn *c)
 {
     PQfinish(c->pg);
     c->pg = NULL;
+    c->hung = 0;
     memset(c->prepared, 0, sizeof c->prepared);
 }
 
+enum connect_outcome { CONNECT_MADE, CONNECT_FAILED, CONNECT_TIMED_OUT, CONNECT_WOKEN };
+
 /*
- * Makes c's connection, with the settings every connection has. A failure is
- * logged with libpq's words and answered in ours (callers' messages reach
- * API clients); words, when given, gets libpq's (for open's own messages).
+ * Drives a connection libpq has started (PQconnectStartParams) to its end
+ * before deadline (CLOCK_MONOTONIC ms). abort_fd, when not -1, readable: give
+ * up at once (the feed's wake-up).
  */
-static kms_err conn_make(struct pg_store *st, struct pg_conn *c, char *words, size_t n)
+static enum connect_outcome connect_drive(PGconn *pg, int64_t deadline, int abort_fd)
+{
+    PostgresPollingStatusType s = PGRES_POLLING_WRITING; /* libpq's rule for the first round */
+    for (;;) {
+        if (s == PGRES_POLLING_OK)
+            return CONNECT_MADE;
+        if (s == PGRES_POLLING_FAILED || PQsocket(pg) < 0)
+            return CONNECT_FAILED;
+        int64_t left = deadline - mono_ms();
+        if (left <= 0)
+            return CONNECT_TIMED_OUT;
+        struct pollfd p[2] = {
+            {PQsocket(pg), s == PGRES_POLLING_READING ? POLLIN : POLLOUT, 0},
+            {abort_fd, POLLIN, 0},
+        };
+        int n = poll(p, abort_fd >= 0 ? 2 : 1, left > 60000 ? 60000 : (int)left);
+        if (n < 0 && errno != EINTR)
+            return CONNECT_FAILED;
+        if (n > 0 && abort_fd >= 0 && p[1].revents)
+            return CONNECT_WOKEN;
+        if (n > 0 && p[0].revents)
+            s = PQconnectPoll(pg);
+    }
+}
+
+/*
+ * Makes c's connection, with the settings every connection has, within
+ * connect_timeout_ms. A failure is logged with libpq's words (at debug level
+ * unless loud) and answered in ours (callers' messages reach API clients);
+ * words, when given, gets libpq's (for open's own messages). abort_fd as for
+ * connect_drive: *woken (may be NULL) is then set, and nothing logged.
+ */
+static kms_err conn_make(struct pg_store *st, struct pg_conn *c, char *words, size_t n, int loud,
+                         int abort_fd, int *woken)
 {
     /*
      * Ours first, then the URL (dbname, expanded): libpq takes the last value
-     * of a key, so the URL's own connect_timeout or keepalives win. The
+     * of a key, so the URL's own keepalives or tcp_user_timeout win. The
      * statement timeout is the server's; keepalives (idle as long as the
-     * connect timeout, then 2 probes 1 s apart) are what notice a server that
-     * went silent, a partition, while we wait for an answer.
+     * connect timeout, then 2 probes 1 s apart) and tcp_user_timeout (data
+     * unacknowledged that long) notice a server that went silent, a
+     * partition, while we wait for an answer. connect_timeout is for the
+     * blocking connect only (below).
      */
-    static const char *const keys[] = {"connect_timeout",  "client_encoding", "application_name",
-                                       "keepalives",       "keepalives_idle", "keepalives_interval",
-                                       "keepalives_count", "dbname",          NULL};
+    static const char *const keys[] = {"connect_timeout",  "client_encoding",
+                                       "application_name", "keepalives",
+                                       "keepalives_idle",  "keepalives_interval",
+                                       "keepalives_count", "tcp_user_timeout",
+                                       "dbname",           NULL};
     const char *values[] = {
-        st->connect_timeout, "UTF8", "p11kmsd", "1", st->connect_timeout, "1", "2", st->url, NULL};
+        st->keepalive_idle,   "UTF8",  "p11kmsd", "1", st->keepalive_idle, "1", "2",
+        st->tcp_user_timeout, st->url, NULL};
     char msg[256], set[64];
 
     conn_drop(c);
-    c->pg = PQconnectdbParams(keys, values, 1);
-    if (!c->pg || PQstatus(c->pg) != CONNECTION_OK) {
-        one_line(c->pg ? PQerrorMessage(c->pg) : "out of memory", msg, sizeof msg);
+    if (woken)
+        *woken = 0;
+    enum connect_outcome how = CONNECT_FAILED;
+    if (st->hosts > 1) {
+        /*
+         * Several hosts (a primary and its standbys): libpq's blocking connect
+         * gives each host connect_timeout and then tries the next; our
+         * deadline, over them all, would spend itself on the first one
+         * silent. Whole seconds, and no wake-up.
+         */
+        c->pg = PQconnectdbParams(keys, values, 1);
+        if (c->pg && PQstatus(c->pg) == CONNECTION_OK)
+            how = CONNECT_MADE;
+    } else {
+        c->pg = PQconnectStartParams(keys, values, 1);
+        if (c->pg && PQstatus(c->pg) != CONNECTION_BAD)
+            how = connect_drive(c->pg, mono_ms() + st->connect_timeout_ms, abort_fd);
+    }
+    if (how != CONNECT_MADE) {
+        if (how == CONNECT_TIMED_OUT)
+            snprintf(msg, sizeof msg, "no connection within %u ms", st->connect_timeout_ms);
+        else
+            one_line(c->pg ? PQerrorMessage(c->pg) : "out of memory", msg, sizeof msg);
         conn_drop(c);
-        kms_warn("database %s: cannot connect: %s", st->base.name, msg);
+        if (how == CONNECT_WOKEN) {
+            if (woken)
+                *woken = 1;
+            return KMS_FAIL(KMS_ERR_DEPENDENCY_TIMEOUT, "woken while connecting");
+        }
+        if (loud)
+            kms_warn("database %s: cannot connect: %s", st->base.name, msg);
+        else
+            kms_debug("database %s: cannot connect: %s", st->base.name, msg);
         if (words)
             snprintf(words, n, "%s", msg);
         return KMS_FAIL(KMS_ERR_DEPENDENCY_TIMEOUT,
@@ -437,9 +648,9 @@ static kms_err conn_make(struct pg_store *st, struct pg_conn *c, char *words, si
     PQsetNoticeReceiver(c->pg, on_notice, st);
     /* The busy timeout's counterpart: no statement waits longer (a lock, a busy server). */
     snprintf(set, sizeof set, "SET statement_timeout = %u", st->timeout_ms);
-    PGresult *r = PQexec(c->pg, set);
+    PGresult *r = exec_text(st, c, set);
     if (PQresultStatus(r) != PGRES_COMMAND_OK) {
-        kms_err e = pg_fail(st, c->pg, r, "settings", words, n);
+        kms_err e = pg_fail(st, c, r, "settings", words, n);
         conn_drop(c);
         return e;
     }
@@ -467,7 +678,7 @@ static kms_err pool_take(struct pg_store *st, struct pg_conn **out)
         st->free = c->next_free;
     pthread_mutex_unlock(&st->lock);
     if (!c) {
-        kms_warn("database %s: all %d connections stayed busy for %u ms", st->base.name, POOL_SIZE,
+        kms_warn("database %s: all %u connections stayed busy for %u ms", st->base.name, st->nconns,
                  st->timeout_ms);
         return KMS_FAIL(KMS_ERR_DEPENDENCY_TIMEOUT,
                         "The key store's database did not answer in time");
@@ -479,7 +690,8 @@ static kms_err pool_take(struct pg_store *st, struct pg_conn **out)
 /* Gives c back; a connection that is dead or still in a transaction is dropped first. */
 static void pool_give(struct pg_store *st, struct pg_conn *c)
 {
-    if (c->pg && (PQstatus(c->pg) != CONNECTION_OK || PQtransactionStatus(c->pg) != PQTRANS_IDLE))
+    if (c->pg &&
+        (c->hung || PQstatus(c->pg) != CONNECTION_OK || PQtransactionStatus(c->pg) != PQTRANS_IDLE))
         conn_drop(c);
     pthread_mutex_lock(&st->lock);
     c->next_free = st->free;
@@ -509,10 +721,10 @@ static kms_err this_thread(struct pg_store *st, struct pg_tx **out)
 /* Runs SQL without parameters or wanted rows on t's connection (BEGIN, LOCK, DDL, ...). */
 static kms_err simple(struct pg_tx *t, const char *text, const char *what, char *words, size_t n)
 {
-    PGresult *r = PQexec(t->c->pg, text);
+    PGresult *r = exec_text(t->st, t->c, text);
     ExecStatusType x = PQresultStatus(r);
     if (x != PGRES_COMMAND_OK && x != PGRES_TUPLES_OK)
-        return pg_fail(t->st, t->c->pg, r, what, words, n);
+        return pg_fail(t->st, t->c, r, what, words, n);
     PQclear(r);
     return KMS_OK;
 }
@@ -585,16 +797,17 @@ static kms_err run(struct pg_tx *t, enum stmt s, const struct params *p, PGresul
     PGconn *pg = t->c->pg;
     snprintf(name, sizeof name, "p11kms_%d", (int)s);
     if (!t->c->prepared[s]) {
-        PGresult *r = PQprepare(pg, name, sql[s], p->n, p->types);
+        PGresult *r = answer(t->st, t->c, PQsendPrepare(pg, name, sql[s], p->n, p->types));
         if (PQresultStatus(r) != PGRES_COMMAND_OK)
-            return pg_fail(t->st, pg, r, what, NULL, 0);
+            return pg_fail(t->st, t->c, r, what, NULL, 0);
         PQclear(r);
         t->c->prepared[s] = 1;
     }
-    PGresult *r = PQexecPrepared(pg, name, p->n, p->values, p->lengths, p->formats, 1);
+    PGresult *r = answer(t->st, t->c,
+                         PQsendQueryPrepared(pg, name, p->n, p->values, p->lengths, p->formats, 1));
     ExecStatusType x = PQresultStatus(r);
     if (x != PGRES_COMMAND_OK && x != PGRES_TUPLES_OK)
-        return pg_fail(t->st, pg, r, what, NULL, 0);
+        return pg_fail(t->st, t->c, r, what, NULL, 0);
     *out = r;
     return KMS_OK;
 }
@@ -653,17 +866,17 @@ static kms_err one_int(struct pg_tx *t, enum stmt s, const struct params *p, int
 /* The schema version the database holds: 0 when it has none of our tables. */
 static kms_err read_version(struct pg_tx *t, int *out, char *words, size_t n)
 {
-    PGresult *r = PQexec(t->c->pg, "SELECT to_regclass('schema_version') IS NOT NULL");
+    PGresult *r = exec_text(t->st, t->c, "SELECT to_regclass('schema_version') IS NOT NULL");
     if (PQresultStatus(r) != PGRES_TUPLES_OK)
-        return pg_fail(t->st, t->c->pg, r, "schema version", words, n);
+        return pg_fail(t->st, t->c, r, "schema version", words, n);
     int exists = PQntuples(r) == 1 && strcmp(PQgetvalue(r, 0, 0), "t") == 0;
     PQclear(r);
     *out = 0;
     if (!exists)
         return KMS_OK;
-    r = PQexec(t->c->pg, "SELECT max(version) FROM schema_version");
+    r = exec_text(t->st, t->c, "SELECT max(version) FROM schema_version");
     if (PQresultStatus(r) != PGRES_TUPLES_OK)
-        return pg_fail(t->st, t->c->pg, r, "schema version", words, n);
+        return pg_fail(t->st, t->c, r, "schema version", words, n);
     *out = PQntuples(r) == 1 ? atoi(PQgetvalue(r, 0, 0)) : 0;
     PQclear(r);
     return KMS_OK;
@@ -736,8 +949,12 @@ static void pg_close(struct kms_store *base)
         st->txs = t->next;
         free(t);
     }
-    for (int i = 0; i < POOL_SIZE; i++)
+    for (unsigned i = 0; st->conns && i < st->nconns; i++)
         conn_drop(&st->conns[i]);
+    free(st->conns);
+    conn_drop(&st->feed.c);
+    if (st->feed.wake_fd >= 0)
+        close(st->feed.wake_fd);
     pthread_key_delete(st->thread);
     pthread_cond_destroy(&st->freed);
     pthread_mutex_destroy(&st->lock);
@@ -756,31 +973,57 @@ static kms_err pg_open(const struct kms_store_config *cfg, struct kms_store **ou
 
     /* libpq's words about a bad URL may quote it, password and all: ours only. */
     opts = PQconninfoParse(cfg->url, &err);
-    PQconninfoFree(opts);
     PQfreemem(err);
     KMS_ENSURE(opts != NULL, KMS_ERR_VALIDATION,
                "database: not a PostgreSQL connection URI (postgresql://user@host:port/name)");
+    /* The URL's connect_timeout (seconds; libpq reads less than 2 as 2) wins over ours. */
+    unsigned url_connect_ms = 0, hosts = 1;
+    for (PQconninfoOption *o = opts; o->keyword; o++) {
+        int sec = o->val && strcmp(o->keyword, "connect_timeout") == 0 ? atoi(o->val) : 0;
+        if (sec > 0)
+            url_connect_ms = (unsigned)(sec < 2 ? 2 : sec > 600 ? 600 : sec) * 1000u;
+        if (o->val && (strcmp(o->keyword, "host") == 0 || strcmp(o->keyword, "hostaddr") == 0)) {
+            unsigned n = 1;
+            for (const char *p = o->val; *p; p++)
+                n += *p == ',';
+            hosts = n > hosts ? n : hosts;
+        }
+    }
+    PQconninfoFree(opts);
     struct pg_store *st = calloc(1, sizeof *st);
     KMS_ENSURE(st != NULL, KMS_ERR_INTERNAL, "out of memory");
     st->base.engine = &kms_store_pg;
     st->url = strdup(cfg->url);
     st->base.name = url_redact(cfg->url);
     st->timeout_ms = cfg->timeout_ms ? cfg->timeout_ms : 5000;
-    /* libpq counts whole seconds and treats less than 2 as 2 */
-    snprintf(st->connect_timeout, sizeof st->connect_timeout, "%u",
-             st->timeout_ms < 2000 ? 2 : (st->timeout_ms + 999) / 1000);
+    st->connect_timeout_ms = url_connect_ms            ? url_connect_ms
+                             : cfg->connect_timeout_ms ? cfg->connect_timeout_ms
+                                                       : st->timeout_ms;
+    st->nconns = cfg->pool_size ? cfg->pool_size : KMS_STORE_POOL_DEFAULT;
+    st->hosts = hosts;
+    /* whole seconds, at least libpq's floor of 2 */
+    snprintf(st->keepalive_idle, sizeof st->keepalive_idle, "%u",
+             st->connect_timeout_ms < 2000 ? 2 : (st->connect_timeout_ms + 999) / 1000);
+    snprintf(st->tcp_user_timeout, sizeof st->tcp_user_timeout, "%u", st->timeout_ms);
+    st->conns = calloc(st->nconns, sizeof *st->conns);
+    st->feed.wake_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+    st->feed.backoff_ms = FEED_BACKOFF_MIN_MS;
     pthread_mutex_init(&st->lock, NULL);
     pthread_condattr_init(&ca);
     pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
     pthread_cond_init(&st->freed, &ca);
     pthread_condattr_destroy(&ca);
-    for (int i = POOL_SIZE - 1; i >= 0; i--) {
+    for (unsigned i = st->nconns; st->conns && i-- > 0;) {
         st->conns[i].next_free = st->free;
         st->free = &st->conns[i];
     }
-    if (!st->url || !st->base.name || pthread_key_create(&st->thread, NULL) != 0) {
+    if (!st->url || !st->base.name || !st->conns || st->feed.wake_fd < 0 ||
+        pthread_key_create(&st->thread, NULL) != 0) {
         pthread_cond_destroy(&st->freed);
         pthread_mutex_destroy(&st->lock);
+        if (st->feed.wake_fd >= 0)
+            close(st->feed.wake_fd);
+        free(st->conns);
         free(st->url);
         free(st->base.name);
         free(st);
@@ -830,19 +1073,21 @@ static kms_err begin_on(struct pg_store *st, int mode, struct kms_tx **out, char
     KMS_ENSURE(!t->c, KMS_ERR_INTERNAL, "a transaction is already open on this thread");
     KMS_GUARD(pool_take(st, &c));
     t->c = c;
-    kms_err rc = c->pg && PQstatus(c->pg) == CONNECTION_OK ? KMS_OK : conn_make(st, c, words, n);
+    kms_err rc = c->pg && PQstatus(c->pg) == CONNECTION_OK
+                     ? KMS_OK
+                     : conn_make(st, c, words, n, 1, -1, NULL);
     if (rc == KMS_OK) {
-        PGresult *r = PQexec(c->pg, begin);
-        if (PQresultStatus(r) != PGRES_COMMAND_OK && PQstatus(c->pg) != CONNECTION_OK) {
+        PGresult *r = exec_text(st, c, begin);
+        if (PQresultStatus(r) != PGRES_COMMAND_OK && !c->hung && PQstatus(c->pg) != CONNECTION_OK) {
             /* Dropped by the server since its last use (a restart): made again, once. */
             PQclear(r);
             kms_info("database %s: connection lost since its last use; reconnecting",
                      st->base.name);
-            rc = conn_make(st, c, words, n);
-            r = rc == KMS_OK ? PQexec(c->pg, begin) : NULL;
+            rc = conn_make(st, c, words, n, 1, -1, NULL);
+            r = rc == KMS_OK ? exec_text(st, c, begin) : NULL;
         }
         if (rc == KMS_OK && PQresultStatus(r) != PGRES_COMMAND_OK)
-            rc = pg_fail(st, c->pg, r, "begin", words, n);
+            rc = pg_fail(st, c, r, "begin", words, n);
         else
             PQclear(r);
     }
@@ -868,8 +1113,9 @@ static void release(struct pg_tx *t)
 {
     struct pg_conn *c = t->c;
     t->c = NULL;
-    if (c->pg && PQstatus(c->pg) == CONNECTION_OK && PQtransactionStatus(c->pg) != PQTRANS_IDLE)
-        PQclear(PQexec(c->pg, "ROLLBACK"));
+    if (c->pg && !c->hung && PQstatus(c->pg) == CONNECTION_OK &&
+        PQtransactionStatus(c->pg) != PQTRANS_IDLE)
+        PQclear(exec_text(t->st, c, "ROLLBACK"));
     pool_give(t->st, c);
 }
 
@@ -877,11 +1123,11 @@ static kms_err pg_commit(struct kms_tx *base)
 {
     struct pg_tx *t = tx_of(base);
     KMS_ENSURE(t->c != NULL, KMS_ERR_INTERNAL, "no transaction to commit");
-    PGresult *r = PQexec(t->c->pg, "COMMIT");
+    PGresult *r = exec_text(t->st, t->c, "COMMIT");
     kms_err rc = KMS_OK;
     if (PQresultStatus(r) != PGRES_COMMAND_OK) {
         /* Lost while committing: the outcome is unknown to us, and failed to the caller. */
-        rc = pg_fail(t->st, t->c->pg, r, "commit", NULL, 0);
+        rc = pg_fail(t->st, t->c, r, "commit", NULL, 0);
     } else {
         /* COMMIT of a transaction a statement failed in answers ROLLBACK. */
         int committed = strcmp(PQcmdStatus(r), "COMMIT") == 0;
@@ -1394,6 +1640,129 @@ static kms_err pg_changes_prune(struct kms_tx *base, int64_t before)
     return run_write(tx_of(base), S_CHANGES_PRUNE, &p, NULL, "prune changes");
 }
 
+/* ---- the change feed ---- */
+
+/* Takes the notifications libpq has read; 1 when there was one. */
+static int feed_drain(struct pg_feed *f)
+{
+    int any = 0;
+    PGnotify *n;
+    while ((n = PQnotifies(f->c.pg)) != NULL) {
+        any = 1;
+        PQfreemem(n);
+    }
+    return any;
+}
+
+/* The listening connection is gone: made again after the shortest backoff. */
+static void feed_lost(struct pg_store *st, const char *why)
+{
+    struct pg_feed *f = &st->feed;
+    char msg[256];
+    one_line(why, msg, sizeof msg);
+    conn_drop(&f->c);
+    f->backoff_ms = FEED_BACKOFF_MIN_MS;
+    f->retry_at = mono_ms() + f->backoff_ms;
+    if (!f->down)
+        kms_warn("database %s: the change feed's connection was lost (%s); reading the change "
+                 "sequence on the timer until it is back",
+                 st->base.name, msg[0] ? msg : "connection closed");
+    f->down = 1;
+}
+
+/*
+ * Makes the listening connection: KMS_OK and listening, or a failure with
+ * the next try scheduled (*woken: kms_store_wake interrupted it).
+ */
+static kms_err feed_make(struct pg_store *st, int *woken)
+{
+    struct pg_feed *f = &st->feed;
+    kms_err rc = conn_make(st, &f->c, NULL, 0, !f->down && f->retry_at == 0, f->wake_fd, woken);
+    if (rc == KMS_OK) {
+        PGresult *r = exec_text(st, &f->c, "LISTEN " FEED_CHANNEL);
+        if (PQresultStatus(r) != PGRES_COMMAND_OK) {
+            rc = pg_fail(st, &f->c, r, "listen for changes", NULL, 0);
+            conn_drop(&f->c);
+        } else {
+            PQclear(r);
+        }
+    }
+    if (rc == KMS_OK) {
+        if (f->down)
+            kms_info("database %s: the change feed is back", st->base.name);
+        f->down = 0;
+        f->backoff_ms = FEED_BACKOFF_MIN_MS;
+        return KMS_OK;
+    }
+    if (!*woken) {
+        f->down = 1;
+        f->retry_at = mono_ms() + f->backoff_ms;
+        f->backoff_ms =
+            f->backoff_ms * 2 > FEED_BACKOFF_MAX_MS ? FEED_BACKOFF_MAX_MS : f->backoff_ms * 2;
+    }
+    return rc;
+}
+
+static kms_err pg_wait_change(struct kms_store *base, unsigned timeout_ms, int *changed)
+{
+    struct pg_store *st = store_of(base);
+    struct pg_feed *f = &st->feed;
+    int64_t end = mono_ms() + timeout_ms;
+    *changed = 0;
+    for (;;) {
+        int64_t now = mono_ms();
+        if (!f->c.pg && now >= f->retry_at) {
+            int woken = 0;
+            if (feed_make(st, &woken) == KMS_OK) {
+                /* What was announced while nobody listened is gone: read the sequence. */
+                *changed = 1;
+                return KMS_OK;
+            }
+            kms_err_clear();
+            if (woken)
+                return KMS_OK;
+            now = mono_ms();
+        }
+        if (f->c.pg && feed_drain(f)) {
+            *changed = 1;
+            return KMS_OK;
+        }
+        int64_t until = f->c.pg || f->retry_at > end ? end : f->retry_at;
+        if (now >= end)
+            return KMS_OK;
+        struct pollfd p[2] = {{f->wake_fd, POLLIN, 0},
+                              {f->c.pg ? PQsocket(f->c.pg) : -1, POLLIN, 0}};
+        int left = until - now > 60000 ? 60000 : (int)(until - now);
+        int n = poll(p, 2, left > 0 ? left : 0);
+        if (n < 0 && errno != EINTR)
+            return KMS_FAIL(KMS_ERR_INTERNAL, "waiting for the change feed failed: %s",
+                            strerror(errno));
+        if (n > 0 && p[0].revents) {
+            uint64_t count;
+            if (read(f->wake_fd, &count, sizeof count) < 0) {
+                /* nothing to read: another wait took it; either way, return */
+            }
+            return KMS_OK;
+        }
+        if (n > 0 && p[1].revents && f->c.pg) {
+            if (!PQconsumeInput(f->c.pg) || PQstatus(f->c.pg) != CONNECTION_OK)
+                feed_lost(st, PQerrorMessage(f->c.pg));
+            else if (feed_drain(f)) {
+                *changed = 1;
+                return KMS_OK;
+            }
+        }
+    }
+}
+
+static void pg_wake(struct kms_store *base)
+{
+    uint64_t one = 1;
+    if (write(store_of(base)->feed.wake_fd, &one, sizeof one) < 0) {
+        /* the counter is full: a wake-up is pending anyway */
+    }
+}
+
 const struct kms_store_engine kms_store_pg = {
     .open = pg_open,
     .close = pg_close,
@@ -1429,4 +1798,7 @@ const struct kms_store_engine kms_store_pg = {
     .change_tail = pg_change_tail,
     .changes = pg_changes,
     .changes_prune = pg_changes_prune,
+    .wait_change = pg_wait_change,
+    .wake = pg_wake,
+    .url_has_secret = pg_url_has_secret,
 };

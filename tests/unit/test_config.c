@@ -43,6 +43,9 @@ static void test_config_defaults(void **state)
     assert_int_equal(c.sessions, 0);
     assert_int_equal(c.session_timeout_ms, 2000);
     assert_int_equal(c.max_body, 64 * 1024);
+    assert_int_equal(c.database_timeout_ms, 5000);
+    assert_int_equal(c.database_pool, 8);
+    assert_int_equal(c.database_connect_timeout_ms, 0); /* database_timeout_ms */
     kms_config_free(&c);
 }
 
@@ -168,6 +171,11 @@ static void test_config_errors_name_the_line(void **state)
     expect_config_error("\ndatabase = mysql://db/kms\n", 2);
     expect_config_error("database = sqlite:\n", 1);
     expect_config_error("database = postgresql:db\n", 1);
+    /* the pool: 1 to 256 connections; the connect timeout: 1 ms to 10 minutes */
+    expect_config_error("database_pool = 0\n", 1);
+    expect_config_error("\ndatabase_pool = 257\n", 2);
+    expect_config_error("database_connect_timeout_ms = 0\n", 1);
+    expect_config_error("database_connect_timeout_ms = 600001\n", 1);
 }
 
 /* Both engines' URLs are accepted as written (store.c reads them). */
@@ -184,6 +192,15 @@ static void test_config_database_urls(void **state)
         assert_string_equal(c.database, urls[i]);
         kms_config_free(&c);
     }
+    struct kms_config c;
+    kms_config_defaults(&c);
+    assert_int_equal(kms_config_parse(&c, "database_pool = 1\ndatabase_connect_timeout_ms = 250\n"),
+                     KMS_OK);
+    assert_int_equal(c.database_pool, 1);
+    assert_int_equal(c.database_connect_timeout_ms, 250);
+    assert_int_equal(kms_config_parse(&c, "database_pool = 256\n"), KMS_OK);
+    assert_int_equal(c.database_pool, 256);
+    kms_config_free(&c);
 }
 
 static void test_config_check_requires(void **state)
@@ -463,6 +480,50 @@ static void test_config_load_file(void **state)
     kms_config_free(&c);
 }
 
+/*
+ * A database URL with a password makes the configuration a secret file: it
+ * loads at 0600 (or 0400), not when group or others may access it, and the
+ * refusal names the file and mode, never the password. Without one, 0644 is fine.
+ */
+static void test_config_database_password_needs_private_file(void **state)
+{
+    struct tmpdir *t = *state;
+    static const char *const with[] = {
+        "database = postgresql://kms:s3cr3t-pw@db.example/kms\n",
+        "database = postgresql://kms@db.example/kms?sslmode=require&password=s3cr3t-pw\n",
+    };
+    static const mode_t refused[] = {0640, 0604, 0644, 0660, 0620, 0602, 0610, 0601};
+    struct kms_config c;
+
+    for (size_t i = 0; i < N_ELEMS(with); i++) {
+        for (size_t m = 0; m < N_ELEMS(refused); m++) {
+            char mode[8];
+            write_file(t->file, with[i], refused[m]);
+            kms_config_defaults(&c);
+            kms_err_clear();
+            assert_int_equal(kms_config_load(&c, t->file), KMS_ERR_VALIDATION);
+            snprintf(mode, sizeof mode, "%03o", (unsigned)refused[m]);
+            assert_non_null(strstr(kms_err_message(), t->file));
+            assert_non_null(strstr(kms_err_message(), mode));
+            assert_non_null(strstr(kms_err_message(), "PGPASSFILE"));
+            assert_null(strstr(kms_err_message(), "s3cr3t"));
+            kms_config_free(&c);
+        }
+        write_file(t->file, with[i], 0600);
+        kms_config_defaults(&c);
+        assert_int_equal(kms_config_load(&c, t->file), KMS_OK);
+        kms_config_free(&c);
+        write_file(t->file, with[i], 0400);
+        kms_config_defaults(&c);
+        assert_int_equal(kms_config_load(&c, t->file), KMS_OK);
+        kms_config_free(&c);
+    }
+    write_file(t->file, "database = postgresql://kms@db.example/kms?passfile=/etc/pgpass\n", 0644);
+    kms_config_defaults(&c);
+    assert_int_equal(kms_config_load(&c, t->file), KMS_OK);
+    kms_config_free(&c);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -472,6 +533,8 @@ int main(void)
         cmocka_unit_test(test_config_comments_and_blanks_ignored),
         cmocka_unit_test(test_config_errors_name_the_line),
         cmocka_unit_test(test_config_database_urls),
+        cmocka_unit_test_setup_teardown(test_config_database_password_needs_private_file,
+                                        make_tmpdir, remove_tmpdir),
         cmocka_unit_test(test_config_check_requires),
         cmocka_unit_test(test_parse_listen_good),
         cmocka_unit_test(test_parse_listen_bad),

@@ -10,7 +10,8 @@
  * another's transaction, concurrent writers.
  *
  * SQLite (the default run): bad URLs, a missing file, a file that is not a
- * database, a write lock held past the busy timeout, the online backup.
+ * database, a write lock held past the busy timeout, the online backup, no
+ * change feed; which URLs hold a secret.
  *
  * PostgreSQL (P11KMS_TEST_ENGINE=postgresql, P11KMS_TEST_PG_URL naming a
  * database on a server where its user may create databases; `make check`
@@ -21,7 +22,12 @@
  * waiting on another's row lock, changes committing in seq order, the root
  * keys read for a write, concurrent usage reservations, a row lock held past
  * the statement timeout, an exhausted pool, the server crashed and restarted
- * under an open store, and backup refused in favour of pg_dump.
+ * under an open store, and backup refused in favour of pg_dump; the change
+ * feed (LISTEN/NOTIFY: a committed change announced at once, a rolled-back
+ * one not, a wake-up, a listener the server killed made again), the pool's
+ * configured size, a connect deadline in milliseconds (a server that never
+ * answers) and the URL's connect_timeout winning over it, a URL of several
+ * hosts whose first one never answers.
  */
 #include "config.h"
 
@@ -30,15 +36,18 @@
 #include <setjmp.h>
 #include <cmocka.h>
 
+#include <arpa/inet.h>
 #include <fcntl.h>
 #include <ftw.h>
 #include <libpq-fe.h>
+#include <netinet/in.h>
 #include <pthread.h>
 #include <sqlite3.h>
 #include <sys/wait.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/socket.h>
 #include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
@@ -55,8 +64,8 @@ static struct {
     char user[64], password[128], host[128], port[16];
 } pg;
 
-/* store_pg.c's POOL_SIZE */
-#define PG_POOL_SIZE 8
+/* store_pg.c's pool when kms_store_config names none */
+#define PG_POOL_SIZE KMS_STORE_POOL_DEFAULT
 
 /* s with every byte but RFC 3986's unreserved ones percent-encoded. */
 static void url_encode(const char *s, char *out, size_t n)
@@ -1340,8 +1349,10 @@ static void test_rollback_undoes(void **state)
     assert_int_equal(kms_store_alias_get(tx, "alias/gone", &a), KMS_ERR_NOT_FOUND);
     assert_int_equal(kms_store_meta_get(tx, "m", value, sizeof value), KMS_ERR_NOT_FOUND);
     /* one transaction at a time per thread */
-    struct kms_tx *second = NULL;
+    struct kms_tx *second = tx;
     assert_int_equal(kms_store_begin(st, KMS_TX_READ, &second), KMS_ERR_INTERNAL);
+    /* a failed begin leaves no handle: kms_store_rollback(second) is then a no-op */
+    assert_null(second);
     commit(tx);
     kms_key_row_clear(&r);
 }
@@ -2330,6 +2341,275 @@ static void test_pg_backup_refused(void **state)
     assert_int_not_equal(access(path, F_OK), 0);
 }
 
+/* ---- the change feed ---- */
+
+/* SQLite has none: the wait answers KMS_ERR_UNSUPPORTED at once, and a wake-up does nothing. */
+static void test_feed_unsupported(void **state)
+{
+    struct fixture *f = *state;
+    struct timespec t0;
+    int changed = 1;
+    init_store(f);
+    kms_store_wake(f->st);
+    clock_gettime(CLOCK_MONOTONIC, &t0);
+    assert_int_equal(kms_store_wait_change(f->st, 5000, &changed), KMS_ERR_UNSUPPORTED);
+    assert_int_equal(changed, 0);
+    assert_true(elapsed_ms(&t0) < 1000);
+}
+
+/* A write transaction that notes a change (or not), committed or rolled back, on st. */
+static void note_change_on(struct kms_store *st, int note, int keep)
+{
+    struct kms_tx *tx = begin(st, KMS_TX_WRITE);
+    assert_int_equal(kms_store_meta_set(tx, "feed", keep ? "kept" : "undone"), KMS_OK);
+    if (note)
+        assert_int_equal(kms_store_note_change(tx, KMS_CHANGE_ALIAS, NULL, "alias/feed"), KMS_OK);
+    if (keep)
+        commit(tx);
+    else
+        kms_store_rollback(tx);
+}
+
+/* Waits at most timeout_ms; how long it took comes back in *took_ms. */
+static int wait_change(struct kms_store *st, unsigned timeout_ms, int64_t *took_ms)
+{
+    struct timespec t0;
+    int changed = -1;
+    clock_gettime(CLOCK_MONOTONIC, &t0);
+    assert_int_equal(kms_store_wait_change(st, timeout_ms, &changed), KMS_OK);
+    *took_ms = elapsed_ms(&t0);
+    assert_true(changed == 0 || changed == 1);
+    return changed;
+}
+
+struct waker {
+    struct kms_store *st;
+    unsigned after_ms;
+};
+
+static void *wake_later(void *arg)
+{
+    struct waker *w = arg;
+    struct timespec pause = {0, (long)w->after_ms * 1000000L};
+    nanosleep(&pause, NULL);
+    kms_store_wake(w->st);
+    return NULL;
+}
+
+/*
+ * LISTEN/NOTIFY between two stores on one database: the first wait makes the
+ * listener and says "changed" (what came before it is unknown); a change
+ * another store commits ends a wait at once; one rolled back, or a write
+ * that notes no change, does not; kms_store_wake ends a wait early, and one
+ * that comes before the wait ends the next wait at once.
+ */
+static void test_pg_feed(void **state)
+{
+    struct fixture *f = *state;
+    struct kms_store *other = NULL;
+    int64_t took;
+    init_store(f);
+    assert_int_equal(open_store(f->url, KMS_STORE_OPEN, 0, &other), KMS_OK);
+
+    assert_int_equal(wait_change(f->st, 5000, &took), 1);
+    assert_true(took < 3000);
+    assert_int_equal(wait_change(f->st, 200, &took), 0);
+    assert_true(took >= 150 && took < 2000);
+
+    note_change_on(other, 1, 1);
+    assert_int_equal(wait_change(f->st, 5000, &took), 1);
+    assert_true(took < 1000);
+    /* several changes, one announcement or more: all read at once, then quiet */
+    note_change_on(other, 1, 1);
+    note_change_on(other, 1, 1);
+    assert_int_equal(wait_change(f->st, 5000, &took), 1);
+    while (wait_change(f->st, 100, &took) == 1)
+        ;
+    note_change_on(other, 1, 0);
+    note_change_on(other, 0, 1);
+    assert_int_equal(wait_change(f->st, 300, &took), 0);
+
+    struct waker w = {f->st, 100};
+    pthread_t t;
+    assert_int_equal(pthread_create(&t, NULL, wake_later, &w), 0);
+    assert_int_equal(wait_change(f->st, 10000, &took), 0);
+    assert_int_equal(pthread_join(t, NULL), 0);
+    assert_true(took >= 50 && took < 3000);
+    kms_store_wake(f->st);
+    assert_int_equal(wait_change(f->st, 10000, &took), 0);
+    assert_true(took < 1000);
+    kms_store_close(other);
+}
+
+/*
+ * The listener's connection killed by the server (pg_terminate_backend): the
+ * wait goes on as a timed wait, makes it again after the backoff and says
+ * "changed", then carries changes again.
+ */
+static void test_pg_feed_lost(void **state)
+{
+    struct fixture *f = *state;
+    struct kms_store *other = NULL;
+    char sql[512], killed[16];
+    int64_t took;
+    init_store(f);
+    assert_int_equal(open_store(f->url, KMS_STORE_OPEN, 0, &other), KMS_OK);
+    assert_int_equal(wait_change(f->st, 5000, &took), 1);
+    snprintf(sql, sizeof sql,
+             "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE datname = '%s' "
+             "AND query = 'LISTEN p11kms_changes'",
+             f->db);
+    pg_exec(pg.admin, sql, killed, sizeof killed);
+    assert_string_equal(killed, "1");
+    int changed = 0;
+    for (int i = 0; i < 50 && !changed; i++)
+        changed = wait_change(f->st, 200, &took);
+    assert_int_equal(changed, 1); /* made again: "changed", for what it missed */
+    note_change_on(other, 1, 1);
+    assert_int_equal(wait_change(f->st, 5000, &took), 1);
+    assert_true(took < 1000);
+    kms_store_close(other);
+}
+
+/* The pool's size comes from the configuration: pool_size connections, the next one waits. */
+static void test_pg_pool_size(void **state)
+{
+    struct fixture *f = *state;
+    struct kms_store_config c = {
+        .url = f->url, .timeout_ms = 300, .mode = KMS_STORE_OPEN, .pool_size = 2};
+    struct kms_tx *tx = NULL;
+    pthread_barrier_t held, release;
+    pthread_t t[2];
+    struct holder h[2];
+    init_store(f);
+    kms_store_close(f->st);
+    f->st = NULL;
+    c.pool_size = KMS_STORE_POOL_MAX + 1;
+    kms_err_clear();
+    assert_int_equal(kms_store_open(&c, &f->st), KMS_ERR_VALIDATION);
+    assert_contains(kms_err_message(), "database_pool");
+    c.pool_size = 2;
+    assert_int_equal(kms_store_open(&c, &f->st), KMS_OK);
+    assert_int_equal(pthread_barrier_init(&held, NULL, 3), 0);
+    assert_int_equal(pthread_barrier_init(&release, NULL, 3), 0);
+    for (int i = 0; i < 2; i++) {
+        h[i] = (struct holder){.st = f->st, .held = &held, .release = &release};
+        assert_int_equal(pthread_create(&t[i], NULL, hold_connection, &h[i]), 0);
+    }
+    pthread_barrier_wait(&held);
+    assert_int_equal(h[0].got, KMS_OK);
+    assert_int_equal(h[1].got, KMS_OK);
+    kms_err_clear();
+    assert_int_equal(kms_store_begin(f->st, KMS_TX_READ, &tx), KMS_ERR_DEPENDENCY_TIMEOUT);
+    assert_null(tx);
+    pthread_barrier_wait(&release);
+    for (int i = 0; i < 2; i++) {
+        assert_int_equal(pthread_join(t[i], NULL), 0);
+        assert_int_equal(h[i].got, KMS_OK);
+    }
+    pthread_barrier_destroy(&held);
+    pthread_barrier_destroy(&release);
+    tx = begin(f->st, KMS_TX_READ);
+    commit(tx);
+}
+
+/*
+ * A server that takes the connection and never answers (a listening socket
+ * nobody accepts: the kernel completes the handshake): open gives up after
+ * connect_timeout_ms, not libpq's whole seconds; a connect_timeout in the
+ * URL wins.
+ */
+static void test_pg_connect_timeout(void **state)
+{
+    struct sockaddr_in a = {.sin_family = AF_INET};
+    socklen_t len = sizeof a;
+    struct kms_store *st = NULL;
+    struct timespec t0;
+    char url[640];
+    (void)state;
+    int s = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    assert_true(s >= 0);
+    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    assert_int_equal(bind(s, (struct sockaddr *)&a, sizeof a), 0);
+    assert_int_equal(listen(s, 16), 0);
+    assert_int_equal(getsockname(s, (struct sockaddr *)&a, &len), 0);
+    snprintf(url, sizeof url, "postgresql://%s:%s@127.0.0.1:%u/kms", pg.user, pg.password,
+             (unsigned)ntohs(a.sin_port));
+    struct kms_store_config c = {
+        .url = url, .timeout_ms = 5000, .mode = KMS_STORE_OPEN, .connect_timeout_ms = 300};
+    kms_err_clear();
+    clock_gettime(CLOCK_MONOTONIC, &t0);
+    assert_int_equal(kms_store_open(&c, &st), KMS_ERR_DEPENDENCY_TIMEOUT);
+    int64_t took = elapsed_ms(&t0);
+    assert_true(took >= 250 && took < 1500);
+    assert_null(st);
+    assert_contains(kms_err_message(), "no connection within 300 ms");
+    assert_lacks(kms_err_message(), pg.password);
+    /* the URL's connect_timeout (2 s) instead */
+    snprintf(url, sizeof url, "postgresql://%s:%s@127.0.0.1:%u/kms?connect_timeout=2", pg.user,
+             pg.password, (unsigned)ntohs(a.sin_port));
+    clock_gettime(CLOCK_MONOTONIC, &t0);
+    assert_int_equal(kms_store_open(&c, &st), KMS_ERR_DEPENDENCY_TIMEOUT);
+    took = elapsed_ms(&t0);
+    assert_true(took >= 1900 && took < 4000);
+    close(s);
+}
+
+/*
+ * A URL naming several hosts, the first one silent (it takes the connection
+ * and never answers) and the second the server: each host gets the URL's
+ * connect_timeout, then the next is tried, and the store opens.
+ */
+static void test_pg_several_hosts(void **state)
+{
+    struct fixture *f = *state;
+    struct sockaddr_in a = {.sin_family = AF_INET};
+    socklen_t len = sizeof a;
+    struct timespec t0;
+    char url[800];
+    init_store(f);
+    kms_store_close(f->st);
+    f->st = NULL;
+    int s = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    assert_true(s >= 0);
+    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    assert_int_equal(bind(s, (struct sockaddr *)&a, sizeof a), 0);
+    assert_int_equal(listen(s, 16), 0);
+    assert_int_equal(getsockname(s, (struct sockaddr *)&a, &len), 0);
+    snprintf(url, sizeof url, "postgresql://%s:%s@127.0.0.1:%u,%s:%s/%s?connect_timeout=2", pg.user,
+             pg.password, (unsigned)ntohs(a.sin_port), pg.host, pg.port, f->db);
+    clock_gettime(CLOCK_MONOTONIC, &t0);
+    assert_int_equal(open_store(url, KMS_STORE_OPEN, 300, &f->st), KMS_OK);
+    int64_t took = elapsed_ms(&t0);
+    assert_true(took >= 1900 && took < 6000);
+    struct kms_tx *tx = begin(f->st, KMS_TX_READ);
+    commit(tx);
+    close(s);
+}
+
+/* Which URLs hold a secret (the server refuses those on its command line). */
+static void test_url_has_secret(void **state)
+{
+    static const char *const secret[] = {
+        "postgresql://kms:pw@db/kms",         "postgres://kms:@db/kms",
+        "postgresql://db/kms?password=pw",    "postgresql://db/kms?sslmode=require&pass%77ord=pw",
+        "postgresql://db/kms?sslpassword=pw",
+    };
+    static const char *const clean[] = {
+        "postgresql://kms@db:5432/kms?sslmode=verify-full",
+        "postgresql://db/kms?passfile=/etc/p11kms/pgpass",
+        "postgresql://[::1]:5432/kms",
+        "sqlite:/var/lib/p11kms/p11kms.db",
+        "sqlite:/tmp/user:pw@x.db",
+        "mysql://kms:pw@db/kms",
+    };
+    (void)state;
+    for (size_t i = 0; i < sizeof secret / sizeof secret[0]; i++)
+        assert_int_equal(kms_store_url_has_secret(secret[i]), 1);
+    for (size_t i = 0; i < sizeof clean / sizeof clean[0]; i++)
+        assert_int_equal(kms_store_url_has_secret(clean[i]), 0);
+}
+
 #define BOTH(test, setup) cmocka_unit_test_setup_teardown(test, setup, remove_fixture)
 
 static int run_postgresql(void)
@@ -2366,6 +2646,11 @@ static int run_postgresql(void)
         BOTH(test_pg_pool_timeout, make_pg_fixture),
         BOTH(test_pg_restart, make_pg_fixture),
         BOTH(test_pg_backup_refused, make_pg_fixture),
+        BOTH(test_pg_feed, make_pg_fixture),
+        BOTH(test_pg_feed_lost, make_pg_fixture),
+        BOTH(test_pg_pool_size, make_pg_fixture),
+        BOTH(test_pg_connect_timeout, make_pg_fixture),
+        BOTH(test_pg_several_hosts, make_pg_fixture),
     };
     /* Without its server this run fails: it is never skipped. */
     if (pg_setup() != 0) {
@@ -2404,6 +2689,8 @@ int main(void)
         BOTH(test_concurrent_writers, make_fixture),
         BOTH(test_write_lock_timeout, make_fixture),
         BOTH(test_backup, make_fixture),
+        BOTH(test_feed_unsupported, make_fixture),
+        BOTH(test_url_has_secret, make_fixture),
     };
     return cmocka_run_group_tests_name("store on SQLite", tests, NULL, NULL);
 }

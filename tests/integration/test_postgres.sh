@@ -1,0 +1,7 @@
+#!/bin/sh
+# tests/integration/test_postgres.py (p11kmsd on PostgreSQL: init, two nodes with copies of the
+# token, the change feed, the database hung, crashed and restarted) against a throw-away server
+# tests/pgserver.sh starts (and stops and removes). A server that cannot start fails this test
+# (exit 99), never skips it.
+srcdir=${P11KMS_SRCDIR:-$(cd "$(dirname "$0")/../.." && pwd)}
+exec "$srcdir/tests/pgserver.sh" run /usr/bin/python3 "$srcdir/tests/integration/test_postgres.py"
