@@ -110,13 +110,7 @@ static int fill(const struct kms_config *cfg, struct options *o)
     struct kms_keystore_config kc = cfg->keys;
     kc.region = cfg->region;
     kc.account = cfg->account;
-    struct kms_store_config sc = {
-        .url = cfg->database,
-        .timeout_ms = cfg->database_timeout_ms,
-        .mode = KMS_STORE_INIT,
-        .pool_size = cfg->database_pool,
-        .connect_timeout_ms = cfg->database_connect_timeout_ms,
-    };
+    struct kms_store_config sc = kms_config_store(cfg, KMS_STORE_INIT);
     int made_root = 0;
     if (kms_store_open(&sc, &store) != KMS_OK ||
         kms_keystore_init_roots(hsm, store, &made_root) != KMS_OK) {

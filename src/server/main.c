@@ -142,13 +142,8 @@ static kms_err start(struct kms_server *srv, int mode)
     kms_free_secret(pin, pin_len + 1);
     if (rc != KMS_OK)
         return rc;
-    struct kms_store_config sc = {
-        .url = srv->cfg.database,
-        .timeout_ms = srv->cfg.database_timeout_ms,
-        .mode = mode == RUN_SERVE ? KMS_STORE_OPEN : KMS_STORE_INIT,
-        .pool_size = srv->cfg.database_pool,
-        .connect_timeout_ms = srv->cfg.database_connect_timeout_ms,
-    };
+    struct kms_store_config sc =
+        kms_config_store(&srv->cfg, mode == RUN_SERVE ? KMS_STORE_OPEN : KMS_STORE_INIT);
     KMS_GUARD(kms_store_open(&sc, &srv->store));
     if (mode != RUN_SERVE) {
         int made = 0;
@@ -191,13 +186,7 @@ static kms_err run_backup(const struct kms_config *cfg, const char *out)
     struct kms_store *st;
     KMS_ENSURE(cfg->database, KMS_ERR_VALIDATION,
                "the configuration needs 'database' (sqlite:/path/to/p11kms.db)");
-    struct kms_store_config sc = {
-        .url = cfg->database,
-        .timeout_ms = cfg->database_timeout_ms,
-        .mode = KMS_STORE_OPEN,
-        .pool_size = cfg->database_pool,
-        .connect_timeout_ms = cfg->database_connect_timeout_ms,
-    };
+    struct kms_store_config sc = kms_config_store(cfg, KMS_STORE_OPEN);
     KMS_GUARD(kms_store_open(&sc, &st));
     kms_err rc = kms_store_backup(st, out);
     kms_store_close(st);

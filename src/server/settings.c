@@ -148,6 +148,17 @@ static kms_err set_binding(struct kms_config *c, const char *principal, const ch
     return KMS_OK;
 }
 
+struct kms_store_config kms_config_store(const struct kms_config *c, int mode)
+{
+    return (struct kms_store_config){
+        .url = c->database,
+        .timeout_ms = c->database_timeout_ms,
+        .mode = mode,
+        .pool_size = c->database_pool,
+        .connect_timeout_ms = c->database_connect_timeout_ms,
+    };
+}
+
 kms_err kms_config_set(struct kms_config *c, const char *key, const char *value)
 {
     unsigned long v;

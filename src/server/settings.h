@@ -63,6 +63,8 @@ struct kms_config {
 
 void kms_config_defaults(struct kms_config *c);
 void kms_config_free(struct kms_config *c);
+/* The database settings as kms_store_open takes them; mode: KMS_STORE_OPEN or KMS_STORE_INIT. */
+struct kms_store_config kms_config_store(const struct kms_config *c, int mode);
 /* Replaces *field with a copy of value. */
 KMS_MUST_CHECK kms_err kms_config_set(struct kms_config *c, const char *key, const char *value);
 /*
