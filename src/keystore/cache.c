@@ -259,6 +259,7 @@ static void use_take_locked(struct kms_keystore *ks, struct key *k)
     if (s->remaining == 0 || memcmp(s->id, k->id, KMS_UUID_LEN) != 0)
         return;
     k->use->vid = s->vid;
+    k->use->n = 0;
     k->use->remaining = s->remaining;
     k->use->block = s->block;
     s->remaining = 0;
@@ -515,6 +516,7 @@ kms_err kms_cache_install(struct kms_keystore *ks, struct kms_key_row *r,
     pthread_mutex_lock(&ks->lock);
     install_locked(ks, k);
     k->use->vid = v->vid;
+    k->use->n = v->n;
     k->use->remaining = uses;
     k->use->granted = kms_now();
     pthread_mutex_unlock(&ks->lock);

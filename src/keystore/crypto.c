@@ -134,16 +134,37 @@ void kms_keystore_refill(struct kms_keystore *ks)
  * Takes one use of the key's current version for this node, reserving a
  * block when none is left; at the bound, rotates the key and takes a use of
  * the new version. *kp is the held entry, and may be replaced by a fresher one.
+ * One request at a time reserves a key's block; the others wait for it, so a
+ * block reserved for a version is never overwritten by another request's.
  */
 static kms_err take_use(struct kms_keystore *ks, struct key **kp, uint32_t *vid)
 {
     uint32_t rotated_from = 0;
-    for (int attempt = 0;; attempt++) {
+    for (int rotations = 0, refreshes = 0;;) {
         struct key *k = *kp;
         uint64_t granted = 0;
         int ahead = 0;
 
         pthread_mutex_lock(&ks->lock);
+        const struct version *cv = kms_version_locked(k, k->row.current);
+        uint32_t current_n = cv ? cv->n : 0;
+        /*
+         * An entry replaced meanwhile (this node rotated the key), or read
+         * before a rotation whose version the shared uses already follow,
+         * names an older current version than they do: read the key again.
+         */
+        int older = k->use->vid != k->row.current && current_n < k->use->n;
+        if ((!k->linked || older) && refreshes < 8) {
+            struct key *fresh;
+            if (older)
+                k->stale = 1;
+            pthread_mutex_unlock(&ks->lock);
+            refreshes++;
+            KMS_GUARD(kms_key_get(ks, k->id, &fresh));
+            kms_key_put(ks, k);
+            *kp = fresh;
+            continue;
+        }
         kms_err rc = kms_key_usable_locked(ks, k);
         *vid = k->row.current;
         if (rc == KMS_OK && rotated_from && *vid == rotated_from)
@@ -152,6 +173,7 @@ static kms_err take_use(struct kms_keystore *ks, struct key **kp, uint32_t *vid)
                           "not be rotated.");
         if (rc == KMS_OK && k->use->vid != *vid) {
             k->use->vid = *vid;
+            k->use->n = current_n;
             k->use->remaining = 0;
         }
         if (rc == KMS_OK && k->use->remaining > 0) {
@@ -168,29 +190,41 @@ static kms_err take_use(struct kms_keystore *ks, struct key **kp, uint32_t *vid)
             }
             return KMS_OK;
         }
-        uint64_t want = k->use->block;
+        if (rc == KMS_OK && k->use->reserving) {
+            pthread_cond_wait(&ks->reserved, &ks->lock);
+            pthread_mutex_unlock(&ks->lock);
+            continue;
+        }
+        struct usage *u = k->use;
+        uint64_t want = u->block;
+        u->reserving = rc == KMS_OK;
         pthread_mutex_unlock(&ks->lock);
         KMS_GUARD(rc);
 
         rc = reserve(ks, k, *vid, want, &granted);
-        KMS_GUARD(rc);
-        if (granted) {
-            /* One of the block is this request's; the rest stays with the entry. */
-            pthread_mutex_lock(&ks->lock);
-            if (k->use->vid != *vid) {
-                k->use->vid = *vid;
-                k->use->remaining = 0;
+        pthread_mutex_lock(&ks->lock);
+        u->reserving = 0;
+        pthread_cond_broadcast(&ks->reserved);
+        if (rc == KMS_OK && granted) {
+            /*
+             * One of the block is this request's; the rest stays with the
+             * entry unless its current version changed meanwhile (another
+             * node rotated the key): then the rest is left unused.
+             */
+            if (u->vid == *vid) {
+                u->remaining += granted - 1;
+                u->granted = kms_now();
             }
-            k->use->remaining += granted - 1;
-            k->use->granted = kms_now();
-            pthread_mutex_unlock(&ks->lock);
-            return KMS_OK;
         }
+        pthread_mutex_unlock(&ks->lock);
+        KMS_GUARD(rc);
+        if (granted)
+            return KMS_OK;
         /*
          * At the bound: rotate. Other requests and nodes may use up a fresh
          * version first (with a tiny bound and many callers): a few more tries.
          */
-        if (attempt >= 32)
+        if (rotations++ >= 32)
             return KMS_FAIL(KMS_ERR_INVALID_STATE,
                             "The key's current version reached its usage bound and the key could "
                             "not be rotated.");

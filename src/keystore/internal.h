@@ -54,10 +54,12 @@ struct version {
  */
 struct usage {
     uint32_t vid;
+    uint32_t n;           /* vid's ordinal, 0 when not known */
     uint64_t remaining;
     uint64_t block;       /* grows for a busy key (crypto.c) */
     int64_t granted;      /* when the last block was reserved */
     int refilling;        /* a block ahead is queued or being reserved */
+    int reserving;        /* a request is reserving a block it ran out of: the others wait */
     int64_t ahead_failed; /* when reserving ahead last failed: not queued again that second */
     int refs;             /* entries pointing here */
 };
@@ -126,6 +128,7 @@ struct kms_keystore {
 
     pthread_mutex_t change; /* lock 1 */
     pthread_mutex_t lock;   /* lock 3 */
+    pthread_cond_t reserved; /* with lock: a usage's reserving ended */
 
     /* cache.c, under lock */
     struct key **keys; /* hash buckets */

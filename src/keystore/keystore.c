@@ -86,6 +86,7 @@ kms_err kms_keystore_open(struct kms_hsm *hsm, struct kms_store *store,
     pthread_condattr_init(&ca);
     pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
     pthread_cond_init(&ks->wake, &ca);
+    pthread_cond_init(&ks->reserved, NULL);
     pthread_condattr_destroy(&ca);
 
     rc = kms_cache_init(ks);
@@ -123,6 +124,7 @@ void kms_keystore_close(struct kms_keystore *ks)
     pthread_mutex_destroy(&ks->lock);
     pthread_mutex_destroy(&ks->queue_lock);
     pthread_cond_destroy(&ks->wake);
+    pthread_cond_destroy(&ks->reserved);
     free(ks);
 }
 

@@ -627,15 +627,32 @@ def _usage_checks(server, token, config):
     eq(len(rotations(key2, server)), 2, "two rotations")
     check_versions(key2, [v for v, _ in itertools.groupby(seq)], [0, 1, 1], config, server)
 
-    # 40 data keys from 8 threads at once: no version wraps more than 5 times
-    key3 = create_key("usage3", server=server)
+    # 40 data keys from 8 threads at once, on five keys one after the other
+    for r in range(5):
+        _concurrent_uses(server, config, "usage3-%d" % r)
+
+    # a disabled key refuses to wrap
+    call_empty("DisableKey", {"KeyId": key}, server)
+    fails("GenerateDataKey", {"KeyId": key, "KeySpec": "AES_256"}, "DisabledException", 409,
+          server=server)
+    fails("Encrypt", {"KeyId": key, "Plaintext": b64(b"x")}, "DisabledException", 409,
+          server=server)
+    call_empty("EnableKey", {"KeyId": key}, server)
+    blob, _ = gdk(key, server=server)
+    eq(vid_of(blob), vids[5], "after EnableKey the current version's reserved block is used")
+    check_token(token, config)
+
+
+def _concurrent_uses(server, config, name):
+    """40 data keys from 8 threads at once: no version wraps more than 5 times."""
+    key = create_key(name, server=server)
     results, errors = [], []
     lock = threading.Lock()
 
     def worker(n):
         try:
             for i in range(n):
-                blob, pt = gdk(key3, ctx={"i": str(i)}, server=server)
+                blob, pt = gdk(key, ctx={"i": str(i)}, server=server)
                 with lock:
                     results.append((blob, pt, i))
         except BaseException as e:  # noqa: B902 - reported below
@@ -651,7 +668,7 @@ def _usage_checks(server, token, config):
     eq(len(results), 40, "data keys made")
     uses = collections.Counter(vid_of(b) for b, _, _ in results)
     check(max(uses.values()) <= 5, "a version wrapped more than 5 times: %r" % uses)
-    rows = version_rows(key3, config)
+    rows = version_rows(key, config)
     top = {v["vid"]: v for v in rows}
     for vid, n in uses.items():
         check(vid in top, "version %s has a versions row" % vid.hex())
@@ -659,25 +676,14 @@ def _usage_checks(server, token, config):
               "version %s: %d uses, %d reserved, bound %d"
               % (vid.hex(), n, top[vid]["reserved"], top[vid]["bound"]))
     for blob, pt, i in results:
-        check_decrypts(blob, {"i": str(i)}, pt, key3, server, "concurrent data key")
+        check_decrypts(blob, {"i": str(i)}, pt, key, server, "concurrent data key")
     # One node serialises a key's uses: nothing reserved is thrown away and no rotation is
     # made for nothing, so 40 uses are exactly 8 versions of 5.
     eq(sorted(uses.values()), [5] * 8, "uses per version")
     eq(sorted(top), sorted(uses), "the key's versions rows")
-    check_versions(key3, [v["vid"] for v in rows], [0] + [1] * 7, config, server)
-    rots = rotations(key3, server)
+    check_versions(key, [v["vid"] for v in rows], [0] + [1] * 7, config, server)
+    rots = rotations(key, server)
     eq([r["RotationType"] for r in rots], ["AUTOMATIC"] * 7, "seven AUTOMATIC rotations")
-
-    # a disabled key refuses to wrap
-    call_empty("DisableKey", {"KeyId": key}, server)
-    fails("GenerateDataKey", {"KeyId": key, "KeySpec": "AES_256"}, "DisabledException", 409,
-          server=server)
-    fails("Encrypt", {"KeyId": key, "Plaintext": b64(b"x")}, "DisabledException", 409,
-          server=server)
-    call_empty("EnableKey", {"KeyId": key}, server)
-    blob, _ = gdk(key, server=server)
-    eq(vid_of(blob), vids[5], "after EnableKey the current version's reserved block is used")
-    check_token(token, config)
 
 
 # ---- 4. states ----------------------------------------------------------------
