@@ -54,7 +54,7 @@ struct version {
  */
 struct usage {
     uint32_t vid;
-    uint32_t n;           /* vid's ordinal, 0 when not known */
+    uint32_t n; /* vid's ordinal, 0 when not known */
     uint64_t remaining;
     uint64_t block;       /* grows for a busy key (crypto.c) */
     int64_t granted;      /* when the last block was reserved */
@@ -126,8 +126,8 @@ struct kms_keystore {
     char account[32];
     char arn_prefix[128]; /* arn:aws:kms:<region>:<account>: */
 
-    pthread_mutex_t change; /* lock 1 */
-    pthread_mutex_t lock;   /* lock 3 */
+    pthread_mutex_t change;  /* lock 1 */
+    pthread_mutex_t lock;    /* lock 3 */
     pthread_cond_t reserved; /* with lock: a usage's reserving ended */
 
     /* cache.c, under lock */

@@ -230,6 +230,20 @@ def make_token(directory, label):
     return Token(directory, label)
 
 
+def copy_token(src, dst):
+    """A copy of a SoftHSM2 token folder (tokens, PINs) with its own
+    softhsm2.conf naming the copy's tokens folder: the root key cloned, as an
+    HSM cluster clones its keys to its members (one copy per node)."""
+    shutil.copytree(src.dir, dst, symlinks=True)
+    with open(src.conf) as f:
+        text = f.read()
+    old, new = os.path.join(src.dir, "tokens"), os.path.join(dst, "tokens")
+    if old not in text:
+        raise AssertionError("softhsm2.conf of %s does not name %s" % (src.dir, old))
+    write_private(os.path.join(dst, "softhsm2.conf"), text.replace(old, new))
+    return Token(dst, src.label)
+
+
 def write_private(path, text, mode=0o600):
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as f:

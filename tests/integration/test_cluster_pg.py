@@ -197,18 +197,6 @@ def nginx_endpoint():
     return "http://127.0.0.1:%d" % C.nginx_port
 
 
-def copy_token(src, dst):
-    """A copy of a SoftHSM2 token folder (tokens, PINs) with its own
-    softhsm2.conf naming the copy's tokens folder: the root key cloned."""
-    shutil.copytree(src.dir, dst, symlinks=True)
-    with open(os.path.join(src.dir, "softhsm2.conf")) as f:
-        text = f.read()
-    old, new = os.path.join(src.dir, "tokens"), os.path.join(dst, "tokens")
-    check(old in text, "softhsm2.conf names %s" % old)
-    h.write_private(os.path.join(dst, "softhsm2.conf"), text.replace(old, new))
-    return h.Token(dst, src.label)
-
-
 def start_node(node, tries=5):
     """Node on its fixed port (nginx's upstream names it): its own
     configuration and token copy. A port just freed by a killed node may
@@ -369,7 +357,7 @@ def setup():
     # The schema and the root key, once, before any node starts.
     h.init_database(init_conf, C.token0)
     for node in NODES:
-        C.tokens[node] = copy_token(C.token0, C.ws.sub("token-%s" % node))
+        C.tokens[node] = h.copy_token(C.token0, C.ws.sub("token-%s" % node))
         C.ports[node] = free_port()
         C.confs[node] = h.write_config(
             C.ws.sub("node-%s.conf" % node), C.tokens[node], creds, database=C.pg_url,
