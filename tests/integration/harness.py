@@ -18,6 +18,7 @@ import secrets
 import shlex
 import shutil
 import signal
+import socket
 import ssl
 import subprocess
 import sys
@@ -228,6 +229,138 @@ def make_token(directory, label):
         raise RuntimeError("make-token.sh failed (%d): stdout %r stderr %r"
                            % (r.returncode, r.stdout, r.stderr))
     return Token(directory, label)
+
+
+def free_port():
+    """A TCP port free on loopback at the moment (a caller binding it later retries)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Nginx:
+    """nginx on loopback in front of p11kmsd nodes, in its own folder: round
+    robin over the upstream ports, Host passed through unchanged (SigV4 signs
+    it), HTTP/1.1 keep-alive to the nodes. Each access log line is
+    "$msec $upstream_addr $status" (several upstreams, comma-separated, when
+    nginx moved on from one). upstream_options go on each server line,
+    location_extra lines into the location."""
+
+    CANDIDATES = ("/usr/sbin/nginx", "/usr/bin/nginx")
+
+    def __init__(self, directory, ports, upstream_options="", location_extra=()):
+        self.dir = directory
+        self.ports = list(ports)
+        self.upstream_options = upstream_options
+        self.location_extra = list(location_extra)
+        self.proc = None
+        self.port = None
+
+    @classmethod
+    def binary(cls):
+        for path in cls.CANDIDATES:
+            if os.access(path, os.X_OK):
+                return path
+        path = shutil.which("nginx")
+        if path:
+            return path
+        raise RuntimeError("nginx is not installed (scripts/deps.sh installs the Debian package)")
+
+    @property
+    def endpoint(self):
+        return "http://127.0.0.1:%d" % self.port
+
+    def _path(self, name):
+        return os.path.join(self.dir, name)
+
+    def config(self, port):
+        options = " " + self.upstream_options if self.upstream_options else ""
+        lines = ["daemon off;", "worker_processes 1;", "pid %s;" % self._path("nginx.pid"),
+                 "error_log %s warn;" % self._path("error.log")]
+        if os.geteuid() == 0:
+            lines.append("user root;")  # the workspace is private to this user
+        lines += ["events { worker_connections 512; }", "http {",
+                  "    log_format upstreams '$msec $upstream_addr $status';",
+                  "    access_log %s upstreams;" % self._path("access.log")]
+        lines += ["    %s_temp_path %s;" % (t, self._path(t))
+                  for t in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")]
+        lines += ["    upstream p11kms {"]
+        lines += ["        server 127.0.0.1:%d%s;" % (p, options) for p in self.ports]
+        lines += ["    }", "    server {", "        listen 127.0.0.1:%d;" % port,
+                  "        client_max_body_size 1m;", "        location / {",
+                  "            proxy_pass http://p11kms;",
+                  "            proxy_set_header Host $http_host;",
+                  "            proxy_http_version 1.1;",
+                  "            proxy_set_header Connection \"\";"]
+        lines += ["            %s" % line for line in self.location_extra]
+        lines += ["        }", "    }", "}"]
+        return "\n".join(lines) + "\n"
+
+    def start(self):
+        binary = self.binary()
+        os.mkdir(self.dir, 0o700)
+        last = None
+        for _ in range(5):  # the free port may be taken between the probe and nginx's bind
+            port = free_port()
+            conf = write_private(self._path("nginx.conf"), self.config(port))
+            with open(self._path("stderr.log"), "ab") as stderr:
+                proc = subprocess.Popen([binary, "-p", self.dir, "-c", conf,
+                                         "-e", self._path("error.log")],
+                                        stdin=subprocess.DEVNULL, stdout=stderr, stderr=stderr,
+                                        preexec_fn=_die_with_parent)
+            deadline = time.monotonic() + READY_TIMEOUT
+            while time.monotonic() < deadline and proc.poll() is None:
+                try:
+                    socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                    self.proc, self.port = proc, port
+                    return self
+                except OSError:
+                    time.sleep(0.05)
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()
+            last = self.log()
+        raise RuntimeError("nginx did not start:\n%s" % last)
+
+    def log(self):
+        """nginx's own messages (stderr and error log)."""
+        text = ""
+        for name in ("stderr.log", "error.log"):
+            try:
+                with open(self._path(name), "rb") as f:
+                    text += f.read().decode("utf-8", "replace")
+            except OSError:
+                pass
+        return text
+
+    def access(self):
+        """The access log: (time, [upstream addresses tried], status) per request."""
+        out = []
+        with open(self._path("access.log")) as f:
+            for line in f:
+                parts = line.split()
+                if len(parts) >= 3:
+                    tried = [a.strip() for a in " ".join(parts[1:-1]).split(",")]
+                    out.append((float(parts[0]), tried, parts[-1]))
+        return out
+
+    def stop(self):
+        """Graceful stop (SIGQUIT); nginx must exit 0 within STOP_TIMEOUT."""
+        proc, self.proc = self.proc, None
+        if proc is None:
+            return
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGQUIT)
+            try:
+                status = proc.wait(timeout=STOP_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+                raise AssertionError("nginx did not stop within %.0f s" % STOP_TIMEOUT)
+        else:
+            status = proc.returncode
+        if status != 0:
+            raise AssertionError("nginx exited with status %d:\n%s" % (status, self.log()))
 
 
 def copy_token(src, dst):

@@ -136,7 +136,6 @@ STATE_KEYS = 3      # DisableKey/EnableKey, rotation, policies
 ALIASES = ["alias/cluster-%d" % i for i in range(4)]
 POLICY_BYTES = 8000
 ARN_PREFIX = "arn:aws:kms:%s:%s:" % (h.REGION, h.ACCOUNT)
-NGINX_CANDIDATES = ("/usr/sbin/nginx", "/usr/bin/nginx")
 # Operations through nginx, by weight.
 OPS = (("CreateKey", 1), ("CreateAlias", 3), ("UpdateAlias", 4), ("DeleteAlias", 1),
        ("RotateKeyOnDemand", 4), ("DisableKey", 3), ("EnableKey", 3), ("PutKeyPolicy", 3))
@@ -160,9 +159,7 @@ class Ctx:
     confs = {}         # node -> configuration file
     ports = {}         # node -> its fixed port (nginx's upstream)
     nodes = {}         # node -> harness.Server
-    nginx = None
-    nginx_port = None
-    nginx_dir = None
+    nginx = None       # harness.Nginx in front of the nodes
     data_keys = []
     state_keys = []
     quiet_key = None   # GenerateDataKey and Decrypt only: never changed
@@ -183,18 +180,12 @@ LOCK = threading.Lock()
 # ---- set-up and tear-down ------------------------------------------------------
 
 
-def free_port():
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def endpoint(node):
     return "http://127.0.0.1:%d" % C.ports[node]
 
 
 def nginx_endpoint():
-    return "http://127.0.0.1:%d" % C.nginx_port
+    return C.nginx.endpoint
 
 
 def start_node(node, tries=5):
@@ -215,125 +206,6 @@ def start_node(node, tries=5):
         C.nodes[node] = server
         return server
     raise RuntimeError("node %s did not start (%d tries): %s" % (node, tries, last))
-
-
-def nginx_binary():
-    for path in NGINX_CANDIDATES:
-        if os.access(path, os.X_OK):
-            return path
-    path = shutil.which("nginx")
-    if path:
-        return path
-    raise RuntimeError("nginx is not installed (scripts/deps.sh installs the Debian package)")
-
-
-def nginx_config(port):
-    d = C.nginx_dir
-    lines = [
-        "# p11kms cluster test: nginx in front of three p11kmsd nodes",
-        "daemon off;",
-        "worker_processes 1;",
-        "pid %s;" % os.path.join(d, "nginx.pid"),
-        "error_log %s warn;" % os.path.join(d, "error.log"),
-    ]
-    if os.geteuid() == 0:
-        lines.append("user root;")  # the workspace is private to this user
-    lines += [
-        "events { worker_connections 512; }",
-        "http {",
-        # When, which node(s) (a comma: the first refused the connection), status.
-        "    log_format upstreams '$msec $upstream_addr $status';",
-        "    access_log %s upstreams;" % os.path.join(d, "access.log"),
-        "    client_body_temp_path %s;" % os.path.join(d, "client_body"),
-        "    proxy_temp_path %s;" % os.path.join(d, "proxy"),
-        "    fastcgi_temp_path %s;" % os.path.join(d, "fastcgi"),
-        "    uwsgi_temp_path %s;" % os.path.join(d, "uwsgi"),
-        "    scgi_temp_path %s;" % os.path.join(d, "scgi"),
-        "    upstream p11kms {",
-    ]
-    # A node that refused a connection is skipped for a second (nginx counts whole seconds).
-    lines += ["        server 127.0.0.1:%d max_fails=1 fail_timeout=1s;" % C.ports[n]
-              for n in NODES]
-    lines += [
-        "    }",
-        "    server {",
-        "        listen 127.0.0.1:%d;" % port,
-        "        client_max_body_size 1m;",
-        "        location / {",
-        "            proxy_pass http://p11kms;",
-        # SigV4 signs the Host header: the client signed for nginx's address.
-        "            proxy_set_header Host $http_host;",
-        "            proxy_http_version 1.1;",
-        "            proxy_set_header Connection \"\";",
-        "            proxy_connect_timeout 2s;",
-        # The default: a connection error or timeout moves to the next node,
-        # never a POST already sent (not idempotent), never an HTTP status.
-        "            proxy_next_upstream error timeout;",
-        "        }",
-        "    }",
-        "}",
-    ]
-    return "\n".join(lines) + "\n"
-
-
-def start_nginx():
-    binary = nginx_binary()
-    C.nginx_dir = C.ws.sub("nginx")
-    os.mkdir(C.nginx_dir, 0o700)
-    last = None
-    for _ in range(5):  # the free port may be taken between the probe and nginx's bind
-        port = free_port()
-        conf = h.write_private(os.path.join(C.nginx_dir, "nginx.conf"), nginx_config(port))
-        stderr = open(os.path.join(C.nginx_dir, "stderr.log"), "ab")
-        try:
-            proc = subprocess.Popen([binary, "-p", C.nginx_dir, "-c", conf,
-                                     "-e", os.path.join(C.nginx_dir, "error.log")],
-                                    stdin=subprocess.DEVNULL, stdout=stderr, stderr=stderr,
-                                    preexec_fn=h._die_with_parent)
-        finally:
-            stderr.close()
-        deadline = time.monotonic() + h.READY_TIMEOUT
-        while time.monotonic() < deadline and proc.poll() is None:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                C.nginx, C.nginx_port = proc, port
-                return
-            except OSError:
-                time.sleep(0.05)
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait()
-        last = nginx_log()
-    raise RuntimeError("nginx did not start:\n%s" % last)
-
-
-def nginx_log():
-    text = ""
-    for name in ("stderr.log", "error.log"):
-        try:
-            with open(os.path.join(C.nginx_dir, name), "rb") as f:
-                text += f.read().decode("utf-8", "replace")
-        except OSError:
-            pass
-    return text
-
-
-def stop_nginx():
-    proc, C.nginx = C.nginx, None
-    if proc is None:
-        return
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGQUIT)  # graceful shutdown
-        try:
-            status = proc.wait(timeout=h.STOP_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-            raise AssertionError("nginx did not stop within %.0f s" % h.STOP_TIMEOUT)
-    else:
-        status = proc.returncode
-    if status != 0:
-        raise AssertionError("nginx exited with status %d:\n%s" % (status, nginx_log()))
 
 
 def pg(action):
@@ -358,14 +230,20 @@ def setup():
     h.init_database(init_conf, C.token0)
     for node in NODES:
         C.tokens[node] = h.copy_token(C.token0, C.ws.sub("token-%s" % node))
-        C.ports[node] = free_port()
+        C.ports[node] = h.free_port()
         C.confs[node] = h.write_config(
             C.ws.sub("node-%s.conf" % node), C.tokens[node], creds, database=C.pg_url,
             pin_file=C.tokens[node].pin_file, listen="127.0.0.1:%d" % C.ports[node],
             **NODE_SETTINGS)
     for node in NODES:
         start_node(node)
-    start_nginx()
+    # A node that refused a connection is skipped for a second (nginx counts whole seconds);
+    # a connection error or timeout moves to the next node, never a POST already sent (not
+    # idempotent), never an HTTP status.
+    C.nginx = h.Nginx(C.ws.sub("nginx"), [C.ports[n] for n in NODES],
+                      upstream_options="max_fails=1 fail_timeout=1s",
+                      location_extra=["proxy_connect_timeout 2s;",
+                                      "proxy_next_upstream error timeout;"]).start()
     u = urllib.parse.urlsplit(C.pg_url)  # named without its password
     h.diag("nodes %s, nginx %s, database postgresql://%s@%s:%d%s"
            % (", ".join("%s %s" % (n, endpoint(n)) for n in NODES), nginx_endpoint(),
@@ -375,7 +253,8 @@ def setup():
 def teardown():
     try:
         try:
-            stop_nginx()
+            if C.nginx:
+                C.nginx.stop()
         finally:
             errors = []
             for node in NODES:
@@ -941,17 +820,11 @@ def test_load_with_a_node_killed_and_the_database_crashed():
     retried, c_after = 0, 0
     c_addr = "127.0.0.1:%d" % C.ports["C"]
     wall_back = time.time() - (time.monotonic() - C.events["c-back"])
-    with open(os.path.join(C.nginx_dir, "access.log")) as f:
-        for line in f:
-            parts = line.split()
-            if len(parts) < 3:
-                continue
-            when, status = float(parts[0]), parts[-1]
-            tried = [a.strip() for a in " ".join(parts[1:-1]).split(",")]
-            if len(tried) > 1 and tried[0] == c_addr:
-                retried += 1
-            if tried[-1] == c_addr and when > wall_back and status == "200":
-                c_after += 1
+    for when, tried, status in C.nginx.access():
+        if len(tried) > 1 and tried[0] == c_addr:
+            retried += 1
+        if tried[-1] == c_addr and when > wall_back and status == "200":
+            c_after += 1
     h.diag("nginx: %d requests refused by C and passed to the next node; C answered %d after "
            "its restart" % (retried, c_after))
 

@@ -51,9 +51,6 @@ blob made during the test decrypts on both nodes.
 import base64
 import json
 import os
-import shutil
-import signal
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -83,7 +80,6 @@ NODE_SETTINGS = {
     "max_on_demand_rotations": "100000",
 }
 ARN_PREFIX = "arn:aws:kms:%s:%s:" % (h.REGION, h.ACCOUNT)
-NGINX_CANDIDATES = ("/usr/sbin/nginx", "/usr/bin/nginx")
 STATE_NAMES = {0: "Enabled", 1: "Disabled", 2: "PendingDeletion"}
 ROTATION_NAMES = {1: "AUTOMATIC", 2: "ON_DEMAND"}
 ROOT_PREFIX = "p11kms-root:"
@@ -102,9 +98,7 @@ class Ctx:
     db = None         # the database file both nodes share
     a = None          # node A (a harness.Server)
     b = None          # node B
-    nginx = None      # the nginx subprocess
-    nginx_port = None
-    nginx_dir = None
+    nginx = None      # harness.Nginx in front of both nodes
     names = {}        # endpoint -> "A", "B", "nginx"
     delays = []       # (what, seconds) of every propagation measured
     blobs = []        # (what, blob, plaintext, context, key id) to decrypt at the end
@@ -115,123 +109,6 @@ C = Ctx()
 
 
 # ---- set-up and tear-down ------------------------------------------------------
-
-
-def free_port():
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def nginx_binary():
-    for path in NGINX_CANDIDATES:
-        if os.access(path, os.X_OK):
-            return path
-    path = shutil.which("nginx")
-    if path:
-        return path
-    raise RuntimeError("nginx is not installed (scripts/deps.sh installs the Debian package)")
-
-
-def nginx_config(port):
-    d = C.nginx_dir
-    lines = [
-        "# p11kms multi-node integration test: nginx in front of two p11kmsd nodes",
-        "daemon off;",
-        "worker_processes 1;",
-        "pid %s;" % os.path.join(d, "nginx.pid"),
-        "error_log %s warn;" % os.path.join(d, "error.log"),
-    ]
-    if os.geteuid() == 0:
-        # The workspace is private to this user; nginx's workers must reach it.
-        lines.append("user root;")
-    lines += [
-        "events { worker_connections 256; }",
-        "http {",
-        "    log_format upstreams '$upstream_addr $status';",
-        "    access_log %s upstreams;" % os.path.join(d, "access.log"),
-        "    client_body_temp_path %s;" % os.path.join(d, "client_body"),
-        "    proxy_temp_path %s;" % os.path.join(d, "proxy"),
-        "    fastcgi_temp_path %s;" % os.path.join(d, "fastcgi"),
-        "    uwsgi_temp_path %s;" % os.path.join(d, "uwsgi"),
-        "    scgi_temp_path %s;" % os.path.join(d, "scgi"),
-        "    upstream p11kms {",
-        "        server 127.0.0.1:%d;" % C.a.port,
-        "        server 127.0.0.1:%d;" % C.b.port,
-        "    }",
-        "    server {",
-        "        listen 127.0.0.1:%d;" % port,
-        "        location / {",
-        "            proxy_pass http://p11kms;",
-        # SigV4 signs the Host header: the client signed for nginx's address.
-        "            proxy_set_header Host $http_host;",
-        "            proxy_http_version 1.1;",
-        "            proxy_set_header Connection \"\";",
-        "        }",
-        "    }",
-        "}",
-    ]
-    return "\n".join(lines) + "\n"
-
-
-def start_nginx():
-    binary = nginx_binary()
-    C.nginx_dir = C.ws.sub("nginx")
-    os.mkdir(C.nginx_dir, 0o700)
-    last = None
-    for _ in range(5):  # the free port may be taken between the probe and nginx's bind
-        port = free_port()
-        conf = h.write_private(os.path.join(C.nginx_dir, "nginx.conf"), nginx_config(port))
-        stderr = open(os.path.join(C.nginx_dir, "stderr.log"), "ab")
-        try:
-            proc = subprocess.Popen([binary, "-p", C.nginx_dir, "-c", conf,
-                                     "-e", os.path.join(C.nginx_dir, "error.log")],
-                                    stdin=subprocess.DEVNULL, stdout=stderr, stderr=stderr,
-                                    preexec_fn=h._die_with_parent)
-        finally:
-            stderr.close()
-        deadline = time.monotonic() + h.READY_TIMEOUT
-        while time.monotonic() < deadline and proc.poll() is None:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                C.nginx, C.nginx_port = proc, port
-                return
-            except OSError:
-                time.sleep(0.05)
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait()
-        last = nginx_log()
-    raise RuntimeError("nginx did not start:\n%s" % last)
-
-
-def nginx_log():
-    text = ""
-    for name in ("stderr.log", "error.log"):
-        try:
-            with open(os.path.join(C.nginx_dir, name), "rb") as f:
-                text += f.read().decode("utf-8", "replace")
-        except OSError:
-            pass
-    return text
-
-
-def stop_nginx():
-    proc, C.nginx = C.nginx, None
-    if proc is None:
-        return
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGQUIT)  # graceful shutdown
-        try:
-            status = proc.wait(timeout=h.STOP_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-            raise AssertionError("nginx did not stop within %.0f s" % h.STOP_TIMEOUT)
-    else:
-        status = proc.returncode
-    if status != 0:
-        raise AssertionError("nginx exited with status %d:\n%s" % (status, nginx_log()))
 
 
 def setup():
@@ -254,7 +131,7 @@ def setup():
                               database="sqlite:" + C.db, **NODE_SETTINGS)
         setattr(C, name, h.start_config_server(conf, C.tokens[name],
                                                C.ws.sub("node-%s.log" % name), init=False))
-    start_nginx()
+    C.nginx = h.Nginx(C.ws.sub("nginx"), [C.a.port, C.b.port]).start()
     C.names = {C.a.endpoint: "A", C.b.endpoint: "B", nginx_endpoint(): "nginx"}
     h.diag("node A %s, node B %s, nginx %s" % (C.a.endpoint, C.b.endpoint, nginx_endpoint()))
 
@@ -262,7 +139,8 @@ def setup():
 def teardown():
     try:
         try:
-            stop_nginx()
+            if C.nginx:
+                C.nginx.stop()
         finally:
             for name, node in (("A", C.a), ("B", C.b)):
                 if node and T.failed:
@@ -279,7 +157,7 @@ def teardown():
 
 
 def nginx_endpoint():
-    return "http://127.0.0.1:%d" % C.nginx_port
+    return C.nginx.endpoint
 
 
 # ---- the database and the token, read from outside -------------------------------
@@ -627,8 +505,7 @@ def test_data_keys_cross_nodes_and_nginx():
             decrypt(ep, blob, ctx, key, pt)
     # nginx spread those requests over both nodes, and passed Host through
     # unchanged (every signed request answered 200).
-    with open(os.path.join(C.nginx_dir, "access.log")) as f:
-        upstreams = [line.split()[0] for line in f if line.strip()]
+    upstreams = [u for _, tried, _ in C.nginx.access() for u in tried]
     eq(sorted(set(upstreams)), sorted(["127.0.0.1:%d" % C.a.port, "127.0.0.1:%d" % C.b.port]),
        "upstreams nginx used")
     eq(len(version_rows(key)), 1, "versions rows after the data keys (no version was made)")
