@@ -231,6 +231,26 @@ def make_token(directory, label):
     return Token(directory, label)
 
 
+def under_pgserver(script):
+    """Runs script again under tests/pgserver.sh (a throw-away PostgreSQL server on
+    loopback) unless it already runs under one: how make check and a run by hand both
+    start it. A server that cannot start ends the run with status 99, a failure, never
+    a skip."""
+    if not os.environ.get("P11KMS_TEST_PG_DIR"):
+        pg = os.path.join(HERE, "..", "pgserver.sh")
+        os.execv(pg, [pg, "run", sys.executable, os.path.abspath(script)])
+
+
+def pgserver(action):
+    """pgserver.sh crash|start on the server this run is under."""
+    r = subprocess.run([os.environ["P11KMS_TEST_PG_SERVER"], action,
+                        os.environ["P11KMS_TEST_PG_DIR"]], stdin=subprocess.DEVNULL,
+                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=60)
+    if r.returncode != 0:
+        raise AssertionError("pgserver.sh %s failed (%d): %s"
+                             % (action, r.returncode, r.stderr.decode(errors="replace")))
+
+
 def free_port():
     """A TCP port free on loopback at the moment (a caller binding it later retries)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:

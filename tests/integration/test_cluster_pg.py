@@ -105,12 +105,9 @@ sys.dont_write_bytecode = True  # keep __pycache__ out of the source tree
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-if not os.environ.get("P11KMS_TEST_PG_URL"):
-    # Run by hand: under a throw-away server, as test_cluster_pg.sh does.
-    _pg = os.path.join(HERE, "..", "pgserver.sh")
-    os.execv(_pg, [_pg, "run", sys.executable, os.path.abspath(__file__)])
-
 import harness as h  # noqa: E402
+
+h.under_pgserver(__file__)
 from harness import check, eq  # noqa: E402
 
 T = h.TapRunner()
@@ -152,8 +149,6 @@ class Ctx:
     ws = None
     principal = None
     pg_url = None
-    pg_dir = None
-    pg_server = None
     token0 = None      # the token p11kmsd init made the root key in
     tokens = {}        # node -> its copy (harness.Token)
     confs = {}         # node -> configuration file
@@ -208,19 +203,8 @@ def start_node(node, tries=5):
     raise RuntimeError("node %s did not start (%d tries): %s" % (node, tries, last))
 
 
-def pg(action):
-    """pgserver.sh crash|start on the test's server."""
-    r = subprocess.run([C.pg_server, action, C.pg_dir], stdin=subprocess.DEVNULL,
-                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=60)
-    if r.returncode != 0:
-        raise AssertionError("pgserver.sh %s failed (%d): %s" % (action, r.returncode,
-                                                                 r.stderr.decode(errors="replace")))
-
-
 def setup():
     C.pg_url = os.environ["P11KMS_TEST_PG_URL"]
-    C.pg_dir = os.environ["P11KMS_TEST_PG_DIR"]
-    C.pg_server = os.environ["P11KMS_TEST_PG_SERVER"]
     C.ws = h.Workspace()
     C.principal = h.new_principal("cluster")
     creds = h.write_credentials(C.ws.sub("credentials"), [C.principal])
@@ -495,11 +479,11 @@ def kill_and_restart_c():
 
 def crash_and_restart_pg():
     C.events["pg-crash"] = time.monotonic()
-    pg("crash")
+    h.pgserver("crash")
     C.events["pg-down"] = time.monotonic()
     time.sleep(PG_DOWN)
     C.events["pg-start"] = time.monotonic()
-    pg("start")
+    h.pgserver("start")
     C.events["pg-back"] = time.monotonic()
 
 

@@ -61,13 +61,9 @@ sys.dont_write_bytecode = True  # keep __pycache__ out of the source tree
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-if not os.environ.get("P11KMS_TEST_PG_DIR"):
-    # Under a throw-away server (also how `make check` runs it): one that cannot
-    # start ends this with status 99, a failure, never a skip.
-    _pg = os.path.join(HERE, "..", "pgserver.sh")
-    os.execv(_pg, [_pg, "run", sys.executable, os.path.abspath(__file__)])
-
 import harness as h  # noqa: E402
+
+h.under_pgserver(__file__)
 import promtext  # noqa: E402
 from harness import check, eq  # noqa: E402
 
@@ -109,7 +105,6 @@ class Ctx:
     url_bare = None   # without it
     password = None
     pg_dir = None
-    pg_server = None
     token = None      # node A's token: init made the root key in it
     token_b = None    # node B's: a copy of A's folder made after init
     conf_a = None
@@ -128,7 +123,6 @@ def setup():
     C.ws = h.Workspace(prefix="p11kms-pg-")
     C.url = os.environ["P11KMS_TEST_PG_URL"]
     C.pg_dir = os.environ["P11KMS_TEST_PG_DIR"]
-    C.pg_server = os.environ["P11KMS_TEST_PG_SERVER"]
     u = urllib.parse.urlsplit(C.url)
     C.password = urllib.parse.unquote(u.password or "")
     check(len(C.password) >= 16, "pgserver.sh's URL has a password")
@@ -169,9 +163,7 @@ def config(name, token, url, **settings):
 
 def pg(command):
     """pgserver.sh crash|start on the test's server."""
-    r = subprocess.run([C.pg_server, command, C.pg_dir], stdout=subprocess.PIPE,
-                       stderr=subprocess.PIPE, timeout=60)
-    eq(r.returncode, 0, "pgserver.sh %s (stderr %r)" % (command, r.stderr))
+    h.pgserver(command)
     C.pg_down = command == "crash"
 
 
