@@ -114,6 +114,10 @@ T = h.TapRunner()
 test = T.test
 
 SECONDS = float(os.environ.get("P11KMS_CLUSTER_SECONDS") or "20")
+if SECONDS < 10:
+    # The database crashes at 0.6 of the run and must be back, with changes acknowledged
+    # after it, before the end.
+    sys.exit("test_cluster_pg: P11KMS_CLUSTER_SECONDS must be at least 10, not %g" % SECONDS)
 CONVERGE = 5.0      # seconds the nodes get to agree once the load stops
 PG_DOWN = 1.5       # seconds PostgreSQL stays down
 NODE_DOWN = 2.0     # seconds node C stays down (nginx tries it again after 1 s)
