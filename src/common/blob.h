@@ -22,6 +22,12 @@
 /* Shortest blob: header, IV, one byte of ciphertext, tag. */
 #define KMS_BLOB_MIN_LEN (KMS_BLOB_HEADER_LEN + KMS_GCM_IV_LEN + 1 + KMS_GCM_TAG_LEN)
 #define KMS_BLOB_OVERHEAD (KMS_BLOB_HEADER_LEN + KMS_GCM_IV_LEN + KMS_GCM_TAG_LEN)
+/*
+ * The one message of every well-formed blob that does not open, whatever the
+ * reason (its key unknown or not the caller's to use, its version unknown, the
+ * ciphertext altered, the context wrong): it says nothing about which keys exist.
+ */
+#define KMS_BLOB_INVALID "The ciphertext, its key or its encryption context is not valid"
 
 /* A decoded blob: pointers into the bytes it was decoded from. */
 struct kms_blob {

@@ -11,6 +11,7 @@
 #include <string.h>
 #include <time.h>
 
+#include "common/blob.h"
 #include "common/log.h"
 
 #define APPLICATION "p11kms"
@@ -698,8 +699,7 @@ kms_err kms_hsm_gcm_decrypt(struct kms_session *s, CK_OBJECT_HANDLE key, const u
     if (rv == CKR_ENCRYPTED_DATA_INVALID || rv == CKR_ENCRYPTED_DATA_LEN_RANGE ||
         rv == CKR_GENERAL_ERROR || rv == CKR_FUNCTION_FAILED) {
         kms_debug("C_Decrypt refused the ciphertext: %s", p11_kit_strerror(rv));
-        return KMS_FAIL(KMS_ERR_INVALID_CIPHERTEXT,
-                        "The ciphertext, its key or its encryption context is not valid");
+        return KMS_FAIL(KMS_ERR_INVALID_CIPHERTEXT, KMS_BLOB_INVALID);
     }
     return kms_hsm_fail(rv, "C_Decrypt", __FILE__, __LINE__);
 }

@@ -591,13 +591,20 @@ static struct alias_entry **alias_bucket(struct kms_keystore *ks, const char *na
     return &ks->aliases[name_hash(name) & (ks->nalias_buckets - 1)];
 }
 
+/* The entry of an alias in its bucket, or the bucket's end. */
+static struct alias_entry **alias_find_locked(struct kms_keystore *ks, const char *name)
+{
+    struct alias_entry **p = alias_bucket(ks, name);
+    while (*p && strcmp((*p)->name, name) != 0)
+        p = &(*p)->hnext;
+    return p;
+}
+
 void kms_cache_alias_changed(struct kms_keystore *ks, const char *name)
 {
     pthread_mutex_lock(&ks->lock);
     ks->change_gen++;
-    struct alias_entry **p = alias_bucket(ks, name);
-    while (*p && strcmp((*p)->name, name) != 0)
-        p = &(*p)->hnext;
+    struct alias_entry **p = alias_find_locked(ks, name);
     if (*p) {
         struct alias_entry *a = *p;
         *p = a->hnext;
@@ -633,9 +640,14 @@ kms_err kms_alias_lookup(struct kms_keystore *ks, const char *name, struct kms_a
     snprintf(a->name, sizeof a->name, "%s", name);
     a->row = *out;
     pthread_mutex_lock(&ks->lock);
-    if (gen != ks->change_gen) {
+    /*
+     * Changed while read: answered, not kept. Kept already by a request that
+     * read it at the same time: one entry only, for a change removes one (a
+     * second would survive it and answer the old target from then on).
+     */
+    if (gen != ks->change_gen || *alias_find_locked(ks, name)) {
         pthread_mutex_unlock(&ks->lock);
-        free(a); /* changed while read: answered, not kept */
+        free(a);
         return KMS_OK;
     }
     if (ks->naliases >= (size_t)ks->cfg.key_cache * 4)

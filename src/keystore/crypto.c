@@ -16,9 +16,6 @@
 #include "common/log.h"
 #include "keystore/internal.h"
 
-/* One message for every blob that does not open: it says nothing about which keys exist. */
-#define INVALID_BLOB "The ciphertext, its key or its encryption context is not valid"
-
 /*
  * Blocks are reserved ahead, while half of the last one remains, by the key
  * store's background thread, so no request waits for the database write. A
@@ -270,7 +267,7 @@ static kms_err version_handle(struct kms_keystore *ks, struct key *k, uint32_t v
     struct version *v = kms_version_locked(k, vid);
     if (!v) {
         pthread_mutex_unlock(&ks->lock);
-        return KMS_FAIL(KMS_ERR_INVALID_CIPHERTEXT, INVALID_BLOB);
+        return KMS_FAIL(KMS_ERR_INVALID_CIPHERTEXT, KMS_BLOB_INVALID);
     }
     if (v->handle != CK_INVALID_HANDLE && v->epoch == epoch) {
         *out = v->handle;
@@ -379,17 +376,18 @@ static kms_err gcm(struct kms_keystore *ks, struct key *k, uint32_t vid, int enc
     }
 }
 
-kms_err kms_keystore_encrypt(struct kms_keystore *ks, const char *ref,
-                             const struct kms_buf *canonical_context, const uint8_t *plaintext,
-                             size_t n, struct kms_buf *blob, struct kms_key_info *info)
+kms_err kms_keystore_encrypt_key(struct kms_keystore *ks, struct kms_key_ref *key,
+                                 const struct kms_buf *canonical_context, const uint8_t *plaintext,
+                                 size_t n, struct kms_buf *blob, struct kms_key_info *info)
 {
     uint8_t header[KMS_BLOB_HEADER_LEN], iv[KMS_GCM_IV_LEN];
     struct kms_buf aad = KMS_BUF_INIT;
-    struct key *k;
     uint32_t vid = 0;
 
-    KMS_GUARD(kms_resolve(ks, ref, 1, &k));
-    kms_err rc = take_use(ks, &k, &vid);
+    KMS_ENSURE(key->entry != NULL, KMS_ERR_INTERNAL, "no key held");
+    /* A fresher entry take_use reads is of the same key, never of whatever an alias names now. */
+    kms_err rc = take_use(ks, &key->entry, &vid);
+    struct key *k = key->entry;
     if (rc == KMS_OK) {
         pthread_mutex_lock(&ks->lock);
         kms_blob_header(k->id, vid, header);
@@ -410,28 +408,40 @@ kms_err kms_keystore_encrypt(struct kms_keystore *ks, const char *ref,
         memcpy(blob->data + blob->len + sizeof header, iv, sizeof iv);
         blob->len += KMS_BLOB_OVERHEAD + n;
     }
-    kms_key_put(ks, k);
     kms_buf_free(&aad);
     return rc;
 }
 
-/* The held key a blob names, checked against expect_ref and usable, with the version known. */
-static kms_err blob_key(struct kms_keystore *ks, const struct kms_blob *blob,
-                        const char *expect_ref, struct key **out, struct kms_key_info *info)
+kms_err kms_keystore_encrypt(struct kms_keystore *ks, const char *ref,
+                             const struct kms_buf *canonical_context, const uint8_t *plaintext,
+                             size_t n, struct kms_buf *blob, struct kms_key_info *info)
+{
+    struct kms_key_ref key = KMS_KEY_REF_INIT;
+    KMS_GUARD(kms_keystore_hold(ks, ref, KMS_REF_ALIAS, &key));
+    kms_err rc = kms_keystore_encrypt_key(ks, &key, canonical_context, plaintext, n, blob, info);
+    kms_keystore_unhold(ks, &key);
+    return rc;
+}
+
+/*
+ * The blob's key, held in k, checked against expect_ref and usable, with the
+ * blob's version known. A key destroyed is NotFound: only a caller allowed by
+ * its policy gets here.
+ */
+static kms_err blob_key(struct kms_keystore *ks, const struct kms_blob *blob, struct key *k,
+                        const char *expect_ref, struct kms_key_info *info)
 {
     uint8_t expected[KMS_UUID_LEN];
-    struct key *k;
+    kms_err rc;
 
+    KMS_ENSURE(memcmp(blob->key_id, k->id, KMS_UUID_LEN) == 0, KMS_ERR_INVALID_CIPHERTEXT,
+               KMS_BLOB_INVALID);
     if (expect_ref) {
         struct key *e;
-        KMS_GUARD(kms_resolve(ks, expect_ref, 1, &e));
+        KMS_GUARD(kms_resolve(ks, expect_ref, KMS_REF_ALIAS, &e));
         memcpy(expected, e->id, KMS_UUID_LEN);
         kms_key_put(ks, e);
     }
-    kms_err rc = kms_key_get(ks, blob->key_id, &k);
-    if (rc == KMS_ERR_NOT_FOUND)
-        return KMS_FAIL(KMS_ERR_INVALID_CIPHERTEXT, INVALID_BLOB);
-    KMS_GUARD(rc);
     pthread_mutex_lock(&ks->lock);
     if (k->row.state == KMS_STORE_DESTROYED)
         rc = KMS_FAIL(KMS_ERR_NOT_FOUND, "Key '%skey/%s' does not exist", ks->arn_prefix,
@@ -447,19 +457,38 @@ static kms_err blob_key(struct kms_keystore *ks, const struct kms_blob *blob,
         /* Made on another node since this one read the key: one lookup, then remembered. */
         rc = kms_key_learn_version(ks, k, blob->key_version);
         if (rc == KMS_ERR_NOT_FOUND)
-            rc = KMS_FAIL(KMS_ERR_INVALID_CIPHERTEXT, INVALID_BLOB);
+            rc = KMS_FAIL(KMS_ERR_INVALID_CIPHERTEXT, KMS_BLOB_INVALID);
     }
     if (rc == KMS_OK) {
         pthread_mutex_lock(&ks->lock);
         rc = kms_info_copy_locked(ks, k, info);
         pthread_mutex_unlock(&ks->lock);
     }
-    if (rc != KMS_OK) {
-        kms_key_put(ks, k);
-        return rc;
-    }
-    *out = k;
-    return KMS_OK;
+    return rc;
+}
+
+kms_err kms_keystore_decrypt_key(struct kms_keystore *ks, struct kms_key_ref *key, const uint8_t *p,
+                                 size_t n, const struct kms_buf *canonical_context,
+                                 const char *expect_ref, struct kms_buf *plaintext,
+                                 struct kms_key_info *info)
+{
+    struct kms_blob blob;
+    struct kms_buf aad = KMS_BUF_INIT;
+
+    KMS_ENSURE(key->entry != NULL, KMS_ERR_INTERNAL, "no key held");
+    KMS_GUARD(kms_blob_decode(p, n, &blob));
+    kms_err rc = blob_key(ks, &blob, key->entry, expect_ref, info);
+    if (rc == KMS_OK)
+        rc = kms_blob_aad(blob.header, canonical_context, &aad);
+    if (rc == KMS_OK)
+        rc = kms_buf_reserve(plaintext, blob.ciphertext_len);
+    if (rc == KMS_OK)
+        rc = gcm(ks, key->entry, blob.key_version, 0, blob.iv, &aad, blob.ciphertext,
+                 blob.ciphertext_len + KMS_GCM_TAG_LEN, plaintext->data + plaintext->len);
+    if (rc == KMS_OK)
+        plaintext->len += blob.ciphertext_len;
+    kms_buf_free(&aad);
+    return rc;
 }
 
 kms_err kms_keystore_decrypt(struct kms_keystore *ks, const uint8_t *p, size_t n,
@@ -467,21 +496,16 @@ kms_err kms_keystore_decrypt(struct kms_keystore *ks, const uint8_t *p, size_t n
                              struct kms_buf *plaintext, struct kms_key_info *info)
 {
     struct kms_blob blob;
-    struct kms_buf aad = KMS_BUF_INIT;
-    struct key *k = NULL;
+    struct kms_key_ref key = KMS_KEY_REF_INIT;
+    char id[KMS_UUID_TEXT_LEN + 1];
 
     KMS_GUARD(kms_blob_decode(p, n, &blob));
-    kms_err rc = blob_key(ks, &blob, expect_ref, &k, info);
-    if (rc == KMS_OK)
-        rc = kms_blob_aad(blob.header, canonical_context, &aad);
-    if (rc == KMS_OK)
-        rc = kms_buf_reserve(plaintext, blob.ciphertext_len);
-    if (rc == KMS_OK)
-        rc = gcm(ks, k, blob.key_version, 0, blob.iv, &aad, blob.ciphertext,
-                 blob.ciphertext_len + KMS_GCM_TAG_LEN, plaintext->data + plaintext->len);
-    if (rc == KMS_OK)
-        plaintext->len += blob.ciphertext_len;
-    kms_key_put(ks, k);
-    kms_buf_free(&aad);
+    kms_uuid_format(blob.key_id, id);
+    kms_err rc = kms_keystore_hold(ks, id, KMS_REF_DESTROYED, &key);
+    if (rc == KMS_ERR_NOT_FOUND)
+        return KMS_FAIL(KMS_ERR_INVALID_CIPHERTEXT, KMS_BLOB_INVALID);
+    KMS_GUARD(rc);
+    rc = kms_keystore_decrypt_key(ks, &key, p, n, canonical_context, expect_ref, plaintext, info);
+    kms_keystore_unhold(ks, &key);
     return rc;
 }

@@ -212,11 +212,10 @@ kms_err kms_cache_install(struct kms_keystore *ks, struct kms_key_row *r,
 void kms_cache_reap(struct kms_keystore *ks);
 
 /* ---- keystore.c ---- */
-/* Resolves a key id, key ARN, alias name or alias ARN to a key id. */
-kms_err kms_resolve_id(struct kms_keystore *ks, const char *ref, int allow_alias,
-                       uint8_t id[KMS_UUID_LEN]);
-/* kms_resolve_id, then the held key; a destroyed key is NotFound. */
-kms_err kms_resolve(struct kms_keystore *ks, const char *ref, int allow_alias, struct key **out);
+/* Resolves a key id, key ARN (an alias name or alias ARN with KMS_REF_ALIAS) to a key id. */
+kms_err kms_resolve_id(struct kms_keystore *ks, const char *ref, int how, uint8_t id[KMS_UUID_LEN]);
+/* kms_resolve_id, then the held key; a destroyed key is NotFound unless KMS_REF_DESTROYED. */
+kms_err kms_resolve(struct kms_keystore *ks, const char *ref, int how, struct key **out);
 kms_err kms_info_copy_locked(struct kms_keystore *ks, const struct key *k,
                              struct kms_key_info *out);
 kms_err kms_key_usable_locked(struct kms_keystore *ks, const struct key *k);

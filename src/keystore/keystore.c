@@ -203,8 +203,7 @@ static kms_err alias_missing(struct kms_keystore *ks, const char *name)
     return KMS_FAIL(KMS_ERR_NOT_FOUND, "Alias '%s%.256s' is not found.", ks->arn_prefix, name);
 }
 
-kms_err kms_resolve_id(struct kms_keystore *ks, const char *ref, int allow_alias,
-                       uint8_t id[KMS_UUID_LEN])
+kms_err kms_resolve_id(struct kms_keystore *ks, const char *ref, int how, uint8_t id[KMS_UUID_LEN])
 {
     size_t plen = strlen(ks->arn_prefix);
     const char *rest = ref;
@@ -224,7 +223,7 @@ kms_err kms_resolve_id(struct kms_keystore *ks, const char *ref, int allow_alias
     }
     if (strncmp(rest, "alias/", 6) == 0) {
         struct kms_alias_row a;
-        KMS_ENSURE(allow_alias, KMS_ERR_NOT_FOUND, "Key '%.256s' does not exist", ref);
+        KMS_ENSURE(how & KMS_REF_ALIAS, KMS_ERR_NOT_FOUND, "Key '%.256s' does not exist", ref);
         kms_err rc = kms_alias_lookup(ks, rest, &a);
         if (rc == KMS_ERR_NOT_FOUND)
             return alias_missing(ks, rest);
@@ -237,13 +236,13 @@ kms_err kms_resolve_id(struct kms_keystore *ks, const char *ref, int allow_alias
     return KMS_OK;
 }
 
-kms_err kms_resolve(struct kms_keystore *ks, const char *ref, int allow_alias, struct key **out)
+kms_err kms_resolve(struct kms_keystore *ks, const char *ref, int how, struct key **out)
 {
     uint8_t id[KMS_UUID_LEN];
     char text[KMS_UUID_TEXT_LEN + 1];
-    KMS_GUARD(kms_resolve_id(ks, ref, allow_alias, id));
+    KMS_GUARD(kms_resolve_id(ks, ref, how, id));
     kms_err rc = kms_key_get(ks, id, out);
-    if (rc == KMS_OK && (*out)->row.state == KMS_STORE_DESTROYED) {
+    if (rc == KMS_OK && (*out)->row.state == KMS_STORE_DESTROYED && !(how & KMS_REF_DESTROYED)) {
         kms_key_put(ks, *out);
         rc = KMS_ERR_NOT_FOUND;
     }
@@ -260,7 +259,7 @@ kms_err kms_resolve(struct kms_keystore *ks, const char *ref, int allow_alias, s
 kms_err kms_keystore_describe(struct kms_keystore *ks, const char *ref, struct kms_key_info *out)
 {
     struct key *k;
-    KMS_GUARD(kms_resolve(ks, ref, 1, &k));
+    KMS_GUARD(kms_resolve(ks, ref, KMS_REF_ALIAS, &k));
     pthread_mutex_lock(&ks->lock);
     kms_err rc = kms_info_copy_locked(ks, k, out);
     pthread_mutex_unlock(&ks->lock);
@@ -268,18 +267,50 @@ kms_err kms_keystore_describe(struct kms_keystore *ks, const char *ref, struct k
     return rc;
 }
 
-kms_err kms_keystore_authorize(struct kms_keystore *ks, const char *ref, int allow_alias,
-                               kms_err (*fn)(void *arg, const struct kms_key_guard *g), void *arg)
+kms_err kms_keystore_hold(struct kms_keystore *ks, const char *ref, int how,
+                          struct kms_key_ref *out)
 {
     struct key *k;
-    char arn[KMS_ARN_MAX];
-    KMS_GUARD(kms_resolve(ks, ref, allow_alias, &k));
-    snprintf(arn, sizeof arn, "%skey/%s", ks->arn_prefix, k->id_text);
+    out->entry = NULL;
+    KMS_GUARD(kms_resolve(ks, ref, how, &k));
+    memcpy(out->id, k->id, KMS_UUID_LEN);
+    memcpy(out->id_text, k->id_text, sizeof out->id_text);
+    snprintf(out->arn, sizeof out->arn, "%skey/%s", ks->arn_prefix, k->id_text);
+    out->entry = k;
+    return KMS_OK;
+}
+
+void kms_keystore_unhold(struct kms_keystore *ks, struct kms_key_ref *key)
+{
+    if (key->entry)
+        kms_key_put(ks, key->entry);
+    key->entry = NULL;
+}
+
+kms_err kms_keystore_authorize(struct kms_keystore *ks, const char *ref, int how,
+                               kms_err (*fn)(void *arg, const struct kms_key_guard *g), void *arg,
+                               struct kms_key_ref *out)
+{
+    struct kms_key_ref held = KMS_KEY_REF_INIT;
+    KMS_GUARD(kms_keystore_hold(ks, ref, how, &held));
     pthread_mutex_lock(&ks->lock);
-    struct kms_key_guard g = {k->id_text, arn, k->policy};
+    struct kms_key_guard g = {held.id_text, held.arn, held.entry->policy};
     kms_err rc = fn(arg, &g);
     pthread_mutex_unlock(&ks->lock);
-    kms_key_put(ks, k);
+    if (rc == KMS_OK && out)
+        *out = held;
+    else
+        kms_keystore_unhold(ks, &held);
+    return rc;
+}
+
+kms_err kms_keystore_key_info(struct kms_keystore *ks, const struct kms_key_ref *key,
+                              struct kms_key_info *out)
+{
+    KMS_ENSURE(key->entry != NULL, KMS_ERR_INTERNAL, "no key held");
+    pthread_mutex_lock(&ks->lock);
+    kms_err rc = kms_info_copy_locked(ks, key->entry, out);
+    pthread_mutex_unlock(&ks->lock);
     return rc;
 }
 
@@ -381,7 +412,7 @@ static kms_err change_ref(struct kms_keystore *ks, const char *ref,
                           void *arg, uint8_t id[KMS_UUID_LEN])
 {
     struct key *k;
-    KMS_GUARD(kms_resolve(ks, ref, 1, &k));
+    KMS_GUARD(kms_resolve(ks, ref, KMS_REF_ALIAS, &k));
     memcpy(id, k->id, KMS_UUID_LEN);
     kms_key_put(ks, k);
     return kms_key_change(ks, id, fn, arg);
@@ -584,8 +615,23 @@ static kms_err alias_target(struct kms_keystore *ks, const char *ref, uint8_t ou
 
 enum { ALIAS_CREATE, ALIAS_UPDATE, ALIAS_DELETE };
 
+/* The alias still names from (when given), read under the write lock; else *moved. */
+static kms_err alias_still_names(struct kms_keystore *ks, struct kms_tx *tx, const char *name,
+                                 const uint8_t *from, int *moved)
+{
+    struct kms_alias_row now;
+    if (!from)
+        return KMS_OK;
+    KMS_GUARD(kms_store_alias_get(tx, name, &now));
+    *moved = memcmp(now.target, from, KMS_UUID_LEN) != 0;
+    KMS_ENSURE(!*moved, KMS_ERR_INVALID_STATE,
+               "The alias %s%s was changed by another request while this one was authorized",
+               ks->arn_prefix, name);
+    return KMS_OK;
+}
+
 static kms_err alias_change(struct kms_keystore *ks, const char *name, int what,
-                            const uint8_t target[KMS_UUID_LEN])
+                            const uint8_t target[KMS_UUID_LEN], const uint8_t *from, int *moved)
 {
     struct kms_alias_row a;
     memset(&a, 0, sizeof a);
@@ -609,6 +655,8 @@ static kms_err alias_change(struct kms_keystore *ks, const char *name, int what,
             memcpy(a.target, target, KMS_UUID_LEN);
         }
         a.created = a.updated = now;
+        if (rc == KMS_OK)
+            rc = alias_still_names(ks, tx, name, from, moved);
         if (rc == KMS_OK && what == ALIAS_CREATE)
             rc = kms_store_alias_insert(tx, &a);
         else if (rc == KMS_OK && what == ALIAS_UPDATE)
@@ -636,23 +684,31 @@ kms_err kms_keystore_create_alias(struct kms_keystore *ks, const char *name, con
     uint8_t target[KMS_UUID_LEN];
     KMS_GUARD(kms_alias_name_check(name));
     KMS_GUARD(alias_target(ks, target_ref, target));
-    return alias_change(ks, name, ALIAS_CREATE, target);
+    return alias_change(ks, name, ALIAS_CREATE, target, NULL, NULL);
 }
 
-kms_err kms_keystore_update_alias(struct kms_keystore *ks, const char *name, const char *target_ref)
+kms_err kms_keystore_update_alias(struct kms_keystore *ks, const char *name, const char *target_ref,
+                                  const uint8_t *from, int *moved)
 {
     uint8_t target[KMS_UUID_LEN];
+    if (moved)
+        *moved = 0;
+    KMS_ENSURE(!from || moved, KMS_ERR_INTERNAL, "kms_keystore_update_alias: from without moved");
     KMS_GUARD(kms_alias_name_check(name));
     KMS_GUARD(alias_target(ks, target_ref, target));
     kms_err_clear();
-    return alias_change(ks, name, ALIAS_UPDATE, target);
+    return alias_change(ks, name, ALIAS_UPDATE, target, from, moved);
 }
 
-kms_err kms_keystore_delete_alias(struct kms_keystore *ks, const char *name)
+kms_err kms_keystore_delete_alias(struct kms_keystore *ks, const char *name, const uint8_t *from,
+                                  int *moved)
 {
+    if (moved)
+        *moved = 0;
+    KMS_ENSURE(!from || moved, KMS_ERR_INTERNAL, "kms_keystore_delete_alias: from without moved");
     KMS_GUARD(kms_alias_name_check(name));
     kms_err_clear();
-    return alias_change(ks, name, ALIAS_DELETE, NULL);
+    return alias_change(ks, name, ALIAS_DELETE, NULL, from, moved);
 }
 
 struct list_aliases {

@@ -137,6 +137,40 @@ const char *kms_key_state_name(enum kms_key_state s);
 KMS_MUST_CHECK kms_err kms_keystore_create_key(struct kms_keystore *ks, const char *description,
                                                const char *policy, struct kms_key_info *out);
 
+struct key; /* a key held in memory (internal.h) */
+
+/*
+ * A key resolved once for one request and held in memory. Authorization, the
+ * operation, the audit record and the answer all work on this key, whatever
+ * an alias names meanwhile: an operation never resolves the caller's
+ * reference a second time. Release with kms_keystore_unhold.
+ */
+struct kms_key_ref {
+    uint8_t id[KMS_UUID_LEN];
+    char id_text[KMS_UUID_TEXT_LEN + 1];
+    char arn[KMS_ARN_MAX];
+    struct key *entry; /* held; NULL when not held */
+};
+#define KMS_KEY_REF_INIT  \
+    {                     \
+        {0}, "", "", NULL \
+    }
+
+/* What a reference may name, besides a key id or key ARN (kms_keystore_hold). */
+enum {
+    KMS_REF_ALIAS = 1,     /* an alias name or alias ARN */
+    KMS_REF_DESTROYED = 2, /* a destroyed key (its tombstone keeps its policy) */
+};
+
+/*
+ * Resolves ref (a key id or key ARN; more as how says, KMS_REF_*) once and
+ * holds the key in *out. KMS_ERR_NOT_FOUND when there is no such key.
+ */
+KMS_MUST_CHECK kms_err kms_keystore_hold(struct kms_keystore *ks, const char *ref, int how,
+                                         struct kms_key_ref *out);
+/* Releases a held key; one not held is left alone. */
+void kms_keystore_unhold(struct kms_keystore *ks, struct kms_key_ref *key);
+
 /* What an authorization callback sees of one key, under the index's read lock. */
 struct kms_key_guard {
     const char *id_text;
@@ -144,13 +178,18 @@ struct kms_key_guard {
     const void *policy; /* compiled; NULL when the key's policy did not compile */
 };
 /*
- * Resolves ref (key id, key ARN, alias when allow_alias) and calls fn with
- * the key's guard under the index's read lock; fn must be quick. Returns the
- * resolution's error or fn's.
+ * kms_keystore_hold, then fn with the key's guard under the index's read
+ * lock; fn must be quick. Returns the resolution's error or fn's. On success
+ * *out holds the key the guard showed (out NULL: it is released); on failure
+ * nothing is held.
  */
-KMS_MUST_CHECK kms_err
-kms_keystore_authorize(struct kms_keystore *ks, const char *ref, int allow_alias,
-                       kms_err (*fn)(void *arg, const struct kms_key_guard *g), void *arg);
+KMS_MUST_CHECK kms_err kms_keystore_authorize(struct kms_keystore *ks, const char *ref, int how,
+                                              kms_err (*fn)(void *arg,
+                                                            const struct kms_key_guard *g),
+                                              void *arg, struct kms_key_ref *out);
+/* A copy of what a held key is now. */
+KMS_MUST_CHECK kms_err kms_keystore_key_info(struct kms_keystore *ks, const struct kms_key_ref *key,
+                                             struct kms_key_info *out);
 /* The key's policy text (malloc'd). */
 KMS_MUST_CHECK kms_err kms_keystore_get_policy(struct kms_keystore *ks, const char *ref,
                                                char **out);
@@ -190,9 +229,17 @@ KMS_MUST_CHECK kms_err kms_keystore_list_rotations(struct kms_keystore *ks, cons
 KMS_MUST_CHECK kms_err kms_alias_name_check(const char *name);
 KMS_MUST_CHECK kms_err kms_keystore_create_alias(struct kms_keystore *ks, const char *name,
                                                  const char *target_ref);
+/*
+ * from: the key the alias must still name when the change is written (the key
+ * the caller was authorized on), or NULL for any. When it names another by
+ * then, nothing changes, *moved is set and KMS_ERR_INVALID_STATE returned: the
+ * caller may authorize again against the key it names now.
+ */
 KMS_MUST_CHECK kms_err kms_keystore_update_alias(struct kms_keystore *ks, const char *name,
-                                                 const char *target_ref);
-KMS_MUST_CHECK kms_err kms_keystore_delete_alias(struct kms_keystore *ks, const char *name);
+                                                 const char *target_ref, const uint8_t *from,
+                                                 int *moved);
+KMS_MUST_CHECK kms_err kms_keystore_delete_alias(struct kms_keystore *ks, const char *name,
+                                                 const uint8_t *from, int *moved);
 /* At most limit aliases in name order from marker on, optionally only one key's. */
 KMS_MUST_CHECK kms_err kms_keystore_list_aliases(struct kms_keystore *ks, const char *key_ref,
                                                  const char *marker, size_t limit,
@@ -200,21 +247,40 @@ KMS_MUST_CHECK kms_err kms_keystore_list_aliases(struct kms_keystore *ks, const 
 
 /* ---- cryptography ---- */
 /*
- * Wraps plaintext under the key's current version: out receives the blob.
- * canonical_context is the encryption context's canonical form.
+ * Wraps plaintext under the held key's current version: out receives the
+ * blob, info what the key was. canonical_context is the encryption context's
+ * canonical form. key->entry may be replaced by a fresher entry of the same key.
  */
+KMS_MUST_CHECK kms_err kms_keystore_encrypt_key(struct kms_keystore *ks, struct kms_key_ref *key,
+                                                const struct kms_buf *canonical_context,
+                                                const uint8_t *plaintext, size_t n,
+                                                struct kms_buf *blob, struct kms_key_info *info);
+/* kms_keystore_hold(ref, KMS_REF_ALIAS), then kms_keystore_encrypt_key. */
 KMS_MUST_CHECK kms_err kms_keystore_encrypt(struct kms_keystore *ks, const char *ref,
                                             const struct kms_buf *canonical_context,
                                             const uint8_t *plaintext, size_t n,
-                                            struct kms_buf *blob, struct kms_key_info *key);
+                                            struct kms_buf *blob, struct kms_key_info *info);
 /*
- * Unwraps a blob. When expect_ref is given, the blob must be under that key
- * (else KMS_ERR_INCORRECT_KEY). plaintext is cleansed on every failure.
+ * Unwraps a blob under the held key it names (held with KMS_REF_DESTROYED:
+ * a destroyed key is KMS_ERR_NOT_FOUND). When expect_ref is given, the blob
+ * must be under that key (else KMS_ERR_INCORRECT_KEY). A disabled key is
+ * KMS_ERR_DISABLED, one pending deletion KMS_ERR_INVALID_STATE; a version the
+ * key lacks, an altered blob or another context KMS_ERR_INVALID_CIPHERTEXT
+ * (KMS_BLOB_INVALID). plaintext is cleansed on every failure.
+ */
+KMS_MUST_CHECK kms_err kms_keystore_decrypt_key(struct kms_keystore *ks, struct kms_key_ref *key,
+                                                const uint8_t *blob, size_t n,
+                                                const struct kms_buf *canonical_context,
+                                                const char *expect_ref, struct kms_buf *plaintext,
+                                                struct kms_key_info *info);
+/*
+ * Holds the key the blob names (one it does not know is
+ * KMS_ERR_INVALID_CIPHERTEXT), then kms_keystore_decrypt_key.
  */
 KMS_MUST_CHECK kms_err kms_keystore_decrypt(struct kms_keystore *ks, const uint8_t *blob, size_t n,
                                             const struct kms_buf *canonical_context,
                                             const char *expect_ref, struct kms_buf *plaintext,
-                                            struct kms_key_info *key);
+                                            struct kms_key_info *info);
 /* Random bytes from the token's generator. */
 KMS_MUST_CHECK kms_err kms_keystore_random(struct kms_keystore *ks, uint8_t *out, size_t n);
 

@@ -236,7 +236,7 @@ kms_err kms_keystore_rotate_on_demand(struct kms_keystore *ks, const char *ref,
     char text[KMS_UUID_TEXT_LEN + 1];
     struct key *k;
 
-    KMS_GUARD(kms_resolve(ks, ref, 1, &k));
+    KMS_GUARD(kms_resolve(ks, ref, KMS_REF_ALIAS, &k));
     memcpy(id, k->id, KMS_UUID_LEN);
     /* Checked first on this node's view too, so a refused rotation makes no version. */
     pthread_mutex_lock(&ks->lock);
@@ -256,7 +256,7 @@ kms_err kms_keystore_list_rotations(struct kms_keystore *ks, const char *ref, ui
 {
     struct key *k;
     *n = 0;
-    KMS_GUARD(kms_resolve(ks, ref, 1, &k));
+    KMS_GUARD(kms_resolve(ks, ref, KMS_REF_ALIAS, &k));
     pthread_mutex_lock(&ks->lock);
     kms_err rc = kms_info_copy_locked(ks, k, info);
     /* Versions are in ordinal order; the first is no rotation. */

@@ -2,7 +2,10 @@
  * Who may do what: each key's policy (policy.h) decides for the operations on
  * that key; admin principals may manage every key whatever its policy (so a
  * policy can never lock a key out of reach) but use keys only as their
- * policies allow; CreateKey is the admins' when admins are configured.
+ * policies allow; CreateKey is the admins' when admins are configured; the
+ * alias policy (alias_policy_file), when there is one, decides for alias
+ * names. A request is authorized against the key it then works on: the
+ * reference is resolved once, here, and the key held for the operation.
  */
 #include "config.h"
 
@@ -65,8 +68,8 @@ static kms_err decide(void *arg, const struct kms_key_guard *g)
                                                   : "no statement of the key policy allows it");
 }
 
-kms_err kms_authorize(struct kms_request *r, const char *action, const char *ref, int allow_alias,
-                      json_t *context)
+kms_err kms_authorize(struct kms_request *r, const char *action, const char *ref, int how,
+                      json_t *context, struct kms_key_ref *out)
 {
     struct kms_server *srv = r->srv;
     struct kms_context_pair pairs[64], *p = pairs;
@@ -78,7 +81,7 @@ kms_err kms_authorize(struct kms_request *r, const char *action, const char *ref
     if (!cryptographic(action) && kms_is_admin(srv, r->principal)) {
         /* Admins manage every key; the key must still exist. */
         snprintf(r->decision, sizeof r->decision, "admin");
-        return kms_keystore_authorize(srv->ks, ref, allow_alias, kms_note_key, r);
+        return kms_keystore_authorize(srv->ks, ref, how, kms_note_key, r, out);
     }
     if (n > sizeof pairs / sizeof pairs[0]) {
         p = calloc(n, sizeof *p);
@@ -95,10 +98,54 @@ kms_err kms_authorize(struct kms_request *r, const char *action, const char *ref
         i++;
     }
     struct check c = {r, action, {r->principal, srv->cfg.account, action, NULL, i ? p : NULL, i}};
-    rc = kms_keystore_authorize(srv->ks, ref, allow_alias, decide, &c);
+    rc = kms_keystore_authorize(srv->ks, ref, how, decide, &c, out);
     if (p != pairs)
         free(p);
     return rc;
+}
+
+kms_err kms_authorize_blob(struct kms_request *r, const char *action, const struct kms_buf *blob,
+                           json_t *context, struct kms_key_ref *out)
+{
+    struct kms_blob b;
+    char id[KMS_UUID_TEXT_LEN + 1];
+
+    /* A malformed blob names no key: saying so tells nothing about any key. */
+    KMS_GUARD(kms_blob_decode(blob->data, blob->len, &b));
+    kms_uuid_format(b.key_id, id);
+    /* A destroyed key's tombstone keeps its policy: its callers learn it is gone, no one else. */
+    kms_err rc = kms_authorize(r, action, id, KMS_REF_DESTROYED, context, out);
+    if (rc == KMS_ERR_NOT_FOUND)
+        snprintf(r->decision, sizeof r->decision, "deny (no such key)");
+    /*
+     * Whether the key is unknown or not the caller's to use, the answer is
+     * the one every blob that does not open gets; the audit line keeps the
+     * reason (the decision).
+     */
+    if (rc == KMS_ERR_NOT_FOUND || rc == KMS_ERR_ACCESS_DENIED)
+        return KMS_FAIL(KMS_ERR_INVALID_CIPHERTEXT, KMS_BLOB_INVALID);
+    return rc;
+}
+
+kms_err kms_authorize_alias(struct kms_request *r, const char *action, const char *name)
+{
+    struct kms_server *srv = r->srv;
+    char arn[KMS_ARN_MAX + KMS_ALIAS_MAX], why[48] = "";
+
+    if (!srv->alias_policy || kms_is_admin(srv, r->principal))
+        return KMS_OK;
+    snprintf(arn, sizeof arn, "arn:aws:kms:%s:%s:%s", srv->cfg.region, srv->cfg.account, name);
+    struct kms_policy_request pr = {r->principal, srv->cfg.account, action, arn, NULL, 0};
+    enum kms_policy_decision d = kms_policy_evaluate(srv->alias_policy, &pr, why, sizeof why);
+    if (d == KMS_POLICY_ALLOW)
+        return KMS_OK;
+    snprintf(r->decision, sizeof r->decision, "deny alias %s",
+             d == KMS_POLICY_EXPLICIT_DENY ? why : "(implicit)");
+    return KMS_FAIL(KMS_ERR_ACCESS_DENIED,
+                    "User: %s is not authorized to perform: %s on resource: %s because %s",
+                    r->principal, action, arn,
+                    d == KMS_POLICY_EXPLICIT_DENY ? "a statement of the alias policy denies it"
+                                                  : "no statement of the alias policy allows it");
 }
 
 kms_err kms_note_key(void *arg, const struct kms_key_guard *g)

@@ -20,6 +20,7 @@
 #include "server/dev.h"
 #include "server/audit.h"
 #include "server/ops.h"
+#include "server/policy.h"
 #include "server/pool.h"
 #include "server/ratelimit.h"
 #include "server/server.h"
@@ -115,6 +116,23 @@ static kms_err lock_memory(const struct kms_config *cfg)
 
 enum { RUN_SERVE, RUN_DEV, RUN_INIT, RUN_MIGRATE };
 
+/* alias_policy_file: a policy document in the key policies' language, compiled once. */
+static kms_err load_alias_policy(struct kms_server *srv)
+{
+    const char *path = srv->cfg.alias_policy_file;
+    char *text = NULL;
+    size_t len = 0;
+    if (!path)
+        return KMS_OK;
+    KMS_GUARD(kms_read_file(path, &text, &len));
+    kms_err rc = kms_policy_parse(text, len, srv->cfg.account, &srv->alias_policy);
+    free(text);
+    if (rc != KMS_OK)
+        return KMS_FAIL(rc, "alias_policy_file %s: %s", path, kms_err_message());
+    kms_info("alias names are governed by the alias policy %s", path);
+    return KMS_OK;
+}
+
 static kms_err start(struct kms_server *srv, int mode)
 {
     char *pin = NULL;
@@ -122,6 +140,7 @@ static kms_err start(struct kms_server *srv, int mode)
     kms_err rc;
 
     KMS_GUARD(kms_config_check(&srv->cfg));
+    KMS_GUARD(load_alias_policy(srv));
     KMS_GUARD(kms_credentials_load(srv->cfg.credentials_file, &srv->creds));
     KMS_GUARD(kms_ratelimit_new(&srv->cfg.limits, &srv->limits));
     KMS_GUARD(kms_tls_load(&srv->cfg, &srv->tls));
@@ -391,6 +410,7 @@ out:
     kms_keystore_close(srv.ks);
     kms_store_close(srv.store);
     free(srv.account_policy); /* the key store's default policy */
+    kms_policy_free(srv.alias_policy);
     kms_hsm_close(srv.hsm);
     kms_credentials_free(&srv.creds);
     kms_config_free(&srv.cfg);

@@ -36,13 +36,36 @@ kms_err kms_op_list_key_policies(struct kms_request *r);
 /* ---- authorization (authz.c) ---- */
 int kms_is_admin(struct kms_server *srv, const char *principal);
 /*
- * The key ref names (an alias too when allow_alias) must exist and its policy
- * must allow r's principal action ("kms:Decrypt") with context (the request's
- * EncryptionContext object, or NULL); admins need no policy for management
- * actions. Sets r->key_arn and r->decision. AccessDeniedException otherwise.
+ * The key ref names (more as how says: KMS_REF_ALIAS, KMS_REF_DESTROYED) must
+ * exist and its policy must allow r's principal action ("kms:Decrypt") with
+ * context (the request's EncryptionContext object, or NULL); admins need no
+ * policy for management actions. Sets r->key_arn and r->decision.
+ * AccessDeniedException otherwise. On success *out holds the key the decision
+ * was about (release with kms_keystore_unhold; out NULL: released): the
+ * operation works on it and never resolves ref again, so an alias changed
+ * meanwhile cannot point the operation at a key the policy was not asked about.
  */
 KMS_MUST_CHECK kms_err kms_authorize(struct kms_request *r, const char *action, const char *ref,
-                                     int allow_alias, json_t *context);
+                                     int how, json_t *context, struct kms_key_ref *out);
+/*
+ * Decrypt's and ReEncrypt's source: the policy of the key a blob names allows
+ * action, before anything about that key is looked at. A blob naming a key
+ * that does not exist and one naming a key the caller may not use get the
+ * same answer, the one of every blob that does not open
+ * (InvalidCiphertextException, KMS_BLOB_INVALID); r->decision keeps the
+ * reason. A malformed blob says so. On success *out holds the key.
+ */
+KMS_MUST_CHECK kms_err kms_authorize_blob(struct kms_request *r, const char *action,
+                                          const struct kms_buf *blob, json_t *context,
+                                          struct kms_key_ref *out);
+/*
+ * CreateAlias, UpdateAlias, DeleteAlias on the alias name (alias/...): the
+ * alias policy must allow action on arn:aws:kms:<region>:<account>:<name>.
+ * Admins always may; without an alias policy everyone may (the target keys'
+ * policies still decide for the keys). AccessDeniedException otherwise.
+ */
+KMS_MUST_CHECK kms_err kms_authorize_alias(struct kms_request *r, const char *action,
+                                           const char *name);
 /* CreateKey: the admins', or everyone's when no admin is configured. */
 KMS_MUST_CHECK kms_err kms_authorize_create(struct kms_request *r);
 /* A policy a request wants to set: it parses, and passes AWS's lockout safety check. */

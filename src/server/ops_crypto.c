@@ -50,6 +50,7 @@ static kms_err generate_data_key(struct kms_request *r, int with_plaintext)
     size_t n = 0;
     struct kms_buf ctx = KMS_BUF_INIT, key = KMS_BUF_INIT, blob = KMS_BUF_INIT;
     struct kms_key_info k = {0};
+    struct kms_key_ref held = KMS_KEY_REF_INIT;
     kms_err rc;
 
     KMS_GUARD(kms_in_string(r->in, "KeyId", 1, 1, 2048, &ref));
@@ -61,14 +62,14 @@ static kms_err generate_data_key(struct kms_request *r, int with_plaintext)
     if (rc == KMS_OK)
         rc = kms_authorize(
             r, with_plaintext ? "kms:GenerateDataKey" : "kms:GenerateDataKeyWithoutPlaintext", ref,
-            1, json_object_get(r->in, "EncryptionContext"));
+            KMS_REF_ALIAS, json_object_get(r->in, "EncryptionContext"), &held);
     if (rc == KMS_OK)
         rc = kms_buf_reserve(&key, n);
     if (rc == KMS_OK)
         rc = kms_keystore_random(r->srv->ks, key.data, n);
     if (rc == KMS_OK) {
         key.len = n;
-        rc = kms_keystore_encrypt(r->srv->ks, ref, &ctx, key.data, key.len, &blob, &k);
+        rc = kms_keystore_encrypt_key(r->srv->ks, &held, &ctx, key.data, key.len, &blob, &k);
     }
     if (rc == KMS_OK) {
         r->out = json_pack("{s:s}", "KeyId", k.arn);
@@ -80,6 +81,7 @@ static kms_err generate_data_key(struct kms_request *r, int with_plaintext)
     if (rc == KMS_OK && with_plaintext)
         rc = kms_out_blob(r->out, "Plaintext", key.data, key.len);
     kms_note_blob(r, &blob, &ctx);
+    kms_keystore_unhold(r->srv->ks, &held);
     kms_buf_free(&key);
     kms_buf_free(&blob);
     kms_buf_free(&ctx);
@@ -97,29 +99,6 @@ kms_err kms_op_generate_data_key_without_plaintext(struct kms_request *r)
     return generate_data_key(r, 0);
 }
 
-/*
- * The policy of the key a blob names decides, before anything else is
- * looked at. A blob whose key does not exist (or a malformed blob) is left to
- * the decryption, which answers the one error every such blob gets.
- */
-static kms_err authorize_blob(struct kms_request *r, const char *action, const struct kms_buf *blob,
-                              json_t *context)
-{
-    struct kms_blob b;
-    char id[KMS_UUID_TEXT_LEN + 1];
-    if (kms_blob_decode(blob->data, blob->len, &b) != KMS_OK) {
-        kms_err_clear();
-        return KMS_OK;
-    }
-    kms_uuid_format(b.key_id, id);
-    kms_err rc = kms_authorize(r, action, id, 0, context);
-    if (rc == KMS_ERR_NOT_FOUND) {
-        kms_err_clear();
-        rc = KMS_OK;
-    }
-    return rc;
-}
-
 /* Encrypt's and Decrypt's answer: the key's ARN, the algorithm and one base64 member. */
 static kms_err respond(struct kms_request *r, const struct kms_key_info *k, const char *member,
                        const struct kms_buf *value)
@@ -135,6 +114,7 @@ kms_err kms_op_encrypt(struct kms_request *r)
     int present;
     struct kms_buf ctx = KMS_BUF_INIT, pt = KMS_BUF_INIT, blob = KMS_BUF_INIT;
     struct kms_key_info k = {0};
+    struct kms_key_ref held = KMS_KEY_REF_INIT;
     kms_err rc;
 
     KMS_GUARD(kms_in_string(r->in, "KeyId", 1, 1, 2048, &ref));
@@ -144,12 +124,14 @@ kms_err kms_op_encrypt(struct kms_request *r)
     if (rc == KMS_OK)
         rc = kms_in_context(r->in, "EncryptionContext", &ctx);
     if (rc == KMS_OK)
-        rc = kms_authorize(r, "kms:Encrypt", ref, 1, json_object_get(r->in, "EncryptionContext"));
+        rc = kms_authorize(r, "kms:Encrypt", ref, KMS_REF_ALIAS,
+                           json_object_get(r->in, "EncryptionContext"), &held);
     if (rc == KMS_OK)
-        rc = kms_keystore_encrypt(r->srv->ks, ref, &ctx, pt.data, pt.len, &blob, &k);
+        rc = kms_keystore_encrypt_key(r->srv->ks, &held, &ctx, pt.data, pt.len, &blob, &k);
     if (rc == KMS_OK)
         rc = respond(r, &k, "CiphertextBlob", &blob);
     kms_note_blob(r, &blob, &ctx);
+    kms_keystore_unhold(r->srv->ks, &held);
     kms_buf_free(&pt);
     kms_buf_free(&blob);
     kms_buf_free(&ctx);
@@ -163,6 +145,7 @@ kms_err kms_op_decrypt(struct kms_request *r)
     int present;
     struct kms_buf ctx = KMS_BUF_INIT, pt = KMS_BUF_INIT, blob = KMS_BUF_INIT;
     struct kms_key_info k = {0};
+    struct kms_key_ref held = KMS_KEY_REF_INIT;
     kms_err rc;
 
     KMS_GUARD(kms_in_string(r->in, "KeyId", 0, 1, 2048, &ref));
@@ -174,12 +157,14 @@ kms_err kms_op_decrypt(struct kms_request *r)
     if (rc == KMS_OK)
         rc = kms_in_context(r->in, "EncryptionContext", &ctx);
     if (rc == KMS_OK)
-        rc = authorize_blob(r, "kms:Decrypt", &blob, json_object_get(r->in, "EncryptionContext"));
+        rc = kms_authorize_blob(r, "kms:Decrypt", &blob,
+                                json_object_get(r->in, "EncryptionContext"), &held);
     if (rc == KMS_OK)
-        rc = kms_keystore_decrypt(r->srv->ks, blob.data, blob.len, &ctx, ref, &pt, &k);
+        rc = kms_keystore_decrypt_key(r->srv->ks, &held, blob.data, blob.len, &ctx, ref, &pt, &k);
     if (rc == KMS_OK)
         rc = respond(r, &k, "Plaintext", &pt);
     kms_note_blob(r, &blob, &ctx);
+    kms_keystore_unhold(r->srv->ks, &held);
     kms_buf_free(&pt);
     kms_buf_free(&blob);
     kms_buf_free(&ctx);
@@ -219,6 +204,7 @@ kms_err kms_op_re_encrypt(struct kms_request *r)
     struct kms_buf blob = KMS_BUF_INIT, pt = KMS_BUF_INIT, out = KMS_BUF_INIT;
     struct kms_buf sctx = KMS_BUF_INIT, dctx = KMS_BUF_INIT;
     struct kms_key_info sk = {0}, dk = {0};
+    struct kms_key_ref from = KMS_KEY_REF_INIT, to = KMS_KEY_REF_INIT;
     kms_err rc;
 
     KMS_GUARD(kms_in_string(r->in, "SourceKeyId", 0, 1, 2048, &source));
@@ -236,16 +222,17 @@ kms_err kms_op_re_encrypt(struct kms_request *r)
     if (rc == KMS_OK)
         rc = kms_in_context(r->in, "DestinationEncryptionContext", &dctx);
     if (rc == KMS_OK)
-        rc = authorize_blob(r, "kms:ReEncryptFrom", &blob,
-                            json_object_get(r->in, "SourceEncryptionContext"));
+        rc = kms_authorize_blob(r, "kms:ReEncryptFrom", &blob,
+                                json_object_get(r->in, "SourceEncryptionContext"), &from);
     if (rc == KMS_OK)
-        rc = kms_authorize(r, "kms:ReEncryptTo", dest, 1,
-                           json_object_get(r->in, "DestinationEncryptionContext"));
+        rc = kms_authorize(r, "kms:ReEncryptTo", dest, KMS_REF_ALIAS,
+                           json_object_get(r->in, "DestinationEncryptionContext"), &to);
     /* The plaintext stays in this process, in a buffer cleansed when freed. */
     if (rc == KMS_OK)
-        rc = kms_keystore_decrypt(r->srv->ks, blob.data, blob.len, &sctx, source, &pt, &sk);
+        rc = kms_keystore_decrypt_key(r->srv->ks, &from, blob.data, blob.len, &sctx, source, &pt,
+                                      &sk);
     if (rc == KMS_OK)
-        rc = kms_keystore_encrypt(r->srv->ks, dest, &dctx, pt.data, pt.len, &out, &dk);
+        rc = kms_keystore_encrypt_key(r->srv->ks, &to, &dctx, pt.data, pt.len, &out, &dk);
     if (rc == KMS_OK) {
         r->out = json_pack("{s:s, s:s, s:s, s:s}", "SourceKeyId", sk.arn, "KeyId", dk.arn,
                            "SourceEncryptionAlgorithm", "SYMMETRIC_DEFAULT",
@@ -254,6 +241,8 @@ kms_err kms_op_re_encrypt(struct kms_request *r)
                     : KMS_FAIL(KMS_ERR_INTERNAL, "out of memory");
     }
     kms_note_blob(r, &blob, &sctx);
+    kms_keystore_unhold(r->srv->ks, &from);
+    kms_keystore_unhold(r->srv->ks, &to);
     kms_buf_free(&blob);
     kms_buf_free(&pt);
     kms_buf_free(&out);

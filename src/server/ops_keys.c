@@ -59,6 +59,7 @@ kms_err kms_op_create_key(struct kms_request *r)
 kms_err kms_op_put_key_policy(struct kms_request *r)
 {
     const char *ref, *name, *policy;
+    struct kms_key_ref key = KMS_KEY_REF_INIT;
     KMS_GUARD(kms_in_string(r->in, "KeyId", 1, 1, 2048, &ref));
     KMS_GUARD(kms_in_string(r->in, "PolicyName", 0, 1, 128, &name));
     KMS_ENSURE(!name || strcmp(name, "default") == 0, KMS_ERR_NOT_FOUND,
@@ -66,23 +67,26 @@ kms_err kms_op_put_key_policy(struct kms_request *r)
     KMS_GUARD(kms_in_string(r->in, "Policy", 1, 1, 32768, &policy));
     KMS_ENSURE(strncmp(ref, "alias/", 6) != 0 && !strstr(ref, ":alias/"), KMS_ERR_NOT_FOUND,
                "Key '%.256s' does not exist: this operation takes a key id or key ARN", ref);
-    KMS_GUARD(kms_authorize(r, "kms:PutKeyPolicy", ref, 0, NULL));
+    KMS_GUARD(kms_authorize(r, "kms:PutKeyPolicy", ref, 0, NULL, &key));
+    kms_keystore_unhold(r->srv->ks, &key);
     KMS_GUARD(kms_check_new_policy(r, policy, "kms:PutKeyPolicy"));
-    return kms_keystore_put_policy(r->srv->ks, ref, policy);
+    return kms_keystore_put_policy(r->srv->ks, key.id_text, policy);
 }
 
 kms_err kms_op_get_key_policy(struct kms_request *r)
 {
     const char *ref, *name;
     char *policy = NULL;
+    struct kms_key_ref key = KMS_KEY_REF_INIT;
     KMS_GUARD(kms_in_string(r->in, "KeyId", 1, 1, 2048, &ref));
     KMS_GUARD(kms_in_string(r->in, "PolicyName", 0, 1, 128, &name));
     KMS_ENSURE(!name || strcmp(name, "default") == 0, KMS_ERR_NOT_FOUND,
                "A key has one policy, named \"default\"");
     KMS_ENSURE(strncmp(ref, "alias/", 6) != 0 && !strstr(ref, ":alias/"), KMS_ERR_NOT_FOUND,
                "Key '%.256s' does not exist: this operation takes a key id or key ARN", ref);
-    KMS_GUARD(kms_authorize(r, "kms:GetKeyPolicy", ref, 0, NULL));
-    KMS_GUARD(kms_keystore_get_policy(r->srv->ks, ref, &policy));
+    KMS_GUARD(kms_authorize(r, "kms:GetKeyPolicy", ref, 0, NULL, &key));
+    kms_keystore_unhold(r->srv->ks, &key);
+    KMS_GUARD(kms_keystore_get_policy(r->srv->ks, key.id_text, &policy));
     r->out = json_pack("{s:s, s:s}", "Policy", policy, "PolicyName", "default");
     free(policy);
     KMS_ENSURE(r->out != NULL, KMS_ERR_INTERNAL, "out of memory");
@@ -93,7 +97,7 @@ kms_err kms_op_list_key_policies(struct kms_request *r)
 {
     const char *ref;
     KMS_GUARD(kms_in_string(r->in, "KeyId", 1, 1, 2048, &ref));
-    KMS_GUARD(kms_authorize(r, "kms:ListKeyPolicies", ref, 0, NULL));
+    KMS_GUARD(kms_authorize(r, "kms:ListKeyPolicies", ref, 0, NULL, NULL));
     r->out = json_pack("{s:[s], s:b}", "PolicyNames", "default", "Truncated", 0);
     KMS_ENSURE(r->out != NULL, KMS_ERR_INTERNAL, "out of memory");
     return KMS_OK;
@@ -103,11 +107,14 @@ kms_err kms_op_describe_key(struct kms_request *r)
 {
     const char *ref;
     struct kms_key_info k = {0};
+    struct kms_key_ref key = KMS_KEY_REF_INIT;
 
     KMS_GUARD(kms_in_string(r->in, "KeyId", 1, 1, 2048, &ref));
     KMS_GUARD(kms_in_grant_tokens(r->in));
-    KMS_GUARD(kms_authorize(r, "kms:DescribeKey", ref, 1, NULL));
-    KMS_GUARD(kms_keystore_describe(r->srv->ks, ref, &k));
+    KMS_GUARD(kms_authorize(r, "kms:DescribeKey", ref, KMS_REF_ALIAS, NULL, &key));
+    kms_err rc = kms_keystore_key_info(r->srv->ks, &key, &k);
+    kms_keystore_unhold(r->srv->ks, &key);
+    KMS_GUARD(rc);
     r->out = json_pack("{s:o}", "KeyMetadata", kms_key_metadata(r->srv, &k));
     kms_key_info_clear(&k);
     KMS_ENSURE(r->out != NULL, KMS_ERR_INTERNAL, "out of memory");
@@ -124,16 +131,34 @@ static kms_err list_args(json_t *in, size_t *limit, const char **marker)
     return KMS_OK;
 }
 
+/*
+ * Tries of UpdateAlias and DeleteAlias when the alias is moved by another
+ * request between their authorization and their change: each try authorizes
+ * again against the key it names then.
+ */
+#define ALIAS_TRIES 4
+
 kms_err kms_op_update_alias(struct kms_request *r)
 {
     const char *name, *target;
     KMS_GUARD(kms_in_string(r->in, "AliasName", 1, 1, KMS_ALIAS_MAX, &name));
     KMS_GUARD(kms_in_string(r->in, "TargetKeyId", 1, 1, 2048, &target));
     KMS_GUARD(kms_alias_name_check(name));
-    /* Both keys' policies: the one the alias leaves and the one it moves to. */
-    KMS_GUARD(kms_authorize(r, "kms:UpdateAlias", name, 1, NULL));
-    KMS_GUARD(kms_authorize(r, "kms:UpdateAlias", target, 0, NULL));
-    return kms_keystore_update_alias(r->srv->ks, name, target);
+    KMS_GUARD(kms_authorize_alias(r, "kms:UpdateAlias", name));
+    for (int tries = 1;; tries++) {
+        /* Both keys' policies: the one the alias leaves and the one it moves to. */
+        struct kms_key_ref from = KMS_KEY_REF_INIT, to = KMS_KEY_REF_INIT;
+        int moved = 0;
+        kms_err rc = kms_authorize(r, "kms:UpdateAlias", name, KMS_REF_ALIAS, NULL, &from);
+        if (rc == KMS_OK)
+            rc = kms_authorize(r, "kms:UpdateAlias", target, 0, NULL, &to);
+        if (rc == KMS_OK)
+            rc = kms_keystore_update_alias(r->srv->ks, name, to.id_text, from.id, &moved);
+        kms_keystore_unhold(r->srv->ks, &from);
+        kms_keystore_unhold(r->srv->ks, &to);
+        if (!moved || tries == ALIAS_TRIES)
+            return rc;
+    }
 }
 
 kms_err kms_op_delete_alias(struct kms_request *r)
@@ -141,8 +166,17 @@ kms_err kms_op_delete_alias(struct kms_request *r)
     const char *name;
     KMS_GUARD(kms_in_string(r->in, "AliasName", 1, 1, KMS_ALIAS_MAX, &name));
     KMS_GUARD(kms_alias_name_check(name));
-    KMS_GUARD(kms_authorize(r, "kms:DeleteAlias", name, 1, NULL));
-    return kms_keystore_delete_alias(r->srv->ks, name);
+    KMS_GUARD(kms_authorize_alias(r, "kms:DeleteAlias", name));
+    for (int tries = 1;; tries++) {
+        struct kms_key_ref from = KMS_KEY_REF_INIT;
+        int moved = 0;
+        kms_err rc = kms_authorize(r, "kms:DeleteAlias", name, KMS_REF_ALIAS, NULL, &from);
+        if (rc == KMS_OK)
+            rc = kms_keystore_delete_alias(r->srv->ks, name, from.id, &moved);
+        kms_keystore_unhold(r->srv->ks, &from);
+        if (!moved || tries == ALIAS_TRIES)
+            return rc;
+    }
 }
 
 /*
@@ -180,11 +214,14 @@ kms_err kms_op_list_keys(struct kms_request *r)
 kms_err kms_op_create_alias(struct kms_request *r)
 {
     const char *name, *target;
+    struct kms_key_ref key = KMS_KEY_REF_INIT;
     KMS_GUARD(kms_in_string(r->in, "AliasName", 1, 1, KMS_ALIAS_MAX, &name));
     KMS_GUARD(kms_in_string(r->in, "TargetKeyId", 1, 1, 2048, &target));
     KMS_GUARD(kms_alias_name_check(name));
-    KMS_GUARD(kms_authorize(r, "kms:CreateAlias", target, 0, NULL));
-    KMS_GUARD(kms_keystore_create_alias(r->srv->ks, name, target));
+    KMS_GUARD(kms_authorize_alias(r, "kms:CreateAlias", name));
+    KMS_GUARD(kms_authorize(r, "kms:CreateAlias", target, 0, NULL, &key));
+    kms_keystore_unhold(r->srv->ks, &key);
+    KMS_GUARD(kms_keystore_create_alias(r->srv->ks, name, key.id_text));
     r->out = NULL;
     return KMS_OK;
 }

@@ -16,14 +16,20 @@
 
 /*
  * These operations take a key id or key ARN, as AWS's do, not an alias; the
- * key's policy (or the caller being an admin) must allow action.
+ * key's policy (or the caller being an admin) must allow action. id receives
+ * the key's id: the operation names the key by it, not by the caller's KeyId.
  */
-static kms_err key_id(struct kms_request *r, const char *action, const char **ref)
+static kms_err key_id(struct kms_request *r, const char *action, char id[KMS_UUID_TEXT_LEN + 1])
 {
-    KMS_GUARD(kms_in_string(r->in, "KeyId", 1, 1, 2048, ref));
-    KMS_ENSURE(strncmp(*ref, "alias/", 6) != 0 && !strstr(*ref, ":alias/"), KMS_ERR_NOT_FOUND,
-               "Key '%.256s' does not exist: this operation takes a key id or key ARN", *ref);
-    return kms_authorize(r, action, *ref, 0, NULL);
+    const char *ref;
+    struct kms_key_ref key = KMS_KEY_REF_INIT;
+    KMS_GUARD(kms_in_string(r->in, "KeyId", 1, 1, 2048, &ref));
+    KMS_ENSURE(strncmp(ref, "alias/", 6) != 0 && !strstr(ref, ":alias/"), KMS_ERR_NOT_FOUND,
+               "Key '%.256s' does not exist: this operation takes a key id or key ARN", ref);
+    KMS_GUARD(kms_authorize(r, action, ref, 0, NULL, &key));
+    memcpy(id, key.id_text, sizeof key.id_text);
+    kms_keystore_unhold(r->srv->ks, &key);
+    return KMS_OK;
 }
 
 /* The answer of operations that return only the key's ARN. */
@@ -37,31 +43,31 @@ static kms_err answer_key_id(struct kms_request *r, struct kms_key_info *k)
 
 kms_err kms_op_enable_key(struct kms_request *r)
 {
-    const char *ref;
-    KMS_GUARD(key_id(r, "kms:EnableKey", &ref));
-    return kms_keystore_enable(r->srv->ks, ref, 1);
+    char id[KMS_UUID_TEXT_LEN + 1];
+    KMS_GUARD(key_id(r, "kms:EnableKey", id));
+    return kms_keystore_enable(r->srv->ks, id, 1);
 }
 
 kms_err kms_op_disable_key(struct kms_request *r)
 {
-    const char *ref;
-    KMS_GUARD(key_id(r, "kms:DisableKey", &ref));
-    return kms_keystore_enable(r->srv->ks, ref, 0);
+    char id[KMS_UUID_TEXT_LEN + 1];
+    KMS_GUARD(key_id(r, "kms:DisableKey", id));
+    return kms_keystore_enable(r->srv->ks, id, 0);
 }
 
 kms_err kms_op_schedule_key_deletion(struct kms_request *r)
 {
-    const char *ref;
+    char id[KMS_UUID_TEXT_LEN + 1];
     long days = 0;
     int present;
     struct kms_key_info k = {0};
 
-    KMS_GUARD(key_id(r, "kms:ScheduleKeyDeletion", &ref));
+    KMS_GUARD(key_id(r, "kms:ScheduleKeyDeletion", id));
     KMS_GUARD(kms_in_int(r->in, "PendingWindowInDays", 0, 365, &days, &present));
     KMS_ENSURE(!present || days > 0, KMS_ERR_VALIDATION,
                "1 validation error detected: Value '0' at 'pendingWindowInDays' failed to satisfy "
                "constraint: Member must have value greater than or equal to 1");
-    KMS_GUARD(kms_keystore_schedule_deletion(r->srv->ks, ref, days, &k));
+    KMS_GUARD(kms_keystore_schedule_deletion(r->srv->ks, id, days, &k));
     if (!present)
         days = (long)r->srv->cfg.keys.pending_max_days;
     r->out = json_pack("{s:s, s:I, s:s, s:i}", "KeyId", k.arn, "DeletionDate",
@@ -74,36 +80,36 @@ kms_err kms_op_schedule_key_deletion(struct kms_request *r)
 
 kms_err kms_op_cancel_key_deletion(struct kms_request *r)
 {
-    const char *ref;
+    char id[KMS_UUID_TEXT_LEN + 1];
     struct kms_key_info k = {0};
-    KMS_GUARD(key_id(r, "kms:CancelKeyDeletion", &ref));
-    KMS_GUARD(kms_keystore_cancel_deletion(r->srv->ks, ref, &k));
+    KMS_GUARD(key_id(r, "kms:CancelKeyDeletion", id));
+    KMS_GUARD(kms_keystore_cancel_deletion(r->srv->ks, id, &k));
     return answer_key_id(r, &k);
 }
 
 kms_err kms_op_enable_key_rotation(struct kms_request *r)
 {
-    const char *ref;
+    char id[KMS_UUID_TEXT_LEN + 1];
     long days = 0;
     int present;
-    KMS_GUARD(key_id(r, "kms:EnableKeyRotation", &ref));
+    KMS_GUARD(key_id(r, "kms:EnableKeyRotation", id));
     KMS_GUARD(kms_in_int(r->in, "RotationPeriodInDays", 1, 100000, &days, &present));
-    return kms_keystore_enable_rotation(r->srv->ks, ref, present ? days : 0);
+    return kms_keystore_enable_rotation(r->srv->ks, id, present ? days : 0);
 }
 
 kms_err kms_op_disable_key_rotation(struct kms_request *r)
 {
-    const char *ref;
-    KMS_GUARD(key_id(r, "kms:DisableKeyRotation", &ref));
-    return kms_keystore_disable_rotation(r->srv->ks, ref);
+    char id[KMS_UUID_TEXT_LEN + 1];
+    KMS_GUARD(key_id(r, "kms:DisableKeyRotation", id));
+    return kms_keystore_disable_rotation(r->srv->ks, id);
 }
 
 kms_err kms_op_get_key_rotation_status(struct kms_request *r)
 {
-    const char *ref;
+    char id[KMS_UUID_TEXT_LEN + 1];
     struct kms_key_info k = {0};
-    KMS_GUARD(key_id(r, "kms:GetKeyRotationStatus", &ref));
-    KMS_GUARD(kms_keystore_describe(r->srv->ks, ref, &k));
+    KMS_GUARD(key_id(r, "kms:GetKeyRotationStatus", id));
+    KMS_GUARD(kms_keystore_describe(r->srv->ks, id, &k));
     r->out = json_pack("{s:b, s:s}", "KeyRotationEnabled", k.rotation_enabled, "KeyId", k.arn);
     if (r->out && k.rotation_enabled) {
         json_object_set_new(r->out, "RotationPeriodInDays", json_integer(k.rotation_period_days));
@@ -116,16 +122,17 @@ kms_err kms_op_get_key_rotation_status(struct kms_request *r)
 
 kms_err kms_op_rotate_key_on_demand(struct kms_request *r)
 {
-    const char *ref;
+    char id[KMS_UUID_TEXT_LEN + 1];
     struct kms_key_info k = {0};
-    KMS_GUARD(key_id(r, "kms:RotateKeyOnDemand", &ref));
-    KMS_GUARD(kms_keystore_rotate_on_demand(r->srv->ks, ref, &k));
+    KMS_GUARD(key_id(r, "kms:RotateKeyOnDemand", id));
+    KMS_GUARD(kms_keystore_rotate_on_demand(r->srv->ks, id, &k));
     return answer_key_id(r, &k);
 }
 
 kms_err kms_op_list_key_rotations(struct kms_request *r)
 {
-    const char *ref, *marker;
+    char id[KMS_UUID_TEXT_LEN + 1];
+    const char *marker;
     long limit = LIST_LIMIT_DEFAULT;
     int present;
     unsigned long from = 0;
@@ -134,7 +141,7 @@ kms_err kms_op_list_key_rotations(struct kms_request *r)
     struct kms_key_info k = {0};
     kms_err rc;
 
-    KMS_GUARD(key_id(r, "kms:ListKeyRotations", &ref));
+    KMS_GUARD(key_id(r, "kms:ListKeyRotations", id));
     KMS_GUARD(kms_in_int(r->in, "Limit", 1, LIST_LIMIT_MAX, &limit, &present));
     KMS_GUARD(kms_in_string(r->in, "Marker", 0, 1, 64, &marker));
     if (marker) {
@@ -146,8 +153,8 @@ kms_err kms_op_list_key_rotations(struct kms_request *r)
     }
     rot = calloc((size_t)limit + 1, sizeof *rot);
     KMS_ENSURE(rot != NULL, KMS_ERR_INTERNAL, "out of memory");
-    rc = kms_keystore_list_rotations(r->srv->ks, ref, (uint32_t)from, (size_t)limit + 1, rot, &n,
-                                     &k);
+    rc =
+        kms_keystore_list_rotations(r->srv->ks, id, (uint32_t)from, (size_t)limit + 1, rot, &n, &k);
     if (rc == KMS_OK) {
         json_t *list = json_array();
         for (size_t i = 0; i < n && i < (size_t)limit; i++)

@@ -53,6 +53,7 @@ void kms_config_free(struct kms_config *c)
     free(c->tls_key_file);
     free(c->tls_client_ca_file);
     free(c->audit_log);
+    free(c->alias_policy_file);
     for (size_t i = 0; i < c->nbindings; i++)
         free(c->bindings[i].principal);
     for (size_t i = 0; i < c->nadmins; i++)
@@ -307,6 +308,8 @@ kms_err kms_config_set(struct kms_config *c, const char *key, const char *value)
         c->default_policy_creator = strcmp(value, "creator") == 0;
         return KMS_OK;
     }
+    if (strcmp(key, "alias_policy_file") == 0)
+        return set_string(&c->alias_policy_file, value);
     if (strcmp(key, "allow_plain_http") == 0)
         return set_bool(&c->allow_plain_http, key, value);
     if (strcmp(key, "require_locked_memory") == 0)
@@ -440,6 +443,11 @@ kms_err kms_config_load(struct kms_config *c, const char *path)
                "chmod 600 it, or give the password through PGPASSFILE or PGPASSWORD",
                path, mode & 0777);
     return KMS_OK;
+}
+
+kms_err kms_read_file(const char *path, char **out, size_t *len)
+{
+    return read_file(path, 0, out, len, NULL);
 }
 
 kms_err kms_config_check(const struct kms_config *c)

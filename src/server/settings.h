@@ -53,6 +53,7 @@ struct kms_config {
     char **admins; /* admin_principals: may create keys and manage every key */
     size_t nadmins;
     int default_policy_creator; /* default_key_policy = creator (else: account) */
+    char *alias_policy_file;    /* who may create, update, delete which alias names; NULL: all */
     int allow_plain_http;       /* plain HTTP on an address other than loopback */
     int require_locked_memory;  /* refuse to start when mlockall fails */
     char *audit_log;            /* the audit log's path; NULL: none */
@@ -78,6 +79,8 @@ KMS_MUST_CHECK kms_err kms_config_parse(struct kms_config *c, const char *text);
  * secret files are, when group or others may access it.
  */
 KMS_MUST_CHECK kms_err kms_config_load(struct kms_config *c, const char *path);
+/* Reads a whole (not secret) file into *out, NUL-terminated, malloc'd; *len its bytes. */
+KMS_MUST_CHECK kms_err kms_read_file(const char *path, char **out, size_t *len);
 /* Checks that every required setting is present. */
 KMS_MUST_CHECK kms_err kms_config_check(const struct kms_config *c);
 

@@ -46,6 +46,7 @@ static void test_config_defaults(void **state)
     assert_int_equal(c.database_timeout_ms, 5000);
     assert_int_equal(c.database_pool, 8);
     assert_int_equal(c.database_connect_timeout_ms, 0); /* database_timeout_ms */
+    assert_null(c.alias_policy_file); /* no alias policy: the keys' policies alone decide */
     kms_config_free(&c);
 }
 
@@ -65,6 +66,7 @@ static void test_config_parse_every_key(void **state)
                                "threads = 8\n"
                                "sessions = 16\n"
                                "session_timeout_ms = 5000   # trailing comment\n"
+                               "alias_policy_file = /etc/p11kms/alias-policy.json\n"
                                "max_body = 131072"; /* no final newline */
     struct kms_config c;
     (void)state;
@@ -83,6 +85,7 @@ static void test_config_parse_every_key(void **state)
     assert_int_equal(c.sessions, 16);
     assert_int_equal(c.session_timeout_ms, 5000);
     assert_int_equal(c.max_body, 131072);
+    assert_string_equal(c.alias_policy_file, "/etc/p11kms/alias-policy.json");
     assert_int_equal(kms_config_check(&c), KMS_OK);
     kms_config_free(&c);
 }

@@ -857,8 +857,9 @@ static void test_aliases(void **state)
     assert_int_equal(
         kms_keystore_create_alias(ks, "alias/other", "0b5b8f7e-1c1a-4d7e-9a0e-3f1e2d3c4b5a"),
         KMS_ERR_NOT_FOUND);
-    assert_int_equal(kms_keystore_update_alias(ks, "alias/missing", a.id_text), KMS_ERR_NOT_FOUND);
-    assert_int_equal(kms_keystore_delete_alias(ks, "alias/missing"), KMS_ERR_NOT_FOUND);
+    assert_int_equal(kms_keystore_update_alias(ks, "alias/missing", a.id_text, NULL, NULL),
+                     KMS_ERR_NOT_FOUND);
+    assert_int_equal(kms_keystore_delete_alias(ks, "alias/missing", NULL, NULL), KMS_ERR_NOT_FOUND);
 
     /* list: name order, a marker, one key's */
     assert_int_equal(kms_keystore_list_aliases(ks, NULL, NULL, 8, list, &n), KMS_OK);
@@ -879,7 +880,7 @@ static void test_aliases(void **state)
     assert_string_equal(list[0].name, "alias/app-b");
 
     /* update moves it (and the cached resolution with it) */
-    assert_int_equal(kms_keystore_update_alias(ks, "alias/app", b.id_text), KMS_OK);
+    assert_int_equal(kms_keystore_update_alias(ks, "alias/app", b.id_text, NULL, NULL), KMS_OK);
     describe(ks, "alias/app", &info);
     assert_string_equal(info.id_text, b.id_text);
     must_encrypt(ks, "alias/app", &f->ctx, "moved", &blob);
@@ -887,11 +888,27 @@ static void test_aliases(void **state)
     assert_int_equal(kms_keystore_list_aliases(ks, b.id_text, NULL, 8, list, &n), KMS_OK);
     assert_int_equal(n, 2);
 
+    /* a change made for the key the alias named when the caller was authorized: not another's */
+    int moved = 0;
+    assert_int_equal(kms_keystore_update_alias(ks, "alias/app", a.id_text, a.id, &moved),
+                     KMS_ERR_INVALID_STATE);
+    assert_int_equal(moved, 1);
+    assert_int_equal(kms_keystore_delete_alias(ks, "alias/app", a.id, &moved),
+                     KMS_ERR_INVALID_STATE);
+    assert_int_equal(moved, 1);
+    describe(ks, "alias/app", &info);
+    assert_string_equal(info.id_text, b.id_text);
+    assert_int_equal(kms_keystore_update_alias(ks, "alias/app", b.id_text, b.id, &moved), KMS_OK);
+    assert_int_equal(moved, 0);
+    assert_int_equal(kms_keystore_delete_alias(ks, "alias/missing", a.id, &moved),
+                     KMS_ERR_NOT_FOUND);
+    assert_int_equal(moved, 0);
+
     /* delete */
-    assert_int_equal(kms_keystore_delete_alias(ks, "alias/app"), KMS_OK);
+    assert_int_equal(kms_keystore_delete_alias(ks, "alias/app", NULL, NULL), KMS_OK);
     assert_int_equal(describe_rc(ks, "alias/app"), KMS_ERR_NOT_FOUND);
     assert_int_equal(encrypt(ks, "alias/app", &f->ctx, "x", &blob), KMS_ERR_NOT_FOUND);
-    assert_int_equal(kms_keystore_delete_alias(ks, "alias/app"), KMS_ERR_NOT_FOUND);
+    assert_int_equal(kms_keystore_delete_alias(ks, "alias/app", NULL, NULL), KMS_ERR_NOT_FOUND);
     assert_int_equal(kms_keystore_list_aliases(ks, NULL, NULL, 8, list, &n), KMS_OK);
     assert_int_equal(n, 2);
     /* the name is free again */
@@ -1286,7 +1303,7 @@ static void test_second_node(void **state)
 
     /* an alias moved on a: b follows after a tick */
     create(ks, "other", &k2);
-    assert_int_equal(kms_keystore_update_alias(ks, "alias/shared", k2.id_text), KMS_OK);
+    assert_int_equal(kms_keystore_update_alias(ks, "alias/shared", k2.id_text, NULL, NULL), KMS_OK);
     kms_keystore_tick(ks2);
     describe(ks2, "alias/shared", &info);
     assert_string_equal(info.id_text, k2.id_text);
@@ -1300,7 +1317,7 @@ static void test_second_node(void **state)
     must_encrypt(ks, k.id_text, &f->ctx, "enabled by b", &blob2);
 
     /* an alias deleted on b: gone on a after a tick */
-    assert_int_equal(kms_keystore_delete_alias(ks2, "alias/shared"), KMS_OK);
+    assert_int_equal(kms_keystore_delete_alias(ks2, "alias/shared", NULL, NULL), KMS_OK);
     kms_keystore_tick(ks);
     assert_int_equal(describe_rc(ks, "alias/shared"), KMS_ERR_NOT_FOUND);
 
