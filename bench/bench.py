@@ -200,9 +200,13 @@ class ReadyServer:
 
 
 def config_for(path, token, credentials, audit_log, baseline=False, **extra):
-    """The harness's configuration, unthrottled; baseline: without the
-    database setting, which the token-only release does not know."""
+    """The harness's configuration, unthrottled and without the decryption
+    breaker; baseline: without the database setting, which the token-only
+    release does not know (nor the breaker's, which it does not have)."""
     settings = dict(UNTHROTTLED, audit_log=audit_log)
+    if not baseline:
+        # The flood of made-up blobs measures the server with nothing to stop it.
+        settings["decrypt_breaker_failures"] = "0"
     settings.update(extra)
     H.write_config(path, token, credentials, **settings)
     if baseline:

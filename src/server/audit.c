@@ -285,6 +285,29 @@ kms_err kms_audit_reopen_line(const char *log_id, uint64_t seq, const uint8_t pr
     return kms_buf_append_str(line, "\"type\":\"reopen\",\"v\":1}");
 }
 
+kms_err kms_audit_alert_line(const struct kms_audit_alert *al, const char *log_id, uint64_t seq,
+                             const uint8_t prev[32], const char *time, struct kms_buf *line)
+{
+    char hex[65];
+    kms_hex_encode(prev, 32, hex);
+    KMS_GUARD(kms_buf_append_u8(line, '{'));
+    KMS_GUARD(member_text(line, "\"alert\":", al->alert));
+    KMS_GUARD(member_u64(line, "\"cooldown_s\":", al->cooldown_s));
+    KMS_GUARD(member_u64(line, "\"failures\":", al->failures));
+    KMS_GUARD(member_text(line, "\"kind\":", al->kind));
+    KMS_GUARD(member_text(line, "\"log\":", log_id));
+    KMS_GUARD(member_text(line, "\"name\":", al->name));
+    KMS_GUARD(member_text(line, "\"prev\":", hex));
+    KMS_GUARD(member_u64(line, "\"seq\":", seq));
+    KMS_GUARD(member_text(line, "\"time\":", time));
+    KMS_GUARD(kms_buf_append_str(line, "\"type\":\"alert\","));
+    KMS_GUARD(member_text(line, "\"until\":", al->until));
+    KMS_GUARD(kms_buf_append_str(line, "\"v\":1,"));
+    KMS_GUARD(member_u64(line, "\"window_s\":", al->window_s));
+    line->data[line->len - 1] = '}'; /* the last member's ',' */
+    return KMS_OK;
+}
+
 int kms_audit_is_hex(const char *s, size_t n)
 {
     for (size_t i = 0; i < n; i++)
@@ -622,6 +645,27 @@ kms_err kms_audit_write(struct kms_audit *a, const struct kms_audit_record *r)
     pthread_mutex_unlock(&a->lock);
     kms_buf_free(&line);
     kms_audit_template_free(&t);
+    return rc;
+}
+
+kms_err kms_audit_alert(struct kms_audit *a, const struct kms_audit_alert *al)
+{
+    struct kms_buf line = KMS_BUF_INIT;
+    char time[KMS_AUDIT_TIME_LEN + 1];
+    kms_err rc;
+
+    KMS_ENSURE(a && al, KMS_ERR_INTERNAL, "no audit log");
+    pthread_mutex_lock(&a->lock);
+    wait_hold_locked(a);
+    rc = ensure_file_locked(a, "recover");
+    if (rc == KMS_OK) {
+        now_text(time);
+        rc = kms_audit_alert_line(al, a->log_id, a->seq + 1, a->last, time, &line);
+    }
+    if (rc == KMS_OK)
+        rc = chain_line_locked(a, &line);
+    pthread_mutex_unlock(&a->lock);
+    kms_buf_free(&line);
     return rc;
 }
 

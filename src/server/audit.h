@@ -19,6 +19,9 @@
  *   {"key":"<32 hex>","kind":"open|periodic|rotate|close","log":..,"prev":..,
  *    "seq":N,"time":..,"type":"checkpoint","v":1,"mac":"<64 hex>"}
  *   {"log":..,"prev":..,"reason":"sighup|recover","seq":N,"time":..,"type":"reopen","v":1}
+ *   {"alert":"decrypt_breaker","cooldown_s":N,"failures":N,"kind":"principal"|"key",
+ *    "log":..,"name":"...","prev":..,"seq":N,"time":..,"type":"alert",
+ *    "until":"YYYY-MM-DDTHH:MM:SS.mmmZ","v":1,"window_s":N}
  *
  * context_*, decision, key_arn and key_version are left out when the request
  * has none. "seq" counts the lines of one log from 1, its "open" checkpoint.
@@ -77,6 +80,19 @@ struct kms_audit_record {
     uint64_t latency_us;
 };
 
+/*
+ * An alert: something an operator must look at now, in the chain like any
+ * line. "decrypt_breaker": name (a principal, or a key's ARN) had `failures`
+ * decryptions fail within window_s; its breaker is open until `until`.
+ */
+struct kms_audit_alert {
+    const char *alert; /* "decrypt_breaker" */
+    const char *kind;  /* "principal" or "key" */
+    const char *name;
+    unsigned failures, window_s, cooldown_s;
+    const char *until; /* KMS_AUDIT_TIME_LEN characters */
+};
+
 struct kms_audit;
 
 /*
@@ -97,6 +113,8 @@ KMS_MUST_CHECK kms_err kms_audit_open(const struct kms_audit_config *cfg, struct
  * a "reopen" line. Never uses the token.
  */
 KMS_MUST_CHECK kms_err kms_audit_write(struct kms_audit *a, const struct kms_audit_record *r);
+/* Writes an alert line; as kms_audit_write otherwise. */
+KMS_MUST_CHECK kms_err kms_audit_alert(struct kms_audit *a, const struct kms_audit_alert *al);
 /*
  * SIGHUP, after log rotation: when the path names another file than the one
  * being written, seals the old file with a "rotate" checkpoint and continues
@@ -157,6 +175,10 @@ KMS_MUST_CHECK kms_err kms_audit_checkpoint_body(const char *key_hex, const char
 /* body with `,"mac":"<hex>"}` in place of its final '}'. */
 KMS_MUST_CHECK kms_err kms_audit_checkpoint_line(const struct kms_buf *body, const uint8_t mac[32],
                                                  struct kms_buf *line);
+/* An alert line (seq, prev and time as in the chain). */
+KMS_MUST_CHECK kms_err kms_audit_alert_line(const struct kms_audit_alert *al, const char *log_id,
+                                            uint64_t seq, const uint8_t prev[32], const char *time,
+                                            struct kms_buf *line);
 /* reason: "sighup" or "recover". */
 KMS_MUST_CHECK kms_err kms_audit_reopen_line(const char *log_id, uint64_t seq,
                                              const uint8_t prev[32], const char *time,

@@ -193,8 +193,8 @@ static int parse_line(const char *text, size_t n, int complete, struct line_info
     type = str_member(o, "type");
     if (!json_is_integer(ver) || json_integer_value(ver) != 1)
         bad = "\"v\" is not 1";
-    else if (!type ||
-             (strcmp(type, "request") && strcmp(type, "checkpoint") && strcmp(type, "reopen")))
+    else if (!type || (strcmp(type, "request") && strcmp(type, "alert") &&
+                       strcmp(type, "checkpoint") && strcmp(type, "reopen")))
         bad = "no known \"type\"";
     else if (!json_is_integer(seq) || json_integer_value(seq) < 1)
         bad = "no \"seq\"";
@@ -207,9 +207,10 @@ static int parse_line(const char *text, size_t n, int complete, struct line_info
     if (!bad) {
         L->seq = (uint64_t)json_integer_value(seq);
         unhex(hex, L->prev, 32);
-        L->type = !strcmp(type, "request")      ? T_REQUEST
-                  : !strcmp(type, "checkpoint") ? T_CHECKPOINT
-                                                : T_REOPEN;
+        /* An alert is in the chain as a request line is. */
+        L->type = !strcmp(type, "request") || !strcmp(type, "alert") ? T_REQUEST
+                  : !strcmp(type, "checkpoint")                      ? T_CHECKPOINT
+                                                                     : T_REOPEN;
         L->kind = K_NONE;
     }
     if (!bad && L->type == T_CHECKPOINT) {

@@ -28,7 +28,7 @@ kms_err kms_write_private_file(const char *path, const char *text)
     KMS_ENSURE(snprintf(tmp, sizeof tmp, "%s.tmp", path) < (int)sizeof tmp, KMS_ERR_VALIDATION,
                "path too long: %s", path);
     unlink(tmp);
-    fd = open(tmp, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
+    fd = open(tmp, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0600);
     KMS_ENSURE(fd >= 0, KMS_ERR_INTERNAL, "cannot create %s: %s", tmp, strerror(errno));
     while (done < n) {
         ssize_t w = write(fd, text + done, n - done);
@@ -57,10 +57,113 @@ static kms_err make_dir(const char *path)
     return KMS_OK;
 }
 
-static int exists(const char *path)
+/*
+ * The state folder holds the PINs and the credentials: it must be ours and
+ * nobody else may write in it, or someone could plant a file there before we
+ * read it (a softhsm2.conf naming their token, a credentials file of theirs).
+ * Checked on the open folder (fstat), not on its name.
+ */
+static kms_err check_folder(int fd, const char *what, const char *path)
 {
     struct stat st;
-    return stat(path, &st) == 0;
+    KMS_ENSURE(fstat(fd, &st) == 0, KMS_ERR_INTERNAL, "cannot stat %s: %s", path, strerror(errno));
+    KMS_ENSURE(S_ISDIR(st.st_mode), KMS_ERR_VALIDATION, "%s %s is not a folder", what, path);
+    KMS_ENSURE(st.st_uid == geteuid(), KMS_ERR_VALIDATION,
+               "%s %s belongs to uid %u, not to uid %u that p11kmsd runs as", what, path,
+               (unsigned)st.st_uid, (unsigned)geteuid());
+    KMS_ENSURE((st.st_mode & (S_IWGRP | S_IWOTH)) == 0, KMS_ERR_VALIDATION,
+               "%s %s is writable by its group or others (mode %04o): chmod 700 %s", what, path,
+               (unsigned)(st.st_mode & 07777), path);
+    return KMS_OK;
+}
+
+static kms_err open_folder(int at, const char *name, const char *what, const char *path, int *out)
+{
+    int fd = openat(at, name, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+    if (fd < 0 && (errno == ELOOP || errno == ENOTDIR))
+        return KMS_FAIL(KMS_ERR_VALIDATION,
+                        "%s %s is a symbolic link or not a folder: p11kmsd does not follow links "
+                        "in its state folder",
+                        what, path);
+    KMS_ENSURE(fd >= 0, KMS_ERR_INTERNAL, "cannot open %s: %s", path, strerror(errno));
+    kms_err rc = check_folder(fd, what, path);
+    if (rc != KMS_OK) {
+        close(fd);
+        return rc;
+    }
+    *out = fd;
+    return KMS_OK;
+}
+
+/*
+ * A state file p11kmsd would read or reuse: absent (*present = 0), or a
+ * regular file of ours that only we can read and write. Opened without
+ * following a link and checked on the open file, so what is checked is what
+ * is there.
+ */
+static kms_err check_file(int dirfd, const char *dir, const char *name, int *present)
+{
+    struct stat st;
+    kms_err rc = KMS_OK;
+    int fd = openat(dirfd, name, O_RDONLY | O_NOFOLLOW | O_NONBLOCK | O_NOCTTY | O_CLOEXEC);
+
+    *present = 0;
+    if (fd < 0 && errno == ENOENT)
+        return KMS_OK;
+    if (fd < 0 && errno == ELOOP)
+        return KMS_FAIL(KMS_ERR_VALIDATION,
+                        "state file %s/%s is a symbolic link: p11kmsd does not follow links in its "
+                        "state folder",
+                        dir, name);
+    KMS_ENSURE(fd >= 0, KMS_ERR_INTERNAL, "cannot open %s/%s: %s", dir, name, strerror(errno));
+    if (fstat(fd, &st) != 0)
+        rc = KMS_FAIL(KMS_ERR_INTERNAL, "cannot stat %s/%s: %s", dir, name, strerror(errno));
+    else if (!S_ISREG(st.st_mode))
+        rc = KMS_FAIL(KMS_ERR_VALIDATION, "state file %s/%s is not a regular file", dir, name);
+    else if (st.st_uid != geteuid())
+        rc = KMS_FAIL(KMS_ERR_VALIDATION,
+                      "state file %s/%s belongs to uid %u, not to uid %u that p11kmsd runs as", dir,
+                      name, (unsigned)st.st_uid, (unsigned)geteuid());
+    else if (st.st_mode & 077)
+        rc = KMS_FAIL(KMS_ERR_VALIDATION,
+                      "state file %s/%s has mode %04o: only its owner may read or write it "
+                      "(chmod 600 %s/%s)",
+                      dir, name, (unsigned)(st.st_mode & 07777), dir, name);
+    close(fd);
+    *present = rc == KMS_OK;
+    return rc;
+}
+
+/* The files of a state folder; those p11kmsd reads are trusted only once checked. */
+static const char *const state_files[] = {
+    "softhsm2.conf", "so.pin",    "user.pin",      "credentials",   "env",
+    "audit.log",     "p11kms.db", "p11kms.db-wal", "p11kms.db-shm", "p11kms.db-journal",
+};
+
+enum { HAVE_CONF = 0, HAVE_CREDENTIALS = 3 };
+
+/* The folder, its tokens folder and every state file there is, checked; have[i]: state_files[i]. */
+static kms_err check_state(const char *dir, int have[sizeof state_files / sizeof state_files[0]])
+{
+    char tokens[4096];
+    int dirfd = -1, tokfd = -1;
+    kms_err rc;
+
+    KMS_GUARD(make_dir(dir));
+    KMS_ENSURE(snprintf(tokens, sizeof tokens, "%s/tokens", dir) < (int)sizeof tokens,
+               KMS_ERR_VALIDATION, "state directory path is too long");
+    KMS_GUARD(open_folder(AT_FDCWD, dir, "state folder", dir, &dirfd));
+    rc = mkdirat(dirfd, "tokens", 0700) == 0 || errno == EEXIST
+             ? KMS_OK
+             : KMS_FAIL(KMS_ERR_INTERNAL, "cannot create %s: %s", tokens, strerror(errno));
+    if (rc == KMS_OK)
+        rc = open_folder(dirfd, "tokens", "tokens folder", tokens, &tokfd);
+    for (size_t i = 0; rc == KMS_OK && i < sizeof state_files / sizeof state_files[0]; i++)
+        rc = check_file(dirfd, dir, state_files[i], &have[i]);
+    if (tokfd >= 0)
+        close(tokfd);
+    close(dirfd);
+    return rc;
 }
 
 static int dir_is_empty(const char *path)
@@ -144,15 +247,15 @@ static kms_err path_join(char *out, size_t n, const char *dir, const char *name)
 kms_err kms_dev_prepare(const char *dir, struct kms_config *cfg)
 {
     char conf[4096], tokens[4096], so_pin[4096], user_pin[4096], creds[4096], text[8400];
+    int have[sizeof state_files / sizeof state_files[0]] = {0};
 
-    KMS_GUARD(make_dir(dir));
+    KMS_GUARD(check_state(dir, have));
     KMS_GUARD(path_join(conf, sizeof conf, dir, "softhsm2.conf"));
     KMS_GUARD(path_join(tokens, sizeof tokens, dir, "tokens"));
     KMS_GUARD(path_join(so_pin, sizeof so_pin, dir, "so.pin"));
     KMS_GUARD(path_join(user_pin, sizeof user_pin, dir, "user.pin"));
     KMS_GUARD(path_join(creds, sizeof creds, dir, "credentials"));
-    KMS_GUARD(make_dir(tokens));
-    if (!exists(conf)) {
+    if (!have[HAVE_CONF]) {
         snprintf(text, sizeof text,
                  "# SoftHSM2 configuration of this p11kmsd --dev state folder\n"
                  "directories.tokendir = %s\nobjectstore.backend = file\nlog.level = ERROR\n"
@@ -166,7 +269,7 @@ kms_err kms_dev_prepare(const char *dir, struct kms_config *cfg)
         KMS_GUARD(kms_config_set(cfg, "module", P11KMS_SOFTHSM_MODULE));
     if (dir_is_empty(tokens))
         KMS_GUARD(create_token(dir, so_pin, user_pin, cfg->module));
-    if (!exists(creds))
+    if (!have[HAVE_CREDENTIALS])
         KMS_GUARD(create_credentials(creds));
 
     KMS_GUARD(kms_config_set(cfg, "token", KMS_DEV_TOKEN_LABEL));

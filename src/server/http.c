@@ -15,12 +15,14 @@
 #include <string.h>
 #include <strings.h>
 #include <sys/socket.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "common/encoding.h"
 #include "common/json_alloc.h"
 #include "common/log.h"
 #include "common/metrics.h"
+#include "server/breaker.h"
 #include "server/pool.h"
 #include "server/ratelimit.h"
 #include "server/server.h"
@@ -282,6 +284,93 @@ static kms_err admit(struct kms_server *srv, const struct kms_op *op, const char
     return KMS_FAIL(KMS_ERR_THROTTLED, "Rate exceeded");
 }
 
+/* ---- the decryption breaker (breaker.h) --------------------------------------- */
+
+static int decrypting(const struct kms_op *op)
+{
+    return strcmp(op->name, "Decrypt") == 0 || strcmp(op->name, "ReEncrypt") == 0;
+}
+
+/* The wall-clock time left_ns from now, as the audit log writes times. */
+static void time_after(int64_t left_ns, char out[KMS_AUDIT_TIME_LEN + 1])
+{
+    struct timespec t;
+    clock_gettime(CLOCK_REALTIME, &t);
+    int64_t ns = (int64_t)t.tv_nsec + left_ns % 1000000000;
+    kms_audit_format_time(t.tv_sec + left_ns / 1000000000 + ns / 1000000000, ns % 1000000000, out);
+}
+
+/*
+ * A principal whose decryptions kept failing gets no Decrypt or ReEncrypt
+ * answer until its breaker closes: ThrottlingException, with Retry-After.
+ */
+static kms_err check_breaker(struct kms_server *srv, const struct kms_op *op, struct kms_request *r,
+                             unsigned *retry_after_s)
+{
+    int64_t now = kms_monotonic_ns(), until = 0;
+    char when[KMS_AUDIT_TIME_LEN + 1];
+
+    if (!decrypting(op) ||
+        !kms_breaker_is_open(srv->breaker, KMS_BREAKER_PRINCIPAL, r->principal, now, &until))
+        return KMS_OK;
+    const struct kms_breaker_config *cfg = kms_breaker_config(srv->breaker);
+    time_after(until - now, when);
+    *retry_after_s = (unsigned)((until - now + 999999999) / 1000000000);
+    snprintf(r->decision, sizeof r->decision, "decryption suspended until %s", when);
+    kms_stats_breaker_refusal(srv);
+    return KMS_FAIL(KMS_ERR_THROTTLED,
+                    "Decryption is suspended for %s until %s: %u decryptions failed within %u s "
+                    "(InvalidCiphertextException or IncorrectKeyException)",
+                    r->principal, when, cfg->failures, cfg->window_s);
+}
+
+/* A breaker opened: the alert, on stderr and syslog, in the audit log and in /metrics. */
+static void breaker_alert(struct kms_server *srv, enum kms_breaker_kind kind, const char *name,
+                          int64_t left_ns)
+{
+    const struct kms_breaker_config *cfg = kms_breaker_config(srv->breaker);
+    const char *kind_name = kind == KMS_BREAKER_PRINCIPAL ? "principal" : "key";
+    char until[KMS_AUDIT_TIME_LEN + 1];
+
+    time_after(left_ns, until);
+    kms_log_alert("decryption breaker opened for %s %s: %u decryptions failed within %u s; %s "
+                  "until %s",
+                  kind_name, name, cfg->failures, cfg->window_s,
+                  kind == KMS_BREAKER_PRINCIPAL ? "its Decrypt and ReEncrypt calls are refused"
+                                                : "the key is still served (alert only)",
+                  until);
+    kms_stats_breaker_trip(srv, kind);
+    if (!srv->audit)
+        return;
+    struct kms_audit_alert al = {"decrypt_breaker", kind_name,       name, cfg->failures,
+                                 cfg->window_s,     cfg->cooldown_s, until};
+    if (kms_audit_alert(srv->audit, &al) != KMS_OK) {
+        kms_stats_audit_failure(srv);
+        kms_error("audit log: the breaker's alert could not be written: %s", kms_err_message());
+        kms_err_clear();
+    }
+}
+
+/*
+ * Counts a decryption that failed as the caller's fault: against the
+ * principal, and for Decrypt against the key the blob names when it exists
+ * (ReEncrypt's r->key_arn may name its destination key by then). Other
+ * failures (access denied, throttling, a token or database fault) are not
+ * the blob's doing and do not count.
+ */
+static void note_decryption(struct kms_server *srv, const struct kms_op *op,
+                            const struct kms_request *r, kms_err rc)
+{
+    int64_t now = kms_monotonic_ns(), until = 0;
+    if (!decrypting(op) || (rc != KMS_ERR_INVALID_CIPHERTEXT && rc != KMS_ERR_INCORRECT_KEY))
+        return;
+    if (kms_breaker_fail(srv->breaker, KMS_BREAKER_PRINCIPAL, r->principal, now, &until))
+        breaker_alert(srv, KMS_BREAKER_PRINCIPAL, r->principal, until - now);
+    if (strcmp(op->name, "Decrypt") == 0 && r->key_arn[0] &&
+        kms_breaker_fail(srv->breaker, KMS_BREAKER_KEY, r->key_arn, now, &until))
+        breaker_alert(srv, KMS_BREAKER_KEY, r->key_arn, until - now);
+}
+
 static void log_outcome(const char *op, const char *principal, kms_err rc, const char *message)
 {
     if (rc != KMS_OK && kms_err_status(rc) >= 500)
@@ -352,6 +441,7 @@ static void job_run(struct kms_task *t)
     kms_err_clear();
     j->rc = j->op->fn(&j->r);
     snprintf(j->message, sizeof j->message, "%s", j->rc == KMS_OK ? "" : kms_err_message());
+    note_decryption(j->srv, j->op, &j->r, j->rc);
     log_outcome(j->op->name, j->principal, j->rc, j->message);
     if (audit(j->srv, &j->r, j->request_id, j->source, j->op, j->rc, j->started_ns) != KMS_OK &&
         j->rc == KMS_OK) {
@@ -507,6 +597,8 @@ static enum MHD_Result serve_kms(struct kms_server *srv, struct MHD_Connection *
         rc = pick_operation(c, &op);
     if (rc == KMS_OK)
         rc = admit(srv, op, principal, &retry_after_s);
+    if (rc == KMS_OK)
+        rc = check_breaker(srv, op, &r, &retry_after_s);
     if (rc == KMS_OK)
         rc = parse_body(&st->body, &r.in);
     if (rc == KMS_OK && !op->index_only) {

@@ -22,6 +22,7 @@
 #include "server/ops.h"
 #include "server/policy.h"
 #include "server/pool.h"
+#include "server/breaker.h"
 #include "server/ratelimit.h"
 #include "server/server.h"
 #include "server/stats.h"
@@ -143,6 +144,9 @@ static kms_err start(struct kms_server *srv, int mode)
     KMS_GUARD(load_alias_policy(srv));
     KMS_GUARD(kms_credentials_load(srv->cfg.credentials_file, &srv->creds));
     KMS_GUARD(kms_ratelimit_new(&srv->cfg.limits, &srv->limits));
+    struct kms_breaker_config breaker = {srv->cfg.breaker_failures, srv->cfg.breaker_window_s,
+                                         srv->cfg.breaker_cooldown_s};
+    KMS_GUARD(kms_breaker_new(&breaker, &srv->breaker));
     KMS_GUARD(kms_tls_load(&srv->cfg, &srv->tls));
     KMS_GUARD(kms_read_pin(&srv->cfg, 1, &pin, &pin_len));
     if (!srv->cfg.workers)
@@ -406,6 +410,7 @@ out:
         kms_keystore_stop(srv.ks);
     kms_stats_free(&srv); /* after every thread that calls the token */
     kms_ratelimit_free(srv.limits);
+    kms_breaker_free(srv.breaker);
     kms_tls_free(srv.tls);
     kms_keystore_close(srv.ks);
     kms_store_close(srv.store);

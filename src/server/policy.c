@@ -15,10 +15,13 @@
 
 /* ---- the compiled form ------------------------------------------------------ */
 
+struct glob;
+
 /* A string from the document, NUL-terminated in the policy's arena. */
 struct str {
     const char *p;
     size_t n;
+    const struct glob *glob; /* compiled, when the string is a pattern */
 };
 
 enum principal_kind {
@@ -153,46 +156,171 @@ static size_t char_len(const char *s, size_t i, size_t n)
 }
 
 /*
- * Russ Cox's glob algorithm (research.swtch.com/glob): only the most recent
- * '*' is ever revisited, since a later star can absorb whatever an earlier
- * one would have. A restart moves on by whole characters.
+ * Glob matching in time linear in the text: the pattern's NFA simulated
+ * bit-parallel (shift-and). Tokens are the pattern's bytes, a run of '*'
+ * counted as one; bit p of a state vector says "the first p tokens match the
+ * text read so far", bit m (all of them) is the match. A literal moves its
+ * bit on by one byte when the byte is its own; '?' moves it on by one
+ * character; '*' keeps it and, matching nothing, also sets the next bit. So
+ * '*' and '?' consume whole characters from where they start, literals bytes.
+ *
+ * A literal's byte is found through two masks per position, one by the
+ * byte's high nibble and one by its low nibble: the positions whose byte is
+ * c are hi[c >> 4] & lo[c & 15]. Per text byte the cost is a few operations
+ * per 64 tokens, whatever the pattern: n * ceil((m + 1) / 64) words, never
+ * a rescan.
  */
+#define GLOB_HI 0
+#define GLOB_LO 16
+#define GLOB_ANY 32  /* '?' */
+#define GLOB_STAR 33 /* '*' */
+#define GLOB_MASKS 34
+#define GLOB_AHEAD 5 /* state vectors kept: this position and the 4 a character can reach */
+
+struct glob {
+    size_t m;     /* tokens */
+    size_t words; /* 64-bit words per state vector: bits 0..m */
+    bool ignore_case;
+    uint64_t *mask; /* GLOB_MASKS vectors of words each */
+};
+
+static size_t glob_tokens(const char *pattern, size_t n)
+{
+    size_t m = 0;
+    for (size_t i = 0; i < n; i++)
+        if (!(pattern[i] == '*' && i > 0 && pattern[i - 1] == '*'))
+            m++;
+    return m;
+}
+
+static size_t glob_words(size_t m)
+{
+    return m / 64 + 1;
+}
+
+static void set_bit(uint64_t *v, size_t bit)
+{
+    v[bit / 64] |= UINT64_C(1) << (bit % 64);
+}
+
+/* mask: GLOB_MASKS * glob_words(glob_tokens(pattern)) zeroed words, kept by g. */
+static void glob_compile(const char *pattern, size_t n, bool ignore_case, uint64_t *mask,
+                         struct glob *g)
+{
+    size_t p = 0;
+    g->m = glob_tokens(pattern, n);
+    g->words = glob_words(g->m);
+    g->ignore_case = ignore_case;
+    g->mask = mask;
+    for (size_t i = 0; i < n; i++) {
+        unsigned char c = (unsigned char)pattern[i];
+        if (c == '*' && i > 0 && pattern[i - 1] == '*')
+            continue;
+        if (c == '*' || c == '?') {
+            set_bit(mask + (c == '*' ? GLOB_STAR : GLOB_ANY) * g->words, p++);
+            continue;
+        }
+        if (ignore_case)
+            c = fold(c);
+        set_bit(mask + (GLOB_HI + (c >> 4)) * g->words, p);
+        set_bit(mask + (GLOB_LO + (c & 15)) * g->words, p);
+        p++;
+    }
+}
+
+_Thread_local unsigned long long kms_policy_glob_steps;
+
+/* Bit p + 1 for every '*' at p that has bit p: a '*' matching nothing (runs are one token). */
+static uint64_t glob_close(const uint64_t *star, size_t w, uint64_t x, uint64_t *carry)
+{
+    uint64_t s = x & star[w];
+    x |= (s << 1) | *carry;
+    *carry = s >> 63;
+    return x;
+}
+
+/*
+ * One text byte c: the positions of cur (closed over '*' here) move on, a
+ * literal matching c to to1 (the next byte), '?' and '*' to to (the next
+ * character; to may be to1). cur is left empty. Returns which of them got
+ * bits: 1 for to1, 2 for to.
+ */
+static unsigned glob_step(const struct glob *g, uint64_t *cur, unsigned char c, uint64_t *to1,
+                          uint64_t *to)
+{
+    const size_t W = g->words;
+    const uint64_t *hi = g->mask + (GLOB_HI + (c >> 4)) * W;
+    const uint64_t *lo = g->mask + (GLOB_LO + (c & 15)) * W;
+    const uint64_t *any = g->mask + GLOB_ANY * W, *star = g->mask + GLOB_STAR * W;
+    uint64_t closed = 0, lit_c = 0, any_c = 0, got1 = 0, got = 0;
+
+    for (size_t w = 0; w < W; w++) {
+        uint64_t x = glob_close(star, w, cur[w], &closed);
+        uint64_t lit = x & hi[w] & lo[w], q = x & any[w];
+        uint64_t o1 = (lit << 1) | lit_c, o = (q << 1) | any_c | (x & star[w]);
+        lit_c = lit >> 63;
+        any_c = q >> 63;
+        to1[w] |= o1;
+        to[w] |= o;
+        got1 |= o1;
+        got |= o;
+        cur[w] = 0;
+    }
+    return (got1 ? 1u : 0u) | (got ? 2u : 0u);
+}
+
+/* ring: GLOB_AHEAD * g->words words of scratch. */
+static bool glob_run(const struct glob *g, const char *text, size_t n, uint64_t *ring)
+{
+    const size_t W = g->words;
+    bool live[GLOB_AHEAD] = {true};
+    size_t pending = 1; /* vectors of the ring that hold bits */
+
+    memset(ring, 0, GLOB_AHEAD * W * sizeof *ring);
+    ring[0] = 1;
+    for (size_t t = 0; t < n && pending; t++) {
+        size_t slot = t % GLOB_AHEAD;
+        if (!live[slot])
+            continue;
+        unsigned char c = (unsigned char)text[t];
+        size_t one = (t + 1) % GLOB_AHEAD, next = (t + char_len(text, t, n)) % GLOB_AHEAD;
+        unsigned got = glob_step(g, ring + slot * W, g->ignore_case ? fold(c) : c, ring + one * W,
+                                 ring + next * W);
+        kms_policy_glob_steps += W;
+        live[slot] = false;
+        pending--;
+        if ((got & 1) && !live[one]) {
+            live[one] = true;
+            pending++;
+        }
+        if ((got & 2) && !live[next]) {
+            live[next] = true;
+            pending++;
+        }
+    }
+    const uint64_t *cur = ring + (n % GLOB_AHEAD) * W, *star = g->mask + GLOB_STAR * W;
+    if (!pending || !live[n % GLOB_AHEAD])
+        return false;
+    uint64_t carry = 0, last = 0;
+    for (size_t w = 0; w <= g->m / 64; w++)
+        last = glob_close(star, w, cur[w], &carry);
+    return (last >> (g->m % 64)) & 1;
+}
+
 bool kms_policy_glob(const char *pattern, size_t pattern_len, const char *text, size_t text_len,
                      bool ignore_case)
 {
-    size_t px = 0, tx = 0, next_px = 0, next_tx = 0;
-    bool star = false;
+    size_t words = glob_words(glob_tokens(pattern, pattern_len));
+    uint64_t *mem = calloc((GLOB_MASKS + GLOB_AHEAD) * words, sizeof *mem);
+    struct glob g;
+    bool r;
 
-    while (px < pattern_len || tx < text_len) {
-        if (px < pattern_len) {
-            unsigned char c = (unsigned char)pattern[px];
-            if (c == '*') {
-                star = true;
-                next_px = px;
-                next_tx = tx < text_len ? tx + char_len(text, tx, text_len) : text_len + 1;
-                px++;
-                continue;
-            }
-            if (tx < text_len && c == '?') {
-                px++;
-                tx += char_len(text, tx, text_len);
-                continue;
-            }
-            if (tx < text_len && (ignore_case ? fold(c) == fold((unsigned char)text[tx])
-                                              : c == (unsigned char)text[tx])) {
-                px++;
-                tx++;
-                continue;
-            }
-        }
-        if (star && next_tx <= text_len) {
-            px = next_px;
-            tx = next_tx;
-            continue;
-        }
+    if (!mem)
         return false;
-    }
-    return true;
+    glob_compile(pattern, pattern_len, ignore_case, mem, &g);
+    r = glob_run(&g, text, text_len, mem + GLOB_MASKS * words);
+    free(mem);
+    return r;
 }
 
 /*
@@ -265,7 +393,8 @@ void kms_policy_free(struct kms_policy *p)
 struct parser {
     struct kms_policy *p;
     const char *account;
-    char where[96]; /* "Statement #3 (\"Sid\")": the statement being compiled */
+    size_t npatterns; /* patterns compiled so far */
+    char where[96];   /* "Statement #3 (\"Sid\")": the statement being compiled */
 };
 
 #define MALFORMED(...) KMS_FAIL(KMS_ERR_MALFORMED_POLICY, __VA_ARGS__)
@@ -292,7 +421,48 @@ static kms_err keep(struct parser *ps, const char *s, size_t n, struct str *out)
     copy[n] = '\0';
     out->p = copy;
     out->n = n;
+    out->glob = NULL;
     return KMS_OK;
+}
+
+/* A pattern's length is bounded, so that matching it costs a bounded number of words a byte. */
+static kms_err check_pattern(struct parser *ps, const char *member, const char *s, size_t n)
+{
+    char show[SHOW_MAX];
+    if (n > KMS_POLICY_PATTERN_MAX)
+        return MALFORMED("%s: %s \"%s...\" is %zu bytes, more than %d", ps->where, member,
+                         clip(show, sizeof show, s, n), n, KMS_POLICY_PATTERN_MAX);
+    return KMS_OK;
+}
+
+/* keep, plus the pattern compiled for matching; patterns per policy are bounded. */
+static kms_err keep_pattern(struct parser *ps, const char *member, const char *s, size_t n,
+                            struct str *out)
+{
+    KMS_GUARD(check_pattern(ps, member, s, n));
+    if (ps->npatterns == KMS_POLICY_MAX_PATTERNS)
+        return MALFORMED("%s: %s: the policy has more than %d patterns (Resource ARNs and "
+                         "StringLike/StringNotLike values)",
+                         ps->where, member, KMS_POLICY_MAX_PATTERNS);
+    ps->npatterns++;
+    KMS_GUARD(keep(ps, s, n, out));
+    size_t words = glob_words(glob_tokens(s, n));
+    struct glob *g = arena_alloc(ps->p, sizeof *g);
+    uint64_t *mask = alloc_array(ps, GLOB_MASKS * words, sizeof *mask);
+    if (!g || !mask)
+        return out_of_memory();
+    glob_compile(out->p, n, false, mask, g);
+    out->glob = g;
+    return KMS_OK;
+}
+
+/* Matching a compiled pattern of the policy: its scratch fits on the stack. */
+#define GLOB_WORDS_MAX (KMS_POLICY_PATTERN_MAX / 64 + 1)
+static bool pattern_matches(const struct str *pattern, const char *text, size_t n)
+{
+    uint64_t ring[GLOB_AHEAD * GLOB_WORDS_MAX];
+    return pattern->glob && pattern->glob->words <= GLOB_WORDS_MAX &&
+           glob_run(pattern->glob, text, n, ring);
 }
 
 static bool is_account(const char *s, size_t n)
@@ -437,6 +607,7 @@ static kms_err compile_actions(struct parser *ps, json_t *v, struct statement *s
             st->actions = (uint32_t)((UINT64_C(1) << N_OPERATIONS) - 1);
             continue;
         }
+        KMS_GUARD(check_pattern(ps, "Action", s, len));
         if (!has_prefix(s, len, ACTION_PREFIX, ACTION_PREFIX_LEN, true))
             return MALFORMED("%s: Action \"%s\" does not start with kms:", ps->where,
                              SHOW(show, s));
@@ -463,12 +634,15 @@ static kms_err compile_resources(struct parser *ps, json_t *v, struct statement 
         const char *s = json_string_value(js);
         size_t len = json_string_length(js);
         char show[SHOW_MAX];
-        if (len == 1 && s[0] == '*')
+        if (len == 1 && s[0] == '*') {
             st->any_resource = true;
-        else if (!has_prefix(s, len, "arn:", 4, false))
+            KMS_GUARD(keep(ps, s, len, &list[i]));
+            continue;
+        }
+        if (!has_prefix(s, len, "arn:", 4, false))
             return MALFORMED("%s: Resource \"%s\" is neither \"*\" nor an ARN", ps->where,
                              SHOW(show, s));
-        KMS_GUARD(keep(ps, s, len, &list[i]));
+        KMS_GUARD(keep_pattern(ps, "Resource", s, len, &list[i]));
     }
     st->resources = list;
     st->nresources = n;
@@ -590,6 +764,9 @@ static kms_err compile_values(struct parser *ps, const char *op, const char *key
                                  "\"%s\"",
                                  ps->where, SHOW(show_op, op), SHOW(show_key, key),
                                  s ? SHOW(show, s) : "?");
+        } else if (c->op == OP_LIKE || c->op == OP_NOTLIKE) {
+            KMS_GUARD(keep_pattern(ps, "Condition value", json_string_value(e),
+                                   json_string_length(e), &list[i]));
         } else {
             KMS_GUARD(keep(ps, json_string_value(e), json_string_length(e), &list[i]));
         }
@@ -832,7 +1009,7 @@ static bool resource_matches(const struct statement *st, const struct kms_policy
         return true;
     size_t n = strlen(r->key_arn);
     for (size_t i = 0; i < st->nresources; i++)
-        if (kms_policy_glob(st->resources[i].p, st->resources[i].n, r->key_arn, n, false))
+        if (pattern_matches(&st->resources[i], r->key_arn, n))
             return true;
     return false;
 }
@@ -846,7 +1023,7 @@ static bool value_matches(enum cond_op op, const char *v, size_t n, const struct
     case OP_EQ_IC:
     case OP_NEQ_IC: return bytes_equal(v, n, want->p, want->n, true);
     case OP_LIKE:
-    case OP_NOTLIKE: return kms_policy_glob(want->p, want->n, v, n, false);
+    case OP_NOTLIKE: return pattern_matches(want, v, n);
     case OP_NULL:
     case OP_BOOL: break;
     }

@@ -25,6 +25,15 @@
 #define KMS_POLICY_MAX_LEN 32768
 /* Most statements in one document. */
 #define KMS_POLICY_MAX_STATEMENTS 100
+/*
+ * Longest pattern (an Action, a Resource ARN, a StringLike or StringNotLike
+ * value), in bytes, and most patterns (Resource ARNs and StringLike or
+ * StringNotLike values) in one document: together with the encryption
+ * context's bound they bound what one request can cost the policy's glob
+ * matching (policy.c).
+ */
+#define KMS_POLICY_PATTERN_MAX 1024
+#define KMS_POLICY_MAX_PATTERNS 256
 
 struct kms_policy;
 
@@ -90,12 +99,24 @@ KMS_MUST_CHECK kms_err kms_policy_default(const char *account, const char *const
                                           size_t n, char **out_json);
 
 /*
- * Glob matching as policies use it: '*' matches any run of bytes, '?' one
- * UTF-8 character (a stray byte counts as one), everything else itself
- * (ASCII letters either case when ignore_case). No backtracking beyond the
- * most recent '*': at most O(pattern_len * text_len) steps, never exponential.
+ * Glob matching as policies use it: '*' matches any run of characters, '?'
+ * one UTF-8 character (a stray byte or a cut-off sequence counts as one),
+ * everything else itself, byte for byte (ASCII letters either case when
+ * ignore_case). '*' and '?' take whole characters from where they start:
+ * match(p, t) holds when p and t are empty; when p starts with '*' and
+ * match(p + 1, u) for t or some u that t's leading characters can be cut
+ * from; when p starts with '?' and match(p + 1, t less its first character);
+ * when p's first byte is t's and match(p + 1, t + 1).
+ *
+ * Time: a bit-parallel NFA, at most text_len * (tokens / 64 + 1) word steps,
+ * where tokens is pattern_len with runs of '*' counted once: linear in the
+ * text for a bounded pattern, whatever either holds. Allocates
+ * (34 + 5) * (tokens / 64 + 1) words for the call; false when it cannot.
  */
 bool kms_policy_glob(const char *pattern, size_t pattern_len, const char *text, size_t text_len,
                      bool ignore_case);
+
+/* Word steps this thread's glob matching has taken, for tests to check the bound above. */
+extern _Thread_local unsigned long long kms_policy_glob_steps;
 
 #endif

@@ -14,6 +14,7 @@
 struct MHD_Daemon;
 struct kms_pool;
 struct kms_ratelimit;
+struct kms_breaker;
 struct kms_stats;
 struct kms_tls;
 struct kms_audit;
@@ -28,6 +29,7 @@ struct kms_server {
     struct kms_keystore *ks;
     struct kms_pool *pool;
     struct kms_ratelimit *limits;
+    struct kms_breaker *breaker; /* decryption failures per principal and key */
     struct kms_stats *stats;
     struct kms_tls *tls;             /* NULL: plain HTTP */
     struct kms_audit *audit;         /* NULL: no audit_log configured */

@@ -15,6 +15,7 @@
 #include <unistd.h>
 
 #include "common/buf.h"
+#include "server/breaker.h"
 
 #define MAX_FILE (1u << 20)
 
@@ -34,6 +35,9 @@ void kms_config_defaults(struct kms_config *c)
     c->tls_min_version = 13;
     c->tls_client_cert = -1; /* unset: require with tls_client_ca_file, else none */
     c->max_body = 64 * 1024;
+    c->breaker_failures = KMS_BREAKER_DEFAULT_FAILURES;
+    c->breaker_window_s = KMS_BREAKER_DEFAULT_WINDOW_S;
+    c->breaker_cooldown_s = KMS_BREAKER_DEFAULT_COOLDOWN_S;
     kms_keystore_config_defaults(&c->keys);
     kms_ratelimit_config_defaults(&c->limits);
 }
@@ -218,6 +222,9 @@ kms_err kms_config_set(struct kms_config *c, const char *key, const char *value)
         {"database_pool", offsetof(struct kms_config, database_pool), 1, KMS_STORE_POOL_MAX},
         {"database_connect_timeout_ms", offsetof(struct kms_config, database_connect_timeout_ms), 1,
          600000},
+        {"decrypt_breaker_failures", offsetof(struct kms_config, breaker_failures), 0, 1000000},
+        {"decrypt_breaker_window_s", offsetof(struct kms_config, breaker_window_s), 1, 86400},
+        {"decrypt_breaker_cooldown_s", offsetof(struct kms_config, breaker_cooldown_s), 1, 86400},
     };
     for (size_t i = 0; i < sizeof server_numbers / sizeof server_numbers[0]; i++) {
         if (strcmp(key, server_numbers[i].name) == 0) {

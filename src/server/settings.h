@@ -59,6 +59,10 @@ struct kms_config {
     char *audit_log;            /* the audit log's path; NULL: none */
     unsigned audit_checkpoint_lines;
     unsigned audit_checkpoint_seconds;
+    /* The decryption breaker (breaker.h): failures within window_s; 0 failures: off. */
+    unsigned breaker_failures;
+    unsigned breaker_window_s;
+    unsigned breaker_cooldown_s;
     struct kms_keystore_config keys; /* lifecycle and multi-node settings */
 };
 

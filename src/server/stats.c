@@ -7,6 +7,7 @@
 
 #include "common/metrics.h"
 #include "hsm/hsm.h"
+#include "server/breaker.h"
 #include "server/pool.h"
 
 /* Request outcomes: "ok", then one name per error code (AWS's type, but 413 apart). */
@@ -14,12 +15,14 @@
 
 struct kms_stats {
     struct kms_metrics *registry;
-    struct kms_counter_family *requests;       /* operation x outcome */
-    struct kms_histogram_family *latency;      /* operation */
-    struct kms_counter_family *throttled;      /* class */
-    struct kms_histogram_family *token_calls;  /* function */
-    struct kms_counter_family *audit_failures; /* no label */
-    const char *operations[KMS_OP_COUNT + 2];  /* the operations, "none", NULL */
+    struct kms_counter_family *requests;        /* operation x outcome */
+    struct kms_histogram_family *latency;       /* operation */
+    struct kms_counter_family *throttled;       /* class */
+    struct kms_histogram_family *token_calls;   /* function */
+    struct kms_counter_family *audit_failures;  /* no label */
+    struct kms_counter_family *breaker_trips;   /* kind */
+    struct kms_counter_family *breaker_refused; /* no label */
+    const char *operations[KMS_OP_COUNT + 2];   /* the operations, "none", NULL */
     const char *outcomes[OUTCOMES + 1];
 };
 
@@ -82,6 +85,16 @@ static kms_err collect(void *arg, struct kms_metrics_writer *w)
     KMS_GUARD(kms_metrics_write_gauge(w, "p11kms_token_ready",
                                       "1 when the token answers and the user is logged in", NULL,
                                       kms_hsm_ready(srv->hsm) ? 1 : 0));
+    for (int k = 0; k < KMS_BREAKER_KINDS; k++) {
+        const char *labels[] = {"kind", k == KMS_BREAKER_PRINCIPAL ? "principal" : "key", NULL};
+        KMS_GUARD(kms_metrics_write_gauge(
+            w, "p11kms_decrypt_breakers_open",
+            "Decryption breakers open now, by kind (principal: its decryptions are refused; key: "
+            "alert only)",
+            labels,
+            (double)kms_breaker_open_count(srv->breaker, (enum kms_breaker_kind)k,
+                                           kms_monotonic_ns())));
+    }
     KMS_GUARD(kms_keystore_survey(srv->ks, &keys, &versions, write_usage, w));
     KMS_GUARD(kms_keystore_survey(srv->ks, &keys, &versions, write_bounds, w));
     KMS_GUARD(kms_metrics_write_gauge(w, "p11kms_keys", "Keys, pending deletion included", NULL,
@@ -94,6 +107,7 @@ static kms_err collect(void *arg, struct kms_metrics_writer *w)
 kms_err kms_stats_start(struct kms_server *srv)
 {
     static const char *const classes[] = {"crypto", "manage", NULL};
+    static const char *const breaker_kinds[] = {"principal", "key", NULL};
     struct kms_stats *st = calloc(1, sizeof *st);
     kms_err rc;
 
@@ -141,6 +155,20 @@ kms_err kms_stats_start(struct kms_server *srv)
     if (rc == KMS_OK)
         rc = kms_metrics_add_counter(st->registry, st->audit_failures);
     if (rc == KMS_OK)
+        rc = kms_counter_family_new("p11kms_decrypt_breaker_trips_total",
+                                    "Decryption breakers opened (that many decryptions failed "
+                                    "within the window), by kind",
+                                    "kind", breaker_kinds, NULL, NULL, &st->breaker_trips);
+    if (rc == KMS_OK)
+        rc = kms_metrics_add_counter(st->registry, st->breaker_trips);
+    if (rc == KMS_OK)
+        rc = kms_counter_family_new("p11kms_decrypt_breaker_refused_total",
+                                    "Decrypt and ReEncrypt requests refused by a principal's open "
+                                    "decryption breaker",
+                                    NULL, NULL, NULL, NULL, &st->breaker_refused);
+    if (rc == KMS_OK)
+        rc = kms_metrics_add_counter(st->registry, st->breaker_refused);
+    if (rc == KMS_OK)
         rc = kms_metrics_add_collector(st->registry, collect, srv);
     if (rc == KMS_OK)
         kms_hsm_observe(srv->hsm, observe_token, st);
@@ -175,6 +203,18 @@ void kms_stats_throttled(struct kms_server *srv, enum kms_op_class cls)
 {
     if (srv->stats)
         kms_counter_add(srv->stats->throttled, (size_t)cls, 0, 1);
+}
+
+void kms_stats_breaker_trip(struct kms_server *srv, int kind)
+{
+    if (srv->stats)
+        kms_counter_add(srv->stats->breaker_trips, (size_t)kind, 0, 1);
+}
+
+void kms_stats_breaker_refusal(struct kms_server *srv)
+{
+    if (srv->stats)
+        kms_counter_add(srv->stats->breaker_refused, 0, 0, 1);
 }
 
 void kms_stats_audit_failure(struct kms_server *srv)

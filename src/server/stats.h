@@ -19,6 +19,9 @@ void kms_stats_free(struct kms_server *srv);
 void kms_stats_request(struct kms_server *srv, const struct kms_op *op, kms_err outcome,
                        int64_t started_ns);
 void kms_stats_throttled(struct kms_server *srv, enum kms_op_class cls);
+/* A decryption breaker opened, and a request its open breaker refused. */
+void kms_stats_breaker_trip(struct kms_server *srv, int kind);
+void kms_stats_breaker_refusal(struct kms_server *srv);
 /* An audit line that could not be written (the request failed closed). */
 void kms_stats_audit_failure(struct kms_server *srv);
 

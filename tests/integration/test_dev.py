@@ -5,6 +5,7 @@ restart on the same state folder. TAP output."""
 import base64
 import json
 import os
+import pwd
 import re
 import stat
 import subprocess
@@ -70,11 +71,12 @@ def clean_env():
     return env
 
 
-def sourced_env():
+def sourced_env(state=None):
     """What `. DIR/env` sets, read back through bash."""
     script = '. "$1" && for n in %s; do printf "%%s=%%s\\0" "$n" "${!n-<unset>}"; done' % " ".join(
         ENV_NAMES + ("AWS_REGION",))
-    r = subprocess.run(["bash", "-c", script, "bash", path("env")], env=clean_env(),
+    r = subprocess.run(["bash", "-c", script, "bash", os.path.join(state or C.state, "env")],
+                       env=clean_env(),
                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=10)
     eq((r.returncode, r.stderr), (0, b""), "sourcing DIR/env")
     return dict(item.split("=", 1) for item in r.stdout.decode().split("\0") if item)
@@ -304,6 +306,104 @@ def test_restart_on_same_state_folder():
     eq(dec["KeyId"], key_arn(), "KeyId")
     d = kms.decrypt(CiphertextBlob=C.first["ctx_blob"], EncryptionContext=CONTEXT)
     eq(d["Plaintext"], C.first["ctx_plaintext"], "first run's blob with context (boto3)")
+
+
+# ---- state folders it must not trust ---------------------------------------------
+
+
+def dev_refused(state, message):
+    """p11kmsd --dev on state must exit 1 naming the problem, and serve nothing."""
+    env = h.server_env()
+    env.pop("SOFTHSM2_CONF", None)
+    status, out, err = h.run_failing(["--dev", "--state-dir", state, "--listen", "127.0.0.1:0"],
+                                     env)
+    eq(status, 1, "exit status (stderr %r)" % err)
+    check(message in err, "stderr says %r: %r" % (message, err))
+    check("serving" not in out, "nothing served: %r" % out)
+
+
+def fresh_state(name, mode=0o700):
+    state = C.ws.sub(name)
+    os.mkdir(state)
+    os.chmod(state, mode)
+    return state
+
+
+def nobody():
+    return pwd.getpwnam("nobody").pw_uid
+
+
+@test
+def test_state_folder_writable_by_others_refused():
+    for mode in (0o777, 0o770, 0o702):
+        state = fresh_state("loose-%04o" % mode, mode)
+        dev_refused(state, "state folder %s is writable by its group or others (mode %04o): "
+                           "chmod 700 %s" % (state, mode, state))
+        eq(os.listdir(state), [], "nothing made in the %04o folder" % mode)
+
+
+@test
+def test_state_folder_of_another_user_refused():
+    if os.geteuid() == 0:
+        state = fresh_state("nobodys")
+        os.chown(state, nobody(), -1)
+        owner = nobody()
+    else:
+        state, owner = "/", 0  # root's, and we cannot give a folder away
+    dev_refused(state, "state folder %s belongs to uid %d, not to uid %d that p11kmsd runs as" % (
+        state, owner, os.geteuid()))
+
+
+@test
+def test_planted_symlink_refused():
+    state = fresh_state("planted-link")
+    theirs = C.ws.sub("their-credentials")
+    with open(theirs, "w") as f:
+        f.write("AKIAIOSFODNN7EXAMPLE wJalrXUtnFEMIK7MDENGbPxRfiCYEXAMPLEKEY dev\n")
+    os.chmod(theirs, 0o600)
+    os.symlink(theirs, os.path.join(state, "credentials"))
+    dev_refused(state, "state file %s/credentials is a symbolic link: p11kmsd does not follow "
+                       "links in its state folder" % state)
+    # the tokens folder too
+    state = fresh_state("planted-tokens")
+    os.mkdir(C.ws.sub("their-tokens"), 0o700)
+    os.symlink(C.ws.sub("their-tokens"), os.path.join(state, "tokens"))
+    dev_refused(state, "tokens folder %s/tokens is a symbolic link or not a folder: p11kmsd does "
+                       "not follow links in its state folder" % state)
+
+
+@test
+def test_loose_or_foreign_state_file_refused():
+    state = fresh_state("loose-file")
+    conf = os.path.join(state, "softhsm2.conf")
+    with open(conf, "w") as f:
+        f.write("directories.tokendir = %s/tokens\nobjectstore.backend = file\n" % state)
+    os.chmod(conf, 0o666)
+    dev_refused(state, "state file %s has mode 0666: only its owner may read or write it "
+                       "(chmod 600 %s)" % (conf, conf))
+    os.chmod(conf, 0o640)
+    dev_refused(state, "state file %s has mode 0640: only its owner may read or write it "
+                       "(chmod 600 %s)" % (conf, conf))
+    if os.geteuid() == 0:
+        os.chmod(conf, 0o600)
+        os.chown(conf, nobody(), -1)
+        dev_refused(state, "state file %s belongs to uid %d, not to uid 0 that p11kmsd runs as" % (
+            conf, nobody()))
+    else:
+        h.diag("not root: a state file of another user is not tried")
+
+
+@test
+def test_first_start_in_an_existing_private_folder():
+    # an empty folder of ours, 0750 (readable by the group, writable by no one else): used
+    state = fresh_state("existing-0750", 0o750)
+    server = h.start_dev_server(state, C.ws.sub("p11kmsd-0750.log"))
+    try:
+        kms = h.kms_client(server.endpoint, principal_from_env(sourced_env(state)))
+        eq(kms.describe_key(KeyId="alias/dev")["KeyMetadata"]["KeyState"], "Enabled",
+           "alias/dev in a fresh 0750 folder")
+    finally:
+        server.stop()
 
 
 if __name__ == "__main__":

@@ -103,8 +103,11 @@ def setup():
     C.attacker = h.new_principal("attacker")
     C.token = h.make_token(C.ws.sub("token"), "p11kms-it-flood")
     creds = h.write_credentials(C.ws.sub("credentials"), [C.admin, C.victim, C.attacker])
+    # The flood measures what made-up blobs cost everyone else with nothing to stop
+    # them: the decryption breaker, which would refuse the attacker after 100 of them
+    # (test_breaker), is off.
     C.config = h.write_config(C.ws.sub("p11kmsd.conf"), C.token, creds,
-                              admin_principals="admin")
+                              admin_principals="admin", decrypt_breaker_failures="0")
     C.server = h.start_config_server(C.config, C.token, C.ws.sub("p11kmsd.log"))
 
 

@@ -371,5 +371,41 @@ def test_sighup_adds_a_principal_without_a_failed_request():
            "kms:GenerateDataKey", C.key)
 
 
+# ---- what a policy's patterns can cost -------------------------------------------
+
+PATTERN_MAX = 1024      # bytes in one Action, Resource or StringLike value
+PATTERNS_MAX = 256      # Resource ARNs and StringLike values in one policy
+
+
+def put_policy(key, text):
+    return call(C.admin, "PutKeyPolicy", {"KeyId": key, "PolicyName": "default", "Policy": text})
+
+
+@test
+def test_pattern_bounds_at_put_and_create():
+    key = ok(C.admin, "CreateKey", {})["KeyMetadata"]["KeyId"]
+
+    def doc(resources):
+        return json.dumps({"Statement": [
+            {"Effect": "Allow", "Principal": {"AWS": "admin"}, "Action": "kms:*",
+             "Resource": resources}]})
+    longest = "arn:" + "*" * (PATTERN_MAX - 4)
+    eq(put_policy(key, doc(longest)).status, 200, "a Resource of %d bytes" % PATTERN_MAX)
+    eq(put_policy(key, doc([ARN + "%d*" % i for i in range(PATTERNS_MAX)])).status, 200,
+       "%d Resource patterns" % PATTERNS_MAX)
+    for resources, message in (
+            (longest + "*", "Statement #0: Resource \"arn:%s...\" is %d bytes, more than %d"
+             % ("*" * 35, PATTERN_MAX + 1, PATTERN_MAX)),
+            ([ARN + "%d*" % i for i in range(PATTERNS_MAX + 1)],
+             "Statement #0: Resource: the policy has more than %d patterns (Resource ARNs and "
+             "StringLike/StringNotLike values)" % PATTERNS_MAX)):
+        for op, body in (("PutKeyPolicy", {"KeyId": key, "PolicyName": "default",
+                                            "Policy": doc(resources)}),
+                         ("CreateKey", {"Policy": doc(resources)})):
+            r = call(C.admin, op, body)
+            got = h.check_error_response(r, "MalformedPolicyDocumentException", 400)
+            eq(got["message"], message, "%s: message" % op)
+
+
 if __name__ == "__main__":
     sys.exit(T.run(setup, teardown))

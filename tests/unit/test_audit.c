@@ -481,6 +481,56 @@ static void test_verify_intact(void **state)
     log_free(&l);
 }
 
+static void add_alert(struct log *l)
+{
+    struct kms_buf line = KMS_BUF_INIT;
+    struct kms_audit_alert al = {"decrypt_breaker", "principal", "alice", 5, 10, 2, TIME};
+    assert_int_equal(kms_audit_alert_line(&al, l->id, l->seq + 1, l->last, TIME, &line), KMS_OK);
+    push(l, &line);
+    kms_buf_free(&line);
+}
+
+/* An alert line: its exact form, members in order, and a link of the chain like any other. */
+static void test_alert_line(void **state)
+{
+    struct log l;
+    struct kms_audit_report rep;
+    uint8_t prev[32];
+    struct kms_buf line = KMS_BUF_INIT;
+    struct kms_audit_alert al = {
+        "decrypt_breaker", "key", "arn:aws:kms:r:1:key/\"x\"", 100, 60, 300, TIME};
+    (void)state;
+
+    memset(prev, 0x0f, sizeof prev);
+    assert_int_equal(kms_audit_alert_line(&al, LOG_A, 7, prev, TIME, &line), KMS_OK);
+    assert_int_equal(kms_buf_terminate(&line), KMS_OK);
+    assert_string_equal(str(&line),
+                        "{\"alert\":\"decrypt_breaker\",\"cooldown_s\":300,\"failures\":100,"
+                        "\"kind\":\"key\",\"log\":\"" LOG_A "\",\"name\":\"arn:aws:kms:r:1:key/"
+                        "\\\"x\\\"\",\"prev\":\"" HEX_0F "\",\"seq\":7,\"time\":\"" TIME
+                        "\",\"type\":\"alert\",\"until\":\"" TIME "\",\"v\":1,\"window_s\":60}");
+    assert_sorted_json(str(&line));
+    kms_buf_free(&line);
+
+    memset(&l, 0, sizeof l);
+    begin(&l, LOG_A, NULL);
+    add_request(&l);
+    add_alert(&l);
+    add_request(&l);
+    add_checkpoint(&l, "close");
+    run_verify(l.line, l.n, 0, &with_mac, &rep);
+    assert_int_equal(rep.finding, KMS_AUDIT_INTACT);
+    assert_string_equal(rep.text, "intact: 5 lines, 1 logs, 2 checkpoints");
+    /* and an altered alert is noticed */
+    char *a = l.line[2];
+    char *at = strstr(a, "\"failures\":5");
+    assert_non_null(at);
+    at[strlen("\"failures\":")] = '9';
+    run_verify(l.line, l.n, 0, &with_mac, &rep);
+    assert_int_equal(rep.finding, KMS_AUDIT_CHANGED);
+    log_free(&l);
+}
+
 static void test_verify_edit(void **state)
 {
     struct log l;
@@ -811,6 +861,7 @@ int main(void)
         cmocka_unit_test(test_checkpoint_and_reopen_lines),
         cmocka_unit_test(test_record_labels),
         cmocka_unit_test(test_verify_intact),
+        cmocka_unit_test(test_alert_line),
         cmocka_unit_test(test_verify_edit),
         cmocka_unit_test(test_verify_delete),
         cmocka_unit_test(test_verify_reorder),

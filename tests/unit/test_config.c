@@ -47,6 +47,9 @@ static void test_config_defaults(void **state)
     assert_int_equal(c.database_pool, 8);
     assert_int_equal(c.database_connect_timeout_ms, 0); /* database_timeout_ms */
     assert_null(c.alias_policy_file); /* no alias policy: the keys' policies alone decide */
+    assert_int_equal(c.breaker_failures, 100);
+    assert_int_equal(c.breaker_window_s, 60);
+    assert_int_equal(c.breaker_cooldown_s, 300);
     kms_config_free(&c);
 }
 
@@ -179,6 +182,13 @@ static void test_config_errors_name_the_line(void **state)
     expect_config_error("\ndatabase_pool = 257\n", 2);
     expect_config_error("database_connect_timeout_ms = 0\n", 1);
     expect_config_error("database_connect_timeout_ms = 600001\n", 1);
+    /* the decryption breaker: 0 (off) to a million failures, windows of 1 s to a day */
+    expect_config_error("decrypt_breaker_failures = -1\n", 1);
+    expect_config_error("decrypt_breaker_failures = 1000001\n", 1);
+    expect_config_error("decrypt_breaker_window_s = 0\n", 1);
+    expect_config_error("\ndecrypt_breaker_window_s = 86401\n", 2);
+    expect_config_error("decrypt_breaker_cooldown_s = 0\n", 1);
+    expect_config_error("decrypt_breaker_cooldown_s = 86401\n", 1);
 }
 
 /* Both engines' URLs are accepted as written (store.c reads them). */
@@ -203,6 +213,23 @@ static void test_config_database_urls(void **state)
     assert_int_equal(c.database_connect_timeout_ms, 250);
     assert_int_equal(kms_config_parse(&c, "database_pool = 256\n"), KMS_OK);
     assert_int_equal(c.database_pool, 256);
+    kms_config_free(&c);
+}
+
+static void test_config_breaker(void **state)
+{
+    struct kms_config c;
+    (void)state;
+    kms_config_defaults(&c);
+    assert_int_equal(kms_config_parse(&c, "decrypt_breaker_failures = 5\n"
+                                          "decrypt_breaker_window_s = 10\n"
+                                          "decrypt_breaker_cooldown_s = 2\n"),
+                     KMS_OK);
+    assert_int_equal(c.breaker_failures, 5);
+    assert_int_equal(c.breaker_window_s, 10);
+    assert_int_equal(c.breaker_cooldown_s, 2);
+    assert_int_equal(kms_config_parse(&c, "decrypt_breaker_failures = 0\n"), KMS_OK);
+    assert_int_equal(c.breaker_failures, 0);
     kms_config_free(&c);
 }
 
@@ -536,6 +563,7 @@ int main(void)
         cmocka_unit_test(test_config_comments_and_blanks_ignored),
         cmocka_unit_test(test_config_errors_name_the_line),
         cmocka_unit_test(test_config_database_urls),
+        cmocka_unit_test(test_config_breaker),
         cmocka_unit_test_setup_teardown(test_config_database_password_needs_private_file,
                                         make_tmpdir, remove_tmpdir),
         cmocka_unit_test(test_config_check_requires),

@@ -14,6 +14,7 @@
 #include <cmocka.h>
 
 #include <pthread.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -614,6 +615,235 @@ static void test_parse_size_limit(void **state)
                            "the policy is 32769 bytes, more than 32768", NULL);
     free(head);
     free(doc);
+}
+
+/* ---- the glob matcher against a plain reference ------------------------------------ */
+
+static size_t ref_char_len(const char *s, size_t n)
+{
+    unsigned char c = (unsigned char)s[0];
+    size_t len = c < 0xc0 ? 1 : c < 0xe0 ? 2 : c < 0xf0 ? 3 : c < 0xf8 ? 4 : 1;
+    if (len > n)
+        return 1;
+    for (size_t k = 1; k < len; k++)
+        if (((unsigned char)s[k] & 0xc0) != 0x80)
+            return 1;
+    return len;
+}
+
+static int ref_fold(int c)
+{
+    return c >= 'A' && c <= 'Z' ? c - 'A' + 'a' : c;
+}
+
+/* policy.h's definition of a match, word for word, by backtracking (small inputs only). */
+static bool ref_glob(const char *p, size_t pn, const char *t, size_t tn, bool ic)
+{
+    if (pn == 0)
+        return tn == 0;
+    if (p[0] == '*') {
+        for (size_t k = 0;; k += ref_char_len(t + k, tn - k)) {
+            if (ref_glob(p + 1, pn - 1, t + k, tn - k, ic))
+                return true;
+            if (k == tn)
+                return false;
+        }
+    }
+    if (tn == 0)
+        return false;
+    if (p[0] == '?') {
+        size_t len = ref_char_len(t, tn);
+        return ref_glob(p + 1, pn - 1, t + len, tn - len, ic);
+    }
+    int a = (unsigned char)p[0], b = (unsigned char)t[0];
+    if (ic ? ref_fold(a) != ref_fold(b) : a != b)
+        return false;
+    return ref_glob(p + 1, pn - 1, t + 1, tn - 1, ic);
+}
+
+static uint32_t rng_state = 0x12345678u;
+static uint32_t rng(void)
+{
+    rng_state ^= rng_state << 13;
+    rng_state ^= rng_state >> 17;
+    rng_state ^= rng_state << 5;
+    return rng_state;
+}
+
+static void random_string(char *out, size_t *n, size_t max, const char *alphabet, size_t an)
+{
+    *n = rng() % (max + 1);
+    for (size_t i = 0; i < *n; i++)
+        out[i] = alphabet[rng() % an];
+}
+
+static void test_glob_against_reference(void **state)
+{
+    /* ASCII either case, UTF-8 lead and continuation bytes, stray bytes */
+    static const char pattern_bytes[] = "aaAb**??\xc3\xa9\xe2\x82\xac\xff";
+    static const char text_bytes[] = "aaAbB*?\xc3\xa9\xe2\x82\xac\xff\x80";
+    char pat[12], text[16];
+    size_t pn, tn, matched = 0;
+    (void)state;
+
+    for (int i = 0; i < 40000; i++) {
+        random_string(pat, &pn, sizeof pat, pattern_bytes, sizeof pattern_bytes - 1);
+        random_string(text, &tn, sizeof text, text_bytes, sizeof text_bytes - 1);
+        /* half the time a text made from the pattern, so that matches are common */
+        if (i % 2) {
+            tn = 0;
+            for (size_t k = 0; k < pn && tn + 3 < sizeof text; k++) {
+                if (pat[k] == '*')
+                    for (uint32_t r = rng() % 3; r > 0; r--)
+                        text[tn++] = text_bytes[rng() % (sizeof text_bytes - 1)];
+                else
+                    text[tn++] =
+                        pat[k] == '?' ? text_bytes[rng() % (sizeof text_bytes - 1)] : pat[k];
+            }
+        }
+        bool ic = rng() % 2;
+        bool want = ref_glob(pat, pn, text, tn, ic);
+        bool got = kms_policy_glob(pat, pn, text, tn, ic);
+        matched += want;
+        if (got != want)
+            fail_msg("case %d: glob(\"%.*s\", \"%.*s\", %d) = %d, reference says %d", i, (int)pn,
+                     pat, (int)tn, text, ic, got, want);
+    }
+    /* both answers are well represented */
+    assert_true(matched > 4000);
+    assert_true(matched < 36000);
+}
+
+/* The worst patterns at the bound cost at most one pass of the text, not one per restart. */
+static void test_glob_steps_are_linear(void **state)
+{
+    enum { N = 8192, M = KMS_POLICY_PATTERN_MAX };
+    char *a = malloc(N), *p1 = malloc(M), *p2 = malloc(M), *p3 = malloc(M);
+    const unsigned long long words = M / 64 + 1;
+    (void)state;
+
+    assert_non_null(a);
+    assert_non_null(p1);
+    assert_non_null(p2);
+    assert_non_null(p3);
+    memset(a, 'a', N);
+    for (size_t i = 0; i + 1 < M; i += 2)
+        memcpy(p1 + i, "a*", 2); /* a*a*a*...a*b */
+    p1[M - 1] = 'b';
+    p2[0] = '*'; /* *aaaa...ab: a restart at every byte for a backtracking matcher */
+    memset(p2 + 1, 'a', M - 2);
+    p2[M - 1] = 'b';
+    for (size_t i = 0; i + 1 < M; i += 2)
+        memcpy(p3 + i, "?*", 2);
+    p3[M - 1] = 'b';
+
+    const char *patterns[] = {p1, p2, p3};
+    for (size_t i = 0; i < N_ELEMS(patterns); i++) {
+        kms_policy_glob_steps = 0;
+        assert_false(kms_policy_glob(patterns[i], M, a, N, false));
+        if (kms_policy_glob_steps > (unsigned long long)N * words)
+            fail_msg("pattern %zu: %llu steps over %d bytes, more than %llu", i,
+                     kms_policy_glob_steps, N, (unsigned long long)N * words);
+    }
+    /* and in a policy, through StringLike on a context value */
+    char *doc = malloc(2 * M + 512);
+    assert_non_null(doc);
+    int n = snprintf(doc, 2 * M + 512,
+                     "{\"Statement\":{\"Effect\":\"Allow\",\"Principal\":\"*\",\"Action\":"
+                     "\"kms:Decrypt\",\"Resource\":\"*\",\"Condition\":{\"StringLike\":{"
+                     "\"kms:EncryptionContext:k\":\"%.*s\"}}}}",
+                     M, p2);
+    struct kms_policy *p = NULL;
+    assert_int_equal(kms_policy_parse(doc, (size_t)n, ACCOUNT, &p), KMS_OK);
+    struct kms_context_pair ctx = {"k", 1, a, N};
+    kms_policy_glob_steps = 0;
+    assert_int_equal(decide_as(p, ACCOUNT, "alice", "kms:Decrypt", &ctx, 1), IMPLICIT);
+    assert_true(kms_policy_glob_steps <= (unsigned long long)N * words);
+    assert_true(kms_policy_glob_steps > 0);
+    kms_policy_free(p);
+    free(doc);
+    free(a);
+    free(p1);
+    free(p2);
+    free(p3);
+}
+
+/* A policy with a Resource list of n patterns of len bytes each. */
+static char *resources_policy(size_t n, size_t len, size_t *out_len)
+{
+    size_t cap = 256 + n * (len + 3);
+    char *doc = malloc(cap);
+    size_t o;
+    assert_non_null(doc);
+    o = (size_t)snprintf(doc, cap,
+                         "{\"Statement\":{\"Effect\":\"Allow\",\"Principal\":\"*\",\"Action\":"
+                         "\"kms:Decrypt\",\"Resource\":[");
+    for (size_t i = 0; i < n; i++) {
+        o += (size_t)snprintf(doc + o, cap - o, "%s\"arn:", i ? "," : "");
+        memset(doc + o, '*', len - 4);
+        o += len - 4;
+        doc[o++] = '"';
+    }
+    o += (size_t)snprintf(doc + o, cap - o, "]}}");
+    *out_len = o;
+    return doc;
+}
+
+static void test_pattern_limits(void **state)
+{
+    struct kms_policy *p = NULL;
+    size_t n;
+    char *doc;
+    char want[128];
+    (void)state;
+
+    /* at the bounds: accepted */
+    doc = resources_policy(1, KMS_POLICY_PATTERN_MAX, &n);
+    assert_int_equal(kms_policy_parse(doc, n, ACCOUNT, &p), KMS_OK);
+    assert_int_equal(decide(p, "alice", "kms:Decrypt"), ALLOW);
+    kms_policy_free(p);
+    free(doc);
+    doc = resources_policy(KMS_POLICY_MAX_PATTERNS, 8, &n);
+    assert_int_equal(kms_policy_parse(doc, n, ACCOUNT, &p), KMS_OK);
+    kms_policy_free(p);
+    free(doc);
+
+    /* past them: refused, saying which bound */
+    doc = resources_policy(1, KMS_POLICY_PATTERN_MAX + 1, &n);
+    snprintf(want, sizeof want, "is %d bytes, more than %d", KMS_POLICY_PATTERN_MAX + 1,
+             KMS_POLICY_PATTERN_MAX);
+    expect_malformed_bytes(doc, n, "Statement #0: Resource \"arn:**", want);
+    free(doc);
+    doc = resources_policy(KMS_POLICY_MAX_PATTERNS + 1, 8, &n);
+    snprintf(want, sizeof want, "the policy has more than %d patterns", KMS_POLICY_MAX_PATTERNS);
+    expect_malformed_bytes(doc, n, "Statement #0: Resource: ", want);
+    free(doc);
+
+    /* StringLike values and Actions count too */
+    char *big = malloc(KMS_POLICY_PATTERN_MAX + 2);
+    char *text = malloc(KMS_POLICY_PATTERN_MAX + 512);
+    assert_non_null(big);
+    assert_non_null(text);
+    memset(big, 'x', KMS_POLICY_PATTERN_MAX + 1);
+    big[KMS_POLICY_PATTERN_MAX + 1] = '\0';
+    snprintf(text, KMS_POLICY_PATTERN_MAX + 512,
+             "{'Statement':{'Effect':'Allow','Principal':'*','Action':'kms:Decrypt',"
+             "'Resource':'*','Condition':{'StringLike':{'kms:EncryptionContext:k':'%s'}}}}",
+             big);
+    expect_malformed(text, "Statement #0: Condition value \"xxx", "more than 1024");
+    snprintf(text, KMS_POLICY_PATTERN_MAX + 512,
+             "{'Statement':{'Effect':'Allow','Principal':'*','Action':'kms:%s',"
+             "'Resource':'*'}}",
+             big);
+    expect_malformed(text, "Statement #0: Action \"kms:xxx", "more than 1024");
+    /* StringEquals values are no patterns: not bounded but by the document */
+    snprintf(text, KMS_POLICY_PATTERN_MAX + 512,
+             "{'Statement':{'Effect':'Allow','Principal':'*','Action':'kms:Decrypt',"
+             "'Resource':'*','Condition':{'StringEquals':{'kms:EncryptionContext:k':'%s'}}}}",
+             big);
+    kms_policy_free(policy(text));
+    free(big);
+    free(text);
 }
 
 static void test_parse_bad_arguments(void **state)
@@ -1434,6 +1664,9 @@ int main(void)
         cmocka_unit_test(test_error_code),
         cmocka_unit_test(test_glob_table),
         cmocka_unit_test(test_glob_pathological),
+        cmocka_unit_test(test_glob_against_reference),
+        cmocka_unit_test(test_glob_steps_are_linear),
+        cmocka_unit_test(test_pattern_limits),
         cmocka_unit_test(test_parse_accepted_forms),
         cmocka_unit_test(test_parse_document_errors),
         cmocka_unit_test(test_parse_bytes_refused),
