@@ -17,6 +17,7 @@ struct kms_ratelimit;
 struct kms_stats;
 struct kms_tls;
 struct kms_audit;
+struct kms_addrlimit;
 
 struct kms_server {
     struct kms_config cfg;
@@ -28,9 +29,12 @@ struct kms_server {
     struct kms_pool *pool;
     struct kms_ratelimit *limits;
     struct kms_stats *stats;
-    struct kms_tls *tls;     /* NULL: plain HTTP */
-    struct kms_audit *audit; /* NULL: no audit_log configured */
-    char *account_policy;    /* the policy of keys whose record has none */
+    struct kms_tls *tls;             /* NULL: plain HTTP */
+    struct kms_audit *audit;         /* NULL: no audit_log configured */
+    struct kms_addrlimit *addrlimit; /* failed authentications per address; NULL: none */
+    uint8_t metrics_token[32];       /* SHA-256 of metrics_token_file's token */
+    int metrics_token_set;
+    char *account_policy; /* the policy of keys whose record has none */
     struct MHD_Daemon *daemon;
     volatile int draining; /* SIGTERM: answers say Connection: close, /readyz 503 */
     /* POST requests begun and not completed; none begins once stopping is set. */
