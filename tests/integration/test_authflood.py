@@ -43,10 +43,10 @@ What is asserted:
     includes the summaries written while the attacker paused (the quiet
     windows, the final wait), and the test sets
     auth_failure_audit_interval_s to INTERVAL (5 s), so summaries come twelve
-    times as often as with the default of 60 s. One summary (~430 bytes) per
-    5 s is about 52 KB per ten minutes; before the summaries (one line per
-    request, ~420 bytes each at 1,000-2,000 requests a second) the same flood
-    wrote 25-50 MB a minute. The victim's own lines (and the checkpoints they
+    times as often as with the default of 60 s. One summary (~360 bytes) per
+    5 s is about 43 KB per ten minutes (measured with checkpoints: about
+    100 KB); before the summaries (one line per request, ~360 bytes each at
+    about 1,200 requests a second) the same flood wrote about 25 MB a minute. The victim's own lines (and the checkpoints they
     bring) are not the flood's doing and are left out.
 """
 
