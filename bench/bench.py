@@ -303,7 +303,7 @@ def requests_total(endpoint, operation, outcome):
     host, port = urllib.parse.urlsplit(endpoint).netloc.rsplit(":", 1)
     c = http.client.HTTPConnection(host, int(port), timeout=30)
     try:
-        c.request("GET", "/metrics")
+        c.request("GET", "/metrics", headers={"Authorization": "Bearer " + H.METRICS_TOKEN})
         r = c.getresponse()
         text = r.read().decode("utf-8", "replace")
     finally:
@@ -812,7 +812,8 @@ class Bench:
 
     def client_open(self, endpoint, principal, key_id):
         env = H.server_env({"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": principal.access_key,
-                            "AWS_SECRET_ACCESS_KEY": principal.secret, "AWS_DEFAULT_REGION": H.REGION})
+                            "AWS_SECRET_ACCESS_KEY": principal.secret, "AWS_DEFAULT_REGION": H.REGION,
+                            "P11KMS_METRICS_TOKEN": H.METRICS_TOKEN})
         env.pop("P11KMS_ENDPOINT", None)
         env.pop("AWS_REGION", None)
         out, _ = run([self.t.client_open, "--key", key_id, "--seconds", "%g" % self.short], env=env,

@@ -15,7 +15,8 @@
  * JWE's protected header, tag check) into a fixed buffer. Both check the
  * plaintext at the end. The library has no cache statistics, so the server's
  * p11kms_requests_total{operation="Decrypt",outcome="ok"} (GET /metrics) must
- * have grown by exactly 1 over the run: p11kmsd serving nobody else. Prints
+ * have grown by exactly 1 over the run: p11kmsd serving nobody else (the
+ * bearer token /metrics needs in $P11KMS_METRICS_TOKEN). Prints
  *   client_open_hit bytes=1024 ops=... seconds=3.00 ops_per_s=...
  *   raw_evp_b64 bytes=1024 ops=... seconds=3.00 ops_per_s=...
  *   ratio=0.42 (hit / raw)
@@ -97,11 +98,19 @@ static long long server_decrypts(void)
     const char *ep =
         getenv("P11KMS_ENDPOINT") ? getenv("P11KMS_ENDPOINT") : getenv("AWS_ENDPOINT_URL");
     char url[512];
+    const char *token = getenv("P11KMS_METRICS_TOKEN");
+    char bearer[512];
     struct text t = {NULL, 0};
+    struct curl_slist *headers = NULL;
     long long n = -1;
     CURL *h = curl_easy_init();
     if (!h || !ep || snprintf(url, sizeof url, "%s/metrics", ep) >= (int)sizeof url)
         goto cleanup;
+    if (token &&
+        snprintf(bearer, sizeof bearer, "Authorization: Bearer %s", token) < (int)sizeof bearer) {
+        headers = curl_slist_append(NULL, bearer);
+        curl_easy_setopt(h, CURLOPT_HTTPHEADER, headers);
+    }
     curl_easy_setopt(h, CURLOPT_URL, url);
     curl_easy_setopt(h, CURLOPT_PROTOCOLS_STR, "http,https");
     curl_easy_setopt(h, CURLOPT_NOSIGNAL, 1L);
@@ -115,6 +124,7 @@ static long long server_decrypts(void)
     n = line ? strtoll(line + sizeof DECRYPTS - 1, NULL, 10) : 0;
 cleanup:
     free(t.p);
+    curl_slist_free_all(headers);
     curl_easy_cleanup(h);
     return n;
 }

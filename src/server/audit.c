@@ -185,6 +185,8 @@ static kms_err template_build(const struct kms_audit_record *r, const char *log_
         KMS_GUARD(member_text(b, "\"context_digest\":", digest));
         KMS_GUARD(context_keys(b, r->context));
     }
+    if (r->count)
+        KMS_GUARD(member_u64(b, "\"count\":", r->count));
     if (r->decision)
         KMS_GUARD(member_text(b, "\"decision\":", r->decision));
     if (r->key_arn)

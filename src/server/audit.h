@@ -11,7 +11,7 @@
  * hashes cover the bytes before it. Members are in strcmp order, except a
  * checkpoint's "mac", which is always last:
  *
- *   {"context_digest":"<64 hex>","context_keys":["k",...],"decision":"...",
+ *   {"context_digest":"<64 hex>","context_keys":["k",...],"count":N,"decision":"...",
  *    "key_arn":"...","key_version":N,"latency_us":N,"log":"<32 hex>",
  *    "operation":"...","outcome":"ok"|"<AWS error type>","prev":"<64 hex>",
  *    "principal":"...","request_id":"...","seq":N,"source":"ip:port",
@@ -31,6 +31,10 @@
  * "reopen" line, which begins every file the log goes on in (after SIGHUP, or
  * after a failure when the path now names another file). A "rotate"
  * checkpoint is the last line of a file the log left on SIGHUP.
+ *
+ * "count" is only in a summary line: N requests from the address in "source"
+ * (no port) that failed authentication or were refused for it since that
+ * address's last line, "outcome" the last failure's type.
  *
  * A checkpoint's MAC is CKM_SHA256_HMAC, in the token, under the key whose
  * CKA_ID is "key", of the line's bytes up to `,"mac":"` followed by `}`: the
@@ -78,6 +82,7 @@ struct kms_audit_record {
     const char *outcome;  /* "ok" or the AWS error type */
     const char *decision; /* policy decision, e.g. "allow #0"; NULL: none */
     uint64_t latency_us;
+    uint64_t count; /* a summary of failures from one address (source): how many; 0: none */
 };
 
 /*

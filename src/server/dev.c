@@ -287,6 +287,8 @@ kms_err kms_dev_prepare(const char *dir, struct kms_config *cfg)
         snprintf(url, sizeof url, "sqlite:%s", db);
         KMS_GUARD(kms_config_set(cfg, "database", url));
     }
+    /* Development convenience: /metrics without a token, but only on a loopback listener. */
+    cfg->metrics_open_loopback = 1;
     if (!cfg->audit_log) {
         char audit[4096];
         KMS_GUARD(path_join(audit, sizeof audit, dir, "audit.log"));

@@ -18,11 +18,13 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "common/digest.h"
 #include "common/encoding.h"
 #include "common/json_alloc.h"
 #include "common/log.h"
 #include "common/metrics.h"
 #include "server/breaker.h"
+#include "server/addrlimit.h"
 #include "server/pool.h"
 #include "server/ratelimit.h"
 #include "server/server.h"
@@ -65,8 +67,9 @@ struct req_state {
     int too_large;
     char client_cert[65]; /* the connection's client certificate fingerprint, or "" */
     char request_id[KMS_UUID_TEXT_LEN + 1];
-    char source[64]; /* client address, "ip:port" */
-    struct job *job; /* while a worker has the request, and until its answer is sent */
+    char source[64];      /* client address, "ip:port" */
+    struct kms_addr addr; /* the client address as failed authentications are counted */
+    struct job *job;      /* while a worker has the request, and until its answer is sent */
 };
 
 /* Response bodies may hold plaintext: cleansed when MHD lets go of them. */
@@ -87,11 +90,19 @@ static void new_request_id(char out[KMS_UUID_TEXT_LEN + 1])
         snprintf(out, KMS_UUID_TEXT_LEN + 1, "00000000-0000-0000-0000-000000000000");
 }
 
+/* What an answer carries besides its status and body. */
+struct answer_opts {
+    unsigned retry_after_s; /* with ThrottlingException */
+    int close;              /* Connection: close (the request's framing is in doubt) */
+    int bearer;             /* WWW-Authenticate: Bearer (GET /metrics without its token) */
+};
+
 /* request_id: the id the audit log has for this request; NULL for a fresh one. */
 static enum MHD_Result send_buf(struct kms_server *srv, struct MHD_Connection *c, unsigned status,
                                 struct kms_buf *body, const char *content_type, kms_err e,
-                                unsigned retry_after_s, const char *request_id)
+                                const struct answer_opts *o, const char *request_id)
 {
+    static const struct answer_opts none = {0, 0, 0};
     struct kms_buf *owned = malloc(sizeof *owned);
     struct MHD_Response *resp;
     char fresh[KMS_UUID_TEXT_LEN + 1];
@@ -117,12 +128,16 @@ static enum MHD_Result send_buf(struct kms_server *srv, struct MHD_Connection *c
     MHD_add_response_header(resp, "x-amzn-RequestId", request_id);
     if (e != KMS_OK)
         MHD_add_response_header(resp, "X-Amzn-ErrorType", kms_err_type(e));
+    if (!o)
+        o = &none;
     if (e == KMS_ERR_THROTTLED) {
         char retry[16];
-        snprintf(retry, sizeof retry, "%u", retry_after_s ? retry_after_s : 1);
+        snprintf(retry, sizeof retry, "%u", o->retry_after_s ? o->retry_after_s : 1);
         MHD_add_response_header(resp, "Retry-After", retry);
     }
-    if (srv->draining)
+    if (o->bearer)
+        MHD_add_response_header(resp, "WWW-Authenticate", "Bearer realm=\"p11kms metrics\"");
+    if (srv->draining || o->close)
         MHD_add_response_header(resp, "Connection", "close");
     ret = MHD_queue_response(c, status, resp);
     MHD_destroy_response(resp);
@@ -147,24 +162,33 @@ static enum MHD_Result send_json(struct kms_server *srv, struct MHD_Connection *
         kms_buf_free(&body);
         return MHD_NO;
     }
-    return send_buf(srv, c, 200, &body, JSON_TYPE, KMS_OK, 0, request_id);
+    return send_buf(srv, c, 200, &body, JSON_TYPE, KMS_OK, NULL, request_id);
 }
 
-static enum MHD_Result send_error(struct kms_server *srv, struct MHD_Connection *c, kms_err e,
-                                  unsigned retry_after_s, const char *request_id)
+/* An error answer with a status of its own (not kms_err_status(e)) and options. */
+static enum MHD_Result send_error_as(struct kms_server *srv, struct MHD_Connection *c, kms_err e,
+                                     unsigned status, const struct answer_opts *o,
+                                     const char *request_id)
 {
     struct kms_buf body = KMS_BUF_INIT;
     if (error_body(e, kms_err_message(), &body) != KMS_OK) {
         kms_buf_free(&body);
         return MHD_NO;
     }
-    return send_buf(srv, c, kms_err_status(e), &body, JSON_TYPE, e, retry_after_s, request_id);
+    return send_buf(srv, c, status, &body, JSON_TYPE, e, o, request_id);
+}
+
+static enum MHD_Result send_error(struct kms_server *srv, struct MHD_Connection *c, kms_err e,
+                                  unsigned retry_after_s, const char *request_id)
+{
+    struct answer_opts o = {retry_after_s, 0, 0};
+    return send_error_as(srv, c, e, kms_err_status(e), &o, request_id);
 }
 
 static enum MHD_Result send_text(struct kms_server *srv, struct MHD_Connection *c, unsigned status,
                                  const char *content_type, struct kms_buf *body)
 {
-    return send_buf(srv, c, status, body, content_type, KMS_OK, 0, NULL);
+    return send_buf(srv, c, status, body, content_type, KMS_OK, NULL, NULL);
 }
 
 static enum MHD_Result serve_get(struct kms_server *srv, struct MHD_Connection *c, const char *url)
@@ -212,23 +236,57 @@ static kms_err parse_body(const struct kms_buf *body, json_t **out)
     return KMS_OK;
 }
 
-static enum MHD_Result count_header(void *cls, enum MHD_ValueKind kind, const char *key,
-                                    const char *value)
+struct framing {
+    unsigned lengths, encodings;
+    int bad_length;   /* a Content-Length that is not a plain decimal number */
+    int bad_encoding; /* a Transfer-Encoding other than "chunked" alone */
+};
+
+static enum MHD_Result count_framing(void *cls, enum MHD_ValueKind kind, const char *key,
+                                     const char *value)
 {
+    struct framing *f = cls;
     (void)kind;
-    (void)value;
-    if (strcasecmp(key, "Content-Length") == 0)
-        (*(unsigned *)cls)++;
+    if (strcasecmp(key, "Content-Length") == 0) {
+        f->lengths++;
+        size_t n = value ? strlen(value) : 0;
+        if (n == 0 || n > 19 || strspn(value, "0123456789") != n)
+            f->bad_length = 1;
+    } else if (strcasecmp(key, "Transfer-Encoding") == 0) {
+        f->encodings++;
+        if (!value || strcasecmp(value, "chunked") != 0)
+            f->bad_encoding = 1;
+    }
     return MHD_YES;
 }
 
-/* More than one Content-Length: libmicrohttpd takes one, a proxy in front may
-   have taken the other, so the body's end is in doubt (request smuggling). */
-static int framing_in_doubt(struct MHD_Connection *c)
+/*
+ * NULL when the request's body is framed one way only; else why not. With
+ * two Content-Lengths (even equal), a Content-Length beside Transfer-Encoding
+ * or a Transfer-Encoding other than chunked alone (libmicrohttpd would read
+ * such a body up to the connection's end), libmicrohttpd and a proxy in front
+ * may each find another end of the body, and what one takes for the body the
+ * other takes for a next request (request smuggling; RFC 9112 sections 6.1
+ * and 6.3). Such a request is answered 400 and its connection closed.
+ * libmicrohttpd itself answers a Content-Length that is not a number, and a
+ * malformed chunk size, with its own 400 page and closes; the check of the
+ * number here is for a libmicrohttpd that would not.
+ */
+static const char *framing_error(struct MHD_Connection *c)
 {
-    unsigned n = 0;
-    MHD_get_connection_values(c, MHD_HEADER_KIND, count_header, &n);
-    return n > 1;
+    struct framing f = {0, 0, 0, 0};
+    MHD_get_connection_values(c, MHD_HEADER_KIND, count_framing, &f);
+    if (f.lengths && f.encodings)
+        return "The request has both Content-Length and Transfer-Encoding";
+    if (f.lengths > 1)
+        return "The request has more than one Content-Length header";
+    if (f.encodings > 1)
+        return "The request has more than one Transfer-Encoding header";
+    if (f.bad_length)
+        return "The request's Content-Length is not a decimal number";
+    if (f.bad_encoding)
+        return "The request's Transfer-Encoding is not chunked";
+    return NULL;
 }
 
 /* The AWS JSON types, alone or with parameters ("; charset=utf-8"). */
@@ -403,6 +461,7 @@ static kms_err audit(struct kms_server *srv, const struct kms_request *r, const 
         outcome == KMS_OK ? "ok" : kms_err_type(outcome),
         r && r->decision[0] ? r->decision : NULL,
         us > 0 ? (uint64_t)us : 0,
+        0,
     };
     if (kms_audit_write(srv->audit, &rec) == KMS_OK) {
         if (failing) {
@@ -567,7 +626,7 @@ static enum MHD_Result hand_over(struct kms_server *srv, struct MHD_Connection *
     pthread_mutex_unlock(&j->lock);
     if (answered) {
         enum MHD_Result ret =
-            send_buf(srv, c, j->status, &j->body, JSON_TYPE, j->error, 0, j->request_id);
+            send_buf(srv, c, j->status, &j->body, JSON_TYPE, j->error, NULL, j->request_id);
         st->job = NULL;
         job_release(j);
         return ret;
@@ -591,6 +650,8 @@ static enum MHD_Result serve_kms(struct kms_server *srv, struct MHD_Connection *
     r.principal = principal;
     kms_err_clear();
     rc = kms_auth_verify(srv, c, method, url, &st->body, principal);
+    int own_line =
+        rc == KMS_OK || kms_addrlimit_fail(srv->addrlimit, &st->addr, kms_err_type(rc), started);
     if (rc == KMS_OK)
         rc = check_binding(srv, principal, st->client_cert);
     if (rc == KMS_OK)
@@ -612,7 +673,8 @@ static enum MHD_Result serve_kms(struct kms_server *srv, struct MHD_Connection *
         /* The error's message, kept across the audit write. */
         char message[512];
         snprintf(message, sizeof message, "%s", kms_err_message());
-        if (audit(srv, &r, st->request_id, st->source, op, rc, started) != KMS_OK)
+        /* A failed authentication not on a line of its own is in its address's next summary. */
+        if (own_line && audit(srv, &r, st->request_id, st->source, op, rc, started) != KMS_OK)
             rc = KMS_ERR_INTERNAL;
         else
             KMS_FAIL(rc, "%s", message);
@@ -646,6 +708,111 @@ static void client_address(struct MHD_Connection *c, char *out, size_t n)
         snprintf(out, n, strchr(host, ':') ? "[%s]:%s" : "%s:%s", host, port);
 }
 
+/* The client address as failed authentications are counted (addrlimit.h). */
+static void client_key(struct MHD_Connection *c, struct kms_addr *out)
+{
+    const union MHD_ConnectionInfo *info =
+        MHD_get_connection_info(c, MHD_CONNECTION_INFO_CLIENT_ADDRESS);
+    kms_addr_from_sockaddr(info ? info->client_addr : NULL, out);
+}
+
+/* The audit line for an address's failed authentications since its last line. */
+static void audit_summary(void *arg, const struct kms_addrlimit_summary *sum)
+{
+    struct kms_server *srv = arg;
+    char id[KMS_UUID_TEXT_LEN + 1];
+    if (!srv->audit)
+        return;
+    new_request_id(id);
+    struct kms_audit_record rec = {
+        id, "", sum->source, "none", NULL, 0, NULL, sum->outcome, NULL, 0, sum->count,
+    };
+    if (kms_audit_write(srv->audit, &rec) != KMS_OK) {
+        kms_stats_audit_failure(srv);
+        kms_error("audit log: the summary of %llu failed requests from %s: %s",
+                  (unsigned long long)sum->count, sum->source, kms_err_message());
+    }
+}
+
+/* A failed authentication before any operation: audited when it gets a line of its own. */
+static void audit_failure(struct kms_server *srv, struct MHD_Connection *c,
+                          const struct kms_addr *addr, kms_err e, const char *request_id)
+{
+    char source[64];
+    int64_t now = kms_monotonic_ns();
+    kms_stats_request(srv, NULL, e, now);
+    if (!kms_addrlimit_fail(srv->addrlimit, addr, kms_err_type(e), now))
+        return;
+    client_address(c, source, sizeof source);
+    if (audit(srv, NULL, request_id, source, NULL, e, now) != KMS_OK)
+        kms_err_clear();
+}
+
+/* An address beyond its failed authentications, refused before any other work. */
+static enum MHD_Result refuse_address(struct kms_server *srv, struct MHD_Connection *c,
+                                      unsigned wait_s)
+{
+    kms_stats_request(srv, NULL, KMS_ERR_THROTTLED, kms_monotonic_ns());
+    kms_err_clear();
+    return send_error(srv, c,
+                      KMS_FAIL(KMS_ERR_THROTTLED,
+                               "Too many failed authentications from this address; its requests "
+                               "are refused for %u more seconds",
+                               wait_s),
+                      wait_s, NULL);
+}
+
+/* "Bearer <token>" with the token of metrics_token_file, compared in constant time. */
+static int metrics_token_ok(struct kms_server *srv, struct MHD_Connection *c)
+{
+    const char *h = MHD_lookup_connection_value(c, MHD_HEADER_KIND, "Authorization");
+    uint8_t digest[32];
+    if (!h || strncasecmp(h, "Bearer ", 7) != 0)
+        return 0;
+    h += 7;
+    while (*h == ' ')
+        h++;
+    if (kms_sha256(h, strlen(h), digest) != KMS_OK)
+        return 0;
+    return CRYPTO_memcmp(digest, srv->metrics_token, sizeof digest) == 0;
+}
+
+/*
+ * GET /metrics: with metrics_token_file, to a caller with its bearer token
+ * (401 otherwise, counted as a failed authentication of the address); without
+ * it, in --dev mode on a loopback listener only, and else never (403).
+ */
+static enum MHD_Result serve_metrics(struct kms_server *srv, struct MHD_Connection *c,
+                                     const struct kms_addr *addr)
+{
+    kms_err_clear();
+    if (srv->metrics_token_set) {
+        if (metrics_token_ok(srv, c))
+            return serve_get(srv, c, "/metrics");
+        char id[KMS_UUID_TEXT_LEN + 1];
+        new_request_id(id);
+        audit_failure(srv, c, addr, KMS_ERR_ACCESS_DENIED, id);
+        struct answer_opts o = {0, 0, 1};
+        KMS_FAIL(KMS_ERR_ACCESS_DENIED,
+                 "GET /metrics needs the bearer token of metrics_token_file");
+        return send_error_as(srv, c, KMS_ERR_ACCESS_DENIED, 401, &o, id);
+    }
+    if (srv->cfg.metrics_open_loopback && kms_host_is_loopback(srv->host))
+        return serve_get(srv, c, "/metrics");
+    KMS_FAIL(KMS_ERR_ACCESS_DENIED, "GET /metrics is served only with metrics_token_file set");
+    return send_error_as(srv, c, KMS_ERR_ACCESS_DENIED, 403, NULL, NULL);
+}
+
+/* 400 and the connection closed: see framing_error. */
+static enum MHD_Result refuse_framing(struct kms_server *srv, struct MHD_Connection *c,
+                                      const char *why)
+{
+    struct answer_opts o = {0, 1, 0};
+    kms_err_clear();
+    KMS_FAIL(KMS_ERR_VALIDATION, "%s", why);
+    return send_error_as(srv, c, KMS_ERR_VALIDATION, 400, &o, NULL);
+}
+
 static enum MHD_Result too_large(struct kms_server *srv, struct MHD_Connection *c,
                                  struct req_state *st)
 {
@@ -669,37 +836,36 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *c, const cha
 
     if (!st) {
         char fingerprint[65];
+        struct kms_addr addr;
+        const char *framing = framing_error(c);
+        if (framing)
+            return refuse_framing(srv, c, framing);
         int health = strcmp(method, "GET") == 0 &&
                      (strcmp(url, "/healthz") == 0 || strcmp(url, "/readyz") == 0);
+        if (health)
+            return serve_get(srv, c, url);
+        client_key(c, &addr);
+        unsigned wait_s = kms_addrlimit_check(srv->addrlimit, &addr, kms_monotonic_ns());
+        if (wait_s)
+            return refuse_address(srv, c, wait_s);
         /* Load balancers probe health without a client certificate; nothing else does. */
         kms_err_clear();
-        if (!health && kms_tls_client(srv->tls, c, fingerprint) != KMS_OK) {
-            char id[KMS_UUID_TEXT_LEN + 1], source[64], message[128];
+        if (kms_tls_client(srv->tls, c, fingerprint) != KMS_OK) {
+            char id[KMS_UUID_TEXT_LEN + 1], message[128];
             snprintf(message, sizeof message, "%s", kms_err_message());
             new_request_id(id);
-            client_address(c, source, sizeof source);
-            kms_stats_request(srv, NULL, KMS_ERR_ACCESS_DENIED, kms_monotonic_ns());
-            if (audit(srv, NULL, id, source, NULL, KMS_ERR_ACCESS_DENIED, kms_monotonic_ns()) !=
-                KMS_OK)
-                kms_err_clear();
+            audit_failure(srv, c, &addr, KMS_ERR_ACCESS_DENIED, id);
             KMS_FAIL(KMS_ERR_ACCESS_DENIED, "%s", message);
             return send_error(srv, c, KMS_ERR_ACCESS_DENIED, 0, id);
         }
-        if (health || (strcmp(method, "GET") == 0 && strcmp(url, "/metrics") == 0))
-            return serve_get(srv, c, url);
+        if (strcmp(method, "GET") == 0 && strcmp(url, "/metrics") == 0)
+            return serve_metrics(srv, c, &addr);
         if (strcmp(method, "POST") != 0 || strcmp(url, "/") != 0) {
             kms_err_clear();
             return send_error(
                 srv, c,
                 KMS_FAIL(KMS_ERR_UNKNOWN_OPERATION,
                          "Only POST / and GET /healthz, /readyz, /metrics are served"),
-                0, NULL);
-        }
-        if (framing_in_doubt(c)) {
-            kms_err_clear();
-            return send_error(
-                srv, c,
-                KMS_FAIL(KMS_ERR_VALIDATION, "The request has more than one Content-Length header"),
                 0, NULL);
         }
         pthread_mutex_lock(&srv->active_lock);
@@ -719,6 +885,7 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *c, const cha
             return MHD_NO;
         }
         memcpy(st->client_cert, fingerprint, sizeof fingerprint);
+        st->addr = addr;
         new_request_id(st->request_id);
         client_address(c, st->source, sizeof st->source);
         *con_cls = st;
@@ -733,7 +900,7 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *c, const cha
         /* Resumed: the worker's (or the watchdog's) answer is ready. */
         struct job *j = st->job;
         enum MHD_Result ret =
-            send_buf(srv, c, j->status, &j->body, JSON_TYPE, j->error, 0, j->request_id);
+            send_buf(srv, c, j->status, &j->body, JSON_TYPE, j->error, NULL, j->request_id);
         st->job = NULL;
         job_release(j);
         return ret;
@@ -788,6 +955,36 @@ static void mhd_log(void *cls, const char *fmt, va_list ap)
     kms_debug("libmicrohttpd: %s", line);
 }
 
+/* The SHA-256 of metrics_token_file's token: only the digest is kept. */
+static kms_err load_metrics_token(struct kms_server *srv)
+{
+    char *token = NULL;
+    size_t len = 0;
+    if (!srv->cfg.metrics_token_file)
+        return KMS_OK;
+    KMS_GUARD(kms_read_secret_file(srv->cfg.metrics_token_file, &token, &len));
+    kms_err rc = len >= 16 ? kms_sha256(token, len, srv->metrics_token)
+                           : KMS_FAIL(KMS_ERR_VALIDATION,
+                                      "%s: the token must be at least 16 "
+                                      "characters",
+                                      srv->cfg.metrics_token_file);
+    kms_free_secret(token, len + 1);
+    srv->metrics_token_set = rc == KMS_OK;
+    return rc;
+}
+
+static kms_err start_addrlimit(struct kms_server *srv)
+{
+    struct kms_addrlimit_config ac = {
+        srv->cfg.auth_failures_per_minute / 60.0,
+        srv->cfg.auth_failure_burst,
+        srv->cfg.auth_failure_cooldown_s,
+        srv->cfg.auth_failure_audit_interval_s,
+        1000,
+    };
+    return kms_addrlimit_new(&ac, audit_summary, srv, &srv->addrlimit);
+}
+
 kms_err kms_http_start(struct kms_server *srv)
 {
     struct addrinfo hints = {0}, *ai = NULL;
@@ -798,6 +995,8 @@ kms_err kms_http_start(struct kms_server *srv)
     struct kms_pool_config pc = {srv->cfg.workers, srv->cfg.queue_max};
 
     KMS_GUARD(kms_parse_listen(srv->cfg.listen, srv->host, sizeof srv->host, &port));
+    KMS_GUARD(load_metrics_token(srv));
+    KMS_GUARD(start_addrlimit(srv));
     snprintf(port_text, sizeof port_text, "%u", port);
     hints.ai_family = AF_UNSPEC;
     hints.ai_socktype = SOCK_STREAM;
@@ -896,6 +1095,8 @@ void kms_http_stop(struct kms_server *srv)
     if (srv->daemon)
         MHD_stop_daemon(srv->daemon);
     srv->daemon = NULL;
+    kms_addrlimit_free(srv->addrlimit); /* its last summaries, while the audit log is open */
+    srv->addrlimit = NULL;
     kms_pool_free(srv->pool);
     srv->pool = NULL;
 }

@@ -19,6 +19,7 @@ struct kms_stats;
 struct kms_tls;
 struct kms_audit;
 struct kms_policy;
+struct kms_addrlimit;
 
 struct kms_server {
     struct kms_config cfg;
@@ -35,6 +36,9 @@ struct kms_server {
     struct kms_audit *audit;         /* NULL: no audit_log configured */
     char *account_policy;            /* the policy of keys whose record has none */
     struct kms_policy *alias_policy; /* alias_policy_file compiled; NULL: none configured */
+    struct kms_addrlimit *addrlimit; /* failed authentications per address; NULL: none */
+    uint8_t metrics_token[32];       /* SHA-256 of metrics_token_file's token */
+    int metrics_token_set;
     struct MHD_Daemon *daemon;
     volatile int draining; /* SIGTERM: answers say Connection: close, /readyz 503 */
     /* POST requests begun and not completed; none begins once stopping is set. */

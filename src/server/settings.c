@@ -27,6 +27,11 @@ void kms_config_defaults(struct kms_config *c)
     c->queue_max = 256;
     c->request_timeout_ms = 5000;
     c->max_connections = 4096;
+    c->per_ip_connections = 256;
+    c->auth_failures_per_minute = 60;
+    c->auth_failure_burst = 20;
+    c->auth_failure_cooldown_s = 30;
+    c->auth_failure_audit_interval_s = 60;
     c->connection_timeout_s = 30;
     c->max_header = 16 * 1024;
     c->drain_timeout_ms = 10000;
@@ -58,6 +63,7 @@ void kms_config_free(struct kms_config *c)
     free(c->tls_client_ca_file);
     free(c->audit_log);
     free(c->alias_policy_file);
+    free(c->metrics_token_file);
     for (size_t i = 0; i < c->nbindings; i++)
         free(c->bindings[i].principal);
     for (size_t i = 0; i < c->nadmins; i++)
@@ -215,6 +221,12 @@ kms_err kms_config_set(struct kms_config *c, const char *key, const char *value)
         {"request_timeout_ms", offsetof(struct kms_config, request_timeout_ms), 10, 600000},
         {"max_connections", offsetof(struct kms_config, max_connections), 16, 1000000},
         {"per_ip_connections", offsetof(struct kms_config, per_ip_connections), 0, 1000000},
+        {"auth_failures_per_minute", offsetof(struct kms_config, auth_failures_per_minute), 0,
+         6000000},
+        {"auth_failure_burst", offsetof(struct kms_config, auth_failure_burst), 1, 1000000},
+        {"auth_failure_cooldown_s", offsetof(struct kms_config, auth_failure_cooldown_s), 1, 86400},
+        {"auth_failure_audit_interval_s",
+         offsetof(struct kms_config, auth_failure_audit_interval_s), 0, 86400},
         {"connection_timeout_s", offsetof(struct kms_config, connection_timeout_s), 1, 3600},
         {"max_header", offsetof(struct kms_config, max_header), 4096, 1u << 20},
         {"drain_timeout_ms", offsetof(struct kms_config, drain_timeout_ms), 0, 600000},
@@ -307,6 +319,10 @@ kms_err kms_config_set(struct kms_config *c, const char *key, const char *value)
         c->audit_checkpoint_seconds = (unsigned)v;
         return KMS_OK;
     }
+    if (strcmp(key, "metrics_token_file") == 0)
+        return set_string(&c->metrics_token_file, value);
+    if (strcmp(key, "metrics_key_ids") == 0)
+        return set_bool(&c->metrics_key_ids, key, value);
     if (strcmp(key, "admin_principals") == 0)
         return set_admins(c, value);
     if (strcmp(key, "default_key_policy") == 0) {

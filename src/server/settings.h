@@ -36,11 +36,16 @@ struct kms_config {
     unsigned queue_max;          /* requests waiting for a worker before 503 */
     unsigned request_timeout_ms; /* a request unanswered by then gets 503 */
     unsigned max_connections;
-    unsigned per_ip_connections;   /* 0: no limit per client address */
-    unsigned connection_timeout_s; /* idle time before a connection is closed */
-    unsigned max_header;           /* bytes of request line and headers per connection */
-    unsigned drain_timeout_ms;     /* SIGTERM: longest wait for requests in flight */
-    size_t max_body;               /* bytes */
+    unsigned per_ip_connections; /* 0: no limit per client address */
+    /* failed authentications per client address (addrlimit.h) */
+    unsigned auth_failures_per_minute;      /* refill of an address's bucket; 0: no limit */
+    unsigned auth_failure_burst;            /* the bucket's size */
+    unsigned auth_failure_cooldown_s;       /* an address beyond it is refused this long */
+    unsigned auth_failure_audit_interval_s; /* one summary line per address; 0: a line each */
+    unsigned connection_timeout_s;          /* idle time before a connection is closed */
+    unsigned max_header;                    /* bytes of request line and headers per connection */
+    unsigned drain_timeout_ms;              /* SIGTERM: longest wait for requests in flight */
+    size_t max_body;                        /* bytes */
     struct kms_ratelimit_config limits;
     /* TLS: HTTPS when tls_cert_file is set */
     char *tls_cert_file;
@@ -57,6 +62,9 @@ struct kms_config {
     int allow_plain_http;       /* plain HTTP on an address other than loopback */
     int require_locked_memory;  /* refuse to start when mlockall fails */
     char *audit_log;            /* the audit log's path; NULL: none */
+    char *metrics_token_file;   /* the bearer token GET /metrics needs; NULL: /metrics refused */
+    int metrics_key_ids;        /* metrics labelled with key ids */
+    int metrics_open_loopback;  /* --dev: /metrics without a token on a loopback listener */
     unsigned audit_checkpoint_lines;
     unsigned audit_checkpoint_seconds;
     /* The decryption breaker (breaker.h): failures within window_s; 0 failures: off. */

@@ -95,8 +95,13 @@ static kms_err collect(void *arg, struct kms_metrics_writer *w)
             (double)kms_breaker_open_count(srv->breaker, (enum kms_breaker_kind)k,
                                            kms_monotonic_ns())));
     }
-    KMS_GUARD(kms_keystore_survey(srv->ks, &keys, &versions, write_usage, w));
-    KMS_GUARD(kms_keystore_survey(srv->ks, &keys, &versions, write_bounds, w));
+    /* Key ids only when asked for (metrics_key_ids): a scraper needs no list of keys. */
+    if (srv->cfg.metrics_key_ids) {
+        KMS_GUARD(kms_keystore_survey(srv->ks, &keys, &versions, write_usage, w));
+        KMS_GUARD(kms_keystore_survey(srv->ks, &keys, &versions, write_bounds, w));
+    } else {
+        KMS_GUARD(kms_keystore_survey(srv->ks, &keys, &versions, NULL, NULL));
+    }
     KMS_GUARD(kms_metrics_write_gauge(w, "p11kms_keys", "Keys, pending deletion included", NULL,
                                       (double)keys));
     KMS_GUARD(kms_metrics_write_gauge(w, "p11kms_key_versions", "Versions of those keys", NULL,

@@ -93,9 +93,16 @@ kms_err kms_tls_client(const struct kms_tls *t, struct MHD_Connection *c, char f
                    "A client certificate is required");
         return KMS_OK;
     }
-    KMS_ENSURE(gnutls_certificate_verify_peers2(session, &status) == GNUTLS_E_SUCCESS &&
-                   status == 0,
+    /* As OpenSSL's purpose check: an Extended Key Usage, where there is one, must allow
+       clientAuth (a server's certificate is no client's); none at all is fine. */
+    gnutls_typed_vdata_st purpose = {GNUTLS_DT_KEY_PURPOSE_OID,
+                                     (unsigned char *)GNUTLS_KP_TLS_WWW_CLIENT, 0};
+    KMS_ENSURE(gnutls_certificate_verify_peers(session, &purpose, 1, &status) == GNUTLS_E_SUCCESS,
                KMS_ERR_ACCESS_DENIED, "The client certificate is not trusted");
+    KMS_ENSURE(!(status & GNUTLS_CERT_PURPOSE_MISMATCH), KMS_ERR_ACCESS_DENIED,
+               "The client certificate's Extended Key Usage does not allow client "
+               "authentication");
+    KMS_ENSURE(status == 0, KMS_ERR_ACCESS_DENIED, "The client certificate is not trusted");
     KMS_ENSURE(gnutls_fingerprint(GNUTLS_DIG_SHA256, &chain[0], digest, &digest_len) ==
                        GNUTLS_E_SUCCESS &&
                    digest_len == sizeof digest,

@@ -425,7 +425,13 @@ def write_credentials(path, principals, mode=0o600):
     return write_private(path, "\n".join(lines) + "\n", mode)
 
 
+# The bearer token GET /metrics needs on the servers write_config configures.
+METRICS_TOKEN = "p11kms-test-metrics-token-0123456789"
+
+
 def write_config(path, token, credentials_file, **extra):
+    """A configuration file; extra settings override the defaults below, and a
+    setting given as None is left out (metrics_token_file=None: /metrics off)."""
     settings = {
         "module": SOFTHSM_MODULE,
         "token": token.label,
@@ -437,10 +443,16 @@ def write_config(path, token, credentials_file, **extra):
         "threads": "4",
         "audit_log": path + ".audit.log",
         "database": "sqlite:" + path + ".db",
+        "metrics_token_file": write_private(path + ".metrics-token", METRICS_TOKEN + "\n"),
+        # The suite makes many deliberate signature failures, all from 127.0.0.1, and
+        # looks for each one's audit line: no per-address limit nor summaries here.
+        # test_authflood.py runs with the server's defaults.
+        "auth_failures_per_minute": "0",
+        "auth_failure_audit_interval_s": "0",
     }
     settings.update(extra)
     text = "# p11kmsd integration-test configuration\n"
-    text += "".join("%s = %s\n" % kv for kv in settings.items())
+    text += "".join("%s = %s\n" % kv for kv in settings.items() if kv[1] is not None)
     return write_private(path, text)
 
 
@@ -765,6 +777,12 @@ def raw_request(endpoint, method="POST", path="/", headers=None, body=b"", timeo
         return RawResponse(r.status, r.getheaders(), r.read())
     finally:
         conn.close()
+
+
+def get_metrics(endpoint, token=METRICS_TOKEN, timeout=30):
+    """GET /metrics with the bearer token of write_config's servers."""
+    return raw_request(endpoint, "GET", "/metrics",
+                       headers={"Authorization": "Bearer " + token}, timeout=timeout)
 
 
 def signed_request(endpoint, target, body, principal, **kw):

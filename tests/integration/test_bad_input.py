@@ -1759,6 +1759,154 @@ def test_still_serving_and_nothing_changed():
 
 
 
+# ---- framing: nothing smuggled past a proxy ----------------------------------------
+
+SMUGGLED = b"GET /healthz HTTP/1.1\r\nHost: smuggled\r\n\r\n"
+OURS = "ours"   # p11kmsd's 400 ValidationException (JSON, Connection: close)
+MHD = "mhd"     # libmicrohttpd's own page (HTML), status as given
+
+
+def read_to_eof(data, timeout=10):
+    """Sends data on a fresh connection and reads until the server closes it;
+    fails when it stays open. Returns every byte the server sent."""
+    s = socket.create_connection((C.server.host, C.server.port), timeout=timeout)
+    got = b""
+    try:
+        try:
+            s.sendall(data)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # answered and closed before all was sent: what came back is read below
+        deadline = time.monotonic() + timeout
+        while True:
+            if time.monotonic() > deadline:
+                raise AssertionError("the connection is still open after %r" % got[:300])
+            try:
+                chunk = s.recv(65536)
+            except ConnectionResetError:
+                break
+            except socket.timeout:
+                raise AssertionError("the connection is still open after %r" % got[:300])
+            if not chunk:
+                break
+            got += chunk
+    finally:
+        s.close()
+    return got
+
+
+def parse_answers(raw):
+    """The answers in raw, each (status, headers dict with lower-case names,
+    body), framed by Content-Length."""
+    out = []
+    while raw:
+        head, sep, rest = raw.partition(b"\r\n\r\n")
+        if not sep:
+            raise AssertionError("a partial answer: %r" % raw[:300])
+        lines = head.decode("latin-1").split("\r\n")
+        status = int(lines[0].split(" ")[1])
+        headers = {}
+        for line in lines[1:]:
+            k, _, v = line.partition(":")
+            headers[k.strip().lower()] = v.strip()
+        n = int(headers.get("content-length", "0"))
+        out.append((status, headers, rest[:n]))
+        raw = rest[n:]
+    return out
+
+
+def framing_cases():
+    """(name, bytes, who answers): each request is followed on its connection
+    by a smuggled GET /healthz, which must never be answered."""
+    req = signed("DescribeKey", {"KeyId": C.key})
+    body = req.body
+    n = len(body)
+    head = head_bytes(req)
+    chunked_body = b"%x\r\n" % n + body + b"\r\n0\r\n\r\n"
+
+    def chunk_size(size):
+        return head + b"Transfer-Encoding: chunked\r\n\r\n" + size + b"\r\n" + body + \
+            b"\r\n0\r\n\r\n"
+
+    cases = [
+        ("Content-Length, then Transfer-Encoding",
+         head + b"Content-Length: %d\r\nTransfer-Encoding: chunked\r\n\r\n" % len(chunked_body)
+         + chunked_body, OURS, "The request has both Content-Length and Transfer-Encoding"),
+        ("Transfer-Encoding, then Content-Length",
+         head + b"Transfer-Encoding: chunked\r\nContent-Length: %d\r\n\r\n" % n + chunked_body,
+         OURS, "The request has both Content-Length and Transfer-Encoding"),
+        ("Content-Length 0 beside Transfer-Encoding",
+         head + b"Content-Length: 0\r\nTransfer-Encoding: chunked\r\n\r\n" + chunked_body,
+         OURS, "The request has both Content-Length and Transfer-Encoding"),
+        ("two Content-Length, equal",
+         head + b"Content-Length: %d\r\nContent-Length: %d\r\n\r\n" % (n, n) + body, OURS,
+         "The request has more than one Content-Length header"),
+        ("two Content-Length, differing",
+         head + b"Content-Length: %d\r\nContent-Length: %d\r\n\r\n" % (n, 0) + body, OURS,
+         "The request has more than one Content-Length header"),
+        ("two Transfer-Encoding",
+         head + b"Transfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n"
+         + chunked_body, OURS, "The request has more than one Transfer-Encoding header"),
+        ("Transfer-Encoding gzip, chunked",
+         head + b"Transfer-Encoding: gzip, chunked\r\n\r\n" + chunked_body, OURS,
+         "The request's Transfer-Encoding is not chunked"),
+        ("Transfer-Encoding chunked, chunked",
+         head + b"Transfer-Encoding: chunked, chunked\r\n\r\n" + chunked_body, OURS,
+         "The request's Transfer-Encoding is not chunked"),
+    ]
+    # libmicrohttpd refuses these itself, before p11kmsd sees the request.
+    for value in (b"+%d" % n, b"0x%x" % n, b"%d,%d" % (n, n), b"%d.0" % n, b"-1", b"%de0" % n,
+                  b"%d abc" % n, b""):
+        cases.append(("Content-Length %r" % value.decode(),
+                      head + b"Content-Length: " + value + b"\r\n\r\n" + body, MHD, 400))
+    cases.append(("Content-Length of 21 digits",
+                  head + b"Content-Length: " + b"1" * 21 + b"\r\n\r\n" + body, MHD, 413))
+    for size in (b"zz", b"0x%x" % n, b"-%x" % n, b"+%x" % n, b"", b" %x" % n, b"%x " % n):
+        cases.append(("chunk size %r" % size.decode(), chunk_size(size), MHD, 400))
+    cases.append(("a chunk size of 20 hex digits", chunk_size(b"f" * 20), MHD, 413))
+    return cases
+
+
+@test
+def test_framing_is_never_in_doubt():
+    """Raw sockets: a request whose body's end is in doubt (RFC 9112 sections
+    6.1, 6.3) gets exactly one answer, 400, and the connection closes; the
+    request smuggled after it is never answered."""
+    for name, data, who, expected in framing_cases():
+        raw = read_to_eof(data + SMUGGLED)
+        if who == OURS:
+            answers = parse_answers(raw)
+            eq([a[0] for a in answers], [400], "%s: the answers' statuses" % name)
+            status, headers, body = answers[0]
+            doc = json.loads(body)
+            eq(doc, {"__type": "ValidationException", "message": expected}, "%s: answer" % name)
+            eq(headers.get("x-amzn-errortype"), "ValidationException", "%s: X-Amzn-ErrorType"
+               % name)
+            eq(headers.get("connection", "").lower(), "close", "%s: Connection" % name)
+        else:
+            # libmicrohttpd 0.9.75 writes its error answer's header block twice before
+            # the page: one answer all the same, and nothing after it.
+            check(raw.startswith(b"HTTP/1.1 %d " % expected), "%s: %r" % (name, raw[:200]))
+            eq(re.findall(rb"HTTP/1\.1 (\d+) ", raw), [b"%d" % expected] * len(
+                re.findall(rb"HTTP/1\.1 (\d+) ", raw)), "%s: every status line" % name)
+            check(raw.endswith(b"</html>"), "%s: ends with its page: %r" % (name, raw[-100:]))
+            check(b"ok\n" not in raw, "%s: the smuggled request is not answered" % name)
+    # Well framed, the same bytes are two requests on one connection, both answered.
+    req = signed("DescribeKey", {"KeyId": C.key})
+    good = head_bytes(req) + b"Content-Length: %d\r\n\r\n" % len(req.body) + req.body
+    s = socket.create_connection((C.server.host, C.server.port), timeout=10)
+    try:
+        s.sendall(good + SMUGGLED.replace(b"\r\n\r\n", b"\r\nConnection: close\r\n\r\n"))
+        got = b""
+        while True:
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            got += chunk
+    finally:
+        s.close()
+    eq([a[0] for a in parse_answers(got)], [200, 200], "a well-framed pair")
+
+
 @test
 def test_no_plaintext_in_audit_log():
     """Neither the marker (raw, base64, hex), nor any data key this test was

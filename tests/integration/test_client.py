@@ -140,7 +140,7 @@ def by_what(lines):
 
 
 def metrics(endpoint=None):
-    r = h.raw_request(endpoint or C.server.endpoint, "GET", "/metrics")
+    r = h.get_metrics(endpoint or C.server.endpoint)
     eq(r.status, 200, "GET /metrics")
     return promtext.parse(r.body.decode("utf-8"))
 

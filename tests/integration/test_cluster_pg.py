@@ -130,6 +130,8 @@ NODE_SETTINGS = {
     "rate_crypto": "0",
     "rate_manage": "0",
     "rate_global": "0",
+    # Behind nginx every connection comes from its address (docs/operations.md).
+    "per_ip_connections": "0",
 }
 NODES = ("A", "B", "C")
 DATA_KEYS = 3       # GenerateDataKey, rotation, policies; never disabled

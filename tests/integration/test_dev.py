@@ -153,6 +153,17 @@ def key_arn():
 
 
 @test
+def test_metrics_open_on_loopback():
+    """--dev on its loopback listener: /metrics without a token (a production
+    server needs metrics_token_file), and no key ids in it."""
+    r = h.raw_request(C.server.endpoint, "GET", "/metrics")
+    eq(r.status, 200, "GET /metrics in --dev mode: %r" % r.body[:200])
+    text = r.body.decode()
+    check("p11kms_keys 1\n" in text, "p11kms_keys counts alias/dev's key")
+    check("key_id=" not in text and C.key_id not in text, "no key ids")
+
+
+@test
 def test_readme_flow_with_aws_cli():
     out = readme_cli('/usr/bin/aws kms generate-data-key --endpoint-url "$AWS_ENDPOINT_URL" '
                      '--key-id alias/dev --key-spec AES_256')

@@ -138,7 +138,7 @@ def answer_is_right(op, r):
 
 
 def metrics():
-    r = h.raw_request(C.ep, method="GET", path="/metrics")
+    r = h.get_metrics(C.ep)
     eq(r.status, 200, "/metrics status")
     return promtext.parse(r.body.decode())
 

@@ -166,7 +166,7 @@ def new_key(description):
 
 
 def metrics():
-    r = h.raw_request(server().endpoint, "GET", "/metrics")
+    r = h.get_metrics(server().endpoint)
     eq(r.status, 200, "GET /metrics")
     return promtext.parse(r.body.decode("utf-8"))
 

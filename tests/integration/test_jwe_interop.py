@@ -282,7 +282,7 @@ def client_env():
 
 
 def op_requests(operation):
-    r = h.raw_request(C.server.endpoint, "GET", "/metrics")
+    r = h.get_metrics(C.server.endpoint)
     eq(r.status, 200, "GET /metrics")
     parsed = promtext.parse(r.body.decode("utf-8"))
     return sum(v for (name, labels), v in parsed.items()

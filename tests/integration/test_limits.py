@@ -78,7 +78,9 @@ def setup():
     C.token = h.make_token(C.ws.sub("token"), "p11kms-limits")
     C.creds = h.write_credentials(C.ws.sub("credentials"), [C.alice, C.bob])
     C.config = h.write_config(C.ws.sub("p11kmsd.conf"), C.token, C.creds, **{
-        "rate_crypto.alice": str(ALICE_RATE), "burst_crypto.alice": str(ALICE_BURST)})
+        "rate_crypto.alice": str(ALICE_RATE), "burst_crypto.alice": str(ALICE_BURST),
+        # 1,200 idle and slow connections from 127.0.0.1 below; key ids in /metrics
+        "per_ip_connections": "0", "metrics_key_ids": "true"})
     C.server = h.start_config_server(C.config, C.token, C.ws.sub("p11kmsd.log"))
     h.diag("p11kmsd serving %s" % C.server.endpoint)
     C.key = create_key(C.bob)
@@ -141,7 +143,7 @@ def check_throttled(r, retry_after, what):
 
 
 def metrics(endpoint=None):
-    r = h.raw_request(endpoint or C.server.endpoint, "GET", "/metrics")
+    r = h.get_metrics(endpoint or C.server.endpoint)
     eq(r.status, 200, "GET /metrics status")
     eq(r.header("Content-Type"), METRICS_TYPE, "GET /metrics Content-Type")
     return promtext.parse(r.body.decode("utf-8"))
@@ -499,6 +501,44 @@ def test_metrics_counters_move():
         eq(len(series), 1, "uses_reserved series of key %s" % key_id)
 
 
+@test
+def test_metrics_need_their_token():
+    """GET /metrics: only with the bearer token of metrics_token_file (401 and
+    WWW-Authenticate without it, whatever else is sent); without that setting
+    never (403), token or not."""
+    ep = C.server.endpoint
+    denied = "GET /metrics needs the bearer token of metrics_token_file"
+    t = h.METRICS_TOKEN
+    for what, headers in (("no Authorization", {}),
+                          ("a token one character short", {"Authorization": "Bearer " + t[:-1]}),
+                          ("a token one character long", {"Authorization": "Bearer " + t + "x"}),
+                          ("the token without its scheme", {"Authorization": t}),
+                          ("the token as Basic", {"Authorization": "Basic " + t}),
+                          ("Bearer and nothing", {"Authorization": "Bearer "}),
+                          ("a SigV4 signature", h.sign(ep, None, b"", C.bob)[0])):
+        r = h.raw_request(ep, "GET", "/metrics", headers=headers)
+        doc = h.check_error_response(r, "AccessDeniedException", 401)
+        eq(doc["message"], denied, "%s: message" % what)
+        eq(r.header("WWW-Authenticate"), 'Bearer realm="p11kms metrics"',
+           "%s: WWW-Authenticate" % what)
+        check(b"p11kms_" not in r.body, "%s: no metrics in the answer" % what)
+    r = h.raw_request(ep, "GET", "/metrics", headers={"Authorization": "bearer " + t})
+    eq(r.status, 200, "the scheme's name in lower case (RFC 9110: case-insensitive)")
+    check(promtext.parse(r.body.decode()), "metrics")
+
+    token = h.make_token(C.ws.sub("no-metrics-token"), "p11kms-no-metrics")
+    config = h.write_config(C.ws.sub("no-metrics.conf"), token, C.creds, metrics_token_file=None)
+    srv = h.start_config_server(config, token, C.ws.sub("no-metrics.log"))
+    C.drain_servers.append(srv)
+    for headers in ({}, {"Authorization": "Bearer " + t}):
+        r = h.raw_request(srv.endpoint, "GET", "/metrics", headers=headers)
+        doc = h.check_error_response(r, "AccessDeniedException", 403)
+        eq(doc["message"], "GET /metrics is served only with metrics_token_file set",
+           "without metrics_token_file")
+    eq(h.raw_request(srv.endpoint, "GET", "/healthz").status, 200, "/healthz meanwhile")
+    srv.stop()
+
+
 # ---- 6. SIGHUP ----------------------------------------------------------------------
 
 
@@ -513,7 +553,8 @@ def test_sighup_reloads_credentials_and_limits():
 
     h.write_credentials(C.creds, [C.alice, C.bob, C.carol])
     h.write_config(C.config, C.token, C.creds, **{
-        "rate_crypto.carol": str(CAROL_RATE), "burst_crypto.carol": str(CAROL_BURST)})
+        "rate_crypto.carol": str(CAROL_RATE), "burst_crypto.carol": str(CAROL_BURST),
+        "per_ip_connections": "0", "metrics_key_ids": "true"})
     C.server.proc.send_signal(signal.SIGHUP)
     log = wait_log(C.server, "reloaded: 3 principals, rate limits")
     check("reload refused" not in log, "no refusal logged")

@@ -387,8 +387,9 @@ def check_token(copy, db):
 
 def token_calls(server):
     """C_GenerateKey and C_WrapKey calls so far, from /metrics."""
-    with urllib.request.urlopen(server.endpoint + "/metrics", timeout=10) as r:
-        text = r.read().decode()
+    r = h.get_metrics(server.endpoint, timeout=10)
+    eq(r.status, 200, "GET /metrics")
+    text = r.body.decode()
     check("# TYPE p11kms_token_call_seconds histogram" in text, "/metrics times token calls")
     out = {}
     for fn in ("C_GenerateKey", "C_WrapKey"):

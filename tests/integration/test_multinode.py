@@ -78,6 +78,8 @@ NODE_SETTINGS = {
     "day_seconds": "1",
     "rotation_min_days": "1",
     "max_on_demand_rotations": "100000",
+    # /metrics lists each enabled key held (p11kms_key_version_uses_reserved).
+    "metrics_key_ids": "true",
 }
 ARN_PREFIX = "arn:aws:kms:%s:%s:" % (h.REGION, h.ACCOUNT)
 STATE_NAMES = {0: "Enabled", 1: "Disabled", 2: "PendingDeletion"}
@@ -305,7 +307,7 @@ def check_token(what):
 def wraps(ep):
     """C_WrapKey calls a node has made: one for each key version it made in
     the token, stored or not."""
-    r = h.raw_request(ep, "GET", "/metrics")
+    r = h.get_metrics(ep)
     eq(r.status, 200, "GET /metrics on %s" % name(ep))
     return promtext.value(promtext.parse(r.body.decode()), "p11kms_token_call_seconds_count",
                           function="C_WrapKey")
@@ -314,7 +316,7 @@ def wraps(ep):
 def node_keys_in_memory(ep):
     """{key id: current version} of the keys a node holds in memory, from its
     /metrics (p11kms_key_version_uses_reserved lists each enabled key held)."""
-    r = h.raw_request(ep, "GET", "/metrics")
+    r = h.get_metrics(ep)
     eq(r.status, 200, "GET /metrics on %s" % name(ep))
     out = {}
     for (sample, labels), _ in promtext.parse(r.body.decode()).items():

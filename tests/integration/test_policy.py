@@ -329,8 +329,10 @@ def test_audit_failure_fails_closed():
     check("Plaintext" not in r.body.decode(), "no data key leaves unaudited")
     r = call(C.bob, "DescribeKey", {"KeyId": C.other})
     h.check_error_response(r, "KMSInternalException", 500)
-    m = h.raw_request(C.server.endpoint, method="GET", path="/metrics").body.decode()
+    m = h.get_metrics(C.server.endpoint).body.decode()
     check("p11kms_audit_write_failures_total 0\n" not in m, "the failures are counted")
+    # Without metrics_key_ids, /metrics names no key.
+    check("key_id=" not in m and C.other not in m, "no key ids in /metrics by default")
     os.remove(log)
     ok(C.bob, "GenerateDataKey", body)
     ok(C.bob, "DescribeKey", {"KeyId": C.other})

@@ -675,7 +675,7 @@ def test_database_crash_and_restart():
 @test
 def test_password_in_no_log_and_no_metrics():
     for s in (C.a, C.b):
-        r = h.raw_request(s.endpoint, method="GET", path="/metrics")
+        r = h.get_metrics(s.endpoint)
         eq(r.status, 200, "/metrics")
         text = r.body.decode()
         check(len(promtext.parse(text)) > 10, "/metrics has our metrics")

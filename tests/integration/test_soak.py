@@ -195,7 +195,7 @@ def ok(r, what):
 
 
 def metrics():
-    r = h.raw_request(C.server.endpoint, "GET", "/metrics")
+    r = h.get_metrics(C.server.endpoint)
     eq(r.status, 200, "GET /metrics status")
     return promtext.parse(r.body.decode("utf-8"))
 
@@ -712,7 +712,7 @@ def token_objects():
     """{function: count} of the token calls that make and destroy objects,
     and "versions": p11kms_key_versions (the key objects of keys not yet
     destroyed), from /metrics."""
-    r = h.raw_request(C.server.endpoint, "GET", "/metrics")
+    r = h.get_metrics(C.server.endpoint)
     if r.status != 200:
         raise AssertionError("GET /metrics: HTTP %d" % r.status)
     text = r.body.decode("utf-8")

@@ -51,11 +51,15 @@ def openssl(*args):
 
 
 def make_pki(d):
-    """A CA; a server certificate for 127.0.0.1; client certificates A and B from the CA;
-    a self-signed client certificate the CA never signed."""
+    """A CA; a server certificate for 127.0.0.1; client certificates A and B from the CA
+    (no Extended Key Usage); from the CA too, certificates whose Extended Key Usage is
+    serverAuth only (srvonly), clientAuth (cliauth), and both (both); a self-signed client
+    certificate the CA never signed."""
+    eku = {"srvonly": "serverAuth", "cliauth": "clientAuth", "both": "serverAuth, clientAuth"}
     p = {k: os.path.join(d, k) for k in (
         "ca.key", "ca.pem", "server.key", "server.csr", "server.pem", "ext.cnf",
-        "a.key", "a.csr", "a.pem", "b.key", "b.csr", "b.pem", "rogue.key", "rogue.pem")}
+        "a.key", "a.csr", "a.pem", "b.key", "b.csr", "b.pem", "rogue.key", "rogue.pem")
+        + tuple(n + x for n in eku for x in (".key", ".csr", ".pem", ".cnf"))}
     key = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes"]
     openssl("req", "-x509", *key, "-keyout", p["ca.key"], "-out", p["ca.pem"], "-days", "2",
             "-subj", "/CN=p11kms test CA")
@@ -70,6 +74,14 @@ def make_pki(d):
                 "-subj", "/CN=client " + name)
         openssl("x509", "-req", "-in", p[name + ".csr"], "-CA", p["ca.pem"], "-CAkey",
                 p["ca.key"], "-CAcreateserial", "-out", p[name + ".pem"], "-days", "2")
+    for name, usage in eku.items():
+        with open(p[name + ".cnf"], "w") as f:
+            f.write("extendedKeyUsage = %s\n" % usage)
+        openssl("req", *key, "-keyout", p[name + ".key"], "-out", p[name + ".csr"],
+                "-subj", "/CN=client " + name)
+        openssl("x509", "-req", "-in", p[name + ".csr"], "-CA", p["ca.pem"], "-CAkey",
+                p["ca.key"], "-CAcreateserial", "-out", p[name + ".pem"], "-days", "2",
+                "-extfile", p[name + ".cnf"])
     openssl("req", "-x509", *key, "-keyout", p["rogue.key"], "-out", p["rogue.pem"],
             "-days", "2", "-subj", "/CN=rogue")
     for k in p:
@@ -209,6 +221,16 @@ def test_client_certificates():
                           "message": "The client certificate is not trusted"}, "its answer")
     # bob (not bound) with either trusted certificate
     for cert in ("a", "b"):
+        rc, code, body = signed_curl(srv, C.bob, "ListKeys", {}, cert=cert)
+        eq((rc, code), (0, 200), "bob with certificate %s: %s" % (cert, body))
+    # The certificate's purpose, as OpenSSL's check: an Extended Key Usage that does not
+    # allow clientAuth is refused before any operation; none at all (a, b) is fine.
+    rc, code, body = signed_curl(srv, C.bob, "ListKeys", {}, cert="srvonly")
+    eq((rc, code), (0, 400), "a certificate for serverAuth only: %s" % body)
+    eq(json.loads(body), {"__type": "AccessDeniedException",
+                          "message": "The client certificate's Extended Key Usage does not "
+                                     "allow client authentication"}, "its answer")
+    for cert in ("cliauth", "both"):
         rc, code, body = signed_curl(srv, C.bob, "ListKeys", {}, cert=cert)
         eq((rc, code), (0, 200), "bob with certificate %s: %s" % (cert, body))
     # alice is bound to certificate A

@@ -195,6 +195,36 @@ static void test_record_line_minimal(void **state)
     kms_buf_free(&line);
 }
 
+/* One line for an address's failed authentications: "count", source without a port. */
+static void test_record_line_summary(void **state)
+{
+    struct kms_buf line = KMS_BUF_INIT;
+    struct kms_audit_template t;
+    uint8_t prev[32] = {0};
+    (void)state;
+    struct kms_audit_record r = {
+        .request_id = "id",
+        .principal = "",
+        .source = "2001:db8:1:2::/64",
+        .operation = "none",
+        .outcome = "InvalidSignatureException",
+        .count = 123456,
+    };
+    assert_int_equal(kms_audit_template_build(&r, LOG_A, NULL, &t), KMS_OK);
+    assert_int_equal(kms_audit_template_fill(&t, 3, prev, TIME, &line), KMS_OK);
+    assert_int_equal(kms_buf_terminate(&line), KMS_OK);
+    assert_string_equal(
+        str(&line),
+        "{\"count\":123456,\"latency_us\":0,\"log\":\"" LOG_A "\",\"operation\":\"none\","
+        "\"outcome\":\"InvalidSignatureException\",\"prev\":\"00000000000000000000000000"
+        "00000000000000000000000000000000000000\",\"principal\":\"\",\"request_id\":\"id\","
+        "\"seq\":3,\"source\":\"2001:db8:1:2::/64\",\"time\":\"" TIME "\",\"type\":\"request\","
+        "\"v\":1}");
+    assert_sorted_json(str(&line));
+    kms_audit_template_free(&t);
+    kms_buf_free(&line);
+}
+
 static void test_record_bad_context(void **state)
 {
     struct kms_audit_template t;
@@ -857,6 +887,7 @@ int main(void)
         cmocka_unit_test(test_json_string),
         cmocka_unit_test(test_record_line),
         cmocka_unit_test(test_record_line_minimal),
+        cmocka_unit_test(test_record_line_summary),
         cmocka_unit_test(test_record_bad_context),
         cmocka_unit_test(test_checkpoint_and_reopen_lines),
         cmocka_unit_test(test_record_labels),

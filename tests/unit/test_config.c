@@ -50,7 +50,44 @@ static void test_config_defaults(void **state)
     assert_int_equal(c.breaker_failures, 100);
     assert_int_equal(c.breaker_window_s, 60);
     assert_int_equal(c.breaker_cooldown_s, 300);
+    assert_int_equal(c.per_ip_connections, 256);
+    assert_int_equal(c.auth_failures_per_minute, 60);
+    assert_int_equal(c.auth_failure_burst, 20);
+    assert_int_equal(c.auth_failure_cooldown_s, 30);
+    assert_int_equal(c.auth_failure_audit_interval_s, 60);
+    assert_null(c.metrics_token_file);
+    assert_int_equal(c.metrics_key_ids, 0);
+    assert_int_equal(c.metrics_open_loopback, 0);
     kms_config_free(&c);
+}
+
+static void expect_config_error(const char *text, unsigned line);
+
+static void test_config_http_protection_settings(void **state)
+{
+    static const char text[] = "per_ip_connections = 0\n"
+                               "auth_failures_per_minute = 0\n"
+                               "auth_failure_burst = 5\n"
+                               "auth_failure_cooldown_s = 600\n"
+                               "auth_failure_audit_interval_s = 0\n"
+                               "metrics_token_file = /etc/p11kms/metrics.token\n"
+                               "metrics_key_ids = true\n";
+    struct kms_config c;
+    (void)state;
+
+    kms_config_defaults(&c);
+    assert_int_equal(kms_config_parse(&c, text), KMS_OK);
+    assert_int_equal(c.per_ip_connections, 0);
+    assert_int_equal(c.auth_failures_per_minute, 0);
+    assert_int_equal(c.auth_failure_burst, 5);
+    assert_int_equal(c.auth_failure_cooldown_s, 600);
+    assert_int_equal(c.auth_failure_audit_interval_s, 0);
+    assert_string_equal(c.metrics_token_file, "/etc/p11kms/metrics.token");
+    assert_int_equal(c.metrics_key_ids, 1);
+    kms_config_free(&c);
+    expect_config_error("auth_failure_burst = 0\n", 1);
+    expect_config_error("threads = 2\nauth_failure_cooldown_s = 0\n", 2);
+    expect_config_error("metrics_key_ids = 1\n", 1);
 }
 
 static void test_config_parse_every_key(void **state)
@@ -561,6 +598,7 @@ int main(void)
         cmocka_unit_test(test_config_parse_every_key),
         cmocka_unit_test(test_config_later_value_wins),
         cmocka_unit_test(test_config_comments_and_blanks_ignored),
+        cmocka_unit_test(test_config_http_protection_settings),
         cmocka_unit_test(test_config_errors_name_the_line),
         cmocka_unit_test(test_config_database_urls),
         cmocka_unit_test(test_config_breaker),
