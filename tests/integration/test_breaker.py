@@ -122,7 +122,7 @@ def fails(who, blob, error, what, **extra):
 
 
 def metrics():
-    r = h.raw_request(C.server.endpoint, "GET", "/metrics")
+    r = h.get_metrics(C.server.endpoint)
     eq(r.status, 200, "GET /metrics")
     return promtext.parse(r.body.decode("utf-8"))
 
