@@ -56,6 +56,7 @@ struct kms_config {
     int allow_plain_http;       /* plain HTTP on an address other than loopback */
     int require_locked_memory;  /* refuse to start when mlockall fails */
     char *audit_log;            /* the audit log's path; NULL: none */
+    char *audit_node;           /* this node's name for its audit head; NULL: host:audit_log */
     unsigned audit_checkpoint_lines;
     unsigned audit_checkpoint_seconds;
     struct kms_keystore_config keys; /* lifecycle and multi-node settings */
