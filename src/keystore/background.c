@@ -147,7 +147,7 @@ static void destroy(struct kms_keystore *ks, const uint8_t id[KMS_UUID_LEN], int
     struct destroy_args a = {.now = now, .failed = KMS_OK};
     char text[KMS_UUID_TEXT_LEN + 1];
     kms_uuid_format(id, text);
-    kms_err rc = kms_key_change(ks, id, destroy_in, &a);
+    kms_err rc = kms_key_change(ks, id, "DeleteKey", 1, destroy_in, &a);
     if (a.not_due) {
         kms_err_clear();
     } else if (rc != KMS_OK) {

@@ -224,9 +224,21 @@ kms_err kms_key_usable_locked(struct kms_keystore *ks, const struct key *k);
  * under the database's write lock (or fails, and nothing is written).
  */
 kms_err kms_key_change(struct kms_keystore *ks, const uint8_t id[KMS_UUID_LEN],
+                       const char *operation, int automatic,
                        kms_err (*fn)(struct kms_keystore *ks, struct kms_tx *tx,
                                      struct kms_key_row *r, void *arg),
                        void *arg);
+/*
+ * Commits a change's write transaction the audited way: its intent written
+ * ahead (KMS_ERR_DEPENDENCY_TIMEOUT, nothing committed, when it cannot be),
+ * the request id stored in the transaction, then the commit and its outcome.
+ * The caller rolls back after a failure, as after kms_store_commit's.
+ */
+kms_err kms_change_commit(struct kms_keystore *ks, struct kms_tx *tx, struct kms_change_event *e);
+/* An event naming a key (by id) or an alias; for kms_change_commit. */
+void kms_change_event_init(struct kms_keystore *ks, struct kms_change_event *e,
+                           const char *operation, int automatic, const uint8_t *key_id,
+                           const char *alias);
 
 /* ---- rotation.c ---- */
 /* A new version of a key when still due (reason: KMS_ROTATE_*); from: the usage-bound version. */

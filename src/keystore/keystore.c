@@ -364,7 +364,47 @@ kms_err kms_keystore_get_policy(struct kms_keystore *ks, const char *ref, char *
 
 /* ---- changes -------------------------------------------------------------- */
 
+void kms_change_event_init(struct kms_keystore *ks, struct kms_change_event *e,
+                           const char *operation, int automatic, const uint8_t *key_id,
+                           const char *alias)
+{
+    char text[KMS_UUID_TEXT_LEN + 1];
+    memset(e, 0, sizeof *e);
+    e->operation = operation;
+    e->automatic = automatic;
+    e->alias = alias;
+    if (key_id) {
+        kms_uuid_format(key_id, text);
+        snprintf(e->key_arn, sizeof e->key_arn, "%skey/%s", ks->arn_prefix, text);
+    }
+}
+
+kms_err kms_change_commit(struct kms_keystore *ks, struct kms_tx *tx, struct kms_change_event *e)
+{
+    const struct kms_change_audit *au = &ks->cfg.audit;
+    if (!au->intent)
+        return kms_store_commit(tx);
+    /* Ahead of the commit, on disk: a change nobody could see never commits. */
+    KMS_GUARD(au->intent(au->arg, e));
+    kms_err rc = kms_store_change_request(tx, e->request_id);
+    int result = KMS_CHANGE_NOT_COMMITTED;
+    if (rc == KMS_OK) {
+        rc = kms_store_commit(tx);
+        /* A commit that failed may have happened all the same (a lost connection): looked up. */
+        result = rc == KMS_OK ? KMS_CHANGE_COMMITTED : KMS_CHANGE_UNKNOWN;
+    }
+    if (au->outcome) {
+        char message[512];
+        snprintf(message, sizeof message, "%s", kms_err_message());
+        au->outcome(au->arg, e, result);
+        if (rc != KMS_OK)
+            rc = KMS_FAIL(rc, "%s", message);
+    }
+    return rc;
+}
+
 kms_err kms_key_change(struct kms_keystore *ks, const uint8_t id[KMS_UUID_LEN],
+                       const char *operation, int automatic,
                        kms_err (*fn)(struct kms_keystore *ks, struct kms_tx *tx,
                                      struct kms_key_row *r, void *arg),
                        void *arg)
@@ -372,6 +412,9 @@ kms_err kms_key_change(struct kms_keystore *ks, const uint8_t id[KMS_UUID_LEN],
     struct kms_key_row row = {0};
     struct kms_tx *tx;
     char text[KMS_UUID_TEXT_LEN + 1];
+    struct kms_change_event e;
+
+    kms_change_event_init(ks, &e, operation, automatic, id, NULL);
 
     pthread_mutex_lock(&ks->change);
     kms_err rc = kms_store_begin(ks->store, KMS_TX_WRITE, &tx);
@@ -390,7 +433,7 @@ kms_err kms_key_change(struct kms_keystore *ks, const uint8_t id[KMS_UUID_LEN],
         if (rc == KMS_OK)
             rc = kms_store_note_change(tx, KMS_CHANGE_KEY, id, NULL);
         if (rc == KMS_OK)
-            rc = kms_store_commit(tx);
+            rc = kms_change_commit(ks, tx, &e);
         kms_store_rollback(tx);
     }
     /*
@@ -406,7 +449,7 @@ kms_err kms_key_change(struct kms_keystore *ks, const uint8_t id[KMS_UUID_LEN],
 }
 
 /* A change to the key ref names, with fn as in kms_key_change; the key's id comes back. */
-static kms_err change_ref(struct kms_keystore *ks, const char *ref,
+static kms_err change_ref(struct kms_keystore *ks, const char *ref, const char *operation,
                           kms_err (*fn)(struct kms_keystore *ks, struct kms_tx *tx,
                                         struct kms_key_row *r, void *arg),
                           void *arg, uint8_t id[KMS_UUID_LEN])
@@ -415,7 +458,7 @@ static kms_err change_ref(struct kms_keystore *ks, const char *ref,
     KMS_GUARD(kms_resolve(ks, ref, KMS_REF_ALIAS, &k));
     memcpy(id, k->id, KMS_UUID_LEN);
     kms_key_put(ks, k);
-    return kms_key_change(ks, id, fn, arg);
+    return kms_key_change(ks, id, operation, 0, fn, arg);
 }
 
 static kms_err describe_id(struct kms_keystore *ks, const uint8_t id[KMS_UUID_LEN],
@@ -459,7 +502,7 @@ static kms_err set_enabled(struct kms_keystore *ks, struct kms_tx *tx, struct km
 kms_err kms_keystore_enable(struct kms_keystore *ks, const char *ref, int enable)
 {
     uint8_t id[KMS_UUID_LEN];
-    return change_ref(ks, ref, set_enabled, &enable, id);
+    return change_ref(ks, ref, enable ? "EnableKey" : "DisableKey", set_enabled, &enable, id);
 }
 
 static kms_err set_policy(struct kms_keystore *ks, struct kms_tx *tx, struct kms_key_row *r,
@@ -477,7 +520,7 @@ static kms_err set_policy(struct kms_keystore *ks, struct kms_tx *tx, struct kms
 kms_err kms_keystore_put_policy(struct kms_keystore *ks, const char *ref, const char *policy)
 {
     uint8_t id[KMS_UUID_LEN];
-    return change_ref(ks, ref, set_policy, (void *)policy, id);
+    return change_ref(ks, ref, "PutKeyPolicy", set_policy, (void *)policy, id);
 }
 
 static kms_err check_days(long days, unsigned min, unsigned max, const char *member)
@@ -508,7 +551,7 @@ kms_err kms_keystore_schedule_deletion(struct kms_keystore *ks, const char *ref,
     KMS_GUARD(check_days(days, ks->cfg.pending_min_days, ks->cfg.pending_max_days,
                          "pendingWindowInDays"));
     int64_t date = kms_now() + (int64_t)days * ks->cfg.day_seconds;
-    KMS_GUARD(change_ref(ks, ref, schedule, &date, id));
+    KMS_GUARD(change_ref(ks, ref, "ScheduleKeyDeletion", schedule, &date, id));
     return describe_id(ks, id, out);
 }
 
@@ -529,7 +572,7 @@ kms_err kms_keystore_cancel_deletion(struct kms_keystore *ks, const char *ref,
                                      struct kms_key_info *out)
 {
     uint8_t id[KMS_UUID_LEN];
-    KMS_GUARD(change_ref(ks, ref, cancel, NULL, id));
+    KMS_GUARD(change_ref(ks, ref, "CancelKeyDeletion", cancel, NULL, id));
     return describe_id(ks, id, out);
 }
 
@@ -569,13 +612,13 @@ kms_err kms_keystore_enable_rotation(struct kms_keystore *ks, const char *ref, l
     KMS_GUARD(check_days(days, ks->cfg.rotation_min_days, ks->cfg.rotation_max_days,
                          "rotationPeriodInDays"));
     struct rotation_setting s = {days, (int64_t)days * ks->cfg.day_seconds};
-    return change_ref(ks, ref, set_rotation, &s, id);
+    return change_ref(ks, ref, "EnableKeyRotation", set_rotation, &s, id);
 }
 
 kms_err kms_keystore_disable_rotation(struct kms_keystore *ks, const char *ref)
 {
     uint8_t id[KMS_UUID_LEN];
-    return change_ref(ks, ref, set_rotation, NULL, id);
+    return change_ref(ks, ref, "DisableKeyRotation", set_rotation, NULL, id);
 }
 
 /* ---- aliases -------------------------------------------------------------- */
@@ -638,8 +681,11 @@ static kms_err alias_change(struct kms_keystore *ks, const char *name, int what,
     struct kms_key_row key = {0};
     struct kms_tx *tx;
     int64_t now = kms_now();
+    struct kms_change_event e;
+    static const char *const ops[] = {"CreateAlias", "UpdateAlias", "DeleteAlias"};
 
     snprintf(a.name, sizeof a.name, "%s", name);
+    kms_change_event_init(ks, &e, ops[what], 0, target, name);
     pthread_mutex_lock(&ks->change);
     kms_err rc = kms_store_begin(ks->store, KMS_TX_WRITE, &tx);
     if (rc == KMS_OK) {
@@ -666,7 +712,7 @@ static kms_err alias_change(struct kms_keystore *ks, const char *name, int what,
         if (rc == KMS_OK)
             rc = kms_store_note_change(tx, KMS_CHANGE_ALIAS, NULL, name);
         if (rc == KMS_OK)
-            rc = kms_store_commit(tx);
+            rc = kms_change_commit(ks, tx, &e);
         kms_store_rollback(tx);
     }
     pthread_mutex_unlock(&ks->change);

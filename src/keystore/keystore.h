@@ -26,6 +26,26 @@ enum kms_key_state { KMS_KEY_ENABLED, KMS_KEY_DISABLED, KMS_KEY_PENDING_DELETION
 
 struct kms_keystore;
 
+/*
+ * A change the key store is about to commit, as the audit log names it: the
+ * intent callback writes it ahead (and sets request_id, which the transaction
+ * stores with the change) before the commit, which does not happen when it
+ * fails; the outcome callback follows the commit or its failure.
+ */
+struct kms_change_event {
+    const char *operation; /* "CreateKey", ...; the server's own: "RotateKey", "DeleteKey" */
+    int automatic;         /* the server's own (rotation schedule, usage bound, deletion date) */
+    char key_arn[KMS_ARN_MAX]; /* "" when the change is of an alias alone */
+    const char *alias;         /* NULL when none */
+    char request_id[KMS_REQUEST_ID_MAX + 1];
+};
+enum { KMS_CHANGE_NOT_COMMITTED = 0, KMS_CHANGE_COMMITTED = 1, KMS_CHANGE_UNKNOWN = -1 };
+struct kms_change_audit {
+    kms_err (*intent)(void *arg, struct kms_change_event *e); /* NULL: changes are not audited */
+    void (*outcome)(void *arg, const struct kms_change_event *e, int result);
+    void *arg;
+};
+
 struct kms_keystore_config {
     const char *region;
     const char *account;
@@ -50,6 +70,7 @@ struct kms_keystore_config {
     void (*free_policy)(void *compiled);
     void *policy_arg;
     const char *default_policy; /* for keys whose record has none (made before policies) */
+    struct kms_change_audit audit;
 };
 
 void kms_keystore_config_defaults(struct kms_keystore_config *c);

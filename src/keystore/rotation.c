@@ -73,6 +73,7 @@ kms_err kms_keystore_create_key(struct kms_keystore *ks, const char *description
     int64_t now = kms_now(), seq = 0;
     /* The creating node's first block of uses is reserved in the same transaction. */
     uint64_t block = first_block(ks);
+    struct kms_change_event e;
     kms_err rc;
 
     KMS_ENSURE(v != NULL, KMS_ERR_INTERNAL, "out of memory");
@@ -114,8 +115,9 @@ kms_err kms_keystore_create_key(struct kms_keystore *ks, const char *description
              */
             if (rc == KMS_OK)
                 rc = kms_store_change_head(tx, &seq);
+            kms_change_event_init(ks, &e, "CreateKey", 0, row.id, NULL);
             if (rc == KMS_OK)
-                rc = kms_store_commit(tx);
+                rc = kms_change_commit(ks, tx, &e);
             kms_store_rollback(tx);
         }
         pthread_mutex_unlock(&ks->change);
@@ -211,8 +213,10 @@ kms_err kms_key_rotate(struct kms_keystore *ks, const uint8_t id[KMS_UUID_LEN], 
     struct rotate_args a = {reason, from, calloc(1, sizeof *a.v), 0, 0};
     KMS_ENSURE(a.v != NULL, KMS_ERR_INTERNAL, "out of memory");
     kms_err rc = kms_version_make(ks, a.v);
+    /* AWS's CloudTrail names the automatic ones RotateKey too. */
+    const char *op = reason == KMS_ROTATE_DEMAND ? "RotateKeyOnDemand" : "RotateKey";
     if (rc == KMS_OK)
-        rc = kms_key_change(ks, id, rotate_in, &a);
+        rc = kms_key_change(ks, id, op, reason != KMS_ROTATE_DEMAND, rotate_in, &a);
     if (a.not_due) {
         /* Not due any more: another node (or request) made it; this node's view is old. */
         kms_err_clear();

@@ -38,8 +38,6 @@
 /* Longest a line waits for a checkpoint that holds the log (the token may hang). */
 #define HOLD_MAX_MS 200
 
-static const uint8_t zero_hash[32];
-
 /* ---- line formats ------------------------------------------------------------ */
 
 void kms_audit_format_time(int64_t sec, long nsec, char out[KMS_AUDIT_TIME_LEN + 1])
@@ -244,20 +242,104 @@ void kms_audit_template_free(struct kms_audit_template *t)
     t->at_prev = t->at_seq = t->at_time = 0;
 }
 
+/* `"open":["id",...],` */
+static kms_err member_list(struct kms_buf *b, const char *name, const char *const *items, size_t n)
+{
+    KMS_GUARD(kms_buf_append_str(b, name));
+    KMS_GUARD(kms_buf_append_u8(b, '['));
+    for (size_t i = 0; i < n; i++) {
+        if (i)
+            KMS_GUARD(kms_buf_append_u8(b, ','));
+        size_t len = strlen(items[i]);
+        KMS_GUARD(kms_audit_json_string(b, items[i], len > MAX_TEXT ? MAX_TEXT : len));
+    }
+    return kms_buf_append_str(b, "],");
+}
+
 kms_err kms_audit_checkpoint_body(const char *key_hex, const char *kind, const char *log_id,
                                   uint64_t seq, const uint8_t prev[32], const char *time,
+                                  const struct kms_audit_checkpoint_extra *extra,
                                   struct kms_buf *out)
 {
     char hex[65];
     kms_hex_encode(prev, 32, hex);
     KMS_GUARD(kms_buf_append_u8(out, '{'));
+    if (extra && extra->after_log) {
+        KMS_GUARD(member_text(out, "\"after_hash\":", extra->after_hash));
+        KMS_GUARD(member_text(out, "\"after_log\":", extra->after_log));
+        KMS_GUARD(member_u64(out, "\"after_seq\":", extra->after_seq));
+    }
     KMS_GUARD(member_text(out, "\"key\":", key_hex));
     KMS_GUARD(member_text(out, "\"kind\":", kind));
     KMS_GUARD(member_text(out, "\"log\":", log_id));
+    if (extra && extra->node)
+        KMS_GUARD(member_text(out, "\"node\":", extra->node));
+    if (extra && extra->nopen)
+        KMS_GUARD(member_list(out, "\"open\":", extra->open, extra->nopen));
     KMS_GUARD(member_text(out, "\"prev\":", hex));
     KMS_GUARD(member_u64(out, "\"seq\":", seq));
     KMS_GUARD(member_text(out, "\"time\":", time));
     return kms_buf_append_str(out, "\"type\":\"checkpoint\",\"v\":1}");
+}
+
+kms_err kms_audit_head_body(const char *node, const char *log_id, uint64_t seq,
+                            const char *hash_hex, struct kms_buf *out)
+{
+    char num[24];
+    snprintf(num, sizeof num, "%" PRIu64, seq);
+    const char *parts[] = {KMS_AUDIT_HEAD_INFO, node, log_id, num, hash_hex};
+    for (size_t i = 0; i < sizeof parts / sizeof parts[0]; i++) {
+        KMS_GUARD(kms_buf_append_str(out, parts[i]));
+        KMS_GUARD(kms_buf_append_u8(out, '\n'));
+    }
+    return KMS_OK;
+}
+
+void kms_audit_default_node(const char *path, char *out, size_t n)
+{
+    char host[256] = "";
+    gethostname(host, sizeof host - 1);
+    snprintf(out, n, "%s:%s", host, path ? path : "");
+}
+
+/* An intent line: built whole under the lock (changes are few). */
+static kms_err intent_line(const struct kms_audit_change *c, const char *log_id, uint64_t seq,
+                           const uint8_t prev[32], const char *time, struct kms_buf *line)
+{
+    char hex[65];
+    kms_hex_encode(prev, 32, hex);
+    KMS_GUARD(kms_buf_append_u8(line, '{'));
+    if (c->alias)
+        KMS_GUARD(member_text(line, "\"alias\":", c->alias));
+    if (c->key_arn)
+        KMS_GUARD(member_text(line, "\"key_arn\":", c->key_arn));
+    KMS_GUARD(member_text(line, "\"log\":", log_id));
+    KMS_GUARD(member_text(line, "\"operation\":", c->operation));
+    KMS_GUARD(member_text(line, "\"prev\":", hex));
+    KMS_GUARD(member_text(line, "\"principal\":", c->principal));
+    KMS_GUARD(member_text(line, "\"request_id\":", c->request_id));
+    KMS_GUARD(member_u64(line, "\"seq\":", seq));
+    KMS_GUARD(member_text(line, "\"source\":", c->source));
+    KMS_GUARD(member_text(line, "\"time\":", time));
+    return kms_buf_append_str(line, "\"type\":\"intent\",\"v\":1}");
+}
+
+/* An outcome or recovery line. */
+static kms_err result_line(const char *type, const char *request_id, int committed,
+                           const char *log_id, uint64_t seq, const uint8_t prev[32],
+                           const char *time, struct kms_buf *line)
+{
+    char hex[65];
+    kms_hex_encode(prev, 32, hex);
+    KMS_GUARD(kms_buf_append_u8(line, '{'));
+    KMS_GUARD(member_text(line, "\"log\":", log_id));
+    KMS_GUARD(member_text(line, "\"prev\":", hex));
+    KMS_GUARD(member_text(line, "\"request_id\":", request_id));
+    KMS_GUARD(member_text(line, "\"result\":", committed ? "committed" : "not committed"));
+    KMS_GUARD(member_u64(line, "\"seq\":", seq));
+    KMS_GUARD(member_text(line, "\"time\":", time));
+    KMS_GUARD(member_text(line, "\"type\":", type));
+    return kms_buf_append_str(line, "\"v\":1}");
 }
 
 kms_err kms_audit_checkpoint_line(const struct kms_buf *body, const uint8_t mac[32],
@@ -318,50 +400,35 @@ int kms_audit_is_hex(const char *s, size_t n)
     return 1;
 }
 
-void kms_audit_record_label(const char *log_id, uint64_t seq, const uint8_t hash[32], char out[80])
-{
-    char hex[65] = "";
-    if (seq)
-        kms_hex_encode(hash, 32, hex);
-    hex[16] = '\0';
-    snprintf(out, 80, KMS_AUDIT_RECORD_PREFIX "%s:%" PRIu64 ":%s", log_id, seq, hex);
-}
-
-int kms_audit_record_label_parse(const char *label, size_t n, struct kms_audit_token_record *out)
-{
-    const size_t pre = sizeof KMS_AUDIT_RECORD_PREFIX - 1, idlen = 2 * KMS_AUDIT_LOG_ID_LEN;
-    char buf[96], *end;
-    if (n >= sizeof buf || n < pre + idlen + 3 || memcmp(label, KMS_AUDIT_RECORD_PREFIX, pre) != 0)
-        return 0;
-    memcpy(buf, label, n);
-    buf[n] = '\0';
-    const char *id = buf + pre;
-    if (!kms_audit_is_hex(id, idlen) || id[idlen] != ':' || id[idlen + 1] < '0' ||
-        id[idlen + 1] > '9')
-        return 0;
-    errno = 0;
-    unsigned long long seq = strtoull(id + idlen + 1, &end, 10);
-    if (errno || *end != ':')
-        return 0;
-    size_t hlen = strlen(end + 1);
-    if ((seq == 0 && hlen != 0) || (seq != 0 && (hlen != 16 || !kms_audit_is_hex(end + 1, 16))))
-        return 0;
-    memcpy(out->log, id, idlen);
-    out->log[idlen] = '\0';
-    out->seq = seq;
-    memcpy(out->hash, end + 1, hlen + 1);
-    return 1;
-}
-
 /* ---- the writer ---------------------------------------------------------------- */
+
+/* Where an intent without its outcome line stands. */
+enum {
+    OPEN_IN_FLIGHT,     /* its change is being committed */
+    OPEN_UNKNOWN,       /* the commit failed (or a run before left it): look it up */
+    OPEN_NOT_COMMITTED, /* known: the line is to be written */
+    OPEN_COMMITTED,
+};
+
+struct open_intent {
+    char id[KMS_REQUEST_ID_MAX + 1];
+    int state;
+    int recovery; /* left open by a run before: settled with a "recovery" line */
+};
 
 struct kms_audit {
     char *path;
     unsigned cp_lines, cp_seconds;
     struct kms_hsm *hsm;
-    CK_OBJECT_HANDLE key;    /* the token's audit key */
-    CK_OBJECT_HANDLE record; /* this log's record in the token */
+    struct kms_store *store; /* NULL: no head, no settling of intents */
+    char node[KMS_AUDIT_NODE_MAX + 1];
+    CK_OBJECT_HANDLE key; /* the token's audit key */
+    int opened;           /* the "open" checkpoint was written: a "close" one is due */
     char key_hex[2 * KMS_AUDIT_KEY_ID_LEN + 1];
+    /* The node's run before, named by the "open" checkpoint (after_log[0] == 0: none). */
+    char after_log[2 * KMS_AUDIT_LOG_ID_LEN + 1];
+    uint64_t after_seq;
+    char after_hash[65];
     uint8_t log_raw[KMS_AUDIT_LOG_ID_LEN];
     char log_id[2 * KMS_AUDIT_LOG_ID_LEN + 1];
     uint8_t *digest_key; /* 32 bytes from the secure heap */
@@ -383,6 +450,8 @@ struct kms_audit {
     uint64_t since_cp; /* lines written since the last checkpoint */
     struct timespec first_since; /* when the first of them was written (monotonic) */
     struct timespec retry_at;    /* after a failed checkpoint, not before this */
+    struct open_intent open[KMS_AUDIT_OPEN_MAX]; /* intents without a written outcome */
+    size_t nopen;
     int stopping;
     pthread_t thread;
     int thread_started;
@@ -626,6 +695,125 @@ static void wait_hold_locked(struct kms_audit *a)
         }
 }
 
+static struct open_intent *find_open_locked(struct kms_audit *a, const char *id)
+{
+    for (size_t i = 0; i < a->nopen; i++)
+        if (strcmp(a->open[i].id, id) == 0)
+            return &a->open[i];
+    return NULL;
+}
+
+static struct open_intent *add_open_locked(struct kms_audit *a, const char *id, int state,
+                                           int recovery)
+{
+    struct open_intent *o = find_open_locked(a, id);
+    if (o)
+        return o;
+    if (a->nopen >= KMS_AUDIT_OPEN_MAX || strlen(id) > KMS_REQUEST_ID_MAX)
+        return NULL;
+    o = &a->open[a->nopen++];
+    snprintf(o->id, sizeof o->id, "%s", id);
+    o->state = state;
+    o->recovery = recovery;
+    return o;
+}
+
+/*
+ * Writes the outcome (or recovery) lines whose result is known and not yet
+ * written, in the order their intents came. A line that cannot be written
+ * fails the caller's line too: the log is not writable.
+ */
+static kms_err flush_results_locked(struct kms_audit *a)
+{
+    size_t kept = 0;
+    kms_err rc = KMS_OK;
+    for (size_t i = 0; i < a->nopen; i++) {
+        struct open_intent *o = &a->open[i];
+        int known = o->state == OPEN_COMMITTED || o->state == OPEN_NOT_COMMITTED;
+        if (known && rc == KMS_OK) {
+            struct kms_buf line = KMS_BUF_INIT;
+            char time[KMS_AUDIT_TIME_LEN + 1];
+            now_text(time);
+            rc =
+                result_line(o->recovery ? "recovery" : "outcome", o->id, o->state == OPEN_COMMITTED,
+                            a->log_id, a->seq + 1, a->last, time, &line);
+            if (rc == KMS_OK)
+                rc = chain_line_locked(a, &line);
+            kms_buf_free(&line);
+            if (rc == KMS_OK)
+                continue; /* written: no longer open */
+        }
+        if (kept != i)
+            a->open[kept] = *o;
+        kept++;
+    }
+    a->nopen = kept;
+    return rc;
+}
+
+kms_err kms_audit_intent(struct kms_audit *a, const struct kms_audit_change *c)
+{
+    struct kms_buf line = KMS_BUF_INIT;
+    char time[KMS_AUDIT_TIME_LEN + 1];
+    int fd = -1;
+    kms_err rc;
+
+    KMS_ENSURE(a && c && c->request_id, KMS_ERR_INTERNAL, "no audit log");
+    pthread_mutex_lock(&a->lock);
+    wait_hold_locked(a);
+    rc = a->nopen < KMS_AUDIT_OPEN_MAX && !find_open_locked(a, c->request_id)
+             ? ensure_file_locked(a, "recover")
+             : KMS_FAIL(KMS_ERR_INTERNAL, "%zu changes wait for their outcome lines", a->nopen);
+    if (rc == KMS_OK)
+        rc = flush_results_locked(a);
+    if (rc == KMS_OK) {
+        now_text(time);
+        rc = intent_line(c, a->log_id, a->seq + 1, a->last, time, &line);
+    }
+    if (rc == KMS_OK)
+        rc = chain_line_locked(a, &line);
+    if (rc == KMS_OK) {
+        add_open_locked(a, c->request_id, OPEN_IN_FLIGHT, 0);
+        fd = dup(a->fd);
+    }
+    pthread_mutex_unlock(&a->lock);
+    kms_buf_free(&line);
+    /* On disk before the change commits, outside the lock: other lines need not wait. */
+    if (rc == KMS_OK && (fd < 0 || (fdatasync(fd) != 0 && errno != EINVAL && errno != EROFS))) {
+        rc = KMS_FAIL(KMS_ERR_INTERNAL, "cannot flush the audit log %s: %s", a->path,
+                      strerror(errno));
+        kms_audit_outcome(a, c->request_id, KMS_AUDIT_NOT_COMMITTED);
+    }
+    if (fd >= 0)
+        close(fd);
+    if (rc != KMS_OK) {
+        kms_error("audit log: a change's intent: %s; the change is refused", kms_err_message());
+        return KMS_FAIL(KMS_ERR_DEPENDENCY_TIMEOUT,
+                        "The change could not be audited and was not made; retry later");
+    }
+    return KMS_OK;
+}
+
+void kms_audit_outcome(struct kms_audit *a, const char *request_id, int result)
+{
+    if (!a || !request_id)
+        return;
+    pthread_mutex_lock(&a->lock);
+    struct open_intent *o = find_open_locked(a, request_id);
+    if (o) {
+        o->state = result == KMS_AUDIT_COMMITTED       ? OPEN_COMMITTED
+                   : result == KMS_AUDIT_NOT_COMMITTED ? OPEN_NOT_COMMITTED
+                                                       : OPEN_UNKNOWN;
+        if (o->state != OPEN_UNKNOWN) {
+            wait_hold_locked(a);
+            /* Not written now: before the next line that is, and listed open until then. */
+            if (ensure_file_locked(a, "recover") != KMS_OK || flush_results_locked(a) != KMS_OK)
+                kms_err_clear();
+        }
+    }
+    pthread_mutex_unlock(&a->lock);
+}
+
 kms_err kms_audit_write(struct kms_audit *a, const struct kms_audit_record *r)
 {
     struct kms_audit_template t;
@@ -638,6 +826,8 @@ kms_err kms_audit_write(struct kms_audit *a, const struct kms_audit_record *r)
     pthread_mutex_lock(&a->lock);
     wait_hold_locked(a);
     rc = ensure_file_locked(a, "recover");
+    if (rc == KMS_OK && a->nopen)
+        rc = flush_results_locked(a);
     if (rc == KMS_OK) {
         now_text(time);
         rc = kms_audit_template_fill(&t, a->seq + 1, a->last, time, &line);
@@ -678,8 +868,64 @@ enum {
 };
 
 /*
- * Writes a checkpoint of the given kind, MAC'd in the token, and records it in
- * the token's record of this log. Call with cp_lock held and lock not held.
+ * The node's head in the database: this checkpoint, MAC'd in the token. A
+ * head that cannot be written leaves the one before, which the log still
+ * reaches: it is logged, not fatal.
+ */
+static kms_err put_head(struct kms_audit *a, struct kms_session *s, uint64_t seq,
+                        const uint8_t hash[32])
+{
+    struct kms_audit_head_row h;
+    struct kms_buf body = KMS_BUF_INIT;
+    struct kms_tx *tx = NULL;
+    uint8_t mac[32];
+    kms_err rc;
+
+    if (!a->store)
+        return KMS_OK;
+    memset(&h, 0, sizeof h);
+    snprintf(h.node, sizeof h.node, "%s", a->node);
+    snprintf(h.log, sizeof h.log, "%s", a->log_id);
+    snprintf(h.key, sizeof h.key, "%s", a->key_hex);
+    h.seq = seq;
+    kms_hex_encode(hash, 32, h.hash);
+    h.updated = (int64_t)time(NULL);
+    rc = kms_audit_head_body(h.node, h.log, h.seq, h.hash, &body);
+    if (rc == KMS_OK)
+        rc = kms_hsm_hmac_sha256(s, a->key, body.data, body.len, mac);
+    kms_buf_free(&body);
+    if (rc == KMS_OK) {
+        kms_hex_encode(mac, 32, h.mac);
+        rc = kms_store_begin(a->store, KMS_TX_WRITE, &tx);
+    }
+    if (rc == KMS_OK)
+        rc = kms_store_audit_head_put(tx, &h);
+    if (rc == KMS_OK)
+        rc = kms_store_commit(tx);
+    kms_store_rollback(tx);
+    return rc;
+}
+
+/* The open intents' ids, copied under lock for a checkpoint. */
+struct open_ids {
+    char ids[KMS_AUDIT_OPEN_MAX][KMS_REQUEST_ID_MAX + 1];
+    const char *list[KMS_AUDIT_OPEN_MAX];
+    size_t n;
+};
+
+static void copy_open_locked(const struct kms_audit *a, struct open_ids *out)
+{
+    out->n = 0;
+    for (size_t i = 0; i < a->nopen; i++) {
+        memcpy(out->ids[out->n], a->open[i].id, sizeof out->ids[0]);
+        out->list[out->n] = out->ids[out->n];
+        out->n++;
+    }
+}
+
+/*
+ * Writes a checkpoint of the given kind, MAC'd in the token, and makes it the
+ * node's head in the database. Call with cp_lock held and lock not held.
  * With CP_SWITCH and the checkpoint written, *tried is set and *switched
  * receives the result of opening the new file.
  *
@@ -692,33 +938,48 @@ static kms_err checkpoint_cp_locked(struct kms_audit *a, struct kms_session *s, 
                                     int flags, kms_err *switched, int *tried)
 {
     struct kms_buf body = KMS_BUF_INIT, line = KMS_BUF_INIT;
-    char time[KMS_AUDIT_TIME_LEN + 1], label[80];
+    char time[KMS_AUDIT_TIME_LEN + 1];
     uint8_t mac[32], hash[32], prev[32];
     uint64_t seq = 0, base = 0;
     int sync_fd = -1;
     kms_err rc = KMS_OK;
+    int opening = strcmp(kind, "open") == 0;
+    struct open_ids *open = malloc(sizeof *open);
+    struct kms_audit_checkpoint_extra extra = {
+        .node = opening ? a->node : NULL,
+        .after_log = opening && a->after_log[0] ? a->after_log : NULL,
+        .after_seq = a->after_seq,
+        .after_hash = a->after_hash,
+    };
 
+    KMS_ENSURE(open != NULL, KMS_ERR_INTERNAL, "out of memory");
     for (int attempt = 0;; attempt++) {
         pthread_mutex_lock(&a->lock);
         if (!(flags & CP_FORCE) && a->since_cp == 0) {
             pthread_mutex_unlock(&a->lock);
             break;
         }
-        if (!(flags & CP_AS_IS))
+        if (!(flags & CP_AS_IS)) {
             rc = ensure_file_locked(a, "recover");
-        else if (a->fd < 0)
+            if (rc == KMS_OK && a->nopen)
+                rc = flush_results_locked(a);
+        } else if (a->fd < 0)
             rc = KMS_FAIL(KMS_ERR_INTERNAL, "the audit log %s is not open", a->path);
         if (rc == KMS_OK) {
             a->hold = attempt > 0;
             base = a->seq;
             memcpy(prev, a->last, 32);
             now_text(time);
+            copy_open_locked(a, open);
+            extra.open = open->list;
+            extra.nopen = open->n;
         }
         pthread_mutex_unlock(&a->lock);
         if (rc != KMS_OK)
             break;
         body.len = line.len = 0;
-        rc = kms_audit_checkpoint_body(a->key_hex, kind, a->log_id, base + 1, prev, time, &body);
+        rc = kms_audit_checkpoint_body(a->key_hex, kind, a->log_id, base + 1, prev, time, &extra,
+                                       &body);
         if (rc == KMS_OK)
             rc = kms_hsm_hmac_sha256(s, a->key, body.data, body.len, mac);
         if (rc == KMS_OK)
@@ -756,21 +1017,71 @@ static kms_err checkpoint_cp_locked(struct kms_audit *a, struct kms_session *s, 
     }
     kms_buf_free(&body);
     kms_buf_free(&line);
+    free(open);
     if (rc != KMS_OK || seq == 0)
         return rc;
-    /* On disk before the token says it is there: else a crash could look like a cut. */
+    /* On disk before the database says it is there: else a crash could look like a cut. */
     if (sync_fd >= 0) {
         if (fdatasync(sync_fd) != 0 && errno != EINVAL && errno != EROFS)
             kms_warn("audit log %s: fdatasync failed: %s", a->path, strerror(errno));
         close(sync_fd);
     }
-    kms_audit_record_label(a->log_id, seq, hash, label);
-    return kms_hsm_set_label(s, a->record, label);
+    if (put_head(a, s, seq, hash) != KMS_OK) {
+        kms_warn("audit log: the node's head in the database was not updated: %s",
+                 kms_err_message());
+        kms_err_clear();
+    }
+    return KMS_OK;
+}
+
+/*
+ * Looks up in the database the intents whose result is not known (a commit
+ * that failed, a run before that stopped first): found, its change
+ * committed. Their lines are written with the next line. The lookups happen
+ * under no lock; a database that does not answer leaves them open.
+ */
+static void settle_unknown(struct kms_audit *a)
+{
+    char id[KMS_REQUEST_ID_MAX + 1];
+    if (!a->store)
+        return;
+    for (size_t done = 0; done < KMS_AUDIT_OPEN_MAX; done++) {
+        int found = 0, have = 0;
+        pthread_mutex_lock(&a->lock);
+        for (size_t i = 0; i < a->nopen && !have; i++)
+            if (a->open[i].state == OPEN_UNKNOWN) {
+                memcpy(id, a->open[i].id, sizeof id);
+                a->open[i].state = OPEN_IN_FLIGHT; /* being looked up */
+                have = 1;
+            }
+        pthread_mutex_unlock(&a->lock);
+        if (!have)
+            return;
+        struct kms_tx *tx = NULL;
+        kms_err rc = kms_store_begin(a->store, KMS_TX_READ, &tx);
+        if (rc == KMS_OK)
+            rc = kms_store_change_request_find(tx, id, &found);
+        if (rc == KMS_OK)
+            rc = kms_store_commit(tx);
+        kms_store_rollback(tx);
+        pthread_mutex_lock(&a->lock);
+        struct open_intent *o = find_open_locked(a, id);
+        if (o)
+            o->state = rc != KMS_OK ? OPEN_UNKNOWN : found ? OPEN_COMMITTED : OPEN_NOT_COMMITTED;
+        pthread_mutex_unlock(&a->lock);
+        if (rc != KMS_OK) {
+            kms_warn("audit log: cannot settle the change of request %s yet: %s", id,
+                     kms_err_message());
+            kms_err_clear();
+            return;
+        }
+    }
 }
 
 static kms_err checkpoint(struct kms_audit *a, const char *kind, int flags)
 {
     struct kms_session *s;
+    settle_unknown(a);
     KMS_GUARD(kms_hsm_acquire(a->hsm, &s));
     pthread_mutex_lock(&a->cp_lock);
     kms_err rc = checkpoint_cp_locked(a, s, kind, flags, NULL, NULL);
@@ -918,41 +1229,195 @@ static kms_err find_key(struct kms_session *s, CK_OBJECT_HANDLE *out, char *id_h
     return KMS_OK;
 }
 
-/* This log's record in the token: which log, where, and (in its label) its latest checkpoint. */
-static kms_err create_record(struct kms_audit *a, struct kms_session *s)
-{
-    char label[80], host[256] = "", time[KMS_AUDIT_TIME_LEN + 1];
-    struct kms_buf value = KMS_BUF_INIT;
-    kms_err rc;
+/* Longest tail of the file read at start for the run before's last checkpoint. */
+#define SCAN_MAX (16u << 20)
 
-    gethostname(host, sizeof host - 1);
-    now_text(time);
-    kms_audit_record_label(a->log_id, 0, zero_hash, label);
-    rc = kms_buf_append_u8(&value, '{');
+/* The node's head in the database: *have 0 when there is none (or no database). */
+static kms_err read_head(struct kms_audit *a, struct kms_session *s, struct kms_audit_head_row *h,
+                         int *have)
+{
+    struct kms_tx *tx = NULL;
+    struct kms_buf body = KMS_BUF_INIT;
+    uint8_t mac[32];
+    char hex[65];
+
+    *have = 0;
+    if (!a->store)
+        return KMS_OK;
+    kms_err rc = kms_store_begin(a->store, KMS_TX_READ, &tx);
     if (rc == KMS_OK)
-        rc = member_text(&value, "\"host\":", host);
+        rc = kms_store_audit_head_get(tx, a->node, h);
     if (rc == KMS_OK)
-        rc = member_text(&value, "\"log\":", a->log_id);
-    if (rc == KMS_OK)
-        rc = member_text(&value, "\"path\":", a->path);
-    if (rc == KMS_OK)
-        rc = member_text(&value, "\"started\":", time);
-    if (rc == KMS_OK)
-        rc = kms_buf_append_str(&value, "\"v\":1}");
-    if (rc == KMS_OK)
-        rc =
-            kms_hsm_create_app_data(s, KMS_AUDIT_APPLICATION, label, (const uint8_t *)KMS_AUDIT_OID,
-                                    sizeof KMS_AUDIT_OID - 1, value.data, value.len, &a->record);
-    kms_buf_free(&value);
+        rc = kms_store_commit(tx);
+    kms_store_rollback(tx);
+    if (rc == KMS_ERR_NOT_FOUND)
+        return KMS_OK;
+    KMS_GUARD(rc);
+    KMS_ENSURE(strlen(h->log) == 2 * KMS_AUDIT_LOG_ID_LEN && strlen(h->hash) == 64,
+               KMS_ERR_INTERNAL, "the database's audit head of node %s is malformed", a->node);
+    *have = 1;
+    /* Checked here too so the log says so at once; verify reports it. */
+    rc = kms_audit_head_body(h->node, h->log, h->seq, h->hash, &body);
+    if (rc == KMS_OK && strcmp(h->key, a->key_hex) == 0)
+        rc = kms_hsm_hmac_sha256(s, a->key, body.data, body.len, mac);
+    kms_buf_free(&body);
+    KMS_GUARD(rc);
+    kms_hex_encode(mac, 32, hex);
+    if (strcmp(h->key, a->key_hex) != 0 || CRYPTO_memcmp(hex, h->mac, 64) != 0)
+        kms_error("audit log: the database's head of node %s does not verify (altered?): "
+                  "p11kms-audit verify will report it",
+                  a->node);
+    return KMS_OK;
+}
+
+/* One line of the tail read at start: its log, seq, type, and the parsed object. */
+static json_t *parse_tail_line(const char *p, size_t n, const char **log, uint64_t *seq,
+                               const char **type)
+{
+    json_t *o = json_loadb(p, n, JSON_REJECT_DUPLICATES, NULL);
+    json_t *sq = json_object_get(o, "seq");
+    *log = json_string_value(json_object_get(o, "log"));
+    *type = json_string_value(json_object_get(o, "type"));
+    *seq = json_is_integer(sq) ? (uint64_t)json_integer_value(sq) : 0;
+    if (!o || !*log || !*type) {
+        json_decref(o);
+        return NULL;
+    }
+    return o;
+}
+
+/* An intent of a run before, to be settled. */
+static void carry(struct kms_audit *a, const char *id)
+{
+    if (id && !add_open_locked(a, id, OPEN_UNKNOWN, 1))
+        kms_warn("audit log: more than %d open intents to settle: %s is left to p11kms-audit "
+                 "verify",
+                 KMS_AUDIT_OPEN_MAX, id);
+}
+
+/* Intents of the run before that lines after its last checkpoint leave open. */
+static void carry_line(struct kms_audit *a, json_t *o, const char *type)
+{
+    const char *id = json_string_value(json_object_get(o, "request_id"));
+    if (strcmp(type, "checkpoint") == 0) {
+        json_t *list = json_object_get(o, "open");
+        for (size_t i = 0; i < json_array_size(list); i++)
+            carry(a, json_string_value(json_array_get(list, i)));
+    } else if (strcmp(type, "intent") == 0) {
+        carry(a, id);
+    } else if (id && (strcmp(type, "outcome") == 0 || strcmp(type, "recovery") == 0)) {
+        struct open_intent *x = find_open_locked(a, id);
+        if (x) {
+            size_t k = (size_t)(x - a->open);
+            memmove(x, x + 1, (a->nopen - k - 1) * sizeof *x);
+            a->nopen--;
+        }
+    }
+}
+
+/*
+ * The run before on this node, from its head and the end of the file: what
+ * the "open" checkpoint names (its last line when it is the file's last, else
+ * the head), and the intents it left without an outcome, from its last
+ * checkpoint on, to be settled after the "open" checkpoint.
+ */
+static kms_err scan_previous(struct kms_audit *a, int fd, const struct stat *st,
+                             const struct kms_audit_head_row *h)
+{
+    off_t size = S_ISREG(st->st_mode) ? st->st_size : 0;
+    off_t from = size > (off_t)SCAN_MAX ? size - (off_t)SCAN_MAX : 0;
+    size_t n = (size_t)(size - from), nlines = 0, found = SIZE_MAX;
+    char *buf = malloc(n + 1);
+    size_t *starts = NULL;
+    kms_err rc = KMS_OK;
+
+    snprintf(a->after_log, sizeof a->after_log, "%s", h->log);
+    a->after_seq = h->seq;
+    snprintf(a->after_hash, sizeof a->after_hash, "%s", h->hash);
+    KMS_ENSURE(buf != NULL, KMS_ERR_INTERNAL, "out of memory");
+    if (n && pread(fd, buf, n, from) != (ssize_t)n) {
+        free(buf);
+        return KMS_FAIL(KMS_ERR_INTERNAL, "cannot read the audit log %s: %s", a->path,
+                        strerror(errno));
+    }
+    buf[n] = '\n';
+    size_t count = 2;
+    for (size_t k = 0; k < n; k++)
+        count += buf[k] == '\n';
+    starts = malloc(count * sizeof *starts);
+    if (!starts) {
+        free(buf);
+        return KMS_FAIL(KMS_ERR_INTERNAL, "out of memory");
+    }
+    /* Lines as [starts[i], starts[i + 1] - 1); a cut first line is skipped. */
+    size_t i = 0;
+    if (from > 0) {
+        while (i < n && buf[i] != '\n')
+            i++;
+        i++;
+    }
+    for (; i < n; i++) {
+        starts[nlines++] = i;
+        while (buf[i] != '\n')
+            i++;
+    }
+    /* One past the last line's end: its '\n', or the sentinel after a cut-off line. */
+    starts[nlines] = n && buf[n - 1] == '\n' ? n : n + 1;
+    /* The file's last line: the run before's last when it is of its log. */
+    if (nlines) {
+        const char *log, *type;
+        uint64_t seq;
+        size_t k = nlines - 1, len = starts[k + 1] - 1 - starts[k];
+        json_t *o = parse_tail_line(buf + starts[k], len, &log, &seq, &type);
+        uint8_t hash[32];
+        if (o && strcmp(log, h->log) == 0 && seq >= h->seq &&
+            kms_sha256(buf + starts[k], len, hash) == KMS_OK) {
+            a->after_seq = seq;
+            kms_hex_encode(hash, 32, a->after_hash);
+        }
+        json_decref(o);
+    }
+    /* Its last checkpoint, by seq and hash. */
+    for (size_t k = nlines; k-- > 0 && found == SIZE_MAX;) {
+        size_t len = starts[k + 1] - 1 - starts[k];
+        uint8_t hash[32];
+        char hex[65];
+        if (kms_sha256(buf + starts[k], len, hash) != KMS_OK)
+            break;
+        kms_hex_encode(hash, 32, hex);
+        if (strcmp(hex, h->hash) == 0)
+            found = k;
+    }
+    if (found == SIZE_MAX) {
+        kms_warn("audit log: the run before on node %s (log %s, checkpoint seq %" PRIu64
+                 ") is not at the end of %s: intents it left open are not settled here "
+                 "(p11kms-audit verify settles them from the database)",
+                 a->node, h->log, h->seq, a->path);
+    } else {
+        pthread_mutex_lock(&a->lock);
+        for (size_t k = found; k < nlines; k++) {
+            const char *log, *type;
+            uint64_t seq;
+            json_t *o =
+                parse_tail_line(buf + starts[k], starts[k + 1] - 1 - starts[k], &log, &seq, &type);
+            if (o && strcmp(log, h->log) == 0)
+                carry_line(a, o, type);
+            json_decref(o);
+        }
+        pthread_mutex_unlock(&a->lock);
+    }
+    free(starts);
+    free(buf);
     return rc;
 }
 
-/* Key, digest key, record, file and the "open" checkpoint: everything but the thread. */
+/* Key, digest key, head, file and the "open" checkpoint: everything but the thread. */
 static kms_err start(struct kms_audit *a, struct kms_session *s)
 {
     uint8_t info[sizeof DIGEST_INFO - 1 + KMS_AUDIT_LOG_ID_LEN];
+    struct kms_audit_head_row head;
     struct stat st;
-    int partial;
+    int partial, have_head = 0;
 
     KMS_ENSURE(RAND_bytes(a->log_raw, sizeof a->log_raw) == 1, KMS_ERR_INTERNAL,
                "random generator failed");
@@ -968,17 +1433,29 @@ static kms_err start(struct kms_audit *a, struct kms_session *s)
     memcpy(info, DIGEST_INFO, sizeof DIGEST_INFO - 1);
     memcpy(info + sizeof DIGEST_INFO - 1, a->log_raw, KMS_AUDIT_LOG_ID_LEN);
     KMS_GUARD(kms_hsm_hmac_sha256(s, a->key, info, sizeof info, a->digest_key));
-    KMS_GUARD(create_record(a, s));
+    KMS_GUARD(read_head(a, s, &head, &have_head));
     KMS_GUARD(open_path(a->path, &a->fd, &st, &partial));
     a->dev = st.st_dev;
     a->ino = st.st_ino;
     a->partial = partial;
     /* A log that goes on in an existing file chains to its last line. */
     KMS_GUARD(last_line_hash(a->fd, &st, a->path, a->last));
+    if (have_head)
+        KMS_GUARD(scan_previous(a, a->fd, &st, &head));
     pthread_mutex_lock(&a->cp_lock);
     kms_err rc = checkpoint_cp_locked(a, s, "open", CP_FORCE | CP_AS_IS, NULL, NULL);
     pthread_mutex_unlock(&a->cp_lock);
-    return rc;
+    KMS_GUARD(rc);
+    a->opened = 1;
+    /* The intents the run before left open: settled now, "recovery" lines after the opening. */
+    settle_unknown(a);
+    pthread_mutex_lock(&a->lock);
+    if (a->nopen && flush_results_locked(a) != KMS_OK) {
+        kms_warn("audit log: the recovery lines were not written: %s", kms_err_message());
+        kms_err_clear();
+    }
+    pthread_mutex_unlock(&a->lock);
+    return KMS_OK;
 }
 
 kms_err kms_audit_open(const struct kms_audit_config *cfg, struct kms_hsm *hsm,
@@ -994,8 +1471,12 @@ kms_err kms_audit_open(const struct kms_audit_config *cfg, struct kms_hsm *hsm,
     a = calloc(1, sizeof *a);
     KMS_ENSURE(a != NULL, KMS_ERR_INTERNAL, "out of memory");
     a->fd = -1;
-    a->record = CK_INVALID_HANDLE;
     a->hsm = hsm;
+    a->store = cfg->store;
+    if (cfg->node && *cfg->node)
+        snprintf(a->node, sizeof a->node, "%s", cfg->node);
+    else
+        kms_audit_default_node(cfg->path, a->node, sizeof a->node);
     a->cp_lines = cfg->checkpoint_lines ? cfg->checkpoint_lines : DEFAULT_LINES;
     a->cp_seconds = cfg->checkpoint_seconds ? cfg->checkpoint_seconds : DEFAULT_SECONDS;
     pthread_mutex_init(&a->cp_lock, NULL);
@@ -1013,16 +1494,6 @@ kms_err kms_audit_open(const struct kms_audit_config *cfg, struct kms_hsm *hsm,
     rc = kms_hsm_acquire(hsm, &s);
     if (rc == KMS_OK) {
         rc = start(a, s);
-        if (rc != KMS_OK && a->record != CK_INVALID_HANDLE) {
-            /* A record of a log that never began would only mislead. */
-            kms_err keep = rc;
-            char msg[256];
-            snprintf(msg, sizeof msg, "%s", kms_err_message());
-            if (kms_hsm_destroy(s, a->record) != KMS_OK)
-                kms_err_clear();
-            a->record = CK_INVALID_HANDLE;
-            rc = KMS_FAIL(keep, "%s", msg);
-        }
         kms_hsm_release(s);
     }
     if (rc == KMS_OK) {
@@ -1032,7 +1503,7 @@ kms_err kms_audit_open(const struct kms_audit_config *cfg, struct kms_hsm *hsm,
             rc = KMS_FAIL(KMS_ERR_INTERNAL, "cannot start the audit checkpoint thread");
     }
     if (rc != KMS_OK) {
-        a->record = CK_INVALID_HANDLE; /* no "close" checkpoint for a log that did not open */
+        a->opened = 0; /* no "close" checkpoint for a log that did not open */
         kms_audit_close(a);
         return rc;
     }
@@ -1052,7 +1523,7 @@ void kms_audit_close(struct kms_audit *a)
         pthread_mutex_unlock(&a->lock);
         pthread_join(a->thread, NULL);
     }
-    if (a->record != CK_INVALID_HANDLE && checkpoint(a, "close", CP_FORCE) != KMS_OK) {
+    if (a->opened && checkpoint(a, "close", CP_FORCE) != KMS_OK) {
         kms_error("audit log: could not write the closing checkpoint: %s", kms_err_message());
         kms_err_clear();
     }

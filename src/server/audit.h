@@ -1,9 +1,20 @@
 /*
  * The tamper-evident audit log (DESIGN §7): one JSON line per request, each
  * carrying the SHA-256 of the line before it, and every so often a checkpoint
- * line MAC'd inside the token with a key that never leaves it. The token also
- * keeps, per log, the sequence number of the latest checkpoint, so a log cut
- * short after a checkpoint is noticed too. `p11kms-audit verify` checks it all.
+ * line MAC'd inside the token with a key that never leaves it. The database
+ * keeps each node's head (its latest checkpoint: log, seq, the line's hash),
+ * MAC'd in the token, and each run's opening checkpoint names the run before
+ * it on that node, so a log cut short after a checkpoint, or a whole run's
+ * file removed, is noticed too. `p11kms-audit verify` checks it all.
+ *
+ * A change to the database is written ahead: an "intent" line (flushed to
+ * disk) before its transaction commits, carrying the request id that the
+ * transaction stores (kms_store_change_request); an "outcome" line after.
+ * Intents still without an outcome are listed in every checkpoint ("open"),
+ * and the next start settles those of the run before by looking their
+ * request ids up in the database ("recovery" lines). So every committed
+ * change has an intent line and, but for a crash, an outcome or recovery
+ * line saying "committed"; none says so of a change that did not commit.
  *
  * A "log" is one server run (a random 128-bit id); a file may hold several
  * logs one after another (restarts append), and one log may span several
@@ -16,12 +27,22 @@
  *    "operation":"...","outcome":"ok"|"<AWS error type>","prev":"<64 hex>",
  *    "principal":"...","request_id":"...","seq":N,"source":"ip:port",
  *    "time":"YYYY-MM-DDTHH:MM:SS.mmmZ","type":"request","v":1}
- *   {"key":"<32 hex>","kind":"open|periodic|rotate|close","log":..,"prev":..,
- *    "seq":N,"time":..,"type":"checkpoint","v":1,"mac":"<64 hex>"}
+ *   {"after_hash":..,"after_log":..,"after_seq":N,"key":"<32 hex>",
+ *    "kind":"open|periodic|rotate|close","log":..,"node":"...","open":["<request id>",...],
+ *    "prev":..,"seq":N,"time":..,"type":"checkpoint","v":1,"mac":"<64 hex>"}
  *   {"log":..,"prev":..,"reason":"sighup|recover","seq":N,"time":..,"type":"reopen","v":1}
  *   {"alert":"decrypt_breaker","cooldown_s":N,"failures":N,"kind":"principal"|"key",
  *    "log":..,"name":"...","prev":..,"seq":N,"time":..,"type":"alert",
  *    "until":"YYYY-MM-DDTHH:MM:SS.mmmZ","v":1,"window_s":N}
+ *   {"alias":"alias/x","key_arn":..,"log":..,"operation":"...","prev":..,"principal":..,
+ *    "request_id":..,"seq":N,"source":..,"time":..,"type":"intent","v":1}
+ *   {"log":..,"prev":..,"request_id":..,"result":"committed|not committed","seq":N,
+ *    "time":..,"type":"outcome|recovery","v":1}
+ *
+ * after_* and node are in "open" checkpoints only: after_* name the last line
+ * of the node's run before (when the database holds a head for the node);
+ * "open" is left out when no intent is open. An intent's alias and key_arn
+ * are there when the change has one.
  *
  * context_*, decision, key_arn and key_version are left out when the request
  * has none. "seq" counts the lines of one log from 1, its "open" checkpoint.
@@ -52,12 +73,14 @@
 
 #include "common/buf.h"
 #include "hsm/hsm.h"
+#include "store/store.h"
 
-/* The token objects. */
-#define KMS_AUDIT_KEY_LABEL "p11kms-audit-key"  /* CKO_SECRET_KEY, CKK_GENERIC_SECRET */
-#define KMS_AUDIT_APPLICATION "p11kms-audit"    /* CKO_DATA per log: its latest checkpoint */
-#define KMS_AUDIT_RECORD_PREFIX "p11kms-audit:" /* record label: prefix log:seq:hash16 */
-#define KMS_AUDIT_OID "p11kms-audit-log"        /* the records' CKA_OBJECT_ID (16 bytes) */
+/* The token object. */
+#define KMS_AUDIT_KEY_LABEL "p11kms-audit-key" /* CKO_SECRET_KEY, CKK_GENERIC_SECRET */
+/* What a database head's MAC covers begins with this line. */
+#define KMS_AUDIT_HEAD_INFO "p11kms audit head v1"
+/* Intents without an outcome one log keeps track of at most: then changes are refused. */
+#define KMS_AUDIT_OPEN_MAX 256
 
 #define KMS_AUDIT_LOG_ID_LEN 16 /* bytes; 32 hex in the log */
 #define KMS_AUDIT_KEY_ID_LEN 16 /* the key's CKA_ID */
@@ -67,7 +90,12 @@ struct kms_audit_config {
     const char *path;            /* the log file; opened O_APPEND, created 0600 */
     unsigned checkpoint_lines;   /* a checkpoint after this many lines; 0: 1000 */
     unsigned checkpoint_seconds; /* and at most this long after a line; 0: 60 */
+    struct kms_store *store;     /* the database: the node's head, the changes' request ids */
+    const char *node;            /* this node's name for its head (kms_audit_default_node) */
 };
+
+/* "<hostname>:<path>": one name per log file per machine. out holds KMS_AUDIT_NODE_MAX + 1. */
+void kms_audit_default_node(const char *path, char *out, size_t n);
 
 /* One request. Strings are copied into the line; NULL strings are written as "". */
 struct kms_audit_record {
@@ -102,10 +130,12 @@ struct kms_audit;
 
 /*
  * Opens (creating if need be) the log at cfg->path and starts a new log: a
- * random log id, the token's audit key (made on first start), a record of the
- * log in the token, the "open" checkpoint, and a thread that writes periodic
- * checkpoints. Uses one token session for a moment; the hsm must outlive the
- * log. Any failure is an error: the server must not serve without its log.
+ * random log id, the token's audit key (made on first start), the "open"
+ * checkpoint naming the node's run before (from its head in the database),
+ * the intents that run left open settled ("recovery" lines), and a thread
+ * that writes periodic checkpoints, each one the node's new head. Uses one
+ * token session for a moment; the hsm and the store must outlive the log.
+ * Any failure is an error: the server must not serve without its log.
  */
 KMS_MUST_CHECK kms_err kms_audit_open(const struct kms_audit_config *cfg, struct kms_hsm *hsm,
                                       struct kms_audit **out);
@@ -128,9 +158,32 @@ KMS_MUST_CHECK kms_err kms_audit_alert(struct kms_audit *a, const struct kms_aud
  * closed) until kms_audit_write manages to open it. Uses a token session.
  */
 KMS_MUST_CHECK kms_err kms_audit_reopen(struct kms_audit *a);
+/* A change to the database, as its intent line names it. */
+struct kms_audit_change {
+    const char *request_id; /* unique: the transaction stores it */
+    const char *operation;  /* "CreateKey", ..., or for the server's own "RotateKey", "DeleteKey" */
+    const char *principal;  /* "" for the server's own changes */
+    const char *source;     /* client address, or "p11kmsd" */
+    const char *key_arn;    /* NULL when none */
+    const char *alias;      /* NULL when none */
+};
+enum { KMS_AUDIT_NOT_COMMITTED = 0, KMS_AUDIT_COMMITTED = 1, KMS_AUDIT_UNKNOWN = -1 };
+/*
+ * The intent line, written and on disk (fdatasync) when this returns KMS_OK:
+ * only then may the change commit. KMS_ERR_DEPENDENCY_TIMEOUT otherwise (or
+ * when KMS_AUDIT_OPEN_MAX intents are open): the change must not commit.
+ */
+KMS_MUST_CHECK kms_err kms_audit_intent(struct kms_audit *a, const struct kms_audit_change *c);
+/*
+ * After the commit (or the rollback) of an intent's change. An outcome line
+ * that cannot be written now is written before the next line that can; an
+ * unknown result (a failed commit) is looked up in the database before the
+ * next checkpoint. Never fails: until written, the intent is listed open.
+ */
+void kms_audit_outcome(struct kms_audit *a, const char *request_id, int result);
 /* Writes a checkpoint now (when lines were written since the last). Uses a token session. */
 KMS_MUST_CHECK kms_err kms_audit_checkpoint(struct kms_audit *a);
-/* The log id (32 hex), as in the log's "log" members and the token's record. */
+/* The log id (32 hex), as in the log's "log" members and the database's head. */
 const char *kms_audit_id(const struct kms_audit *a);
 /* Stops the checkpoint thread, writes the "close" checkpoint, frees. NULL is fine. */
 void kms_audit_close(struct kms_audit *a);
@@ -172,11 +225,25 @@ KMS_MUST_CHECK kms_err kms_audit_template_fill(const struct kms_audit_template *
                                                struct kms_buf *line);
 void kms_audit_template_free(struct kms_audit_template *t);
 
-/* The checkpoint without its mac: the bytes the MAC covers. */
+/* What an "open" checkpoint adds: the run before on this node; and any checkpoint's open intents.
+ */
+struct kms_audit_checkpoint_extra {
+    const char *node;      /* "open" only; NULL: left out */
+    const char *after_log; /* NULL: no run before */
+    uint64_t after_seq;
+    const char *after_hash;  /* 64 hex */
+    const char *const *open; /* request ids of intents without an outcome */
+    size_t nopen;
+};
+/* The checkpoint without its mac: the bytes the MAC covers. extra may be NULL. */
 KMS_MUST_CHECK kms_err kms_audit_checkpoint_body(const char *key_hex, const char *kind,
                                                  const char *log_id, uint64_t seq,
                                                  const uint8_t prev[32], const char *time,
+                                                 const struct kms_audit_checkpoint_extra *extra,
                                                  struct kms_buf *out);
+/* What a database head's MAC covers: KMS_AUDIT_HEAD_INFO, node, log, seq, hash, one a line. */
+KMS_MUST_CHECK kms_err kms_audit_head_body(const char *node, const char *log_id, uint64_t seq,
+                                           const char *hash_hex, struct kms_buf *out);
 /* body with `,"mac":"<hex>"}` in place of its final '}'. */
 KMS_MUST_CHECK kms_err kms_audit_checkpoint_line(const struct kms_buf *body, const uint8_t mac[32],
                                                  struct kms_buf *line);
@@ -191,16 +258,13 @@ KMS_MUST_CHECK kms_err kms_audit_reopen_line(const char *log_id, uint64_t seq,
 
 /* ---- verifying: the core of `p11kms-audit verify`, without the token ---------------- */
 
-/* What the token records for one log: its latest checkpoint. */
-struct kms_audit_token_record {
+/* Where a log is known to reach: a node's head in the database (its latest checkpoint). */
+struct kms_audit_head {
+    char node[256];
     char log[2 * KMS_AUDIT_LOG_ID_LEN + 1];
-    uint64_t seq;  /* 0: no checkpoint yet */
-    char hash[17]; /* first 16 hex of that checkpoint line's SHA-256; "" with seq 0 */
+    uint64_t seq;
+    char hash[65]; /* hex SHA-256 of that checkpoint line */
 };
-/* Parses "p11kms-audit:<log>:<seq>:<hash16>"; 0 when it is not one. */
-int kms_audit_record_label_parse(const char *label, size_t n, struct kms_audit_token_record *out);
-/* Formats a record's label; out holds 80 bytes. */
-void kms_audit_record_label(const char *log_id, uint64_t seq, const uint8_t hash[32], char out[80]);
 
 /*
  * Checks a checkpoint's MAC: 1 when it verifies, 0 when it does not, -1 when
@@ -212,10 +276,11 @@ typedef int (*kms_audit_mac_check)(void *arg, const char *key_hex, const uint8_t
 struct kms_audit_verify_config {
     kms_audit_mac_check mac; /* NULL: MACs not checked */
     void *mac_arg;
-    /* With have_records, every log must have a record and reach its checkpoint. */
-    const struct kms_audit_token_record *records;
-    size_t nrecords;
-    int have_records;
+    /* Each head's log must be among the lines and reach its checkpoint. */
+    const struct kms_audit_head *heads;
+    size_t nheads;
+    /* A log whose run before is not looked for (older files left out on purpose); NULL: none. */
+    const char *since;
 };
 
 enum kms_audit_finding {
@@ -228,17 +293,23 @@ enum kms_audit_finding {
     KMS_AUDIT_INSERTED,     /* "inserted" */
     KMS_AUDIT_BAD_MAC,      /* "checkpoint MAC does not verify" */
     KMS_AUDIT_UNKNOWN_KEY,  /* the checkpoint's key is not in the token */
-    KMS_AUDIT_NO_RECORD,    /* the log has no record in the token */
+    KMS_AUDIT_MISSING_RUN,  /* a run named by the next run or a head is not among the lines */
 };
 
 struct kms_audit_report {
     enum kms_audit_finding finding;
     const char *file; /* as given to kms_audit_verify_file; NULL when intact */
     uint64_t line;    /* 1-based, in that file */
-    char text[400];   /* "line 7: changed (its hash does not match line 8's prev)" */
+    char text[800];   /* "line 7: changed (its hash does not match line 8's prev)" */
     uint64_t lines, logs, checkpoints, macs_checked;
     int continues; /* the last log ends with a "rotate" checkpoint: it goes on in a later file */
+    /* Intents with no outcome or recovery line among the lines (malloc'd; kms_audit_report_free).
+     */
+    char (*open)[KMS_REQUEST_ID_MAX + 1];
+    size_t nopen;
+    uint64_t intents, committed, not_committed; /* intent lines; outcome and recovery results */
 };
+void kms_audit_report_free(struct kms_audit_report *r);
 
 struct kms_audit_verifier;
 

@@ -1,8 +1,9 @@
 /*
  * The audit log's verifier core (what `p11kms-audit verify` runs): reads
  * lines in order and names the first one changed, removed, inserted or
- * reordered; checkpoint MACs and the token's records come through the
- * config's callbacks. The format is described in audit.h.
+ * reordered, a run whose file is missing and a log cut short; checkpoint MACs
+ * come through the config's callback, the database's heads through its list.
+ * The format is described in audit.h.
  */
 #include "config.h"
 
@@ -21,7 +22,7 @@ static const uint8_t zero_hash[32];
 
 /* ---- the verifier ---------------------------------------------------------------- */
 
-enum line_type { T_REQUEST, T_CHECKPOINT, T_REOPEN };
+enum line_type { T_REQUEST, T_CHECKPOINT, T_REOPEN, T_INTENT, T_OUTCOME };
 enum cp_kind { K_NONE, K_OPEN, K_PERIODIC, K_ROTATE, K_CLOSE };
 
 /* What the checks need of one line. */
@@ -34,6 +35,21 @@ struct line_info {
     uint8_t prev[32];
     uint8_t hash[32];
     int mac_ok; /* a checkpoint whose MAC was checked and verifies */
+    /* an "open" checkpoint: the run before on its node */
+    int has_after;
+    char after_log[2 * KMS_AUDIT_LOG_ID_LEN + 1];
+    uint64_t after_seq;
+    char after_hash[65];
+    char node[256];
+    /* an intent, outcome or recovery line */
+    char request_id[KMS_REQUEST_ID_MAX + 1];
+    int committed;
+};
+
+/* A checkpoint of a chain: where a head or the next run may point. */
+struct mark {
+    uint64_t seq, index;
+    uint8_t hash[32];
 };
 
 /* One log's lines, which follow each other in the stream. */
@@ -41,7 +57,11 @@ struct chain {
     char log[2 * KMS_AUDIT_LOG_ID_LEN + 1];
     uint64_t first_seq, first_index;
     uint64_t last_seq, last_index;
-    const struct kms_audit_token_record *rec;
+    uint8_t last_hash[32];
+    int last_rotate; /* its last line is a "rotate" checkpoint: it goes on in a later file */
+    const struct kms_audit_head *head; /* the database's head naming this log, or NULL */
+    struct mark *marks;                /* its checkpoints */
+    size_t nmarks;
 };
 
 struct file_start {
@@ -70,6 +90,7 @@ struct kms_audit_verifier {
     uint64_t search_seq; /* P_SEARCH: the seq looked for */
     int done;
     struct kms_audit_report rep;
+    size_t open_cap;
 };
 
 kms_err kms_audit_verifier_new(const struct kms_audit_verify_config *cfg,
@@ -129,7 +150,7 @@ __attribute__((format(printf, 4, 5))) static void report(struct kms_audit_verifi
                                                          enum kms_audit_finding finding,
                                                          uint64_t index, const char *fmt, ...)
 {
-    char what[300];
+    char what[700];
     va_list ap;
     if (v->done)
         return;
@@ -194,7 +215,8 @@ static int parse_line(const char *text, size_t n, int complete, struct line_info
     if (!json_is_integer(ver) || json_integer_value(ver) != 1)
         bad = "\"v\" is not 1";
     else if (!type || (strcmp(type, "request") && strcmp(type, "alert") &&
-                       strcmp(type, "checkpoint") && strcmp(type, "reopen")))
+                       strcmp(type, "checkpoint") && strcmp(type, "reopen") &&
+                       strcmp(type, "intent") && strcmp(type, "outcome") && strcmp(type, "recovery")))
         bad = "no known \"type\"";
     else if (!json_is_integer(seq) || json_integer_value(seq) < 1)
         bad = "no \"seq\"";
@@ -210,8 +232,22 @@ static int parse_line(const char *text, size_t n, int complete, struct line_info
         /* An alert is in the chain as a request line is. */
         L->type = !strcmp(type, "request") || !strcmp(type, "alert") ? T_REQUEST
                   : !strcmp(type, "checkpoint")                      ? T_CHECKPOINT
-                                                                     : T_REOPEN;
+                  : !strcmp(type, "reopen")                          ? T_REOPEN
+                  : !strcmp(type, "intent")                          ? T_INTENT
+                                                                     : T_OUTCOME;
         L->kind = K_NONE;
+    }
+    if (!bad && (L->type == T_INTENT || L->type == T_OUTCOME)) {
+        const char *id = str_member(o, "request_id"), *result = str_member(o, "result");
+        if (!id || !*id || strlen(id) > KMS_REQUEST_ID_MAX)
+            bad = "no \"request_id\"";
+        else if (L->type == T_OUTCOME &&
+                 (!result || (strcmp(result, "committed") && strcmp(result, "not committed"))))
+            bad = "no known \"result\"";
+        else {
+            snprintf(L->request_id, sizeof L->request_id, "%s", id);
+            L->committed = L->type == T_OUTCOME && strcmp(result, "committed") == 0;
+        }
     }
     if (!bad && L->type == T_CHECKPOINT) {
         const char *kind = str_member(o, "kind");
@@ -227,12 +263,23 @@ static int parse_line(const char *text, size_t n, int complete, struct line_info
             bad = "an opening checkpoint with \"seq\" other than 1";
         else if (!hex_member(o, "key", 2 * KMS_AUDIT_KEY_ID_LEN, NULL))
             bad = "no checkpoint \"key\"";
+        else if (json_object_get(o, "after_log") &&
+                 (!hex_member(o, "after_log", 2 * KMS_AUDIT_LOG_ID_LEN, L->after_log) ||
+                  !hex_member(o, "after_hash", 64, L->after_hash) ||
+                  !json_is_integer(json_object_get(o, "after_seq"))))
+            bad = "a malformed \"after_*\"";
         else if (!hex_member(o, "mac", 64, NULL) || n < KMS_AUDIT_MAC_SUFFIX_LEN + 2 ||
                  memcmp(text + n - KMS_AUDIT_MAC_SUFFIX_LEN, KMS_AUDIT_MAC_MEMBER,
                         sizeof KMS_AUDIT_MAC_MEMBER - 1) != 0 ||
                  text[n - 1] != '}' || text[n - 2] != '"')
             bad = "no \"mac\" as its last member";
     }
+    if (!bad && L->type == T_CHECKPOINT && L->after_log[0]) {
+        L->has_after = 1;
+        L->after_seq = (uint64_t)json_integer_value(json_object_get(o, "after_seq"));
+    }
+    if (!bad && L->type == T_CHECKPOINT && str_member(o, "node"))
+        snprintf(L->node, sizeof L->node, "%s", str_member(o, "node"));
     if (bad) {
         snprintf(why, why_len, "not an audit line (%s)", bad);
     } else {
@@ -278,14 +325,27 @@ static struct chain *find_chain(struct kms_audit_verifier *v, const char *log)
     return NULL;
 }
 
-static const struct kms_audit_token_record *find_record(struct kms_audit_verifier *v,
-                                                        const char *log)
+static const struct kms_audit_head *find_head(struct kms_audit_verifier *v, const char *log)
 {
-    const struct kms_audit_token_record *best = NULL;
-    for (size_t i = 0; i < v->cfg.nrecords; i++)
-        if (strcmp(v->cfg.records[i].log, log) == 0 && (!best || v->cfg.records[i].seq > best->seq))
-            best = &v->cfg.records[i];
-    return best;
+    for (size_t i = 0; i < v->cfg.nheads; i++)
+        if (strcmp(v->cfg.heads[i].log, log) == 0)
+            return &v->cfg.heads[i];
+    return NULL;
+}
+
+/* The hash a chain's line of seq has, when known (its last line or a checkpoint); else NULL. */
+static const uint8_t *hash_at(const struct chain *c, uint64_t seq, uint64_t *index)
+{
+    if (seq == c->last_seq) {
+        *index = c->last_index;
+        return c->last_hash;
+    }
+    for (size_t i = 0; i < c->nmarks; i++)
+        if (c->marks[i].seq == seq) {
+            *index = c->marks[i].index;
+            return c->marks[i].hash;
+        }
+    return NULL;
 }
 
 static void start_chain(struct kms_audit_verifier *v, const struct line_info *L)
@@ -300,25 +360,103 @@ static void start_chain(struct kms_audit_verifier *v, const struct line_info *L)
     memcpy(c->log, L->log, sizeof c->log);
     c->first_seq = c->last_seq = L->seq;
     c->first_index = c->last_index = L->index;
-    c->rec = find_record(v, L->log);
+    memcpy(c->last_hash, L->hash, 32);
+    c->last_rotate = 0;
+    c->head = find_head(v, L->log);
+    c->marks = NULL;
+    c->nmarks = 0;
     v->rep.logs++;
-    if (v->cfg.have_records && !c->rec)
-        report(v, KMS_AUDIT_NO_RECORD, L->index,
-               "log %s has no record in the token (written with another token, or its record "
-               "was removed)",
-               L->log);
 }
 
-/* The token has a later checkpoint of P's log than P, and P does not hand over to another file. */
-static const struct kms_audit_token_record *cut_after(struct kms_audit_verifier *v,
-                                                      const struct line_info *P)
+/* The database's head is past P in P's log, and P does not hand over to another file. */
+static const struct kms_audit_head *cut_after(struct kms_audit_verifier *v,
+                                              const struct line_info *P)
 {
     struct chain *c = find_chain(v, P->log);
-    if (!c || !c->rec || c->rec->seq <= P->seq)
+    if (!c || !c->head || c->head->seq <= P->seq)
         return NULL;
     if (P->type == T_CHECKPOINT && P->kind == K_ROTATE)
         return NULL;
-    return c->rec;
+    return c->head;
+}
+
+/*
+ * An opening checkpoint names the last line of the run before on its node:
+ * that run must be among the lines and reach it. 1 when it did (or the
+ * opening names none, or the run is the first expected), 0 when reported.
+ */
+static int check_after(struct kms_audit_verifier *v, const struct line_info *L)
+{
+    char a[300];
+    uint64_t at = 0;
+    if (!L->has_after || (v->cfg.since && strcmp(v->cfg.since, L->log) == 0))
+        return 1;
+    struct chain *A = find_chain(v, L->after_log);
+    if (!A) {
+        report(v, KMS_AUDIT_MISSING_RUN, L->index,
+               "lines are missing before it (the run before it on node %s, log %s up to seq "
+               "%" PRIu64 ", is not among the files given)",
+               L->node[0] ? L->node : "?", L->after_log, L->after_seq);
+        return 0;
+    }
+    if (A->last_seq < L->after_seq) {
+        report(v, KMS_AUDIT_MISSING, L->index,
+               "lines are missing before it (log %s ends at %s with seq %" PRIu64
+               ", but the run after it says it reached seq %" PRIu64 ")",
+               A->log, name_line(v, A->last_index, L->index, a, sizeof a), A->last_seq,
+               L->after_seq);
+        return 0;
+    }
+    const uint8_t *h = hash_at(A, L->after_seq, &at);
+    char hex[65];
+    if (h) {
+        kms_hex_encode(h, 32, hex);
+        if (strcmp(hex, L->after_hash) != 0) {
+            report(v, KMS_AUDIT_CHANGED, at,
+                   "changed (the run after log %s records another hash for its seq %" PRIu64 ")",
+                   A->log, L->after_seq);
+            return 0;
+        }
+    }
+    return 1;
+}
+
+/* Keeps count of intents and their results; those left without one are in the report. */
+static void track_intent(struct kms_audit_verifier *v, const struct line_info *L)
+{
+    struct kms_audit_report *r = &v->rep;
+    if (L->type == T_INTENT) {
+        r->intents++;
+        if (r->nopen == v->open_cap) {
+            size_t cap = v->open_cap ? 2 * v->open_cap : 16;
+            void *p = realloc(r->open, cap * sizeof *r->open);
+            if (!p)
+                return;
+            r->open = p;
+            v->open_cap = cap;
+        }
+        snprintf(r->open[r->nopen++], sizeof r->open[0], "%s", L->request_id);
+        return;
+    }
+    if (L->type != T_OUTCOME)
+        return;
+    if (L->committed)
+        r->committed++;
+    else
+        r->not_committed++;
+    for (size_t i = r->nopen; i-- > 0;)
+        if (strcmp(r->open[i], L->request_id) == 0) {
+            memmove(r->open[i], r->open[i + 1], (r->nopen - i - 1) * sizeof r->open[0]);
+            r->nopen--;
+            return;
+        }
+}
+
+void kms_audit_report_free(struct kms_audit_report *r)
+{
+    free(r->open);
+    r->open = NULL;
+    r->nopen = 0;
 }
 
 static const char *lines_missing(uint64_t n)
@@ -334,7 +472,10 @@ static void check_order(struct kms_audit_verifier *v, const struct line_info *L)
     char a[300], b[300];
 
     if (!v->have_p) {
-        if (L->type == T_CHECKPOINT && L->kind == K_OPEN && memcmp(L->prev, zero_hash, 32) == 0)
+        if (L->type == T_CHECKPOINT && L->kind == K_OPEN && !check_after(v, L))
+            ;
+        else if (L->type == T_CHECKPOINT && L->kind == K_OPEN &&
+                 memcmp(L->prev, zero_hash, 32) == 0)
             ;
         else if (L->type == T_REOPEN)
             ; /* the log goes on from an earlier file */
@@ -404,13 +545,19 @@ static void check_order(struct kms_audit_verifier *v, const struct line_info *L)
                L->log, name_line(v, X->last_index, L->index, b, sizeof b), a, P->log);
         return;
     }
-    const struct kms_audit_token_record *rec = cut_after(v, P);
+    const struct kms_audit_head *rec = cut_after(v, P);
     if (L->type == T_CHECKPOINT && L->kind == K_OPEN) {
-        if (rec)
+        /* A run that began in a new file (zeros) and names the run before it: linked so. */
+        int linked = L->has_after && memcmp(L->prev, zero_hash, 32) == 0;
+        if (!check_after(v, L))
+            ;
+        else if (rec)
             report(v, KMS_AUDIT_MISSING, L->index,
                    "lines are missing before it (log %s ends at %s with seq %" PRIu64
-                   ", but the token records its checkpoint seq %" PRIu64 ")",
-                   P->log, a, P->seq, rec->seq);
+                   ", but the database's head of node %s records its checkpoint seq %" PRIu64 ")",
+                   P->log, a, P->seq, rec->node, rec->seq);
+        else if (linked)
+            ;
         else if (!prev_ok && P->mac_ok)
             report(v, KMS_AUDIT_MISSING, L->index,
                    "lines are missing before it (its prev does not match %s)", a);
@@ -520,16 +667,29 @@ int kms_audit_verify_line(struct kms_audit_verifier *v, const char *text, size_t
         struct chain *c = find_chain(v, L.log);
         char hex[65];
         kms_hex_encode(L.hash, 32, hex);
-        if (c && c->rec && c->rec->seq == L.seq && strncmp(hex, c->rec->hash, 16) != 0)
+        if (c && c->head && c->head->seq == L.seq && strcmp(hex, c->head->hash) != 0)
             report(v, KMS_AUDIT_CHANGED, L.index,
-                   "changed (the token records another hash for checkpoint seq %" PRIu64 ")",
-                   L.seq);
+                   "changed (the database's head of node %s records another hash for "
+                   "checkpoint seq %" PRIu64 ")",
+                   c->head->node, L.seq);
+        struct mark *m = c ? realloc(c->marks, (c->nmarks + 1) * sizeof *m) : NULL;
+        if (m) {
+            c->marks = m;
+            m[c->nmarks].seq = L.seq;
+            m[c->nmarks].index = L.index;
+            memcpy(m[c->nmarks].hash, L.hash, 32);
+            c->nmarks++;
+        }
     }
+    if (!v->done)
+        track_intent(v, &L);
     if (!v->done) {
         struct chain *c = find_chain(v, L.log);
         if (c) {
             c->last_seq = L.seq;
             c->last_index = L.index;
+            memcpy(c->last_hash, L.hash, 32);
+            c->last_rotate = L.type == T_CHECKPOINT && L.kind == K_ROTATE;
         }
         v->pp = v->p;
         v->have_pp = v->have_p;
@@ -544,7 +704,7 @@ void kms_audit_verify_finish(struct kms_audit_verifier *v, struct kms_audit_repo
     if (!v->done && v->pending != P_NONE)
         settle(v, NULL);
     if (!v->done && v->have_p) {
-        const struct kms_audit_token_record *rec = cut_after(v, &v->p);
+        const struct kms_audit_head *rec = cut_after(v, &v->p);
         if (rec) {
             /* Named as the line after the last: the first one missing. */
             const char *file;
@@ -556,9 +716,37 @@ void kms_audit_verify_finish(struct kms_audit_verifier *v, struct kms_audit_repo
             v->rep.line = line + 1;
             snprintf(v->rep.text, sizeof v->rep.text,
                      "line %" PRIu64 ": missing (the file ends at line %" PRIu64
-                     " with seq %" PRIu64
-                     " of log %s, but the token records its checkpoint seq %" PRIu64 ")",
-                     line + 1, line, v->p.seq, v->p.log, rec->seq);
+                     " with seq %" PRIu64 " of log %s, but the database's head of node %s "
+                     "records its checkpoint seq %" PRIu64 ")",
+                     line + 1, line, v->p.seq, v->p.log, rec->node, rec->seq);
+        }
+    }
+    /* A head names a log none of the lines are of: its run (or its newest file) is missing. */
+    for (size_t i = 0; !v->done && i < v->cfg.nheads; i++) {
+        const struct kms_audit_head *h = &v->cfg.heads[i];
+        struct chain *c = find_chain(v, h->log);
+        if (!c) {
+            v->done = 1;
+            v->rep.finding = KMS_AUDIT_MISSING_RUN;
+            position(v, v->have_p ? v->p.index : 0, &v->rep.file, &v->rep.line);
+            v->rep.line = v->have_p ? v->rep.line + 1 : 1;
+            snprintf(v->rep.text, sizeof v->rep.text,
+                     "line %" PRIu64 ": missing (the database's head of node %s names log %s "
+                     "at seq %" PRIu64 ", which is not among the files given: that run's "
+                     "file is missing)",
+                     v->rep.line, h->node, h->log, h->seq);
+        } else if (c->last_seq < h->seq && !c->last_rotate) {
+            char a[300];
+            uint64_t at = c->last_index;
+            v->done = 1;
+            v->rep.finding = KMS_AUDIT_MISSING;
+            position(v, at, &v->rep.file, &v->rep.line);
+            v->rep.line++;
+            name_line(v, at, at, a, sizeof a);
+            snprintf(v->rep.text, sizeof v->rep.text,
+                     "line %" PRIu64 ": missing (log %s ends at %s with seq %" PRIu64
+                     ", but the database's head of node %s records its checkpoint seq %" PRIu64 ")",
+                     v->rep.line, h->log, a, c->last_seq, h->node, h->seq);
         }
     }
     if (!v->done) {
@@ -575,6 +763,8 @@ void kms_audit_verify_finish(struct kms_audit_verifier *v, struct kms_audit_repo
     }
     *out = v->rep;
     free(v->files);
+    for (size_t i = 0; i < v->nchains; i++)
+        free(v->chains[i].marks);
     free(v->chains);
     free(v);
 }

@@ -494,11 +494,53 @@ static void job_release(struct job *j)
     free(j);
 }
 
+/* The request this worker thread runs: the changes it makes are audited under its id. */
+static __thread const struct job *current_job;
+
+kms_err kms_http_change_intent(void *arg, struct kms_change_event *e)
+{
+    struct kms_server *srv = arg;
+    const struct job *j = e->automatic ? NULL : current_job;
+    uint8_t id[KMS_UUID_LEN];
+    if (j) {
+        snprintf(e->request_id, sizeof e->request_id, "%s", j->request_id);
+    } else {
+        KMS_GUARD(kms_uuid_new(id));
+        kms_uuid_format(id, e->request_id);
+    }
+    if (!srv->audit)
+        return KMS_OK;
+    struct kms_audit_change c = {
+        .request_id = e->request_id,
+        .operation = e->operation,
+        .principal = j ? j->principal : "",
+        .source = j ? j->source : "p11kmsd",
+        .key_arn = e->key_arn[0] ? e->key_arn : NULL,
+        .alias = e->alias,
+    };
+    kms_err rc = kms_audit_intent(srv->audit, &c);
+    if (rc != KMS_OK)
+        kms_stats_audit_failure(srv);
+    return rc;
+}
+
+void kms_http_change_outcome(void *arg, const struct kms_change_event *e, int result)
+{
+    struct kms_server *srv = arg;
+    if (srv->audit)
+        kms_audit_outcome(srv->audit, e->request_id,
+                          result == KMS_CHANGE_COMMITTED       ? KMS_AUDIT_COMMITTED
+                          : result == KMS_CHANGE_NOT_COMMITTED ? KMS_AUDIT_NOT_COMMITTED
+                                                               : KMS_AUDIT_UNKNOWN);
+}
+
 static void job_run(struct kms_task *t)
 {
     struct job *j = (struct job *)t;
     kms_err_clear();
+    current_job = j;
     j->rc = j->op->fn(&j->r);
+    current_job = NULL;
     snprintf(j->message, sizeof j->message, "%s", j->rc == KMS_OK ? "" : kms_err_message());
     note_decryption(j->srv, j->op, &j->r, j->rc);
     log_outcome(j->op->name, j->principal, j->rc, j->message);

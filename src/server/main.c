@@ -189,10 +189,18 @@ static kms_err start(struct kms_server *srv, int mode)
     kc.policy_arg = srv;
     KMS_GUARD(kms_account_policy(srv->cfg.account, &srv->account_policy));
     kc.default_policy = srv->account_policy;
+    kc.audit.intent = kms_http_change_intent;
+    kc.audit.outcome = kms_http_change_outcome;
+    kc.audit.arg = srv;
     KMS_GUARD(kms_keystore_open(srv->hsm, srv->store, &kc, &srv->ks));
     if (srv->cfg.audit_log) {
-        struct kms_audit_config ac = {srv->cfg.audit_log, srv->cfg.audit_checkpoint_lines,
-                                      srv->cfg.audit_checkpoint_seconds};
+        struct kms_audit_config ac = {
+            .path = srv->cfg.audit_log,
+            .checkpoint_lines = srv->cfg.audit_checkpoint_lines,
+            .checkpoint_seconds = srv->cfg.audit_checkpoint_seconds,
+            .store = srv->store,
+            .node = srv->cfg.audit_node,
+        };
         KMS_GUARD(kms_audit_open(&ac, srv->hsm, &srv->audit));
         kms_info("audit log %s (log id %s)", srv->cfg.audit_log, kms_audit_id(srv->audit));
     } else {
@@ -405,10 +413,11 @@ int main(int argc, char **argv)
     }
 out:
     kms_http_stop(&srv);
-    kms_audit_close(srv.audit); /* its close checkpoint */
+    /* The key store's own changes are audited: its thread stops before the log closes. */
     if (srv.ks)
         kms_keystore_stop(srv.ks);
-    kms_stats_free(&srv); /* after every thread that calls the token */
+    kms_audit_close(srv.audit); /* its close checkpoint, the node's head */
+    kms_stats_free(&srv);       /* after every thread that calls the token */
     kms_ratelimit_free(srv.limits);
     kms_breaker_free(srv.breaker);
     kms_tls_free(srv.tls);

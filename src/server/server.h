@@ -53,6 +53,13 @@ struct kms_server {
 /* Starts listening on cfg.listen; the daemon's threads serve from then on. */
 KMS_MUST_CHECK kms_err kms_http_start(struct kms_server *srv);
 /*
+ * The key store's change audit (struct kms_change_audit, arg the server): a
+ * change made by a request is named by its request id, principal and source;
+ * the server's own changes by a fresh id and source "p11kmsd".
+ */
+KMS_MUST_CHECK kms_err kms_http_change_intent(void *arg, struct kms_change_event *e);
+void kms_http_change_outcome(void *arg, const struct kms_change_event *e, int result);
+/*
  * SIGTERM: stops accepting connections and answers what is in flight, for up
  * to drain_timeout_ms; then answers what is left with 503. Returns 0 when
  * some request could not be completed or a worker is stuck in a token

@@ -64,6 +64,7 @@ void kms_config_free(struct kms_config *c)
     free(c->audit_log);
     free(c->alias_policy_file);
     free(c->metrics_token_file);
+    free(c->audit_node);
     for (size_t i = 0; i < c->nbindings; i++)
         free(c->bindings[i].principal);
     for (size_t i = 0; i < c->nadmins; i++)
@@ -309,6 +310,11 @@ kms_err kms_config_set(struct kms_config *c, const char *key, const char *value)
     }
     if (strcmp(key, "audit_log") == 0)
         return set_string(&c->audit_log, value);
+    if (strcmp(key, "audit_node") == 0) {
+        KMS_ENSURE(*value && strlen(value) <= KMS_AUDIT_NODE_MAX, KMS_ERR_VALIDATION,
+                   "audit_node must be 1 to %d characters", KMS_AUDIT_NODE_MAX);
+        return set_string(&c->audit_node, value);
+    }
     if (strcmp(key, "audit_checkpoint_lines") == 0) {
         KMS_GUARD(set_unsigned(&v, key, value, 1, 1000000));
         c->audit_checkpoint_lines = (unsigned)v;

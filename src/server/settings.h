@@ -65,6 +65,7 @@ struct kms_config {
     char *metrics_token_file;   /* the bearer token GET /metrics needs; NULL: /metrics refused */
     int metrics_key_ids;        /* metrics labelled with key ids */
     int metrics_open_loopback;  /* --dev: /metrics without a token on a loopback listener */
+    char *audit_node;           /* this node's name for its audit head; NULL: host:audit_log */
     unsigned audit_checkpoint_lines;
     unsigned audit_checkpoint_seconds;
     /* The decryption breaker (breaker.h): failures within window_s; 0 failures: off. */

@@ -70,6 +70,11 @@ struct kms_store_engine {
     kms_err (*meta_get)(struct kms_tx *tx, const char *name, char *out, size_t n);
     kms_err (*meta_set)(struct kms_tx *tx, const char *name, const char *value);
 
+    kms_err (*change_request)(struct kms_tx *tx, const char *request_id);
+    kms_err (*change_request_find)(struct kms_tx *tx, const char *request_id, int *found);
+    kms_err (*audit_head_get)(struct kms_tx *tx, const char *node, struct kms_audit_head_row *out);
+    kms_err (*audit_head_put)(struct kms_tx *tx, const struct kms_audit_head_row *r);
+
     kms_err (*note_change)(struct kms_tx *tx, int kind, const uint8_t *id, const char *name);
     kms_err (*change_head)(struct kms_tx *tx, int64_t *out);
     kms_err (*change_tail)(struct kms_tx *tx, int64_t *out);

@@ -67,6 +67,24 @@ static const char *const sqlite_migrations[] = {
     "  key_id BLOB,"
     "  name TEXT,"
     "  at INTEGER NOT NULL);",
+    /*
+     * 2: the audit log's links to the database. change_requests: the request
+     * id of every committed change, written in its transaction, so an intent
+     * line of the audit log without its outcome can be settled (committed or
+     * not) after a crash. audit_heads: each node's latest audit checkpoint,
+     * MAC'd in the token, so a log cut short or a run's file removed is seen.
+     */
+    "CREATE TABLE change_requests ("
+    "  request_id TEXT PRIMARY KEY,"
+    "  at INTEGER NOT NULL) WITHOUT ROWID;"
+    "CREATE TABLE audit_heads ("
+    "  node TEXT PRIMARY KEY,"
+    "  log TEXT NOT NULL,"
+    "  seq INTEGER NOT NULL,"
+    "  hash TEXT NOT NULL,"
+    "  key TEXT NOT NULL,"
+    "  mac TEXT NOT NULL,"
+    "  updated INTEGER NOT NULL) WITHOUT ROWID;",
 };
 
 /*
@@ -127,6 +145,18 @@ static const char *const postgresql_migrations[] = {
     "  key_id BYTEA,"
     "  name TEXT,"
     "  at BIGINT NOT NULL);",
+    /* 2: the audit log's links to the database (as SQLite's) */
+    "CREATE TABLE change_requests ("
+    "  request_id TEXT COLLATE \"C\" PRIMARY KEY,"
+    "  at BIGINT NOT NULL);"
+    "CREATE TABLE audit_heads ("
+    "  node TEXT COLLATE \"C\" PRIMARY KEY,"
+    "  log TEXT NOT NULL,"
+    "  seq BIGINT NOT NULL,"
+    "  hash TEXT NOT NULL,"
+    "  key TEXT NOT NULL,"
+    "  mac TEXT NOT NULL,"
+    "  updated BIGINT NOT NULL);",
 };
 
 #define COUNT(a) (int)(sizeof(a) / sizeof(a)[0])

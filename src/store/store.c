@@ -255,6 +255,31 @@ kms_err kms_store_meta_set(struct kms_tx *tx, const char *name, const char *valu
 
 /* ---- the change sequence ---- */
 
+kms_err kms_store_change_request(struct kms_tx *tx, const char *request_id)
+{
+    KMS_ENSURE(request_id && *request_id && strlen(request_id) <= KMS_REQUEST_ID_MAX,
+               KMS_ERR_INTERNAL, "a change needs a request id");
+    return tx->engine->change_request(tx, request_id);
+}
+
+kms_err kms_store_change_request_find(struct kms_tx *tx, const char *request_id, int *found)
+{
+    *found = 0;
+    return tx->engine->change_request_find(tx, request_id, found);
+}
+
+kms_err kms_store_audit_head_get(struct kms_tx *tx, const char *node,
+                                 struct kms_audit_head_row *out)
+{
+    memset(out, 0, sizeof *out);
+    return tx->engine->audit_head_get(tx, node, out);
+}
+
+kms_err kms_store_audit_head_put(struct kms_tx *tx, const struct kms_audit_head_row *r)
+{
+    return tx->engine->audit_head_put(tx, r);
+}
+
 kms_err kms_store_note_change(struct kms_tx *tx, int kind, const uint8_t *id, const char *name)
 {
     return tx->engine->note_change(tx, kind, id, name);

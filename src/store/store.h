@@ -239,6 +239,35 @@ KMS_MUST_CHECK kms_err kms_store_root_insert(struct kms_tx *tx, struct kms_root_
 KMS_MUST_CHECK kms_err kms_store_meta_get(struct kms_tx *tx, const char *name, char *out, size_t n);
 KMS_MUST_CHECK kms_err kms_store_meta_set(struct kms_tx *tx, const char *name, const char *value);
 
+/* ---- the audit log's records (audit.h) ---- */
+#define KMS_REQUEST_ID_MAX 64
+#define KMS_AUDIT_NODE_MAX 255
+/*
+ * Records in the transaction that it is the change of request_id (the id its
+ * audit intent line names): KMS_ERR_ALREADY_EXISTS when that id made a change.
+ */
+KMS_MUST_CHECK kms_err kms_store_change_request(struct kms_tx *tx, const char *request_id);
+/* Whether the change of request_id committed: *found 1 or 0. */
+KMS_MUST_CHECK kms_err kms_store_change_request_find(struct kms_tx *tx, const char *request_id,
+                                                     int *found);
+
+/* A node's latest audit checkpoint: its log, seq and the line's SHA-256, MAC'd in the token. */
+struct kms_audit_head_row {
+    char node[KMS_AUDIT_NODE_MAX + 1];
+    char log[33]; /* hex log id */
+    uint64_t seq;
+    char hash[65]; /* hex SHA-256 of the checkpoint line */
+    char key[33];  /* hex CKA_ID of the token's audit key that made mac */
+    char mac[65];  /* hex */
+    int64_t updated;
+};
+/* KMS_ERR_NOT_FOUND when the node has none. */
+KMS_MUST_CHECK kms_err kms_store_audit_head_get(struct kms_tx *tx, const char *node,
+                                                struct kms_audit_head_row *out);
+/* Writes (or replaces) the node's head. */
+KMS_MUST_CHECK kms_err kms_store_audit_head_put(struct kms_tx *tx,
+                                                const struct kms_audit_head_row *r);
+
 /* ---- the change sequence ---- */
 /* Records in the transaction that a key (id) or an alias (name) changed. */
 KMS_MUST_CHECK kms_err kms_store_note_change(struct kms_tx *tx, int kind, const uint8_t *id,

@@ -149,6 +149,10 @@ enum stmt {
     S_CHANGE_TAIL,
     S_CHANGES,
     S_CHANGES_PRUNE,
+    S_CHANGE_REQUEST,
+    S_CHANGE_REQUEST_FIND,
+    S_AUDIT_HEAD_GET,
+    S_AUDIT_HEAD_PUT,
     S_COUNT
 };
 
@@ -216,6 +220,15 @@ static const char *const sql[S_COUNT] = {
                   "LIMIT $2",
     [S_CHANGES_PRUNE] = "DELETE FROM changes WHERE at < $1 AND seq < (SELECT max(seq) FROM "
                         "changes)",
+    [S_CHANGE_REQUEST] = "INSERT INTO change_requests (request_id, at) VALUES ($1, $2) "
+                         "ON CONFLICT DO NOTHING",
+    [S_CHANGE_REQUEST_FIND] = "SELECT 1 FROM change_requests WHERE request_id = $1",
+    [S_AUDIT_HEAD_GET] = "SELECT node, log, seq, hash, key, mac, updated FROM audit_heads "
+                         "WHERE node = $1",
+    [S_AUDIT_HEAD_PUT] = "INSERT INTO audit_heads (node, log, seq, hash, key, mac, updated) "
+                         "VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (node) DO UPDATE SET "
+                         "log = excluded.log, seq = excluded.seq, hash = excluded.hash, "
+                         "key = excluded.key, mac = excluded.mac, updated = excluded.updated",
 };
 
 /* A connection of the pool. */
@@ -1579,6 +1592,72 @@ static kms_err pg_meta_set(struct kms_tx *base, const char *name, const char *va
     return run_write(tx_of(base), S_META_SET, &p, NULL, "write a setting");
 }
 
+/* ---- the audit log's records ---- */
+
+static kms_err pg_change_request(struct kms_tx *base, const char *request_id)
+{
+    struct params p = {0};
+    struct timespec now;
+    long n = 0;
+    clock_gettime(CLOCK_REALTIME, &now);
+    p_text(&p, request_id);
+    p_int(&p, (int64_t)now.tv_sec);
+    KMS_GUARD(run_write(tx_of(base), S_CHANGE_REQUEST, &p, &n, "record a change's request"));
+    KMS_ENSURE(n == 1, KMS_ERR_ALREADY_EXISTS, "The entry already exists");
+    return KMS_OK;
+}
+
+static kms_err pg_change_request_find(struct kms_tx *base, const char *request_id, int *found)
+{
+    struct params p = {0};
+    PGresult *r;
+    p_text(&p, request_id);
+    KMS_GUARD(run(tx_of(base), S_CHANGE_REQUEST_FIND, &p, &r, "look up a change's request"));
+    *found = PQntuples(r) == 1;
+    PQclear(r);
+    return KMS_OK;
+}
+
+static void copy_col(const PGresult *r, int col, char *out, size_t n)
+{
+    const char *v = col_text(r, 0, col);
+    snprintf(out, n, "%s", v ? v : "");
+}
+
+static kms_err pg_audit_head_get(struct kms_tx *base, const char *node,
+                                 struct kms_audit_head_row *out)
+{
+    struct params p = {0};
+    PGresult *r;
+    p_text(&p, node);
+    KMS_GUARD(run(tx_of(base), S_AUDIT_HEAD_GET, &p, &r, "read an audit head"));
+    int found = PQntuples(r) == 1;
+    if (found) {
+        copy_col(r, 0, out->node, sizeof out->node);
+        copy_col(r, 1, out->log, sizeof out->log);
+        out->seq = (uint64_t)col_int(r, 0, 2);
+        copy_col(r, 3, out->hash, sizeof out->hash);
+        copy_col(r, 4, out->key, sizeof out->key);
+        copy_col(r, 5, out->mac, sizeof out->mac);
+        out->updated = col_int(r, 0, 6);
+    }
+    PQclear(r);
+    return found ? KMS_OK : KMS_ERR_NOT_FOUND;
+}
+
+static kms_err pg_audit_head_put(struct kms_tx *base, const struct kms_audit_head_row *r)
+{
+    struct params p = {0};
+    p_text(&p, r->node);
+    p_text(&p, r->log);
+    p_int(&p, (int64_t)r->seq);
+    p_text(&p, r->hash);
+    p_text(&p, r->key);
+    p_text(&p, r->mac);
+    p_int(&p, r->updated);
+    return run_write(tx_of(base), S_AUDIT_HEAD_PUT, &p, NULL, "write an audit head");
+}
+
 /* ---- the change sequence ---- */
 
 static kms_err pg_note_change(struct kms_tx *base, int kind, const uint8_t *id, const char *name)
@@ -1793,6 +1872,10 @@ const struct kms_store_engine kms_store_pg = {
     .root_insert = pg_root_insert,
     .meta_get = pg_meta_get,
     .meta_set = pg_meta_set,
+    .change_request = pg_change_request,
+    .change_request_find = pg_change_request_find,
+    .audit_head_get = pg_audit_head_get,
+    .audit_head_put = pg_audit_head_put,
     .note_change = pg_note_change,
     .change_head = pg_change_head,
     .change_tail = pg_change_tail,

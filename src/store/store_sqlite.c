@@ -58,6 +58,10 @@ enum stmt {
     S_CHANGE_TAIL,
     S_CHANGES,
     S_CHANGES_PRUNE,
+    S_CHANGE_REQUEST,
+    S_CHANGE_REQUEST_FIND,
+    S_AUDIT_HEAD_GET,
+    S_AUDIT_HEAD_PUT,
     S_COUNT
 };
 
@@ -118,6 +122,14 @@ static const char *const sql[S_COUNT] = {
                   "LIMIT ?2",
     [S_CHANGES_PRUNE] = "DELETE FROM changes WHERE at < ?1 AND seq < (SELECT max(seq) FROM "
                         "changes)",
+    [S_CHANGE_REQUEST] = "INSERT INTO change_requests (request_id, at) VALUES (?1, ?2)",
+    [S_CHANGE_REQUEST_FIND] = "SELECT 1 FROM change_requests WHERE request_id = ?1",
+    [S_AUDIT_HEAD_GET] = "SELECT node, log, seq, hash, key, mac, updated FROM audit_heads "
+                         "WHERE node = ?1",
+    [S_AUDIT_HEAD_PUT] = "INSERT INTO audit_heads (node, log, seq, hash, key, mac, updated) "
+                         "VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7) ON CONFLICT (node) DO UPDATE SET "
+                         "log = excluded.log, seq = excluded.seq, hash = excluded.hash, "
+                         "key = excluded.key, mac = excluded.mac, updated = excluded.updated",
 };
 
 /* A thread's connection; its base is the struct kms_tx handed out (engine.h). */
@@ -970,6 +982,74 @@ static kms_err sq_meta_set(struct kms_tx *base, const char *name, const char *va
     return run(tx, q, "write a setting");
 }
 
+/* ---- the audit log's records ---- */
+
+static kms_err sq_change_request(struct kms_tx *base, const char *request_id)
+{
+    struct conn *tx = conn_of(base);
+    sqlite3_stmt *q;
+    struct timespec t;
+    clock_gettime(CLOCK_REALTIME, &t);
+    KMS_GUARD(stmt(tx, S_CHANGE_REQUEST, &q));
+    bind_text(q, 1, request_id);
+    sqlite3_bind_int64(q, 2, (sqlite3_int64)t.tv_sec);
+    return run(tx, q, "record a change's request");
+}
+
+static kms_err sq_change_request_find(struct kms_tx *base, const char *request_id, int *found)
+{
+    struct conn *tx = conn_of(base);
+    sqlite3_stmt *q;
+    kms_err rc = KMS_OK;
+    KMS_GUARD(stmt(tx, S_CHANGE_REQUEST_FIND, &q));
+    bind_text(q, 1, request_id);
+    *found = next_row(tx, q, &rc, "look up a change's request");
+    sqlite3_reset(q);
+    return rc;
+}
+
+static void copy_column(sqlite3_stmt *q, int i, char *out, size_t n)
+{
+    const char *v = (const char *)sqlite3_column_text(q, i);
+    snprintf(out, n, "%s", v ? v : "");
+}
+
+static kms_err sq_audit_head_get(struct kms_tx *base, const char *node,
+                                 struct kms_audit_head_row *out)
+{
+    struct conn *tx = conn_of(base);
+    sqlite3_stmt *q;
+    kms_err rc = KMS_OK;
+    KMS_GUARD(stmt(tx, S_AUDIT_HEAD_GET, &q));
+    bind_text(q, 1, node);
+    if (!next_row(tx, q, &rc, "read an audit head"))
+        return rc != KMS_OK ? rc : KMS_ERR_NOT_FOUND;
+    copy_column(q, 0, out->node, sizeof out->node);
+    copy_column(q, 1, out->log, sizeof out->log);
+    out->seq = (uint64_t)sqlite3_column_int64(q, 2);
+    copy_column(q, 3, out->hash, sizeof out->hash);
+    copy_column(q, 4, out->key, sizeof out->key);
+    copy_column(q, 5, out->mac, sizeof out->mac);
+    out->updated = sqlite3_column_int64(q, 6);
+    sqlite3_reset(q);
+    return KMS_OK;
+}
+
+static kms_err sq_audit_head_put(struct kms_tx *base, const struct kms_audit_head_row *r)
+{
+    struct conn *tx = conn_of(base);
+    sqlite3_stmt *q;
+    KMS_GUARD(stmt(tx, S_AUDIT_HEAD_PUT, &q));
+    bind_text(q, 1, r->node);
+    bind_text(q, 2, r->log);
+    sqlite3_bind_int64(q, 3, (sqlite3_int64)r->seq);
+    bind_text(q, 4, r->hash);
+    bind_text(q, 5, r->key);
+    bind_text(q, 6, r->mac);
+    sqlite3_bind_int64(q, 7, r->updated);
+    return run(tx, q, "write an audit head");
+}
+
 /* ---- the change sequence ---- */
 
 static kms_err sq_note_change(struct kms_tx *base, int kind, const uint8_t *id, const char *name)
@@ -1067,6 +1147,10 @@ const struct kms_store_engine kms_store_sqlite = {
     .root_insert = sq_root_insert,
     .meta_get = sq_meta_get,
     .meta_set = sq_meta_set,
+    .change_request = sq_change_request,
+    .change_request_find = sq_change_request_find,
+    .audit_head_get = sq_audit_head_get,
+    .audit_head_put = sq_audit_head_put,
     .note_change = sq_note_change,
     .change_head = sq_change_head,
     .change_tail = sq_change_tail,

@@ -815,3 +815,57 @@ def check_error_response(r, error_type, status):
 
 def utcnow():
     return datetime.datetime.now(datetime.timezone.utc).replace(tzinfo=None)
+
+
+# ---- the audit log and the database -------------------------------------------
+
+
+def audit_changes(paths):
+    """The change records of audit log files: {request id: {"intent": n,
+    "committed": n, "not committed": n, "recovery": n}} (counts of lines)."""
+    seen = {}
+    for path in paths:
+        with open(path) as f:
+            for line in f:
+                try:
+                    d = json.loads(line)
+                except ValueError:
+                    continue
+                kind = d.get("type")
+                if kind not in ("intent", "outcome", "recovery"):
+                    continue
+                entry = seen.setdefault(d["request_id"], {"intent": 0, "committed": 0,
+                                                          "not committed": 0, "recovery": 0})
+                if kind == "intent":
+                    entry["intent"] += 1
+                else:
+                    entry[d["result"]] += 1
+                    entry["recovery"] += kind == "recovery"
+    return seen
+
+
+def check_audit_changes(paths, database):
+    """No change without its audit record: every change the (SQLite) database
+    holds has an intent line and an outcome or recovery line saying
+    "committed"; every such line's change is in the database, and no change
+    said "not committed" is. Returns (the records, the committed request ids)."""
+    import sqlite3
+    seen = audit_changes(paths)
+    db = sqlite3.connect("file:%s?mode=ro" % database, uri=True, timeout=30)
+    try:
+        committed = {r[0] for r in db.execute("SELECT request_id FROM change_requests")}
+    finally:
+        db.close()
+    no_intent = sorted(r for r in committed if seen.get(r, {}).get("intent", 0) == 0)
+    eq(no_intent[:5], [], "changes in the database without an intent line (%d)" % len(no_intent))
+    unsaid = sorted(r for r in committed if seen[r]["committed"] == 0)
+    eq(unsaid[:5], [], "changes in the database without an outcome or recovery line saying "
+       "committed (%d)" % len(unsaid))
+    false = sorted(r for r, e in seen.items() if e["committed"] and r not in committed)
+    eq(false[:5], [], "lines saying committed of a change the database lacks (%d)" % len(false))
+    wrong = sorted(r for r, e in seen.items() if e["not committed"] and r in committed)
+    eq(wrong[:5], [], "lines saying not committed of a change the database holds (%d)"
+       % len(wrong))
+    both = sorted(r for r, e in seen.items() if e["committed"] and e["not committed"])
+    eq(both[:5], [], "changes said both committed and not committed")
+    return seen, committed

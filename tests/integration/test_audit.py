@@ -11,6 +11,8 @@ import json
 import os
 import re
 import shutil
+import socket
+import sqlite3
 import subprocess
 import sys
 import time
@@ -85,9 +87,9 @@ class Writer:
         return err
 
 
-def verify(*paths, config=True, env_token=None):
+def verify(*paths, config=True, env_token=None, args=()):
     args = [AUDIT, "verify"] + (["--config", config if isinstance(config, str) else C.config]
-                                if config else []) + list(paths)
+                                if config else []) + list(args) + list(paths)
     env = h.server_env({"SOFTHSM2_CONF": (env_token or C.token).conf})
     r = subprocess.run(args, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                        stderr=subprocess.PIPE, text=True, timeout=60)
@@ -121,6 +123,15 @@ def expect_intact(*paths, config=True):
     eq(status, 0, "verify's exit status (stdout %r, stderr %r)" % (out, err))
     check(out.startswith("intact: "), "intact: %r" % out)
     return out
+
+
+def node_of(path):
+    """The default audit_node of a log file: host name and path."""
+    return "%s:%s" % (socket.gethostname(), path)
+
+
+def database():
+    return C.config + ".db"
 
 
 def kinds(lines):
@@ -164,7 +175,8 @@ def test_untouched_log_verifies():
     check(out.startswith("intact: 34 lines, 1 logs, 4 checkpoints; 4 checkpoint MACs verified"),
           "summary with --config: %r" % out)
     out = expect_intact(C.ws.sub("base.log"), config=False)
-    check("checkpoint MACs and truncation not checked" in out, "summary without --config: %r" % out)
+    check("checkpoint MACs, missing runs and truncation not checked" in out,
+          "summary without --config: %r" % out)
 
 
 @test
@@ -277,7 +289,8 @@ def test_delete_a_line():
     expect_problem("delete-first.log", C.base[1:], "line 1: lines are missing before it")
     expect_problem("delete-last.log", C.base[:-1],
                    "line 34: missing (the file ends at line 33 with seq 33 of log %s, but the "
-                   "token records its checkpoint seq 34)" % C.base_id)
+                   "database's head of node %s records its checkpoint seq 34)"
+                   % (C.base_id, node_of(C.ws.sub("base.log"))))
 
 
 @test
@@ -301,7 +314,8 @@ def test_truncate_after_a_checkpoint():
     eq(kinds(lines)[-1], ("checkpoint", "periodic"), "the last line left")
     expect_problem("truncated.log", lines,
                    "line 28: missing (the file ends at line 27 with seq 27 of log %s, but the "
-                   "token records its checkpoint seq 34)" % C.base_id)
+                   "database's head of node %s records its checkpoint seq 34)"
+                   % (C.base_id, node_of(C.ws.sub("base.log"))))
     # without the token the chain is whole: the tool says what it could not check
     path = write_lines("truncated.log", lines)
     status, out, _ = verify(path, config=False)
@@ -339,7 +353,9 @@ def test_not_an_audit_line():
 @test
 def test_wrong_token():
     other = h.make_token(C.ws.sub("token2"), "p11kms-audit-other")
-    config = h.write_config(C.ws.sub("other.conf"), other, C.ws.sub("credentials"))
+    creds = h.write_credentials(C.ws.sub("other-credentials"), [h.new_principal("other")])
+    config = h.write_config(C.ws.sub("other.conf"), other, creds)
+    h.init_database(config, other)
     status, out, err = verify(C.ws.sub("base.log"), config=config, env_token=other)
     eq(status, 1, "exit status (%r %r)" % (out, err))
     check(": line 1: checkpoint made with key " in out and "does not hold" in out,
@@ -367,7 +383,8 @@ def test_restart_appends_to_the_chain():
     # the end of the first run removed: the token knows where it ended
     cut = lines[:33] + lines[34:]
     expect_problem("restart-cut.log", cut, "line 34: lines are missing before it (log %s ends at "
-                   "line 33 with seq 33, but the token records its checkpoint seq 34)" % C.base_id)
+                   "line 33 with seq 33, but the database's head of node %s records its "
+                   "checkpoint seq 34)" % (C.base_id, node_of(C.ws.sub("base.log"))))
     # the whole second run removed but for its opening line
     expect_problem("restart-tail.log", lines[:35], "line 36: missing")
 
@@ -476,6 +493,235 @@ def test_hung_token_does_not_stop_lines():
     k = kinds(read_lines(path))
     check(("checkpoint", "periodic") in k, "the checkpoint was written once the token answered")
     expect_intact(path)
+
+
+# ---- one node's runs and its head in the database -----------------------------------
+
+
+def node_config(node):
+    """A configuration naming one node, so that runs in several files are that
+    node's; and a database of its own (node.conf.db)."""
+    path = C.ws.sub(node + ".conf")
+    if not os.path.exists(path):
+        h.write_config(path, C.token, C.ws.sub("credentials"), audit_node=node)
+    return path
+
+
+def node_db(node):
+    return node_config(node) + ".db"
+
+
+def nverify(node, *paths, args=()):
+    return verify(*paths, config=node_config(node), args=args)
+
+
+def three_runs():
+    """Three runs of node runs-node, each in its own file (made once)."""
+    if getattr(C, "runs", None):
+        return C.runs
+    config = node_config("runs-node")
+    files, ids = [], []
+    for i in range(3):
+        path = C.ws.sub("run%d.log" % (i + 1))
+        w = Writer(path, config=config)
+        w.ok("write 4")
+        if i == 2:
+            w.ok("checkpoint")
+            w.ok("write 3")
+        w.close()
+        files.append(path)
+        ids.append(w.log_id)
+    C.runs = files, ids
+    return C.runs
+
+
+def head_row(node):
+    db = sqlite3.connect("file:%s?mode=ro" % node_db(node), uri=True)
+    try:
+        return db.execute("SELECT log, seq, hash, mac FROM audit_heads WHERE node = ?",
+                          (node,)).fetchone()
+    finally:
+        db.close()
+
+
+@test
+def test_runs_name_the_runs_before():
+    files, ids = three_runs()
+    first = [json.loads(read_lines(p)[0]) for p in files]
+    eq([d.get("after_log") for d in first], [None, ids[0], ids[1]],
+       "each run's opening checkpoint names the run before it on the node")
+    eq([d.get("after_seq") for d in first[1:]], [6, 6], "... at its last line (its close)")
+    eq(first[1]["after_hash"], hashlib.sha256(read_lines(files[0])[-1].rstrip("\n").encode())
+       .hexdigest(), "... by its hash")
+    eq([d["node"] for d in first], ["runs-node"] * 3, "the node of each run")
+    eq([d["prev"] for d in first], ["0" * 64] * 3, "each begins a new file")
+    eq(head_row("runs-node")[:2], (ids[2], 10), "the node's head: the last run's close")
+    out = expect_intact(*files, config=node_config("runs-node"))
+    check(out.startswith("intact: 22 lines, 3 logs"), "the untouched runs: %r" % out)
+
+
+@test
+def test_a_missing_run_is_named():
+    files, ids = three_runs()
+    # the middle run's file deleted
+    status, out, err = nverify("runs-node", files[0], files[2])
+    eq(status, 1, "exit status (%r %r)" % (out, err))
+    eq(out, "%s: line 1: lines are missing before it (the run before it on node runs-node, log %s "
+       "up to seq 6, is not among the files given)" % (files[2], ids[1]), "the report")
+    # the first run's file deleted: named too, unless the files begin with run 2 on purpose
+    status, out, _ = nverify("runs-node", files[1], files[2])
+    eq((status, out), (1, "%s: line 1: lines are missing before it (the run before it on node "
+                          "runs-node, log %s up to seq 6, is not among the files given)"
+                       % (files[1], ids[0])), "the first run left out")
+    status, out, _ = nverify("runs-node", files[1], files[2], args=("--since", ids[1]))
+    eq(status, 0, "--since the second run: %r" % out)
+    # the newest run's file deleted: the node's head names it
+    status, out, _ = nverify("runs-node", files[0], files[1])
+    eq(status, 1, "exit status: %r" % out)
+    eq(out, "%s: line 7: missing (the database's head of node runs-node names log %s at seq 10, "
+       "which is not among the files given: that run's file is missing)" % (files[1], ids[2]),
+       "the report")
+
+
+@test
+def test_a_cut_tail_is_found():
+    files, ids = three_runs()
+    last = read_lines(files[2])
+    eq(kinds(last)[5], ("checkpoint", "periodic"), "run 3's line 6")
+    for keep in (8, 6):  # two lines cut; cut exactly after a checkpoint
+        cut = write_lines("run3-cut%d.log" % keep, last[:keep])
+        status, out, _ = nverify("runs-node", files[0], files[1], cut)
+        eq(status, 1, "exit status: %r" % out)
+        eq(out, "%s: line %d: missing (the file ends at line %d with seq %d of log %s, but the "
+           "database's head of node runs-node records its checkpoint seq 10)"
+           % (cut, keep + 1, keep, keep, ids[2]), "the report")
+
+
+@test
+def test_an_altered_head_is_found():
+    files, ids = three_runs()
+    row = head_row("runs-node")
+    for change in ("seq = seq - 2", "hash = '%s'" % ("0" * 64), "mac = '%s'" % ("1" * 64)):
+        db = sqlite3.connect(node_db("runs-node"))
+        try:
+            db.execute("UPDATE audit_heads SET %s WHERE node = 'runs-node'" % change)
+            db.commit()
+        finally:
+            db.close()
+        status, out, _ = nverify("runs-node", *files)
+        eq(status, 1, "%s: exit status (%r)" % (change, out))
+        check(out.startswith("database: the audit head of node runs-node does not verify: it was "
+                             "altered"), "%s: %r" % (change, out))
+        db = sqlite3.connect(node_db("runs-node"))
+        try:
+            db.execute("UPDATE audit_heads SET log = ?, seq = ?, hash = ?, mac = ? "
+                       "WHERE node = 'runs-node'", row)
+            db.commit()
+        finally:
+            db.close()
+    expect_intact(*files, config=node_config("runs-node"))
+
+
+@test
+def test_a_crashed_run_is_linked_by_its_head():
+    config = node_config("crash-node")
+    a = C.ws.sub("crashed.log")
+    w = Writer(a, config=config)
+    w.ok("write 3")
+    w.ok("checkpoint")
+    w.ok("write 2")
+    eq(w.cmd("crash"), "", "the writer died")
+    eq(w.proc.wait(timeout=10), 3, "its exit status")
+    eq(head_row("crash-node")[:2], (w.log_id, 5), "the head: the run's last checkpoint")
+    b = C.ws.sub("after-crash.log")
+    w2 = Writer(b, config=config)
+    w2.ok("write 1")
+    w2.close()
+    d = json.loads(read_lines(b)[0])
+    eq((d["after_log"], d["after_seq"]), (w.log_id, 5),
+       "a run in another file names the run before by its head")
+    expect_intact(a, b, config=config)
+    # the crashed run's lines after its checkpoint removed: its head cannot tell, the chain does
+    status, out, _ = verify(write_lines("crashed-cut.log", read_lines(a)[:4]), b, config=config)
+    eq(status, 1, "the checkpoint itself cut: %r" % out)
+    check("but the run after it says it reached seq 5" in out, "the report: %r" % out)
+
+
+def insert_change(node, request_id):
+    """As the change's transaction does: its request id in change_requests."""
+    db = sqlite3.connect(node_db(node))
+    try:
+        db.execute("INSERT INTO change_requests (request_id, at) VALUES (?, 0)", (request_id,))
+        db.commit()
+    finally:
+        db.close()
+
+
+@test
+def test_intents_are_settled_at_the_next_start():
+    config = node_config("intent-node")
+    path = C.ws.sub("intents.log")
+    w = Writer(path, config=config)
+    w.ok("intent r-committed")
+    w.ok("intent r-lost")
+    w.ok("intent r-done")
+    w.ok("outcome r-done 1")
+    w.ok("checkpoint")
+    w.ok("intent r-after")
+    for rid in ("r-committed", "r-done", "r-after"):
+        insert_change("intent-node", rid)
+    eq(w.cmd("crash"), "", "the writer died between commits and outcomes")
+    w.proc.wait(timeout=10)
+    lines = read_lines(path)
+    cp = json.loads(lines[5])
+    eq((cp["type"], cp["open"]), ("checkpoint", ["r-committed", "r-lost"]),
+       "the checkpoint lists the intents still open")
+    # p11kms-audit verify settles them from the database before any restart
+    status, out, _ = nverify("intent-node", path)
+    eq(status, 0, "verify: %r" % out)
+    check("3 without an outcome line" in out, "the summary: %r" % out)
+    for rid, said in (("r-committed", "committed"), ("r-lost", "not committed"),
+                      ("r-after", "committed")):
+        check("request %s: an intent without its outcome line; the database says: %s\n" % (rid, said)
+              in out + "\n", "%s: %r" % (rid, out))
+    # the next start writes recovery lines
+    w2 = Writer(path, config=config)
+    w2.close()
+    new = [json.loads(x) for x in read_lines(path)[len(lines):]]
+    eq(new[0]["open"], ["r-committed", "r-lost", "r-after"],
+       "the next run's opening checkpoint lists them")
+    eq([(d["type"], d["request_id"], d["result"]) for d in new[1:4]],
+       [("recovery", "r-committed", "committed"), ("recovery", "r-lost", "not committed"),
+        ("recovery", "r-after", "committed")], "then one recovery line each")
+    eq("open" in new[-1], False, "none open at the close")
+    h.check_audit_changes([path], node_db("intent-node"))
+    out = expect_intact(path, config=config)
+    check("4 changes: 3 committed, 1 not committed, 0 without" in out, "the summary: %r" % out)
+
+
+@test
+def test_outcome_written_once_the_log_can_be():
+    config = node_config("pending-node")
+    d = C.ws.sub("pending")
+    os.mkdir(d, 0o700)
+    path = os.path.join(d, "audit.log")
+    w = Writer(path, config=config)
+    w.ok("intent r-pending")
+    insert_change("pending-node", "r-pending")
+    os.rename(path, path + ".1")
+    os.symlink("/dev/full", path)
+    w.fails_closed("reopen")
+    w.ok("outcome r-pending 1")  # not written: the log cannot be
+    answer = w.cmd("intent r-refused")
+    check(answer.startswith("error DependencyTimeoutException "), "an intent now: %r" % answer)
+    os.unlink(path)
+    w.ok("write 1")  # the outcome goes first
+    w.close()
+    k = [(x["type"], x.get("request_id")) for x in map(json.loads, read_lines(path))]
+    eq(k[:3], [("reopen", None), ("outcome", "r-pending"), ("request", k[2][1])],
+       "the outcome is written before the next line")
+    h.check_audit_changes([path + ".1", path], node_db("pending-node"))
+    expect_intact(path + ".1", path, config=config)
 
 
 # ---- failing closed -----------------------------------------------------------------
@@ -605,21 +851,16 @@ def test_token_objects():
                                                  allAsBinary=True)[0]).hex()
         eq(json.loads(C.base[0])["key"], key_id, "checkpoints name the key by CKA_ID")
 
-        data = session.findObjects([(PyKCS11.CKA_CLASS, PyKCS11.CKO_DATA)])
-        records = {}
-        for o in data:
-            app, label, value = session.getAttributeValue(
-                o, [PyKCS11.CKA_APPLICATION, PyKCS11.CKA_LABEL, PyKCS11.CKA_VALUE],
-                allAsBinary=True)
-            eq(bytes(app), b"p11kms-audit", "application of every data object here")
-            label = bytes(label).decode()
-            m = re.match(r"^p11kms-audit:([0-9a-f]{32}):(\d+):([0-9a-f]{16})?$", label)
-            check(m, "record label %r" % label)
-            records[m.group(1)] = (int(m.group(2)), m.group(3), json.loads(bytes(value)))
-        seq, hash16, value = records[C.base_id]
-        eq((seq, hash16), (34, hashlib.sha256(C.base[33].rstrip("\n").encode()).hexdigest()[:16]),
-           "the base log's record: its closing checkpoint")
-        eq((value["log"], value["path"]), (C.base_id, C.ws.sub("base.log")), "record value")
+        # The log's head is in the database now: the token keeps no record of it.
+        eq(session.findObjects([(PyKCS11.CKA_CLASS, PyKCS11.CKO_DATA)]), [], "data objects")
+        db = sqlite3.connect("file:%s?mode=ro" % database(), uri=True)
+        try:
+            row = db.execute("SELECT log, seq, hash, key, length(mac) FROM audit_heads "
+                             "WHERE node = ?", (node_of(C.ws.sub("base.log")),)).fetchone()
+        finally:
+            db.close()
+        eq(row, (C.base_id, 34, hashlib.sha256(C.base[33].rstrip("\n").encode()).hexdigest(),
+                 key_id, 64), "the base log's head: its closing checkpoint, MAC'd by the key")
     finally:
         session.logout()
         session.closeSession()

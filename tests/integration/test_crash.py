@@ -16,6 +16,9 @@ init: as a supervisor would) and checked after every restart:
   every version row holds a 40-byte wrapped key under the one root;
 - the token holds exactly one AES key (the root the database names) and the
   audit key: no key version ever becomes a token object;
+- every change the database holds has an intent line in the audit log and an
+  outcome or recovery line saying "committed", and no such line names a
+  change the database lacks;
 - no two blobs share an IV under one key version, no version wrapped more
   than usage_bound times, and each version's `reserved` is at least the
   blobs seen under it and never goes down from one restart to the next.
@@ -313,6 +316,8 @@ def verify(endpoint, every_listed_key=False):
     """Every recorded blob decrypts to its plaintext, every key answers
     GenerateDataKey, every alias points where it may, the database and the
     token hold what they should; returns the key ids ListKeys answers."""
+    # No change without its audit record: the start settled what the kill left open.
+    h.check_audit_changes([C.config + ".audit.log"], C.database)
     listed = list_keys(endpoint)
     missing = sorted(set(C.keys) - set(listed))
     eq(missing, [], "keys created (answered 200) but missing from ListKeys")

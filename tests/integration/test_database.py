@@ -646,7 +646,8 @@ def test_corrupt_at_run_time():
     # A write of the header page alone tells the server's connections their
     # cached pages are stale (it touches no overwritten page).
     conn = db_connect(db, readonly=False)
-    conn.execute("PRAGMA user_version = 1")
+    version = conn.execute("PRAGMA user_version").fetchone()[0]
+    conn.execute("PRAGMA user_version = %d" % version)
     conn.close()
     h.diag("overwrote %d pages of %d bytes: %r" % (len(pages), page_size, pages))
     mark = len(s.stderr_text())
@@ -788,7 +789,7 @@ def test_backup_and_restore():
     conn = db_connect(out)
     try:
         eq(conn.execute("PRAGMA integrity_check").fetchall(), [("ok",)], "the backup's integrity")
-        eq(conn.execute("PRAGMA user_version").fetchone()[0], 1, "the backup's schema version")
+        eq(conn.execute("PRAGMA user_version").fetchone()[0], 2, "the backup's schema version")
         eq(conn.execute("PRAGMA journal_mode").fetchone()[0], "delete", "the backup's journal mode")
     finally:
         conn.close()

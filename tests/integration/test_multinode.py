@@ -10,7 +10,8 @@ Both nodes' configurations name the same `database = sqlite:...` file (WAL:
 several processes on one machine). `p11kmsd init` makes the root key once,
 before either node starts; each node then has its own copy of that token
 (as an HSM cluster clones its keys; nodes never share one token folder),
-whose only other objects are its audit log's (its HMAC key and one record).
+whose only other object is its audit log's HMAC key (each node's audit head
+is a row of the database).
 
 The propagation bound this test asserts:
 
@@ -86,7 +87,6 @@ STATE_NAMES = {0: "Enabled", 1: "Disabled", 2: "PendingDeletion"}
 ROTATION_NAMES = {1: "AUTOMATIC", 2: "ON_DEMAND"}
 ROOT_PREFIX = "p11kms-root:"
 AUDIT_KEY_LABEL = "p11kms-audit-key"
-AUDIT_APPLICATION = b"p11kms-audit"
 # Keys made due in the same second by the scheduled-rotation test (one page of
 # a node's due work): enough that one node is often still working through
 # them when the other's poll comes.
@@ -287,8 +287,8 @@ def check_root(o, what):
 
 def check_token(what):
     """In each node's copy of the token: exactly one AES key, the root made by
-    p11kmsd init; besides it only that node's audit log's HMAC key and its
-    log's record."""
+    p11kmsd init; besides it only that node's audit log's HMAC key (each
+    node's audit head is a row of the database)."""
     import PyKCS11
 
     for node, token in sorted(C.tokens.items()):
@@ -299,9 +299,8 @@ def check_token(what):
         eq(check_root(aes[0], where), C.root, where + ": the root is the one p11kmsd init made")
         rest = sorted((o["class"], o["type"], o["label"] if o["app"] is None else "", o["app"])
                       for o in objects if o is not aes[0])
-        eq(rest, [(PyKCS11.CKO_DATA, None, "", AUDIT_APPLICATION),
-                  (PyKCS11.CKO_SECRET_KEY, PyKCS11.CKK_GENERIC_SECRET, AUDIT_KEY_LABEL, None)],
-           where + ": its other objects (its audit key, its log's record)")
+        eq(rest, [(PyKCS11.CKO_SECRET_KEY, PyKCS11.CKK_GENERIC_SECRET, AUDIT_KEY_LABEL, None)],
+           where + ": its other objects (its audit key)")
 
 
 def wraps(ep):
@@ -468,8 +467,10 @@ def test_one_database_and_a_token_each():
     eq(db_rows("PRAGMA journal_mode"), [("wal",)], "the database's journal mode")
     check(db_rows("PRAGMA user_version")[0][0] >= 1, "the schema is initialised")
     eq(db_rows("SELECT count(*) FROM keys")[0][0], 0, "keys rows before any CreateKey")
-    # Each node made its audit log's record; the audit key is the first node's.
+    # The audit key is the first node's; each node keeps its own audit head in the database.
     check_token("with both nodes serving")
+    eq(db_rows("SELECT count(DISTINCT node), count(DISTINCT log) FROM audit_heads")[0], (2, 2),
+       "audit heads: one per node, each naming that node's log")
     for ep in (C.a.endpoint, C.b.endpoint):
         eq(node_keys_in_memory(ep), {}, "keys %s holds before any CreateKey" % name(ep))
 

@@ -87,6 +87,8 @@ GRANT SELECT, INSERT, UPDATE ON keys TO {role};
 GRANT SELECT, INSERT, UPDATE, DELETE ON versions, aliases TO {role};
 GRANT SELECT, INSERT, DELETE ON changes TO {role};
 GRANT USAGE ON SEQUENCE changes_seq_seq TO {role};
+GRANT SELECT, INSERT ON change_requests TO {role};
+GRANT SELECT, INSERT, UPDATE ON audit_heads TO {role};
 '''
 NODE_SETTINGS = {
     "refresh_ms": "5000",  # the timer's poll: far slower than the bounds above

@@ -3,14 +3,19 @@
  *
  *   audit_writer CONFIG LOGFILE [CHECKPOINT_LINES [CHECKPOINT_SECONDS]]
  *
- * Opens the token named by CONFIG (p11kmsd's configuration file) and the audit
- * log at LOGFILE, prints "open LOG_ID", then reads commands from stdin and
- * answers each with one line, "ok" or "error TYPE MESSAGE":
+ * Opens the token and the database named by CONFIG (p11kmsd's configuration
+ * file; the database is made when need be) and the audit log at LOGFILE as
+ * node CONFIG's audit_node (else the default), prints "open LOG_ID", then
+ * reads commands from stdin and answers each with one line, "ok" or
+ * "error TYPE MESSAGE":
  *
  *   write [N]     N request records (default 1); stops at the first failure
  *   threads T N   T threads writing N records each, at once
  *   reopen        kms_audit_reopen, as on SIGHUP
  *   checkpoint    kms_audit_checkpoint
+ *   intent ID     kms_audit_intent of a change with request id ID
+ *   outcome ID R  kms_audit_outcome: R is 1 committed, 0 not, -1 unknown
+ *   crash         exits at once (status 3), as a killed server would
  *   close         (or end of input) closes the log and exits 0
  *
  * Every record carries the encryption context {"purpose": "audit-test",
@@ -22,6 +27,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "common/blob.h"
 #include "common/buf.h"
@@ -30,6 +36,7 @@
 #include "hsm/hsm.h"
 #include "server/audit.h"
 #include "server/settings.h"
+#include "store/store.h"
 
 static void answer(kms_err rc)
 {
@@ -112,6 +119,7 @@ int main(int argc, char **argv)
 {
     struct kms_config cfg;
     struct kms_hsm *hsm = NULL;
+    struct kms_store *store = NULL;
     struct kms_audit *a = NULL;
     struct kms_buf context = KMS_BUF_INIT;
     char *pin = NULL, line[256];
@@ -141,8 +149,14 @@ int main(int argc, char **argv)
         rc = kms_context_canonical(pairs, 2, &context);
     }
     if (rc == KMS_OK) {
+        struct kms_store_config sc = kms_config_store(&cfg, KMS_STORE_INIT);
+        rc = kms_store_open(&sc, &store);
+    }
+    if (rc == KMS_OK) {
         struct kms_audit_config ac = {
             .path = argv[2],
+            .store = store,
+            .node = cfg.audit_node,
             .checkpoint_lines = argc > 3 ? (unsigned)strtoul(argv[3], NULL, 10) : 0,
             .checkpoint_seconds = argc > 4 ? (unsigned)strtoul(argv[4], NULL, 10) : 0,
         };
@@ -150,6 +164,7 @@ int main(int argc, char **argv)
     }
     if (rc != KMS_OK) {
         answer(rc);
+        kms_store_close(store);
         kms_hsm_close(hsm);
         kms_config_free(&cfg);
         kms_buf_free(&context);
@@ -170,6 +185,20 @@ int main(int argc, char **argv)
             answer(kms_audit_reopen(a));
         } else if (strncmp(line, "checkpoint", 10) == 0) {
             answer(kms_audit_checkpoint(a));
+        } else if (strncmp(line, "intent ", 7) == 0) {
+            char id[65] = "";
+            sscanf(line + 7, "%64s", id);
+            struct kms_audit_change c = {id, "CreateKey", "tester", "127.0.0.1:40000", NULL, NULL};
+            answer(kms_audit_intent(a, &c));
+        } else if (strncmp(line, "outcome ", 8) == 0) {
+            char id[65] = "";
+            int result = 1;
+            sscanf(line + 8, "%64s %d", id, &result);
+            kms_audit_outcome(a, id, result);
+            answer(KMS_OK);
+        } else if (strncmp(line, "crash", 5) == 0) {
+            fflush(stdout);
+            _exit(3);
         } else if (strncmp(line, "close", 5) == 0) {
             break;
         } else {
@@ -178,6 +207,7 @@ int main(int argc, char **argv)
         }
     }
     kms_audit_close(a);
+    kms_store_close(store);
     kms_hsm_close(hsm);
     kms_config_free(&cfg);
     kms_buf_free(&context);

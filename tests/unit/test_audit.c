@@ -26,6 +26,7 @@
 
 #define LOG_A "0123456789abcdef0123456789abcdef"
 #define LOG_B "fedcba9876543210fedcba9876543210"
+#define LOG_C "00112233445566778899aabbccddeeff"
 #define KEY_HEX "00112233445566778899aabbccddeeff"
 #define TIME "2024-05-01T12:34:56.789Z"
 #define HEX_AA "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa"
@@ -260,8 +261,8 @@ static void test_checkpoint_and_reopen_lines(void **state)
     (void)state;
     memset(prev, 0x0f, sizeof prev);
     memset(mac, 0xc3, sizeof mac);
-    assert_int_equal(kms_audit_checkpoint_body(KEY_HEX, "periodic", LOG_A, 9, prev, TIME, &body),
-                     KMS_OK);
+    assert_int_equal(
+        kms_audit_checkpoint_body(KEY_HEX, "periodic", LOG_A, 9, prev, TIME, NULL, &body), KMS_OK);
     assert_int_equal(kms_buf_terminate(&body), KMS_OK);
     assert_string_equal(str(&body),
                         "{\"key\":\"" KEY_HEX "\",\"kind\":\"periodic\",\"log\":\"" LOG_A "\","
@@ -288,41 +289,6 @@ static void test_checkpoint_and_reopen_lines(void **state)
     kms_buf_free(&re);
 }
 
-static void test_record_labels(void **state)
-{
-    char label[80];
-    uint8_t hash[32];
-    struct kms_audit_token_record rec;
-    (void)state;
-    memset(hash, 0xab, sizeof hash);
-    kms_audit_record_label(LOG_A, 123, hash, label);
-    assert_string_equal(label, "p11kms-audit:" LOG_A ":123:abababababababab");
-    assert_int_equal(kms_audit_record_label_parse(label, strlen(label), &rec), 1);
-    assert_string_equal(rec.log, LOG_A);
-    assert_int_equal(rec.seq, 123);
-    assert_string_equal(rec.hash, "abababababababab");
-    kms_audit_record_label(LOG_A, 0, hash, label);
-    assert_string_equal(label, "p11kms-audit:" LOG_A ":0:");
-    assert_int_equal(kms_audit_record_label_parse(label, strlen(label), &rec), 1);
-    assert_int_equal(rec.seq, 0);
-    assert_string_equal(rec.hash, "");
-
-    static const char *const bad[] = {
-        "p11kms-marker:" LOG_A ":1:abababababababab",
-        "p11kms-audit:" LOG_A ":1:",
-        "p11kms-audit:" LOG_A ":0:abababababababab",
-        "p11kms-audit:" LOG_A ":x:abababababababab",
-        "p11kms-audit:" LOG_A ":-1:abababababababab",
-        "p11kms-audit:" LOG_A ":1:ABABABABABABABAB",
-        "p11kms-audit:" LOG_A ":1:abababababababab0",
-        "p11kms-audit:0123456789abcdef:1:abababababababab",
-        "p11kms-audit:" LOG_A "1:abababababababab",
-        "",
-    };
-    for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++)
-        assert_int_equal(kms_audit_record_label_parse(bad[i], strlen(bad[i]), &rec), 0);
-}
-
 /* ---- the verifier -------------------------------------------------------------------- */
 
 #define MAX_LINES 96
@@ -346,18 +312,25 @@ static void push(struct log *l, const struct kms_buf *b)
     SHA256(b->data, b->len, l->last);
 }
 
-static void add_checkpoint(struct log *l, const char *kind)
+static void add_checkpoint_extra(struct log *l, const char *kind,
+                                 const struct kms_audit_checkpoint_extra *extra)
 {
     struct kms_buf body = KMS_BUF_INIT, line = KMS_BUF_INIT;
     uint8_t mac[32];
     unsigned len = 32;
     assert_int_equal(
-        kms_audit_checkpoint_body(KEY_HEX, kind, l->id, l->seq + 1, l->last, TIME, &body), KMS_OK);
+        kms_audit_checkpoint_body(KEY_HEX, kind, l->id, l->seq + 1, l->last, TIME, extra, &body),
+        KMS_OK);
     assert_non_null(HMAC(EVP_sha256(), mac_key, 32, body.data, body.len, mac, &len));
     assert_int_equal(kms_audit_checkpoint_line(&body, mac, &line), KMS_OK);
     push(l, &line);
     kms_buf_free(&body);
     kms_buf_free(&line);
+}
+
+static void add_checkpoint(struct log *l, const char *kind)
+{
+    add_checkpoint_extra(l, kind, NULL);
 }
 
 static void add_request(struct log *l)
@@ -436,8 +409,9 @@ static int good_mac(void *arg, const char *key_hex, const uint8_t *body, size_t 
 
 struct verify_opts {
     int mac;
-    struct kms_audit_token_record *records;
-    size_t nrecords;
+    struct kms_audit_head *heads;
+    size_t nheads;
+    const char *since;
 };
 
 /* Feeds lines as file "a.log", switching to "b.log" at line split (0: never). */
@@ -448,9 +422,9 @@ static void run_verify(char *const *lines, size_t n, size_t split, const struct 
     struct kms_audit_verifier *v;
     if (o) {
         cfg.mac = o->mac ? good_mac : NULL;
-        cfg.records = o->records;
-        cfg.nrecords = o->nrecords;
-        cfg.have_records = o->records != NULL;
+        cfg.heads = o->heads;
+        cfg.nheads = o->nheads;
+        cfg.since = o->since;
     }
     assert_int_equal(kms_audit_verifier_new(&cfg, &v), KMS_OK);
     kms_audit_verify_file(v, "a.log");
@@ -463,7 +437,7 @@ static void run_verify(char *const *lines, size_t n, size_t split, const struct 
     kms_audit_verify_finish(v, rep);
 }
 
-static const struct verify_opts with_mac = {1, NULL, 0};
+static const struct verify_opts with_mac = {1, NULL, 0, NULL};
 
 static void expect_report(char *const *lines, size_t n, const struct verify_opts *o,
                           enum kms_audit_finding finding, const char *text)
@@ -477,15 +451,18 @@ static void expect_report(char *const *lines, size_t n, const struct verify_opts
         assert_string_equal(rep.file, "a.log");
 }
 
-/* The token records the log's last checkpoint. */
-static struct kms_audit_token_record record_of(const struct log *l, size_t line_index)
+/* The database's head of node n1: the log's checkpoint at line_index. */
+static struct kms_audit_head head_of(const struct log *l, size_t line_index)
 {
-    struct kms_audit_token_record r;
+    struct kms_audit_head r;
     uint8_t h[32];
-    char label[80];
+    memset(&r, 0, sizeof r);
     SHA256((const uint8_t *)l->line[line_index], strlen(l->line[line_index]), h);
-    kms_audit_record_label(l->id, line_index + 1, h, label);
-    assert_int_equal(kms_audit_record_label_parse(label, strlen(label), &r), 1);
+    snprintf(r.node, sizeof r.node, "n1");
+    snprintf(r.log, sizeof r.log, "%s", l->id);
+    r.seq = line_index + 1;
+    for (size_t i = 0; i < 32; i++)
+        snprintf(r.hash + 2 * i, 3, "%02x", h[i]);
     return r;
 }
 
@@ -495,8 +472,8 @@ static void test_verify_intact(void **state)
     struct kms_audit_report rep;
     (void)state;
     standard(&l);
-    struct kms_audit_token_record rec = record_of(&l, 29);
-    struct verify_opts all = {1, &rec, 1};
+    struct kms_audit_head rec = head_of(&l, 29);
+    struct verify_opts all = {1, &rec, 1, NULL};
     run_verify(l.line, l.n, 0, &all, &rep);
     assert_int_equal(rep.finding, KMS_AUDIT_INTACT);
     assert_string_equal(rep.text, "intact: 30 lines, 1 logs, 4 checkpoints");
@@ -634,8 +611,8 @@ static void test_verify_delete(void **state)
     char *lines[MAX_LINES];
     (void)state;
     standard(&l);
-    struct kms_audit_token_record rec = record_of(&l, 29);
-    struct verify_opts all = {1, &rec, 1};
+    struct kms_audit_head rec = head_of(&l, 29);
+    struct verify_opts all = {1, &rec, 1, NULL};
 
     /* line 7 */
     memcpy(lines, l.line, 6 * sizeof *lines);
@@ -658,27 +635,29 @@ static void test_verify_delete(void **state)
     /* the last: the token knows */
     expect_report(l.line, l.n - 1, &all, KMS_AUDIT_MISSING,
                   "line 30: missing (the file ends at line 29 with seq 29 of log " LOG_A
-                  ", but the token records its checkpoint seq 30)");
+                  ", but the database's head of node n1 records its checkpoint seq 30)");
     expect_report(l.line, l.n - 1, NULL, KMS_AUDIT_INTACT, "intact");
     /* cut after a checkpoint */
     expect_report(l.line, 21, &all, KMS_AUDIT_MISSING,
                   "line 22: missing (the file ends at line 21 with seq 21 of log " LOG_A
-                  ", but the token records its checkpoint seq 30)");
+                  ", but the database's head of node n1 records its checkpoint seq 30)");
     /* a record with a later checkpoint than the file's last line that is one */
-    struct kms_audit_token_record at21 = record_of(&l, 20);
-    struct verify_opts o21 = {1, &at21, 1};
+    struct kms_audit_head at21 = head_of(&l, 20);
+    struct verify_opts o21 = {1, &at21, 1, NULL};
     expect_report(l.line, 21, &o21, KMS_AUDIT_INTACT, "intact");
     expect_report(l.line, 20, &o21, KMS_AUDIT_MISSING, "line 21: missing");
     /* the token's hash of its checkpoint differs */
     at21.hash[0] = at21.hash[0] == '0' ? '1' : '0';
     expect_report(l.line, 21, &o21, KMS_AUDIT_CHANGED,
-                  "line 21: changed (the token records another hash for checkpoint seq 21)");
-    /* no record at all */
-    struct kms_audit_token_record other = rec;
+                  "line 21: changed (the database's head of node n1 records another hash for "
+                  "checkpoint seq 21)");
+    /* a head naming a log none of the lines are of: that run's file is missing */
+    struct kms_audit_head other = rec;
     memcpy(other.log, LOG_B, 32);
-    struct verify_opts none = {1, &other, 1};
-    expect_report(l.line, l.n, &none, KMS_AUDIT_NO_RECORD,
-                  "line 1: log " LOG_A " has no record in the token");
+    struct verify_opts none = {1, &other, 1, NULL};
+    expect_report(l.line, l.n, &none, KMS_AUDIT_MISSING_RUN,
+                  "line 31: missing (the database's head of node n1 names log " LOG_B
+                  " at seq 30, which is not among the files given: that run's file is missing)");
     log_free(&l);
 }
 
@@ -803,22 +782,23 @@ static void test_verify_logs_and_files(void **state)
     char *lines[MAX_LINES];
     (void)state;
     standard(&l);
-    struct kms_audit_token_record rec[2];
-    rec[0] = record_of(&l, 29);
+    struct kms_audit_head rec[2];
+    rec[0] = head_of(&l, 29);
     /* a second run appends to the file: it chains to the last line */
     begin(&l, LOG_B, l.last);
     add_request(&l);
     add_checkpoint(&l, "close");
-    rec[1] = record_of(&l, 32);
+    rec[1] = head_of(&l, 32);
     rec[1].seq = 3;
-    struct verify_opts all = {1, rec, 2};
+    struct verify_opts all = {1, rec, 2, NULL};
     expect_report(l.line, l.n, &all, KMS_AUDIT_INTACT, "intact: 33 lines, 2 logs, 6 checkpoints");
     /* the first run's closing checkpoint removed */
     memcpy(lines, l.line, 29 * sizeof *lines);
     memcpy(lines + 29, l.line + 30, 3 * sizeof *lines);
     expect_report(lines, 32, &all, KMS_AUDIT_MISSING,
                   "line 30: lines are missing before it (log " LOG_A
-                  " ends at line 29 with seq 29, but the token records its checkpoint seq 30)");
+                  " ends at line 29 with seq 29, but the database's head of node n1 records its "
+                  "checkpoint seq 30)");
     /* ... and without the token's records: line 29 changed or lines after it removed */
     expect_report(lines, 32, NULL, KMS_AUDIT_CHANGED,
                   "line 29: changed, or lines after it were removed");
@@ -847,8 +827,8 @@ static void test_verify_logs_and_files(void **state)
     add_reopen(&l);
     add_request(&l);
     add_checkpoint(&l, "close");
-    rec[0] = record_of(&l, 5);
-    struct verify_opts one = {1, rec, 1};
+    rec[0] = head_of(&l, 5);
+    struct verify_opts one = {1, rec, 1, NULL};
     run_verify(l.line, l.n, 3, &one, &rep);
     assert_int_equal(rep.finding, KMS_AUDIT_INTACT);
     run_verify(l.line + 3, 3, 0, &one, &rep); /* the new file alone */
@@ -861,7 +841,7 @@ static void test_verify_logs_and_files(void **state)
     assert_int_equal(rep.finding, KMS_AUDIT_MISSING);
     assert_string_equal(rep.text,
                         "line 3: missing (the file ends at line 2 with seq 2 of log " LOG_A
-                        ", but the token records its checkpoint seq 6)");
+                        ", but the database's head of node n1 records its checkpoint seq 6)");
     /* a problem in the second file is named there */
     memcpy(lines, l.line, l.n * sizeof *lines);
     char *edited = strdup(l.line[4]);
@@ -880,6 +860,123 @@ static void test_verify_logs_and_files(void **state)
     log_free(&l);
 }
 
+/* A run that begins in a new file and names the run before it (a's last line). */
+static void begin_after(struct log *l, const char *id, const struct log *before)
+{
+    char hash[65];
+    for (size_t i = 0; i < 32; i++)
+        snprintf(hash + 2 * i, 3, "%02x", before->last[i]);
+    struct kms_audit_checkpoint_extra extra = {
+        .node = "n1", .after_log = before->id, .after_seq = before->seq, .after_hash = hash};
+    memset(l, 0, sizeof *l);
+    snprintf(l->id, sizeof l->id, "%s", id);
+    add_checkpoint_extra(l, "open", &extra);
+}
+
+static void test_verify_runs(void **state)
+{
+    struct log a, b, c;
+    struct kms_audit_report rep;
+    char *lines[MAX_LINES];
+    (void)state;
+    standard(&a);
+    begin_after(&b, LOG_B, &a);
+    add_request(&b);
+    add_checkpoint(&b, "close");
+    assert_non_null(strstr(b.line[0], "\"after_log\":\"" LOG_A "\",\"after_seq\":30,"));
+    assert_non_null(strstr(b.line[0], "\"node\":\"n1\""));
+    /* a then b: each run reaches the line the next one names */
+    memcpy(lines, a.line, a.n * sizeof *lines);
+    memcpy(lines + a.n, b.line, b.n * sizeof *lines);
+    run_verify(lines, a.n + b.n, a.n, &with_mac, &rep);
+    assert_int_equal(rep.finding, KMS_AUDIT_INTACT);
+    assert_string_equal(rep.text, "intact: 33 lines, 2 logs, 6 checkpoints");
+    /* b alone: the run before it is missing, unless the files begin with b on purpose */
+    expect_report(b.line, b.n, &with_mac, KMS_AUDIT_MISSING_RUN,
+                  "line 1: lines are missing before it (the run before it on node n1, log " LOG_A
+                  " up to seq 30, is not among the files given)");
+    struct verify_opts since = {1, NULL, 0, LOG_B};
+    expect_report(b.line, b.n, &since, KMS_AUDIT_INTACT, "intact");
+    /* a cut after its checkpoint at line 21, then b */
+    memcpy(lines, a.line, 21 * sizeof *lines);
+    memcpy(lines + 21, b.line, b.n * sizeof *lines);
+    run_verify(lines, 21 + b.n, 21, &with_mac, &rep);
+    assert_int_equal(rep.finding, KMS_AUDIT_MISSING);
+    assert_string_equal(rep.file, "b.log");
+    assert_string_equal(rep.text, "line 1: lines are missing before it (log " LOG_A
+                                  " ends at line 21 of a.log with seq 21, but the run after it "
+                                  "says it reached seq 30)");
+    /* a, b, c with b's file left out */
+    begin_after(&c, LOG_C, &b);
+    add_request(&c);
+    memcpy(lines, a.line, a.n * sizeof *lines);
+    memcpy(lines + a.n, c.line, c.n * sizeof *lines);
+    run_verify(lines, a.n + c.n, a.n, &with_mac, &rep);
+    assert_int_equal(rep.finding, KMS_AUDIT_MISSING_RUN);
+    assert_string_equal(rep.text, "line 1: lines are missing before it (the run before it on "
+                                  "node n1, log " LOG_B " up to seq 3, is not among the files "
+                                  "given)");
+    /* the link is MAC'd: pointing it elsewhere is seen */
+    char *edited = strdup(b.line[0]);
+    memcpy(strstr(edited, "\"after_seq\":30") + 12, "21", 2);
+    memcpy(lines, a.line, 21 * sizeof *lines);
+    lines[21] = edited;
+    run_verify(lines, 22, 21, &with_mac, &rep);
+    assert_int_equal(rep.finding, KMS_AUDIT_BAD_MAC);
+    free(edited);
+    log_free(&a);
+    log_free(&b);
+    log_free(&c);
+}
+
+static void test_verify_intents(void **state)
+{
+    struct log l;
+    struct kms_audit_report rep;
+    (void)state;
+    memset(&l, 0, sizeof l);
+    begin(&l, LOG_A, NULL);
+    static const char *const ids[] = {"r-1", "r-2", "r-3"};
+    for (size_t i = 0; i < 3; i++) {
+        struct kms_buf line = KMS_BUF_INIT;
+        char text[600], hex[65];
+        for (size_t k = 0; k < 32; k++)
+            snprintf(hex + 2 * k, 3, "%02x", l.last[k]);
+        snprintf(text, sizeof text,
+                 "{\"log\":\"%s\",\"operation\":\"CreateKey\",\"prev\":\"%s\","
+                 "\"principal\":\"p\",\"request_id\":\"%s\",\"seq\":%zu,\"source\":\"s\","
+                 "\"time\":\"" TIME "\",\"type\":\"intent\",\"v\":1}",
+                 l.id, hex, ids[i], (size_t)l.seq + 1);
+        assert_int_equal(kms_buf_append_str(&line, text), KMS_OK);
+        push(&l, &line);
+        kms_buf_free(&line);
+    }
+    for (size_t i = 0; i < 2; i++) {
+        struct kms_buf line = KMS_BUF_INIT;
+        char text[600], hex[65];
+        for (size_t k = 0; k < 32; k++)
+            snprintf(hex + 2 * k, 3, "%02x", l.last[k]);
+        snprintf(text, sizeof text,
+                 "{\"log\":\"%s\",\"prev\":\"%s\",\"request_id\":\"%s\",\"result\":\"%s\","
+                 "\"seq\":%zu,\"time\":\"" TIME "\",\"type\":\"%s\",\"v\":1}",
+                 l.id, hex, ids[i], i ? "not committed" : "committed", (size_t)l.seq + 1,
+                 i ? "recovery" : "outcome");
+        assert_int_equal(kms_buf_append_str(&line, text), KMS_OK);
+        push(&l, &line);
+        kms_buf_free(&line);
+    }
+    add_checkpoint(&l, "close");
+    run_verify(l.line, l.n, 0, &with_mac, &rep);
+    assert_int_equal(rep.finding, KMS_AUDIT_INTACT);
+    assert_int_equal(rep.intents, 3);
+    assert_int_equal(rep.committed, 1);
+    assert_int_equal(rep.not_committed, 1);
+    assert_int_equal(rep.nopen, 1);
+    assert_string_equal(rep.open[0], "r-3");
+    kms_audit_report_free(&rep);
+    log_free(&l);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -890,7 +987,6 @@ int main(void)
         cmocka_unit_test(test_record_line_summary),
         cmocka_unit_test(test_record_bad_context),
         cmocka_unit_test(test_checkpoint_and_reopen_lines),
-        cmocka_unit_test(test_record_labels),
         cmocka_unit_test(test_verify_intact),
         cmocka_unit_test(test_alert_line),
         cmocka_unit_test(test_verify_edit),
@@ -899,6 +995,8 @@ int main(void)
         cmocka_unit_test(test_verify_insert),
         cmocka_unit_test(test_verify_not_audit),
         cmocka_unit_test(test_verify_logs_and_files),
+        cmocka_unit_test(test_verify_runs),
+        cmocka_unit_test(test_verify_intents),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -270,6 +270,26 @@ static void test_config_breaker(void **state)
     kms_config_free(&c);
 }
 
+static void test_config_audit_node(void **state)
+{
+    struct kms_config c;
+    char long_name[300];
+    (void)state;
+    kms_config_defaults(&c);
+    assert_null(c.audit_node);
+    assert_int_equal(kms_config_parse(&c, "audit_node = kms-a\n"), KMS_OK);
+    assert_string_equal(c.audit_node, "kms-a");
+    assert_int_equal(kms_config_set(&c, "audit_node", ""), KMS_ERR_VALIDATION);
+    memset(long_name, 'n', sizeof long_name - 1);
+    long_name[sizeof long_name - 1] = '\0';
+    assert_int_equal(kms_config_set(&c, "audit_node", long_name), KMS_ERR_VALIDATION);
+    long_name[KMS_AUDIT_NODE_MAX] = '\0';
+    assert_int_equal(kms_config_set(&c, "audit_node", long_name), KMS_OK);
+    assert_int_equal(strlen(c.audit_node), KMS_AUDIT_NODE_MAX);
+    kms_config_free(&c);
+    kms_err_clear();
+}
+
 static void test_config_check_requires(void **state)
 {
     static const char *const keys[] = {"module", "token",  "credentials_file", "database",
@@ -602,6 +622,7 @@ int main(void)
         cmocka_unit_test(test_config_errors_name_the_line),
         cmocka_unit_test(test_config_database_urls),
         cmocka_unit_test(test_config_breaker),
+        cmocka_unit_test(test_config_audit_node),
         cmocka_unit_test_setup_teardown(test_config_database_password_needs_private_file,
                                         make_tmpdir, remove_tmpdir),
         cmocka_unit_test(test_config_check_requires),

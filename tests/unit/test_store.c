@@ -1209,6 +1209,104 @@ static void test_roots_and_meta(void **state)
     commit(tx);
 }
 
+/* ---- the audit log's records -------------------------------------------------- */
+
+static struct kms_audit_head_row head_row(const char *node, const char *log, uint64_t seq)
+{
+    struct kms_audit_head_row h;
+    memset(&h, 0, sizeof h);
+    snprintf(h.node, sizeof h.node, "%s", node);
+    snprintf(h.log, sizeof h.log, "%s", log);
+    h.seq = seq;
+    memset(h.hash, 'a', 64);
+    memset(h.key, 'b', 32);
+    memset(h.mac, 'c', 64);
+    h.updated = 1700000000 + (int64_t)seq;
+    return h;
+}
+
+static void test_audit_records(void **state)
+{
+    struct fixture *f = *state;
+    struct kms_store *st = init_store(f);
+    struct kms_audit_head_row got;
+    int found = -1;
+
+    /* a change's request id: once, and found only once committed */
+    struct kms_tx *tx = begin(st, KMS_TX_WRITE);
+    assert_int_equal(kms_store_change_request(tx, "req-1"), KMS_OK);
+    assert_int_equal(kms_store_change_request(tx, "req-1"), KMS_ERR_ALREADY_EXISTS);
+    /* the refusal leaves the transaction usable */
+    assert_int_equal(kms_store_change_request(tx, "req-2"), KMS_OK);
+    commit(tx);
+    tx = begin(st, KMS_TX_WRITE);
+    assert_int_equal(kms_store_change_request(tx, "req-3"), KMS_OK);
+    kms_store_rollback(tx);
+    tx = begin(st, KMS_TX_READ);
+    assert_int_equal(kms_store_change_request_find(tx, "req-1", &found), KMS_OK);
+    assert_int_equal(found, 1);
+    assert_int_equal(kms_store_change_request_find(tx, "req-2", &found), KMS_OK);
+    assert_int_equal(found, 1);
+    assert_int_equal(kms_store_change_request_find(tx, "req-3", &found), KMS_OK);
+    assert_int_equal(found, 0);
+    assert_int_equal(kms_store_change_request_find(tx, "", &found), KMS_OK);
+    assert_int_equal(found, 0);
+    commit(tx);
+    tx = begin(st, KMS_TX_WRITE);
+    assert_int_equal(kms_store_change_request(tx, ""), KMS_ERR_INTERNAL);
+    kms_store_rollback(tx);
+    kms_err_clear();
+
+    /* one head per node, replaced in place */
+    tx = begin(st, KMS_TX_WRITE);
+    assert_int_equal(kms_store_audit_head_get(tx, "host:/a.log", &got), KMS_ERR_NOT_FOUND);
+    struct kms_audit_head_row a = head_row("host:/a.log", "0123456789abcdef0123456789abcdef", 7);
+    struct kms_audit_head_row b = head_row("host:/b.log", "fedcba9876543210fedcba9876543210", 9);
+    assert_int_equal(kms_store_audit_head_put(tx, &a), KMS_OK);
+    assert_int_equal(kms_store_audit_head_put(tx, &b), KMS_OK);
+    commit(tx);
+    a.seq = 1000000000000ull;
+    a.mac[0] = 'd';
+    tx = begin(st, KMS_TX_WRITE);
+    assert_int_equal(kms_store_audit_head_put(tx, &a), KMS_OK);
+    commit(tx);
+    tx = begin(st, KMS_TX_READ);
+    assert_int_equal(kms_store_audit_head_get(tx, "host:/a.log", &got), KMS_OK);
+    assert_memory_equal(&got, &a, sizeof got);
+    assert_int_equal(kms_store_audit_head_get(tx, "host:/b.log", &got), KMS_OK);
+    assert_memory_equal(&got, &b, sizeof got);
+    commit(tx);
+}
+
+/* A database of schema 1 (before the audit log's tables) is migrated, its rows kept. */
+static void test_migrate_schema_1(void **state)
+{
+    struct fixture *f = *state;
+    struct kms_store *st = init_store(f);
+    uint32_t root = insert_root(st, 0x11);
+    kms_store_close(st);
+    f->st = NULL;
+    if (f->pg) {
+        pg_exec(f->url, "DROP TABLE change_requests, audit_heads", NULL, 0);
+    } else {
+        raw_exec(f->db, "DROP TABLE change_requests; DROP TABLE audit_heads");
+    }
+    set_schema_version(f, 1);
+    assert_int_equal(open_store(f->url, KMS_STORE_OPEN, 0, &st), KMS_ERR_INTERNAL);
+    kms_err_clear();
+    assert_int_equal(open_store(f->url, KMS_STORE_INIT, 0, &f->st), KMS_OK);
+    int version = 0;
+    assert_int_equal(kms_store_database_version(f->st, &version), KMS_OK);
+    assert_int_equal(version, kms_store_schema_version());
+    struct seen_roots s = {0};
+    struct kms_tx *tx = begin(f->st, KMS_TX_WRITE);
+    assert_int_equal(kms_store_roots(tx, note_root, &s), KMS_OK);
+    assert_int_equal(s.n, 1);
+    assert_int_equal(s.rows[0].id, root);
+    assert_int_equal(kms_store_change_request(tx, "after-migration"), KMS_OK);
+    commit(tx);
+}
+
 /* ---- the change sequence ------------------------------------------------------- */
 
 struct seen_changes {
@@ -2632,6 +2730,8 @@ static int run_postgresql(void)
         BOTH(test_other_constraints_are_faults, make_pg_fixture),
         BOTH(test_roots_and_meta, make_pg_fixture),
         BOTH(test_change_sequence, make_pg_fixture),
+        BOTH(test_audit_records, make_pg_fixture),
+        BOTH(test_migrate_schema_1, make_pg_fixture),
         BOTH(test_rollback_undoes, make_pg_fixture),
         BOTH(test_other_thread_sees_committed_only, make_pg_fixture),
         BOTH(test_concurrent_writers, make_pg_fixture),
@@ -2688,6 +2788,8 @@ int main(void)
         BOTH(test_other_constraints_are_faults, make_fixture),
         BOTH(test_roots_and_meta, make_fixture),
         BOTH(test_change_sequence, make_fixture),
+        BOTH(test_audit_records, make_fixture),
+        BOTH(test_migrate_schema_1, make_fixture),
         BOTH(test_rollback_undoes, make_fixture),
         BOTH(test_other_thread_sees_committed_only, make_fixture),
         BOTH(test_concurrent_writers, make_fixture),
