@@ -214,9 +214,10 @@ static int parse_line(const char *text, size_t n, int complete, struct line_info
     type = str_member(o, "type");
     if (!json_is_integer(ver) || json_integer_value(ver) != 1)
         bad = "\"v\" is not 1";
-    else if (!type || (strcmp(type, "request") && strcmp(type, "alert") &&
-                       strcmp(type, "checkpoint") && strcmp(type, "reopen") &&
-                       strcmp(type, "intent") && strcmp(type, "outcome") && strcmp(type, "recovery")))
+    else if (!type ||
+             (strcmp(type, "request") && strcmp(type, "alert") && strcmp(type, "checkpoint") &&
+              strcmp(type, "reopen") && strcmp(type, "intent") && strcmp(type, "outcome") &&
+              strcmp(type, "recovery")))
         bad = "no known \"type\"";
     else if (!json_is_integer(seq) || json_integer_value(seq) < 1)
         bad = "no \"seq\"";
