@@ -4,8 +4,9 @@
  * policy can never lock a key out of reach) but use keys only as their
  * policies allow; CreateKey is the admins' when admins are configured; the
  * alias policy (alias_policy_file), when there is one, decides for alias
- * names. A request is authorized against the key it then works on: the
- * reference is resolved once, here, and the key held for the operation.
+ * names, and without one they are the admins' when admins are configured.
+ * A request is authorized against the key it then works on: the reference
+ * is resolved once, here, and the key held for the operation.
  */
 #include "config.h"
 
@@ -132,9 +133,17 @@ kms_err kms_authorize_alias(struct kms_request *r, const char *action, const cha
     struct kms_server *srv = r->srv;
     char arn[KMS_ARN_MAX + KMS_ALIAS_MAX], why[48] = "";
 
-    if (!srv->alias_policy || kms_is_admin(srv, r->principal))
+    if (kms_is_admin(srv, r->principal) || (!srv->alias_policy && srv->cfg.nadmins == 0))
         return KMS_OK;
     snprintf(arn, sizeof arn, "arn:aws:kms:%s:%s:%s", srv->cfg.region, srv->cfg.account, name);
+    if (!srv->alias_policy) {
+        /* As CreateKey: a server with admins gives nobody else a name without a policy. */
+        snprintf(r->decision, sizeof r->decision, "deny alias (admins only)");
+        return KMS_FAIL(KMS_ERR_ACCESS_DENIED,
+                        "User: %s is not authorized to perform: %s on resource: %s because only "
+                        "admin principals manage alias names when no alias policy is configured",
+                        r->principal, action, arn);
+    }
     struct kms_policy_request pr = {r->principal, srv->cfg.account, action, arn, NULL, 0};
     enum kms_policy_decision d = kms_policy_evaluate(srv->alias_policy, &pr, why, sizeof why);
     if (d == KMS_POLICY_ALLOW)

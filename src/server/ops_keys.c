@@ -218,9 +218,9 @@ kms_err kms_op_create_alias(struct kms_request *r)
     KMS_GUARD(kms_in_string(r->in, "AliasName", 1, 1, KMS_ALIAS_MAX, &name));
     KMS_GUARD(kms_in_string(r->in, "TargetKeyId", 1, 1, 2048, &target));
     KMS_GUARD(kms_alias_name_check(name));
-    KMS_GUARD(kms_authorize_alias(r, "kms:CreateAlias", name));
     KMS_GUARD(kms_authorize(r, "kms:CreateAlias", target, 0, NULL, &key));
     kms_keystore_unhold(r->srv->ks, &key);
+    KMS_GUARD(kms_authorize_alias(r, "kms:CreateAlias", name));
     KMS_GUARD(kms_keystore_create_alias(r->srv->ks, name, key.id_text));
     r->out = NULL;
     return KMS_OK;

@@ -17,7 +17,8 @@ SoftHSM2 token. TAP output.
    on the target key (its key policy); UpdateAlias kms:UpdateAlias on the
    alias, its old target and its new target; DeleteAlias kms:DeleteAlias on
    the alias and its target. Admins are always allowed on alias names.
-   Without an alias policy, the keys' policies alone decide (the default).
+   Without an alias policy, alias names are the admins' on a server with
+   admins (as CreateKey is), and the keys' policies alone decide on one without.
    A policy file that does not parse stops p11kmsd at start.
 3. No oracle: a blob naming an unknown key, a key whose policy refuses the
    caller, a version the key lacks, or a disabled (or pending-deletion) key
@@ -141,6 +142,7 @@ def denied(r, who, action, resource, because):
 KEY_SAYS_NO = "no statement of the key policy allows it"
 ALIAS_SAYS_NO = "no statement of the alias policy allows it"
 ALIAS_DENIES = "a statement of the alias policy denies it"
+ADMINS_ONLY = "only admin principals manage alias names when no alias policy is configured"
 
 
 def b64(data):
@@ -381,13 +383,25 @@ def test_a_refused_blob_says_nothing_about_its_key():
 
 
 @test
-def test_without_an_alias_policy_the_keys_decide():
-    """The default: any principal may name a key it may manage, under any free name."""
-    ok(C.alice, "CreateAlias", {"AliasName": "alias/team-b/free", "TargetKeyId": C.allowed})
-    ok(C.alice, "UpdateAlias", {"AliasName": "alias/team-b/free", "TargetKeyId": C.allowed2})
-    ok(C.alice, "DeleteAlias", {"AliasName": "alias/team-b/free"})
-    r = call(C.alice, "CreateAlias", {"AliasName": "alias/team-b/free", "TargetKeyId": C.refused})
+def test_without_an_alias_policy_admins_name_keys():
+    """No alias policy on a server with admins: alias names are the admins' (as CreateKey
+    is); a principal may not create, move or delete one, not even for a key it may manage."""
+    name = "alias/team-b/free"
+    r = call(C.alice, "CreateAlias", {"AliasName": name, "TargetKeyId": C.allowed})
+    denied(r, C.alice, "kms:CreateAlias", ALIAS_ARN + name, ADMINS_ONLY)
+    eq(target_of(name), None, "no %s" % name)
+    # The key's policy still comes first: a key alice may not manage says so.
+    r = call(C.alice, "CreateAlias", {"AliasName": name, "TargetKeyId": C.refused})
     denied(r, C.alice, "kms:CreateAlias", ARN + C.refused, KEY_SAYS_NO)
+    ok(C.admin, "CreateAlias", {"AliasName": name, "TargetKeyId": C.allowed})
+    r = call(C.alice, "UpdateAlias", {"AliasName": name, "TargetKeyId": C.allowed2})
+    denied(r, C.alice, "kms:UpdateAlias", ALIAS_ARN + name, ADMINS_ONLY)
+    r = call(C.alice, "DeleteAlias", {"AliasName": name})
+    denied(r, C.alice, "kms:DeleteAlias", ALIAS_ARN + name, ADMINS_ONLY)
+    eq(target_of(name), C.allowed, "%s unmoved" % name)
+    ok(C.admin, "UpdateAlias", {"AliasName": name, "TargetKeyId": C.allowed2})
+    ok(C.admin, "DeleteAlias", {"AliasName": name})
+    eq(target_of(name), None, "%s deleted by the admin" % name)
 
 
 @test
