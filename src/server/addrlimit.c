@@ -38,12 +38,17 @@ struct slot {
     int64_t line_ns; /* its last audit line (its own or a summary) */
     uint64_t pending;
     char outcome[KMS_ADDRLIMIT_OUTCOME_MAX];
+    int several; /* the overflow: failures of addresses without a slot of their own */
 };
 
 struct kms_addrlimit {
     struct kms_addrlimit_config cfg;
     uint64_t seed[2];
     struct slot *slots;
+    struct slot overflow;
+    pthread_mutex_t lines_mu; /* innermost: own lines this interval, over all addresses */
+    int64_t lines_since;
+    unsigned lines;
     kms_addrlimit_emit_fn emit;
     void *arg;
     pthread_t thread;
@@ -90,13 +95,18 @@ static uint64_t mix64(uint64_t x)
     return x ^ (x >> 31);
 }
 
-static struct slot *slot_of(struct kms_addrlimit *al, const struct kms_addr *a)
+size_t kms_addrlimit_slot(const struct kms_addrlimit *al, const struct kms_addr *a)
 {
     uint64_t w[2];
     memcpy(w, a->b, sizeof w);
     uint64_t h = mix64(w[0] ^ al->seed[0]);
     h = mix64(h ^ w[1] ^ al->seed[1]);
-    return &al->slots[h & SLOT_MASK];
+    return (size_t)(h & SLOT_MASK);
+}
+
+static struct slot *slot_of(struct kms_addrlimit *al, const struct kms_addr *a)
+{
+    return &al->slots[kms_addrlimit_slot(al, a)];
 }
 
 /* Takes out the slot's pending count as a summary; 0 when there is none. */
@@ -104,7 +114,10 @@ static int take_summary_locked(struct slot *s, int64_t now_ns, struct kms_addrli
 {
     if (!s->used || s->pending == 0)
         return 0;
-    kms_addr_format(&s->addr, out->source);
+    if (s->several)
+        snprintf(out->source, sizeof out->source, "%s", KMS_ADDRLIMIT_SEVERAL);
+    else
+        kms_addr_format(&s->addr, out->source);
     out->count = s->pending;
     memcpy(out->outcome, s->outcome, sizeof out->outcome);
     s->pending = 0;
@@ -113,15 +126,27 @@ static int take_summary_locked(struct slot *s, int64_t now_ns, struct kms_addrli
     return 1;
 }
 
-/* The slot for a, taken over from another address when need be (its summary in *evicted). */
-static int claim_locked(struct kms_addrlimit *al, struct slot *s, const struct kms_addr *a,
-                        int64_t now_ns, struct kms_addrlimit_summary *evicted)
+/* Nothing to keep: not blocked, nothing pending, the bucket full again. */
+static int idle_locked(const struct kms_addrlimit *al, const struct slot *s, int64_t now_ns)
 {
-    int emit = 0;
-    if (s->used && memcmp(&s->addr, a, sizeof *a) == 0)
+    if (!s->used)
+        return 1;
+    if (atomic_load_explicit(&s->blocked_until, memory_order_relaxed) > now_ns || s->pending)
         return 0;
-    if (s->used)
-        emit = take_summary_locked(s, now_ns, evicted);
+    double tokens = s->tokens;
+    if (now_ns > s->last_ns)
+        tokens += al->cfg.rate * (double)(now_ns - s->last_ns) / (double)NS;
+    return al->cfg.rate <= 0 || tokens >= al->cfg.burst;
+}
+
+/* The slot for a, taken over from an idle address when need be; 0: held by a busy other. */
+static int claim_locked(struct kms_addrlimit *al, struct slot *s, const struct kms_addr *a,
+                        int64_t now_ns)
+{
+    if (s->used && memcmp(&s->addr, a, sizeof *a) == 0)
+        return 1;
+    if (!idle_locked(al, s, now_ns))
+        return 0;
     s->used = 1;
     s->addr = *a;
     s->tokens = al->cfg.burst;
@@ -130,7 +155,32 @@ static int claim_locked(struct kms_addrlimit *al, struct slot *s, const struct k
     s->pending = 0;
     s->outcome[0] = '\0';
     atomic_store_explicit(&s->blocked_until, 0, memory_order_relaxed);
-    return emit;
+    return 1;
+}
+
+/* One more own line this interval, over all addresses, if the cap allows it. */
+static int line_allowed(struct kms_addrlimit *al, int64_t now_ns)
+{
+    int ok;
+    pthread_mutex_lock(&al->lines_mu);
+    if (now_ns - al->lines_since >= (int64_t)al->cfg.interval_s * NS) {
+        al->lines_since = now_ns;
+        al->lines = 0;
+    }
+    ok = al->lines < KMS_ADDRLIMIT_LINES;
+    al->lines += (unsigned)ok;
+    pthread_mutex_unlock(&al->lines_mu);
+    return ok;
+}
+
+/* A failure counted in the overflow's summary (it blocks nobody). */
+static void overflow_count(struct kms_addrlimit *al, const char *outcome)
+{
+    struct slot *o = &al->overflow;
+    pthread_mutex_lock(&o->mu);
+    o->pending++;
+    snprintf(o->outcome, sizeof o->outcome, "%s", outcome);
+    pthread_mutex_unlock(&o->mu);
 }
 
 /* Takes a token for a failure; none left: the address is blocked for the cool-down. */
@@ -178,35 +228,41 @@ unsigned kms_addrlimit_check(struct kms_addrlimit *al, const struct kms_addr *a,
 int kms_addrlimit_fail(struct kms_addrlimit *al, const struct kms_addr *a, const char *outcome,
                        int64_t now_ns)
 {
-    struct kms_addrlimit_summary evicted;
-    int own = 1;
+    int own = 1, several = 0;
     if (!al)
         return 1;
     struct slot *s = slot_of(al, a);
     pthread_mutex_lock(&s->mu);
-    int emit = claim_locked(al, s, a, now_ns, &evicted);
-    spend_locked(al, s, now_ns);
-    if (al->cfg.interval_s > 0 &&
-        (s->pending > 0 ||
-         (s->has_line && now_ns - s->line_ns < (int64_t)al->cfg.interval_s * NS))) {
-        own = 0;
-        s->pending++;
-        snprintf(s->outcome, sizeof s->outcome, "%s", outcome);
+    if (!claim_locked(al, s, a, now_ns)) {
+        several = al->cfg.interval_s > 0;
+        own = !several;
     } else {
-        s->has_line = 1;
-        s->line_ns = now_ns;
+        spend_locked(al, s, now_ns);
+        if (al->cfg.interval_s > 0 &&
+            (s->pending > 0 ||
+             (s->has_line && now_ns - s->line_ns < (int64_t)al->cfg.interval_s * NS))) {
+            own = 0;
+            s->pending++;
+            snprintf(s->outcome, sizeof s->outcome, "%s", outcome);
+        } else if (al->cfg.interval_s > 0 && !line_allowed(al, now_ns)) {
+            own = 0;
+            several = 1;
+        } else {
+            s->has_line = 1;
+            s->line_ns = now_ns;
+        }
     }
     pthread_mutex_unlock(&s->mu);
-    if (emit && al->emit)
-        al->emit(al->arg, &evicted);
+    if (several)
+        overflow_count(al, outcome);
     return own;
 }
 
 void kms_addrlimit_sweep(struct kms_addrlimit *al, int64_t now_ns)
 {
     int64_t interval = (int64_t)al->cfg.interval_s * NS;
-    for (size_t i = 0; i < KMS_ADDRLIMIT_SLOTS; i++) {
-        struct slot *s = &al->slots[i];
+    for (size_t i = 0; i <= KMS_ADDRLIMIT_SLOTS; i++) {
+        struct slot *s = i < KMS_ADDRLIMIT_SLOTS ? &al->slots[i] : &al->overflow;
         struct kms_addrlimit_summary sum;
         int emit = 0;
         pthread_mutex_lock(&s->mu);
@@ -254,6 +310,11 @@ kms_err kms_addrlimit_new(const struct kms_addrlimit_config *cfg, kms_addrlimit_
     al->arg = arg;
     for (size_t i = 0; i < KMS_ADDRLIMIT_SLOTS; i++)
         pthread_mutex_init(&al->slots[i].mu, NULL);
+    pthread_mutex_init(&al->overflow.mu, NULL);
+    al->overflow.used = 1;
+    al->overflow.several = 1;
+    pthread_mutex_init(&al->lines_mu, NULL);
+    al->lines_since = INT64_MIN / 2; /* the first line starts an interval */
     pthread_mutex_init(&al->stop_mu, NULL);
     pthread_cond_init(&al->stop_cv, NULL);
     if (emit && cfg->sweep_ms) {
@@ -279,12 +340,14 @@ void kms_addrlimit_free(struct kms_addrlimit *al)
         pthread_join(al->thread, NULL);
     }
     /* Whatever is pending goes out now, interval or not. */
-    for (size_t i = 0; i < KMS_ADDRLIMIT_SLOTS; i++) {
+    for (size_t i = 0; i <= KMS_ADDRLIMIT_SLOTS; i++) {
+        struct slot *s = i < KMS_ADDRLIMIT_SLOTS ? &al->slots[i] : &al->overflow;
         struct kms_addrlimit_summary sum;
-        if (take_summary_locked(&al->slots[i], kms_monotonic_ns(), &sum) && al->emit)
+        if (take_summary_locked(s, kms_monotonic_ns(), &sum) && al->emit)
             al->emit(al->arg, &sum);
-        pthread_mutex_destroy(&al->slots[i].mu);
+        pthread_mutex_destroy(&s->mu);
     }
+    pthread_mutex_destroy(&al->lines_mu);
     pthread_mutex_destroy(&al->stop_mu);
     pthread_cond_destroy(&al->stop_cv);
     free(al->slots);

@@ -21,7 +21,14 @@
  * State is one table of KMS_ADDRLIMIT_SLOTS slots, an address in the slot its
  * keyed hash picks (the key is random per process, so an attacker cannot aim
  * at another address's slot). An address meeting a slot held by another
- * takes it over; the other's pending count is emitted first.
+ * takes it over only when the other is idle (not blocked, nothing pending,
+ * its bucket full again): a blocked address is never forgotten. Otherwise,
+ * and for every failure beyond KMS_ADDRLIMIT_LINES own lines per interval
+ * over all addresses (a flood from many addresses), the failure is counted
+ * in one shared overflow entry, summarised as "several addresses" once per
+ * interval; the overflow blocks nobody (it would refuse addresses that made
+ * no failure). So the audit log takes at most about 2 × KMS_ADDRLIMIT_LINES
+ * + 1 lines per interval, whatever the number of addresses.
  *
  * Cost: kms_addrlimit_check, on every request, is one hash and one atomic
  * load and takes no lock unless the slot holds a blocked address.
@@ -41,6 +48,10 @@ struct sockaddr;
 /* An address's text: "203.0.113.7" or "2001:db8:1:2::/64". */
 #define KMS_ADDR_TEXT_MAX 64
 #define KMS_ADDRLIMIT_OUTCOME_MAX 48
+/* Own audit lines per interval over all addresses; beyond, failures go to the overflow. */
+#define KMS_ADDRLIMIT_LINES 100
+/* The overflow's summary source. */
+#define KMS_ADDRLIMIT_SEVERAL "several addresses"
 
 struct kms_addrlimit_config {
     double rate;         /* failed authentications per second an address may make; 0: no limit */
@@ -93,6 +104,9 @@ unsigned kms_addrlimit_check(struct kms_addrlimit *al, const struct kms_addr *a,
  */
 int kms_addrlimit_fail(struct kms_addrlimit *al, const struct kms_addr *a, const char *outcome,
                        int64_t now_ns);
+
+/* The slot a is counted in (for tests: addresses that meet in one slot). */
+size_t kms_addrlimit_slot(const struct kms_addrlimit *al, const struct kms_addr *a);
 
 /* Emits the summaries whose interval has ended by now_ns (the thread's work; for tests). */
 void kms_addrlimit_sweep(struct kms_addrlimit *al, int64_t now_ns);

@@ -412,9 +412,12 @@ static void breaker_alert(struct kms_server *srv, enum kms_breaker_kind kind, co
 /*
  * Counts a decryption that failed as the caller's fault: against the
  * principal, and for Decrypt against the key the blob names when it exists
- * (ReEncrypt's r->key_arn may name its destination key by then). Other
- * failures (access denied, throttling, a token or database fault) are not
- * the blob's doing and do not count.
+ * and its policy allowed the caller (ReEncrypt's r->key_arn may name its
+ * destination key by then). A blob whose key the caller may not use gets
+ * the same InvalidCiphertextException and counts against the principal the
+ * same way (otherwise the breaker would tell such a key from an unknown
+ * one). Other failures (throttling, a token or database fault) are not the
+ * blob's doing and do not count.
  */
 static void note_decryption(struct kms_server *srv, const struct kms_op *op,
                             const struct kms_request *r, kms_err rc)
@@ -424,7 +427,12 @@ static void note_decryption(struct kms_server *srv, const struct kms_op *op,
         return;
     if (kms_breaker_fail(srv->breaker, KMS_BREAKER_PRINCIPAL, r->principal, now, &until))
         breaker_alert(srv, KMS_BREAKER_PRINCIPAL, r->principal, until - now);
+    /*
+     * Against the key only when its policy allowed the caller: made-up blobs naming a key
+     * the caller may not use say nothing about that key (and must not raise its alarm).
+     */
     if (strcmp(op->name, "Decrypt") == 0 && r->key_arn[0] &&
+        strncmp(r->decision, "allow", 5) == 0 &&
         kms_breaker_fail(srv->breaker, KMS_BREAKER_KEY, r->key_arn, now, &until))
         breaker_alert(srv, KMS_BREAKER_KEY, r->key_arn, until - now);
 }
@@ -676,6 +684,17 @@ static enum MHD_Result hand_over(struct kms_server *srv, struct MHD_Connection *
     return MHD_YES;
 }
 
+/*
+ * The caller's failure to authenticate, which counts against its address: not a
+ * malformed request (too many headers) nor a fault of the server's own.
+ */
+static int authentication_failure(kms_err rc)
+{
+    return rc == KMS_ERR_MISSING_AUTH || rc == KMS_ERR_INCOMPLETE_SIGNATURE ||
+           rc == KMS_ERR_INVALID_SIGNATURE || rc == KMS_ERR_UNRECOGNIZED_CLIENT ||
+           rc == KMS_ERR_ACCESS_DENIED;
+}
+
 static enum MHD_Result serve_kms(struct kms_server *srv, struct MHD_Connection *c, const char *url,
                                  const char *method, struct req_state *st)
 {
@@ -692,8 +711,8 @@ static enum MHD_Result serve_kms(struct kms_server *srv, struct MHD_Connection *
     r.principal = principal;
     kms_err_clear();
     rc = kms_auth_verify(srv, c, method, url, &st->body, principal);
-    int own_line =
-        rc == KMS_OK || kms_addrlimit_fail(srv->addrlimit, &st->addr, kms_err_type(rc), started);
+    int own_line = rc == KMS_OK || !authentication_failure(rc) ||
+                   kms_addrlimit_fail(srv->addrlimit, &st->addr, kms_err_type(rc), started);
     if (rc == KMS_OK)
         rc = check_binding(srv, principal, st->client_cert);
     if (rc == KMS_OK)

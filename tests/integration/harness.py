@@ -449,6 +449,9 @@ def write_config(path, token, credentials_file, **extra):
         # test_authflood.py runs with the server's defaults.
         "auth_failures_per_minute": "0",
         "auth_failure_audit_interval_s": "0",
+        # Nor a decryption breaker: tests refuse hundreds of made-up blobs on purpose.
+        # test_breaker.py sets its own.
+        "decrypt_breaker_failures": "0",
     }
     settings.update(extra)
     text = "# p11kmsd integration-test configuration\n"

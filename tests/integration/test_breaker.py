@@ -42,6 +42,7 @@ class Ctx:
     server = None
     alice = None
     bob = None
+    carol = None
     key = None
     blob = None  # a valid blob of key, empty context
 
@@ -53,8 +54,9 @@ def setup():
     C.ws = h.Workspace()
     C.alice = h.new_principal("alice")
     C.bob = h.new_principal("bob")
+    C.carol = h.new_principal("carol")
     C.token = h.make_token(C.ws.sub("token"), "p11kms-it-breaker")
-    creds = h.write_credentials(C.ws.sub("credentials"), [C.alice, C.bob])
+    creds = h.write_credentials(C.ws.sub("credentials"), [C.alice, C.bob, C.carol])
     C.faults = fm.FaultControl(C.ws.sub("faults"))
     C.config = h.write_config(C.ws.sub("p11kmsd.conf"), C.token, creds,
                               module=fm.faultmod_module(),
@@ -225,6 +227,27 @@ def test_principal_breaker_opens_after_exactly_the_threshold():
     # and counting starts afresh: one failure does not reopen it
     fails(C.alice, made_up(3), "InvalidCiphertextException", "a failure after the cool-down")
     decrypts(C.alice, C.blob, "one failure after the cool-down")
+
+
+@test
+def test_a_refused_blob_counts_as_one_that_does_not_open():
+    """A blob whose key the caller may not use gets the one answer of a blob that does not
+    open, and counts against the principal the same way: the breaker opens after exactly
+    FAILURES of them, as it does for made-up blobs, so it cannot tell such a key from an
+    unknown one. It does not count against the key: no key alert."""
+    before = metric(metrics(), "p11kms_decrypt_breaker_trips_total", kind="key")
+    policy = {"Version": "2012-10-17", "Statement": [
+        {"Sid": "Admin", "Effect": "Allow", "Principal": {"AWS": "alice"}, "Action": "kms:*",
+         "Resource": "*"}]}
+    key = ok(C.alice, "CreateKey", {"Policy": json.dumps(policy)})["KeyMetadata"]["KeyId"]
+    blob = base64.b64decode(ok(C.alice, "Encrypt", {"KeyId": key, "Plaintext": b64(b"secret")})
+                            ["CiphertextBlob"])
+    for i in range(FAILURES):
+        fails(C.carol, blob, "InvalidCiphertextException", "refused blob #%d" % (i + 1))
+    h.check_error_response(decrypt(C.carol, C.blob), "ThrottlingException", 429)
+    eq(metric(metrics(), "p11kms_decrypt_breaker_trips_total", kind="key"), before,
+       "no key trip from a principal its policy refuses")
+    decrypts(C.alice, blob, "alice, whom the key's policy allows")
 
 
 @test

@@ -192,9 +192,79 @@ static void test_many_addresses(void **state)
         blocked += kms_addrlimit_check(al, &a, T0) != 0;
     }
     assert_int_equal(blocked, 0); /* two failures each: within the burst */
-    struct kms_addr last = v4(text);
-    kms_addrlimit_fail(al, &last, "InvalidSignatureException", T0);
-    assert_int_equal(kms_addrlimit_check(al, &last, T0), 10);
+    /* Two seconds on, every bucket is full again: any slot may be taken by a new address. */
+    struct kms_addr last = v4("192.0.2.1");
+    for (int i = 0; i < 3; i++)
+        kms_addrlimit_fail(al, &last, "InvalidSignatureException", T0 + 2 * SEC);
+    assert_int_equal(kms_addrlimit_check(al, &last, T0 + 2 * SEC), 10);
+    kms_addrlimit_free(al);
+}
+
+/* An address in the same slot as a's (the table's hash is keyed per process: searched for). */
+static struct kms_addr same_slot(struct kms_addrlimit *al, const struct kms_addr *a)
+{
+    char text[32];
+    for (int i = 0; i < 1 << 20; i++) {
+        snprintf(text, sizeof text, "10.%d.%d.%d", (i >> 16) & 255, (i >> 8) & 255, i & 255);
+        struct kms_addr b = v4(text);
+        if (memcmp(&b, a, sizeof b) != 0 && kms_addrlimit_slot(al, &b) == kms_addrlimit_slot(al, a))
+            return b;
+    }
+    fail_msg("no address shares the slot");
+    return *a;
+}
+
+/*
+ * A blocked address keeps its block whatever other addresses of its slot do:
+ * their failures go to the overflow, which blocks nobody and is summarised as
+ * "several addresses".
+ */
+static void test_a_blocked_address_is_never_forgotten(void **state)
+{
+    (void)state;
+    struct kms_addrlimit *al = limiter(1.0, 2, 30, 60);
+    struct kms_addr a = v4("198.51.100.7"), b = same_slot(al, &a);
+    for (int i = 0; i < 3; i++)
+        kms_addrlimit_fail(al, &a, "InvalidSignatureException", T0);
+    assert_int_equal(kms_addrlimit_check(al, &a, T0), 30);
+    for (int i = 0; i < 50; i++)
+        assert_int_equal(kms_addrlimit_fail(al, &b, "IncompleteSignatureException", T0 + i * MS),
+                         0);
+    assert_int_equal(kms_addrlimit_check(al, &a, T0 + SEC), 29); /* still blocked */
+    assert_int_equal(kms_addrlimit_check(al, &b, T0 + SEC), 0);  /* b was never blocked */
+    kms_addrlimit_sweep(al, T0 + 61 * SEC);
+    assert_int_equal(nseen, 2);
+    assert_string_equal(seen[1].source, "several addresses");
+    assert_int_equal(seen[1].count, 50);
+    assert_string_equal(seen[1].outcome, "IncompleteSignatureException");
+    assert_string_equal(seen[0].source, "198.51.100.7"); /* a's failure and its refusals */
+    assert_int_equal(seen[0].count, 2 + 2);
+    /* Once a is idle again (its block over, its bucket full), b takes the slot. */
+    int64_t later = T0 + 100 * SEC;
+    assert_int_equal(kms_addrlimit_fail(al, &b, "InvalidSignatureException", later), 1);
+    kms_addrlimit_free(al);
+}
+
+/* Many addresses: at most KMS_ADDRLIMIT_LINES own lines an interval, the rest in one summary. */
+static void test_own_lines_are_capped(void **state)
+{
+    (void)state;
+    struct kms_addrlimit *al = limiter(1.0, 20, 30, 60);
+    char text[32];
+    int own = 0;
+    for (int i = 0; i < 1000; i++) {
+        snprintf(text, sizeof text, "10.1.%d.%d", i / 250, i % 250);
+        struct kms_addr a = v4(text);
+        own += kms_addrlimit_fail(al, &a, "InvalidSignatureException", T0 + i * MS);
+    }
+    assert_int_equal(own, KMS_ADDRLIMIT_LINES);
+    kms_addrlimit_sweep(al, T0 + 61 * SEC);
+    assert_int_equal(nseen, 1);
+    assert_string_equal(seen[0].source, "several addresses");
+    assert_int_equal(seen[0].count, 1000 - KMS_ADDRLIMIT_LINES);
+    /* The next interval allows own lines again. */
+    struct kms_addr z = v4("203.0.113.9");
+    assert_int_equal(kms_addrlimit_fail(al, &z, "InvalidSignatureException", T0 + 62 * SEC), 1);
     kms_addrlimit_free(al);
 }
 
@@ -207,6 +277,8 @@ int main(void)
         cmocka_unit_test(test_free_emits_what_is_pending),
         cmocka_unit_test(test_off_and_null),
         cmocka_unit_test(test_many_addresses),
+        cmocka_unit_test(test_a_blocked_address_is_never_forgotten),
+        cmocka_unit_test(test_own_lines_are_capped),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
