@@ -143,6 +143,40 @@ static const char *const state_files[] = {
 enum { HAVE_CONF = 0, HAVE_CREDENTIALS = 3 };
 
 /* The folder, its tokens folder and every state file there is, checked; have[i]: state_files[i]. */
+/*
+ * Each folder above the state folder is root's or ours and writable by no one
+ * else unless sticky (as /tmp): otherwise another user could put a folder of
+ * theirs in place of the checked one between the checks and the later opens
+ * by name (SoftHSM2 reads its files by name).
+ */
+static kms_err check_ancestors(const char *dir)
+{
+    char *real = realpath(dir, NULL);
+    struct stat st;
+    kms_err rc = KMS_OK;
+    KMS_ENSURE(real != NULL, KMS_ERR_INTERNAL, "cannot resolve %s: %s", dir, strerror(errno));
+    for (char *slash = strrchr(real, '/'); rc == KMS_OK && slash; slash = strrchr(real, '/')) {
+        int top = slash == real;
+        slash[top] = '\0'; /* "/a/b" -> "/a", "/a" -> "/" */
+        if (stat(real, &st) != 0)
+            rc = KMS_FAIL(KMS_ERR_INTERNAL, "cannot stat %s: %s", real, strerror(errno));
+        else if (st.st_uid != 0 && st.st_uid != geteuid())
+            rc = KMS_FAIL(KMS_ERR_VALIDATION,
+                          "folder %s above the state folder belongs to uid %u: another user could "
+                          "replace the state folder",
+                          real, (unsigned)st.st_uid);
+        else if ((st.st_mode & (S_IWGRP | S_IWOTH)) && !(st.st_mode & S_ISVTX))
+            rc = KMS_FAIL(KMS_ERR_VALIDATION,
+                          "folder %s above the state folder is writable by its group or others "
+                          "(mode %04o): another user could replace the state folder",
+                          real, (unsigned)(st.st_mode & 07777));
+        if (top)
+            break;
+    }
+    free(real);
+    return rc;
+}
+
 static kms_err check_state(const char *dir, int have[sizeof state_files / sizeof state_files[0]])
 {
     char tokens[4096];
@@ -153,9 +187,11 @@ static kms_err check_state(const char *dir, int have[sizeof state_files / sizeof
     KMS_ENSURE(snprintf(tokens, sizeof tokens, "%s/tokens", dir) < (int)sizeof tokens,
                KMS_ERR_VALIDATION, "state directory path is too long");
     KMS_GUARD(open_folder(AT_FDCWD, dir, "state folder", dir, &dirfd));
-    rc = mkdirat(dirfd, "tokens", 0700) == 0 || errno == EEXIST
-             ? KMS_OK
-             : KMS_FAIL(KMS_ERR_INTERNAL, "cannot create %s: %s", tokens, strerror(errno));
+    rc = check_ancestors(dir);
+    if (rc == KMS_OK)
+        rc = mkdirat(dirfd, "tokens", 0700) == 0 || errno == EEXIST
+                 ? KMS_OK
+                 : KMS_FAIL(KMS_ERR_INTERNAL, "cannot create %s: %s", tokens, strerror(errno));
     if (rc == KMS_OK)
         rc = open_folder(dirfd, "tokens", "tokens folder", tokens, &tokfd);
     for (size_t i = 0; rc == KMS_OK && i < sizeof state_files / sizeof state_files[0]; i++)

@@ -235,7 +235,6 @@ def test_many_keys_leave_the_token_small():
     """A dev server that made 1,000 keys (and used each): the token holds the root key and
     the audit log's objects, nothing per key; the database holds 1,000 more keys, each
     version a wrapped row."""
-    import sqlite3
     state = C.ws.sub("many")
     server = h.start_dev_server(state, C.ws.sub("p11kmsd-many.log"))
     try:
@@ -363,6 +362,25 @@ def test_state_folder_of_another_user_refused():
         state, owner = "/", 0  # root's, and we cannot give a folder away
     dev_refused(state, "state folder %s belongs to uid %d, not to uid %d that p11kmsd runs as" % (
         state, owner, os.geteuid()))
+
+
+@test
+def test_state_folder_under_a_folder_others_may_write_refused():
+    """Another user who may write a folder above the state folder could swap the checked
+    folder for their own before p11kmsd (and SoftHSM2) open its files by name; a sticky
+    folder (as /tmp) is fine."""
+    parent = C.ws.sub("shared-parent")
+    os.mkdir(parent)
+    os.chmod(parent, 0o777)
+    state = os.path.join(parent, "state")
+    os.mkdir(state, 0o700)
+    dev_refused(state, "folder %s above the state folder is writable by its group or others "
+                       "(mode 0777): another user could replace the state folder"
+                % os.path.realpath(parent))
+    eq(os.listdir(state), [], "nothing made under the open folder")
+    os.chmod(parent, 0o1777)  # sticky: others may not rename what is ours
+    server = h.start_dev_server(state, C.ws.sub("sticky-parent.log"))
+    server.stop()
 
 
 @test
