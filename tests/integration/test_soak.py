@@ -84,7 +84,11 @@ WRK = "/usr/bin/wrk"
 # The warm-up: the first 20% of the load, at least 10 s, at most half of it.
 WARM_UP = min(max(0.2 * DURATION, 10.0), DURATION / 2)
 REFERENCE_WINDOW = 5.0      # the RSS reference: the largest sample of the warm-up's last 5 s
-RSS_GROWTH_MAX = 0.05       # after the warm-up, RSS at most 5% above the reference
+# After the warm-up, RSS at most this much above the reference. Measured net growth in
+# make check's 60 s: +2.3% before the security work, +4.0% to +5.0% after it (and +4.75% over
+# 150 s): 8% leaves a margin; a leak of one allocation per request grows far faster (7,000
+# requests a second here).
+RSS_GROWTH_MAX = 0.08
 SAMPLE_EVERY = 1.0          # seconds between RSS samples
 
 KEYS = 4                    # long-lived keys made in set-up
