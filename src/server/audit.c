@@ -507,6 +507,36 @@ static kms_err open_path(const char *path, int *fd_out, struct stat *st, int *pa
     return KMS_OK;
 }
 
+/*
+ * At the start after a crash: the line the process was killed while writing
+ * (a write(2) to a regular file stops at a page boundary on SIGKILL) is cut
+ * off. It was never answered for: a request's line is written before its
+ * answer, a change's intent before its commit. Only bytes after the last
+ * '\n' go: every whole line stays.
+ */
+static kms_err cut_torn_tail(int fd, struct stat *st, const char *path)
+{
+    uint8_t buf[4096];
+    off_t size = st->st_size, pos = size, keep = -1;
+
+    while (pos > 0 && keep < 0) {
+        size_t n = pos > (off_t)sizeof buf ? sizeof buf : (size_t)pos;
+        KMS_ENSURE(pread(fd, buf, n, pos - (off_t)n) == (ssize_t)n, KMS_ERR_INTERNAL,
+                   "cannot read the audit log %s: %s", path, strerror(errno));
+        for (size_t i = n; i > 0 && keep < 0; i--)
+            if (buf[i - 1] == '\n')
+                keep = pos - (off_t)n + (off_t)i;
+        pos -= (off_t)n;
+    }
+    if (keep < 0)
+        keep = 0;
+    KMS_ENSURE(ftruncate(fd, keep) == 0 && fstat(fd, st) == 0, KMS_ERR_INTERNAL,
+               "cannot cut the torn last line of the audit log %s: %s", path, strerror(errno));
+    kms_warn("audit log %s ended with %lld bytes of a line cut short by a crash; they are removed",
+             path, (long long)(size - keep));
+    return KMS_OK;
+}
+
 /* The hash of the file's last line (a fragment without '\n' counts as one), or zeros. */
 static kms_err last_line_hash(int fd, const struct stat *st, const char *path, uint8_t out[32])
 {
@@ -1435,6 +1465,10 @@ static kms_err start(struct kms_audit *a, struct kms_session *s)
     KMS_GUARD(kms_hsm_hmac_sha256(s, a->key, info, sizeof info, a->digest_key));
     KMS_GUARD(read_head(a, s, &head, &have_head));
     KMS_GUARD(open_path(a->path, &a->fd, &st, &partial));
+    if (partial) {
+        KMS_GUARD(cut_torn_tail(a->fd, &st, a->path));
+        partial = 0;
+    }
     a->dev = st.st_dev;
     a->ino = st.st_ino;
     a->partial = partial;

@@ -390,6 +390,30 @@ def test_restart_appends_to_the_chain():
 
 
 @test
+def test_a_line_torn_by_a_crash_is_cut_at_the_next_start():
+    """A SIGKILL can stop a write(2) at a page boundary: the file then ends inside a line that
+    was never answered for. The next start cuts those bytes off (whole lines stay) and chains
+    to the last whole line, so the log still verifies."""
+    path = C.ws.sub("torn.log")
+    shutil.copy(C.ws.sub("base.log"), path)
+    whole = read_lines(path)
+    with open(path, "a") as f:
+        f.write(whole[5][:40])  # a line's first bytes, no newline
+    w = Writer(path)
+    w.ok("write 3")
+    err = w.close()
+    lines = read_lines(path)
+    eq(lines[:34], whole, "the whole lines of the first run, unchanged")
+    eq(len(lines), 34 + 5, "lines after the second run: the torn bytes are gone")
+    eq(json.loads(lines[34])["prev"], hashlib.sha256(whole[33].rstrip("\n").encode()).hexdigest(),
+       "the second run chains to the first run's last whole line")
+    check("ended with 40 bytes of a line cut short by a crash; they are removed" in err,
+          "the start says so: %r" % err)
+    out = expect_intact(path)
+    check(out.startswith("intact: 39 lines, 2 logs"), "two logs: %r" % out)
+
+
+@test
 def test_rotation_and_sighup():
     d = C.ws.sub("rot")
     os.mkdir(d)
