@@ -801,6 +801,15 @@ def kms_call(endpoint, operation, params, principal, **kw):
     return signed_request(endpoint, "TrentService." + operation, params, principal, **kw)
 
 
+def kms_ok(endpoint, operation, params, principal):
+    """kms_call that must answer 200: its JSON document ({} for an empty body)."""
+    r = kms_call(endpoint, operation, params, principal)
+    if r.status != 200:
+        raise AssertionError("%s by %s answered %d: %r"
+                             % (operation, principal.name, r.status, r.body))
+    return r.json() if r.body else {}
+
+
 def check_error_response(r, error_type, status):
     """An error answer: exact HTTP status, JSON with __type and message, and
     X-Amzn-ErrorType equal to __type."""
