@@ -231,6 +231,70 @@ def make_token(directory, label):
     return Token(directory, label)
 
 
+class Flooder:
+    """A flooding client in a process of its own (python3 -c script HERE nice), driven on its
+    stdin: the JSON configuration, then "go", "stop" (it answers its results as one JSON
+    line) and "quit". It says "ready" once configured and "flooding" once started."""
+
+    def __init__(self, script, cfg, nice):
+        self.proc = subprocess.Popen([sys.executable, "-c", script, HERE, str(nice)],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, preexec_fn=_die_with_parent)
+        self.send(json.dumps(cfg))
+        self.expect("ready")
+
+    def expect(self, word):
+        line = self.proc.stdout.readline().decode().strip()
+        if line != word:
+            raise AssertionError("the attacker said %r, not %r: %s" % (line, word, self.errors()))
+
+    def errors(self):
+        """What the attacker wrote on stderr, after ending it (for failures)."""
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        return self.proc.stderr.read().decode("utf-8", "replace")[-4000:]
+
+    def send(self, cmd):
+        self.proc.stdin.write((cmd + "\n").encode())
+        self.proc.stdin.flush()
+
+    def go(self):
+        self.send("go")
+        self.expect("flooding")
+
+    def stop(self):
+        self.send("stop")
+        line = self.proc.stdout.readline().decode()
+        try:
+            return json.loads(line)
+        except ValueError:
+            raise AssertionError("the attacker's results: %r %s" % (line, self.errors()))
+
+    def close(self):
+        proc, self.proc = self.proc, None
+        if proc is None:
+            return
+        try:
+            if proc.poll() is None:
+                try:
+                    proc.stdin.write(b"quit\n")
+                    proc.stdin.flush()
+                except OSError:
+                    pass
+                try:
+                    proc.wait(timeout=20)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+        finally:
+            for f in (proc.stdin, proc.stdout, proc.stderr):
+                try:
+                    f.close()
+                except OSError:
+                    pass
+
+
 def under_pgserver(script):
     """Runs script again under tests/pgserver.sh (a throw-away PostgreSQL server on
     loopback) unless it already runs under one: how make check and a run by hand both

@@ -253,7 +253,7 @@ for t in threads:
 """
 
 
-class Attacker:
+class Attacker(h.Flooder):
     """The attacker's process: FLOOD_THREADS threads, each with a connection
     from ATTACKER_ADDRESS, sending badly signed requests while told to."""
 
@@ -261,62 +261,7 @@ class Attacker:
         cfg = {"access_key": C.mallory.access_key, "endpoint": C.server.endpoint,
                "host": C.server.host, "port": C.server.port, "threads": FLOOD_THREADS,
                "address": ATTACKER_ADDRESS, "key": C.key}
-        self.proc = subprocess.Popen([sys.executable, "-c", ATTACKER, h.HERE, str(ATTACKER_NICE)],
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     stderr=subprocess.PIPE, preexec_fn=h._die_with_parent)
-        self.proc.stdin.write((json.dumps(cfg) + "\n").encode())
-        self.proc.stdin.flush()
-        self.expect("ready")
-
-    def expect(self, word):
-        line = self.proc.stdout.readline().decode().strip()
-        if line != word:
-            raise AssertionError("the attacker said %r, not %r: %s" % (line, word, self.errors()))
-
-    def errors(self):
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-        return self.proc.stderr.read().decode("utf-8", "replace")[-4000:]
-
-    def send(self, cmd):
-        self.proc.stdin.write((cmd + "\n").encode())
-        self.proc.stdin.flush()
-
-    def go(self):
-        self.send("go")
-        self.expect("flooding")
-
-    def stop(self):
-        self.send("stop")
-        line = self.proc.stdout.readline().decode()
-        try:
-            return json.loads(line)
-        except ValueError:
-            raise AssertionError("the attacker's results: %r %s" % (line, self.errors()))
-
-    def close(self):
-        proc, self.proc = self.proc, None
-        if proc is None:
-            return
-        try:
-            if proc.poll() is None:
-                try:
-                    proc.stdin.write(b"quit\n")
-                    proc.stdin.flush()
-                except OSError:
-                    pass
-                try:
-                    proc.wait(timeout=20)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
-        finally:
-            for f in (proc.stdin, proc.stdout, proc.stderr):
-                try:
-                    f.close()
-                except OSError:
-                    pass
+        super().__init__(ATTACKER, cfg, ATTACKER_NICE)
 
 
 def victim_window(conn, n):

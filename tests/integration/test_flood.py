@@ -51,7 +51,6 @@ import json
 import os
 import secrets
 import sqlite3
-import subprocess
 import sys
 import time
 import uuid
@@ -471,7 +470,7 @@ for t in threads:
 """
 
 
-class Attacker:
+class Attacker(h.Flooder):
     """The attacker's process: 4 threads, each with a keep-alive connection,
     sending Decrypt of made-up blobs while told to ("go" ... "stop")."""
 
@@ -481,67 +480,7 @@ class Attacker:
                "port": C.server.port, "threads": FLOOD_THREADS, "own_key": C.attacker_key,
                "victim_key": C.victim_key, "invalid": INVALID_BLOB,
                "blobs": [(b64(b), c) for b, c in C.attacker_blobs]}
-        self.proc = subprocess.Popen([sys.executable, "-c", ATTACKER, h.HERE, str(ATTACKER_NICE)],
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     stderr=subprocess.PIPE, preexec_fn=h._die_with_parent)
-        self.proc.stdin.write((json.dumps(cfg) + "\n").encode())
-        self.proc.stdin.flush()
-        self.expect("ready")
-
-    def expect(self, word):
-        line = self.proc.stdout.readline().decode().strip()
-        if line != word:
-            raise AssertionError("the attacker said %r, not %r: %s" % (line, word, self.errors()))
-
-    def errors(self):
-        """What the attacker wrote on stderr, after ending it (for failures)."""
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-        return self.proc.stderr.read().decode("utf-8", "replace")[-4000:]
-
-    def send(self, cmd):
-        self.proc.stdin.write((cmd + "\n").encode())
-        self.proc.stdin.flush()
-
-    def go(self):
-        self.send("go")
-        self.expect("flooding")
-
-    def stop(self):
-        self.send("stop")
-        line = self.proc.stdout.readline().decode()
-        try:
-            return json.loads(line)
-        except ValueError:
-            raise AssertionError("the attacker's results: %r %s" % (line, self.errors()))
-
-    def close(self):
-        proc, self.proc = self.proc, None
-        if proc is None:
-            return
-        try:
-            if proc.poll() is None:
-                self.send_quiet("quit", proc)
-                try:
-                    proc.wait(timeout=20)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
-        finally:
-            for f in (proc.stdin, proc.stdout, proc.stderr):
-                try:
-                    f.close()
-                except OSError:
-                    pass
-
-    @staticmethod
-    def send_quiet(cmd, proc):
-        try:
-            proc.stdin.write((cmd + "\n").encode())
-            proc.stdin.flush()
-        except OSError:
-            pass
+        super().__init__(ATTACKER, cfg, ATTACKER_NICE)
 
 
 def victim_window(conn, n):
