@@ -48,6 +48,9 @@ static const struct {
     [KMS_ERR_KEY_UNAVAILABLE] = {"KeyUnavailableException", 500, "The key is unavailable"},
     [KMS_ERR_DEPENDENCY_TIMEOUT] = {"DependencyTimeoutException", 503,
                                     "The key store did not answer in time"},
+    [KMS_ERR_BAD_SIGNATURE] = {"KMSInvalidSignatureException", 400,
+                               "The signature does not verify"},
+    [KMS_ERR_BAD_MAC] = {"KMSInvalidMacException", 400, "The MAC does not verify"},
 };
 
 static _Thread_local char last_message[256];

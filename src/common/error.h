@@ -37,6 +37,8 @@ typedef enum kms_err {
     KMS_ERR_INTERNAL,             /* KMSInternalException 500 */
     KMS_ERR_KEY_UNAVAILABLE,      /* KeyUnavailableException 500 */
     KMS_ERR_DEPENDENCY_TIMEOUT,   /* DependencyTimeoutException 503 */
+    KMS_ERR_BAD_SIGNATURE,        /* KMSInvalidSignatureException 400: Verify said no */
+    KMS_ERR_BAD_MAC,              /* KMSInvalidMacException 400: VerifyMac said no */
     KMS_ERR_COUNT
 } kms_err;
 

@@ -111,6 +111,58 @@ KMS_MUST_CHECK kms_err kms_hsm_hold(struct kms_hsm *hsm, struct kms_session **ou
 void kms_hsm_unhold(struct kms_session *holder);
 unsigned long kms_hsm_epoch(struct kms_hsm *hsm);
 
+/* ---- asymmetric and HMAC key versions (hsm_keys.c; specs in common/keyspec.h) ---- */
+
+/* Whether the token lists mechanism m (asked once per mechanism, then remembered). */
+int kms_hsm_has_mechanism(struct kms_hsm *hsm, CK_MECHANISM_TYPE m);
+/*
+ * A new key of spec (enum kms_key_spec, not SYMMETRIC_DEFAULT) for usage
+ * (enum kms_key_usage): a key pair (RSA, e = 65537; EC on the spec's curve;
+ * Edwards; Montgomery) or an HMAC secret of the spec's length, generated in
+ * the token as session objects; the private half (or the secret) is wrapped
+ * at once under root with CKM_AES_KEY_WRAP_PAD and every object destroyed:
+ * only the wrapped form and the public key leave the token. *len is in: the
+ * room in wrapped, out: its length. spki receives the public key as DER
+ * SubjectPublicKeyInfo (nothing for HMAC). A spec the token has no mechanism
+ * for is KMS_ERR_UNSUPPORTED, the message naming the mechanism.
+ */
+KMS_MUST_CHECK kms_err kms_hsm_new_wrapped_key(struct kms_session *s, CK_OBJECT_HANDLE root,
+                                               int spec, int usage, uint8_t *wrapped, size_t *len,
+                                               struct kms_buf *spki);
+/*
+ * Unwraps a version made by kms_hsm_new_wrapped_key into a session object of
+ * the holder session (kms_hsm_hold): sensitive, not extractable, allowed only
+ * what usage needs (CKA_DECRYPT, CKA_SIGN, CKA_DERIVE; CKA_SIGN for HMAC).
+ * Refused by the root: KMS_ERR_INTERNAL, as kms_hsm_unwrap_aes.
+ */
+KMS_MUST_CHECK kms_err kms_hsm_unwrap_key(struct kms_session *holder, CK_OBJECT_HANDLE root,
+                                          int spec, int usage, const uint8_t *wrapped, size_t len,
+                                          CK_OBJECT_HANDLE *out);
+/*
+ * A signature or MAC by key (of spec) with alg (enum kms_alg). in is the
+ * digest (the algorithm's md_len bytes) for RSASSA-PSS, RSASSA-PKCS1-v1_5 and
+ * ECDSA; the message for Ed25519 and HMAC. out receives it in AWS's form
+ * (ECDSA: DER ECDSA-Sig-Value); *out_len is in: the room, out: the length.
+ */
+KMS_MUST_CHECK kms_err kms_hsm_sign_alg(struct kms_session *s, CK_OBJECT_HANDLE key, int spec,
+                                        int alg, const uint8_t *in, size_t n, uint8_t *out,
+                                        size_t *out_len);
+/*
+ * RSAES-OAEP decryption under key with alg (the private-key operation in the
+ * token). A ciphertext that does not decrypt is KMS_ERR_INVALID_CIPHERTEXT
+ * with one message whatever the cause; out is left as it was on failure.
+ */
+KMS_MUST_CHECK kms_err kms_hsm_oaep_decrypt(struct kms_session *s, CK_OBJECT_HANDLE key, int spec,
+                                            int alg, const uint8_t *ct, size_t n,
+                                            struct kms_buf *out);
+/*
+ * ECDH (CKM_ECDH1_DERIVE, CKD_NULL) between key and the peer's public point
+ * (the uncompressed point for an EC key, 32 bytes for X25519): out receives
+ * the shared secret (the x coordinate, the field's size in bytes).
+ */
+KMS_MUST_CHECK kms_err kms_hsm_ecdh(struct kms_session *s, CK_OBJECT_HANDLE key, int spec,
+                                    const uint8_t *peer, size_t n, struct kms_buf *out);
+
 /*
  * Generates a 256-bit AES key inside the token: token object, private,
  * sensitive, not extractable, encrypt/decrypt only.

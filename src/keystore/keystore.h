@@ -87,6 +87,8 @@ struct kms_key_info {
     int rotation_enabled;
     int64_t rotation_period_days;
     int64_t next_rotation;
+    int spec;          /* enum kms_key_spec (common/keyspec.h) */
+    int usage;         /* enum kms_key_usage */
     char *description; /* malloc'd; kms_key_info_clear frees it */
 };
 
@@ -155,8 +157,18 @@ void kms_key_info_clear(struct kms_key_info *info);
 const char *kms_key_state_name(enum kms_key_state s);
 
 /* ---- keys ---- */
+/* A SYMMETRIC_DEFAULT key for ENCRYPT_DECRYPT: kms_keystore_create_key_as. */
 KMS_MUST_CHECK kms_err kms_keystore_create_key(struct kms_keystore *ks, const char *description,
                                                const char *policy, struct kms_key_info *out);
+/*
+ * A key of spec (enum kms_key_spec) for usage (enum kms_key_usage), which the
+ * spec must allow (KMS_ERR_VALIDATION). Its one version is generated in the
+ * token and stored wrapped; asymmetric and HMAC keys are never rotated (as in
+ * AWS). A spec the token cannot make is KMS_ERR_UNSUPPORTED.
+ */
+KMS_MUST_CHECK kms_err kms_keystore_create_key_as(struct kms_keystore *ks, const char *description,
+                                                  const char *policy, int spec, int usage,
+                                                  struct kms_key_info *out);
 
 struct key; /* a key held in memory (internal.h) */
 
@@ -302,6 +314,32 @@ KMS_MUST_CHECK kms_err kms_keystore_decrypt(struct kms_keystore *ks, const uint8
                                             const struct kms_buf *canonical_context,
                                             const char *expect_ref, struct kms_buf *plaintext,
                                             struct kms_key_info *info);
+/*
+ * ---- asymmetric and HMAC keys (asym.c) ----
+ * Each works on the held key's current version and first checks that the key
+ * is usable (as Encrypt does: DisabledException, KMSInvalidStateException)
+ * and that its spec and usage allow alg (InvalidKeyUsageException
+ * otherwise). info receives what the key was.
+ */
+/* The key's public key, DER SubjectPublicKeyInfo; a key without one is KMS_ERR_UNSUPPORTED. */
+KMS_MUST_CHECK kms_err kms_keystore_public_key(struct kms_keystore *ks, struct kms_key_ref *key,
+                                               struct kms_buf *spki, struct kms_key_info *info);
+/*
+ * A signature (SIGN_VERIFY) or MAC (GENERATE_VERIFY_MAC) in the token, as
+ * kms_hsm_sign_alg: in is the digest, or for Ed25519 and HMAC the message.
+ */
+KMS_MUST_CHECK kms_err kms_keystore_sign(struct kms_keystore *ks, struct kms_key_ref *key, int alg,
+                                         const uint8_t *in, size_t n, uint8_t *sig,
+                                         size_t *sig_len, struct kms_key_info *info);
+/* RSAES-OAEP decryption in the token (ENCRYPT_DECRYPT RSA keys). */
+KMS_MUST_CHECK kms_err kms_keystore_oaep_decrypt(struct kms_keystore *ks, struct kms_key_ref *key,
+                                                 int alg, const uint8_t *ct, size_t n,
+                                                 struct kms_buf *pt, struct kms_key_info *info);
+/* ECDH in the token (KEY_AGREEMENT keys) with a peer point (kms_pubkey_peer_point). */
+KMS_MUST_CHECK kms_err kms_keystore_derive(struct kms_keystore *ks, struct kms_key_ref *key,
+                                           const uint8_t *peer, size_t n, struct kms_buf *secret,
+                                           struct kms_key_info *info);
+
 /* Random bytes from the token's generator. */
 KMS_MUST_CHECK kms_err kms_keystore_random(struct kms_keystore *ks, uint8_t *out, size_t n);
 
