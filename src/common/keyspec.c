@@ -26,8 +26,8 @@ static const struct kms_spec_info specs[KMS_SPEC_COUNT] = {
                                 KMS_USAGE_SIGN_VERIFY},
     [KMS_SPEC_ECC_NIST_P521] = {"ECC_NIST_P521", KMS_KIND_EC, 521, NID_secp521r1, SIGN | AGREE,
                                 KMS_USAGE_SIGN_VERIFY},
-    [KMS_SPEC_ECC_NIST_EDWARDS25519] = {"ECC_NIST_EDWARDS25519", KMS_KIND_EDWARDS, 255,
-                                        NID_ED25519, SIGN, KMS_USAGE_SIGN_VERIFY},
+    [KMS_SPEC_ECC_NIST_EDWARDS25519] = {"ECC_NIST_EDWARDS25519", KMS_KIND_EDWARDS, 255, NID_ED25519,
+                                        SIGN, KMS_USAGE_SIGN_VERIFY},
     [KMS_SPEC_X25519] = {"X25519", KMS_KIND_MONTGOMERY, 255, NID_X25519, AGREE,
                          KMS_USAGE_KEY_AGREEMENT},
     [KMS_SPEC_HMAC_224] = {"HMAC_224", KMS_KIND_HMAC, 224, NID_sha224, MAC,
@@ -66,12 +66,12 @@ static const struct kms_alg_info algs[KMS_ALG_COUNT] = {
                                            KMS_SCHEME_PKCS1, NID_sha384, 48},
     [KMS_ALG_RSASSA_PKCS1_V1_5_SHA_512] = {"RSASSA_PKCS1_V1_5_SHA_512", KMS_USAGE_SIGN_VERIFY,
                                            KMS_SCHEME_PKCS1, NID_sha512, 64},
-    [KMS_ALG_ECDSA_SHA_256] = {"ECDSA_SHA_256", KMS_USAGE_SIGN_VERIFY, KMS_SCHEME_ECDSA,
-                               NID_sha256, 32},
-    [KMS_ALG_ECDSA_SHA_384] = {"ECDSA_SHA_384", KMS_USAGE_SIGN_VERIFY, KMS_SCHEME_ECDSA,
-                               NID_sha384, 48},
-    [KMS_ALG_ECDSA_SHA_512] = {"ECDSA_SHA_512", KMS_USAGE_SIGN_VERIFY, KMS_SCHEME_ECDSA,
-                               NID_sha512, 64},
+    [KMS_ALG_ECDSA_SHA_256] = {"ECDSA_SHA_256", KMS_USAGE_SIGN_VERIFY, KMS_SCHEME_ECDSA, NID_sha256,
+                               32},
+    [KMS_ALG_ECDSA_SHA_384] = {"ECDSA_SHA_384", KMS_USAGE_SIGN_VERIFY, KMS_SCHEME_ECDSA, NID_sha384,
+                               48},
+    [KMS_ALG_ECDSA_SHA_512] = {"ECDSA_SHA_512", KMS_USAGE_SIGN_VERIFY, KMS_SCHEME_ECDSA, NID_sha512,
+                               64},
     [KMS_ALG_ED25519_SHA_512] = {"ED25519_SHA_512", KMS_USAGE_SIGN_VERIFY, KMS_SCHEME_EDDSA,
                                  NID_undef, 0},
     [KMS_ALG_HMAC_SHA_224] = {"HMAC_SHA_224", KMS_USAGE_GENERATE_VERIFY_MAC, KMS_SCHEME_HMAC,
@@ -128,28 +128,24 @@ int kms_alg_allowed(int spec, int usage, int alg)
 {
     const struct kms_spec_info *s = kms_spec(spec);
     const struct kms_alg_info *a = kms_alg(alg);
-    if (!s || !a || usage < 0 || usage >= KMS_USAGE_COUNT || a->usage != (enum kms_key_usage)usage ||
-        !(s->usages & KMS_USAGE_BIT(usage)))
+    if (!s || !a || usage < 0 || usage >= KMS_USAGE_COUNT ||
+        a->usage != (enum kms_key_usage)usage || !(s->usages & KMS_USAGE_BIT(usage)))
         return 0;
     switch (a->scheme) {
-    case KMS_SCHEME_GCM:
-        return s->kind == KMS_KIND_AES;
+    case KMS_SCHEME_GCM: return s->kind == KMS_KIND_AES;
     case KMS_SCHEME_OAEP:
     case KMS_SCHEME_PSS:
-    case KMS_SCHEME_PKCS1:
-        return s->kind == KMS_KIND_RSA;
+    case KMS_SCHEME_PKCS1: return s->kind == KMS_KIND_RSA;
     case KMS_SCHEME_ECDSA:
-        /* AWS pairs each NIST curve with one digest: P-256 SHA-256, P-384 SHA-384, P-521 SHA-512. */
+        /* AWS pairs each NIST curve with one digest: P-256 SHA-256, P-384 SHA-384, P-521 SHA-512.
+         */
         return s->kind == KMS_KIND_EC &&
                ((spec == KMS_SPEC_ECC_NIST_P256 && alg == KMS_ALG_ECDSA_SHA_256) ||
                 (spec == KMS_SPEC_ECC_NIST_P384 && alg == KMS_ALG_ECDSA_SHA_384) ||
                 (spec == KMS_SPEC_ECC_NIST_P521 && alg == KMS_ALG_ECDSA_SHA_512));
-    case KMS_SCHEME_EDDSA:
-        return s->kind == KMS_KIND_EDWARDS;
-    case KMS_SCHEME_HMAC:
-        return s->kind == KMS_KIND_HMAC && s->nid == a->md_nid;
-    case KMS_SCHEME_ECDH:
-        return s->kind == KMS_KIND_EC || s->kind == KMS_KIND_MONTGOMERY;
+    case KMS_SCHEME_EDDSA: return s->kind == KMS_KIND_EDWARDS;
+    case KMS_SCHEME_HMAC: return s->kind == KMS_KIND_HMAC && s->nid == a->md_nid;
+    case KMS_SCHEME_ECDH: return s->kind == KMS_KIND_EC || s->kind == KMS_KIND_MONTGOMERY;
     }
     return 0;
 }

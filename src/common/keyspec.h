@@ -49,9 +49,9 @@ enum kms_key_kind {
 struct kms_spec_info {
     const char *name; /* "RSA_4096" */
     enum kms_key_kind kind;
-    unsigned bits;           /* modulus, curve order or HMAC key length */
-    int nid;                 /* OpenSSL's curve NID (EC kinds); the digest's NID (HMAC) */
-    unsigned usages;         /* KMS_USAGE_BIT of each usage the spec allows */
+    unsigned bits;            /* modulus, curve order or HMAC key length */
+    int nid;                  /* OpenSSL's curve NID (EC kinds); the digest's NID (HMAC) */
+    unsigned usages;          /* KMS_USAGE_BIT of each usage the spec allows */
     enum kms_key_usage deflt; /* the usage CreateKey gives it when none is named */
 };
 
@@ -79,22 +79,22 @@ enum kms_alg {
 
 /* How an algorithm uses its key's private half or secret. */
 enum kms_alg_scheme {
-    KMS_SCHEME_GCM,      /* the blob format */
-    KMS_SCHEME_OAEP,     /* RSAES-OAEP, MGF1 with the same digest, no label */
-    KMS_SCHEME_PSS,      /* RSASSA-PSS, MGF1 with the same digest, salt = digest length */
-    KMS_SCHEME_PKCS1,    /* RSASSA-PKCS1-v1_5 */
-    KMS_SCHEME_ECDSA,    /* DER-encoded ECDSA-Sig-Value, as AWS answers */
-    KMS_SCHEME_EDDSA,    /* pure Ed25519 (RFC 8032), the message itself */
-    KMS_SCHEME_HMAC,     /* RFC 2104 */
-    KMS_SCHEME_ECDH,     /* the shared secret's x coordinate (CKD_NULL) */
+    KMS_SCHEME_GCM,   /* the blob format */
+    KMS_SCHEME_OAEP,  /* RSAES-OAEP, MGF1 with the same digest, no label */
+    KMS_SCHEME_PSS,   /* RSASSA-PSS, MGF1 with the same digest, salt = digest length */
+    KMS_SCHEME_PKCS1, /* RSASSA-PKCS1-v1_5 */
+    KMS_SCHEME_ECDSA, /* DER-encoded ECDSA-Sig-Value, as AWS answers */
+    KMS_SCHEME_EDDSA, /* pure Ed25519 (RFC 8032), the message itself */
+    KMS_SCHEME_HMAC,  /* RFC 2104 */
+    KMS_SCHEME_ECDH,  /* the shared secret's x coordinate (CKD_NULL) */
 };
 
 struct kms_alg_info {
     const char *name; /* "RSASSA_PSS_SHA_256" */
     enum kms_key_usage usage;
     enum kms_alg_scheme scheme;
-    int md_nid;        /* the digest's NID; NID_undef for GCM, EdDSA and ECDH */
-    size_t md_len;     /* its length in bytes; 0 when none */
+    int md_nid;    /* the digest's NID; NID_undef for GCM, EdDSA and ECDH */
+    size_t md_len; /* its length in bytes; 0 when none */
 };
 
 /* NULL when out of range. */

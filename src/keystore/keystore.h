@@ -329,8 +329,8 @@ KMS_MUST_CHECK kms_err kms_keystore_public_key(struct kms_keystore *ks, struct k
  * kms_hsm_sign_alg: in is the digest, or for Ed25519 and HMAC the message.
  */
 KMS_MUST_CHECK kms_err kms_keystore_sign(struct kms_keystore *ks, struct kms_key_ref *key, int alg,
-                                         const uint8_t *in, size_t n, uint8_t *sig,
-                                         size_t *sig_len, struct kms_key_info *info);
+                                         const uint8_t *in, size_t n, uint8_t *sig, size_t *sig_len,
+                                         struct kms_key_info *info);
 /* RSAES-OAEP decryption in the token (ENCRYPT_DECRYPT RSA keys). */
 KMS_MUST_CHECK kms_err kms_keystore_oaep_decrypt(struct kms_keystore *ks, struct kms_key_ref *key,
                                                  int alg, const uint8_t *ct, size_t n,
