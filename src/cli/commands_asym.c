@@ -100,6 +100,21 @@ static int write_output(struct cli *cli, const char *path, const uint8_t *p, siz
     return 0;
 }
 
+static int is_stdin(const char *path)
+{
+    return !path || strcmp(path, "-") == 0;
+}
+
+/* --signature or --mac and the message cannot both be stdin. */
+static int check_stdin(struct cli *cli, const struct cli_args *a, const char *what,
+                       const char *file)
+{
+    if (is_stdin(file) && is_stdin(cli_arg(a, "in")))
+        return cli_usage_error(cli, "%s and the message cannot both come from stdin: give -i FILE",
+                               what);
+    return 0;
+}
+
 /* Refuses -o naming the input file before anything is read or sent. */
 static int check_paths(struct cli *cli, const struct cli_args *a)
 {
@@ -186,7 +201,8 @@ static int cmd_verify(struct cli *cli, const struct cli_args *a)
     if (!key || !(alg = cli_required(cli, a, "algorithm")) ||
         !(sig_path = cli_required(cli, a, "signature")))
         return CLI_EXIT_USAGE;
-    if ((rc = cli_client(cli, &c)) != 0 ||
+    if ((rc = check_stdin(cli, a, "--signature", sig_path)) != 0 ||
+        (rc = cli_client(cli, &c)) != 0 ||
         (rc = read_input(cli, sig_path, "the signature", NULL, SIGNATURE_MAX, &sig, &sig_len)) != 0)
         return rc;
     if ((rc = read_message(cli, a, &msg, &n)) != 0) {
@@ -292,7 +308,7 @@ static int cmd_verify_mac(struct cli *cli, const struct cli_args *a)
 
     if (!key || !(mac_path = cli_required(cli, a, "mac")))
         return CLI_EXIT_USAGE;
-    if ((rc = cli_client(cli, &c)) != 0 ||
+    if ((rc = check_stdin(cli, a, "--mac", mac_path)) != 0 || (rc = cli_client(cli, &c)) != 0 ||
         (rc = read_input(cli, mac_path, "the MAC", NULL, SIGNATURE_MAX, &mac, &mac_len)) != 0)
         return rc;
     if ((rc = read_input(cli, cli_arg(a, "in"), "the message", NULL, MESSAGE_MAX, &msg, &n)) != 0 ||
