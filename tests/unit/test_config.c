@@ -90,6 +90,35 @@ static void test_config_http_protection_settings(void **state)
     expect_config_error("metrics_key_ids = 1\n", 1);
 }
 
+static void test_config_rate_classes(void **state)
+{
+    static const char text[] = "rate_crypto = 100\n"
+                               "rate_asym = 30\n"
+                               "burst_asym = 60\n"
+                               "rate_hmac = 200\n"
+                               "burst_hmac = 400\n"
+                               "rate_asym.signer = 5\n";
+    struct kms_config c;
+    (void)state;
+
+    kms_config_defaults(&c);
+    assert_true(c.limits.per_principal[KMS_CLASS_ASYM].rate == KMS_RL_DEFAULT_ASYM_RATE);
+    assert_true(c.limits.per_principal[KMS_CLASS_HMAC].burst == KMS_RL_DEFAULT_HMAC_BURST);
+    assert_int_equal(kms_config_parse(&c, text), KMS_OK);
+    assert_true(c.limits.per_principal[KMS_CLASS_CRYPTO].rate == 100);
+    assert_true(c.limits.per_principal[KMS_CLASS_ASYM].rate == 30);
+    assert_true(c.limits.per_principal[KMS_CLASS_ASYM].burst == 60);
+    assert_true(c.limits.per_principal[KMS_CLASS_HMAC].rate == 200);
+    assert_true(c.limits.per_principal[KMS_CLASS_HMAC].burst == 400);
+    assert_int_equal(c.limits.noverrides, 1);
+    assert_string_equal(c.limits.overrides[0].principal, "signer");
+    assert_true(c.limits.overrides[0].cls[KMS_CLASS_ASYM].rate == 5);
+    assert_true(c.limits.overrides[0].cls[KMS_CLASS_HMAC].rate == KMS_RATE_INHERIT);
+    kms_config_free(&c);
+    expect_config_error("rate_rsa = 5\n", 1);
+    expect_config_error("threads = 2\nburst_hmac = -1\n", 2);
+}
+
 static void test_config_parse_every_key(void **state)
 {
     static const char text[] = "# p11kmsd test configuration\n"
@@ -619,6 +648,7 @@ int main(void)
         cmocka_unit_test(test_config_later_value_wins),
         cmocka_unit_test(test_config_comments_and_blanks_ignored),
         cmocka_unit_test(test_config_http_protection_settings),
+        cmocka_unit_test(test_config_rate_classes),
         cmocka_unit_test(test_config_errors_name_the_line),
         cmocka_unit_test(test_config_database_urls),
         cmocka_unit_test(test_config_breaker),
