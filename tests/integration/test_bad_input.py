@@ -981,8 +981,8 @@ def protocol_cases():
                           ("ListResourceTags", "TrentService.ListResourceTags"),
                           ("TagResource", "TrentService.TagResource"),
                           ("CreateGrant", "TrentService.CreateGrant"),
-                          ("Sign", "TrentService.Sign"),
-                          ("GenerateMac", "TrentService.GenerateMac"),
+                          ("ReplicateKey", "TrentService.ReplicateKey"),
+                          ("GetParametersForImport", "TrentService.GetParametersForImport"),
                           ("ImportKeyMaterial", "TrentService.ImportKeyMaterial"),
                           ("a DEL character", "TrentService.Describe\x7fKey")):
         message = ("The request names no operation (X-Amz-Target)" if target is False
