@@ -43,6 +43,8 @@ enum kms_hsm_call {
     KMS_HSM_SIGN,          /* C_SignInit + C_Sign: the audit log's HMACs */
     KMS_HSM_WRAP,          /* C_WrapKey: a new key version under a root key */
     KMS_HSM_UNWRAP,        /* C_UnwrapKey: a stored version into a session object */
+    KMS_HSM_GENERATE_PAIR, /* C_GenerateKeyPair: a new asymmetric key version */
+    KMS_HSM_DERIVE,        /* C_DeriveKey: ECDH */
     KMS_HSM_CALL_COUNT
 };
 /* "C_Encrypt", ...: one name per call above. */
