@@ -68,7 +68,9 @@ def setup():
     C.slow = h.new_principal("slow")
     token = h.make_token(C.ws.sub("token"), "p11kms-it-asym")
     creds = h.write_credentials(C.ws.sub("credentials"), [C.user, C.verifier, C.slow])
-    config = h.write_config(C.ws.sub("p11kmsd.conf"), token, creds,
+    # An RSA-4096 key pair takes SoftHSM2 from under a second to well over 5 s (the prime
+    # search), longer on a loaded machine: CreateKey gets a minute, not the default 5 s.
+    config = h.write_config(C.ws.sub("p11kmsd.conf"), token, creds, request_timeout_ms="60000",
                             **{"rate_asym.slow": "0.01", "burst_asym.slow": "1"})
     C.audit_log = config + ".audit.log"
     C.server = h.start_config_server(config, token, C.ws.sub("p11kmsd.log"))
