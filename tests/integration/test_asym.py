@@ -50,7 +50,7 @@ class Ctx:
     ws = None
     server = None
     audit_log = None
-    user = None      # uses every key (the account's default policy)
+    user = None      # the admin; uses every key through the account's default policy
     verifier = None  # allowed only kms:Verify and kms:GetPublicKey on the policy key
     slow = None      # rate_asym.slow: one asymmetric call, then throttled
     kms = None
@@ -71,6 +71,7 @@ def setup():
     # An RSA-4096 key pair takes SoftHSM2 from under a second to well over 5 s (the prime
     # search), longer on a loaded machine: CreateKey gets a minute, not the default 5 s.
     config = h.write_config(C.ws.sub("p11kmsd.conf"), token, creds, request_timeout_ms="60000",
+                            admin_principals=C.user.name,
                             **{"rate_asym.slow": "0.01", "burst_asym.slow": "1"})
     C.audit_log = config + ".audit.log"
     C.server = h.start_config_server(config, token, C.ws.sub("p11kmsd.log"))
@@ -942,6 +943,48 @@ def test_policy_allowing_only_verify_refuses_sign():
 
 
 @test
+def test_admins_manage_but_do_not_use_keys_without_a_statement():
+    """The admin (C.user) manages every key but signs, MACs, derives or makes key pairs
+    only when the key's policy says so; a public key, like DescribeKey, it may read."""
+    only_verifier = json.dumps({"Version": "2012-10-17", "Statement": [
+        {"Sid": "VerifierOnly", "Effect": "Allow",
+         "Principal": {"AWS": "arn:aws:iam::%s:user/%s" % (h.ACCOUNT, C.verifier.name)},
+         "Action": ["kms:Verify", "kms:VerifyMac", "kms:GetPublicKey"], "Resource": "*"}]})
+    signer = C.kms.create_key(KeySpec="ECC_NIST_P384", KeyUsage="SIGN_VERIFY",
+                              Policy=only_verifier)["KeyMetadata"]
+    mac = C.kms.create_key(KeySpec="HMAC_256", KeyUsage="GENERATE_VERIFY_MAC",
+                           Policy=only_verifier)["KeyMetadata"]
+    agree = ok("CreateKey", {"KeySpec": "ECC_NIST_P256", "KeyUsage": "KEY_AGREEMENT",
+                             "Policy": only_verifier})["KeyMetadata"]
+    sym = C.kms.create_key(Policy=only_verifier)["KeyMetadata"]
+    peer = spki(ec.generate_private_key(ec.SECP256R1()).public_key())
+
+    def denied(operation, action, m, params):
+        error(operation, dict(params, KeyId=m["KeyId"]), "AccessDeniedException", 400,
+              "User: %s is not authorized to perform: %s on resource: %s because no statement "
+              "of the key policy allows it" % (C.user.name, action, m["Arn"]))
+
+    denied("Sign", "kms:Sign", signer, {"Message": b"m", "SigningAlgorithm": "ECDSA_SHA_384"})
+    denied("Verify", "kms:Verify", signer, {"Message": b"m", "Signature": b"s" * 96,
+                                            "SigningAlgorithm": "ECDSA_SHA_384"})
+    denied("GenerateMac", "kms:GenerateMac", mac, {"Message": b"m",
+                                                   "MacAlgorithm": "HMAC_SHA_256"})
+    denied("VerifyMac", "kms:VerifyMac", mac, {"Message": b"m", "Mac": b"x" * 32,
+                                               "MacAlgorithm": "HMAC_SHA_256"})
+    denied("DeriveSharedSecret", "kms:DeriveSharedSecret", agree,
+           {"KeyAgreementAlgorithm": "ECDH", "PublicKey": peer})
+    denied("GenerateDataKeyPair", "kms:GenerateDataKeyPair", sym, {"KeyPairSpec": "RSA_2048"})
+    denied("GenerateDataKeyPairWithoutPlaintext", "kms:GenerateDataKeyPairWithoutPlaintext", sym,
+           {"KeyPairSpec": "ECC_NIST_P256"})
+    # managing is the admin's, and so is reading the public key
+    eq(C.kms.get_public_key(KeyId=signer["KeyId"])["KeySpec"], "ECC_NIST_P384", "GetPublicKey")
+    eq(C.kms.describe_key(KeyId=mac["KeyId"])["KeyMetadata"]["MacAlgorithms"], ["HMAC_SHA_256"],
+       "DescribeKey")
+    C.kms.disable_key(KeyId=signer["KeyId"])
+    C.kms.enable_key(KeyId=signer["KeyId"])
+
+
+@test
 def test_asym_and_hmac_rate_classes():
     slow = h.kms_client(C.server.endpoint, C.slow)
     slow.get_public_key(KeyId=key("ECC_NIST_P256"))  # the one asym token
@@ -981,7 +1024,8 @@ def test_audit_log_names_keys_and_holds_no_secrets():
     refused = [d for d in by_op["Verify"] if d["outcome"] == "KMSInvalidSignatureException"]
     check(refused, "a refused Verify is audited with its outcome")
     denied = [d for d in by_op["Sign"] if d["outcome"] == "AccessDeniedException"]
-    check(denied and all(d["principal"] == "verifier" for d in denied), "the refused Sign")
+    check(denied and {d["principal"] for d in denied} == {"verifier", C.user.name},
+          "the refused Signs: the verifier's and the admin's")
     eq(len(C.secrets) > 20, True, "secrets were collected")
     for secret in C.secrets:
         for form in (secret, base64.b64encode(secret), secret.hex().encode(),
