@@ -334,7 +334,7 @@ kms_err kms_hsm_new_wrapped_key(struct kms_session *s, CK_OBJECT_HANDLE root, in
         rv = fn->C_GenerateKey(s->handle, &gen, priv_tmpl, sizeof priv_tmpl / sizeof priv_tmpl[0],
                                &priv);
     } else {
-        /* The first eight: a private key has no class-free length or encrypt/verify. */
+        /* The first eight: the rest are for a secret key only. */
         TIMED(s->hsm, KMS_HSM_GENERATE_PAIR);
         rv = fn->C_GenerateKeyPair(s->handle, &gen, pub_tmpl, npub, priv_tmpl, 8, &pub, &priv);
     }
