@@ -183,10 +183,12 @@ kms_err kms_op_encrypt(struct kms_request *r)
         rc = oaep_encrypt(r, &held, &k, alg, &pt, &blob, &used);
     } else if (rc == KMS_OK) {
         rc = kms_keystore_encrypt_key(r->srv->ks, &held, &ctx, pt.data, pt.len, &blob, &used);
-        kms_note_blob(r, &blob, &ctx);
     }
     if (rc == KMS_OK)
         rc = respond(r, &used, alg, "CiphertextBlob", &blob);
+    /* An RSAES-OAEP ciphertext is no blob: its key and version are noted above. */
+    if (alg == KMS_ALG_SYMMETRIC_DEFAULT)
+        kms_note_blob(r, &blob, &ctx);
     kms_keystore_unhold(r->srv->ks, &held);
     kms_buf_free(&pt);
     kms_buf_free(&blob);
@@ -262,10 +264,11 @@ kms_err kms_op_decrypt(struct kms_request *r)
         if (rc == KMS_OK)
             rc = kms_keystore_decrypt_key(r->srv->ks, &held, blob.data, blob.len, &ctx, ref, &pt,
                                           &used);
-        kms_note_blob(r, &blob, &ctx);
     }
     if (rc == KMS_OK)
         rc = respond(r, &used, alg, "Plaintext", &pt);
+    if (alg == KMS_ALG_SYMMETRIC_DEFAULT)
+        kms_note_blob(r, &blob, &ctx);
     kms_keystore_unhold(r->srv->ks, &held);
     kms_buf_free(&pt);
     kms_buf_free(&blob);
