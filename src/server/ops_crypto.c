@@ -6,6 +6,7 @@
  */
 #include "config.h"
 
+#include <stdio.h>
 #include <string.h>
 
 #include "common/encoding.h"
@@ -135,6 +136,41 @@ static kms_err no_context(json_t *in, const char *name, const struct kms_key_inf
     return KMS_OK;
 }
 
+/*
+ * The key a request names for an RSAES-OAEP ciphertext (Decrypt's KeyId,
+ * ReEncrypt's SourceKeyId): an OAEP ciphertext names no key, so the request
+ * must, and the decision is about that key. *held and *k are that key, of
+ * usage ENCRYPT_DECRYPT taking alg; the request has no encryption context
+ * (context_member).
+ */
+static kms_err oaep_source(struct kms_request *r, const char *action, const char *operation,
+                           const char *ref_member, const char *context_member, const char *ref,
+                           int alg, struct kms_key_ref *held, struct kms_key_info *k)
+{
+    KMS_ENSURE(
+        ref != NULL, KMS_ERR_VALIDATION,
+        "%s is required with %s %s: an asymmetric ciphertext does not name its KMS key", ref_member,
+        strcmp(ref_member, "KeyId") == 0 ? "EncryptionAlgorithm" : "SourceEncryptionAlgorithm",
+        kms_alg(alg)->name);
+    KMS_GUARD(kms_authorize(r, action, ref, KMS_REF_ALIAS, NULL, held));
+    KMS_GUARD(kms_keystore_key_info(r->srv->ks, held, k));
+    r->key_version = k->current_version;
+    KMS_GUARD(kms_check_usage(k, KMS_USAGE_ENCRYPT_DECRYPT, operation));
+    KMS_GUARD(kms_check_algorithm(k, alg));
+    return no_context(r->in, context_member, k);
+}
+
+/* RSAES-OAEP decryption in the token with the key oaep_source found. */
+static kms_err oaep_decrypt(struct kms_request *r, struct kms_key_ref *held,
+                            const struct kms_key_info *k, int alg, const struct kms_buf *ct,
+                            struct kms_buf *pt, struct kms_key_info *used)
+{
+    /* An RSAES-OAEP ciphertext is exactly as long as the modulus. */
+    KMS_ENSURE(ct->len == kms_spec(k->spec)->bits / 8, KMS_ERR_INVALID_CIPHERTEXT,
+               KMS_BLOB_INVALID);
+    return kms_keystore_oaep_decrypt(r->srv->ks, held, alg, ct->data, ct->len, pt, used);
+}
+
 /* RSAES-OAEP with the held key's public key, in this process. */
 static kms_err oaep_encrypt(struct kms_request *r, struct kms_key_ref *held,
                             const struct kms_key_info *k, int alg, const struct kms_buf *pt,
@@ -143,7 +179,6 @@ static kms_err oaep_encrypt(struct kms_request *r, struct kms_key_ref *held,
     struct kms_buf spki = KMS_BUF_INIT;
     size_t max = kms_oaep_max_plaintext(k->spec, alg);
 
-    KMS_GUARD(no_context(r->in, "EncryptionContext", k));
     KMS_ENSURE(pt->len <= max, KMS_ERR_VALIDATION,
                "Plaintext of %zu bytes is too long for %s with a %s key: at most %zu bytes",
                pt->len, kms_alg(alg)->name, kms_spec(k->spec)->name, max);
@@ -180,7 +215,9 @@ kms_err kms_op_encrypt(struct kms_request *r)
         rc = kms_check_algorithm(&k, alg);
     if (rc == KMS_OK && alg != KMS_ALG_SYMMETRIC_DEFAULT) {
         r->key_version = k.current_version;
-        rc = oaep_encrypt(r, &held, &k, alg, &pt, &blob, &used);
+        rc = no_context(r->in, "EncryptionContext", &k);
+        if (rc == KMS_OK)
+            rc = oaep_encrypt(r, &held, &k, alg, &pt, &blob, &used);
     } else if (rc == KMS_OK) {
         rc = kms_keystore_encrypt_key(r->srv->ks, &held, &ctx, pt.data, pt.len, &blob, &used);
     }
@@ -195,43 +232,6 @@ kms_err kms_op_encrypt(struct kms_request *r)
     kms_buf_free(&ctx);
     kms_key_info_clear(&k);
     kms_key_info_clear(&used);
-    return rc;
-}
-
-/*
- * Decrypt of an RSAES-OAEP ciphertext: it names no key, so the request must
- * (KeyId), and the decision is about that key; the private key works in the
- * token.
- */
-static kms_err oaep_decrypt(struct kms_request *r, const char *ref, int alg,
-                            const struct kms_buf *ct, struct kms_buf *pt, struct kms_key_info *used)
-{
-    struct kms_key_info k = {0};
-    struct kms_key_ref held = KMS_KEY_REF_INIT;
-    kms_err rc;
-
-    KMS_ENSURE(ref != NULL, KMS_ERR_VALIDATION,
-               "KeyId is required with EncryptionAlgorithm %s: an asymmetric ciphertext does "
-               "not name its KMS key",
-               kms_alg(alg)->name);
-    rc = kms_authorize(r, "kms:Decrypt", ref, KMS_REF_ALIAS, NULL, &held);
-    if (rc == KMS_OK)
-        rc = kms_keystore_key_info(r->srv->ks, &held, &k);
-    if (rc == KMS_OK) {
-        r->key_version = k.current_version;
-        rc = kms_check_usage(&k, KMS_USAGE_ENCRYPT_DECRYPT, "Decrypt");
-    }
-    if (rc == KMS_OK)
-        rc = kms_check_algorithm(&k, alg);
-    if (rc == KMS_OK)
-        rc = no_context(r->in, "EncryptionContext", &k);
-    /* An RSAES-OAEP ciphertext is exactly as long as the modulus. */
-    if (rc == KMS_OK && ct->len != kms_spec(k.spec)->bits / 8)
-        rc = KMS_FAIL(KMS_ERR_INVALID_CIPHERTEXT, KMS_BLOB_INVALID);
-    if (rc == KMS_OK)
-        rc = kms_keystore_oaep_decrypt(r->srv->ks, &held, alg, ct->data, ct->len, pt, used);
-    kms_keystore_unhold(r->srv->ks, &held);
-    kms_key_info_clear(&k);
     return rc;
 }
 
@@ -253,7 +253,10 @@ kms_err kms_op_decrypt(struct kms_request *r)
     if (rc == KMS_OK)
         rc = kms_in_context(r->in, "EncryptionContext", &ctx);
     if (rc == KMS_OK && alg != KMS_ALG_SYMMETRIC_DEFAULT) {
-        rc = oaep_decrypt(r, ref, alg, &blob, &pt, &used);
+        rc = oaep_source(r, "kms:Decrypt", "Decrypt", "KeyId", "EncryptionContext", ref, alg, &held,
+                         &k);
+        if (rc == KMS_OK)
+            rc = oaep_decrypt(r, &held, &k, alg, &blob, &pt, &used);
     } else if (rc == KMS_OK) {
         rc = kms_authorize_blob(r, "kms:Decrypt", &blob,
                                 json_object_get(r->in, "EncryptionContext"), &held);
@@ -303,62 +306,81 @@ kms_err kms_op_generate_random(struct kms_request *r)
     return rc;
 }
 
+/*
+ * ReEncrypt: both keys are authorized (kms:ReEncryptFrom, kms:ReEncryptTo)
+ * before anything is decrypted. A symmetric source is the blob's key; an
+ * RSAES-OAEP source is SourceKeyId, decrypted in the token; an RSAES-OAEP
+ * destination encrypts with its public key here. The plaintext stays in
+ * this process, in a buffer cleansed when freed.
+ */
 kms_err kms_op_re_encrypt(struct kms_request *r)
 {
     const char *source, *dest;
-    int present, alg;
+    int present, salg, dalg;
     struct kms_buf blob = KMS_BUF_INIT, pt = KMS_BUF_INIT, out = KMS_BUF_INIT;
     struct kms_buf sctx = KMS_BUF_INIT, dctx = KMS_BUF_INIT;
-    struct kms_key_info sk = {0}, dk = {0};
+    struct kms_key_info sk = {0}, dk = {0}, used = {0};
     struct kms_key_ref from = KMS_KEY_REF_INIT, to = KMS_KEY_REF_INIT;
     kms_err rc;
 
     KMS_GUARD(kms_in_string(r->in, "SourceKeyId", 0, 1, 2048, &source));
     KMS_GUARD(kms_in_string(r->in, "DestinationKeyId", 1, 1, 2048, &dest));
     KMS_GUARD(kms_in_grant_tokens(r->in));
-    KMS_GUARD(encryption_algorithm(r->in, "SourceEncryptionAlgorithm", &alg));
-    KMS_ENSURE(alg == KMS_ALG_SYMMETRIC_DEFAULT, KMS_ERR_UNSUPPORTED,
-               "ReEncrypt with asymmetric KMS keys (SourceEncryptionAlgorithm %s) is not "
-               "supported: call Decrypt, then Encrypt",
-               kms_alg(alg)->name);
-    KMS_GUARD(encryption_algorithm(r->in, "DestinationEncryptionAlgorithm", &alg));
-    KMS_ENSURE(alg == KMS_ALG_SYMMETRIC_DEFAULT, KMS_ERR_UNSUPPORTED,
-               "ReEncrypt with asymmetric KMS keys (DestinationEncryptionAlgorithm %s) is not "
-               "supported: call Decrypt, then Encrypt",
-               kms_alg(alg)->name);
+    KMS_GUARD(encryption_algorithm(r->in, "SourceEncryptionAlgorithm", &salg));
+    KMS_GUARD(encryption_algorithm(r->in, "DestinationEncryptionAlgorithm", &dalg));
     rc = kms_in_blob(r->in, "CiphertextBlob", 1, 1, CIPHERTEXT_MAX, &blob, &present);
     if (rc == KMS_OK)
         rc = kms_in_context(r->in, "SourceEncryptionContext", &sctx);
     if (rc == KMS_OK)
         rc = kms_in_context(r->in, "DestinationEncryptionContext", &dctx);
-    if (rc == KMS_OK)
+    if (rc == KMS_OK && salg == KMS_ALG_SYMMETRIC_DEFAULT) {
         rc = kms_authorize_blob(r, "kms:ReEncryptFrom", &blob,
                                 json_object_get(r->in, "SourceEncryptionContext"), &from);
+        if (rc == KMS_OK)
+            rc = kms_keystore_key_info(r->srv->ks, &from, &sk);
+        if (rc == KMS_OK)
+            rc = kms_check_symmetric(&sk, "ReEncrypt");
+    } else if (rc == KMS_OK) {
+        rc = oaep_source(r, "kms:ReEncryptFrom", "ReEncrypt", "SourceKeyId",
+                         "SourceEncryptionContext", source, salg, &from, &sk);
+    }
     if (rc == KMS_OK)
         rc = kms_authorize(r, "kms:ReEncryptTo", dest, KMS_REF_ALIAS,
                            json_object_get(r->in, "DestinationEncryptionContext"), &to);
     if (rc == KMS_OK)
-        rc = kms_keystore_key_info(r->srv->ks, &from, &sk);
-    if (rc == KMS_OK)
-        rc = kms_check_symmetric(&sk, "ReEncrypt");
-    if (rc == KMS_OK)
         rc = kms_keystore_key_info(r->srv->ks, &to, &dk);
     if (rc == KMS_OK)
-        rc = kms_check_symmetric(&dk, "ReEncrypt");
-    /* The plaintext stays in this process, in a buffer cleansed when freed. */
+        rc = kms_check_usage(&dk, KMS_USAGE_ENCRYPT_DECRYPT, "ReEncrypt");
     if (rc == KMS_OK)
+        rc = kms_check_algorithm(&dk, dalg);
+    if (rc == KMS_OK && dalg != KMS_ALG_SYMMETRIC_DEFAULT)
+        rc = no_context(r->in, "DestinationEncryptionContext", &dk);
+    if (rc == KMS_OK && salg == KMS_ALG_SYMMETRIC_DEFAULT)
         rc = kms_keystore_decrypt_key(r->srv->ks, &from, blob.data, blob.len, &sctx, source, &pt,
-                                      &sk);
-    if (rc == KMS_OK)
-        rc = kms_keystore_encrypt_key(r->srv->ks, &to, &dctx, pt.data, pt.len, &out, &dk);
+                                      &used);
+    else if (rc == KMS_OK)
+        rc = oaep_decrypt(r, &from, &sk, salg, &blob, &pt, &used);
     if (rc == KMS_OK) {
-        r->out = json_pack("{s:s, s:s, s:s, s:s}", "SourceKeyId", sk.arn, "KeyId", dk.arn,
-                           "SourceEncryptionAlgorithm", "SYMMETRIC_DEFAULT",
-                           "DestinationEncryptionAlgorithm", "SYMMETRIC_DEFAULT");
+        kms_key_info_clear(&sk);
+        sk = used;
+        memset(&used, 0, sizeof used);
+    }
+    if (rc == KMS_OK && dalg == KMS_ALG_SYMMETRIC_DEFAULT)
+        rc = kms_keystore_encrypt_key(r->srv->ks, &to, &dctx, pt.data, pt.len, &out, &used);
+    else if (rc == KMS_OK)
+        rc = oaep_encrypt(r, &to, &dk, dalg, &pt, &out, &used);
+    if (rc == KMS_OK) {
+        r->out = json_pack("{s:s, s:s, s:s, s:s}", "SourceKeyId", sk.arn, "KeyId", used.arn,
+                           "SourceEncryptionAlgorithm", kms_alg(salg)->name,
+                           "DestinationEncryptionAlgorithm", kms_alg(dalg)->name);
         rc = r->out ? kms_out_blob(r->out, "CiphertextBlob", out.data, out.len)
                     : KMS_FAIL(KMS_ERR_INTERNAL, "out of memory");
     }
-    kms_note_blob(r, &blob, &sctx);
+    /* The audit line names the source key (and a blob's version and context). */
+    if (salg == KMS_ALG_SYMMETRIC_DEFAULT)
+        kms_note_blob(r, &blob, &sctx);
+    else if (from.entry)
+        snprintf(r->key_arn, sizeof r->key_arn, "%s", from.arn);
     kms_keystore_unhold(r->srv->ks, &from);
     kms_keystore_unhold(r->srv->ks, &to);
     kms_buf_free(&blob);
@@ -368,5 +390,6 @@ kms_err kms_op_re_encrypt(struct kms_request *r)
     kms_buf_free(&dctx);
     kms_key_info_clear(&sk);
     kms_key_info_clear(&dk);
+    kms_key_info_clear(&used);
     return rc;
 }

@@ -586,22 +586,92 @@ def test_oaep_refusals():
          None),
         ("Decrypt", {"KeyId": rsa_enc, "CiphertextBlob": ct,
                      "EncryptionAlgorithm": "RSAES_OAEP_SHA_1"}, "InvalidCiphertextException", None),
-        # ReEncrypt takes symmetric keys only
-        ("ReEncrypt", {"CiphertextBlob": ct, "SourceKeyId": rsa_enc, "DestinationKeyId": sym,
-                       "SourceEncryptionAlgorithm": "RSAES_OAEP_SHA_256"},
-         "UnsupportedOperationException",
-         "ReEncrypt with asymmetric KMS keys (SourceEncryptionAlgorithm RSAES_OAEP_SHA_256) is "
-         "not supported: call Decrypt, then Encrypt"),
     ]
     for operation, params, error_type, message in cases:
         error(operation, params, error_type, 400, message)
-    blob = C.kms.encrypt(KeyId=sym, Plaintext=b"re")["CiphertextBlob"]
-    error("ReEncrypt", {"CiphertextBlob": blob, "DestinationKeyId": rsa_enc}, "InvalidKeyUsageException",
-          400, "%s key spec is RSA_2048 which is not valid for ReEncrypt: it takes a symmetric "
-          "encryption key (SYMMETRIC_DEFAULT)." % arn("rsa-enc"))
     # the ciphertext still opens: nothing above spent it
     eq(C.kms.decrypt(KeyId=rsa_enc, CiphertextBlob=ct,
                      EncryptionAlgorithm="RSAES_OAEP_SHA_256")["Plaintext"], b"secret", "after all")
+
+
+@test
+def test_re_encrypt_with_rsa_keys():
+    secret = os.urandom(100)
+    C.secrets.append(secret)
+    oaep256 = padding.OAEP(mgf=padding.MGF1(hashes.SHA256()), algorithm=hashes.SHA256(),
+                           label=None)
+    ct = public_key("rsa-enc").encrypt(secret, oaep256)
+    # RSA -> symmetric, with a context on the destination
+    got = C.kms.re_encrypt(CiphertextBlob=ct, SourceKeyId=key("rsa-enc"),
+                           SourceEncryptionAlgorithm="RSAES_OAEP_SHA_256",
+                           DestinationKeyId="alias/asym-sym", DestinationEncryptionContext=CONTEXT)
+    eq({k: v for k, v in got.items() if k not in ("CiphertextBlob", "ResponseMetadata")},
+       {"SourceKeyId": arn("rsa-enc"), "KeyId": arn("sym"),
+        "SourceEncryptionAlgorithm": "RSAES_OAEP_SHA_256",
+        "DestinationEncryptionAlgorithm": "SYMMETRIC_DEFAULT"}, "RSA to symmetric")
+    eq(C.kms.decrypt(CiphertextBlob=got["CiphertextBlob"], EncryptionContext=CONTEXT)["Plaintext"],
+       secret, "the blob holds the RSA ciphertext's plaintext")
+    # symmetric -> RSA: OpenSSL has no private key, so Decrypt checks it
+    blob = got["CiphertextBlob"]
+    got = C.kms.re_encrypt(CiphertextBlob=blob, SourceEncryptionContext=CONTEXT,
+                           DestinationKeyId=key("rsa4096-enc"),
+                           DestinationEncryptionAlgorithm="RSAES_OAEP_SHA_1")
+    eq((got["SourceKeyId"], got["KeyId"], got["SourceEncryptionAlgorithm"],
+        got["DestinationEncryptionAlgorithm"], len(got["CiphertextBlob"])),
+       (arn("sym"), arn("rsa4096-enc"), "SYMMETRIC_DEFAULT", "RSAES_OAEP_SHA_1", 512),
+       "symmetric to RSA")
+    eq(C.kms.decrypt(KeyId=key("rsa4096-enc"), CiphertextBlob=got["CiphertextBlob"],
+                     EncryptionAlgorithm="RSAES_OAEP_SHA_1")["Plaintext"], secret, "RSA_4096")
+    # RSA -> RSA
+    got = C.kms.re_encrypt(CiphertextBlob=got["CiphertextBlob"], SourceKeyId=key("rsa4096-enc"),
+                           SourceEncryptionAlgorithm="RSAES_OAEP_SHA_1",
+                           DestinationKeyId=key("rsa-enc"),
+                           DestinationEncryptionAlgorithm="RSAES_OAEP_SHA_256")
+    eq(C.kms.decrypt(KeyId=key("rsa-enc"), CiphertextBlob=got["CiphertextBlob"],
+                     EncryptionAlgorithm="RSAES_OAEP_SHA_256")["Plaintext"], secret, "RSA to RSA")
+    # the refusals
+    sym_blob = C.kms.encrypt(KeyId=key("sym"), Plaintext=b"r" * 191)["CiphertextBlob"]
+    cases = [
+        ({"CiphertextBlob": ct, "SourceEncryptionAlgorithm": "RSAES_OAEP_SHA_256",
+          "DestinationKeyId": key("sym")}, "ValidationException",
+         "SourceKeyId is required with SourceEncryptionAlgorithm RSAES_OAEP_SHA_256: an "
+         "asymmetric ciphertext does not name its KMS key"),
+        ({"CiphertextBlob": ct, "SourceKeyId": key("rsa-enc"), "SourceEncryptionAlgorithm":
+          "RSAES_OAEP_SHA_256", "SourceEncryptionContext": CONTEXT, "DestinationKeyId": key("sym")},
+         "ValidationException",
+         "SourceEncryptionContext is not valid with an asymmetric KMS key (%s has KeySpec "
+         "RSA_2048): an encryption context is supported only with symmetric encryption KMS keys"
+         % arn("rsa-enc")),
+        ({"CiphertextBlob": ct, "SourceKeyId": key("sym"), "SourceEncryptionAlgorithm":
+          "RSAES_OAEP_SHA_256", "DestinationKeyId": key("sym")}, "InvalidKeyUsageException",
+         "Algorithm RSAES_OAEP_SHA_256 is incompatible with key spec SYMMETRIC_DEFAULT and key "
+         "usage ENCRYPT_DECRYPT of %s." % arn("sym")),
+        ({"CiphertextBlob": sym_blob, "DestinationKeyId": key("rsa-enc")},
+         "InvalidKeyUsageException",
+         "Algorithm SYMMETRIC_DEFAULT is incompatible with key spec RSA_2048 and key usage "
+         "ENCRYPT_DECRYPT of %s." % arn("rsa-enc")),
+        ({"CiphertextBlob": sym_blob, "DestinationKeyId": key("rsa-enc"),
+          "DestinationEncryptionAlgorithm": "RSAES_OAEP_SHA_256"}, "ValidationException",
+         "Plaintext of 191 bytes is too long for RSAES_OAEP_SHA_256 with a RSA_2048 key: at most "
+         "190 bytes"),
+        ({"CiphertextBlob": sym_blob, "DestinationKeyId": key("rsa-enc"),
+          "DestinationEncryptionAlgorithm": "RSAES_OAEP_SHA_1",
+          "DestinationEncryptionContext": CONTEXT}, "ValidationException",
+         "DestinationEncryptionContext is not valid with an asymmetric KMS key (%s has KeySpec "
+         "RSA_2048): an encryption context is supported only with symmetric encryption KMS keys"
+         % arn("rsa-enc")),
+        ({"CiphertextBlob": sym_blob, "DestinationKeyId": key("HMAC_256")},
+         "InvalidKeyUsageException",
+         "%s key usage is GENERATE_VERIFY_MAC which is not valid for ReEncrypt." % arn("HMAC_256")),
+        ({"CiphertextBlob": ct, "SourceKeyId": key("rsa-sign"), "SourceEncryptionAlgorithm":
+          "RSAES_OAEP_SHA_256", "DestinationKeyId": key("sym")}, "InvalidKeyUsageException",
+         "%s key usage is SIGN_VERIFY which is not valid for ReEncrypt." % arn("rsa-sign")),
+        ({"CiphertextBlob": ct[:-1], "SourceKeyId": key("rsa-enc"), "SourceEncryptionAlgorithm":
+          "RSAES_OAEP_SHA_256", "DestinationKeyId": key("sym")}, "InvalidCiphertextException",
+         None),
+    ]
+    for params, error_type, message in cases:
+        error("ReEncrypt", params, error_type, 400, message)
 
 
 # ---- MACs -------------------------------------------------------------------------

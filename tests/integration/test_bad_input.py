@@ -755,11 +755,14 @@ def invalid_value_cases():
         dict(rex, SourceEncryptionContext={"a": "b"}), "InvalidCiphertextException")
     add("ReEncrypt: a garbage blob", "ReEncrypt", dict(rex, CiphertextBlob=b64(b"\x01" * 40)),
         "InvalidCiphertextException")
-    add("ReEncrypt: SourceEncryptionAlgorithm RSAES_OAEP_SHA_256", "ReEncrypt",
-        dict(rex, SourceEncryptionAlgorithm="RSAES_OAEP_SHA_256"),
-        "UnsupportedOperationException", 400, "ReEncrypt with asymmetric KMS keys "
-        "(SourceEncryptionAlgorithm RSAES_OAEP_SHA_256) is not supported: call Decrypt, then "
-        "Encrypt")
+    add("ReEncrypt: SourceEncryptionAlgorithm RSAES_OAEP_SHA_256 without SourceKeyId",
+        "ReEncrypt", dict(rex, SourceEncryptionAlgorithm="RSAES_OAEP_SHA_256"),
+        "ValidationException", 400, "SourceKeyId is required with SourceEncryptionAlgorithm "
+        "RSAES_OAEP_SHA_256: an asymmetric ciphertext does not name its KMS key")
+    add("ReEncrypt: SourceEncryptionAlgorithm RSAES_OAEP_SHA_1 with a symmetric SourceKeyId",
+        "ReEncrypt", dict(rex, SourceKeyId=C.key, SourceEncryptionAlgorithm="RSAES_OAEP_SHA_1"),
+        "InvalidKeyUsageException", 400, "Algorithm RSAES_OAEP_SHA_1 is incompatible with key "
+        "spec SYMMETRIC_DEFAULT and key usage ENCRYPT_DECRYPT of %skey/%s." % (ARN_PREFIX, C.key))
     add("ReEncrypt: DestinationEncryptionAlgorithm x", "ReEncrypt",
         dict(rex, DestinationEncryptionAlgorithm="x"), "ValidationException")
 
