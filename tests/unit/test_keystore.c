@@ -1,7 +1,7 @@
 /*
  * Unit tests for src/keystore/keystore.h over a real SoftHSM2 token and a real
  * SQLite database, both made for each test in a temporary folder and removed
- * after it (kms_hsm_init_token with SOFTHSM2_CONF pointing there, then
+ * after it (tests/unit/token.c, then
  * kms_hsm_open, kms_store_open(KMS_STORE_INIT), kms_keystore_init_roots,
  * kms_keystore_open). They prove: encryption round trips under a canonical
  * context; every blob that does not open (unknown key, unknown version, bad
@@ -22,7 +22,6 @@
 #include <setjmp.h>
 #include <cmocka.h>
 
-#include <ftw.h>
 #include <openssl/evp.h>
 #include <openssl/x509.h>
 #include <stdio.h>
@@ -41,10 +40,8 @@
 #include "hsm/hsm.h"
 #include "keystore/keystore.h"
 #include "store/store.h"
+#include "token.h"
 
-#define LABEL "p11kms-unit"
-#define SO_PIN "unit-so-pin-0000"
-#define USER_PIN "unit-user-pin-0000"
 #define ARN_PREFIX "arn:aws:kms:us-east-1:111122223333:"
 #define INVALID_BLOB "The ciphertext, its key or its encryption context is not valid"
 
@@ -66,47 +63,6 @@ struct fixture {
 
 /* ---- set-up: a token and a database in a temporary folder ---------------------- */
 
-static const char *module_path(void)
-{
-    const char *m = getenv("SOFTHSM_MODULE");
-    return m && *m ? m : P11KMS_SOFTHSM_MODULE;
-}
-
-static int remove_entry(const char *path, const struct stat *sb, int flag, struct FTW *ftw)
-{
-    (void)sb;
-    (void)flag;
-    (void)ftw;
-    return remove(path);
-}
-
-static int make_token(char *dir, size_t n)
-{
-    char conf[256], tokens[192];
-    const char *base = getenv("TMPDIR");
-    snprintf(dir, n, "%s/p11kms-ks-XXXXXX", base && *base && strlen(base) < 80 ? base : "/tmp");
-    if (!mkdtemp(dir))
-        return -1;
-    snprintf(tokens, sizeof tokens, "%s/tokens", dir);
-    snprintf(conf, sizeof conf, "%s/softhsm2.conf", dir);
-    if (mkdir(tokens, 0700) != 0)
-        return -1;
-    FILE *fp = fopen(conf, "w");
-    if (!fp)
-        return -1;
-    fprintf(fp,
-            "directories.tokendir = %s\nobjectstore.backend = file\nlog.level = ERROR\n"
-            "slots.removable = false\n",
-            tokens);
-    if (fclose(fp) != 0 || setenv("SOFTHSM2_CONF", conf, 1) != 0)
-        return -1;
-    if (kms_hsm_init_token(module_path(), LABEL, SO_PIN, USER_PIN) != KMS_OK) {
-        fprintf(stderr, "kms_hsm_init_token: %s\n", kms_err_message());
-        return -1;
-    }
-    return 0;
-}
-
 static void make_context(struct kms_buf *out, const char *tenant)
 {
     struct kms_context_pair pairs[] = {
@@ -119,7 +75,7 @@ static void make_context(struct kms_buf *out, const char *tenant)
 static int setup(void **state)
 {
     struct fixture *f = calloc(1, sizeof *f);
-    if (!f || make_token(f->dir, sizeof f->dir) != 0)
+    if (!f || test_token_make(f->dir, sizeof f->dir) != 0)
         return -1;
     snprintf(f->url, sizeof f->url, "sqlite:%s/kms.db", f->dir);
     kms_keystore_config_defaults(&f->cfg);
@@ -144,15 +100,17 @@ static int teardown(void **state)
     node_close(&f->a);
     kms_buf_free(&f->ctx);
     kms_buf_free(&f->other);
-    nftw(f->dir, remove_entry, 16, FTW_DEPTH | FTW_PHYS);
+    test_token_remove(f->dir);
     free(f);
     return 0;
 }
 
 static void open_hsm(struct kms_hsm **out)
 {
-    struct kms_hsm_config c = {
-        .module = module_path(), .token = LABEL, .pin = USER_PIN, .sessions = 4};
+    struct kms_hsm_config c = {.module = test_token_module(),
+                               .token = TEST_TOKEN_LABEL,
+                               .pin = TEST_TOKEN_USER_PIN,
+                               .sessions = 4};
     kms_err rc = kms_hsm_open(&c, out);
     if (rc != KMS_OK)
         fail_msg("kms_hsm_open: %s", kms_err_message());
