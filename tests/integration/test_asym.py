@@ -69,8 +69,9 @@ def setup():
     token = h.make_token(C.ws.sub("token"), "p11kms-it-asym")
     creds = h.write_credentials(C.ws.sub("credentials"), [C.user, C.verifier, C.slow])
     # An RSA-4096 key pair takes SoftHSM2 from under a second to well over 5 s (the prime
-    # search), longer on a loaded machine: CreateKey gets a minute, not the default 5 s.
-    config = h.write_config(C.ws.sub("p11kmsd.conf"), token, creds, request_timeout_ms="60000",
+    # search), longer on a loaded machine: the server's default keygen_timeout_ms (60 s, not
+    # request_timeout_ms's 5 s) covers it; test_rsa_key_generation_has_its_own_deadline shows it.
+    config = h.write_config(C.ws.sub("p11kmsd.conf"), token, creds,
                             admin_principals=C.user.name,
                             **{"rate_asym.slow": "0.01", "burst_asym.slow": "1"})
     C.audit_log = config + ".audit.log"
@@ -1102,6 +1103,39 @@ def test_audit_log_names_keys_and_holds_no_secrets():
                      hashlib.sha256(secret).hexdigest().encode()):
             check(form not in raw, "the audit log holds no message, signature, MAC, secret or "
                   "private key (found %r)" % form[:40])
+
+
+@test
+def test_rsa_key_generation_has_its_own_deadline():
+    """With request_timeout_ms at 50 ms, CreateKey of an RSA-2048 key (generated in the
+    token: about 200 ms on SoftHSM2) and GenerateDataKeyPair of an RSA-4096 pair (in the
+    process: hundreds of milliseconds in OpenSSL) still answer 200: their deadline is
+    keygen_timeout_ms. Without it both would be answered 503."""
+    ws = h.Workspace()
+    server = None
+    try:
+        token = h.make_token(ws.sub("token"), "p11kms-it-keygen")
+        creds = h.write_credentials(ws.sub("credentials"), [C.user])
+        config = h.write_config(ws.sub("p11kmsd.conf"), token, creds, request_timeout_ms="50",
+                                admin_principals=C.user.name)
+        server = h.start_config_server(config, token, ws.sub("p11kmsd.log"))
+        kms = h.kms_client(server.endpoint, C.user)
+        made = kms.create_key(KeySpec="RSA_2048", KeyUsage="SIGN_VERIFY")["KeyMetadata"]
+        eq(made["KeySpec"], "RSA_2048", "the RSA key made within keygen_timeout_ms")
+        sym = None
+        for _ in range(20):  # a symmetric CreateKey has only the 50 ms: it may take longer
+            r = h.kms_call(server.endpoint, "CreateKey", {}, C.user)
+            if r.status == 200:
+                sym = r.json()["KeyMetadata"]["KeyId"]
+                break
+            h.check_error_response(r, "DependencyTimeoutException", 503)
+        check(sym is not None, "a symmetric key made within 50 ms in 20 tries")
+        pair = kms.generate_data_key_pair(KeyId=sym, KeyPairSpec="RSA_4096")
+        eq(pair["KeyPairSpec"], "RSA_4096", "the RSA data key pair made within keygen_timeout_ms")
+    finally:
+        if server:
+            server.stop()
+        ws.close()
 
 
 if __name__ == "__main__":

@@ -42,6 +42,8 @@ static void test_config_defaults(void **state)
     assert_int_equal(c.threads, 4);
     assert_int_equal(c.sessions, 0);
     assert_int_equal(c.session_timeout_ms, 2000);
+    assert_int_equal(c.request_timeout_ms, 5000);
+    assert_int_equal(c.keygen_timeout_ms, 60000); /* RSA key generation takes seconds */
     assert_int_equal(c.max_body, 64 * 1024);
     assert_int_equal(c.database_timeout_ms, 5000);
     assert_int_equal(c.database_pool, 8);
@@ -226,6 +228,7 @@ static void test_config_errors_name_the_line(void **state)
     expect_config_error("# c\nsessions = 99999999999999999999999\n", 2);
     expect_config_error("max_body = 1023\n", 1);
     expect_config_error("session_timeout_ms = 600001\n", 1);
+    expect_config_error("keygen_timeout_ms = 9\n", 1);
     /* threads 0 */
     expect_config_error("token = t\nthreads = 0\n", 2);
     expect_config_error("threads = 257\n", 1);
