@@ -639,9 +639,9 @@ static void task_release(struct kms_task *t)
  */
 static unsigned job_timeout_ms(const struct kms_server *srv, const struct kms_op *op, json_t *in)
 {
-    const char *member = strcmp(op->name, "CreateKey") == 0 ? "KeySpec"
+    const char *member = strcmp(op->name, "CreateKey") == 0                  ? "KeySpec"
                          : strncmp(op->name, "GenerateDataKeyPair", 19) == 0 ? "KeyPairSpec"
-                                                                              : NULL;
+                                                                             : NULL;
     unsigned ms = srv->cfg.request_timeout_ms;
     if (!member)
         return ms;
