@@ -28,8 +28,8 @@
  *                 with SHA-1 only)
  *   ecdsa_sign:   C_SignInit(CKM_ECDSA) + C_Sign of a 32-byte digest, P-256
  *                 (Sign with ECDSA_SHA_256)
- *   ecdh_derive:  C_DeriveKey(CKM_ECDH1_DERIVE, CKD_NULL, a fixed peer point)
- *                 into a 32-byte CKK_GENERIC_SECRET session object, then
+ *   ecdh_derive:  C_DeriveKey(CKM_ECDH1_DERIVE, CKD_NULL, a fixed raw peer point)
+ *                 into a 32-byte private CKK_GENERIC_SECRET session object, then
  *                 C_GetAttributeValue(CKA_VALUE) and C_DestroyObject, P-256
  *                 (DeriveSharedSecret)
  *   hmac_sha384:  C_SignInit(CKM_SHA384_HMAC) + C_Sign of 64 bytes under a
@@ -357,10 +357,12 @@ static int ecdh_derive(struct worker *w, uint8_t out[SECRET_LEN])
     CK_KEY_TYPE kt = CKK_GENERIC_SECRET;
     CK_ULONG len = SECRET_LEN;
     CK_BBOOL yes = CK_TRUE, no = CK_FALSE;
+    /* kms_hsm_ecdh's template: private, readable until destroyed. */
     CK_ATTRIBUTE tmpl[] = {
-        {CKA_CLASS, &cls, sizeof cls},     {CKA_KEY_TYPE, &kt, sizeof kt},
-        {CKA_VALUE_LEN, &len, sizeof len}, {CKA_TOKEN, &no, sizeof no},
-        {CKA_SENSITIVE, &no, sizeof no},   {CKA_EXTRACTABLE, &yes, sizeof yes},
+        {CKA_CLASS, &cls, sizeof cls},       {CKA_KEY_TYPE, &kt, sizeof kt},
+        {CKA_VALUE_LEN, &len, sizeof len},   {CKA_TOKEN, &no, sizeof no},
+        {CKA_PRIVATE, &yes, sizeof yes},     {CKA_SENSITIVE, &no, sizeof no},
+        {CKA_EXTRACTABLE, &yes, sizeof yes},
     };
     CK_OBJECT_HANDLE h = CK_INVALID_HANDLE;
     GUARD_CKR(w->b->fn->C_DeriveKey(w->s, &m, w->b->key[KEY_EC_DERIVE], tmpl,
