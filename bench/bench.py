@@ -576,17 +576,18 @@ def first_answer(endpoint, path):
     return r.status, r.body[:300]
 
 
-def fresh_server(ws, name, binary=None):
+def fresh_server(ws, name, binary=None, **settings):
     """A fresh token (and, for this build, database) in ws/name and a server
-    on it (binary: the baseline's p11kmsd). Returns the started ReadyServer,
-    the principal the credentials hold and the token."""
+    on it (binary: the baseline's p11kmsd; settings: added to config_for's).
+    Returns the started ReadyServer, the principal the credentials hold and
+    the token."""
     d = ws.sub(name)
     os.makedirs(d, mode=0o700)
     token = H.make_token(os.path.join(d, "token"), "bench-" + name)
     principal = H.new_principal("bench")
     creds = H.write_credentials(os.path.join(d, "credentials"), [principal])
     conf = config_for(os.path.join(d, "p11kmsd.conf"), token, creds, os.path.join(d, "audit.log"),
-                      baseline=binary is not None)
+                      baseline=binary is not None, **settings)
     if binary is None:
         try:
             H.init_database(conf, token)
