@@ -717,9 +717,9 @@ class Bench:
             if status != 0:
                 raise Broken("mhd_canned exited with status %s" % status)
 
-    def token_ceiling(self, token, threads, modes=("wrap", "unwrap")):
-        """p11_ceiling's rate of each mode (its --mode names) with threads
-        sessions, on token's own session-object keys."""
+    def ceiling_run(self, token, threads, modes):
+        """p11_ceiling with threads sessions on token's own session-object keys:
+        for each mode (its --mode names) the rate and the CPU seconds per call."""
         env = dict(os.environ, SOFTHSM2_CONF=token.conf, SOFTHSM_MODULE=H.SOFTHSM_MODULE)
         out, _ = run([self.t.p11_ceiling, "--token", token.label, "--pin-file", token.pin_file,
                       "--module", H.SOFTHSM_MODULE, "--threads", str(threads), "--seconds",
@@ -727,14 +727,19 @@ class Bench:
                      timeout=2 * len(modes) * self.short + 60)
         r = {}
         for line in out.splitlines():
-            name = line.split(" ", 1)[0]
+            name, f = line.split(" ", 1)[0], fields(line)
             if name[4:] in modes and name.startswith("p11_"):
-                r[name[4:]] = float(fields(line)["ops_per_s"])
+                r[name[4:]] = {"rate": float(f["ops_per_s"]),
+                               "cpu": float(f["cpu_seconds"]) / max(1, int(f["ops"]))}
         if set(r) != set(modes):
             raise Broken("p11_ceiling printed no rates:\n%s" % out)
         log("  token, %d thread%s        %s" % (threads, "s" if threads > 1 else " ", "  ".join(
-            "%s %8.0f/s" % (m, r[m]) for m in modes)))
+            "%s %8.0f/s (%.1f us CPU each)" % (m, r[m]["rate"], r[m]["cpu"] * 1e6) for m in modes)))
         return r
+
+    def token_ceiling(self, token, threads, modes=("wrap", "unwrap")):
+        """ceiling_run's rate of each mode."""
+        return {m: v["rate"] for m, v in self.ceiling_run(token, threads, modes).items()}
 
     # -- the 100,000-key database ---------------------------------------------------
 
