@@ -77,6 +77,10 @@ typedef enum p11kms_status {
     P11KMS_ERR_KEY_UNAVAILABLE,      /* KeyUnavailableException */
     P11KMS_ERR_DEPENDENCY_TIMEOUT,   /* DependencyTimeoutException */
     P11KMS_ERR_SERVICE,              /* another error type the service named */
+    /* more of the service's, appended so the numbers above stay as they were */
+    P11KMS_ERR_BAD_SIGNATURE, /* KMSInvalidSignatureException: Verify said the signature
+                                 does not verify (not SigV4's InvalidSignatureException) */
+    P11KMS_ERR_BAD_MAC,       /* KMSInvalidMacException: VerifyMac said the MAC does not */
     P11KMS_STATUS_COUNT
 } p11kms_status;
 
@@ -225,6 +229,204 @@ P11KMS_API p11kms_status p11kms_stream_decrypt(p11kms_client *c, const struct p1
                                                void *out_arg);
 /* 1 when p (n bytes, at least 4) starts a stream rather than a JWE. */
 P11KMS_API int p11kms_stream_detect(const uint8_t *p, size_t n);
+
+/* ---- asymmetric and HMAC keys (AWS KMS's operations for them) ---- */
+
+/*
+ * Algorithms are AWS's names, as NUL-terminated strings: "RSASSA_PSS_SHA_256",
+ * "ECDSA_SHA_384", "HMAC_SHA_384", "RSAES_OAEP_SHA_256"... A name the library
+ * does not know, or one of the wrong kind for the call, is P11KMS_ERR_ARGUMENT
+ * before anything is sent. Messages (Sign, Verify, GenerateMac, VerifyMac) are
+ * 1 to P11KMS_MESSAGE_MAX bytes, as AWS bounds them.
+ */
+#define P11KMS_MESSAGE_MAX 4096
+
+/* A key's public half, as GetPublicKey answers it. Nothing in it is secret. */
+struct p11kms_public_key {
+    uint8_t *der; /* DER SubjectPublicKeyInfo */
+    size_t der_len;
+    char key_spec[32];  /* "RSA_4096", "ECC_NIST_P256", ... */
+    char key_usage[32]; /* "SIGN_VERIFY", "ENCRYPT_DECRYPT", "KEY_AGREEMENT" */
+    char key_arn[256];
+};
+/* Frees what the key holds; the struct is zeroed. */
+P11KMS_API void p11kms_public_key_clear(struct p11kms_public_key *k);
+
+/*
+ * GetPublicKey of an asymmetric key.
+ * @param c       the client
+ * @param key_id  id, ARN, alias name or alias ARN
+ * @param out     filled on P11KMS_OK (zeroed on failure); the caller owns it and
+ *                releases it with p11kms_public_key_clear
+ * @returns P11KMS_OK; P11KMS_ERR_UNSUPPORTED for a symmetric or HMAC key; any
+ *          status of the call
+ */
+P11KMS_API p11kms_status p11kms_get_public_key(p11kms_client *c, const char *key_id,
+                                               struct p11kms_public_key *out);
+
+/* Sign and Verify's MessageType. */
+typedef enum p11kms_message_type {
+    P11KMS_MESSAGE_RAW = 0,   /* the message itself; the service digests it */
+    P11KMS_MESSAGE_DIGEST = 1 /* the message's digest, as long as the algorithm's */
+} p11kms_message_type;
+
+/*
+ * Sign with an asymmetric key of usage SIGN_VERIFY.
+ * @param c, key_id   the client and the key
+ * @param algorithm   "RSASSA_PSS_SHA_256", ..., "ECDSA_SHA_512", "ED25519_SHA_512"
+ * @param type        RAW: msg is the message; DIGEST: msg is its digest (ED25519 takes RAW only)
+ * @param msg, n      1 to P11KMS_MESSAGE_MAX bytes
+ * @param sig, sig_len receive the signature (PKCS#1 / PSS bytes, DER ECDSA-Sig-Value, or
+ *                    Ed25519's 64 bytes); *sig is the caller's, released with p11kms_free
+ * @returns P11KMS_OK; P11KMS_ERR_INVALID_KEY_USAGE for a key that does not sign; any
+ *          status of the call. On failure *sig is NULL.
+ */
+P11KMS_API p11kms_status p11kms_sign(p11kms_client *c, const char *key_id, const char *algorithm,
+                                     p11kms_message_type type, const uint8_t *msg, size_t n,
+                                     uint8_t **sig, size_t *sig_len);
+/*
+ * Verify, by the service, a signature made with the key's private half.
+ * @param sig, sig_len  the signature, 1 to 6144 bytes
+ * @returns P11KMS_OK when it verifies; P11KMS_ERR_BAD_SIGNATURE when it does not
+ *          (KMSInvalidSignatureException); any other status of the call
+ */
+P11KMS_API p11kms_status p11kms_verify(p11kms_client *c, const char *key_id, const char *algorithm,
+                                       p11kms_message_type type, const uint8_t *msg, size_t n,
+                                       const uint8_t *sig, size_t sig_len);
+
+/*
+ * GenerateMac with an HMAC key (the key never leaves the service).
+ * @param algorithm  "HMAC_SHA_224", "HMAC_SHA_256", "HMAC_SHA_384" or "HMAC_SHA_512"; the
+ *                   key's spec decides which one the service accepts
+ * @param msg, n     1 to P11KMS_MESSAGE_MAX bytes
+ * @param mac, mac_len receive the tag; *mac is the caller's, released with p11kms_free
+ * @returns P11KMS_OK; P11KMS_ERR_INVALID_KEY_USAGE for a key of another usage; any status
+ *          of the call. On failure *mac is NULL.
+ */
+P11KMS_API p11kms_status p11kms_generate_mac(p11kms_client *c, const char *key_id,
+                                             const char *algorithm, const uint8_t *msg, size_t n,
+                                             uint8_t **mac, size_t *mac_len);
+/*
+ * VerifyMac: the service recomputes the tag and compares.
+ * @returns P11KMS_OK when mac is the message's tag; P11KMS_ERR_BAD_MAC when it is not
+ *          (KMSInvalidMacException); any other status of the call
+ */
+P11KMS_API p11kms_status p11kms_verify_mac(p11kms_client *c, const char *key_id,
+                                           const char *algorithm, const uint8_t *msg, size_t n,
+                                           const uint8_t *mac, size_t mac_len);
+
+/*
+ * DeriveSharedSecret (KeyAgreementAlgorithm ECDH) between the key, of usage
+ * KEY_AGREEMENT, and a peer's public key.
+ * @param peer, peer_len  the peer's DER SubjectPublicKeyInfo on the key's curve, 1 to 8192
+ *                        bytes
+ * @param secret, secret_len receive the raw shared secret (the x coordinate); it is a
+ *                        secret: in the secure heap when there is one, the caller's,
+ *                        released (wiped) with p11kms_free. Derive keys from it with a KDF;
+ *                        do not use it as a key directly.
+ * @returns P11KMS_OK; P11KMS_ERR_VALIDATION for a peer key on another curve; any status of
+ *          the call. On failure *secret is NULL.
+ */
+P11KMS_API p11kms_status p11kms_derive_shared_secret(p11kms_client *c, const char *key_id,
+                                                     const uint8_t *peer, size_t peer_len,
+                                                     uint8_t **secret, size_t *secret_len);
+
+/* A data key pair: the private key in the secure heap, the rest ordinary memory. */
+struct p11kms_data_key_pair {
+    uint8_t *private_key; /* DER PKCS#8 PrivateKeyInfo; NULL from _without_plaintext */
+    size_t private_key_len;
+    uint8_t *private_key_blob; /* PrivateKeyCiphertextBlob: the private key encrypted under
+                                  key_id; p11kms_decrypt_data_key gives the PKCS#8 back */
+    size_t private_key_blob_len;
+    uint8_t *public_key; /* DER SubjectPublicKeyInfo */
+    size_t public_key_len;
+    char key_pair_spec[32]; /* "RSA_2048", "ECC_NIST_P256", ... */
+    char key_arn[256];
+};
+/* Wipes and frees what the pair holds; the struct is zeroed. */
+P11KMS_API void p11kms_data_key_pair_clear(struct p11kms_data_key_pair *k);
+
+/*
+ * GenerateDataKeyPair under a symmetric key, with an encryption context.
+ * @param key_pair_spec  "RSA_2048", "RSA_3072", "RSA_4096", "ECC_NIST_P256",
+ *                       "ECC_NIST_P384" or "ECC_NIST_P521"
+ * @param ctx, nctx      the encryption context bound to private_key_blob (may be empty)
+ * @param out            filled on P11KMS_OK, zeroed on failure; released with
+ *                       p11kms_data_key_pair_clear
+ * @returns P11KMS_OK or any status of the call
+ */
+P11KMS_API p11kms_status p11kms_generate_data_key_pair(p11kms_client *c, const char *key_id,
+                                                       const char *key_pair_spec,
+                                                       const struct p11kms_context *ctx,
+                                                       size_t nctx,
+                                                       struct p11kms_data_key_pair *out);
+/* The same through GenerateDataKeyPairWithoutPlaintext: out->private_key stays NULL. */
+P11KMS_API p11kms_status p11kms_generate_data_key_pair_without_plaintext(
+    p11kms_client *c, const char *key_id, const char *key_pair_spec,
+    const struct p11kms_context *ctx, size_t nctx, struct p11kms_data_key_pair *out);
+
+/*
+ * Encrypt under an RSA key of usage ENCRYPT_DECRYPT (RSAES-OAEP, in the service).
+ * @param algorithm  "RSAES_OAEP_SHA_1" or "RSAES_OAEP_SHA_256"; NULL: RSAES_OAEP_SHA_256
+ * @param pt, n      1 byte up to the key's limit (RSA_2048 with SHA-256: 190 bytes)
+ * @param ct, ct_len receive the ciphertext (the modulus' size); released with p11kms_free
+ * @returns P11KMS_OK or any status of the call. On failure *ct is NULL.
+ */
+P11KMS_API p11kms_status p11kms_rsa_encrypt(p11kms_client *c, const char *key_id,
+                                            const char *algorithm, const uint8_t *pt, size_t n,
+                                            uint8_t **ct, size_t *ct_len);
+/*
+ * Decrypt, in the token, what p11kms_rsa_encrypt (or anyone holding the public key)
+ * encrypted. key_id is required, as AWS requires it for asymmetric keys.
+ * @param pt, pt_len receive the plaintext: a secret, in the secure heap when there is
+ *                   one, released (wiped) with p11kms_free
+ * @returns P11KMS_OK; P11KMS_ERR_INVALID_CIPHERTEXT when it does not decrypt; any status
+ *          of the call. On failure *pt is NULL.
+ */
+P11KMS_API p11kms_status p11kms_rsa_decrypt(p11kms_client *c, const char *key_id,
+                                            const char *algorithm, const uint8_t *ct, size_t n,
+                                            uint8_t **pt, size_t *pt_len);
+
+/* ---- authenticated headers: a MAC over a list of HTTP header fields ---- */
+
+/*
+ * The canonical form of a list of header fields (docs/client.md, "Authenticated
+ * headers"): "p11kms-headers-v1" and a NUL, the count as 4 bytes big-endian, then
+ * each field, sorted by its lower-cased name (bytewise; fields of one name keep
+ * the caller's order), as 4-byte big-endian length and lower-cased name, 4-byte
+ * big-endian length and value. Two different lists (after lower-casing the names)
+ * never give the same bytes.
+ * @param names, values  n NUL-terminated strings each; a name is an HTTP token
+ *                       (RFC 9110 §5.6.2) of 1 to 256 bytes; a value is 0 to 4096 bytes
+ *                       of visible ASCII, obs-text, space and tab, without whitespace at
+ *                       either end (as an HTTP parser would hand it over)
+ * @param out, out_len   receive the bytes (at most P11KMS_MESSAGE_MAX); released with
+ *                       p11kms_free
+ * @returns P11KMS_OK; P11KMS_ERR_ARGUMENT for a bad name or value, or a list whose form
+ *          is over P11KMS_MESSAGE_MAX bytes; P11KMS_ERR_MEMORY
+ */
+P11KMS_API p11kms_status p11kms_headers_canonical(const char *const *names,
+                                                  const char *const *values, size_t n,
+                                                  uint8_t **out, size_t *out_len);
+/*
+ * The MAC (GenerateMac with an HMAC key) of the headers' canonical form.
+ * @param algorithm  NULL: "HMAC_SHA_384" (an HMAC_384 key)
+ * @param tag, tag_len receive the tag; released with p11kms_free
+ * @returns P11KMS_OK, or a status of p11kms_headers_canonical or p11kms_generate_mac
+ */
+P11KMS_API p11kms_status p11kms_headers_mac(p11kms_client *c, const char *key_id,
+                                            const char *const *names, const char *const *values,
+                                            size_t n, const char *algorithm, uint8_t **tag,
+                                            size_t *tag_len);
+/*
+ * Checks a tag made by p11kms_headers_mac (VerifyMac of the canonical form).
+ * @returns P11KMS_OK when the tag is the headers'; P11KMS_ERR_BAD_MAC when a name, a
+ *          value, their order within a name, or the tag differ; any other status
+ */
+P11KMS_API p11kms_status p11kms_headers_verify(p11kms_client *c, const char *key_id,
+                                               const char *const *names, const char *const *values,
+                                               size_t n, const char *algorithm, const uint8_t *tag,
+                                               size_t tag_len);
 
 /* Wipes n bytes at p and frees them (p may be NULL). */
 P11KMS_API void p11kms_free(void *p, size_t n);

@@ -5,6 +5,7 @@
  *   output.c        exit codes, errors, --json and human output, progress
  *   commands_keys.c keys, aliases, policies and data-keys (p11kms_call)
  *   commands_data.c encrypt and decrypt (streams and JWE)
+ *   commands_asym.c sign, verify, mac, verify-mac, get-public-key
  *
  * The CLI uses the public API of libp11kms only (include/p11kms.h).
  */
@@ -13,6 +14,7 @@
 
 #include <jansson.h>
 #include <stddef.h>
+#include <stdint.h>
 
 #include "p11kms.h"
 
@@ -64,6 +66,8 @@ extern const struct cli_cmd cli_key_commands[];
 extern const size_t cli_key_commands_count;
 extern const struct cli_cmd cli_data_commands[];
 extern const size_t cli_data_commands_count;
+extern const struct cli_cmd cli_asym_commands[];
+extern const size_t cli_asym_commands_count;
 
 /* ---- main.c ---- */
 /* The client, made from the global options and the environment on first use. */
@@ -121,6 +125,40 @@ void cli_progress_init(struct cli_progress *p, const struct cli *cli, const char
                        uint64_t total);
 void cli_progress_update(void *arg, uint64_t done);
 void cli_progress_end(struct cli_progress *p, uint64_t done);
+
+/* ---- commands_data.c: input and output files, shared with commands_asym.c ---- */
+#define CLI_DETECT_LEN 16
+/* One side of a command's I/O: a file, stdin or stdout. */
+struct cli_io {
+    int fd;
+    const char *name; /* for messages */
+    /* bytes read ahead (decrypt's detection), served first */
+    uint8_t pre[CLI_DETECT_LEN];
+    size_t pre_len, pre_off;
+    uint64_t count; /* bytes through this side */
+    int err;        /* errno of a failure, 0 when none */
+};
+/* p11kms_read_fn and p11kms_write_fn over a struct cli_io. */
+p11kms_status cli_io_read(void *arg, uint8_t *buf, size_t cap, size_t *got);
+p11kms_status cli_io_write(void *arg, const uint8_t *buf, size_t n);
+/* Reads until cap bytes or the end; *n what was read. 0, or -1 with in->err set. */
+int cli_read_full(struct cli_io *in, uint8_t *buf, size_t cap, size_t *n);
+/* path NULL or "-": stdin. *size: a regular file's size, else 0. */
+int cli_in_open(struct cli *cli, const char *path, struct cli_io *in, uint64_t *size);
+void cli_in_close(struct cli_io *in);
+/*
+ * An output file is written as a temporary file beside it (mode 0600) and
+ * renamed over path by cli_out_close(ok = 1); ok = 0 removes it. path NULL
+ * or "-": stdout.
+ */
+struct cli_out_file {
+    const char *path; /* NULL: stdout */
+    char *tmp;
+};
+int cli_out_open(struct cli *cli, const char *path, struct cli_out_file *of, struct cli_io *out);
+int cli_out_close(struct cli *cli, struct cli_out_file *of, struct cli_io *out, int ok);
+/* An I/O failure inside a stream call wins over the status it caused. */
+int cli_io_fail(struct cli *cli, const struct cli_io *in, const struct cli_io *out);
 
 /* ---- commands_keys.c ---- */
 /*

@@ -23,21 +23,9 @@
 
 #define JWE_PLAINTEXT_MAX ((size_t)1 << 20) /* --format jwe: the payload in memory */
 #define JWE_TEXT_MAX ((size_t)4 << 20)      /* a JWE's text, base64url of the above and more */
-#define DETECT_LEN 16
-
-struct io {
-    int fd;
-    const char *name; /* for messages */
-    /* bytes read ahead (decrypt's detection), served first */
-    uint8_t pre[DETECT_LEN];
-    size_t pre_len, pre_off;
-    uint64_t count; /* bytes through this side */
-    int err;        /* errno of a failure, 0 when none */
-};
-
-static p11kms_status io_read(void *arg, uint8_t *buf, size_t cap, size_t *got)
+p11kms_status cli_io_read(void *arg, uint8_t *buf, size_t cap, size_t *got)
 {
-    struct io *in = arg;
+    struct cli_io *in = arg;
     ssize_t r;
     *got = 0;
     if (in->pre_off < in->pre_len) {
@@ -61,9 +49,9 @@ static p11kms_status io_read(void *arg, uint8_t *buf, size_t cap, size_t *got)
     return P11KMS_OK;
 }
 
-static p11kms_status io_write(void *arg, const uint8_t *buf, size_t n)
+p11kms_status cli_io_write(void *arg, const uint8_t *buf, size_t n)
 {
-    struct io *out = arg;
+    struct cli_io *out = arg;
     while (n > 0) {
         ssize_t w = write(out->fd, buf, n);
         if (w < 0 && errno == EINTR)
@@ -79,13 +67,12 @@ static p11kms_status io_write(void *arg, const uint8_t *buf, size_t n)
     return P11KMS_OK;
 }
 
-/* Reads until cap bytes or the end; *n what was read. */
-static int read_full(struct io *in, uint8_t *buf, size_t cap, size_t *n)
+int cli_read_full(struct cli_io *in, uint8_t *buf, size_t cap, size_t *n)
 {
     *n = 0;
     while (*n < cap) {
         size_t got;
-        if (io_read(in, buf + *n, cap - *n, &got) != P11KMS_OK)
+        if (cli_io_read(in, buf + *n, cap - *n, &got) != P11KMS_OK)
             return -1;
         if (got == 0)
             break;
@@ -96,12 +83,7 @@ static int read_full(struct io *in, uint8_t *buf, size_t cap, size_t *n)
 
 /* ---- the output file ---- */
 
-struct out_file {
-    const char *path; /* NULL: stdout */
-    char *tmp;
-};
-
-static int out_open(struct cli *cli, const char *path, struct out_file *of, struct io *out)
+int cli_out_open(struct cli *cli, const char *path, struct cli_out_file *of, struct cli_io *out)
 {
     size_t n;
     memset(of, 0, sizeof *of);
@@ -124,8 +106,7 @@ static int out_open(struct cli *cli, const char *path, struct out_file *of, stru
     return 0;
 }
 
-/* ok: fsync and rename into place; else remove the temporary file. */
-static int out_close(struct cli *cli, struct out_file *of, struct io *out, int ok)
+int cli_out_close(struct cli *cli, struct cli_out_file *of, struct cli_io *out, int ok)
 {
     int rc = 0;
     if (!of->path)
@@ -143,7 +124,7 @@ static int out_close(struct cli *cli, struct out_file *of, struct io *out, int o
     return rc;
 }
 
-static int in_open(struct cli *cli, const char *path, struct io *in, uint64_t *size)
+int cli_in_open(struct cli *cli, const char *path, struct cli_io *in, uint64_t *size)
 {
     struct stat st;
     memset(in, 0, sizeof *in);
@@ -161,20 +142,19 @@ static int in_open(struct cli *cli, const char *path, struct io *in, uint64_t *s
     return 0;
 }
 
-static void in_close(struct io *in)
+void cli_in_close(struct cli_io *in)
 {
     if (in->fd != STDIN_FILENO)
         close(in->fd);
 }
 
-/* An I/O failure inside a stream call wins over the status it caused. */
-static int io_fail(struct cli *cli, const struct io *in, const struct io *out)
+int cli_io_fail(struct cli *cli, const struct cli_io *in, const struct cli_io *out)
 {
-    const struct io *bad = in->err ? in : out;
+    const struct cli_io *bad = in->err ? in : out;
     return cli_fail(cli, CLI_EXIT_LOCAL, "IOError", "%s: %s", bad->name, strerror(bad->err));
 }
 
-static void summary(struct cli *cli, const struct out_file *of, const char *format,
+static void summary(struct cli *cli, const struct cli_out_file *of, const char *format,
                     uint64_t plaintext)
 {
     json_t *s;
@@ -189,8 +169,8 @@ static void summary(struct cli *cli, const struct out_file *of, const char *form
 /* ---- encrypt ---- */
 
 static int encrypt_jwe(struct cli *cli, p11kms_client *c, const char *key,
-                       const struct p11kms_context *ctx, size_t nctx, struct io *in, struct io *out,
-                       uint64_t *plain)
+                       const struct p11kms_context *ctx, size_t nctx, struct cli_io *in,
+                       struct cli_io *out, uint64_t *plain)
 {
     uint8_t *buf = malloc(JWE_PLAINTEXT_MAX + 1);
     char *jwe = NULL;
@@ -199,8 +179,8 @@ static int encrypt_jwe(struct cli *cli, p11kms_client *c, const char *key,
     int rc = 0;
     if (!buf)
         return cli_fail(cli, CLI_EXIT_LOCAL, "LocalError", "out of memory");
-    if (read_full(in, buf, JWE_PLAINTEXT_MAX + 1, &n) != 0) {
-        rc = io_fail(cli, in, out);
+    if (cli_read_full(in, buf, JWE_PLAINTEXT_MAX + 1, &n) != 0) {
+        rc = cli_io_fail(cli, in, out);
     } else if (n > JWE_PLAINTEXT_MAX) {
         rc = cli_usage_error(cli,
                              "--format jwe takes at most %zu bytes; the stream format "
@@ -208,9 +188,9 @@ static int encrypt_jwe(struct cli *cli, p11kms_client *c, const char *key,
                              JWE_PLAINTEXT_MAX);
     } else if ((st = p11kms_seal(c, key, ctx, nctx, buf, n, &jwe, &jwe_len)) != P11KMS_OK) {
         rc = cli_fail_status(cli, st, 0);
-    } else if (io_write(out, (const uint8_t *)jwe, jwe_len) != P11KMS_OK ||
-               io_write(out, (const uint8_t *)"\n", 1) != P11KMS_OK) {
-        rc = io_fail(cli, in, out);
+    } else if (cli_io_write(out, (const uint8_t *)jwe, jwe_len) != P11KMS_OK ||
+               cli_io_write(out, (const uint8_t *)"\n", 1) != P11KMS_OK) {
+        rc = cli_io_fail(cli, in, out);
     }
     *plain = n;
     p11kms_free(buf, JWE_PLAINTEXT_MAX + 1);
@@ -223,8 +203,8 @@ static int cmd_encrypt(struct cli *cli, const struct cli_args *a)
     const char *key = cli_required(cli, a, "key"), *format = cli_arg(a, "format");
     struct p11kms_context *ctx = NULL;
     size_t nctx = 0;
-    struct io in, out = {0};
-    struct out_file of;
+    struct cli_io in, out = {0};
+    struct cli_out_file of;
     struct cli_progress prog;
     struct p11kms_stream_options so = {0};
     p11kms_client *c;
@@ -238,12 +218,13 @@ static int cmd_encrypt(struct cli *cli, const struct cli_args *a)
     jwe = format && strcmp(format, "jwe") == 0;
     if ((rc = cli_contexts(a, &ctx, &nctx)) != 0)
         return rc;
-    if ((rc = cli_client(cli, &c)) != 0 || (rc = in_open(cli, cli_arg(a, "in"), &in, &size)) != 0) {
+    if ((rc = cli_client(cli, &c)) != 0 ||
+        (rc = cli_in_open(cli, cli_arg(a, "in"), &in, &size)) != 0) {
         free(ctx);
         return rc;
     }
-    if ((rc = out_open(cli, cli_arg(a, "out"), &of, &out)) != 0) {
-        in_close(&in);
+    if ((rc = cli_out_open(cli, cli_arg(a, "out"), &of, &out)) != 0) {
+        cli_in_close(&in);
         free(ctx);
         return rc;
     }
@@ -254,20 +235,20 @@ static int cmd_encrypt(struct cli *cli, const struct cli_args *a)
         cli_progress_init(&prog, cli, "encrypting", size);
         so.progress = cli_progress_update;
         so.progress_arg = &prog;
-        st = p11kms_stream_encrypt(c, key, ctx, nctx, &so, io_read, &in, io_write, &out);
+        st = p11kms_stream_encrypt(c, key, ctx, nctx, &so, cli_io_read, &in, cli_io_write, &out);
         plain = in.count;
         cli_progress_end(&prog, plain);
         if (in.err || out.err)
-            rc = io_fail(cli, &in, &out);
+            rc = cli_io_fail(cli, &in, &out);
         else if (st != P11KMS_OK)
             rc = cli_fail_status(cli, st, of.path == NULL);
     }
-    in_close(&in);
+    cli_in_close(&in);
     free(ctx);
     if (rc == 0)
-        rc = out_close(cli, &of, &out, 1);
+        rc = cli_out_close(cli, &of, &out, 1);
     else
-        out_close(cli, &of, &out, 0);
+        cli_out_close(cli, &of, &out, 0);
     if (rc == 0)
         summary(cli, &of, jwe ? "jwe" : "stream", plain);
     return rc;
@@ -276,7 +257,7 @@ static int cmd_encrypt(struct cli *cli, const struct cli_args *a)
 /* ---- decrypt ---- */
 
 static int decrypt_jwe(struct cli *cli, p11kms_client *c, const struct p11kms_context *ctx,
-                       size_t nctx, struct io *in, struct io *out, uint64_t *plain)
+                       size_t nctx, struct cli_io *in, struct cli_io *out, uint64_t *plain)
 {
     uint8_t *text = malloc(JWE_TEXT_MAX + 1), *pt = NULL;
     size_t n = 0, pt_len = 0;
@@ -284,8 +265,8 @@ static int decrypt_jwe(struct cli *cli, p11kms_client *c, const struct p11kms_co
     int rc = 0;
     if (!text)
         return cli_fail(cli, CLI_EXIT_LOCAL, "LocalError", "out of memory");
-    if (read_full(in, text, JWE_TEXT_MAX + 1, &n) != 0) {
-        rc = io_fail(cli, in, out);
+    if (cli_read_full(in, text, JWE_TEXT_MAX + 1, &n) != 0) {
+        rc = cli_io_fail(cli, in, out);
         goto cleanup;
     }
     if (n > JWE_TEXT_MAX) {
@@ -301,8 +282,8 @@ static int decrypt_jwe(struct cli *cli, p11kms_client *c, const struct p11kms_co
         rc = cli_fail_status(cli, st, 0);
         goto cleanup;
     }
-    if (io_write(out, pt, pt_len) != P11KMS_OK)
-        rc = io_fail(cli, in, out);
+    if (cli_io_write(out, pt, pt_len) != P11KMS_OK)
+        rc = cli_io_fail(cli, in, out);
     *plain = pt_len;
 cleanup:
     free(text);
@@ -314,8 +295,8 @@ static int cmd_decrypt(struct cli *cli, const struct cli_args *a)
 {
     struct p11kms_context *ctx = NULL;
     size_t nctx = 0;
-    struct io in, out = {0};
-    struct out_file of;
+    struct cli_io in, out = {0};
+    struct cli_out_file of;
     struct cli_progress prog;
     struct p11kms_stream_options so = {0};
     p11kms_client *c;
@@ -324,28 +305,29 @@ static int cmd_decrypt(struct cli *cli, const struct cli_args *a)
 
     if ((rc = cli_contexts(a, &ctx, &nctx)) != 0)
         return rc;
-    if ((rc = cli_client(cli, &c)) != 0 || (rc = in_open(cli, cli_arg(a, "in"), &in, &size)) != 0) {
+    if ((rc = cli_client(cli, &c)) != 0 ||
+        (rc = cli_in_open(cli, cli_arg(a, "in"), &in, &size)) != 0) {
         free(ctx);
         return rc;
     }
-    if ((rc = out_open(cli, cli_arg(a, "out"), &of, &out)) != 0) {
-        in_close(&in);
+    if ((rc = cli_out_open(cli, cli_arg(a, "out"), &of, &out)) != 0) {
+        cli_in_close(&in);
         free(ctx);
         return rc;
     }
-    if (read_full(&in, in.pre, sizeof in.pre, &in.pre_len) != 0) {
-        rc = io_fail(cli, &in, &out);
+    if (cli_read_full(&in, in.pre, sizeof in.pre, &in.pre_len) != 0) {
+        rc = cli_io_fail(cli, &in, &out);
     } else if (in.pre_len >= 4 && p11kms_stream_detect(in.pre, in.pre_len)) {
         p11kms_status st;
         stream = 1;
         cli_progress_init(&prog, cli, "decrypting", 0);
         so.progress = cli_progress_update;
         so.progress_arg = &prog;
-        st = p11kms_stream_decrypt(c, ctx, nctx, &so, io_read, &in, io_write, &out);
+        st = p11kms_stream_decrypt(c, ctx, nctx, &so, cli_io_read, &in, cli_io_write, &out);
         plain = out.count;
         cli_progress_end(&prog, plain);
         if (in.err || out.err) {
-            rc = io_fail(cli, &in, &out);
+            rc = cli_io_fail(cli, &in, &out);
         } else if (st != P11KMS_OK) {
             rc = cli_fail_status(cli, st, of.path == NULL);
             if (st == P11KMS_ERR_TRUNCATED && of.path)
@@ -361,12 +343,12 @@ static int cmd_decrypt(struct cli *cli, const struct cli_args *a)
         in.pre_off = 0;
         rc = decrypt_jwe(cli, c, ctx, nctx, &in, &out, &plain);
     }
-    in_close(&in);
+    cli_in_close(&in);
     free(ctx);
     if (rc == 0)
-        rc = out_close(cli, &of, &out, 1);
+        rc = cli_out_close(cli, &of, &out, 1);
     else
-        out_close(cli, &of, &out, 0);
+        cli_out_close(cli, &of, &out, 0);
     if (rc == 0)
         summary(cli, &of, stream ? "stream" : "jwe", plain);
     return rc;

@@ -127,9 +127,15 @@ static int list_print(struct cli *cli, const struct cli_args *a, const char *ope
 static int keys_create(struct cli *cli, const struct cli_args *a)
 {
     json_t *req = json_object();
-    const char *d = cli_arg(a, "description");
+    const char *d = cli_arg(a, "description"), *spec = cli_arg(a, "key-spec"),
+               *usage = cli_arg(a, "key-usage");
     if (d)
         json_object_set_new(req, "Description", json_string(d));
+    /* Passed as given: the service says which specs and usages it has. */
+    if (spec)
+        json_object_set_new(req, "KeySpec", json_string(spec));
+    if (usage)
+        json_object_set_new(req, "KeyUsage", json_string(usage));
     return call_print(cli, "CreateKey", req);
 }
 
@@ -403,8 +409,11 @@ static int datakeys_decrypt(struct cli *cli, const struct cli_args *a)
 static const struct cli_opt key_only[] = {KEY_OPT, END_OPT};
 static const struct cli_opt list_opts[] = {PAGE_OPT, END_OPT};
 static const struct cli_opt rotations_opts[] = {KEY_OPT, PAGE_OPT, END_OPT};
-static const struct cli_opt create_opts[] = {{"description", 'd', 1, "a description of the key"},
-                                             END_OPT};
+static const struct cli_opt create_opts[] = {
+    {"description", 'd', 1, "a description of the key"},
+    {"key-spec", 0, 1, "SYMMETRIC_DEFAULT, RSA_2048.., ECC_NIST_P256.., HMAC_256.."},
+    {"key-usage", 0, 1, "ENCRYPT_DECRYPT, SIGN_VERIFY, GENERATE_VERIFY_MAC, ..."},
+    END_OPT};
 static const struct cli_opt rotation_opts[] = {
     KEY_OPT,
     {"period", 0, 1, "days between automatic rotations (the service's default: 365)"},
@@ -436,8 +445,8 @@ static const struct cli_opt decrypt_key_opts[] = {
     END_OPT};
 
 const struct cli_cmd cli_key_commands[] = {
-    {"keys", "create", "Create a key (CreateKey); prints its metadata.", "[--description TEXT]",
-     create_opts, keys_create},
+    {"keys", "create", "Create a key (CreateKey); prints its metadata.",
+     "[--description TEXT] [--key-spec SPEC] [--key-usage USAGE]", create_opts, keys_create},
     {"keys", "describe", "Describe a key (DescribeKey).", "--key KEY", key_only, keys_describe},
     {"keys", "list", "List every key (ListKeys, all pages).", "[--page-size N]", list_opts,
      keys_list},

@@ -1,6 +1,7 @@
 /*
  * p11kms [global options] <group> <command> [options]
  * p11kms [global options] encrypt|decrypt [options]
+ * p11kms [global options] sign|verify|mac|verify-mac|get-public-key [options]
  *
  * Options may come anywhere after the program name; global ones are the same
  * for every command. Credentials never come from the command line: only from
@@ -51,6 +52,11 @@ static const struct cli_cmd *find_cmd(const char *group, const char *name)
         if (!group && name && strcmp(c->name, name) == 0)
             return c;
     }
+    for (size_t i = 0; i < cli_asym_commands_count; i++) {
+        const struct cli_cmd *c = &cli_asym_commands[i];
+        if (!group && name && strcmp(c->name, name) == 0)
+            return c;
+    }
     return NULL;
 }
 
@@ -75,6 +81,39 @@ static const struct cli_opt *find_opt(const struct cli_opt *opts, const char *na
 
 /* ---- help ---- */
 
+#define HELP_WIDTH 80
+
+/*
+ * Prints text's words after what the line already holds (col columns), the
+ * first one on that line, the rest wrapped within HELP_WIDTH with the next
+ * lines indented by indent; ends the line. A word longer than a line stands
+ * alone on its own.
+ */
+static void wrap(FILE *f, const char *text, size_t col, size_t indent)
+{
+    int first = 1;
+    while (*text) {
+        size_t n;
+        while (*text == ' ')
+            text++;
+        n = strcspn(text, " ");
+        if (n == 0)
+            break;
+        if (!first && col + 1 + n > HELP_WIDTH) {
+            fprintf(f, "\n%*s", (int)indent, "");
+            col = indent;
+        } else if (!first) {
+            fputc(' ', f);
+            col++;
+        }
+        fprintf(f, "%.*s", (int)n, text);
+        col += n;
+        text += n;
+        first = 0;
+    }
+    fputc('\n', f);
+}
+
 static void print_opts(FILE *f, const struct cli_opt *opts)
 {
     for (; opts && opts->name; opts++) {
@@ -84,30 +123,42 @@ static void print_opts(FILE *f, const struct cli_opt *opts)
                      opts->has_arg ? " ARG" : "");
         else
             snprintf(left, sizeof left, "    --%s%s", opts->name, opts->has_arg ? " ARG" : "");
-        fprintf(f, "  %-26s %s\n", left, opts->help);
+        fprintf(f, "  %-26s ", left);
+        wrap(f, opts->help, 29, 29);
     }
 }
 
 static void help_main(FILE *f)
 {
     fprintf(f, "Usage: p11kms [global options] <group> <command> [options]\n"
-               "       p11kms [global options] encrypt|decrypt [options]\n\n"
+               "       p11kms [global options] encrypt|decrypt [options]\n"
+               "       p11kms [global options] sign|verify|mac|verify-mac|get-public-key ...\n\n"
                "A client for p11kmsd (the AWS KMS JSON protocol).\n\nGroups and commands:\n");
     for (size_t g = 0; g < sizeof groups / sizeof groups[0]; g++) {
-        fprintf(f, "  %s:", groups[g][0]);
+        char names[512];
+        size_t k = 0;
+        names[0] = '\0';
         for (size_t i = 0; i < cli_key_commands_count; i++)
-            if (strcmp(cli_key_commands[i].group, groups[g][0]) == 0)
-                fprintf(f, " %s", cli_key_commands[i].name);
-        fprintf(f, "\n");
+            if (strcmp(cli_key_commands[i].group, groups[g][0]) == 0 && k < sizeof names)
+                k += (size_t)snprintf(names + k, sizeof names - k, " %s", cli_key_commands[i].name);
+        fprintf(f, "  %s: ", groups[g][0]);
+        wrap(f, names, 4 + strlen(groups[g][0]), 4);
     }
-    for (size_t i = 0; i < cli_data_commands_count; i++)
-        fprintf(f, "  %-9s %s\n", cli_data_commands[i].name, cli_data_commands[i].summary);
+    for (size_t i = 0; i < cli_data_commands_count; i++) {
+        fprintf(f, "  %-14s ", cli_data_commands[i].name);
+        wrap(f, cli_data_commands[i].summary, 17, 17);
+    }
+    for (size_t i = 0; i < cli_asym_commands_count; i++) {
+        fprintf(f, "  %-14s ", cli_asym_commands[i].name);
+        wrap(f, cli_asym_commands[i].summary, 17, 17);
+    }
     fprintf(f, "\nGlobal options:\n");
     print_opts(f, global_opts);
     fprintf(f, "\nCredentials come from AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY and\n"
                "AWS_SESSION_TOKEN, or from a profile; never from the command line.\n"
-               "Exit codes: 0 ok, 1 the service refused, 2 usage, 3 service unreachable,\n"
-               "4 decryption or integrity failure, 5 other local errors.\n"
+               "Exit codes: 0 ok, 1 the service refused (verify, verify-mac: not valid),\n"
+               "2 usage, 3 service unreachable, 4 decryption or integrity failure,\n"
+               "5 other local errors.\n"
                "`p11kms <group> --help` and `p11kms <group> <command> --help` say more;\n"
                "see also p11kms(1).\n");
 }
@@ -115,16 +166,22 @@ static void help_main(FILE *f)
 static void help_group(FILE *f, const char *group)
 {
     fprintf(f, "Usage: p11kms [global options] %s <command> [options]\n\nCommands:\n", group);
-    for (size_t i = 0; i < cli_key_commands_count; i++)
-        if (strcmp(cli_key_commands[i].group, group) == 0)
-            fprintf(f, "  %-18s %s\n", cli_key_commands[i].name, cli_key_commands[i].summary);
+    for (size_t i = 0; i < cli_key_commands_count; i++) {
+        if (strcmp(cli_key_commands[i].group, group) == 0) {
+            fprintf(f, "  %-18s ", cli_key_commands[i].name);
+            wrap(f, cli_key_commands[i].summary, 21, 21);
+        }
+    }
     fprintf(f, "\n`p11kms %s <command> --help` for a command's options.\n", group);
 }
 
 static void help_cmd(FILE *f, const struct cli_cmd *c)
 {
-    fprintf(f, "Usage: p11kms [global options] %s%s%s %s\n\n%s\n", c->group ? c->group : "",
-            c->group ? " " : "", c->name, c->usage, c->summary);
+    int col = fprintf(f, "Usage: p11kms [global options] %s%s%s ", c->group ? c->group : "",
+                      c->group ? " " : "", c->name);
+    wrap(f, c->usage, col > 0 ? (size_t)col : 0, 8);
+    fprintf(f, "\n");
+    wrap(f, c->summary, 0, 0);
     if (c->opts && c->opts->name) {
         fprintf(f, "\nOptions:\n");
         print_opts(f, c->opts);

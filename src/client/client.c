@@ -79,10 +79,19 @@ static const char *const status_names[P11KMS_STATUS_COUNT] = {
     [P11KMS_ERR_KEY_UNAVAILABLE] = "KeyUnavailableException",
     [P11KMS_ERR_DEPENDENCY_TIMEOUT] = "DependencyTimeoutException",
     [P11KMS_ERR_SERVICE] = "ServiceError",
+    [P11KMS_ERR_BAD_SIGNATURE] = "KMSInvalidSignatureException",
+    [P11KMS_ERR_BAD_MAC] = "KMSInvalidMacException",
 };
 
-/* The first status that is one of the service's AWS error types. */
+/*
+ * The statuses that are the service's AWS error types: FIRST_SERVICE_STATUS up
+ * to P11KMS_ERR_SERVICE (the catch-all, not a type), and the ones appended
+ * after it from FIRST_LATER_SERVICE_STATUS on, so that no number changed.
+ */
 #define FIRST_SERVICE_STATUS P11KMS_ERR_VALIDATION
+#define FIRST_LATER_SERVICE_STATUS P11KMS_ERR_BAD_SIGNATURE
+_Static_assert(FIRST_LATER_SERVICE_STATUS == P11KMS_ERR_SERVICE + 1,
+               "the later service statuses follow the catch-all");
 
 static _Thread_local char last_error[512];
 
@@ -122,9 +131,12 @@ p11kms_status kms_client_status_of_type(const char *type)
         type = hash + 1;
     colon = strchr(type, ':');
     n = colon ? (size_t)(colon - type) : strlen(type);
-    for (int s = FIRST_SERVICE_STATUS; s < P11KMS_ERR_SERVICE; s++)
+    for (int s = FIRST_SERVICE_STATUS; s < P11KMS_STATUS_COUNT; s++) {
+        if (s == P11KMS_ERR_SERVICE)
+            s = FIRST_LATER_SERVICE_STATUS;
         if (strlen(status_names[s]) == n && strncmp(status_names[s], type, n) == 0)
             return (p11kms_status)s;
+    }
     return P11KMS_ERR_SERVICE;
 }
 

@@ -7,6 +7,9 @@
  *   jwe.c       JWE compact/JSON serialization with A256GCM
  *   envelope.c  p11kms_seal / p11kms_open: data keys + cache + JWE
  *   stream.c    p11kms_stream_*: chunked AES-256-GCM for large payloads
+ *   asym.c      asymmetric and HMAC keys: GetPublicKey, Sign, Verify, GenerateMac,
+ *               VerifyMac, DeriveSharedSecret, GenerateDataKeyPair, RSA Encrypt/Decrypt
+ *   headers.c   authenticated headers: the canonical form, MACed through asym.c
  */
 #ifndef P11KMS_CLIENT_INTERNAL_H
 #define P11KMS_CLIENT_INTERNAL_H
@@ -119,6 +122,11 @@ p11kms_status kms_service_generate(p11kms_client *c, const char *key_id,
 p11kms_status kms_service_decrypt(p11kms_client *c, const uint8_t *blob, size_t blob_len,
                                   const struct p11kms_context *ctx, size_t nctx,
                                   struct p11kms_data_key *out);
+
+/* A key id (id, ARN, alias): 1 to 2048 bytes, else P11KMS_ERR_ARGUMENT. */
+p11kms_status kms_check_key_id(const char *key_id);
+/* Adds the context as the request's EncryptionContext (nothing when nctx is 0). */
+p11kms_status kms_request_add_context(json_t *req, const struct p11kms_context *ctx, size_t nctx);
 
 /*
  * p11kms_decrypt_data_key for a caller that has checked its arguments and

@@ -49,7 +49,7 @@ static p11kms_status context_object(const struct p11kms_context *ctx, size_t nct
     return P11KMS_OK;
 }
 
-static p11kms_status add_context(json_t *req, const struct p11kms_context *ctx, size_t nctx)
+p11kms_status kms_request_add_context(json_t *req, const struct p11kms_context *ctx, size_t nctx)
 {
     json_t *o;
     p11kms_status st;
@@ -122,7 +122,7 @@ static p11kms_status take_key_arn(const json_t *resp, struct p11kms_data_key *ou
     return P11KMS_OK;
 }
 
-static p11kms_status check_key_id(const char *key_id)
+p11kms_status kms_check_key_id(const char *key_id)
 {
     size_t n = key_id ? strnlen(key_id, KEY_ID_MAX + 1) : 0;
     if (n == 0 || n > KEY_ID_MAX)
@@ -149,12 +149,12 @@ p11kms_status kms_service_generate(p11kms_client *c, const char *key_id,
     if (!c || !out)
         return kms_client_fail(P11KMS_ERR_ARGUMENT, "GenerateDataKey: NULL argument");
     memset(out, 0, sizeof *out);
-    if ((st = check_key_id(key_id)) != P11KMS_OK)
+    if ((st = kms_check_key_id(key_id)) != P11KMS_OK)
         return st;
     req = json_pack("{s:s, s:s}", "KeyId", key_id, "KeySpec", "AES_256");
     if (!req)
         return kms_client_fail(P11KMS_ERR_ARGUMENT, "the key id is not UTF-8 text");
-    st = add_context(req, ctx, nctx);
+    st = kms_request_add_context(req, ctx, nctx);
     if (st == P11KMS_OK)
         st = kms_transport_call(c, "GenerateDataKey", req, &resp);
     if (st == P11KMS_OK)
@@ -202,7 +202,7 @@ p11kms_status kms_service_decrypt(p11kms_client *c, const uint8_t *blob, size_t 
     kms_buf_free(&b64);
     if (!req)
         return kms_client_fail(P11KMS_ERR_MEMORY, "out of memory");
-    st = add_context(req, ctx, nctx);
+    st = kms_request_add_context(req, ctx, nctx);
     if (st == P11KMS_OK)
         st = kms_transport_call(c, "Decrypt", req, &resp);
     if (st == P11KMS_OK)

@@ -53,7 +53,7 @@ static const struct {
     [KMS_ERR_BAD_MAC] = {"KMSInvalidMacException", 400, "The MAC does not verify"},
 };
 
-static _Thread_local char last_message[256];
+static _Thread_local char last_message[512]; /* AWS's enum lists run past 256 */
 static _Thread_local char last_where[96];
 
 static int valid(kms_err e)

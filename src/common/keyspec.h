@@ -49,10 +49,9 @@ enum kms_key_kind {
 struct kms_spec_info {
     const char *name; /* "RSA_4096" */
     enum kms_key_kind kind;
-    unsigned bits;            /* modulus, curve order or HMAC key length */
-    int nid;                  /* OpenSSL's curve NID (EC kinds); the digest's NID (HMAC) */
-    unsigned usages;          /* KMS_USAGE_BIT of each usage the spec allows */
-    enum kms_key_usage deflt; /* the usage CreateKey gives it when none is named */
+    unsigned bits;   /* modulus, curve order or HMAC key length */
+    int nid;         /* OpenSSL's curve NID (EC kinds); the digest's NID (HMAC) */
+    unsigned usages; /* KMS_USAGE_BIT of each usage the spec allows */
 };
 
 enum kms_alg {

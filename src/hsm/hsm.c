@@ -1,6 +1,7 @@
 #include "config.h"
 
 #include "hsm/hsm.h"
+#include "hsm/internal.h"
 
 #include <errno.h>
 #include <openssl/crypto.h>
@@ -16,40 +17,6 @@
 
 #define APPLICATION "p11kms"
 
-struct kms_hsm {
-    CK_FUNCTION_LIST *fn;
-    CK_SLOT_ID slot;
-    char *pin;
-    size_t pin_len;
-    unsigned timeout_ms;
-
-    pthread_mutex_t lock;
-    pthread_cond_t available;
-    /*
-     * Changes to token objects (create, generate, set an attribute, destroy)
-     * exclude searches and attribute reads in this process. SoftHSM2 2.6.1's
-     * file store is not safe against them: with one thread creating objects
-     * while others search, some creations fail with CKR_GENERAL_ERROR although
-     * the object is made, and the process loses some of its own objects from
-     * its list for good.
-     */
-    pthread_rwlock_t objects;
-    struct kms_session *sessions;
-    struct kms_session **free_list;
-    size_t nsessions;
-    size_t nfree;
-    unsigned waiting;
-
-    kms_hsm_observer observe;
-    void *observe_arg;
-
-    /* The holder session (kms_hsm_hold) and the epoch of session objects. */
-    pthread_mutex_t holder_lock;
-    struct kms_session holder;
-    int holder_open;
-    unsigned long epoch; /* atomic */
-};
-
 const char *const kms_hsm_call_names[KMS_HSM_CALL_COUNT + 1] = {
     "C_GenerateRandom",
     "C_GenerateKey",
@@ -63,37 +30,10 @@ const char *const kms_hsm_call_names[KMS_HSM_CALL_COUNT + 1] = {
     "C_Sign",
     "C_WrapKey",
     "C_UnwrapKey",
+    "C_GenerateKeyPair",
+    "C_DeriveKey",
     NULL,
 };
-
-struct timed {
-    struct kms_hsm *hsm;
-    enum kms_hsm_call call;
-    struct timespec start;
-};
-
-static void timed_end(struct timed *t)
-{
-    struct timespec end;
-    if (!t->hsm->observe)
-        return;
-    clock_gettime(CLOCK_MONOTONIC, &end);
-    int64_t ns =
-        (int64_t)(end.tv_sec - t->start.tv_sec) * 1000000000 + (end.tv_nsec - t->start.tv_nsec);
-    t->hsm->observe(t->hsm->observe_arg, t->call, ns > 0 ? (uint64_t)ns : 0);
-}
-
-static struct timed timed_begin(struct kms_hsm *hsm, enum kms_hsm_call call)
-{
-    struct timed t = {hsm, call, {0, 0}};
-    if (hsm->observe)
-        clock_gettime(CLOCK_MONOTONIC, &t.start);
-    return t;
-}
-
-/* Times the rest of the enclosing function, however it returns. */
-#define TIMED(h, c) \
-    struct timed timed_ __attribute__((cleanup(timed_end), unused)) = timed_begin((h), (c))
 
 void kms_hsm_observe(struct kms_hsm *hsm, kms_hsm_observer fn, void *arg)
 {
@@ -136,24 +76,6 @@ kms_err kms_hsm_fail(CK_RV rv, const char *what, const char *file, int line)
             line);
     return kms_err_set(e, file, line, "The key store could not complete the request");
 }
-
-static int session_fault(CK_RV rv)
-{
-    return rv == CKR_SESSION_HANDLE_INVALID || rv == CKR_SESSION_CLOSED || rv == CKR_DEVICE_ERROR ||
-           rv == CKR_DEVICE_REMOVED || rv == CKR_TOKEN_NOT_PRESENT || rv == CKR_USER_NOT_LOGGED_IN;
-}
-
-/* Marks the session for reopening when rv says it is gone, then maps rv. */
-#define SESSION_CKR(s, rv, what)                                   \
-    do {                                                           \
-        CK_RV ckr_ = (rv);                                         \
-        (s)->last_rv = ckr_;                                       \
-        if (ckr_ != CKR_OK) {                                      \
-            if (session_fault(ckr_))                               \
-                (s)->broken = 1;                                   \
-            return kms_hsm_fail(ckr_, (what), __FILE__, __LINE__); \
-        }                                                          \
-    } while (0)
 
 static kms_err load_module(const char *path, CK_FUNCTION_LIST **out)
 {
@@ -244,6 +166,7 @@ kms_err kms_hsm_open(const struct kms_hsm_config *cfg, struct kms_hsm **out)
     KMS_ENSURE(hsm != NULL, KMS_ERR_INTERNAL, "out of memory");
     pthread_mutex_init(&hsm->lock, NULL);
     pthread_mutex_init(&hsm->holder_lock, NULL);
+    pthread_mutex_init(&hsm->caps_lock, NULL);
     pthread_condattr_init(&ca);
     pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
     pthread_cond_init(&hsm->available, &ca);
@@ -306,6 +229,8 @@ void kms_hsm_close(struct kms_hsm *hsm)
         kms_free_secret(hsm->pin, hsm->pin_len + 1);
     free(hsm->sessions);
     free(hsm->free_list);
+    free(hsm->mechs);
+    pthread_mutex_destroy(&hsm->caps_lock);
     pthread_cond_destroy(&hsm->available);
     pthread_mutex_destroy(&hsm->lock);
     pthread_mutex_destroy(&hsm->holder_lock);
@@ -329,7 +254,7 @@ int kms_hsm_ready(struct kms_hsm *hsm)
     CK_RV rv = hsm->fn->C_GetSessionInfo(s->handle, &info);
     ok = rv == CKR_OK &&
          (info.state == CKS_RW_USER_FUNCTIONS || info.state == CKS_RO_USER_FUNCTIONS);
-    if (rv != CKR_OK && session_fault(rv))
+    if (rv != CKR_OK && kms_hsm_session_fault(rv))
         s->broken = 1;
     kms_hsm_release(s);
     return ok;
@@ -613,18 +538,26 @@ kms_err kms_hsm_unwrap_aes(struct kms_session *holder, CK_OBJECT_HANDLE root,
     };
     CK_RV rv = holder->hsm->fn->C_UnwrapKey(holder->handle, &wrap, root, (CK_BYTE *)wrapped, len,
                                             tmpl, sizeof tmpl / sizeof tmpl[0], out);
+    if (rv != CKR_OK)
+        return kms_hsm_unwrap_failed(holder, rv, __FILE__, __LINE__);
+    holder->last_rv = rv;
+    return KMS_OK;
+}
+
+kms_err kms_hsm_unwrap_failed(struct kms_session *holder, CK_RV rv, const char *file, int line)
+{
     if (rv == CKR_WRAPPED_KEY_INVALID || rv == CKR_WRAPPED_KEY_LEN_RANGE ||
         rv == CKR_GENERAL_ERROR || rv == CKR_FUNCTION_FAILED ||
         rv == CKR_UNWRAPPING_KEY_HANDLE_INVALID) {
+        holder->last_rv = rv;
         kms_error("C_UnwrapKey refused a stored key version (%s): the database row is corrupt "
                   "or names the wrong root key",
                   p11_kit_strerror(rv));
-        return KMS_FAIL(rv == CKR_UNWRAPPING_KEY_HANDLE_INVALID ? KMS_ERR_KEY_UNAVAILABLE
-                                                                : KMS_ERR_INTERNAL,
-                        "The key store could not unwrap a stored key version");
+        return kms_err_set(rv == CKR_UNWRAPPING_KEY_HANDLE_INVALID ? KMS_ERR_KEY_UNAVAILABLE
+                                                                   : KMS_ERR_INTERNAL,
+                           file, line, "The key store could not unwrap a stored key version");
     }
-    SESSION_CKR(holder, rv, "C_UnwrapKey");
-    return KMS_OK;
+    return kms_hsm_session_err(holder, rv, "C_UnwrapKey", file, line);
 }
 
 kms_err kms_hsm_generate_aes(struct kms_session *s, const uint8_t *id, size_t id_len,
@@ -692,7 +625,7 @@ kms_err kms_hsm_gcm_decrypt(struct kms_session *s, CK_OBJECT_HANDLE key, const u
     if (rv == CKR_OK)
         return KMS_OK;
     OPENSSL_cleanse(out, n - 16);
-    if (session_fault(rv)) {
+    if (kms_hsm_session_fault(rv)) {
         s->broken = 1;
         return kms_hsm_fail(rv, "C_Decrypt", __FILE__, __LINE__);
     }

@@ -43,6 +43,8 @@ enum kms_hsm_call {
     KMS_HSM_SIGN,          /* C_SignInit + C_Sign: the audit log's HMACs */
     KMS_HSM_WRAP,          /* C_WrapKey: a new key version under a root key */
     KMS_HSM_UNWRAP,        /* C_UnwrapKey: a stored version into a session object */
+    KMS_HSM_GENERATE_PAIR, /* C_GenerateKeyPair: a new asymmetric key version */
+    KMS_HSM_DERIVE,        /* C_DeriveKey: ECDH */
     KMS_HSM_CALL_COUNT
 };
 /* "C_Encrypt", ...: one name per call above. */
@@ -113,7 +115,11 @@ unsigned long kms_hsm_epoch(struct kms_hsm *hsm);
 
 /* ---- asymmetric and HMAC key versions (hsm_keys.c; specs in common/keyspec.h) ---- */
 
-/* Whether the token lists mechanism m (asked once per mechanism, then remembered). */
+/*
+ * Whether the token lists mechanism m. The token's whole list is read on the
+ * first question and remembered (a failed read is not: the answer is then 0
+ * and the next question asks again).
+ */
 int kms_hsm_has_mechanism(struct kms_hsm *hsm, CK_MECHANISM_TYPE m);
 /*
  * A new key of spec (enum kms_key_spec, not SYMMETRIC_DEFAULT) for usage
@@ -124,7 +130,11 @@ int kms_hsm_has_mechanism(struct kms_hsm *hsm, CK_MECHANISM_TYPE m);
  * only the wrapped form and the public key leave the token. *len is in: the
  * room in wrapped, out: its length. spki receives the public key as DER
  * SubjectPublicKeyInfo (nothing for HMAC). A spec the token has no mechanism
- * for is KMS_ERR_UNSUPPORTED, the message naming the mechanism.
+ * for is KMS_ERR_UNSUPPORTED, the message naming the mechanism (SoftHSM2
+ * 2.6.1: X25519, CKM_EC_MONTGOMERY_KEY_PAIR_GEN); so is a key the token makes
+ * but will not wrap (SoftHSM2 2.6.1: Ed25519). A spec that does not allow
+ * usage is KMS_ERR_VALIDATION. On failure wrapped is wiped, spki untouched,
+ * and no object is left in the token.
  */
 KMS_MUST_CHECK kms_err kms_hsm_new_wrapped_key(struct kms_session *s, CK_OBJECT_HANDLE root,
                                                int spec, int usage, uint8_t *wrapped, size_t *len,
@@ -143,6 +153,9 @@ KMS_MUST_CHECK kms_err kms_hsm_unwrap_key(struct kms_session *holder, CK_OBJECT_
  * digest (the algorithm's md_len bytes) for RSASSA-PSS, RSASSA-PKCS1-v1_5 and
  * ECDSA; the message for Ed25519 and HMAC. out receives it in AWS's form
  * (ECDSA: DER ECDSA-Sig-Value); *out_len is in: the room, out: the length.
+ * A digest of the wrong length, or an alg the spec does not allow, is
+ * KMS_ERR_VALIDATION; a key without CKA_SIGN is refused by the token
+ * (KMS_ERR_INTERNAL).
  */
 KMS_MUST_CHECK kms_err kms_hsm_sign_alg(struct kms_session *s, CK_OBJECT_HANDLE key, int spec,
                                         int alg, const uint8_t *in, size_t n, uint8_t *out,
@@ -151,6 +164,10 @@ KMS_MUST_CHECK kms_err kms_hsm_sign_alg(struct kms_session *s, CK_OBJECT_HANDLE 
  * RSAES-OAEP decryption under key with alg (the private-key operation in the
  * token). A ciphertext that does not decrypt is KMS_ERR_INVALID_CIPHERTEXT
  * with one message whatever the cause; out is left as it was on failure.
+ * The plaintext is appended to out. Where the token does not take
+ * CKM_RSA_PKCS_OAEP with alg's digest (SoftHSM2 2.6.1 takes SHA-1 only) it
+ * does the raw RSA operation (CKM_RSA_X_509) and the padding is removed in
+ * the process, in constant time; which, is found once per alg and remembered.
  */
 KMS_MUST_CHECK kms_err kms_hsm_oaep_decrypt(struct kms_session *s, CK_OBJECT_HANDLE key, int spec,
                                             int alg, const uint8_t *ct, size_t n,
@@ -158,7 +175,9 @@ KMS_MUST_CHECK kms_err kms_hsm_oaep_decrypt(struct kms_session *s, CK_OBJECT_HAN
 /*
  * ECDH (CKM_ECDH1_DERIVE, CKD_NULL) between key and the peer's public point
  * (the uncompressed point for an EC key, 32 bytes for X25519): out receives
- * the shared secret (the x coordinate, the field's size in bytes).
+ * the shared secret (the x coordinate, the field's size in bytes), appended.
+ * A point of the wrong length or form is KMS_ERR_VALIDATION (check a peer's
+ * key with kms_pubkey_peer_point first: that one also checks the curve).
  */
 KMS_MUST_CHECK kms_err kms_hsm_ecdh(struct kms_session *s, CK_OBJECT_HANDLE key, int spec,
                                     const uint8_t *peer, size_t n, struct kms_buf *out);

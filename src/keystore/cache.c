@@ -102,8 +102,10 @@ static void key_free(struct kms_keystore *ks, struct key *k)
 {
     if (k->policy && k->policy != ks->default_policy && ks->cfg.free_policy)
         ks->cfg.free_policy(k->policy);
-    for (size_t i = 0; i < k->nversions; i++)
+    for (size_t i = 0; i < k->nversions; i++) {
         free(k->versions[i].wrapped);
+        free(k->versions[i].public_key);
+    }
     free(k->versions);
     kms_key_row_clear(&k->row);
     if (k->use && --k->use->refs == 0)
@@ -330,6 +332,12 @@ static kms_err version_from_row(struct version *v, const struct kms_version_row 
         KMS_ENSURE(v->wrapped != NULL, KMS_ERR_INTERNAL, "out of memory");
         memcpy(v->wrapped, r->wrapped, r->wrapped_len);
         v->wrapped_len = r->wrapped_len;
+    }
+    if (r->public_key_len) {
+        v->public_key = malloc(r->public_key_len);
+        KMS_ENSURE(v->public_key != NULL, KMS_ERR_INTERNAL, "out of memory");
+        memcpy(v->public_key, r->public_key, r->public_key_len);
+        v->public_key_len = r->public_key_len;
     }
     return KMS_OK;
 }

@@ -13,6 +13,7 @@
 #include <openssl/rand.h>
 #include <string.h>
 
+#include "common/keyspec.h"
 #include "common/log.h"
 #include "keystore/internal.h"
 
@@ -264,6 +265,7 @@ static kms_err version_handle(struct kms_keystore *ks, struct key *k, uint32_t v
     uint32_t root = 0;
 
     pthread_mutex_lock(&ks->lock);
+    int spec = k->row.spec, usage = k->row.usage;
     struct version *v = kms_version_locked(k, vid);
     if (!v) {
         pthread_mutex_unlock(&ks->lock);
@@ -291,7 +293,9 @@ static kms_err version_handle(struct kms_keystore *ks, struct key *k, uint32_t v
             rc = kms_hsm_hold(ks->hsm, &holder);
         if (rc == KMS_OK) {
             epoch = kms_hsm_epoch(ks->hsm);
-            rc = kms_hsm_unwrap_aes(holder, rh, wrapped, wrapped_len, &h);
+            rc = spec == KMS_SPEC_SYMMETRIC_DEFAULT
+                     ? kms_hsm_unwrap_aes(holder, rh, wrapped, wrapped_len, &h)
+                     : kms_hsm_unwrap_key(holder, rh, spec, usage, wrapped, wrapped_len, &h);
             kms_hsm_unhold(holder);
         }
         if (rc == KMS_ERR_INTERNAL)
@@ -344,10 +348,9 @@ static void forget_handle(struct kms_keystore *ks, struct key *k, uint32_t vid, 
     pthread_mutex_unlock(&ks->lock);
 }
 
-/* GCM under a version, once more with a fresh handle when the token lost the one we had. */
-static kms_err gcm(struct kms_keystore *ks, struct key *k, uint32_t vid, int encrypt,
-                   const uint8_t iv[12], const struct kms_buf *aad, const uint8_t *in, size_t n,
-                   uint8_t *out)
+kms_err kms_with_version(struct kms_keystore *ks, struct key *k, uint32_t vid,
+                         kms_err (*fn)(void *arg, struct kms_session *s, CK_OBJECT_HANDLE h),
+                         void *arg)
 {
     for (int attempt = 0;; attempt++) {
         CK_OBJECT_HANDLE h;
@@ -362,8 +365,7 @@ static kms_err gcm(struct kms_keystore *ks, struct key *k, uint32_t vid, int enc
         KMS_GUARD(rc);
         unsigned long epoch = kms_hsm_epoch(ks->hsm);
         KMS_GUARD(kms_hsm_acquire(ks->hsm, &s));
-        rc = encrypt ? kms_hsm_gcm_encrypt(s, h, iv, aad->data, aad->len, in, n, out)
-                     : kms_hsm_gcm_decrypt(s, h, iv, aad->data, aad->len, in, n, out);
+        rc = fn(arg, s, h);
         CK_RV rv = s->last_rv;
         kms_hsm_release(s); /* a broken session is reopened here, perhaps logged in again */
         int gone = rv == CKR_KEY_HANDLE_INVALID || rv == CKR_OBJECT_HANDLE_INVALID ||
@@ -376,6 +378,32 @@ static kms_err gcm(struct kms_keystore *ks, struct key *k, uint32_t vid, int enc
     }
 }
 
+struct gcm_args {
+    int encrypt;
+    const uint8_t *iv;
+    const struct kms_buf *aad;
+    const uint8_t *in;
+    size_t n;
+    uint8_t *out;
+};
+
+static kms_err gcm_in(void *arg, struct kms_session *s, CK_OBJECT_HANDLE h)
+{
+    const struct gcm_args *a = arg;
+    return a->encrypt
+               ? kms_hsm_gcm_encrypt(s, h, a->iv, a->aad->data, a->aad->len, a->in, a->n, a->out)
+               : kms_hsm_gcm_decrypt(s, h, a->iv, a->aad->data, a->aad->len, a->in, a->n, a->out);
+}
+
+/* GCM under a version, once more with a fresh handle when the token lost the one we had. */
+static kms_err gcm(struct kms_keystore *ks, struct key *k, uint32_t vid, int encrypt,
+                   const uint8_t iv[12], const struct kms_buf *aad, const uint8_t *in, size_t n,
+                   uint8_t *out)
+{
+    struct gcm_args a = {encrypt, iv, aad, in, n, out};
+    return kms_with_version(ks, k, vid, gcm_in, &a);
+}
+
 kms_err kms_keystore_encrypt_key(struct kms_keystore *ks, struct kms_key_ref *key,
                                  const struct kms_buf *canonical_context, const uint8_t *plaintext,
                                  size_t n, struct kms_buf *blob, struct kms_key_info *info)
@@ -385,6 +413,11 @@ kms_err kms_keystore_encrypt_key(struct kms_keystore *ks, struct kms_key_ref *ke
     uint32_t vid = 0;
 
     KMS_ENSURE(key->entry != NULL, KMS_ERR_INTERNAL, "no key held");
+    pthread_mutex_lock(&ks->lock);
+    int symmetric = key->entry->row.spec == KMS_SPEC_SYMMETRIC_DEFAULT;
+    pthread_mutex_unlock(&ks->lock);
+    KMS_ENSURE(symmetric, KMS_ERR_INVALID_KEY_USAGE,
+               "%s key usage is not ENCRYPT_DECRYPT with SYMMETRIC_DEFAULT", key->arn);
     /* A fresher entry take_use reads is of the same key, never of whatever an alias names now. */
     kms_err rc = take_use(ks, &key->entry, &vid);
     struct key *k = key->entry;
@@ -451,6 +484,9 @@ static kms_err blob_key(struct kms_keystore *ks, const struct kms_blob *blob, st
                                              "key that encrypted the ciphertext");
     else
         rc = kms_key_usable_locked(ks, k);
+    /* No blob is ever made under an asymmetric or HMAC key: one naming such a key is made up. */
+    if (rc == KMS_OK && k->row.spec != KMS_SPEC_SYMMETRIC_DEFAULT)
+        rc = KMS_FAIL(KMS_ERR_INVALID_CIPHERTEXT, KMS_BLOB_INVALID);
     int known = rc == KMS_OK && kms_version_locked(k, blob->key_version) != NULL;
     pthread_mutex_unlock(&ks->lock);
     if (rc == KMS_OK && !known) {

@@ -42,6 +42,8 @@ struct version {
     uint32_t root;
     uint8_t *wrapped; /* malloc'd; NULL for a token-resident version */
     size_t wrapped_len;
+    uint8_t *public_key; /* malloc'd DER SubjectPublicKeyInfo; NULL but for asymmetric keys */
+    size_t public_key_len;
     /* The unwrapped session object (or found token object) and the epoch it belongs to. */
     CK_OBJECT_HANDLE handle;
     unsigned long epoch;
@@ -247,8 +249,13 @@ kms_err kms_key_rotate(struct kms_keystore *ks, const uint8_t id[KMS_UUID_LEN], 
 enum { KMS_ROTATE_SCHEDULE = 1, KMS_ROTATE_USAGE = 2, KMS_ROTATE_DEMAND = 3 };
 /* Whether an on-demand rotation of the key may go ahead (state, token residence, limit). */
 kms_err kms_rotation_allowed(struct kms_keystore *ks, const struct kms_key_row *r);
-/* A new wrapped version under the current root, to be stored as version vid/n of key. */
-kms_err kms_version_make(struct kms_keystore *ks, struct kms_version_row *v);
+/* Asymmetric and HMAC keys are never rotated (as in AWS): KMS_ERR_UNSUPPORTED. */
+kms_err kms_rotation_spec_check(struct kms_keystore *ks, const struct kms_key_row *r);
+/*
+ * A new wrapped version of a key of spec and usage (keyspec.h) under the
+ * current root, to be stored as version vid/n of key.
+ */
+kms_err kms_version_make(struct kms_keystore *ks, int spec, int usage, struct kms_version_row *v);
 /* A random vid no version of the key has, read in tx. */
 kms_err kms_version_new_vid(struct kms_tx *tx, const uint8_t id[KMS_UUID_LEN], uint32_t *out);
 
@@ -257,6 +264,14 @@ kms_err kms_version_new_vid(struct kms_tx *tx, const uint8_t id[KMS_UUID_LEN], u
 void kms_keystore_refill(struct kms_keystore *ks);
 /* Destroys a session object of the holder (dropped cache entries). */
 void kms_unwrapped_destroy(struct kms_keystore *ks, CK_OBJECT_HANDLE h, unsigned long epoch);
+/*
+ * Runs fn with the token session s and the handle of version vid of k
+ * (unwrapped now when this node has none), once more with a fresh handle when
+ * the token lost the one it had. fn's failure is returned as it is.
+ */
+kms_err kms_with_version(struct kms_keystore *ks, struct key *k, uint32_t vid,
+                         kms_err (*fn)(void *arg, struct kms_session *s, CK_OBJECT_HANDLE h),
+                         void *arg);
 
 /* ---- roots.c ---- */
 kms_err kms_roots_load(struct kms_keystore *ks);

@@ -13,6 +13,7 @@
 #include <string.h>
 #include <time.h>
 
+#include "common/keyspec.h"
 #include "common/log.h"
 
 int64_t kms_now(void)
@@ -148,7 +149,8 @@ kms_err kms_keystore_survey(struct kms_keystore *ks, size_t *keys, size_t *versi
     /* The keys in memory: those this node uses. */
     for (struct key *k = ks->lru_head; fn && k && rc == KMS_OK; k = k->lnext) {
         const struct version *v = kms_version_locked(k, k->row.current);
-        if (v && k->row.state == KMS_STORE_ENABLED) {
+        /* Only AES-GCM versions count their uses (asymmetric and HMAC ones have no bound). */
+        if (v && k->row.state == KMS_STORE_ENABLED && k->row.spec == KMS_SPEC_SYMMETRIC_DEFAULT) {
             struct kms_version_usage u = {k->id_text, v->vid, v->reserved, v->bound};
             rc = fn(arg, &u);
         }
@@ -179,6 +181,8 @@ static kms_err info_from_row(struct kms_keystore *ks, const struct kms_key_row *
     out->rotation_enabled = r->rotation_enabled;
     out->rotation_period_days = r->rotation_days;
     out->next_rotation = r->next_rotation;
+    out->spec = r->spec;
+    out->usage = r->usage;
     out->description = strdup(r->description ? r->description : "");
     KMS_ENSURE(out->description != NULL, KMS_ERR_INTERNAL, "out of memory");
     return KMS_OK;
@@ -592,6 +596,7 @@ static kms_err set_rotation(struct kms_keystore *ks, struct kms_tx *tx, struct k
     KMS_ENSURE(!s || !r->token_resident, KMS_ERR_UNSUPPORTED,
                "%skey/%s keeps its key material in the token and cannot be rotated", ks->arn_prefix,
                text);
+    KMS_GUARD(kms_rotation_spec_check(ks, r));
     if (!s) {
         r->rotation_enabled = 0;
         return KMS_OK;

@@ -12,24 +12,37 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "common/keyspec.h"
 #include "common/log.h"
 #include "keystore/internal.h"
 
-kms_err kms_version_make(struct kms_keystore *ks, struct kms_version_row *v)
+kms_err kms_version_make(struct kms_keystore *ks, int spec, int usage, struct kms_version_row *v)
 {
     struct kms_session *s;
     CK_OBJECT_HANDLE root;
     uint32_t rid = kms_root_current(ks);
     size_t len = sizeof v->wrapped;
+    struct kms_buf spki = KMS_BUF_INIT;
+    kms_err rc;
 
     KMS_GUARD(kms_root_handle(ks, rid, &root));
     KMS_GUARD(kms_hsm_acquire(ks->hsm, &s));
-    kms_err rc = kms_hsm_new_wrapped_aes(s, root, v->wrapped, &len);
+    if (spec == KMS_SPEC_SYMMETRIC_DEFAULT)
+        rc = kms_hsm_new_wrapped_aes(s, root, v->wrapped, &len);
+    else
+        rc = kms_hsm_new_wrapped_key(s, root, spec, usage, v->wrapped, &len, &spki);
     kms_hsm_release(s);
-    KMS_GUARD(rc);
-    v->wrapped_len = len;
-    v->root = rid;
-    return KMS_OK;
+    if (rc == KMS_OK && spki.len > sizeof v->public_key)
+        rc = KMS_FAIL(KMS_ERR_INTERNAL, "a public key is too long");
+    if (rc == KMS_OK) {
+        v->wrapped_len = len;
+        v->root = rid;
+        v->public_key_len = spki.len;
+        if (spki.len)
+            memcpy(v->public_key, spki.data, spki.len);
+    }
+    kms_buf_free(&spki);
+    return rc;
 }
 
 kms_err kms_version_new_vid(struct kms_tx *tx, const uint8_t id[KMS_UUID_LEN], uint32_t *out)
@@ -67,19 +80,38 @@ static uint64_t first_block(const struct kms_keystore *ks)
 kms_err kms_keystore_create_key(struct kms_keystore *ks, const char *description,
                                 const char *policy, struct kms_key_info *out)
 {
+    return kms_keystore_create_key_as(ks, description, policy, KMS_SPEC_SYMMETRIC_DEFAULT,
+                                      KMS_USAGE_ENCRYPT_DECRYPT, out);
+}
+
+kms_err kms_keystore_create_key_as(struct kms_keystore *ks, const char *description,
+                                   const char *policy, int spec, int usage,
+                                   struct kms_key_info *out)
+{
+    const struct kms_spec_info *si = kms_spec(spec);
+    KMS_ENSURE(si && usage >= 0 && usage < KMS_USAGE_COUNT && (si->usages & KMS_USAGE_BIT(usage)),
+               KMS_ERR_VALIDATION, "KeyUsage %s is not valid for KeySpec %s", kms_usage_name(usage),
+               si ? si->name : "?");
+    int gcm = spec == KMS_SPEC_SYMMETRIC_DEFAULT;
     struct kms_version_row *v = calloc(1, sizeof *v);
     struct kms_key_row row = {0};
     struct kms_tx *tx;
     int64_t now = kms_now(), seq = 0;
-    /* The creating node's first block of uses is reserved in the same transaction. */
-    uint64_t block = first_block(ks);
+    /*
+     * The creating node's first block of uses is reserved in the same
+     * transaction. Only AES-GCM versions count uses (random IVs); the others
+     * have no bound, and are never rotated.
+     */
+    uint64_t block = gcm ? first_block(ks) : 0;
     struct kms_change_event e;
     kms_err rc;
 
     KMS_ENSURE(v != NULL, KMS_ERR_INTERNAL, "out of memory");
     rc = kms_uuid_new(row.id);
     if (rc == KMS_OK)
-        rc = kms_version_make(ks, v);
+        rc = kms_version_make(ks, spec, usage, v);
+    row.spec = spec;
+    row.usage = usage;
     row.created = now;
     row.state = KMS_STORE_ENABLED;
     row.description = strdup(description ? description : "");
@@ -91,7 +123,7 @@ kms_err kms_keystore_create_key(struct kms_keystore *ks, const char *description
     v->created = now;
     v->rotation = KMS_ROTATION_NONE;
     v->reserved = block;
-    v->bound = ks->cfg.usage_bound;
+    v->bound = gcm ? ks->cfg.usage_bound : 0;
     if (rc == KMS_OK && RAND_bytes((uint8_t *)&v->vid, sizeof v->vid) != 1)
         rc = KMS_FAIL(KMS_ERR_INTERNAL, "random generator failed");
     if (v->vid == 0)
@@ -142,6 +174,18 @@ kms_err kms_keystore_create_key(struct kms_keystore *ks, const char *description
     return rc;
 }
 
+kms_err kms_rotation_spec_check(struct kms_keystore *ks, const struct kms_key_row *r)
+{
+    char text[KMS_UUID_TEXT_LEN + 1];
+    const struct kms_spec_info *si = kms_spec(r->spec);
+    if (r->spec == KMS_SPEC_SYMMETRIC_DEFAULT)
+        return KMS_OK;
+    kms_uuid_format(r->id, text);
+    return KMS_FAIL(KMS_ERR_UNSUPPORTED,
+                    "%skey/%s is a %s key: only symmetric encryption keys are rotated",
+                    ks->arn_prefix, text, si ? si->name : "?");
+}
+
 kms_err kms_rotation_allowed(struct kms_keystore *ks, const struct kms_key_row *r)
 {
     char text[KMS_UUID_TEXT_LEN + 1];
@@ -153,6 +197,7 @@ kms_err kms_rotation_allowed(struct kms_keystore *ks, const struct kms_key_row *
     KMS_ENSURE(!r->token_resident, KMS_ERR_UNSUPPORTED,
                "%skey/%s keeps its key material in the token and cannot be rotated", ks->arn_prefix,
                text);
+    KMS_GUARD(kms_rotation_spec_check(ks, r));
     KMS_ENSURE(r->on_demand < ks->cfg.max_on_demand, KMS_ERR_LIMIT_EXCEEDED,
                "The key has reached its limit of %u on-demand rotations.", ks->cfg.max_on_demand);
     return KMS_OK;
@@ -179,11 +224,12 @@ static kms_err rotate_in(struct kms_keystore *ks, struct kms_tx *tx, struct kms_
         KMS_GUARD(kms_rotation_allowed(ks, r));
     } else if (a->reason == KMS_ROTATE_SCHEDULE) {
         if (r->state != KMS_STORE_ENABLED || !r->rotation_enabled || r->next_rotation > now ||
-            r->token_resident) {
+            r->token_resident || r->spec != KMS_SPEC_SYMMETRIC_DEFAULT) {
             a->not_due = 1; /* no longer due: another node made it */
             return KMS_ERR_NOT_FOUND;
         }
-    } else if (r->state != KMS_STORE_ENABLED || r->current != a->from || r->token_resident) {
+    } else if (r->state != KMS_STORE_ENABLED || r->current != a->from || r->token_resident ||
+               r->spec != KMS_SPEC_SYMMETRIC_DEFAULT) {
         a->not_due = 1;
         return KMS_ERR_NOT_FOUND;
     }
@@ -212,7 +258,8 @@ kms_err kms_key_rotate(struct kms_keystore *ks, const uint8_t id[KMS_UUID_LEN], 
 {
     struct rotate_args a = {reason, from, calloc(1, sizeof *a.v), 0, 0};
     KMS_ENSURE(a.v != NULL, KMS_ERR_INTERNAL, "out of memory");
-    kms_err rc = kms_version_make(ks, a.v);
+    /* Only symmetric keys rotate: rotate_in refuses the others in the transaction. */
+    kms_err rc = kms_version_make(ks, KMS_SPEC_SYMMETRIC_DEFAULT, KMS_USAGE_ENCRYPT_DECRYPT, a.v);
     /* AWS's CloudTrail names the automatic ones RotateKey too. */
     const char *op = reason == KMS_ROTATE_DEMAND ? "RotateKeyOnDemand" : "RotateKey";
     if (rc == KMS_OK)

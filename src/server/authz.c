@@ -18,12 +18,26 @@
 #include "server/ops.h"
 #include "server/policy.h"
 
-/* Operations that use key material, which admins get only through the key's policy. */
+/*
+ * Operations that use key material, which admins get only through the key's
+ * policy. GetPublicKey is not one: a public key is public (AWS's key
+ * administrators get it too, through kms:Get*).
+ */
 static int cryptographic(const char *action)
 {
-    static const char *const uses[] = {
-        "kms:Encrypt",     "kms:Decrypt",         "kms:ReEncryptFrom",
-        "kms:ReEncryptTo", "kms:GenerateDataKey", "kms:GenerateDataKeyWithoutPlaintext"};
+    static const char *const uses[] = {"kms:Encrypt",
+                                       "kms:Decrypt",
+                                       "kms:ReEncryptFrom",
+                                       "kms:ReEncryptTo",
+                                       "kms:GenerateDataKey",
+                                       "kms:GenerateDataKeyWithoutPlaintext",
+                                       "kms:Sign",
+                                       "kms:Verify",
+                                       "kms:GenerateMac",
+                                       "kms:VerifyMac",
+                                       "kms:DeriveSharedSecret",
+                                       "kms:GenerateDataKeyPair",
+                                       "kms:GenerateDataKeyPairWithoutPlaintext"};
     for (size_t i = 0; i < sizeof uses / sizeof uses[0]; i++)
         if (strcmp(uses[i], action) == 0)
             return 1;

@@ -12,6 +12,7 @@ static const struct kms_op operations[] = {
     {"CreateKey", kms_op_create_key, 0},
     {"Decrypt", kms_op_decrypt, 0},
     {"DeleteAlias", kms_op_delete_alias, 0},
+    {"DeriveSharedSecret", kms_op_derive_shared_secret, 0},
     {"DescribeKey", kms_op_describe_key, 1},
     {"DisableKey", kms_op_disable_key, 0},
     {"DisableKeyRotation", kms_op_disable_key_rotation, 0},
@@ -19,10 +20,14 @@ static const struct kms_op operations[] = {
     {"EnableKeyRotation", kms_op_enable_key_rotation, 0},
     {"Encrypt", kms_op_encrypt, 0},
     {"GenerateDataKey", kms_op_generate_data_key, 0},
+    {"GenerateDataKeyPair", kms_op_generate_data_key_pair, 0},
+    {"GenerateDataKeyPairWithoutPlaintext", kms_op_generate_data_key_pair_without_plaintext, 0},
     {"GenerateDataKeyWithoutPlaintext", kms_op_generate_data_key_without_plaintext, 0},
+    {"GenerateMac", kms_op_generate_mac, 0},
     {"GenerateRandom", kms_op_generate_random, 0},
     {"GetKeyPolicy", kms_op_get_key_policy, 1},
     {"GetKeyRotationStatus", kms_op_get_key_rotation_status, 1},
+    {"GetPublicKey", kms_op_get_public_key, 0},
     {"ListAliases", kms_op_list_aliases, 1},
     {"ListKeyPolicies", kms_op_list_key_policies, 1},
     {"ListKeyRotations", kms_op_list_key_rotations, 1},
@@ -31,7 +36,10 @@ static const struct kms_op operations[] = {
     {"ReEncrypt", kms_op_re_encrypt, 0},
     {"RotateKeyOnDemand", kms_op_rotate_key_on_demand, 0},
     {"ScheduleKeyDeletion", kms_op_schedule_key_deletion, 0},
+    {"Sign", kms_op_sign, 0},
     {"UpdateAlias", kms_op_update_alias, 0},
+    {"Verify", kms_op_verify, 0},
+    {"VerifyMac", kms_op_verify_mac, 0},
 };
 
 const struct kms_op *kms_op_lookup(const char *target)

@@ -629,6 +629,29 @@ static void task_release(struct kms_task *t)
 }
 
 /* Hands the request to a worker; its connection waits, suspended, for the answer. */
+
+/*
+ * How long a request may take: request_timeout_ms, or keygen_timeout_ms for
+ * one that makes an RSA key (CreateKey with an RSA KeySpec in the token,
+ * GenerateDataKeyPair with an RSA KeyPairSpec in the process): RSA key
+ * generation takes seconds, and a CreateKey answered 503 while its key is
+ * made anyway would leave the caller a key it never heard of.
+ */
+static unsigned job_timeout_ms(const struct kms_server *srv, const struct kms_op *op, json_t *in)
+{
+    const char *member = strcmp(op->name, "CreateKey") == 0                  ? "KeySpec"
+                         : strncmp(op->name, "GenerateDataKeyPair", 19) == 0 ? "KeyPairSpec"
+                                                                             : NULL;
+    unsigned ms = srv->cfg.request_timeout_ms;
+    if (!member)
+        return ms;
+    const char *spec = json_string_value(json_object_get(in, member));
+    if (!spec && strcmp(member, "KeySpec") == 0)
+        spec = json_string_value(json_object_get(in, "CustomerMasterKeySpec"));
+    if (spec && strncmp(spec, "RSA_", 4) == 0 && srv->cfg.keygen_timeout_ms > ms)
+        ms = srv->cfg.keygen_timeout_ms;
+    return ms;
+}
 static enum MHD_Result hand_over(struct kms_server *srv, struct MHD_Connection *c,
                                  struct req_state *st, const struct kms_op *op,
                                  const char *principal, json_t *in, int64_t started)
@@ -653,7 +676,7 @@ static enum MHD_Result hand_over(struct kms_server *srv, struct MHD_Connection *
     j->task.run = job_run;
     j->task.answer = task_answer;
     j->task.release = task_release;
-    j->task.deadline_ns = started + (int64_t)srv->cfg.request_timeout_ms * 1000000;
+    j->task.deadline_ns = started + (int64_t)job_timeout_ms(srv, op, in) * 1000000;
     st->job = j;
     if (kms_pool_submit(srv->pool, &j->task) != KMS_OK) {
         j->refs = 1;

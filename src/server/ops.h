@@ -29,6 +29,16 @@ kms_err kms_op_decrypt(struct kms_request *r);
 kms_err kms_op_re_encrypt(struct kms_request *r);
 kms_err kms_op_generate_random(struct kms_request *r);
 
+/* Asymmetric and HMAC keys (ops_asym.c). */
+kms_err kms_op_get_public_key(struct kms_request *r);
+kms_err kms_op_sign(struct kms_request *r);
+kms_err kms_op_verify(struct kms_request *r);
+kms_err kms_op_generate_mac(struct kms_request *r);
+kms_err kms_op_verify_mac(struct kms_request *r);
+kms_err kms_op_derive_shared_secret(struct kms_request *r);
+kms_err kms_op_generate_data_key_pair(struct kms_request *r);
+kms_err kms_op_generate_data_key_pair_without_plaintext(struct kms_request *r);
+
 kms_err kms_op_put_key_policy(struct kms_request *r);
 kms_err kms_op_get_key_policy(struct kms_request *r);
 kms_err kms_op_list_key_policies(struct kms_request *r);

@@ -8,6 +8,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "common/keyspec.h"
 #include "server/ops.h"
 
 #define LIST_LIMIT_MAX 1000
@@ -22,17 +23,79 @@ static kms_err check_choice(json_t *in, const char *name, const char *only)
     return KMS_OK;
 }
 
+/* Specs AWS has that p11kms does not make. */
+static const char *const foreign_specs[] = {"ECC_SECG_P256K1", "SM2", "ML_DSA_44", "ML_DSA_65",
+                                            "ML_DSA_87"};
+#define SPEC_NAMES                                                                                 \
+    "RSA_2048, RSA_3072, RSA_4096, ECC_NIST_P256, ECC_NIST_P384, ECC_NIST_P521, ECC_SECG_P256K1, " \
+    "ECC_NIST_EDWARDS25519, X25519, SYMMETRIC_DEFAULT, HMAC_224, HMAC_256, HMAC_384, HMAC_512, "   \
+    "SM2, ML_DSA_44, ML_DSA_65, ML_DSA_87"
+
+/*
+ * KeySpec, or CustomerMasterKeySpec (its deprecated name, same values): both
+ * may be given only when equal. SYMMETRIC_DEFAULT when neither is.
+ */
+static kms_err key_spec(json_t *in, int *spec)
+{
+    const char *ks, *cmk;
+    KMS_GUARD(kms_in_string(in, "KeySpec", 0, 1, 64, &ks));
+    KMS_GUARD(kms_in_string(in, "CustomerMasterKeySpec", 0, 1, 64, &cmk));
+    KMS_ENSURE(!ks || !cmk || strcmp(ks, cmk) == 0, KMS_ERR_VALIDATION,
+               "KeySpec %.64s and CustomerMasterKeySpec %.64s differ. CustomerMasterKeySpec is "
+               "deprecated: specify KeySpec only.",
+               ks, cmk);
+    const char *name = ks ? ks : cmk;
+    *spec = KMS_SPEC_SYMMETRIC_DEFAULT;
+    if (!name)
+        return KMS_OK;
+    for (size_t i = 0; i < sizeof foreign_specs / sizeof foreign_specs[0]; i++)
+        KMS_ENSURE(strcmp(name, foreign_specs[i]) != 0, KMS_ERR_UNSUPPORTED,
+                   "KeySpec %s is not supported by p11kms", name);
+    *spec = kms_spec_by_name(name);
+    KMS_ENSURE(*spec >= 0, KMS_ERR_VALIDATION,
+               "1 validation error detected: Value '%.64s' at '%s' failed to satisfy constraint: "
+               "Member must satisfy enum value set: [" SPEC_NAMES "]",
+               name, ks ? "keySpec" : "customerMasterKeySpec");
+    return KMS_OK;
+}
+
+/* KeyUsage, ENCRYPT_DECRYPT when absent (as AWS): one the spec allows. */
+static kms_err key_usage(json_t *in, int spec, int *usage)
+{
+    const struct kms_spec_info *s = kms_spec(spec);
+    const char *name;
+    char allowed[96] = "";
+
+    KMS_GUARD(kms_in_string(in, "KeyUsage", 0, 1, 64, &name));
+    *usage = name ? kms_usage_by_name(name) : KMS_USAGE_ENCRYPT_DECRYPT;
+    KMS_ENSURE(*usage >= 0, KMS_ERR_VALIDATION,
+               "1 validation error detected: Value '%.64s' at 'keyUsage' failed to satisfy "
+               "constraint: Member must satisfy enum value set: [SIGN_VERIFY, ENCRYPT_DECRYPT, "
+               "GENERATE_VERIFY_MAC, KEY_AGREEMENT]",
+               name);
+    if (s->usages & KMS_USAGE_BIT(*usage))
+        return KMS_OK;
+    for (int u = 0; u < KMS_USAGE_COUNT; u++)
+        if (s->usages & KMS_USAGE_BIT(u))
+            snprintf(allowed + strlen(allowed), sizeof allowed - strlen(allowed), "%s%s",
+                     allowed[0] ? " or " : "", kms_usage_name(u));
+    return KMS_FAIL(KMS_ERR_VALIDATION,
+                    "KeyUsage %s is not compatible with KeySpec %s: it takes %s%s",
+                    kms_usage_name(*usage), s->name, allowed,
+                    name ? "" : " (KeyUsage defaults to ENCRYPT_DECRYPT)");
+}
+
 kms_err kms_op_create_key(struct kms_request *r)
 {
     const char *description, *policy;
+    int spec = KMS_SPEC_SYMMETRIC_DEFAULT, usage = KMS_USAGE_ENCRYPT_DECRYPT;
     struct kms_key_info k = {0};
     json_t *multi = json_object_get(r->in, "MultiRegion");
 
     KMS_GUARD(kms_in_string(r->in, "Description", 0, 0, KMS_DESCRIPTION_MAX, &description));
     KMS_GUARD(kms_in_string(r->in, "Policy", 0, 1, 32768, &policy));
-    KMS_GUARD(check_choice(r->in, "KeyUsage", "ENCRYPT_DECRYPT"));
-    KMS_GUARD(check_choice(r->in, "KeySpec", "SYMMETRIC_DEFAULT"));
-    KMS_GUARD(check_choice(r->in, "CustomerMasterKeySpec", "SYMMETRIC_DEFAULT"));
+    KMS_GUARD(key_spec(r->in, &spec));
+    KMS_GUARD(key_usage(r->in, spec, &usage));
     KMS_GUARD(check_choice(r->in, "Origin", "AWS_KMS"));
     KMS_ENSURE(!json_object_get(r->in, "CustomKeyStoreId"), KMS_ERR_UNSUPPORTED,
                "Custom key stores are not supported");
@@ -46,7 +109,8 @@ kms_err kms_op_create_key(struct kms_request *r)
     kms_err rc =
         policy ? kms_check_new_policy(r, policy, "kms:PutKeyPolicy") : kms_default_policy(r, &text);
     if (rc == KMS_OK)
-        rc = kms_keystore_create_key(r->srv->ks, description, policy ? policy : text, &k);
+        rc = kms_keystore_create_key_as(r->srv->ks, description, policy ? policy : text, spec,
+                                        usage, &k);
     free(text);
     KMS_GUARD(rc);
     snprintf(r->key_arn, sizeof r->key_arn, "%s", k.arn);

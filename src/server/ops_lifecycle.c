@@ -9,6 +9,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "common/keyspec.h"
 #include "server/ops.h"
 
 #define LIST_LIMIT_MAX 1000
@@ -30,6 +31,25 @@ static kms_err key_id(struct kms_request *r, const char *action, char id[KMS_UUI
     memcpy(id, key.id_text, sizeof key.id_text);
     kms_keystore_unhold(r->srv->ks, &key);
     return KMS_OK;
+}
+
+/*
+ * Rotation is for symmetric encryption keys: asymmetric and HMAC keys are
+ * never rotated, automatically or on demand, as in AWS KMS.
+ */
+static kms_err rotatable(struct kms_request *r, const char *id, const char *operation)
+{
+    struct kms_key_info k = {0};
+    KMS_GUARD(kms_keystore_describe(r->srv->ks, id, &k));
+    const struct kms_spec_info *s = kms_spec(k.spec);
+    kms_err rc = k.spec == KMS_SPEC_SYMMETRIC_DEFAULT
+                     ? KMS_OK
+                     : KMS_FAIL(KMS_ERR_UNSUPPORTED,
+                                "%s is not supported for %s: it has KeySpec %s, and asymmetric and "
+                                "HMAC KMS keys are not rotated",
+                                operation, k.arn, s ? s->name : "?");
+    kms_key_info_clear(&k);
+    return rc;
 }
 
 /* The answer of operations that return only the key's ARN. */
@@ -93,6 +113,7 @@ kms_err kms_op_enable_key_rotation(struct kms_request *r)
     long days = 0;
     int present;
     KMS_GUARD(key_id(r, "kms:EnableKeyRotation", id));
+    KMS_GUARD(rotatable(r, id, "EnableKeyRotation"));
     KMS_GUARD(kms_in_int(r->in, "RotationPeriodInDays", 1, 100000, &days, &present));
     return kms_keystore_enable_rotation(r->srv->ks, id, present ? days : 0);
 }
@@ -101,6 +122,7 @@ kms_err kms_op_disable_key_rotation(struct kms_request *r)
 {
     char id[KMS_UUID_TEXT_LEN + 1];
     KMS_GUARD(key_id(r, "kms:DisableKeyRotation", id));
+    KMS_GUARD(rotatable(r, id, "DisableKeyRotation"));
     return kms_keystore_disable_rotation(r->srv->ks, id);
 }
 
@@ -109,6 +131,7 @@ kms_err kms_op_get_key_rotation_status(struct kms_request *r)
     char id[KMS_UUID_TEXT_LEN + 1];
     struct kms_key_info k = {0};
     KMS_GUARD(key_id(r, "kms:GetKeyRotationStatus", id));
+    KMS_GUARD(rotatable(r, id, "GetKeyRotationStatus"));
     KMS_GUARD(kms_keystore_describe(r->srv->ks, id, &k));
     r->out = json_pack("{s:b, s:s}", "KeyRotationEnabled", k.rotation_enabled, "KeyId", k.arn);
     if (r->out && k.rotation_enabled) {
@@ -125,6 +148,7 @@ kms_err kms_op_rotate_key_on_demand(struct kms_request *r)
     char id[KMS_UUID_TEXT_LEN + 1];
     struct kms_key_info k = {0};
     KMS_GUARD(key_id(r, "kms:RotateKeyOnDemand", id));
+    KMS_GUARD(rotatable(r, id, "RotateKeyOnDemand"));
     KMS_GUARD(kms_keystore_rotate_on_demand(r->srv->ks, id, &k));
     return answer_key_id(r, &k);
 }
@@ -142,6 +166,7 @@ kms_err kms_op_list_key_rotations(struct kms_request *r)
     kms_err rc;
 
     KMS_GUARD(key_id(r, "kms:ListKeyRotations", id));
+    KMS_GUARD(rotatable(r, id, "ListKeyRotations"));
     KMS_GUARD(kms_in_int(r->in, "Limit", 1, LIST_LIMIT_MAX, &limit, &present));
     KMS_GUARD(kms_in_string(r->in, "Marker", 0, 1, 64, &marker));
     if (marker) {

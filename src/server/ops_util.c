@@ -7,6 +7,7 @@
 
 #include "common/blob.h"
 #include "common/encoding.h"
+#include "common/keyspec.h"
 #include "server/ops.h"
 #include "server/server.h"
 
@@ -181,19 +182,116 @@ kms_err kms_out_blob(json_t *out, const char *name, const uint8_t *p, size_t n)
     return rc;
 }
 
+/* The list member each usage's algorithms go in, as AWS names it. */
+static const char *algorithm_member(int usage)
+{
+    switch (usage) {
+    case KMS_USAGE_ENCRYPT_DECRYPT: return "EncryptionAlgorithms";
+    case KMS_USAGE_SIGN_VERIFY: return "SigningAlgorithms";
+    case KMS_USAGE_GENERATE_VERIFY_MAC: return "MacAlgorithms";
+    case KMS_USAGE_KEY_AGREEMENT: return "KeyAgreementAlgorithms";
+    }
+    return NULL;
+}
+
+kms_err kms_out_key_type(json_t *out, int spec, int usage)
+{
+    const struct kms_spec_info *s = kms_spec(spec);
+    const char *member = algorithm_member(usage);
+    int algs[KMS_ALG_COUNT];
+    json_t *list;
+
+    KMS_ENSURE(s != NULL && member != NULL, KMS_ERR_INTERNAL,
+               "a key of unknown spec %d or usage %d", spec, usage);
+    size_t n = kms_spec_algorithms(spec, usage, algs, KMS_ALG_COUNT);
+    KMS_ENSURE(n > 0, KMS_ERR_INTERNAL, "a key of spec %s has no algorithm for usage %s", s->name,
+               kms_usage_name(usage));
+    KMS_ENSURE((list = json_array()) != NULL, KMS_ERR_INTERNAL, "out of memory");
+    for (size_t i = 0; i < n; i++)
+        json_array_append_new(list, json_string(kms_alg(algs[i])->name));
+    /* CustomerMasterKeySpec is KeySpec's deprecated name: AWS answers both, equal. */
+    if (json_object_set_new(out, member, list) != 0 ||
+        json_object_set_new(out, "KeySpec", json_string(s->name)) != 0 ||
+        json_object_set_new(out, "CustomerMasterKeySpec", json_string(s->name)) != 0 ||
+        json_object_set_new(out, "KeyUsage", json_string(kms_usage_name(usage))) != 0)
+        return KMS_FAIL(KMS_ERR_INTERNAL, "out of memory");
+    return KMS_OK;
+}
+
 json_t *kms_key_metadata(struct kms_server *srv, const struct kms_key_info *k)
 {
-    json_t *m = json_pack(
-        "{s:s, s:s, s:s, s:I, s:b, s:s, s:s, s:s, s:s, s:s, s:s, s:s, s:[s], s:b}", "AWSAccountId",
-        srv->cfg.account, "KeyId", k->id_text, "Arn", k->arn, "CreationDate",
-        (json_int_t)k->created, "Enabled", k->state == KMS_KEY_ENABLED, "Description",
-        k->description ? k->description : "", "KeyUsage", "ENCRYPT_DECRYPT", "KeyState",
-        kms_key_state_name(k->state), "Origin", "AWS_KMS", "KeyManager", "CUSTOMER",
-        "CustomerMasterKeySpec", "SYMMETRIC_DEFAULT", "KeySpec", "SYMMETRIC_DEFAULT",
-        "EncryptionAlgorithms", "SYMMETRIC_DEFAULT", "MultiRegion", 0);
+    json_t *m =
+        json_pack("{s:s, s:s, s:s, s:I, s:b, s:s, s:s, s:s, s:s, s:b}", "AWSAccountId",
+                  srv->cfg.account, "KeyId", k->id_text, "Arn", k->arn, "CreationDate",
+                  (json_int_t)k->created, "Enabled", k->state == KMS_KEY_ENABLED, "Description",
+                  k->description ? k->description : "", "KeyState", kms_key_state_name(k->state),
+                  "Origin", "AWS_KMS", "KeyManager", "CUSTOMER", "MultiRegion", 0);
+    if (m && kms_out_key_type(m, k->spec, k->usage) != KMS_OK) {
+        json_decref(m);
+        return NULL;
+    }
     if (m && k->state == KMS_KEY_PENDING_DELETION)
         json_object_set_new(m, "DeletionDate", json_integer(k->deletion_date));
     return m;
+}
+
+kms_err kms_check_usage(const struct kms_key_info *k, int usage, const char *operation)
+{
+    const struct kms_spec_info *s = kms_spec(k->spec);
+    KMS_ENSURE(s != NULL, KMS_ERR_INTERNAL, "%s has an unknown key spec %d", k->arn, k->spec);
+    KMS_ENSURE(k->usage == usage, KMS_ERR_INVALID_KEY_USAGE,
+               "%s key usage is %s which is not valid for %s.", k->arn, kms_usage_name(k->usage),
+               operation);
+    return KMS_OK;
+}
+
+kms_err kms_check_symmetric(const struct kms_key_info *k, const char *operation)
+{
+    KMS_GUARD(kms_check_usage(k, KMS_USAGE_ENCRYPT_DECRYPT, operation));
+    KMS_ENSURE(k->spec == KMS_SPEC_SYMMETRIC_DEFAULT, KMS_ERR_INVALID_KEY_USAGE,
+               "%s key spec is %s which is not valid for %s: it takes a symmetric encryption "
+               "key (SYMMETRIC_DEFAULT).",
+               k->arn, kms_spec(k->spec)->name, operation);
+    return KMS_OK;
+}
+
+kms_err kms_check_algorithm(const struct kms_key_info *k, int alg)
+{
+    KMS_ENSURE(kms_alg_allowed(k->spec, k->usage, alg), KMS_ERR_INVALID_KEY_USAGE,
+               "Algorithm %s is incompatible with key spec %s and key usage %s of %s.",
+               kms_alg(alg)->name, kms_spec(k->spec) ? kms_spec(k->spec)->name : "?",
+               kms_usage_name(k->usage), k->arn);
+    return KMS_OK;
+}
+
+kms_err kms_in_enum_alg(json_t *in, const char *name, int required, int usage, int *out)
+{
+    const char *v;
+    char m[64], names[512] = "";
+    size_t used = 0;
+
+    *out = -1;
+    KMS_GUARD(kms_in_string(in, name, required, 1, 64, &v));
+    if (!v)
+        return KMS_OK;
+    int alg = kms_alg_by_name(v);
+    if (alg >= 0 && kms_alg(alg)->usage == (enum kms_key_usage)usage) {
+        *out = alg;
+        return KMS_OK;
+    }
+    for (int a = 0; a < KMS_ALG_COUNT; a++) {
+        if (kms_alg(a)->usage != (enum kms_key_usage)usage)
+            continue;
+        int w =
+            snprintf(names + used, sizeof names - used, "%s%s", used ? ", " : "", kms_alg(a)->name);
+        if (w > 0 && (size_t)w < sizeof names - used)
+            used += (size_t)w;
+    }
+    member(name, m, sizeof m);
+    return KMS_FAIL(KMS_ERR_VALIDATION,
+                    "1 validation error detected: Value '%.64s' at '%s' failed to satisfy "
+                    "constraint: Member must satisfy enum value set: [%s]",
+                    v, m, names);
 }
 
 void kms_note_blob(struct kms_request *r, const struct kms_buf *blob, const struct kms_buf *ctx)

@@ -103,6 +103,15 @@ static const char *const operations[] = {
     "PutKeyPolicy",
     "GetKeyPolicy",
     "ListKeyPolicies",
+    /* asymmetric and HMAC keys */
+    "GetPublicKey",
+    "Sign",
+    "Verify",
+    "GenerateMac",
+    "VerifyMac",
+    "DeriveSharedSecret",
+    "GenerateDataKeyPair",
+    "GenerateDataKeyPairWithoutPlaintext",
 };
 #define N_OPERATIONS (sizeof operations / sizeof operations[0])
 _Static_assert(N_OPERATIONS <= 32, "the actions of a statement are a uint32_t");

@@ -70,6 +70,8 @@ struct kms_ratelimit {
 static const char *const class_name[KMS_CLASS_COUNT] = {
     [KMS_CLASS_CRYPTO] = "crypto",
     [KMS_CLASS_MANAGE] = "manage",
+    [KMS_CLASS_ASYM] = "asym",
+    [KMS_CLASS_HMAC] = "hmac",
 };
 
 /* ---- configuration -------------------------------------------------------------- */
@@ -82,6 +84,10 @@ void kms_ratelimit_config_defaults(struct kms_ratelimit_config *c)
         (struct kms_rate){KMS_RL_DEFAULT_CRYPTO_RATE, KMS_RL_DEFAULT_CRYPTO_BURST};
     c->per_principal[KMS_CLASS_MANAGE] =
         (struct kms_rate){KMS_RL_DEFAULT_MANAGE_RATE, KMS_RL_DEFAULT_MANAGE_BURST};
+    c->per_principal[KMS_CLASS_ASYM] =
+        (struct kms_rate){KMS_RL_DEFAULT_ASYM_RATE, KMS_RL_DEFAULT_ASYM_BURST};
+    c->per_principal[KMS_CLASS_HMAC] =
+        (struct kms_rate){KMS_RL_DEFAULT_HMAC_RATE, KMS_RL_DEFAULT_HMAC_BURST};
     c->overrides = NULL;
     c->noverrides = 0;
 }
@@ -123,7 +129,7 @@ static int value_ok(double v)
     return isfinite(v) && v >= 0 && v <= KMS_RL_VALUE_MAX;
 }
 
-/* The six base keys: which field and which bucket (KMS_CLASS_COUNT = global). */
+/* The base keys: which field and which bucket (KMS_CLASS_COUNT = global). */
 static const struct {
     const char *name;
     int burst;
@@ -132,6 +138,8 @@ static const struct {
     {"rate_global", 0, KMS_CLASS_COUNT},  {"burst_global", 1, KMS_CLASS_COUNT},
     {"rate_crypto", 0, KMS_CLASS_CRYPTO}, {"burst_crypto", 1, KMS_CLASS_CRYPTO},
     {"rate_manage", 0, KMS_CLASS_MANAGE}, {"burst_manage", 1, KMS_CLASS_MANAGE},
+    {"rate_asym", 0, KMS_CLASS_ASYM},     {"burst_asym", 1, KMS_CLASS_ASYM},
+    {"rate_hmac", 0, KMS_CLASS_HMAC},     {"burst_hmac", 1, KMS_CLASS_HMAC},
 };
 
 /* Index into base_keys, or -1; *principal is what follows the '.', or NULL. */
@@ -640,6 +648,14 @@ void kms_ratelimit_classify(const char *operation, enum kms_op_class *cls, doubl
         {"GenerateDataKeyWithoutPlaintext", KMS_CLASS_CRYPTO, 1},
         {"GenerateRandom", KMS_CLASS_CRYPTO, 1},
         {"ReEncrypt", KMS_CLASS_CRYPTO, 2},
+        {"Sign", KMS_CLASS_ASYM, 1},
+        {"Verify", KMS_CLASS_ASYM, 1},
+        {"DeriveSharedSecret", KMS_CLASS_ASYM, 1},
+        {"GetPublicKey", KMS_CLASS_ASYM, 1},
+        {"GenerateDataKeyPair", KMS_CLASS_ASYM, 10},
+        {"GenerateDataKeyPairWithoutPlaintext", KMS_CLASS_ASYM, 10},
+        {"GenerateMac", KMS_CLASS_HMAC, 1},
+        {"VerifyMac", KMS_CLASS_HMAC, 1},
         {"DescribeKey", KMS_CLASS_MANAGE, 1},
         {"GetKeyRotationStatus", KMS_CLASS_MANAGE, 1},
         {"ListAliases", KMS_CLASS_MANAGE, 1},

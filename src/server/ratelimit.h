@@ -1,6 +1,7 @@
 /*
  * Token-bucket rate limits: one bucket per principal and operation class
- * (cryptographic vs management, as AWS keeps separate quotas for them), plus
+ * (cryptographic, asymmetric, HMAC and management, as AWS keeps separate
+ * quotas for them), plus
  * one global bucket that every request draws from. A request is allowed only
  * when its principal's class bucket and the global bucket both hold its cost;
  * otherwise it is refused with the time after which a retry can pass, and
@@ -14,10 +15,15 @@
  * Defaults (kms_ratelimit_config_defaults), per principal:
  *   crypto  KMS_RL_DEFAULT_CRYPTO_RATE = 50000/s, burst 50000
  *   manage  KMS_RL_DEFAULT_MANAGE_RATE =  1000/s, burst  2000
+ *   asym    KMS_RL_DEFAULT_ASYM_RATE   =  5000/s, burst  5000
+ *   hmac    KMS_RL_DEFAULT_HMAC_RATE   = 50000/s, burst 50000
  *   global  0 = unlimited
- * The crypto default is above what one node serves (about 20,000/s on two
- * cores), so it only stops a runaway client; operators set their own. With
- * the management costs below that is 1000 reads, 200 changes or 100 new keys
+ * The crypto and hmac defaults are above what one node serves (about
+ * 20,000/s on two cores), so they only stop a runaway client; operators set
+ * their own. asym is lower because a private-key operation costs the token
+ * far more (an RSA-4096 signature ~100 times an AES-GCM wrap), and a key
+ * pair made for GenerateDataKeyPair costs this process more still. With the
+ * management costs below that is 1000 reads, 200 changes or 100 new keys
  * or rotations a second.
  *
  * State is bounded: at most KMS_RL_MAX_PRINCIPALS principals get buckets of
@@ -39,12 +45,28 @@
 
 #include "common/error.h"
 
-enum kms_op_class { KMS_CLASS_CRYPTO, KMS_CLASS_MANAGE, KMS_CLASS_COUNT };
+/*
+ * The limiter classifies a request by its operation alone, before its body
+ * (and so its key) is read: RSA Encrypt and Decrypt count as crypto, as the
+ * symmetric ones do; the operations only asymmetric keys have count as asym,
+ * the HMAC ones as hmac.
+ */
+enum kms_op_class {
+    KMS_CLASS_CRYPTO,
+    KMS_CLASS_MANAGE,
+    KMS_CLASS_ASYM, /* Sign, Verify, DeriveSharedSecret, GetPublicKey, GenerateDataKeyPair* */
+    KMS_CLASS_HMAC, /* GenerateMac, VerifyMac */
+    KMS_CLASS_COUNT
+};
 
 #define KMS_RL_DEFAULT_CRYPTO_RATE 50000.0
 #define KMS_RL_DEFAULT_CRYPTO_BURST 50000.0
 #define KMS_RL_DEFAULT_MANAGE_RATE 1000.0
 #define KMS_RL_DEFAULT_MANAGE_BURST 2000.0
+#define KMS_RL_DEFAULT_ASYM_RATE 5000.0
+#define KMS_RL_DEFAULT_ASYM_BURST 5000.0
+#define KMS_RL_DEFAULT_HMAC_RATE 50000.0
+#define KMS_RL_DEFAULT_HMAC_BURST 50000.0
 
 /* Principals with a bucket of their own; the rest share the overflow entry. */
 #define KMS_RL_MAX_PRINCIPALS 4096
@@ -81,7 +103,8 @@ void kms_ratelimit_config_free(struct kms_ratelimit_config *c);
 
 /*
  * 1 when key belongs to the rate limiter: rate_global, burst_global,
- * rate_crypto, burst_crypto, rate_manage, burst_manage, or one of those
+ * rate_crypto, burst_crypto, rate_manage, burst_manage, rate_asym,
+ * burst_asym, rate_hmac, burst_hmac, or one of those but the global ones
  * followed by ".<principal>". Lets the configuration parser hand such keys
  * to kms_ratelimit_config_set and try its own for the rest.
  */
@@ -160,8 +183,13 @@ size_t kms_ratelimit_principals(struct kms_ratelimit *rl);
 /*
  * Class and cost of an operation (the part of X-Amz-Target after
  * "TrentService."), weighted by what it costs the token:
- *   crypto 1: Encrypt, Decrypt, GenerateDataKey(WithoutPlaintext), GenerateRandom
+ *   crypto 1: Encrypt, Decrypt (RSA keys' included), GenerateDataKey(WithoutPlaintext),
+ *             GenerateRandom
  *   crypto 2: ReEncrypt (a decrypt and an encrypt)
+ *   asym 1:   Sign, Verify, DeriveSharedSecret, GetPublicKey
+ *   asym 10:  GenerateDataKeyPair(WithoutPlaintext) (a key pair made in this process: an
+ *             RSA-4096 pair takes a good part of a second of CPU)
+ *   hmac 1:   GenerateMac, VerifyMac
  *   manage 1: reads served from the index (DescribeKey, List*, GetKeyRotationStatus)
  *   manage 5: metadata rewrites (Enable/Disable*, *KeyDeletion, *Alias, *Tag*)
  *   manage 10: CreateKey, RotateKeyOnDemand (a new KEK and a metadata object)

@@ -90,7 +90,7 @@ struct kms_op {
     int index_only; /* no token call: served on the HTTP thread, not by a worker */
 };
 
-#define KMS_OP_COUNT 25
+#define KMS_OP_COUNT 33
 /* The operation named target, or NULL. */
 const struct kms_op *kms_op_lookup(const char *target);
 /* Operations by position 0..KMS_OP_COUNT-1, and an operation's position. */
@@ -130,5 +130,32 @@ KMS_MUST_CHECK kms_err kms_out_blob(json_t *out, const char *name, const uint8_t
 
 /* KeyMetadata as DescribeKey and CreateKey return it. */
 json_t *kms_key_metadata(struct kms_server *srv, const struct kms_key_info *k);
+/*
+ * What kind of key k is, as DescribeKey and GetPublicKey answer it: KeySpec,
+ * CustomerMasterKeySpec (the same), KeyUsage and the one list of algorithms
+ * that applies (EncryptionAlgorithms, SigningAlgorithms, MacAlgorithms or
+ * KeyAgreementAlgorithms).
+ */
+KMS_MUST_CHECK kms_err kms_out_key_type(json_t *out, int spec, int usage);
+
+/*
+ * An operation's checks of the key it was authorized on, before the key
+ * store is asked (which checks again): InvalidKeyUsageException naming the
+ * key, its usage or spec and the operation when the key is not for it.
+ */
+KMS_MUST_CHECK kms_err kms_check_usage(const struct kms_key_info *k, int usage,
+                                       const char *operation);
+/* A SYMMETRIC_DEFAULT key (ENCRYPT_DECRYPT): GenerateDataKey*, ReEncrypt, blobs. */
+KMS_MUST_CHECK kms_err kms_check_symmetric(const struct kms_key_info *k, const char *operation);
+/* alg is one k's spec and usage allow (common/keyspec.h). */
+KMS_MUST_CHECK kms_err kms_check_algorithm(const struct kms_key_info *k, int alg);
+/*
+ * An algorithm member (EncryptionAlgorithm, SigningAlgorithm, MacAlgorithm,
+ * KeyAgreementAlgorithm) naming an algorithm of usage: *out is its enum
+ * kms_alg, or -1 when absent and not required. Another name is
+ * ValidationException listing the names of that usage, as AWS's enum check.
+ */
+KMS_MUST_CHECK kms_err kms_in_enum_alg(json_t *in, const char *name, int required, int usage,
+                                       int *out);
 
 #endif

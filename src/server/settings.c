@@ -26,6 +26,7 @@ void kms_config_defaults(struct kms_config *c)
     c->session_timeout_ms = 2000;
     c->queue_max = 256;
     c->request_timeout_ms = 5000;
+    c->keygen_timeout_ms = 60000;
     c->max_connections = 4096;
     c->per_ip_connections = 256;
     c->auth_failures_per_minute = 60;
@@ -220,6 +221,7 @@ kms_err kms_config_set(struct kms_config *c, const char *key, const char *value)
         {"session_timeout_ms", offsetof(struct kms_config, session_timeout_ms), 1, 600000},
         {"queue_max", offsetof(struct kms_config, queue_max), 1, 65536},
         {"request_timeout_ms", offsetof(struct kms_config, request_timeout_ms), 10, 600000},
+        {"keygen_timeout_ms", offsetof(struct kms_config, keygen_timeout_ms), 10, 600000},
         {"max_connections", offsetof(struct kms_config, max_connections), 16, 1000000},
         {"per_ip_connections", offsetof(struct kms_config, per_ip_connections), 0, 1000000},
         {"auth_failures_per_minute", offsetof(struct kms_config, auth_failures_per_minute), 0,

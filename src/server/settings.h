@@ -35,6 +35,12 @@ struct kms_config {
     unsigned session_timeout_ms; /* longest wait for a token session */
     unsigned queue_max;          /* requests waiting for a worker before 503 */
     unsigned request_timeout_ms; /* a request unanswered by then gets 503 */
+    /*
+     * Instead of request_timeout_ms when a request makes an RSA key: CreateKey
+     * in the token, GenerateDataKeyPair(WithoutPlaintext) in the process
+     * (SoftHSM2 took over 5 s for RSA-4096 under load). 60000.
+     */
+    unsigned keygen_timeout_ms;
     unsigned max_connections;
     unsigned per_ip_connections; /* 0: no limit per client address */
     /* failed authentications per client address (addrlimit.h) */

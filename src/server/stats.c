@@ -111,7 +111,7 @@ static kms_err collect(void *arg, struct kms_metrics_writer *w)
 
 kms_err kms_stats_start(struct kms_server *srv)
 {
-    static const char *const classes[] = {"crypto", "manage", NULL};
+    static const char *const classes[] = {"crypto", "manage", "asym", "hmac", NULL};
     static const char *const breaker_kinds[] = {"principal", "key", NULL};
     struct kms_stats *st = calloc(1, sizeof *st);
     kms_err rc;

@@ -85,6 +85,16 @@ static const char *const sqlite_migrations[] = {
     "  key TEXT NOT NULL,"
     "  mac TEXT NOT NULL,"
     "  updated INTEGER NOT NULL) WITHOUT ROWID;",
+    /*
+     * 3: asymmetric and HMAC keys. key_spec and key_usage are enum
+     * kms_key_spec and kms_key_usage (common/keyspec.h), set at creation and
+     * never changed; every key made before is SYMMETRIC_DEFAULT for
+     * ENCRYPT_DECRYPT (0, 0). public_key: an asymmetric version's DER
+     * SubjectPublicKeyInfo, NULL for symmetric and HMAC versions.
+     */
+    "ALTER TABLE keys ADD COLUMN key_spec INTEGER NOT NULL DEFAULT 0;"
+    "ALTER TABLE keys ADD COLUMN key_usage INTEGER NOT NULL DEFAULT 0;"
+    "ALTER TABLE versions ADD COLUMN public_key BLOB;",
 };
 
 /*
@@ -157,6 +167,10 @@ static const char *const postgresql_migrations[] = {
     "  key TEXT NOT NULL,"
     "  mac TEXT NOT NULL,"
     "  updated BIGINT NOT NULL);",
+    /* 3: asymmetric and HMAC keys (as SQLite's) */
+    "ALTER TABLE keys ADD COLUMN key_spec BIGINT NOT NULL DEFAULT 0;"
+    "ALTER TABLE keys ADD COLUMN key_usage BIGINT NOT NULL DEFAULT 0;"
+    "ALTER TABLE versions ADD COLUMN public_key BYTEA;",
 };
 
 #define COUNT(a) (int)(sizeof(a) / sizeof(a)[0])

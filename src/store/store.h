@@ -32,8 +32,9 @@
 
 #define KMS_STORE_DESCRIPTION_MAX 8192
 #define KMS_STORE_ALIAS_MAX 256
-#define KMS_WRAPPED_MAX 4096 /* a wrapped version: AES-256 is 40 bytes; room for RSA-4096 */
-#define KMS_ROOT_ID_LEN 16   /* CKA_ID of a root key object */
+#define KMS_WRAPPED_MAX 4096    /* a wrapped version: AES-256 is 40 bytes; room for RSA-4096 */
+#define KMS_ROOT_ID_LEN 16      /* CKA_ID of a root key object */
+#define KMS_PUBLIC_KEY_MAX 1024 /* DER SubjectPublicKeyInfo: RSA-4096's is 550 bytes */
 
 struct kms_store;
 struct kms_tx;
@@ -65,6 +66,8 @@ struct kms_key_row {
     uint32_t current;   /* the current version's vid */
     uint32_t on_demand; /* on-demand rotations made */
     int token_resident; /* versions are token objects (migrated keys), not wrapped rows */
+    int spec;           /* enum kms_key_spec; set at creation, never updated */
+    int usage;          /* enum kms_key_usage; likewise */
     int64_t rev;        /* bumped by every update; kms_store_key_update compares it */
     char *description;  /* malloc'd, never NULL once read; kms_key_row_clear frees it */
     char *policy;       /* malloc'd, NULL: the configured default; kms_key_row_clear frees it */
@@ -81,6 +84,8 @@ struct kms_version_row {
     uint32_t root; /* the root key it is wrapped under; 0 for a token-resident version */
     size_t wrapped_len;
     uint8_t wrapped[KMS_WRAPPED_MAX];
+    size_t public_key_len; /* 0: none (symmetric and HMAC versions) */
+    uint8_t public_key[KMS_PUBLIC_KEY_MAX];
 };
 
 struct kms_alias_row {

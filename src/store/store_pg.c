@@ -85,7 +85,7 @@
 #include "store/engine.h"
 #include "store/schema.h"
 
-#define MAX_PARAMS 14
+#define MAX_PARAMS 16
 #define FEED_CHANNEL "p11kms_changes"
 /*
  * How much longer than timeout_ms we wait for any answer: the server's
@@ -156,17 +156,21 @@ enum stmt {
     S_COUNT
 };
 
-#define KEY_COLUMNS                                                                     \
-    "id, created, description, state, deletion_date, rotation_enabled, rotation_days, " \
-    "rotation_seconds, next_rotation, current_vid, on_demand, token_resident, policy, rev"
-#define VERSION_COLUMNS "key_id, vid, n, created, rotation, reserved, bound, root_id, wrapped"
+#define KEY_COLUMNS                                                                          \
+    "id, created, description, state, deletion_date, rotation_enabled, rotation_days, "      \
+    "rotation_seconds, next_rotation, current_vid, on_demand, token_resident, policy, rev, " \
+    "key_spec, key_usage"
+#define VERSION_COLUMNS                                                      \
+    "key_id, vid, n, created, rotation, reserved, bound, root_id, wrapped, " \
+    "public_key"
 #define ALIAS_COLUMNS "name, target, created, updated"
 
 static const char *const sql[S_COUNT] = {
     [S_KEY_GET] = "SELECT " KEY_COLUMNS " FROM keys WHERE id = $1",
     [S_KEY_GET_LOCK] = "SELECT " KEY_COLUMNS " FROM keys WHERE id = $1 FOR UPDATE",
     [S_KEY_INSERT] = "INSERT INTO keys (" KEY_COLUMNS ") VALUES "
-                     "($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, 1) "
+                     "($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, 1, "
+                     "$14, $15) "
                      "ON CONFLICT DO NOTHING",
     [S_KEY_UPDATE] = "UPDATE keys SET description = $3, state = $4, deletion_date = $5, "
                      "rotation_enabled = $6, rotation_days = $7, rotation_seconds = $8, "
@@ -187,7 +191,7 @@ static const char *const sql[S_COUNT] = {
     [S_VERSION_GET_LOCK] = "SELECT " VERSION_COLUMNS " FROM versions "
                            "WHERE key_id = $1 AND vid = $2 FOR UPDATE",
     [S_VERSION_INSERT] = "INSERT INTO versions (" VERSION_COLUMNS ") VALUES "
-                         "($1, $2, $3, $4, $5, $6, $7, $8, $9) ON CONFLICT DO NOTHING",
+                         "($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) ON CONFLICT DO NOTHING",
     [S_VERSIONS] = "SELECT " VERSION_COLUMNS " FROM versions WHERE key_id = $1 ORDER BY n",
     [S_VERSION_MAX_N] = "SELECT coalesce(max(n), 0) FROM versions WHERE key_id = $1",
     [S_RESERVE_LOCK] = "SELECT reserved FROM versions WHERE key_id = $1 AND vid = $2 FOR UPDATE",
@@ -1181,6 +1185,8 @@ static kms_err key_from(const PGresult *r, int row, struct kms_key_row *k)
     k->on_demand = (uint32_t)col_int(r, row, 10);
     k->token_resident = (int)col_int(r, row, 11);
     k->rev = col_int(r, row, 13);
+    k->spec = (int)col_int(r, row, 14);
+    k->usage = (int)col_int(r, row, 15);
     if (p) {
         k->policy = strdup(p);
         KMS_ENSURE(k->policy != NULL, KMS_ERR_INTERNAL, "out of memory");
@@ -1223,6 +1229,8 @@ static kms_err pg_key_insert(struct kms_tx *base, const struct kms_key_row *k)
     struct params p = {0};
     long n = 0;
     bind_key(&p, k);
+    p_int(&p, k->spec);
+    p_int(&p, k->usage);
     KMS_GUARD(run_write(tx_of(base), S_KEY_INSERT, &p, &n, "insert a key"));
     KMS_ENSURE(n == 1, KMS_ERR_ALREADY_EXISTS, "The entry already exists");
     return KMS_OK;
@@ -1313,6 +1321,12 @@ static kms_err version_from(const PGresult *r, int row, struct kms_version_row *
     if (wn)
         memcpy(v->wrapped, PQgetvalue(r, row, 8), (size_t)wn);
     v->wrapped_len = (size_t)wn;
+    int pn = PQgetisnull(r, row, 9) ? 0 : PQgetlength(r, row, 9);
+    KMS_ENSURE((size_t)pn <= sizeof v->public_key, KMS_ERR_INTERNAL,
+               "a version's public key is too long");
+    if (pn)
+        memcpy(v->public_key, PQgetvalue(r, row, 9), (size_t)pn);
+    v->public_key_len = (size_t)pn;
     return KMS_OK;
 }
 
@@ -1346,6 +1360,7 @@ static kms_err pg_version_insert(struct kms_tx *base, const struct kms_version_r
     else
         p_null_int(&p);
     p_bytes(&p, v->wrapped_len ? v->wrapped : NULL, v->wrapped_len);
+    p_bytes(&p, v->public_key_len ? v->public_key : NULL, v->public_key_len);
     KMS_GUARD(run_write(tx_of(base), S_VERSION_INSERT, &p, &n, "insert a version"));
     KMS_ENSURE(n == 1, KMS_ERR_ALREADY_EXISTS, "The entry already exists");
     return KMS_OK;

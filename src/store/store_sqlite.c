@@ -65,10 +65,13 @@ enum stmt {
     S_COUNT
 };
 
-#define KEY_COLUMNS                                                                     \
-    "id, created, description, state, deletion_date, rotation_enabled, rotation_days, " \
-    "rotation_seconds, next_rotation, current_vid, on_demand, token_resident, policy, rev"
-#define VERSION_COLUMNS "key_id, vid, n, created, rotation, reserved, bound, root_id, wrapped"
+#define KEY_COLUMNS                                                                          \
+    "id, created, description, state, deletion_date, rotation_enabled, rotation_days, "      \
+    "rotation_seconds, next_rotation, current_vid, on_demand, token_resident, policy, rev, " \
+    "key_spec, key_usage"
+#define VERSION_COLUMNS                                                      \
+    "key_id, vid, n, created, rotation, reserved, bound, root_id, wrapped, " \
+    "public_key"
 
 static const char *const sql[S_COUNT] = {
     [S_BEGIN_READ] = "BEGIN DEFERRED",
@@ -77,7 +80,8 @@ static const char *const sql[S_COUNT] = {
     [S_ROLLBACK] = "ROLLBACK",
     [S_KEY_GET] = "SELECT " KEY_COLUMNS " FROM keys WHERE id = ?1",
     [S_KEY_INSERT] = "INSERT INTO keys (" KEY_COLUMNS ") VALUES "
-                     "(?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, 1)",
+                     "(?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, 1, "
+                     "?14, ?15)",
     [S_KEY_UPDATE] = "UPDATE keys SET description = ?3, state = ?4, deletion_date = ?5, "
                      "rotation_enabled = ?6, rotation_days = ?7, rotation_seconds = ?8, "
                      "next_rotation = ?9, current_vid = ?10, on_demand = ?11, "
@@ -95,7 +99,7 @@ static const char *const sql[S_COUNT] = {
                             "ORDER BY deletion_date LIMIT ?2",
     [S_VERSION_GET] = "SELECT " VERSION_COLUMNS " FROM versions WHERE key_id = ?1 AND vid = ?2",
     [S_VERSION_INSERT] = "INSERT INTO versions (" VERSION_COLUMNS ") VALUES "
-                         "(?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+                         "(?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
     [S_VERSIONS] = "SELECT " VERSION_COLUMNS " FROM versions WHERE key_id = ?1 ORDER BY n",
     [S_VERSION_MAX_N] = "SELECT coalesce(max(n), 0) FROM versions WHERE key_id = ?1",
     [S_RESERVE] = "UPDATE versions SET reserved = min(bound, reserved + ?3) "
@@ -555,6 +559,8 @@ static kms_err key_from(sqlite3_stmt *q, struct kms_key_row *r)
     r->on_demand = (uint32_t)sqlite3_column_int64(q, 10);
     r->token_resident = sqlite3_column_int(q, 11);
     r->rev = sqlite3_column_int64(q, 13);
+    r->spec = sqlite3_column_int(q, 14);
+    r->usage = sqlite3_column_int(q, 15);
     if (p) {
         r->policy = strdup(p);
         KMS_ENSURE(r->policy != NULL, KMS_ERR_INTERNAL, "out of memory");
@@ -600,6 +606,8 @@ static kms_err sq_key_insert(struct kms_tx *base, const struct kms_key_row *r)
     sqlite3_stmt *q;
     KMS_GUARD(stmt(tx, S_KEY_INSERT, &q));
     bind_key(q, r);
+    sqlite3_bind_int(q, 14, r->spec);
+    sqlite3_bind_int(q, 15, r->usage);
     return run(tx, q, "insert a key");
 }
 
@@ -697,6 +705,12 @@ static kms_err version_from(sqlite3_stmt *q, struct kms_version_row *r)
     if (w && wn)
         memcpy(r->wrapped, w, wn);
     r->wrapped_len = wn;
+    const void *pk = sqlite3_column_blob(q, 9);
+    size_t pn = (size_t)sqlite3_column_bytes(q, 9);
+    KMS_ENSURE(pn <= sizeof r->public_key, KMS_ERR_INTERNAL, "a version's public key is too long");
+    if (pk && pn)
+        memcpy(r->public_key, pk, pn);
+    r->public_key_len = pk ? pn : 0;
     return KMS_OK;
 }
 
@@ -736,6 +750,10 @@ static kms_err sq_version_insert(struct kms_tx *base, const struct kms_version_r
         sqlite3_bind_blob(q, 9, r->wrapped, (int)r->wrapped_len, SQLITE_STATIC);
     else
         sqlite3_bind_null(q, 9);
+    if (r->public_key_len)
+        sqlite3_bind_blob(q, 10, r->public_key, (int)r->public_key_len, SQLITE_STATIC);
+    else
+        sqlite3_bind_null(q, 10);
     return run(tx, q, "insert a version");
 }
 

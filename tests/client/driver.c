@@ -11,6 +11,25 @@
  *   driver [options] repl            one client, commands from stdin: "gen KEY",
  *                                    "dec" (the last key's blob), "sleep MS", "quit"
  *
+ * Asymmetric and HMAC keys (tests/integration/test_client_asym.py); files
+ * hold raw bytes, ALG "-" is the call's default (NULL), a header is NAME=VALUE:
+ *   driver sign KEY ALG raw|digest MSG OUT        p11kms_sign, the signature to OUT
+ *   driver verify KEY ALG raw|digest MSG SIG      p11kms_verify
+ *   driver mac KEY ALG MSG OUT                    p11kms_generate_mac
+ *   driver verify-mac KEY ALG MSG MAC             p11kms_verify_mac
+ *   driver headers-mac KEY ALG OUT H...           p11kms_headers_mac
+ *   driver headers-verify KEY ALG TAG H...        p11kms_headers_verify
+ *   driver headers-canonical OUT H...             p11kms_headers_canonical
+ *   driver public-key KEY OUT                     p11kms_get_public_key: DER to OUT, then
+ *                                                 "public_key_info\tSPEC\tUSAGE\tARN"
+ *   driver derive KEY PEER OUT                    p11kms_derive_shared_secret
+ *   driver pair KEY SPEC PRIV PUB BLOB            p11kms_generate_data_key_pair (context
+ *                                                 purpose=pair), then p11kms_decrypt_data_key
+ *                                                 of the blob: "pair_blob_match\t0|1"
+ *   driver pair-no-plaintext KEY SPEC PUB BLOB    the same without plaintext
+ *   driver rsa-encrypt KEY ALG IN OUT             p11kms_rsa_encrypt
+ *   driver rsa-decrypt KEY ALG IN OUT             p11kms_rsa_decrypt
+ *
  * Each call prints one line: "<what>\t<status name>\t<milliseconds>\t<message>".
  * The exit status is 0 when the driver ran (whatever the calls gave), 2 on
  * a usage error, 1 when the client cannot be made.
@@ -221,13 +240,202 @@ static int cmd_repl(p11kms_client *c)
     return 0;
 }
 
+/* ---- asymmetric and HMAC keys ---- */
+
+#define FILE_MAX (64 * 1024)
+
+/* A whole file (at most FILE_MAX bytes); exits 2 when it cannot be read. */
+static uint8_t *read_file(const char *path, size_t *n)
+{
+    FILE *f = fopen(path, "rb");
+    uint8_t *buf = malloc(FILE_MAX + 1);
+    if (!f || !buf) {
+        fprintf(stderr, "driver: cannot read %s\n", path);
+        exit(2);
+    }
+    *n = fread(buf, 1, FILE_MAX + 1, f);
+    fclose(f);
+    if (*n > FILE_MAX) {
+        fprintf(stderr, "driver: %s is over %d bytes\n", path, FILE_MAX);
+        exit(2);
+    }
+    return buf;
+}
+
+static void write_file(const char *path, const uint8_t *p, size_t n)
+{
+    FILE *f = fopen(path, "wb");
+    if (!f || fwrite(p, 1, n, f) != n || fclose(f) != 0) {
+        fprintf(stderr, "driver: cannot write %s\n", path);
+        exit(2);
+    }
+}
+
+static const char *alg_arg(const char *s)
+{
+    return strcmp(s, "-") == 0 ? NULL : s;
+}
+
+static p11kms_message_type type_arg(const char *s)
+{
+    if (strcmp(s, "raw") == 0)
+        return P11KMS_MESSAGE_RAW;
+    if (strcmp(s, "digest") == 0)
+        return P11KMS_MESSAGE_DIGEST;
+    fprintf(stderr, "driver: message type raw or digest, not %s\n", s);
+    exit(2);
+}
+
+/* NAME=VALUE arguments as two arrays (pointing into argv, cut at the first '='). */
+static void headers_arg(char **argv, int n, const char ***names, const char ***values)
+{
+    *names = calloc((size_t)n + 1, sizeof **names);
+    *values = calloc((size_t)n + 1, sizeof **values);
+    if (!*names || !*values)
+        exit(1);
+    for (int i = 0; i < n; i++) {
+        char *eq = strchr(argv[i], '=');
+        if (!eq) {
+            fprintf(stderr, "driver: a header is NAME=VALUE, not %s\n", argv[i]);
+            exit(2);
+        }
+        *eq = '\0';
+        (*names)[i] = argv[i];
+        (*values)[i] = eq + 1;
+    }
+}
+
+/* Runs one asymmetric subcommand; -1 when argv names none of them. */
+static int cmd_asym(p11kms_client *c, int argc, char **argv)
+{
+    const char *cmd = argv[0];
+    uint8_t *a = NULL, *b = NULL, *out = NULL;
+    size_t na = 0, nb = 0, nout = 0;
+    p11kms_status st;
+    double t0 = now_ms();
+
+    if (strcmp(cmd, "sign") == 0 && argc == 6) {
+        a = read_file(argv[4], &na);
+        st = p11kms_sign(c, argv[1], alg_arg(argv[2]), type_arg(argv[3]), a, na, &out, &nout);
+        report("sign", st, now_ms() - t0);
+        if (st == P11KMS_OK)
+            write_file(argv[5], out, nout);
+    } else if (strcmp(cmd, "verify") == 0 && argc == 6) {
+        a = read_file(argv[4], &na);
+        b = read_file(argv[5], &nb);
+        st = p11kms_verify(c, argv[1], alg_arg(argv[2]), type_arg(argv[3]), a, na, b, nb);
+        report("verify", st, now_ms() - t0);
+    } else if (strcmp(cmd, "mac") == 0 && argc == 5) {
+        a = read_file(argv[3], &na);
+        st = p11kms_generate_mac(c, argv[1], alg_arg(argv[2]), a, na, &out, &nout);
+        report("mac", st, now_ms() - t0);
+        if (st == P11KMS_OK)
+            write_file(argv[4], out, nout);
+    } else if (strcmp(cmd, "verify-mac") == 0 && argc == 5) {
+        a = read_file(argv[3], &na);
+        b = read_file(argv[4], &nb);
+        st = p11kms_verify_mac(c, argv[1], alg_arg(argv[2]), a, na, b, nb);
+        report("verify_mac", st, now_ms() - t0);
+    } else if ((strcmp(cmd, "headers-mac") == 0 || strcmp(cmd, "headers-verify") == 0) &&
+               argc >= 4) {
+        const char **names, **values;
+        headers_arg(argv + 4, argc - 4, &names, &values);
+        if (strcmp(cmd, "headers-mac") == 0) {
+            st = p11kms_headers_mac(c, argv[1], names, values, (size_t)(argc - 4), alg_arg(argv[2]),
+                                    &out, &nout);
+            report("headers_mac", st, now_ms() - t0);
+            if (st == P11KMS_OK)
+                write_file(argv[3], out, nout);
+        } else {
+            b = read_file(argv[3], &nb);
+            st = p11kms_headers_verify(c, argv[1], names, values, (size_t)(argc - 4),
+                                       alg_arg(argv[2]), b, nb);
+            report("headers_verify", st, now_ms() - t0);
+        }
+        free(names);
+        free(values);
+    } else if (strcmp(cmd, "headers-canonical") == 0 && argc >= 2) {
+        const char **names, **values;
+        headers_arg(argv + 2, argc - 2, &names, &values);
+        st = p11kms_headers_canonical(names, values, (size_t)(argc - 2), &out, &nout);
+        report("headers_canonical", st, now_ms() - t0);
+        if (st == P11KMS_OK)
+            write_file(argv[1], out, nout);
+        free(names);
+        free(values);
+    } else if (strcmp(cmd, "public-key") == 0 && argc == 3) {
+        struct p11kms_public_key pk;
+        st = p11kms_get_public_key(c, argv[1], &pk);
+        report("public_key", st, now_ms() - t0);
+        if (st == P11KMS_OK) {
+            write_file(argv[2], pk.der, pk.der_len);
+            printf("public_key_info\t%s\t%s\t%s\n", pk.key_spec, pk.key_usage, pk.key_arn);
+        }
+        p11kms_public_key_clear(&pk);
+    } else if (strcmp(cmd, "derive") == 0 && argc == 4) {
+        a = read_file(argv[2], &na);
+        st = p11kms_derive_shared_secret(c, argv[1], a, na, &out, &nout);
+        report("derive", st, now_ms() - t0);
+        if (st == P11KMS_OK)
+            write_file(argv[3], out, nout);
+    } else if ((strcmp(cmd, "pair") == 0 && argc == 6) ||
+               (strcmp(cmd, "pair-no-plaintext") == 0 && argc == 5)) {
+        const struct p11kms_context ctx[] = {{"purpose", "pair"}};
+        struct p11kms_data_key_pair kp;
+        int plain = strcmp(cmd, "pair") == 0;
+        st = plain ? p11kms_generate_data_key_pair(c, argv[1], argv[2], ctx, 1, &kp)
+                   : p11kms_generate_data_key_pair_without_plaintext(c, argv[1], argv[2], ctx, 1,
+                                                                     &kp);
+        report(plain ? "pair" : "pair_no_plaintext", st, now_ms() - t0);
+        if (st == P11KMS_OK) {
+            struct p11kms_data_key dk;
+            if (plain)
+                write_file(argv[3], kp.private_key, kp.private_key_len);
+            else
+                printf("private_key_null\t%d\n", kp.private_key == NULL);
+            write_file(argv[plain ? 4 : 3], kp.public_key, kp.public_key_len);
+            write_file(argv[plain ? 5 : 4], kp.private_key_blob, kp.private_key_blob_len);
+            printf("pair_info\t%s\t%s\n", kp.key_pair_spec, kp.key_arn);
+            if (plain) {
+                t0 = now_ms();
+                st = p11kms_decrypt_data_key(c, kp.private_key_blob, kp.private_key_blob_len, ctx,
+                                             1, &dk);
+                report("pair_decrypt_blob", st, now_ms() - t0);
+                if (st == P11KMS_OK)
+                    printf("pair_blob_match\t%d\n",
+                           dk.plaintext_len == kp.private_key_len &&
+                               memcmp(dk.plaintext, kp.private_key, dk.plaintext_len) == 0);
+                p11kms_data_key_clear(&dk);
+            }
+        }
+        p11kms_data_key_pair_clear(&kp);
+    } else if ((strcmp(cmd, "rsa-encrypt") == 0 || strcmp(cmd, "rsa-decrypt") == 0) && argc == 5) {
+        int enc = strcmp(cmd, "rsa-encrypt") == 0;
+        a = read_file(argv[3], &na);
+        st = enc ? p11kms_rsa_encrypt(c, argv[1], alg_arg(argv[2]), a, na, &out, &nout)
+                 : p11kms_rsa_decrypt(c, argv[1], alg_arg(argv[2]), a, na, &out, &nout);
+        report(enc ? "rsa_encrypt" : "rsa_decrypt", st, now_ms() - t0);
+        if (st == P11KMS_OK)
+            write_file(argv[4], out, nout);
+    } else {
+        return -1;
+    }
+    free(a);
+    free(b);
+    p11kms_free(out, nout);
+    return 0;
+}
+
 static int usage(void)
 {
     fprintf(stderr,
             "usage: driver [--ca-file F] [--cert F] [--key F] [--max-attempts N]\n"
             "  [--threshold N] [--cooldown-ms N] [--timeout-ms N] [--connect-timeout-ms N]\n"
             "  [--retry-base-ms N] [--retry-cap-ms N] [--budget-ms N]\n"
-            "  roundtrip KEY | generate KEY N | threads KEY T N | repl\n");
+            "  roundtrip KEY | generate KEY N | threads KEY T N | repl\n"
+            "  | sign|verify|mac|verify-mac|headers-mac|headers-verify|headers-canonical\n"
+            "  | public-key|derive|pair|pair-no-plaintext|rsa-encrypt|rsa-decrypt ...\n"
+            "  (the header comment of tests/client/driver.c says each one's arguments)\n");
     return 2;
 }
 
@@ -296,7 +504,7 @@ int main(int argc, char **argv)
         rc = cmd_threads(c, argv[i + 1], number(argv[i + 2]), number(argv[i + 3]));
     else if (strcmp(argv[i], "repl") == 0 && argc - i == 1)
         rc = cmd_repl(c);
-    else
+    else if ((rc = cmd_asym(c, argc - i, argv + i)) < 0)
         rc = usage();
     p11kms_client_free(c);
     return rc;

@@ -13,6 +13,7 @@
 #include <string.h>
 
 #include "common/json_alloc.h"
+#include "common/keyspec.h"
 #include "server/server.h"
 
 int LLVMFuzzerInitialize(int *argc, char ***argv);
@@ -82,6 +83,24 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     /* Accepted or refused: both are outcomes; only a crash or leak is a fault. */
     (void)!kms_in_grant_tokens(in);
     (void)!kms_in_algorithm(in);
+    /* The algorithm members of asymmetric and HMAC keys: a decoded one is of its usage. */
+    static const struct {
+        const char *name;
+        int usage;
+    } algs[] = {{"EncryptionAlgorithm", KMS_USAGE_ENCRYPT_DECRYPT},
+                {"SigningAlgorithm", KMS_USAGE_SIGN_VERIFY},
+                {"MacAlgorithm", KMS_USAGE_GENERATE_VERIFY_MAC},
+                {"KeyAgreementAlgorithm", KMS_USAGE_KEY_AGREEMENT}};
+    for (size_t i = 0; i < sizeof algs / sizeof algs[0]; i++) {
+        int alg = -2;
+        if (kms_in_enum_alg(in, algs[i].name, 0, algs[i].usage, &alg) == KMS_OK && alg != -1 &&
+            (!kms_alg(alg) || kms_alg(alg)->usage != (enum kms_key_usage)algs[i].usage))
+            abort();
+    }
+    if (kms_in_blob(in, "Message", 1, 1, 4096, &blob, &present) == KMS_OK && present &&
+        (blob.len < 1 || blob.len > 4096))
+        abort();
+    kms_buf_free(&blob);
     json_decref(in);
     return 0;
 }

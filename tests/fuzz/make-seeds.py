@@ -136,3 +136,12 @@ put("request", "bad-types", '{"KeyId":5,"NumberOfBytes":"32","EncryptionContext"
 put("request", "bad-nul", '{"KeyId":"a\\u0000b","EncryptionContext":{"a\\u0000":"b"}}')
 put("request", "bad-duplicate", '{"KeyId":"a","KeyId":"b"}')
 put("request", "empty", "{}")
+# asymmetric and HMAC keys: the algorithm members, one of each usage
+put("request", "sign", '{"KeyId":"alias/signer","Message":"aGVsbG8=","MessageType":"RAW",'
+    '"SigningAlgorithm":"ECDSA_SHA_256","GrantTokens":["t1"]}')
+put("request", "verify-mac", '{"KeyId":"alias/mac","Message":"aGVsbG8=",'
+    '"Mac":"AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=","MacAlgorithm":"HMAC_SHA_256"}')
+put("request", "derive", '{"KeyId":"alias/agree","KeyAgreementAlgorithm":"ECDH",'
+    '"PublicKey":"MFkwEwYHKoZIzj0CAQ=="}')
+put("request", "bad-algorithms", '{"EncryptionAlgorithm":"RSAES_OAEP_SHA_256",'
+    '"SigningAlgorithm":"HMAC_SHA_256","MacAlgorithm":5,"KeyAgreementAlgorithm":"ecdh"}')

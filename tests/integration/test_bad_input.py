@@ -363,6 +363,24 @@ def base_bodies():
         "PutKeyPolicy": {"KeyId": C.scratch, "PolicyName": "default", "Policy": C.policy},
         "GetKeyPolicy": {"KeyId": C.scratch, "PolicyName": "default"},
         "ListKeyPolicies": {"KeyId": C.scratch},
+        # asymmetric and HMAC keys: refused for the member made wrong before the key is looked at
+        "GetPublicKey": {"KeyId": C.key, "GrantTokens": ["t"]},
+        "Sign": {"KeyId": C.key, "Message": b64(b"m"), "MessageType": "RAW",
+                 "SigningAlgorithm": "ECDSA_SHA_256", "GrantTokens": ["t"]},
+        "Verify": {"KeyId": C.key, "Message": b64(b"m"), "MessageType": "RAW",
+                   "Signature": b64(b"s" * 64), "SigningAlgorithm": "ECDSA_SHA_256",
+                   "GrantTokens": ["t"]},
+        "GenerateMac": {"KeyId": C.key, "Message": b64(b"m"), "MacAlgorithm": "HMAC_SHA_256",
+                        "GrantTokens": ["t"]},
+        "VerifyMac": {"KeyId": C.key, "Message": b64(b"m"), "Mac": b64(b"x" * 32),
+                      "MacAlgorithm": "HMAC_SHA_256", "GrantTokens": ["t"]},
+        "DeriveSharedSecret": {"KeyId": C.key, "KeyAgreementAlgorithm": "ECDH",
+                               "PublicKey": b64(b"\x30" * 91), "GrantTokens": ["t"]},
+        "GenerateDataKeyPair": {"KeyId": C.key, "KeyPairSpec": "ECC_NIST_P256",
+                                "EncryptionContext": CONTEXT, "GrantTokens": ["t"]},
+        "GenerateDataKeyPairWithoutPlaintext": {"KeyId": C.key, "KeyPairSpec": "RSA_2048",
+                                                "EncryptionContext": CONTEXT,
+                                                "GrantTokens": ["t"]},
     }
 
 
@@ -490,6 +508,21 @@ MEMBERS = {
     "PutKeyPolicy": [("KeyId", "string!"), ("PolicyName", "string"), ("Policy", "string!")],
     "GetKeyPolicy": [("KeyId", "string!"), ("PolicyName", "string")],
     "ListKeyPolicies": [("KeyId", "string!")],
+    "GetPublicKey": [("KeyId", "string!"), ("GrantTokens", "tokens")],
+    "Sign": [("KeyId", "string!"), ("Message", "blob!"), ("MessageType", "string"),
+             ("SigningAlgorithm", "string!"), ("GrantTokens", "tokens")],
+    "Verify": [("KeyId", "string!"), ("Message", "blob!"), ("MessageType", "string"),
+               ("Signature", "blob!"), ("SigningAlgorithm", "string!"), ("GrantTokens", "tokens")],
+    "GenerateMac": [("KeyId", "string!"), ("Message", "blob!"), ("MacAlgorithm", "string!"),
+                    ("GrantTokens", "tokens")],
+    "VerifyMac": [("KeyId", "string!"), ("Message", "blob!"), ("Mac", "blob!"),
+                  ("MacAlgorithm", "string!"), ("GrantTokens", "tokens")],
+    "DeriveSharedSecret": [("KeyId", "string!"), ("KeyAgreementAlgorithm", "string!"),
+                           ("PublicKey", "blob!"), ("GrantTokens", "tokens")],
+    "GenerateDataKeyPair": [("KeyId", "string!"), ("KeyPairSpec", "string!"),
+                            ("EncryptionContext", "context"), ("GrantTokens", "tokens")],
+    "GenerateDataKeyPairWithoutPlaintext": [("KeyId", "string!"), ("KeyPairSpec", "string!"),
+                                            ("EncryptionContext", "context")],
 }
 
 WANT = {"string": "a string", "int": "an integer", "blob": "a base64 string",
@@ -668,10 +701,16 @@ def invalid_value_cases():
     enc = {"KeyId": C.key, "Plaintext": b64(MARKER)}
     add("Encrypt: empty Plaintext", "Encrypt", with_member(enc, "Plaintext", ""),
         "ValidationException", 400, length_bound("plaintext", 1, False))
-    for alg in ("RSAES_OAEP_SHA_256", "symmetric_default", "SM2PKE"):
+    for alg in ("symmetric_default", "SM2PKE"):
         add("Encrypt: EncryptionAlgorithm %s" % alg, "Encrypt",
             with_member(enc, "EncryptionAlgorithm", alg), "ValidationException", 400,
-            "EncryptionAlgorithm must be SYMMETRIC_DEFAULT for a symmetric key")
+            "1 validation error detected: Value '%s' at 'encryptionAlgorithm' failed to satisfy "
+            "constraint: Member must satisfy enum value set: [SYMMETRIC_DEFAULT, "
+            "RSAES_OAEP_SHA_1, RSAES_OAEP_SHA_256]" % alg)
+    add("Encrypt: EncryptionAlgorithm RSAES_OAEP_SHA_256 with a symmetric key", "Encrypt",
+        with_member(enc, "EncryptionAlgorithm", "RSAES_OAEP_SHA_256"), "InvalidKeyUsageException",
+        400, "Algorithm RSAES_OAEP_SHA_256 is incompatible with key spec SYMMETRIC_DEFAULT and "
+        "key usage ENCRYPT_DECRYPT of %skey/%s." % (ARN_PREFIX, C.key))
     blob = base64.b64decode(C.blob)
     dec = {"CiphertextBlob": C.blob, "EncryptionContext": CONTEXT}
 
@@ -716,21 +755,46 @@ def invalid_value_cases():
         dict(rex, SourceEncryptionContext={"a": "b"}), "InvalidCiphertextException")
     add("ReEncrypt: a garbage blob", "ReEncrypt", dict(rex, CiphertextBlob=b64(b"\x01" * 40)),
         "InvalidCiphertextException")
-    add("ReEncrypt: SourceEncryptionAlgorithm RSAES_OAEP_SHA_256", "ReEncrypt",
-        dict(rex, SourceEncryptionAlgorithm="RSAES_OAEP_SHA_256"), "ValidationException")
+    add("ReEncrypt: SourceEncryptionAlgorithm RSAES_OAEP_SHA_256 without SourceKeyId",
+        "ReEncrypt", dict(rex, SourceEncryptionAlgorithm="RSAES_OAEP_SHA_256"),
+        "ValidationException", 400, "SourceKeyId is required with SourceEncryptionAlgorithm "
+        "RSAES_OAEP_SHA_256: an asymmetric ciphertext does not name its KMS key")
+    add("ReEncrypt: SourceEncryptionAlgorithm RSAES_OAEP_SHA_1 with a symmetric SourceKeyId",
+        "ReEncrypt", dict(rex, SourceKeyId=C.key, SourceEncryptionAlgorithm="RSAES_OAEP_SHA_1"),
+        "InvalidKeyUsageException", 400, "Algorithm RSAES_OAEP_SHA_1 is incompatible with key "
+        "spec SYMMETRIC_DEFAULT and key usage ENCRYPT_DECRYPT of %skey/%s." % (ARN_PREFIX, C.key))
     add("ReEncrypt: DestinationEncryptionAlgorithm x", "ReEncrypt",
         dict(rex, DestinationEncryptionAlgorithm="x"), "ValidationException")
 
     # Keys.
-    for member, value in (("KeySpec", "AES_256"), ("KeySpec", "RSA_2048"),
-                          ("CustomerMasterKeySpec", "ECC_NIST_P256"),
-                          ("KeyUsage", "SIGN_VERIFY"), ("KeyUsage", "GENERATE_VERIFY_MAC"),
-                          ("Origin", "EXTERNAL"), ("Origin", "AWS_CLOUDHSM")):
+    for member, value in (("Origin", "EXTERNAL"), ("Origin", "AWS_CLOUDHSM")):
         add("CreateKey: %s %s" % (member, value), "CreateKey", {member: value},
             "UnsupportedOperationException", 400,
-            "%s %s is not supported; only %s" % (member, value, {
-                "KeySpec": "SYMMETRIC_DEFAULT", "CustomerMasterKeySpec": "SYMMETRIC_DEFAULT",
-                "KeyUsage": "ENCRYPT_DECRYPT", "Origin": "AWS_KMS"}[member]))
+            "%s %s is not supported; only AWS_KMS" % (member, value))
+    # Key specs and usages (docs/api.md#asymmetric-and-hmac-keys): none of these makes a key.
+    for body, etype, message in (
+            ({"KeySpec": "AES_256"}, "ValidationException", re.compile(
+                r"^1 validation error detected: Value 'AES_256' at 'keySpec' failed to satisfy "
+                r"constraint: Member must satisfy enum value set: \[RSA_2048, ")),
+            ({"KeySpec": "RSA_2048", "KeyUsage": "GENERATE_VERIFY_MAC"}, "ValidationException",
+             "KeyUsage GENERATE_VERIFY_MAC is not compatible with KeySpec RSA_2048: it takes "
+             "ENCRYPT_DECRYPT or SIGN_VERIFY"),
+            ({"CustomerMasterKeySpec": "ECC_NIST_P256"}, "ValidationException",
+             "KeyUsage ENCRYPT_DECRYPT is not compatible with KeySpec ECC_NIST_P256: it takes "
+             "SIGN_VERIFY or KEY_AGREEMENT (KeyUsage defaults to ENCRYPT_DECRYPT)"),
+            ({"KeyUsage": "SIGN_VERIFY"}, "ValidationException",
+             "KeyUsage SIGN_VERIFY is not compatible with KeySpec SYMMETRIC_DEFAULT: it takes "
+             "ENCRYPT_DECRYPT"),
+            ({"KeyUsage": "GENERATE_VERIFY_MAC"}, "ValidationException",
+             "KeyUsage GENERATE_VERIFY_MAC is not compatible with KeySpec SYMMETRIC_DEFAULT: it "
+             "takes ENCRYPT_DECRYPT"),
+            ({"KeySpec": "ECC_SECG_P256K1", "KeyUsage": "SIGN_VERIFY"},
+             "UnsupportedOperationException", "KeySpec ECC_SECG_P256K1 is not supported by p11kms"),
+            ({"KeySpec": "HMAC_256", "CustomerMasterKeySpec": "HMAC_384"}, "ValidationException",
+             "KeySpec HMAC_256 and CustomerMasterKeySpec HMAC_384 differ. CustomerMasterKeySpec "
+             "is deprecated: specify KeySpec only.")):
+        add("CreateKey: %s" % json.dumps(body, sort_keys=True), "CreateKey", body, etype, 400,
+            message)
     add("CreateKey: MultiRegion true", "CreateKey", {"MultiRegion": True},
         "UnsupportedOperationException", 400, "Multi-Region keys are not supported")
     add("CreateKey: CustomKeyStoreId", "CreateKey", {"CustomKeyStoreId": "cks-1"},
@@ -981,8 +1045,8 @@ def protocol_cases():
                           ("ListResourceTags", "TrentService.ListResourceTags"),
                           ("TagResource", "TrentService.TagResource"),
                           ("CreateGrant", "TrentService.CreateGrant"),
-                          ("Sign", "TrentService.Sign"),
-                          ("GenerateMac", "TrentService.GenerateMac"),
+                          ("ReplicateKey", "TrentService.ReplicateKey"),
+                          ("GetParametersForImport", "TrentService.GetParametersForImport"),
                           ("ImportKeyMaterial", "TrentService.ImportKeyMaterial"),
                           ("a DEL character", "TrentService.Describe\x7fKey")):
         message = ("The request names no operation (X-Amz-Target)" if target is False
@@ -1379,7 +1443,7 @@ def marker_cases():
          "SerializationException", 400),
         ("EncryptionAlgorithm RSAES_OAEP_SHA_1", {"KeyId": C.key, "Plaintext": m,
                                                   "EncryptionAlgorithm": "RSAES_OAEP_SHA_1"},
-         "ValidationException", 400),
+         "InvalidKeyUsageException", 400),
         ("unknown key", {"KeyId": MISSING_KEY, "Plaintext": m}, "NotFoundException", 404),
         ("unknown alias", {"KeyId": "alias/bad-input-nope", "Plaintext": m},
          "NotFoundException", 404),
@@ -1473,7 +1537,10 @@ MANAGE_COST = {"CreateKey": 10, "RotateKeyOnDemand": 10, "DescribeKey": 1, "List
                "ListAliases": 1, "GetKeyRotationStatus": 1, "ListKeyRotations": 1,
                "GetKeyPolicy": 1, "ListKeyPolicies": 1}
 CRYPTO = ("Encrypt", "Decrypt", "GenerateDataKey", "GenerateDataKeyWithoutPlaintext",
-          "GenerateRandom", "ReEncrypt")
+          "GenerateRandom", "ReEncrypt",
+          # not management either: the asym and hmac classes
+          "GetPublicKey", "Sign", "Verify", "DeriveSharedSecret", "GenerateDataKeyPair",
+          "GenerateDataKeyPairWithoutPlaintext", "GenerateMac", "VerifyMac")
 
 
 def documented_operations():

@@ -49,7 +49,8 @@ static void test_status_names(void **state)
         for (int t = 0; t < s; t++)
             assert_string_not_equal(name, p11kms_status_name((p11kms_status)t));
         /* one status per AWS error type: those names are the types */
-        if (s >= P11KMS_ERR_VALIDATION && s < P11KMS_ERR_SERVICE) {
+        if ((s >= P11KMS_ERR_VALIDATION && s < P11KMS_ERR_SERVICE) ||
+            s >= P11KMS_ERR_BAD_SIGNATURE) {
             size_t n = strlen(name);
             assert_true(n > 9 && strcmp(name + n - 9, "Exception") == 0);
         }
@@ -58,6 +59,13 @@ static void test_status_names(void **state)
     assert_string_equal(p11kms_status_name(P11KMS_ERR_CIRCUIT_OPEN), "CircuitOpen");
     assert_string_equal(p11kms_status_name(P11KMS_ERR_TRANSPORT), "TransportError");
     assert_string_equal(p11kms_status_name(P11KMS_ERR_NOT_FOUND), "NotFoundException");
+    assert_string_equal(p11kms_status_name(P11KMS_ERR_BAD_SIGNATURE),
+                        "KMSInvalidSignatureException");
+    assert_string_equal(p11kms_status_name(P11KMS_ERR_BAD_MAC), "KMSInvalidMacException");
+    /* appended: the numbers applications compiled against stay */
+    assert_int_equal(P11KMS_ERR_SERVICE, 35);
+    assert_int_equal(P11KMS_ERR_BAD_SIGNATURE, 36);
+    assert_int_equal(P11KMS_ERR_BAD_MAC, 37);
     assert_string_equal(p11kms_status_name(P11KMS_STATUS_COUNT), "Unknown");
     assert_string_equal(p11kms_status_name((p11kms_status)-1), "Unknown");
     assert_string_equal(p11kms_status_name((p11kms_status)1000), "Unknown");
@@ -90,6 +98,8 @@ static const p11kms_status expected_status[KMS_ERR_COUNT] = {
     [KMS_ERR_INTERNAL] = P11KMS_ERR_INTERNAL,
     [KMS_ERR_KEY_UNAVAILABLE] = P11KMS_ERR_KEY_UNAVAILABLE,
     [KMS_ERR_DEPENDENCY_TIMEOUT] = P11KMS_ERR_DEPENDENCY_TIMEOUT,
+    [KMS_ERR_BAD_SIGNATURE] = P11KMS_ERR_BAD_SIGNATURE,
+    [KMS_ERR_BAD_MAC] = P11KMS_ERR_BAD_MAC,
 };
 
 static void test_every_server_type_maps(void **state)
@@ -107,6 +117,8 @@ static void test_every_service_status_round_trips(void **state)
     (void)state;
     for (int s = P11KMS_ERR_VALIDATION; s < P11KMS_ERR_SERVICE; s++)
         assert_int_equal(kms_client_status_of_type(p11kms_status_name((p11kms_status)s)), s);
+    for (int s = P11KMS_ERR_BAD_SIGNATURE; s < P11KMS_STATUS_COUNT; s++)
+        assert_int_equal(kms_client_status_of_type(p11kms_status_name((p11kms_status)s)), s);
 }
 
 static void test_type_forms(void **state)
@@ -119,6 +131,13 @@ static void test_type_forms(void **state)
                      P11KMS_ERR_THROTTLED);
     assert_int_equal(kms_client_status_of_type("KMSInvalidStateException"),
                      P11KMS_ERR_INVALID_STATE);
+    /* Verify's "no" is not SigV4's, though the names differ only by the prefix */
+    assert_int_equal(kms_client_status_of_type("com.amazonaws.kms#KMSInvalidSignatureException"),
+                     P11KMS_ERR_BAD_SIGNATURE);
+    assert_int_equal(kms_client_status_of_type("InvalidSignatureException"),
+                     P11KMS_ERR_INVALID_SIGNATURE);
+    assert_int_equal(kms_client_status_of_type("KMSInvalidMacException:http://internal/"),
+                     P11KMS_ERR_BAD_MAC);
     /* unknown types, near misses, and the library's own names are not the service's */
     const char *others[] = {"",
                             "Bogus",
@@ -129,6 +148,7 @@ static void test_type_forms(void **state)
                             "TransportError",
                             "OK",
                             "ServiceError",
+                            "InvalidMacException",
                             "com.amazonaws.kms#"};
     for (size_t i = 0; i < N_ELEMS(others); i++)
         assert_int_equal(kms_client_status_of_type(others[i]), P11KMS_ERR_SERVICE);

@@ -42,6 +42,8 @@ static void test_config_defaults(void **state)
     assert_int_equal(c.threads, 4);
     assert_int_equal(c.sessions, 0);
     assert_int_equal(c.session_timeout_ms, 2000);
+    assert_int_equal(c.request_timeout_ms, 5000);
+    assert_int_equal(c.keygen_timeout_ms, 60000); /* RSA key generation takes seconds */
     assert_int_equal(c.max_body, 64 * 1024);
     assert_int_equal(c.database_timeout_ms, 5000);
     assert_int_equal(c.database_pool, 8);
@@ -88,6 +90,35 @@ static void test_config_http_protection_settings(void **state)
     expect_config_error("auth_failure_burst = 0\n", 1);
     expect_config_error("threads = 2\nauth_failure_cooldown_s = 0\n", 2);
     expect_config_error("metrics_key_ids = 1\n", 1);
+}
+
+static void test_config_rate_classes(void **state)
+{
+    static const char text[] = "rate_crypto = 100\n"
+                               "rate_asym = 30\n"
+                               "burst_asym = 60\n"
+                               "rate_hmac = 200\n"
+                               "burst_hmac = 400\n"
+                               "rate_asym.signer = 5\n";
+    struct kms_config c;
+    (void)state;
+
+    kms_config_defaults(&c);
+    assert_true(c.limits.per_principal[KMS_CLASS_ASYM].rate == KMS_RL_DEFAULT_ASYM_RATE);
+    assert_true(c.limits.per_principal[KMS_CLASS_HMAC].burst == KMS_RL_DEFAULT_HMAC_BURST);
+    assert_int_equal(kms_config_parse(&c, text), KMS_OK);
+    assert_true(c.limits.per_principal[KMS_CLASS_CRYPTO].rate == 100);
+    assert_true(c.limits.per_principal[KMS_CLASS_ASYM].rate == 30);
+    assert_true(c.limits.per_principal[KMS_CLASS_ASYM].burst == 60);
+    assert_true(c.limits.per_principal[KMS_CLASS_HMAC].rate == 200);
+    assert_true(c.limits.per_principal[KMS_CLASS_HMAC].burst == 400);
+    assert_int_equal(c.limits.noverrides, 1);
+    assert_string_equal(c.limits.overrides[0].principal, "signer");
+    assert_true(c.limits.overrides[0].cls[KMS_CLASS_ASYM].rate == 5);
+    assert_true(c.limits.overrides[0].cls[KMS_CLASS_HMAC].rate == KMS_RATE_INHERIT);
+    kms_config_free(&c);
+    expect_config_error("rate_rsa = 5\n", 1);
+    expect_config_error("threads = 2\nburst_hmac = -1\n", 2);
 }
 
 static void test_config_parse_every_key(void **state)
@@ -197,6 +228,7 @@ static void test_config_errors_name_the_line(void **state)
     expect_config_error("# c\nsessions = 99999999999999999999999\n", 2);
     expect_config_error("max_body = 1023\n", 1);
     expect_config_error("session_timeout_ms = 600001\n", 1);
+    expect_config_error("keygen_timeout_ms = 9\n", 1);
     /* threads 0 */
     expect_config_error("token = t\nthreads = 0\n", 2);
     expect_config_error("threads = 257\n", 1);
@@ -619,6 +651,7 @@ int main(void)
         cmocka_unit_test(test_config_later_value_wins),
         cmocka_unit_test(test_config_comments_and_blanks_ignored),
         cmocka_unit_test(test_config_http_protection_settings),
+        cmocka_unit_test(test_config_rate_classes),
         cmocka_unit_test(test_config_errors_name_the_line),
         cmocka_unit_test(test_config_database_urls),
         cmocka_unit_test(test_config_breaker),

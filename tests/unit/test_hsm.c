@@ -15,20 +15,15 @@
 #include <setjmp.h>
 #include <cmocka.h>
 
-#include <ftw.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/stat.h>
 #include <unistd.h>
 
 #include "common/buf.h"
 #include "common/error.h"
 #include "hsm/hsm.h"
-
-#define LABEL "p11kms-unit"
-#define SO_PIN "unit-so-pin-0000"
-#define USER_PIN "unit-user-pin-0000"
+#include "token.h"
 
 struct fixture {
     char dir[128];
@@ -36,64 +31,12 @@ struct fixture {
     struct kms_session *s;
 };
 
-static const char *module_path(void)
-{
-    const char *m = getenv("SOFTHSM_MODULE");
-    return m && *m ? m : P11KMS_SOFTHSM_MODULE;
-}
-
-static int remove_entry(const char *path, const struct stat *sb, int flag, struct FTW *ftw)
-{
-    (void)sb;
-    (void)flag;
-    (void)ftw;
-    return remove(path);
-}
-
-/* A fresh token in its own folder; SOFTHSM2_CONF names it for this process. */
-static int make_token(char *dir, size_t n)
-{
-    char conf[256], tokens[192];
-    const char *base = getenv("TMPDIR");
-    snprintf(dir, n, "%s/p11kms-hsm-XXXXXX", base && *base && strlen(base) < 80 ? base : "/tmp");
-    if (!mkdtemp(dir))
-        return -1;
-    snprintf(tokens, sizeof tokens, "%s/tokens", dir);
-    snprintf(conf, sizeof conf, "%s/softhsm2.conf", dir);
-    if (mkdir(tokens, 0700) != 0)
-        return -1;
-    FILE *fp = fopen(conf, "w");
-    if (!fp)
-        return -1;
-    fprintf(fp,
-            "directories.tokendir = %s\nobjectstore.backend = file\nlog.level = ERROR\n"
-            "slots.removable = false\n",
-            tokens);
-    if (fclose(fp) != 0 || setenv("SOFTHSM2_CONF", conf, 1) != 0)
-        return -1;
-    if (kms_hsm_init_token(module_path(), LABEL, SO_PIN, USER_PIN) != KMS_OK) {
-        fprintf(stderr, "kms_hsm_init_token: %s\n", kms_err_message());
-        return -1;
-    }
-    return 0;
-}
-
-static kms_err open_hsm(struct kms_hsm **out)
-{
-    struct kms_hsm_config c = {.module = module_path(),
-                               .token = LABEL,
-                               .pin = USER_PIN,
-                               .sessions = 2,
-                               .acquire_timeout_ms = 300};
-    return kms_hsm_open(&c, out);
-}
-
 static int setup(void **state)
 {
     struct fixture *f = calloc(1, sizeof *f);
-    if (!f || make_token(f->dir, sizeof f->dir) != 0)
+    if (!f || test_token_make(f->dir, sizeof f->dir) != 0)
         return -1;
-    if (open_hsm(&f->hsm) != KMS_OK || kms_hsm_acquire(f->hsm, &f->s) != KMS_OK) {
+    if (test_token_open(&f->hsm) != KMS_OK || kms_hsm_acquire(f->hsm, &f->s) != KMS_OK) {
         fprintf(stderr, "opening the token: %s\n", kms_err_message());
         return -1;
     }
@@ -107,7 +50,7 @@ static int teardown(void **state)
     if (f->s)
         kms_hsm_release(f->s);
     kms_hsm_close(f->hsm);
-    nftw(f->dir, remove_entry, 16, FTW_DEPTH | FTW_PHYS);
+    test_token_remove(f->dir);
     free(f);
     return 0;
 }
@@ -412,7 +355,7 @@ static void test_find_secret(void **state)
     f->s = NULL;
     kms_hsm_close(f->hsm);
     f->hsm = NULL;
-    assert_int_equal(open_hsm(&f->hsm), KMS_OK);
+    assert_int_equal(test_token_open(&f->hsm), KMS_OK);
     assert_int_equal(kms_hsm_acquire(f->hsm, &f->s), KMS_OK);
     s = f->s;
     /* the session object went with the old sessions */

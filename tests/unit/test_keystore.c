@@ -1,7 +1,7 @@
 /*
  * Unit tests for src/keystore/keystore.h over a real SoftHSM2 token and a real
  * SQLite database, both made for each test in a temporary folder and removed
- * after it (kms_hsm_init_token with SOFTHSM2_CONF pointing there, then
+ * after it (tests/unit/token.c, then
  * kms_hsm_open, kms_store_open(KMS_STORE_INIT), kms_keystore_init_roots,
  * kms_keystore_open). They prove: encryption round trips under a canonical
  * context; every blob that does not open (unknown key, unknown version, bad
@@ -10,8 +10,10 @@
  * errors; the usage bound rotates a key without ever reserving past it; a
  * small key cache evicts and unwraps again; init is idempotent; a second node
  * over the same database and token sees the first's keys, aliases and (after
- * a tick) its rotations and changes; and a tick performs due rotations and
- * deletions.
+ * a tick) its rotations and changes; a tick performs due rotations and
+ * deletions; and asymmetric and HMAC keys sign, decrypt (RSAES-OAEP), agree
+ * (ECDH, equal to OpenSSL's) and MAC in the token within their usage only,
+ * are never rotated, and read back from the database on a second node.
  */
 #include "config.h"
 
@@ -20,7 +22,8 @@
 #include <setjmp.h>
 #include <cmocka.h>
 
-#include <ftw.h>
+#include <openssl/evp.h>
+#include <openssl/x509.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -32,13 +35,13 @@
 #include "common/buf.h"
 #include "common/encoding.h"
 #include "common/error.h"
+#include "common/keyspec.h"
+#include "common/pubkey.h"
 #include "hsm/hsm.h"
 #include "keystore/keystore.h"
 #include "store/store.h"
+#include "token.h"
 
-#define LABEL "p11kms-unit"
-#define SO_PIN "unit-so-pin-0000"
-#define USER_PIN "unit-user-pin-0000"
 #define ARN_PREFIX "arn:aws:kms:us-east-1:111122223333:"
 #define INVALID_BLOB "The ciphertext, its key or its encryption context is not valid"
 
@@ -60,47 +63,6 @@ struct fixture {
 
 /* ---- set-up: a token and a database in a temporary folder ---------------------- */
 
-static const char *module_path(void)
-{
-    const char *m = getenv("SOFTHSM_MODULE");
-    return m && *m ? m : P11KMS_SOFTHSM_MODULE;
-}
-
-static int remove_entry(const char *path, const struct stat *sb, int flag, struct FTW *ftw)
-{
-    (void)sb;
-    (void)flag;
-    (void)ftw;
-    return remove(path);
-}
-
-static int make_token(char *dir, size_t n)
-{
-    char conf[256], tokens[192];
-    const char *base = getenv("TMPDIR");
-    snprintf(dir, n, "%s/p11kms-ks-XXXXXX", base && *base && strlen(base) < 80 ? base : "/tmp");
-    if (!mkdtemp(dir))
-        return -1;
-    snprintf(tokens, sizeof tokens, "%s/tokens", dir);
-    snprintf(conf, sizeof conf, "%s/softhsm2.conf", dir);
-    if (mkdir(tokens, 0700) != 0)
-        return -1;
-    FILE *fp = fopen(conf, "w");
-    if (!fp)
-        return -1;
-    fprintf(fp,
-            "directories.tokendir = %s\nobjectstore.backend = file\nlog.level = ERROR\n"
-            "slots.removable = false\n",
-            tokens);
-    if (fclose(fp) != 0 || setenv("SOFTHSM2_CONF", conf, 1) != 0)
-        return -1;
-    if (kms_hsm_init_token(module_path(), LABEL, SO_PIN, USER_PIN) != KMS_OK) {
-        fprintf(stderr, "kms_hsm_init_token: %s\n", kms_err_message());
-        return -1;
-    }
-    return 0;
-}
-
 static void make_context(struct kms_buf *out, const char *tenant)
 {
     struct kms_context_pair pairs[] = {
@@ -113,7 +75,7 @@ static void make_context(struct kms_buf *out, const char *tenant)
 static int setup(void **state)
 {
     struct fixture *f = calloc(1, sizeof *f);
-    if (!f || make_token(f->dir, sizeof f->dir) != 0)
+    if (!f || test_token_make(f->dir, sizeof f->dir) != 0)
         return -1;
     snprintf(f->url, sizeof f->url, "sqlite:%s/kms.db", f->dir);
     kms_keystore_config_defaults(&f->cfg);
@@ -138,15 +100,17 @@ static int teardown(void **state)
     node_close(&f->a);
     kms_buf_free(&f->ctx);
     kms_buf_free(&f->other);
-    nftw(f->dir, remove_entry, 16, FTW_DEPTH | FTW_PHYS);
+    test_token_remove(f->dir);
     free(f);
     return 0;
 }
 
 static void open_hsm(struct kms_hsm **out)
 {
-    struct kms_hsm_config c = {
-        .module = module_path(), .token = LABEL, .pin = USER_PIN, .sessions = 4};
+    struct kms_hsm_config c = {.module = test_token_module(),
+                               .token = TEST_TOKEN_LABEL,
+                               .pin = TEST_TOKEN_USER_PIN,
+                               .sessions = 4};
     kms_err rc = kms_hsm_open(&c, out);
     if (rc != KMS_OK)
         fail_msg("kms_hsm_open: %s", kms_err_message());
@@ -1337,6 +1301,275 @@ static void test_second_node(void **state)
     kms_key_info_clear(&r);
 }
 
+/* ---- asymmetric and HMAC keys --------------------------------------------------- */
+
+static void create_as(struct kms_keystore *ks, int spec, int usage, struct kms_key_info *out)
+{
+    memset(out, 0, sizeof *out);
+    kms_err rc = kms_keystore_create_key_as(ks, "asym", NULL, spec, usage, out);
+    if (rc != KMS_OK)
+        fprintf(stderr, "create_key_as: %s\n", kms_err_message());
+    assert_int_equal(rc, KMS_OK);
+    assert_int_equal(out->spec, spec);
+    assert_int_equal(out->usage, usage);
+}
+
+static void hold(struct kms_keystore *ks, const char *ref, struct kms_key_ref *out)
+{
+    *out = (struct kms_key_ref)KMS_KEY_REF_INIT;
+    assert_int_equal(kms_keystore_hold(ks, ref, KMS_REF_ALIAS, out), KMS_OK);
+}
+
+/* Signs "message" with alg on the key ref names (on ks) and checks it with the public key. */
+static void sign_and_verify(struct kms_keystore *ks, const char *ref, int alg)
+{
+    struct kms_key_ref key;
+    struct kms_key_info info = {0};
+    struct kms_buf spki = KMS_BUF_INIT;
+    uint8_t digest[KMS_DIGEST_MAX], sig[KMS_SIGNATURE_MAX];
+    size_t dlen = 0, slen = sizeof sig;
+
+    hold(ks, ref, &key);
+    assert_int_equal(kms_keystore_public_key(ks, &key, &spki, &info), KMS_OK);
+    assert_int_equal(kms_pubkey_digest(alg, (const uint8_t *)"message", 7, digest, &dlen), KMS_OK);
+    assert_int_equal(kms_keystore_sign(ks, &key, alg, digest, dlen, sig, &slen, &info), KMS_OK);
+    assert_string_equal(info.id_text, key.id_text);
+    assert_int_equal(kms_pubkey_verify(spki.data, spki.len, alg, 1, digest, dlen, sig, slen),
+                     KMS_OK);
+    assert_int_equal(
+        kms_pubkey_verify(spki.data, spki.len, alg, 0, (const uint8_t *)"message", 7, sig, slen),
+        KMS_OK);
+    sig[slen / 2] ^= 0x01;
+    assert_int_equal(kms_pubkey_verify(spki.data, spki.len, alg, 1, digest, dlen, sig, slen),
+                     KMS_ERR_BAD_SIGNATURE);
+    kms_keystore_unhold(ks, &key);
+    kms_buf_free(&spki);
+    kms_key_info_clear(&info);
+}
+
+static void test_asymmetric_sign(void **state)
+{
+    struct fixture *f = *state;
+    struct kms_keystore *ks = start(f);
+    struct kms_key_info k = {0}, info = {0}, r = {0};
+    struct kms_key_ref key;
+    struct kms_buf spki = KMS_BUF_INIT, blob = KMS_BUF_INIT, pt = KMS_BUF_INIT;
+    uint8_t digest[32] = {1}, sig[KMS_SIGNATURE_MAX];
+    size_t slen = sizeof sig;
+
+    create_as(ks, KMS_SPEC_RSA_2048, KMS_USAGE_SIGN_VERIFY, &k);
+    describe(ks, k.id_text, &info);
+    assert_int_equal(info.spec, KMS_SPEC_RSA_2048);
+    assert_int_equal(info.usage, KMS_USAGE_SIGN_VERIFY);
+    hold(ks, k.id_text, &key);
+    assert_int_equal(kms_keystore_public_key(ks, &key, &spki, &info), KMS_OK);
+    const uint8_t *p = spki.data;
+    EVP_PKEY *pk = d2i_PUBKEY(NULL, &p, (long)spki.len);
+    assert_non_null(pk);
+    assert_int_equal(EVP_PKEY_get_base_id(pk), EVP_PKEY_RSA);
+    assert_int_equal(EVP_PKEY_get_bits(pk), 2048);
+    EVP_PKEY_free(pk);
+    for (int alg = 0; alg < KMS_ALG_COUNT; alg++)
+        if (kms_alg_allowed(KMS_SPEC_RSA_2048, KMS_USAGE_SIGN_VERIFY, alg))
+            sign_and_verify(ks, k.id_text, alg);
+
+    /* outside its usage: InvalidKeyUsage, and never a blob */
+    assert_int_equal(
+        kms_keystore_sign(ks, &key, KMS_ALG_ECDSA_SHA_256, digest, 32, sig, &slen, &info),
+        KMS_ERR_INVALID_KEY_USAGE);
+    assert_int_equal(
+        kms_keystore_oaep_decrypt(ks, &key, KMS_ALG_RSAES_OAEP_SHA_256, digest, 32, &pt, &info),
+        KMS_ERR_INVALID_KEY_USAGE);
+    assert_int_equal(
+        kms_keystore_encrypt_key(ks, &key, &f->ctx, (const uint8_t *)"x", 1, &blob, &info),
+        KMS_ERR_INVALID_KEY_USAGE);
+    assert_int_equal(blob.len, 0);
+    kms_keystore_unhold(ks, &key);
+
+    /* never rotated */
+    assert_int_equal(kms_keystore_rotate_on_demand(ks, k.id_text, &r), KMS_ERR_UNSUPPORTED);
+    assert_int_equal(kms_keystore_enable_rotation(ks, k.id_text, 0), KMS_ERR_UNSUPPORTED);
+    assert_int_equal(kms_keystore_disable_rotation(ks, k.id_text), KMS_ERR_UNSUPPORTED);
+
+    /* disabled: refused */
+    assert_int_equal(kms_keystore_enable(ks, k.id_text, 0), KMS_OK);
+    hold(ks, k.id_text, &key);
+    slen = sizeof sig;
+    assert_int_equal(
+        kms_keystore_sign(ks, &key, KMS_ALG_RSASSA_PSS_SHA_256, digest, 32, sig, &slen, &info),
+        KMS_ERR_DISABLED);
+    kms_keystore_unhold(ks, &key);
+    assert_int_equal(kms_keystore_enable(ks, k.id_text, 1), KMS_OK);
+
+    /* a usage the spec does not allow; a spec no token here has */
+    struct kms_key_info bad = {0};
+    assert_int_equal(kms_keystore_create_key_as(ks, "", NULL, KMS_SPEC_ECC_NIST_P256,
+                                                KMS_USAGE_ENCRYPT_DECRYPT, &bad),
+                     KMS_ERR_VALIDATION);
+    assert_int_equal(
+        kms_keystore_create_key_as(ks, "", NULL, KMS_SPEC_HMAC_256, KMS_USAGE_SIGN_VERIFY, &bad),
+        KMS_ERR_VALIDATION);
+    kms_key_info_clear(&bad);
+
+    /* ECDSA on each curve; Ed25519 */
+    static const int curves[] = {KMS_SPEC_ECC_NIST_P256, KMS_SPEC_ECC_NIST_P384,
+                                 KMS_SPEC_ECC_NIST_P521};
+    for (size_t i = 0; i < 3; i++) {
+        struct kms_key_info e = {0};
+        create_as(ks, curves[i], KMS_USAGE_SIGN_VERIFY, &e);
+        for (int alg = 0; alg < KMS_ALG_COUNT; alg++)
+            if (kms_alg_allowed(curves[i], KMS_USAGE_SIGN_VERIFY, alg))
+                sign_and_verify(ks, e.id_text, alg);
+        kms_key_info_clear(&e);
+    }
+
+    kms_buf_free(&spki);
+    kms_buf_free(&blob);
+    kms_buf_free(&pt);
+    kms_key_info_clear(&k);
+    kms_key_info_clear(&info);
+    kms_key_info_clear(&r);
+}
+
+static void test_asymmetric_decrypt_and_derive(void **state)
+{
+    struct fixture *f = *state;
+    struct kms_keystore *ks = start(f);
+    struct kms_key_info k = {0}, e = {0}, info = {0};
+    struct kms_key_ref key;
+    struct kms_buf spki = KMS_BUF_INIT, ct = KMS_BUF_INIT, pt = KMS_BUF_INIT;
+    struct kms_buf point = KMS_BUF_INIT, secret = KMS_BUF_INIT;
+
+    /* RSAES-OAEP: encrypted with the public key in the process, decrypted in the token */
+    create_as(ks, KMS_SPEC_RSA_2048, KMS_USAGE_ENCRYPT_DECRYPT, &k);
+    hold(ks, k.id_text, &key);
+    assert_int_equal(kms_keystore_public_key(ks, &key, &spki, &info), KMS_OK);
+    static const int oaep[] = {KMS_ALG_RSAES_OAEP_SHA_1, KMS_ALG_RSAES_OAEP_SHA_256};
+    for (size_t i = 0; i < 2; i++) {
+        ct.len = pt.len = 0;
+        assert_int_equal(kms_pubkey_oaep_encrypt(spki.data, spki.len, oaep[i],
+                                                 (const uint8_t *)"a data key", 10, &ct),
+                         KMS_OK);
+        assert_int_equal(ct.len, 256);
+        assert_int_equal(kms_keystore_oaep_decrypt(ks, &key, oaep[i], ct.data, ct.len, &pt, &info),
+                         KMS_OK);
+        assert_int_equal(pt.len, 10);
+        assert_memory_equal(pt.data, "a data key", 10);
+        /* the other digest does not open it */
+        pt.len = 0;
+        assert_int_equal(
+            kms_keystore_oaep_decrypt(ks, &key, oaep[1 - i], ct.data, ct.len, &pt, &info),
+            KMS_ERR_INVALID_CIPHERTEXT);
+        assert_int_equal(pt.len, 0);
+    }
+    uint8_t sig[KMS_SIGNATURE_MAX], digest[32] = {0};
+    size_t slen = sizeof sig;
+    assert_int_equal(
+        kms_keystore_sign(ks, &key, KMS_ALG_RSASSA_PSS_SHA_256, digest, 32, sig, &slen, &info),
+        KMS_ERR_INVALID_KEY_USAGE);
+    kms_keystore_unhold(ks, &key);
+
+    /* ECDH: the token's secret equals OpenSSL's with an ephemeral key */
+    create_as(ks, KMS_SPEC_ECC_NIST_P384, KMS_USAGE_KEY_AGREEMENT, &e);
+    hold(ks, e.id_text, &key);
+    spki.len = 0;
+    assert_int_equal(kms_keystore_public_key(ks, &key, &spki, &info), KMS_OK);
+    EVP_PKEY *eph = EVP_PKEY_Q_keygen(NULL, NULL, "EC", "P-384");
+    assert_non_null(eph);
+    uint8_t *der = NULL;
+    int der_len = i2d_PUBKEY(eph, &der);
+    assert_true(der_len > 0);
+    assert_int_equal(kms_pubkey_peer_point(KMS_SPEC_ECC_NIST_P384, der, (size_t)der_len, &point),
+                     KMS_OK);
+    assert_int_equal(kms_keystore_derive(ks, &key, point.data, point.len, &secret, &info), KMS_OK);
+    assert_int_equal(secret.len, 48);
+    const uint8_t *p = spki.data;
+    EVP_PKEY *peer = d2i_PUBKEY(NULL, &p, (long)spki.len);
+    assert_non_null(peer);
+    EVP_PKEY_CTX *dc = EVP_PKEY_CTX_new(eph, NULL);
+    uint8_t expect[64];
+    size_t elen = sizeof expect;
+    assert_int_equal(EVP_PKEY_derive_init(dc), 1);
+    assert_int_equal(EVP_PKEY_derive_set_peer(dc, peer), 1);
+    assert_int_equal(EVP_PKEY_derive(dc, expect, &elen), 1);
+    assert_int_equal(elen, 48);
+    assert_memory_equal(secret.data, expect, 48);
+    EVP_PKEY_CTX_free(dc);
+    EVP_PKEY_free(peer);
+    EVP_PKEY_free(eph);
+    OPENSSL_free(der);
+    /* a P-384 key agreement key does not sign */
+    slen = sizeof sig;
+    assert_int_equal(
+        kms_keystore_sign(ks, &key, KMS_ALG_ECDSA_SHA_384, digest, 32, sig, &slen, &info),
+        KMS_ERR_INVALID_KEY_USAGE);
+    kms_keystore_unhold(ks, &key);
+
+    kms_buf_free(&spki);
+    kms_buf_free(&ct);
+    kms_buf_free(&pt);
+    kms_buf_free(&point);
+    kms_buf_free(&secret);
+    kms_key_info_clear(&k);
+    kms_key_info_clear(&e);
+    kms_key_info_clear(&info);
+}
+
+static void test_hmac_keys(void **state)
+{
+    struct fixture *f = *state;
+    struct kms_keystore *ks = start(f);
+    struct kms_keystore *ks2 = start_second(f);
+    struct kms_key_info k = {0}, info = {0};
+    struct kms_key_ref key;
+    struct kms_buf spki = KMS_BUF_INIT;
+    uint8_t mac[KMS_SIGNATURE_MAX], mac2[KMS_SIGNATURE_MAX];
+    size_t n = sizeof mac, n2 = sizeof mac2;
+    static const uint8_t msg[] = "x-tenant: acme";
+
+    create_as(ks, KMS_SPEC_HMAC_384, KMS_USAGE_GENERATE_VERIFY_MAC, &k);
+    hold(ks, k.id_text, &key);
+    assert_int_equal(
+        kms_keystore_sign(ks, &key, KMS_ALG_HMAC_SHA_384, msg, sizeof msg - 1, mac, &n, &info),
+        KMS_OK);
+    assert_int_equal(n, 48);
+    assert_int_equal(
+        kms_keystore_sign(ks, &key, KMS_ALG_HMAC_SHA_256, msg, sizeof msg - 1, mac2, &n2, &info),
+        KMS_ERR_INVALID_KEY_USAGE);
+    assert_int_equal(kms_keystore_public_key(ks, &key, &spki, &info), KMS_ERR_UNSUPPORTED);
+    kms_keystore_unhold(ks, &key);
+
+    /* a second node reads the key from the database and unwraps the same secret */
+    hold(ks2, k.id_text, &key);
+    n2 = sizeof mac2;
+    assert_int_equal(
+        kms_keystore_sign(ks2, &key, KMS_ALG_HMAC_SHA_384, msg, sizeof msg - 1, mac2, &n2, &info),
+        KMS_OK);
+    assert_int_equal(n2, 48);
+    assert_memory_equal(mac, mac2, 48);
+    n2 = sizeof mac2;
+    assert_int_equal(
+        kms_keystore_sign(ks2, &key, KMS_ALG_HMAC_SHA_384, msg, sizeof msg - 2, mac2, &n2, &info),
+        KMS_OK);
+    assert_memory_not_equal(mac, mac2, 48);
+    assert_int_equal(info.spec, KMS_SPEC_HMAC_384);
+    kms_keystore_unhold(ks2, &key);
+
+    /* X25519 needs CKM_EC_MONTGOMERY_KEY_PAIR_GEN, which SoftHSM2 2.6.1 does not list */
+    struct kms_key_info x = {0};
+    kms_err rc =
+        kms_keystore_create_key_as(ks, "", NULL, KMS_SPEC_X25519, KMS_USAGE_KEY_AGREEMENT, &x);
+    if (rc == KMS_ERR_UNSUPPORTED)
+        assert_non_null(strstr(kms_err_message(), "CKM_EC_MONTGOMERY_KEY_PAIR_GEN"));
+    else
+        assert_int_equal(rc, KMS_OK);
+    kms_key_info_clear(&x);
+
+    kms_buf_free(&spki);
+    kms_key_info_clear(&k);
+    kms_key_info_clear(&info);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -1356,6 +1589,9 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_tick_scheduled_rotation, setup, teardown),
         cmocka_unit_test_setup_teardown(test_init_roots, setup, teardown),
         cmocka_unit_test_setup_teardown(test_second_node, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_asymmetric_sign, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_asymmetric_decrypt_and_derive, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_hmac_keys, setup, teardown),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -1528,6 +1528,51 @@ static void test_reencrypt(void **state)
     kms_policy_free(p);
 }
 
+/* The actions of asymmetric and HMAC keys: each its own, and the globs AWS users write. */
+static void test_asymmetric_actions(void **state)
+{
+    static const char *const actions[] = {"kms:GetPublicKey",
+                                          "kms:Sign",
+                                          "kms:Verify",
+                                          "kms:GenerateMac",
+                                          "kms:VerifyMac",
+                                          "kms:DeriveSharedSecret",
+                                          "kms:GenerateDataKeyPair",
+                                          "kms:GenerateDataKeyPairWithoutPlaintext"};
+    struct kms_policy *p =
+        statements("{'Effect':'Allow','Principal':{'AWS':'alice'},'Action':'kms:Verify',"
+                   "'Resource':'*'}");
+    (void)state;
+    assert_int_equal(decide(p, "alice", "kms:Verify"), ALLOW);
+    assert_int_equal(decide(p, "alice", "kms:Sign"), IMPLICIT);
+    assert_int_equal(decide(p, "alice", "kms:VerifyMac"), IMPLICIT);
+    kms_policy_free(p);
+
+    p = statements(
+        "{'Effect':'Allow','Principal':{'AWS':'alice'},'Action':'kms:*','Resource':'*'}");
+    for (size_t i = 0; i < N_ELEMS(actions); i++)
+        if (decide(p, "alice", actions[i]) != ALLOW)
+            fail_msg("kms:* does not cover %s", actions[i]);
+    kms_policy_free(p);
+
+    p = statements("{'Effect':'Allow','Principal':{'AWS':'alice'},"
+                   "'Action':['kms:GenerateDataKey*','kms:Verify*'],'Resource':'*'}");
+    assert_int_equal(decide(p, "alice", "kms:GenerateDataKeyPair"), ALLOW);
+    assert_int_equal(decide(p, "alice", "kms:GenerateDataKeyPairWithoutPlaintext"), ALLOW);
+    assert_int_equal(decide(p, "alice", "kms:VerifyMac"), ALLOW);
+    assert_int_equal(decide(p, "alice", "kms:Verify"), ALLOW);
+    assert_int_equal(decide(p, "alice", "kms:Sign"), IMPLICIT);
+    assert_int_equal(decide(p, "alice", "kms:GenerateMac"), IMPLICIT);
+    kms_policy_free(p);
+
+    p = statements("{'Effect':'Allow','Principal':{'AWS':'alice'},"
+                   "'Action':['kms:sign','KMS:DeriveSharedSecret'],'Resource':'*'}");
+    assert_int_equal(decide(p, "alice", "kms:Sign"), ALLOW);
+    assert_int_equal(decide(p, "alice", "kms:DeriveSharedSecret"), ALLOW);
+    assert_int_equal(decide(p, "alice", "kms:GetPublicKey"), IMPLICIT);
+    kms_policy_free(p);
+}
+
 /* ---- the default policy ------------------------------------------------------------- */
 
 static void test_default_policy(void **state)
@@ -1691,6 +1736,7 @@ int main(void)
         cmocka_unit_test(test_condition_and_or),
         cmocka_unit_test(test_condition_account_and_username),
         cmocka_unit_test(test_reencrypt),
+        cmocka_unit_test(test_asymmetric_actions),
         cmocka_unit_test(test_default_policy),
         cmocka_unit_test(test_default_policy_errors),
         cmocka_unit_test(test_concurrent_evaluation),

@@ -84,6 +84,10 @@ static void test_defaults(void **state)
     assert_true(c.per_principal[KMS_CLASS_CRYPTO].burst == 50000);
     assert_true(c.per_principal[KMS_CLASS_MANAGE].rate == 1000);
     assert_true(c.per_principal[KMS_CLASS_MANAGE].burst == 2000);
+    assert_true(c.per_principal[KMS_CLASS_ASYM].rate == 5000);
+    assert_true(c.per_principal[KMS_CLASS_ASYM].burst == 5000);
+    assert_true(c.per_principal[KMS_CLASS_HMAC].rate == 50000);
+    assert_true(c.per_principal[KMS_CLASS_HMAC].burst == 50000);
     assert_null(c.overrides);
     assert_int_equal(c.noverrides, 0);
     assert_int_equal(kms_ratelimit_config_check(&c), KMS_OK);
@@ -94,6 +98,11 @@ static void test_defaults(void **state)
     expect_refused(rl, "svc", KMS_CLASS_CRYPTO, 1, T0, 1);
     assert_int_equal(drain(rl, "svc", KMS_CLASS_MANAGE, 1, T0, 3000), 2000);
     expect_refused(rl, "svc", KMS_CLASS_MANAGE, 1, T0, 1);
+    /* asym and hmac have buckets of their own: crypto and manage are empty by now */
+    assert_int_equal(drain(rl, "svc", KMS_CLASS_ASYM, 1, T0, 6000), 5000);
+    expect_refused(rl, "svc", KMS_CLASS_ASYM, 1, T0, 1);
+    assert_int_equal(drain(rl, "svc", KMS_CLASS_HMAC, 1, T0, 60000), 50000);
+    expect_refused(rl, "svc", KMS_CLASS_HMAC, 1, T0, 1);
     kms_ratelimit_free(rl);
     kms_ratelimit_config_free(&c);
 }
@@ -687,11 +696,14 @@ static void test_config_is_key(void **state)
     static const char *const yes[] = {
         "rate_global",       "burst_global", "rate_crypto",       "burst_crypto",
         "rate_manage",       "burst_manage", "rate_crypto.alice", "burst_manage.a.b",
-        "rate_global.alice", "rate_crypto.",
+        "rate_global.alice", "rate_crypto.", "rate_asym",         "burst_asym",
+        "rate_hmac",         "burst_hmac",   "rate_asym.alice",   "burst_hmac.bob",
     };
     static const char *const no[] = {
-        "rate",    "rate_", "rate_cryptox", "rate_crypt",   "Rate_crypto",  "burst", "rate_global_",
-        "threads", "",      "crypto_rate",  " rate_crypto", "rate_crypto ",
+        "rate",         "rate_",        "rate_cryptox", "rate_crypt", "Rate_crypto",
+        "burst",        "rate_global_", "threads",      "",           "crypto_rate",
+        " rate_crypto", "rate_crypto ", "rate_asymx",   "rate_rsa",   "rate_ecc",
+        "rate_hma",     "burst_hmac_",
     };
     (void)state;
 
@@ -721,6 +733,15 @@ static void test_config_set_parses(void **state)
     assert_true(c.per_principal[KMS_CLASS_CRYPTO].burst == 5000);
     assert_true(c.per_principal[KMS_CLASS_MANAGE].rate == 0.5);
     assert_true(c.per_principal[KMS_CLASS_MANAGE].burst == 20);
+    assert_int_equal(kms_ratelimit_config_set(&c, "rate_asym", "300"), KMS_OK);
+    assert_int_equal(kms_ratelimit_config_set(&c, "burst_asym", "600"), KMS_OK);
+    assert_int_equal(kms_ratelimit_config_set(&c, "rate_hmac", "2000"), KMS_OK);
+    assert_int_equal(kms_ratelimit_config_set(&c, "burst_hmac", "4000"), KMS_OK);
+    assert_true(c.per_principal[KMS_CLASS_ASYM].rate == 300);
+    assert_true(c.per_principal[KMS_CLASS_ASYM].burst == 600);
+    assert_true(c.per_principal[KMS_CLASS_HMAC].rate == 2000);
+    assert_true(c.per_principal[KMS_CLASS_HMAC].burst == 4000);
+    assert_true(c.per_principal[KMS_CLASS_CRYPTO].rate == 2500.5);
     /* limits: 0 and 1e9 are in */
     assert_int_equal(kms_ratelimit_config_set(&c, "rate_global", "0"), KMS_OK);
     assert_int_equal(kms_ratelimit_config_set(&c, "burst_global", "1000000000"), KMS_OK);
@@ -915,6 +936,14 @@ static void test_classify(void **state)
         {"GenerateDataKeyWithoutPlaintext", KMS_CLASS_CRYPTO, 1},
         {"GenerateRandom", KMS_CLASS_CRYPTO, 1},
         {"ReEncrypt", KMS_CLASS_CRYPTO, 2},
+        {"Sign", KMS_CLASS_ASYM, 1},
+        {"Verify", KMS_CLASS_ASYM, 1},
+        {"DeriveSharedSecret", KMS_CLASS_ASYM, 1},
+        {"GetPublicKey", KMS_CLASS_ASYM, 1},
+        {"GenerateDataKeyPair", KMS_CLASS_ASYM, 10},
+        {"GenerateDataKeyPairWithoutPlaintext", KMS_CLASS_ASYM, 10},
+        {"GenerateMac", KMS_CLASS_HMAC, 1},
+        {"VerifyMac", KMS_CLASS_HMAC, 1},
         {"DescribeKey", KMS_CLASS_MANAGE, 1},
         {"ListKeys", KMS_CLASS_MANAGE, 1},
         {"ListAliases", KMS_CLASS_MANAGE, 1},

@@ -356,6 +356,8 @@ static void assert_key_equal(const struct kms_key_row *a, const struct kms_key_r
     assert_int_equal(a->current, b->current);
     assert_int_equal(a->on_demand, b->on_demand);
     assert_int_equal(a->token_resident, b->token_resident);
+    assert_int_equal(a->spec, b->spec);
+    assert_int_equal(a->usage, b->usage);
     assert_int_equal(a->rev, b->rev);
     assert_non_null(a->description);
     assert_non_null(b->description);
@@ -542,6 +544,8 @@ static void test_key_round_trip(void **state)
     b.rotation_enabled = 0;
     b.token_resident = 1;
     b.current = 1;
+    b.spec = 3;  /* RSA_4096 */
+    b.usage = 1; /* SIGN_VERIFY */
     struct kms_tx *tx = begin(st, KMS_TX_WRITE);
     assert_int_equal(kms_store_key_insert(tx, &a), KMS_OK);
     assert_int_equal(kms_store_key_insert(tx, &b), KMS_OK);
@@ -583,9 +587,12 @@ static void test_key_round_trip(void **state)
     a.current = 7;
     a.on_demand = 4;
     a.token_resident = 1;
+    a.spec = 9; /* set at creation only: an update leaves the stored 0 */
     assert_int_equal(kms_store_key_update(tx, &a), KMS_OK);
     assert_int_equal(a.rev, 2);
     assert_int_equal(kms_store_key_get(tx, a.id, &got), KMS_OK);
+    assert_int_equal(got.spec, 0);
+    a.spec = 0;
     assert_key_equal(&got, &a);
     kms_key_row_clear(&got);
     free(a.policy);
@@ -834,6 +841,12 @@ static void test_versions(void **state)
         version_row(&v, key, vids[i], ns[i], root);
         assert_int_equal(kms_store_version_insert(tx, &v), KMS_OK);
     }
+    /* a version with a public key (an asymmetric key's) */
+    version_row(&v, other, 43, 3, root);
+    v.public_key_len = sizeof v.public_key;
+    for (size_t i = 0; i < v.public_key_len; i++)
+        v.public_key[i] = (uint8_t)(i * 7);
+    assert_int_equal(kms_store_version_insert(tx, &v), KMS_OK);
     /* a token-resident version: no root, no wrapped key */
     version_row(&v, other, 42, 1, 0);
     v.wrapped_len = 0;
@@ -855,6 +868,11 @@ static void test_versions(void **state)
     assert_int_equal(got.root, root);
     assert_int_equal(got.wrapped_len, 40);
     assert_memory_equal(got.wrapped, v.wrapped, 40);
+    assert_int_equal(got.public_key_len, 0);
+    assert_int_equal(kms_store_version_get(tx, other, 43, &got), KMS_OK);
+    assert_int_equal(got.public_key_len, KMS_PUBLIC_KEY_MAX);
+    for (size_t i = 0; i < got.public_key_len; i++)
+        assert_int_equal(got.public_key[i], (uint8_t)(i * 7));
 
     assert_int_equal(kms_store_version_get(tx, other, 42, &got), KMS_OK);
     assert_int_equal(got.root, 0);
@@ -878,7 +896,7 @@ static void test_versions(void **state)
     size_t keys = 0, versions = 0;
     assert_int_equal(kms_store_key_count(tx, &keys, &versions), KMS_OK);
     assert_int_equal(keys, 2);
-    assert_int_equal(versions, 4);
+    assert_int_equal(versions, 5);
     commit(tx);
 
     /* UNIQUE (key_id, n) and PRIMARY KEY (key_id, vid) */
@@ -907,7 +925,7 @@ static void test_versions(void **state)
     assert_int_equal(kms_store_versions(tx, key, note_version, &s), KMS_OK);
     assert_int_equal(s.count, 0);
     assert_int_equal(kms_store_versions(tx, other, note_version, &s), KMS_OK);
-    assert_int_equal(s.count, 2);
+    assert_int_equal(s.count, 3);
     commit(tx);
 }
 
@@ -1286,10 +1304,18 @@ static void test_migrate_schema_1(void **state)
     uint32_t root = insert_root(st, 0x11);
     kms_store_close(st);
     f->st = NULL;
+    /* schema 1: without migration 2's tables and migration 3's columns */
     if (f->pg) {
-        pg_exec(f->url, "DROP TABLE change_requests, audit_heads", NULL, 0);
+        pg_exec(f->url,
+                "DROP TABLE change_requests, audit_heads; "
+                "ALTER TABLE keys DROP COLUMN key_spec, DROP COLUMN key_usage; "
+                "ALTER TABLE versions DROP COLUMN public_key",
+                NULL, 0);
     } else {
-        raw_exec(f->db, "DROP TABLE change_requests; DROP TABLE audit_heads");
+        raw_exec(f->db, "DROP TABLE change_requests; DROP TABLE audit_heads; "
+                        "ALTER TABLE keys DROP COLUMN key_spec; "
+                        "ALTER TABLE keys DROP COLUMN key_usage; "
+                        "ALTER TABLE versions DROP COLUMN public_key");
     }
     set_schema_version(f, 1);
     assert_int_equal(open_store(f->url, KMS_STORE_OPEN, 0, &st), KMS_ERR_INTERNAL);
@@ -1304,6 +1330,16 @@ static void test_migrate_schema_1(void **state)
     assert_int_equal(s.n, 1);
     assert_int_equal(s.rows[0].id, root);
     assert_int_equal(kms_store_change_request(tx, "after-migration"), KMS_OK);
+    /* migration 3's columns: a key row keeps its spec and usage */
+    struct kms_key_row k, got = {0};
+    key_row(&k, 5, "after migration 3", NULL);
+    k.spec = 12;
+    k.usage = 2;
+    assert_int_equal(kms_store_key_insert(tx, &k), KMS_OK);
+    assert_int_equal(kms_store_key_get(tx, k.id, &got), KMS_OK);
+    assert_key_equal(&got, &k);
+    kms_key_row_clear(&got);
+    kms_key_row_clear(&k);
     commit(tx);
 }
 
