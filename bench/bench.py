@@ -67,6 +67,9 @@ UNTHROTTLED = {
     "rate_manage": "100000000", "burst_manage": "100000000",
 }
 CACHE_VERSION = 3
+# p11_ceiling's thread counts, one session each: one, and one per core of the 2-core
+# machine; the better is the token's ceiling (docs/performance.md, "The ceilings").
+CEILING_THREADS = (1, 2)
 BASELINE_ENV = "P11KMS_BENCH_BASELINE"
 INVALID_CIPHERTEXT = "InvalidCiphertextException"
 
@@ -104,16 +107,27 @@ def env_number(name, default, kind=float):
 # ---- setting up ---------------------------------------------------------------
 
 
-def args_and_harness():
-    p = argparse.ArgumentParser(description="p11kmsd benchmark (docs/performance.md)")
+def build_args(description, more=None):
+    """--builddir, --srcdir (default: this folder's parent) and --module, and
+    what more(parser) adds; the folders made absolute."""
+    p = argparse.ArgumentParser(description=description)
     p.add_argument("--builddir", required=True)
     p.add_argument("--srcdir")
     p.add_argument("--module")
-    p.add_argument("--cache")
-    p.add_argument("--prepare-only", action="store_true")
+    if more:
+        more(p)
     a = p.parse_args()
     a.builddir = os.path.abspath(a.builddir)
     a.srcdir = os.path.abspath(a.srcdir or os.path.join(os.path.dirname(__file__), ".."))
+    return a
+
+
+def args_and_harness():
+    def more(p):
+        p.add_argument("--cache")
+        p.add_argument("--prepare-only", action="store_true")
+
+    a = build_args("p11kmsd benchmark (docs/performance.md)", more)
     name = "db-100k" if KEYS_LARGE == 100000 else "db-%d" % KEYS_LARGE
     a.cache = os.path.abspath(a.cache or os.environ.get("P11KMS_BENCH_CACHE") or
                               os.path.join(a.builddir, "bench", ".cache", name))
@@ -122,6 +136,13 @@ def args_and_harness():
         sys.exit("bench: %s=%s is not an executable" % (BASELINE_ENV, a.baseline))
     if KEYS_LARGE < COLD_KEYS + 10:
         sys.exit("bench: P11KMS_BENCH_LARGE_KEYS must be at least %d" % (COLD_KEYS + 10))
+    load_harness(a)
+    return a
+
+
+def load_harness(a):
+    """Imports the integration harness as H, pointed at a.builddir's p11kmsd,
+    a.srcdir and a.module (bench_asym.py's entry too)."""
     os.environ["P11KMS_SRCDIR"] = a.srcdir
     os.environ["P11KMSD"] = os.path.join(a.builddir, "p11kmsd")
     if a.module:
@@ -129,7 +150,7 @@ def args_and_harness():
     sys.path.insert(0, os.path.join(a.srcdir, "tests", "integration"))
     global H
     import harness as H  # noqa: E402 - needs the environment above
-    return a
+    return H
 
 
 class ReadyServer:
@@ -486,7 +507,11 @@ class LargeDB:
 
 
 class Tools:
-    def __init__(self, a):
+    """The programs; need: the bench programs the caller runs (all of them for bench.py)."""
+
+    ALL = ("p11_ceiling", "mhd_canned", "client_open", "stream_rss", "make_keys")
+
+    def __init__(self, a, need=ALL):
         b = a.builddir
         self.p11_ceiling = os.path.join(b, "bench", "p11_ceiling")
         self.mhd_canned = os.path.join(b, "bench", "mhd_canned")
@@ -496,8 +521,8 @@ class Tools:
         self.lua = os.path.join(a.srcdir, "bench", "replay.lua")
         self.wrk = shutil.which("wrk") or "/usr/bin/wrk"
         self.openssl = shutil.which("openssl") or "/usr/bin/openssl"
-        missing = [x for x in (self.p11_ceiling, self.mhd_canned, self.client_open, self.stream_rss,
-                               self.make_keys, self.wrk, self.openssl, H.p11kmsd_path()) if not os.access(x, os.X_OK)]
+        missing = [x for x in [getattr(self, n) for n in need] + [self.wrk, self.openssl, H.p11kmsd_path()]
+                   if not os.access(x, os.X_OK)]
         if missing:
             sys.exit("bench: not found or not executable: %s (make check builds bench/*; "
                      "wrk is Debian's package wrk)" % ", ".join(missing))
@@ -551,24 +576,31 @@ def first_answer(endpoint, path):
     return r.status, r.body[:300]
 
 
-def small_setup(ws, name, binary=None):
-    """A fresh token (and, for this build, database) in ws/name, a server on
-    it (binary: the baseline's p11kmsd) and 10 keys made with CreateKey; one
-    GenerateDataKey per key, timed one after another ("first GenerateDataKey"
-    with 10 keys), and a Decrypt blob per key."""
+def fresh_server(ws, name, binary=None, **settings):
+    """A fresh token (and, for this build, database) in ws/name and a server
+    on it (binary: the baseline's p11kmsd; settings: added to config_for's).
+    Returns the started ReadyServer, the principal the credentials hold and
+    the token."""
     d = ws.sub(name)
     os.makedirs(d, mode=0o700)
     token = H.make_token(os.path.join(d, "token"), "bench-" + name)
     principal = H.new_principal("bench")
     creds = H.write_credentials(os.path.join(d, "credentials"), [principal])
     conf = config_for(os.path.join(d, "p11kmsd.conf"), token, creds, os.path.join(d, "audit.log"),
-                      baseline=binary is not None)
+                      baseline=binary is not None, **settings)
     if binary is None:
         try:
             H.init_database(conf, token)
         except RuntimeError as e:
             raise Broken(str(e))
-    server = ReadyServer(conf, token, os.path.join(d, "p11kmsd.log"), binary).start()
+    return ReadyServer(conf, token, os.path.join(d, "p11kmsd.log"), binary).start(), principal, token
+
+
+def small_setup(ws, name, binary=None):
+    """fresh_server and 10 keys made with CreateKey; one GenerateDataKey per
+    key, timed one after another ("first GenerateDataKey" with 10 keys), and a
+    Decrypt blob per key."""
+    server, principal, token = fresh_server(ws, name, binary)
     try:
         keys = create_keys(server.endpoint, principal, KEYS_SMALL)
         first = statistics.median(first_uses(server.endpoint, principal, keys))
@@ -590,6 +622,21 @@ class Bench:
         self.connections = env_number("P11KMS_BENCH_CONNECTIONS", 32, int)
         self.results = []  # one dict per round: figure -> measurement
         self.problems = []
+
+    def report(self, table_text, started, load_before):
+        """Prints the table, a BROKEN line per problem and the elapsed time;
+        returns the exit status (1 when anything broke)."""
+        print(table_text)
+        for problem in self.problems:
+            print("BROKEN: " + problem.splitlines()[0])
+        # Other work on the machine moves every figure: the load average says whether there was any.
+        print("elapsed: %.0f s (%d rounds, %s); load average %.2f before, %.2f after" % (
+            time.monotonic() - started, self.rounds, time.strftime("%Y-%m-%d %H:%M"), load_before,
+            os.getloadavg()[0]))
+        sys.stdout.flush()
+        for problem in self.problems:
+            log(problem)
+        return 1 if self.problems else 0
 
     # -- load ------------------------------------------------------------------
 
@@ -670,21 +717,29 @@ class Bench:
             if status != 0:
                 raise Broken("mhd_canned exited with status %s" % status)
 
-    def token_ceiling(self, token, threads):
+    def ceiling_run(self, token, threads, modes):
+        """p11_ceiling with threads sessions on token's own session-object keys:
+        for each mode (its --mode names) the rate and the CPU seconds per call."""
         env = dict(os.environ, SOFTHSM2_CONF=token.conf, SOFTHSM_MODULE=H.SOFTHSM_MODULE)
         out, _ = run([self.t.p11_ceiling, "--token", token.label, "--pin-file", token.pin_file,
                       "--module", H.SOFTHSM_MODULE, "--threads", str(threads), "--seconds",
-                      "%g" % self.short], env=env, timeout=4 * self.short + 60)
+                      "%g" % self.short, "--mode", ",".join(modes)], env=env,
+                     timeout=2 * len(modes) * self.short + 60)
         r = {}
         for line in out.splitlines():
-            name = line.split(" ", 1)[0]
-            if name in ("p11_wrap", "p11_unwrap"):
-                r[name[4:]] = float(fields(line)["ops_per_s"])
-        if set(r) != {"wrap", "unwrap"}:
+            name, f = line.split(" ", 1)[0], fields(line)
+            if name[4:] in modes and name.startswith("p11_"):
+                r[name[4:]] = {"rate": float(f["ops_per_s"]),
+                               "cpu": float(f["cpu_seconds"]) / max(1, int(f["ops"]))}
+        if set(r) != set(modes):
             raise Broken("p11_ceiling printed no rates:\n%s" % out)
-        log("  token, %d thread%s        wrap %8.0f/s  unwrap %8.0f/s" %
-            (threads, "s" if threads > 1 else " ", r["wrap"], r["unwrap"]))
+        log("  token, %d thread%s        %s" % (threads, "s" if threads > 1 else " ", "  ".join(
+            "%s %8.0f/s (%.1f us CPU each)" % (m, r[m]["rate"], r[m]["cpu"] * 1e6) for m in modes)))
         return r
+
+    def token_ceiling(self, token, threads, modes=("wrap", "unwrap")):
+        """ceiling_run's rate of each mode."""
+        return {m: v["rate"] for m, v in self.ceiling_run(token, threads, modes).items()}
 
     # -- the 100,000-key database ---------------------------------------------------
 
@@ -873,7 +928,7 @@ class Bench:
         # The canned server answers anything: the 10-key GenerateDataKey requests.
         self.step(r, "http", self.mhd, presign(self.ws.sub("canned.req"), ep, p, "GenerateDataKey",
                                                [gdk_body(k) for k in small["keys"]]))
-        for threads in (1, 2):
+        for threads in CEILING_THREADS:
             self.step(r, "token%d" % threads, self.token_ceiling, small["token"], threads)
         # 10 keys: this build, then the previous release, for each operation.
         for op, key, bodies in (("GenerateDataKey", "gdk", lambda s: [gdk_body(k) for k in s["keys"]]),
@@ -959,11 +1014,11 @@ class Table:
 
 
 def best_wrap(r):
-    return max(r["token1"]["wrap"], r["token2"]["wrap"])
+    return max(r["token%d" % n]["wrap"] for n in CEILING_THREADS)
 
 
 def best_unwrap(r):
-    return max(r["token1"]["unwrap"], r["token2"]["unwrap"])
+    return max(r["token%d" % n]["unwrap"] for n in CEILING_THREADS)
 
 
 def ceiling(http, token):
@@ -973,7 +1028,7 @@ def ceiling(http, token):
 def make_table(results, large_manifest, first_small, baseline):
     t = Table(results)
     for mode in ("wrap", "unwrap"):
-        for n in (1, 2):
+        for n in CEILING_THREADS:
             t.figure("token: AES-256-GCM %s of 32 bytes, %d thread%s" % (mode, n, "s" if n > 1 else ""),
                      lambda r, m=mode, n=n: r["token%d" % n][m], rate, "p11_ceiling, a session object")
     t.figure("HTTP: canned 274-byte answer, mhd_canned", lambda r: r["http"]["rps"], rate,
@@ -1064,12 +1119,19 @@ def make_table(results, large_manifest, first_small, baseline):
     return t
 
 
-def main():
-    started = time.monotonic()
-    load_before = os.getloadavg()[0]
+def begin(args_and_harness):
+    """A bench script's start: its clock and the load average, then its
+    arguments and the harness (args_and_harness()), and the signals that stop
+    it cleanly. Returns the arguments, the start time and the load."""
+    started, load_before = time.monotonic(), os.getloadavg()[0]
     a = args_and_harness()
     for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, H._interrupt)
+    return a, started, load_before
+
+
+def main():
+    a, started, load_before = begin(args_and_harness)
     tools = Tools(a)
     ws = H.Workspace("p11kms-bench-")
     servers = []
@@ -1099,19 +1161,10 @@ def main():
             except Broken as e:
                 b.problems.append(str(e))
 
-        print(make_table(b.results, manifest, small["first"], base is not None).text())
+        text = make_table(b.results, manifest, small["first"], base is not None).text()
         if a.baseline:
-            print("previous release: %s" % a.baseline)
-        for problem in b.problems:
-            print("BROKEN: " + problem.splitlines()[0])
-        # Other work on the machine moves every figure: the load average says whether there was any.
-        print("elapsed: %.0f s (%d rounds, %s); load average %.2f before, %.2f after" % (
-            time.monotonic() - started, b.rounds, time.strftime("%Y-%m-%d %H:%M"), load_before,
-            os.getloadavg()[0]))
-        sys.stdout.flush()
-        for problem in b.problems:
-            log(problem)
-        return 1 if b.problems else 0
+            text += "\nprevious release: %s" % a.baseline
+        return b.report(text, started, load_before)
     except Broken as e:
         log(str(e))
         return 1

@@ -565,11 +565,7 @@ def make_table(results, samples, cluster):
 
 
 def main():
-    started = time.monotonic()
-    load_before = os.getloadavg()[0]
-    a = args_and_harness()
-    for sig in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, H._interrupt)
+    a, started, load_before = B.begin(args_and_harness)
     tools = Tools(a)
     cluster_seconds = B.env_number("P11KMS_CLUSTER_SECONDS", 60.0)
     ws = H.Workspace("p11kms-bench-pg-")
@@ -590,17 +586,7 @@ def main():
         if cluster and not cluster["passed"]:
             b.problems.append("test_cluster_pg.sh failed (status %d)" % cluster["status"])
 
-        print(make_table(b.results, b.samples, cluster).text())
-        for problem in b.problems:
-            print("BROKEN: " + problem.splitlines()[0])
-        # Other work on the machine moves every figure: the load average says whether there was any.
-        print("elapsed: %.0f s (%d rounds, %s); load average %.2f before, %.2f after" % (
-            time.monotonic() - started, b.rounds, time.strftime("%Y-%m-%d %H:%M"), load_before,
-            os.getloadavg()[0]))
-        sys.stdout.flush()
-        for problem in b.problems:
-            log(problem)
-        return 1 if b.problems else 0
+        return b.report(make_table(b.results, b.samples, cluster).text(), started, load_before)
     except B.Broken as e:
         log(str(e))
         return 1
