@@ -8,6 +8,8 @@
     ListKeyRotations paged with Limit and Marker; the SDK's error classes and HTTP
     statuses (NotFoundException 404, DisabledException 409, KMSInvalidStateException 409,
     ValidationException 400, AlreadyExistsException 409, LimitExceededException 400);
+    asymmetric and HMAC keys: Sign/Verify, GenerateMac/VerifyMac, GetPublicKey and
+    DeriveSharedSecret (which botocore 1.29 lacks), checked against OpenSSL;
     its default retry strategy riding out ThrottlingException for a principal limited
     to one crypto call a second, with /metrics counting the throttled answers;
   - the AWS Encryption SDK for JavaScript (@aws-crypto/client-node,
@@ -293,6 +295,62 @@ def test_sdk_rotation_period_on_demand_and_pages():
        b64(b"before rotations"), "Decrypt across rotations")
     eq(ok("GetKeyRotationStatus", {"KeyId": arn})["RotationPeriodInDays"], period,
        "the period after on-demand rotations")
+
+
+@test
+def test_sdk_asymmetric_and_hmac_keys():
+    """The SDK's own commands for asymmetric and HMAC keys, DeriveSharedSecret among them
+    (botocore 1.29 and aws CLI 2.9 do not have it): CreateKey with KeySpec and KeyUsage,
+    GetPublicKey, Sign and Verify (ECDSA, RAW), GenerateMac and VerifyMac (HMAC_SHA_384),
+    DeriveSharedSecret equal to OpenSSL's ECDH with an ephemeral key; a one-bit change of
+    the signature or the MAC is KMSInvalidSignatureException or KMSInvalidMacException."""
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    server()
+    sign = ok("CreateKey", {"KeySpec": "ECC_NIST_P256", "KeyUsage": "SIGN_VERIFY"})["KeyMetadata"]
+    eq((sign["KeySpec"], sign["KeyUsage"], sign["SigningAlgorithms"]),
+       ("ECC_NIST_P256", "SIGN_VERIFY", ["ECDSA_SHA_256"]), "the signing key's metadata")
+    message = b"js interop: signed"
+    sig = ok("Sign", {"KeyId": sign["KeyId"], "Message": b64(message), "MessageType": "RAW",
+                      "SigningAlgorithm": "ECDSA_SHA_256"})
+    pub = serialization.load_der_public_key(unb64(ok("GetPublicKey", {"KeyId": sign["KeyId"]})[
+        "PublicKey"]))
+    pub.verify(unb64(sig["Signature"]), message, ec.ECDSA(hashes.SHA256()))  # raises if not
+    got = ok("Verify", {"KeyId": sign["KeyId"], "Message": b64(message), "MessageType": "RAW",
+                        "Signature": sig["Signature"], "SigningAlgorithm": "ECDSA_SHA_256"})
+    eq(got["SignatureValid"], True, "Verify of Sign's signature")
+    bad = bytearray(unb64(sig["Signature"]))
+    bad[-1] ^= 1
+    fails("Verify", {"KeyId": sign["KeyId"], "Message": b64(message), "MessageType": "RAW",
+                     "Signature": b64(bytes(bad)), "SigningAlgorithm": "ECDSA_SHA_256"},
+          "KMSInvalidSignatureException", 400)
+
+    mac_key = ok("CreateKey", {"KeySpec": "HMAC_384", "KeyUsage": "GENERATE_VERIFY_MAC"})[
+        "KeyMetadata"]["KeyId"]
+    mac = ok("GenerateMac", {"KeyId": mac_key, "Message": b64(message),
+                             "MacAlgorithm": "HMAC_SHA_384"})
+    eq(len(unb64(mac["Mac"])), 48, "an HMAC-SHA-384 tag")
+    eq(ok("VerifyMac", {"KeyId": mac_key, "Message": b64(message), "Mac": mac["Mac"],
+                        "MacAlgorithm": "HMAC_SHA_384"})["MacValid"], True, "VerifyMac")
+    bad = bytearray(unb64(mac["Mac"]))
+    bad[0] ^= 0x80
+    fails("VerifyMac", {"KeyId": mac_key, "Message": b64(message), "Mac": b64(bytes(bad)),
+                        "MacAlgorithm": "HMAC_SHA_384"}, "KMSInvalidMacException", 400)
+
+    agree = ok("CreateKey", {"KeySpec": "ECC_NIST_P256", "KeyUsage": "KEY_AGREEMENT"})[
+        "KeyMetadata"]["KeyId"]
+    kms_pub = serialization.load_der_public_key(
+        unb64(ok("GetPublicKey", {"KeyId": agree})["PublicKey"]))
+    mine = ec.generate_private_key(ec.SECP256R1())
+    peer = mine.public_key().public_bytes(serialization.Encoding.DER,
+                                          serialization.PublicFormat.SubjectPublicKeyInfo)
+    got = ok("DeriveSharedSecret", {"KeyId": agree, "KeyAgreementAlgorithm": "ECDH",
+                                    "PublicKey": b64(peer)})
+    eq(unb64(got["SharedSecret"]), mine.exchange(ec.ECDH(), kms_pub),
+       "DeriveSharedSecret equals OpenSSL's ECDH")
+    eq((got["KeyId"], got["KeyAgreementAlgorithm"], got["KeyOrigin"]),
+       (arn_of(agree), "ECDH", "AWS_KMS"), "DeriveSharedSecret's other members")
 
 
 @test

@@ -3,14 +3,15 @@
 //   {"endpoint": URL, "region": R, "accessKeyId": A, "secretAccessKey": S,
 //    "retry": "default" | "off",           // "off": maxAttempts 1; "default": the SDK's own
 //    "calls": [{"op": "GenerateDataKey", "input": {...}}, ...]}
-// Binary members (Plaintext, CiphertextBlob) go in and come out as standard base64;
+// Binary members (Plaintext, CiphertextBlob, Message, Signature, Mac, PublicKey) go in and
+// come out as standard base64;
 // Date members come out as epoch seconds. Prints one JSON document:
 //   {"results": [{"ok": OUTPUT, "attempts": N} | {"error": {name, status, fault, attempts,
 //    message}}, ...]}
 // Calls run one after another; a failed call does not stop the rest.
 import * as kms from '@aws-sdk/client-kms';
 
-const BINARY = new Set(['Plaintext', 'CiphertextBlob']);
+const BINARY = new Set(['Plaintext', 'CiphertextBlob', 'Message', 'Signature', 'Mac', 'PublicKey']);
 
 async function stdin() {
   const chunks = [];
