@@ -251,10 +251,12 @@ static int mac_algorithm(struct cli *cli, const struct cli_args *a, const char *
         snprintf(name, sizeof name, "HMAC_SHA_%s", spec + 5);
         *alg = strdup(name);
     } else {
+        /* The message names the spec: the answer that holds it is released after. */
+        rc = cli_fail(cli, CLI_EXIT_SERVICE, "InvalidKeyUsageException",
+                      "%s is not an HMAC key (KeySpec %s); name --algorithm for another key", key,
+                      spec ? spec : "unknown");
         json_decref(answer);
-        return cli_fail(cli, CLI_EXIT_SERVICE, "InvalidKeyUsageException",
-                        "%s is not an HMAC key (KeySpec %s); name --algorithm for another key", key,
-                        spec ? spec : "unknown");
+        return rc;
     }
     json_decref(answer);
     if (!*alg)
