@@ -103,28 +103,41 @@ static kms_err to_be_signed(int alg, int digested, const struct kms_buf *msg,
     return KMS_OK;
 }
 
-kms_err kms_op_sign(struct kms_request *r)
+/*
+ * Sign's and Verify's common part: KeyId, GrantTokens, DryRun, MessageType,
+ * SigningAlgorithm, Message and (sig not NULL: Verify) Signature read, then
+ * the key authorized for action, held in *held, of usage SIGN_VERIFY and
+ * taking the algorithm.
+ */
+static kms_err signing_request(struct kms_request *r, const char *action, const char *operation,
+                               int *alg, int *digested, struct kms_buf *msg, struct kms_buf *sig,
+                               struct kms_key_ref *held, struct kms_key_info *k)
 {
     const char *ref;
-    int alg, digested, present;
+    int present;
+    KMS_GUARD(kms_in_string(r->in, "KeyId", 1, 1, 2048, &ref));
+    KMS_GUARD(kms_in_grant_tokens(r->in));
+    KMS_GUARD(no_dry_run(r->in));
+    KMS_GUARD(message_type(r->in, digested));
+    KMS_GUARD(signing_algorithm(r->in, alg));
+    KMS_GUARD(kms_in_blob(r->in, "Message", 1, 1, MESSAGE_MAX, msg, &present));
+    if (sig)
+        KMS_GUARD(kms_in_blob(r->in, "Signature", 1, 1, SIGNATURE_MAX, sig, &present));
+    KMS_GUARD(use_key(r, action, operation, KMS_USAGE_SIGN_VERIFY, ref, held, k));
+    return kms_check_algorithm(k, *alg);
+}
+
+kms_err kms_op_sign(struct kms_request *r)
+{
+    int alg = -1, digested = 0;
     uint8_t digest[KMS_DIGEST_MAX], sig[KMS_SIGNATURE_MAX];
     size_t n = 0, sig_len = sizeof sig;
     const uint8_t *in = NULL;
     struct kms_buf msg = KMS_BUF_INIT;
     struct kms_key_info k = {0}, used = {0};
     struct kms_key_ref held = KMS_KEY_REF_INIT;
-    kms_err rc;
 
-    KMS_GUARD(kms_in_string(r->in, "KeyId", 1, 1, 2048, &ref));
-    KMS_GUARD(kms_in_grant_tokens(r->in));
-    KMS_GUARD(no_dry_run(r->in));
-    KMS_GUARD(message_type(r->in, &digested));
-    KMS_GUARD(signing_algorithm(r->in, &alg));
-    rc = kms_in_blob(r->in, "Message", 1, 1, MESSAGE_MAX, &msg, &present);
-    if (rc == KMS_OK)
-        rc = use_key(r, "kms:Sign", "Sign", KMS_USAGE_SIGN_VERIFY, ref, &held, &k);
-    if (rc == KMS_OK)
-        rc = kms_check_algorithm(&k, alg);
+    kms_err rc = signing_request(r, "kms:Sign", "Sign", &alg, &digested, &msg, NULL, &held, &k);
     if (rc == KMS_OK)
         rc = to_be_signed(alg, digested, &msg, digest, &in, &n);
     if (rc == KMS_OK)
@@ -144,25 +157,12 @@ kms_err kms_op_sign(struct kms_request *r)
 
 kms_err kms_op_verify(struct kms_request *r)
 {
-    const char *ref;
-    int alg, digested, present;
+    int alg = -1, digested = 0;
     struct kms_buf msg = KMS_BUF_INIT, sig = KMS_BUF_INIT, spki = KMS_BUF_INIT;
     struct kms_key_info k = {0}, used = {0};
     struct kms_key_ref held = KMS_KEY_REF_INIT;
-    kms_err rc;
 
-    KMS_GUARD(kms_in_string(r->in, "KeyId", 1, 1, 2048, &ref));
-    KMS_GUARD(kms_in_grant_tokens(r->in));
-    KMS_GUARD(no_dry_run(r->in));
-    KMS_GUARD(message_type(r->in, &digested));
-    KMS_GUARD(signing_algorithm(r->in, &alg));
-    rc = kms_in_blob(r->in, "Message", 1, 1, MESSAGE_MAX, &msg, &present);
-    if (rc == KMS_OK)
-        rc = kms_in_blob(r->in, "Signature", 1, 1, SIGNATURE_MAX, &sig, &present);
-    if (rc == KMS_OK)
-        rc = use_key(r, "kms:Verify", "Verify", KMS_USAGE_SIGN_VERIFY, ref, &held, &k);
-    if (rc == KMS_OK)
-        rc = kms_check_algorithm(&k, alg);
+    kms_err rc = signing_request(r, "kms:Verify", "Verify", &alg, &digested, &msg, &sig, &held, &k);
     if (rc == KMS_OK && digested) {
         /* The same refusals as Sign's (a DIGEST of the wrong length, Ed25519). */
         uint8_t unused[KMS_DIGEST_MAX];
