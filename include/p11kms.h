@@ -428,6 +428,95 @@ P11KMS_API p11kms_status p11kms_headers_verify(p11kms_client *c, const char *key
                                                size_t n, const char *algorithm, const uint8_t *tag,
                                                size_t tag_len);
 
+/* ---- envelopes to public keys: JWE (RSA-OAEP-256, ECDH-ES+A256KW) and CMS ---- */
+
+/*
+ * A recipient of an envelope (docs/client.md, docs/format.md). Sealing to a
+ * public key needs no service call; only the holder of the private key --
+ * for a KMS key, the service, whose token never lets it out -- can open.
+ */
+typedef struct p11kms_recipient p11kms_recipient;
+
+/**
+ * A KMS key as a recipient. An asymmetric key (RSA ENCRYPT_DECRYPT, EC
+ * KEY_AGREEMENT): its public half, fetched with GetPublicKey once per client
+ * and key id (later calls take it from the client's cache). A symmetric key
+ * (SYMMETRIC_DEFAULT): CMS only, a KEKRecipientInfo that costs one
+ * GenerateDataKey at sealing (JWE to a symmetric key is p11kms_seal). A key of
+ * another usage is P11KMS_ERR_INVALID_KEY_USAGE. The JWE "kid" is the key's ARN.
+ */
+P11KMS_API p11kms_status p11kms_recipient_from_key(p11kms_client *c, const char *key_id,
+                                                   p11kms_recipient **out);
+
+/**
+ * A public key held outside the service: PEM ("PUBLIC KEY" or "CERTIFICATE"),
+ * DER SubjectPublicKeyInfo or certificate, or a JWK (JSON; kty RSA, EC with
+ * P-256 or P-384, OKP with X25519). RSA keys of 2048 bits or more; EC keys on
+ * P-256, P-384 or P-521 (CMS) or X25519 (JWE). kid (NULL: none, or the JWK's
+ * own "kid") names the key in a JWE; a certificate's issuer and serial number
+ * name it in CMS, else its SubjectKeyIdentifier (RFC 5280 method 1).
+ */
+P11KMS_API p11kms_status p11kms_recipient_from_public(const uint8_t *data, size_t n,
+                                                      const char *kid, p11kms_recipient **out);
+
+/* Frees a recipient; NULL is fine. */
+P11KMS_API void p11kms_recipient_free(p11kms_recipient *r);
+
+typedef enum p11kms_envelope_format {
+    P11KMS_FORMAT_JWE_COMPACT = 0, /* JWE compact serialization: exactly one recipient */
+    P11KMS_FORMAT_JWE_JSON = 1,    /* JWE general JSON serialization: one or more */
+    P11KMS_FORMAT_CMS = 2          /* DER ContentInfo, AuthEnvelopedData, AES-256-GCM */
+} p11kms_envelope_format;
+
+/**
+ * Seals payload (at most 64 MiB) to every recipient: a fresh AES-256 content
+ * key encrypts it (A256GCM), and each recipient gets the content key wrapped
+ * for it -- RSA: RSA-OAEP-256 (JWE) or RSAES-OAEP with SHA-256 (CMS
+ * KeyTransRecipientInfo); EC: ECDH-ES+A256KW (JWE) or ECDH with an ephemeral
+ * key, X9.63 KDF with SHA-256 and AES-256 key wrap (CMS KeyAgreeRecipientInfo).
+ * c is needed only for a symmetric KMS-key recipient (else it may be NULL).
+ * @param out, out_len receive the envelope (for JWE, text without a NUL);
+ *                     released with p11kms_free
+ */
+P11KMS_API p11kms_status p11kms_envelope_seal(p11kms_client *c, p11kms_envelope_format format,
+                                              p11kms_recipient *const *recipients, size_t n_recipients,
+                                              const uint8_t *payload, size_t n, uint8_t **out,
+                                              size_t *out_len);
+
+/* What may open an envelope. Zero it, then set what you have. */
+struct p11kms_opener {
+    /* Through the service: the recipient's private key stays in the token. */
+    p11kms_client *client;
+    /* The KMS key to open with; NULL: the one the envelope names (a JWE's kid, a CMS
+       KEKRecipientInfo's kekid), or for CMS the key whose public half matches a
+       recipient's SubjectKeyIdentifier or certificate. */
+    const char *key_id;
+    /* A JWE "dir" envelope (p11kms_seal's) is opened with this encryption context. */
+    const struct p11kms_context *context;
+    size_t n_context;
+    /* Or a local private key: PEM or DER (PKCS#8, or the traditional RSA/EC forms),
+       or a JWK with its private members. */
+    const uint8_t *private_key;
+    size_t private_key_len;
+};
+
+/**
+ * Opens a JWE (compact or JSON, any of the algs above or p11kms_seal's "dir")
+ * or a CMS AuthEnvelopedData (DER, or PEM "CMS"/"PKCS7"), telling them apart
+ * by their first bytes. Tries each recipient the opener can serve, in order;
+ * nothing comes out unless the content's tag verifies.
+ * Errors: P11KMS_ERR_MALFORMED (does not parse, an algorithm not accepted,
+ * wrong curve), P11KMS_ERR_DECRYPT (no recipient the opener can serve, or a
+ * key or tag that does not verify), the service's (P11KMS_ERR_INVALID_KEY_USAGE,
+ * P11KMS_ERR_ACCESS_DENIED...).
+ * @param out, out_len receive the payload; released (wiped) with p11kms_free
+ */
+P11KMS_API p11kms_status p11kms_envelope_open(const struct p11kms_opener *o, const uint8_t *in,
+                                              size_t n, uint8_t **out, size_t *out_len);
+
+/* The format of in: a p11kms_envelope_format, or -1 when it is neither JWE nor CMS. */
+P11KMS_API int p11kms_envelope_detect(const uint8_t *in, size_t n);
+
 /* Wipes n bytes at p and frees them (p may be NULL). */
 P11KMS_API void p11kms_free(void *p, size_t n);
 

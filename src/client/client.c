@@ -393,6 +393,7 @@ p11kms_status p11kms_client_new(const struct p11kms_options *o, p11kms_client **
         free(c);
         return st;
     }
+    kms_pubkeys_init(c);
 
     st = resolve(c, o);
     if (st == P11KMS_OK && o->cache_max_age_s > 0) {
@@ -424,6 +425,7 @@ void p11kms_client_free(p11kms_client *c)
     kms_transport_free(c->transport);
     kms_cache_free(c->cache);
     kms_jwe_memo_destroy(&c->jwe_memo);
+    kms_pubkeys_free(c);
     free(c->endpoint);
     free(c->region);
     free(c->access_key_id);

@@ -10,11 +10,20 @@
  *   asym.c      asymmetric and HMAC keys: GetPublicKey, Sign, Verify, GenerateMac,
  *               VerifyMac, DeriveSharedSecret, GenerateDataKeyPair, RSA Encrypt/Decrypt
  *   headers.c   authenticated headers: the canonical form, MACed through asym.c
+ *   recipient.c envelopes to public keys: recipients, the public-key cache, local
+ *               private keys, p11kms_envelope_seal/open/detect
+ *   jwk.c       JWKs (RFC 7517/7518/8037) to and from EVP_PKEYs
+ *   jwe_pk.c    JWE to public keys: RSA-OAEP-256, ECDH-ES+A256KW; compact and JSON
+ *   cms.c       CMS AuthEnvelopedData (RFC 5083/5084) through OpenSSL's CMS API
+ *   cms_provider.c  an OpenSSL provider whose keys are KMS keys: CMS opens through
+ *               the service (RSA-OAEP decryption, ECDH derivation) with it
  */
 #ifndef P11KMS_CLIENT_INTERNAL_H
 #define P11KMS_CLIENT_INTERNAL_H
 
 #include <jansson.h>
+#include <openssl/evp.h>
+#include <openssl/x509.h>
 #include <pthread.h>
 #include <stdint.h>
 #include <sys/types.h>
@@ -24,6 +33,7 @@
 struct kms_cache;
 struct kms_transport;
 struct kms_jwe_hdr; /* a parsed protected header, shared and counted (jwe.c) */
+struct kms_pubkey_entry; /* a cached GetPublicKey answer (recipient.c) */
 
 /*
  * The protected header parsed last, so that opening JWEs sealed under the
@@ -45,6 +55,8 @@ struct p11kms_client {
     struct kms_transport *transport;
     struct kms_cache *cache;      /* NULL when cache_max_age_s is 0 */
     struct kms_jwe_memo jwe_memo; /* p11kms_open's last protected header */
+    pthread_mutex_t pubkeys_lock; /* guards pubkeys */
+    struct kms_pubkey_entry *pubkeys; /* GetPublicKey answers by key id, newest first */
     int memory_locked;
 };
 
@@ -302,5 +314,70 @@ p11kms_status kms_stream_decrypt_with_key(const uint8_t key[KMS_STREAM_KEY_LEN],
                                           const uint8_t ctx_digest[KMS_STREAM_DIGEST_LEN],
                                           const struct p11kms_stream_options *o, p11kms_read_fn in,
                                           void *in_arg, p11kms_write_fn out, void *out_arg);
+
+/* ---- envelopes to public keys (recipient.c, jwk.c, jwe_pk.c, cms.c, cms_provider.c) ---- */
+
+#define KMS_ENVELOPE_MAX_PAYLOAD ((size_t)64 << 20) /* plaintext bytes, as p11kms_seal's */
+#define KMS_ENVELOPE_MAX_RECIPIENTS 64
+
+enum kms_recipient_kind {
+    KMS_RECIPIENT_RSA,          /* RSA, 2048 bits or more */
+    KMS_RECIPIENT_EC,           /* P-256, P-384 or P-521 */
+    KMS_RECIPIENT_X25519,       /* outside the service only; JWE only */
+    KMS_RECIPIENT_KMS_SYMMETRIC /* a symmetric KMS key; CMS only (KEKRecipientInfo) */
+};
+
+struct p11kms_recipient {
+    enum kms_recipient_kind kind;
+    EVP_PKEY *pkey;         /* the public key; NULL for KMS_RECIPIENT_KMS_SYMMETRIC */
+    X509 *cert;             /* when made from a certificate, else NULL */
+    char *kid;              /* the JWE kid: a KMS key's ARN, or the caller's; NULL: none */
+    char key_arn[256];      /* a KMS key's ARN; "" for a key outside the service */
+    p11kms_client *client;  /* a KMS key's client (not owned); NULL outside the service */
+};
+
+/* ---- recipient.c ---- */
+void kms_pubkeys_init(p11kms_client *c);
+void kms_pubkeys_free(p11kms_client *c);
+/*
+ * key_id's GetPublicKey answer, from the client's cache or fetched (and then
+ * cached). A symmetric key's entry has der NULL, key_spec "SYMMETRIC_DEFAULT"
+ * and key_usage from DescribeKey. out is the caller's (p11kms_public_key_clear).
+ */
+p11kms_status kms_client_public_key(p11kms_client *c, const char *key_id,
+                                    struct p11kms_public_key *out);
+/* A private key: PEM or DER (PKCS#8 or traditional RSA/EC), or a JWK with "d". */
+p11kms_status kms_private_key_parse(const uint8_t *p, size_t n, EVP_PKEY **out);
+/* The recipient's kind for pkey (RSA >= 2048 bits, P-256/384/521, X25519), else ARGUMENT. */
+p11kms_status kms_recipient_kind_of(EVP_PKEY *pkey, enum kms_recipient_kind *out);
+/* RFC 5280 method 1 key identifier: SHA-1 of the subjectPublicKey BIT STRING's bytes. */
+p11kms_status kms_public_key_skid(EVP_PKEY *pkey, uint8_t out[20]);
+
+/* ---- jwk.c ---- */
+/*
+ * A JWK (JSON text, n bytes) as an EVP_PKEY: kty RSA, EC (crv P-256, P-384,
+ * P-521) or OKP (crv X25519). want_private: "d" (and RSA's CRT members) must
+ * be there and are used; else only the public members are read. *kid, when
+ * kid is not NULL, gets the JWK's "kid" (malloc'd) or NULL.
+ */
+p11kms_status kms_jwk_to_pkey(const uint8_t *p, size_t n, int want_private, EVP_PKEY **out,
+                              char **kid);
+/* The public JWK of pkey (the epk of ECDH-ES: {"kty","crv","x"[,"y"]}), a new object. */
+p11kms_status kms_jwk_from_public(EVP_PKEY *pkey, json_t **out);
+
+/* ---- jwe_pk.c ---- */
+/* JWE to r[0..nr): compact (nr == 1) or general JSON serialization. */
+p11kms_status kms_jwe_pk_seal(int json, p11kms_recipient *const *r, size_t nr, const uint8_t *pt,
+                              size_t n, uint8_t **out, size_t *out_len);
+/* Opens any JWE p11kms_envelope_detect says is one ("dir": p11kms_open with o's context). */
+p11kms_status kms_jwe_pk_open(const struct p11kms_opener *o, const uint8_t *in, size_t n,
+                              uint8_t **out, size_t *out_len);
+
+/* ---- cms.c ---- */
+p11kms_status kms_cms_seal(p11kms_client *c, p11kms_recipient *const *r, size_t nr,
+                           const uint8_t *pt, size_t n, uint8_t **out, size_t *out_len);
+/* DER or PEM ("CMS", "PKCS7") ContentInfo with AuthEnvelopedData. */
+p11kms_status kms_cms_open(const struct p11kms_opener *o, const uint8_t *in, size_t n,
+                           uint8_t **out, size_t *out_len);
 
 #endif

@@ -1,0 +1,20 @@
+/*
+ * CMS AuthEnvelopedData (RFC 5652, 5083, 5084). Stub.
+ */
+#include "config.h"
+
+#include "client/internal.h"
+
+p11kms_status kms_cms_seal(p11kms_client *c, p11kms_recipient *const *r, size_t nr,
+                           const uint8_t *pt, size_t n, uint8_t **out, size_t *out_len)
+{
+    (void)c, (void)r, (void)nr, (void)pt, (void)n, (void)out, (void)out_len;
+    return kms_client_fail(P11KMS_ERR_UNSUPPORTED, "CMS is not supported yet");
+}
+
+p11kms_status kms_cms_open(const struct p11kms_opener *o, const uint8_t *in, size_t n,
+                           uint8_t **out, size_t *out_len)
+{
+    (void)o, (void)in, (void)n, (void)out, (void)out_len;
+    return kms_client_fail(P11KMS_ERR_UNSUPPORTED, "CMS is not supported yet");
+}
