@@ -479,9 +479,9 @@ typedef enum p11kms_envelope_format {
  *                     released with p11kms_free
  */
 P11KMS_API p11kms_status p11kms_envelope_seal(p11kms_client *c, p11kms_envelope_format format,
-                                              p11kms_recipient *const *recipients, size_t n_recipients,
-                                              const uint8_t *payload, size_t n, uint8_t **out,
-                                              size_t *out_len);
+                                              p11kms_recipient *const *recipients,
+                                              size_t n_recipients, const uint8_t *payload, size_t n,
+                                              uint8_t **out, size_t *out_len);
 
 /* What may open an envelope. Zero it, then set what you have. */
 struct p11kms_opener {

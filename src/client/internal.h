@@ -32,7 +32,7 @@
 
 struct kms_cache;
 struct kms_transport;
-struct kms_jwe_hdr; /* a parsed protected header, shared and counted (jwe.c) */
+struct kms_jwe_hdr;      /* a parsed protected header, shared and counted (jwe.c) */
 struct kms_pubkey_entry; /* a cached GetPublicKey answer (recipient.c) */
 
 /*
@@ -53,9 +53,9 @@ struct p11kms_client {
     char *endpoint, *region, *access_key_id, *secret_access_key, *session_token;
     char *ca_file, *client_cert_file, *client_key_file;
     struct kms_transport *transport;
-    struct kms_cache *cache;      /* NULL when cache_max_age_s is 0 */
-    struct kms_jwe_memo jwe_memo; /* p11kms_open's last protected header */
-    pthread_mutex_t pubkeys_lock; /* guards pubkeys */
+    struct kms_cache *cache;          /* NULL when cache_max_age_s is 0 */
+    struct kms_jwe_memo jwe_memo;     /* p11kms_open's last protected header */
+    pthread_mutex_t pubkeys_lock;     /* guards pubkeys */
     struct kms_pubkey_entry *pubkeys; /* GetPublicKey answers by key id, newest first */
     int memory_locked;
 };
@@ -329,11 +329,11 @@ enum kms_recipient_kind {
 
 struct p11kms_recipient {
     enum kms_recipient_kind kind;
-    EVP_PKEY *pkey;         /* the public key; NULL for KMS_RECIPIENT_KMS_SYMMETRIC */
-    X509 *cert;             /* when made from a certificate, else NULL */
-    char *kid;              /* the JWE kid: a KMS key's ARN, or the caller's; NULL: none */
-    char key_arn[256];      /* a KMS key's ARN; "" for a key outside the service */
-    p11kms_client *client;  /* a KMS key's client (not owned); NULL outside the service */
+    EVP_PKEY *pkey;        /* the public key; NULL for KMS_RECIPIENT_KMS_SYMMETRIC */
+    X509 *cert;            /* when made from a certificate, else NULL */
+    char *kid;             /* the JWE kid: a KMS key's ARN, or the caller's; NULL: none */
+    char key_arn[256];     /* a KMS key's ARN; "" for a key outside the service */
+    p11kms_client *client; /* a KMS key's client (not owned); NULL outside the service */
 };
 
 /* ---- recipient.c ---- */
