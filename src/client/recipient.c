@@ -98,9 +98,9 @@ static p11kms_status describe_symmetric(p11kms_client *c, const char *key_id,
                                                   "KeyUsage or Arn");
     else {
         memset(out, 0, sizeof *out);
-        strcpy(out->key_spec, spec);
-        strcpy(out->key_usage, usage);
-        strcpy(out->key_arn, arn);
+        snprintf(out->key_spec, sizeof out->key_spec, "%s", spec);
+        snprintf(out->key_usage, sizeof out->key_usage, "%s", usage);
+        snprintf(out->key_arn, sizeof out->key_arn, "%s", arn);
     }
     json_decref(resp);
     return st;
@@ -323,7 +323,7 @@ p11kms_status p11kms_recipient_from_key(p11kms_client *c, const char *key_id,
             EVP_PKEY_free(pkey);
     }
     if (st == P11KMS_OK) {
-        snprintf((*out)->key_arn, sizeof (*out)->key_arn, "%s", pk.key_arn);
+        snprintf((*out)->key_arn, sizeof(*out)->key_arn, "%s", pk.key_arn);
         (*out)->client = c;
     }
     p11kms_public_key_clear(&pk);
@@ -413,8 +413,7 @@ int p11kms_envelope_detect(const uint8_t *in, size_t n)
 
 p11kms_status p11kms_envelope_seal(p11kms_client *c, p11kms_envelope_format format,
                                    p11kms_recipient *const *recipients, size_t n_recipients,
-                                   const uint8_t *payload, size_t n, uint8_t **out,
-                                   size_t *out_len)
+                                   const uint8_t *payload, size_t n, uint8_t **out, size_t *out_len)
 {
     size_t i;
 
@@ -471,11 +470,8 @@ p11kms_status p11kms_envelope_open(const struct p11kms_opener *o, const uint8_t 
                                "private key");
     switch (p11kms_envelope_detect(in, n)) {
     case P11KMS_FORMAT_JWE_COMPACT:
-    case P11KMS_FORMAT_JWE_JSON:
-        return kms_jwe_pk_open(o, in, n, out, out_len);
-    case P11KMS_FORMAT_CMS:
-        return kms_cms_open(o, in, n, out, out_len);
-    default:
-        return kms_client_fail(P11KMS_ERR_MALFORMED, "the input is neither a JWE nor CMS");
+    case P11KMS_FORMAT_JWE_JSON: return kms_jwe_pk_open(o, in, n, out, out_len);
+    case P11KMS_FORMAT_CMS: return kms_cms_open(o, in, n, out, out_len);
+    default: return kms_client_fail(P11KMS_ERR_MALFORMED, "the input is neither a JWE nor CMS");
     }
 }
