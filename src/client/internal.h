@@ -374,10 +374,33 @@ p11kms_status kms_jwe_pk_open(const struct p11kms_opener *o, const uint8_t *in, 
                               uint8_t **out, size_t *out_len);
 
 /* ---- cms.c ---- */
+/*
+ * The OtherKeyAttribute keyAttrId of a KEKRecipientInfo whose kekid.other
+ * carries a KMS CiphertextBlob (keyAttr: OCTET STRING). An arc under 2.25
+ * (ITU-T X.667: an OID from a UUID, which anyone may take without
+ * registering); the UUID is 3983f0b5-a506-4906-a378-43047282051e, drawn once
+ * at random for p11kms. docs/format.md says why and how it is used.
+ */
+#define KMS_CMS_KEKRI_BLOB_OID "2.25.76451068817883183688253925779633734942"
+
 p11kms_status kms_cms_seal(p11kms_client *c, p11kms_recipient *const *r, size_t nr,
                            const uint8_t *pt, size_t n, uint8_t **out, size_t *out_len);
 /* DER or PEM ("CMS", "PKCS7") ContentInfo with AuthEnvelopedData. */
 p11kms_status kms_cms_open(const struct p11kms_opener *o, const uint8_t *in, size_t n,
                            uint8_t **out, size_t *out_len);
+
+/* ---- cms_provider.c ---- */
+/* The library context of the KMS key provider and the default provider, made once; NULL if not. */
+OSSL_LIB_CTX *kms_cms_libctx(void);
+/*
+ * An EVP_PKEY of that context standing for KMS key key_arn, whose public
+ * half is pub (RSA or EC): its private operations (RSA-OAEP decryption, ECDH)
+ * are calls to the service through c, which must outlive it.
+ */
+p11kms_status kms_cms_kms_pkey(p11kms_client *c, const char *key_arn, EVP_PKEY *pub,
+                               EVP_PKEY **out);
+/* The status of a service call that failed inside the provider on this thread (P11KMS_OK: none);
+   reading it resets it. */
+p11kms_status kms_cms_provider_status(void);
 
 #endif
