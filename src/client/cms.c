@@ -292,13 +292,21 @@ static p11kms_status check_structure(const unsigned char *der, long der_len)
         v = p;
         if (ASN1_get_object(&v, &len, &t, &c, aed_end - p) & 0x80)
             goto fail;
-        p = v + len;                                             /* the next member */
-        if (c == V_ASN1_UNIVERSAL && t == V_ASN1_OCTET_STRING) { /* mac */
-            if (len != CMS_TAG_LEN)
-                return kms_client_fail(P11KMS_ERR_MALFORMED, "CMS: the tag has %ld bytes, not %d",
-                                       len, CMS_TAG_LEN);
+        p = v + len; /* the next member */
+        if (c == V_ASN1_UNIVERSAL && t == V_ASN1_OCTET_STRING) {
+            /* mac */
+            if (have_mac)
+                goto fail;
+            if (len != CMS_TAG_LEN) {
+                st = kms_client_fail(P11KMS_ERR_MALFORMED, "CMS: the tag has %ld bytes, not %d",
+                                     len, CMS_TAG_LEN);
+                goto cleanup;
+            }
             have_mac = 1;
-        } else if (c == V_ASN1_UNIVERSAL && t == V_ASN1_SEQUENCE) { /* authEncryptedContentInfo */
+        } else if (c == V_ASN1_UNIVERSAL && t == V_ASN1_SEQUENCE) {
+            /* authEncryptedContentInfo */
+            if (have_content)
+                goto fail;
             eci_end = v + len;
             if (!der_next(&v, eci_end, V_ASN1_OBJECT, V_ASN1_UNIVERSAL, 0, NULL, &len))
                 goto fail;

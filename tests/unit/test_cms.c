@@ -205,9 +205,9 @@ static void test_structure(void **state)
     CMS_ContentInfo *cms;
     STACK_OF(CMS_RecipientInfo) * ris;
     CMS_RecipientInfo *ri;
-    ASN1_OCTET_STRING *keyid;
-    X509_NAME *issuer;
-    ASN1_INTEGER *serial;
+    ASN1_OCTET_STRING *keyid = NULL;
+    X509_NAME *issuer = NULL;
+    ASN1_INTEGER *serial = NULL;
     X509_ALGOR *alg, *kdf;
     ASN1_OCTET_STRING *ukm;
     CMS_RecipientEncryptedKey *rek;
