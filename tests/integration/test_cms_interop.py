@@ -300,6 +300,33 @@ def test_kekri_through_service_and_openssl():
 
 
 @test
+def test_kekri_by_alias():
+    C.kms.create_alias(AliasName="alias/cms-sym", TargetKeyId=C.keys["sym"]["KeyId"])
+    cli_ok(["encrypt", "--format", "cms", "--key", "alias/cms-sym", "-i", path("payload"), "-o",
+            path("c2.der")])
+    eq(kekri_blob(read("c2.der"))[0], arn("sym").encode(), "kekid.keyIdentifier is the key ARN")
+    cli_ok(["decrypt", "--key", "alias/cms-sym", "-i", path("c2.der"), "-o", path("c2.out")])
+    eq(read("c2.out"), PAYLOAD, "opened naming the alias")
+
+
+@test
+def test_openssl_streamed_ber_opens():
+    """openssl cms -stream writes BER with indefinite lengths: it opens as well."""
+    ossl(["cms", "-encrypt", "-aes-256-gcm", "-stream", "-binary", "-in", path("payload"),
+          "-outform", "DER", "-out", path("s.ber"), "-recip", path("lrsa.crt"), "-keyopt",
+          "rsa_padding_mode:oaep", "-keyopt", "rsa_oaep_md:sha256"])
+    eq(read("s.ber")[:2], b"\x30\x80", "indefinite length")
+    cli_ok(["decrypt", "--private-key", path("lrsa.key"), "-i", path("s.ber"), "-o",
+            path("s.out")])
+    eq(read("s.out"), PAYLOAD, "streamed BER")
+    # PKCS#1 v1.5 key transport (openssl's default) is not accepted
+    ossl(["cms", "-encrypt", "-aes-256-gcm", "-binary", "-in", path("payload"), "-outform", "DER",
+          "-out", path("v15.der"), "-recip", path("lrsa.crt")])
+    decrypt_fails(["--private-key", path("lrsa.key"), "-i", path("v15.der")], "RSAES-OAEP",
+                  "PKCS#1 v1.5 key transport")
+
+
+@test
 def test_kms_asymmetric_recipients_through_service():
     cli_ok(["encrypt", "--format", "cms", "--key", arn("rsa_enc"), "--key", arn("ecdh"),
             "--key", arn("sym"), "-i", path("payload"), "-o", path("d.der")])
