@@ -39,8 +39,8 @@
 #define CMS_TAG_LEN 16
 #define CMS_NONCE_LEN 12
 #define CMS_KEK_LEN 32
-/* The DER of a 64 MiB payload with 64 recipients, and PEM's base64 of it. */
-#define CMS_INPUT_MAX (KMS_ENVELOPE_MAX_PAYLOAD / 3 * 4 + ((size_t)1 << 20))
+/* Room for the PEM (base64 and line breaks) of a 64 MiB payload with 64 recipients. */
+#define CMS_INPUT_MAX (2 * KMS_ENVELOPE_MAX_PAYLOAD)
 
 /* OpenSSL's last error as text for a message (no secrets in it); clears the queue. */
 static const char *ossl_why(char *buf, size_t cap)
@@ -367,7 +367,7 @@ static p11kms_status parse(const uint8_t *in, size_t n, OSSL_LIB_CTX *libctx, CM
 {
     unsigned char *pem_der = NULL, *der = NULL;
     char *name = NULL, *header = NULL;
-    const unsigned char *p;
+    const unsigned char *p, *end;
     long len = 0;
     int der_len;
     BIO *bio = NULL;
@@ -394,12 +394,10 @@ static p11kms_status parse(const uint8_t *in, size_t n, OSSL_LIB_CTX *libctx, CM
         st = ossl_fail(P11KMS_ERR_MEMORY, "out of memory");
         goto cleanup;
     }
-    {
-        const unsigned char *start = p;
-        if (!d2i_CMS_ContentInfo(&cms, &p, len) || p != start + len) {
-            st = ossl_fail(P11KMS_ERR_MALFORMED, "not a DER ContentInfo");
-            goto cleanup;
-        }
+    end = p + len;
+    if (!d2i_CMS_ContentInfo(&cms, &p, len) || p != end) {
+        st = ossl_fail(P11KMS_ERR_MALFORMED, "not a CMS ContentInfo");
+        goto cleanup;
     }
     if (OBJ_obj2nid(CMS_get0_type(cms)) != NID_id_smime_ct_authEnvelopedData) {
         st = kms_client_fail(P11KMS_ERR_MALFORMED,
@@ -429,13 +427,14 @@ cleanup:
 struct keys {
     const struct p11kms_opener *o;
     EVP_PKEY *local;  /* o->private_key */
-    int kms_resolved; /* o->key_id looked up (kms_* below) */
-    EVP_PKEY *kms;    /* o->key_id's private half, through the service (cms_provider.c) */
+    int kms_resolved; /* o->key_id looked up (kms_* below), with this outcome: */
+    p11kms_status kms_status;
+    EVP_PKEY *kms; /* o->key_id's private half, through the service (cms_provider.c) */
     uint8_t kms_skid[20];
     char kms_arn[256]; /* o->key_id's ARN ("": not resolved) */
 };
 
-/* The outcome of one RecipientInfo. */
+/* What the RecipientInfos tried came to, for the error when none opened. */
 struct tally {
     p11kms_status service;  /* the first service error, P11KMS_OK: none */
     char service_why[256];  /* its message */
@@ -465,10 +464,10 @@ static p11kms_status resolve_kms(struct keys *k)
     p11kms_status st;
 
     if (k->kms_resolved)
-        return P11KMS_OK;
-    if ((st = kms_client_public_key(k->o->client, k->o->key_id, &pk)) != P11KMS_OK)
-        return st;
+        return k->kms_status;
     k->kms_resolved = 1;
+    if ((st = kms_client_public_key(k->o->client, k->o->key_id, &pk)) != P11KMS_OK)
+        return k->kms_status = st;
     snprintf(k->kms_arn, sizeof k->kms_arn, "%s", pk.key_arn);
     if (pk.der) {
         q = pk.der;
@@ -480,7 +479,7 @@ static p11kms_status resolve_kms(struct keys *k)
         EVP_PKEY_free(pub);
     }
     p11kms_public_key_clear(&pk);
-    return st;
+    return k->kms_status = st;
 }
 
 /* 1 when keyid (a rid's SubjectKeyIdentifier; NULL: issuer and serial) may name skid. */

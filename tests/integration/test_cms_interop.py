@@ -345,6 +345,9 @@ def test_refusals():
     rc, _, err = cli(["encrypt", "--format", "cms", "--key", arn("rsa_sign"), "-i",
                       path("payload"), "-o", path("e.der")])
     check(rc != 0 and "InvalidKeyUsageException" in err, "SIGN_VERIFY key: %r" % err)
+    # opening with one: the service's answer comes back as it is
+    decrypt_fails(["--key", arn("rsa_sign"), "-i", path("a-rsa.der")],
+                  "InvalidKeyUsageException", "opened with a SIGN_VERIFY key")
     cli_ok(["encrypt", "--format", "cms", "--key", arn("sym"), "--to-pem", path("lrsa.crt"),
             "-i", path("payload"), "-o", path("e.der")])
     good = read("e.der")

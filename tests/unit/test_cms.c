@@ -180,6 +180,25 @@ static void test_round_trips(void **state)
         }
 }
 
+static void test_seal_bounds(void **state)
+{
+    p11kms_recipient *r = recipient(KRSA, 1);
+    uint8_t *der = NULL;
+    size_t der_len = 0;
+
+    (void)state;
+    /* the payload bound is checked before the payload is read */
+    assert_int_equal(p11kms_envelope_seal(NULL, P11KMS_FORMAT_CMS, &r, 1, PAYLOAD,
+                                          KMS_ENVELOPE_MAX_PAYLOAD + 1, &der, &der_len),
+                     P11KMS_ERR_ARGUMENT);
+    assert_null(der);
+    assert_int_equal(
+        p11kms_envelope_seal(NULL, P11KMS_FORMAT_CMS, &r, 0, PAYLOAD, PAYLOAD_LEN, &der, &der_len),
+        P11KMS_ERR_ARGUMENT);
+    assert_null(der);
+    p11kms_recipient_free(r);
+}
+
 static void test_mixed_recipients(void **state)
 {
     uint8_t *der;
@@ -503,11 +522,17 @@ static void test_client_without_key_id(void **state)
 int main(void)
 {
     const struct CMUnitTest tests[] = {
-        cmocka_unit_test(test_round_trips),        cmocka_unit_test(test_mixed_recipients),
-        cmocka_unit_test(test_structure),          cmocka_unit_test(test_pem),
-        cmocka_unit_test(test_flipped_bits),       cmocka_unit_test(test_short_tag),
-        cmocka_unit_test(test_truncations),        cmocka_unit_test(test_wrong_key),
-        cmocka_unit_test(test_not_auth_enveloped), cmocka_unit_test(test_client_without_key_id),
+        cmocka_unit_test(test_round_trips),
+        cmocka_unit_test(test_seal_bounds),
+        cmocka_unit_test(test_mixed_recipients),
+        cmocka_unit_test(test_structure),
+        cmocka_unit_test(test_pem),
+        cmocka_unit_test(test_flipped_bits),
+        cmocka_unit_test(test_short_tag),
+        cmocka_unit_test(test_truncations),
+        cmocka_unit_test(test_wrong_key),
+        cmocka_unit_test(test_not_auth_enveloped),
+        cmocka_unit_test(test_client_without_key_id),
     };
     return cmocka_run_group_tests(tests, setup, teardown);
 }
