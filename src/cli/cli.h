@@ -85,6 +85,16 @@ int cli_contexts(const struct cli_args *a, struct p11kms_context **out, size_t *
 /* A required option; prints a usage error when missing. */
 const char *cli_required(struct cli *cli, const struct cli_args *a, const char *name);
 
+/* ---- commands_data.c: input and output shared by the commands ---- */
+/*
+ * The whole of path (stdin for NULL or "-"), 1 to max bytes: *out is the
+ * caller's to free. hint (may be NULL) follows the message when it is longer.
+ */
+int cli_read_input(struct cli *cli, const char *path, const char *what, const char *hint,
+                   size_t max, uint8_t **out, size_t *n);
+/* Refuses -o naming the -i file (it would be overwritten) before anything is read or sent. */
+int cli_check_paths(struct cli *cli, const struct cli_args *a);
+
 /* ---- profile.c ---- */
 struct cli_profile {
     char *access_key_id, *secret_access_key, *session_token, *region;

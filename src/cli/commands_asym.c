@@ -28,53 +28,6 @@
 
 /* ---- input and output ---- */
 
-/*
- * The whole of path (stdin for NULL or "-"), 1 to max bytes: *out is the
- * caller's to free. hint (may be NULL) follows the message when it is longer.
- */
-static int read_input(struct cli *cli, const char *path, const char *what, const char *hint,
-                      size_t max, uint8_t **out, size_t *n)
-{
-    struct cli_io in;
-    uint64_t size;
-    uint8_t *buf;
-    int rc;
-
-    *out = NULL;
-    *n = 0;
-    if ((rc = cli_in_open(cli, path, &in, &size)) != 0)
-        return rc;
-    if (!(buf = malloc(max + 1))) {
-        cli_in_close(&in);
-        return cli_fail(cli, CLI_EXIT_LOCAL, "LocalError", "out of memory");
-    }
-    if (cli_read_full(&in, buf, max + 1, n) != 0)
-        rc = cli_fail(cli, CLI_EXIT_LOCAL, "IOError", "%s: %s", in.name, strerror(in.err));
-    else if (*n == 0)
-        rc = cli_usage_error(cli, "%s (%s) is empty", what, in.name);
-    else if (*n > max)
-        rc = cli_usage_error(cli, "%s (%s) is over %zu bytes%s", what, in.name, max,
-                             hint ? hint : "");
-    cli_in_close(&in);
-    if (rc != 0) {
-        free(buf);
-        *n = 0;
-        return rc;
-    }
-    *out = buf;
-    return 0;
-}
-
-/* 1 when out_path names the same file as in_path (the output would replace the input). */
-static int same_file(const char *in_path, const char *out_path)
-{
-    struct stat a, b;
-    if (!in_path || !out_path || strcmp(in_path, "-") == 0 || strcmp(out_path, "-") == 0)
-        return 0;
-    return stat(in_path, &a) == 0 && stat(out_path, &b) == 0 && a.st_dev == b.st_dev &&
-           a.st_ino == b.st_ino;
-}
-
 /* Writes n bytes to -o (or stdout); with --json and a file, prints what was written. */
 static int write_output(struct cli *cli, const char *path, const uint8_t *p, size_t n,
                         const char *what, json_t *summary)
@@ -115,26 +68,17 @@ static int check_stdin(struct cli *cli, const struct cli_args *a, const char *wh
     return 0;
 }
 
-/* Refuses -o naming the input file before anything is read or sent. */
-static int check_paths(struct cli *cli, const struct cli_args *a)
-{
-    const char *in = cli_arg(a, "in"), *out = cli_arg(a, "out");
-    if (same_file(in, out))
-        return cli_usage_error(cli, "-o %s is the input file; it would be overwritten", out);
-    return 0;
-}
-
 /* ---- sign and verify ---- */
 
 /* The message, or with --digest its digest, from -i. */
 static int read_message(struct cli *cli, const struct cli_args *a, uint8_t **msg, size_t *n)
 {
     int digest = cli_flag(a, "digest");
-    return read_input(cli, cli_arg(a, "in"), digest ? "the digest" : "the message",
-                      digest ? NULL
-                             : "; sign its digest instead: openssl dgst -sha256 -binary FILE | "
-                               "p11kms sign --digest ...",
-                      MESSAGE_MAX, msg, n);
+    return cli_read_input(cli, cli_arg(a, "in"), digest ? "the digest" : "the message",
+                          digest ? NULL
+                                 : "; sign its digest instead: openssl dgst -sha256 -binary FILE | "
+                                   "p11kms sign --digest ...",
+                          MESSAGE_MAX, msg, n);
 }
 
 static int cmd_sign(struct cli *cli, const struct cli_args *a)
@@ -150,7 +94,7 @@ static int cmd_sign(struct cli *cli, const struct cli_args *a)
 
     if (!key || !(alg = cli_required(cli, a, "algorithm")))
         return CLI_EXIT_USAGE;
-    if ((rc = check_paths(cli, a)) != 0 || (rc = cli_client(cli, &c)) != 0 ||
+    if ((rc = cli_check_paths(cli, a)) != 0 || (rc = cli_client(cli, &c)) != 0 ||
         (rc = read_message(cli, a, &msg, &n)) != 0)
         return rc;
     st = p11kms_sign(c, key, alg, type, msg, n, &sig, &sig_len);
@@ -203,7 +147,8 @@ static int cmd_verify(struct cli *cli, const struct cli_args *a)
         return CLI_EXIT_USAGE;
     if ((rc = check_stdin(cli, a, "--signature", sig_path)) != 0 ||
         (rc = cli_client(cli, &c)) != 0 ||
-        (rc = read_input(cli, sig_path, "the signature", NULL, SIGNATURE_MAX, &sig, &sig_len)) != 0)
+        (rc = cli_read_input(cli, sig_path, "the signature", NULL, SIGNATURE_MAX, &sig,
+                             &sig_len)) != 0)
         return rc;
     if ((rc = read_message(cli, a, &msg, &n)) != 0) {
         free(sig);
@@ -277,8 +222,9 @@ static int cmd_mac(struct cli *cli, const struct cli_args *a)
 
     if (!key)
         return CLI_EXIT_USAGE;
-    if ((rc = check_paths(cli, a)) != 0 || (rc = cli_client(cli, &c)) != 0 ||
-        (rc = read_input(cli, cli_arg(a, "in"), "the message", NULL, MESSAGE_MAX, &msg, &n)) != 0)
+    if ((rc = cli_check_paths(cli, a)) != 0 || (rc = cli_client(cli, &c)) != 0 ||
+        (rc = cli_read_input(cli, cli_arg(a, "in"), "the message", NULL, MESSAGE_MAX, &msg, &n)) !=
+            0)
         return rc;
     if ((rc = mac_algorithm(cli, a, key, &alg)) != 0) {
         free(msg);
@@ -311,9 +257,10 @@ static int cmd_verify_mac(struct cli *cli, const struct cli_args *a)
     if (!key || !(mac_path = cli_required(cli, a, "mac")))
         return CLI_EXIT_USAGE;
     if ((rc = check_stdin(cli, a, "--mac", mac_path)) != 0 || (rc = cli_client(cli, &c)) != 0 ||
-        (rc = read_input(cli, mac_path, "the MAC", NULL, SIGNATURE_MAX, &mac, &mac_len)) != 0)
+        (rc = cli_read_input(cli, mac_path, "the MAC", NULL, SIGNATURE_MAX, &mac, &mac_len)) != 0)
         return rc;
-    if ((rc = read_input(cli, cli_arg(a, "in"), "the message", NULL, MESSAGE_MAX, &msg, &n)) != 0 ||
+    if ((rc = cli_read_input(cli, cli_arg(a, "in"), "the message", NULL, MESSAGE_MAX, &msg, &n)) !=
+            0 ||
         (rc = mac_algorithm(cli, a, key, &alg)) != 0) {
         free(mac);
         free(msg);
