@@ -826,6 +826,10 @@ static int looks_like_key_id(const char *kid)
 /* The KMS key to open r with through the service; NULL: r is not the opener's. */
 static const char *service_key(const struct p11kms_opener *o, const struct rcpt *r)
 {
+    /* KMS key agreement is on NIST curves: an X25519 epk is for a key outside it. */
+    const char *kty = json_string_value(json_object_get(r->epk, "kty"));
+    if (kty && strcmp(kty, "EC") != 0)
+        return NULL;
     if (!o->key_id)
         return r->kid && looks_like_key_id(r->kid) ? r->kid : NULL;
     /* An alias cannot be compared with a kid here: the service decides. */
