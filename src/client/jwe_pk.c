@@ -852,7 +852,11 @@ static int fatal(p11kms_status st)
            st == P11KMS_ERR_CIRCUIT_OPEN;
 }
 
-/* The CEK from the first recipient the opener can serve and that unwraps. */
+/*
+ * The CEK from the first recipient the opener can serve and that unwraps:
+ * for each recipient in order, the local key when it is of the recipient's
+ * type, then the service when the opener has a client and a key for it.
+ */
 static p11kms_status find_cek(const struct p11kms_opener *o, EVP_PKEY *priv, const struct pk_jwe *j,
                               uint8_t cek[CEK_LEN])
 {
@@ -862,25 +866,28 @@ static p11kms_status find_cek(const struct p11kms_opener *o, EVP_PKEY *priv, con
 
     for (size_t i = 0; i < j->nr; i++) {
         const struct rcpt *r = &j->r[i];
-        const char *key = NULL;
-        if (priv ? !local_serves(priv, r) : !(key = service_key(o, r)))
-            continue;
-        tried++;
-        st = priv ? open_local(priv, r, cek) : open_service(o->client, key, r, cek);
-        if (st == P11KMS_OK || fatal(st))
-            return st;
-        snprintf(why, sizeof why, "%s", p11kms_last_error());
+        const char *key = o->client ? service_key(o, r) : NULL;
+        for (int local = 1; local >= 0; local--) {
+            if (local ? !priv || !local_serves(priv, r) : !key)
+                continue;
+            tried++;
+            st = local ? open_local(priv, r, cek) : open_service(o->client, key, r, cek);
+            if (st == P11KMS_OK || fatal(st))
+                return st;
+            snprintf(why, sizeof why, "%s", p11kms_last_error());
+        }
     }
     if (tried == 0)
-        return kms_client_fail(P11KMS_ERR_DECRYPT,
-                               "JWE: no recipient is one the opener can serve (%s)",
-                               priv        ? "none for a key of this type"
-                               : o->key_id ? "none names the key"
-                                           : "no kid names a KMS key");
+        return kms_client_fail(
+            P11KMS_ERR_DECRYPT, "JWE: no recipient is one the opener can serve (%s%s)",
+            priv ? "none for a key of this type" : "",
+            !o->client  ? ""
+            : o->key_id ? (priv ? "; none names the KMS key" : "none names the KMS key")
+                        : (priv ? "; no kid names a KMS key" : "no kid names a KMS key"));
     if (tried == 1) /* its own status (a service error, a wrong curve), its message */
         return kms_client_fail(st, "%s", why);
-    return kms_client_fail(P11KMS_ERR_DECRYPT,
-                           "JWE: none of the %zu recipients opens; the last: %s", tried, why);
+    return kms_client_fail(P11KMS_ERR_DECRYPT, "JWE: none of %zu attempts opens; the last: %s",
+                           tried, why);
 }
 
 p11kms_status kms_jwe_pk_open(const struct p11kms_opener *o, const uint8_t *in, size_t n,

@@ -351,6 +351,10 @@ def test_c_libp11kms_seals_to_kms_keys_and_opens_through_the_service():
         eq(hdr["kid"], C.keys[name]["Arn"], "the kid is the key's ARN")
         p11_open_ok(token)
         p11_open_ok(token, "--key", C.keys[name]["KeyId"])
+    # a local key that is not the recipient's, and the client: the service opens it
+    token = seal("jwe", [("--key", C.keys["p256"]["KeyId"])])
+    p11_open_ok(token, "--private-key", path("p384.key"))
+    p11_open_ok(token, "--private-key", path("p256.key"))
     token = seal("jwe-json", [("--key", C.keys["rsa2048"]["KeyId"]),
                               ("--key", C.keys["p384"]["KeyId"]),
                               ("--to-pem", path("p256.pub"))])
