@@ -258,6 +258,29 @@ p11kms_status kms_jwe_decrypt_in_place(struct kms_jwe *j, const uint8_t *key, si
                                        uint8_t **out, size_t *out_len);
 void kms_jwe_clear(struct kms_jwe *j);
 
+/* Pieces shared with jwe_pk.c. Encoded length of n bytes in unpadded base64url. */
+size_t kms_jwe_b64url_len(size_t n);
+/*
+ * Strict base64url of exactly want bytes (want 0: any length up to max) into
+ * out, which has room for kms_b64url_decoded_len(n) bytes (want, when want is
+ * set); what names the piece in the P11KMS_ERR_MALFORMED message. The pieces
+ * of a JWE are not secret: the table-driven decoder.
+ */
+p11kms_status kms_jwe_decode_seg(const char *s, size_t n, size_t want, size_t max, uint8_t *out,
+                                 size_t *out_len, const char *what);
+/* As kms_jwe_decode_seg, into a fresh malloc'd buffer (*out, at least one byte). */
+p11kms_status kms_jwe_decode_seg_alloc(const char *s, size_t n, size_t max, uint8_t **out,
+                                       size_t *out_len, const char *what);
+/* AES-256-GCM of in[0..n) to ct (n bytes) and tag, with aad. */
+p11kms_status kms_jwe_gcm_seal(const uint8_t *key, const uint8_t *iv, const char *aad,
+                               size_t aad_len, const uint8_t *in, size_t n, uint8_t *ct,
+                               uint8_t tag[KMS_JWE_TAG_LEN]);
+/* AES-256-GCM open of in[0..n) to out (in == out: in place); P11KMS_ERR_DECRYPT on a bad tag. */
+p11kms_status kms_jwe_gcm_open(const uint8_t *key, const uint8_t iv[KMS_JWE_IV_LEN],
+                               const char *aad, size_t aad_len,
+                               const uint8_t tag_in[KMS_JWE_TAG_LEN], const uint8_t *in, size_t n,
+                               uint8_t *out);
+
 /* ---- stream.c: streaming envelopes, chunked AES-256-GCM (docs/format.md) ---- */
 #define KMS_STREAM_VERSION 1
 #define KMS_STREAM_KEY_LEN 32
@@ -372,6 +395,16 @@ p11kms_status kms_jwe_pk_seal(int json, p11kms_recipient *const *r, size_t nr, c
 /* Opens any JWE p11kms_envelope_detect says is one ("dir": p11kms_open with o's context). */
 p11kms_status kms_jwe_pk_open(const struct p11kms_opener *o, const uint8_t *in, size_t n,
                               uint8_t **out, size_t *out_len);
+/* RFC 7518 §4.6.2 Concat KDF with SHA-256: out_len bytes from z, alg, apu and apv. */
+p11kms_status kms_concat_kdf(const uint8_t *z, size_t z_len, const char *alg, const uint8_t *apu,
+                             size_t apu_len, const uint8_t *apv, size_t apv_len, uint8_t *out,
+                             size_t out_len);
+/* RFC 3394 AES key wrap under a 16-, 24- or 32-byte kek; out has n + 8 bytes. */
+p11kms_status kms_aes_kw_wrap(const uint8_t *kek, size_t kek_len, const uint8_t *in, size_t n,
+                              uint8_t *out);
+/* The unwrap: out has n - 8 bytes; P11KMS_ERR_DECRYPT when the integrity check fails. */
+p11kms_status kms_aes_kw_unwrap(const uint8_t *kek, size_t kek_len, const uint8_t *in, size_t n,
+                                uint8_t *out);
 
 /* ---- cms.c ---- */
 /*

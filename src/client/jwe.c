@@ -40,8 +40,7 @@
 
 #define KID_MAX (sizeof(((struct p11kms_data_key *)0)->key_arn) - 1)
 
-/* Encoded length of n bytes in unpadded base64url. */
-static size_t b64url_len(size_t n)
+size_t kms_jwe_b64url_len(size_t n)
 {
     return n / 3 * 4 + (n % 3 ? n % 3 + 1 : 0);
 }
@@ -101,9 +100,9 @@ cleanup:
     return st;
 }
 
-static p11kms_status gcm_seal(const uint8_t *key, const uint8_t *iv, const char *aad,
-                              size_t aad_len, const uint8_t *in, size_t n, uint8_t *ct,
-                              uint8_t tag[KMS_JWE_TAG_LEN])
+p11kms_status kms_jwe_gcm_seal(const uint8_t *key, const uint8_t *iv, const char *aad,
+                               size_t aad_len, const uint8_t *in, size_t n, uint8_t *ct,
+                               uint8_t tag[KMS_JWE_TAG_LEN])
 {
     p11kms_status st = kms_client_fail(P11KMS_ERR_MEMORY, "JWE: AES-256-GCM failed");
     EVP_CIPHER_CTX *c = EVP_CIPHER_CTX_new();
@@ -203,7 +202,7 @@ p11kms_status kms_jwe_seal(enum kms_jwe_form form, const uint8_t key[KMS_JWE_KEY
         st = oom();
         goto cleanup;
     }
-    if ((st = gcm_seal(key, ivb, (const char *)aad.data, aad.len, payload, n, ct, tag)) !=
+    if ((st = kms_jwe_gcm_seal(key, ivb, (const char *)aad.data, aad.len, payload, n, ct, tag)) !=
         P11KMS_OK)
         goto cleanup;
 
@@ -289,15 +288,10 @@ static p11kms_status malformed(const char *what)
     return kms_client_fail(P11KMS_ERR_MALFORMED, "JWE: %s", what);
 }
 
-/*
- * Strict base64url of exactly want bytes (want 0: any length up to max) into
- * out, which has room for kms_b64url_decoded_len(n) bytes (want, when want is
- * set). The pieces of a JWE are not secret: the table-driven decoder.
- */
-static p11kms_status decode_seg(const char *s, size_t n, size_t want, size_t max, uint8_t *out,
-                                size_t *out_len, const char *what)
+p11kms_status kms_jwe_decode_seg(const char *s, size_t n, size_t want, size_t max, uint8_t *out,
+                                 size_t *out_len, const char *what)
 {
-    if (want ? n != b64url_len(want) : n > b64url_len(max))
+    if (want ? n != kms_jwe_b64url_len(want) : n > kms_jwe_b64url_len(max))
         return kms_client_fail(P11KMS_ERR_MALFORMED, "JWE: the %s has the wrong size", what);
     if (kms_b64url_decode_public_to(s, n, out, kms_b64url_decoded_len(n), out_len) != KMS_OK)
         return kms_client_fail(P11KMS_ERR_MALFORMED, "JWE: the %s is not strict base64url", what);
@@ -306,18 +300,17 @@ static p11kms_status decode_seg(const char *s, size_t n, size_t want, size_t max
     return P11KMS_OK;
 }
 
-/* As decode_seg, into a fresh malloc'd buffer (*out, at least one byte). */
-static p11kms_status decode_seg_alloc(const char *s, size_t n, size_t max, uint8_t **out,
-                                      size_t *out_len, const char *what)
+p11kms_status kms_jwe_decode_seg_alloc(const char *s, size_t n, size_t max, uint8_t **out,
+                                       size_t *out_len, const char *what)
 {
     *out = NULL;
-    if (n > b64url_len(max))
+    if (n > kms_jwe_b64url_len(max))
         return kms_client_fail(P11KMS_ERR_MALFORMED, "JWE: the %s has the wrong size", what);
     size_t cap = kms_b64url_decoded_len(n);
     uint8_t *p = malloc(cap ? cap : 1);
     if (!p)
         return oom();
-    p11kms_status st = decode_seg(s, n, 0, max, p, out_len, what);
+    p11kms_status st = kms_jwe_decode_seg(s, n, 0, max, p, out_len, what);
     if (st != P11KMS_OK) {
         free(p);
         return st;
@@ -352,8 +345,9 @@ static p11kms_status parse_header_json(struct kms_jwe_hdr *h, const uint8_t *p, 
     json_t *blob = json_object_get(o, "p11kms_blob");
     if (!json_is_string(blob))
         return malformed("p11kms_blob is missing or not a string");
-    p11kms_status st = decode_seg_alloc(json_string_value(blob), json_string_length(blob),
-                                        KMS_JWE_MAX_BLOB, &h->blob, &h->blob_len, "p11kms_blob");
+    p11kms_status st =
+        kms_jwe_decode_seg_alloc(json_string_value(blob), json_string_length(blob),
+                                 KMS_JWE_MAX_BLOB, &h->blob, &h->blob_len, "p11kms_blob");
     if (st != P11KMS_OK)
         return st;
     if (h->blob_len == 0 || h->blob_len > KMS_JWE_MAX_BLOB)
@@ -395,7 +389,7 @@ static p11kms_status parse_header(const char *text, size_t n, struct kms_jwe_hdr
         return oom();
     atomic_init(&h->refs, 1);
     p11kms_status st =
-        decode_seg_alloc(text, n, KMS_JWE_MAX_HEADER, &json, &json_len, "protected header");
+        kms_jwe_decode_seg_alloc(text, n, KMS_JWE_MAX_HEADER, &json, &json_len, "protected header");
     if (st == P11KMS_OK)
         st = parse_header_json(h, json, json_len);
     if (st == P11KMS_OK && !(h->text = malloc(n + 1)))
@@ -487,12 +481,12 @@ static p11kms_status parse_pieces(struct kms_jwe *j, struct kms_jwe_memo *m, con
     j->canon_len = j->hdr->canon_len;
     j->aad = j->hdr->text;
     j->aad_len = j->hdr->text_len;
-    if ((st = decode_seg(iv, iv_len, KMS_JWE_IV_LEN, 0, j->iv, &n, "IV")) != P11KMS_OK)
+    if ((st = kms_jwe_decode_seg(iv, iv_len, KMS_JWE_IV_LEN, 0, j->iv, &n, "IV")) != P11KMS_OK)
         return st;
-    if ((st = decode_seg(tag, tag_len, KMS_JWE_TAG_LEN, 0, j->tag, &n, "tag")) != P11KMS_OK)
+    if ((st = kms_jwe_decode_seg(tag, tag_len, KMS_JWE_TAG_LEN, 0, j->tag, &n, "tag")) != P11KMS_OK)
         return st;
-    return decode_seg_alloc(ct, ct_len, KMS_JWE_MAX_PAYLOAD, &j->ciphertext, &j->ciphertext_len,
-                            "ciphertext");
+    return kms_jwe_decode_seg_alloc(ct, ct_len, KMS_JWE_MAX_PAYLOAD, &j->ciphertext,
+                                    &j->ciphertext_len, "ciphertext");
 }
 
 static p11kms_status parse_compact(struct kms_jwe *j, struct kms_jwe_memo *m, const char *t,
@@ -547,7 +541,8 @@ p11kms_status kms_jwe_parse_memo(const char *token, size_t len, struct kms_jwe_m
     if (!token || !len)
         return malformed("empty");
     /* The largest token we accept: a flattened one with the largest pieces, and slack. */
-    size_t max = b64url_len(KMS_JWE_MAX_HEADER) + b64url_len(KMS_JWE_MAX_PAYLOAD) + 4096;
+    size_t max =
+        kms_jwe_b64url_len(KMS_JWE_MAX_HEADER) + kms_jwe_b64url_len(KMS_JWE_MAX_PAYLOAD) + 4096;
     if (len > max)
         return malformed("too long");
     size_t i = 0;
@@ -565,21 +560,22 @@ p11kms_status kms_jwe_parse(const char *token, size_t len, struct kms_jwe *out)
     return kms_jwe_parse_memo(token, len, NULL, out);
 }
 
-/* AES-256-GCM open of n bytes from in to out (in == out: in place); the tag checked last. */
-static p11kms_status gcm_open(const struct kms_jwe *j, const uint8_t *key, const uint8_t *in,
-                              size_t n, uint8_t *out)
+p11kms_status kms_jwe_gcm_open(const uint8_t *key, const uint8_t iv[KMS_JWE_IV_LEN],
+                               const char *aad, size_t aad_len,
+                               const uint8_t tag_in[KMS_JWE_TAG_LEN], const uint8_t *in, size_t n,
+                               uint8_t *out)
 {
     p11kms_status st;
     int len;
     uint8_t tag[KMS_JWE_TAG_LEN];
-    memcpy(tag, j->tag, sizeof tag);
+    memcpy(tag, tag_in, sizeof tag);
     EVP_CIPHER_CTX *c = EVP_CIPHER_CTX_new();
     if (!c)
         return oom();
     /* One init with cipher, key and IV: 12 bytes is GCM's default IV length. */
     _Static_assert(KMS_JWE_IV_LEN == 12, "the IV is GCM's default length");
-    if (EVP_DecryptInit_ex(c, kms_cipher_aes256gcm(), NULL, key, j->iv) != 1 ||
-        EVP_DecryptUpdate(c, NULL, &len, (const uint8_t *)j->aad, (int)j->aad_len) != 1 ||
+    if (EVP_DecryptInit_ex(c, kms_cipher_aes256gcm(), NULL, key, iv) != 1 ||
+        EVP_DecryptUpdate(c, NULL, &len, (const uint8_t *)aad, (int)aad_len) != 1 ||
         (n && EVP_DecryptUpdate(c, out, &len, in, (int)n) != 1) ||
         EVP_CIPHER_CTX_ctrl(c, EVP_CTRL_GCM_SET_TAG, KMS_JWE_TAG_LEN, tag) != 1) {
         st = kms_client_fail(P11KMS_ERR_MEMORY, "JWE: AES-256-GCM failed");
@@ -592,6 +588,13 @@ static p11kms_status gcm_open(const struct kms_jwe *j, const uint8_t *key, const
     }
     EVP_CIPHER_CTX_free(c);
     return st;
+}
+
+/* AES-256-GCM open of j's n bytes from in to out (in == out: in place). */
+static p11kms_status gcm_open(const struct kms_jwe *j, const uint8_t *key, const uint8_t *in,
+                              size_t n, uint8_t *out)
+{
+    return kms_jwe_gcm_open(key, j->iv, j->aad, j->aad_len, j->tag, in, n, out);
 }
 
 static p11kms_status check_decrypt_args(const struct kms_jwe *j, const uint8_t *key, size_t key_len,

@@ -5,11 +5,13 @@
 
 #include <openssl/core_names.h>
 #include <openssl/crypto.h>
+#include <openssl/ec.h>
 #include <openssl/err.h>
 #include <openssl/evp.h>
 #include <openssl/objects.h>
 #include <openssl/rsa.h>
 #include <openssl/x509.h>
+#include <pthread.h>
 #include <stdio.h>
 #include <string.h>
 
@@ -29,8 +31,7 @@ kms_err kms_pubkey_digest(int alg, const uint8_t *msg, size_t n, uint8_t out[KMS
     return KMS_OK;
 }
 
-/* A stored public key: one that does not parse means a corrupt row. */
-static kms_err parse_spki(const uint8_t *der, size_t n, EVP_PKEY **out)
+kms_err kms_pubkey_parse(const uint8_t *der, size_t n, EVP_PKEY **out)
 {
     const unsigned char *p = der;
     EVP_PKEY *pkey = der ? d2i_PUBKEY(NULL, &p, (long)n) : NULL;
@@ -77,8 +78,8 @@ static int set_padding(EVP_PKEY_CTX *ctx, const struct kms_alg_info *a, const EV
     }
 }
 
-kms_err kms_pubkey_verify(const uint8_t *spki, size_t spki_len, int alg, int digested,
-                          const uint8_t *in, size_t n, const uint8_t *sig, size_t sig_len)
+/* alg signs, and takes a digest when digested is 1. */
+static kms_err signing_alg(int alg, int digested)
 {
     const struct kms_alg_info *a = kms_alg(alg);
     KMS_ENSURE(a && (a->scheme == KMS_SCHEME_PSS || a->scheme == KMS_SCHEME_PKCS1 ||
@@ -86,6 +87,25 @@ kms_err kms_pubkey_verify(const uint8_t *spki, size_t spki_len, int alg, int dig
                KMS_ERR_VALIDATION, "Algorithm %s is not a signing algorithm", a ? a->name : "?");
     KMS_ENSURE(!(digested && a->scheme == KMS_SCHEME_EDDSA), KMS_ERR_VALIDATION,
                "%s signs the message itself, not a digest", a->name);
+    return KMS_OK;
+}
+
+kms_err kms_pubkey_verify(const uint8_t *spki, size_t spki_len, int alg, int digested,
+                          const uint8_t *in, size_t n, const uint8_t *sig, size_t sig_len)
+{
+    EVP_PKEY *pkey;
+    KMS_GUARD(signing_alg(alg, digested)); /* the request's fault before the row's */
+    KMS_GUARD(kms_pubkey_parse(spki, spki_len, &pkey));
+    kms_err rc = kms_pubkey_verify_key(pkey, alg, digested, in, n, sig, sig_len);
+    EVP_PKEY_free(pkey);
+    return rc;
+}
+
+kms_err kms_pubkey_verify_key(EVP_PKEY *pkey, int alg, int digested, const uint8_t *in, size_t n,
+                              const uint8_t *sig, size_t sig_len)
+{
+    KMS_GUARD(signing_alg(alg, digested));
+    const struct kms_alg_info *a = kms_alg(alg);
     uint8_t md_buf[KMS_DIGEST_MAX];
     size_t md_len = n;
     const uint8_t *dgst = in;
@@ -99,8 +119,6 @@ kms_err kms_pubkey_verify(const uint8_t *spki, size_t spki_len, int alg, int dig
                    a->md_len);
     }
 
-    EVP_PKEY *pkey;
-    KMS_GUARD(parse_spki(spki, spki_len, &pkey));
     kms_err rc = KMS_OK;
     int ok = 0;
     if (!key_fits(pkey, a->scheme)) {
@@ -121,18 +139,15 @@ kms_err kms_pubkey_verify(const uint8_t *spki, size_t spki_len, int alg, int dig
         rc = KMS_FAIL(KMS_ERR_BAD_SIGNATURE, "The signature does not verify with this key and %s",
                       a->name);
     ERR_clear_error();
-    EVP_PKEY_free(pkey);
     return rc;
 }
 
-kms_err kms_pubkey_oaep_encrypt(const uint8_t *spki, size_t spki_len, int alg, const uint8_t *pt,
-                                size_t n, struct kms_buf *out)
+kms_err kms_pubkey_oaep_encrypt(EVP_PKEY *pkey, int alg, const uint8_t *pt, size_t n,
+                                struct kms_buf *out)
 {
     const struct kms_alg_info *a = kms_alg(alg);
     KMS_ENSURE(a && a->scheme == KMS_SCHEME_OAEP, KMS_ERR_VALIDATION,
                "Algorithm %s is not an RSAES-OAEP algorithm", a ? a->name : "?");
-    EVP_PKEY *pkey;
-    KMS_GUARD(parse_spki(spki, spki_len, &pkey));
     EVP_PKEY_CTX *ctx = NULL;
     kms_err rc = KMS_OK;
     size_t k = (size_t)EVP_PKEY_get_size(pkey), len = 0;
@@ -160,7 +175,6 @@ kms_err kms_pubkey_oaep_encrypt(const uint8_t *spki, size_t spki_len, int alg, c
 cleanup:
     ERR_clear_error();
     EVP_PKEY_CTX_free(ctx);
-    EVP_PKEY_free(pkey);
     return rc;
 }
 
@@ -184,12 +198,70 @@ static void group_name(EVP_PKEY *pkey, char *name, size_t n)
         *name = '\0';
 }
 
+/*
+ * The common case without OpenSSL's decoder (which costs as much as the
+ * derivation in the token): the SubjectPublicKeyInfo of an uncompressed
+ * point on a named NIST curve is always these bytes, then the point. The
+ * point is checked to be on the curve; anything else goes the general way.
+ */
+struct spki_prefix {
+    int nid;
+    size_t len;
+    const uint8_t *bytes;
+};
+static const uint8_t P256_SPKI[] = {0x30, 0x59, 0x30, 0x13, 0x06, 0x07, 0x2a, 0x86, 0x48,
+                                    0xce, 0x3d, 0x02, 0x01, 0x06, 0x08, 0x2a, 0x86, 0x48,
+                                    0xce, 0x3d, 0x03, 0x01, 0x07, 0x03, 0x42, 0x00};
+static const uint8_t P384_SPKI[] = {0x30, 0x76, 0x30, 0x10, 0x06, 0x07, 0x2a, 0x86,
+                                    0x48, 0xce, 0x3d, 0x02, 0x01, 0x06, 0x05, 0x2b,
+                                    0x81, 0x04, 0x00, 0x22, 0x03, 0x62, 0x00};
+static const uint8_t P521_SPKI[] = {0x30, 0x81, 0x9b, 0x30, 0x10, 0x06, 0x07, 0x2a, 0x86,
+                                    0x48, 0xce, 0x3d, 0x02, 0x01, 0x06, 0x05, 0x2b, 0x81,
+                                    0x04, 0x00, 0x23, 0x03, 0x81, 0x86, 0x00};
+static const struct spki_prefix PREFIXES[] = {
+    {NID_X9_62_prime256v1, sizeof P256_SPKI, P256_SPKI},
+    {NID_secp384r1, sizeof P384_SPKI, P384_SPKI},
+    {NID_secp521r1, sizeof P521_SPKI, P521_SPKI},
+};
+static EC_GROUP *groups[sizeof PREFIXES / sizeof PREFIXES[0]];
+static pthread_once_t groups_once = PTHREAD_ONCE_INIT;
+
+static void groups_make(void)
+{
+    for (size_t i = 0; i < sizeof PREFIXES / sizeof PREFIXES[0]; i++)
+        groups[i] = EC_GROUP_new_by_curve_name(PREFIXES[i].nid);
+}
+
+/* 1: der is a valid uncompressed point of info's curve, appended to point; 0: go the long way. */
+static int peer_point_fast(const struct kms_spec_info *info, const uint8_t *der, size_t n,
+                           struct kms_buf *point)
+{
+    size_t fs = (info->bits + 7) / 8, i;
+    for (i = 0; i < sizeof PREFIXES / sizeof PREFIXES[0]; i++)
+        if (PREFIXES[i].nid == info->nid)
+            break;
+    if (i == sizeof PREFIXES / sizeof PREFIXES[0] || !der || n != PREFIXES[i].len + 1 + 2 * fs ||
+        memcmp(der, PREFIXES[i].bytes, PREFIXES[i].len) != 0 || der[PREFIXES[i].len] != 0x04)
+        return 0;
+    pthread_once(&groups_once, groups_make);
+    EC_POINT *pt = groups[i] ? EC_POINT_new(groups[i]) : NULL;
+    int ok = pt &&
+             EC_POINT_oct2point(groups[i], pt, der + PREFIXES[i].len, 1 + 2 * fs, NULL) == 1 &&
+             EC_POINT_is_on_curve(groups[i], pt, NULL) == 1 &&
+             kms_buf_append(point, der + PREFIXES[i].len, 1 + 2 * fs) == KMS_OK;
+    EC_POINT_free(pt);
+    ERR_clear_error();
+    return ok;
+}
+
 kms_err kms_pubkey_peer_point(int spec, const uint8_t *der, size_t n, struct kms_buf *point)
 {
     const struct kms_spec_info *info = kms_spec(spec);
     KMS_ENSURE(info && (info->kind == KMS_KIND_EC || info->kind == KMS_KIND_MONTGOMERY),
                KMS_ERR_VALIDATION, "Key spec %s does not do key agreement",
                info ? info->name : "?");
+    if (info->kind == KMS_KIND_EC && peer_point_fast(info, der, n, point))
+        return KMS_OK;
     const unsigned char *p = der;
     EVP_PKEY *pkey = der ? d2i_PUBKEY(NULL, &p, (long)n) : NULL;
     if (!pkey || p != der + n) {

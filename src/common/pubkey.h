@@ -8,6 +8,7 @@
 #ifndef P11KMS_PUBKEY_H
 #define P11KMS_PUBKEY_H
 
+#include <openssl/types.h>
 #include <stddef.h>
 #include <stdint.h>
 
@@ -21,6 +22,12 @@
 KMS_MUST_CHECK kms_err kms_pubkey_digest(int alg, const uint8_t *msg, size_t n,
                                          uint8_t out[KMS_DIGEST_MAX], size_t *len);
 /*
+ * A stored DER SubjectPublicKeyInfo decoded (OpenSSL's decoder costs more than
+ * a verification: the key store keeps the result beside its version). One
+ * that does not parse is KMS_ERR_INTERNAL: a stored row is corrupt.
+ */
+KMS_MUST_CHECK kms_err kms_pubkey_parse(const uint8_t *spki, size_t n, EVP_PKEY **out);
+/*
  * Checks a signature made with alg by the private half of spki. in is the
  * message when digested is 0, its digest (md_len bytes) when 1; Ed25519 takes
  * only the message. KMS_ERR_BAD_SIGNATURE when it does not verify (a
@@ -30,9 +37,13 @@ KMS_MUST_CHECK kms_err kms_pubkey_digest(int alg, const uint8_t *msg, size_t n,
 KMS_MUST_CHECK kms_err kms_pubkey_verify(const uint8_t *spki, size_t spki_len, int alg,
                                          int digested, const uint8_t *in, size_t n,
                                          const uint8_t *sig, size_t sig_len);
-/* RSAES-OAEP (alg) of pt under spki; out receives the modulus' size in bytes. */
-KMS_MUST_CHECK kms_err kms_pubkey_oaep_encrypt(const uint8_t *spki, size_t spki_len, int alg,
-                                               const uint8_t *pt, size_t n, struct kms_buf *out);
+/* The same with the key decoded (kms_pubkey_parse); pkey is only read. */
+KMS_MUST_CHECK kms_err kms_pubkey_verify_key(EVP_PKEY *pkey, int alg, int digested,
+                                             const uint8_t *in, size_t n, const uint8_t *sig,
+                                             size_t sig_len);
+/* RSAES-OAEP (alg) of pt under pkey; out receives the modulus' size in bytes. */
+KMS_MUST_CHECK kms_err kms_pubkey_oaep_encrypt(EVP_PKEY *pkey, int alg, const uint8_t *pt, size_t n,
+                                               struct kms_buf *out);
 /*
  * The public point of a peer's DER SubjectPublicKeyInfo for key agreement
  * with a key of spec: the uncompressed point (EC) or the 32 raw bytes

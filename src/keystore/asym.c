@@ -10,7 +10,10 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include <openssl/evp.h>
+
 #include "common/keyspec.h"
+#include "common/pubkey.h"
 #include "keystore/internal.h"
 
 /*
@@ -62,6 +65,28 @@ kms_err kms_keystore_public_key(struct kms_keystore *ks, struct kms_key_ref *key
     kms_err rc = v && v->public_key
                      ? kms_buf_append(spki, v->public_key, v->public_key_len)
                      : KMS_FAIL(KMS_ERR_INTERNAL, "key %s: no public key stored", key->id_text);
+    pthread_mutex_unlock(&ks->lock);
+    return rc;
+}
+
+kms_err kms_keystore_public_pkey(struct kms_keystore *ks, struct kms_key_ref *key, EVP_PKEY **out,
+                                 struct kms_key_info *info)
+{
+    uint32_t vid;
+    int spec;
+    *out = NULL;
+    KMS_GUARD(usable_for(ks, key, -1, &vid, &spec, info));
+    pthread_mutex_lock(&ks->lock);
+    struct version *v = kms_version_locked(key->entry, vid);
+    kms_err rc = v && v->public_key
+                     ? KMS_OK
+                     : KMS_FAIL(KMS_ERR_INTERNAL, "key %s: no public key stored", key->id_text);
+    if (rc == KMS_OK && !v->pkey)
+        rc = kms_pubkey_parse(v->public_key, v->public_key_len, &v->pkey);
+    if (rc == KMS_OK && EVP_PKEY_up_ref(v->pkey) != 1)
+        rc = KMS_FAIL(KMS_ERR_INTERNAL, "cannot take a reference to a public key");
+    if (rc == KMS_OK)
+        *out = v->pkey;
     pthread_mutex_unlock(&ks->lock);
     return rc;
 }

@@ -14,6 +14,8 @@
  */
 #include "config.h"
 
+#include <openssl/evp.h>
+
 #include <openssl/rand.h>
 #include <stdlib.h>
 #include <string.h>
@@ -105,6 +107,7 @@ static void key_free(struct kms_keystore *ks, struct key *k)
     for (size_t i = 0; i < k->nversions; i++) {
         free(k->versions[i].wrapped);
         free(k->versions[i].public_key);
+        EVP_PKEY_free(k->versions[i].pkey);
     }
     free(k->versions);
     kms_key_row_clear(&k->row);
@@ -406,6 +409,10 @@ static void install_locked(struct kms_keystore *ks, struct key *k)
                 nv->handle = ov->handle;
                 nv->epoch = ov->epoch;
                 ov->handle = CK_INVALID_HANDLE;
+            }
+            if (nv && ov->pkey && !nv->pkey) { /* the same stored key, decoded once */
+                nv->pkey = ov->pkey;
+                ov->pkey = NULL;
             }
         }
         /* The same uses: a request still holding old spends them with the new entry. */

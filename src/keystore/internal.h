@@ -24,6 +24,7 @@
 #ifndef P11KMS_KEYSTORE_INTERNAL_H
 #define P11KMS_KEYSTORE_INTERNAL_H
 
+#include <openssl/types.h>
 #include <pthread.h>
 
 #include "keystore/keystore.h"
@@ -44,6 +45,7 @@ struct version {
     size_t wrapped_len;
     uint8_t *public_key; /* malloc'd DER SubjectPublicKeyInfo; NULL but for asymmetric keys */
     size_t public_key_len;
+    EVP_PKEY *pkey; /* public_key decoded on first use (asym.c), one reference; else NULL */
     /* The unwrapped session object (or found token object) and the epoch it belongs to. */
     CK_OBJECT_HANDLE handle;
     unsigned long epoch;

@@ -11,6 +11,7 @@
 #ifndef P11KMS_KEYSTORE_H
 #define P11KMS_KEYSTORE_H
 
+#include <openssl/types.h>
 #include <stddef.h>
 #include <stdint.h>
 
@@ -324,6 +325,13 @@ KMS_MUST_CHECK kms_err kms_keystore_decrypt(struct kms_keystore *ks, const uint8
 /* The key's public key, DER SubjectPublicKeyInfo; a key without one is KMS_ERR_UNSUPPORTED. */
 KMS_MUST_CHECK kms_err kms_keystore_public_key(struct kms_keystore *ks, struct kms_key_ref *key,
                                                struct kms_buf *spki, struct kms_key_info *info);
+/*
+ * The same key decoded, for work with it in the process (Verify, RSAES-OAEP
+ * Encrypt): decoded once per version and kept with it; *out is a reference
+ * of the caller's (EVP_PKEY_free), only to be read.
+ */
+KMS_MUST_CHECK kms_err kms_keystore_public_pkey(struct kms_keystore *ks, struct kms_key_ref *key,
+                                                EVP_PKEY **out, struct kms_key_info *info);
 /*
  * A signature (SIGN_VERIFY) or MAC (GENERATE_VERIFY_MAC) in the token, as
  * kms_hsm_sign_alg: in is the digest, or for Ed25519 and HMAC the message.

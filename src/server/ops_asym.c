@@ -9,6 +9,8 @@
  */
 #include "config.h"
 
+#include <openssl/evp.h>
+
 #include <openssl/crypto.h>
 #include <string.h>
 
@@ -158,7 +160,8 @@ kms_err kms_op_sign(struct kms_request *r)
 kms_err kms_op_verify(struct kms_request *r)
 {
     int alg = -1, digested = 0;
-    struct kms_buf msg = KMS_BUF_INIT, sig = KMS_BUF_INIT, spki = KMS_BUF_INIT;
+    struct kms_buf msg = KMS_BUF_INIT, sig = KMS_BUF_INIT;
+    EVP_PKEY *pkey = NULL;
     struct kms_key_info k = {0}, used = {0};
     struct kms_key_ref held = KMS_KEY_REF_INIT;
 
@@ -172,10 +175,9 @@ kms_err kms_op_verify(struct kms_request *r)
     }
     /* The public key is public: the signature is checked here, not in the token. */
     if (rc == KMS_OK)
-        rc = kms_keystore_public_key(r->srv->ks, &held, &spki, &used);
+        rc = kms_keystore_public_pkey(r->srv->ks, &held, &pkey, &used);
     if (rc == KMS_OK)
-        rc = kms_pubkey_verify(spki.data, spki.len, alg, digested, msg.data, msg.len, sig.data,
-                               sig.len);
+        rc = kms_pubkey_verify_key(pkey, alg, digested, msg.data, msg.len, sig.data, sig.len);
     if (rc == KMS_OK) {
         r->out = json_pack("{s:s, s:b, s:s}", "KeyId", used.arn, "SignatureValid", 1,
                            "SigningAlgorithm", kms_alg(alg)->name);
@@ -185,7 +187,7 @@ kms_err kms_op_verify(struct kms_request *r)
     kms_keystore_unhold(r->srv->ks, &held);
     kms_buf_free(&msg);
     kms_buf_free(&sig);
-    kms_buf_free(&spki);
+    EVP_PKEY_free(pkey);
     kms_key_info_clear(&k);
     kms_key_info_clear(&used);
     return rc;

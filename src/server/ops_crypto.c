@@ -6,6 +6,8 @@
  */
 #include "config.h"
 
+#include <openssl/evp.h>
+
 #include <stdio.h>
 #include <string.h>
 
@@ -176,16 +178,16 @@ static kms_err oaep_encrypt(struct kms_request *r, struct kms_key_ref *held,
                             const struct kms_key_info *k, int alg, const struct kms_buf *pt,
                             struct kms_buf *ct, struct kms_key_info *used)
 {
-    struct kms_buf spki = KMS_BUF_INIT;
+    EVP_PKEY *pkey = NULL;
     size_t max = kms_oaep_max_plaintext(k->spec, alg);
 
     KMS_ENSURE(pt->len <= max, KMS_ERR_VALIDATION,
                "Plaintext of %zu bytes is too long for %s with a %s key: at most %zu bytes",
                pt->len, kms_alg(alg)->name, kms_spec(k->spec)->name, max);
-    kms_err rc = kms_keystore_public_key(r->srv->ks, held, &spki, used);
+    kms_err rc = kms_keystore_public_pkey(r->srv->ks, held, &pkey, used);
     if (rc == KMS_OK)
-        rc = kms_pubkey_oaep_encrypt(spki.data, spki.len, alg, pt->data, pt->len, ct);
-    kms_buf_free(&spki);
+        rc = kms_pubkey_oaep_encrypt(pkey, alg, pt->data, pt->len, ct);
+    EVP_PKEY_free(pkey);
     return rc;
 }
 

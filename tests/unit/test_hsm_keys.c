@@ -44,6 +44,18 @@ struct fixture {
     unsigned calls[KMS_HSM_CALL_COUNT];
 };
 
+/* RSAES-OAEP under a DER public key, as p11kmsd does with the key it keeps decoded. */
+static kms_err oaep_encrypt_spki(const uint8_t *spki, size_t spki_len, int alg, const uint8_t *pt,
+                                 size_t n, struct kms_buf *out)
+{
+    EVP_PKEY *pkey;
+    kms_err rc = kms_pubkey_parse(spki, spki_len, &pkey);
+    if (rc == KMS_OK)
+        rc = kms_pubkey_oaep_encrypt(pkey, alg, pt, n, out);
+    EVP_PKEY_free(pkey);
+    return rc;
+}
+
 static void count_call(void *arg, enum kms_hsm_call call, uint64_t ns)
 {
     struct fixture *f = arg;
@@ -664,8 +676,7 @@ static void oaep_round_trips(struct fixture *f, int spec)
         for (size_t j = 0; j < 4; j++) {
             size_t n = sizes[j] == 9999 ? max : sizes[j];
             struct kms_buf ct = KMS_BUF_INIT, out = KMS_BUF_INIT;
-            assert_int_equal(kms_pubkey_oaep_encrypt(v.spki.data, v.spki.len, alg, pt, n, &ct),
-                             KMS_OK);
+            assert_int_equal(oaep_encrypt_spki(v.spki.data, v.spki.len, alg, pt, n, &ct), KMS_OK);
             assert_int_equal(ct.len, k);
             assert_int_equal(kms_hsm_oaep_decrypt(f->s, v.h, spec, alg, ct.data, ct.len, &out),
                              KMS_OK);
@@ -677,7 +688,7 @@ static void oaep_round_trips(struct fixture *f, int spec)
         }
         /* one byte too many */
         struct kms_buf ct = KMS_BUF_INIT;
-        assert_int_equal(kms_pubkey_oaep_encrypt(v.spki.data, v.spki.len, alg, pt, max + 1, &ct),
+        assert_int_equal(oaep_encrypt_spki(v.spki.data, v.spki.len, alg, pt, max + 1, &ct),
                          KMS_ERR_VALIDATION);
         assert_int_equal(ct.len, 0);
         kms_buf_free(&ct);
@@ -712,8 +723,8 @@ static void test_oaep_refusals(void **state)
     for (size_t i = 0; i < 2; i++) {
         int alg = algs[i], other = algs[1 - i];
         struct kms_buf ct = KMS_BUF_INIT, out = KMS_BUF_INIT;
-        assert_int_equal(
-            kms_pubkey_oaep_encrypt(v.spki.data, v.spki.len, alg, msg, sizeof msg, &ct), KMS_OK);
+        assert_int_equal(oaep_encrypt_spki(v.spki.data, v.spki.len, alg, msg, sizeof msg, &ct),
+                         KMS_OK);
         assert_int_equal(kms_buf_append(&out, "keep", 4), KMS_OK);
         uint8_t bad[256];
         struct {
@@ -772,8 +783,8 @@ static void test_oaep_refusals(void **state)
     struct version signer;
     make_version(f, KMS_SPEC_RSA_2048, KMS_USAGE_SIGN_VERIFY, &signer);
     struct kms_buf ct = KMS_BUF_INIT;
-    assert_int_equal(kms_pubkey_oaep_encrypt(signer.spki.data, signer.spki.len,
-                                             KMS_ALG_RSAES_OAEP_SHA_1, msg, sizeof msg, &ct),
+    assert_int_equal(oaep_encrypt_spki(signer.spki.data, signer.spki.len, KMS_ALG_RSAES_OAEP_SHA_1,
+                                       msg, sizeof msg, &ct),
                      KMS_OK);
     assert_int_equal(kms_hsm_oaep_decrypt(f->s, signer.h, KMS_SPEC_RSA_2048,
                                           KMS_ALG_RSAES_OAEP_SHA_1, ct.data, ct.len, &out),
@@ -850,6 +861,14 @@ static void ecdh_with(struct fixture *f, int spec)
 
     /* a point of the wrong length or form */
     struct kms_buf out = KMS_BUF_INIT;
+    /* the uncompressed SubjectPublicKeyInfo (the fast path) of a point off the curve, or with
+       a byte more or less, is refused as the general path refuses it */
+    peer.data[peer.len - 1] ^= 0x01;
+    assert_int_equal(kms_pubkey_peer_point(spec, peer.data, peer.len, &out), KMS_ERR_VALIDATION);
+    peer.data[peer.len - 1] ^= 0x01;
+    assert_int_equal(kms_pubkey_peer_point(spec, peer.data, peer.len - 1, &out),
+                     KMS_ERR_VALIDATION);
+    assert_int_equal(out.len, 0);
     assert_int_equal(kms_hsm_ecdh(f->s, v.h, spec, point.data, point.len - 1, &out),
                      KMS_ERR_VALIDATION);
     point.data[0] = 0x02;

@@ -1444,12 +1444,22 @@ static void test_asymmetric_decrypt_and_derive(void **state)
     create_as(ks, KMS_SPEC_RSA_2048, KMS_USAGE_ENCRYPT_DECRYPT, &k);
     hold(ks, k.id_text, &key);
     assert_int_equal(kms_keystore_public_key(ks, &key, &spki, &info), KMS_OK);
+    /* the decoded key is the stored one, decoded once and shared */
+    EVP_PKEY *pkey = NULL, *again = NULL;
+    assert_int_equal(kms_keystore_public_pkey(ks, &key, &pkey, &info), KMS_OK);
+    assert_int_equal(kms_keystore_public_pkey(ks, &key, &again, &info), KMS_OK);
+    assert_ptr_equal(pkey, again);
+    EVP_PKEY_free(again);
+    unsigned char *enc = NULL;
+    int enc_len = i2d_PUBKEY(pkey, &enc);
+    assert_int_equal(enc_len, (int)spki.len);
+    assert_memory_equal(enc, spki.data, spki.len);
+    OPENSSL_free(enc);
     static const int oaep[] = {KMS_ALG_RSAES_OAEP_SHA_1, KMS_ALG_RSAES_OAEP_SHA_256};
     for (size_t i = 0; i < 2; i++) {
         ct.len = pt.len = 0;
-        assert_int_equal(kms_pubkey_oaep_encrypt(spki.data, spki.len, oaep[i],
-                                                 (const uint8_t *)"a data key", 10, &ct),
-                         KMS_OK);
+        assert_int_equal(
+            kms_pubkey_oaep_encrypt(pkey, oaep[i], (const uint8_t *)"a data key", 10, &ct), KMS_OK);
         assert_int_equal(ct.len, 256);
         assert_int_equal(kms_keystore_oaep_decrypt(ks, &key, oaep[i], ct.data, ct.len, &pt, &info),
                          KMS_OK);
@@ -1505,6 +1515,7 @@ static void test_asymmetric_decrypt_and_derive(void **state)
         KMS_ERR_INVALID_KEY_USAGE);
     kms_keystore_unhold(ks, &key);
 
+    EVP_PKEY_free(pkey);
     kms_buf_free(&spki);
     kms_buf_free(&ct);
     kms_buf_free(&pt);
