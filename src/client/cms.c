@@ -436,23 +436,22 @@ struct keys {
 
 /* What the RecipientInfos tried came to, for the error when none opened. */
 struct tally {
-    p11kms_status service;  /* the first service error, P11KMS_OK: none */
-    char service_why[256];  /* its message */
-    p11kms_status rejected; /* P11KMS_ERR_MALFORMED: an algorithm not accepted */
+    int tried;          /* attempts with a key that could serve */
+    p11kms_status last; /* the last one's failure */
+    char last_why[256]; /* and its message */
+    int unnamed;        /* a KTRI/KARI the client could try given a key_id */
+    int rejected;       /* a RecipientInfo whose algorithm is not accepted */
     char rejected_why[160];
-    int unnamed; /* a KTRI/KARI the client could open given a key_id */
 };
 
-/* Records a failed attempt: a service error is kept; a key that did not fit is DECRYPT. */
-static void tally_failure(struct tally *t, p11kms_status st)
+/* Records a failed attempt; the service's InvalidCiphertext (another key) is DECRYPT. */
+static void tally_attempt(struct tally *t, p11kms_status st)
 {
-    if (st == P11KMS_ERR_DECRYPT || st == P11KMS_ERR_INVALID_CIPHERTEXT ||
-        st == P11KMS_ERR_INCORRECT_KEY)
-        return;
-    if (t->service == P11KMS_OK) {
-        t->service = st;
-        snprintf(t->service_why, sizeof t->service_why, "%s", p11kms_last_error());
-    }
+    t->tried++;
+    t->last = st == P11KMS_ERR_INVALID_CIPHERTEXT || st == P11KMS_ERR_INCORRECT_KEY
+                  ? P11KMS_ERR_DECRYPT
+                  : st;
+    snprintf(t->last_why, sizeof t->last_why, "%s", p11kms_last_error());
 }
 
 /* o->key_id's public half and ARN, once. */
@@ -534,15 +533,18 @@ static p11kms_status ktri(CMS_ContentInfo *cms, CMS_RecipientInfo *ri, struct ke
         !CMS_RecipientInfo_ktri_get0_signer_id(ri, &keyid, &issuer, &serial))
         return ossl_fail(P11KMS_ERR_MALFORMED, "a KeyTransRecipientInfo does not read");
     if (OBJ_obj2nid(alg->algorithm) != NID_rsaesOaep) {
-        t->rejected = P11KMS_ERR_MALFORMED;
+        t->rejected = 1;
         snprintf(t->rejected_why, sizeof t->rejected_why,
                  "CMS: a KeyTransRecipientInfo uses %s; only RSAES-OAEP is accepted",
                  OBJ_nid2sn(OBJ_obj2nid(alg->algorithm)));
         return P11KMS_ERR_DECRYPT;
     }
     if (k->local && EVP_PKEY_is_a(k->local, "RSA") && key_skid(k->local, skid) &&
-        may_be(keyid, skid) && (st = ktri_with(cms, ri, k->local)) == P11KMS_OK)
-        return st;
+        may_be(keyid, skid)) {
+        if ((st = ktri_with(cms, ri, k->local)) == P11KMS_OK)
+            return st;
+        tally_attempt(t, st);
+    }
     if (!k->o->client)
         return P11KMS_ERR_DECRYPT;
     if (!k->o->key_id) {
@@ -550,13 +552,13 @@ static p11kms_status ktri(CMS_ContentInfo *cms, CMS_RecipientInfo *ri, struct ke
         return P11KMS_ERR_DECRYPT;
     }
     if ((st = resolve_kms(k)) != P11KMS_OK) {
-        tally_failure(t, st);
+        tally_attempt(t, st);
         return st;
     }
     if (!k->kms || !EVP_PKEY_is_a(k->kms, "RSA") || !may_be(keyid, k->kms_skid))
         return P11KMS_ERR_DECRYPT;
     if ((st = ktri_with(cms, ri, k->kms)) != P11KMS_OK)
-        tally_failure(t, st);
+        tally_attempt(t, st);
     return st;
 }
 
@@ -587,8 +589,11 @@ static p11kms_status kari(CMS_ContentInfo *cms, CMS_RecipientInfo *ri, struct ke
         rek = sk_CMS_RecipientEncryptedKey_value(reks, i);
         if (!CMS_RecipientEncryptedKey_get0_id(rek, &keyid, NULL, NULL, NULL, NULL))
             continue;
-        if (have_local && may_be(keyid, skid) && kari_with(cms, ri, rek, k->local) == P11KMS_OK)
-            return P11KMS_OK;
+        if (have_local && may_be(keyid, skid)) {
+            if ((st = kari_with(cms, ri, rek, k->local)) == P11KMS_OK)
+                return st;
+            tally_attempt(t, st);
+        }
         if (!k->o->client)
             continue;
         if (!k->o->key_id) {
@@ -596,14 +601,14 @@ static p11kms_status kari(CMS_ContentInfo *cms, CMS_RecipientInfo *ri, struct ke
             continue;
         }
         if ((st = resolve_kms(k)) != P11KMS_OK) {
-            tally_failure(t, st);
+            tally_attempt(t, st);
             return st;
         }
         if (!k->kms || !EVP_PKEY_is_a(k->kms, "EC") || !may_be(keyid, k->kms_skid))
             continue;
         if ((st = kari_with(cms, ri, rek, k->kms)) == P11KMS_OK)
             return st;
-        tally_failure(t, st);
+        tally_attempt(t, st);
     }
     return P11KMS_ERR_DECRYPT;
 }
@@ -651,7 +656,7 @@ static p11kms_status kekri(CMS_ContentInfo *cms, CMS_RecipientInfo *ri, struct k
     }
     ASN1_OBJECT_free(ours);
     if (OBJ_obj2nid(alg->algorithm) != NID_id_aes256_wrap) {
-        t->rejected = P11KMS_ERR_MALFORMED;
+        t->rejected = 1;
         snprintf(t->rejected_why, sizeof t->rejected_why,
                  "CMS: a KEKRecipientInfo uses %s; only id-aes256-wrap is accepted",
                  OBJ_nid2sn(OBJ_obj2nid(alg->algorithm)));
@@ -664,16 +669,17 @@ static p11kms_status kekri(CMS_ContentInfo *cms, CMS_RecipientInfo *ri, struct k
                                  &dk);
     if (st == P11KMS_OK && dk.plaintext_len != CMS_KEK_LEN)
         st = kms_client_fail(P11KMS_ERR_DECRYPT, "CMS: the KEK is not 32 bytes");
-    if (st != P11KMS_OK) {
-        tally_failure(t, st);
-        p11kms_data_key_clear(&dk);
-        return st;
+    if (st == P11KMS_OK) {
+        CMS_RecipientInfo_set0_key(ri, dk.plaintext, dk.plaintext_len);
+        r = CMS_RecipientInfo_decrypt(cms, ri);
+        CMS_RecipientInfo_set0_key(ri, NULL, 0); /* dk holds the KEK */
+        if (r <= 0)
+            st = ossl_fail(P11KMS_ERR_DECRYPT, "the KEK does not unwrap the key");
     }
-    CMS_RecipientInfo_set0_key(ri, dk.plaintext, dk.plaintext_len);
-    r = CMS_RecipientInfo_decrypt(cms, ri);
-    CMS_RecipientInfo_set0_key(ri, NULL, 0); /* dk holds the KEK */
     p11kms_data_key_clear(&dk);
-    return r > 0 ? P11KMS_OK : ossl_fail(P11KMS_ERR_DECRYPT, "the KEK does not unwrap the key");
+    if (st != P11KMS_OK)
+        tally_attempt(t, st);
+    return st;
 }
 
 /*
@@ -748,12 +754,15 @@ p11kms_status kms_cms_open(const struct p11kms_opener *o, const uint8_t *in, siz
     }
     if (opened)
         st = read_content(o, cms, out, out_len);
-    else if (t.service != P11KMS_OK)
-        st = kms_client_fail(t.service, "%s", t.service_why);
-    else if (t.unnamed && !k.local)
+    else if (t.tried == 1) /* one recipient could be served: its failure as it is */
+        st = kms_client_fail(t.last, "%s", t.last_why);
+    else if (t.tried > 1)
+        st = kms_client_fail(P11KMS_ERR_DECRYPT, "CMS: no recipient opened; the last: %s",
+                             t.last_why);
+    else if (t.unnamed)
         st = kms_client_fail(P11KMS_ERR_ARGUMENT, "CMS recipient names no KMS key: give key_id");
-    else if (t.rejected != P11KMS_OK)
-        st = kms_client_fail(t.rejected, "%s", t.rejected_why);
+    else if (t.rejected)
+        st = kms_client_fail(P11KMS_ERR_MALFORMED, "%s", t.rejected_why);
     else
         st = kms_client_fail(P11KMS_ERR_DECRYPT, "CMS: no recipient the opener can serve opened");
 cleanup:
