@@ -30,7 +30,9 @@
 #include <openssl/objects.h>
 #include <openssl/pem.h>
 #include <openssl/rsa.h>
+#include <openssl/sha.h>
 #include <openssl/x509v3.h>
+#include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -69,34 +71,46 @@ static p11kms_status ossl_fail(p11kms_status st, const char *what)
  * one that holds only the key and its SubjectKeyIdentifier. OpenSSL 3.0
  * reads the SKID through its extension cache, which refuses a certificate
  * that does not encode, and the signature algorithm is set only by signing:
- * so it is signed by a throw-away key. Nothing reads that signature.
+ * so it is signed, by a throw-away key made once per process. Nothing reads
+ * that signature, and the certificate is not written into the envelope.
  */
+static EVP_PKEY *cert_signer;
+static pthread_once_t cert_signer_once = PTHREAD_ONCE_INIT;
+
+static void cert_signer_make(void)
+{
+    cert_signer = EVP_PKEY_Q_keygen(NULL, NULL, "ED25519");
+}
+
 static p11kms_status key_only_cert(EVP_PKEY *pkey, X509 **out)
 {
     uint8_t skid[20];
+    const unsigned char *bits;
+    int bits_len;
     ASN1_OCTET_STRING *os = ASN1_OCTET_STRING_new();
     X509_NAME *name = X509_NAME_new();
     X509 *x = X509_new();
-    EVP_PKEY *signer = NULL;
-    p11kms_status st;
+    p11kms_status st = P11KMS_OK;
 
     *out = NULL;
-    if ((st = kms_public_key_skid(pkey, skid)) != P11KMS_OK)
-        goto cleanup;
-    if (!os || !name || !x || !ASN1_OCTET_STRING_set(os, skid, sizeof skid) ||
-        !X509_set_version(x, X509_VERSION_3) || !ASN1_INTEGER_set(X509_get_serialNumber(x), 1) ||
-        !X509_set_issuer_name(x, name) || !X509_set_subject_name(x, name) ||
-        !X509_gmtime_adj(X509_getm_notBefore(x), 0) || !X509_gmtime_adj(X509_getm_notAfter(x), 0) ||
-        !X509_set_pubkey(x, pkey) ||
+    pthread_once(&cert_signer_once, cert_signer_make);
+    /* The key is encoded once, by X509_set_pubkey; the SKID is of those bits
+       (kms_public_key_skid's RFC 5280 method 1, without encoding it again). */
+    if (!os || !name || !x || !cert_signer || !X509_set_version(x, X509_VERSION_3) ||
+        !ASN1_INTEGER_set(X509_get_serialNumber(x), 1) || !X509_set_issuer_name(x, name) ||
+        !X509_set_subject_name(x, name) || !X509_gmtime_adj(X509_getm_notBefore(x), 0) ||
+        !X509_gmtime_adj(X509_getm_notAfter(x), 0) || !X509_set_pubkey(x, pkey) ||
+        X509_PUBKEY_get0_param(NULL, &bits, &bits_len, NULL, X509_get_X509_PUBKEY(x)) != 1 ||
+        bits_len < 0 || !SHA1(bits, (size_t)bits_len, skid) ||
+        !ASN1_OCTET_STRING_set(os, skid, sizeof skid) ||
         !X509_add1_ext_i2d(x, NID_subject_key_identifier, os, 0, X509V3_ADD_DEFAULT) ||
-        !(signer = EVP_PKEY_Q_keygen(NULL, NULL, "ED25519")) || !X509_sign(x, signer, NULL)) {
+        !X509_sign(x, cert_signer, NULL)) {
         st = ossl_fail(P11KMS_ERR_MEMORY, "cannot name a bare public key");
         goto cleanup;
     }
     *out = x;
     x = NULL;
 cleanup:
-    EVP_PKEY_free(signer);
     X509_free(x);
     X509_NAME_free(name);
     ASN1_OCTET_STRING_free(os);
