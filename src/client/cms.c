@@ -73,16 +73,38 @@ static p11kms_status ossl_fail(p11kms_status st, const char *what)
  * that does not encode, and the signature algorithm is set only by signing:
  * so it is signed, by a throw-away key made once per process. Nothing reads
  * that signature, and the certificate is not written into the envelope.
+ *
+ * Making it costs more than the rest of a seal (OpenSSL 3.0 encodes and
+ * decodes the key through its provider machinery), so it is made once per
+ * recipient key and kept on the key (EVP_PKEY ex_data, freed with it). It
+ * holds a duplicate of the key, so that the two do not keep each other alive.
  */
 static EVP_PKEY *cert_signer;
-static pthread_once_t cert_signer_once = PTHREAD_ONCE_INIT;
+static int cert_index = -1;
+static pthread_once_t cert_once = PTHREAD_ONCE_INIT;
+static pthread_mutex_t cert_lock = PTHREAD_MUTEX_INITIALIZER;
 
-static void cert_signer_make(void)
+static void cert_free(void *parent, void *ptr, CRYPTO_EX_DATA *ad, int idx, long argl, void *argp)
 {
-    cert_signer = EVP_PKEY_Q_keygen(NULL, NULL, "ED25519");
+    (void)parent, (void)ad, (void)idx, (void)argl, (void)argp;
+    X509_free(ptr);
 }
 
-static p11kms_status key_only_cert(EVP_PKEY *pkey, X509 **out)
+/* A copy of the key (EVP_PKEY_dup) shares its certificate. */
+static int cert_dup(CRYPTO_EX_DATA *to, const CRYPTO_EX_DATA *from, void **from_d, int idx,
+                    long argl, void *argp)
+{
+    (void)to, (void)from, (void)idx, (void)argl, (void)argp;
+    return !*from_d || X509_up_ref(*from_d);
+}
+
+static void cert_init(void)
+{
+    cert_signer = EVP_PKEY_Q_keygen(NULL, NULL, "ED25519");
+    cert_index = EVP_PKEY_get_ex_new_index(0, NULL, NULL, cert_dup, cert_free);
+}
+
+static p11kms_status key_only_cert_make(EVP_PKEY *pkey, X509 **out)
 {
     uint8_t skid[20];
     const unsigned char *bits;
@@ -90,30 +112,56 @@ static p11kms_status key_only_cert(EVP_PKEY *pkey, X509 **out)
     ASN1_OCTET_STRING *os = ASN1_OCTET_STRING_new();
     X509_NAME *name = X509_NAME_new();
     X509 *x = X509_new();
+    EVP_PKEY *copy = EVP_PKEY_dup(pkey);
     p11kms_status st = P11KMS_OK;
 
     *out = NULL;
-    pthread_once(&cert_signer_once, cert_signer_make);
     /* The key is encoded once, by X509_set_pubkey; the SKID is of those bits
        (kms_public_key_skid's RFC 5280 method 1, without encoding it again). */
-    if (!os || !name || !x || !cert_signer || !X509_set_version(x, X509_VERSION_3) ||
+    if (!os || !name || !x || !copy || !cert_signer || !X509_set_version(x, X509_VERSION_3) ||
         !ASN1_INTEGER_set(X509_get_serialNumber(x), 1) || !X509_set_issuer_name(x, name) ||
         !X509_set_subject_name(x, name) || !X509_gmtime_adj(X509_getm_notBefore(x), 0) ||
-        !X509_gmtime_adj(X509_getm_notAfter(x), 0) || !X509_set_pubkey(x, pkey) ||
+        !X509_gmtime_adj(X509_getm_notAfter(x), 0) || !X509_set_pubkey(x, copy) ||
         X509_PUBKEY_get0_param(NULL, &bits, &bits_len, NULL, X509_get_X509_PUBKEY(x)) != 1 ||
         bits_len < 0 || !SHA1(bits, (size_t)bits_len, skid) ||
         !ASN1_OCTET_STRING_set(os, skid, sizeof skid) ||
         !X509_add1_ext_i2d(x, NID_subject_key_identifier, os, 0, X509V3_ADD_DEFAULT) ||
-        !X509_sign(x, cert_signer, NULL)) {
+        !X509_sign(x, cert_signer, NULL) || X509_check_purpose(x, -1, 0) != 1) {
         st = ossl_fail(P11KMS_ERR_MEMORY, "cannot name a bare public key");
         goto cleanup;
     }
-    *out = x;
+    *out = x; /* its extensions are cached: threads may share it read-only */
     x = NULL;
 cleanup:
+    EVP_PKEY_free(copy);
     X509_free(x);
     X509_NAME_free(name);
     ASN1_OCTET_STRING_free(os);
+    return st;
+}
+
+/* pkey's key-only certificate (a reference the caller frees), made on first use. */
+static p11kms_status key_only_cert(EVP_PKEY *pkey, X509 **out)
+{
+    X509 *x;
+    p11kms_status st = P11KMS_OK;
+
+    *out = NULL;
+    pthread_once(&cert_once, cert_init);
+    if (cert_index < 0)
+        return kms_client_fail(P11KMS_ERR_MEMORY, "CMS: cannot keep certificates on keys");
+    pthread_mutex_lock(&cert_lock);
+    x = EVP_PKEY_get_ex_data(pkey, cert_index);
+    if (!x && (st = key_only_cert_make(pkey, &x)) == P11KMS_OK &&
+        !EVP_PKEY_set_ex_data(pkey, cert_index, x)) {
+        X509_free(x);
+        st = kms_client_fail(P11KMS_ERR_MEMORY, "CMS: out of memory");
+    }
+    if (st == P11KMS_OK && X509_up_ref(x))
+        *out = x;
+    else if (st == P11KMS_OK)
+        st = kms_client_fail(P11KMS_ERR_MEMORY, "CMS: out of memory");
+    pthread_mutex_unlock(&cert_lock);
     return st;
 }
 

@@ -22,6 +22,7 @@
 #include <openssl/evp.h>
 #include <openssl/pem.h>
 #include <openssl/x509.h>
+#include <pthread.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -197,6 +198,56 @@ static void test_seal_bounds(void **state)
         P11KMS_ERR_ARGUMENT);
     assert_null(der);
     p11kms_recipient_free(r);
+}
+
+/* One recipient sealed to from several threads at once (its key-only certificate is made once). */
+struct sealer {
+    p11kms_recipient *r;
+    int key, failures;
+};
+
+static void *seal_many(void *arg)
+{
+    struct sealer *s = arg;
+    uint8_t *der;
+    size_t der_len;
+
+    for (int i = 0; i < 20; i++) {
+        if (p11kms_envelope_seal(NULL, P11KMS_FORMAT_CMS, &s->r, 1, PAYLOAD, PAYLOAD_LEN, &der,
+                                 &der_len) != P11KMS_OK) {
+            s->failures++;
+            continue;
+        }
+        if (open_with(s->key, der, der_len, PAYLOAD_LEN) != P11KMS_OK)
+            s->failures++;
+        p11kms_free(der, der_len);
+    }
+    return NULL;
+}
+
+static void test_shared_recipient(void **state)
+{
+    static const int keys[] = {KRSA, KP256};
+    pthread_t th[4];
+    struct sealer s[4];
+    EVP_PKEY *copy;
+
+    (void)state;
+    for (size_t k = 0; k < 2; k++) {
+        p11kms_recipient *r = recipient(keys[k], 0);
+        for (int i = 0; i < 4; i++) {
+            s[i] = (struct sealer){.r = r, .key = keys[k], .failures = 0};
+            assert_int_equal(pthread_create(&th[i], NULL, seal_many, &s[i]), 0);
+        }
+        for (int i = 0; i < 4; i++) {
+            assert_int_equal(pthread_join(th[i], NULL), 0);
+            assert_int_equal(s[i].failures, 0);
+        }
+        /* a copy of the key shares the certificate; each frees its reference */
+        assert_non_null(copy = EVP_PKEY_dup(r->pkey));
+        p11kms_recipient_free(r);
+        EVP_PKEY_free(copy);
+    }
 }
 
 static void test_mixed_recipients(void **state)
@@ -522,17 +573,12 @@ static void test_client_without_key_id(void **state)
 int main(void)
 {
     const struct CMUnitTest tests[] = {
-        cmocka_unit_test(test_round_trips),
-        cmocka_unit_test(test_seal_bounds),
-        cmocka_unit_test(test_mixed_recipients),
-        cmocka_unit_test(test_structure),
-        cmocka_unit_test(test_pem),
-        cmocka_unit_test(test_flipped_bits),
-        cmocka_unit_test(test_short_tag),
-        cmocka_unit_test(test_truncations),
-        cmocka_unit_test(test_wrong_key),
-        cmocka_unit_test(test_not_auth_enveloped),
-        cmocka_unit_test(test_client_without_key_id),
+        cmocka_unit_test(test_round_trips),        cmocka_unit_test(test_seal_bounds),
+        cmocka_unit_test(test_mixed_recipients),   cmocka_unit_test(test_shared_recipient),
+        cmocka_unit_test(test_structure),          cmocka_unit_test(test_pem),
+        cmocka_unit_test(test_flipped_bits),       cmocka_unit_test(test_short_tag),
+        cmocka_unit_test(test_truncations),        cmocka_unit_test(test_wrong_key),
+        cmocka_unit_test(test_not_auth_enveloped), cmocka_unit_test(test_client_without_key_id),
     };
     return cmocka_run_group_tests(tests, setup, teardown);
 }
