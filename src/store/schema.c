@@ -95,6 +95,34 @@ static const char *const sqlite_migrations[] = {
     "ALTER TABLE keys ADD COLUMN key_spec INTEGER NOT NULL DEFAULT 0;"
     "ALTER TABLE keys ADD COLUMN key_usage INTEGER NOT NULL DEFAULT 0;"
     "ALTER TABLE versions ADD COLUMN public_key BLOB;",
+    /*
+     * 4: grants and tags. A grant belongs to one key and goes with it
+     * (deleted in the transaction that destroys the key). grant_id: 64
+     * lowercase hex characters, as AWS's; name: CreateGrant's Name (NULL:
+     * none), for idempotent retries; grantee and retiring: principal ARNs
+     * (retiring NULL: none); operations: a bit set of the grant's operations;
+     * constraints: the Constraints object as JSON text (NULL: none); issuer:
+     * the principal that created it. A tag is (key, tag key) -> value.
+     */
+    "CREATE TABLE grants ("
+    "  key_id BLOB NOT NULL REFERENCES keys (id),"
+    "  grant_id TEXT NOT NULL CHECK (length(grant_id) = 64),"
+    "  name TEXT,"
+    "  grantee TEXT NOT NULL,"
+    "  retiring TEXT,"
+    "  operations INTEGER NOT NULL,"
+    "  constraints TEXT,"
+    "  issuer TEXT NOT NULL,"
+    "  created INTEGER NOT NULL,"
+    "  PRIMARY KEY (key_id, grant_id)) WITHOUT ROWID;"
+    "CREATE UNIQUE INDEX grants_id ON grants (grant_id);"
+    "CREATE INDEX grants_grantee ON grants (grantee);"
+    "CREATE INDEX grants_retiring ON grants (retiring) WHERE retiring IS NOT NULL;"
+    "CREATE TABLE tags ("
+    "  key_id BLOB NOT NULL REFERENCES keys (id),"
+    "  tag_key TEXT NOT NULL,"
+    "  tag_value TEXT NOT NULL,"
+    "  PRIMARY KEY (key_id, tag_key)) WITHOUT ROWID;",
 };
 
 /*
@@ -171,6 +199,26 @@ static const char *const postgresql_migrations[] = {
     "ALTER TABLE keys ADD COLUMN key_spec BIGINT NOT NULL DEFAULT 0;"
     "ALTER TABLE keys ADD COLUMN key_usage BIGINT NOT NULL DEFAULT 0;"
     "ALTER TABLE versions ADD COLUMN public_key BYTEA;",
+    /* 4: grants and tags (as SQLite's) */
+    "CREATE TABLE grants ("
+    "  key_id BYTEA NOT NULL REFERENCES keys (id),"
+    "  grant_id TEXT COLLATE \"C\" NOT NULL CHECK (length(grant_id) = 64),"
+    "  name TEXT COLLATE \"C\","
+    "  grantee TEXT COLLATE \"C\" NOT NULL,"
+    "  retiring TEXT COLLATE \"C\","
+    "  operations BIGINT NOT NULL,"
+    "  constraints TEXT,"
+    "  issuer TEXT NOT NULL,"
+    "  created BIGINT NOT NULL,"
+    "  PRIMARY KEY (key_id, grant_id));"
+    "CREATE UNIQUE INDEX grants_id ON grants (grant_id);"
+    "CREATE INDEX grants_grantee ON grants (grantee);"
+    "CREATE INDEX grants_retiring ON grants (retiring) WHERE retiring IS NOT NULL;"
+    "CREATE TABLE tags ("
+    "  key_id BYTEA NOT NULL REFERENCES keys (id),"
+    "  tag_key TEXT COLLATE \"C\" NOT NULL,"
+    "  tag_value TEXT NOT NULL,"
+    "  PRIMARY KEY (key_id, tag_key));",
 };
 
 #define COUNT(a) (int)(sizeof(a) / sizeof(a)[0])

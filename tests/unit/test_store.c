@@ -1304,15 +1304,16 @@ static void test_migrate_schema_1(void **state)
     uint32_t root = insert_root(st, 0x11);
     kms_store_close(st);
     f->st = NULL;
-    /* schema 1: without migration 2's tables and migration 3's columns */
+    /* schema 1: without migration 2's tables, migration 3's columns and 4's tables */
     if (f->pg) {
         pg_exec(f->url,
-                "DROP TABLE change_requests, audit_heads; "
+                "DROP TABLE change_requests, audit_heads, grants, tags; "
                 "ALTER TABLE keys DROP COLUMN key_spec, DROP COLUMN key_usage; "
                 "ALTER TABLE versions DROP COLUMN public_key",
                 NULL, 0);
     } else {
         raw_exec(f->db, "DROP TABLE change_requests; DROP TABLE audit_heads; "
+                        "DROP TABLE grants; DROP TABLE tags; "
                         "ALTER TABLE keys DROP COLUMN key_spec; "
                         "ALTER TABLE keys DROP COLUMN key_usage; "
                         "ALTER TABLE versions DROP COLUMN public_key");
