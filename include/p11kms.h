@@ -488,8 +488,8 @@ struct p11kms_opener {
     /* Through the service: the recipient's private key stays in the token. */
     p11kms_client *client;
     /* The KMS key to open with; NULL: the one the envelope names (a JWE's kid, a CMS
-       KEKRecipientInfo's kekid), or for CMS the key whose public half matches a
-       recipient's SubjectKeyIdentifier or certificate. */
+       KEKRecipientInfo's kekid). A CMS KeyTransRecipientInfo or KeyAgreeRecipientInfo
+       names no KMS key: without key_id it is P11KMS_ERR_ARGUMENT. */
     const char *key_id;
     /* A JWE "dir" envelope (p11kms_seal's) is opened with this encryption context. */
     const struct p11kms_context *context;
