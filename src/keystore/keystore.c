@@ -298,7 +298,7 @@ kms_err kms_keystore_authorize(struct kms_keystore *ks, const char *ref, int how
     struct kms_key_ref held = KMS_KEY_REF_INIT;
     KMS_GUARD(kms_keystore_hold(ks, ref, how, &held));
     pthread_mutex_lock(&ks->lock);
-    struct kms_key_guard g = {held.id_text, held.arn, held.entry->policy};
+    struct kms_key_guard g = {held.id_text, held.arn, held.entry->policy, held.entry->grants};
     kms_err rc = fn(arg, &g);
     pthread_mutex_unlock(&ks->lock);
     if (rc == KMS_OK && out)
