@@ -75,7 +75,8 @@ static kms_err create_in(struct kms_keystore *ks, struct kms_tx *tx, struct kms_
 
 kms_err kms_keystore_create_grant(struct kms_keystore *ks, struct kms_grant_row *g, int *existing)
 {
-    struct create_args a = {g, 0, KMS_GRANTS_PER_KEY};
+    struct create_args a = {g, 0,
+                            ks->cfg.grants_per_key ? ks->cfg.grants_per_key : KMS_GRANTS_PER_KEY};
     *existing = 0;
     kms_err rc = kms_key_change(ks, g->key_id, "CreateGrant", 0, create_in, &a);
     if (rc == KMS_ERR_ALREADY_EXISTS && a.existing) {

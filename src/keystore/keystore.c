@@ -44,6 +44,7 @@ void kms_keystore_config_defaults(struct kms_keystore_config *c)
     /* ≈ 8.3 KB of SoftHSM2 memory per unwrapped version: 4096 keys ≈ 34 MB. */
     c->key_cache = 4096;
     c->negative_cache = 8192;
+    c->grants_per_key = KMS_GRANTS_PER_KEY;
 }
 
 const char *kms_key_state_name(enum kms_key_state s)

@@ -61,6 +61,7 @@ struct kms_keystore_config {
     unsigned refresh_ms;        /* change-sequence poll interval (besides the feed); 1000 */
     unsigned key_cache;         /* keys held in memory, their used versions unwrapped; 4096 */
     unsigned negative_cache;    /* key ids remembered as unknown; 8192 */
+    unsigned grants_per_key;    /* grants a key may have; 50,000 (AWS's); 0 is the default */
     /*
      * Key policies: the key store keeps each key's policy text in its record
      * and a compiled form in the index, made by compile_policy (NULL: none is
@@ -300,7 +301,7 @@ KMS_MUST_CHECK kms_err kms_keystore_list_aliases(struct kms_keystore *ks, const 
  * here) to key id. When g->name is given and the key has a grant of that name
  * with the same grantee, retiring principal, operations and constraints, no
  * grant is made: *existing is set and g->grant_id is that grant's (AWS's
- * idempotent retry). KMS_ERR_LIMIT_EXCEEDED past KMS_GRANTS_PER_KEY; a key
+ * idempotent retry). KMS_ERR_LIMIT_EXCEEDED past cfg.grants_per_key; a key
  * pending deletion is KMS_ERR_INVALID_STATE.
  */
 KMS_MUST_CHECK kms_err kms_keystore_create_grant(struct kms_keystore *ks, struct kms_grant_row *g,

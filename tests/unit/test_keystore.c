@@ -1374,6 +1374,7 @@ static void test_grants(void **state)
     f->cfg.free_grants = free_ids;
     f->cfg.pending_min_days = 0;
     f->cfg.pending_max_days = 0;
+    f->cfg.grants_per_key = 3;
     struct kms_keystore *ks = start(f);
     struct kms_keystore *ks2 = start_second(f);
     struct kms_key_info k = {0}, out = {0};
@@ -1430,6 +1431,17 @@ static void test_grants(void **state)
     grant_of(&g[2], &k, "", "broken");
     assert_int_equal(kms_keystore_create_grant(ks, &g[2], &existing), KMS_OK);
     assert_int_equal(guard_grants(ks, k.id_text), 0);
+
+    /* grants_per_key (3 here; AWS's 50,000 by default): then LimitExceededException */
+    grant_of(&g[2], &k, "", "dave");
+    assert_int_equal(kms_keystore_create_grant(ks, &g[2], &existing), KMS_OK);
+    grant_of(&g[2], &k, "", "erin");
+    assert_int_equal(kms_keystore_create_grant(ks, &g[2], &existing), KMS_ERR_LIMIT_EXCEEDED);
+    assert_non_null(strstr(kms_err_message(), "already has 3 grants"));
+    /* an idempotent retry at the limit is still answered */
+    grant_of(&g[2], &k, "retry", "bob");
+    assert_int_equal(kms_keystore_create_grant(ks, &g[2], &existing), KMS_OK);
+    assert_int_equal(existing, 1);
 
     /* a key pending deletion takes no new grant; its destruction removes its grants */
     assert_int_equal(kms_keystore_schedule_deletion(ks, k.id_text, 0, &out), KMS_OK);
