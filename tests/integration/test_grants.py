@@ -4,6 +4,10 @@ RevokeGrant) end to end with boto3 and the aws CLI, unmodified, against two
 p11kmsd nodes on one SQLite database (each with its own copy of the token, as
 test_multinode.py sets them up). TAP output.
 
+With P11KMS_TEST_PG_URL set (tests/integration/test_grants_pg.sh runs it under
+tests/pgserver.sh) both nodes use that PostgreSQL database instead, and its
+change feed carries the changes.
+
 Node A polls the change sequence every 50 ms, node B every 3 s: a grant made
 on A is usable on B with its grant token at once (a token naming a grant B
 has not read makes B read the key again), long before B's poll; a grant
@@ -35,13 +39,17 @@ What is checked, with exact error types and HTTP statuses:
 """
 
 import base64
+import glob
 import hashlib
 import json
 import os
 import re
 import sqlite3
+import subprocess
 import sys
 import time
+import urllib.parse
+import uuid
 
 sys.dont_write_bytecode = True  # keep __pycache__ out of the source tree
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -67,9 +75,12 @@ GRANT_ID = re.compile(r"^[0-9a-f]{64}$")
 PAGED = 1000
 
 
+PG_URL = os.environ.get("P11KMS_TEST_PG_URL")
+
+
 class Ctx:
     ws = None
-    db = None
+    db = None        # the database URL both nodes use
     a = b = None
     admin = alice = bob = carol = None
     key = None       # a key whose policy names admin only
@@ -99,13 +110,14 @@ def setup():
     C.admin, C.alice, C.bob, C.carol = (h.new_principal(n)
                                         for n in ("admin", "alice", "bob", "carol"))
     creds = h.write_credentials(C.ws.sub("credentials"), [C.admin, C.alice, C.bob, C.carol])
-    C.db = C.ws.sub("p11kms.db")
-    h.init_database(h.write_config(C.ws.sub("init.conf"), token, creds,
-                                   database="sqlite:" + C.db, **SETTINGS), token)
+    C.db = PG_URL or "sqlite:" + C.ws.sub("p11kms.db")
+    h.diag("database: %s" % ("PostgreSQL" if PG_URL else "SQLite"))
+    h.init_database(h.write_config(C.ws.sub("init.conf"), token, creds, database=C.db,
+                                   **SETTINGS), token)
     for name in ("a", "b"):
         copy = h.copy_token(token, C.ws.sub("token-%s" % name))
         conf = h.write_config(C.ws.sub("node-%s.conf" % name), copy, creds,
-                              database="sqlite:" + C.db, refresh_ms=str(REFRESH_MS[name]),
+                              database=C.db, refresh_ms=str(REFRESH_MS[name]),
                               **SETTINGS)
         setattr(C, name, h.start_config_server(conf, copy, C.ws.sub("node-%s.log" % name),
                                                init=False))
@@ -209,13 +221,27 @@ def audit_lines(name="a"):
 
 
 def grants_in_database(key):
-    db = sqlite3.connect("file:%s?mode=ro" % C.db, uri=True, timeout=30)
-    try:
-        import uuid
-        return db.execute("SELECT count(*) FROM grants WHERE key_id = ?",
-                          (uuid.UUID(key).bytes,)).fetchone()[0]
-    finally:
-        db.close()
+    """The key's rows in the grants table, read beside the server (sqlite3 or psql)."""
+    if not PG_URL:
+        db = sqlite3.connect("file:%s?mode=ro" % C.db[len("sqlite:"):], uri=True, timeout=30)
+        try:
+            return db.execute("SELECT count(*) FROM grants WHERE key_id = ?",
+                              (uuid.UUID(key).bytes,)).fetchone()[0]
+        finally:
+            db.close()
+    u = urllib.parse.urlsplit(PG_URL)
+    bins = sorted(glob.glob("/usr/lib/postgresql/*/bin/psql"),
+                  key=lambda p: [int(x) if x.isdigit() else x for x in p.split("/")])
+    psql = os.path.join(os.environ["PG_BIN"], "psql") if os.environ.get("PG_BIN") else (
+        bins[-1] if bins else "psql")
+    env = dict(os.environ, PGPASSWORD=urllib.parse.unquote(u.password or ""),
+               PGCONNECT_TIMEOUT="5")
+    r = subprocess.run([psql, "-X", "-q", "-A", "-t", "-h", u.hostname, "-p", str(u.port), "-U",
+                        u.username, "-d", u.path.lstrip("/"), "-c",
+                        "SELECT count(*) FROM grants WHERE key_id = '\\x%s'" % uuid.UUID(key).hex],
+                       env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=30)
+    eq(r.returncode, 0, "psql (stderr %r)" % r.stderr)
+    return int(r.stdout.decode().strip())
 
 
 ACME = {"tenant": "acme", "purpose": "test"}
