@@ -65,7 +65,8 @@ struct check {
     uint8_t token_key[TOKENS_MAX][KMS_UUID_LEN];
     char token_grant[TOKENS_MAX][KMS_GRANT_ID_LEN + 1];
     size_t ntokens;
-    int reread; /* a token names a grant of the key that its entry lacks */
+    int reread;                        /* a token names a grant of the key that its entry lacks: */
+    char unseen[KMS_GRANT_ID_LEN + 1]; /* that grant */
 };
 
 /* The grants the request's GrantTokens name (checked by kms_in_grant_tokens; others skipped). */
@@ -85,8 +86,8 @@ static void read_tokens(struct check *c, json_t *in)
     }
 }
 
-/* Whether a token names a grant of this key that the key's entry does not hold yet. */
-static int token_unseen(const struct check *c, const struct kms_key_guard *g)
+/* Whether a token names a grant of this key that the key's entry does not hold yet (c->unseen). */
+static int token_unseen(struct check *c, const struct kms_key_guard *g)
 {
     uint8_t id[KMS_UUID_LEN];
     if (kms_uuid_parse(g->id_text, strlen(g->id_text), id) != KMS_OK) {
@@ -95,8 +96,10 @@ static int token_unseen(const struct check *c, const struct kms_key_guard *g)
     }
     for (size_t i = 0; i < c->ntokens; i++)
         if (memcmp(c->token_key[i], id, KMS_UUID_LEN) == 0 &&
-            !kms_grant_set_has(g->grants, c->token_grant[i]))
+            !kms_grant_set_has(g->grants, c->token_grant[i])) {
+            memcpy(c->unseen, c->token_grant[i], sizeof c->unseen);
             return 1;
+        }
     return 0;
 }
 
@@ -137,6 +140,28 @@ static kms_err decide(void *arg, const struct kms_key_guard *g)
                                                   : "no statement of the key policy allows it");
 }
 
+/*
+ * Whether the grant a token named (c->unseen) is in the database, of the key
+ * decided on and the caller's: only then is the key read again, so made-up
+ * tokens cost one lookup by grant id, never a reload of a key and its grants.
+ * Its key id goes to c->token_key[0].
+ */
+static int grant_is_new(struct kms_server *srv, struct check *c)
+{
+    const char *slash = strrchr(c->r->key_arn, '/');
+    uint8_t id[KMS_UUID_LEN];
+    int yes = 0;
+    struct kms_grant_row *g = malloc(sizeof *g);
+    if (g && slash && kms_uuid_parse(slash + 1, strlen(slash + 1), id) == KMS_OK &&
+        kms_keystore_grant_get(srv->ks, c->unseen, g) == KMS_OK)
+        yes = memcmp(g->key_id, id, KMS_UUID_LEN) == 0 && strcmp(g->grantee, c->grantee) == 0;
+    if (yes)
+        memcpy(c->token_key[0], id, KMS_UUID_LEN);
+    kms_err_clear();
+    free(g);
+    return yes;
+}
+
 kms_err kms_authorize(struct kms_request *r, const char *action, const char *ref, int how,
                       json_t *context, struct kms_key_ref *out)
 {
@@ -168,24 +193,25 @@ kms_err kms_authorize(struct kms_request *r, const char *action, const char *ref
     }
     struct check c = {r,  action, {r->principal, srv->cfg.account, action, NULL, i ? p : NULL, i},
                       "", {{0}},  {""},
-                      0,  0};
+                      0,  0,      ""};
     snprintf(c.grantee, sizeof c.grantee, "arn:aws:iam::%s:user/%s", srv->cfg.account,
              r->principal);
     read_tokens(&c, r->in);
     rc = kms_keystore_authorize(srv->ks, ref, how, decide, &c, out);
     if (rc == KMS_ERR_ACCESS_DENIED && c.reread) {
-        /*
-         * A grant token names a grant this node has not read yet (made on
-         * another node a moment ago): read the key again, once, and decide.
-         */
-        uint8_t id[KMS_UUID_LEN];
-        const char *slash = strrchr(r->key_arn, '/');
-        if (slash && kms_uuid_parse(slash + 1, strlen(slash + 1), id) == KMS_OK) {
-            kms_keystore_key_refresh(srv->ks, id);
+        char message[512];
+        snprintf(message, sizeof message, "%s", kms_err_message());
+        if (grant_is_new(srv, &c)) {
+            /*
+             * A grant token names a grant of the caller's that this node has
+             * not read yet (made on another node a moment ago): read the key
+             * again, once, and decide.
+             */
+            kms_keystore_key_refresh(srv->ks, c.token_key[0]);
             c.reread = 0;
             rc = kms_keystore_authorize(srv->ks, ref, how, decide, &c, out);
         } else {
-            kms_err_clear();
+            rc = KMS_FAIL(KMS_ERR_ACCESS_DENIED, "%s", message);
         }
     }
     if (p != pairs)
