@@ -22,6 +22,8 @@ What is checked, with exact error types and HTTP statuses:
     holding the constrained pairs (keys without case, values exactly);
     EncryptionContextEquals wants the context exactly; a policy's explicit
     deny beats every grant; the audit line says "allow grant <id>";
+  - ReEncrypt through grants of ReEncryptFrom (source key) and ReEncryptTo
+    (destination key); Sign through a grant on an ECC key, Verify not granted;
   - ListGrants pages 1,000 grants of one key exactly once (Limit 100,
     Truncated, NextMarker); GrantId and GranteePrincipal filters;
   - RetireGrant (by token, by the retiring principal; by KeyId and GrantId, by
@@ -336,6 +338,35 @@ def test_a_grant_token_works_on_the_other_node_at_once():
                               "tenant=acme,purpose=test", "--grant-tokens", token], env)
     eq(status, 0, "aws kms decrypt --grant-tokens (stderr %r)" % err)
     eq(base64.b64decode(json.loads(out)["Plaintext"]), b"granted secret", "the CLI's plaintext")
+
+
+@test
+def test_grants_for_reencrypt_and_signing():
+    # ReEncrypt is two grant operations, on the source key and the destination key.
+    dest = make_key("reencrypt to", policy(allow("admin")))
+    kms = boto(C.bob)
+    code, status, _ = h.client_error(kms.re_encrypt, CiphertextBlob=C.blob_acme,
+                                     SourceEncryptionContext=ACME, DestinationKeyId=dest)
+    eq((code, status), ("InvalidCiphertextException", 400), "ReEncrypt without grants")
+    create_grant(C.key, "bob", ["ReEncryptFrom"])
+    code, status, _ = h.client_error(kms.re_encrypt, CiphertextBlob=C.blob_acme,
+                                     SourceEncryptionContext=ACME, DestinationKeyId=dest)
+    eq((code, status), ("AccessDeniedException", 400), "ReEncrypt without ReEncryptTo")
+    create_grant(dest, "bob", ["ReEncryptTo"])
+    out = kms.re_encrypt(CiphertextBlob=C.blob_acme, SourceEncryptionContext=ACME,
+                         DestinationKeyId=dest)
+    eq(out["KeyId"], ARN_PREFIX + "key/" + dest, "ReEncrypt's KeyId")
+    # An asymmetric key: Sign granted, Verify not.
+    signing = ok(C.admin, "CreateKey", {"KeySpec": "ECC_NIST_P256", "KeyUsage": "SIGN_VERIFY",
+                                        "Policy": policy(allow("admin"))})["KeyMetadata"]["KeyId"]
+    create_grant(signing, "bob", ["Sign", "GetPublicKey"])
+    sig = kms.sign(KeyId=signing, Message=b"signed through a grant",
+                   SigningAlgorithm="ECDSA_SHA_256")["Signature"]
+    check(len(sig) > 0, "a signature")
+    kms.get_public_key(KeyId=signing)
+    code, status, _ = h.client_error(kms.verify, KeyId=signing, Message=b"signed through a grant",
+                                     Signature=sig, SigningAlgorithm="ECDSA_SHA_256")
+    eq((code, status), ("AccessDeniedException", 400), "Verify, not granted")
 
 
 # ---- retiring and revoking ------------------------------------------------------
