@@ -78,9 +78,11 @@ typedef enum p11kms_status {
     P11KMS_ERR_DEPENDENCY_TIMEOUT,   /* DependencyTimeoutException */
     P11KMS_ERR_SERVICE,              /* another error type the service named */
     /* more of the service's, appended so the numbers above stay as they were */
-    P11KMS_ERR_BAD_SIGNATURE, /* KMSInvalidSignatureException: Verify said the signature
-                                 does not verify (not SigV4's InvalidSignatureException) */
-    P11KMS_ERR_BAD_MAC,       /* KMSInvalidMacException: VerifyMac said the MAC does not */
+    P11KMS_ERR_BAD_SIGNATURE,       /* KMSInvalidSignatureException: Verify said the signature
+                                       does not verify (not SigV4's InvalidSignatureException) */
+    P11KMS_ERR_BAD_MAC,             /* KMSInvalidMacException: VerifyMac said the MAC does not */
+    P11KMS_ERR_INVALID_GRANT_ID,    /* InvalidGrantIdException */
+    P11KMS_ERR_INVALID_GRANT_TOKEN, /* InvalidGrantTokenException */
     P11KMS_STATUS_COUNT
 } p11kms_status;
 

@@ -81,6 +81,8 @@ static const char *const status_names[P11KMS_STATUS_COUNT] = {
     [P11KMS_ERR_SERVICE] = "ServiceError",
     [P11KMS_ERR_BAD_SIGNATURE] = "KMSInvalidSignatureException",
     [P11KMS_ERR_BAD_MAC] = "KMSInvalidMacException",
+    [P11KMS_ERR_INVALID_GRANT_ID] = "InvalidGrantIdException",
+    [P11KMS_ERR_INVALID_GRANT_TOKEN] = "InvalidGrantTokenException",
 };
 
 /*

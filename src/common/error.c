@@ -51,6 +51,9 @@ static const struct {
     [KMS_ERR_BAD_SIGNATURE] = {"KMSInvalidSignatureException", 400,
                                "The signature does not verify"},
     [KMS_ERR_BAD_MAC] = {"KMSInvalidMacException", 400, "The MAC does not verify"},
+    [KMS_ERR_INVALID_GRANT_ID] = {"InvalidGrantIdException", 400, "The grant id is not valid"},
+    [KMS_ERR_INVALID_GRANT_TOKEN] = {"InvalidGrantTokenException", 400,
+                                     "The grant token is not valid"},
 };
 
 static _Thread_local char last_message[512]; /* AWS's enum lists run past 256 */

@@ -39,6 +39,8 @@ typedef enum kms_err {
     KMS_ERR_DEPENDENCY_TIMEOUT,   /* DependencyTimeoutException 503 */
     KMS_ERR_BAD_SIGNATURE,        /* KMSInvalidSignatureException 400: Verify said no */
     KMS_ERR_BAD_MAC,              /* KMSInvalidMacException 400: VerifyMac said no */
+    KMS_ERR_INVALID_GRANT_ID,     /* InvalidGrantIdException 400 */
+    KMS_ERR_INVALID_GRANT_TOKEN,  /* InvalidGrantTokenException 400 */
     KMS_ERR_COUNT
 } kms_err;
 

@@ -102,6 +102,8 @@ kms_err kms_cache_init(struct kms_keystore *ks)
 
 static void key_free(struct kms_keystore *ks, struct key *k)
 {
+    if (k->grants && ks->cfg.free_grants)
+        ks->cfg.free_grants(k->grants);
     if (k->policy && k->policy != ks->default_policy && ks->cfg.free_policy)
         ks->cfg.free_policy(k->policy);
     for (size_t i = 0; i < k->nversions; i++) {
@@ -428,6 +430,42 @@ static void install_locked(struct kms_keystore *ks, struct key *k)
     link_locked(ks, k);
 }
 
+struct grant_collect {
+    struct kms_keystore *ks;
+    struct key *k;
+    int broken; /* a grant did not compile: the key keeps none */
+};
+
+static kms_err collect_grant(void *arg, const struct kms_grant_row *g)
+{
+    struct grant_collect *c = arg;
+    if (c->broken)
+        return KMS_OK;
+    if (c->ks->cfg.add_grant(c->ks->cfg.policy_arg, &c->k->grants, g) != KMS_OK) {
+        /* Fail closed: a key whose grants do not all compile grants nothing. */
+        kms_warn("key %s: grant %s does not compile (%s); the key's grants allow nothing",
+                 c->k->id_text, g->grant_id, kms_err_message());
+        kms_err_clear();
+        c->broken = 1;
+    }
+    return KMS_OK;
+}
+
+/* The key's grants, compiled into k->grants (read in the same snapshot as its row). */
+static kms_err load_grants(struct kms_keystore *ks, struct kms_tx *tx, struct key *k)
+{
+    struct grant_collect c = {ks, k, 0};
+    if (!ks->cfg.add_grant)
+        return KMS_OK;
+    KMS_GUARD(kms_store_grants_list(tx, k->id, NULL, KMS_GRANTS_PER_KEY, collect_grant, &c));
+    if (c.broken && k->grants) {
+        if (ks->cfg.free_grants)
+            ks->cfg.free_grants(k->grants);
+        k->grants = NULL;
+    }
+    return KMS_OK;
+}
+
 static kms_err load(struct kms_keystore *ks, const uint8_t id[KMS_UUID_LEN], struct key **out)
 {
     struct kms_key_row row = {0};
@@ -440,6 +478,8 @@ static kms_err load(struct kms_keystore *ks, const uint8_t id[KMS_UUID_LEN], str
         rc = entry_new(ks, &row, &k);
     if (rc == KMS_OK)
         rc = kms_store_versions(tx, id, collect_version, k);
+    if (rc == KMS_OK)
+        rc = load_grants(ks, tx, k);
     /* The same snapshot: every change up to it is in the rows just read. */
     if (rc == KMS_OK)
         rc = kms_store_change_head(tx, &k->seq);

@@ -8,6 +8,7 @@
  *   roots.c     root keys: made by init, found at open
  *   background.c the thread: change feed, due rotations and deletions, blocks ahead
  *   migrate.c   import of the token-only layout of earlier releases
+ *   grants.c    grants: their changes and lists
  *
  * Lock order (each lock is only ever taken with those above it held, never
  * those below; none is held across a database or token call unless said):
@@ -90,6 +91,7 @@ struct key {
     struct version *versions; /* in ordinal order */
     size_t nversions;
     void *policy; /* compiled; NULL when it does not compile (allows nothing) */
+    void *grants; /* compiled by cfg.add_grant; NULL: none */
     /* This node's uses, shared by the entries of one key (an entry read again takes them). */
     struct usage *use;
     /* A version looked up in the database and not found, and when. */

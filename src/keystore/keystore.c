@@ -44,6 +44,7 @@ void kms_keystore_config_defaults(struct kms_keystore_config *c)
     /* ≈ 8.3 KB of SoftHSM2 memory per unwrapped version: 4096 keys ≈ 34 MB. */
     c->key_cache = 4096;
     c->negative_cache = 8192;
+    c->grants_per_key = KMS_GRANTS_PER_KEY;
 }
 
 const char *kms_key_state_name(enum kms_key_state s)
@@ -298,7 +299,7 @@ kms_err kms_keystore_authorize(struct kms_keystore *ks, const char *ref, int how
     struct kms_key_ref held = KMS_KEY_REF_INIT;
     KMS_GUARD(kms_keystore_hold(ks, ref, how, &held));
     pthread_mutex_lock(&ks->lock);
-    struct kms_key_guard g = {held.id_text, held.arn, held.entry->policy};
+    struct kms_key_guard g = {held.id_text, held.arn, held.entry->policy, held.entry->grants};
     kms_err rc = fn(arg, &g);
     pthread_mutex_unlock(&ks->lock);
     if (rc == KMS_OK && out)

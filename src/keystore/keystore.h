@@ -61,6 +61,7 @@ struct kms_keystore_config {
     unsigned refresh_ms;        /* change-sequence poll interval (besides the feed); 1000 */
     unsigned key_cache;         /* keys held in memory, their used versions unwrapped; 4096 */
     unsigned negative_cache;    /* key ids remembered as unknown; 8192 */
+    unsigned grants_per_key;    /* grants a key may have; 50,000 (AWS's); 0 is the default */
     /*
      * Key policies: the key store keeps each key's policy text in its record
      * and a compiled form in the index, made by compile_policy (NULL: none is
@@ -71,6 +72,15 @@ struct kms_keystore_config {
     void (*free_policy)(void *compiled);
     void *policy_arg;
     const char *default_policy; /* for keys whose record has none (made before policies) */
+    /*
+     * Grants: the key store reads a key's grants with its record and builds
+     * their compiled form in the index with add_grant (called once per grant,
+     * *set NULL before the first), released by free_grants; policy_arg is
+     * the arg. NULL add_grant: grants are not kept. A grant that does not
+     * compile leaves the key with no grants (fail closed).
+     */
+    kms_err (*add_grant)(void *arg, void **set, const struct kms_grant_row *g);
+    void (*free_grants)(void *set);
     struct kms_change_audit audit;
 };
 
@@ -210,6 +220,7 @@ struct kms_key_guard {
     const char *id_text;
     const char *arn;
     const void *policy; /* compiled; NULL when the key's policy did not compile */
+    const void *grants; /* compiled (add_grant); NULL when it has none */
 };
 /*
  * kms_keystore_hold, then fn with the key's guard under the index's read
@@ -278,6 +289,46 @@ KMS_MUST_CHECK kms_err kms_keystore_delete_alias(struct kms_keystore *ks, const 
 KMS_MUST_CHECK kms_err kms_keystore_list_aliases(struct kms_keystore *ks, const char *key_ref,
                                                  const char *marker, size_t limit,
                                                  struct kms_alias_info *out, size_t *n);
+
+/*
+ * ---- grants (grants.c) ----
+ * Each change is one write transaction that also records a change of the key
+ * (so every node reads the key and its grants again) and marks this node's
+ * entry changed, so the grant counts on this node at once.
+ */
+/*
+ * Adds g (its key_id, grantee, operations, ...; grant_id and created are set
+ * here) to key id. When g->name is given and the key has a grant of that name
+ * with the same grantee, retiring principal, operations and constraints, no
+ * grant is made: *existing is set and g->grant_id is that grant's (AWS's
+ * idempotent retry). KMS_ERR_LIMIT_EXCEEDED past cfg.grants_per_key; a key
+ * pending deletion is KMS_ERR_INVALID_STATE.
+ */
+KMS_MUST_CHECK kms_err kms_keystore_create_grant(struct kms_keystore *ks, struct kms_grant_row *g,
+                                                 int *existing);
+/* A grant by id (any key); KMS_ERR_NOT_FOUND (no message set) when none. */
+KMS_MUST_CHECK kms_err kms_keystore_grant_get(struct kms_keystore *ks, const char *grant_id,
+                                              struct kms_grant_row *out);
+/*
+ * Deletes a grant of key id (RetireGrant, RevokeGrant: operation names the
+ * change); KMS_ERR_NOT_FOUND (no message set) when the key has no such grant.
+ */
+KMS_MUST_CHECK kms_err kms_keystore_delete_grant(struct kms_keystore *ks,
+                                                 const uint8_t id[KMS_UUID_LEN],
+                                                 const char *grant_id, const char *operation);
+/* A key's grants in grant id order from marker on (NULL: the start), at most limit. */
+KMS_MUST_CHECK kms_err kms_keystore_list_grants(
+    struct kms_keystore *ks, const uint8_t id[KMS_UUID_LEN], const char *marker, size_t limit,
+    kms_err (*fn)(void *arg, const struct kms_grant_row *g), void *arg);
+/* Grants of any key retiring may retire, in grant id order from marker on. */
+KMS_MUST_CHECK kms_err kms_keystore_list_retirable(
+    struct kms_keystore *ks, const char *retiring, const char *marker, size_t limit,
+    kms_err (*fn)(void *arg, const struct kms_grant_row *g), void *arg);
+/*
+ * Makes the next use of key id read it (and its grants) from the database
+ * again: a grant token names a grant this node has not seen yet.
+ */
+void kms_keystore_key_refresh(struct kms_keystore *ks, const uint8_t id[KMS_UUID_LEN]);
 
 /* ---- cryptography ---- */
 /*

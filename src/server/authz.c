@@ -14,7 +14,9 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "common/encoding.h"
 #include "common/log.h"
+#include "server/grants.h"
 #include "server/ops.h"
 #include "server/policy.h"
 
@@ -52,17 +54,60 @@ int kms_is_admin(struct kms_server *srv, const char *principal)
     return 0;
 }
 
+#define TOKENS_MAX 10
+
 struct check {
     struct kms_request *r;
     const char *action;
     struct kms_policy_request pr;
+    char grantee[KMS_GRANT_PRINCIPAL_MAX + 1]; /* the caller as a grantee: its user ARN */
+    /* The grants the request's tokens name: looked for before the key is read again. */
+    uint8_t token_key[TOKENS_MAX][KMS_UUID_LEN];
+    char token_grant[TOKENS_MAX][KMS_GRANT_ID_LEN + 1];
+    size_t ntokens;
+    int reread;                        /* a token names a grant of the key that its entry lacks: */
+    char unseen[KMS_GRANT_ID_LEN + 1]; /* that grant */
 };
+
+/* The grants the request's GrantTokens name (checked by kms_in_grant_tokens; others skipped). */
+static void read_tokens(struct check *c, json_t *in)
+{
+    json_t *list = json_object_get(in, "GrantTokens"), *t;
+    size_t i;
+    json_array_foreach(list, i, t)
+    {
+        if (c->ntokens == TOKENS_MAX || !json_is_string(t))
+            break;
+        if (kms_grant_token_read(json_string_value(t), json_string_length(t),
+                                 c->token_key[c->ntokens], c->token_grant[c->ntokens]) == KMS_OK)
+            c->ntokens++;
+        else
+            kms_err_clear();
+    }
+}
+
+/* Whether a token names a grant of this key that the key's entry does not hold yet (c->unseen). */
+static int token_unseen(struct check *c, const struct kms_key_guard *g)
+{
+    uint8_t id[KMS_UUID_LEN];
+    if (kms_uuid_parse(g->id_text, strlen(g->id_text), id) != KMS_OK) {
+        kms_err_clear();
+        return 0;
+    }
+    for (size_t i = 0; i < c->ntokens; i++)
+        if (memcmp(c->token_key[i], id, KMS_UUID_LEN) == 0 &&
+            !kms_grant_set_has(g->grants, c->token_grant[i])) {
+            memcpy(c->unseen, c->token_grant[i], sizeof c->unseen);
+            return 1;
+        }
+    return 0;
+}
 
 static kms_err decide(void *arg, const struct kms_key_guard *g)
 {
     struct check *c = arg;
     struct kms_request *r = c->r;
-    char why[48] = "";
+    char why[48] = "", grant[KMS_GRANT_ID_LEN + 1];
 
     snprintf(r->key_arn, sizeof r->key_arn, "%s", g->arn);
     c->pr.key_arn = g->arn;
@@ -72,6 +117,18 @@ static kms_err decide(void *arg, const struct kms_key_guard *g)
         snprintf(r->decision, sizeof r->decision, "allow %s", why);
         return KMS_OK;
     }
+    /*
+     * A policy's explicit deny wins over every grant; without one, a grant
+     * may allow. A grant's RetireGrant is for retiring that grant alone
+     * (ops_grants.c), not others of the key.
+     */
+    int op = kms_grant_op_index(c->action + 4);
+    if (d == KMS_POLICY_IMPLICIT_DENY && op != kms_grant_op_index("RetireGrant") &&
+        kms_grant_set_allows(g->grants, c->grantee, op, c->pr.context, c->pr.ncontext, grant)) {
+        snprintf(r->decision, sizeof r->decision, "allow grant %s", grant);
+        return KMS_OK;
+    }
+    c->reread = d == KMS_POLICY_IMPLICIT_DENY && token_unseen(c, g);
     if (d == KMS_POLICY_EXPLICIT_DENY)
         snprintf(r->decision, sizeof r->decision, "deny %s", why);
     else
@@ -81,6 +138,28 @@ static kms_err decide(void *arg, const struct kms_key_guard *g)
                     r->principal, c->action, g->arn,
                     d == KMS_POLICY_EXPLICIT_DENY ? "a statement of the key policy denies it"
                                                   : "no statement of the key policy allows it");
+}
+
+/*
+ * Whether the grant a token named (c->unseen) is in the database, of the key
+ * decided on and the caller's: only then is the key read again, so made-up
+ * tokens cost one lookup by grant id, never a reload of a key and its grants.
+ * Its key id goes to c->token_key[0].
+ */
+static int grant_is_new(struct kms_server *srv, struct check *c)
+{
+    const char *slash = strrchr(c->r->key_arn, '/');
+    uint8_t id[KMS_UUID_LEN];
+    int yes = 0;
+    struct kms_grant_row *g = malloc(sizeof *g);
+    if (g && slash && kms_uuid_parse(slash + 1, strlen(slash + 1), id) == KMS_OK &&
+        kms_keystore_grant_get(srv->ks, c->unseen, g) == KMS_OK)
+        yes = memcmp(g->key_id, id, KMS_UUID_LEN) == 0 && strcmp(g->grantee, c->grantee) == 0;
+    if (yes)
+        memcpy(c->token_key[0], id, KMS_UUID_LEN);
+    kms_err_clear();
+    free(g);
+    return yes;
 }
 
 kms_err kms_authorize(struct kms_request *r, const char *action, const char *ref, int how,
@@ -112,8 +191,29 @@ kms_err kms_authorize(struct kms_request *r, const char *action, const char *ref
         p[i].value_len = json_string_length(v);
         i++;
     }
-    struct check c = {r, action, {r->principal, srv->cfg.account, action, NULL, i ? p : NULL, i}};
+    struct check c = {r,  action, {r->principal, srv->cfg.account, action, NULL, i ? p : NULL, i},
+                      "", {{0}},  {""},
+                      0,  0,      ""};
+    snprintf(c.grantee, sizeof c.grantee, "arn:aws:iam::%s:user/%s", srv->cfg.account,
+             r->principal);
+    read_tokens(&c, r->in);
     rc = kms_keystore_authorize(srv->ks, ref, how, decide, &c, out);
+    if (rc == KMS_ERR_ACCESS_DENIED && c.reread) {
+        char message[512];
+        snprintf(message, sizeof message, "%s", kms_err_message());
+        if (grant_is_new(srv, &c)) {
+            /*
+             * A grant token names a grant of the caller's that this node has
+             * not read yet (made on another node a moment ago): read the key
+             * again, once, and decide.
+             */
+            kms_keystore_key_refresh(srv->ks, c.token_key[0]);
+            c.reread = 0;
+            rc = kms_keystore_authorize(srv->ks, ref, how, decide, &c, out);
+        } else {
+            rc = KMS_FAIL(KMS_ERR_ACCESS_DENIED, "%s", message);
+        }
+    }
     if (p != pairs)
         free(p);
     return rc;

@@ -19,6 +19,7 @@
 #include "common/log.h"
 #include "server/dev.h"
 #include "server/audit.h"
+#include "server/grants.h"
 #include "server/ops.h"
 #include "server/policy.h"
 #include "server/pool.h"
@@ -185,6 +186,8 @@ static kms_err start(struct kms_server *srv, int mode)
     kc.region = srv->cfg.region;
     kc.account = srv->cfg.account;
     kc.compile_policy = kms_policy_compile;
+    kc.add_grant = kms_grant_add;
+    kc.free_grants = kms_grant_set_free;
     kc.free_policy = kms_policy_release;
     kc.policy_arg = srv;
     KMS_GUARD(kms_account_policy(srv->cfg.account, &srv->account_policy));

@@ -39,6 +39,13 @@ kms_err kms_op_derive_shared_secret(struct kms_request *r);
 kms_err kms_op_generate_data_key_pair(struct kms_request *r);
 kms_err kms_op_generate_data_key_pair_without_plaintext(struct kms_request *r);
 
+/* ---- grants (ops_grants.c) ---- */
+kms_err kms_op_create_grant(struct kms_request *r);
+kms_err kms_op_list_grants(struct kms_request *r);
+kms_err kms_op_list_retirable_grants(struct kms_request *r);
+kms_err kms_op_retire_grant(struct kms_request *r);
+kms_err kms_op_revoke_grant(struct kms_request *r);
+
 kms_err kms_op_put_key_policy(struct kms_request *r);
 kms_err kms_op_get_key_policy(struct kms_request *r);
 kms_err kms_op_list_key_policies(struct kms_request *r);

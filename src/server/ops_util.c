@@ -8,6 +8,7 @@
 #include "common/blob.h"
 #include "common/encoding.h"
 #include "common/keyspec.h"
+#include "server/grants.h"
 #include "server/ops.h"
 #include "server/server.h"
 
@@ -158,6 +159,14 @@ kms_err kms_in_grant_tokens(json_t *in)
     {
         if (!json_is_string(t))
             return wrong_type("GrantTokens", "a list of strings");
+    }
+    json_array_foreach(v, i, t)
+    {
+        uint8_t key[KMS_UUID_LEN];
+        char grant[KMS_GRANT_ID_LEN + 1];
+        KMS_GUARD(check_length("GrantTokens", json_string_length(t), 1, 8192));
+        /* A token names a grant; authorization (authz.c) looks for it. */
+        KMS_GUARD(kms_grant_token_read(json_string_value(t), json_string_length(t), key, grant));
     }
     return KMS_OK;
 }

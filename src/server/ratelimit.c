@@ -677,6 +677,12 @@ void kms_ratelimit_classify(const char *operation, enum kms_op_class *cls, doubl
         {"UntagResource", KMS_CLASS_MANAGE, 5},
         {"UpdateAlias", KMS_CLASS_MANAGE, 5},
         {"CreateKey", KMS_CLASS_MANAGE, 10},
+        /* ---- grants ---- */
+        {"ListGrants", KMS_CLASS_MANAGE, 1},
+        {"ListRetirableGrants", KMS_CLASS_MANAGE, 1},
+        {"CreateGrant", KMS_CLASS_MANAGE, 5},
+        {"RetireGrant", KMS_CLASS_MANAGE, 5},
+        {"RevokeGrant", KMS_CLASS_MANAGE, 5},
         {"RotateKeyOnDemand", KMS_CLASS_MANAGE, 10},
     };
     enum kms_op_class c = KMS_CLASS_MANAGE;

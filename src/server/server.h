@@ -79,7 +79,8 @@ struct kms_request {
     char key_arn[KMS_ARN_MAX];
     uint32_t key_version;
     struct kms_buf context; /* canonical encryption context; cleansed */
-    char decision[80];      /* how authorization went: "allow <statement>", "admin", "deny ..." */
+    /* how authorization went: "allow <statement>", "allow grant <id>", "admin", "deny ..." */
+    char decision[160];
 };
 
 typedef kms_err (*kms_op_fn)(struct kms_request *r);
@@ -90,7 +91,7 @@ struct kms_op {
     int index_only; /* no token call: served on the HTTP thread, not by a worker */
 };
 
-#define KMS_OP_COUNT 33
+#define KMS_OP_COUNT 38
 /* The operation named target, or NULL. */
 const struct kms_op *kms_op_lookup(const char *target);
 /* Operations by position 0..KMS_OP_COUNT-1, and an operation's position. */
@@ -120,7 +121,10 @@ KMS_MUST_CHECK kms_err kms_in_blob(json_t *in, const char *name, int required, s
                                    size_t max, struct kms_buf *out, int *present);
 /* EncryptionContext in canonical form (empty when absent). */
 KMS_MUST_CHECK kms_err kms_in_context(json_t *in, const char *name, struct kms_buf *out);
-/* GrantTokens: accepted and checked for shape, not used. */
+/*
+ * GrantTokens: at most 10, each a grant token (InvalidGrantTokenException
+ * otherwise); authorization (kms_authorize) uses the grants they name.
+ */
 KMS_MUST_CHECK kms_err kms_in_grant_tokens(json_t *in);
 /* EncryptionAlgorithm, when given, must be SYMMETRIC_DEFAULT. */
 KMS_MUST_CHECK kms_err kms_in_algorithm(json_t *in);

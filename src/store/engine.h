@@ -63,6 +63,22 @@ struct kms_store_engine {
     kms_err (*aliases_list)(struct kms_tx *tx, const char *from, const uint8_t *key, size_t limit,
                             kms_err (*fn)(void *arg, const struct kms_alias_row *r), void *arg);
 
+    /* ---- grants ---- */
+    kms_err (*grant_insert)(struct kms_tx *tx, const struct kms_grant_row *r);
+    kms_err (*grant_get)(struct kms_tx *tx, const char *grant_id, struct kms_grant_row *out);
+    kms_err (*grant_delete)(struct kms_tx *tx, const uint8_t key[KMS_UUID_LEN],
+                            const char *grant_id);
+    kms_err (*grants_list)(struct kms_tx *tx, const uint8_t key[KMS_UUID_LEN], const char *from,
+                           size_t limit, kms_err (*fn)(void *arg, const struct kms_grant_row *r),
+                           void *arg);
+    kms_err (*grants_retirable)(struct kms_tx *tx, const char *retiring, const char *from,
+                                size_t limit,
+                                kms_err (*fn)(void *arg, const struct kms_grant_row *r), void *arg);
+    kms_err (*grants_named)(struct kms_tx *tx, const uint8_t key[KMS_UUID_LEN], const char *name,
+                            kms_err (*fn)(void *arg, const struct kms_grant_row *r), void *arg);
+    kms_err (*grant_count)(struct kms_tx *tx, const uint8_t key[KMS_UUID_LEN], size_t *out);
+    kms_err (*grants_delete)(struct kms_tx *tx, const uint8_t key[KMS_UUID_LEN]);
+
     kms_err (*roots)(struct kms_tx *tx, kms_err (*fn)(void *arg, const struct kms_root_row *r),
                      void *arg);
     kms_err (*root_insert)(struct kms_tx *tx, struct kms_root_row *r);

@@ -228,6 +228,55 @@ kms_err kms_store_aliases_list(struct kms_tx *tx, const char *from, const uint8_
     return tx->engine->aliases_list(tx, from, key, limit, fn, arg);
 }
 
+/* ---- grants ---- */
+
+kms_err kms_store_grant_insert(struct kms_tx *tx, const struct kms_grant_row *r)
+{
+    return tx->engine->grant_insert(tx, r);
+}
+
+kms_err kms_store_grant_get(struct kms_tx *tx, const char *grant_id, struct kms_grant_row *out)
+{
+    return tx->engine->grant_get(tx, grant_id, out);
+}
+
+kms_err kms_store_grant_delete(struct kms_tx *tx, const uint8_t key[KMS_UUID_LEN],
+                               const char *grant_id)
+{
+    return tx->engine->grant_delete(tx, key, grant_id);
+}
+
+kms_err kms_store_grants_list(struct kms_tx *tx, const uint8_t key[KMS_UUID_LEN], const char *from,
+                              size_t limit, kms_err (*fn)(void *arg, const struct kms_grant_row *r),
+                              void *arg)
+{
+    return tx->engine->grants_list(tx, key, from, limit, fn, arg);
+}
+
+kms_err kms_store_grants_retirable(struct kms_tx *tx, const char *retiring, const char *from,
+                                   size_t limit,
+                                   kms_err (*fn)(void *arg, const struct kms_grant_row *r),
+                                   void *arg)
+{
+    return tx->engine->grants_retirable(tx, retiring, from, limit, fn, arg);
+}
+
+kms_err kms_store_grants_named(struct kms_tx *tx, const uint8_t key[KMS_UUID_LEN], const char *name,
+                               kms_err (*fn)(void *arg, const struct kms_grant_row *r), void *arg)
+{
+    return tx->engine->grants_named(tx, key, name, fn, arg);
+}
+
+kms_err kms_store_grant_count(struct kms_tx *tx, const uint8_t key[KMS_UUID_LEN], size_t *out)
+{
+    return tx->engine->grant_count(tx, key, out);
+}
+
+kms_err kms_store_grants_delete(struct kms_tx *tx, const uint8_t key[KMS_UUID_LEN])
+{
+    return tx->engine->grants_delete(tx, key);
+}
+
 /* ---- root keys ---- */
 
 kms_err kms_store_roots(struct kms_tx *tx, kms_err (*fn)(void *arg, const struct kms_root_row *r),

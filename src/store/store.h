@@ -233,6 +233,51 @@ KMS_MUST_CHECK kms_err
 kms_store_aliases_list(struct kms_tx *tx, const char *from, const uint8_t *key, size_t limit,
                        kms_err (*fn)(void *arg, const struct kms_alias_row *r), void *arg);
 
+/* ---- grants ---- */
+#define KMS_GRANT_ID_LEN 64            /* lowercase hex, as AWS's */
+#define KMS_GRANT_NAME_MAX 256         /* CreateGrant's Name */
+#define KMS_GRANT_PRINCIPAL_MAX 256    /* a principal ARN */
+#define KMS_GRANT_CONSTRAINTS_MAX 8192 /* the Constraints object as JSON text */
+#define KMS_GRANTS_PER_KEY 50000       /* AWS's grants per key */
+
+/* A grant of a key: who (grantee) may do which operations (a bit set) on it. */
+struct kms_grant_row {
+    uint8_t key_id[KMS_UUID_LEN];
+    char grant_id[KMS_GRANT_ID_LEN + 1];
+    char name[KMS_GRANT_NAME_MAX + 1]; /* "": none */
+    char grantee[KMS_GRANT_PRINCIPAL_MAX + 1];
+    char retiring[KMS_GRANT_PRINCIPAL_MAX + 1]; /* "": none */
+    uint32_t operations;
+    char constraints[KMS_GRANT_CONSTRAINTS_MAX + 1]; /* "": none */
+    char issuer[KMS_GRANT_PRINCIPAL_MAX + 1];
+    int64_t created;
+};
+
+/* KMS_ERR_ALREADY_EXISTS when the grant id is taken (by any key). */
+KMS_MUST_CHECK kms_err kms_store_grant_insert(struct kms_tx *tx, const struct kms_grant_row *r);
+/* A grant by its id, whatever its key; KMS_ERR_NOT_FOUND when none. */
+KMS_MUST_CHECK kms_err kms_store_grant_get(struct kms_tx *tx, const char *grant_id,
+                                           struct kms_grant_row *out);
+/* Deletes one grant of key; KMS_ERR_NOT_FOUND when the key has no such grant. */
+KMS_MUST_CHECK kms_err kms_store_grant_delete(struct kms_tx *tx, const uint8_t key[KMS_UUID_LEN],
+                                              const char *grant_id);
+/* A key's grants in grant id order from `from` on (NULL: the start), at most limit. */
+KMS_MUST_CHECK kms_err kms_store_grants_list(
+    struct kms_tx *tx, const uint8_t key[KMS_UUID_LEN], const char *from, size_t limit,
+    kms_err (*fn)(void *arg, const struct kms_grant_row *r), void *arg);
+/* Grants of any key that retiring may retire, in grant id order from `from` on. */
+KMS_MUST_CHECK kms_err
+kms_store_grants_retirable(struct kms_tx *tx, const char *retiring, const char *from, size_t limit,
+                           kms_err (*fn)(void *arg, const struct kms_grant_row *r), void *arg);
+/* A key's grants named name (CreateGrant's retries), in grant id order. */
+KMS_MUST_CHECK kms_err
+kms_store_grants_named(struct kms_tx *tx, const uint8_t key[KMS_UUID_LEN], const char *name,
+                       kms_err (*fn)(void *arg, const struct kms_grant_row *r), void *arg);
+KMS_MUST_CHECK kms_err kms_store_grant_count(struct kms_tx *tx, const uint8_t key[KMS_UUID_LEN],
+                                             size_t *out);
+/* Deletes every grant of a key (the key is destroyed). */
+KMS_MUST_CHECK kms_err kms_store_grants_delete(struct kms_tx *tx, const uint8_t key[KMS_UUID_LEN]);
+
 /* ---- root keys ---- */
 KMS_MUST_CHECK kms_err kms_store_roots(struct kms_tx *tx,
                                        kms_err (*fn)(void *arg, const struct kms_root_row *r),

@@ -139,6 +139,14 @@ enum stmt {
     S_ALIASES_OF_KEY_DELETE,
     S_ALIASES_OF_KEY_DELETE_NAMES,
     S_ALIASES_LIST,
+    S_GRANT_INSERT,
+    S_GRANT_GET,
+    S_GRANT_DELETE,
+    S_GRANTS_LIST,
+    S_GRANTS_RETIRABLE,
+    S_GRANTS_NAMED,
+    S_GRANT_COUNT,
+    S_GRANTS_DELETE,
     S_ROOTS,
     S_ROOT_INSERT,
     S_META_GET,
@@ -164,6 +172,8 @@ enum stmt {
     "key_id, vid, n, created, rotation, reserved, bound, root_id, wrapped, " \
     "public_key"
 #define ALIAS_COLUMNS "name, target, created, updated"
+#define GRANT_COLUMNS \
+    "key_id, grant_id, name, grantee, retiring, operations, constraints, issuer, created"
 
 static const char *const sql[S_COUNT] = {
     [S_KEY_GET] = "SELECT " KEY_COLUMNS " FROM keys WHERE id = $1",
@@ -210,6 +220,18 @@ static const char *const sql[S_COUNT] = {
                                       "RETURNING name) SELECT name FROM gone ORDER BY name",
     [S_ALIASES_LIST] = "SELECT " ALIAS_COLUMNS " FROM aliases "
                        "WHERE name >= $1 AND ($2 IS NULL OR target = $2) ORDER BY name LIMIT $3",
+    [S_GRANT_INSERT] = "INSERT INTO grants (" GRANT_COLUMNS ") VALUES "
+                       "($1, $2, $3, $4, $5, $6, $7, $8, $9) ON CONFLICT DO NOTHING",
+    [S_GRANT_GET] = "SELECT " GRANT_COLUMNS " FROM grants WHERE grant_id = $1",
+    [S_GRANT_DELETE] = "DELETE FROM grants WHERE key_id = $1 AND grant_id = $2",
+    [S_GRANTS_LIST] = "SELECT " GRANT_COLUMNS " FROM grants WHERE key_id = $1 AND grant_id >= $2 "
+                      "ORDER BY grant_id LIMIT $3",
+    [S_GRANTS_RETIRABLE] = "SELECT " GRANT_COLUMNS " FROM grants WHERE retiring = $1 "
+                           "AND grant_id >= $2 ORDER BY grant_id LIMIT $3",
+    [S_GRANTS_NAMED] = "SELECT " GRANT_COLUMNS " FROM grants WHERE key_id = $1 AND name = $2 "
+                       "ORDER BY grant_id",
+    [S_GRANT_COUNT] = "SELECT count(*) FROM grants WHERE key_id = $1",
+    [S_GRANTS_DELETE] = "DELETE FROM grants WHERE key_id = $1",
     [S_ROOTS] = "SELECT id, cka_id, label, created, state FROM roots ORDER BY id",
     [S_ROOT_INSERT] = "INSERT INTO roots (cka_id, label, created, state) VALUES ($1, $2, $3, $4) "
                       "ON CONFLICT DO NOTHING RETURNING id",
@@ -1525,6 +1547,159 @@ static kms_err pg_aliases_list(struct kms_tx *base, const char *from, const uint
     return rc;
 }
 
+/* ---- grants ---- */
+
+/* A text column into a fixed field (NULL: ""); a value too long for it is a malformed row. */
+static int text_into(const PGresult *r, int row, int col, char *out, size_t n)
+{
+    const char *v = col_text(r, row, col);
+    if (!v) {
+        out[0] = '\0';
+        return 1;
+    }
+    if ((size_t)PQgetlength(r, row, col) >= n)
+        return 0;
+    snprintf(out, n, "%s", v);
+    return 1;
+}
+
+static kms_err grant_from(const PGresult *r, int row, struct kms_grant_row *g)
+{
+    KMS_ENSURE(col_id(r, row, 0, g->key_id) &&
+                   text_into(r, row, 1, g->grant_id, sizeof g->grant_id) &&
+                   text_into(r, row, 2, g->name, sizeof g->name) &&
+                   text_into(r, row, 3, g->grantee, sizeof g->grantee) &&
+                   text_into(r, row, 4, g->retiring, sizeof g->retiring) &&
+                   text_into(r, row, 6, g->constraints, sizeof g->constraints) &&
+                   text_into(r, row, 7, g->issuer, sizeof g->issuer),
+               KMS_ERR_INTERNAL, "a malformed grant row");
+    g->operations = (uint32_t)col_int(r, row, 5);
+    g->created = col_int(r, row, 8);
+    return KMS_OK;
+}
+
+/* "" is stored as NULL: no name, no retiring principal, no constraints. */
+static void p_optional(struct params *p, const char *s)
+{
+    p_text(p, s[0] ? s : NULL);
+}
+
+static kms_err pg_grant_insert(struct kms_tx *base, const struct kms_grant_row *g)
+{
+    struct params p = {0};
+    long n = 0;
+    p_bytes(&p, g->key_id, KMS_UUID_LEN);
+    p_text(&p, g->grant_id);
+    p_optional(&p, g->name);
+    p_text(&p, g->grantee);
+    p_optional(&p, g->retiring);
+    p_int(&p, g->operations);
+    p_optional(&p, g->constraints);
+    p_text(&p, g->issuer);
+    p_int(&p, g->created);
+    KMS_GUARD(run_write(tx_of(base), S_GRANT_INSERT, &p, &n, "insert a grant"));
+    KMS_ENSURE(n == 1, KMS_ERR_ALREADY_EXISTS, "The entry already exists");
+    return KMS_OK;
+}
+
+/* Calls fn with each row of r, which it clears. */
+static kms_err grants_each(PGresult *r, kms_err (*fn)(void *arg, const struct kms_grant_row *g),
+                           void *arg)
+{
+    kms_err rc = KMS_OK;
+    struct kms_grant_row *g = malloc(sizeof *g);
+    if (!g) {
+        PQclear(r);
+        return KMS_FAIL(KMS_ERR_INTERNAL, "out of memory");
+    }
+    for (int i = 0; rc == KMS_OK && i < PQntuples(r); i++) {
+        rc = grant_from(r, i, g);
+        if (rc == KMS_OK)
+            rc = fn(arg, g);
+    }
+    free(g);
+    PQclear(r);
+    return rc;
+}
+
+static kms_err pg_grant_get(struct kms_tx *base, const char *grant_id, struct kms_grant_row *out)
+{
+    struct params p = {0};
+    PGresult *r;
+    p_text(&p, grant_id);
+    KMS_GUARD(run(tx_of(base), S_GRANT_GET, &p, &r, "read a grant"));
+    kms_err rc = PQntuples(r) == 1 ? grant_from(r, 0, out) : KMS_ERR_NOT_FOUND;
+    PQclear(r);
+    return rc;
+}
+
+static kms_err pg_grant_delete(struct kms_tx *base, const uint8_t key[KMS_UUID_LEN],
+                               const char *grant_id)
+{
+    struct params p = {0};
+    long n = 0;
+    p_bytes(&p, key, KMS_UUID_LEN);
+    p_text(&p, grant_id);
+    KMS_GUARD(run_write(tx_of(base), S_GRANT_DELETE, &p, &n, "delete a grant"));
+    return n == 1 ? KMS_OK : KMS_ERR_NOT_FOUND;
+}
+
+static kms_err pg_grants_list(struct kms_tx *base, const uint8_t key[KMS_UUID_LEN],
+                              const char *from, size_t limit,
+                              kms_err (*fn)(void *arg, const struct kms_grant_row *r), void *arg)
+{
+    struct params p = {0};
+    PGresult *r;
+    p_bytes(&p, key, KMS_UUID_LEN);
+    p_text(&p, from ? from : "");
+    p_size(&p, limit);
+    KMS_GUARD(run(tx_of(base), S_GRANTS_LIST, &p, &r, "list grants"));
+    return grants_each(r, fn, arg);
+}
+
+static kms_err pg_grants_retirable(struct kms_tx *base, const char *retiring, const char *from,
+                                   size_t limit,
+                                   kms_err (*fn)(void *arg, const struct kms_grant_row *r),
+                                   void *arg)
+{
+    struct params p = {0};
+    PGresult *r;
+    p_text(&p, retiring);
+    p_text(&p, from ? from : "");
+    p_size(&p, limit);
+    KMS_GUARD(run(tx_of(base), S_GRANTS_RETIRABLE, &p, &r, "list retirable grants"));
+    return grants_each(r, fn, arg);
+}
+
+static kms_err pg_grants_named(struct kms_tx *base, const uint8_t key[KMS_UUID_LEN],
+                               const char *name,
+                               kms_err (*fn)(void *arg, const struct kms_grant_row *r), void *arg)
+{
+    struct params p = {0};
+    PGresult *r;
+    p_bytes(&p, key, KMS_UUID_LEN);
+    p_text(&p, name);
+    KMS_GUARD(run(tx_of(base), S_GRANTS_NAMED, &p, &r, "read named grants"));
+    return grants_each(r, fn, arg);
+}
+
+static kms_err pg_grant_count(struct kms_tx *base, const uint8_t key[KMS_UUID_LEN], size_t *out)
+{
+    struct params p = {0};
+    int64_t n = 0;
+    p_bytes(&p, key, KMS_UUID_LEN);
+    KMS_GUARD(one_int(tx_of(base), S_GRANT_COUNT, &p, &n, "count grants"));
+    *out = (size_t)n;
+    return KMS_OK;
+}
+
+static kms_err pg_grants_delete(struct kms_tx *base, const uint8_t key[KMS_UUID_LEN])
+{
+    struct params p = {0};
+    p_bytes(&p, key, KMS_UUID_LEN);
+    return run_write(tx_of(base), S_GRANTS_DELETE, &p, NULL, "delete a key's grants");
+}
+
 /* ---- root keys ---- */
 
 static kms_err pg_roots(struct kms_tx *base, kms_err (*fn)(void *arg, const struct kms_root_row *r),
@@ -1883,6 +2058,14 @@ const struct kms_store_engine kms_store_pg = {
     .alias_delete = pg_alias_delete,
     .aliases_of_key_delete = pg_aliases_of_key_delete,
     .aliases_list = pg_aliases_list,
+    .grant_insert = pg_grant_insert,
+    .grant_get = pg_grant_get,
+    .grant_delete = pg_grant_delete,
+    .grants_list = pg_grants_list,
+    .grants_retirable = pg_grants_retirable,
+    .grants_named = pg_grants_named,
+    .grant_count = pg_grant_count,
+    .grants_delete = pg_grants_delete,
     .roots = pg_roots,
     .root_insert = pg_root_insert,
     .meta_get = pg_meta_get,

@@ -49,6 +49,14 @@ enum stmt {
     S_ALIASES_OF_KEY,
     S_ALIASES_OF_KEY_DELETE,
     S_ALIASES_LIST,
+    S_GRANT_INSERT,
+    S_GRANT_GET,
+    S_GRANT_DELETE,
+    S_GRANTS_LIST,
+    S_GRANTS_RETIRABLE,
+    S_GRANTS_NAMED,
+    S_GRANT_COUNT,
+    S_GRANTS_DELETE,
     S_ROOTS,
     S_ROOT_INSERT,
     S_META_GET,
@@ -72,6 +80,8 @@ enum stmt {
 #define VERSION_COLUMNS                                                      \
     "key_id, vid, n, created, rotation, reserved, bound, root_id, wrapped, " \
     "public_key"
+#define GRANT_COLUMNS \
+    "key_id, grant_id, name, grantee, retiring, operations, constraints, issuer, created"
 
 static const char *const sql[S_COUNT] = {
     [S_BEGIN_READ] = "BEGIN DEFERRED",
@@ -114,6 +124,18 @@ static const char *const sql[S_COUNT] = {
     [S_ALIASES_OF_KEY_DELETE] = "DELETE FROM aliases WHERE target = ?1",
     [S_ALIASES_LIST] = "SELECT name, target, created, updated FROM aliases "
                        "WHERE name >= ?1 AND (?2 IS NULL OR target = ?2) ORDER BY name LIMIT ?3",
+    [S_GRANT_INSERT] = "INSERT INTO grants (" GRANT_COLUMNS ") VALUES "
+                       "(?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+    [S_GRANT_GET] = "SELECT " GRANT_COLUMNS " FROM grants WHERE grant_id = ?1",
+    [S_GRANT_DELETE] = "DELETE FROM grants WHERE key_id = ?1 AND grant_id = ?2",
+    [S_GRANTS_LIST] = "SELECT " GRANT_COLUMNS " FROM grants WHERE key_id = ?1 AND grant_id >= ?2 "
+                      "ORDER BY grant_id LIMIT ?3",
+    [S_GRANTS_RETIRABLE] = "SELECT " GRANT_COLUMNS " FROM grants WHERE retiring = ?1 "
+                           "AND grant_id >= ?2 ORDER BY grant_id LIMIT ?3",
+    [S_GRANTS_NAMED] = "SELECT " GRANT_COLUMNS " FROM grants WHERE key_id = ?1 AND name = ?2 "
+                       "ORDER BY grant_id",
+    [S_GRANT_COUNT] = "SELECT count(*) FROM grants WHERE key_id = ?1",
+    [S_GRANTS_DELETE] = "DELETE FROM grants WHERE key_id = ?1",
     [S_ROOTS] = "SELECT id, cka_id, label, created, state FROM roots ORDER BY id",
     [S_ROOT_INSERT] = "INSERT INTO roots (cka_id, label, created, state) VALUES (?1, ?2, ?3, ?4)",
     [S_META_GET] = "SELECT value FROM meta WHERE name = ?1",
@@ -931,6 +953,167 @@ static kms_err sq_aliases_list(struct kms_tx *base, const char *from, const uint
     return rc;
 }
 
+/* ---- grants ---- */
+
+/* A text column into a fixed field; a value too long for it is a malformed row. */
+static int text_into(sqlite3_stmt *q, int i, char *out, size_t n)
+{
+    const char *v = (const char *)sqlite3_column_text(q, i);
+    if (!v) {
+        out[0] = '\0';
+        return 1;
+    }
+    if ((size_t)sqlite3_column_bytes(q, i) >= n)
+        return 0;
+    snprintf(out, n, "%s", v);
+    return 1;
+}
+
+static kms_err grant_from(sqlite3_stmt *q, struct kms_grant_row *r)
+{
+    KMS_ENSURE(column_id(q, 0, r->key_id) && text_into(q, 1, r->grant_id, sizeof r->grant_id) &&
+                   text_into(q, 2, r->name, sizeof r->name) &&
+                   text_into(q, 3, r->grantee, sizeof r->grantee) &&
+                   text_into(q, 4, r->retiring, sizeof r->retiring) &&
+                   text_into(q, 6, r->constraints, sizeof r->constraints) &&
+                   text_into(q, 7, r->issuer, sizeof r->issuer),
+               KMS_ERR_INTERNAL, "a malformed grant row");
+    r->operations = (uint32_t)sqlite3_column_int64(q, 5);
+    r->created = sqlite3_column_int64(q, 8);
+    return KMS_OK;
+}
+
+/* "" is stored as NULL: no name, no retiring principal, no constraints. */
+static void bind_optional(sqlite3_stmt *q, int i, const char *s)
+{
+    bind_text(q, i, s[0] ? s : NULL);
+}
+
+static kms_err sq_grant_insert(struct kms_tx *base, const struct kms_grant_row *r)
+{
+    struct conn *tx = conn_of(base);
+    sqlite3_stmt *q;
+    KMS_GUARD(stmt(tx, S_GRANT_INSERT, &q));
+    bind_id(q, 1, r->key_id);
+    bind_text(q, 2, r->grant_id);
+    bind_optional(q, 3, r->name);
+    bind_text(q, 4, r->grantee);
+    bind_optional(q, 5, r->retiring);
+    sqlite3_bind_int64(q, 6, r->operations);
+    bind_optional(q, 7, r->constraints);
+    bind_text(q, 8, r->issuer);
+    sqlite3_bind_int64(q, 9, r->created);
+    return run(tx, q, "insert a grant");
+}
+
+static kms_err sq_grant_get(struct kms_tx *base, const char *grant_id, struct kms_grant_row *out)
+{
+    struct conn *tx = conn_of(base);
+    sqlite3_stmt *q;
+    kms_err rc = KMS_OK;
+    KMS_GUARD(stmt(tx, S_GRANT_GET, &q));
+    bind_text(q, 1, grant_id);
+    if (!next_row(tx, q, &rc, "read a grant"))
+        return rc != KMS_OK ? rc : KMS_ERR_NOT_FOUND;
+    rc = grant_from(q, out);
+    sqlite3_reset(q);
+    return rc;
+}
+
+static kms_err sq_grant_delete(struct kms_tx *base, const uint8_t key[KMS_UUID_LEN],
+                               const char *grant_id)
+{
+    struct conn *tx = conn_of(base);
+    sqlite3_stmt *q;
+    KMS_GUARD(stmt(tx, S_GRANT_DELETE, &q));
+    bind_id(q, 1, key);
+    bind_text(q, 2, grant_id);
+    KMS_GUARD(run(tx, q, "delete a grant"));
+    return sqlite3_changes(tx->db) == 1 ? KMS_OK : KMS_ERR_NOT_FOUND;
+}
+
+/* Calls fn with each row q answers (bound by the caller). */
+static kms_err grants_each(struct conn *tx, sqlite3_stmt *q,
+                           kms_err (*fn)(void *arg, const struct kms_grant_row *r), void *arg)
+{
+    kms_err rc = KMS_OK;
+    struct kms_grant_row *r = malloc(sizeof *r);
+    if (!r) {
+        sqlite3_reset(q);
+        return KMS_FAIL(KMS_ERR_INTERNAL, "out of memory");
+    }
+    while (rc == KMS_OK && next_row(tx, q, &rc, "read grants")) {
+        rc = grant_from(q, r);
+        if (rc == KMS_OK)
+            rc = fn(arg, r);
+    }
+    sqlite3_reset(q);
+    free(r);
+    return rc;
+}
+
+static kms_err sq_grants_list(struct kms_tx *base, const uint8_t key[KMS_UUID_LEN],
+                              const char *from, size_t limit,
+                              kms_err (*fn)(void *arg, const struct kms_grant_row *r), void *arg)
+{
+    struct conn *tx = conn_of(base);
+    sqlite3_stmt *q;
+    KMS_GUARD(stmt(tx, S_GRANTS_LIST, &q));
+    bind_id(q, 1, key);
+    bind_text(q, 2, from ? from : "");
+    sqlite3_bind_int64(q, 3, limit > (size_t)INT64_MAX ? INT64_MAX : (sqlite3_int64)limit);
+    return grants_each(tx, q, fn, arg);
+}
+
+static kms_err sq_grants_retirable(struct kms_tx *base, const char *retiring, const char *from,
+                                   size_t limit,
+                                   kms_err (*fn)(void *arg, const struct kms_grant_row *r),
+                                   void *arg)
+{
+    struct conn *tx = conn_of(base);
+    sqlite3_stmt *q;
+    KMS_GUARD(stmt(tx, S_GRANTS_RETIRABLE, &q));
+    bind_text(q, 1, retiring);
+    bind_text(q, 2, from ? from : "");
+    sqlite3_bind_int64(q, 3, limit > (size_t)INT64_MAX ? INT64_MAX : (sqlite3_int64)limit);
+    return grants_each(tx, q, fn, arg);
+}
+
+static kms_err sq_grants_named(struct kms_tx *base, const uint8_t key[KMS_UUID_LEN],
+                               const char *name,
+                               kms_err (*fn)(void *arg, const struct kms_grant_row *r), void *arg)
+{
+    struct conn *tx = conn_of(base);
+    sqlite3_stmt *q;
+    KMS_GUARD(stmt(tx, S_GRANTS_NAMED, &q));
+    bind_id(q, 1, key);
+    bind_text(q, 2, name);
+    return grants_each(tx, q, fn, arg);
+}
+
+static kms_err sq_grant_count(struct kms_tx *base, const uint8_t key[KMS_UUID_LEN], size_t *out)
+{
+    struct conn *tx = conn_of(base);
+    sqlite3_stmt *q;
+    kms_err rc = KMS_OK;
+    KMS_GUARD(stmt(tx, S_GRANT_COUNT, &q));
+    bind_id(q, 1, key);
+    *out = 0;
+    if (next_row(tx, q, &rc, "count grants"))
+        *out = (size_t)sqlite3_column_int64(q, 0);
+    sqlite3_reset(q);
+    return rc;
+}
+
+static kms_err sq_grants_delete(struct kms_tx *base, const uint8_t key[KMS_UUID_LEN])
+{
+    struct conn *tx = conn_of(base);
+    sqlite3_stmt *q;
+    KMS_GUARD(stmt(tx, S_GRANTS_DELETE, &q));
+    bind_id(q, 1, key);
+    return run(tx, q, "delete a key's grants");
+}
+
 /* ---- root keys ---- */
 
 static kms_err sq_roots(struct kms_tx *base, kms_err (*fn)(void *arg, const struct kms_root_row *r),
@@ -1161,6 +1344,14 @@ const struct kms_store_engine kms_store_sqlite = {
     .alias_delete = sq_alias_delete,
     .aliases_of_key_delete = sq_aliases_of_key_delete,
     .aliases_list = sq_aliases_list,
+    .grant_insert = sq_grant_insert,
+    .grant_get = sq_grant_get,
+    .grant_delete = sq_grant_delete,
+    .grants_list = sq_grants_list,
+    .grants_retirable = sq_grants_retirable,
+    .grants_named = sq_grants_named,
+    .grant_count = sq_grant_count,
+    .grants_delete = sq_grants_delete,
     .roots = sq_roots,
     .root_insert = sq_root_insert,
     .meta_get = sq_meta_get,

@@ -13,6 +13,7 @@ a bound. Then no audit line holds a plaintext or data key, normal requests
 are still served and nothing the bad requests named was changed. TAP output."""
 
 import base64
+import hashlib
 import datetime
 import http.client
 import json
@@ -324,33 +325,42 @@ def b64_of_size(n, fill=b"A"):
     return b64((fill * n)[:n])
 
 
+def grant_token(body):
+    """A grant token as p11kms makes them (docs/api.md#grants): well formed, naming no grant."""
+    return base64.urlsafe_b64encode(body + hashlib.sha256(body).digest()[:4]).decode().rstrip("=")
+
+
+GRANT_TOKEN = grant_token(b"\x01" + b"\x00" * 48)
+NO_GRANT = "0" * 64
+
+
 # The members of each operation, with a valid value. The lifecycle operations
 # name the scratch key; requests built from these are only ever sent with a
 # member made wrong, so nothing changes.
 def base_bodies():
     return {
         "CreateKey": {"Description": "bad-input never created"},
-        "DescribeKey": {"KeyId": C.key, "GrantTokens": ["t"]},
+        "DescribeKey": {"KeyId": C.key, "GrantTokens": [GRANT_TOKEN]},
         "ListKeys": {"Limit": 10, "Marker": C.key},
         "CreateAlias": {"AliasName": "alias/bad-input-never", "TargetKeyId": C.scratch},
         "ListAliases": {"Limit": 10, "KeyId": C.key, "Marker": ALIAS},
         "UpdateAlias": {"AliasName": ALIAS, "TargetKeyId": C.scratch},
         "DeleteAlias": {"AliasName": ALIAS},
         "GenerateDataKey": {"KeyId": C.key, "KeySpec": "AES_256", "EncryptionContext": CONTEXT,
-                            "GrantTokens": ["t"]},
+                            "GrantTokens": [GRANT_TOKEN]},
         "GenerateDataKeyWithoutPlaintext": {"KeyId": C.key, "NumberOfBytes": 32,
                                             "EncryptionContext": CONTEXT},
         "Encrypt": {"KeyId": C.key, "Plaintext": b64(MARKER), "EncryptionContext": CONTEXT,
-                    "EncryptionAlgorithm": "SYMMETRIC_DEFAULT", "GrantTokens": ["t"]},
+                    "EncryptionAlgorithm": "SYMMETRIC_DEFAULT", "GrantTokens": [GRANT_TOKEN]},
         "Decrypt": {"CiphertextBlob": C.blob, "EncryptionContext": CONTEXT, "KeyId": C.key,
-                    "EncryptionAlgorithm": "SYMMETRIC_DEFAULT", "GrantTokens": ["t"]},
+                    "EncryptionAlgorithm": "SYMMETRIC_DEFAULT", "GrantTokens": [GRANT_TOKEN]},
         "GenerateRandom": {"NumberOfBytes": 32},
         "ReEncrypt": {"CiphertextBlob": C.blob, "SourceEncryptionContext": CONTEXT,
                       "DestinationKeyId": C.scratch, "SourceKeyId": C.key,
                       "DestinationEncryptionContext": {"to": "scratch"},
                       "SourceEncryptionAlgorithm": "SYMMETRIC_DEFAULT",
                       "DestinationEncryptionAlgorithm": "SYMMETRIC_DEFAULT",
-                      "GrantTokens": ["t"]},
+                      "GrantTokens": [GRANT_TOKEN]},
         "EnableKey": {"KeyId": C.scratch},
         "DisableKey": {"KeyId": C.scratch},
         "ScheduleKeyDeletion": {"KeyId": C.scratch, "PendingWindowInDays": 7},
@@ -364,23 +374,31 @@ def base_bodies():
         "GetKeyPolicy": {"KeyId": C.scratch, "PolicyName": "default"},
         "ListKeyPolicies": {"KeyId": C.scratch},
         # asymmetric and HMAC keys: refused for the member made wrong before the key is looked at
-        "GetPublicKey": {"KeyId": C.key, "GrantTokens": ["t"]},
+        "GetPublicKey": {"KeyId": C.key, "GrantTokens": [GRANT_TOKEN]},
         "Sign": {"KeyId": C.key, "Message": b64(b"m"), "MessageType": "RAW",
-                 "SigningAlgorithm": "ECDSA_SHA_256", "GrantTokens": ["t"]},
+                 "SigningAlgorithm": "ECDSA_SHA_256", "GrantTokens": [GRANT_TOKEN]},
         "Verify": {"KeyId": C.key, "Message": b64(b"m"), "MessageType": "RAW",
                    "Signature": b64(b"s" * 64), "SigningAlgorithm": "ECDSA_SHA_256",
-                   "GrantTokens": ["t"]},
+                   "GrantTokens": [GRANT_TOKEN]},
         "GenerateMac": {"KeyId": C.key, "Message": b64(b"m"), "MacAlgorithm": "HMAC_SHA_256",
-                        "GrantTokens": ["t"]},
+                        "GrantTokens": [GRANT_TOKEN]},
         "VerifyMac": {"KeyId": C.key, "Message": b64(b"m"), "Mac": b64(b"x" * 32),
-                      "MacAlgorithm": "HMAC_SHA_256", "GrantTokens": ["t"]},
+                      "MacAlgorithm": "HMAC_SHA_256", "GrantTokens": [GRANT_TOKEN]},
         "DeriveSharedSecret": {"KeyId": C.key, "KeyAgreementAlgorithm": "ECDH",
-                               "PublicKey": b64(b"\x30" * 91), "GrantTokens": ["t"]},
+                               "PublicKey": b64(b"\x30" * 91), "GrantTokens": [GRANT_TOKEN]},
         "GenerateDataKeyPair": {"KeyId": C.key, "KeyPairSpec": "ECC_NIST_P256",
-                                "EncryptionContext": CONTEXT, "GrantTokens": ["t"]},
+                                "EncryptionContext": CONTEXT, "GrantTokens": [GRANT_TOKEN]},
         "GenerateDataKeyPairWithoutPlaintext": {"KeyId": C.key, "KeyPairSpec": "RSA_2048",
                                                 "EncryptionContext": CONTEXT,
-                                                "GrantTokens": ["t"]},
+                                                "GrantTokens": [GRANT_TOKEN]},
+        # ---- grants ----
+        "CreateGrant": {"KeyId": C.scratch, "GranteePrincipal": "bad-input",
+                        "Operations": ["Decrypt"], "Name": "bad-input-never",
+                        "GrantTokens": [GRANT_TOKEN]},
+        "ListGrants": {"KeyId": C.scratch, "Limit": 10},
+        "ListRetirableGrants": {"RetiringPrincipal": "bad-input", "Limit": 10},
+        "RetireGrant": {"KeyId": C.scratch, "GrantId": NO_GRANT},
+        "RevokeGrant": {"KeyId": C.scratch, "GrantId": NO_GRANT},
     }
 
 
@@ -523,6 +541,16 @@ MEMBERS = {
                             ("EncryptionContext", "context"), ("GrantTokens", "tokens")],
     "GenerateDataKeyPairWithoutPlaintext": [("KeyId", "string!"), ("KeyPairSpec", "string!"),
                                             ("EncryptionContext", "context")],
+    # ---- grants ----
+    "CreateGrant": [("KeyId", "string!"), ("GranteePrincipal", "string!"),
+                    ("RetiringPrincipal", "string"), ("Name", "string"),
+                    ("GrantTokens", "tokens")],
+    "ListGrants": [("KeyId", "string!"), ("Limit", "int"), ("Marker", "string"),
+                   ("GrantId", "string"), ("GranteePrincipal", "string")],
+    "ListRetirableGrants": [("RetiringPrincipal", "string!"), ("Limit", "int"),
+                            ("Marker", "string")],
+    "RetireGrant": [("GrantToken", "string"), ("KeyId", "string"), ("GrantId", "string")],
+    "RevokeGrant": [("KeyId", "string!"), ("GrantId", "string!")],
 }
 
 WANT = {"string": "a string", "int": "an integer", "blob": "a base64 string",
@@ -1044,7 +1072,7 @@ def protocol_cases():
                           ("KMS under another prefix", "TrentService2.DescribeKey"),
                           ("ListResourceTags", "TrentService.ListResourceTags"),
                           ("TagResource", "TrentService.TagResource"),
-                          ("CreateGrant", "TrentService.CreateGrant"),
+                          ("createGrant (case matters)", "TrentService.createGrant"),
                           ("ReplicateKey", "TrentService.ReplicateKey"),
                           ("GetParametersForImport", "TrentService.GetParametersForImport"),
                           ("ImportKeyMaterial", "TrentService.ImportKeyMaterial"),
@@ -1535,7 +1563,8 @@ def all_cases():
 
 MANAGE_COST = {"CreateKey": 10, "RotateKeyOnDemand": 10, "DescribeKey": 1, "ListKeys": 1,
                "ListAliases": 1, "GetKeyRotationStatus": 1, "ListKeyRotations": 1,
-               "GetKeyPolicy": 1, "ListKeyPolicies": 1}
+               "GetKeyPolicy": 1, "ListKeyPolicies": 1, "ListGrants": 1,
+               "ListRetirableGrants": 1}
 CRYPTO = ("Encrypt", "Decrypt", "GenerateDataKey", "GenerateDataKeyWithoutPlaintext",
           "GenerateRandom", "ReEncrypt",
           # not management either: the asym and hmac classes

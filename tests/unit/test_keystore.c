@@ -1301,6 +1301,164 @@ static void test_second_node(void **state)
     kms_key_info_clear(&r);
 }
 
+/* ---- grants --------------------------------------------------------------------- */
+
+/* A test's compiled grants: the ids, in the order read. */
+struct ids {
+    char id[8][KMS_GRANT_ID_LEN + 1];
+    size_t n;
+};
+
+static kms_err add_id(void *arg, void **set, const struct kms_grant_row *g)
+{
+    struct ids *s = *set;
+    (void)arg;
+    if (!s && !(s = *set = calloc(1, sizeof *s)))
+        return KMS_FAIL(KMS_ERR_INTERNAL, "out of memory");
+    if (strcmp(g->grantee, "broken") == 0)
+        return KMS_FAIL(KMS_ERR_INTERNAL, "a grant that does not compile");
+    assert_true(s->n < 8);
+    snprintf(s->id[s->n++], sizeof s->id[0], "%s", g->grant_id);
+    return KMS_OK;
+}
+
+static void free_ids(void *set)
+{
+    free(set);
+}
+
+struct grants_seen {
+    size_t n;
+    char first[KMS_GRANT_ID_LEN + 1];
+};
+
+static kms_err see_grants(void *arg, const struct kms_key_guard *g)
+{
+    struct grants_seen *seen = arg;
+    const struct ids *s = g->grants;
+    seen->n = s ? s->n : 0;
+    snprintf(seen->first, sizeof seen->first, "%s", s && s->n ? s->id[0] : "");
+    return KMS_OK;
+}
+
+/* How many grants the key's guard shows on ks. */
+static size_t guard_grants(struct kms_keystore *ks, const char *ref)
+{
+    struct grants_seen seen = {0};
+    assert_int_equal(kms_keystore_authorize(ks, ref, 0, see_grants, &seen, NULL), KMS_OK);
+    return seen.n;
+}
+
+static void grant_of(struct kms_grant_row *g, const struct kms_key_info *k, const char *name,
+                     const char *grantee)
+{
+    memset(g, 0, sizeof *g);
+    memcpy(g->key_id, k->id, KMS_UUID_LEN);
+    snprintf(g->name, sizeof g->name, "%s", name);
+    snprintf(g->grantee, sizeof g->grantee, "%s", grantee);
+    g->operations = 1;
+    snprintf(g->issuer, sizeof g->issuer, "admin");
+}
+
+static kms_err count_row(void *arg, const struct kms_grant_row *g)
+{
+    (void)g;
+    (*(size_t *)arg)++;
+    return KMS_OK;
+}
+
+static void test_grants(void **state)
+{
+    struct fixture *f = *state;
+    f->cfg.add_grant = add_id;
+    f->cfg.free_grants = free_ids;
+    f->cfg.pending_min_days = 0;
+    f->cfg.pending_max_days = 0;
+    f->cfg.grants_per_key = 3;
+    struct kms_keystore *ks = start(f);
+    struct kms_keystore *ks2 = start_second(f);
+    struct kms_key_info k = {0}, out = {0};
+    struct kms_grant_row *g = calloc(3, sizeof *g), *got = g + 2;
+    int existing = -1;
+    size_t n = 0;
+
+    create(ks, "granted", &k);
+    assert_int_equal(guard_grants(ks, k.id_text), 0);
+    assert_int_equal(guard_grants(ks2, k.id_text), 0);
+
+    /* made on a: a's guard shows it at once; b's after b reads the change sequence */
+    grant_of(&g[0], &k, "retry", "alice");
+    assert_int_equal(kms_keystore_create_grant(ks, &g[0], &existing), KMS_OK);
+    assert_int_equal(existing, 0);
+    assert_int_equal(strlen(g[0].grant_id), KMS_GRANT_ID_LEN);
+    assert_true(g[0].created > 0);
+    assert_int_equal(guard_grants(ks, k.id_text), 1);
+    assert_int_equal(guard_grants(ks2, k.id_text), 0);
+    kms_keystore_tick(ks2);
+    assert_int_equal(guard_grants(ks2, k.id_text), 1);
+
+    /* the same name and parameters: the same grant, nothing written */
+    grant_of(&g[1], &k, "retry", "alice");
+    assert_int_equal(kms_keystore_create_grant(ks2, &g[1], &existing), KMS_OK);
+    assert_int_equal(existing, 1);
+    assert_string_equal(g[1].grant_id, g[0].grant_id);
+    /* the same name, another grantee: a new grant */
+    grant_of(&g[1], &k, "retry", "bob");
+    assert_int_equal(kms_keystore_create_grant(ks2, &g[1], &existing), KMS_OK);
+    assert_int_equal(existing, 0);
+    assert_string_not_equal(g[1].grant_id, g[0].grant_id);
+    assert_int_equal(guard_grants(ks2, k.id_text), 2);
+    assert_int_equal(kms_keystore_list_grants(ks, k.id, NULL, 100, count_row, &n), KMS_OK);
+    assert_int_equal(n, 2);
+    assert_int_equal(kms_keystore_grant_get(ks, g[1].grant_id, got), KMS_OK);
+    assert_string_equal(got->grantee, "bob");
+
+    /* a refresh (a grant token naming a grant not seen yet) reads the key again at once */
+    assert_int_equal(guard_grants(ks, k.id_text), 1);
+    kms_keystore_key_refresh(ks, k.id);
+    assert_int_equal(guard_grants(ks, k.id_text), 2);
+
+    /* deleted on b: gone on b at once, on a after a tick */
+    assert_int_equal(kms_keystore_delete_grant(ks2, k.id, g[0].grant_id, "RevokeGrant"), KMS_OK);
+    assert_int_equal(kms_keystore_delete_grant(ks2, k.id, g[0].grant_id, "RevokeGrant"),
+                     KMS_ERR_NOT_FOUND);
+    assert_int_equal(guard_grants(ks2, k.id_text), 1);
+    kms_keystore_tick(ks);
+    assert_int_equal(guard_grants(ks, k.id_text), 1);
+    assert_int_equal(kms_keystore_grant_get(ks, g[0].grant_id, got), KMS_ERR_NOT_FOUND);
+
+    /* a grant that does not compile leaves the key with none (fail closed) */
+    grant_of(&g[2], &k, "", "broken");
+    assert_int_equal(kms_keystore_create_grant(ks, &g[2], &existing), KMS_OK);
+    assert_int_equal(guard_grants(ks, k.id_text), 0);
+
+    /* grants_per_key (3 here; AWS's 50,000 by default): then LimitExceededException */
+    grant_of(&g[2], &k, "", "dave");
+    assert_int_equal(kms_keystore_create_grant(ks, &g[2], &existing), KMS_OK);
+    grant_of(&g[2], &k, "", "erin");
+    assert_int_equal(kms_keystore_create_grant(ks, &g[2], &existing), KMS_ERR_LIMIT_EXCEEDED);
+    assert_non_null(strstr(kms_err_message(), "already has 3 grants"));
+    /* an idempotent retry at the limit is still answered */
+    grant_of(&g[2], &k, "retry", "bob");
+    assert_int_equal(kms_keystore_create_grant(ks, &g[2], &existing), KMS_OK);
+    assert_int_equal(existing, 1);
+
+    /* a key pending deletion takes no new grant; its destruction removes its grants */
+    assert_int_equal(kms_keystore_schedule_deletion(ks, k.id_text, 0, &out), KMS_OK);
+    grant_of(&g[1], &k, "", "carol");
+    assert_int_equal(kms_keystore_create_grant(ks, &g[1], &existing), KMS_ERR_INVALID_STATE);
+    struct destroyed d = {ks, k.id_text};
+    tick_until(ks, is_gone, &d);
+    n = 0;
+    assert_int_equal(kms_keystore_list_grants(ks, k.id, NULL, 100, count_row, &n), KMS_OK);
+    assert_int_equal(n, 0);
+    assert_int_equal(kms_keystore_create_grant(ks, &g[1], &existing), KMS_ERR_NOT_FOUND);
+
+    free(g);
+    kms_key_info_clear(&k);
+    kms_key_info_clear(&out);
+}
+
 /* ---- asymmetric and HMAC keys --------------------------------------------------- */
 
 static void create_as(struct kms_keystore *ks, int spec, int usage, struct kms_key_info *out)
@@ -1600,6 +1758,7 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_tick_scheduled_rotation, setup, teardown),
         cmocka_unit_test_setup_teardown(test_init_roots, setup, teardown),
         cmocka_unit_test_setup_teardown(test_second_node, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_grants, setup, teardown),
         cmocka_unit_test_setup_teardown(test_asymmetric_sign, setup, teardown),
         cmocka_unit_test_setup_teardown(test_asymmetric_decrypt_and_derive, setup, teardown),
         cmocka_unit_test_setup_teardown(test_hmac_keys, setup, teardown),

@@ -180,6 +180,10 @@ static const char *const all_operations[] = {
     "DeleteAlias",
     "PutKeyPolicy",
     "GetKeyPolicy",
+    "CreateGrant",
+    "ListGrants",
+    "RevokeGrant",
+    "RetireGrant",
 };
 
 static void kms_action(char *out, size_t n, const char *op)
@@ -477,7 +481,8 @@ static void test_parse_statement_errors(void **state)
         {WITH_ACTION("'kms:Foo'"), "Statement #0: Action \"kms:Foo\" matches no operation"},
         {WITH_ACTION("'kms:'"), "Statement #0: Action \"kms:\" matches no operation"},
         {WITH_ACTION("'kms:GenerateRandom'"), "Action \"kms:GenerateRandom\" matches no operation"},
-        {WITH_ACTION("'kms:CreateGrant'"), "Action \"kms:CreateGrant\" matches no operation"},
+        {WITH_ACTION("'kms:ImportKeyMaterial'"),
+         "Action \"kms:ImportKeyMaterial\" matches no operation"},
         {WITH_ACTION("'kms:Decrypt '"), "Action \"kms:Decrypt \" matches no operation"},
         {WITH_ACTION("['kms:Decrypt','kms:Decrypt2']"),
          "Action \"kms:Decrypt2\" matches no operation"},
@@ -983,6 +988,9 @@ static void test_actions(void **state)
         {"'kms:*KeyPolicy'", " PutKeyPolicy GetKeyPolicy "},
         {"'kms:*Key'", " DescribeKey EnableKey DisableKey GenerateDataKey "},
         {"['kms:Decrypt','kms:Decrypt']", " Decrypt "},
+        /* grants: past the 32nd operation (the action bits are 64) */
+        {"'kms:*Grant*'", " CreateGrant ListGrants RevokeGrant RetireGrant "},
+        {"'kms:RetireGrant'", " RetireGrant "},
     };
     (void)state;
     for (size_t i = 0; i < N_ELEMS(cases); i++) {

@@ -1107,6 +1107,193 @@ static void test_aliases(void **state)
     commit(tx);
 }
 
+/* ---- grants -------------------------------------------------------------------- */
+
+struct seen_grants {
+    char ids[16][KMS_GRANT_ID_LEN + 1];
+    uint8_t keys[16][KMS_UUID_LEN];
+    size_t n;
+};
+
+static kms_err note_grant(void *arg, const struct kms_grant_row *r)
+{
+    struct seen_grants *s = arg;
+    assert_true(s->n < 16);
+    memcpy(s->keys[s->n], r->key_id, KMS_UUID_LEN);
+    snprintf(s->ids[s->n++], sizeof s->ids[0], "%s", r->grant_id);
+    return KMS_OK;
+}
+
+/* Grant id c repeated 64 times ("aaaa..."), so the order of ids is the order of c. */
+static void grant_row(struct kms_grant_row *g, const uint8_t key[16], char c, const char *name,
+                      const char *grantee, const char *retiring)
+{
+    memset(g, 0, sizeof *g);
+    memcpy(g->key_id, key, KMS_UUID_LEN);
+    memset(g->grant_id, c, KMS_GRANT_ID_LEN);
+    snprintf(g->name, sizeof g->name, "%s", name);
+    snprintf(g->grantee, sizeof g->grantee, "%s", grantee);
+    snprintf(g->retiring, sizeof g->retiring, "%s", retiring);
+    g->operations = 0x11;
+    snprintf(g->issuer, sizeof g->issuer, "arn:aws:iam::111122223333:user/admin");
+    g->created = 1000 + c;
+}
+
+static void test_grants(void **state)
+{
+    struct fixture *f = *state;
+    struct kms_store *st = init_store(f);
+    uint8_t k1[KMS_UUID_LEN], k2[KMS_UUID_LEN];
+    struct kms_grant_row g, got;
+    struct seen_grants s = {0};
+    size_t n = 99;
+    const char *alice = "arn:aws:iam::111122223333:user/alice";
+    const char *bob = "arn:aws:iam::111122223333:user/bob";
+
+    insert_key(st, 1, KMS_STORE_ENABLED);
+    insert_key(st, 2, KMS_STORE_ENABLED);
+    id_of(k1, 1);
+    id_of(k2, 2);
+
+    struct kms_tx *tx = begin(st, KMS_TX_WRITE);
+    grant_row(&g, k1, 'c', "", alice, bob);
+    snprintf(g.constraints, sizeof g.constraints, "{\"EncryptionContextSubset\":{\"a\":\"1\"}}");
+    assert_int_equal(kms_store_grant_insert(tx, &g), KMS_OK);
+    grant_row(&g, k1, 'a', "retry", bob, "");
+    assert_int_equal(kms_store_grant_insert(tx, &g), KMS_OK);
+    grant_row(&g, k1, 'b', "retry", alice, "");
+    assert_int_equal(kms_store_grant_insert(tx, &g), KMS_OK);
+    grant_row(&g, k2, 'd', "retry", alice, bob);
+    assert_int_equal(kms_store_grant_insert(tx, &g), KMS_OK);
+    /* a grant id is unique across keys */
+    grant_row(&g, k2, 'a', "", alice, "");
+    assert_int_equal(kms_store_grant_insert(tx, &g), KMS_ERR_ALREADY_EXISTS);
+    commit(tx);
+
+    tx = begin(st, KMS_TX_READ);
+    memset(g.grant_id, 'c', KMS_GRANT_ID_LEN);
+    assert_int_equal(kms_store_grant_get(tx, g.grant_id, &got), KMS_OK);
+    assert_memory_equal(got.key_id, k1, KMS_UUID_LEN);
+    assert_string_equal(got.grant_id, g.grant_id);
+    assert_string_equal(got.name, "");
+    assert_string_equal(got.grantee, alice);
+    assert_string_equal(got.retiring, bob);
+    assert_int_equal(got.operations, 0x11);
+    assert_string_equal(got.constraints, "{\"EncryptionContextSubset\":{\"a\":\"1\"}}");
+    assert_string_equal(got.issuer, "arn:aws:iam::111122223333:user/admin");
+    assert_int_equal(got.created, 1000 + 'c');
+    memset(g.grant_id, 'e', KMS_GRANT_ID_LEN);
+    assert_int_equal(kms_store_grant_get(tx, g.grant_id, &got), KMS_ERR_NOT_FOUND);
+
+    /* a key's grants in id order; from is inclusive; limit */
+    assert_int_equal(kms_store_grants_list(tx, k1, NULL, 100, note_grant, &s), KMS_OK);
+    assert_int_equal(s.n, 3);
+    assert_int_equal(s.ids[0][0], 'a');
+    assert_int_equal(s.ids[1][0], 'b');
+    assert_int_equal(s.ids[2][0], 'c');
+    memset(&s, 0, sizeof s);
+    memset(g.grant_id, 'b', KMS_GRANT_ID_LEN);
+    assert_int_equal(kms_store_grants_list(tx, k1, g.grant_id, 1, note_grant, &s), KMS_OK);
+    assert_int_equal(s.n, 1);
+    assert_int_equal(s.ids[0][0], 'b');
+    assert_int_equal(kms_store_grant_count(tx, k1, &n), KMS_OK);
+    assert_int_equal(n, 3);
+    assert_int_equal(kms_store_grant_count(tx, k2, &n), KMS_OK);
+    assert_int_equal(n, 1);
+
+    /* retirable by bob: across keys, in id order */
+    memset(&s, 0, sizeof s);
+    assert_int_equal(kms_store_grants_retirable(tx, bob, NULL, 100, note_grant, &s), KMS_OK);
+    assert_int_equal(s.n, 2);
+    assert_int_equal(s.ids[0][0], 'c');
+    assert_memory_equal(s.keys[0], k1, KMS_UUID_LEN);
+    assert_int_equal(s.ids[1][0], 'd');
+    assert_memory_equal(s.keys[1], k2, KMS_UUID_LEN);
+    memset(&s, 0, sizeof s);
+    memset(g.grant_id, 'd', KMS_GRANT_ID_LEN);
+    assert_int_equal(kms_store_grants_retirable(tx, bob, g.grant_id, 100, note_grant, &s), KMS_OK);
+    assert_int_equal(s.n, 1);
+    assert_int_equal(s.ids[0][0], 'd');
+    memset(&s, 0, sizeof s);
+    assert_int_equal(kms_store_grants_retirable(tx, alice, NULL, 100, note_grant, &s), KMS_OK);
+    assert_int_equal(s.n, 0);
+
+    /* by name, of one key only */
+    memset(&s, 0, sizeof s);
+    assert_int_equal(kms_store_grants_named(tx, k1, "retry", note_grant, &s), KMS_OK);
+    assert_int_equal(s.n, 2);
+    assert_int_equal(s.ids[0][0], 'a');
+    assert_int_equal(s.ids[1][0], 'b');
+    memset(&s, 0, sizeof s);
+    assert_int_equal(kms_store_grants_named(tx, k1, "Retry", note_grant, &s), KMS_OK);
+    assert_int_equal(s.n, 0);
+    commit(tx);
+
+    /* delete one: only of its own key */
+    tx = begin(st, KMS_TX_WRITE);
+    memset(g.grant_id, 'd', KMS_GRANT_ID_LEN);
+    assert_int_equal(kms_store_grant_delete(tx, k1, g.grant_id), KMS_ERR_NOT_FOUND);
+    assert_int_equal(kms_store_grant_delete(tx, k2, g.grant_id), KMS_OK);
+    assert_int_equal(kms_store_grant_delete(tx, k2, g.grant_id), KMS_ERR_NOT_FOUND);
+    assert_int_equal(kms_store_grant_get(tx, g.grant_id, &got), KMS_ERR_NOT_FOUND);
+    /* and every grant of a key */
+    assert_int_equal(kms_store_grants_delete(tx, k1), KMS_OK);
+    assert_int_equal(kms_store_grant_count(tx, k1, &n), KMS_OK);
+    assert_int_equal(n, 0);
+    assert_int_equal(kms_store_grants_delete(tx, k1), KMS_OK);
+    commit(tx);
+
+    /* a grant of a key that is not there is a fault, not "already exists" */
+    uint8_t k9[KMS_UUID_LEN];
+    id_of(k9, 9);
+    tx = begin(st, KMS_TX_WRITE);
+    grant_row(&g, k9, 'f', "", alice, "");
+    assert_int_equal(kms_store_grant_insert(tx, &g), KMS_ERR_INTERNAL);
+    kms_store_rollback(tx);
+}
+
+/* Paging walks every grant of a key once, whatever the page size. */
+static kms_err note_last(void *arg, const struct kms_grant_row *r)
+{
+    struct seen_grants *s = arg;
+    snprintf(s->ids[0], sizeof s->ids[0], "%s", r->grant_id);
+    s->n++;
+    return KMS_OK;
+}
+
+static void test_grants_paging(void **state)
+{
+    struct fixture *f = *state;
+    struct kms_store *st = init_store(f);
+    uint8_t k1[KMS_UUID_LEN];
+    struct kms_grant_row g;
+    char from[KMS_GRANT_ID_LEN + 1] = "";
+    size_t total = 0;
+
+    insert_key(st, 1, KMS_STORE_ENABLED);
+    id_of(k1, 1);
+    struct kms_tx *tx = begin(st, KMS_TX_WRITE);
+    for (int i = 0; i < 250; i++) {
+        grant_row(&g, k1, 'a', "", "arn:aws:iam::111122223333:user/alice", "");
+        snprintf(g.grant_id, sizeof g.grant_id, "%064x", i * 7919);
+        assert_int_equal(kms_store_grant_insert(tx, &g), KMS_OK);
+    }
+    commit(tx);
+    for (int page = 0; page < 10; page++) {
+        struct seen_grants s = {0};
+        tx = begin(st, KMS_TX_READ);
+        /* one more than a page: the last is the next page's first */
+        assert_int_equal(kms_store_grants_list(tx, k1, from[0] ? from : NULL, 101, note_last, &s),
+                         KMS_OK);
+        commit(tx);
+        total += s.n == 101 ? 100 : s.n;
+        if (s.n < 101)
+            break;
+        memcpy(from, s.ids[0], sizeof from);
+    }
+    assert_int_equal(total, 250);
+}
+
 /*
  * Constraints other than uniqueness are faults, not "already exists" (store.h:
  * KMS_ERR_ALREADY_EXISTS for a unique constraint, KMS_ERR_INTERNAL for every
@@ -2764,6 +2951,8 @@ static int run_postgresql(void)
         BOTH(test_versions, make_pg_fixture),
         BOTH(test_reserve_bound, make_pg_fixture),
         BOTH(test_aliases, make_pg_fixture),
+        BOTH(test_grants, make_pg_fixture),
+        BOTH(test_grants_paging, make_pg_fixture),
         BOTH(test_other_constraints_are_faults, make_pg_fixture),
         BOTH(test_roots_and_meta, make_pg_fixture),
         BOTH(test_change_sequence, make_pg_fixture),
@@ -2822,6 +3011,8 @@ int main(void)
         BOTH(test_versions, make_fixture),
         BOTH(test_reserve_bound, make_fixture),
         BOTH(test_aliases, make_fixture),
+        BOTH(test_grants, make_fixture),
+        BOTH(test_grants_paging, make_fixture),
         BOTH(test_other_constraints_are_faults, make_fixture),
         BOTH(test_roots_and_meta, make_fixture),
         BOTH(test_change_sequence, make_fixture),
