@@ -81,6 +81,9 @@ typedef enum p11kms_status {
     P11KMS_ERR_BAD_SIGNATURE, /* KMSInvalidSignatureException: Verify said the signature
                                  does not verify (not SigV4's InvalidSignatureException) */
     P11KMS_ERR_BAD_MAC,       /* KMSInvalidMacException: VerifyMac said the MAC does not */
+    /* ---- tags and paging ---- */
+    P11KMS_ERR_TAG,            /* TagException: a tag key or value the service refuses */
+    P11KMS_ERR_INVALID_MARKER, /* InvalidMarkerException: a Marker no page answered */
     P11KMS_STATUS_COUNT
 } p11kms_status;
 

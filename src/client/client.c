@@ -81,6 +81,9 @@ static const char *const status_names[P11KMS_STATUS_COUNT] = {
     [P11KMS_ERR_SERVICE] = "ServiceError",
     [P11KMS_ERR_BAD_SIGNATURE] = "KMSInvalidSignatureException",
     [P11KMS_ERR_BAD_MAC] = "KMSInvalidMacException",
+    /* ---- tags and paging ---- */
+    [P11KMS_ERR_TAG] = "TagException",
+    [P11KMS_ERR_INVALID_MARKER] = "InvalidMarkerException",
 };
 
 /*

@@ -51,6 +51,9 @@ static const struct {
     [KMS_ERR_BAD_SIGNATURE] = {"KMSInvalidSignatureException", 400,
                                "The signature does not verify"},
     [KMS_ERR_BAD_MAC] = {"KMSInvalidMacException", 400, "The MAC does not verify"},
+    /* ---- tags and paging ---- */
+    [KMS_ERR_TAG] = {"TagException", 400, "One or more tags are not valid"},
+    [KMS_ERR_INVALID_MARKER] = {"InvalidMarkerException", 400, "The marker is not valid"},
 };
 
 static _Thread_local char last_message[512]; /* AWS's enum lists run past 256 */

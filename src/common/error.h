@@ -39,6 +39,9 @@ typedef enum kms_err {
     KMS_ERR_DEPENDENCY_TIMEOUT,   /* DependencyTimeoutException 503 */
     KMS_ERR_BAD_SIGNATURE,        /* KMSInvalidSignatureException 400: Verify said no */
     KMS_ERR_BAD_MAC,              /* KMSInvalidMacException 400: VerifyMac said no */
+    /* ---- tags and paging ---- */
+    KMS_ERR_TAG,            /* TagException 400: a tag not allowed (aws: prefix, repeated key) */
+    KMS_ERR_INVALID_MARKER, /* InvalidMarkerException 400: a Marker no page ever answered */
     KMS_ERR_COUNT
 } kms_err;
 

@@ -54,7 +54,7 @@ struct statement {
     struct str sid; /* p is NULL when the statement has none */
     size_t index;
     bool deny;
-    uint32_t actions; /* bit i: operations[i] */
+    uint64_t actions; /* bit i: operations[i] */
     bool any_principal;
     const struct principal *principals;
     size_t nprincipals;
@@ -112,9 +112,13 @@ static const char *const operations[] = {
     "DeriveSharedSecret",
     "GenerateDataKeyPair",
     "GenerateDataKeyPairWithoutPlaintext",
+    /* ---- tags ---- */
+    "TagResource",
+    "UntagResource",
+    "ListResourceTags",
 };
 #define N_OPERATIONS (sizeof operations / sizeof operations[0])
-_Static_assert(N_OPERATIONS <= 32, "the actions of a statement are a uint32_t");
+_Static_assert(N_OPERATIONS <= 64, "the actions of a statement are a uint64_t");
 
 #define ACTION_PREFIX "kms:"
 #define ACTION_PREFIX_LEN (sizeof ACTION_PREFIX - 1)
@@ -610,10 +614,10 @@ static kms_err compile_actions(struct parser *ps, json_t *v, struct statement *s
         const char *s = json_string_value(js);
         size_t len = json_string_length(js);
         char show[SHOW_MAX];
-        uint32_t bits = 0;
+        uint64_t bits = 0;
 
         if (len == 1 && s[0] == '*') {
-            st->actions = (uint32_t)((UINT64_C(1) << N_OPERATIONS) - 1);
+            st->actions = N_OPERATIONS == 64 ? UINT64_MAX : (UINT64_C(1) << N_OPERATIONS) - 1;
             continue;
         }
         KMS_GUARD(check_pattern(ps, "Action", s, len));
@@ -623,7 +627,7 @@ static kms_err compile_actions(struct parser *ps, json_t *v, struct statement *s
         for (size_t op = 0; op < N_OPERATIONS; op++)
             if (kms_policy_glob(s + ACTION_PREFIX_LEN, len - ACTION_PREFIX_LEN, operations[op],
                                 strlen(operations[op]), true))
-                bits |= UINT32_C(1) << op;
+                bits |= UINT64_C(1) << op;
         if (!bits)
             return MALFORMED("%s: Action \"%s\" matches no operation", ps->where, SHOW(show, s));
         st->actions |= bits;
@@ -1144,7 +1148,7 @@ enum kms_policy_decision kms_policy_evaluate(const struct kms_policy *p,
     int op = operation_index(r->action);
     if (op < 0)
         return KMS_POLICY_IMPLICIT_DENY;
-    uint32_t bit = UINT32_C(1) << op;
+    uint64_t bit = UINT64_C(1) << op;
     for (size_t i = 0; i < p->n; i++) {
         const struct statement *st = &p->statements[i];
         /* Once allowed, only a Deny can change the answer. */

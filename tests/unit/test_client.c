@@ -66,6 +66,8 @@ static void test_status_names(void **state)
     assert_int_equal(P11KMS_ERR_SERVICE, 35);
     assert_int_equal(P11KMS_ERR_BAD_SIGNATURE, 36);
     assert_int_equal(P11KMS_ERR_BAD_MAC, 37);
+    assert_int_equal(P11KMS_ERR_TAG, 38);
+    assert_int_equal(P11KMS_ERR_INVALID_MARKER, 39);
     assert_string_equal(p11kms_status_name(P11KMS_STATUS_COUNT), "Unknown");
     assert_string_equal(p11kms_status_name((p11kms_status)-1), "Unknown");
     assert_string_equal(p11kms_status_name((p11kms_status)1000), "Unknown");
@@ -100,6 +102,9 @@ static const p11kms_status expected_status[KMS_ERR_COUNT] = {
     [KMS_ERR_DEPENDENCY_TIMEOUT] = P11KMS_ERR_DEPENDENCY_TIMEOUT,
     [KMS_ERR_BAD_SIGNATURE] = P11KMS_ERR_BAD_SIGNATURE,
     [KMS_ERR_BAD_MAC] = P11KMS_ERR_BAD_MAC,
+    /* ---- tags and paging ---- */
+    [KMS_ERR_TAG] = P11KMS_ERR_TAG,
+    [KMS_ERR_INVALID_MARKER] = P11KMS_ERR_INVALID_MARKER,
 };
 
 static void test_every_server_type_maps(void **state)
