@@ -258,6 +258,12 @@ static json_t *grant_json(const struct p11kms_grant *g)
         json_decref(pairs);
         return NULL;
     }
+    /* AWS leaves out what a grant does not have (Name, RetiringPrincipal) */
+    const char *absent[] = {"KeyId", "Name", "GranteePrincipal", "RetiringPrincipal",
+                            "IssuingAccount"};
+    for (size_t i = 0; i < sizeof absent / sizeof absent[0]; i++)
+        if (json_is_null(json_object_get(o, absent[i])))
+            json_object_del(o, absent[i]);
     json_object_set_new(o, "Operations", ops);
     /* for people's table only: dropped before JSON output */
     json_object_set_new(o, "_operations", json_string(joined));
