@@ -108,7 +108,8 @@ static int list_print(struct cli *cli, const struct cli_args *a, const char *ope
     json_t *answer;
     int rc;
     if (cli_arg(a, "page-size")) {
-        long n = number(cli, a, "page-size", 1, 1000);
+        /* AWS's largest page: ListAliases' is 100, the others' 1000 */
+        long n = number(cli, a, "page-size", 1, strcmp(operation, "ListAliases") == 0 ? 100 : 1000);
         if (n < 0) {
             json_decref(request);
             return CLI_EXIT_USAGE;
