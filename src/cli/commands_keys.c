@@ -425,8 +425,8 @@ static const struct cli_opt alias_key_opts[] = {
     {"name", 'n', 1, "the alias name, alias/..."}, KEY_OPT, END_OPT};
 static const struct cli_opt alias_name_opts[] = {{"name", 'n', 1, "the alias name, alias/..."},
                                                  END_OPT};
-static const struct cli_opt alias_list_opts[] = {{"key", 'k', 1, "only the aliases of this key"},
-                                                 END_OPT};
+static const struct cli_opt alias_list_opts[] = {
+    {"key", 'k', 1, "only the aliases of this key"}, PAGE_OPT, END_OPT};
 static const struct cli_opt policy_get_opts[] = {
     KEY_OPT, {"name", 'n', 1, "the policy name (default: default)"}, END_OPT};
 static const struct cli_opt policy_put_opts[] = {

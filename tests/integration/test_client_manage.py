@@ -165,6 +165,10 @@ def test_tag_errors_and_exit_codes():
                  ["tags"], ["tags", "--key", key, "extra"]):
         rc, out, err = run(args)
         eq(rc, 2, "p11kms %s exits 2 (stderr %r)" % (" ".join(args), err))
+    # aliases list: AWS's largest ListAliases page is 100 (its usage always said --page-size)
+    eq(run(["aliases", "list", "--page-size", "101"])[0], 2, "aliases list --page-size 101")
+    eq(ok_json(["aliases", "list", "--page-size", "100"])["Aliases"][0]["AliasName"],
+       "alias/manage-tags", "aliases list --page-size 100")
     eq(tags_of(key), [], "nothing was tagged by the refusals")
     # 128 characters of é (256 bytes) are a valid tag key
     ok(["tag", "--key", key, "é" * 128 + "=" + "€" * 256])
