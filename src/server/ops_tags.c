@@ -135,9 +135,11 @@ kms_err kms_op_tag_resource(struct kms_request *r)
     struct kms_tag *tags;
     size_t n;
 
-    KMS_GUARD(tagged_key(r, "kms:TagResource", &key));
+    /* The request is read whole before anything about the key is asked, as AWS does. */
     KMS_GUARD(kms_in_tags(r->in, "Tags", 1, &tags, &n));
-    kms_err rc = kms_keystore_tag(r->srv->ks, key.id_text, tags, n);
+    kms_err rc = tagged_key(r, "kms:TagResource", &key);
+    if (rc == KMS_OK)
+        rc = kms_keystore_tag(r->srv->ks, key.id_text, tags, n);
     free(tags);
     r->out = NULL;
     return rc;
@@ -152,7 +154,6 @@ kms_err kms_op_untag_resource(struct kms_request *r)
     size_t i, n;
     kms_err rc = KMS_OK;
 
-    KMS_GUARD(tagged_key(r, "kms:UntagResource", &key));
     list = json_object_get(r->in, "TagKeys");
     KMS_ENSURE(list && !json_is_null(list), KMS_ERR_VALIDATION,
                "1 validation error detected: Value null at 'tagKeys' failed to satisfy "
@@ -170,6 +171,8 @@ kms_err kms_op_untag_resource(struct kms_request *r)
         if (rc != KMS_OK)
             break;
     }
+    if (rc == KMS_OK)
+        rc = tagged_key(r, "kms:UntagResource", &key);
     if (rc == KMS_OK)
         rc = kms_keystore_untag(r->srv->ks, key.id_text, keys, n);
     free(keys);
