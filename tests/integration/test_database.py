@@ -789,7 +789,7 @@ def test_backup_and_restore():
     conn = db_connect(out)
     try:
         eq(conn.execute("PRAGMA integrity_check").fetchall(), [("ok",)], "the backup's integrity")
-        eq(conn.execute("PRAGMA user_version").fetchone()[0], 3, "the backup's schema version")
+        eq(conn.execute("PRAGMA user_version").fetchone()[0], 4, "the backup's schema version")
         eq(conn.execute("PRAGMA journal_mode").fetchone()[0], "delete", "the backup's journal mode")
     finally:
         conn.close()
