@@ -220,6 +220,7 @@ static kms_err marker_tag_key(const char *marker, struct kms_buf *out)
             return KMS_OK;
     }
     kms_err_clear();
+    kms_buf_free(out);
     return KMS_FAIL(KMS_ERR_INVALID_MARKER, "Marker is not valid");
 }
 
