@@ -83,6 +83,9 @@ typedef enum p11kms_status {
     P11KMS_ERR_BAD_MAC,             /* KMSInvalidMacException: VerifyMac said the MAC does not */
     P11KMS_ERR_INVALID_GRANT_ID,    /* InvalidGrantIdException */
     P11KMS_ERR_INVALID_GRANT_TOKEN, /* InvalidGrantTokenException */
+    /* ---- tags and paging ---- */
+    P11KMS_ERR_TAG,            /* TagException: a tag key or value the service refuses */
+    P11KMS_ERR_INVALID_MARKER, /* InvalidMarkerException: a Marker no page answered */
     P11KMS_STATUS_COUNT
 } p11kms_status;
 
@@ -518,6 +521,108 @@ P11KMS_API p11kms_status p11kms_envelope_open(const struct p11kms_opener *o, con
 
 /* The format of in: a p11kms_envelope_format, or -1 when it is neither JWE nor CMS. */
 P11KMS_API int p11kms_envelope_detect(const uint8_t *in, size_t n);
+
+/* ---- tags and grants (manage.c) ---------------------------------------------- */
+
+/*
+ * Arguments are checked before anything is sent (P11KMS_ERR_ARGUMENT, with
+ * p11kms_last_error saying which): the bounds below are AWS's, lengths of
+ * tag keys and values in Unicode characters of their UTF-8. The service's
+ * own refusals come back as their types: P11KMS_ERR_TAG (an aws: tag key, a
+ * tag key twice), P11KMS_ERR_LIMIT_EXCEEDED (over 50 tags on the key),
+ * P11KMS_ERR_INVALID_STATE (a key pending deletion), P11KMS_ERR_NOT_FOUND...
+ */
+#define P11KMS_TAGS_MAX 50
+#define P11KMS_TAG_KEY_MAX 128   /* characters */
+#define P11KMS_TAG_VALUE_MAX 256 /* characters; 0 is allowed */
+
+struct p11kms_tag {
+    const char *key;
+    const char *value;
+};
+
+/* A key's tags as listed: the strings are the list's, freed by p11kms_tag_list_clear. */
+struct p11kms_tag_list {
+    struct p11kms_tag *tags;
+    size_t n;
+};
+P11KMS_API void p11kms_tag_list_clear(struct p11kms_tag_list *l);
+
+/*
+ * TagResource: adds tags to a key (a key id or key ARN), replacing the value
+ * of a tag key it has. n from 1 to P11KMS_TAGS_MAX, tag keys distinct.
+ */
+P11KMS_API p11kms_status p11kms_tag_resource(p11kms_client *c, const char *key_id,
+                                             const struct p11kms_tag *tags, size_t n);
+/* UntagResource: removes these tag keys (1 to P11KMS_TAGS_MAX); one the key lacks is no error. */
+P11KMS_API p11kms_status p11kms_untag_resource(p11kms_client *c, const char *key_id,
+                                               const char *const *keys, size_t n);
+/*
+ * ListResourceTags, every page: out receives all the key's tags in the
+ * service's order (p11kms: byte order of the tag keys). On failure out is
+ * empty.
+ */
+P11KMS_API p11kms_status p11kms_list_resource_tags(p11kms_client *c, const char *key_id,
+                                                   struct p11kms_tag_list *out);
+
+/* A grant's operations are AWS's names ("Decrypt", "GenerateDataKey", ...). */
+#define P11KMS_GRANT_NAME_MAX 256
+#define P11KMS_PRINCIPAL_MAX 256
+#define P11KMS_GRANT_TOKEN_MAX 8192
+
+/* One grant as ListGrants shows it; the strings are the list's. */
+struct p11kms_grant {
+    char grant_id[65];     /* 64 hex digits */
+    char *key_id;          /* the key's ARN */
+    char *name;            /* NULL: none */
+    char *grantee;         /* GranteePrincipal */
+    char *retiring;        /* RetiringPrincipal; NULL: none */
+    char *issuing_account; /* IssuingAccount */
+    long long created;     /* CreationDate, seconds since the epoch */
+    char **operations;
+    size_t noperations;
+    /* The constraint: pairs of EncryptionContextEquals (equals 1) or ...Subset (0). */
+    struct p11kms_context *context;
+    size_t ncontext;
+    int equals;
+};
+struct p11kms_grant_list {
+    struct p11kms_grant *grants;
+    size_t n;
+};
+P11KMS_API void p11kms_grant_list_clear(struct p11kms_grant_list *l);
+
+/*
+ * CreateGrant on a key (id, ARN, alias): grantee (a principal, 1 to
+ * P11KMS_PRINCIPAL_MAX bytes) may call operations (1 to 17 of AWS's grant
+ * operations) on it; retiring (NULL: none) may retire it. nctx pairs of ctx
+ * constrain it to requests whose encryption context equals them (equals 1)
+ * or contains them (equals 0); nctx 0: no constraint. name (NULL: none; 1 to
+ * 256 of [a-zA-Z0-9:/_-]) makes a retry with the same arguments return the
+ * same grant.
+ * @param grant_id receives the grant id (NUL-terminated)
+ * @param grant_token receives the grant token (NUL-terminated; release with
+ *                    p11kms_free(*grant_token, strlen(*grant_token) + 1)); NULL when
+ *                    not wanted
+ */
+P11KMS_API p11kms_status p11kms_create_grant(p11kms_client *c, const char *key_id,
+                                             const char *grantee, const char *retiring,
+                                             const char *const *operations, size_t nops,
+                                             const struct p11kms_context *ctx, size_t nctx,
+                                             int equals, const char *name, char grant_id[65],
+                                             char **grant_token);
+/*
+ * RetireGrant: by its token (key_id and grant_id NULL), or by key (id or ARN)
+ * and grant id (grant_token NULL); exactly one of the two ways.
+ */
+P11KMS_API p11kms_status p11kms_retire_grant(p11kms_client *c, const char *grant_token,
+                                             const char *key_id, const char *grant_id);
+/* RevokeGrant: a key's grant, by the key's id or ARN and the grant id. */
+P11KMS_API p11kms_status p11kms_revoke_grant(p11kms_client *c, const char *key_id,
+                                             const char *grant_id);
+/* ListGrants, every page: the key's grants. On failure out is empty. */
+P11KMS_API p11kms_status p11kms_list_grants(p11kms_client *c, const char *key_id,
+                                            struct p11kms_grant_list *out);
 
 /* Wipes n bytes at p and frees them (p may be NULL). */
 P11KMS_API void p11kms_free(void *p, size_t n);

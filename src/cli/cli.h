@@ -6,6 +6,7 @@
  *   commands_keys.c keys, aliases, policies and data-keys (p11kms_call)
  *   commands_data.c encrypt and decrypt (streams and JWE)
  *   commands_asym.c sign, verify, mac, verify-mac, get-public-key
+ *   commands_manage.c tag, untag, tags; grant create, list, retire, revoke
  *
  * The CLI uses the public API of libp11kms only (include/p11kms.h).
  */
@@ -60,6 +61,8 @@ struct cli_cmd {
     const char *usage; /* after "p11kms [global options] <group> <name> " */
     const struct cli_opt *opts;
     int (*run)(struct cli *cli, const struct cli_args *a);
+    /* Takes words after the command (tag's TAGKEY=VALUE...): in the args as "arg". */
+    int positionals;
 };
 
 extern const struct cli_cmd cli_key_commands[];
@@ -68,6 +71,8 @@ extern const struct cli_cmd cli_data_commands[];
 extern const size_t cli_data_commands_count;
 extern const struct cli_cmd cli_asym_commands[];
 extern const size_t cli_asym_commands_count;
+extern const struct cli_cmd cli_manage_commands[];
+extern const size_t cli_manage_commands_count;
 
 /* ---- main.c ---- */
 /* The client, made from the global options and the environment on first use. */

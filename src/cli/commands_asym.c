@@ -401,14 +401,14 @@ static const struct cli_opt public_key_opts[] = {
 
 const struct cli_cmd cli_asym_commands[] = {
     {NULL, "sign", "Sign a message (at most 4096 bytes) or a digest (Sign); raw signature out.",
-     "--key KEY --algorithm ALG [--digest] [-i IN] [-o OUT]", sign_opts, cmd_sign},
+     "--key KEY --algorithm ALG [--digest] [-i IN] [-o OUT]", sign_opts, cmd_sign, 0},
     {NULL, "verify", "Verify a signature (Verify): exit 0 valid, 1 not valid.",
-     "--key KEY --algorithm ALG --signature FILE [--digest] [-i IN]", verify_opts, cmd_verify},
+     "--key KEY --algorithm ALG --signature FILE [--digest] [-i IN]", verify_opts, cmd_verify, 0},
     {NULL, "mac", "MAC a message of at most 4096 bytes with an HMAC key (GenerateMac).",
-     "--key KEY [--algorithm ALG] [-i IN] [-o OUT]", mac_opts, cmd_mac},
+     "--key KEY [--algorithm ALG] [-i IN] [-o OUT]", mac_opts, cmd_mac, 0},
     {NULL, "verify-mac", "Verify a MAC (VerifyMac): exit 0 valid, 1 not valid.",
-     "--key KEY --mac FILE [--algorithm ALG] [-i IN]", verify_mac_opts, cmd_verify_mac},
+     "--key KEY --mac FILE [--algorithm ALG] [-i IN]", verify_mac_opts, cmd_verify_mac, 0},
     {NULL, "get-public-key", "Write an asymmetric key's public key, PEM or DER (GetPublicKey).",
-     "--key KEY [--pem|--der] [-o OUT]", public_key_opts, cmd_get_public_key},
+     "--key KEY [--pem|--der] [-o OUT]", public_key_opts, cmd_get_public_key, 0},
 };
 const size_t cli_asym_commands_count = sizeof cli_asym_commands / sizeof cli_asym_commands[0];

@@ -625,9 +625,9 @@ const struct cli_cmd cli_data_commands[] = {
      "Encrypt a file or stdin: a stream or JWE under KEY, or a JWE or CMS to keys.",
      "(--key KEY | --to-pem FILE)... [--format stream|jwe|jwe-json|cms] [--context K=V]... "
      "[-i IN] [-o OUT]",
-     encrypt_opts, cmd_encrypt},
+     encrypt_opts, cmd_encrypt, 0},
     {NULL, "decrypt", "Decrypt what encrypt wrote (any format, told apart by its first bytes).",
      "[--context K=V]... [--key KEY] [--private-key FILE] [-i IN] [-o OUT]", decrypt_opts,
-     cmd_decrypt},
+     cmd_decrypt, 0},
 };
 const size_t cli_data_commands_count = sizeof cli_data_commands / sizeof cli_data_commands[0];

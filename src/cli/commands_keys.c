@@ -108,7 +108,8 @@ static int list_print(struct cli *cli, const struct cli_args *a, const char *ope
     json_t *answer;
     int rc;
     if (cli_arg(a, "page-size")) {
-        long n = number(cli, a, "page-size", 1, 1000);
+        /* AWS's largest page: ListAliases' is 100, the others' 1000 */
+        long n = number(cli, a, "page-size", 1, strcmp(operation, "ListAliases") == 0 ? 100 : 1000);
         if (n < 0) {
             json_decref(request);
             return CLI_EXIT_USAGE;
@@ -424,8 +425,8 @@ static const struct cli_opt alias_key_opts[] = {
     {"name", 'n', 1, "the alias name, alias/..."}, KEY_OPT, END_OPT};
 static const struct cli_opt alias_name_opts[] = {{"name", 'n', 1, "the alias name, alias/..."},
                                                  END_OPT};
-static const struct cli_opt alias_list_opts[] = {{"key", 'k', 1, "only the aliases of this key"},
-                                                 END_OPT};
+static const struct cli_opt alias_list_opts[] = {
+    {"key", 'k', 1, "only the aliases of this key"}, PAGE_OPT, END_OPT};
 static const struct cli_opt policy_get_opts[] = {
     KEY_OPT, {"name", 'n', 1, "the policy name (default: default)"}, END_OPT};
 static const struct cli_opt policy_put_opts[] = {
@@ -446,41 +447,42 @@ static const struct cli_opt decrypt_key_opts[] = {
 
 const struct cli_cmd cli_key_commands[] = {
     {"keys", "create", "Create a key (CreateKey); prints its metadata.",
-     "[--description TEXT] [--key-spec SPEC] [--key-usage USAGE]", create_opts, keys_create},
-    {"keys", "describe", "Describe a key (DescribeKey).", "--key KEY", key_only, keys_describe},
+     "[--description TEXT] [--key-spec SPEC] [--key-usage USAGE]", create_opts, keys_create, 0},
+    {"keys", "describe", "Describe a key (DescribeKey).", "--key KEY", key_only, keys_describe, 0},
     {"keys", "list", "List every key (ListKeys, all pages).", "[--page-size N]", list_opts,
-     keys_list},
-    {"keys", "enable", "Enable a key (EnableKey).", "--key KEY", key_only, keys_enable},
-    {"keys", "disable", "Disable a key (DisableKey).", "--key KEY", key_only, keys_disable},
-    {"keys", "rotate", "Rotate a key now (RotateKeyOnDemand).", "--key KEY", key_only, keys_rotate},
+     keys_list, 0},
+    {"keys", "enable", "Enable a key (EnableKey).", "--key KEY", key_only, keys_enable, 0},
+    {"keys", "disable", "Disable a key (DisableKey).", "--key KEY", key_only, keys_disable, 0},
+    {"keys", "rotate", "Rotate a key now (RotateKeyOnDemand).", "--key KEY", key_only, keys_rotate,
+     0},
     {"keys", "rotations", "List a key's rotations (ListKeyRotations, all pages).",
-     "--key KEY [--page-size N]", rotations_opts, keys_rotations},
+     "--key KEY [--page-size N]", rotations_opts, keys_rotations, 0},
     {"keys", "rotation-status", "Show a key's automatic rotation (GetKeyRotationStatus).",
-     "--key KEY", key_only, keys_rotation_status},
+     "--key KEY", key_only, keys_rotation_status, 0},
     {"keys", "enable-rotation", "Turn automatic rotation on (EnableKeyRotation).",
-     "--key KEY [--period DAYS]", rotation_opts, keys_enable_rotation},
+     "--key KEY [--period DAYS]", rotation_opts, keys_enable_rotation, 0},
     {"keys", "disable-rotation", "Turn automatic rotation off (DisableKeyRotation).", "--key KEY",
-     key_only, keys_disable_rotation},
+     key_only, keys_disable_rotation, 0},
     {"keys", "schedule-deletion", "Schedule a key's deletion (ScheduleKeyDeletion).",
-     "--key KEY [--days DAYS]", deletion_opts, keys_schedule_deletion},
+     "--key KEY [--days DAYS]", deletion_opts, keys_schedule_deletion, 0},
     {"keys", "cancel-deletion", "Cancel a scheduled deletion (CancelKeyDeletion).", "--key KEY",
-     key_only, keys_cancel_deletion},
+     key_only, keys_cancel_deletion, 0},
     {"aliases", "create", "Create an alias for a key (CreateAlias).", "--name alias/NAME --key KEY",
-     alias_key_opts, aliases_create},
+     alias_key_opts, aliases_create, 0},
     {"aliases", "update", "Point an alias at another key (UpdateAlias).",
-     "--name alias/NAME --key KEY", alias_key_opts, aliases_update},
+     "--name alias/NAME --key KEY", alias_key_opts, aliases_update, 0},
     {"aliases", "delete", "Delete an alias (DeleteAlias).", "--name alias/NAME", alias_name_opts,
-     aliases_delete},
+     aliases_delete, 0},
     {"aliases", "list", "List aliases (ListAliases, all pages).", "[--key KEY] [--page-size N]",
-     alias_list_opts, aliases_list},
+     alias_list_opts, aliases_list, 0},
     {"policies", "get", "Print a key's policy (GetKeyPolicy).", "--key KEY [--name NAME]",
-     policy_get_opts, policies_get},
+     policy_get_opts, policies_get, 0},
     {"policies", "put", "Set a key's policy from a file (PutKeyPolicy).",
-     "--key KEY --file FILE [--name NAME]", policy_put_opts, policies_put},
+     "--key KEY --file FILE [--name NAME]", policy_put_opts, policies_put, 0},
     {"data-keys", "generate",
      "Generate an AES-256 data key (GenerateDataKey): its plaintext and encrypted blob, base64.",
-     "--key KEY [--context K=V]... [--no-plaintext]", generate_opts, datakeys_generate},
+     "--key KEY [--context K=V]... [--no-plaintext]", generate_opts, datakeys_generate, 0},
     {"data-keys", "decrypt", "Decrypt a data key's blob (Decrypt): its plaintext, base64.",
-     "--blob BASE64 [--context K=V]... [--key KEY]", decrypt_key_opts, datakeys_decrypt},
+     "--blob BASE64 [--context K=V]... [--key KEY]", decrypt_key_opts, datakeys_decrypt, 0},
 };
 const size_t cli_key_commands_count = sizeof cli_key_commands / sizeof cli_key_commands[0];

@@ -2,6 +2,7 @@
  * p11kms [global options] <group> <command> [options]
  * p11kms [global options] encrypt|decrypt [options]
  * p11kms [global options] sign|verify|mac|verify-mac|get-public-key [options]
+ * p11kms [global options] tag|untag|tags [options] [words]
  *
  * Options may come anywhere after the program name; global ones are the same
  * for every command. Credentials never come from the command line: only from
@@ -36,27 +37,35 @@ static const char *const groups[][2] = {
     {"aliases", "create, update, delete and list aliases"},
     {"policies", "get and put key policies"},
     {"data-keys", "generate data keys and decrypt their blobs"},
+    {"grant", "create, list, retire and revoke grants"},
 };
 
 /* ---- the command table ---- */
 
+/* Every file's commands, in the order help lists them. */
+static const struct {
+    const struct cli_cmd *cmds;
+    const size_t *count;
+} tables[] = {
+    {cli_key_commands, &cli_key_commands_count},
+    {cli_data_commands, &cli_data_commands_count},
+    {cli_asym_commands, &cli_asym_commands_count},
+    {cli_manage_commands, &cli_manage_commands_count},
+};
+#define N_TABLES (sizeof tables / sizeof tables[0])
+
+/* Whether c is group's (NULL: a top-level command). */
+static int in_group(const struct cli_cmd *c, const char *group)
+{
+    return group ? c->group && strcmp(c->group, group) == 0 : c->group == NULL;
+}
+
 static const struct cli_cmd *find_cmd(const char *group, const char *name)
 {
-    for (size_t i = 0; i < cli_key_commands_count; i++) {
-        const struct cli_cmd *c = &cli_key_commands[i];
-        if (group && name && strcmp(c->group, group) == 0 && strcmp(c->name, name) == 0)
-            return c;
-    }
-    for (size_t i = 0; i < cli_data_commands_count; i++) {
-        const struct cli_cmd *c = &cli_data_commands[i];
-        if (!group && name && strcmp(c->name, name) == 0)
-            return c;
-    }
-    for (size_t i = 0; i < cli_asym_commands_count; i++) {
-        const struct cli_cmd *c = &cli_asym_commands[i];
-        if (!group && name && strcmp(c->name, name) == 0)
-            return c;
-    }
+    for (size_t t = 0; name && t < N_TABLES; t++)
+        for (size_t i = 0; i < *tables[t].count; i++)
+            if (in_group(&tables[t].cmds[i], group) && strcmp(tables[t].cmds[i].name, name) == 0)
+                return &tables[t].cmds[i];
     return NULL;
 }
 
@@ -132,25 +141,28 @@ static void help_main(FILE *f)
 {
     fprintf(f, "Usage: p11kms [global options] <group> <command> [options]\n"
                "       p11kms [global options] encrypt|decrypt [options]\n"
-               "       p11kms [global options] sign|verify|mac|verify-mac|get-public-key ...\n\n"
+               "       p11kms [global options] sign|verify|mac|verify-mac|get-public-key ...\n"
+               "       p11kms [global options] tag|untag|tags --key KEY ...\n\n"
                "A client for p11kmsd (the AWS KMS JSON protocol).\n\nGroups and commands:\n");
     for (size_t g = 0; g < sizeof groups / sizeof groups[0]; g++) {
         char names[512];
         size_t k = 0;
         names[0] = '\0';
-        for (size_t i = 0; i < cli_key_commands_count; i++)
-            if (strcmp(cli_key_commands[i].group, groups[g][0]) == 0 && k < sizeof names)
-                k += (size_t)snprintf(names + k, sizeof names - k, " %s", cli_key_commands[i].name);
+        for (size_t t = 0; t < N_TABLES; t++)
+            for (size_t i = 0; i < *tables[t].count; i++)
+                if (in_group(&tables[t].cmds[i], groups[g][0]) && k < sizeof names)
+                    k += (size_t)snprintf(names + k, sizeof names - k, " %s",
+                                          tables[t].cmds[i].name);
         fprintf(f, "  %s: ", groups[g][0]);
         wrap(f, names, 4 + strlen(groups[g][0]), 4);
     }
-    for (size_t i = 0; i < cli_data_commands_count; i++) {
-        fprintf(f, "  %-14s ", cli_data_commands[i].name);
-        wrap(f, cli_data_commands[i].summary, 17, 17);
-    }
-    for (size_t i = 0; i < cli_asym_commands_count; i++) {
-        fprintf(f, "  %-14s ", cli_asym_commands[i].name);
-        wrap(f, cli_asym_commands[i].summary, 17, 17);
+    for (size_t t = 0; t < N_TABLES; t++) {
+        for (size_t i = 0; i < *tables[t].count; i++) {
+            if (!in_group(&tables[t].cmds[i], NULL))
+                continue;
+            fprintf(f, "  %-14s ", tables[t].cmds[i].name);
+            wrap(f, tables[t].cmds[i].summary, 17, 17);
+        }
     }
     fprintf(f, "\nGlobal options:\n");
     print_opts(f, global_opts);
@@ -166,10 +178,12 @@ static void help_main(FILE *f)
 static void help_group(FILE *f, const char *group)
 {
     fprintf(f, "Usage: p11kms [global options] %s <command> [options]\n\nCommands:\n", group);
-    for (size_t i = 0; i < cli_key_commands_count; i++) {
-        if (strcmp(cli_key_commands[i].group, group) == 0) {
-            fprintf(f, "  %-18s ", cli_key_commands[i].name);
-            wrap(f, cli_key_commands[i].summary, 21, 21);
+    for (size_t t = 0; t < N_TABLES; t++) {
+        for (size_t i = 0; i < *tables[t].count; i++) {
+            if (in_group(&tables[t].cmds[i], group)) {
+                fprintf(f, "  %-18s ", tables[t].cmds[i].name);
+                wrap(f, tables[t].cmds[i].summary, 21, 21);
+            }
         }
     }
     fprintf(f, "\n`p11kms %s <command> --help` for a command's options.\n", group);
@@ -285,6 +299,14 @@ int main(int argc, char **argv)
         char name[64];
 
         if (only_positionals || arg[0] != '-' || arg[1] == '\0') {
+            /* The words after a command that takes them (tag's TAGKEY=VALUE...). */
+            if (cli.cmd && cli.cmd->positionals && npos == (cli.cmd->group ? 2u : 1u)) {
+                if (a.n == CLI_MAX_ARGS)
+                    return cli_usage_error(&cli, "too many arguments");
+                a.name[a.n] = "arg";
+                a.value[a.n++] = arg;
+                continue;
+            }
             if (npos == 3)
                 return cli_usage_error(&cli, "unexpected argument: %s", arg);
             pos[npos++] = arg;

@@ -83,6 +83,9 @@ static const char *const status_names[P11KMS_STATUS_COUNT] = {
     [P11KMS_ERR_BAD_MAC] = "KMSInvalidMacException",
     [P11KMS_ERR_INVALID_GRANT_ID] = "InvalidGrantIdException",
     [P11KMS_ERR_INVALID_GRANT_TOKEN] = "InvalidGrantTokenException",
+    /* ---- tags and paging ---- */
+    [P11KMS_ERR_TAG] = "TagException",
+    [P11KMS_ERR_INVALID_MARKER] = "InvalidMarkerException",
 };
 
 /*

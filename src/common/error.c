@@ -54,6 +54,9 @@ static const struct {
     [KMS_ERR_INVALID_GRANT_ID] = {"InvalidGrantIdException", 400, "The grant id is not valid"},
     [KMS_ERR_INVALID_GRANT_TOKEN] = {"InvalidGrantTokenException", 400,
                                      "The grant token is not valid"},
+    /* ---- tags and paging ---- */
+    [KMS_ERR_TAG] = {"TagException", 400, "One or more tags are not valid"},
+    [KMS_ERR_INVALID_MARKER] = {"InvalidMarkerException", 400, "The marker is not valid"},
 };
 
 static _Thread_local char last_message[512]; /* AWS's enum lists run past 256 */

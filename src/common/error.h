@@ -41,6 +41,9 @@ typedef enum kms_err {
     KMS_ERR_BAD_MAC,              /* KMSInvalidMacException 400: VerifyMac said no */
     KMS_ERR_INVALID_GRANT_ID,     /* InvalidGrantIdException 400 */
     KMS_ERR_INVALID_GRANT_TOKEN,  /* InvalidGrantTokenException 400 */
+    /* ---- tags and paging ---- */
+    KMS_ERR_TAG,            /* TagException 400: a tag not allowed (aws: prefix, repeated key) */
+    KMS_ERR_INVALID_MARKER, /* InvalidMarkerException 400: a Marker no page ever answered */
     KMS_ERR_COUNT
 } kms_err;
 

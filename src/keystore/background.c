@@ -136,6 +136,7 @@ static kms_err destroy_in(struct kms_keystore *ks, struct kms_tx *tx, struct kms
     KMS_GUARD(kms_store_versions_delete(tx, r->id));
     /* Its grants go too: a destroyed key grants nothing, and ListGrants no longer shows them. */
     KMS_GUARD(kms_store_grants_delete(tx, r->id));
+    KMS_GUARD(kms_store_tags_delete(tx, r->id));
     KMS_GUARD(kms_store_aliases_of_key_delete(tx, r->id, note_alias, a));
     KMS_ENSURE(a->failed == KMS_OK, KMS_ERR_INTERNAL, "out of memory");
     for (size_t i = 0; i < a->naliases; i++)

@@ -9,6 +9,7 @@
  *   background.c the thread: change feed, due rotations and deletions, blocks ahead
  *   migrate.c   import of the token-only layout of earlier releases
  *   grants.c    grants: their changes and lists
+ *   tags.c      a key's tags, in the database only (nothing caches them)
  *
  * Lock order (each lock is only ever taken with those above it held, never
  * those below; none is held across a database or token call unless said):

@@ -344,7 +344,7 @@ kms_err kms_keystore_list_keys(struct kms_keystore *ks, const char *marker, size
     *n = 0;
     if (marker && kms_uuid_parse(marker, strlen(marker), from) != KMS_OK) {
         kms_err_clear();
-        return KMS_FAIL(KMS_ERR_VALIDATION, "Marker is not valid");
+        return KMS_FAIL(KMS_ERR_INVALID_MARKER, "Marker is not valid");
     }
     KMS_GUARD(kms_store_begin(ks->store, KMS_TX_READ, &tx));
     kms_err rc = kms_store_keys_list(tx, marker ? from : NULL, limit, list_one, &l);

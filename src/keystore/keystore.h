@@ -402,4 +402,43 @@ KMS_MUST_CHECK kms_err kms_keystore_derive(struct kms_keystore *ks, struct kms_k
 /* Random bytes from the token's generator. */
 KMS_MUST_CHECK kms_err kms_keystore_random(struct kms_keystore *ks, uint8_t *out, size_t n);
 
+/* ---- tags (tags.c) ---- */
+/*
+ * A key's tags live in the database only: no node caches them, so a change
+ * is not a key change for the change sequence, and every read sees the
+ * database. The callers check each tag (ops_tags.c); the key store keeps
+ * AWS's count per key and the key's state.
+ */
+#define KMS_TAGS_MAX 50 /* per key */
+
+struct kms_tag {
+    const char *key;
+    const char *value;
+};
+
+/*
+ * Adds tags to the key ref names (a key id or key ARN), replacing the value
+ * of a tag key it has. In one audited transaction: a key pending deletion is
+ * KMS_ERR_INVALID_STATE, more than KMS_TAGS_MAX tags after the change
+ * KMS_ERR_LIMIT_EXCEEDED, and then nothing is written.
+ */
+KMS_MUST_CHECK kms_err kms_keystore_tag(struct kms_keystore *ks, const char *ref,
+                                        const struct kms_tag *tags, size_t n);
+/* Removes the tags of these tag keys; one the key lacks is no error (as AWS). */
+KMS_MUST_CHECK kms_err kms_keystore_untag(struct kms_keystore *ks, const char *ref,
+                                          const char *const *keys, size_t n);
+/* At most limit of a key's tags in tag-key order, from tag key from (NULL: start) on. */
+KMS_MUST_CHECK kms_err kms_keystore_list_tags(
+    struct kms_keystore *ks, const char *ref, const char *from, size_t limit,
+    kms_err (*fn)(void *arg, const char *tag_key, const char *tag_value), void *arg);
+/*
+ * kms_keystore_create_key_as with tags (distinct tag keys, at most
+ * KMS_TAGS_MAX), written in the key's own transaction.
+ */
+KMS_MUST_CHECK kms_err kms_keystore_create_key_tagged(struct kms_keystore *ks,
+                                                      const char *description, const char *policy,
+                                                      int spec, int usage,
+                                                      const struct kms_tag *tags, size_t ntags,
+                                                      struct kms_key_info *out);
+
 #endif

@@ -88,10 +88,20 @@ kms_err kms_keystore_create_key_as(struct kms_keystore *ks, const char *descript
                                    const char *policy, int spec, int usage,
                                    struct kms_key_info *out)
 {
+    return kms_keystore_create_key_tagged(ks, description, policy, spec, usage, NULL, 0, out);
+}
+
+kms_err kms_keystore_create_key_tagged(struct kms_keystore *ks, const char *description,
+                                       const char *policy, int spec, int usage,
+                                       const struct kms_tag *tags, size_t ntags,
+                                       struct kms_key_info *out)
+{
     const struct kms_spec_info *si = kms_spec(spec);
     KMS_ENSURE(si && usage >= 0 && usage < KMS_USAGE_COUNT && (si->usages & KMS_USAGE_BIT(usage)),
                KMS_ERR_VALIDATION, "KeyUsage %s is not valid for KeySpec %s", kms_usage_name(usage),
                si ? si->name : "?");
+    KMS_ENSURE(ntags <= KMS_TAGS_MAX, KMS_ERR_LIMIT_EXCEEDED,
+               "A key can have at most %d tags; the request has %zu", KMS_TAGS_MAX, ntags);
     int gcm = spec == KMS_SPEC_SYMMETRIC_DEFAULT;
     struct kms_version_row *v = calloc(1, sizeof *v);
     struct kms_key_row row = {0};
@@ -138,6 +148,8 @@ kms_err kms_keystore_create_key_as(struct kms_keystore *ks, const char *descript
                 rc = KMS_FAIL(KMS_ERR_INTERNAL, "key id collision");
             if (rc == KMS_OK)
                 rc = kms_store_version_insert(tx, v);
+            for (size_t i = 0; rc == KMS_OK && i < ntags; i++)
+                rc = kms_store_tag_put(tx, row.id, tags[i].key, tags[i].value);
             if (rc == KMS_OK)
                 rc = kms_store_note_change(tx, KMS_CHANGE_KEY, row.id, NULL);
             /*

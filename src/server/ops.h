@@ -100,4 +100,16 @@ void kms_policy_release(void *compiled);
 /* For the audit log: the key and version a blob names, and the canonical context. */
 void kms_note_blob(struct kms_request *r, const struct kms_buf *blob, const struct kms_buf *ctx);
 
+/* ---- tags (ops_tags.c) ---- */
+kms_err kms_op_tag_resource(struct kms_request *r);
+kms_err kms_op_untag_resource(struct kms_request *r);
+kms_err kms_op_list_resource_tags(struct kms_request *r);
+/*
+ * A request's list of {TagKey, TagValue} (CreateKey's and TagResource's Tags)
+ * checked as AWS does; *out (free() it; NULL when there are none) points
+ * into in's strings.
+ */
+KMS_MUST_CHECK kms_err kms_in_tags(json_t *in, const char *name, int required, struct kms_tag **out,
+                                   size_t *n);
+
 #endif

@@ -11,8 +11,11 @@
 #include "common/keyspec.h"
 #include "server/ops.h"
 
-#define LIST_LIMIT_MAX 1000
-#define LIST_LIMIT_DEFAULT 100
+/* AWS's ranges and defaults of Limit: ListKeys 1-1000 (100), ListAliases 1-100 (50). */
+#define KEYS_LIMIT_MAX 1000
+#define KEYS_LIMIT_DEFAULT 100
+#define ALIASES_LIMIT_MAX 100
+#define ALIASES_LIMIT_DEFAULT 50
 
 static kms_err check_choice(json_t *in, const char *name, const char *only)
 {
@@ -104,14 +107,19 @@ kms_err kms_op_create_key(struct kms_request *r)
     json_t *bypass = json_object_get(r->in, "BypassPolicyLockoutSafetyCheck");
     KMS_ENSURE(!bypass || json_is_boolean(bypass), KMS_ERR_SERIALIZATION,
                "BypassPolicyLockoutSafetyCheck must be a boolean");
-    KMS_GUARD(kms_authorize_create(r));
+    struct kms_tag *tags = NULL;
+    size_t ntags = 0;
+    KMS_GUARD(kms_in_tags(r->in, "Tags", 0, &tags, &ntags));
+    kms_err rc = kms_authorize_create(r);
     char *text = NULL;
-    kms_err rc =
-        policy ? kms_check_new_policy(r, policy, "kms:PutKeyPolicy") : kms_default_policy(r, &text);
     if (rc == KMS_OK)
-        rc = kms_keystore_create_key_as(r->srv->ks, description, policy ? policy : text, spec,
-                                        usage, &k);
+        rc = policy ? kms_check_new_policy(r, policy, "kms:PutKeyPolicy")
+                    : kms_default_policy(r, &text);
+    if (rc == KMS_OK)
+        rc = kms_keystore_create_key_tagged(r->srv->ks, description, policy ? policy : text, spec,
+                                            usage, tags, ntags, &k);
     free(text);
+    free(tags);
     KMS_GUARD(rc);
     snprintf(r->key_arn, sizeof r->key_arn, "%s", k.arn);
     r->out = json_pack("{s:o}", "KeyMetadata", kms_key_metadata(r->srv, &k));
@@ -185,16 +193,6 @@ kms_err kms_op_describe_key(struct kms_request *r)
     return KMS_OK;
 }
 
-static kms_err list_args(json_t *in, size_t *limit, const char **marker)
-{
-    long l = LIST_LIMIT_DEFAULT;
-    int present;
-    KMS_GUARD(kms_in_int(in, "Limit", 1, LIST_LIMIT_MAX, &l, &present));
-    KMS_GUARD(kms_in_string(in, "Marker", 0, 1, 1024, marker));
-    *limit = (size_t)l;
-    return KMS_OK;
-}
-
 /*
  * Tries of UpdateAlias and DeleteAlias when the alias is moved by another
  * request between their authorization and their change: each try authorizes
@@ -254,7 +252,8 @@ kms_err kms_op_list_keys(struct kms_request *r)
     struct kms_key_info *keys;
     kms_err rc;
 
-    KMS_GUARD(list_args(r->in, &limit, &marker));
+    KMS_GUARD(kms_in_limit(r->in, KEYS_LIMIT_MAX, KEYS_LIMIT_DEFAULT, &limit));
+    KMS_GUARD(kms_in_marker(r->in, &marker));
     keys = calloc(limit + 1, sizeof *keys);
     KMS_ENSURE(keys != NULL, KMS_ERR_INTERNAL, "out of memory");
     rc = kms_keystore_list_keys(r->srv->ks, marker, limit + 1, keys, &n);
@@ -263,11 +262,9 @@ kms_err kms_op_list_keys(struct kms_request *r)
         for (size_t i = 0; i < n && i < limit; i++)
             json_array_append_new(
                 list, json_pack("{s:s, s:s}", "KeyId", keys[i].id_text, "KeyArn", keys[i].arn));
-        r->out = json_pack("{s:o, s:b}", "Keys", list, "Truncated", n > limit);
-        if (r->out && n > limit)
-            json_object_set_new(r->out, "NextMarker", json_string(keys[limit].id_text));
-        if (!r->out)
-            rc = KMS_FAIL(KMS_ERR_INTERNAL, "out of memory");
+        r->out = json_pack("{s:o}", "Keys", list);
+        rc = r->out ? kms_out_page(r->out, n > limit ? keys[limit].id_text : NULL)
+                    : KMS_FAIL(KMS_ERR_INTERNAL, "out of memory");
     }
     for (size_t i = 0; i < n; i++)
         kms_key_info_clear(&keys[i]);
@@ -297,11 +294,14 @@ kms_err kms_op_list_aliases(struct kms_request *r)
     struct kms_alias_info *aliases;
     kms_err rc;
 
-    KMS_GUARD(list_args(r->in, &limit, &marker));
+    KMS_GUARD(kms_in_limit(r->in, ALIASES_LIMIT_MAX, ALIASES_LIMIT_DEFAULT, &limit));
+    KMS_GUARD(kms_in_marker(r->in, &marker));
     /* A marker is the alias name a page starts from (NextMarker): as
        ListKeys and ListKeyRotations do, anything else is refused. */
-    KMS_ENSURE(!marker || kms_alias_name_check(marker) == KMS_OK, KMS_ERR_VALIDATION,
-               "Marker is not valid");
+    if (marker && kms_alias_name_check(marker) != KMS_OK) {
+        kms_err_clear();
+        return KMS_FAIL(KMS_ERR_INVALID_MARKER, "Marker is not valid");
+    }
     KMS_GUARD(kms_in_string(r->in, "KeyId", 0, 1, 2048, &key));
     aliases = calloc(limit + 1, sizeof *aliases);
     KMS_ENSURE(aliases != NULL, KMS_ERR_INTERNAL, "out of memory");
@@ -314,11 +314,9 @@ kms_err kms_op_list_aliases(struct kms_request *r)
                                 "AliasArn", aliases[i].arn, "TargetKeyId", aliases[i].target_id,
                                 "CreationDate", (json_int_t)aliases[i].created, "LastUpdatedDate",
                                 (json_int_t)aliases[i].updated));
-        r->out = json_pack("{s:o, s:b}", "Aliases", list, "Truncated", n > limit);
-        if (r->out && n > limit)
-            json_object_set_new(r->out, "NextMarker", json_string(aliases[limit].name));
-        if (!r->out)
-            rc = KMS_FAIL(KMS_ERR_INTERNAL, "out of memory");
+        r->out = json_pack("{s:o}", "Aliases", list);
+        rc = r->out ? kms_out_page(r->out, n > limit ? aliases[limit].name : NULL)
+                    : KMS_FAIL(KMS_ERR_INTERNAL, "out of memory");
     }
     free(aliases);
     return rc;

@@ -12,8 +12,9 @@
 #include "common/keyspec.h"
 #include "server/ops.h"
 
-#define LIST_LIMIT_MAX 1000
-#define LIST_LIMIT_DEFAULT 100
+/* AWS's range and default of ListKeyRotations' Limit. */
+#define ROTATIONS_LIMIT_MAX 1000
+#define ROTATIONS_LIMIT_DEFAULT 100
 
 /*
  * These operations take a key id or key ARN, as AWS's do, not an alias; the
@@ -157,8 +158,7 @@ kms_err kms_op_list_key_rotations(struct kms_request *r)
 {
     char id[KMS_UUID_TEXT_LEN + 1];
     const char *marker;
-    long limit = LIST_LIMIT_DEFAULT;
-    int present;
+    size_t limit;
     unsigned long from = 0;
     size_t n = 0;
     struct kms_rotation_info *rot;
@@ -167,33 +167,32 @@ kms_err kms_op_list_key_rotations(struct kms_request *r)
 
     KMS_GUARD(key_id(r, "kms:ListKeyRotations", id));
     KMS_GUARD(rotatable(r, id, "ListKeyRotations"));
-    KMS_GUARD(kms_in_int(r->in, "Limit", 1, LIST_LIMIT_MAX, &limit, &present));
-    KMS_GUARD(kms_in_string(r->in, "Marker", 0, 1, 64, &marker));
+    KMS_GUARD(kms_in_limit(r->in, ROTATIONS_LIMIT_MAX, ROTATIONS_LIMIT_DEFAULT, &limit));
+    KMS_GUARD(kms_in_marker(r->in, &marker));
     if (marker) {
+        /* The ordinal of the version the page starts from: NextMarker's, and only digits. */
         char *end;
         errno = 0;
         from = strtoul(marker, &end, 10);
-        KMS_ENSURE(*end == '\0' && errno == 0 && from >= 2 && from <= UINT32_MAX,
-                   KMS_ERR_VALIDATION, "Marker is not valid");
+        KMS_ENSURE(marker[0] >= '0' && marker[0] <= '9' && *end == '\0' && errno == 0 &&
+                       from >= 2 && from <= UINT32_MAX,
+                   KMS_ERR_INVALID_MARKER, "Marker is not valid");
     }
-    rot = calloc((size_t)limit + 1, sizeof *rot);
+    rot = calloc(limit + 1, sizeof *rot);
     KMS_ENSURE(rot != NULL, KMS_ERR_INTERNAL, "out of memory");
-    rc =
-        kms_keystore_list_rotations(r->srv->ks, id, (uint32_t)from, (size_t)limit + 1, rot, &n, &k);
+    rc = kms_keystore_list_rotations(r->srv->ks, id, (uint32_t)from, limit + 1, rot, &n, &k);
     if (rc == KMS_OK) {
         json_t *list = json_array();
-        for (size_t i = 0; i < n && i < (size_t)limit; i++)
+        for (size_t i = 0; i < n && i < limit; i++)
             json_array_append_new(list, json_pack("{s:s, s:I, s:s}", "KeyId", k.arn, "RotationDate",
                                                   (json_int_t)rot[i].date, "RotationType",
                                                   rot[i].on_demand ? "ON_DEMAND" : "AUTOMATIC"));
-        r->out = json_pack("{s:o, s:b}", "Rotations", list, "Truncated", n > (size_t)limit);
-        if (r->out && n > (size_t)limit) {
-            char next[16];
+        char next[16];
+        if (n > limit)
             snprintf(next, sizeof next, "%u", rot[limit].n);
-            json_object_set_new(r->out, "NextMarker", json_string(next));
-        }
-        if (!r->out)
-            rc = KMS_FAIL(KMS_ERR_INTERNAL, "out of memory");
+        r->out = json_pack("{s:o}", "Rotations", list);
+        rc = r->out ? kms_out_page(r->out, n > limit ? next : NULL)
+                    : KMS_FAIL(KMS_ERR_INTERNAL, "out of memory");
     }
     kms_key_info_clear(&k);
     free(rot);

@@ -322,3 +322,43 @@ void kms_note_blob(struct kms_request *r, const struct kms_buf *blob, const stru
         r->context.len = ctx->len;
     }
 }
+
+/* ---- paging ---- */
+
+kms_err kms_in_limit(json_t *in, long max, long def, size_t *out)
+{
+    long l = def;
+    int present;
+    KMS_GUARD(kms_in_int(in, "Limit", 1, max, &l, &present));
+    *out = (size_t)l;
+    return KMS_OK;
+}
+
+kms_err kms_in_marker(json_t *in, const char **out)
+{
+    const unsigned char *p;
+    KMS_GUARD(kms_in_string(in, "Marker", 0, 1, 1024, out));
+    /* UTF-8 (jansson's): U+0020..U+007F is one byte, U+0080..U+00FF C2 or C3 and one more */
+    for (p = (const unsigned char *)*out; p && *p; p++) {
+        if (*p >= 0x20 && *p < 0x80)
+            continue;
+        if ((*p == 0xc2 || *p == 0xc3) && p[1] >= 0x80 && p[1] <= 0xbf) {
+            p++;
+            continue;
+        }
+        *out = NULL;
+        return KMS_FAIL(KMS_ERR_VALIDATION,
+                        "1 validation error detected: Value at 'marker' failed to satisfy "
+                        "constraint: Member must satisfy regular expression pattern: "
+                        "[\\u0020-\\u00FF]*");
+    }
+    return KMS_OK;
+}
+
+kms_err kms_out_page(json_t *out, const char *next)
+{
+    if (json_object_set_new(out, "Truncated", json_boolean(next != NULL)) != 0 ||
+        (next && json_object_set_new(out, "NextMarker", json_string(next)) != 0))
+        return KMS_FAIL(KMS_ERR_INTERNAL, "out of memory");
+    return KMS_OK;
+}

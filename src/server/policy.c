@@ -117,6 +117,10 @@ static const char *const operations[] = {
     "ListGrants",
     "RevokeGrant",
     "RetireGrant",
+    /* ---- tags ---- */
+    "TagResource",
+    "UntagResource",
+    "ListResourceTags",
 };
 #define N_OPERATIONS (sizeof operations / sizeof operations[0])
 _Static_assert(N_OPERATIONS <= 64, "the actions of a statement are a uint64_t");

@@ -91,7 +91,7 @@ struct kms_op {
     int index_only; /* no token call: served on the HTTP thread, not by a worker */
 };
 
-#define KMS_OP_COUNT 38
+#define KMS_OP_COUNT 41
 /* The operation named target, or NULL. */
 const struct kms_op *kms_op_lookup(const char *target);
 /* Operations by position 0..KMS_OP_COUNT-1, and an operation's position. */
@@ -161,5 +161,21 @@ KMS_MUST_CHECK kms_err kms_check_algorithm(const struct kms_key_info *k, int alg
  */
 KMS_MUST_CHECK kms_err kms_in_enum_alg(json_t *in, const char *name, int required, int usage,
                                        int *out);
+
+/* ---- paging (ops_util.c) --------------------------------------------------- */
+
+/*
+ * A list's Limit: def when absent, else from 1 to max (AWS's range for the
+ * operation), ValidationException outside it in AWS's words.
+ */
+KMS_MUST_CHECK kms_err kms_in_limit(json_t *in, long max, long def, size_t *out);
+/*
+ * A list's Marker (NULL when absent) with AWS's MarkerType constraints: 1 to
+ * 1024 characters, each from U+0020 to U+00FF (ValidationException). What it
+ * names is the operation's to check (KMS_ERR_INVALID_MARKER).
+ */
+KMS_MUST_CHECK kms_err kms_in_marker(json_t *in, const char **out);
+/* The answer's Truncated, and NextMarker only when truncated (next not NULL). */
+KMS_MUST_CHECK kms_err kms_out_page(json_t *out, const char *next);
 
 #endif

@@ -103,6 +103,17 @@ struct kms_store_engine {
     void (*wake)(struct kms_store *st);
     /* NULL: the engine's URLs hold no secret */
     int (*url_has_secret)(const char *url);
+
+    /* ---- tags ---- */
+    kms_err (*tag_put)(struct kms_tx *tx, const uint8_t key[KMS_UUID_LEN], const char *tag_key,
+                       const char *tag_value);
+    kms_err (*tag_delete)(struct kms_tx *tx, const uint8_t key[KMS_UUID_LEN], const char *tag_key);
+    kms_err (*tags_list)(struct kms_tx *tx, const uint8_t key[KMS_UUID_LEN], const char *from,
+                         size_t limit,
+                         kms_err (*fn)(void *arg, const char *tag_key, const char *tag_value),
+                         void *arg);
+    kms_err (*tag_count)(struct kms_tx *tx, const uint8_t key[KMS_UUID_LEN], size_t *out);
+    kms_err (*tags_delete)(struct kms_tx *tx, const uint8_t key[KMS_UUID_LEN]);
 };
 
 extern const struct kms_store_engine kms_store_sqlite;

@@ -370,3 +370,36 @@ void kms_store_wake(struct kms_store *st)
     if (st->engine->wake)
         st->engine->wake(st);
 }
+
+/* ---- tags ---- */
+
+kms_err kms_store_tag_put(struct kms_tx *tx, const uint8_t key[KMS_UUID_LEN], const char *tag_key,
+                          const char *tag_value)
+{
+    return tx->engine->tag_put(tx, key, tag_key, tag_value);
+}
+
+kms_err kms_store_tag_delete(struct kms_tx *tx, const uint8_t key[KMS_UUID_LEN],
+                             const char *tag_key)
+{
+    return tx->engine->tag_delete(tx, key, tag_key);
+}
+
+kms_err kms_store_tags_list(struct kms_tx *tx, const uint8_t key[KMS_UUID_LEN], const char *from,
+                            size_t limit,
+                            kms_err (*fn)(void *arg, const char *tag_key, const char *tag_value),
+                            void *arg)
+{
+    return tx->engine->tags_list(tx, key, from, limit, fn, arg);
+}
+
+kms_err kms_store_tag_count(struct kms_tx *tx, const uint8_t key[KMS_UUID_LEN], size_t *out)
+{
+    *out = 0;
+    return tx->engine->tag_count(tx, key, out);
+}
+
+kms_err kms_store_tags_delete(struct kms_tx *tx, const uint8_t key[KMS_UUID_LEN])
+{
+    return tx->engine->tags_delete(tx, key);
+}

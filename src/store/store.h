@@ -353,4 +353,26 @@ KMS_MUST_CHECK kms_err kms_store_wait_change(struct kms_store *st, unsigned time
 /* Makes the current or the next kms_store_wait_change return at once (shutting down). */
 void kms_store_wake(struct kms_store *st);
 
+/* ---- tags ---- */
+/*
+ * A key's tags: (key, tag key) -> value, in the key's transaction. Tag keys
+ * compare and sort byte by byte (UTF-8), in both engines. The callers check
+ * AWS's limits (the key store); the store only keeps the rows.
+ */
+/* Writes a key's tag, replacing the value of one it has. */
+KMS_MUST_CHECK kms_err kms_store_tag_put(struct kms_tx *tx, const uint8_t key[KMS_UUID_LEN],
+                                         const char *tag_key, const char *tag_value);
+/* Removes one tag of a key: KMS_ERR_NOT_FOUND when the key has no such tag. */
+KMS_MUST_CHECK kms_err kms_store_tag_delete(struct kms_tx *tx, const uint8_t key[KMS_UUID_LEN],
+                                            const char *tag_key);
+/* A key's tags in tag-key order from `from` on (NULL: the start), at most limit. */
+KMS_MUST_CHECK kms_err kms_store_tags_list(
+    struct kms_tx *tx, const uint8_t key[KMS_UUID_LEN], const char *from, size_t limit,
+    kms_err (*fn)(void *arg, const char *tag_key, const char *tag_value), void *arg);
+/* How many tags a key has. */
+KMS_MUST_CHECK kms_err kms_store_tag_count(struct kms_tx *tx, const uint8_t key[KMS_UUID_LEN],
+                                           size_t *out);
+/* Removes every tag of a key (the key is destroyed). */
+KMS_MUST_CHECK kms_err kms_store_tags_delete(struct kms_tx *tx, const uint8_t key[KMS_UUID_LEN]);
+
 #endif

@@ -161,6 +161,12 @@ enum stmt {
     S_CHANGE_REQUEST_FIND,
     S_AUDIT_HEAD_GET,
     S_AUDIT_HEAD_PUT,
+    /* ---- tags ---- */
+    S_TAG_PUT,
+    S_TAG_DELETE,
+    S_TAGS_LIST,
+    S_TAG_COUNT,
+    S_TAGS_DELETE,
     S_COUNT
 };
 
@@ -255,6 +261,14 @@ static const char *const sql[S_COUNT] = {
                          "VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (node) DO UPDATE SET "
                          "log = excluded.log, seq = excluded.seq, hash = excluded.hash, "
                          "key = excluded.key, mac = excluded.mac, updated = excluded.updated",
+    /* ---- tags ---- */
+    [S_TAG_PUT] = "INSERT INTO tags (key_id, tag_key, tag_value) VALUES ($1, $2, $3) "
+                  "ON CONFLICT (key_id, tag_key) DO UPDATE SET tag_value = excluded.tag_value",
+    [S_TAG_DELETE] = "DELETE FROM tags WHERE key_id = $1 AND tag_key = $2",
+    [S_TAGS_LIST] = "SELECT tag_key, tag_value FROM tags WHERE key_id = $1 AND tag_key >= $2 "
+                    "ORDER BY tag_key LIMIT $3",
+    [S_TAG_COUNT] = "SELECT count(*) FROM tags WHERE key_id = $1",
+    [S_TAGS_DELETE] = "DELETE FROM tags WHERE key_id = $1",
 };
 
 /* A connection of the pool. */
@@ -1909,6 +1923,66 @@ static kms_err pg_changes_prune(struct kms_tx *base, int64_t before)
     return run_write(tx_of(base), S_CHANGES_PRUNE, &p, NULL, "prune changes");
 }
 
+/* ---- tags ---- */
+
+static kms_err pg_tag_put(struct kms_tx *base, const uint8_t key[KMS_UUID_LEN], const char *tag_key,
+                          const char *tag_value)
+{
+    struct params p = {0};
+    p_bytes(&p, key, KMS_UUID_LEN);
+    p_text(&p, tag_key);
+    p_text(&p, tag_value);
+    return run_write(tx_of(base), S_TAG_PUT, &p, NULL, "write a tag");
+}
+
+static kms_err pg_tag_delete(struct kms_tx *base, const uint8_t key[KMS_UUID_LEN],
+                             const char *tag_key)
+{
+    struct params p = {0};
+    long n = 0;
+    p_bytes(&p, key, KMS_UUID_LEN);
+    p_text(&p, tag_key);
+    KMS_GUARD(run_write(tx_of(base), S_TAG_DELETE, &p, &n, "delete a tag"));
+    return n == 1 ? KMS_OK : KMS_ERR_NOT_FOUND;
+}
+
+static kms_err pg_tags_list(struct kms_tx *base, const uint8_t key[KMS_UUID_LEN], const char *from,
+                            size_t limit,
+                            kms_err (*fn)(void *arg, const char *tag_key, const char *tag_value),
+                            void *arg)
+{
+    struct params p = {0};
+    PGresult *r;
+    p_bytes(&p, key, KMS_UUID_LEN);
+    p_text(&p, from ? from : "");
+    p_size(&p, limit);
+    KMS_GUARD(run(tx_of(base), S_TAGS_LIST, &p, &r, "list tags"));
+    kms_err rc = KMS_OK;
+    for (int i = 0; rc == KMS_OK && i < PQntuples(r); i++) {
+        const char *k = col_text(r, i, 0), *v = col_text(r, i, 1);
+        rc = k && v ? fn(arg, k, v) : KMS_FAIL(KMS_ERR_INTERNAL, "a malformed tag row");
+    }
+    PQclear(r);
+    return rc;
+}
+
+static kms_err pg_tag_count(struct kms_tx *base, const uint8_t key[KMS_UUID_LEN], size_t *out)
+{
+    struct params p = {0};
+    int64_t n = 0;
+    p_bytes(&p, key, KMS_UUID_LEN);
+    KMS_GUARD(one_int(tx_of(base), S_TAG_COUNT, &p, &n, "count tags"));
+    *out = (size_t)n;
+    return KMS_OK;
+}
+
+static kms_err pg_tags_delete(struct kms_tx *base, const uint8_t key[KMS_UUID_LEN])
+{
+    struct params p = {0};
+    p_bytes(&p, key, KMS_UUID_LEN);
+    return run_write(tx_of(base), S_TAGS_DELETE, &p, NULL, "delete a key's tags");
+}
+
 /* ---- the change feed ---- */
 
 /* Takes the notifications libpq has read; 1 when there was one. */
@@ -2082,4 +2156,10 @@ const struct kms_store_engine kms_store_pg = {
     .wait_change = pg_wait_change,
     .wake = pg_wake,
     .url_has_secret = pg_url_has_secret,
+    /* ---- tags ---- */
+    .tag_put = pg_tag_put,
+    .tag_delete = pg_tag_delete,
+    .tags_list = pg_tags_list,
+    .tag_count = pg_tag_count,
+    .tags_delete = pg_tags_delete,
 };

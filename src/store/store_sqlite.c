@@ -70,6 +70,12 @@ enum stmt {
     S_CHANGE_REQUEST_FIND,
     S_AUDIT_HEAD_GET,
     S_AUDIT_HEAD_PUT,
+    /* ---- tags ---- */
+    S_TAG_PUT,
+    S_TAG_DELETE,
+    S_TAGS_LIST,
+    S_TAG_COUNT,
+    S_TAGS_DELETE,
     S_COUNT
 };
 
@@ -156,6 +162,14 @@ static const char *const sql[S_COUNT] = {
                          "VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7) ON CONFLICT (node) DO UPDATE SET "
                          "log = excluded.log, seq = excluded.seq, hash = excluded.hash, "
                          "key = excluded.key, mac = excluded.mac, updated = excluded.updated",
+    /* ---- tags ---- */
+    [S_TAG_PUT] = "INSERT INTO tags (key_id, tag_key, tag_value) VALUES (?1, ?2, ?3) "
+                  "ON CONFLICT (key_id, tag_key) DO UPDATE SET tag_value = excluded.tag_value",
+    [S_TAG_DELETE] = "DELETE FROM tags WHERE key_id = ?1 AND tag_key = ?2",
+    [S_TAGS_LIST] = "SELECT tag_key, tag_value FROM tags WHERE key_id = ?1 AND tag_key >= ?2 "
+                    "ORDER BY tag_key LIMIT ?3",
+    [S_TAG_COUNT] = "SELECT count(*) FROM tags WHERE key_id = ?1",
+    [S_TAGS_DELETE] = "DELETE FROM tags WHERE key_id = ?1",
 };
 
 /* A thread's connection; its base is the struct kms_tx handed out (engine.h). */
@@ -1318,6 +1332,75 @@ static kms_err sq_changes_prune(struct kms_tx *base, int64_t before)
     return run(tx, q, "prune changes");
 }
 
+/* ---- tags ---- */
+
+static kms_err sq_tag_put(struct kms_tx *base, const uint8_t key[KMS_UUID_LEN], const char *tag_key,
+                          const char *tag_value)
+{
+    struct conn *tx = conn_of(base);
+    sqlite3_stmt *q;
+    KMS_GUARD(stmt(tx, S_TAG_PUT, &q));
+    bind_id(q, 1, key);
+    bind_text(q, 2, tag_key);
+    bind_text(q, 3, tag_value);
+    return run(tx, q, "write a tag");
+}
+
+static kms_err sq_tag_delete(struct kms_tx *base, const uint8_t key[KMS_UUID_LEN],
+                             const char *tag_key)
+{
+    struct conn *tx = conn_of(base);
+    sqlite3_stmt *q;
+    KMS_GUARD(stmt(tx, S_TAG_DELETE, &q));
+    bind_id(q, 1, key);
+    bind_text(q, 2, tag_key);
+    KMS_GUARD(run(tx, q, "delete a tag"));
+    return sqlite3_changes(tx->db) == 1 ? KMS_OK : KMS_ERR_NOT_FOUND;
+}
+
+static kms_err sq_tags_list(struct kms_tx *base, const uint8_t key[KMS_UUID_LEN], const char *from,
+                            size_t limit,
+                            kms_err (*fn)(void *arg, const char *tag_key, const char *tag_value),
+                            void *arg)
+{
+    struct conn *tx = conn_of(base);
+    sqlite3_stmt *q;
+    kms_err rc = KMS_OK;
+    KMS_GUARD(stmt(tx, S_TAGS_LIST, &q));
+    bind_id(q, 1, key);
+    bind_text(q, 2, from ? from : "");
+    sqlite3_bind_int64(q, 3, limit > (size_t)INT64_MAX ? INT64_MAX : (sqlite3_int64)limit);
+    while (rc == KMS_OK && next_row(tx, q, &rc, "list tags")) {
+        const char *k = (const char *)sqlite3_column_text(q, 0);
+        const char *v = (const char *)sqlite3_column_text(q, 1);
+        rc = k && v ? fn(arg, k, v) : KMS_FAIL(KMS_ERR_INTERNAL, "a malformed tag row");
+    }
+    sqlite3_reset(q);
+    return rc;
+}
+
+static kms_err sq_tag_count(struct kms_tx *base, const uint8_t key[KMS_UUID_LEN], size_t *out)
+{
+    struct conn *tx = conn_of(base);
+    sqlite3_stmt *q;
+    kms_err rc = KMS_OK;
+    KMS_GUARD(stmt(tx, S_TAG_COUNT, &q));
+    bind_id(q, 1, key);
+    if (next_row(tx, q, &rc, "count tags"))
+        *out = (size_t)sqlite3_column_int64(q, 0);
+    sqlite3_reset(q);
+    return rc;
+}
+
+static kms_err sq_tags_delete(struct kms_tx *base, const uint8_t key[KMS_UUID_LEN])
+{
+    struct conn *tx = conn_of(base);
+    sqlite3_stmt *q;
+    KMS_GUARD(stmt(tx, S_TAGS_DELETE, &q));
+    bind_id(q, 1, key);
+    return run(tx, q, "delete a key's tags");
+}
+
 const struct kms_store_engine kms_store_sqlite = {
     .open = sq_open,
     .close = sq_close,
@@ -1365,4 +1448,10 @@ const struct kms_store_engine kms_store_sqlite = {
     .change_tail = sq_change_tail,
     .changes = sq_changes,
     .changes_prune = sq_changes_prune,
+    /* ---- tags ---- */
+    .tag_put = sq_tag_put,
+    .tag_delete = sq_tag_delete,
+    .tags_list = sq_tags_list,
+    .tag_count = sq_tag_count,
+    .tags_delete = sq_tags_delete,
 };

@@ -157,7 +157,7 @@ def audit_lines():
 
 
 def target_of(alias):
-    for a in ok(C.admin, "ListAliases", {"Limit": 1000})["Aliases"]:
+    for a in ok(C.admin, "ListAliases", {"Limit": 100})["Aliases"]:
         if a["AliasName"] == alias:
             return a["TargetKeyId"]
     return None

@@ -342,6 +342,9 @@ def base_bodies():
         "CreateKey": {"Description": "bad-input never created"},
         "DescribeKey": {"KeyId": C.key, "GrantTokens": [GRANT_TOKEN]},
         "ListKeys": {"Limit": 10, "Marker": C.key},
+        "ListResourceTags": {"KeyId": C.scratch, "Limit": 10, "Marker": "dGVhbQ=="},
+        "TagResource": {"KeyId": C.scratch, "Tags": [{"TagKey": "bad-input", "TagValue": "no"}]},
+        "UntagResource": {"KeyId": C.scratch, "TagKeys": ["bad-input-never"]},
         "CreateAlias": {"AliasName": "alias/bad-input-never", "TargetKeyId": C.scratch},
         "ListAliases": {"Limit": 10, "KeyId": C.key, "Marker": ALIAS},
         "UpdateAlias": {"AliasName": ALIAS, "TargetKeyId": C.scratch},
@@ -487,6 +490,9 @@ CONTEXT_BAD = [[], "a=b", 5, True, [["a", "b"]]]
 CONTEXT_VALUE_BAD = [{"a": 1}, {"a": None}, {"a": ["x"]}, {"a": {"b": "c"}}, {"a": True}]
 TOKENS_BAD = ["tok", 5, {"a": "b"}, True]
 TOKEN_ITEMS_BAD = [[1], [None], [["x"]], [{}], ["ok", 2]]
+TAGS_BAD = ["k=v", 5, {"TagKey": "k", "TagValue": "v"}, [1], [["k", "v"]], True]
+TAG_KEYS_BAD = ["k", 5, {"k": "v"}, True]
+TAG_KEY_ITEMS_BAD = [[1], ["ok", 2], [["x"]], [{}]]  # a null item is a missing one (400 Validation)
 
 # member -> (kind, required)
 MEMBERS = {
@@ -495,6 +501,9 @@ MEMBERS = {
                   ("Origin", "string")],
     "DescribeKey": [("KeyId", "string!"), ("GrantTokens", "tokens")],
     "ListKeys": [("Limit", "int"), ("Marker", "string")],
+    "ListResourceTags": [("KeyId", "string!"), ("Limit", "int"), ("Marker", "string")],
+    "TagResource": [("KeyId", "string!"), ("Tags", "tags!")],
+    "UntagResource": [("KeyId", "string!"), ("TagKeys", "tagkeys!")],
     "CreateAlias": [("AliasName", "string!"), ("TargetKeyId", "string!")],
     "ListAliases": [("Limit", "int"), ("Marker", "string"), ("KeyId", "string")],
     "UpdateAlias": [("AliasName", "string!"), ("TargetKeyId", "string!")],
@@ -554,7 +563,8 @@ MEMBERS = {
 }
 
 WANT = {"string": "a string", "int": "an integer", "blob": "a base64 string",
-        "tokens": "a list of strings", "context": "an object of strings"}
+        "tokens": "a list of strings", "context": "an object of strings",
+        "tags": "a list of {TagKey, TagValue}", "tagkeys": "a list of strings"}
 
 
 def pick(values, n, seed):
@@ -573,7 +583,8 @@ def wrong_type_cases():
             seed += 1
             bad = {"string": pick(STRING_BAD, 2, seed), "int": pick(INT_BAD, 3, seed),
                    "blob": pick(BLOB_BAD, 2, seed), "tokens": pick(TOKENS_BAD, 1, seed),
-                   "context": pick(CONTEXT_BAD, 2, seed)}[kind]
+                   "context": pick(CONTEXT_BAD, 2, seed), "tags": pick(TAGS_BAD, 2, seed),
+                   "tagkeys": pick(TAG_KEYS_BAD, 2, seed)}[kind]
             for value in bad:
                 message = "%s must be %s" % (name, WANT[kind])
                 cases.append(op_case("wrong_type", "%s.%s = %s" % (op, name, json.dumps(value)),
@@ -591,6 +602,14 @@ def wrong_type_cases():
                                          op, with_member(bodies[op], name, value),
                                          "SerializationException", 400,
                                          "GrantTokens must be a list of strings"))
+            if kind == "tagkeys":
+                for value in pick(TAG_KEY_ITEMS_BAD, 2, seed):
+                    cases.append(op_case("wrong_type", "%s.%s = %s" % (op, name, json.dumps(value)),
+                                         op, with_member(bodies[op], name, value),
+                                         "SerializationException", 400,
+                                         "tagKeys.%d.member must be a string"
+                                         % (1 + next(i for i, x in enumerate(value)
+                                                     if not isinstance(x, str)))))
             if kind == "blob":
                 for value in pick(BASE64_BAD, 4, seed):
                     cases.append(op_case("wrong_type", "%s.%s = %s" % (op, name, json.dumps(value)),
@@ -894,21 +913,27 @@ def invalid_value_cases():
         "ValidationException")
 
     # Lists.
-    for op in ("ListKeys", "ListAliases", "ListKeyRotations"):
-        base = {"KeyId": C.scratch} if op == "ListKeyRotations" else {}
-        for limit in (0, -1, 1001):
+    # AWS's ranges of Limit: ListAliases 1-100, ListResourceTags 1-50, the others 1-1000.
+    for op, most in (("ListKeys", 1000), ("ListAliases", 100), ("ListKeyRotations", 1000),
+                     ("ListResourceTags", 50)):
+        base = {"KeyId": C.scratch} if op in ("ListKeyRotations", "ListResourceTags") else {}
+        for limit in (0, -1, most + 1):
             add("%s: Limit %d" % (op, limit), op, dict(base, Limit=limit), "ValidationException",
-                400, int_bound("limit", limit, 1 if limit < 1 else 1000, limit > 1))
+                400, int_bound("limit", limit, 1 if limit < 1 else most, limit > 1))
+    # A marker no page answered: InvalidMarkerException, as AWS's model lists it.
     for marker in ("garbage", C.key + "x", "00000000-0000-0000-0000-00000000000g"):
         add("ListKeys: Marker %r" % marker, "ListKeys", {"Marker": marker},
-            "ValidationException", 400, "Marker is not valid")
+            "InvalidMarkerException", 400, "Marker is not valid")
     for marker in ("1", "0", "abc", "-2", "4294967296", "2x"):
         add("ListKeyRotations: Marker %r" % marker, "ListKeyRotations",
-            {"KeyId": C.scratch, "Marker": marker}, "ValidationException", 400,
+            {"KeyId": C.scratch, "Marker": marker}, "InvalidMarkerException", 400,
             "Marker is not valid")
     for marker in ("garbage", "alias/", "alias/aws/x", "a" * 300):
         add("ListAliases: Marker %r" % marker[:20], "ListAliases", {"Marker": marker},
-            "ValidationException", 400, "Marker is not valid")
+            "InvalidMarkerException", 400, "Marker is not valid")
+    add("ListResourceTags: Marker not base64", "ListResourceTags",
+        {"KeyId": C.scratch, "Marker": "not base64!"}, "InvalidMarkerException", 400,
+        "Marker is not valid")
     add("ListKeys: empty Marker", "ListKeys", {"Marker": ""}, "ValidationException", 400,
         length_bound("marker", 1, False))
     return cases
@@ -1015,8 +1040,8 @@ def oversized_cases():
            6144)
     member("ListKeys: Marker of 1025 characters", "ListKeys", {"Marker": "m" * 1025}, "marker",
            1024)
-    member("ListKeyRotations: Marker of 65 characters", "ListKeyRotations",
-           {"KeyId": C.scratch, "Marker": "9" * 65}, "marker", 64)
+    member("ListKeyRotations: Marker of 1025 characters", "ListKeyRotations",
+           {"KeyId": C.scratch, "Marker": "9" * 1025}, "marker", 1024)
     member("GenerateDataKey: KeySpec of 17 characters", "GenerateDataKey",
            {"KeyId": C.key, "KeySpec": "AES_256" + "0" * 10}, "keySpec", 16)
     member("Encrypt: EncryptionAlgorithm of 65 characters", "Encrypt",
@@ -1070,8 +1095,7 @@ def protocol_cases():
                           ("DynamoDB", "DynamoDB_20120810.ListTables"),
                           ("SSM", "AmazonSSM.GetParameter"),
                           ("KMS under another prefix", "TrentService2.DescribeKey"),
-                          ("ListResourceTags", "TrentService.ListResourceTags"),
-                          ("TagResource", "TrentService.TagResource"),
+                          ("UpdatePrimaryRegion", "TrentService.UpdatePrimaryRegion"),
                           ("createGrant (case matters)", "TrentService.createGrant"),
                           ("ReplicateKey", "TrentService.ReplicateKey"),
                           ("GetParametersForImport", "TrentService.GetParametersForImport"),

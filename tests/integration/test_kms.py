@@ -420,7 +420,7 @@ def test_list_keys_pagination():
             marker = page["NextMarker"]
         eq(truncated, [True, True, False], "ListAliases Truncated per page")
         eq(seen, sorted(zip(names, (m["KeyId"] for m in made))), "every alias once, by name")
-        eq(err(kms.list_keys, Marker="not-a-marker"), ("ValidationException", 400), "bad Marker")
+        eq(err(kms.list_keys, Marker="not-a-marker"), ("InvalidMarkerException", 400), "bad Marker")
     finally:
         try:
             if server:

@@ -448,9 +448,11 @@ def test_versions_and_on_demand_rotation():
     eq(p1["Rotations"] + p2["Rotations"], rots, "the pages make up the whole list")
     p = call("ListKeyRotations", {"KeyId": key, "Limit": 2})
     eq((p["Rotations"], p["Truncated"]), (rots, False), "Limit=2")
-    for bad in ("not-a-marker", "0", "-1", ""):
-        fails("ListKeyRotations", {"KeyId": key, "Marker": bad}, "ValidationException", 400,
+    for bad in ("not-a-marker", "0", "-1"):
+        fails("ListKeyRotations", {"KeyId": key, "Marker": bad}, "InvalidMarkerException", 400,
               "Marker %r" % bad)
+    fails("ListKeyRotations", {"KeyId": key, "Marker": ""}, "ValidationException", 400,
+          "an empty Marker")
     fails("ListKeyRotations", {"KeyId": key, "Limit": 0}, "ValidationException", 400, "Limit 0")
     fails("ListKeyRotations", {"KeyId": str(uuid.uuid4())}, "NotFoundException", 404,
           "a key that does not exist")

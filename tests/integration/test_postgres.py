@@ -89,6 +89,7 @@ GRANT SELECT, INSERT, DELETE ON changes TO {role};
 GRANT USAGE ON SEQUENCE changes_seq_seq TO {role};
 GRANT SELECT, INSERT ON change_requests TO {role};
 GRANT SELECT, INSERT, UPDATE ON audit_heads TO {role};
+GRANT SELECT, INSERT, UPDATE, DELETE ON tags TO {role};
 '''
 NODE_SETTINGS = {
     "refresh_ms": "5000",  # the timer's poll: far slower than the bounds above
@@ -486,6 +487,11 @@ def test_least_privilege_role():
                                                "GetKeyPolicy")["Policy"]}),
                 ("DisableKey", {"KeyId": key}),
                 ("EnableKey", {"KeyId": key}),
+                ("TagResource", {"KeyId": key, "Tags": [{"TagKey": "a", "TagValue": "1"}]}),
+                ("ListResourceTags", {"KeyId": key}),
+                ("UntagResource", {"KeyId": key, "TagKeys": ["a"]}),
+                # tags the destruction below deletes (DELETE on tags)
+                ("TagResource", {"KeyId": other, "Tags": [{"TagKey": "b", "TagValue": "2"}]}),
                 ("ListKeys", {})):
             ok(call(c, op, params), "%s as %s" % (op, role))
         decrypt_ok(c, item)  # under the first version, after the rotation

@@ -68,6 +68,8 @@ static void test_status_names(void **state)
     assert_int_equal(P11KMS_ERR_BAD_MAC, 37);
     assert_int_equal(P11KMS_ERR_INVALID_GRANT_ID, 38);
     assert_int_equal(P11KMS_ERR_INVALID_GRANT_TOKEN, 39);
+    assert_int_equal(P11KMS_ERR_TAG, 40);
+    assert_int_equal(P11KMS_ERR_INVALID_MARKER, 41);
     assert_string_equal(p11kms_status_name(P11KMS_STATUS_COUNT), "Unknown");
     assert_string_equal(p11kms_status_name((p11kms_status)-1), "Unknown");
     assert_string_equal(p11kms_status_name((p11kms_status)1000), "Unknown");
@@ -104,6 +106,9 @@ static const p11kms_status expected_status[KMS_ERR_COUNT] = {
     [KMS_ERR_BAD_MAC] = P11KMS_ERR_BAD_MAC,
     [KMS_ERR_INVALID_GRANT_ID] = P11KMS_ERR_INVALID_GRANT_ID,
     [KMS_ERR_INVALID_GRANT_TOKEN] = P11KMS_ERR_INVALID_GRANT_TOKEN,
+    /* ---- tags and paging ---- */
+    [KMS_ERR_TAG] = P11KMS_ERR_TAG,
+    [KMS_ERR_INVALID_MARKER] = P11KMS_ERR_INVALID_MARKER,
 };
 
 static void test_every_server_type_maps(void **state)

@@ -2936,6 +2936,141 @@ static void test_url_has_secret(void **state)
         assert_int_equal(kms_store_url_has_secret(clean[i]), 0);
 }
 
+/* ---- tags ---- */
+
+struct seen_tags {
+    size_t n;
+    char keys[8][160];
+    char values[8][300];
+};
+
+static kms_err note_tag(void *arg, const char *tag_key, const char *tag_value)
+{
+    struct seen_tags *s = arg;
+    assert_true(s->n < 8);
+    snprintf(s->keys[s->n], sizeof s->keys[0], "%s", tag_key);
+    snprintf(s->values[s->n], sizeof s->values[0], "%s", tag_value);
+    s->n++;
+    return KMS_OK;
+}
+
+static void list_tags(struct kms_tx *tx, const uint8_t key[KMS_UUID_LEN], const char *from,
+                      size_t limit, struct seen_tags *s)
+{
+    memset(s, 0, sizeof *s);
+    assert_int_equal(kms_store_tags_list(tx, key, from, limit, note_tag, s), KMS_OK);
+}
+
+/*
+ * A key's tags: put replaces, lists are in byte order of the tag key (UTF-8,
+ * upper case before lower), from is inclusive, each key has its own, and
+ * deleting a key's tags leaves the other key's.
+ */
+static void test_tags(void **state)
+{
+    struct fixture *f = *state;
+    struct kms_store *st = init_store(f);
+    uint8_t k1[KMS_UUID_LEN], k2[KMS_UUID_LEN], k9[KMS_UUID_LEN];
+    struct seen_tags s;
+    size_t n = 99;
+    char long_value[257];
+
+    insert_key(st, 1, KMS_STORE_ENABLED);
+    insert_key(st, 2, KMS_STORE_ENABLED);
+    id_of(k1, 1);
+    id_of(k2, 2);
+    id_of(k9, 9);
+    memset(long_value, 'v', 256);
+    long_value[256] = '\0';
+
+    struct kms_tx *tx = begin(st, KMS_TX_WRITE);
+    assert_int_equal(kms_store_tag_put(tx, k1, "team", "blue"), KMS_OK);
+    assert_int_equal(kms_store_tag_put(tx, k1, "Team", "upper"), KMS_OK);
+    assert_int_equal(kms_store_tag_put(tx, k1, "\xc3\xa9t\xc3\xa9", ""), KMS_OK); /* "été" */
+    assert_int_equal(kms_store_tag_put(tx, k1, "cost", long_value), KMS_OK);
+    assert_int_equal(kms_store_tag_put(tx, k2, "team", "red"), KMS_OK);
+    /* an existing tag key: its value is replaced */
+    assert_int_equal(kms_store_tag_put(tx, k1, "team", "green"), KMS_OK);
+    commit(tx);
+
+    tx = begin(st, KMS_TX_READ);
+    assert_int_equal(kms_store_tag_count(tx, k1, &n), KMS_OK);
+    assert_int_equal(n, 4);
+    assert_int_equal(kms_store_tag_count(tx, k2, &n), KMS_OK);
+    assert_int_equal(n, 1);
+    assert_int_equal(kms_store_tag_count(tx, k9, &n), KMS_OK);
+    assert_int_equal(n, 0);
+    list_tags(tx, k1, NULL, 100, &s);
+    assert_int_equal(s.n, 4);
+    assert_string_equal(s.keys[0], "Team");
+    assert_string_equal(s.values[0], "upper");
+    assert_string_equal(s.keys[1], "cost");
+    assert_string_equal(s.values[1], long_value);
+    assert_string_equal(s.keys[2], "team");
+    assert_string_equal(s.values[2], "green");
+    assert_string_equal(s.keys[3], "\xc3\xa9t\xc3\xa9");
+    assert_string_equal(s.values[3], "");
+    /* pages: from is inclusive, limit bounds */
+    list_tags(tx, k1, NULL, 2, &s);
+    assert_int_equal(s.n, 2);
+    assert_string_equal(s.keys[1], "cost");
+    list_tags(tx, k1, "team", 2, &s);
+    assert_int_equal(s.n, 2);
+    assert_string_equal(s.keys[0], "team");
+    assert_string_equal(s.keys[1], "\xc3\xa9t\xc3\xa9");
+    list_tags(tx, k1, "d", 1, &s);
+    assert_int_equal(s.n, 1);
+    assert_string_equal(s.keys[0], "team");
+    list_tags(tx, k1, "\xc3\xa9u", 10, &s);
+    assert_int_equal(s.n, 0);
+    list_tags(tx, k2, NULL, 10, &s);
+    assert_int_equal(s.n, 1);
+    assert_string_equal(s.values[0], "red");
+    list_tags(tx, k9, NULL, 10, &s);
+    assert_int_equal(s.n, 0);
+    commit(tx);
+
+    tx = begin(st, KMS_TX_WRITE);
+    assert_int_equal(kms_store_tag_delete(tx, k1, "cost"), KMS_OK);
+    assert_int_equal(kms_store_tag_delete(tx, k1, "cost"), KMS_ERR_NOT_FOUND);
+    /* tag keys are case-sensitive */
+    assert_int_equal(kms_store_tag_delete(tx, k1, "TEAM"), KMS_ERR_NOT_FOUND);
+    assert_int_equal(kms_store_tag_delete(tx, k2, "Team"), KMS_ERR_NOT_FOUND);
+    assert_int_equal(kms_store_tag_count(tx, k1, &n), KMS_OK);
+    assert_int_equal(n, 3);
+    commit(tx);
+
+    /* a rolled back put or delete leaves nothing behind */
+    tx = begin(st, KMS_TX_WRITE);
+    assert_int_equal(kms_store_tag_put(tx, k2, "gone", "soon"), KMS_OK);
+    assert_int_equal(kms_store_tag_delete(tx, k2, "team"), KMS_OK);
+    kms_store_rollback(tx);
+    tx = begin(st, KMS_TX_READ);
+    list_tags(tx, k2, NULL, 10, &s);
+    assert_int_equal(s.n, 1);
+    assert_string_equal(s.keys[0], "team");
+    commit(tx);
+
+    /* a destroyed key's tags go together; the other key's stay */
+    tx = begin(st, KMS_TX_WRITE);
+    assert_int_equal(kms_store_tags_delete(tx, k1), KMS_OK);
+    assert_int_equal(kms_store_tags_delete(tx, k1), KMS_OK);
+    assert_int_equal(kms_store_tags_delete(tx, k9), KMS_OK);
+    commit(tx);
+    tx = begin(st, KMS_TX_READ);
+    assert_int_equal(kms_store_tag_count(tx, k1, &n), KMS_OK);
+    assert_int_equal(n, 0);
+    assert_int_equal(kms_store_tag_count(tx, k2, &n), KMS_OK);
+    assert_int_equal(n, 1);
+    commit(tx);
+
+    /* a tag of a key that is not there is a fault, not "already exists" */
+    tx = begin(st, KMS_TX_WRITE);
+    assert_int_equal(kms_store_tag_put(tx, k9, "team", "x"), KMS_ERR_INTERNAL);
+    kms_store_rollback(tx);
+    kms_err_clear();
+}
+
 #define BOTH(test, setup) cmocka_unit_test_setup_teardown(test, setup, remove_fixture)
 
 static int run_postgresql(void)
@@ -2981,6 +3116,7 @@ static int run_postgresql(void)
         BOTH(test_pg_pool_size, make_pg_fixture),
         BOTH(test_pg_connect_timeout, make_pg_fixture),
         BOTH(test_pg_several_hosts, make_pg_fixture),
+        BOTH(test_tags, make_pg_fixture),
     };
     /* Without its server this run fails: it is never skipped. */
     if (pg_setup() != 0) {
@@ -3025,6 +3161,7 @@ int main(void)
         BOTH(test_backup, make_fixture),
         BOTH(test_feed_unsupported, make_fixture),
         BOTH(test_url_has_secret, make_fixture),
+        BOTH(test_tags, make_fixture),
     };
     return cmocka_run_group_tests_name("store on SQLite", tests, NULL, NULL);
 }
