@@ -90,6 +90,7 @@ GRANT USAGE ON SEQUENCE changes_seq_seq TO {role};
 GRANT SELECT, INSERT ON change_requests TO {role};
 GRANT SELECT, INSERT, UPDATE ON audit_heads TO {role};
 GRANT SELECT, INSERT, UPDATE, DELETE ON tags TO {role};
+GRANT SELECT, INSERT, DELETE ON grants TO {role};
 '''
 NODE_SETTINGS = {
     "refresh_ms": "5000",  # the timer's poll: far slower than the bounds above
@@ -471,6 +472,7 @@ def test_least_privilege_role():
         decrypt_ok(C.a, item)
         decrypt_ok(c, gdk_ok(C.a, key))
         other = create_key(c, "alias target 2")
+        grantee = "arn:aws:iam::%s:user/%s" % (h.ACCOUNT, C.principal.name)
         for op, params in (
                 ("CreateAlias", {"AliasName": "alias/least", "TargetKeyId": key}),
                 ("UpdateAlias", {"AliasName": "alias/least", "TargetKeyId": other}),
@@ -492,6 +494,12 @@ def test_least_privilege_role():
                 ("UntagResource", {"KeyId": key, "TagKeys": ["a"]}),
                 # tags the destruction below deletes (DELETE on tags)
                 ("TagResource", {"KeyId": other, "Tags": [{"TagKey": "b", "TagValue": "2"}]}),
+                ("CreateGrant", {"KeyId": key, "GranteePrincipal": grantee,
+                                 "Operations": ["Decrypt"], "Name": "least"}),
+                ("ListGrants", {"KeyId": key}),
+                # a grant the destruction below deletes (DELETE on grants)
+                ("CreateGrant", {"KeyId": other, "GranteePrincipal": grantee,
+                                 "Operations": ["Encrypt"]}),
                 ("ListKeys", {})):
             ok(call(c, op, params), "%s as %s" % (op, role))
         decrypt_ok(c, item)  # under the first version, after the rotation
@@ -516,6 +524,11 @@ def test_least_privilege_role():
                 os.kill(pid, signal.SIGCONT)
         eq(one("SELECT count(*) FROM versions WHERE key_id = decode('%s', 'hex')"
                % other.replace("-", "")), "0", "the destroyed key's versions")
+        eq(one("SELECT count(*) FROM grants WHERE key_id = decode('%s', 'hex')"
+               % other.replace("-", "")), "0", "the destroyed key's grants")
+        # RevokeGrant as the role (DELETE on grants)
+        gid = ok(call(c, "ListGrants", {"KeyId": key}), "ListGrants")["Grants"][0]["GrantId"]
+        ok(call(c, "RevokeGrant", {"KeyId": key, "GrantId": gid}), "RevokeGrant as %s" % role)
         log = c.stderr_text()
         check("permission denied" not in log, "node C's log:\n%s" % log[-3000:])
         check("key %s destroyed" % other in log, "node C destroyed the key:\n%s" % log[-3000:])
