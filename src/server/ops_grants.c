@@ -289,14 +289,12 @@ static kms_err page_add(void *arg, const struct kms_grant_row *g)
 /* Limit and Marker of the list operations. */
 static kms_err page_in(json_t *in, size_t *limit, const char **marker)
 {
-    long n = GRANT_LIMIT_DEFAULT;
-    int present;
-    KMS_GUARD(kms_in_int(in, "Limit", 1, GRANT_LIMIT_MAX, &n, &present));
-    KMS_GUARD(kms_in_string(in, "Marker", 0, 1, 320, marker));
+    KMS_GUARD(kms_in_limit(in, GRANT_LIMIT_MAX, GRANT_LIMIT_DEFAULT, limit));
+    KMS_GUARD(kms_in_marker(in, marker));
+    /* A page ends at a grant: a marker that is no grant id is one no page answered. */
     KMS_ENSURE(!*marker ||
                    (strlen(*marker) == KMS_GRANT_ID_LEN && all_of(*marker, "0123456789abcdef")),
-               KMS_ERR_VALIDATION, "Invalid marker '%.64s'", *marker);
-    *limit = (size_t)n;
+               KMS_ERR_INVALID_MARKER, "Marker is not valid");
     return KMS_OK;
 }
 

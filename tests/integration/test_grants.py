@@ -480,6 +480,11 @@ def test_list_grants_pages_a_thousand_grants_once():
     check(all(g["GranteePrincipal"] == user("alice") for g in alice), "only alice's grants")
     refused(call(C.admin, "ListGrants", {"KeyId": key, "Limit": 101}), "ValidationException", 400)
     refused(call(C.admin, "ListGrants", {"KeyId": key, "Marker": "garbage"}),
+            "InvalidMarkerException", 400)
+    refused(call(C.admin, "ListRetirableGrants",
+                 {"RetiringPrincipal": user("alice"), "Marker": "f" * 63}),
+            "InvalidMarkerException", 400)
+    refused(call(C.admin, "ListGrants", {"KeyId": key, "Marker": "\u0100"}),
             "ValidationException", 400)
     # ListGrants is the key policy's: alice, a grantee, may not list.
     refused(call(C.alice, "ListGrants", {"KeyId": key}), "AccessDeniedException", 400)
