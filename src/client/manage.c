@@ -17,33 +17,12 @@
 #include <string.h>
 
 #include "client/internal.h"
+#include "common/keyspec.h"
 
 #define LIST_TAGS_LIMIT 50    /* AWS's largest ListResourceTags page */
 #define LIST_GRANTS_LIMIT 100 /* ... and ListGrants' */
 #define GRANT_ID_LEN 64
 #define LIST_PAGES_MAX 100000 /* a service that never stops saying Truncated */
-
-/* The operations a grant may allow (AWS's GrantOperation). */
-static const char *const grant_operations[] = {
-    "Decrypt",
-    "Encrypt",
-    "GenerateDataKey",
-    "GenerateDataKeyWithoutPlaintext",
-    "ReEncryptFrom",
-    "ReEncryptTo",
-    "Sign",
-    "Verify",
-    "GetPublicKey",
-    "CreateGrant",
-    "RetireGrant",
-    "DescribeKey",
-    "GenerateDataKeyPair",
-    "GenerateDataKeyPairWithoutPlaintext",
-    "GenerateMac",
-    "VerifyMac",
-    "DeriveSharedSecret",
-};
-#define N_GRANT_OPERATIONS (sizeof grant_operations / sizeof grant_operations[0])
 
 /* ---- argument checks ------------------------------------------------------------- */
 
@@ -130,9 +109,8 @@ static p11kms_status check_grant_token(const char *token)
 
 static p11kms_status check_operation(const char *op, size_t i)
 {
-    for (size_t k = 0; op && k < N_GRANT_OPERATIONS; k++)
-        if (strcmp(op, grant_operations[k]) == 0)
-            return P11KMS_OK;
+    if (op && kms_grant_op_index(op) >= 0)
+        return P11KMS_OK;
     return kms_client_fail(P11KMS_ERR_ARGUMENT,
                            "operation %zu (%.64s) is not one a grant can allow (Decrypt, Encrypt, "
                            "GenerateDataKey, ...)",
@@ -340,7 +318,7 @@ p11kms_status p11kms_create_grant(p11kms_client *c, const char *key_id, const ch
     if ((st = check_principal(grantee, "grantee principal")) != P11KMS_OK ||
         (retiring && (st = check_principal(retiring, "retiring principal")) != P11KMS_OK) ||
         (name && (st = check_grant_name(name)) != P11KMS_OK) ||
-        (st = check_count(operations, nops, N_GRANT_OPERATIONS, "operations")) != P11KMS_OK)
+        (st = check_count(operations, nops, KMS_GRANT_OP_COUNT, "operations")) != P11KMS_OK)
         return st;
     for (size_t i = 0; i < nops; i++) {
         if ((st = check_operation(operations[i], i)) != P11KMS_OK)

@@ -156,3 +156,39 @@ size_t kms_oaep_max_plaintext(int spec, int alg)
         return 0;
     return s->bits / 8 - 2 * a->md_len - 2;
 }
+
+/* ---- grant operations ---- */
+
+/* AWS's GrantOperation enum, in its order. */
+static const char *const op_names[KMS_GRANT_OP_COUNT] = {
+    "Decrypt",
+    "Encrypt",
+    "GenerateDataKey",
+    "GenerateDataKeyWithoutPlaintext",
+    "ReEncryptFrom",
+    "ReEncryptTo",
+    "Sign",
+    "Verify",
+    "GetPublicKey",
+    "CreateGrant",
+    "RetireGrant",
+    "DescribeKey",
+    "GenerateDataKeyPair",
+    "GenerateDataKeyPairWithoutPlaintext",
+    "GenerateMac",
+    "VerifyMac",
+    "DeriveSharedSecret",
+};
+
+const char *kms_grant_op_name(int i)
+{
+    return i >= 0 && i < KMS_GRANT_OP_COUNT ? op_names[i] : NULL;
+}
+
+int kms_grant_op_index(const char *name)
+{
+    for (int i = 0; i < KMS_GRANT_OP_COUNT; i++)
+        if (strcmp(op_names[i], name) == 0)
+            return i;
+    return -1;
+}

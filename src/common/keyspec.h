@@ -115,4 +115,14 @@ size_t kms_spec_algorithms(int spec, int usage, int *out, size_t max);
  */
 size_t kms_oaep_max_plaintext(int spec, int alg);
 
+/*
+ * AWS's grant operations (GrantOperation), in its order: the server keeps a
+ * grant's operations as bits of these indexes, the client checks names with them.
+ */
+#define KMS_GRANT_OP_COUNT 17
+/* The name of operation i, NULL when i is out of range. */
+const char *kms_grant_op_name(int i);
+/* The index of an operation's name, -1 when it is none. */
+int kms_grant_op_index(const char *name);
+
 #endif

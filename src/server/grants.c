@@ -14,41 +14,7 @@
 #include "common/keyspec.h"
 #include "server/grants.h"
 
-/* AWS's GrantOperation enum, in its order. */
-static const char *const op_names[KMS_GRANT_OP_COUNT] = {
-    "Decrypt",
-    "Encrypt",
-    "GenerateDataKey",
-    "GenerateDataKeyWithoutPlaintext",
-    "ReEncryptFrom",
-    "ReEncryptTo",
-    "Sign",
-    "Verify",
-    "GetPublicKey",
-    "CreateGrant",
-    "RetireGrant",
-    "DescribeKey",
-    "GenerateDataKeyPair",
-    "GenerateDataKeyPairWithoutPlaintext",
-    "GenerateMac",
-    "VerifyMac",
-    "DeriveSharedSecret",
-};
-
 #define BIT(name) (UINT32_C(1) << kms_grant_op_index(name))
-
-const char *kms_grant_op_name(int i)
-{
-    return i >= 0 && i < KMS_GRANT_OP_COUNT ? op_names[i] : NULL;
-}
-
-int kms_grant_op_index(const char *name)
-{
-    for (int i = 0; i < KMS_GRANT_OP_COUNT; i++)
-        if (strcmp(op_names[i], name) == 0)
-            return i;
-    return -1;
-}
 
 uint32_t kms_grant_ops_with_context(void)
 {

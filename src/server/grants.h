@@ -11,13 +11,10 @@
 #include <stdint.h>
 
 #include "common/blob.h"
+#include "common/keyspec.h"
 #include "store/store.h"
 
-/* AWS's grant operations; bit i of a grant's operations is kms_grant_op_name(i). */
-#define KMS_GRANT_OP_COUNT 17
-const char *kms_grant_op_name(int i);
-/* The bit of an operation name ("Decrypt"), or -1. */
-int kms_grant_op_index(const char *name);
+/* Bit i of a grant's operations is kms_grant_op_name(i) (common/keyspec.h). */
 /* The operations a grant on a key of spec and usage may name (AWS's key type table). */
 uint32_t kms_grant_ops_for_key(int spec, int usage);
 /* The operations whose requests carry an encryption context (constraints apply to them). */
