@@ -114,19 +114,6 @@ static p11kms_status answer_true(const json_t *resp, const char *name)
     return P11KMS_OK;
 }
 
-/* {"KeyId": key_id}, the key id checked. */
-static p11kms_status key_request(const char *key_id, json_t **out)
-{
-    p11kms_status st;
-    *out = NULL;
-    if ((st = kms_check_key_id(key_id)) != P11KMS_OK)
-        return st;
-    *out = json_pack("{s:s}", "KeyId", key_id);
-    if (!*out)
-        return kms_client_fail(P11KMS_ERR_ARGUMENT, "the key id is not UTF-8 text");
-    return P11KMS_OK;
-}
-
 /*
  * The algorithm's table entry when it is one of usage's (and, scheme >= 0, of
  * that scheme); else P11KMS_ERR_ARGUMENT naming what was expected.
@@ -181,7 +168,7 @@ p11kms_status p11kms_get_public_key(p11kms_client *c, const char *key_id,
         memset(out, 0, sizeof *out);
     if (!c || !out)
         return kms_client_fail(P11KMS_ERR_ARGUMENT, "p11kms_get_public_key: NULL argument");
-    if ((st = key_request(key_id, &req)) != P11KMS_OK)
+    if ((st = kms_key_request(key_id, &req)) != P11KMS_OK)
         goto cleanup;
     if ((st = kms_transport_call(c, "GetPublicKey", req, &resp)) != P11KMS_OK)
         goto cleanup;
@@ -229,7 +216,7 @@ static p11kms_status signing_request(const char *key_id, const char *algorithm,
     if (type == P11KMS_MESSAGE_DIGEST && n != info->md_len)
         return kms_client_fail(P11KMS_ERR_ARGUMENT, "a %s digest is %zu bytes, not %zu", info->name,
                                info->md_len, n);
-    if ((st = key_request(key_id, &req)) != P11KMS_OK)
+    if ((st = kms_key_request(key_id, &req)) != P11KMS_OK)
         return st;
     if (json_object_set_new(req, "MessageType",
                             json_string(type == P11KMS_MESSAGE_RAW ? "RAW" : "DIGEST")) != 0 ||
@@ -304,7 +291,8 @@ static p11kms_status mac_request(const char *key_id, const char *algorithm, cons
     *out = NULL;
     if ((st = check_algorithm(algorithm, KMS_USAGE_GENERATE_VERIFY_MAC, -1, "a MAC algorithm",
                               &info)) != P11KMS_OK ||
-        (st = check_message(msg, n)) != P11KMS_OK || (st = key_request(key_id, &req)) != P11KMS_OK)
+        (st = check_message(msg, n)) != P11KMS_OK ||
+        (st = kms_key_request(key_id, &req)) != P11KMS_OK)
         return st;
     if (json_object_set_new(req, "MacAlgorithm", json_string(info->name)) != 0)
         st = kms_client_fail(P11KMS_ERR_MEMORY, "out of memory");
@@ -378,7 +366,7 @@ p11kms_status p11kms_derive_shared_secret(p11kms_client *c, const char *key_id, 
     if (!c || !secret || !secret_len)
         return kms_client_fail(P11KMS_ERR_ARGUMENT, "p11kms_derive_shared_secret: NULL argument");
     if ((st = check_bytes("peer's public key", peer, peer_len, PUBLIC_KEY_MAX)) != P11KMS_OK ||
-        (st = key_request(key_id, &req)) != P11KMS_OK)
+        (st = kms_key_request(key_id, &req)) != P11KMS_OK)
         goto cleanup;
     if (json_object_set_new(req, "KeyAgreementAlgorithm", json_string("ECDH")) != 0) {
         st = kms_client_fail(P11KMS_ERR_MEMORY, "out of memory");
@@ -425,7 +413,7 @@ static p11kms_status data_key_pair(p11kms_client *c, const char *operation, int 
     if (!info || (info->kind != KMS_KIND_RSA && info->kind != KMS_KIND_EC))
         return kms_client_fail(P11KMS_ERR_ARGUMENT, "%.64s is not a key pair spec",
                                key_pair_spec ? key_pair_spec : "(null)");
-    if ((st = key_request(key_id, &req)) != P11KMS_OK)
+    if ((st = kms_key_request(key_id, &req)) != P11KMS_OK)
         goto cleanup;
     if (json_object_set_new(req, "KeyPairSpec", json_string(info->name)) != 0) {
         st = kms_client_fail(P11KMS_ERR_MEMORY, "out of memory");
@@ -487,7 +475,7 @@ static p11kms_status oaep_request(const char *key_id, const char *algorithm, jso
     *out = NULL;
     if ((st = check_algorithm(algorithm ? algorithm : DEFAULT_OAEP, KMS_USAGE_ENCRYPT_DECRYPT,
                               KMS_SCHEME_OAEP, "an RSAES-OAEP algorithm", &info)) != P11KMS_OK ||
-        (st = key_request(key_id, out)) != P11KMS_OK)
+        (st = kms_key_request(key_id, out)) != P11KMS_OK)
         return st;
     if (json_object_set_new(*out, "EncryptionAlgorithm", json_string(info->name)) != 0) {
         json_decref(*out);

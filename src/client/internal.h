@@ -137,6 +137,8 @@ p11kms_status kms_service_decrypt(p11kms_client *c, const uint8_t *blob, size_t 
 
 /* A key id (id, ARN, alias): 1 to 2048 bytes, else P11KMS_ERR_ARGUMENT. */
 p11kms_status kms_check_key_id(const char *key_id);
+/* A request {"KeyId": key_id}, the key id checked first; *out is the caller's. */
+p11kms_status kms_key_request(const char *key_id, json_t **out);
 /* Adds the context as the request's EncryptionContext (nothing when nctx is 0). */
 p11kms_status kms_request_add_context(json_t *req, const struct p11kms_context *ctx, size_t nctx);
 

@@ -130,6 +130,18 @@ p11kms_status kms_check_key_id(const char *key_id)
     return P11KMS_OK;
 }
 
+p11kms_status kms_key_request(const char *key_id, json_t **out)
+{
+    p11kms_status st;
+    *out = NULL;
+    if ((st = kms_check_key_id(key_id)) != P11KMS_OK)
+        return st;
+    *out = json_pack("{s:s}", "KeyId", key_id);
+    if (!*out)
+        return kms_client_fail(P11KMS_ERR_ARGUMENT, "the key id is not UTF-8 text");
+    return P11KMS_OK;
+}
+
 static p11kms_status check_blob(const uint8_t *blob, size_t blob_len)
 {
     if (!blob || blob_len == 0 || blob_len > BLOB_MAX)

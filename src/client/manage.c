@@ -117,19 +117,6 @@ static p11kms_status check_operation(const char *op, size_t i)
                            i, op ? op : "NULL");
 }
 
-/* {"KeyId": key_id}, the key id checked. */
-static p11kms_status key_request(const char *key_id, json_t **out)
-{
-    p11kms_status st;
-    *out = NULL;
-    if ((st = kms_check_key_id(key_id)) != P11KMS_OK)
-        return st;
-    *out = json_pack("{s:s}", "KeyId", key_id);
-    if (!*out)
-        return kms_client_fail(P11KMS_ERR_ARGUMENT, "the key id is not UTF-8 text");
-    return P11KMS_OK;
-}
-
 static p11kms_status set_new(json_t *o, const char *name, json_t *v)
 {
     if (!v || json_object_set_new(o, name, v) != 0)
@@ -216,7 +203,7 @@ p11kms_status p11kms_tag_resource(p11kms_client *c, const char *key_id,
                 return kms_client_fail(P11KMS_ERR_ARGUMENT, "tag %zu: tag key %.128s given twice",
                                        i, tags[i].key);
     }
-    if ((st = key_request(key_id, &req)) != P11KMS_OK)
+    if ((st = kms_key_request(key_id, &req)) != P11KMS_OK)
         return st;
     list = json_array();
     st = set_new(req, "Tags", list ? json_incref(list) : NULL);
@@ -245,7 +232,7 @@ p11kms_status p11kms_untag_resource(p11kms_client *c, const char *key_id, const 
     for (size_t i = 0; i < n; i++)
         if ((st = check_tag_key(keys[i], i)) != P11KMS_OK)
             return st;
-    if ((st = key_request(key_id, &req)) != P11KMS_OK)
+    if ((st = kms_key_request(key_id, &req)) != P11KMS_OK)
         return st;
     list = json_array();
     st = set_new(req, "TagKeys", list ? json_incref(list) : NULL);
@@ -289,7 +276,7 @@ p11kms_status p11kms_list_resource_tags(p11kms_client *c, const char *key_id,
         memset(out, 0, sizeof *out);
     if (!c || !out)
         return kms_client_fail(P11KMS_ERR_ARGUMENT, "p11kms_list_resource_tags: NULL argument");
-    if ((st = key_request(key_id, &req)) != P11KMS_OK)
+    if ((st = kms_key_request(key_id, &req)) != P11KMS_OK)
         return st;
     st = each_page(c, "ListResourceTags", req, LIST_TAGS_LIMIT, "Tags", add_tag, out);
     json_decref(req);
@@ -330,7 +317,7 @@ p11kms_status p11kms_create_grant(p11kms_client *c, const char *key_id, const ch
     }
     if (nctx && !ctx)
         return kms_client_fail(P11KMS_ERR_ARGUMENT, "the constraint's pairs are NULL");
-    if ((st = key_request(key_id, &req)) != P11KMS_OK)
+    if ((st = kms_key_request(key_id, &req)) != P11KMS_OK)
         return st;
     st = set_new(req, "GranteePrincipal", json_string(grantee));
     if (st == P11KMS_OK && retiring)
@@ -402,7 +389,7 @@ p11kms_status p11kms_retire_grant(p11kms_client *c, const char *grant_token, con
             return kms_client_fail(P11KMS_ERR_MEMORY, "out of memory");
     } else {
         if ((st = check_grant_id(grant_id)) != P11KMS_OK ||
-            (st = key_request(key_id, &req)) != P11KMS_OK)
+            (st = kms_key_request(key_id, &req)) != P11KMS_OK)
             return st;
         if ((st = set_new(req, "GrantId", json_string(grant_id))) != P11KMS_OK) {
             json_decref(req);
@@ -427,7 +414,7 @@ p11kms_status p11kms_revoke_grant(p11kms_client *c, const char *key_id, const ch
     if (!c)
         return kms_client_fail(P11KMS_ERR_ARGUMENT, "p11kms_revoke_grant: NULL client");
     if ((st = check_grant_id(grant_id)) != P11KMS_OK ||
-        (st = key_request(key_id, &req)) != P11KMS_OK)
+        (st = kms_key_request(key_id, &req)) != P11KMS_OK)
         return st;
     st = set_new(req, "GrantId", json_string(grant_id));
     if (st == P11KMS_OK)
@@ -542,7 +529,7 @@ p11kms_status p11kms_list_grants(p11kms_client *c, const char *key_id,
         memset(out, 0, sizeof *out);
     if (!c || !out)
         return kms_client_fail(P11KMS_ERR_ARGUMENT, "p11kms_list_grants: NULL argument");
-    if ((st = key_request(key_id, &req)) != P11KMS_OK)
+    if ((st = kms_key_request(key_id, &req)) != P11KMS_OK)
         return st;
     st = each_page(c, "ListGrants", req, LIST_GRANTS_LIMIT, "Grants", add_grant, out);
     json_decref(req);
