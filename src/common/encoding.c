@@ -277,9 +277,14 @@ void kms_hex_encode(const uint8_t *in, size_t n, char *out)
 kms_err kms_uuid_new(uint8_t out[KMS_UUID_LEN])
 {
     KMS_ENSURE(RAND_bytes(out, KMS_UUID_LEN) == 1, KMS_ERR_INTERNAL, "random generator failed");
-    out[6] = (uint8_t)((out[6] & 0x0f) | 0x40);
-    out[8] = (uint8_t)((out[8] & 0x3f) | 0x80);
+    kms_uuid_mark(out);
     return KMS_OK;
+}
+
+void kms_uuid_mark(uint8_t id[KMS_UUID_LEN])
+{
+    id[6] = (uint8_t)((id[6] & 0x0f) | 0x40);
+    id[8] = (uint8_t)((id[8] & 0x3f) | 0x80);
 }
 
 void kms_uuid_format(const uint8_t id[KMS_UUID_LEN], char *out)

@@ -49,6 +49,8 @@ void kms_hex_encode(const uint8_t *in, size_t n, char *out);
 
 /* Random (version 4) UUID from OpenSSL's DRBG. */
 KMS_MUST_CHECK kms_err kms_uuid_new(uint8_t out[KMS_UUID_LEN]);
+/* Sets the version (4) and variant bits of 16 random bytes. */
+void kms_uuid_mark(uint8_t id[KMS_UUID_LEN]);
 /* Lower-case 8-4-4-4-12 form; out holds KMS_UUID_TEXT_LEN + 1 bytes. */
 void kms_uuid_format(const uint8_t id[KMS_UUID_LEN], char *out);
 /* Parses the 8-4-4-4-12 form (either case) of exactly n bytes. */

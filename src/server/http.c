@@ -23,6 +23,7 @@
 #include "common/json_alloc.h"
 #include "common/log.h"
 #include "common/metrics.h"
+#include "common/random.h"
 #include "server/breaker.h"
 #include "server/addrlimit.h"
 #include "server/pool.h"
@@ -80,14 +81,16 @@ static void free_body(void *cls)
     free(b);
 }
 
-/* A fresh request id (uuid text). */
+/* A fresh request id (uuid text): unique, not secret. */
 static void new_request_id(char out[KMS_UUID_TEXT_LEN + 1])
 {
     uint8_t id[KMS_UUID_LEN];
-    if (kms_uuid_new(id) == KMS_OK)
+    if (kms_random_public(id, sizeof id) == KMS_OK) {
+        kms_uuid_mark(id);
         kms_uuid_format(id, out);
-    else
+    } else {
         snprintf(out, KMS_UUID_TEXT_LEN + 1, "00000000-0000-0000-0000-000000000000");
+    }
 }
 
 /* What an answer carries besides its status and body. */
@@ -628,8 +631,6 @@ static void task_release(struct kms_task *t)
     job_release((struct job *)t);
 }
 
-/* Hands the request to a worker; its connection waits, suspended, for the answer. */
-
 /*
  * How long a request may take: request_timeout_ms, or keygen_timeout_ms for
  * one that makes an RSA key (CreateKey with an RSA KeySpec in the token,
@@ -652,17 +653,16 @@ static unsigned job_timeout_ms(const struct kms_server *srv, const struct kms_op
         ms = srv->cfg.keygen_timeout_ms;
     return ms;
 }
-static enum MHD_Result hand_over(struct kms_server *srv, struct MHD_Connection *c,
-                                 struct req_state *st, const struct kms_op *op,
-                                 const char *principal, json_t *in, int64_t started)
+/* The request as a job: one reference, the caller's. */
+static struct job *new_job(struct kms_server *srv, struct MHD_Connection *c,
+                           const struct req_state *st, const struct kms_op *op,
+                           const char *principal, json_t *in, int64_t started)
 {
     struct job *j = calloc(1, sizeof *j);
-    if (!j) {
-        json_decref(in);
-        return MHD_NO;
-    }
+    if (!j)
+        return NULL;
     pthread_mutex_init(&j->lock, NULL);
-    j->refs = 2; /* the connection's and the pool's */
+    j->refs = 1;
     j->srv = srv;
     j->c = c;
     j->op = op;
@@ -677,6 +677,40 @@ static enum MHD_Result hand_over(struct kms_server *srv, struct MHD_Connection *
     j->task.answer = task_answer;
     j->task.release = task_release;
     j->task.deadline_ns = started + (int64_t)job_timeout_ms(srv, op, in) * 1000000;
+    return j;
+}
+
+/* Runs the request on this HTTP thread (inline slot `slot`) and sends its answer. */
+static enum MHD_Result run_here(struct kms_server *srv, struct MHD_Connection *c, struct job *j,
+                                unsigned slot)
+{
+    job_run(&j->task);
+    kms_pool_inline_end(srv->pool, slot);
+    task_answer(&j->task, 0);
+    enum MHD_Result ret =
+        send_buf(srv, c, j->status, &j->body, JSON_TYPE, j->error, NULL, j->request_id);
+    job_release(j);
+    return ret;
+}
+
+/*
+ * Serves a request that uses the token: here, while the token is prompt (no
+ * thread hand-off), else by a worker with the connection suspended until its
+ * answer, which the pool gives by the request's deadline whatever the token does.
+ */
+static enum MHD_Result hand_over(struct kms_server *srv, struct MHD_Connection *c,
+                                 struct req_state *st, const struct kms_op *op,
+                                 const char *principal, json_t *in, int64_t started)
+{
+    struct job *j = new_job(srv, c, st, op, principal, in, started);
+    if (!j) {
+        json_decref(in);
+        return MHD_NO;
+    }
+    unsigned slot;
+    if (!op->worker_only && kms_pool_inline_begin(srv->pool, &slot))
+        return run_here(srv, c, j, slot);
+    j->refs = 2; /* the connection's and the pool's */
     st->job = j;
     if (kms_pool_submit(srv->pool, &j->task) != KMS_OK) {
         j->refs = 1;
@@ -1076,7 +1110,11 @@ kms_err kms_http_start(struct kms_server *srv)
     unsigned port;
     unsigned flags = MHD_USE_INTERNAL_POLLING_THREAD | MHD_USE_AUTO | MHD_USE_ERROR_LOG |
                      MHD_USE_ITC | MHD_ALLOW_SUSPEND_RESUME;
-    struct kms_pool_config pc = {srv->cfg.workers, srv->cfg.queue_max};
+    /* A call a hundredth of the way to the deadline is no token working normally. */
+    unsigned stall_ms =
+        srv->cfg.request_timeout_ms / 4 < 250 ? srv->cfg.request_timeout_ms / 4 : 250;
+    struct kms_pool_config pc = {srv->cfg.workers, srv->cfg.queue_max, srv->cfg.inline_requests,
+                                 stall_ms};
 
     KMS_GUARD(kms_parse_listen(srv->cfg.listen, srv->host, sizeof srv->host, &port));
     KMS_GUARD(load_metrics_token(srv));

@@ -152,8 +152,10 @@ static kms_err start(struct kms_server *srv, int mode)
     KMS_GUARD(kms_read_pin(&srv->cfg, 1, &pin, &pin_len));
     if (!srv->cfg.workers)
         srv->cfg.workers = srv->cfg.threads;
-    if (!srv->cfg.sessions)
-        srv->cfg.sessions = srv->cfg.workers + 1; /* and one for the key store's own work */
+    if (srv->cfg.inline_requests == KMS_INLINE_DEFAULT)
+        srv->cfg.inline_requests = srv->cfg.threads - 1;
+    if (!srv->cfg.sessions) /* and one for the key store's own work */
+        srv->cfg.sessions = srv->cfg.workers + srv->cfg.inline_requests + 1;
     fit_connections(&srv->cfg);
     struct kms_hsm_config hc = {
         .module = srv->cfg.module,

@@ -3,12 +3,15 @@
 #include "server/pool.h"
 
 #include <pthread.h>
+#include <stdatomic.h>
 #include <stdlib.h>
 #include <time.h>
 
 #include "common/log.h"
 
 #define WATCH_MS 10
+/* How long the token counts as slow after its last slow call. */
+#define SLOW_NS 1000000000LL
 
 enum {
     QUEUED = 1,
@@ -32,6 +35,11 @@ struct kms_pool {
     pthread_t watchdog;
     int watching;
     int stopping;
+    /* Inline calls: each slot holds its call's start (CLOCK_MONOTONIC ns), 0 when free. */
+    _Atomic int64_t *inline_started;
+    unsigned inline_max;
+    int64_t stall_ns;
+    _Atomic int64_t slow_until; /* no inline call before this */
 };
 
 struct worker_arg {
@@ -57,6 +65,11 @@ int64_t kms_monotonic_ns(void)
     struct timespec t;
     clock_gettime(CLOCK_MONOTONIC, &t);
     return (int64_t)t.tv_sec * 1000000000 + t.tv_nsec;
+}
+
+static void slow_now(struct kms_pool *p, int64_t now)
+{
+    atomic_store_explicit(&p->slow_until, now + SLOW_NS, memory_order_relaxed);
 }
 
 static void released(struct kms_pool *p)
@@ -97,10 +110,14 @@ static void *worker(void *arg)
             continue;
         }
         t->state = RUNNING;
+        t->run_started_ns = kms_monotonic_ns();
         p->running[me] = t;
         pthread_mutex_unlock(&p->lock);
 
         t->run(t);
+        int64_t ended = kms_monotonic_ns();
+        if (ended - t->run_started_ns > p->stall_ns)
+            slow_now(p, ended);
 
         pthread_mutex_lock(&p->lock);
         p->running[me] = NULL;
@@ -127,9 +144,16 @@ static void expire(struct kms_pool *p)
     int64_t now = kms_monotonic_ns();
     struct kms_task *dead = NULL, *late = NULL;
 
+    for (unsigned i = 0; i < p->inline_max; i++) {
+        int64_t began = atomic_load_explicit(&p->inline_started[i], memory_order_relaxed);
+        if (began && now - began > p->stall_ns)
+            slow_now(p, now);
+    }
     pthread_mutex_lock(&p->lock);
     for (unsigned i = 0; i < p->nworkers; i++) {
         struct kms_task *t = p->running[i];
+        if (t && t->state == RUNNING && now - t->run_started_ns > p->stall_ns)
+            slow_now(p, now);
         if (t && t->state == RUNNING && t->deadline_ns <= now) {
             t->state = EXPIRING;
             t->next = late;
@@ -201,7 +225,10 @@ kms_err kms_pool_start(const struct kms_pool_config *cfg, struct kms_pool **out)
     p->queue_max = cfg->queue_max;
     p->running = calloc(p->nworkers, sizeof *p->running);
     p->threads = calloc(p->nworkers, sizeof *p->threads);
-    if (!p->running || !p->threads) {
+    p->inline_max = cfg->inline_max;
+    p->stall_ns = (int64_t)(cfg->stall_ms ? cfg->stall_ms : 1) * 1000000;
+    p->inline_started = calloc(p->inline_max ? p->inline_max : 1, sizeof *p->inline_started);
+    if (!p->running || !p->threads || !p->inline_started) {
         kms_pool_free(p);
         return KMS_FAIL(KMS_ERR_INTERNAL, "out of memory");
     }
@@ -251,6 +278,44 @@ kms_err kms_pool_submit(struct kms_pool *p, struct kms_task *t)
     pthread_cond_signal(&p->work);
     pthread_mutex_unlock(&p->lock);
     return KMS_OK;
+}
+
+int kms_pool_inline_begin(struct kms_pool *p, unsigned *slot)
+{
+    if (p->inline_max == 0)
+        return 0;
+    int64_t now = kms_monotonic_ns();
+    if (now < atomic_load_explicit(&p->slow_until, memory_order_relaxed))
+        return 0;
+    for (unsigned i = 0; i < p->inline_max; i++) {
+        int64_t free_slot = 0;
+        if (atomic_compare_exchange_strong(&p->inline_started[i], &free_slot, now)) {
+            *slot = i;
+            return 1;
+        }
+    }
+    return 0;
+}
+
+void kms_pool_inline_end(struct kms_pool *p, unsigned slot)
+{
+    int64_t now = kms_monotonic_ns();
+    int64_t began = atomic_exchange(&p->inline_started[slot], 0);
+    if (now - began > p->stall_ns)
+        slow_now(p, now);
+}
+
+unsigned kms_pool_inline_running(struct kms_pool *p)
+{
+    unsigned n = 0;
+    for (unsigned i = 0; i < p->inline_max; i++)
+        n += atomic_load_explicit(&p->inline_started[i], memory_order_relaxed) != 0;
+    return n;
+}
+
+int kms_pool_token_slow(struct kms_pool *p)
+{
+    return kms_monotonic_ns() < atomic_load_explicit(&p->slow_until, memory_order_relaxed);
 }
 
 void kms_pool_load(struct kms_pool *p, unsigned *queued, unsigned *running)
@@ -316,6 +381,7 @@ void kms_pool_free(struct kms_pool *p)
         pthread_join(p->threads[i], NULL);
     free(p->running);
     free(p->threads);
+    free(p->inline_started);
     pthread_cond_destroy(&p->work);
     pthread_cond_destroy(&p->changed);
     pthread_cond_destroy(&p->stop_watch);

@@ -28,11 +28,14 @@ struct kms_task {
     /* the pool's */
     struct kms_task *next;
     int state;
+    int64_t run_started_ns; /* when a worker began run() */
 };
 
 struct kms_pool_config {
-    unsigned workers;   /* threads running tasks */
-    unsigned queue_max; /* tasks waiting for a worker, beyond which submit refuses */
+    unsigned workers;    /* threads running tasks */
+    unsigned queue_max;  /* tasks waiting for a worker, beyond which submit refuses */
+    unsigned inline_max; /* callers that may run their work themselves at once (0: none) */
+    unsigned stall_ms;   /* a call taking longer says the token is slow */
 };
 
 struct kms_pool;
@@ -43,6 +46,21 @@ KMS_MUST_CHECK kms_err kms_pool_start(const struct kms_pool_config *cfg, struct 
  * of t is called.
  */
 KMS_MUST_CHECK kms_err kms_pool_submit(struct kms_pool *p, struct kms_task *t);
+/*
+ * Work run by its caller instead of a worker: no thread hand-off, but no
+ * answer by the deadline either if the token hangs. So a caller may only
+ * while the token is prompt: kms_pool_inline_begin gives one of inline_max
+ * slots (1) unless all are taken, or a call (inline or on a worker) took
+ * longer than stall_ms within the last second, or one running inline has
+ * for that long now (the watchdog looks every 10 ms); else 0, and the caller
+ * submits a task as usual. kms_pool_inline_end gives the slot back.
+ */
+KMS_MUST_CHECK int kms_pool_inline_begin(struct kms_pool *p, unsigned *slot);
+void kms_pool_inline_end(struct kms_pool *p, unsigned slot);
+/* Inline calls running now; 1 while the token counts as slow. */
+unsigned kms_pool_inline_running(struct kms_pool *p);
+int kms_pool_token_slow(struct kms_pool *p);
+
 /* Tasks waiting and running now. */
 void kms_pool_load(struct kms_pool *p, unsigned *queued, unsigned *running);
 /*

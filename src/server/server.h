@@ -89,6 +89,12 @@ struct kms_op {
     const char *name; /* as in X-Amz-Target after "TrentService." */
     kms_op_fn fn;
     int index_only; /* no token call: served on the HTTP thread, not by a worker */
+    /*
+     * May take seconds in the token or the process (RSA key generation): always
+     * by a worker. Any other request that uses the token runs on its HTTP
+     * thread while the token is prompt (kms_pool_inline_begin).
+     */
+    int worker_only;
 };
 
 #define KMS_OP_COUNT 41

@@ -23,6 +23,7 @@ void kms_config_defaults(struct kms_config *c)
 {
     memset(c, 0, sizeof *c);
     c->threads = 4;
+    c->inline_requests = KMS_INLINE_DEFAULT;
     c->session_timeout_ms = 2000;
     c->queue_max = 256;
     c->request_timeout_ms = 5000;
@@ -217,6 +218,7 @@ kms_err kms_config_set(struct kms_config *c, const char *key, const char *value)
     } server_numbers[] = {
         {"threads", offsetof(struct kms_config, threads), 1, 256},
         {"workers", offsetof(struct kms_config, workers), 1, 1024},
+        {"inline_requests", offsetof(struct kms_config, inline_requests), 0, 255},
         {"sessions", offsetof(struct kms_config, sessions), 1, 1024},
         {"session_timeout_ms", offsetof(struct kms_config, session_timeout_ms), 1, 600000},
         {"queue_max", offsetof(struct kms_config, queue_max), 1, 65536},
@@ -492,6 +494,10 @@ kms_err kms_config_check(const struct kms_config *c)
     KMS_ENSURE(c->listen, KMS_ERR_VALIDATION, "the configuration needs 'listen'");
     KMS_ENSURE(c->region, KMS_ERR_VALIDATION, "the configuration needs 'region'");
     KMS_ENSURE(c->account, KMS_ERR_VALIDATION, "the configuration needs 'account'");
+    KMS_ENSURE(c->inline_requests == KMS_INLINE_DEFAULT || c->inline_requests < c->threads,
+               KMS_ERR_VALIDATION,
+               "inline_requests must be below threads: one HTTP thread always stays free of token "
+               "calls");
     KMS_ENSURE(c->keys.rotation_min_days <= c->keys.rotation_max_days, KMS_ERR_VALIDATION,
                "rotation_min_days is above rotation_max_days");
     KMS_ENSURE(c->keys.pending_min_days <= c->keys.pending_max_days, KMS_ERR_VALIDATION,

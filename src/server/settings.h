@@ -17,6 +17,8 @@ struct kms_cert_binding {
     char fingerprint[65];
 };
 
+#define KMS_INLINE_DEFAULT 256u
+
 struct kms_config {
     char *module;   /* PKCS#11 module path or p11-kit name */
     char *token;    /* token label or pkcs11: URI */
@@ -29,9 +31,14 @@ struct kms_config {
     char *listen;                         /* HOST:PORT */
     char *region;
     char *account;
-    unsigned threads;  /* HTTP threads (network and requests served from the index) */
-    unsigned workers;  /* threads running requests that use the token; defaults to sessions */
-    unsigned sessions; /* token sessions; defaults to threads + 1 */
+    unsigned threads; /* HTTP threads (network and requests served from the index) */
+    unsigned workers; /* threads running requests that use the token; defaults to threads */
+    /*
+     * HTTP threads that may run a request using the token themselves at once,
+     * while the token is prompt; below threads. KMS_INLINE_DEFAULT: threads - 1.
+     */
+    unsigned inline_requests;
+    unsigned sessions;           /* token sessions; defaults to workers + inline_requests + 1 */
     unsigned session_timeout_ms; /* longest wait for a token session */
     unsigned queue_max;          /* requests waiting for a worker before 503 */
     unsigned request_timeout_ms; /* a request unanswered by then gets 503 */

@@ -82,6 +82,14 @@ static kms_err collect(void *arg, struct kms_metrics_writer *w)
                                       "Requests a worker is running (those stuck in a hung "
                                       "token call included)",
                                       NULL, running));
+    KMS_GUARD(kms_metrics_write_gauge(w, "p11kms_requests_inline",
+                                      "Requests an HTTP thread is running itself in the token "
+                                      "(those stuck in a hung token call included)",
+                                      NULL, srv->pool ? kms_pool_inline_running(srv->pool) : 0));
+    KMS_GUARD(kms_metrics_write_gauge(w, "p11kms_token_slow",
+                                      "1 while a token call took over the stall time within the "
+                                      "last second: every request then goes to a worker",
+                                      NULL, srv->pool ? kms_pool_token_slow(srv->pool) : 0));
     KMS_GUARD(kms_metrics_write_gauge(w, "p11kms_token_ready",
                                       "1 when the token answers and the user is logged in", NULL,
                                       kms_hsm_ready(srv->hsm) ? 1 : 0));

@@ -3,9 +3,12 @@
 (tests/faultmod), which forwards to a fresh SoftHSM2 token. Each listed CK_RV
 injected into each listed function gives the right AWS error and never a 2xx;
 once the fault stops, the next requests succeed without a restart; faults at
-random never give a 2xx with a wrong answer; a hung token call is answered
-with 503 by request_timeout_ms while requests that do not need the token go
-on; /readyz follows the token. TAP output."""
+random never give a 2xx with a wrong answer; with inline_requests = 0 a hung
+token call is answered with 503 by request_timeout_ms while requests that do
+not need the token go on; by default (HTTP threads run token calls
+themselves) the call caught by a hang waits for the token, the token counts
+as slow and every request after it goes to a worker and is answered 503 in
+time; /readyz follows the token. TAP output."""
 
 import base64
 import os
@@ -45,6 +48,9 @@ class Ctx:
     blob = None       # a GenerateDataKey blob made before any fault
     plaintext = None  # its data key
     ep = None
+    strict = None  # a second server, inline_requests = 0
+    ws_strict = None
+    strict_key = None
 
 
 C = Ctx()
@@ -72,23 +78,28 @@ def setup():
 def teardown():
     if C.faults:
         C.faults.clear()
+    if C.strict:
+        try:
+            h.finish(T, C.ws_strict, C.strict)
+        finally:
+            C.strict = None
     h.finish(T, C.ws, C.server)
 
 
-def call(op, body):
-    return h.kms_call(C.ep, op, body, C.principal)
+def call(op, body, ep=None):
+    return h.kms_call(ep or C.ep, op, body, C.principal)
 
 
-def ok(op, body):
-    r = call(op, body)
+def ok(op, body, ep=None):
+    r = call(op, body, ep)
     if r.status != 200:
         raise AssertionError("%s answered %d: %r" % (op, r.status, r.body))
     return r.json()
 
 
 # The request that makes the token run each function, and how to check its answer.
-def req_generate_data_key():
-    return call("GenerateDataKey", {"KeyId": C.key, "KeySpec": "AES_256"})
+def req_generate_data_key(ep=None, key=None):
+    return call("GenerateDataKey", {"KeyId": key or C.key, "KeySpec": "AES_256"}, ep)
 
 
 def req_decrypt():
@@ -137,8 +148,8 @@ def answer_is_right(op, r):
     return doc
 
 
-def metrics():
-    r = h.get_metrics(C.ep)
+def metrics(ep=None):
+    r = h.get_metrics(ep or C.ep)
     eq(r.status, 200, "/metrics status")
     return promtext.parse(r.body.decode())
 
@@ -259,25 +270,49 @@ def test_lost_holder_session_reunwraps():
        "unwrapped twice: the new key, then the old key once (its handle went with the session)")
 
 
-@test
-def test_hung_token_answers_503_in_time():
-    """C_Encrypt hangs: every request that needs it gets 503 DependencyTimeoutException
-    within request_timeout_ms (plus a margin), requests served from the index go on, and
-    once the token answers again the server serves normally."""
-    C.faults.stall("C_Encrypt")
-    results = [None] * (WORKERS + 4)
+def strict_server():
+    """A second server on the same fault module (and token faults), configured as
+    test_faults's but with inline_requests = 0: every token request goes to a worker.
+    Returns its endpoint and a key on it."""
+    if C.strict is None:
+        ws = h.Workspace()
+        C.ws_strict = ws
+        token, config = h.token_and_config(
+            ws, "p11kms-it-faults-strict", C.principal, module=faultmod.faultmod_module(),
+            request_timeout_ms=str(REQUEST_TIMEOUT_MS), session_timeout_ms=str(SESSION_TIMEOUT_MS),
+            workers=str(WORKERS), threads="2", queue_max="8", inline_requests="0")
+        C.strict = h.start_config_server(config, token, ws.sub("p11kmsd.log"), env=C.faults.env())
+        C.strict_key = ok("CreateKey", {}, C.strict.endpoint)["KeyMetadata"]["KeyId"]
+        ok("GenerateDataKey", {"KeyId": C.strict_key, "KeySpec": "AES_256"}, C.strict.endpoint)
+    return C.strict.endpoint, C.strict_key
+
+
+def concurrently(n, fn):
+    """Runs fn() on n threads at once; returns their (answer, seconds) and the threads."""
+    results = [None] * n
 
     def one(i):
         t0 = time.monotonic()
-        r = req_generate_data_key()
+        r = fn()
         results[i] = (r, time.monotonic() - t0)
 
-    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(results))]
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(n)]
     for t in threads:
         t.start()
+    return results, threads
+
+
+@test
+def test_hung_token_answers_503_in_time():
+    """inline_requests = 0 and C_Encrypt hangs: every request that needs it gets 503
+    DependencyTimeoutException within request_timeout_ms (plus a margin), requests served
+    from the index go on, and once the token answers again the server serves normally."""
+    ep, key = strict_server()
+    C.faults.stall("C_Encrypt")
+    results, threads = concurrently(WORKERS + 4, lambda: req_generate_data_key(ep, key))
     C.faults.wait_stalling("C_Encrypt", n=1, timeout=10)
     t0 = time.monotonic()
-    eq(ok("DescribeKey", {"KeyId": C.key})["KeyMetadata"]["KeyId"], C.key,
+    eq(ok("DescribeKey", {"KeyId": key}, ep)["KeyMetadata"]["KeyId"], key,
        "DescribeKey while the token hangs")
     check(time.monotonic() - t0 < 1.0, "DescribeKey did not wait for the token")
     for t in threads:
@@ -289,13 +324,64 @@ def test_hung_token_answers_503_in_time():
         check(took < bound, "answered after %.2f s, bound %.1f s" % (took, bound))
     h.diag("hung token: %d requests answered 503 within %.2f s (bound %.1f s)"
            % (len(results), max(t for _, t in results), bound))
-    m = metrics()
+    m = metrics(ep)
     check(promtext.value(m, "p11kms_requests_running") >= 1, "requests stuck in the token")
+    eq(promtext.value(m, "p11kms_requests_inline"), 0, "no request on an HTTP thread")
     C.faults.clear()
     deadline = time.monotonic() + 10
-    while promtext.value(metrics(), "p11kms_requests_running") > 0:
+    while promtext.value(metrics(ep), "p11kms_requests_running") > 0:
         check(time.monotonic() < deadline, "stuck requests end once the token answers")
         time.sleep(0.05)
+    for _ in range(2 * WORKERS):
+        r = req_generate_data_key(ep, key)
+        eq(r.status, 200, "GenerateDataKey after the hang")
+
+
+@test
+def test_hung_token_with_inline_requests():
+    """The default (threads 2, so inline_requests 1): the first GenerateDataKey is caught
+    inline by a hanging C_Encrypt. A stall time later the token counts as slow, so the
+    requests after it go to the workers and get 503 within request_timeout_ms; DescribeKey
+    on a new connection is answered at once (one HTTP thread stays free). When the token
+    answers, the caught request gets its data key, and a second later requests run inline
+    again."""
+    C.faults.stall("C_Encrypt")
+    caught, caught_threads = concurrently(1, req_generate_data_key)
+    C.faults.wait_stalling("C_Encrypt", n=1, timeout=10)
+    m = metrics()
+    eq(promtext.value(m, "p11kms_requests_inline"), 1, "the request caught on its HTTP thread")
+    eq(promtext.value(m, "p11kms_requests_running"), 0, "no worker has it")
+    time.sleep(0.4)  # past the stall time, min(request_timeout_ms / 4, 250 ms)
+    eq(promtext.value(metrics(), "p11kms_token_slow"), 1, "the token counts as slow")
+    t0 = time.monotonic()
+    eq(ok("DescribeKey", {"KeyId": C.key})["KeyMetadata"]["KeyId"], C.key,
+       "DescribeKey while the token hangs")
+    check(time.monotonic() - t0 < 1.0, "DescribeKey did not wait for the token")
+    results, threads = concurrently(WORKERS + 2, req_generate_data_key)
+    for t in threads:
+        t.join(timeout=30)
+    check(not any(t.is_alive() for t in threads), "every later request was answered")
+    bound = REQUEST_TIMEOUT_MS / 1000.0 + 1.0
+    for r, took in results:
+        h.check_error_response(r, "DependencyTimeoutException", 503)
+        check(took < bound, "answered after %.2f s, bound %.1f s" % (took, bound))
+    check(caught_threads[0].is_alive(), "the caught request waits for the token")
+    C.faults.clear()
+    caught_threads[0].join(timeout=30)
+    r, took = caught[0]
+    eq(r.status, 200, "the caught request's answer once the token answers")
+    answer_is_right("GenerateDataKey", r)
+    h.diag("caught inline for %.2f s; %d later requests answered 503 within %.2f s"
+           % (took, len(results), max(t for _, t in results)))
+    deadline = time.monotonic() + 15
+    while True:
+        m = metrics()
+        if (promtext.value(m, "p11kms_requests_running") == 0 and
+                promtext.value(m, "p11kms_token_slow") == 0):
+            break
+        check(time.monotonic() < deadline, "the workers' stuck calls end and the token is prompt")
+        time.sleep(0.05)
+    eq(promtext.value(m, "p11kms_requests_inline"), 0, "nothing left on an HTTP thread")
     for _ in range(2 * WORKERS):
         answer_is_right("GenerateDataKey", req_generate_data_key())
 

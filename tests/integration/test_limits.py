@@ -610,12 +610,15 @@ def test_sigterm_answers_requests_in_flight():
     """8 GenerateDataKey requests held in C_Encrypt by the fault module, then
     SIGTERM: no new connections, /readyz 503 on a kept-alive connection, the
     8 answered 200 (with Connection: close) once the token lets go, exit 0
-    within drain_timeout_ms. A new server on the token and database decrypts all 8."""
+    within drain_timeout_ms. A new server on the token and database decrypts all 8.
+    inline_requests = 0: all 8 on workers (p11kms_requests_running), none holding an HTTP
+    thread with the kept-alive connection."""
     token = h.make_token(C.ws.sub("drain-token"), "p11kms-drain")
     creds = h.write_credentials(C.ws.sub("drain-credentials"), [C.bob])
     fc = fm.FaultControl(C.ws.sub("drain-faults"))
     config = h.write_config(C.ws.sub("drain.conf"), token, creds, module=fm.faultmod_module(),
                             workers=str(DRAIN_REQUESTS), request_timeout_ms="30000",
+                            inline_requests="0",
                             drain_timeout_ms=str(DRAIN_TIMEOUT_MS))
     srv = h.start_config_server(config, token, C.ws.sub("drain.log"), env=fc.env())
     C.drain_servers.append(srv)
@@ -715,13 +718,15 @@ def test_sigterm_with_a_hung_token_is_bounded_by_drain_timeout():
     """Two requests held in C_Encrypt for good (request_timeout_ms above
     drain_timeout_ms, so no watchdog answer comes first), then SIGTERM: the
     server stops drain_timeout_ms later all the same, with exit status 0.
-    The held requests may get a 503 or a closed connection."""
+    The held requests may get a 503 or a closed connection. inline_requests = 0: both on
+    workers, which the drain can answer for."""
     token = h.make_token(C.ws.sub("hung-token"), "p11kms-hung")
     creds = h.write_credentials(C.ws.sub("hung-credentials"), [C.bob])
     fc = fm.FaultControl(C.ws.sub("hung-faults"))
     drain_ms = 1000
     config = h.write_config(C.ws.sub("hung.conf"), token, creds, module=fm.faultmod_module(),
-                            request_timeout_ms="30000", drain_timeout_ms=str(drain_ms))
+                            request_timeout_ms="30000", drain_timeout_ms=str(drain_ms),
+                            inline_requests="0")
     srv = h.start_config_server(config, token, C.ws.sub("hung.log"), env=fc.env())
     C.drain_servers.append(srv)
     ep = srv.endpoint

@@ -345,6 +345,37 @@ static void test_config_check_requires(void **state)
     }
 }
 
+/* inline_requests: unset means threads - 1 (resolved at start); set, it must stay below threads. */
+static void test_config_inline_requests(void **state)
+{
+    static const char *const base[][2] = {{"module", "m.so"},         {"token", "t"},
+                                          {"credentials_file", "/c"}, {"database", "sqlite:/d"},
+                                          {"listen", "127.0.0.1:1"},  {"region", "r"},
+                                          {"account", "000000000000"}};
+    struct kms_config c;
+    (void)state;
+
+    kms_config_defaults(&c);
+    for (size_t i = 0; i < N_ELEMS(base); i++)
+        assert_int_equal(kms_config_set(&c, base[i][0], base[i][1]), KMS_OK);
+    assert_int_equal(c.inline_requests, KMS_INLINE_DEFAULT);
+    assert_int_equal(kms_config_check(&c), KMS_OK);
+    assert_int_equal(kms_config_set(&c, "threads", "4"), KMS_OK);
+    assert_int_equal(kms_config_set(&c, "inline_requests", "0"), KMS_OK);
+    assert_int_equal(c.inline_requests, 0);
+    assert_int_equal(kms_config_check(&c), KMS_OK);
+    assert_int_equal(kms_config_set(&c, "inline_requests", "3"), KMS_OK);
+    assert_int_equal(kms_config_check(&c), KMS_OK);
+    assert_int_equal(kms_config_set(&c, "inline_requests", "4"), KMS_OK);
+    kms_err_clear();
+    assert_int_equal(kms_config_check(&c), KMS_ERR_VALIDATION);
+    assert_non_null(strstr(kms_err_message(), "inline_requests must be below threads"));
+    kms_err_clear();
+    assert_int_equal(kms_config_set(&c, "inline_requests", "256"), KMS_ERR_VALIDATION);
+    kms_err_clear();
+    kms_config_free(&c);
+}
+
 /* ---- listen address -------------------------------------------------------------- */
 
 static void expect_listen(const char *s, const char *host, unsigned port)
@@ -659,6 +690,7 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_config_database_password_needs_private_file,
                                         make_tmpdir, remove_tmpdir),
         cmocka_unit_test(test_config_check_requires),
+        cmocka_unit_test(test_config_inline_requests),
         cmocka_unit_test(test_parse_listen_good),
         cmocka_unit_test(test_parse_listen_bad),
         cmocka_unit_test(test_credentials_parse_good),

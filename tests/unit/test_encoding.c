@@ -11,8 +11,11 @@
 
 #include <stdint.h>
 #include <string.h>
+#include <sys/wait.h>
+#include <unistd.h>
 
 #include "common/encoding.h"
+#include "common/random.h"
 
 /* RFC 4648 §10 test vectors. */
 static const struct {
@@ -455,6 +458,52 @@ static void test_uuid_new(void **state)
     assert_memory_not_equal(a, b, sizeof a);
 }
 
+/* ---- public random bytes (common/random.h) --------------------------------------- */
+
+static void test_random_public(void **state)
+{
+    uint8_t a[64], b[64], zero[64] = {0};
+    (void)state;
+
+    /* Across many pool refills: never the same twice, never the zeros a cleansed pool holds. */
+    assert_int_equal(kms_random_public(a, sizeof a), KMS_OK);
+    for (int i = 0; i < 100; i++) {
+        assert_int_equal(kms_random_public(b, sizeof b), KMS_OK);
+        assert_memory_not_equal(a, b, sizeof a);
+        assert_memory_not_equal(b, zero, sizeof b);
+        memcpy(a, b, sizeof a);
+    }
+    assert_int_equal(kms_random_public(a, 65), KMS_ERR_INTERNAL);
+    assert_int_equal(kms_random_public(a, 0), KMS_OK);
+}
+
+/* A forked child must not hand out the bytes its parent still has in its pool. */
+static void test_random_public_after_fork(void **state)
+{
+    uint8_t parent[16], child[16];
+    int fds[2];
+    (void)state;
+
+    assert_int_equal(kms_random_public(parent, 1), KMS_OK); /* the pool holds bytes now */
+    assert_int_equal(pipe(fds), 0);
+    pid_t pid = fork();
+    assert_true(pid >= 0);
+    if (pid == 0) {
+        uint8_t mine[16];
+        int ok = kms_random_public(mine, sizeof mine) == KMS_OK &&
+                 write(fds[1], mine, sizeof mine) == (ssize_t)sizeof mine;
+        _exit(ok ? 0 : 1);
+    }
+    close(fds[1]);
+    assert_int_equal(read(fds[0], child, sizeof child), (ssize_t)sizeof child);
+    close(fds[0]);
+    int status = 0;
+    assert_int_equal(waitpid(pid, &status, 0), pid);
+    assert_true(WIFEXITED(status) && WEXITSTATUS(status) == 0);
+    assert_int_equal(kms_random_public(parent, sizeof parent), KMS_OK);
+    assert_memory_not_equal(parent, child, sizeof parent);
+}
+
 static void test_uuid_format_parse(void **state)
 {
     static const uint8_t id[KMS_UUID_LEN] = {0x00, 0x11, 0x22, 0x33, 0x44, 0x55, 0x66, 0x77,
@@ -542,6 +591,8 @@ int main(void)
         cmocka_unit_test(test_b64url_public_buffers),
         cmocka_unit_test(test_hex_encode),
         cmocka_unit_test(test_uuid_new),
+        cmocka_unit_test(test_random_public),
+        cmocka_unit_test(test_random_public_after_fork),
         cmocka_unit_test(test_uuid_format_parse),
         cmocka_unit_test(test_uuid_parse_rejects),
     };
