@@ -37,10 +37,11 @@
 #define TARGET_PREFIX "TrentService."
 
 /*
- * A request that uses the token goes to the worker pool (pool.h) with its
- * connection suspended, so that a hung token never holds an HTTP thread and
- * every such request is answered by request_timeout_ms. Requests served from
- * the index run here.
+ * A request that uses the token: run here while the token is prompt (an
+ * inline slot of pool.h), else by the worker pool with its connection
+ * suspended, so that a slow or hung token holds no more HTTP threads than
+ * the inline slots and every request given to a worker is answered by
+ * request_timeout_ms. Requests served from the index always run here.
  */
 struct job {
     struct kms_task task;
