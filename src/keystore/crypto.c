@@ -457,29 +457,52 @@ kms_err kms_keystore_encrypt(struct kms_keystore *ks, const char *ref,
 }
 
 /*
+ * Whether expect_ref names key k, and if not the error resolving it gives
+ * (KMS_ERR_INCORRECT_KEY when it names another key). The usual case, a
+ * reference to the blob's own key, costs no second lookup of the key: its id
+ * is compared with the held entry's (an alias is read from memory). Only when
+ * it names another key, or k is destroyed (kms_resolve would answer
+ * NotFound, in its own words), is it resolved in full as before.
+ */
+static kms_err expected_key(struct kms_keystore *ks, struct key *k, const char *expect_ref)
+{
+    uint8_t id[KMS_UUID_LEN];
+    struct key *e;
+
+    KMS_GUARD(kms_resolve_id(ks, expect_ref, KMS_REF_ALIAS, id));
+    pthread_mutex_lock(&ks->lock);
+    int same = memcmp(id, k->id, KMS_UUID_LEN) == 0 && k->row.state != KMS_STORE_DESTROYED;
+    pthread_mutex_unlock(&ks->lock);
+    if (same)
+        return KMS_OK;
+    KMS_GUARD(kms_resolve(ks, expect_ref, KMS_REF_ALIAS, &e));
+    same = memcmp(e->id, k->id, KMS_UUID_LEN) == 0;
+    kms_key_put(ks, e);
+    return same ? KMS_OK : KMS_ERR_INCORRECT_KEY;
+}
+
+/*
  * The blob's key, held in k, checked against expect_ref and usable, with the
  * blob's version known. A key destroyed is NotFound: only a caller allowed by
- * its policy gets here.
+ * its policy gets here. info (when not NULL) receives what the key is.
  */
 static kms_err blob_key(struct kms_keystore *ks, const struct kms_blob *blob, struct key *k,
                         const char *expect_ref, struct kms_key_info *info)
 {
-    uint8_t expected[KMS_UUID_LEN];
-    kms_err rc;
+    kms_err expected = KMS_OK, rc;
 
     KMS_ENSURE(memcmp(blob->key_id, k->id, KMS_UUID_LEN) == 0, KMS_ERR_INVALID_CIPHERTEXT,
                KMS_BLOB_INVALID);
     if (expect_ref) {
-        struct key *e;
-        KMS_GUARD(kms_resolve(ks, expect_ref, KMS_REF_ALIAS, &e));
-        memcpy(expected, e->id, KMS_UUID_LEN);
-        kms_key_put(ks, e);
+        expected = expected_key(ks, k, expect_ref);
+        if (expected != KMS_OK && expected != KMS_ERR_INCORRECT_KEY)
+            return expected;
     }
     pthread_mutex_lock(&ks->lock);
     if (k->row.state == KMS_STORE_DESTROYED)
         rc = KMS_FAIL(KMS_ERR_NOT_FOUND, "Key '%skey/%s' does not exist", ks->arn_prefix,
                       k->id_text);
-    else if (expect_ref && memcmp(expected, k->id, KMS_UUID_LEN) != 0)
+    else if (expected == KMS_ERR_INCORRECT_KEY)
         rc = KMS_FAIL(KMS_ERR_INCORRECT_KEY, "The key ID in the request does not identify the "
                                              "key that encrypted the ciphertext");
     else
@@ -488,41 +511,41 @@ static kms_err blob_key(struct kms_keystore *ks, const struct kms_blob *blob, st
     if (rc == KMS_OK && k->row.spec != KMS_SPEC_SYMMETRIC_DEFAULT)
         rc = KMS_FAIL(KMS_ERR_INVALID_CIPHERTEXT, KMS_BLOB_INVALID);
     int known = rc == KMS_OK && kms_version_locked(k, blob->key_version) != NULL;
+    if (known && info)
+        rc = kms_info_copy_locked(ks, k, info);
     pthread_mutex_unlock(&ks->lock);
     if (rc == KMS_OK && !known) {
         /* Made on another node since this one read the key: one lookup, then remembered. */
         rc = kms_key_learn_version(ks, k, blob->key_version);
         if (rc == KMS_ERR_NOT_FOUND)
             rc = KMS_FAIL(KMS_ERR_INVALID_CIPHERTEXT, KMS_BLOB_INVALID);
-    }
-    if (rc == KMS_OK) {
-        pthread_mutex_lock(&ks->lock);
-        rc = kms_info_copy_locked(ks, k, info);
-        pthread_mutex_unlock(&ks->lock);
+        if (rc == KMS_OK && info) {
+            pthread_mutex_lock(&ks->lock);
+            rc = kms_info_copy_locked(ks, k, info);
+            pthread_mutex_unlock(&ks->lock);
+        }
     }
     return rc;
 }
 
-kms_err kms_keystore_decrypt_key(struct kms_keystore *ks, struct kms_key_ref *key, const uint8_t *p,
-                                 size_t n, const struct kms_buf *canonical_context,
-                                 const char *expect_ref, struct kms_buf *plaintext,
-                                 struct kms_key_info *info)
+kms_err kms_keystore_decrypt_key(struct kms_keystore *ks, struct kms_key_ref *key,
+                                 const struct kms_blob *blob,
+                                 const struct kms_buf *canonical_context, const char *expect_ref,
+                                 struct kms_buf *plaintext, struct kms_key_info *info)
 {
-    struct kms_blob blob;
     struct kms_buf aad = KMS_BUF_INIT;
 
     KMS_ENSURE(key->entry != NULL, KMS_ERR_INTERNAL, "no key held");
-    KMS_GUARD(kms_blob_decode(p, n, &blob));
-    kms_err rc = blob_key(ks, &blob, key->entry, expect_ref, info);
+    kms_err rc = blob_key(ks, blob, key->entry, expect_ref, info);
     if (rc == KMS_OK)
-        rc = kms_blob_aad(blob.header, canonical_context, &aad);
+        rc = kms_blob_aad(blob->header, canonical_context, &aad);
     if (rc == KMS_OK)
-        rc = kms_buf_reserve(plaintext, blob.ciphertext_len);
+        rc = kms_buf_reserve(plaintext, blob->ciphertext_len);
     if (rc == KMS_OK)
-        rc = gcm(ks, key->entry, blob.key_version, 0, blob.iv, &aad, blob.ciphertext,
-                 blob.ciphertext_len + KMS_GCM_TAG_LEN, plaintext->data + plaintext->len);
+        rc = gcm(ks, key->entry, blob->key_version, 0, blob->iv, &aad, blob->ciphertext,
+                 blob->ciphertext_len + KMS_GCM_TAG_LEN, plaintext->data + plaintext->len);
     if (rc == KMS_OK)
-        plaintext->len += blob.ciphertext_len;
+        plaintext->len += blob->ciphertext_len;
     kms_buf_free(&aad);
     return rc;
 }
@@ -541,7 +564,7 @@ kms_err kms_keystore_decrypt(struct kms_keystore *ks, const uint8_t *p, size_t n
     if (rc == KMS_ERR_NOT_FOUND)
         return KMS_FAIL(KMS_ERR_INVALID_CIPHERTEXT, KMS_BLOB_INVALID);
     KMS_GUARD(rc);
-    rc = kms_keystore_decrypt_key(ks, &key, p, n, canonical_context, expect_ref, plaintext, info);
+    rc = kms_keystore_decrypt_key(ks, &key, &blob, canonical_context, expect_ref, plaintext, info);
     kms_keystore_unhold(ks, &key);
     return rc;
 }
