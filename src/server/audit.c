@@ -21,7 +21,10 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <poll.h>
+#include <sys/inotify.h>
 #include <sys/stat.h>
+#include <sys/uio.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -443,11 +446,23 @@ struct kms_audit {
     int fd;              /* -1: none (the path could not be opened) */
     dev_t dev;
     ino_t ino;
-    int failing;       /* the last write or open failed: look at the path again before the next */
-    int partial;       /* the file ends with part of a line that could not be removed */
-    uint64_t seq;      /* of the last line written */
-    uint8_t last[32];  /* its hash */
-    uint64_t since_cp; /* lines written since the last checkpoint */
+    int failing; /* the last write or open failed: look at the path again before the next */
+    /*
+     * Whether the file was removed is looked at (fstat) only after the kernel
+     * said something changed its links or name (inotify, read by the watcher
+     * thread), not before every line: look is set by the watcher, taken by
+     * the next line. Without a watch (ino_wd < 0) every line looks.
+     */
+    int ino_fd;     /* inotify instance; -1: none */
+    int ino_wd;     /* the watch on the file fd is; -1: none */
+    int stop_fd[2]; /* the watcher's stop pipe; -1: none */
+    int look;       /* atomic: the file's links or name changed since the last look */
+    pthread_t watcher;
+    int watcher_started;
+    int partial;                 /* the file ends with part of a line that could not be removed */
+    uint64_t seq;                /* of the last line written */
+    uint8_t last[32];            /* its hash */
+    uint64_t since_cp;           /* lines written since the last checkpoint */
     struct timespec first_since; /* when the first of them was written (monotonic) */
     struct timespec retry_at;    /* after a failed checkpoint, not before this */
     struct open_intent open[KMS_AUDIT_OPEN_MAX]; /* intents without a written outcome */
@@ -588,48 +603,42 @@ static kms_err last_line_hash(int fd, const struct stat *st, const char *path, u
 }
 
 /*
- * Appends one line (and its '\n') with one write(2). A short write is cut off
- * again, so the file holds the whole line or none of it. With a fragment left
- * at the end of the file by an earlier failure, a '\n' goes first: the
- * fragment stays a line of its own (verify reports it) and ours stays whole.
+ * Appends one line (and its '\n') with one writev(2), straight from the
+ * caller's buffer. A short write is cut off again, so the file holds the
+ * whole line or none of it. With a fragment left at the end of the file by an
+ * earlier failure, a '\n' goes first: the fragment stays a line of its own
+ * (verify reports it) and ours stays whole.
  */
 static kms_err append_line_locked(struct kms_audit *a, const struct kms_buf *line)
 {
-    struct kms_buf out = KMS_BUF_INIT;
+    static const char newline = '\n';
+    struct iovec iov[3];
+    int n = 0;
+    size_t total = 0;
     struct stat st;
     off_t before = -1;
     ssize_t w;
-    kms_err rc;
 
     if (a->partial)
-        rc = kms_buf_append_u8(&out, '\n');
-    else
-        rc = KMS_OK;
-    if (rc == KMS_OK)
-        rc = kms_buf_append(&out, line->data, line->len);
-    if (rc == KMS_OK)
-        rc = kms_buf_append_u8(&out, '\n');
-    if (rc != KMS_OK) {
-        kms_buf_free(&out);
-        return rc;
-    }
+        iov[n++] = (struct iovec){(void *)&newline, 1};
+    iov[n++] = (struct iovec){line->data, line->len};
+    iov[n++] = (struct iovec){(void *)&newline, 1};
+    for (int i = 0; i < n; i++)
+        total += iov[i].iov_len;
     do
-        w = write(a->fd, out.data, out.len);
+        w = writev(a->fd, iov, n);
     while (w < 0 && errno == EINTR);
-    if (w == (ssize_t)out.len) {
+    if (w == (ssize_t)total) {
         a->partial = 0;
-        rc = KMS_OK;
-    } else {
-        int e = w < 0 ? errno : ENOSPC;
-        /* The file is appended to by this process alone: it was w bytes shorter. */
-        if (w > 0 && fstat(a->fd, &st) == 0 && S_ISREG(st.st_mode) && st.st_size >= w)
-            before = st.st_size - w;
-        if (w > 0 && (before < 0 || ftruncate(a->fd, before) != 0))
-            a->partial = 1;
-        rc = KMS_FAIL(KMS_ERR_INTERNAL, "cannot write the audit log %s: %s", a->path, strerror(e));
+        return KMS_OK;
     }
-    kms_buf_free(&out);
-    return rc;
+    int e = w < 0 ? errno : ENOSPC;
+    /* The file is appended to by this process alone: it was w bytes shorter. */
+    if (w > 0 && fstat(a->fd, &st) == 0 && S_ISREG(st.st_mode) && st.st_size >= w)
+        before = st.st_size - w;
+    if (w > 0 && (before < 0 || ftruncate(a->fd, before) != 0))
+        a->partial = 1;
+    return KMS_FAIL(KMS_ERR_INTERNAL, "cannot write the audit log %s: %s", a->path, strerror(e));
 }
 
 /* The first failure after a success is logged; a run of them is not. */
@@ -669,6 +678,74 @@ static kms_err chain_line_locked(struct kms_audit *a, const struct kms_buf *line
 }
 
 /*
+ * Watches the file a->fd now is (through /proc/self/fd, so it is that file
+ * and not whatever the path names by now) for changes of its links or name:
+ * IN_ATTRIB (link count: unlink, rename over it), IN_MOVE_SELF,
+ * IN_DELETE_SELF; not IN_MODIFY, so our own lines wake nobody. The next line
+ * looks once anyway: the file may have gone between its open and the watch.
+ * Without a watch, every line looks, as it did before there was one.
+ */
+static void watch_file_locked(struct kms_audit *a)
+{
+    char proc[64];
+
+    if (a->ino_fd < 0)
+        return;
+    if (a->ino_wd >= 0)
+        inotify_rm_watch(a->ino_fd, a->ino_wd); /* EINVAL when the kernel dropped it: fine */
+    a->ino_wd = -1;
+    if (a->fd >= 0) {
+        snprintf(proc, sizeof proc, "/proc/self/fd/%d", a->fd);
+        a->ino_wd = inotify_add_watch(a->ino_fd, proc, IN_ATTRIB | IN_MOVE_SELF | IN_DELETE_SELF);
+    }
+    __atomic_store_n(&a->look, 1, __ATOMIC_RELEASE);
+}
+
+/* No watch from now on (its thread stopped or failed): every line looks. */
+static void unwatch_locked(struct kms_audit *a)
+{
+    if (a->ino_fd >= 0)
+        close(a->ino_fd);
+    a->ino_fd = -1;
+    a->ino_wd = -1;
+}
+
+/*
+ * The watcher: sets look whenever the kernel reports a change of the file's
+ * links or name (or lost events: IN_Q_OVERFLOW). It reads events only to
+ * drain them; which file they name does not matter, one more look is cheap.
+ */
+static void *watch_thread(void *arg)
+{
+    struct kms_audit *a = arg;
+    char buf[4096] __attribute__((aligned(__alignof__(struct inotify_event))));
+    struct pollfd p[2] = {{a->ino_fd, POLLIN, 0}, {a->stop_fd[0], POLLIN, 0}};
+
+    for (;;) {
+        if (poll(p, 2, -1) < 0) {
+            if (errno == EINTR)
+                continue;
+            break;
+        }
+        if (p[1].revents)
+            return NULL;
+        if (p[0].revents & (POLLERR | POLLHUP | POLLNVAL))
+            break;
+        ssize_t n = read(a->ino_fd, buf, sizeof buf);
+        if (n < 0 && errno != EAGAIN && errno != EINTR)
+            break;
+        if (n > 0)
+            __atomic_store_n(&a->look, 1, __ATOMIC_RELEASE);
+    }
+    kms_warn("audit log %s: watching the file failed (%s); it is looked at before every line",
+             a->path, strerror(errno));
+    pthread_mutex_lock(&a->lock);
+    unwatch_locked(a);
+    pthread_mutex_unlock(&a->lock);
+    return NULL;
+}
+
+/*
  * Makes sure there is a file to write to. When the last write failed or the
  * file was removed, opens the path again: the same file is kept, another
  * one starts with a "reopen" line. Never uses the token.
@@ -680,7 +757,16 @@ static kms_err ensure_file_locked(struct kms_audit *a, const char *reason)
     kms_err rc;
 
     if (a->fd >= 0 && !a->failing) {
-        /* A removed log would swallow every line from now on: look for a new one. */
+        /*
+         * A removed log would swallow every line from now on: look for a new
+         * one. Looked at only when the watch says the file's links or name
+         * changed (or there is no watch): a line's only file-system call is
+         * then its write. A line racing the removal may still go to the
+         * removed file, as it could when the look was an fstat before the
+         * write.
+         */
+        if (a->ino_wd >= 0 && !__atomic_exchange_n(&a->look, 0, __ATOMIC_ACQ_REL))
+            return KMS_OK;
         if (fstat(a->fd, &st) != 0 || !S_ISREG(st.st_mode) || st.st_nlink > 0)
             return KMS_OK;
         kms_warn("audit log %s was removed: opening it again", a->path);
@@ -698,6 +784,7 @@ static kms_err ensure_file_locked(struct kms_audit *a, const char *reason)
     a->dev = st.st_dev;
     a->ino = st.st_ino;
     a->partial = partial;
+    watch_file_locked(a);
     char time[KMS_AUDIT_TIME_LEN + 1];
     struct kms_buf line = KMS_BUF_INIT;
     now_text(time);
@@ -1472,6 +1559,7 @@ static kms_err start(struct kms_audit *a, struct kms_session *s)
     a->dev = st.st_dev;
     a->ino = st.st_ino;
     a->partial = partial;
+    watch_file_locked(a);
     /* A log that goes on in an existing file chains to its last line. */
     KMS_GUARD(last_line_hash(a->fd, &st, a->path, a->last));
     if (have_head)
@@ -1505,6 +1593,16 @@ kms_err kms_audit_open(const struct kms_audit_config *cfg, struct kms_hsm *hsm,
     a = calloc(1, sizeof *a);
     KMS_ENSURE(a != NULL, KMS_ERR_INTERNAL, "out of memory");
     a->fd = -1;
+    a->ino_wd = -1;
+    a->stop_fd[0] = a->stop_fd[1] = -1;
+    a->ino_fd = inotify_init1(IN_NONBLOCK | IN_CLOEXEC);
+    if (a->ino_fd >= 0 && pipe2(a->stop_fd, O_CLOEXEC) != 0) {
+        close(a->ino_fd);
+        a->ino_fd = -1;
+    }
+    if (a->ino_fd < 0)
+        kms_warn("audit log: cannot watch the file (%s); it is looked at before every line",
+                 strerror(errno));
     a->hsm = hsm;
     a->store = cfg->store;
     if (cfg->node && *cfg->node)
@@ -1536,6 +1634,16 @@ kms_err kms_audit_open(const struct kms_audit_config *cfg, struct kms_hsm *hsm,
         else
             rc = KMS_FAIL(KMS_ERR_INTERNAL, "cannot start the audit checkpoint thread");
     }
+    if (rc == KMS_OK && a->ino_fd >= 0) {
+        if (pthread_create(&a->watcher, NULL, watch_thread, a) == 0) {
+            a->watcher_started = 1;
+        } else {
+            /* No watcher: every line looks, as before. */
+            pthread_mutex_lock(&a->lock);
+            unwatch_locked(a);
+            pthread_mutex_unlock(&a->lock);
+        }
+    }
     if (rc != KMS_OK) {
         a->opened = 0; /* no "close" checkpoint for a log that did not open */
         kms_audit_close(a);
@@ -1550,6 +1658,17 @@ void kms_audit_close(struct kms_audit *a)
 {
     if (!a)
         return;
+    if (a->watcher_started) {
+        ssize_t w;
+        do
+            w = write(a->stop_fd[1], "", 1);
+        while (w < 0 && errno == EINTR);
+        pthread_join(a->watcher, NULL);
+    }
+    /* The closing checkpoint's line looks at the file itself. */
+    pthread_mutex_lock(&a->lock);
+    unwatch_locked(a);
+    pthread_mutex_unlock(&a->lock);
     if (a->thread_started) {
         pthread_mutex_lock(&a->lock);
         a->stopping = 1;
@@ -1563,6 +1682,9 @@ void kms_audit_close(struct kms_audit *a)
     }
     if (a->fd >= 0)
         close(a->fd);
+    for (int i = 0; i < 2; i++)
+        if (a->stop_fd[i] >= 0)
+            close(a->stop_fd[i]);
     if (a->digest_key)
         OPENSSL_secure_clear_free(a->digest_key, 32);
     pthread_cond_destroy(&a->wake);
