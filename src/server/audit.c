@@ -174,10 +174,14 @@ kms_err kms_audit_context_digest(const uint8_t key[32], const struct kms_buf *co
     return KMS_OK;
 }
 
+/* Room for a whole usual request line at once, instead of growing 64, 128, ... 1024. */
+#define LINE_GUESS 1024
+
 static kms_err template_build(const struct kms_audit_record *r, const char *log_id,
                               const uint8_t *digest_key, struct kms_audit_template *t)
 {
     struct kms_buf *b = &t->text;
+    KMS_GUARD(kms_buf_reserve(b, LINE_GUESS));
     KMS_GUARD(kms_buf_append_u8(b, '{'));
     if (r->context) {
         char digest[65];
@@ -931,15 +935,73 @@ void kms_audit_outcome(struct kms_audit *a, const char *request_id, int result)
     pthread_mutex_unlock(&a->lock);
 }
 
+/*
+ * A request thread's buffers for its audit lines, kept from one request to
+ * the next (freed when the thread ends): a line then costs no allocation.
+ * They hold no secret (a line never holds key material or plaintext, and the
+ * context only as a keyed digest), but kms_buf_free cleanses them anyway.
+ */
+struct line_scratch {
+    struct kms_audit_template t;
+    struct kms_buf line;
+};
+static pthread_key_t scratch_key;
+static pthread_once_t scratch_once = PTHREAD_ONCE_INIT;
+static int scratch_ok;
+
+static void scratch_free(void *p)
+{
+    struct line_scratch *s = p;
+    kms_audit_template_free(&s->t);
+    kms_buf_free(&s->line);
+    free(s);
+}
+
+static void scratch_init(void)
+{
+    scratch_ok = pthread_key_create(&scratch_key, scratch_free) == 0;
+}
+
+/* This thread's buffers, emptied; NULL when there are none (then the caller's own are used). */
+static struct line_scratch *scratch_get(void)
+{
+    struct line_scratch *s;
+    pthread_once(&scratch_once, scratch_init);
+    if (!scratch_ok)
+        return NULL;
+    s = pthread_getspecific(scratch_key);
+    if (!s) {
+        s = calloc(1, sizeof *s);
+        if (s && pthread_setspecific(scratch_key, s) != 0) {
+            free(s);
+            s = NULL;
+        }
+    }
+    if (s) {
+        s->t.text.len = 0;
+        s->t.at_prev = s->t.at_seq = s->t.at_time = 0;
+        s->line.len = 0;
+    }
+    return s;
+}
+
 kms_err kms_audit_write(struct kms_audit *a, const struct kms_audit_record *r)
 {
-    struct kms_audit_template t;
-    struct kms_buf line = KMS_BUF_INIT;
+    struct line_scratch own = {{KMS_BUF_INIT, 0, 0, 0}, KMS_BUF_INIT};
+    struct line_scratch *s = scratch_get();
     char time[KMS_AUDIT_TIME_LEN + 1];
     kms_err rc;
 
     KMS_ENSURE(a && r, KMS_ERR_INTERNAL, "no audit log");
-    KMS_GUARD(kms_audit_template_build(r, a->log_id, a->digest_key, &t));
+    if (!s)
+        s = &own;
+    struct kms_audit_template *tp = &s->t;
+    struct kms_buf *line = &s->line;
+    rc = template_build(r, a->log_id, a->digest_key, tp);
+    if (rc != KMS_OK) {
+        kms_audit_template_free(&own.t);
+        return rc;
+    }
     pthread_mutex_lock(&a->lock);
     wait_hold_locked(a);
     rc = ensure_file_locked(a, "recover");
@@ -947,13 +1009,13 @@ kms_err kms_audit_write(struct kms_audit *a, const struct kms_audit_record *r)
         rc = flush_results_locked(a);
     if (rc == KMS_OK) {
         now_text(time);
-        rc = kms_audit_template_fill(&t, a->seq + 1, a->last, time, &line);
+        rc = kms_audit_template_fill(tp, a->seq + 1, a->last, time, line);
     }
     if (rc == KMS_OK)
-        rc = chain_line_locked(a, &line);
+        rc = chain_line_locked(a, line);
     pthread_mutex_unlock(&a->lock);
-    kms_buf_free(&line);
-    kms_audit_template_free(&t);
+    kms_buf_free(&own.line);
+    kms_audit_template_free(&own.t);
     return rc;
 }
 

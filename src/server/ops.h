@@ -102,10 +102,12 @@ void kms_policy_release(void *compiled);
 /*
  * For the audit log: the key and version a blob names, and the canonical
  * context. decoded: the blob as the request decoded it, or NULL (not decoded,
- * or malformed: the header is then read as far as it goes).
+ * or malformed: the header is then read as far as it goes). ctx's bytes are
+ * handed to the request (r->context) when it has none yet: ctx is then left
+ * empty (its old buffer, still to be freed by the caller).
  */
 void kms_note_blob(struct kms_request *r, const struct kms_blob *decoded,
-                   const struct kms_buf *blob, const struct kms_buf *ctx);
+                   const struct kms_buf *blob, struct kms_buf *ctx);
 
 /* ---- tags (ops_tags.c) ---- */
 kms_err kms_op_tag_resource(struct kms_request *r);

@@ -54,7 +54,9 @@ static kms_err generate_data_key(struct kms_request *r, int with_plaintext)
 {
     const char *ref;
     size_t n = 0;
-    struct kms_buf ctx = KMS_BUF_INIT, key = KMS_BUF_INIT, blob = KMS_BUF_INIT;
+    /* The data key on the stack, not the heap: cleansed on the way out. */
+    uint8_t key[DATA_KEY_MAX];
+    struct kms_buf ctx = KMS_BUF_INIT, blob = KMS_BUF_INIT;
     struct kms_key_info k = {0};
     struct kms_key_ref held = KMS_KEY_REF_INIT;
     kms_err rc;
@@ -70,18 +72,14 @@ static kms_err generate_data_key(struct kms_request *r, int with_plaintext)
             r, with_plaintext ? "kms:GenerateDataKey" : "kms:GenerateDataKeyWithoutPlaintext", ref,
             KMS_REF_ALIAS, json_object_get(r->in, "EncryptionContext"), &held);
     if (rc == KMS_OK)
-        rc = kms_keystore_key_info(r->srv->ks, &held, &k);
+        rc = kms_keystore_key_info_brief(r->srv->ks, &held, &k);
     if (rc == KMS_OK)
         rc = kms_check_symmetric(&k, with_plaintext ? "GenerateDataKey"
                                                     : "GenerateDataKeyWithoutPlaintext");
     if (rc == KMS_OK)
-        rc = kms_buf_reserve(&key, n);
+        rc = kms_keystore_random(r->srv->ks, key, n);
     if (rc == KMS_OK)
-        rc = kms_keystore_random(r->srv->ks, key.data, n);
-    if (rc == KMS_OK) {
-        key.len = n;
-        rc = kms_keystore_encrypt_key(r->srv->ks, &held, &ctx, key.data, key.len, &blob, &k);
-    }
+        rc = kms_keystore_encrypt_key(r->srv->ks, &held, &ctx, key, n, &blob, &k);
     if (rc == KMS_OK) {
         r->out = json_pack("{s:s}", "KeyId", k.arn);
         if (!r->out)
@@ -90,10 +88,10 @@ static kms_err generate_data_key(struct kms_request *r, int with_plaintext)
     if (rc == KMS_OK)
         rc = kms_out_blob(r->out, "CiphertextBlob", blob.data, blob.len);
     if (rc == KMS_OK && with_plaintext)
-        rc = kms_out_blob(r->out, "Plaintext", key.data, key.len);
+        rc = kms_out_blob(r->out, "Plaintext", key, n);
     kms_note_blob(r, NULL, &blob, &ctx);
     kms_keystore_unhold(r->srv->ks, &held);
-    kms_buf_free(&key);
+    OPENSSL_cleanse(key, sizeof key);
     kms_buf_free(&blob);
     kms_buf_free(&ctx);
     kms_key_info_clear(&k);
@@ -155,7 +153,7 @@ static kms_err oaep_source(struct kms_request *r, const char *action, const char
         strcmp(ref_member, "KeyId") == 0 ? "EncryptionAlgorithm" : "SourceEncryptionAlgorithm",
         kms_alg(alg)->name);
     KMS_GUARD(kms_authorize(r, action, ref, KMS_REF_ALIAS, NULL, held));
-    KMS_GUARD(kms_keystore_key_info(r->srv->ks, held, k));
+    KMS_GUARD(kms_keystore_key_info_brief(r->srv->ks, held, k));
     r->key_version = k->current_version;
     KMS_GUARD(kms_check_usage(k, KMS_USAGE_ENCRYPT_DECRYPT, operation));
     KMS_GUARD(kms_check_algorithm(k, alg));
@@ -210,7 +208,7 @@ kms_err kms_op_encrypt(struct kms_request *r)
         rc = kms_authorize(r, "kms:Encrypt", ref, KMS_REF_ALIAS,
                            json_object_get(r->in, "EncryptionContext"), &held);
     if (rc == KMS_OK)
-        rc = kms_keystore_key_info(r->srv->ks, &held, &k);
+        rc = kms_keystore_key_info_brief(r->srv->ks, &held, &k);
     if (rc == KMS_OK)
         rc = kms_check_usage(&k, KMS_USAGE_ENCRYPT_DECRYPT, "Encrypt");
     if (rc == KMS_OK)
@@ -268,7 +266,7 @@ kms_err kms_op_decrypt(struct kms_request *r)
             rc = kms_authorize_blob(r, "kms:Decrypt", &b,
                                     json_object_get(r->in, "EncryptionContext"), &held);
         if (rc == KMS_OK)
-            rc = kms_keystore_key_info(r->srv->ks, &held, &k);
+            rc = kms_keystore_key_info_brief(r->srv->ks, &held, &k);
         if (rc == KMS_OK)
             rc = kms_check_symmetric(&k, "Decrypt");
         /* The held key is the blob's: its info (k) is the answer's, no second copy. */
@@ -349,7 +347,7 @@ kms_err kms_op_re_encrypt(struct kms_request *r)
             rc = kms_authorize_blob(r, "kms:ReEncryptFrom", &b,
                                     json_object_get(r->in, "SourceEncryptionContext"), &from);
         if (rc == KMS_OK)
-            rc = kms_keystore_key_info(r->srv->ks, &from, &sk);
+            rc = kms_keystore_key_info_brief(r->srv->ks, &from, &sk);
         if (rc == KMS_OK)
             rc = kms_check_symmetric(&sk, "ReEncrypt");
     } else if (rc == KMS_OK) {
@@ -360,7 +358,7 @@ kms_err kms_op_re_encrypt(struct kms_request *r)
         rc = kms_authorize(r, "kms:ReEncryptTo", dest, KMS_REF_ALIAS,
                            json_object_get(r->in, "DestinationEncryptionContext"), &to);
     if (rc == KMS_OK)
-        rc = kms_keystore_key_info(r->srv->ks, &to, &dk);
+        rc = kms_keystore_key_info_brief(r->srv->ks, &to, &dk);
     if (rc == KMS_OK)
         rc = kms_check_usage(&dk, KMS_USAGE_ENCRYPT_DECRYPT, "ReEncrypt");
     if (rc == KMS_OK)

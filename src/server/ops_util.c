@@ -304,7 +304,7 @@ kms_err kms_in_enum_alg(json_t *in, const char *name, int required, int usage, i
 }
 
 void kms_note_blob(struct kms_request *r, const struct kms_blob *decoded,
-                   const struct kms_buf *blob, const struct kms_buf *ctx)
+                   const struct kms_buf *blob, struct kms_buf *ctx)
 {
     char id[KMS_UUID_TEXT_LEN + 1];
     const uint8_t *key_id = NULL;
@@ -328,9 +328,11 @@ void kms_note_blob(struct kms_request *r, const struct kms_blob *decoded,
                  r->srv->cfg.account, id);
         r->key_version = version;
     }
-    if (ctx->len && !r->context.len && kms_buf_reserve(&r->context, ctx->len) == KMS_OK) {
-        memcpy(r->context.data, ctx->data, ctx->len);
-        r->context.len = ctx->len;
+    /* Handed over, not copied: the op is done with it. */
+    if (ctx->len && !r->context.len) {
+        struct kms_buf empty = r->context;
+        r->context = *ctx;
+        *ctx = empty;
     }
 }
 
