@@ -93,7 +93,15 @@ kms_err kms_audit_json_string(struct kms_buf *out, const char *s, size_t n)
     for (size_t i = 0; i < n;) {
         unsigned c = p[i];
         char esc[8];
-        if (c == '"' || c == '\\') {
+        /* A run of printable ASCII needing no escape (nearly every byte of a line): one append. */
+        size_t run = 0;
+        while (i + run < n && p[i + run] >= 0x20 && p[i + run] < 0x80 && p[i + run] != '"' &&
+               p[i + run] != '\\')
+            run++;
+        if (run) {
+            KMS_GUARD(kms_buf_append(out, p + i, run));
+            i += run;
+        } else if (c == '"' || c == '\\') {
             esc[0] = '\\', esc[1] = (char)c;
             KMS_GUARD(kms_buf_append(out, esc, 2));
             i++;
