@@ -606,11 +606,12 @@ kms_err kms_hsm_gcm_decrypt(struct kms_session *s, CK_OBJECT_HANDLE key, const u
     CK_FUNCTION_LIST *fn = s->hsm->fn;
     CK_RV rv;
     CK_ULONG out_len;
-    uint8_t *tmp;
+    /* A data key's plaintext fits on the stack (cleansed below); a longer one goes to the heap. */
+    uint8_t small[1024 + 16], *tmp;
 
     KMS_ENSURE(n >= 16, KMS_ERR_INVALID_CIPHERTEXT, "The ciphertext is too short");
     /* Some modules write n bytes before checking the tag; give them room. */
-    tmp = malloc(n);
+    tmp = n <= sizeof small ? small : malloc(n);
     KMS_ENSURE(tmp != NULL, KMS_ERR_INTERNAL, "out of memory");
     out_len = n;
     rv = fn->C_DecryptInit(s->handle, &mech, key);
@@ -620,7 +621,10 @@ kms_err kms_hsm_gcm_decrypt(struct kms_session *s, CK_OBJECT_HANDLE key, const u
         rv = CKR_GENERAL_ERROR;
     if (rv == CKR_OK)
         memcpy(out, tmp, n - 16);
-    kms_free_secret(tmp, n);
+    if (tmp == small)
+        OPENSSL_cleanse(small, n);
+    else
+        kms_free_secret(tmp, n);
     s->last_rv = rv;
     if (rv == CKR_OK)
         return KMS_OK;

@@ -378,10 +378,41 @@ kms_err kms_with_version(struct kms_keystore *ks, struct key *k, uint32_t vid,
     }
 }
 
+/*
+ * The GCM additional data (kms_blob_aad: header || canonical context) on the
+ * stack when it fits, as it does for every usual context; else in a kms_buf.
+ * It holds no secret.
+ */
+#define AAD_SMALL 512
+struct aad {
+    uint8_t small[AAD_SMALL];
+    struct kms_buf big;
+    const uint8_t *data;
+    size_t len;
+};
+
+static kms_err aad_make(struct aad *a, const uint8_t header[KMS_BLOB_HEADER_LEN],
+                        const struct kms_buf *canonical_context)
+{
+    a->big = (struct kms_buf)KMS_BUF_INIT;
+    if (canonical_context->len <= sizeof a->small - KMS_BLOB_HEADER_LEN) {
+        memcpy(a->small, header, KMS_BLOB_HEADER_LEN);
+        if (canonical_context->len)
+            memcpy(a->small + KMS_BLOB_HEADER_LEN, canonical_context->data, canonical_context->len);
+        a->data = a->small;
+        a->len = KMS_BLOB_HEADER_LEN + canonical_context->len;
+        return KMS_OK;
+    }
+    KMS_GUARD(kms_blob_aad(header, canonical_context, &a->big));
+    a->data = a->big.data;
+    a->len = a->big.len;
+    return KMS_OK;
+}
+
 struct gcm_args {
     int encrypt;
     const uint8_t *iv;
-    const struct kms_buf *aad;
+    const struct aad *aad;
     const uint8_t *in;
     size_t n;
     uint8_t *out;
@@ -397,7 +428,7 @@ static kms_err gcm_in(void *arg, struct kms_session *s, CK_OBJECT_HANDLE h)
 
 /* GCM under a version, once more with a fresh handle when the token lost the one we had. */
 static kms_err gcm(struct kms_keystore *ks, struct key *k, uint32_t vid, int encrypt,
-                   const uint8_t iv[12], const struct kms_buf *aad, const uint8_t *in, size_t n,
+                   const uint8_t iv[12], const struct aad *aad, const uint8_t *in, size_t n,
                    uint8_t *out)
 {
     struct gcm_args a = {encrypt, iv, aad, in, n, out};
@@ -409,7 +440,7 @@ kms_err kms_keystore_encrypt_key(struct kms_keystore *ks, struct kms_key_ref *ke
                                  size_t n, struct kms_buf *blob, struct kms_key_info *info)
 {
     uint8_t header[KMS_BLOB_HEADER_LEN], iv[KMS_GCM_IV_LEN];
-    struct kms_buf aad = KMS_BUF_INIT;
+    struct aad aad = {.big = KMS_BUF_INIT};
     uint32_t vid = 0;
 
     KMS_ENSURE(key->entry != NULL, KMS_ERR_INTERNAL, "no key held");
@@ -424,13 +455,13 @@ kms_err kms_keystore_encrypt_key(struct kms_keystore *ks, struct kms_key_ref *ke
     if (rc == KMS_OK) {
         pthread_mutex_lock(&ks->lock);
         kms_blob_header(k->id, vid, header);
-        rc = kms_info_copy_locked(ks, k, info);
+        rc = kms_info_brief_locked(ks, k, info);
         pthread_mutex_unlock(&ks->lock);
     }
     if (rc == KMS_OK && RAND_bytes(iv, sizeof iv) != 1)
         rc = KMS_FAIL(KMS_ERR_INTERNAL, "random generator failed");
     if (rc == KMS_OK)
-        rc = kms_blob_aad(header, canonical_context, &aad);
+        rc = aad_make(&aad, header, canonical_context);
     if (rc == KMS_OK)
         rc = kms_buf_reserve(blob, KMS_BLOB_OVERHEAD + n);
     if (rc == KMS_OK)
@@ -441,7 +472,7 @@ kms_err kms_keystore_encrypt_key(struct kms_keystore *ks, struct kms_key_ref *ke
         memcpy(blob->data + blob->len + sizeof header, iv, sizeof iv);
         blob->len += KMS_BLOB_OVERHEAD + n;
     }
-    kms_buf_free(&aad);
+    kms_buf_free(&aad.big);
     return rc;
 }
 
@@ -457,29 +488,52 @@ kms_err kms_keystore_encrypt(struct kms_keystore *ks, const char *ref,
 }
 
 /*
+ * Whether expect_ref names key k, and if not the error resolving it gives
+ * (KMS_ERR_INCORRECT_KEY when it names another key). The usual case, a
+ * reference to the blob's own key, costs no second lookup of the key: its id
+ * is compared with the held entry's (an alias is read from memory). Only when
+ * it names another key, or k is destroyed (kms_resolve would answer
+ * NotFound, in its own words), is it resolved in full as before.
+ */
+static kms_err expected_key(struct kms_keystore *ks, struct key *k, const char *expect_ref)
+{
+    uint8_t id[KMS_UUID_LEN];
+    struct key *e;
+
+    KMS_GUARD(kms_resolve_id(ks, expect_ref, KMS_REF_ALIAS, id));
+    pthread_mutex_lock(&ks->lock);
+    int same = memcmp(id, k->id, KMS_UUID_LEN) == 0 && k->row.state != KMS_STORE_DESTROYED;
+    pthread_mutex_unlock(&ks->lock);
+    if (same)
+        return KMS_OK;
+    KMS_GUARD(kms_resolve(ks, expect_ref, KMS_REF_ALIAS, &e));
+    same = memcmp(e->id, k->id, KMS_UUID_LEN) == 0;
+    kms_key_put(ks, e);
+    return same ? KMS_OK : KMS_ERR_INCORRECT_KEY;
+}
+
+/*
  * The blob's key, held in k, checked against expect_ref and usable, with the
  * blob's version known. A key destroyed is NotFound: only a caller allowed by
- * its policy gets here.
+ * its policy gets here. info (when not NULL) receives what the key is.
  */
 static kms_err blob_key(struct kms_keystore *ks, const struct kms_blob *blob, struct key *k,
                         const char *expect_ref, struct kms_key_info *info)
 {
-    uint8_t expected[KMS_UUID_LEN];
-    kms_err rc;
+    kms_err expected = KMS_OK, rc;
 
     KMS_ENSURE(memcmp(blob->key_id, k->id, KMS_UUID_LEN) == 0, KMS_ERR_INVALID_CIPHERTEXT,
                KMS_BLOB_INVALID);
     if (expect_ref) {
-        struct key *e;
-        KMS_GUARD(kms_resolve(ks, expect_ref, KMS_REF_ALIAS, &e));
-        memcpy(expected, e->id, KMS_UUID_LEN);
-        kms_key_put(ks, e);
+        expected = expected_key(ks, k, expect_ref);
+        if (expected != KMS_OK && expected != KMS_ERR_INCORRECT_KEY)
+            return expected;
     }
     pthread_mutex_lock(&ks->lock);
     if (k->row.state == KMS_STORE_DESTROYED)
         rc = KMS_FAIL(KMS_ERR_NOT_FOUND, "Key '%skey/%s' does not exist", ks->arn_prefix,
                       k->id_text);
-    else if (expect_ref && memcmp(expected, k->id, KMS_UUID_LEN) != 0)
+    else if (expected == KMS_ERR_INCORRECT_KEY)
         rc = KMS_FAIL(KMS_ERR_INCORRECT_KEY, "The key ID in the request does not identify the "
                                              "key that encrypted the ciphertext");
     else
@@ -488,42 +542,42 @@ static kms_err blob_key(struct kms_keystore *ks, const struct kms_blob *blob, st
     if (rc == KMS_OK && k->row.spec != KMS_SPEC_SYMMETRIC_DEFAULT)
         rc = KMS_FAIL(KMS_ERR_INVALID_CIPHERTEXT, KMS_BLOB_INVALID);
     int known = rc == KMS_OK && kms_version_locked(k, blob->key_version) != NULL;
+    if (known && info)
+        rc = kms_info_brief_locked(ks, k, info);
     pthread_mutex_unlock(&ks->lock);
     if (rc == KMS_OK && !known) {
         /* Made on another node since this one read the key: one lookup, then remembered. */
         rc = kms_key_learn_version(ks, k, blob->key_version);
         if (rc == KMS_ERR_NOT_FOUND)
             rc = KMS_FAIL(KMS_ERR_INVALID_CIPHERTEXT, KMS_BLOB_INVALID);
-    }
-    if (rc == KMS_OK) {
-        pthread_mutex_lock(&ks->lock);
-        rc = kms_info_copy_locked(ks, k, info);
-        pthread_mutex_unlock(&ks->lock);
+        if (rc == KMS_OK && info) {
+            pthread_mutex_lock(&ks->lock);
+            rc = kms_info_brief_locked(ks, k, info);
+            pthread_mutex_unlock(&ks->lock);
+        }
     }
     return rc;
 }
 
-kms_err kms_keystore_decrypt_key(struct kms_keystore *ks, struct kms_key_ref *key, const uint8_t *p,
-                                 size_t n, const struct kms_buf *canonical_context,
-                                 const char *expect_ref, struct kms_buf *plaintext,
-                                 struct kms_key_info *info)
+kms_err kms_keystore_decrypt_key(struct kms_keystore *ks, struct kms_key_ref *key,
+                                 const struct kms_blob *blob,
+                                 const struct kms_buf *canonical_context, const char *expect_ref,
+                                 struct kms_buf *plaintext, struct kms_key_info *info)
 {
-    struct kms_blob blob;
-    struct kms_buf aad = KMS_BUF_INIT;
+    struct aad aad = {.big = KMS_BUF_INIT};
 
     KMS_ENSURE(key->entry != NULL, KMS_ERR_INTERNAL, "no key held");
-    KMS_GUARD(kms_blob_decode(p, n, &blob));
-    kms_err rc = blob_key(ks, &blob, key->entry, expect_ref, info);
+    kms_err rc = blob_key(ks, blob, key->entry, expect_ref, info);
     if (rc == KMS_OK)
-        rc = kms_blob_aad(blob.header, canonical_context, &aad);
+        rc = aad_make(&aad, blob->header, canonical_context);
     if (rc == KMS_OK)
-        rc = kms_buf_reserve(plaintext, blob.ciphertext_len);
+        rc = kms_buf_reserve(plaintext, blob->ciphertext_len);
     if (rc == KMS_OK)
-        rc = gcm(ks, key->entry, blob.key_version, 0, blob.iv, &aad, blob.ciphertext,
-                 blob.ciphertext_len + KMS_GCM_TAG_LEN, plaintext->data + plaintext->len);
+        rc = gcm(ks, key->entry, blob->key_version, 0, blob->iv, &aad, blob->ciphertext,
+                 blob->ciphertext_len + KMS_GCM_TAG_LEN, plaintext->data + plaintext->len);
     if (rc == KMS_OK)
-        plaintext->len += blob.ciphertext_len;
-    kms_buf_free(&aad);
+        plaintext->len += blob->ciphertext_len;
+    kms_buf_free(&aad.big);
     return rc;
 }
 
@@ -541,7 +595,7 @@ kms_err kms_keystore_decrypt(struct kms_keystore *ks, const uint8_t *p, size_t n
     if (rc == KMS_ERR_NOT_FOUND)
         return KMS_FAIL(KMS_ERR_INVALID_CIPHERTEXT, KMS_BLOB_INVALID);
     KMS_GUARD(rc);
-    rc = kms_keystore_decrypt_key(ks, &key, p, n, canonical_context, expect_ref, plaintext, info);
+    rc = kms_keystore_decrypt_key(ks, &key, &blob, canonical_context, expect_ref, plaintext, info);
     kms_keystore_unhold(ks, &key);
     return rc;
 }

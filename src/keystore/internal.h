@@ -225,6 +225,9 @@ kms_err kms_resolve_id(struct kms_keystore *ks, const char *ref, int how, uint8_
 kms_err kms_resolve(struct kms_keystore *ks, const char *ref, int how, struct key **out);
 kms_err kms_info_copy_locked(struct kms_keystore *ks, const struct key *k,
                              struct kms_key_info *out);
+/* The same without the description (left NULL): no allocation, for the cryptographic paths. */
+kms_err kms_info_brief_locked(struct kms_keystore *ks, const struct key *k,
+                              struct kms_key_info *out);
 kms_err kms_key_usable_locked(struct kms_keystore *ks, const struct key *k);
 /*
  * One change to a key in one write transaction: fn changes the row read

@@ -167,7 +167,7 @@ void kms_key_info_clear(struct kms_key_info *info)
 }
 
 static kms_err info_from_row(struct kms_keystore *ks, const struct kms_key_row *r,
-                             struct kms_key_info *out)
+                             struct kms_key_info *out, int with_description)
 {
     kms_key_info_clear(out);
     memcpy(out->id, r->id, KMS_UUID_LEN);
@@ -184,6 +184,8 @@ static kms_err info_from_row(struct kms_keystore *ks, const struct kms_key_row *
     out->next_rotation = r->next_rotation;
     out->spec = r->spec;
     out->usage = r->usage;
+    if (!with_description)
+        return KMS_OK;
     out->description = strdup(r->description ? r->description : "");
     KMS_ENSURE(out->description != NULL, KMS_ERR_INTERNAL, "out of memory");
     return KMS_OK;
@@ -191,7 +193,13 @@ static kms_err info_from_row(struct kms_keystore *ks, const struct kms_key_row *
 
 kms_err kms_info_copy_locked(struct kms_keystore *ks, const struct key *k, struct kms_key_info *out)
 {
-    return info_from_row(ks, &k->row, out);
+    return info_from_row(ks, &k->row, out, 1);
+}
+
+kms_err kms_info_brief_locked(struct kms_keystore *ks, const struct key *k,
+                              struct kms_key_info *out)
+{
+    return info_from_row(ks, &k->row, out, 0);
 }
 
 kms_err kms_key_usable_locked(struct kms_keystore *ks, const struct key *k)
@@ -319,6 +327,16 @@ kms_err kms_keystore_key_info(struct kms_keystore *ks, const struct kms_key_ref 
     return rc;
 }
 
+kms_err kms_keystore_key_info_brief(struct kms_keystore *ks, const struct kms_key_ref *key,
+                                    struct kms_key_info *out)
+{
+    KMS_ENSURE(key->entry != NULL, KMS_ERR_INTERNAL, "no key held");
+    pthread_mutex_lock(&ks->lock);
+    kms_err rc = kms_info_brief_locked(ks, key->entry, out);
+    pthread_mutex_unlock(&ks->lock);
+    return rc;
+}
+
 struct list_keys {
     struct kms_keystore *ks;
     struct kms_key_info *out;
@@ -329,7 +347,7 @@ static kms_err list_one(void *arg, const struct kms_key_row *r)
 {
     struct list_keys *l = arg;
     memset(&l->out[*l->n], 0, sizeof l->out[*l->n]);
-    KMS_GUARD(info_from_row(l->ks, r, &l->out[*l->n]));
+    KMS_GUARD(info_from_row(l->ks, r, &l->out[*l->n], 1));
     (*l->n)++;
     return KMS_OK;
 }

@@ -235,6 +235,10 @@ KMS_MUST_CHECK kms_err kms_keystore_authorize(struct kms_keystore *ks, const cha
 /* A copy of what a held key is now. */
 KMS_MUST_CHECK kms_err kms_keystore_key_info(struct kms_keystore *ks, const struct kms_key_ref *key,
                                              struct kms_key_info *out);
+/* The same without the description (NULL): no allocation, for the cryptographic operations. */
+KMS_MUST_CHECK kms_err kms_keystore_key_info_brief(struct kms_keystore *ks,
+                                                   const struct kms_key_ref *key,
+                                                   struct kms_key_info *out);
 /* The key's policy text (malloc'd). */
 KMS_MUST_CHECK kms_err kms_keystore_get_policy(struct kms_keystore *ks, const char *ref,
                                                char **out);
@@ -333,8 +337,9 @@ void kms_keystore_key_refresh(struct kms_keystore *ks, const uint8_t id[KMS_UUID
 /* ---- cryptography ---- */
 /*
  * Wraps plaintext under the held key's current version: out receives the
- * blob, info what the key was. canonical_context is the encryption context's
- * canonical form. key->entry may be replaced by a fresher entry of the same key.
+ * blob, info what the key was (without its description, which stays NULL). canonical_context is the
+ * encryption context's canonical form. key->entry may be replaced by a fresher entry of the same
+ * key.
  */
 KMS_MUST_CHECK kms_err kms_keystore_encrypt_key(struct kms_keystore *ks, struct kms_key_ref *key,
                                                 const struct kms_buf *canonical_context,
@@ -346,15 +351,17 @@ KMS_MUST_CHECK kms_err kms_keystore_encrypt(struct kms_keystore *ks, const char 
                                             const uint8_t *plaintext, size_t n,
                                             struct kms_buf *blob, struct kms_key_info *info);
 /*
- * Unwraps a blob under the held key it names (held with KMS_REF_DESTROYED:
- * a destroyed key is KMS_ERR_NOT_FOUND). When expect_ref is given, the blob
- * must be under that key (else KMS_ERR_INCORRECT_KEY). A disabled key is
- * KMS_ERR_DISABLED, one pending deletion KMS_ERR_INVALID_STATE; a version the
- * key lacks, an altered blob or another context KMS_ERR_INVALID_CIPHERTEXT
- * (KMS_BLOB_INVALID). plaintext is cleansed on every failure.
+ * Unwraps a blob (decoded once by the caller, kms_blob_decode) under the held
+ * key it names (held with KMS_REF_DESTROYED: a destroyed key is
+ * KMS_ERR_NOT_FOUND). When expect_ref is given, the blob must be under that
+ * key (else KMS_ERR_INCORRECT_KEY). A disabled key is KMS_ERR_DISABLED, one
+ * pending deletion KMS_ERR_INVALID_STATE; a version the key lacks, an altered
+ * blob or another context KMS_ERR_INVALID_CIPHERTEXT (KMS_BLOB_INVALID).
+ * plaintext is cleansed on every failure. info (without the description,
+ * NULL) may be NULL (the caller has the held key's info already).
  */
 KMS_MUST_CHECK kms_err kms_keystore_decrypt_key(struct kms_keystore *ks, struct kms_key_ref *key,
-                                                const uint8_t *blob, size_t n,
+                                                const struct kms_blob *blob,
                                                 const struct kms_buf *canonical_context,
                                                 const char *expect_ref, struct kms_buf *plaintext,
                                                 struct kms_key_info *info);

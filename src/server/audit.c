@@ -21,7 +21,10 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <poll.h>
+#include <sys/inotify.h>
 #include <sys/stat.h>
+#include <sys/uio.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -90,7 +93,15 @@ kms_err kms_audit_json_string(struct kms_buf *out, const char *s, size_t n)
     for (size_t i = 0; i < n;) {
         unsigned c = p[i];
         char esc[8];
-        if (c == '"' || c == '\\') {
+        /* A run of printable ASCII needing no escape (nearly every byte of a line): one append. */
+        size_t run = 0;
+        while (i + run < n && p[i + run] >= 0x20 && p[i + run] < 0x80 && p[i + run] != '"' &&
+               p[i + run] != '\\')
+            run++;
+        if (run) {
+            KMS_GUARD(kms_buf_append(out, p + i, run));
+            i += run;
+        } else if (c == '"' || c == '\\') {
             esc[0] = '\\', esc[1] = (char)c;
             KMS_GUARD(kms_buf_append(out, esc, 2));
             i++;
@@ -171,10 +182,14 @@ kms_err kms_audit_context_digest(const uint8_t key[32], const struct kms_buf *co
     return KMS_OK;
 }
 
+/* Room for a whole usual request line at once, instead of growing 64, 128, ... 1024. */
+#define LINE_GUESS 1024
+
 static kms_err template_build(const struct kms_audit_record *r, const char *log_id,
                               const uint8_t *digest_key, struct kms_audit_template *t)
 {
     struct kms_buf *b = &t->text;
+    KMS_GUARD(kms_buf_reserve(b, LINE_GUESS));
     KMS_GUARD(kms_buf_append_u8(b, '{'));
     if (r->context) {
         char digest[65];
@@ -443,11 +458,23 @@ struct kms_audit {
     int fd;              /* -1: none (the path could not be opened) */
     dev_t dev;
     ino_t ino;
-    int failing;       /* the last write or open failed: look at the path again before the next */
-    int partial;       /* the file ends with part of a line that could not be removed */
-    uint64_t seq;      /* of the last line written */
-    uint8_t last[32];  /* its hash */
-    uint64_t since_cp; /* lines written since the last checkpoint */
+    int failing; /* the last write or open failed: look at the path again before the next */
+    /*
+     * Whether the file was removed is looked at (fstat) only after the kernel
+     * said something changed its links or name (inotify, read by the watcher
+     * thread), not before every line: look is set by the watcher, taken by
+     * the next line. Without a watch (ino_wd < 0) every line looks.
+     */
+    int ino_fd;     /* inotify instance; -1: none */
+    int ino_wd;     /* the watch on the file fd is; -1: none */
+    int stop_fd[2]; /* the watcher's stop pipe; -1: none */
+    int look;       /* atomic: the file's links or name changed since the last look */
+    pthread_t watcher;
+    int watcher_started;
+    int partial;                 /* the file ends with part of a line that could not be removed */
+    uint64_t seq;                /* of the last line written */
+    uint8_t last[32];            /* its hash */
+    uint64_t since_cp;           /* lines written since the last checkpoint */
     struct timespec first_since; /* when the first of them was written (monotonic) */
     struct timespec retry_at;    /* after a failed checkpoint, not before this */
     struct open_intent open[KMS_AUDIT_OPEN_MAX]; /* intents without a written outcome */
@@ -588,48 +615,42 @@ static kms_err last_line_hash(int fd, const struct stat *st, const char *path, u
 }
 
 /*
- * Appends one line (and its '\n') with one write(2). A short write is cut off
- * again, so the file holds the whole line or none of it. With a fragment left
- * at the end of the file by an earlier failure, a '\n' goes first: the
- * fragment stays a line of its own (verify reports it) and ours stays whole.
+ * Appends one line (and its '\n') with one writev(2), straight from the
+ * caller's buffer. A short write is cut off again, so the file holds the
+ * whole line or none of it. With a fragment left at the end of the file by an
+ * earlier failure, a '\n' goes first: the fragment stays a line of its own
+ * (verify reports it) and ours stays whole.
  */
 static kms_err append_line_locked(struct kms_audit *a, const struct kms_buf *line)
 {
-    struct kms_buf out = KMS_BUF_INIT;
+    static const char newline = '\n';
+    struct iovec iov[3];
+    int n = 0;
+    size_t total = 0;
     struct stat st;
     off_t before = -1;
     ssize_t w;
-    kms_err rc;
 
     if (a->partial)
-        rc = kms_buf_append_u8(&out, '\n');
-    else
-        rc = KMS_OK;
-    if (rc == KMS_OK)
-        rc = kms_buf_append(&out, line->data, line->len);
-    if (rc == KMS_OK)
-        rc = kms_buf_append_u8(&out, '\n');
-    if (rc != KMS_OK) {
-        kms_buf_free(&out);
-        return rc;
-    }
+        iov[n++] = (struct iovec){(void *)&newline, 1};
+    iov[n++] = (struct iovec){line->data, line->len};
+    iov[n++] = (struct iovec){(void *)&newline, 1};
+    for (int i = 0; i < n; i++)
+        total += iov[i].iov_len;
     do
-        w = write(a->fd, out.data, out.len);
+        w = writev(a->fd, iov, n);
     while (w < 0 && errno == EINTR);
-    if (w == (ssize_t)out.len) {
+    if (w == (ssize_t)total) {
         a->partial = 0;
-        rc = KMS_OK;
-    } else {
-        int e = w < 0 ? errno : ENOSPC;
-        /* The file is appended to by this process alone: it was w bytes shorter. */
-        if (w > 0 && fstat(a->fd, &st) == 0 && S_ISREG(st.st_mode) && st.st_size >= w)
-            before = st.st_size - w;
-        if (w > 0 && (before < 0 || ftruncate(a->fd, before) != 0))
-            a->partial = 1;
-        rc = KMS_FAIL(KMS_ERR_INTERNAL, "cannot write the audit log %s: %s", a->path, strerror(e));
+        return KMS_OK;
     }
-    kms_buf_free(&out);
-    return rc;
+    int e = w < 0 ? errno : ENOSPC;
+    /* The file is appended to by this process alone: it was w bytes shorter. */
+    if (w > 0 && fstat(a->fd, &st) == 0 && S_ISREG(st.st_mode) && st.st_size >= w)
+        before = st.st_size - w;
+    if (w > 0 && (before < 0 || ftruncate(a->fd, before) != 0))
+        a->partial = 1;
+    return KMS_FAIL(KMS_ERR_INTERNAL, "cannot write the audit log %s: %s", a->path, strerror(e));
 }
 
 /* The first failure after a success is logged; a run of them is not. */
@@ -669,6 +690,74 @@ static kms_err chain_line_locked(struct kms_audit *a, const struct kms_buf *line
 }
 
 /*
+ * Watches the file a->fd now is (through /proc/self/fd, so it is that file
+ * and not whatever the path names by now) for changes of its links or name:
+ * IN_ATTRIB (link count: unlink, rename over it), IN_MOVE_SELF,
+ * IN_DELETE_SELF; not IN_MODIFY, so our own lines wake nobody. The next line
+ * looks once anyway: the file may have gone between its open and the watch.
+ * Without a watch, every line looks, as it did before there was one.
+ */
+static void watch_file_locked(struct kms_audit *a)
+{
+    char proc[64];
+
+    if (a->ino_fd < 0)
+        return;
+    if (a->ino_wd >= 0)
+        inotify_rm_watch(a->ino_fd, a->ino_wd); /* EINVAL when the kernel dropped it: fine */
+    a->ino_wd = -1;
+    if (a->fd >= 0) {
+        snprintf(proc, sizeof proc, "/proc/self/fd/%d", a->fd);
+        a->ino_wd = inotify_add_watch(a->ino_fd, proc, IN_ATTRIB | IN_MOVE_SELF | IN_DELETE_SELF);
+    }
+    __atomic_store_n(&a->look, 1, __ATOMIC_RELEASE);
+}
+
+/* No watch from now on (its thread stopped or failed): every line looks. */
+static void unwatch_locked(struct kms_audit *a)
+{
+    if (a->ino_fd >= 0)
+        close(a->ino_fd);
+    a->ino_fd = -1;
+    a->ino_wd = -1;
+}
+
+/*
+ * The watcher: sets look whenever the kernel reports a change of the file's
+ * links or name (or lost events: IN_Q_OVERFLOW). It reads events only to
+ * drain them; which file they name does not matter, one more look is cheap.
+ */
+static void *watch_thread(void *arg)
+{
+    struct kms_audit *a = arg;
+    char buf[4096] __attribute__((aligned(__alignof__(struct inotify_event))));
+    struct pollfd p[2] = {{a->ino_fd, POLLIN, 0}, {a->stop_fd[0], POLLIN, 0}};
+
+    for (;;) {
+        if (poll(p, 2, -1) < 0) {
+            if (errno == EINTR)
+                continue;
+            break;
+        }
+        if (p[1].revents)
+            return NULL;
+        if (p[0].revents & (POLLERR | POLLHUP | POLLNVAL))
+            break;
+        ssize_t n = read(a->ino_fd, buf, sizeof buf);
+        if (n < 0 && errno != EAGAIN && errno != EINTR)
+            break;
+        if (n > 0)
+            __atomic_store_n(&a->look, 1, __ATOMIC_RELEASE);
+    }
+    kms_warn("audit log %s: watching the file failed (%s); it is looked at before every line",
+             a->path, strerror(errno));
+    pthread_mutex_lock(&a->lock);
+    unwatch_locked(a);
+    pthread_mutex_unlock(&a->lock);
+    return NULL;
+}
+
+/*
  * Makes sure there is a file to write to. When the last write failed or the
  * file was removed, opens the path again: the same file is kept, another
  * one starts with a "reopen" line. Never uses the token.
@@ -680,7 +769,16 @@ static kms_err ensure_file_locked(struct kms_audit *a, const char *reason)
     kms_err rc;
 
     if (a->fd >= 0 && !a->failing) {
-        /* A removed log would swallow every line from now on: look for a new one. */
+        /*
+         * A removed log would swallow every line from now on: look for a new
+         * one. Looked at only when the watch says the file's links or name
+         * changed (or there is no watch): a line's only file-system call is
+         * then its write. A line racing the removal may still go to the
+         * removed file, as it could when the look was an fstat before the
+         * write.
+         */
+        if (a->ino_wd >= 0 && !__atomic_exchange_n(&a->look, 0, __ATOMIC_ACQ_REL))
+            return KMS_OK;
         if (fstat(a->fd, &st) != 0 || !S_ISREG(st.st_mode) || st.st_nlink > 0)
             return KMS_OK;
         kms_warn("audit log %s was removed: opening it again", a->path);
@@ -698,6 +796,7 @@ static kms_err ensure_file_locked(struct kms_audit *a, const char *reason)
     a->dev = st.st_dev;
     a->ino = st.st_ino;
     a->partial = partial;
+    watch_file_locked(a);
     char time[KMS_AUDIT_TIME_LEN + 1];
     struct kms_buf line = KMS_BUF_INIT;
     now_text(time);
@@ -844,15 +943,73 @@ void kms_audit_outcome(struct kms_audit *a, const char *request_id, int result)
     pthread_mutex_unlock(&a->lock);
 }
 
+/*
+ * A request thread's buffers for its audit lines, kept from one request to
+ * the next (freed when the thread ends): a line then costs no allocation.
+ * They hold no secret (a line never holds key material or plaintext, and the
+ * context only as a keyed digest), but kms_buf_free cleanses them anyway.
+ */
+struct line_scratch {
+    struct kms_audit_template t;
+    struct kms_buf line;
+};
+static pthread_key_t scratch_key;
+static pthread_once_t scratch_once = PTHREAD_ONCE_INIT;
+static int scratch_ok;
+
+static void scratch_free(void *p)
+{
+    struct line_scratch *s = p;
+    kms_audit_template_free(&s->t);
+    kms_buf_free(&s->line);
+    free(s);
+}
+
+static void scratch_init(void)
+{
+    scratch_ok = pthread_key_create(&scratch_key, scratch_free) == 0;
+}
+
+/* This thread's buffers, emptied; NULL when there are none (then the caller's own are used). */
+static struct line_scratch *scratch_get(void)
+{
+    struct line_scratch *s;
+    pthread_once(&scratch_once, scratch_init);
+    if (!scratch_ok)
+        return NULL;
+    s = pthread_getspecific(scratch_key);
+    if (!s) {
+        s = calloc(1, sizeof *s);
+        if (s && pthread_setspecific(scratch_key, s) != 0) {
+            free(s);
+            s = NULL;
+        }
+    }
+    if (s) {
+        s->t.text.len = 0;
+        s->t.at_prev = s->t.at_seq = s->t.at_time = 0;
+        s->line.len = 0;
+    }
+    return s;
+}
+
 kms_err kms_audit_write(struct kms_audit *a, const struct kms_audit_record *r)
 {
-    struct kms_audit_template t;
-    struct kms_buf line = KMS_BUF_INIT;
+    struct line_scratch own = {{KMS_BUF_INIT, 0, 0, 0}, KMS_BUF_INIT};
+    struct line_scratch *s = scratch_get();
     char time[KMS_AUDIT_TIME_LEN + 1];
     kms_err rc;
 
     KMS_ENSURE(a && r, KMS_ERR_INTERNAL, "no audit log");
-    KMS_GUARD(kms_audit_template_build(r, a->log_id, a->digest_key, &t));
+    if (!s)
+        s = &own;
+    struct kms_audit_template *tp = &s->t;
+    struct kms_buf *line = &s->line;
+    rc = template_build(r, a->log_id, a->digest_key, tp);
+    if (rc != KMS_OK) {
+        kms_audit_template_free(&own.t);
+        return rc;
+    }
     pthread_mutex_lock(&a->lock);
     wait_hold_locked(a);
     rc = ensure_file_locked(a, "recover");
@@ -860,13 +1017,13 @@ kms_err kms_audit_write(struct kms_audit *a, const struct kms_audit_record *r)
         rc = flush_results_locked(a);
     if (rc == KMS_OK) {
         now_text(time);
-        rc = kms_audit_template_fill(&t, a->seq + 1, a->last, time, &line);
+        rc = kms_audit_template_fill(tp, a->seq + 1, a->last, time, line);
     }
     if (rc == KMS_OK)
-        rc = chain_line_locked(a, &line);
+        rc = chain_line_locked(a, line);
     pthread_mutex_unlock(&a->lock);
-    kms_buf_free(&line);
-    kms_audit_template_free(&t);
+    kms_buf_free(&own.line);
+    kms_audit_template_free(&own.t);
     return rc;
 }
 
@@ -1472,6 +1629,7 @@ static kms_err start(struct kms_audit *a, struct kms_session *s)
     a->dev = st.st_dev;
     a->ino = st.st_ino;
     a->partial = partial;
+    watch_file_locked(a);
     /* A log that goes on in an existing file chains to its last line. */
     KMS_GUARD(last_line_hash(a->fd, &st, a->path, a->last));
     if (have_head)
@@ -1505,6 +1663,16 @@ kms_err kms_audit_open(const struct kms_audit_config *cfg, struct kms_hsm *hsm,
     a = calloc(1, sizeof *a);
     KMS_ENSURE(a != NULL, KMS_ERR_INTERNAL, "out of memory");
     a->fd = -1;
+    a->ino_wd = -1;
+    a->stop_fd[0] = a->stop_fd[1] = -1;
+    a->ino_fd = inotify_init1(IN_NONBLOCK | IN_CLOEXEC);
+    if (a->ino_fd >= 0 && pipe2(a->stop_fd, O_CLOEXEC) != 0) {
+        close(a->ino_fd);
+        a->ino_fd = -1;
+    }
+    if (a->ino_fd < 0)
+        kms_warn("audit log: cannot watch the file (%s); it is looked at before every line",
+                 strerror(errno));
     a->hsm = hsm;
     a->store = cfg->store;
     if (cfg->node && *cfg->node)
@@ -1536,6 +1704,16 @@ kms_err kms_audit_open(const struct kms_audit_config *cfg, struct kms_hsm *hsm,
         else
             rc = KMS_FAIL(KMS_ERR_INTERNAL, "cannot start the audit checkpoint thread");
     }
+    if (rc == KMS_OK && a->ino_fd >= 0) {
+        if (pthread_create(&a->watcher, NULL, watch_thread, a) == 0) {
+            a->watcher_started = 1;
+        } else {
+            /* No watcher: every line looks, as before. */
+            pthread_mutex_lock(&a->lock);
+            unwatch_locked(a);
+            pthread_mutex_unlock(&a->lock);
+        }
+    }
     if (rc != KMS_OK) {
         a->opened = 0; /* no "close" checkpoint for a log that did not open */
         kms_audit_close(a);
@@ -1550,6 +1728,17 @@ void kms_audit_close(struct kms_audit *a)
 {
     if (!a)
         return;
+    if (a->watcher_started) {
+        ssize_t w;
+        do
+            w = write(a->stop_fd[1], "", 1);
+        while (w < 0 && errno == EINTR);
+        pthread_join(a->watcher, NULL);
+    }
+    /* The closing checkpoint's line looks at the file itself. */
+    pthread_mutex_lock(&a->lock);
+    unwatch_locked(a);
+    pthread_mutex_unlock(&a->lock);
     if (a->thread_started) {
         pthread_mutex_lock(&a->lock);
         a->stopping = 1;
@@ -1563,6 +1752,9 @@ void kms_audit_close(struct kms_audit *a)
     }
     if (a->fd >= 0)
         close(a->fd);
+    for (int i = 0; i < 2; i++)
+        if (a->stop_fd[i] >= 0)
+            close(a->stop_fd[i]);
     if (a->digest_key)
         OPENSSL_secure_clear_free(a->digest_key, 32);
     pthread_cond_destroy(&a->wake);

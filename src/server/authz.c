@@ -219,15 +219,12 @@ kms_err kms_authorize(struct kms_request *r, const char *action, const char *ref
     return rc;
 }
 
-kms_err kms_authorize_blob(struct kms_request *r, const char *action, const struct kms_buf *blob,
+kms_err kms_authorize_blob(struct kms_request *r, const char *action, const struct kms_blob *b,
                            json_t *context, struct kms_key_ref *out)
 {
-    struct kms_blob b;
     char id[KMS_UUID_TEXT_LEN + 1];
 
-    /* A malformed blob names no key: saying so tells nothing about any key. */
-    KMS_GUARD(kms_blob_decode(blob->data, blob->len, &b));
-    kms_uuid_format(b.key_id, id);
+    kms_uuid_format(b->key_id, id);
     /* A destroyed key's tombstone keeps its policy: its callers learn it is gone, no one else. */
     kms_err rc = kms_authorize(r, action, id, KMS_REF_DESTROYED, context, out);
     if (rc == KMS_ERR_NOT_FOUND)

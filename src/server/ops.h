@@ -70,10 +70,12 @@ KMS_MUST_CHECK kms_err kms_authorize(struct kms_request *r, const char *action, 
  * that does not exist and one naming a key the caller may not use get the
  * same answer, the one of every blob that does not open
  * (InvalidCiphertextException, KMS_BLOB_INVALID); r->decision keeps the
- * reason. A malformed blob says so. On success *out holds the key.
+ * reason. b is the blob decoded by the caller (kms_blob_decode: a malformed
+ * blob names no key, and saying so tells nothing about any key), once for the
+ * whole request. On success *out holds the key.
  */
 KMS_MUST_CHECK kms_err kms_authorize_blob(struct kms_request *r, const char *action,
-                                          const struct kms_buf *blob, json_t *context,
+                                          const struct kms_blob *b, json_t *context,
                                           struct kms_key_ref *out);
 /*
  * CreateAlias, UpdateAlias, DeleteAlias on the alias name (alias/...): the
@@ -97,8 +99,15 @@ kms_err kms_note_key(void *arg, const struct kms_key_guard *g);
 /* The key store's policy hooks (struct kms_keystore_config). */
 kms_err kms_policy_compile(void *arg, const char *text, size_t n, void **out);
 void kms_policy_release(void *compiled);
-/* For the audit log: the key and version a blob names, and the canonical context. */
-void kms_note_blob(struct kms_request *r, const struct kms_buf *blob, const struct kms_buf *ctx);
+/*
+ * For the audit log: the key and version a blob names, and the canonical
+ * context. decoded: the blob as the request decoded it, or NULL (not decoded,
+ * or malformed: the header is then read as far as it goes). ctx's bytes are
+ * handed to the request (r->context) when it has none yet: ctx is then left
+ * empty (its old buffer, still to be freed by the caller).
+ */
+void kms_note_blob(struct kms_request *r, const struct kms_blob *decoded,
+                   const struct kms_buf *blob, struct kms_buf *ctx);
 
 /* ---- tags (ops_tags.c) ---- */
 kms_err kms_op_tag_resource(struct kms_request *r);

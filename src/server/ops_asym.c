@@ -424,7 +424,7 @@ static kms_err generate_data_key_pair(struct kms_request *r, int with_plaintext)
         rc = kms_out_blob(r->out, "PrivateKeyPlaintext", pkcs8.data, pkcs8.len);
     if (rc == KMS_OK)
         rc = kms_out_blob(r->out, "PublicKey", spki.data, spki.len);
-    kms_note_blob(r, &blob, &ctx);
+    kms_note_blob(r, NULL, &blob, &ctx);
     kms_keystore_unhold(r->srv->ks, &held);
     kms_buf_free(&pkcs8);
     kms_buf_free(&spki);

@@ -54,7 +54,9 @@ static kms_err generate_data_key(struct kms_request *r, int with_plaintext)
 {
     const char *ref;
     size_t n = 0;
-    struct kms_buf ctx = KMS_BUF_INIT, key = KMS_BUF_INIT, blob = KMS_BUF_INIT;
+    /* The data key on the stack, not the heap: cleansed on the way out. */
+    uint8_t key[DATA_KEY_MAX];
+    struct kms_buf ctx = KMS_BUF_INIT, blob = KMS_BUF_INIT;
     struct kms_key_info k = {0};
     struct kms_key_ref held = KMS_KEY_REF_INIT;
     kms_err rc;
@@ -70,18 +72,14 @@ static kms_err generate_data_key(struct kms_request *r, int with_plaintext)
             r, with_plaintext ? "kms:GenerateDataKey" : "kms:GenerateDataKeyWithoutPlaintext", ref,
             KMS_REF_ALIAS, json_object_get(r->in, "EncryptionContext"), &held);
     if (rc == KMS_OK)
-        rc = kms_keystore_key_info(r->srv->ks, &held, &k);
+        rc = kms_keystore_key_info_brief(r->srv->ks, &held, &k);
     if (rc == KMS_OK)
         rc = kms_check_symmetric(&k, with_plaintext ? "GenerateDataKey"
                                                     : "GenerateDataKeyWithoutPlaintext");
     if (rc == KMS_OK)
-        rc = kms_buf_reserve(&key, n);
+        rc = kms_keystore_random(r->srv->ks, key, n);
     if (rc == KMS_OK)
-        rc = kms_keystore_random(r->srv->ks, key.data, n);
-    if (rc == KMS_OK) {
-        key.len = n;
-        rc = kms_keystore_encrypt_key(r->srv->ks, &held, &ctx, key.data, key.len, &blob, &k);
-    }
+        rc = kms_keystore_encrypt_key(r->srv->ks, &held, &ctx, key, n, &blob, &k);
     if (rc == KMS_OK) {
         r->out = json_pack("{s:s}", "KeyId", k.arn);
         if (!r->out)
@@ -90,10 +88,10 @@ static kms_err generate_data_key(struct kms_request *r, int with_plaintext)
     if (rc == KMS_OK)
         rc = kms_out_blob(r->out, "CiphertextBlob", blob.data, blob.len);
     if (rc == KMS_OK && with_plaintext)
-        rc = kms_out_blob(r->out, "Plaintext", key.data, key.len);
-    kms_note_blob(r, &blob, &ctx);
+        rc = kms_out_blob(r->out, "Plaintext", key, n);
+    kms_note_blob(r, NULL, &blob, &ctx);
     kms_keystore_unhold(r->srv->ks, &held);
-    kms_buf_free(&key);
+    OPENSSL_cleanse(key, sizeof key);
     kms_buf_free(&blob);
     kms_buf_free(&ctx);
     kms_key_info_clear(&k);
@@ -155,7 +153,7 @@ static kms_err oaep_source(struct kms_request *r, const char *action, const char
         strcmp(ref_member, "KeyId") == 0 ? "EncryptionAlgorithm" : "SourceEncryptionAlgorithm",
         kms_alg(alg)->name);
     KMS_GUARD(kms_authorize(r, action, ref, KMS_REF_ALIAS, NULL, held));
-    KMS_GUARD(kms_keystore_key_info(r->srv->ks, held, k));
+    KMS_GUARD(kms_keystore_key_info_brief(r->srv->ks, held, k));
     r->key_version = k->current_version;
     KMS_GUARD(kms_check_usage(k, KMS_USAGE_ENCRYPT_DECRYPT, operation));
     KMS_GUARD(kms_check_algorithm(k, alg));
@@ -210,7 +208,7 @@ kms_err kms_op_encrypt(struct kms_request *r)
         rc = kms_authorize(r, "kms:Encrypt", ref, KMS_REF_ALIAS,
                            json_object_get(r->in, "EncryptionContext"), &held);
     if (rc == KMS_OK)
-        rc = kms_keystore_key_info(r->srv->ks, &held, &k);
+        rc = kms_keystore_key_info_brief(r->srv->ks, &held, &k);
     if (rc == KMS_OK)
         rc = kms_check_usage(&k, KMS_USAGE_ENCRYPT_DECRYPT, "Encrypt");
     if (rc == KMS_OK)
@@ -227,7 +225,7 @@ kms_err kms_op_encrypt(struct kms_request *r)
         rc = respond(r, &used, alg, "CiphertextBlob", &blob);
     /* An RSAES-OAEP ciphertext is no blob: its key and version are noted above. */
     if (alg == KMS_ALG_SYMMETRIC_DEFAULT)
-        kms_note_blob(r, &blob, &ctx);
+        kms_note_blob(r, NULL, &blob, &ctx);
     kms_keystore_unhold(r->srv->ks, &held);
     kms_buf_free(&pt);
     kms_buf_free(&blob);
@@ -240,7 +238,8 @@ kms_err kms_op_encrypt(struct kms_request *r)
 kms_err kms_op_decrypt(struct kms_request *r)
 {
     const char *ref;
-    int present, alg;
+    int present, alg, decoded = 0;
+    struct kms_blob b;
     struct kms_buf ctx = KMS_BUF_INIT, pt = KMS_BUF_INIT, blob = KMS_BUF_INIT;
     struct kms_key_info k = {0}, used = {0};
     struct kms_key_ref held = KMS_KEY_REF_INIT;
@@ -260,20 +259,24 @@ kms_err kms_op_decrypt(struct kms_request *r)
         if (rc == KMS_OK)
             rc = oaep_decrypt(r, &held, &k, alg, &blob, &pt, &used);
     } else if (rc == KMS_OK) {
-        rc = kms_authorize_blob(r, "kms:Decrypt", &blob,
-                                json_object_get(r->in, "EncryptionContext"), &held);
+        /* Decoded here once: authorization, the key store and the audit line all read b. */
+        rc = kms_blob_decode(blob.data, blob.len, &b);
+        decoded = rc == KMS_OK;
         if (rc == KMS_OK)
-            rc = kms_keystore_key_info(r->srv->ks, &held, &k);
+            rc = kms_authorize_blob(r, "kms:Decrypt", &b,
+                                    json_object_get(r->in, "EncryptionContext"), &held);
+        if (rc == KMS_OK)
+            rc = kms_keystore_key_info_brief(r->srv->ks, &held, &k);
         if (rc == KMS_OK)
             rc = kms_check_symmetric(&k, "Decrypt");
+        /* The held key is the blob's: its info (k) is the answer's, no second copy. */
         if (rc == KMS_OK)
-            rc = kms_keystore_decrypt_key(r->srv->ks, &held, blob.data, blob.len, &ctx, ref, &pt,
-                                          &used);
+            rc = kms_keystore_decrypt_key(r->srv->ks, &held, &b, &ctx, ref, &pt, NULL);
     }
     if (rc == KMS_OK)
-        rc = respond(r, &used, alg, "Plaintext", &pt);
+        rc = respond(r, alg == KMS_ALG_SYMMETRIC_DEFAULT ? &k : &used, alg, "Plaintext", &pt);
     if (alg == KMS_ALG_SYMMETRIC_DEFAULT)
-        kms_note_blob(r, &blob, &ctx);
+        kms_note_blob(r, decoded ? &b : NULL, &blob, &ctx);
     kms_keystore_unhold(r->srv->ks, &held);
     kms_buf_free(&pt);
     kms_buf_free(&blob);
@@ -318,7 +321,8 @@ kms_err kms_op_generate_random(struct kms_request *r)
 kms_err kms_op_re_encrypt(struct kms_request *r)
 {
     const char *source, *dest;
-    int present, salg, dalg;
+    int present, salg, dalg, decoded = 0;
+    struct kms_blob b;
     struct kms_buf blob = KMS_BUF_INIT, pt = KMS_BUF_INIT, out = KMS_BUF_INIT;
     struct kms_buf sctx = KMS_BUF_INIT, dctx = KMS_BUF_INIT;
     struct kms_key_info sk = {0}, dk = {0}, used = {0};
@@ -336,10 +340,14 @@ kms_err kms_op_re_encrypt(struct kms_request *r)
     if (rc == KMS_OK)
         rc = kms_in_context(r->in, "DestinationEncryptionContext", &dctx);
     if (rc == KMS_OK && salg == KMS_ALG_SYMMETRIC_DEFAULT) {
-        rc = kms_authorize_blob(r, "kms:ReEncryptFrom", &blob,
-                                json_object_get(r->in, "SourceEncryptionContext"), &from);
+        /* Decoded here once: authorization, the key store and the audit line all read b. */
+        rc = kms_blob_decode(blob.data, blob.len, &b);
+        decoded = rc == KMS_OK;
         if (rc == KMS_OK)
-            rc = kms_keystore_key_info(r->srv->ks, &from, &sk);
+            rc = kms_authorize_blob(r, "kms:ReEncryptFrom", &b,
+                                    json_object_get(r->in, "SourceEncryptionContext"), &from);
+        if (rc == KMS_OK)
+            rc = kms_keystore_key_info_brief(r->srv->ks, &from, &sk);
         if (rc == KMS_OK)
             rc = kms_check_symmetric(&sk, "ReEncrypt");
     } else if (rc == KMS_OK) {
@@ -350,19 +358,19 @@ kms_err kms_op_re_encrypt(struct kms_request *r)
         rc = kms_authorize(r, "kms:ReEncryptTo", dest, KMS_REF_ALIAS,
                            json_object_get(r->in, "DestinationEncryptionContext"), &to);
     if (rc == KMS_OK)
-        rc = kms_keystore_key_info(r->srv->ks, &to, &dk);
+        rc = kms_keystore_key_info_brief(r->srv->ks, &to, &dk);
     if (rc == KMS_OK)
         rc = kms_check_usage(&dk, KMS_USAGE_ENCRYPT_DECRYPT, "ReEncrypt");
     if (rc == KMS_OK)
         rc = kms_check_algorithm(&dk, dalg);
     if (rc == KMS_OK && dalg != KMS_ALG_SYMMETRIC_DEFAULT)
         rc = no_context(r->in, "DestinationEncryptionContext", &dk);
+    /* A blob's source key is the held one, whose info sk has already: no second copy. */
     if (rc == KMS_OK && salg == KMS_ALG_SYMMETRIC_DEFAULT)
-        rc = kms_keystore_decrypt_key(r->srv->ks, &from, blob.data, blob.len, &sctx, source, &pt,
-                                      &used);
+        rc = kms_keystore_decrypt_key(r->srv->ks, &from, &b, &sctx, source, &pt, NULL);
     else if (rc == KMS_OK)
         rc = oaep_decrypt(r, &from, &sk, salg, &blob, &pt, &used);
-    if (rc == KMS_OK) {
+    if (rc == KMS_OK && salg != KMS_ALG_SYMMETRIC_DEFAULT) {
         kms_key_info_clear(&sk);
         sk = used;
         memset(&used, 0, sizeof used);
@@ -380,7 +388,7 @@ kms_err kms_op_re_encrypt(struct kms_request *r)
     }
     /* The audit line names the source key (and a blob's version and context). */
     if (salg == KMS_ALG_SYMMETRIC_DEFAULT)
-        kms_note_blob(r, &blob, &sctx);
+        kms_note_blob(r, decoded ? &b : NULL, &blob, &sctx);
     else if (from.entry)
         snprintf(r->key_arn, sizeof r->key_arn, "%s", from.arn);
     kms_keystore_unhold(r->srv->ks, &from);

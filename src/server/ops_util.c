@@ -303,23 +303,36 @@ kms_err kms_in_enum_alg(json_t *in, const char *name, int required, int usage, i
                     v, m, names);
 }
 
-void kms_note_blob(struct kms_request *r, const struct kms_buf *blob, const struct kms_buf *ctx)
+void kms_note_blob(struct kms_request *r, const struct kms_blob *decoded,
+                   const struct kms_buf *blob, struct kms_buf *ctx)
 {
-    /*
-     * Read the header by hand: kms_blob_decode would record a failure and
-     * replace the message of the error the operation may be returning.
-     */
     char id[KMS_UUID_TEXT_LEN + 1];
-    if (blob->len >= KMS_BLOB_HEADER_LEN && blob->data[0] == KMS_BLOB_FORMAT_V1) {
-        kms_uuid_format(blob->data + 1, id);
+    const uint8_t *key_id = NULL;
+    uint32_t version = 0;
+    if (decoded) {
+        key_id = decoded->key_id;
+        version = decoded->key_version;
+    } else if (blob->len >= KMS_BLOB_HEADER_LEN && blob->data[0] == KMS_BLOB_FORMAT_V1) {
+        /*
+         * Not decoded (a blob just made, or a malformed one): read the header
+         * by hand, as far as it goes. kms_blob_decode would record a failure
+         * and replace the message of the error the operation may be returning.
+         */
+        const uint8_t *v = blob->data + 1 + KMS_UUID_LEN;
+        key_id = blob->data + 1;
+        version = (uint32_t)v[0] << 24 | (uint32_t)v[1] << 16 | (uint32_t)v[2] << 8 | v[3];
+    }
+    if (key_id) {
+        kms_uuid_format(key_id, id);
         snprintf(r->key_arn, sizeof r->key_arn, "arn:aws:kms:%s:%s:key/%s", r->srv->cfg.region,
                  r->srv->cfg.account, id);
-        const uint8_t *v = blob->data + 1 + KMS_UUID_LEN;
-        r->key_version = (uint32_t)v[0] << 24 | (uint32_t)v[1] << 16 | (uint32_t)v[2] << 8 | v[3];
+        r->key_version = version;
     }
-    if (ctx->len && !r->context.len && kms_buf_reserve(&r->context, ctx->len) == KMS_OK) {
-        memcpy(r->context.data, ctx->data, ctx->len);
-        r->context.len = ctx->len;
+    /* Handed over, not copied: the op is done with it. */
+    if (ctx->len && !r->context.len) {
+        struct kms_buf empty = r->context;
+        r->context = *ctx;
+        *ctx = empty;
     }
 }
 

@@ -788,6 +788,9 @@ def test_unwritable_directory_fails_closed():
     os.unlink(path + ".3")  # its lines are gone: keep a copy for the chain check
     os.rename(d, d + "-away")
     open(d, "w").close()  # a file where the directory was: nothing can be opened below it
+    # The writer learns of the removal from the kernel (inotify, read by its
+    # watcher thread), not by looking before every line: give it the moment.
+    time.sleep(0.2)
     try:
         w.fails_closed("write 1")
     finally:
