@@ -10,11 +10,12 @@
  */
 #include "config.h"
 
-#include <openssl/rand.h>
+#include <openssl/crypto.h>
 #include <string.h>
 
 #include "common/keyspec.h"
 #include "common/log.h"
+#include "common/random.h"
 #include "keystore/internal.h"
 
 /*
@@ -458,8 +459,8 @@ kms_err kms_keystore_encrypt_key(struct kms_keystore *ks, struct kms_key_ref *ke
         rc = kms_info_brief_locked(ks, k, info);
         pthread_mutex_unlock(&ks->lock);
     }
-    if (rc == KMS_OK && RAND_bytes(iv, sizeof iv) != 1)
-        rc = KMS_FAIL(KMS_ERR_INTERNAL, "random generator failed");
+    if (rc == KMS_OK) /* public in the blob: from the per-thread pool */
+        rc = kms_random_public(iv, sizeof iv);
     if (rc == KMS_OK)
         rc = aad_make(&aad, header, canonical_context);
     if (rc == KMS_OK)
