@@ -733,24 +733,27 @@ static void *watch_thread(void *arg)
     char buf[4096] __attribute__((aligned(__alignof__(struct inotify_event))));
     struct pollfd p[2] = {{a->ino_fd, POLLIN, 0}, {a->stop_fd[0], POLLIN, 0}};
 
-    for (;;) {
+    const char *why = NULL;
+    while (!why) {
         if (poll(p, 2, -1) < 0) {
-            if (errno == EINTR)
-                continue;
-            break;
+            if (errno != EINTR)
+                why = strerror(errno);
+            continue;
         }
         if (p[1].revents)
             return NULL;
-        if (p[0].revents & (POLLERR | POLLHUP | POLLNVAL))
-            break;
+        if (p[0].revents & (POLLERR | POLLHUP | POLLNVAL)) {
+            why = "the inotify descriptor failed";
+            continue;
+        }
         ssize_t n = read(a->ino_fd, buf, sizeof buf);
         if (n < 0 && errno != EAGAIN && errno != EINTR)
-            break;
-        if (n > 0)
+            why = strerror(errno);
+        else if (n > 0)
             __atomic_store_n(&a->look, 1, __ATOMIC_RELEASE);
     }
     kms_warn("audit log %s: watching the file failed (%s); it is looked at before every line",
-             a->path, strerror(errno));
+             a->path, why);
     pthread_mutex_lock(&a->lock);
     unwatch_locked(a);
     pthread_mutex_unlock(&a->lock);
