@@ -302,6 +302,27 @@ def concurrently(n, fn):
     return results, threads
 
 
+def describe_key_does_not_wait(key, ep=None):
+    """DescribeKey (served from the index) answered in under a second while the token hangs."""
+    t0 = time.monotonic()
+    eq(ok("DescribeKey", {"KeyId": key}, ep)["KeyMetadata"]["KeyId"], key,
+       "DescribeKey while the token hangs")
+    check(time.monotonic() - t0 < 1.0, "DescribeKey did not wait for the token")
+
+
+def all_refused_in_time(results, threads, what):
+    """Every one of concurrently()'s requests answered 503 DependencyTimeoutException within
+    request_timeout_ms and a second; returns the slowest answer's seconds."""
+    for t in threads:
+        t.join(timeout=30)
+    check(not any(t.is_alive() for t in threads), "every %s was answered" % what)
+    bound = REQUEST_TIMEOUT_MS / 1000.0 + 1.0
+    for r, took in results:
+        h.check_error_response(r, "DependencyTimeoutException", 503)
+        check(took < bound, "answered after %.2f s, bound %.1f s" % (took, bound))
+    return max(t for _, t in results)
+
+
 @test
 def test_hung_token_answers_503_in_time():
     """inline_requests = 0 and C_Encrypt hangs: every request that needs it gets 503
@@ -311,19 +332,10 @@ def test_hung_token_answers_503_in_time():
     C.faults.stall("C_Encrypt")
     results, threads = concurrently(WORKERS + 4, lambda: req_generate_data_key(ep, key))
     C.faults.wait_stalling("C_Encrypt", n=1, timeout=10)
-    t0 = time.monotonic()
-    eq(ok("DescribeKey", {"KeyId": key}, ep)["KeyMetadata"]["KeyId"], key,
-       "DescribeKey while the token hangs")
-    check(time.monotonic() - t0 < 1.0, "DescribeKey did not wait for the token")
-    for t in threads:
-        t.join(timeout=30)
-    check(not any(t.is_alive() for t in threads), "every request was answered")
-    bound = REQUEST_TIMEOUT_MS / 1000.0 + 1.0
-    for r, took in results:
-        h.check_error_response(r, "DependencyTimeoutException", 503)
-        check(took < bound, "answered after %.2f s, bound %.1f s" % (took, bound))
+    describe_key_does_not_wait(key, ep)
+    slowest = all_refused_in_time(results, threads, "request")
     h.diag("hung token: %d requests answered 503 within %.2f s (bound %.1f s)"
-           % (len(results), max(t for _, t in results), bound))
+           % (len(results), slowest, REQUEST_TIMEOUT_MS / 1000.0 + 1.0))
     m = metrics(ep)
     check(promtext.value(m, "p11kms_requests_running") >= 1, "requests stuck in the token")
     eq(promtext.value(m, "p11kms_requests_inline"), 0, "no request on an HTTP thread")
@@ -353,18 +365,9 @@ def test_hung_token_with_inline_requests():
     eq(promtext.value(m, "p11kms_requests_running"), 0, "no worker has it")
     time.sleep(0.4)  # past the stall time, min(request_timeout_ms / 4, 250 ms)
     eq(promtext.value(metrics(), "p11kms_token_slow"), 1, "the token counts as slow")
-    t0 = time.monotonic()
-    eq(ok("DescribeKey", {"KeyId": C.key})["KeyMetadata"]["KeyId"], C.key,
-       "DescribeKey while the token hangs")
-    check(time.monotonic() - t0 < 1.0, "DescribeKey did not wait for the token")
+    describe_key_does_not_wait(C.key)
     results, threads = concurrently(WORKERS + 2, req_generate_data_key)
-    for t in threads:
-        t.join(timeout=30)
-    check(not any(t.is_alive() for t in threads), "every later request was answered")
-    bound = REQUEST_TIMEOUT_MS / 1000.0 + 1.0
-    for r, took in results:
-        h.check_error_response(r, "DependencyTimeoutException", 503)
-        check(took < bound, "answered after %.2f s, bound %.1f s" % (took, bound))
+    slowest = all_refused_in_time(results, threads, "later request")
     check(caught_threads[0].is_alive(), "the caught request waits for the token")
     C.faults.clear()
     caught_threads[0].join(timeout=30)
@@ -372,7 +375,7 @@ def test_hung_token_with_inline_requests():
     eq(r.status, 200, "the caught request's answer once the token answers")
     answer_is_right("GenerateDataKey", r)
     h.diag("caught inline for %.2f s; %d later requests answered 503 within %.2f s"
-           % (took, len(results), max(t for _, t in results)))
+           % (took, len(results), slowest))
     deadline = time.monotonic() + 15
     while True:
         m = metrics()
