@@ -1111,7 +1111,7 @@ kms_err kms_http_start(struct kms_server *srv)
     unsigned port;
     unsigned flags = MHD_USE_INTERNAL_POLLING_THREAD | MHD_USE_AUTO | MHD_USE_ERROR_LOG |
                      MHD_USE_ITC | MHD_ALLOW_SUSPEND_RESUME;
-    /* A call a hundredth of the way to the deadline is no token working normally. */
+    /* A call a quarter of the way to the deadline (at most 250 ms) is no token working normally. */
     unsigned stall_ms =
         srv->cfg.request_timeout_ms / 4 < 250 ? srv->cfg.request_timeout_ms / 4 : 250;
     struct kms_pool_config pc = {srv->cfg.workers, srv->cfg.queue_max, srv->cfg.inline_requests,
