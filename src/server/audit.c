@@ -482,6 +482,22 @@ struct kms_audit {
     int stopping;
     pthread_t thread;
     int thread_started;
+
+    /*
+     * Group commit (kms_audit_wait). durable: every line up to this seq is
+     * on disk; lost_lo..lost_hi: lines whose flush failed (lost_hi 0: none),
+     * whose answers fail closed. A file is flushed before it is let go
+     * (retire_fd_locked), so one flush of the file being written covers
+     * every line written so far.
+     */
+    pthread_cond_t commit_wake;     /* waits registered: for the committer */
+    struct kms_audit_wait *waiters; /* not yet settled */
+    uint64_t durable, lost_lo, lost_hi;
+    uint64_t flushes, flushed; /* the committer's flushes and the lines they made durable */
+    int flush_failing;         /* the last flush failed: logged once */
+    int commit_stop;
+    pthread_t committer;
+    int committer_started;
 };
 
 static struct timespec mono_now(void)
@@ -689,6 +705,151 @@ static kms_err chain_line_locked(struct kms_audit *a, const struct kms_buf *line
     return KMS_OK;
 }
 
+/* fdatasync; a file that cannot be synced (a pipe, /dev/null) counts as flushed. */
+static int flush_fd(int fd)
+{
+    return fdatasync(fd) == 0 || errno == EINVAL || errno == EROFS;
+}
+
+/* Lines from..to could not be made durable: their answers fail closed. */
+static void lost_locked(struct kms_audit *a, uint64_t from, uint64_t to)
+{
+    if (to < from)
+        return;
+    if (!a->lost_hi || from < a->lost_lo)
+        a->lost_lo = from;
+    if (to > a->lost_hi)
+        a->lost_hi = to;
+}
+
+/* 1: the line is on disk, -1: its flush failed, 0: not known yet. */
+static int verdict_locked(const struct kms_audit *a, uint64_t ticket)
+{
+    if (a->lost_hi && ticket >= a->lost_lo && ticket <= a->lost_hi)
+        return -1;
+    return ticket <= a->durable ? 1 : 0;
+}
+
+/*
+ * Lets go of the file being written, its lines flushed first: the
+ * committer flushes only the file being written when it runs. Under the
+ * lock, but only when the file changes (rotation, removal, a failure).
+ */
+static void retire_fd_locked(struct kms_audit *a)
+{
+    if (a->fd < 0)
+        return;
+    if (a->durable < a->seq) {
+        if (flush_fd(a->fd)) {
+            a->durable = a->seq;
+        } else {
+            kms_error("audit log %s: fdatasync failed: %s; the answers waiting for it fail",
+                      a->path, strerror(errno));
+            lost_locked(a, a->durable + 1, a->seq);
+        }
+    }
+    close(a->fd);
+    a->fd = -1;
+}
+
+/*
+ * The committer: while answers wait, one fdatasync of the file being written
+ * makes every line written before it durable; then each wait it settled is
+ * handed back (outside the lock). Lines written during a flush wait for the
+ * next one, so a flush covers all that came while the one before ran.
+ */
+static void *commit_thread(void *arg)
+{
+    struct kms_audit *a = arg;
+    pthread_mutex_lock(&a->lock);
+    for (;;) {
+        if (!a->waiters) {
+            if (a->commit_stop)
+                break;
+            pthread_cond_wait(&a->commit_wake, &a->lock);
+            continue;
+        }
+        uint64_t from = a->durable + 1, target = a->seq;
+        int have = a->fd >= 0;
+        int fd = have ? dup(a->fd) : -1;
+        pthread_mutex_unlock(&a->lock);
+        /* No file: every line was flushed (or lost) when its file was let go. */
+        int ok = !have || (fd >= 0 && flush_fd(fd));
+        int e = errno;
+        if (fd >= 0)
+            close(fd);
+        pthread_mutex_lock(&a->lock);
+        if (!ok) {
+            if (!a->flush_failing)
+                kms_error("audit log %s: fdatasync failed: %s; requests fail until it works",
+                          a->path, fd < 0 ? "no descriptor" : strerror(e));
+            a->flush_failing = 1;
+            lost_locked(a, from, target);
+        } else {
+            if (a->flush_failing)
+                kms_info("audit log %s: fdatasync works again", a->path);
+            a->flush_failing = 0;
+            if (have && target > a->durable) {
+                a->flushes++;
+                a->flushed += target - a->durable;
+            }
+            if (target > a->durable)
+                a->durable = target;
+        }
+        struct kms_audit_wait *ready = NULL, **p = &a->waiters;
+        while (*p) {
+            struct kms_audit_wait *w = *p;
+            w->result = verdict_locked(a, w->ticket);
+            if (w->result) {
+                *p = w->next;
+                w->next = ready;
+                ready = w;
+            } else {
+                p = &w->next;
+            }
+        }
+        pthread_mutex_unlock(&a->lock);
+        while (ready) {
+            struct kms_audit_wait *w = ready;
+            ready = w->next; /* w is the caller's again once done runs */
+            w->done(w, w->result > 0);
+        }
+        pthread_mutex_lock(&a->lock);
+    }
+    pthread_mutex_unlock(&a->lock);
+    return NULL;
+}
+
+int kms_audit_wait(struct kms_audit *a, struct kms_audit_wait *w)
+{
+    pthread_mutex_lock(&a->lock);
+    int v = verdict_locked(a, w->ticket);
+    if (v == 0 && a->commit_stop) {
+        /* The committer is gone or going: flushed here. */
+        if (a->fd < 0 || flush_fd(a->fd))
+            a->durable = a->seq;
+        else
+            lost_locked(a, a->durable + 1, a->seq);
+        v = verdict_locked(a, w->ticket);
+    }
+    if (v == 0) {
+        w->next = a->waiters;
+        a->waiters = w;
+        if (!w->next)
+            pthread_cond_signal(&a->commit_wake);
+    }
+    pthread_mutex_unlock(&a->lock);
+    return v;
+}
+
+void kms_audit_commit_counts(struct kms_audit *a, uint64_t *flushes, uint64_t *lines)
+{
+    pthread_mutex_lock(&a->lock);
+    *flushes = a->flushes;
+    *lines = a->flushed;
+    pthread_mutex_unlock(&a->lock);
+}
+
 /*
  * Watches the file a->fd now is (through /proc/self/fd, so it is that file
  * and not whatever the path names by now) for changes of its links or name:
@@ -793,8 +954,7 @@ static kms_err ensure_file_locked(struct kms_audit *a, const char *reason)
         close(fd);
         return KMS_OK; /* the same file: try the write again */
     }
-    if (a->fd >= 0)
-        close(a->fd);
+    retire_fd_locked(a);
     a->fd = fd;
     a->dev = st.st_dev;
     a->ino = st.st_ino;
@@ -996,7 +1156,7 @@ static struct line_scratch *scratch_get(void)
     return s;
 }
 
-kms_err kms_audit_write(struct kms_audit *a, const struct kms_audit_record *r)
+kms_err kms_audit_write(struct kms_audit *a, const struct kms_audit_record *r, uint64_t *ticket)
 {
     struct line_scratch own = {{KMS_BUF_INIT, 0, 0, 0}, KMS_BUF_INIT};
     struct line_scratch *s = scratch_get();
@@ -1024,6 +1184,8 @@ kms_err kms_audit_write(struct kms_audit *a, const struct kms_audit_record *r)
     }
     if (rc == KMS_OK)
         rc = chain_line_locked(a, line);
+    if (rc == KMS_OK && ticket)
+        *ticket = a->seq;
     pthread_mutex_unlock(&a->lock);
     kms_buf_free(&own.line);
     kms_audit_template_free(&own.t);
@@ -1194,8 +1356,7 @@ static kms_err checkpoint_cp_locked(struct kms_audit *a, struct kms_session *s, 
             a->since_cp = 0;
             if (flags & CP_SWITCH) {
                 /* No line may come between the seal and the new file. */
-                sync_fd = a->fd;
-                a->fd = -1;
+                retire_fd_locked(a); /* flushed, before the database says it is there */
                 *switched = ensure_file_locked(a, "sighup");
                 *tried = 1;
             } else {
@@ -1212,8 +1373,15 @@ static kms_err checkpoint_cp_locked(struct kms_audit *a, struct kms_session *s, 
         return rc;
     /* On disk before the database says it is there: else a crash could look like a cut. */
     if (sync_fd >= 0) {
-        if (fdatasync(sync_fd) != 0 && errno != EINVAL && errno != EROFS)
+        if (!flush_fd(sync_fd)) {
             kms_warn("audit log %s: fdatasync failed: %s", a->path, strerror(errno));
+        } else {
+            /* Every line up to the checkpoint is in this file or one flushed before. */
+            pthread_mutex_lock(&a->lock);
+            if (seq > a->durable)
+                a->durable = seq;
+            pthread_mutex_unlock(&a->lock);
+        }
         close(sync_fd);
     }
     if (put_head(a, s, seq, hash) != KMS_OK) {
@@ -1357,9 +1525,7 @@ kms_err kms_audit_reopen(struct kms_audit *a)
         rc = switched;
     } else {
         pthread_mutex_lock(&a->lock);
-        if (a->fd >= 0)
-            close(a->fd);
-        a->fd = -1;
+        retire_fd_locked(a);
         rc = ensure_file_locked(a, "sighup");
         pthread_mutex_unlock(&a->lock);
     }
@@ -1690,6 +1856,7 @@ kms_err kms_audit_open(const struct kms_audit_config *cfg, struct kms_hsm *hsm,
     pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
     pthread_cond_init(&a->wake, &ca);
     pthread_cond_init(&a->held, &ca);
+    pthread_cond_init(&a->commit_wake, &ca);
     pthread_condattr_destroy(&ca);
     a->path = strdup(cfg->path);
     if (!a->path) {
@@ -1706,6 +1873,12 @@ kms_err kms_audit_open(const struct kms_audit_config *cfg, struct kms_hsm *hsm,
             a->thread_started = 1;
         else
             rc = KMS_FAIL(KMS_ERR_INTERNAL, "cannot start the audit checkpoint thread");
+    }
+    if (rc == KMS_OK) {
+        if (pthread_create(&a->committer, NULL, commit_thread, a) == 0)
+            a->committer_started = 1;
+        else
+            rc = KMS_FAIL(KMS_ERR_INTERNAL, "cannot start the audit commit thread");
     }
     if (rc == KMS_OK && a->ino_fd >= 0) {
         if (pthread_create(&a->watcher, NULL, watch_thread, a) == 0) {
@@ -1749,6 +1922,14 @@ void kms_audit_close(struct kms_audit *a)
         pthread_mutex_unlock(&a->lock);
         pthread_join(a->thread, NULL);
     }
+    /* Settles the waits still registered, then stops. */
+    if (a->committer_started) {
+        pthread_mutex_lock(&a->lock);
+        a->commit_stop = 1;
+        pthread_cond_signal(&a->commit_wake);
+        pthread_mutex_unlock(&a->lock);
+        pthread_join(a->committer, NULL);
+    }
     if (a->opened && checkpoint(a, "close", CP_FORCE) != KMS_OK) {
         kms_error("audit log: could not write the closing checkpoint: %s", kms_err_message());
         kms_err_clear();
@@ -1762,6 +1943,7 @@ void kms_audit_close(struct kms_audit *a)
         OPENSSL_secure_clear_free(a->digest_key, 32);
     pthread_cond_destroy(&a->wake);
     pthread_cond_destroy(&a->held);
+    pthread_cond_destroy(&a->commit_wake);
     pthread_mutex_destroy(&a->lock);
     pthread_mutex_destroy(&a->cp_lock);
     free(a->path);

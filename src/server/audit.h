@@ -146,8 +146,37 @@ KMS_MUST_CHECK kms_err kms_audit_open(const struct kms_audit_config *cfg, struct
  * After a failure the next call opens the path again: if it names another file
  * now (the old one was removed, or could not be opened), that file starts with
  * a "reopen" line. Never uses the token.
+ *
+ * The line is in the file, not yet on disk: *ticket (NULL: not wanted) names
+ * it to kms_audit_wait, which says when it is.
  */
-KMS_MUST_CHECK kms_err kms_audit_write(struct kms_audit *a, const struct kms_audit_record *r);
+KMS_MUST_CHECK kms_err kms_audit_write(struct kms_audit *a, const struct kms_audit_record *r,
+                                       uint64_t *ticket);
+
+/*
+ * Group commit: no answer leaves before its line is on disk, and many lines
+ * share one flush. The request's thread writes its line, parks its answer
+ * and registers a wait; one committer thread flushes every line written so
+ * far with one fdatasync, then calls done for each wait whose line that
+ * flush covered. The wait lives in the caller's memory (no allocation) and
+ * must stay valid until done is called.
+ */
+struct kms_audit_wait {
+    uint64_t ticket; /* from kms_audit_write */
+    /* Called once, on the committer thread, without any of the log's locks: durable is 1 when
+     * the line is on disk, 0 when its flush failed (the request must fail closed). */
+    void (*done)(struct kms_audit_wait *w, int durable);
+    struct kms_audit_wait *next; /* the log's list */
+    int result;                  /* the log's */
+};
+/*
+ * 1: the line is on disk already; -1: its flush failed; 0: w is registered
+ * and done will be called once the committer knows.
+ */
+int kms_audit_wait(struct kms_audit *a, struct kms_audit_wait *w);
+/* Flushes the committer made (each covering every line written before it) and the lines
+ * they made durable: lines / flushes is the group commit's batch size. */
+void kms_audit_commit_counts(struct kms_audit *a, uint64_t *flushes, uint64_t *lines);
 /* Writes an alert line; as kms_audit_write otherwise. */
 KMS_MUST_CHECK kms_err kms_audit_alert(struct kms_audit *a, const struct kms_audit_alert *al);
 /*

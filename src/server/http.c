@@ -10,6 +10,7 @@
 #include <openssl/crypto.h>
 #include <pthread.h>
 #include <stdarg.h>
+#include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -57,11 +58,30 @@ struct job {
     kms_err rc;           /* the operation's outcome, on the worker */
     char message[512];    /* its message: kms_err_message() is per thread */
     int64_t started_ns;   /* CLOCK_MONOTONIC */
+    uint64_t ticket;      /* the request's audit line, by the thread that ran it (0: none) */
     /* The answer, set once; the connection is resumed when it is suspended. */
     int answered, suspended;
     unsigned status;
     kms_err error;
     struct kms_buf body;
+    uint64_t answer_ticket; /* the audit line the answer waits for (0: none) */
+};
+
+/*
+ * An answer parked until its audit line is on disk (group commit,
+ * kms_audit_wait): the connection is suspended, and the log's committer
+ * resumes it once it knows.
+ */
+struct parked {
+    struct kms_audit_wait wait;
+    struct MHD_Connection *c;
+    const struct kms_op *op; /* for the request's metrics, counted when it is answered */
+    int64_t started_ns;
+    unsigned status, retry_after_s;
+    kms_err error;
+    struct kms_buf body;
+    int waiting; /* suspended for it */
+    int durable; /* atomic, set by the committer: 1 on disk, 0 its flush failed */
 };
 
 struct req_state {
@@ -72,6 +92,7 @@ struct req_state {
     char source[64];      /* client address, "ip:port" */
     struct kms_addr addr; /* the client address as failed authentications are counted */
     struct job *job;      /* while a worker has the request, and until its answer is sent */
+    struct parked park;
 };
 
 /* Response bodies may hold plaintext: cleansed when MHD lets go of them. */
@@ -156,17 +177,6 @@ static kms_err error_body(kms_err e, const char *message, struct kms_buf *out)
     kms_err rc = kms_json_dump(j, 0, out);
     json_decref(j);
     return rc;
-}
-
-static enum MHD_Result send_json(struct kms_server *srv, struct MHD_Connection *c, json_t *j,
-                                 const char *request_id)
-{
-    struct kms_buf body = KMS_BUF_INIT;
-    if (j && kms_json_dump(j, 0, &body) != KMS_OK) {
-        kms_buf_free(&body);
-        return MHD_NO;
-    }
-    return send_buf(srv, c, 200, &body, JSON_TYPE, KMS_OK, NULL, request_id);
 }
 
 /* An error answer with a status of its own (not kms_err_status(e)) and options. */
@@ -456,9 +466,12 @@ static void log_outcome(const char *op, const char *principal, kms_err rc, const
  * the request then fails closed. A failing log is reported once, not per line.
  */
 static kms_err audit(struct kms_server *srv, const struct kms_request *r, const char *request_id,
-                     const char *source, const struct kms_op *op, kms_err outcome, int64_t started)
+                     const char *source, const struct kms_op *op, kms_err outcome, int64_t started,
+                     uint64_t *ticket)
 {
     static volatile int failing;
+    if (ticket)
+        *ticket = 0;
     if (!srv->audit)
         return KMS_OK;
     int64_t us = (kms_monotonic_ns() - started) / 1000;
@@ -475,7 +488,7 @@ static kms_err audit(struct kms_server *srv, const struct kms_request *r, const 
         us > 0 ? (uint64_t)us : 0,
         0,
     };
-    if (kms_audit_write(srv->audit, &rec) == KMS_OK) {
+    if (kms_audit_write(srv->audit, &rec, ticket) == KMS_OK) {
         if (failing) {
             failing = 0;
             kms_info("audit log: written again; requests are served");
@@ -556,7 +569,8 @@ static void job_run(struct kms_task *t)
     snprintf(j->message, sizeof j->message, "%s", j->rc == KMS_OK ? "" : kms_err_message());
     note_decryption(j->srv, j->op, &j->r, j->rc);
     log_outcome(j->op->name, j->principal, j->rc, j->message);
-    if (audit(j->srv, &j->r, j->request_id, j->source, j->op, j->rc, j->started_ns) != KMS_OK &&
+    if (audit(j->srv, &j->r, j->request_id, j->source, j->op, j->rc, j->started_ns, &j->ticket) !=
+            KMS_OK &&
         j->rc == KMS_OK) {
         /* Fail closed: no answer (no plaintext) leaves without its audit line. */
         j->rc = KMS_ERR_INTERNAL;
@@ -566,14 +580,19 @@ static void job_run(struct kms_task *t)
     }
 }
 
-/* Sets the answer (once) and resumes the connection when it waits for it. */
-static void job_answer(struct job *j, unsigned status, kms_err e, struct kms_buf *body)
+/*
+ * Sets the answer (once) and resumes the connection when it waits for it;
+ * ticket: the audit line it waits for.
+ */
+static void job_answer(struct job *j, unsigned status, kms_err e, struct kms_buf *body,
+                       uint64_t ticket)
 {
     pthread_mutex_lock(&j->lock);
     if (!j->answered) {
         j->answered = 1;
         j->status = status;
         j->error = e;
+        j->answer_ticket = ticket;
         j->body = *body;
         *body = (struct kms_buf)KMS_BUF_INIT;
         if (j->suspended)
@@ -583,14 +602,14 @@ static void job_answer(struct job *j, unsigned status, kms_err e, struct kms_buf
     kms_buf_free(body);
 }
 
-static void job_answer_error(struct job *j, kms_err e, const char *message)
+static void job_answer_error(struct job *j, kms_err e, const char *message, uint64_t ticket)
 {
     struct kms_buf body = KMS_BUF_INIT;
     if (error_body(e, message, &body) != KMS_OK) {
         kms_buf_free(&body);
         e = KMS_ERR_INTERNAL;
     }
-    job_answer(j, kms_err_status(e), e, &body);
+    job_answer(j, kms_err_status(e), e, &body, ticket);
 }
 
 static void task_answer(struct kms_task *t, int expired)
@@ -602,29 +621,28 @@ static void task_answer(struct kms_task *t, int expired)
         snprintf(message, sizeof message, "The key store did not answer within %u ms",
                  j->srv->cfg.request_timeout_ms);
         kms_error("%s by %s: %s", j->op->name, j->principal, message);
-        kms_stats_request(j->srv, j->op, KMS_ERR_DEPENDENCY_TIMEOUT, j->started_ns);
         /* Not the request's own fields: its worker may still be filling them in. */
         struct kms_request bare = {0};
+        uint64_t ticket;
         bare.principal = j->principal;
         if (audit(j->srv, &bare, j->request_id, j->source, j->op, KMS_ERR_DEPENDENCY_TIMEOUT,
-                  j->started_ns) != KMS_OK)
+                  j->started_ns, &ticket) != KMS_OK)
             kms_err_clear();
-        job_answer_error(j, KMS_ERR_DEPENDENCY_TIMEOUT, message);
+        job_answer_error(j, KMS_ERR_DEPENDENCY_TIMEOUT, message, ticket);
         return;
     }
-    kms_stats_request(j->srv, j->op, j->rc, j->started_ns);
     if (j->rc != KMS_OK) {
-        job_answer_error(j, j->rc, j->message);
+        job_answer_error(j, j->rc, j->message, j->ticket);
         return;
     }
     if (j->r.out && kms_json_dump(j->r.out, 0, &body) != KMS_OK) {
         kms_buf_free(&body);
-        job_answer_error(j, KMS_ERR_INTERNAL, "The answer could not be encoded");
+        job_answer_error(j, KMS_ERR_INTERNAL, "The answer could not be encoded", j->ticket);
         return;
     }
     json_decref(j->r.out); /* may hold plaintext: the cleansing allocator wipes it */
     j->r.out = NULL;
-    job_answer(j, 200, KMS_OK, &body);
+    job_answer(j, 200, KMS_OK, &body, j->ticket);
 }
 
 static void task_release(struct kms_task *t)
@@ -681,17 +699,90 @@ static struct job *new_job(struct kms_server *srv, struct MHD_Connection *c,
     return j;
 }
 
+/* ---- answers wait for their audit line to be on disk ------------------------ */
+
+/* The committer's word on a parked answer: the connection goes on (send_parked). */
+static void parked_done(struct kms_audit_wait *w, int durable)
+{
+    struct parked *p = (struct parked *)((char *)w - offsetof(struct parked, wait));
+    __atomic_store_n(&p->durable, durable, __ATOMIC_RELEASE);
+    MHD_resume_connection(p->c);
+}
+
+/* Sends the parked answer, or, when its line could not be flushed, fails closed. */
+static enum MHD_Result send_parked(struct kms_server *srv, struct MHD_Connection *c,
+                                   struct req_state *st)
+{
+    struct parked *p = &st->park;
+    struct answer_opts o = {p->retry_after_s, 0, 0};
+    p->waiting = 0;
+    if (!__atomic_load_n(&p->durable, __ATOMIC_ACQUIRE)) {
+        kms_buf_free(&p->body); /* may hold plaintext */
+        kms_stats_audit_failure(srv);
+        kms_stats_request(srv, p->op, KMS_ERR_INTERNAL, p->started_ns);
+        kms_err_clear();
+        return send_error(srv, c, KMS_FAIL(KMS_ERR_INTERNAL, "The request could not be audited"), 0,
+                          st->request_id);
+    }
+    kms_stats_request(srv, p->op, p->error, p->started_ns);
+    return send_buf(srv, c, p->status, &p->body, JSON_TYPE, p->error, &o, st->request_id);
+}
+
+/*
+ * Sends a request's answer once its audit line (ticket; 0: none) is on disk:
+ * until then it is parked with the connection suspended (one hand-off, to the
+ * log's committer, shared by every answer its flush covers). Takes body.
+ */
+static enum MHD_Result deliver(struct kms_server *srv, struct MHD_Connection *c,
+                               struct req_state *st, const struct kms_op *op, int64_t started,
+                               uint64_t ticket, unsigned status, kms_err e, struct kms_buf *body,
+                               unsigned retry_after_s)
+{
+    struct parked *p = &st->park;
+    kms_buf_free(&p->body);
+    p->c = c;
+    p->op = op;
+    p->started_ns = started;
+    p->status = status;
+    p->retry_after_s = retry_after_s;
+    p->error = e;
+    p->body = *body;
+    *body = (struct kms_buf)KMS_BUF_INIT;
+    p->durable = 1;
+    if (!ticket || !srv->audit)
+        return send_parked(srv, c, st);
+    /* Suspended before the committer can hear of it: its resume must come after. */
+    p->waiting = 1;
+    p->wait.ticket = ticket;
+    p->wait.done = parked_done;
+    MHD_suspend_connection(c);
+    int v = kms_audit_wait(srv->audit, &p->wait);
+    if (v != 0) {
+        __atomic_store_n(&p->durable, v > 0, __ATOMIC_RELEASE);
+        MHD_resume_connection(c);
+    }
+    return MHD_YES;
+}
+
+/* A job's answer, once set, on its connection's thread. */
+static enum MHD_Result deliver_job(struct kms_server *srv, struct MHD_Connection *c,
+                                   struct req_state *st, struct job *j)
+{
+    enum MHD_Result ret = deliver(srv, c, st, j->op, j->started_ns, j->answer_ticket, j->status,
+                                  j->error, &j->body, 0);
+    st->job = NULL;
+    job_release(j);
+    return ret;
+}
+
 /* Runs the request on this HTTP thread (inline slot `slot`) and sends its answer. */
-static enum MHD_Result run_here(struct kms_server *srv, struct MHD_Connection *c, struct job *j,
-                                unsigned slot)
+static enum MHD_Result run_here(struct kms_server *srv, struct MHD_Connection *c,
+                                struct req_state *st, struct job *j, unsigned slot)
 {
     job_run(&j->task);
     kms_pool_inline_end(srv->pool, slot);
     task_answer(&j->task, 0);
-    enum MHD_Result ret =
-        send_buf(srv, c, j->status, &j->body, JSON_TYPE, j->error, NULL, j->request_id);
-    job_release(j);
-    return ret;
+    return deliver_job(srv, c, st, j);
 }
 
 /*
@@ -710,19 +801,19 @@ static enum MHD_Result hand_over(struct kms_server *srv, struct MHD_Connection *
     }
     unsigned slot;
     if (!op->worker_only && kms_pool_inline_begin(srv->pool, &slot))
-        return run_here(srv, c, j, slot);
+        return run_here(srv, c, st, j, slot);
     j->refs = 2; /* the connection's and the pool's */
     st->job = j;
     if (kms_pool_submit(srv->pool, &j->task) != KMS_OK) {
         j->refs = 1;
         char message[256];
         snprintf(message, sizeof message, "%s", kms_err_message());
-        kms_stats_request(srv, op, KMS_ERR_DEPENDENCY_TIMEOUT, started);
         log_outcome(op->name, principal, KMS_ERR_DEPENDENCY_TIMEOUT, message);
-        if (audit(srv, &j->r, j->request_id, j->source, op, KMS_ERR_DEPENDENCY_TIMEOUT, started) !=
-            KMS_OK)
+        uint64_t ticket;
+        if (audit(srv, &j->r, j->request_id, j->source, op, KMS_ERR_DEPENDENCY_TIMEOUT, started,
+                  &ticket) != KMS_OK)
             kms_err_clear();
-        job_answer_error(j, KMS_ERR_DEPENDENCY_TIMEOUT, message);
+        job_answer_error(j, KMS_ERR_DEPENDENCY_TIMEOUT, message, ticket);
     }
     /* Suspended only while the answer is still to come (a worker may be done already). */
     pthread_mutex_lock(&j->lock);
@@ -732,13 +823,8 @@ static enum MHD_Result hand_over(struct kms_server *srv, struct MHD_Connection *
     }
     int answered = j->answered;
     pthread_mutex_unlock(&j->lock);
-    if (answered) {
-        enum MHD_Result ret =
-            send_buf(srv, c, j->status, &j->body, JSON_TYPE, j->error, NULL, j->request_id);
-        st->job = NULL;
-        job_release(j);
-        return ret;
-    }
+    if (answered)
+        return deliver_job(srv, c, st, j);
     return MHD_YES;
 }
 
@@ -761,6 +847,8 @@ static enum MHD_Result serve_kms(struct kms_server *srv, struct MHD_Connection *
     const struct kms_op *op = NULL;
     int64_t started = kms_monotonic_ns();
     unsigned retry_after_s = 0;
+    uint64_t ticket = 0;
+    struct kms_buf body = KMS_BUF_INIT;
     enum MHD_Result ret;
     kms_err rc;
 
@@ -793,16 +881,24 @@ static enum MHD_Result serve_kms(struct kms_server *srv, struct MHD_Connection *
         char message[512];
         snprintf(message, sizeof message, "%s", kms_err_message());
         /* A failed authentication not on a line of its own is in its address's next summary. */
-        if (own_line && audit(srv, &r, st->request_id, st->source, op, rc, started) != KMS_OK)
+        if (own_line &&
+            audit(srv, &r, st->request_id, st->source, op, rc, started, &ticket) != KMS_OK)
             rc = KMS_ERR_INTERNAL;
         else
             KMS_FAIL(rc, "%s", message);
     } else {
-        rc = audit(srv, &r, st->request_id, st->source, op, rc, started);
+        rc = audit(srv, &r, st->request_id, st->source, op, rc, started, &ticket);
     }
-    kms_stats_request(srv, op, rc, started);
-    ret = rc == KMS_OK ? send_json(srv, c, r.out, st->request_id)
-                       : send_error(srv, c, rc, retry_after_s, st->request_id);
+    kms_err dumped = rc != KMS_OK ? error_body(rc, kms_err_message(), &body)
+                     : r.out      ? kms_json_dump(r.out, 0, &body)
+                                  : KMS_OK;
+    if (dumped != KMS_OK) {
+        kms_buf_free(&body);
+        ret = MHD_NO;
+    } else {
+        ret = deliver(srv, c, st, op, started, ticket, rc == KMS_OK ? 200 : kms_err_status(rc), rc,
+                      &body, retry_after_s);
+    }
     json_decref(r.in);
     json_decref(r.out);
     kms_buf_free(&r.context);
@@ -846,7 +942,7 @@ static void audit_summary(void *arg, const struct kms_addrlimit_summary *sum)
     struct kms_audit_record rec = {
         id, "", sum->source, "none", NULL, 0, NULL, sum->outcome, NULL, 0, sum->count,
     };
-    if (kms_audit_write(srv->audit, &rec) != KMS_OK) {
+    if (kms_audit_write(srv->audit, &rec, NULL) != KMS_OK) {
         kms_stats_audit_failure(srv);
         kms_error("audit log: the summary of %llu failed requests from %s: %s",
                   (unsigned long long)sum->count, sum->source, kms_err_message());
@@ -863,7 +959,7 @@ static void audit_failure(struct kms_server *srv, struct MHD_Connection *c,
     if (!kms_addrlimit_fail(srv->addrlimit, addr, kms_err_type(e), now))
         return;
     client_address(c, source, sizeof source);
-    if (audit(srv, NULL, request_id, source, NULL, e, now) != KMS_OK)
+    if (audit(srv, NULL, request_id, source, NULL, e, now, NULL) != KMS_OK)
         kms_err_clear();
 }
 
@@ -937,7 +1033,7 @@ static enum MHD_Result too_large(struct kms_server *srv, struct MHD_Connection *
 {
     int64_t now = kms_monotonic_ns();
     kms_stats_request(srv, NULL, KMS_ERR_TOO_LARGE, now);
-    if (audit(srv, NULL, st->request_id, st->source, NULL, KMS_ERR_TOO_LARGE, now) != KMS_OK)
+    if (audit(srv, NULL, st->request_id, st->source, NULL, KMS_ERR_TOO_LARGE, now, NULL) != KMS_OK)
         kms_err_clear();
     return send_error(
         srv, c,
@@ -1015,15 +1111,12 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *c, const cha
         }
         return MHD_YES;
     }
-    if (st->job) {
-        /* Resumed: the worker's (or the watchdog's) answer is ready. */
-        struct job *j = st->job;
-        enum MHD_Result ret =
-            send_buf(srv, c, j->status, &j->body, JSON_TYPE, j->error, NULL, j->request_id);
-        st->job = NULL;
-        job_release(j);
-        return ret;
-    }
+    /* Resumed: the answer's audit line is on disk (or could not be flushed). */
+    if (st->park.waiting)
+        return send_parked(srv, c, st);
+    /* Resumed: the worker's (or the watchdog's) answer is ready. */
+    if (st->job)
+        return deliver_job(srv, c, st, st->job);
     if (*upload_size) {
         if (!st->too_large && st->body.len + *upload_size <= srv->cfg.max_body) {
             if (kms_buf_append(&st->body, upload, *upload_size) != KMS_OK)
@@ -1059,6 +1152,7 @@ static void on_completed(void *cls, struct MHD_Connection *c, void **con_cls,
     if (st->job)
         job_release(st->job);
     kms_buf_free(&st->body);
+    kms_buf_free(&st->park.body);
     free(st);
     *con_cls = NULL;
     request_done(cls);

@@ -832,6 +832,23 @@ def test_write_error_fails_closed():
 
 
 @test
+def test_group_commit():
+    """kms_audit_wait: lines written before their waits share one flush; a rotated file is
+    flushed as it is let go, so the next flush covers only the new file's lines."""
+    path = C.ws.sub("group.log")
+    w = Writer(path)
+    eq(w.cmd("durable 200"), "ok 1 200", "200 lines, then their waits: one flush")
+    eq(w.cmd("durable 1"), "ok 1 1", "one line: one flush")
+    w.ok("write 5")
+    os.rename(path, path + ".1")
+    w.ok("reopen")
+    eq(w.cmd("durable 3"), "ok 1 4",
+       "after the rotation: one flush for the reopen line and 3 lines, not the 5 before")
+    w.close()
+    expect_intact(path + ".1", path)
+
+
+@test
 def test_cannot_open_at_start():
     d = C.ws.sub("nodir")
     path = os.path.join(d, "missing", "audit.log")

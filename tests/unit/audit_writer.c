@@ -10,6 +10,10 @@
  * "error TYPE MESSAGE":
  *
  *   write [N]     N request records (default 1); stops at the first failure
+ *   durable N     N records, then a kms_audit_wait for each, all at once, until
+ *                 every one is settled: "ok FLUSHES LINES" (what the group
+ *                 commit's counters grew by), else "error ..." when one was not
+ *                 made durable
  *   threads T N   T threads writing N records each, at once
  *   reopen        kms_audit_reopen, as on SIGHUP
  *   checkpoint    kms_audit_checkpoint
@@ -48,7 +52,8 @@ static void answer(kms_err rc)
     kms_err_clear();
 }
 
-static kms_err write_records(struct kms_audit *a, unsigned n, const struct kms_buf *context)
+static kms_err write_records(struct kms_audit *a, unsigned n, const struct kms_buf *context,
+                             uint64_t *tickets)
 {
     static unsigned counter;
     for (unsigned i = 0; i < n; i++) {
@@ -71,7 +76,7 @@ static kms_err write_records(struct kms_audit *a, unsigned n, const struct kms_b
             .decision = k % 4 == 3 ? "deny (implicit)" : "allow #0",
             .latency_us = 100 + k,
         };
-        KMS_GUARD(kms_audit_write(a, &r));
+        KMS_GUARD(kms_audit_write(a, &r, tickets ? &tickets[i] : NULL));
     }
     return KMS_OK;
 }
@@ -88,7 +93,7 @@ struct writer_thread {
 static void *writer_main(void *arg)
 {
     struct writer_thread *w = arg;
-    w->rc = write_records(w->a, w->n, w->context);
+    w->rc = write_records(w->a, w->n, w->context, NULL);
     snprintf(w->message, sizeof w->message, "%s", kms_err_message());
     return NULL;
 }
@@ -113,6 +118,65 @@ static void write_threads(struct kms_audit *a, unsigned t, unsigned n,
             rc = KMS_FAIL(w[i].rc, "%s", w[i].message);
     }
     answer(rc);
+}
+
+/* The waits of one "durable" command. */
+static pthread_mutex_t settled_lock = PTHREAD_MUTEX_INITIALIZER;
+static pthread_cond_t settled_cond = PTHREAD_COND_INITIALIZER;
+static unsigned settled, not_durable;
+
+static void settled_one(struct kms_audit_wait *w, int durable)
+{
+    (void)w;
+    pthread_mutex_lock(&settled_lock);
+    settled++;
+    if (!durable)
+        not_durable++;
+    pthread_cond_signal(&settled_cond);
+    pthread_mutex_unlock(&settled_lock);
+}
+
+static void write_durable(struct kms_audit *a, unsigned n, const struct kms_buf *context)
+{
+    uint64_t f0, l0, f1, l1;
+    uint64_t *tickets = calloc(n ? n : 1, sizeof *tickets);
+    struct kms_audit_wait *waits = calloc(n ? n : 1, sizeof *waits);
+    if (!tickets || !waits) {
+        free(tickets);
+        free(waits);
+        answer(KMS_FAIL(KMS_ERR_INTERNAL, "out of memory"));
+        return;
+    }
+    kms_audit_commit_counts(a, &f0, &l0);
+    kms_err rc = write_records(a, n, context, tickets);
+    if (rc == KMS_OK) {
+        unsigned registered = 0, now_bad = 0;
+        settled = not_durable = 0;
+        for (unsigned i = 0; i < n; i++) {
+            waits[i] = (struct kms_audit_wait){.ticket = tickets[i], .done = settled_one};
+            int v = kms_audit_wait(a, &waits[i]);
+            if (v == 0)
+                registered++;
+            else if (v < 0)
+                now_bad++;
+        }
+        pthread_mutex_lock(&settled_lock);
+        while (settled < registered)
+            pthread_cond_wait(&settled_cond, &settled_lock);
+        now_bad += not_durable;
+        pthread_mutex_unlock(&settled_lock);
+        if (now_bad)
+            rc = KMS_FAIL(KMS_ERR_INTERNAL, "%u of %u lines were not made durable", now_bad, n);
+    }
+    free(tickets);
+    free(waits);
+    if (rc != KMS_OK) {
+        answer(rc);
+        return;
+    }
+    kms_audit_commit_counts(a, &f1, &l1);
+    printf("ok %llu %llu\n", (unsigned long long)(f1 - f0), (unsigned long long)(l1 - l0));
+    fflush(stdout);
 }
 
 int main(int argc, char **argv)
@@ -176,7 +240,10 @@ int main(int argc, char **argv)
         unsigned n = 1;
         if (strncmp(line, "write", 5) == 0) {
             sscanf(line + 5, "%u", &n);
-            answer(write_records(a, n, &context));
+            answer(write_records(a, n, &context, NULL));
+        } else if (strncmp(line, "durable", 7) == 0) {
+            sscanf(line + 7, "%u", &n);
+            write_durable(a, n, &context);
         } else if (strncmp(line, "threads", 7) == 0) {
             unsigned t = 1;
             sscanf(line + 7, "%u %u", &t, &n);
