@@ -40,6 +40,10 @@
 #define MAX_TEXT 1024
 /* Longest a line waits for a checkpoint that holds the log (the token may hang). */
 #define HOLD_MAX_MS 200
+/* How long a line nobody waits for may stay unwritten: refusals, summaries. */
+#define LAZY_MS 20
+/* The longest a batch gathers lines before its flush (as long as the last flush took). */
+#define GATHER_MAX_NS 1000000
 
 /* ---- line formats ------------------------------------------------------------ */
 
@@ -484,18 +488,35 @@ struct kms_audit {
     int thread_started;
 
     /*
-     * Group commit (kms_audit_wait). durable: every line up to this seq is
-     * on disk; lost_lo..lost_hi: lines whose flush failed (lost_hi 0: none),
-     * whose answers fail closed. A file is flushed before it is let go
+     * Lines are chained here and written in batches (write_pending_locked):
+     * pend holds the chained lines not yet in the file, each with its '\n';
+     * pend_seq is the seq of its first, pend_prev the hash before it. A
+     * request's line waits there for the committer; a line that must be in
+     * the file at once (checkpoint, reopen, intent, outcome, alert) is
+     * written with those before it (write_line_locked).
+     */
+    struct kms_buf pend;
+    uint64_t pend_seq, pend_lines;
+    uint8_t pend_prev[32];
+    /*
+     * Group commit (kms_audit_wait). A ticket numbers every line chained,
+     * and unlike seq never goes back when lines are lost. durable: every
+     * line up to this ticket is on disk; lost_lo..lost_hi: lines that could
+     * not be written or flushed (lost_hi 0: none), whose answers fail
+     * closed. A file is written and flushed before it is let go
      * (retire_fd_locked), so one flush of the file being written covers
      * every line written so far.
      */
-    pthread_cond_t commit_wake;     /* waits registered: for the committer */
+    pthread_cond_t commit_wake;     /* lines or waits to see to: for the committer */
     struct kms_audit_wait *waiters; /* not yet settled */
+    uint64_t nwaiting;              /* how many */
+    uint64_t tickets;               /* of the last line chained */
     uint64_t durable, lost_lo, lost_hi;
     uint64_t flushes, flushed; /* the committer's flushes and the lines they made durable */
     int flush_failing;         /* the last flush failed: logged once */
     int commit_stop;
+    int commit_idle;   /* the committer sleeps with nothing to write: the next line wakes it */
+    int64_t gather_ns; /* how long the next batch gathers lines before its flush */
     pthread_t committer;
     int committer_started;
 };
@@ -504,6 +525,16 @@ static struct timespec mono_now(void)
 {
     struct timespec t;
     clock_gettime(CLOCK_MONOTONIC, &t);
+    return t;
+}
+
+/* CLOCK_MONOTONIC ns from now. */
+static struct timespec mono_after(int64_t ns)
+{
+    struct timespec t = mono_now();
+    ns += t.tv_nsec;
+    t.tv_sec += ns / 1000000000;
+    t.tv_nsec = ns % 1000000000;
     return t;
 }
 
@@ -631,16 +662,15 @@ static kms_err last_line_hash(int fd, const struct stat *st, const char *path, u
 }
 
 /*
- * Appends one line (and its '\n') with one writev(2), straight from the
- * caller's buffer. A short write is cut off again, so the file holds the
- * whole line or none of it. With a fragment left at the end of the file by an
- * earlier failure, a '\n' goes first: the fragment stays a line of its own
- * (verify reports it) and ours stays whole.
+ * Appends whole lines (each ending in '\n') with one writev(2). A short write
+ * is cut off again, so the file holds all of them or none. With a fragment
+ * left at the end of the file by an earlier failure, a '\n' goes first: the
+ * fragment stays a line of its own (verify reports it) and ours stay whole.
  */
-static kms_err append_line_locked(struct kms_audit *a, const struct kms_buf *line)
+static kms_err append_locked(struct kms_audit *a, const uint8_t *data, size_t len)
 {
     static const char newline = '\n';
-    struct iovec iov[3];
+    struct iovec iov[2];
     int n = 0;
     size_t total = 0;
     struct stat st;
@@ -649,8 +679,7 @@ static kms_err append_line_locked(struct kms_audit *a, const struct kms_buf *lin
 
     if (a->partial)
         iov[n++] = (struct iovec){(void *)&newline, 1};
-    iov[n++] = (struct iovec){line->data, line->len};
-    iov[n++] = (struct iovec){(void *)&newline, 1};
+    iov[n++] = (struct iovec){(void *)data, len};
     for (int i = 0; i < n; i++)
         total += iov[i].iov_len;
     do
@@ -687,31 +716,7 @@ static void counted_locked(struct kms_audit *a)
         pthread_cond_signal(&a->wake);
 }
 
-/* Writes a line as the next in the chain; the chain advances only when it is written. */
-static kms_err chain_line_locked(struct kms_audit *a, const struct kms_buf *line)
-{
-    uint8_t hash[32];
-    kms_err rc = kms_sha256(line->data, line->len, hash);
-    if (rc == KMS_OK)
-        rc = append_line_locked(a, line);
-    if (rc != KMS_OK)
-        return failed_locked(a, rc);
-    if (a->failing)
-        kms_info("audit log %s is written again", a->path);
-    a->failing = 0;
-    a->seq++;
-    memcpy(a->last, hash, sizeof hash);
-    counted_locked(a);
-    return KMS_OK;
-}
-
-/* fdatasync; a file that cannot be synced (a pipe, /dev/null) counts as flushed. */
-static int flush_fd(int fd)
-{
-    return fdatasync(fd) == 0 || errno == EINVAL || errno == EROFS;
-}
-
-/* Lines from..to could not be made durable: their answers fail closed. */
+/* Lines from..to (tickets) could not be made durable: their answers fail closed. */
 static void lost_locked(struct kms_audit *a, uint64_t from, uint64_t to)
 {
     if (to < from)
@@ -720,6 +725,80 @@ static void lost_locked(struct kms_audit *a, uint64_t from, uint64_t to)
         a->lost_lo = from;
     if (to > a->lost_hi)
         a->lost_hi = to;
+}
+
+/*
+ * Chains a line as the next one, in memory (pend): written by the committer
+ * with the lines around it, or by write_pending_locked. Never fails for the
+ * file's sake; only when there is no memory.
+ */
+static kms_err chain_line_locked(struct kms_audit *a, const struct kms_buf *line)
+{
+    uint8_t hash[32];
+    size_t was = a->pend.len;
+    kms_err rc = kms_sha256(line->data, line->len, hash);
+    if (rc == KMS_OK)
+        rc = kms_buf_append(&a->pend, line->data, line->len);
+    if (rc == KMS_OK)
+        rc = kms_buf_append(&a->pend, "\n", 1);
+    if (rc != KMS_OK) {
+        a->pend.len = was;
+        return failed_locked(a, rc);
+    }
+    if (!was) {
+        a->pend_seq = a->seq + 1;
+        a->pend_lines = 0;
+        memcpy(a->pend_prev, a->last, sizeof a->pend_prev);
+        if (a->commit_idle)
+            pthread_cond_signal(&a->commit_wake);
+    }
+    a->pend_lines++;
+    a->tickets++;
+    a->seq++;
+    memcpy(a->last, hash, sizeof hash);
+    counted_locked(a);
+    return KMS_OK;
+}
+
+/*
+ * Writes the chained lines not yet in the file, with one writev. When that
+ * fails none of them is in the file: the chain goes back to the line before
+ * them, they count as lost (their answers fail closed), and the next line
+ * opens the path again.
+ */
+static kms_err write_pending_locked(struct kms_audit *a)
+{
+    if (!a->pend.len)
+        return KMS_OK;
+    kms_err rc = a->fd >= 0 ? append_locked(a, a->pend.data, a->pend.len)
+                            : KMS_FAIL(KMS_ERR_INTERNAL, "the audit log %s is not open", a->path);
+    uint64_t lines = a->pend_lines;
+    a->pend.len = 0;
+    a->pend_lines = 0;
+    if (rc != KMS_OK) {
+        lost_locked(a, a->tickets - lines + 1, a->tickets);
+        a->seq = a->pend_seq - 1;
+        memcpy(a->last, a->pend_prev, sizeof a->last);
+        a->since_cp = a->since_cp > lines ? a->since_cp - lines : 0;
+        return failed_locked(a, rc);
+    }
+    if (a->failing)
+        kms_info("audit log %s is written again", a->path);
+    a->failing = 0;
+    return KMS_OK;
+}
+
+/* Chains a line and writes it now, with the lines chained before it. */
+static kms_err write_line_locked(struct kms_audit *a, const struct kms_buf *line)
+{
+    KMS_GUARD(chain_line_locked(a, line));
+    return write_pending_locked(a);
+}
+
+/* fdatasync; a file that cannot be synced (a pipe, /dev/null) counts as flushed. */
+static int flush_fd(int fd)
+{
+    return fdatasync(fd) == 0 || errno == EINVAL || errno == EROFS;
 }
 
 /* 1: the line is on disk, -1: its flush failed, 0: not known yet. */
@@ -731,21 +810,23 @@ static int verdict_locked(const struct kms_audit *a, uint64_t ticket)
 }
 
 /*
- * Lets go of the file being written, its lines flushed first: the
- * committer flushes only the file being written when it runs. Under the
- * lock, but only when the file changes (rotation, removal, a failure).
+ * Lets go of the file being written, its lines written and flushed first:
+ * the committer flushes only the file being written when it runs. Under
+ * the lock, but only when the file changes (rotation, removal, a failure).
  */
 static void retire_fd_locked(struct kms_audit *a)
 {
     if (a->fd < 0)
         return;
-    if (a->durable < a->seq) {
+    if (write_pending_locked(a) != KMS_OK)
+        kms_err_clear(); /* lost, and said so */
+    if (a->durable < a->tickets) {
         if (flush_fd(a->fd)) {
-            a->durable = a->seq;
+            a->durable = a->tickets;
         } else {
             kms_error("audit log %s: fdatasync failed: %s; the answers waiting for it fail",
                       a->path, strerror(errno));
-            lost_locked(a, a->durable + 1, a->seq);
+            lost_locked(a, a->durable + 1, a->tickets);
         }
     }
     close(a->fd);
@@ -763,22 +844,56 @@ static void *commit_thread(void *arg)
     struct kms_audit *a = arg;
     pthread_mutex_lock(&a->lock);
     for (;;) {
+        if (!a->waiters && !a->commit_stop) {
+            /*
+             * Woken by the first wait, not by every line (a wake-up costs more
+             * than the line): a line nobody waits for (a refusal's) is written
+             * with the next batch, or LAZY_MS after the committer saw it.
+             */
+            if (!a->pend.len) {
+                a->commit_idle = 1;
+                pthread_cond_wait(&a->commit_wake, &a->lock);
+                a->commit_idle = 0;
+                continue;
+            }
+            struct timespec until = mono_after(LAZY_MS * 1000000L);
+            if (pthread_cond_timedwait(&a->commit_wake, &a->lock, &until) == 0)
+                continue;
+        }
+        /*
+         * A flush costs the machine far more than a line (on a virtual disk,
+         * tens of microseconds of CPU): while requests come faster than one
+         * a flush, wait as long as the last flush took for more lines to
+         * share the next one. One at a time (the last flush covered one
+         * line) waits for nothing.
+         */
+        if (a->waiters && a->gather_ns && !a->commit_stop) {
+            struct timespec until = mono_after(a->gather_ns);
+            while (pthread_cond_timedwait(&a->commit_wake, &a->lock, &until) == 0)
+                ; /* a wait registered: more to gather, until the time is up */
+        }
+        /* The lines chained since the last batch, in one write. */
+        if (write_pending_locked(a) != KMS_OK)
+            kms_err_clear(); /* lost (their waits fail below), and said so */
         if (!a->waiters) {
             if (a->commit_stop)
                 break;
-            pthread_cond_wait(&a->commit_wake, &a->lock);
             continue;
         }
-        uint64_t from = a->durable + 1, target = a->seq;
+        uint64_t from = a->durable + 1, target = a->tickets;
         int have = a->fd >= 0;
         int fd = have ? dup(a->fd) : -1;
         pthread_mutex_unlock(&a->lock);
         /* No file: every line was flushed (or lost) when its file was let go. */
+        struct timespec t0 = mono_now();
         int ok = !have || (fd >= 0 && flush_fd(fd));
         int e = errno;
+        struct timespec t1 = mono_now();
         if (fd >= 0)
             close(fd);
         pthread_mutex_lock(&a->lock);
+        int64_t took = (int64_t)(t1.tv_sec - t0.tv_sec) * 1000000000 + (t1.tv_nsec - t0.tv_nsec);
+        a->gather_ns = target - from >= 1 ? (took < GATHER_MAX_NS ? took : GATHER_MAX_NS) : 0;
         if (!ok) {
             if (!a->flush_failing)
                 kms_error("audit log %s: fdatasync failed: %s; requests fail until it works",
@@ -801,6 +916,7 @@ static void *commit_thread(void *arg)
             struct kms_audit_wait *w = *p;
             w->result = verdict_locked(a, w->ticket);
             if (w->result) {
+                a->nwaiting--;
                 *p = w->next;
                 w->next = ready;
                 ready = w;
@@ -825,16 +941,19 @@ int kms_audit_wait(struct kms_audit *a, struct kms_audit_wait *w)
     pthread_mutex_lock(&a->lock);
     int v = verdict_locked(a, w->ticket);
     if (v == 0 && a->commit_stop) {
-        /* The committer is gone or going: flushed here. */
+        /* The committer is gone or going: written and flushed here. */
+        if (write_pending_locked(a) != KMS_OK)
+            kms_err_clear();
         if (a->fd < 0 || flush_fd(a->fd))
-            a->durable = a->seq;
+            a->durable = a->tickets;
         else
-            lost_locked(a, a->durable + 1, a->seq);
+            lost_locked(a, a->durable + 1, a->tickets);
         v = verdict_locked(a, w->ticket);
     }
     if (v == 0) {
         w->next = a->waiters;
         a->waiters = w;
+        a->nwaiting++;
         if (!w->next)
             pthread_cond_signal(&a->commit_wake);
     }
@@ -842,11 +961,12 @@ int kms_audit_wait(struct kms_audit *a, struct kms_audit_wait *w)
     return v;
 }
 
-void kms_audit_commit_counts(struct kms_audit *a, uint64_t *flushes, uint64_t *lines)
+void kms_audit_commit_stats(struct kms_audit *a, struct kms_audit_commit_stats *out)
 {
     pthread_mutex_lock(&a->lock);
-    *flushes = a->flushes;
-    *lines = a->flushed;
+    out->flushes = a->flushes;
+    out->lines = a->flushed;
+    out->waiting = a->nwaiting;
     pthread_mutex_unlock(&a->lock);
 }
 
@@ -965,7 +1085,7 @@ static kms_err ensure_file_locked(struct kms_audit *a, const char *reason)
     now_text(time);
     rc = kms_audit_reopen_line(a->log_id, a->seq + 1, a->last, time, reason, &line);
     if (rc == KMS_OK)
-        rc = chain_line_locked(a, &line);
+        rc = write_line_locked(a, &line);
     kms_buf_free(&line);
     return rc;
 }
@@ -1030,7 +1150,7 @@ static kms_err flush_results_locked(struct kms_audit *a)
                 result_line(o->recovery ? "recovery" : "outcome", o->id, o->state == OPEN_COMMITTED,
                             a->log_id, a->seq + 1, a->last, time, &line);
             if (rc == KMS_OK)
-                rc = chain_line_locked(a, &line);
+                rc = write_line_locked(a, &line);
             kms_buf_free(&line);
             if (rc == KMS_OK)
                 continue; /* written: no longer open */
@@ -1063,7 +1183,7 @@ kms_err kms_audit_intent(struct kms_audit *a, const struct kms_audit_change *c)
         rc = intent_line(c, a->log_id, a->seq + 1, a->last, time, &line);
     }
     if (rc == KMS_OK)
-        rc = chain_line_locked(a, &line);
+        rc = write_line_locked(a, &line);
     if (rc == KMS_OK) {
         add_open_locked(a, c->request_id, OPEN_IN_FLIGHT, 0);
         fd = dup(a->fd);
@@ -1183,9 +1303,9 @@ kms_err kms_audit_write(struct kms_audit *a, const struct kms_audit_record *r, u
         rc = kms_audit_template_fill(tp, a->seq + 1, a->last, time, line);
     }
     if (rc == KMS_OK)
-        rc = chain_line_locked(a, line);
+        rc = chain_line_locked(a, line); /* written by the committer, with the lines around it */
     if (rc == KMS_OK && ticket)
-        *ticket = a->seq;
+        *ticket = a->tickets;
     pthread_mutex_unlock(&a->lock);
     kms_buf_free(&own.line);
     kms_audit_template_free(&own.t);
@@ -1207,7 +1327,7 @@ kms_err kms_audit_alert(struct kms_audit *a, const struct kms_audit_alert *al)
         rc = kms_audit_alert_line(al, a->log_id, a->seq + 1, a->last, time, &line);
     }
     if (rc == KMS_OK)
-        rc = chain_line_locked(a, &line);
+        rc = write_line_locked(a, &line);
     pthread_mutex_unlock(&a->lock);
     kms_buf_free(&line);
     return rc;
@@ -1292,7 +1412,7 @@ static kms_err checkpoint_cp_locked(struct kms_audit *a, struct kms_session *s, 
     struct kms_buf body = KMS_BUF_INIT, line = KMS_BUF_INIT;
     char time[KMS_AUDIT_TIME_LEN + 1];
     uint8_t mac[32], hash[32], prev[32];
-    uint64_t seq = 0, base = 0;
+    uint64_t seq = 0, base = 0, tick = 0;
     int sync_fd = -1;
     kms_err rc = KMS_OK;
     int opening = strcmp(kind, "open") == 0;
@@ -1349,9 +1469,10 @@ static kms_err checkpoint_cp_locked(struct kms_audit *a, struct kms_session *s, 
             break;
         }
         if (rc == KMS_OK)
-            rc = chain_line_locked(a, &line);
+            rc = write_line_locked(a, &line);
         if (rc == KMS_OK) {
             seq = a->seq;
+            tick = a->tickets;
             memcpy(hash, a->last, 32);
             a->since_cp = 0;
             if (flags & CP_SWITCH) {
@@ -1378,8 +1499,8 @@ static kms_err checkpoint_cp_locked(struct kms_audit *a, struct kms_session *s, 
         } else {
             /* Every line up to the checkpoint is in this file or one flushed before. */
             pthread_mutex_lock(&a->lock);
-            if (seq > a->durable)
-                a->durable = seq;
+            if (tick > a->durable)
+                a->durable = tick;
             pthread_mutex_unlock(&a->lock);
         }
         close(sync_fd);
@@ -1936,6 +2057,7 @@ void kms_audit_close(struct kms_audit *a)
     }
     if (a->fd >= 0)
         close(a->fd);
+    kms_buf_free(&a->pend);
     for (int i = 0; i < 2; i++)
         if (a->stop_fd[i] >= 0)
             close(a->stop_fd[i]);

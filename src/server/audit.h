@@ -18,7 +18,7 @@
  *
  * A "log" is one server run (a random 128-bit id); a file may hold several
  * logs one after another (restarts append), and one log may span several
- * files (rotation). Lines are written with one write(2) each and end in '\n';
+ * files (rotation). Lines are written whole (a batch of them with one write(2)) and end in '\n';
  * hashes cover the bytes before it. Members are in strcmp order, except a
  * checkpoint's "mac", which is always last:
  *
@@ -140,44 +140,51 @@ struct kms_audit;
 KMS_MUST_CHECK kms_err kms_audit_open(const struct kms_audit_config *cfg, struct kms_hsm *hsm,
                                       struct kms_audit **out);
 /*
- * Writes one line. Thread-safe; lines are in seq order. KMS_ERR_INTERNAL when
- * the line could not be written (nothing of it stays in the file and the chain
- * does not advance): the caller fails the request with KMSInternalException.
- * After a failure the next call opens the path again: if it names another file
- * now (the old one was removed, or could not be opened), that file starts with
- * a "reopen" line. Never uses the token.
- *
- * The line is in the file, not yet on disk: *ticket (NULL: not wanted) names
- * it to kms_audit_wait, which says when it is.
+ * Chains one line. Thread-safe; lines are in seq order. The line is written
+ * to the file by the log's committer, in one write with the lines around it,
+ * and flushed (fdatasync) with them: *ticket (NULL: not wanted) names it to
+ * kms_audit_wait, which says when it is on disk, or that it could not be
+ * written or flushed (then none of the lines of that write is in the file and
+ * the chain goes back to the line before them; the caller fails the request
+ * with KMSInternalException). KMS_ERR_INTERNAL at once when the log is
+ * failing and its path still cannot be opened. After a failure the next call
+ * opens the path again: if it names another file now (the old one was
+ * removed, or could not be opened), that file starts with a "reopen" line.
+ * Never uses the token.
  */
 KMS_MUST_CHECK kms_err kms_audit_write(struct kms_audit *a, const struct kms_audit_record *r,
                                        uint64_t *ticket);
 
 /*
  * Group commit: no answer leaves before its line is on disk, and many lines
- * share one flush. The request's thread writes its line, parks its answer
- * and registers a wait; one committer thread flushes every line written so
- * far with one fdatasync, then calls done for each wait whose line that
- * flush covered. The wait lives in the caller's memory (no allocation) and
+ * share one write and one flush. The request's thread chains its line,
+ * parks its answer and registers a wait; one committer thread writes every
+ * line chained so far and flushes them with one fdatasync, then calls done
+ * for each wait whose line that covered. The wait lives in the caller's memory (no allocation) and
  * must stay valid until done is called.
  */
 struct kms_audit_wait {
     uint64_t ticket; /* from kms_audit_write */
     /* Called once, on the committer thread, without any of the log's locks: durable is 1 when
-     * the line is on disk, 0 when its flush failed (the request must fail closed). */
+     * the line is on disk, 0 when it could not be written or flushed (the request must fail
+     * closed). */
     void (*done)(struct kms_audit_wait *w, int durable);
     struct kms_audit_wait *next; /* the log's list */
     int result;                  /* the log's */
 };
 /*
- * 1: the line is on disk already; -1: its flush failed; 0: w is registered
+ * 1: the line is on disk already; -1: it was lost; 0: w is registered
  * and done will be called once the committer knows.
  */
 int kms_audit_wait(struct kms_audit *a, struct kms_audit_wait *w);
-/* Flushes the committer made (each covering every line written before it) and the lines
- * they made durable: lines / flushes is the group commit's batch size. */
-void kms_audit_commit_counts(struct kms_audit *a, uint64_t *flushes, uint64_t *lines);
-/* Writes an alert line; as kms_audit_write otherwise. */
+/* The group commit, for /metrics. */
+struct kms_audit_commit_stats {
+    uint64_t flushes; /* the committer's fdatasync calls (each covering every line before it) */
+    uint64_t lines;   /* the lines they made durable: lines / flushes is the average group */
+    uint64_t waiting; /* waits registered now (answers parked until their line is on disk) */
+};
+void kms_audit_commit_stats(struct kms_audit *a, struct kms_audit_commit_stats *out);
+/* Writes an alert line now (not by the committer); an error when it could not be written. */
 KMS_MUST_CHECK kms_err kms_audit_alert(struct kms_audit *a, const struct kms_audit_alert *al);
 /*
  * SIGHUP, after log rotation: when the path names another file than the one

@@ -709,14 +709,20 @@ static void parked_done(struct kms_audit_wait *w, int durable)
     MHD_resume_connection(p->c);
 }
 
-/* Sends the parked answer, or, when its line could not be flushed, fails closed. */
+/*
+ * Sends the parked answer. When its line could not be written or flushed, a
+ * success fails closed (500, no data); an error goes as it is: it gives
+ * nothing away.
+ */
 static enum MHD_Result send_parked(struct kms_server *srv, struct MHD_Connection *c,
                                    struct req_state *st)
 {
     struct parked *p = &st->park;
     struct answer_opts o = {p->retry_after_s, 0, 0};
     p->waiting = 0;
-    if (!__atomic_load_n(&p->durable, __ATOMIC_ACQUIRE)) {
+    if (!__atomic_load_n(&p->durable, __ATOMIC_ACQUIRE) && p->error != KMS_OK)
+        kms_stats_audit_failure(srv);
+    else if (!__atomic_load_n(&p->durable, __ATOMIC_ACQUIRE)) {
         kms_buf_free(&p->body); /* may hold plaintext */
         kms_stats_audit_failure(srv);
         kms_stats_request(srv, p->op, KMS_ERR_INTERNAL, p->started_ns);

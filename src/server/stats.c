@@ -95,16 +95,19 @@ static kms_err collect(void *arg, struct kms_metrics_writer *w)
                                       "1 when the token answers and the user is logged in", NULL,
                                       kms_hsm_ready(srv->hsm) ? 1 : 0));
     if (srv->audit) {
-        uint64_t flushes, lines;
-        kms_audit_commit_counts(srv->audit, &flushes, &lines);
+        struct kms_audit_commit_stats cs;
+        kms_audit_commit_stats(srv->audit, &cs);
         KMS_GUARD(kms_metrics_write_counter(w, "p11kms_audit_flushes_total",
                                             "fdatasync calls of the audit log's group commit, each "
                                             "making every line written before it durable",
-                                            NULL, flushes));
+                                            NULL, cs.flushes));
         KMS_GUARD(kms_metrics_write_counter(w, "p11kms_audit_flushed_lines_total",
                                             "Audit lines those flushes made durable (answers "
                                             "wait for theirs)",
-                                            NULL, lines));
+                                            NULL, cs.lines));
+        KMS_GUARD(kms_metrics_write_gauge(w, "p11kms_audit_answers_waiting",
+                                          "Answers waiting for their audit line to be on disk",
+                                          NULL, (double)cs.waiting));
     }
     for (int k = 0; k < KMS_BREAKER_KINDS; k++) {
         const char *labels[] = {"kind", k == KMS_BREAKER_PRINCIPAL ? "principal" : "key", NULL};

@@ -9,7 +9,8 @@
  * reads commands from stdin and answers each with one line, "ok" or
  * "error TYPE MESSAGE":
  *
- *   write [N]     N request records (default 1); stops at the first failure
+ *   write [N]     N request records (default 1), each waited for as a request's
+ *                 answer waits (on disk, or lost); stops at the first failure
  *   durable N     N records, then a kms_audit_wait for each, all at once, until
  *                 every one is settled: "ok FLUSHES LINES" (what the group
  *                 commit's counters grew by), else "error ..." when one was not
@@ -52,6 +53,43 @@ static void answer(kms_err rc)
     kms_err_clear();
 }
 
+/* One line's wait, as a request's answer waits for it. */
+struct one_wait {
+    struct kms_audit_wait w;
+    pthread_mutex_t lock;
+    pthread_cond_t cond;
+    int settled, durable;
+};
+
+static void one_done(struct kms_audit_wait *w, int durable)
+{
+    struct one_wait *o = (struct one_wait *)w;
+    pthread_mutex_lock(&o->lock);
+    o->settled = 1;
+    o->durable = durable;
+    pthread_cond_signal(&o->cond);
+    pthread_mutex_unlock(&o->lock);
+}
+
+static kms_err wait_line(struct kms_audit *a, uint64_t ticket)
+{
+    struct one_wait o = {.w = {.ticket = ticket, .done = one_done}};
+    pthread_mutex_init(&o.lock, NULL);
+    pthread_cond_init(&o.cond, NULL);
+    int v = kms_audit_wait(a, &o.w);
+    if (v == 0) {
+        pthread_mutex_lock(&o.lock);
+        while (!o.settled)
+            pthread_cond_wait(&o.cond, &o.lock);
+        v = o.durable ? 1 : -1;
+        pthread_mutex_unlock(&o.lock);
+    }
+    pthread_mutex_destroy(&o.lock);
+    pthread_cond_destroy(&o.cond);
+    return v > 0 ? KMS_OK : KMS_FAIL(KMS_ERR_INTERNAL, "the line could not be written or flushed");
+}
+
+/* tickets: NULL to wait for each line in turn, else the lines' tickets, not waited for. */
 static kms_err write_records(struct kms_audit *a, unsigned n, const struct kms_buf *context,
                              uint64_t *tickets)
 {
@@ -76,7 +114,12 @@ static kms_err write_records(struct kms_audit *a, unsigned n, const struct kms_b
             .decision = k % 4 == 3 ? "deny (implicit)" : "allow #0",
             .latency_us = 100 + k,
         };
-        KMS_GUARD(kms_audit_write(a, &r, tickets ? &tickets[i] : NULL));
+        uint64_t ticket;
+        KMS_GUARD(kms_audit_write(a, &r, &ticket));
+        if (tickets)
+            tickets[i] = ticket;
+        else
+            KMS_GUARD(wait_line(a, ticket));
     }
     return KMS_OK;
 }
@@ -138,7 +181,7 @@ static void settled_one(struct kms_audit_wait *w, int durable)
 
 static void write_durable(struct kms_audit *a, unsigned n, const struct kms_buf *context)
 {
-    uint64_t f0, l0, f1, l1;
+    struct kms_audit_commit_stats s0, s1;
     uint64_t *tickets = calloc(n ? n : 1, sizeof *tickets);
     struct kms_audit_wait *waits = calloc(n ? n : 1, sizeof *waits);
     if (!tickets || !waits) {
@@ -147,7 +190,7 @@ static void write_durable(struct kms_audit *a, unsigned n, const struct kms_buf 
         answer(KMS_FAIL(KMS_ERR_INTERNAL, "out of memory"));
         return;
     }
-    kms_audit_commit_counts(a, &f0, &l0);
+    kms_audit_commit_stats(a, &s0);
     kms_err rc = write_records(a, n, context, tickets);
     if (rc == KMS_OK) {
         unsigned registered = 0, now_bad = 0;
@@ -174,8 +217,9 @@ static void write_durable(struct kms_audit *a, unsigned n, const struct kms_buf 
         answer(rc);
         return;
     }
-    kms_audit_commit_counts(a, &f1, &l1);
-    printf("ok %llu %llu\n", (unsigned long long)(f1 - f0), (unsigned long long)(l1 - l0));
+    kms_audit_commit_stats(a, &s1);
+    printf("ok %llu %llu\n", (unsigned long long)(s1.flushes - s0.flushes),
+           (unsigned long long)(s1.lines - s0.lines));
     fflush(stdout);
 }
 
