@@ -30,7 +30,8 @@ p11kmsd; then Encrypt (32 bytes), ReEncrypt (to the next key),
 GenerateDataKeyWithoutPlaintext, Sign (ECDSA_SHA_256, DIGEST) and GenerateMac
 (HMAC_SHA_384, 64 bytes) on p11kmsd. The CPU time p11kmsd and local-kms spend
 a request is read from /proc/PID/stat over each GenerateDataKey and Decrypt
-run. A figure is the median over the rounds, a ratio the median of the
+run (and on the server without an audit log), and the all-on server's audit
+lines a flush (group commit) from its /metrics around them. A figure is the median over the rounds, a ratio the median of the
 rounds' ratios (bench.py's Table). The ceiling of an operation is
 1/(1/HTTP + 1/token) with the best of 1 and 2 threads of its token calls:
 wrap (GenerateDataKey, Encrypt, GenerateDataKeyWithoutPlaintext), unwrap
@@ -259,11 +260,16 @@ class SpeedBench(B.Bench):
 
     def run(self, t, op, body, what=None):
         """wrk on t with its op requests (body: their bodies' name), signed now;
-        with the CPU time t's process spent a request meanwhile."""
+        with the CPU time t's process spent a request meanwhile, and on the
+        all-on server the audit lines its flushes covered on average."""
         req = B.presign(self.ws.sub("%s.%s.req" % (t.name, body)), t.ep, t.principal, op, t.bodies[body])
+        flushes = audit_flushes(t) if t.name == "all" else None
         before = A.cpu_seconds(t.pid)
         r = self.wrk(what or "%s, %s" % (op, t.name), t.ep, req)
         r["cpu"] = (A.cpu_seconds(t.pid) - before) / max(1, r["requests"])
+        if flushes:
+            after = audit_flushes(t)
+            r["lines_a_flush"] = (after[1] - flushes[1]) / max(1, after[0] - flushes[0])
         return r
 
     def pin(self, pid, cpus):
@@ -299,6 +305,19 @@ class SpeedBench(B.Bench):
         self.step(r, "dec_all", self.run, t, "Decrypt", "dec")
         for key, op, body, _, _ in OPS:
             self.step(r, key, self.run, t, op, body)
+
+
+def audit_flushes(t):
+    """(flushes, lines) of t's audit log's group commit, from its /metrics."""
+    r = H.get_metrics(t.ep)
+    if r.status != 200:
+        raise Broken("GET /metrics answered %d" % r.status)
+    values = {}
+    for line in r.body.decode().splitlines():
+        if line.startswith("p11kms_audit_flush"):
+            name, value = line.split()
+            values[name] = float(value)
+    return values["p11kms_audit_flushes_total"], values["p11kms_audit_flushed_lines_total"]
 
 
 def best(r, mode):
@@ -343,6 +362,8 @@ def make_table(results, peer):
                  reference="" if peer else "local-kms not measured",
                  ref_fmt=lambda v: us(v) + " local-kms",
                  ratio_fn=(lambda r, k=key: r[k + "_all"]["cpu"] / r[k + "_peer"]["cpu"]) if peer else None)
+        t.figure("  audit lines a flush (group commit)", lambda r, k=key: r[k + "_all"]["lines_a_flush"],
+                 lambda v: "%.1f" % v, "p11kms_audit_flushed_lines_total / _flushes_total")
     # Goal 2.
     for key, _, _, modes, label in OPS:
         name = " + ".join("1/" + m for m in modes)
@@ -356,6 +377,9 @@ def make_table(results, peer):
         t.figure("GenerateDataKey, %s" % label, lambda r, n=name: r["gdk_" + n]["rps"], rate,
                  ref_fn=allon, ref_fmt=lambda v: rate(v) + " all on",
                  ratio_fn=lambda r, n=name: r["gdk_" + n]["rps"] / allon(r))
+    t.figure("  CPU time a request, audit log off", lambda r: r["gdk_noaudit"]["cpu"], us,
+             ref_fn=lambda r: r["gdk_all"]["cpu"], ref_fmt=lambda v: us(v) + " all on",
+             ratio_fn=lambda r: r["gdk_all"]["cpu"] / r["gdk_noaudit"]["cpu"])
     t.add("GenerateDataKey, key policies off", "not measured", "no setting turns key policies off")
     t.figure("GenerateDataKey, TLS on (TLS 1.3, P-256 certificate)", lambda r: r["gdk_tls"]["rps"], rate,
              ref_fn=allon, ref_fmt=lambda v: rate(v) + " all on, plain HTTP",
