@@ -719,12 +719,12 @@ static enum MHD_Result send_parked(struct kms_server *srv, struct MHD_Connection
 {
     struct parked *p = &st->park;
     struct answer_opts o = {p->retry_after_s, 0, 0};
+    int durable = __atomic_load_n(&p->durable, __ATOMIC_ACQUIRE);
     p->waiting = 0;
-    if (!__atomic_load_n(&p->durable, __ATOMIC_ACQUIRE) && p->error != KMS_OK)
+    if (!durable)
         kms_stats_audit_failure(srv);
-    else if (!__atomic_load_n(&p->durable, __ATOMIC_ACQUIRE)) {
+    if (!durable && p->error == KMS_OK) {
         kms_buf_free(&p->body); /* may hold plaintext */
-        kms_stats_audit_failure(srv);
         kms_stats_request(srv, p->op, KMS_ERR_INTERNAL, p->started_ns);
         kms_err_clear();
         return send_error(srv, c, KMS_FAIL(KMS_ERR_INTERNAL, "The request could not be audited"), 0,

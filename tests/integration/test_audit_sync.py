@@ -4,8 +4,9 @@ audit line is on disk, and many lines share one flush. p11kmsd runs with
 tests/syncshim preloaded, a stand-in for fdatasync that a test can hold (a very
 slow disk) or make fail (EIO). While a flush is held, a request's line is in
 the file and its answer waits; once the flush returns, the answer is the 200
-the line records. A failed flush fails the requests it covered closed (500
-KMSInternalException, no plaintext); the next flush that works serves again.
+the line records. A failed flush fails the successful answers it covered
+closed (500 KMSInternalException, no plaintext; an error keeps its own answer);
+the next flush that works serves again.
 Lines written while a flush is held share the next one. Both ways a request
 runs: on its HTTP thread (the default) and on a worker (inline_requests = 0).
 TAP output."""
@@ -187,10 +188,14 @@ def failed_flush_fails_closed(n):
             line = n.records(op)[before]
             eq(line["request_id"], r.header("x-amzn-RequestId"),
                "%s: the line written before the failed flush is the refused request's" % op)
+        # An error gives nothing away: it keeps its own answer.
+        r = n.call("DescribeKey", {"KeyId": "alias/no-such-key"})
+        eq((r.status, r.json()["__type"]), (404, "NotFoundException"),
+           "an error while flushes fail")
     finally:
         n.flag("fail", False)
-    eq(n.metric("p11kms_audit_write_failures_total"), failures + 2,
-       "p11kms_audit_write_failures_total counts both")
+    eq(n.metric("p11kms_audit_write_failures_total"), failures + 3,
+       "p11kms_audit_write_failures_total counts the three")
     r = n.gdk()
     eq(r.status, 200, "GenerateDataKey once flushes work again")
 
