@@ -509,7 +509,6 @@ struct kms_audit {
      */
     pthread_cond_t commit_wake;     /* lines or waits to see to: for the committer */
     struct kms_audit_wait *waiters; /* not yet settled */
-    uint64_t nwaiting;              /* how many */
     uint64_t tickets;               /* of the last line chained */
     uint64_t durable, lost_lo, lost_hi;
     uint64_t flushes, flushed; /* the committer's flushes and the lines they made durable */
@@ -916,7 +915,6 @@ static void *commit_thread(void *arg)
             struct kms_audit_wait *w = *p;
             w->result = verdict_locked(a, w->ticket);
             if (w->result) {
-                a->nwaiting--;
                 *p = w->next;
                 w->next = ready;
                 ready = w;
@@ -953,7 +951,6 @@ int kms_audit_wait(struct kms_audit *a, struct kms_audit_wait *w)
     if (v == 0) {
         w->next = a->waiters;
         a->waiters = w;
-        a->nwaiting++;
         if (!w->next)
             pthread_cond_signal(&a->commit_wake);
     }
@@ -966,7 +963,6 @@ void kms_audit_commit_stats(struct kms_audit *a, struct kms_audit_commit_stats *
     pthread_mutex_lock(&a->lock);
     out->flushes = a->flushes;
     out->lines = a->flushed;
-    out->waiting = a->nwaiting;
     pthread_mutex_unlock(&a->lock);
 }
 

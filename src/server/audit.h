@@ -181,7 +181,6 @@ int kms_audit_wait(struct kms_audit *a, struct kms_audit_wait *w);
 struct kms_audit_commit_stats {
     uint64_t flushes; /* the committer's fdatasync calls (each covering every line before it) */
     uint64_t lines;   /* the lines they made durable: lines / flushes is the average group */
-    uint64_t waiting; /* waits registered now (answers parked until their line is on disk) */
 };
 void kms_audit_commit_stats(struct kms_audit *a, struct kms_audit_commit_stats *out);
 /* Writes an alert line now (not by the committer); an error when it could not be written. */

@@ -720,6 +720,8 @@ static enum MHD_Result send_parked(struct kms_server *srv, struct MHD_Connection
     struct parked *p = &st->park;
     struct answer_opts o = {p->retry_after_s, 0, 0};
     int durable = __atomic_load_n(&p->durable, __ATOMIC_ACQUIRE);
+    if (p->waiting)
+        __atomic_sub_fetch(&srv->parked, 1, __ATOMIC_RELEASE);
     p->waiting = 0;
     if (!durable)
         kms_stats_audit_failure(srv);
@@ -758,6 +760,7 @@ static enum MHD_Result deliver(struct kms_server *srv, struct MHD_Connection *c,
     if (!ticket || !srv->audit)
         return send_parked(srv, c, st);
     /* Suspended before the committer can hear of it: its resume must come after. */
+    __atomic_add_fetch(&srv->parked, 1, __ATOMIC_RELEASE);
     p->waiting = 1;
     p->wait.ticket = ticket;
     p->wait.done = parked_done;
@@ -1157,6 +1160,17 @@ static void on_completed(void *cls, struct MHD_Connection *c, void **con_cls,
         return;
     if (st->job)
         job_release(st->job);
+    if (st->park.waiting) {
+        /* Resumed, and the client went away before its answer: counted all the same. */
+        struct kms_server *srv = cls;
+        struct parked *p = &st->park;
+        __atomic_sub_fetch(&srv->parked, 1, __ATOMIC_RELEASE);
+        kms_stats_request(srv, p->op,
+                          __atomic_load_n(&p->durable, __ATOMIC_ACQUIRE) || p->error != KMS_OK
+                              ? p->error
+                              : KMS_ERR_INTERNAL,
+                          p->started_ns);
+    }
     kms_buf_free(&st->body);
     kms_buf_free(&st->park.body);
     free(st);

@@ -46,7 +46,8 @@ struct kms_server {
     pthread_cond_t active_done;
     unsigned active;
     int stopping;
-    unsigned port; /* the port actually bound */
+    unsigned long parked; /* atomic: answers waiting for their audit line to be on disk */
+    unsigned port;        /* the port actually bound */
     char host[256];
 };
 

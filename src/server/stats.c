@@ -105,9 +105,9 @@ static kms_err collect(void *arg, struct kms_metrics_writer *w)
                                             "Audit lines those flushes made durable (answers "
                                             "wait for theirs)",
                                             NULL, cs.lines));
-        KMS_GUARD(kms_metrics_write_gauge(w, "p11kms_audit_answers_waiting",
-                                          "Answers waiting for their audit line to be on disk",
-                                          NULL, (double)cs.waiting));
+        KMS_GUARD(kms_metrics_write_gauge(
+            w, "p11kms_audit_answers_waiting", "Answers waiting for their audit line to be on disk",
+            NULL, (double)__atomic_load_n(&srv->parked, __ATOMIC_ACQUIRE)));
     }
     for (int k = 0; k < KMS_BREAKER_KINDS; k++) {
         const char *labels[] = {"kind", k == KMS_BREAKER_PRINCIPAL ? "principal" : "key", NULL};
