@@ -1089,12 +1089,7 @@ static kms_err ensure_file_locked(struct kms_audit *a, const char *reason)
 /* Lets a checkpoint that lost its place to lines have the next one, but not for long. */
 static void wait_hold_locked(struct kms_audit *a)
 {
-    struct timespec until = mono_now();
-    until.tv_nsec += HOLD_MAX_MS * 1000000L;
-    if (until.tv_nsec >= 1000000000L) {
-        until.tv_sec++;
-        until.tv_nsec -= 1000000000L;
-    }
+    struct timespec until = mono_after(HOLD_MAX_MS * 1000000L);
     while (a->hold)
         if (pthread_cond_timedwait(&a->held, &a->lock, &until) != 0) {
             a->hold = 0; /* the token is slow or hung: lines go on, the checkpoint waits */
@@ -1187,7 +1182,7 @@ kms_err kms_audit_intent(struct kms_audit *a, const struct kms_audit_change *c)
     pthread_mutex_unlock(&a->lock);
     kms_buf_free(&line);
     /* On disk before the change commits, outside the lock: other lines need not wait. */
-    if (rc == KMS_OK && (fd < 0 || (fdatasync(fd) != 0 && errno != EINVAL && errno != EROFS))) {
+    if (rc == KMS_OK && (fd < 0 || !flush_fd(fd))) {
         rc = KMS_FAIL(KMS_ERR_INTERNAL, "cannot flush the audit log %s: %s", a->path,
                       strerror(errno));
         kms_audit_outcome(a, c->request_id, KMS_AUDIT_NOT_COMMITTED);
@@ -2017,6 +2012,16 @@ kms_err kms_audit_open(const struct kms_audit_config *cfg, struct kms_hsm *hsm,
     return KMS_OK;
 }
 
+/* Sets *stop under the log's lock, wakes the thread that waits on wake, and waits for it. */
+static void stop_thread(struct kms_audit *a, int *stop, pthread_cond_t *wake, pthread_t t)
+{
+    pthread_mutex_lock(&a->lock);
+    *stop = 1;
+    pthread_cond_signal(wake);
+    pthread_mutex_unlock(&a->lock);
+    pthread_join(t, NULL);
+}
+
 void kms_audit_close(struct kms_audit *a)
 {
     if (!a)
@@ -2032,21 +2037,10 @@ void kms_audit_close(struct kms_audit *a)
     pthread_mutex_lock(&a->lock);
     unwatch_locked(a);
     pthread_mutex_unlock(&a->lock);
-    if (a->thread_started) {
-        pthread_mutex_lock(&a->lock);
-        a->stopping = 1;
-        pthread_cond_signal(&a->wake);
-        pthread_mutex_unlock(&a->lock);
-        pthread_join(a->thread, NULL);
-    }
-    /* Settles the waits still registered, then stops. */
-    if (a->committer_started) {
-        pthread_mutex_lock(&a->lock);
-        a->commit_stop = 1;
-        pthread_cond_signal(&a->commit_wake);
-        pthread_mutex_unlock(&a->lock);
-        pthread_join(a->committer, NULL);
-    }
+    if (a->thread_started)
+        stop_thread(a, &a->stopping, &a->wake, a->thread);
+    if (a->committer_started) /* it settles the waits still registered, then stops */
+        stop_thread(a, &a->commit_stop, &a->commit_wake, a->committer);
     if (a->opened && checkpoint(a, "close", CP_FORCE) != KMS_OK) {
         kms_error("audit log: could not write the closing checkpoint: %s", kms_err_message());
         kms_err_clear();

@@ -710,29 +710,36 @@ static void parked_done(struct kms_audit_wait *w, int durable)
 }
 
 /*
- * Sends the parked answer. When its line could not be written or flushed, a
- * success fails closed (500, no data); an error goes as it is: it gives
- * nothing away.
+ * The parked answer leaves, or its connection ends first: it is no longer
+ * parked, and it is counted. When its line could not be written or flushed,
+ * a success fails closed (500, no data); an error goes as it is: it gives
+ * nothing away. Returns 1 when the answer may go as it is.
  */
-static enum MHD_Result send_parked(struct kms_server *srv, struct MHD_Connection *c,
-                                   struct req_state *st)
+static int unpark(struct kms_server *srv, struct parked *p)
 {
-    struct parked *p = &st->park;
-    struct answer_opts o = {p->retry_after_s, 0, 0};
     int durable = __atomic_load_n(&p->durable, __ATOMIC_ACQUIRE);
+    int as_is = durable || p->error != KMS_OK;
     if (p->waiting)
         __atomic_sub_fetch(&srv->parked, 1, __ATOMIC_RELEASE);
     p->waiting = 0;
     if (!durable)
         kms_stats_audit_failure(srv);
-    if (!durable && p->error == KMS_OK) {
+    kms_stats_request(srv, p->op, as_is ? p->error : KMS_ERR_INTERNAL, p->started_ns);
+    return as_is;
+}
+
+/* Sends the parked answer, or fails it closed (unpark). */
+static enum MHD_Result send_parked(struct kms_server *srv, struct MHD_Connection *c,
+                                   struct req_state *st)
+{
+    struct parked *p = &st->park;
+    struct answer_opts o = {p->retry_after_s, 0, 0};
+    if (!unpark(srv, p)) {
         kms_buf_free(&p->body); /* may hold plaintext */
-        kms_stats_request(srv, p->op, KMS_ERR_INTERNAL, p->started_ns);
         kms_err_clear();
         return send_error(srv, c, KMS_FAIL(KMS_ERR_INTERNAL, "The request could not be audited"), 0,
                           st->request_id);
     }
-    kms_stats_request(srv, p->op, p->error, p->started_ns);
     return send_buf(srv, c, p->status, &p->body, JSON_TYPE, p->error, &o, st->request_id);
 }
 
@@ -1160,17 +1167,9 @@ static void on_completed(void *cls, struct MHD_Connection *c, void **con_cls,
         return;
     if (st->job)
         job_release(st->job);
-    if (st->park.waiting) {
-        /* Resumed, and the client went away before its answer: counted all the same. */
-        struct kms_server *srv = cls;
-        struct parked *p = &st->park;
-        __atomic_sub_fetch(&srv->parked, 1, __ATOMIC_RELEASE);
-        kms_stats_request(srv, p->op,
-                          __atomic_load_n(&p->durable, __ATOMIC_ACQUIRE) || p->error != KMS_OK
-                              ? p->error
-                              : KMS_ERR_INTERNAL,
-                          p->started_ns);
-    }
+    /* Resumed, and the client went away before its answer: counted all the same. */
+    if (st->park.waiting)
+        unpark(cls, &st->park);
     kms_buf_free(&st->body);
     kms_buf_free(&st->park.body);
     free(st);
