@@ -133,6 +133,11 @@ KMS_MUST_CHECK kms_err kms_keystore_open(struct kms_hsm *hsm, struct kms_store *
 KMS_MUST_CHECK kms_err kms_keystore_init_roots(struct kms_hsm *hsm, struct kms_store *store,
                                                int *made);
 /*
+ * Checks, changing nothing, that the database names a current root key and
+ * that the token holds every current one (p11kmsd --check-config).
+ */
+KMS_MUST_CHECK kms_err kms_keystore_check_roots(struct kms_hsm *hsm, struct kms_store *store);
+/*
  * Imports the token-only layout of earlier releases (records and key objects
  * in the token) into the database as token-resident keys, in one
  * transaction, once: a database that holds the import's mark is left alone

@@ -86,19 +86,43 @@ kms_err kms_keystore_init_roots(struct kms_hsm *hsm, struct kms_store *store, in
     return KMS_OK;
 }
 
-kms_err kms_roots_load(struct kms_keystore *ks)
+/* The root keys the database names: at least one. */
+static kms_err read_roots(struct kms_store *store, struct roots_read *rr)
 {
-    struct roots_read rr = {.n = 0};
     struct kms_tx *tx;
-    KMS_GUARD(kms_store_begin(ks->store, KMS_TX_READ, &tx));
-    kms_err rc = kms_store_roots(tx, collect_root, &rr);
+    KMS_GUARD(kms_store_begin(store, KMS_TX_READ, &tx));
+    kms_err rc = kms_store_roots(tx, collect_root, rr);
     if (rc == KMS_OK)
         rc = kms_store_commit(tx);
     kms_store_rollback(tx);
     KMS_GUARD(rc);
-    KMS_ENSURE(rr.n > 0, KMS_ERR_INTERNAL,
+    KMS_ENSURE(rr->n > 0, KMS_ERR_INTERNAL,
                "the database %s names no root key: run p11kmsd init --config FILE",
-               kms_store_name(ks->store));
+               kms_store_name(store));
+    return KMS_OK;
+}
+
+kms_err kms_keystore_check_roots(struct kms_hsm *hsm, struct kms_store *store)
+{
+    struct roots_read rr = {.n = 0};
+    CK_OBJECT_HANDLE h;
+    KMS_GUARD(read_roots(store, &rr));
+    for (size_t i = 0; i < rr.n; i++) {
+        if (rr.rows[i].state != KMS_ROOT_CURRENT)
+            continue;
+        KMS_GUARD(find_root(hsm, rr.rows[i].cka_id, &h));
+        KMS_ENSURE(h != CK_INVALID_HANDLE, KMS_ERR_INTERNAL,
+                   "the token does not hold root key %s, which the database %s names: the "
+                   "database belongs to another token, or the token's objects were lost",
+                   rr.rows[i].label, kms_store_name(store));
+    }
+    return KMS_OK;
+}
+
+kms_err kms_roots_load(struct kms_keystore *ks)
+{
+    struct roots_read rr = {.n = 0};
+    KMS_GUARD(read_roots(ks->store, &rr));
     unsigned long epoch = kms_hsm_epoch(ks->hsm);
     int current = -1;
     for (size_t i = 0; i < rr.n; i++) {

@@ -80,6 +80,9 @@ struct parked {
     unsigned status, retry_after_s;
     kms_err error;
     struct kms_buf body;
+    /* For its log line (log_requests). */
+    char principal[KMS_PRINCIPAL_MAX + 1];
+    char key[KMS_ARN_MAX];
     int waiting; /* suspended for it */
     int durable; /* atomic, set by the committer: 1 on disk, 0 its flush failed */
 };
@@ -451,12 +454,25 @@ static void note_decryption(struct kms_server *srv, const struct kms_op *op,
         breaker_alert(srv, KMS_BREAKER_KEY, r->key_arn, until - now);
 }
 
+/* A server-side failure, with its message; every answer has its line with log_requests. */
 static void log_outcome(const char *op, const char *principal, kms_err rc, const char *message)
 {
     if (rc != KMS_OK && kms_err_status(rc) >= 500)
         kms_error("%s by %s failed: %s", op, *principal ? principal : "-", message);
-    kms_debug("%s by %s: %s", op, *principal ? principal : "-",
-              rc == KMS_OK ? "ok" : kms_err_type(rc));
+}
+
+/* The answer's line (log_requests): what was asked, by whom, and how it went. */
+static void log_request(struct kms_server *srv, const char *request_id, const char *principal,
+                        const struct kms_op *op, const char *key, unsigned status, kms_err e,
+                        int64_t started)
+{
+    if (!srv->cfg.log_requests)
+        return;
+    struct kms_log_request r = {
+        request_id,     principal, op ? op->name : NULL, key, status,
+        e == KMS_OK ? NULL : kms_err_type(e), (kms_monotonic_ns() - started) / 1000,
+    };
+    kms_log_request(&r);
 }
 
 /* ---- requests run by a worker ----------------------------------------------- */
@@ -715,8 +731,9 @@ static void parked_done(struct kms_audit_wait *w, int durable)
  * a success fails closed (500, no data); an error goes as it is: it gives
  * nothing away. Returns 1 when the answer may go as it is.
  */
-static int unpark(struct kms_server *srv, struct parked *p)
+static int unpark(struct kms_server *srv, struct req_state *st)
 {
+    struct parked *p = &st->park;
     int durable = __atomic_load_n(&p->durable, __ATOMIC_ACQUIRE);
     int as_is = durable || p->error != KMS_OK;
     if (p->waiting)
@@ -725,6 +742,8 @@ static int unpark(struct kms_server *srv, struct parked *p)
     if (!durable)
         kms_stats_audit_failure(srv);
     kms_stats_request(srv, p->op, as_is ? p->error : KMS_ERR_INTERNAL, p->started_ns);
+    log_request(srv, st->request_id, p->principal, p->op, p->key, as_is ? p->status : 500,
+                as_is ? p->error : KMS_ERR_INTERNAL, p->started_ns);
     return as_is;
 }
 
@@ -734,7 +753,7 @@ static enum MHD_Result send_parked(struct kms_server *srv, struct MHD_Connection
 {
     struct parked *p = &st->park;
     struct answer_opts o = {p->retry_after_s, 0, 0};
-    if (!unpark(srv, p)) {
+    if (!unpark(srv, st)) {
         kms_buf_free(&p->body); /* may hold plaintext */
         kms_err_clear();
         return send_error(srv, c, KMS_FAIL(KMS_ERR_INTERNAL, "The request could not be audited"), 0,
@@ -749,12 +768,17 @@ static enum MHD_Result send_parked(struct kms_server *srv, struct MHD_Connection
  * log's committer, shared by every answer its flush covers). Takes body.
  */
 static enum MHD_Result deliver(struct kms_server *srv, struct MHD_Connection *c,
-                               struct req_state *st, const struct kms_op *op, int64_t started,
-                               uint64_t ticket, unsigned status, kms_err e, struct kms_buf *body,
+                               struct req_state *st, const struct kms_op *op,
+                               const struct kms_request *r, int64_t started, uint64_t ticket,
+                               unsigned status, kms_err e, struct kms_buf *body,
                                unsigned retry_after_s)
 {
     struct parked *p = &st->park;
     kms_buf_free(&p->body);
+    if (srv->cfg.log_requests) {
+        snprintf(p->principal, sizeof p->principal, "%s", r->principal);
+        snprintf(p->key, sizeof p->key, "%s", r->key_arn);
+    }
     p->c = c;
     p->op = op;
     p->started_ns = started;
@@ -784,8 +808,8 @@ static enum MHD_Result deliver(struct kms_server *srv, struct MHD_Connection *c,
 static enum MHD_Result deliver_job(struct kms_server *srv, struct MHD_Connection *c,
                                    struct req_state *st, struct job *j)
 {
-    enum MHD_Result ret = deliver(srv, c, st, j->op, j->started_ns, j->answer_ticket, j->status,
-                                  j->error, &j->body, 0);
+    enum MHD_Result ret = deliver(srv, c, st, j->op, &j->r, j->started_ns, j->answer_ticket,
+                                  j->status, j->error, &j->body, 0);
     st->job = NULL;
     job_release(j);
     return ret;
@@ -912,8 +936,8 @@ static enum MHD_Result serve_kms(struct kms_server *srv, struct MHD_Connection *
         kms_buf_free(&body);
         ret = MHD_NO;
     } else {
-        ret = deliver(srv, c, st, op, started, ticket, rc == KMS_OK ? 200 : kms_err_status(rc), rc,
-                      &body, retry_after_s);
+        ret = deliver(srv, c, st, op, &r, started, ticket, rc == KMS_OK ? 200 : kms_err_status(rc),
+                      rc, &body, retry_after_s);
     }
     json_decref(r.in);
     json_decref(r.out);
@@ -972,6 +996,7 @@ static void audit_failure(struct kms_server *srv, struct MHD_Connection *c,
     char source[64];
     int64_t now = kms_monotonic_ns();
     kms_stats_request(srv, NULL, e, now);
+    log_request(srv, request_id, NULL, NULL, NULL, kms_err_status(e), e, now);
     if (!kms_addrlimit_fail(srv->addrlimit, addr, kms_err_type(e), now))
         return;
     client_address(c, source, sizeof source);
@@ -983,14 +1008,19 @@ static void audit_failure(struct kms_server *srv, struct MHD_Connection *c,
 static enum MHD_Result refuse_address(struct kms_server *srv, struct MHD_Connection *c,
                                       unsigned wait_s)
 {
-    kms_stats_request(srv, NULL, KMS_ERR_THROTTLED, kms_monotonic_ns());
+    char id[KMS_UUID_TEXT_LEN + 1];
+    int64_t now = kms_monotonic_ns();
+    new_request_id(id);
+    kms_stats_request(srv, NULL, KMS_ERR_THROTTLED, now);
+    log_request(srv, id, NULL, NULL, NULL, kms_err_status(KMS_ERR_THROTTLED), KMS_ERR_THROTTLED,
+                now);
     kms_err_clear();
     return send_error(srv, c,
                       KMS_FAIL(KMS_ERR_THROTTLED,
                                "Too many failed authentications from this address; its requests "
                                "are refused for %u more seconds",
                                wait_s),
-                      wait_s, NULL);
+                      wait_s, id);
 }
 
 /* "Bearer <token>" with the token of metrics_token_file, compared in constant time. */
@@ -1049,6 +1079,8 @@ static enum MHD_Result too_large(struct kms_server *srv, struct MHD_Connection *
 {
     int64_t now = kms_monotonic_ns();
     kms_stats_request(srv, NULL, KMS_ERR_TOO_LARGE, now);
+    log_request(srv, st->request_id, NULL, NULL, NULL, kms_err_status(KMS_ERR_TOO_LARGE),
+                KMS_ERR_TOO_LARGE, now);
     if (audit(srv, NULL, st->request_id, st->source, NULL, KMS_ERR_TOO_LARGE, now, NULL) != KMS_OK)
         kms_err_clear();
     return send_error(
@@ -1169,7 +1201,7 @@ static void on_completed(void *cls, struct MHD_Connection *c, void **con_cls,
         job_release(st->job);
     /* Resumed, and the client went away before its answer: counted all the same. */
     if (st->park.waiting)
-        unpark(cls, &st->park);
+        unpark(cls, st);
     kms_buf_free(&st->body);
     kms_buf_free(&st->park.body);
     free(st);

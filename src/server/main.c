@@ -17,6 +17,7 @@
 
 #include "common/json_alloc.h"
 #include "common/log.h"
+#include "server/checkconf.h"
 #include "server/dev.h"
 #include "server/audit.h"
 #include "server/grants.h"
@@ -33,6 +34,7 @@ static void usage(FILE *f)
 {
     fprintf(f, "usage: p11kmsd --dev [--state-dir DIR] [--listen HOST:PORT] [options]\n"
                "       p11kmsd --config FILE [--listen HOST:PORT] [options]\n"
+               "       p11kmsd --check-config FILE      check FILE, the token and the database\n"
                "       p11kmsd init --config FILE       make the database and the root key\n"
                "       p11kmsd migrate --config FILE    import an earlier release's token\n"
                "       p11kmsd backup --config FILE OUT copy the database to OUT\n"
@@ -41,12 +43,15 @@ static void usage(FILE *f)
                "                     and the key alias/dev in DIR, made on first start\n"
                "  --state-dir DIR    development state folder (default $XDG_STATE_HOME/p11kms-dev\n"
                "                     or ~/.local/state/p11kms-dev)\n"
-               "  --config FILE      configuration file (see docs/operations.md)\n"
+               "  --config FILE      configuration file (see p11kmsd(8))\n"
+               "  --check-config FILE\n"
+               "                     report every problem of FILE with its line, and exit 1 if\n"
+               "                     there is one; changes nothing\n"
                "  --database URL     the database (sqlite:PATH or postgresql://...), instead of\n"
                "                     the configured one; never with a password in it\n"
                "  --listen HOST:PORT address to serve on (port 0 picks a free port)\n"
                "  --threads N        HTTP worker threads\n"
-               "  --verbose          log every request\n"
+               "  --verbose          log every request (log_requests) and debugging lines\n"
                "  --version          print the version\n"
                "\n"
                "The token PIN comes from the configured pin_file or the P11KMS_PIN\n"
@@ -207,7 +212,6 @@ static kms_err start(struct kms_server *srv, int mode)
             .node = srv->cfg.audit_node,
         };
         KMS_GUARD(kms_audit_open(&ac, srv->hsm, &srv->audit));
-        kms_info("audit log %s (log id %s)", srv->cfg.audit_log, kms_audit_id(srv->audit));
     } else {
         kms_warn("no audit_log configured: requests are not audited");
     }
@@ -242,6 +246,10 @@ static void reload(struct kms_server *srv, const char *config_file)
     kms_err rc = KMS_OK;
 
     /* Log rotation first: whatever the rest of the reload does. */
+    if (kms_log_reopen() != KMS_OK) {
+        kms_error("%s", kms_err_message());
+        kms_err_clear();
+    }
     if (srv->audit && kms_audit_reopen(srv->audit) != KMS_OK) {
         kms_error("audit log: %s", kms_err_message());
         kms_err_clear();
@@ -275,12 +283,13 @@ int main(int argc, char **argv)
         {"config", required_argument, NULL, 'c'},  {"listen", required_argument, NULL, 'l'},
         {"threads", required_argument, NULL, 't'}, {"verbose", no_argument, NULL, 'v'},
         {"version", no_argument, NULL, 'V'},       {"database", required_argument, NULL, 'D'},
-        {"help", no_argument, NULL, 'h'},          {NULL, 0, NULL, 0},
+        {"help", no_argument, NULL, 'h'},          {"check-config", required_argument, NULL, 'C'},
+        {NULL, 0, NULL, 0},
     };
     struct kms_server srv;
     const char *config_file = NULL, *listen = NULL, *threads = NULL, *database = NULL;
-    const char *backup_out = NULL;
-    int command = RUN_SERVE, backup = 0;
+    const char *backup_out = NULL, *check_file = NULL;
+    int command = RUN_SERVE, backup = 0, verbose = 0;
     char *state_dir = NULL;
     int dev = 0, opt, status = 1;
     sigset_t stop;
@@ -313,12 +322,23 @@ int main(int argc, char **argv)
         case 'c': config_file = optarg; break;
         case 'l': listen = optarg; break;
         case 't': threads = optarg; break;
-        case 'v': kms_log_set_level(KMS_LOG_DEBUG); break;
+        case 'v': verbose = 1; break;
+        case 'C': check_file = optarg; break;
         case 'D': database = optarg; break;
         case 'V': printf("p11kmsd %s\n", PACKAGE_VERSION); return 0;
         case 'h': usage(stdout); return 0;
         default: usage(stderr); return 2;
         }
+    }
+    if (check_file) {
+        if (optind != argc || dev || config_file || command != RUN_SERVE || backup) {
+            usage(stderr);
+            return 2;
+        }
+        /* Problems are what it prints; the log says only what is worse. */
+        kms_log_set_level(KMS_LOG_WARN);
+        kms_json_use_cleansing_alloc();
+        return kms_check_config(check_file);
     }
     if (backup && optind + 1 == argc)
         backup_out = argv[optind++];
@@ -363,6 +383,13 @@ int main(int argc, char **argv)
                       "(mode 0600)");
     if (rc == KMS_OK && database)
         rc = kms_config_set(&srv.cfg, "database", database);
+    if (verbose) {
+        kms_log_set_level(KMS_LOG_DEBUG);
+        srv.cfg.log_requests = 1;
+    }
+    kms_log_set_format(srv.cfg.log_format);
+    if (rc == KMS_OK)
+        rc = kms_log_open(srv.cfg.log_file);
     if (rc == KMS_OK && backup) {
         rc = run_backup(&srv.cfg, backup_out);
         if (rc != KMS_OK)
@@ -435,5 +462,6 @@ out:
     kms_config_free(&srv.cfg);
     pthread_rwlock_destroy(&srv.creds_lock);
     free(state_dir);
+    kms_log_close();
     return status;
 }

@@ -5,6 +5,7 @@
 #include <arpa/inet.h>
 #include <ctype.h>
 #include <errno.h>
+#include <stdarg.h>
 #include <stddef.h>
 #include <fcntl.h>
 #include <openssl/crypto.h>
@@ -15,6 +16,7 @@
 #include <unistd.h>
 
 #include "common/buf.h"
+#include "common/log.h"
 #include "server/breaker.h"
 
 #define MAX_FILE (1u << 20)
@@ -64,6 +66,7 @@ void kms_config_free(struct kms_config *c)
     free(c->tls_key_file);
     free(c->tls_client_ca_file);
     free(c->audit_log);
+    free(c->log_file);
     free(c->alias_policy_file);
     free(c->metrics_token_file);
     free(c->audit_node);
@@ -314,6 +317,16 @@ kms_err kms_config_set(struct kms_config *c, const char *key, const char *value)
     }
     if (strcmp(key, "audit_log") == 0)
         return set_string(&c->audit_log, value);
+    if (strcmp(key, "log_format") == 0) {
+        KMS_ENSURE(strcmp(value, "text") == 0 || strcmp(value, "json") == 0, KMS_ERR_VALIDATION,
+                   "log_format must be text or json");
+        c->log_format = strcmp(value, "json") == 0 ? KMS_LOG_JSON : KMS_LOG_TEXT;
+        return KMS_OK;
+    }
+    if (strcmp(key, "log_file") == 0)
+        return set_string(&c->log_file, value);
+    if (strcmp(key, "log_requests") == 0)
+        return set_bool(&c->log_requests, key, value);
     if (strcmp(key, "audit_node") == 0) {
         KMS_ENSURE(*value && strlen(value) <= KMS_AUDIT_NODE_MAX, KMS_ERR_VALIDATION,
                    "audit_node must be 1 to %d characters", KMS_AUDIT_NODE_MAX);
@@ -362,15 +375,16 @@ static char *trim(char *s)
     return s;
 }
 
-kms_err kms_config_parse(struct kms_config *c, const char *text)
+kms_err kms_config_parse_each(struct kms_config *c, const char *text, kms_config_report report,
+                              void *arg)
 {
     char *copy = strdup(text), *line;
     size_t size = strlen(text) + 1;
-    unsigned lineno = 0;
+    unsigned lineno = 0, bad = 0;
     kms_err rc = KMS_OK;
 
     KMS_ENSURE(copy != NULL, KMS_ERR_INTERNAL, "out of memory");
-    for (char *p = copy; rc == KMS_OK && p; p = line) {
+    for (char *p = copy; (rc == KMS_OK || report) && p; p = line) {
         char *nl = strchr(p, '\n');
         line = nl ? nl + 1 : NULL;
         if (nl)
@@ -383,25 +397,37 @@ kms_err kms_config_parse(struct kms_config *c, const char *text)
         if (!*s)
             continue;
         char *eq = strchr(s, '=');
-        if (!eq) {
-            rc = KMS_FAIL(KMS_ERR_VALIDATION, "line %u: expected 'key = value'", lineno);
-            break;
+        char *key = s, *value = NULL;
+        if (eq) {
+            *eq = '\0';
+            key = trim(s);
+            value = trim(eq + 1);
         }
-        *eq = '\0';
-        char *key = trim(s), *value = trim(eq + 1);
-        if (!*key || !*value) {
-            rc = KMS_FAIL(KMS_ERR_VALIDATION, "line %u: expected 'key = value'", lineno);
-            break;
+        if (!eq || !*key || !*value) {
+            rc = KMS_FAIL(KMS_ERR_VALIDATION, "expected 'key = value'");
+        } else {
+            rc = kms_config_set(c, key, value);
+            if (rc == KMS_OK && report)
+                report(arg, lineno, key, NULL);
         }
-        rc = kms_config_set(c, key, value);
         if (rc != KMS_OK) {
+            bad++;
             char msg[256];
             snprintf(msg, sizeof msg, "%s", kms_err_message());
+            if (report)
+                report(arg, lineno, eq ? key : NULL, msg);
             rc = KMS_FAIL(rc, "line %u: %s", lineno, msg);
         }
     }
     kms_free_secret(copy, size); /* a database URL may hold a password */
+    if (report && bad)
+        return KMS_FAIL(KMS_ERR_VALIDATION, "%u lines are not valid", bad);
     return rc;
+}
+
+kms_err kms_config_parse(struct kms_config *c, const char *text)
+{
+    return kms_config_parse_each(c, text, NULL, NULL);
 }
 
 /* *mode (may be NULL) gets the file's permission bits. */
@@ -483,41 +509,78 @@ kms_err kms_read_file(const char *path, char **out, size_t *len)
     return read_file(path, 0, out, len, NULL);
 }
 
-kms_err kms_config_check(const struct kms_config *c)
+/* Problems of kms_config_check_each: every one reported, or the first one kept. */
+struct checks {
+    kms_config_report report;
+    void *arg;
+    kms_err first;
+};
+
+static void problem(struct checks *k, const char *key, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
+static void problem(struct checks *k, const char *key, const char *fmt, ...)
 {
-    KMS_ENSURE(c->module, KMS_ERR_VALIDATION, "the configuration needs 'module'");
-    KMS_ENSURE(c->token, KMS_ERR_VALIDATION, "the configuration needs 'token'");
-    KMS_ENSURE(c->credentials_file, KMS_ERR_VALIDATION,
-               "the configuration needs 'credentials_file'");
-    KMS_ENSURE(c->database, KMS_ERR_VALIDATION,
-               "the configuration needs 'database' (sqlite:/path/to/p11kms.db)");
-    KMS_ENSURE(c->listen, KMS_ERR_VALIDATION, "the configuration needs 'listen'");
-    KMS_ENSURE(c->region, KMS_ERR_VALIDATION, "the configuration needs 'region'");
-    KMS_ENSURE(c->account, KMS_ERR_VALIDATION, "the configuration needs 'account'");
-    KMS_ENSURE(c->inline_requests == KMS_INLINE_DEFAULT || c->inline_requests < c->threads,
-               KMS_ERR_VALIDATION,
-               "inline_requests must be below threads: one HTTP thread always stays free of token "
-               "calls");
-    KMS_ENSURE(c->keys.rotation_min_days <= c->keys.rotation_max_days, KMS_ERR_VALIDATION,
-               "rotation_min_days is above rotation_max_days");
-    KMS_ENSURE(c->keys.pending_min_days <= c->keys.pending_max_days, KMS_ERR_VALIDATION,
-               "pending_min_days is above pending_max_days");
-    KMS_ENSURE(!c->tls_cert_file == !c->tls_key_file, KMS_ERR_VALIDATION,
-               "tls_cert_file and tls_key_file go together");
-    KMS_ENSURE(c->tls_cert_file || (!c->tls_client_ca_file && !c->nbindings), KMS_ERR_VALIDATION,
-               "client certificates need TLS (tls_cert_file, tls_key_file)");
-    KMS_ENSURE(!c->nbindings || c->tls_client_ca_file, KMS_ERR_VALIDATION,
-               "client_cert.<principal> needs tls_client_ca_file");
-    KMS_ENSURE(c->tls_client_cert <= KMS_CLIENT_CERT_NONE || c->tls_client_ca_file,
-               KMS_ERR_VALIDATION, "tls_client_cert needs tls_client_ca_file");
+    char msg[512];
+    va_list ap;
+    if (!k->report && k->first != KMS_OK)
+        return;
+    va_start(ap, fmt);
+    vsnprintf(msg, sizeof msg, fmt, ap);
+    va_end(ap);
+    if (k->report)
+        k->report(k->arg, 0, key, msg);
+    if (k->first == KMS_OK)
+        k->first = KMS_FAIL(KMS_ERR_VALIDATION, "%s", msg);
+}
+
+static void require(struct checks *k, const void *value, const char *key, const char *example)
+{
+    if (!value)
+        problem(k, NULL, "the configuration needs '%s'%s", key, example);
+}
+
+kms_err kms_config_check_each(const struct kms_config *c, kms_config_report report, void *arg)
+{
+    struct checks k = {report, arg, KMS_OK};
+    require(&k, c->module, "module", "");
+    require(&k, c->token, "token", "");
+    require(&k, c->credentials_file, "credentials_file", "");
+    require(&k, c->database, "database", " (sqlite:/path/to/p11kms.db)");
+    require(&k, c->listen, "listen", "");
+    require(&k, c->region, "region", "");
+    require(&k, c->account, "account", "");
+    if (c->inline_requests != KMS_INLINE_DEFAULT && c->inline_requests >= c->threads)
+        problem(&k, "inline_requests",
+                "inline_requests must be below threads: one HTTP thread always stays free of "
+                "token calls");
+    if (c->keys.rotation_min_days > c->keys.rotation_max_days)
+        problem(&k, "rotation_min_days", "rotation_min_days is above rotation_max_days");
+    if (c->keys.pending_min_days > c->keys.pending_max_days)
+        problem(&k, "pending_min_days", "pending_min_days is above pending_max_days");
+    if (!c->tls_cert_file != !c->tls_key_file)
+        problem(&k, c->tls_cert_file ? "tls_cert_file" : "tls_key_file",
+                "tls_cert_file and tls_key_file go together");
+    if (!c->tls_cert_file && (c->tls_client_ca_file || c->nbindings))
+        problem(&k, c->tls_client_ca_file ? "tls_client_ca_file" : NULL,
+                "client certificates need TLS (tls_cert_file, tls_key_file)");
+    if (c->nbindings && !c->tls_client_ca_file)
+        problem(&k, NULL, "client_cert.<principal> needs tls_client_ca_file");
+    if (c->tls_client_cert > KMS_CLIENT_CERT_NONE && !c->tls_client_ca_file)
+        problem(&k, "tls_client_cert", "tls_client_cert needs tls_client_ca_file");
     char host[256];
     unsigned port;
-    KMS_GUARD(kms_parse_listen(c->listen, host, sizeof host, &port));
-    KMS_ENSURE(c->tls_cert_file || c->allow_plain_http || kms_host_is_loopback(host),
-               KMS_ERR_VALIDATION,
-               "plain HTTP is served on loopback only: set tls_cert_file and tls_key_file, or "
-               "allow_plain_http = true");
-    return KMS_OK;
+    if (c->listen && kms_parse_listen(c->listen, host, sizeof host, &port) != KMS_OK)
+        problem(&k, "listen", "%s", kms_err_message());
+    else if (c->listen && !c->tls_cert_file && !c->allow_plain_http && !kms_host_is_loopback(host))
+        problem(&k, "listen",
+                "plain HTTP is served on loopback only: set tls_cert_file and tls_key_file, or "
+                "allow_plain_http = true");
+    return k.first;
+}
+
+kms_err kms_config_check(const struct kms_config *c)
+{
+    return kms_config_check_each(c, NULL, NULL);
 }
 
 int kms_host_is_loopback(const char *host)

@@ -75,6 +75,9 @@ struct kms_config {
     int allow_plain_http;       /* plain HTTP on an address other than loopback */
     int require_locked_memory;  /* refuse to start when mlockall fails */
     char *audit_log;            /* the audit log's path; NULL: none */
+    int log_format;             /* KMS_LOG_TEXT or KMS_LOG_JSON (log.h) */
+    char *log_file;             /* the log's path; NULL: stderr */
+    int log_requests;           /* a line for every answered request */
     char *metrics_token_file;   /* the bearer token GET /metrics needs; NULL: /metrics refused */
     int metrics_key_ids;        /* metrics labelled with key ids */
     int metrics_open_loopback;  /* --dev: /metrics without a token on a loopback listener */
@@ -100,6 +103,15 @@ KMS_MUST_CHECK kms_err kms_config_set(struct kms_config *c, const char *key, con
  */
 KMS_MUST_CHECK kms_err kms_config_parse(struct kms_config *c, const char *text);
 /*
+ * What kms_config_parse_each and kms_config_check_each tell: a key set on a
+ * line (message NULL), or a problem (line 0: none; key NULL: the line's or
+ * the file's as a whole). Messages name no secret.
+ */
+typedef void (*kms_config_report)(void *arg, unsigned line, const char *key, const char *message);
+/* kms_config_parse that goes on past a bad line; KMS_ERR_VALIDATION when any was. */
+KMS_MUST_CHECK kms_err kms_config_parse_each(struct kms_config *c, const char *text,
+                                             kms_config_report report, void *arg);
+/*
  * kms_config_parse on a file's text. A database URL with a password in it
  * (user:password@, password=) makes the file hold a secret: refused, as
  * secret files are, when group or others may access it.
@@ -107,8 +119,11 @@ KMS_MUST_CHECK kms_err kms_config_parse(struct kms_config *c, const char *text);
 KMS_MUST_CHECK kms_err kms_config_load(struct kms_config *c, const char *path);
 /* Reads a whole (not secret) file into *out, NUL-terminated, malloc'd; *len its bytes. */
 KMS_MUST_CHECK kms_err kms_read_file(const char *path, char **out, size_t *len);
-/* Checks that every required setting is present. */
+/* Checks that every required setting is present and that the settings agree. */
 KMS_MUST_CHECK kms_err kms_config_check(const struct kms_config *c);
+/* kms_config_check that reports every problem (line 0, the key concerned). */
+KMS_MUST_CHECK kms_err kms_config_check_each(const struct kms_config *c, kms_config_report report,
+                                             void *arg);
 
 /* True when host is a loopback address or "localhost". */
 int kms_host_is_loopback(const char *host);
