@@ -25,6 +25,9 @@ packages=(
     nginx
     # the soak's high load and make bench: a load generator replaying signed requests
     wrk
+    # operator files checked by the suite: the man pages (groff, man -l), the alert
+    # rules and dashboard queries (promtool), the systemd unit (systemd-analyze)
+    groff-base man-db prometheus systemd
 )
 
 # interop tests: JavaScript JOSE (npm's jose, pinned in tests/interop/package-lock.json)

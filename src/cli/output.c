@@ -83,8 +83,35 @@ int cli_usage_error(struct cli *cli, const char *fmt, ...)
 
 /* ---- answers ---- */
 
-static void print_scalar(const json_t *v)
+/* AWS's dates are seconds since the epoch in members named *Date (and ValidTo). */
+static int is_date(const char *name)
 {
+    size_t n = name ? strlen(name) : 0;
+    return (n >= 4 && strcmp(name + n - 4, "Date") == 0) || (name && strcmp(name, "ValidTo") == 0);
+}
+
+/* A date for people: ISO 8601 in UTC ("2026-12-06T23:47:16Z"); 0 when v is no date. */
+static int print_date(const json_t *v)
+{
+    char text[32];
+    struct tm tm;
+    if (!json_is_number(v))
+        return 0;
+    double secs = json_number_value(v);
+    if (secs < 0 || secs > 253402300799.0) /* 9999-12-31T23:59:59Z */
+        return 0;
+    time_t t = (time_t)secs;
+    if (!gmtime_r(&t, &tm) || !strftime(text, sizeof text, "%Y-%m-%dT%H:%M:%SZ", &tm))
+        return 0;
+    fputs(text, stdout);
+    return 1;
+}
+
+/* name: the member v is the value of, or NULL. */
+static void print_scalar(const char *name, const json_t *v)
+{
+    if (is_date(name) && print_date(v))
+        return;
     if (json_is_string(v))
         fputs(json_string_value(v), stdout);
     else if (json_is_integer(v))
@@ -120,13 +147,13 @@ static void print_human(const json_t *v, int depth)
                     print_human(e, depth + 2);
                 } else {
                     printf("%*s- ", depth * 2 + 2, "");
-                    print_scalar(e);
+                    print_scalar(NULL, e);
                     printf("\n");
                 }
             }
         } else {
             printf(" ");
-            print_scalar(m);
+            print_scalar(k, m);
             printf("\n");
         }
     }
@@ -164,7 +191,7 @@ void cli_print_table(struct cli *cli, const json_t *answer, const char *list,
         for (size_t f = 0; fields[f]; f++) {
             if (f)
                 fputs("  ", stdout);
-            print_scalar(json_object_get(e, fields[f]));
+            print_scalar(fields[f], json_object_get(e, fields[f]));
         }
         fputs("\n", stdout);
     }

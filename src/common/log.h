@@ -10,7 +10,8 @@
 
 #include "common/error.h"
 
-enum kms_log_level { KMS_LOG_ERROR, KMS_LOG_WARN, KMS_LOG_INFO, KMS_LOG_DEBUG };
+/* KMS_LOG_NONE: no line but alerts (p11kmsd --check-config prints its own). */
+enum kms_log_level { KMS_LOG_NONE = -1, KMS_LOG_ERROR, KMS_LOG_WARN, KMS_LOG_INFO, KMS_LOG_DEBUG };
 enum kms_log_format { KMS_LOG_TEXT = 0, KMS_LOG_JSON = 1 };
 
 void kms_log_set_level(enum kms_log_level level);
@@ -40,7 +41,7 @@ struct kms_log_request {
     const char *principal;
     const char *operation;
     const char *key;
-    unsigned status; /* the HTTP status sent */
+    unsigned status;   /* the HTTP status sent */
     const char *error; /* the error type ("ThrottlingException"), or NULL for a success */
     int64_t duration_us;
 };

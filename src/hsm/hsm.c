@@ -194,8 +194,12 @@ kms_err kms_hsm_open(const struct kms_hsm_config *cfg, struct kms_hsm **out)
     for (unsigned i = 0; rc == KMS_OK && i < n; i++) {
         hsm->sessions[i].hsm = hsm;
         rc = open_session(hsm, &hsm->sessions[i].handle);
-        if (rc == KMS_OK && i == 0)
-            rc = login(hsm, hsm->sessions[i].handle);
+        if (rc == KMS_OK && i == 0 && login(hsm, hsm->sessions[i].handle) != KMS_OK)
+            /* At start-up the operator is the one to read why (its log line has the code). */
+            rc = KMS_FAIL(KMS_ERR_INTERNAL,
+                          "cannot log in to the token %s as its user: check the PIN (pin_file "
+                          "or P11KMS_PIN) and that the token is initialised",
+                          cfg->token);
         if (rc == KMS_OK) {
             hsm->free_list[hsm->nfree++] = &hsm->sessions[i];
             hsm->nsessions++;

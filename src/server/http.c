@@ -469,8 +469,13 @@ static void log_request(struct kms_server *srv, const char *request_id, const ch
     if (!srv->cfg.log_requests)
         return;
     struct kms_log_request r = {
-        request_id,     principal, op ? op->name : NULL, key, status,
-        e == KMS_OK ? NULL : kms_err_type(e), (kms_monotonic_ns() - started) / 1000,
+        request_id,
+        principal,
+        op ? op->name : NULL,
+        key,
+        status,
+        e == KMS_OK ? NULL : kms_err_type(e),
+        (kms_monotonic_ns() - started) / 1000,
     };
     kms_log_request(&r);
 }

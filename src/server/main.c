@@ -41,8 +41,8 @@ static void usage(FILE *f)
                "\n"
                "  --dev              development mode: a SoftHSM2 token, a database, a principal\n"
                "                     and the key alias/dev in DIR, made on first start\n"
-               "  --state-dir DIR    development state folder (default $XDG_STATE_HOME/p11kms-dev\n"
-               "                     or ~/.local/state/p11kms-dev)\n"
+               "  --state-dir DIR    development state folder (default\n"
+               "                     $XDG_STATE_HOME/p11kms-dev or ~/.local/state/p11kms-dev)\n"
                "  --config FILE      configuration file (see p11kmsd(8))\n"
                "  --check-config FILE\n"
                "                     report every problem of FILE with its line, and exit 1 if\n"
@@ -279,11 +279,16 @@ static void reload(struct kms_server *srv, const char *config_file)
 int main(int argc, char **argv)
 {
     static const struct option options[] = {
-        {"dev", no_argument, NULL, 'd'},           {"state-dir", required_argument, NULL, 's'},
-        {"config", required_argument, NULL, 'c'},  {"listen", required_argument, NULL, 'l'},
-        {"threads", required_argument, NULL, 't'}, {"verbose", no_argument, NULL, 'v'},
-        {"version", no_argument, NULL, 'V'},       {"database", required_argument, NULL, 'D'},
-        {"help", no_argument, NULL, 'h'},          {"check-config", required_argument, NULL, 'C'},
+        {"dev", no_argument, NULL, 'd'},
+        {"state-dir", required_argument, NULL, 's'},
+        {"config", required_argument, NULL, 'c'},
+        {"listen", required_argument, NULL, 'l'},
+        {"threads", required_argument, NULL, 't'},
+        {"verbose", no_argument, NULL, 'v'},
+        {"version", no_argument, NULL, 'V'},
+        {"database", required_argument, NULL, 'D'},
+        {"help", no_argument, NULL, 'h'},
+        {"check-config", required_argument, NULL, 'C'},
         {NULL, 0, NULL, 0},
     };
     struct kms_server srv;
@@ -335,8 +340,8 @@ int main(int argc, char **argv)
             usage(stderr);
             return 2;
         }
-        /* Problems are what it prints; the log says only what is worse. */
-        kms_log_set_level(KMS_LOG_WARN);
+        /* It prints the problems, each once: log lines would repeat them. */
+        kms_log_set_level(KMS_LOG_NONE);
         kms_json_use_cleansing_alloc();
         return kms_check_config(check_file);
     }
