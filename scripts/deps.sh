@@ -27,7 +27,7 @@ packages=(
     wrk
     # operator files checked by the suite: the man pages (groff, man -l), the alert
     # rules and dashboard queries (promtool), the systemd unit (systemd-analyze)
-    groff-base man-db prometheus systemd
+    groff-base man-db prometheus python3-yaml systemd
 )
 
 # interop tests: JavaScript JOSE (npm's jose, pinned in tests/interop/package-lock.json)
