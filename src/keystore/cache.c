@@ -503,6 +503,7 @@ kms_err kms_key_get(struct kms_keystore *ks, const uint8_t id[KMS_UUID_LEN], str
     pthread_mutex_lock(&ks->lock);
     k = find_locked(ks, id);
     if (k && !k->stale) {
+        ks->cache_hits++;
         k->refs++;
         lru_remove(ks, k);
         lru_front(ks, k);
@@ -511,6 +512,10 @@ kms_err kms_key_get(struct kms_keystore *ks, const uint8_t id[KMS_UUID_LEN], str
         return KMS_OK;
     }
     int unknown = !k && unknown_has_locked(ks, id);
+    if (unknown)
+        ks->cache_hits++;
+    else
+        ks->cache_misses++;
     pthread_mutex_unlock(&ks->lock);
     if (unknown)
         return KMS_ERR_NOT_FOUND;
@@ -540,6 +545,14 @@ kms_err kms_key_get(struct kms_keystore *ks, const uint8_t id[KMS_UUID_LEN], str
     kms_cache_reap(ks);
     *out = k;
     return KMS_OK;
+}
+
+void kms_keystore_cache_counts(struct kms_keystore *ks, uint64_t *hits, uint64_t *misses)
+{
+    pthread_mutex_lock(&ks->lock);
+    *hits = ks->cache_hits;
+    *misses = ks->cache_misses;
+    pthread_mutex_unlock(&ks->lock);
 }
 
 void kms_key_put(struct kms_keystore *ks, struct key *k)

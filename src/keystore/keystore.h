@@ -163,6 +163,12 @@ struct kms_version_usage {
 kms_err kms_keystore_survey(struct kms_keystore *ks, size_t *keys, size_t *versions,
                             kms_err (*fn)(void *arg, const struct kms_version_usage *u), void *arg);
 
+/*
+ * Keys looked up in the cache since start: found there (a key known not to
+ * exist too), or read from the database.
+ */
+void kms_keystore_cache_counts(struct kms_keystore *ks, uint64_t *hits, uint64_t *misses);
+
 /* Starts and stops the background thread: the change feed, scheduled rotation, deletion. */
 KMS_MUST_CHECK kms_err kms_keystore_start(struct kms_keystore *ks);
 void kms_keystore_stop(struct kms_keystore *ks);

@@ -20,6 +20,8 @@ struct kms_stats {
     struct kms_histogram_family *latency;       /* operation */
     struct kms_counter_family *throttled;       /* class */
     struct kms_histogram_family *token_calls;   /* function */
+    struct kms_histogram_family *db_tx;         /* kind: read, write */
+    struct kms_counter_family *db_failures;     /* kind */
     struct kms_counter_family *audit_failures;  /* no label */
     struct kms_counter_family *breaker_trips;   /* kind */
     struct kms_counter_family *breaker_refused; /* no label */
@@ -31,6 +33,14 @@ static void observe_token(void *arg, enum kms_hsm_call call, uint64_t ns)
 {
     struct kms_stats *st = arg;
     kms_histogram_observe_ns(st->token_calls, (size_t)call, ns);
+}
+
+static void observe_database(void *arg, int write, int failed, uint64_t ns)
+{
+    struct kms_stats *st = arg;
+    kms_histogram_observe_ns(st->db_tx, write ? 1 : 0, ns);
+    if (failed)
+        kms_counter_add(st->db_failures, write ? 1 : 0, 0, 1);
 }
 
 static kms_err write_usage(void *arg, const struct kms_version_usage *u)
@@ -128,6 +138,17 @@ static kms_err collect(void *arg, struct kms_metrics_writer *w)
     }
     KMS_GUARD(kms_metrics_write_gauge(w, "p11kms_keys", "Keys, pending deletion included", NULL,
                                       (double)keys));
+    uint64_t hits = 0, misses = 0;
+    kms_keystore_cache_counts(srv->ks, &hits, &misses);
+    const char *hit[] = {"result", "hit", NULL}, *miss[] = {"result", "miss", NULL};
+    KMS_GUARD(kms_metrics_write_counter(w, "p11kms_key_cache_lookups_total",
+                                        "Keys looked up by requests: found in this node's cache "
+                                        "(hit), or read from the database (miss)",
+                                        hit, hits));
+    KMS_GUARD(kms_metrics_write_counter(w, "p11kms_key_cache_lookups_total",
+                                        "Keys looked up by requests: found in this node's cache "
+                                        "(hit), or read from the database (miss)",
+                                        miss, misses));
     KMS_GUARD(kms_metrics_write_gauge(w, "p11kms_key_versions", "Versions of those keys", NULL,
                                       (double)versions));
     return KMS_OK;
@@ -137,6 +158,7 @@ kms_err kms_stats_start(struct kms_server *srv)
 {
     static const char *const classes[] = {"crypto", "manage", "asym", "hmac", NULL};
     static const char *const breaker_kinds[] = {"principal", "key", NULL};
+    static const char *const tx_kinds[] = {"read", "write", NULL};
     struct kms_stats *st = calloc(1, sizeof *st);
     kms_err rc;
 
@@ -177,6 +199,20 @@ kms_err kms_stats_start(struct kms_server *srv)
     if (rc == KMS_OK)
         rc = kms_metrics_add_histogram(st->registry, st->token_calls);
     if (rc == KMS_OK)
+        rc = kms_histogram_family_new("p11kms_database_transaction_seconds",
+                                      "Database transactions, from begin to commit or rollback, by "
+                                      "kind",
+                                      "kind", tx_kinds, NULL, 0, &st->db_tx);
+    if (rc == KMS_OK)
+        rc = kms_metrics_add_histogram(st->registry, st->db_tx);
+    if (rc == KMS_OK)
+        rc = kms_counter_family_new("p11kms_database_failures_total",
+                                    "Database transactions the database failed (could not begin "
+                                    "or commit), by kind",
+                                    "kind", tx_kinds, NULL, NULL, &st->db_failures);
+    if (rc == KMS_OK)
+        rc = kms_metrics_add_counter(st->registry, st->db_failures);
+    if (rc == KMS_OK)
         rc = kms_counter_family_new("p11kms_audit_write_failures_total",
                                     "Audit lines that could not be written (each such request "
                                     "failed closed)",
@@ -199,8 +235,10 @@ kms_err kms_stats_start(struct kms_server *srv)
         rc = kms_metrics_add_counter(st->registry, st->breaker_refused);
     if (rc == KMS_OK)
         rc = kms_metrics_add_collector(st->registry, collect, srv);
-    if (rc == KMS_OK)
+    if (rc == KMS_OK) {
         kms_hsm_observe(srv->hsm, observe_token, st);
+        kms_store_observe(srv->store, observe_database, st);
+    }
     return rc;
 }
 
@@ -211,6 +249,8 @@ void kms_stats_free(struct kms_server *srv)
         return;
     if (srv->hsm)
         kms_hsm_observe(srv->hsm, NULL, NULL);
+    if (srv->store)
+        kms_store_observe(srv->store, NULL, NULL);
     kms_metrics_free(st->registry); /* and the families added to it */
     free(st);
     srv->stats = NULL;

@@ -17,10 +17,17 @@ struct kms_store_engine;
 struct kms_store {
     const struct kms_store_engine *engine;
     char *name; /* the URL without secrets, for logs; the engine's, freed by its close */
+    /* kms_store_observe's; atomic: set while the key store's threads run */
+    kms_store_observer observe;
+    void *observe_arg;
 };
 
 struct kms_tx {
     const struct kms_store_engine *engine;
+    /* store.c's, once begun: for the observer, at the end */
+    struct kms_store *store;
+    int64_t began_ns; /* 0: ended (or observed already) */
+    int write;
 };
 
 struct kms_store_engine {

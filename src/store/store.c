@@ -8,6 +8,7 @@
 
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include "store/engine.h"
 #include "store/schema.h"
@@ -90,6 +91,37 @@ kms_err kms_store_backup(struct kms_store *st, const char *path)
 
 /* ---- transactions ---- */
 
+void kms_store_observe(struct kms_store *st, kms_store_observer fn, void *arg)
+{
+    __atomic_store_n(&st->observe_arg, arg, __ATOMIC_RELAXED);
+    __atomic_store_n(&st->observe, fn, __ATOMIC_RELEASE);
+}
+
+static int64_t now_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
+}
+
+static void observe(struct kms_store *st, int write, int failed, int64_t began)
+{
+    kms_store_observer fn = __atomic_load_n(&st->observe, __ATOMIC_ACQUIRE);
+    int64_t ns = now_ns() - began;
+    if (fn)
+        fn(__atomic_load_n(&st->observe_arg, __ATOMIC_RELAXED), write, failed,
+           ns > 0 ? (uint64_t)ns : 0);
+}
+
+/* A transaction ends: told once, whichever of commit and rollback comes first. */
+static void ended(struct kms_tx *tx, int failed)
+{
+    if (!tx->began_ns)
+        return;
+    observe(tx->store, tx->write, failed, tx->began_ns);
+    tx->began_ns = 0;
+}
+
 kms_err kms_store_begin(struct kms_store *st, int mode, struct kms_tx **out)
 {
     /*
@@ -100,19 +132,32 @@ kms_err kms_store_begin(struct kms_store *st, int mode, struct kms_tx **out)
      * database went away (tests/integration/test_cluster_pg.py).
      */
     *out = NULL;
-    return st->engine->begin(st, mode, out);
+    int64_t began = now_ns();
+    kms_err rc = st->engine->begin(st, mode, out);
+    if (rc != KMS_OK) {
+        observe(st, mode == KMS_TX_WRITE, 1, began);
+        return rc;
+    }
+    (*out)->store = st;
+    (*out)->write = mode == KMS_TX_WRITE;
+    (*out)->began_ns = began ? began : 1;
+    return KMS_OK;
 }
 
 kms_err kms_store_commit(struct kms_tx *tx)
 {
     KMS_ENSURE(tx != NULL, KMS_ERR_INTERNAL, "no transaction to commit");
-    return tx->engine->commit(tx);
+    kms_err rc = tx->engine->commit(tx);
+    ended(tx, rc != KMS_OK);
+    return rc;
 }
 
 void kms_store_rollback(struct kms_tx *tx)
 {
-    if (tx)
-        tx->engine->rollback(tx);
+    if (!tx)
+        return;
+    ended(tx, 0);
+    tx->engine->rollback(tx);
 }
 
 /* ---- keys ---- */

@@ -145,6 +145,14 @@ enum { KMS_STORE_OPEN = 0, KMS_STORE_INIT = 1 };
 #define KMS_STORE_POOL_MAX 256
 
 KMS_MUST_CHECK kms_err kms_store_open(const struct kms_store_config *cfg, struct kms_store **out);
+/*
+ * Told of every transaction as it ends (p11kmsd's metrics): a write or a
+ * read, whether the database failed it (it could not begin, or could not
+ * commit), and its time from the begin call to its commit or rollback.
+ */
+typedef void (*kms_store_observer)(void *arg, int write, int failed, uint64_t ns);
+/* fn NULL: no more. The caller keeps arg alive until every transaction it may see has ended. */
+void kms_store_observe(struct kms_store *st, kms_store_observer fn, void *arg);
 void kms_store_close(struct kms_store *st);
 /* The URL without secrets (PostgreSQL's password), for logs. */
 const char *kms_store_name(const struct kms_store *st);

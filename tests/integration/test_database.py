@@ -41,6 +41,7 @@ sys.dont_write_bytecode = True  # keep __pycache__ out of the source tree
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import harness as h  # noqa: E402
+import promtext  # noqa: E402
 from harness import check, eq  # noqa: E402
 
 T = h.TapRunner()
@@ -460,6 +461,7 @@ def test_locked_database():
     blobs = [encrypt(s, key), encrypt(s, key), generate(s, key)]
     before = list_keys(s)
     mark = len(s.stderr_text())
+    failed = db_failures(s)
 
     holder = db_connect(db, readonly=False)
     holder.execute("BEGIN IMMEDIATE")  # the write lock, held by another process
@@ -485,6 +487,12 @@ def test_locked_database():
         eq(describe(s, "alias/db-kept")["KeyId"], key, "DescribeKey through the alias")
         eq(describe(s, other)["KeyState"], "Disabled", "the key EnableKey could not change")
         eq(list_keys(s), before, "ListKeys while locked")
+        now = db_failures(s)
+        # The five refused writes at least (the key store's own work may add some); reads go on.
+        check(now["write"] - failed["write"] >= 5,
+              "p11kms_database_failures_total{kind=write} from %d to %d" % (failed["write"],
+                                                                            now["write"]))
+        eq(now["read"], failed["read"], "p11kms_database_failures_total{kind=read}")
     finally:
         holder.execute("ROLLBACK")
         holder.close()
@@ -506,6 +514,13 @@ def test_locked_database():
         decrypt_ok(s, item)
     s.stop()
     db_sound(db)
+
+
+def db_failures(server):
+    """p11kms_database_failures_total by kind."""
+    parsed = promtext.parse(h.get_metrics(server.endpoint).body.decode())
+    return {k: promtext.value(parsed, "p11kms_database_failures_total", kind=k)
+            for k in ("read", "write")}
 
 
 def fill(directory):

@@ -21,6 +21,7 @@ sys.dont_write_bytecode = True  # keep __pycache__ out of the source tree
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import harness as h  # noqa: E402
+import promtext  # noqa: E402
 from harness import check, eq  # noqa: E402
 
 T = h.TapRunner()
@@ -324,6 +325,41 @@ def test_text_log_one_line_per_fact():
         check(not any("ListKeys" in line for line in facts), "no request line by default")
     finally:
         ws.close()
+
+
+# ---- metrics the dashboard plots ---------------------------------------------------
+
+
+def metric(name, **labels):
+    parsed = promtext.parse(h.get_metrics(C.server.endpoint).body.decode())
+    return promtext.value(parsed, name, **labels)
+
+
+@test
+def test_key_cache_and_database_metrics():
+    kms = h.kms_client(C.server.endpoint, C.alice)
+    key = kms.create_key(Description="cache")["KeyMetadata"]["KeyId"]
+    kms.describe_key(KeyId=key)
+    hits, misses = (metric("p11kms_key_cache_lookups_total", result=r) for r in ("hit", "miss"))
+    reads = metric("p11kms_database_transaction_seconds_count", kind="read")
+    for _ in range(5):
+        kms.describe_key(KeyId=key)
+    eq(metric("p11kms_key_cache_lookups_total", result="hit") - hits, 5, "hits of 5 DescribeKey")
+    eq(metric("p11kms_key_cache_lookups_total", result="miss") - misses, 0, "misses")
+    missing = "00000000-0000-4000-8000-000000000001"
+    for _ in range(2):
+        try:
+            kms.describe_key(KeyId=missing)
+            raise AssertionError("DescribeKey of a key that does not exist succeeded")
+        except kms.exceptions.NotFoundException:
+            pass
+    eq(metric("p11kms_key_cache_lookups_total", result="miss") - misses, 1,
+       "the unknown key read from the database once")
+    eq(metric("p11kms_key_cache_lookups_total", result="hit") - hits, 6,
+       "then known not to exist")
+    check(metric("p11kms_database_transaction_seconds_count", kind="read") > reads,
+          "the miss's read transaction is counted")
+    eq(metric("p11kms_database_failures_total", kind="read"), 0, "no read failed")
 
 
 # ---- programs' help and the CLI's dates -----------------------------------------
