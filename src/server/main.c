@@ -181,8 +181,9 @@ static kms_err start(struct kms_server *srv, int mode)
         KMS_GUARD(kms_keystore_init_roots(srv->hsm, srv->store, &made));
         int version = 0;
         KMS_GUARD(kms_store_database_version(srv->store, &version));
-        kms_info("database %s at schema version %d; %s", kms_store_name(srv->store), version,
-                 made ? "root key made in the token" : "its root key is in the token");
+        /* A root key just made has had its own line. */
+        kms_info("database %s at schema version %d%s", kms_store_name(srv->store), version,
+                 made ? "" : "; its root key is in the token");
         /* An earlier release's state in the token: imported once (a no-op after). */
         if (mode == RUN_MIGRATE || mode == RUN_DEV)
             KMS_GUARD(kms_migrate_token(srv->hsm, srv->store, &srv->cfg.keys, mode == RUN_DEV));
