@@ -13,6 +13,15 @@
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
 
+/* p11kmsd --check-config's way: every line reported; a problem always has its words. */
+static void on_report(void *arg, unsigned line, const char *key, const char *message)
+{
+    (void)line;
+    if (message ? !*message : !key)
+        abort();
+    ++*(unsigned *)arg;
+}
+
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 {
     char *text = malloc(size + 1);
@@ -25,6 +34,13 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     kms_config_defaults(&c);
     if (kms_config_parse(&c, text) == KMS_OK)
         (void)!kms_config_check(&c); /* refusal is an outcome, not a fault */
+    kms_config_free(&c);
+
+    unsigned reports = 0;
+    kms_config_defaults(&c);
+    if (kms_config_parse_each(&c, text, on_report, &reports) != KMS_OK && reports == 0)
+        abort(); /* refused without saying why */
+    (void)!kms_config_check_each(&c, on_report, &reports);
     kms_config_free(&c);
 
     struct kms_credentials cr;
