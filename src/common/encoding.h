@@ -56,4 +56,8 @@ void kms_uuid_format(const uint8_t id[KMS_UUID_LEN], char *out);
 /* Parses the 8-4-4-4-12 form (either case) of exactly n bytes. */
 KMS_MUST_CHECK kms_err kms_uuid_parse(const char *s, size_t n, uint8_t out[KMS_UUID_LEN]);
 
+/* Length of the valid UTF-8 sequence at p (n bytes there), or 0 when the bytes there are not one.
+ */
+size_t kms_utf8_len(const unsigned char *p, size_t n);
+
 #endif

@@ -1,6 +1,7 @@
 #include "config.h"
 
 #include "common/log.h"
+#include "common/encoding.h"
 
 #include <errno.h>
 #include <fcntl.h>
@@ -118,34 +119,6 @@ static void putf(struct line *l, const char *fmt, ...)
         l->n += (size_t)n > room ? room : (size_t)n;
 }
 
-/* Length of the valid UTF-8 sequence at s (at most len bytes), 0 when it is not one. */
-static size_t utf8_len(const unsigned char *s, size_t len)
-{
-    size_t need;
-    unsigned min;
-    unsigned cp;
-    if (s[0] < 0x80)
-        return 1;
-    if ((s[0] & 0xe0) == 0xc0)
-        need = 2, min = 0x80, cp = s[0] & 0x1f;
-    else if ((s[0] & 0xf0) == 0xe0)
-        need = 3, min = 0x800, cp = s[0] & 0x0f;
-    else if ((s[0] & 0xf8) == 0xf0)
-        need = 4, min = 0x10000, cp = s[0] & 0x07;
-    else
-        return 0;
-    if (len < need)
-        return 0;
-    for (size_t i = 1; i < need; i++) {
-        if ((s[i] & 0xc0) != 0x80)
-            return 0;
-        cp = cp << 6 | (s[i] & 0x3f);
-    }
-    if (cp < min || cp > 0x10ffff || (cp >= 0xd800 && cp <= 0xdfff))
-        return 0;
-    return need;
-}
-
 /* A JSON string: quotes, backslashes and controls escaped, bytes that are not UTF-8 as U+FFFD. */
 static void put_json_string(struct line *l, const char *s)
 {
@@ -153,7 +126,7 @@ static void put_json_string(struct line *l, const char *s)
     size_t left = strlen(s);
     puts_(l, "\"");
     while (left > 0 && l->n + 8 < sizeof l->b - LINE_END_ROOM) {
-        size_t n = utf8_len(p, left);
+        size_t n = kms_utf8_len(p, left);
         if (n == 0) {
             puts_(l, "\\ufffd");
             n = 1;

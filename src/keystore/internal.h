@@ -142,8 +142,8 @@ struct kms_keystore {
     size_t nbuckets;
     size_t nkeys;
     struct key *lru_head, *lru_tail;
-    struct key *reaped;   /* dropped entries no request holds, for kms_cache_reap */
-    uint64_t change_gen;  /* bumped by every change seen: a read racing one is not kept */
+    struct key *reaped;  /* dropped entries no request holds, for kms_cache_reap */
+    uint64_t change_gen; /* bumped by every change seen: a read racing one is not kept */
     uint64_t cache_hits, cache_misses; /* kms_key_get: from memory, or read from the database */
     void *default_policy; /* cfg.default_policy compiled, shared by keys without their own */
     struct alias_entry **aliases;

@@ -58,36 +58,6 @@ void kms_audit_format_time(int64_t sec, long nsec, char out[KMS_AUDIT_TIME_LEN +
     snprintf(out, KMS_AUDIT_TIME_LEN + 1, "%.19s.%03uZ", date, ms);
 }
 
-/* Length of the valid UTF-8 sequence at p, or 0 when the bytes there are not one. */
-static size_t utf8_seq(const unsigned char *p, size_t n)
-{
-    unsigned c = p[0];
-    size_t len;
-    uint32_t cp, min;
-
-    if (c < 0x80)
-        return 1;
-    if (c >= 0xc2 && c <= 0xdf) {
-        len = 2, cp = c & 0x1f, min = 0x80;
-    } else if ((c & 0xf0) == 0xe0) {
-        len = 3, cp = c & 0x0f, min = 0x800;
-    } else if (c >= 0xf0 && c <= 0xf4) {
-        len = 4, cp = c & 0x07, min = 0x10000;
-    } else {
-        return 0;
-    }
-    if (n < len)
-        return 0;
-    for (size_t i = 1; i < len; i++) {
-        if ((p[i] & 0xc0) != 0x80)
-            return 0;
-        cp = cp << 6 | (p[i] & 0x3f);
-    }
-    if (cp < min || cp > 0x10ffff || (cp >= 0xd800 && cp <= 0xdfff))
-        return 0;
-    return len;
-}
-
 /* Escapes as jansson does, so a dump with JSON_SORT_KEYS gives back the same bytes. */
 kms_err kms_audit_json_string(struct kms_buf *out, const char *s, size_t n)
 {
@@ -124,7 +94,7 @@ kms_err kms_audit_json_string(struct kms_buf *out, const char *s, size_t n)
             }
             i++;
         } else {
-            size_t len = utf8_seq(p + i, n - i);
+            size_t len = kms_utf8_len(p + i, n - i);
             if (len == 0) {
                 KMS_GUARD(kms_buf_append_str(out, "\xef\xbf\xbd"));
                 i++;
