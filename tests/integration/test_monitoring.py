@@ -3,10 +3,12 @@
 (Prometheus alerting rules) passes `promtool check rules` and its cases in
 tests/integration/p11kms-alerts.test.yml pass `promtool test rules`, with a firing and
 a quiet case for every alert; docs/grafana-dashboard.json is a Grafana dashboard whose
-every query promtool parses, with a panel for each topic it must show. Every metric
-and label the rules and the dashboard name is in the /metrics of p11kmsd on a fresh
-SoftHSM2 token (audit log on, metrics_key_ids = true) after requests that make its
-labelled series appear. Without promtool its tests are skipped. TAP output."""
+every query promtool parses, with a panel for each topic it must show (the database's
+and the key cache's from p11kmsd's own metrics of them). Every metric and label the
+rules and the dashboard name is in the /metrics of p11kmsd on a fresh SoftHSM2 token
+(audit log on, metrics_key_ids = true) after requests that make its labelled series
+appear, the database's and the key cache's series among them. Without promtool its
+tests are skipped. TAP output."""
 
 import base64
 import json
@@ -51,11 +53,12 @@ TOPICS = [
     ("Token call latency p99 by function", "p11kms_token_call_seconds_bucket{"),
     ("Token errors (KeyUnavailableException)", 'outcome="KeyUnavailableException"'),
     ("Token ready and slow", "p11kms_token_slow{"),
-    ("Database latency (p99 of ListKeys and ListAliases)",
-     "p11kms_request_duration_seconds_bucket{"),
-    ("Database errors (DependencyTimeoutException, KMSInternalException)",
-     "DependencyTimeoutException|KMSInternalException"),
-    ("Key cache hit rate (from C_UnwrapKey)", 'function="C_UnwrapKey"'),
+    ("Database transaction latency p50 and p99 by kind",
+     "p11kms_database_transaction_seconds_bucket{"),
+    ("Database transactions by kind", "p11kms_database_transaction_seconds_count{"),
+    ("Database failures by kind, and DependencyTimeoutException and KMSInternalException "
+     "answers", "p11kms_database_failures_total{"),
+    ("Key cache hit rate by node", "p11kms_key_cache_lookups_total{"),
     ("Key usage against the AES-GCM IV bound", "p11kms_key_version_uses_bound{"),
     ("Decryption failures", "InvalidCiphertextException|IncorrectKeyException"),
     ("Decryption breakers", "p11kms_decrypt_breakers_open{"),
@@ -70,6 +73,9 @@ SELECTOR_RE = re.compile(r"([a-zA-Z_:][a-zA-Z0-9_:]*)\s*\{([^}]*)\}")
 MATCHER_RE = re.compile(r'\s*([a-zA-Z_][a-zA-Z0-9_]*)\s*(?:=~|!~|!=|=)\s*"(?:[^"\\]|\\.)*"\s*,?')
 VARIABLE_RE = re.compile(r"\$\{(\w+)(?::\w+)?\}|\$(\w+)|\[\[(\w+)\]\]")
 
+# A key id no key has: DescribeKey of it is a key cache miss, then a hit (known not to exist).
+MISSING_KEY = "00000000-0000-4000-8000-00000000a11e"
+
 
 class Ctx:
     ws = None
@@ -78,6 +84,7 @@ class Ctx:
     bob = None
     server = None
     live = None  # promtext.families() of the live /metrics
+    parsed = None  # promtext.parse() of the same text
 
 
 C = Ctx()
@@ -197,7 +204,8 @@ def prose():
 def live_families():
     """The families of a live /metrics, after requests that make every labelled series
     appear: data keys and decryptions (the usage gauges of the key in the node's cache,
-    token calls), a failed decryption, a throttled request, list calls."""
+    token calls, database reads and writes), a failed decryption, a throttled request, list
+    calls, a key that does not exist looked up twice (a key cache miss, then a hit)."""
     if C.live is not None:
         return C.live
     ep = C.server.endpoint
@@ -208,6 +216,9 @@ def live_families():
     h.kms_ok(ep, "Decrypt", {"CiphertextBlob": blob}, C.alice)
     h.kms_ok(ep, "ListKeys", {}, C.alice)
     h.kms_ok(ep, "ListAliases", {}, C.alice)
+    for _ in range(2):
+        r = h.kms_call(ep, "DescribeKey", {"KeyId": MISSING_KEY}, C.alice)
+        h.check_error_response(r, "NotFoundException", 404)
     r = h.kms_call(ep, "Decrypt", {"CiphertextBlob": base64.b64encode(os.urandom(64)).decode()},
                    C.alice)
     h.check_error_response(r, "InvalidCiphertextException", 400)
@@ -220,7 +231,7 @@ def live_families():
     eq(r.status, 200, "GET /metrics")
     text = r.body.decode("utf-8")
     C.live = promtext.families(text)
-    parsed = promtext.parse(text)
+    C.parsed = parsed = promtext.parse(text)
     check(promtext.value(parsed, "p11kms_throttled_total", **{"class": "crypto"}) >= 1,
           "p11kms_throttled_total counts bob's refusals")
     eq(promtext.value(parsed, "p11kms_requests_total", operation="Decrypt",
@@ -404,6 +415,34 @@ def test_dashboard_has_a_panel_for_each_topic():
     check(any(re.search(r"rate\(p11kms_audit_flushed_lines_total\{.*\}\[.*\]\)\) / .*"
                         r"rate\(p11kms_audit_flushes_total\{", t["expr"])
               for t in p["targets"]), "lines per flush: the rate of lines over that of flushes")
+    # The database and the key cache: p11kmsd's metrics of them, no more the requests'
+    # latency or outcomes, or the token's calls, standing in for them.
+    database = [t for title, _ in TOPICS if title.startswith(("Database", "Key cache"))
+                for t in by_title[title][0]["targets"]]
+    for t in database:
+        check(not re.search(r"p11kms_request_duration_seconds|p11kms_token_call_seconds",
+                            t["expr"]), "database and key cache panels: %r" % t["expr"])
+    exprs = [t["expr"] for t in by_title["Database transaction latency p50 and p99 by kind"][0]
+             ["targets"]]
+    for q in ("0.5", "0.99"):
+        check(any(re.fullmatch(r"histogram_quantile\(%s, sum by \(kind, le\) \(rate\("
+                               r"p11kms_database_transaction_seconds_bucket\{[^}]*\}\[.*\]\)\)\)"
+                               % re.escape(q), e) for e in exprs),
+              "database latency: the %s quantile of the transactions by kind: %r" % (q, exprs))
+    exprs = [t["expr"] for t in by_title["Database transactions by kind"][0]["targets"]]
+    check(any(re.search(r"sum by \(kind\) \(rate\(p11kms_database_transaction_seconds_count\{",
+                        e) for e in exprs), "database transactions: their rate by kind: %r" % exprs)
+    p = by_title["Database failures by kind, and DependencyTimeoutException and "
+                 "KMSInternalException answers"][0]
+    exprs = [t["expr"] for t in p["targets"]]
+    check(any(re.search(r"sum by \(kind\b.*\) \(rate\(p11kms_database_failures_total\{", e)
+              for e in exprs), "database failures: their rate by kind: %r" % exprs)
+    exprs = [t["expr"] for t in by_title["Key cache hit rate by node"][0]["targets"]]
+    check(any(re.fullmatch(r'sum by \(instance\) \(rate\(p11kms_key_cache_lookups_total\{'
+                           r'[^}]*,result="hit"\}\[[^]]*\]\)\) / sum by \(instance\) \(rate\('
+                           r'p11kms_key_cache_lookups_total\{[^}]*\}\[[^]]*\]\)\)', e)
+              and 'result="hit"}' not in e.split(" / ")[1] for e in exprs),
+          "key cache hit rate: hits over all lookups, per node: %r" % exprs)
 
 
 # ---- against a live server ----------------------------------------------------------
@@ -430,6 +469,34 @@ def test_metric_names_exist():
         for m in METRIC_RE.finditer(text):
             check(m.group(0) in names or m.group(0) in fams,
                   "%s: %s is not in the live /metrics" % (where, m.group(0)))
+
+
+@test
+def test_database_and_key_cache_series():
+    """The series the database and key cache panels and alerts read, on a live server: both
+    kinds of transactions and of failures, both results of the cache's lookups."""
+    live_families()
+    parsed = C.parsed
+    for kind in ("read", "write"):
+        count = promtext.value(parsed, "p11kms_database_transaction_seconds_count", kind=kind)
+        check(count > 0, "%s transactions counted: %r" % (kind, count))
+        eq(promtext.value(parsed, "p11kms_database_transaction_seconds_bucket", kind=kind,
+                          le="+Inf"), count, "%s transactions: the +Inf bucket" % kind)
+        eq(promtext.value(parsed, "p11kms_database_failures_total", kind=kind), 0.0,
+           "%s transactions the database failed" % kind)
+    # P11kmsDatabaseSlow's threshold is a bucket's bound: a p99 above it means more than 1% of
+    # the writes took longer, not an interpolation inside a wider bucket.
+    slow = re.search(r"> (\S+)$", next(r["expr"] for r in alerts()
+                                       if r["alert"] == "P11kmsDatabaseSlow").strip())
+    check(slow, "P11kmsDatabaseSlow compares with a number")
+    check(("p11kms_database_transaction_seconds_bucket",
+           frozenset({"kind": "write", "le": slow.group(1)}.items())) in parsed,
+          "P11kmsDatabaseSlow's threshold %s is a bucket's le" % slow.group(1))
+    hits = promtext.value(parsed, "p11kms_key_cache_lookups_total", result="hit")
+    misses = promtext.value(parsed, "p11kms_key_cache_lookups_total", result="miss")
+    check(misses >= 1, "the key that does not exist was read from the database: %r misses"
+          % misses)
+    check(hits >= 2, "the cached keys and the key known not to exist: %r hits" % hits)
 
 
 @test
