@@ -188,8 +188,8 @@ kms_err kms_stats_start(struct kms_server *srv)
         rc = kms_metrics_add_histogram(st->registry, st->latency);
     if (rc == KMS_OK)
         rc = kms_counter_family_new("p11kms_throttled_total",
-                                    "Requests refused with ThrottlingException, by operation class",
-                                    "class", classes, NULL, NULL, &st->throttled);
+                                    "Requests refused by a rate limit, by operation class", "class",
+                                    classes, NULL, NULL, &st->throttled);
     if (rc == KMS_OK)
         rc = kms_metrics_add_counter(st->registry, st->throttled);
     if (rc == KMS_OK)
