@@ -36,6 +36,18 @@ static kms_err find_root(struct kms_hsm *hsm, const uint8_t cka_id[KMS_ROOT_ID_L
     return rc;
 }
 
+/* The token's object for a root key the database names: a current one the token lacks fails. */
+static kms_err find_named_root(struct kms_hsm *hsm, struct kms_store *store,
+                               const struct kms_root_row *row, CK_OBJECT_HANDLE *out)
+{
+    KMS_GUARD(find_root(hsm, row->cka_id, out));
+    KMS_ENSURE(*out != CK_INVALID_HANDLE || row->state != KMS_ROOT_CURRENT, KMS_ERR_INTERNAL,
+               "the token does not hold root key %s, which the database %s names: the database "
+               "belongs to another token, or the token's objects were lost",
+               row->label, kms_store_name(store));
+    return KMS_OK;
+}
+
 kms_err kms_keystore_init_roots(struct kms_hsm *hsm, struct kms_store *store, int *made)
 {
     struct roots_read rr = {.n = 0};
@@ -49,14 +61,9 @@ kms_err kms_keystore_init_roots(struct kms_hsm *hsm, struct kms_store *store, in
     kms_err rc = kms_store_roots(tx, collect_root, &rr);
     if (rc == KMS_OK && rr.n > 0) {
         kms_store_rollback(tx);
-        for (size_t i = 0; i < rr.n; i++) {
-            if (rr.rows[i].state != KMS_ROOT_CURRENT)
-                continue;
-            KMS_GUARD(find_root(hsm, rr.rows[i].cka_id, &h));
-            KMS_ENSURE(h != CK_INVALID_HANDLE, KMS_ERR_INTERNAL,
-                       "the database names root key %s, which the token does not hold",
-                       rr.rows[i].label);
-        }
+        for (size_t i = 0; i < rr.n; i++)
+            if (rr.rows[i].state == KMS_ROOT_CURRENT)
+                KMS_GUARD(find_named_root(hsm, store, &rr.rows[i], &h));
         return KMS_OK;
     }
     /* None yet: made under the database's write lock, so two inits make one. */
@@ -107,15 +114,9 @@ kms_err kms_keystore_check_roots(struct kms_hsm *hsm, struct kms_store *store)
     struct roots_read rr = {.n = 0};
     CK_OBJECT_HANDLE h;
     KMS_GUARD(read_roots(store, &rr));
-    for (size_t i = 0; i < rr.n; i++) {
-        if (rr.rows[i].state != KMS_ROOT_CURRENT)
-            continue;
-        KMS_GUARD(find_root(hsm, rr.rows[i].cka_id, &h));
-        KMS_ENSURE(h != CK_INVALID_HANDLE, KMS_ERR_INTERNAL,
-                   "the token does not hold root key %s, which the database %s names: the "
-                   "database belongs to another token, or the token's objects were lost",
-                   rr.rows[i].label, kms_store_name(store));
-    }
+    for (size_t i = 0; i < rr.n; i++)
+        if (rr.rows[i].state == KMS_ROOT_CURRENT)
+            KMS_GUARD(find_named_root(hsm, store, &rr.rows[i], &h));
     return KMS_OK;
 }
 
@@ -130,15 +131,10 @@ kms_err kms_roots_load(struct kms_keystore *ks)
         r->id = rr.rows[i].id;
         memcpy(r->cka_id, rr.rows[i].cka_id, KMS_ROOT_ID_LEN);
         r->state = rr.rows[i].state;
-        KMS_GUARD(find_root(ks->hsm, r->cka_id, &r->handle));
+        KMS_GUARD(find_named_root(ks->hsm, ks->store, &rr.rows[i], &r->handle));
         r->epoch = epoch;
-        if (r->handle == CK_INVALID_HANDLE) {
-            KMS_ENSURE(r->state != KMS_ROOT_CURRENT, KMS_ERR_INTERNAL,
-                       "the token does not hold root key %s, which the database %s names: the "
-                       "database belongs to another token, or the token's objects were lost",
-                       rr.rows[i].label, kms_store_name(ks->store));
+        if (r->handle == CK_INVALID_HANDLE)
             kms_warn("retired root key %s is not in the token", rr.rows[i].label);
-        }
         if (r->state == KMS_ROOT_CURRENT)
             current = (int)i;
     }

@@ -46,6 +46,18 @@ static int cryptographic(const char *action)
     return 0;
 }
 
+kms_err kms_alias_policy_load(const char *path, const char *account, struct kms_policy **out)
+{
+    char *text = NULL;
+    size_t len = 0;
+    KMS_GUARD(kms_read_file(path, &text, &len));
+    kms_err rc = kms_policy_parse(text, len, account, out);
+    free(text);
+    if (rc != KMS_OK)
+        return KMS_FAIL(rc, "alias_policy_file %s: %s", path, kms_err_message());
+    return KMS_OK;
+}
+
 int kms_is_admin(struct kms_server *srv, const char *principal)
 {
     for (size_t i = 0; i < srv->cfg.nadmins; i++)

@@ -17,6 +17,7 @@
 #include "common/log.h"
 #include "hsm/hsm.h"
 #include "keystore/keystore.h"
+#include "server/ops.h"
 #include "server/policy.h"
 #include "server/settings.h"
 #include "server/tls.h"
@@ -112,11 +113,8 @@ static void check_own_mode(struct check *ck, const struct kms_config *c, mode_t 
     if (mode & S_IWOTH)
         problem(ck, NULL, "others may change this file (mode %03o): chmod o-w it",
                 (unsigned)(mode & 0777));
-    if (c->database && kms_store_url_has_secret(c->database) && (mode & (S_IRWXG | S_IRWXO)))
-        problem(ck, "database",
-                "the file holds the database password but group or others may access it (mode "
-                "%03o): chmod 600 it, or give the password through PGPASSFILE or PGPASSWORD",
-                (unsigned)(mode & 0777));
+    if (kms_config_mode_check(c, ck->path, (unsigned)mode) != KMS_OK)
+        problem(ck, "database", "%s", kms_err_message());
 }
 
 /* A file the server writes (audit_log, log_file): there, or makeable, and writable. */
@@ -147,32 +145,20 @@ static void check_writable(struct check *ck, const char *key, const char *path)
 
 static void check_files(struct check *ck, const struct kms_config *c)
 {
-    char *text = NULL;
-    size_t len = 0;
     if (c->credentials_file) {
         struct kms_credentials creds = {0};
         if (kms_credentials_load(c->credentials_file, &creds) != KMS_OK)
             problem(ck, "credentials_file", "%s", kms_err_message());
         kms_credentials_free(&creds);
     }
-    if (c->metrics_token_file) {
-        if (kms_read_secret_file(c->metrics_token_file, &text, &len) != KMS_OK)
-            problem(ck, "metrics_token_file", "%s", kms_err_message());
-        else if (len < 16)
-            problem(ck, "metrics_token_file", "%s: the token must be at least 16 characters",
-                    c->metrics_token_file);
-        if (text)
-            kms_free_secret(text, len + 1);
-        text = NULL;
-    }
+    uint8_t digest[KMS_SHA256_LEN];
+    if (c->metrics_token_file && kms_read_metrics_token(c->metrics_token_file, digest) != KMS_OK)
+        problem(ck, "metrics_token_file", "%s", kms_err_message());
     if (c->alias_policy_file && c->account) {
         struct kms_policy *policy = NULL;
-        if (kms_read_file(c->alias_policy_file, &text, &len) != KMS_OK ||
-            kms_policy_parse(text, len, c->account, &policy) != KMS_OK)
-            problem(ck, "alias_policy_file", "alias_policy_file %s: %s", c->alias_policy_file,
-                    kms_err_message());
+        if (kms_alias_policy_load(c->alias_policy_file, c->account, &policy) != KMS_OK)
+            problem(ck, "alias_policy_file", "%s", kms_err_message());
         kms_policy_free(policy);
-        free(text);
     }
     if (c->tls_cert_file && c->tls_key_file) {
         struct kms_tls *tls = NULL;

@@ -461,11 +461,15 @@ static void log_outcome(const char *op, const char *principal, kms_err rc, const
         kms_error("%s by %s failed: %s", op, *principal ? principal : "-", message);
 }
 
-/* The answer's line (log_requests): what was asked, by whom, and how it went. */
-static void log_request(struct kms_server *srv, const char *request_id, const char *principal,
-                        const struct kms_op *op, const char *key, unsigned status, kms_err e,
-                        int64_t started)
+/*
+ * An answer leaves: counted in the request metrics and, with log_requests,
+ * given its line (what was asked, by whom, and how it went).
+ */
+static void count_answer(struct kms_server *srv, const char *request_id, const char *principal,
+                         const struct kms_op *op, const char *key, unsigned status, kms_err e,
+                         int64_t started)
 {
+    kms_stats_request(srv, op, e, started);
     if (!srv->cfg.log_requests)
         return;
     struct kms_log_request r = {
@@ -746,9 +750,8 @@ static int unpark(struct kms_server *srv, struct req_state *st)
     p->waiting = 0;
     if (!durable)
         kms_stats_audit_failure(srv);
-    kms_stats_request(srv, p->op, as_is ? p->error : KMS_ERR_INTERNAL, p->started_ns);
-    log_request(srv, st->request_id, p->principal, p->op, p->key, as_is ? p->status : 500,
-                as_is ? p->error : KMS_ERR_INTERNAL, p->started_ns);
+    count_answer(srv, st->request_id, p->principal, p->op, p->key, as_is ? p->status : 500,
+                 as_is ? p->error : KMS_ERR_INTERNAL, p->started_ns);
     return as_is;
 }
 
@@ -1000,8 +1003,7 @@ static void audit_failure(struct kms_server *srv, struct MHD_Connection *c,
 {
     char source[64];
     int64_t now = kms_monotonic_ns();
-    kms_stats_request(srv, NULL, e, now);
-    log_request(srv, request_id, NULL, NULL, NULL, kms_err_status(e), e, now);
+    count_answer(srv, request_id, NULL, NULL, NULL, kms_err_status(e), e, now);
     if (!kms_addrlimit_fail(srv->addrlimit, addr, kms_err_type(e), now))
         return;
     client_address(c, source, sizeof source);
@@ -1016,9 +1018,8 @@ static enum MHD_Result refuse_address(struct kms_server *srv, struct MHD_Connect
     char id[KMS_UUID_TEXT_LEN + 1];
     int64_t now = kms_monotonic_ns();
     new_request_id(id);
-    kms_stats_request(srv, NULL, KMS_ERR_THROTTLED, now);
-    log_request(srv, id, NULL, NULL, NULL, kms_err_status(KMS_ERR_THROTTLED), KMS_ERR_THROTTLED,
-                now);
+    count_answer(srv, id, NULL, NULL, NULL, kms_err_status(KMS_ERR_THROTTLED), KMS_ERR_THROTTLED,
+                 now);
     kms_err_clear();
     return send_error(srv, c,
                       KMS_FAIL(KMS_ERR_THROTTLED,
@@ -1083,9 +1084,8 @@ static enum MHD_Result too_large(struct kms_server *srv, struct MHD_Connection *
                                  struct req_state *st)
 {
     int64_t now = kms_monotonic_ns();
-    kms_stats_request(srv, NULL, KMS_ERR_TOO_LARGE, now);
-    log_request(srv, st->request_id, NULL, NULL, NULL, kms_err_status(KMS_ERR_TOO_LARGE),
-                KMS_ERR_TOO_LARGE, now);
+    count_answer(srv, st->request_id, NULL, NULL, NULL, kms_err_status(KMS_ERR_TOO_LARGE),
+                 KMS_ERR_TOO_LARGE, now);
     if (audit(srv, NULL, st->request_id, st->source, NULL, KMS_ERR_TOO_LARGE, now, NULL) != KMS_OK)
         kms_err_clear();
     return send_error(
@@ -1227,17 +1227,9 @@ static void mhd_log(void *cls, const char *fmt, va_list ap)
 /* The SHA-256 of metrics_token_file's token: only the digest is kept. */
 static kms_err load_metrics_token(struct kms_server *srv)
 {
-    char *token = NULL;
-    size_t len = 0;
     if (!srv->cfg.metrics_token_file)
         return KMS_OK;
-    KMS_GUARD(kms_read_secret_file(srv->cfg.metrics_token_file, &token, &len));
-    kms_err rc = len >= 16 ? kms_sha256(token, len, srv->metrics_token)
-                           : KMS_FAIL(KMS_ERR_VALIDATION,
-                                      "%s: the token must be at least 16 "
-                                      "characters",
-                                      srv->cfg.metrics_token_file);
-    kms_free_secret(token, len + 1);
+    kms_err rc = kms_read_metrics_token(srv->cfg.metrics_token_file, srv->metrics_token);
     srv->metrics_token_set = rc == KMS_OK;
     return rc;
 }

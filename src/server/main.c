@@ -127,15 +127,9 @@ enum { RUN_SERVE, RUN_DEV, RUN_INIT, RUN_MIGRATE };
 static kms_err load_alias_policy(struct kms_server *srv)
 {
     const char *path = srv->cfg.alias_policy_file;
-    char *text = NULL;
-    size_t len = 0;
     if (!path)
         return KMS_OK;
-    KMS_GUARD(kms_read_file(path, &text, &len));
-    kms_err rc = kms_policy_parse(text, len, srv->cfg.account, &srv->alias_policy);
-    free(text);
-    if (rc != KMS_OK)
-        return KMS_FAIL(rc, "alias_policy_file %s: %s", path, kms_err_message());
+    KMS_GUARD(kms_alias_policy_load(path, srv->cfg.account, &srv->alias_policy));
     kms_info("alias names are governed by the alias policy %s", path);
     return KMS_OK;
 }

@@ -52,6 +52,9 @@ kms_err kms_op_list_key_policies(struct kms_request *r);
 
 /* ---- authorization (authz.c) ---- */
 int kms_is_admin(struct kms_server *srv, const char *principal);
+/* alias_policy_file's policy (path), compiled for account: the file's faults name it. */
+KMS_MUST_CHECK kms_err kms_alias_policy_load(const char *path, const char *account,
+                                             struct kms_policy **out);
 /*
  * The key ref names (more as how says: KMS_REF_ALIAS, KMS_REF_DESTROYED) must
  * exist and its policy must allow r's principal action ("kms:Decrypt") with

@@ -484,6 +484,18 @@ static kms_err read_file(const char *path, int secret, char **out, size_t *len, 
     return KMS_OK;
 }
 
+kms_err kms_config_mode_check(const struct kms_config *c, const char *path, unsigned mode)
+{
+    /* The same rule as pin_file's and credentials_file's. */
+    KMS_ENSURE(!c->database || !kms_store_url_has_secret(c->database) ||
+                   !(mode & (S_IRWXG | S_IRWXO)),
+               KMS_ERR_VALIDATION,
+               "%s holds the database password but group or others may access it (mode %03o): "
+               "chmod 600 it, or give the password through PGPASSFILE or PGPASSWORD",
+               path, mode & 0777);
+    return KMS_OK;
+}
+
 kms_err kms_config_load(struct kms_config *c, const char *path)
 {
     char *text;
@@ -494,14 +506,7 @@ kms_err kms_config_load(struct kms_config *c, const char *path)
     kms_err rc = kms_config_parse(c, text);
     kms_free_secret(text, len + 1); /* it may hold the database's password */
     KMS_GUARD(rc);
-    /* The same rule as pin_file's and credentials_file's. */
-    KMS_ENSURE(!c->database || !kms_store_url_has_secret(c->database) ||
-                   !(mode & (S_IRWXG | S_IRWXO)),
-               KMS_ERR_VALIDATION,
-               "%s holds the database password but group or others may access it (mode %03o): "
-               "chmod 600 it, or give the password through PGPASSFILE or PGPASSWORD",
-               path, mode & 0777);
-    return KMS_OK;
+    return kms_config_mode_check(c, path, mode);
 }
 
 kms_err kms_read_file(const char *path, char **out, size_t *len)
@@ -638,6 +643,18 @@ kms_err kms_read_pin(const struct kms_config *cfg, int forget_env, char **pin, s
         unsetenv("P11KMS_PIN");
     }
     return KMS_OK;
+}
+
+kms_err kms_read_metrics_token(const char *path, uint8_t digest[KMS_SHA256_LEN])
+{
+    char *token = NULL;
+    size_t len = 0;
+    KMS_GUARD(kms_read_secret_file(path, &token, &len));
+    kms_err rc = len >= 16 ? kms_sha256(token, len, digest)
+                           : KMS_FAIL(KMS_ERR_VALIDATION,
+                                      "%s: the token must be at least 16 characters", path);
+    kms_free_secret(token, len + 1);
+    return rc;
 }
 
 kms_err kms_read_secret_file(const char *path, char **out, size_t *len)

@@ -5,6 +5,7 @@
 #include <pthread.h>
 #include <stddef.h>
 
+#include "common/digest.h"
 #include "common/error.h"
 #include "keystore/keystore.h"
 #include "server/ratelimit.h"
@@ -117,6 +118,12 @@ KMS_MUST_CHECK kms_err kms_config_parse_each(struct kms_config *c, const char *t
  * secret files are, when group or others may access it.
  */
 KMS_MUST_CHECK kms_err kms_config_load(struct kms_config *c, const char *path);
+/*
+ * The rule for the configuration file's own mode (bits of path): when its
+ * database URL holds a password, group and others may not access it.
+ */
+KMS_MUST_CHECK kms_err kms_config_mode_check(const struct kms_config *c, const char *path,
+                                             unsigned mode);
 /* Reads a whole (not secret) file into *out, NUL-terminated, malloc'd; *len its bytes. */
 KMS_MUST_CHECK kms_err kms_read_file(const char *path, char **out, size_t *len);
 /* Checks that every required setting is present and that the settings agree. */
@@ -137,6 +144,11 @@ KMS_MUST_CHECK kms_err kms_parse_listen(const char *s, char *host, size_t host_l
  * (*len + 1 bytes). Trailing newlines are removed.
  */
 KMS_MUST_CHECK kms_err kms_read_secret_file(const char *path, char **out, size_t *len);
+/*
+ * metrics_token_file's token (a secret file, at least 16 characters): only
+ * its SHA-256 is kept, in digest.
+ */
+KMS_MUST_CHECK kms_err kms_read_metrics_token(const char *path, uint8_t digest[KMS_SHA256_LEN]);
 /*
  * The token's user PIN: from cfg->pin_file, else the environment variable
  * P11KMS_PIN (wiped and removed when forget_env). Release with kms_free_secret
