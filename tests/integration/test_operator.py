@@ -57,16 +57,18 @@ def check_config(conf, token, env=None):
     return r.returncode, r.stdout.decode(), err
 
 
-def line_of(conf, key):
-    """The line (1-based) of conf that sets key, the last one."""
-    found = 0
+def lines_of(conf, key):
+    """The lines (1-based) of conf that set key (a line without '=': the whole line)."""
     with open(conf) as f:
-        for n, text in enumerate(f, 1):
-            if text.split("=", 1)[0].strip() == key:
-                found = n
+        found = [n for n, text in enumerate(f, 1) if text.split("=", 1)[0].strip() == key]
     if not found:
         raise AssertionError("%s sets no %s" % (conf, key))
     return found
+
+
+def line_of(conf, key):
+    """The last line of conf that sets key: the one whose value is used."""
+    return lines_of(conf, key)[-1]
 
 
 def append(conf, text):
@@ -121,18 +123,16 @@ def test_check_config_reports_every_problem_with_its_line():
         text += "threads = lots\nbogus_setting = 1\nno equals sign here\nthreads = 8\n"
         h.write_private(conf, text)
         status, out, err = check_config(conf, token)
-        n = {}
-        for i, line in enumerate(text.splitlines(), 1):
-            n.setdefault(line.split("=")[0].strip(), []).append(i)
+        threads = lines_of(conf, "threads")
         expected = [
-            "%s:%d: threads must be a number from 1 to 256" % (conf, n["threads"][1]),
-            "%s:%d: unknown setting 'bogus_setting'" % (conf, n["bogus_setting"][0]),
-            "%s:%d: expected 'key = value'" % (conf, n["no equals sign here"][0]),
+            "%s:%d: threads must be a number from 1 to 256" % (conf, threads[1]),
+            "%s:%d: unknown setting 'bogus_setting'" % (conf, line_of(conf, "bogus_setting")),
+            "%s:%d: expected 'key = value'" % (conf, line_of(conf, "no equals sign here")),
             "%s:%d: warning: threads is set again (line %d set it too); this line's value is used"
-            % (conf, n["threads"][2], n["threads"][0]),
+            % (conf, threads[2], threads[0]),
             "%s: the configuration needs 'region'" % conf,
             "%s:%d: %s holds secrets but group or others may access it (mode 644); chmod 600 it"
-            % (conf, n["pin_file"][0], token.pin_file),
+            % (conf, line_of(conf, "pin_file"), token.pin_file),
             "p11kmsd: %s: 5 problems" % conf,
         ]
         eq(err.splitlines(), expected, "stderr")
@@ -202,7 +202,8 @@ def test_check_config_token_database_tls_listen():
         status, out, err = check_config(conf, token)
         lines = err.splitlines()
         eq(lines[0], "%s:%d: warning: listen is set again (line %d set it too); this line's value "
-           "is used" % (conf, line_of(conf, "listen"), 6), "the second listen")
+           "is used" % (conf, line_of(conf, "listen"), lines_of(conf, "listen")[0]),
+           "the second listen")
         check(lines[1].startswith("%s:%d: " % (conf, line_of(conf, "tls_cert_file")))
               and "tls.key" in lines[1] and "600" in lines[1],
               "the TLS key's mode on tls_cert_file's line: %r" % lines[1])
