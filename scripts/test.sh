@@ -12,5 +12,13 @@ scripts/build.sh || exit 1
     (cd tests/interop && npm ci --no-audit --no-fund --loglevel=error) || exit 1
 make -j"$(nproc)" check
 status=$?
+# Name every test that did not pass, with the end of its log.
+for trs in tests/*/*.trs; do
+    grep -q '^:test-result: \(FAIL\|ERROR\|XPASS\)' "$trs" || continue
+    log=${trs%.trs}.log
+    echo "--- $log"
+    grep '^:test-result: \(FAIL\|ERROR\|XPASS\)' "$trs"
+    tail -n 80 "$log"
+done
 scripts/count-results.sh .
 exit $status
