@@ -46,9 +46,11 @@ owner() {
     if getent passwd postgres >/dev/null; then echo postgres; else echo nobody; fi
 }
 
+# Waits up to 120 s for the server to accept connections: a loaded CI machine can take
+# far longer than an idle one to start a fresh cluster.
 pg_start() {
     local dir=$1
-    as_owner "$(pg_bin)/pg_ctl" -D "$dir/data" -l "$dir/log" -w -t 30 start >/dev/null
+    as_owner "$(pg_bin)/pg_ctl" -D "$dir/data" -l "$dir/log" -w -t 120 start >/dev/null
 }
 
 pg_crash() {
@@ -108,8 +110,15 @@ EOF
             started=1
             break
         fi
+        # A start that timed out may leave a postmaster behind, which would refuse the
+        # next attempt (its lock file): stop it first.
+        pg_crash "$dir" 2>/dev/null || true
     done
-    [ "$started" -eq 1 ] || { tail -n 20 "$dir/log" >&2 || true; fail "the server did not start"; }
+    if [ "$started" -ne 1 ]; then
+        cat "$dir/pg_ctl.log" >&2 || true
+        tail -n 20 "$dir/log" >&2 || true
+        fail "the server did not start"
+    fi
     PGPASSWORD=$password "$bin/psql" -X -q -h 127.0.0.1 -p "$port" -U p11kms \
         -d postgres -c "CREATE DATABASE p11kms" >/dev/null || fail "CREATE DATABASE failed"
     export P11KMS_TEST_PG_URL="postgresql://p11kms:$password@127.0.0.1:$port/p11kms"
