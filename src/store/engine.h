@@ -134,4 +134,7 @@ extern const struct kms_store_engine kms_store_pg;
  */
 KMS_MUST_CHECK kms_err kms_store_schema_usable(const char *name, int have, int mode);
 
+/* The one line a committed migration from version have to want logs (store.c). */
+void kms_store_log_migration(const char *name, int have, int want);
+
 #endif

@@ -2,7 +2,8 @@
  * store.h's calls, forwarded to the engine the database URL names
  * (engine.h): sqlite:PATH to store_sqlite.c, postgresql:// or postgres://
  * (any libpq connection URI) to store_pg.c. What every engine shares lives
- * here too: the schema version and the words that refuse a schema.
+ * here too: the schema version, the words that refuse a schema and the line
+ * a migration logs.
  */
 #include "config.h"
 
@@ -10,6 +11,7 @@
 #include <string.h>
 #include <time.h>
 
+#include "common/log.h"
 #include "store/engine.h"
 #include "store/schema.h"
 
@@ -77,6 +79,14 @@ kms_err kms_store_schema_usable(const char *name, int have, int mode)
                            "(%d): run p11kmsd init --config FILE to migrate it",
                name, have, want);
     return KMS_OK;
+}
+
+void kms_store_log_migration(const char *name, int have, int want)
+{
+    if (have == 0)
+        kms_info("database %s: schema made at version %d", name, want);
+    else
+        kms_info("database %s: schema migrated from version %d to %d", name, have, want);
 }
 
 kms_err kms_store_database_version(struct kms_store *st, int *out)

@@ -949,7 +949,6 @@ static kms_err migrate(struct pg_tx *t, int have, char *words, size_t n)
         KMS_GUARD(simple(t, kms_schema_migration(KMS_SCHEMA_POSTGRESQL, v), "migration", words, n));
         snprintf(text, sizeof text, "UPDATE schema_version SET version = %d", v);
         KMS_GUARD(simple(t, text, "migration", words, n));
-        kms_info("database %s: schema migrated to version %d", t->st->base.name, v);
     }
     return KMS_OK;
 }
@@ -982,11 +981,14 @@ static kms_err schema(struct pg_store *st, int mode)
         words[0] = '\0';
         rc = kms_store_schema_usable(st->base.name, have, mode);
     }
-    if (rc == KMS_OK && have < kms_schema_count())
+    int migrating = rc == KMS_OK && have < kms_schema_count();
+    if (migrating)
         rc = migrate(t, have, words, sizeof words);
     if (rc == KMS_OK)
         rc = pg_commit(tx);
     pg_rollback(tx);
+    if (rc == KMS_OK && migrating)
+        kms_store_log_migration(st->base.name, have, kms_schema_count());
     if (rc != KMS_OK && words[0])
         rc = KMS_FAIL(rc, "cannot use the database %s: %s", st->base.name, words);
     return rc;

@@ -383,11 +383,11 @@ static kms_err schema(struct sq_store *st, sqlite3 *db, int mode)
         snprintf(pragma, sizeof pragma, "PRAGMA user_version = %d", v);
         if (rc == KMS_OK)
             rc = exec(db, pragma, "migration");
-        if (rc == KMS_OK)
-            kms_info("database %s: schema migrated to version %d", st->base.name, v);
     }
     if (rc == KMS_OK)
         rc = exec(db, "COMMIT", "migration");
+    if (rc == KMS_OK)
+        kms_store_log_migration(st->base.name, have, want);
     if (rc != KMS_OK) {
         char *err = NULL;
         sqlite3_exec(db, "ROLLBACK", NULL, NULL, &err);

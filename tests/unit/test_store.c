@@ -54,6 +54,7 @@
 
 #include "common/encoding.h"
 #include "common/error.h"
+#include "common/log.h"
 #include "store/store.h"
 
 /* ---- the PostgreSQL server (P11KMS_TEST_PG_URL) ------------------------------- */
@@ -239,6 +240,41 @@ static struct kms_store *init_store(struct fixture *f)
     return f->st;
 }
 
+/*
+ * open_store with the log in a file of the fixture's folder; the lines that
+ * name the schema are copied to out (the caller checks every one).
+ */
+static kms_err open_logged(struct fixture *f, int mode, struct kms_store **st, char *out, size_t n)
+{
+    char path[160], line[1024];
+    size_t used = 0;
+    snprintf(path, sizeof path, "%s/store.log", f->dir);
+    unlink(path);
+    kms_log_set_level(KMS_LOG_INFO);
+    assert_int_equal(kms_log_open(path), KMS_OK);
+    kms_err rc = open_store(f->url, mode, 0, st);
+    kms_log_close();
+    FILE *in = fopen(path, "r");
+    assert_non_null(in);
+    out[0] = '\0';
+    while (fgets(line, sizeof line, in))
+        if (strstr(line, "schema") && used + strlen(line) < n) {
+            memcpy(out + used, line, strlen(line) + 1);
+            used += strlen(line);
+        }
+    fclose(in);
+    return rc;
+}
+
+/* How often needle occurs in text. */
+static int occurrences(const char *text, const char *needle)
+{
+    int k = 0;
+    for (const char *p = strstr(text, needle); p; p = strstr(p + 1, needle))
+        k++;
+    return k;
+}
+
 static struct kms_tx *begin(struct kms_store *st, int mode)
 {
     struct kms_tx *tx = NULL;
@@ -408,9 +444,16 @@ static void test_init_creates_schema(void **state)
     struct stat sb;
     int version = -1;
 
+    char logged[2048], want[800];
+
     assert_true(kms_store_schema_version() >= 1);
-    assert_int_equal(open_store(f->url, KMS_STORE_INIT, 0, &f->st), KMS_OK);
+    assert_int_equal(open_logged(f, KMS_STORE_INIT, &f->st, logged, sizeof logged), KMS_OK);
     assert_string_equal(kms_store_name(f->st), f->name);
+    /* one line for the schema made, none for each migration in it */
+    snprintf(want, sizeof want, "database %s: schema made at version %d\n", f->name,
+             kms_store_schema_version());
+    assert_int_equal(occurrences(logged, "schema"), 1);
+    assert_int_equal(occurrences(logged, want), 1);
     assert_int_equal(kms_store_database_version(f->st, &version), KMS_OK);
     assert_int_equal(version, kms_store_schema_version());
     /* made private: the database holds wrapped keys */
@@ -433,8 +476,9 @@ static void test_init_creates_schema(void **state)
     kms_store_close(f->st);
     f->st = NULL;
 
-    /* INIT again is idempotent; OPEN accepts it */
-    assert_int_equal(open_store(f->url, KMS_STORE_INIT, 0, &f->st), KMS_OK);
+    /* INIT again is idempotent (and says nothing of the schema); OPEN accepts it */
+    assert_int_equal(open_logged(f, KMS_STORE_INIT, &f->st, logged, sizeof logged), KMS_OK);
+    assert_int_equal(occurrences(logged, "schema"), 0);
     kms_store_close(f->st);
     f->st = NULL;
     assert_int_equal(open_store(f->url, KMS_STORE_OPEN, 0, &f->st), KMS_OK);
@@ -1508,7 +1552,13 @@ static void test_migrate_schema_1(void **state)
     set_schema_version(f, 1);
     assert_int_equal(open_store(f->url, KMS_STORE_OPEN, 0, &st), KMS_ERR_INTERNAL);
     kms_err_clear();
-    assert_int_equal(open_store(f->url, KMS_STORE_INIT, 0, &f->st), KMS_OK);
+    /* One line for the whole migration, naming both versions. */
+    char logged[2048], want[800];
+    assert_int_equal(open_logged(f, KMS_STORE_INIT, &f->st, logged, sizeof logged), KMS_OK);
+    snprintf(want, sizeof want, "database %s: schema migrated from version 1 to %d\n", f->name,
+             kms_store_schema_version());
+    assert_int_equal(occurrences(logged, "schema"), 1);
+    assert_int_equal(occurrences(logged, want), 1);
     int version = 0;
     assert_int_equal(kms_store_database_version(f->st, &version), KMS_OK);
     assert_int_equal(version, kms_store_schema_version());
