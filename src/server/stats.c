@@ -4,6 +4,7 @@
 
 #include <stdio.h>
 #include <stdlib.h>
+#include <time.h>
 
 #include "common/metrics.h"
 #include "hsm/hsm.h"
@@ -25,6 +26,7 @@ struct kms_stats {
     struct kms_counter_family *audit_failures;  /* no label */
     struct kms_counter_family *breaker_trips;   /* kind */
     struct kms_counter_family *breaker_refused; /* no label */
+    double started;                             /* seconds since the epoch */
     const char *operations[KMS_OP_COUNT + 2];   /* the operations, "none", NULL */
     const char *outcomes[OUTCOMES + 1];
 };
@@ -77,6 +79,14 @@ static kms_err collect(void *arg, struct kms_metrics_writer *w)
     unsigned queued = 0, running = 0;
     size_t keys = 0, versions = 0;
 
+    /* Which release runs, and since when: restarts show as changes of the start time. */
+    const char *release[] = {"version", PACKAGE_VERSION, NULL};
+    KMS_GUARD(kms_metrics_write_gauge(w, "p11kms_build_info",
+                                      "Always 1; its label names the p11kmsd release serving",
+                                      release, 1));
+    KMS_GUARD(kms_metrics_write_gauge(w, "p11kms_start_time_seconds",
+                                      "When this p11kmsd started, in seconds since the epoch", NULL,
+                                      srv->stats->started));
     kms_hsm_load(srv->hsm, &load);
     KMS_GUARD(kms_metrics_write_gauge(w, "p11kms_token_sessions", "Token sessions in the pool",
                                       NULL, load.sessions));
@@ -163,6 +173,9 @@ kms_err kms_stats_start(struct kms_server *srv)
     kms_err rc;
 
     KMS_ENSURE(st != NULL, KMS_ERR_INTERNAL, "out of memory");
+    struct timespec now;
+    clock_gettime(CLOCK_REALTIME, &now);
+    st->started = (double)now.tv_sec + (double)(now.tv_nsec / 1000000) / 1000.0;
     for (size_t i = 0; i < KMS_OP_COUNT; i++)
         st->operations[i] = kms_op_at(i)->name;
     st->operations[KMS_OP_COUNT] = "none";

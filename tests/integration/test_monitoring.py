@@ -17,6 +17,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 
 sys.dont_write_bytecode = True  # keep __pycache__ out of the source tree
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -66,6 +67,7 @@ TOPICS = [
     ("Audit lines per flush", "p11kms_audit_flushed_lines_total{"),
     ("Audit write failures", "p11kms_audit_write_failures_total{"),
     ("Requests in flight", "p11kms_requests_running{"),
+    ("Version and restarts", "p11kms_start_time_seconds{"),
 ]
 
 METRIC_RE = re.compile(r"\bp11kms_[a-zA-Z0-9_]+")
@@ -83,6 +85,7 @@ class Ctx:
     alice = None
     bob = None
     server = None
+    started = None  # [before p11kmsd was started, after it was ready], time.time()
     live = None  # promtext.families() of the live /metrics
     parsed = None  # promtext.parse() of the same text
 
@@ -100,7 +103,9 @@ def setup():
     config = h.write_config(C.ws.sub("p11kmsd.conf"), C.token, creds, metrics_key_ids="true",
                             decrypt_breaker_failures="5",
                             **{"rate_crypto.bob": "1", "burst_crypto.bob": "1"})
+    C.started = [time.time()]
     C.server = h.start_config_server(config, C.token, C.ws.sub("p11kmsd.log"))
+    C.started.append(time.time())
 
 
 def teardown():
@@ -497,6 +502,28 @@ def test_database_and_key_cache_series():
     check(misses >= 1, "the key that does not exist was read from the database: %r misses"
           % misses)
     check(hits >= 2, "the cached keys and the key known not to exist: %r hits" % hits)
+
+
+@test
+def test_build_info_and_start_time():
+    """p11kms_build_info names the release `p11kmsd --version` prints, with the value 1;
+    p11kms_start_time_seconds is the server's start, between the test's clock before it
+    started it and after it answered (the panel and P11kmsRestarting read its changes)."""
+    fams = live_families()
+    version = subprocess.run([os.environ["P11KMSD"], "--version"], stdout=subprocess.PIPE,
+                             text=True, check=True, timeout=30).stdout.split()
+    eq(len(version), 2, "p11kmsd --version prints its name and release: %r" % version)
+    info = fams["p11kms_build_info"]
+    eq(info.type, "gauge", "p11kms_build_info's type")
+    eq([(x.labels, x.value) for x in info.samples], [({"version": version[1]}, 1.0)],
+       "p11kms_build_info's one series")
+    start = fams["p11kms_start_time_seconds"]
+    eq(start.type, "gauge", "p11kms_start_time_seconds's type")
+    eq(len(start.samples), 1, "p11kms_start_time_seconds's series")
+    began = start.samples[0].value
+    check(C.started[0] - 0.002 <= began <= C.started[1],
+          "started at %.3f, between %.3f (before the start) and %.3f (ready)"
+          % (began, C.started[0], C.started[1]))
 
 
 @test
