@@ -35,6 +35,54 @@ const char *const kms_hsm_call_names[KMS_HSM_CALL_COUNT + 1] = {
     NULL,
 };
 
+/* The return values kms_hsm_fail counts by name; the last row counts every other. */
+/* clang-format off */
+#define NAMED(rv) {rv, #rv}
+/* clang-format on */
+static const struct {
+    CK_RV rv;
+    const char *name;
+} failure_kinds[] = {
+    NAMED(CKR_DEVICE_ERROR),
+    NAMED(CKR_DEVICE_REMOVED),
+    NAMED(CKR_DEVICE_MEMORY),
+    NAMED(CKR_TOKEN_NOT_PRESENT),
+    NAMED(CKR_TOKEN_NOT_RECOGNIZED),
+    NAMED(CKR_SESSION_HANDLE_INVALID),
+    NAMED(CKR_SESSION_CLOSED),
+    NAMED(CKR_USER_NOT_LOGGED_IN),
+    NAMED(CKR_CRYPTOKI_NOT_INITIALIZED),
+    NAMED(CKR_KEY_HANDLE_INVALID),
+    NAMED(CKR_HOST_MEMORY),
+    NAMED(CKR_GENERAL_ERROR),
+    NAMED(CKR_FUNCTION_FAILED),
+    NAMED(CKR_MECHANISM_INVALID),
+    NAMED(CKR_OPERATION_ACTIVE),
+    {CKR_OK, "other"},
+};
+#undef NAMED
+#define FAILURE_KINDS (sizeof failure_kinds / sizeof failure_kinds[0])
+
+static uint64_t failures[FAILURE_KINDS];
+
+size_t kms_hsm_failures(const char **names, uint64_t *counts, size_t n)
+{
+    size_t i;
+    for (i = 0; i < n && i < FAILURE_KINDS; i++) {
+        names[i] = failure_kinds[i].name;
+        counts[i] = __atomic_load_n(&failures[i], __ATOMIC_RELAXED);
+    }
+    return i;
+}
+
+static void count_failure(CK_RV rv)
+{
+    size_t i = 0;
+    while (i < FAILURE_KINDS - 1 && failure_kinds[i].rv != rv)
+        i++;
+    __atomic_fetch_add(&failures[i], 1, __ATOMIC_RELAXED);
+}
+
 void kms_hsm_observe(struct kms_hsm *hsm, kms_hsm_observer fn, void *arg)
 {
     hsm->observe = fn;
@@ -69,8 +117,11 @@ kms_err kms_hsm_fail(CK_RV rv, const char *what, const char *file, int line)
     }
     /*
      * An object that vanished (another node removed a superseded record between
-     * our search and our read or destroy) is an expected race, not a fault.
+     * our search and our read or destroy) is an expected race, not a fault:
+     * neither logged as an error nor counted.
      */
+    if (rv != CKR_OBJECT_HANDLE_INVALID)
+        count_failure(rv);
     kms_log(rv == CKR_OBJECT_HANDLE_INVALID ? KMS_LOG_DEBUG : KMS_LOG_ERROR,
             "%s failed: %s (0x%lx) at %s:%d", what, p11_kit_strerror(rv), (unsigned long)rv, file,
             line);

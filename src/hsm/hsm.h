@@ -49,6 +49,14 @@ enum kms_hsm_call {
 };
 /* "C_Encrypt", ...: one name per call above. */
 extern const char *const kms_hsm_call_names[KMS_HSM_CALL_COUNT + 1];
+/*
+ * Token calls that failed (each one logged as an error) in this process, by
+ * return value: up to n pairs of a name ("CKR_DEVICE_ERROR", ..., and last
+ * "other" for any return value not named) and a count, always in the same
+ * order; answers how many pairs it wrote.
+ */
+size_t kms_hsm_failures(const char **names, uint64_t *counts, size_t n);
+
 /* Called after every timed call, from the calling thread; must be cheap. */
 typedef void (*kms_hsm_observer)(void *arg, enum kms_hsm_call call, uint64_t ns);
 

@@ -154,6 +154,17 @@ def metrics(ep=None):
     return promtext.parse(r.body.decode())
 
 
+def token_errors():
+    """{rv: p11kms_token_errors_total{rv}} of the live /metrics."""
+    out = {}
+    for (name, labels), v in metrics().items():
+        if name == "p11kms_token_errors_total":
+            out[dict(labels)["rv"]] = v
+    eq(sorted(FAULTS + ("other",)), sorted(set(FAULTS + ("other",)) & set(out)),
+       "p11kms_token_errors_total has a series for each fault and for other")
+    return out
+
+
 @test
 def test_each_fault_in_each_function():
     """42 cases: the request fails with KeyUnavailableException (500) while the fault lasts,
@@ -162,13 +173,18 @@ def test_each_fault_in_each_function():
     for fn, (op, request) in REQUESTS.items():
         for rv in FAULTS:
             what = "%s in %s (%s)" % (rv, fn, op)
+            before = token_errors()
             C.faults.set(fn, rv=rv)
             for attempt in range(2):
                 r = request()
                 check(r.status != 200, "%s: answered 200 while the token fails" % what)
                 h.check_error_response(r, *EXPECTED)
-            check(C.faults.injected(fn) >= 2, "%s: the module injected %d faults"
-                  % (what, C.faults.injected(fn)))
+            injected = C.faults.injected(fn)
+            check(injected >= 2, "%s: the module injected %d faults" % (what, injected))
+            # p11kms_token_errors_total counts each failed call under its return value.
+            after = token_errors()
+            eq({k: after[k] - before[k] for k in after if after[k] != before[k]},
+               {rv: injected}, "%s: p11kms_token_errors_total's changes" % what)
             C.faults.clear()
             for attempt in range(3):
                 r = request()
