@@ -481,8 +481,10 @@ struct kms_audit {
     struct kms_audit_wait *waiters; /* not yet settled */
     uint64_t tickets;               /* of the last line chained */
     uint64_t durable, lost_lo, lost_hi;
-    uint64_t flushes, flushed; /* the committer's flushes and the lines they made durable */
-    int flush_failing;         /* the last flush failed: logged once */
+    uint64_t flushes, flushed;  /* the committer's flushes and the lines they made durable */
+    kms_audit_observer observe; /* told how long each of the committer's flushes took */
+    void *observe_arg;
+    int flush_failing; /* the last flush failed: logged once */
     int commit_stop;
     int commit_idle;   /* the committer sleeps with nothing to write: the next line wakes it */
     int64_t gather_ns; /* how long the next batch gathers lines before its flush */
@@ -852,16 +854,20 @@ static void *commit_thread(void *arg)
         uint64_t from = a->durable + 1, target = a->tickets;
         int have = a->fd >= 0;
         int fd = have ? dup(a->fd) : -1;
+        kms_audit_observer observe = a->observe;
+        void *observe_arg = a->observe_arg;
         pthread_mutex_unlock(&a->lock);
         /* No file: every line was flushed (or lost) when its file was let go. */
         struct timespec t0 = mono_now();
         int ok = !have || (fd >= 0 && flush_fd(fd));
         int e = errno;
         struct timespec t1 = mono_now();
+        int64_t took = (int64_t)(t1.tv_sec - t0.tv_sec) * 1000000000 + (t1.tv_nsec - t0.tv_nsec);
         if (fd >= 0)
             close(fd);
+        if (fd >= 0 && observe)
+            observe(observe_arg, took > 0 ? (uint64_t)took : 0);
         pthread_mutex_lock(&a->lock);
-        int64_t took = (int64_t)(t1.tv_sec - t0.tv_sec) * 1000000000 + (t1.tv_nsec - t0.tv_nsec);
         a->gather_ns = target - from >= 1 ? (took < GATHER_MAX_NS ? took : GATHER_MAX_NS) : 0;
         if (!ok) {
             if (!a->flush_failing)
@@ -926,6 +932,14 @@ int kms_audit_wait(struct kms_audit *a, struct kms_audit_wait *w)
     }
     pthread_mutex_unlock(&a->lock);
     return v;
+}
+
+void kms_audit_observe(struct kms_audit *a, kms_audit_observer fn, void *arg)
+{
+    pthread_mutex_lock(&a->lock);
+    a->observe = fn;
+    a->observe_arg = arg;
+    pthread_mutex_unlock(&a->lock);
 }
 
 void kms_audit_commit_stats(struct kms_audit *a, struct kms_audit_commit_stats *out)

@@ -183,6 +183,12 @@ struct kms_audit_commit_stats {
     uint64_t lines;   /* the lines they made durable: lines / flushes is the average group */
 };
 void kms_audit_commit_stats(struct kms_audit *a, struct kms_audit_commit_stats *out);
+/*
+ * fn is called by the committer after each of its fdatasync calls, failed or
+ * not, with the time it took (outside the log's lock); NULL: no longer.
+ */
+typedef void (*kms_audit_observer)(void *arg, uint64_t ns);
+void kms_audit_observe(struct kms_audit *a, kms_audit_observer fn, void *arg);
 /* Writes an alert line now (not by the committer); an error when it could not be written. */
 KMS_MUST_CHECK kms_err kms_audit_alert(struct kms_audit *a, const struct kms_audit_alert *al);
 /*

@@ -449,7 +449,8 @@ out:
     if (srv.ks)
         kms_keystore_stop(srv.ks);
     kms_audit_close(srv.audit); /* its close checkpoint, the node's head */
-    kms_stats_free(&srv);       /* after every thread that calls the token */
+    srv.audit = NULL;
+    kms_stats_free(&srv); /* after every thread that calls the token */
     kms_ratelimit_free(srv.limits);
     kms_breaker_free(srv.breaker);
     kms_tls_free(srv.tls);

@@ -24,6 +24,7 @@ struct kms_stats {
     struct kms_histogram_family *db_tx;         /* kind: read, write */
     struct kms_counter_family *db_failures;     /* kind */
     struct kms_counter_family *audit_failures;  /* no label */
+    struct kms_histogram_family *audit_flushes; /* no label */
     struct kms_counter_family *breaker_trips;   /* kind */
     struct kms_counter_family *breaker_refused; /* no label */
     double started;                             /* seconds since the epoch */
@@ -43,6 +44,12 @@ static void observe_database(void *arg, int write, int failed, uint64_t ns)
     kms_histogram_observe_ns(st->db_tx, write ? 1 : 0, ns);
     if (failed)
         kms_counter_add(st->db_failures, write ? 1 : 0, 0, 1);
+}
+
+static void observe_audit_flush(void *arg, uint64_t ns)
+{
+    struct kms_stats *st = arg;
+    kms_histogram_observe_ns(st->audit_flushes, 0, ns);
 }
 
 static kms_err write_usage(void *arg, const struct kms_version_usage *u)
@@ -243,6 +250,13 @@ kms_err kms_stats_start(struct kms_server *srv)
     if (rc == KMS_OK)
         rc = kms_metrics_add_counter(st->registry, st->audit_failures);
     if (rc == KMS_OK)
+        rc = kms_histogram_family_new("p11kms_audit_flush_seconds",
+                                      "The audit log's group commit: each fdatasync, from call to "
+                                      "return (answers wait for it)",
+                                      NULL, NULL, NULL, 0, &st->audit_flushes);
+    if (rc == KMS_OK)
+        rc = kms_metrics_add_histogram(st->registry, st->audit_flushes);
+    if (rc == KMS_OK)
         rc = kms_counter_family_new("p11kms_decrypt_breaker_trips_total",
                                     "Decryption breakers opened (that many decryptions failed "
                                     "within the window), by kind",
@@ -261,6 +275,8 @@ kms_err kms_stats_start(struct kms_server *srv)
     if (rc == KMS_OK) {
         kms_hsm_observe(srv->hsm, observe_token, st);
         kms_store_observe(srv->store, observe_database, st);
+        if (srv->audit)
+            kms_audit_observe(srv->audit, observe_audit_flush, st);
     }
     return rc;
 }
@@ -274,6 +290,8 @@ void kms_stats_free(struct kms_server *srv)
         kms_hsm_observe(srv->hsm, NULL, NULL);
     if (srv->store)
         kms_store_observe(srv->store, NULL, NULL);
+    if (srv->audit)
+        kms_audit_observe(srv->audit, NULL, NULL);
     kms_metrics_free(st->registry); /* and the families added to it */
     free(st);
     srv->stats = NULL;

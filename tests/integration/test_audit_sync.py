@@ -140,8 +140,19 @@ class Call(threading.Thread):
         self.result = self.fn()
 
 
+def flush_times(n):
+    """(flushes timed, of which longer than 0.5 s, seconds in all) of p11kms_audit_flush_seconds."""
+    r = h.get_metrics(n.ep)
+    eq(r.status, 200, "GET /metrics")
+    m = promtext.parse(r.body.decode())
+    count = promtext.value(m, "p11kms_audit_flush_seconds_count")
+    return (count, count - promtext.value(m, "p11kms_audit_flush_seconds_bucket", le="0.5"),
+            promtext.value(m, "p11kms_audit_flush_seconds_sum"))
+
+
 def answer_waits_for_its_line(n):
     before = len(n.records("GenerateDataKey"))
+    times = flush_times(n)
     n.flag("hold", True)
     try:
         c = Call(n.gdk)
@@ -159,6 +170,12 @@ def answer_waits_for_its_line(n):
     eq(c.result.header("x-amzn-RequestId"), line["request_id"],
        "the answer is the request the line records")
     eq(len(base64.b64decode(c.result.json()["Plaintext"])), 32, "the data key")
+    # p11kms_audit_flush_seconds timed the held flush: one more above 0.5 s.
+    after = flush_times(n)
+    check(after[0] >= times[0] + 1, "flushes timed: %r, then %r" % (times[0], after[0]))
+    eq(after[1] - times[1], 1, "flushes longer than 0.5 s since the one held")
+    check(after[2] - times[2] >= 0.5, "seconds in flushes grew by the held one's: %r, then %r"
+          % (times[2], after[2]))
 
 
 @test

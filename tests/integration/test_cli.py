@@ -359,8 +359,8 @@ def test_round_trips_files():
             eq(got, {"Format": fmt, "PlaintextBytes": len(data), "Output": dec}, "summary")
             with open(dec, "rb") as f:
                 check(f.read() == data, "%s %s round trip" % (fmt, name))
-            err = fails(["decrypt", "-c", "tenant=evil", "-c", "app=cli", "-i", enc,
-                         "-o", dec + ".x"], 4, "DecryptionFailed")
+            fails(["decrypt", "-c", "tenant=evil", "-c", "app=cli", "-i", enc,
+                   "-o", dec + ".x"], 4, "DecryptionFailed")
             check(not os.path.exists(dec + ".x"), "no output file after a wrong context")
             check(not [n for n in os.listdir(C.ws.sub()) if ".p11kms-" in n],
                   "no temporary file left")

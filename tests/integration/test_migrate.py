@@ -39,7 +39,6 @@ import sqlite3
 import subprocess
 import sys
 import time
-import urllib.request
 import uuid
 
 sys.dont_write_bytecode = True  # keep __pycache__ out of the source tree
