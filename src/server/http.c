@@ -1215,6 +1215,19 @@ static void on_completed(void *cls, struct MHD_Connection *c, void **con_cls,
 }
 
 /* libmicrohttpd's own messages (a client that went away, ...) are for debugging only. */
+/* Counts the connections open: libmicrohttpd tells of each one it took and of its close. */
+static void on_connection(void *cls, struct MHD_Connection *c, void **socket_context,
+                          enum MHD_ConnectionNotificationCode code)
+{
+    struct kms_server *srv = cls;
+    (void)c;
+    (void)socket_context;
+    if (code == MHD_CONNECTION_NOTIFY_STARTED)
+        __atomic_add_fetch(&srv->connections, 1, __ATOMIC_RELAXED);
+    else if (code == MHD_CONNECTION_NOTIFY_CLOSED)
+        __atomic_sub_fetch(&srv->connections, 1, __ATOMIC_RELAXED);
+}
+
 static void mhd_log(void *cls, const char *fmt, va_list ap)
 {
     char line[512];
@@ -1294,7 +1307,8 @@ kms_err kms_http_start(struct kms_server *srv)
         (unsigned int)srv->cfg.max_connections, MHD_OPTION_PER_IP_CONNECTION_LIMIT,
         (unsigned int)srv->cfg.per_ip_connections, MHD_OPTION_CONNECTION_MEMORY_LIMIT,
         (size_t)srv->cfg.max_header, MHD_OPTION_NOTIFY_COMPLETED, on_completed, srv,
-        MHD_OPTION_EXTERNAL_LOGGER, mhd_log, NULL, MHD_OPTION_END);
+        MHD_OPTION_NOTIFY_CONNECTION, on_connection, srv, MHD_OPTION_EXTERNAL_LOGGER, mhd_log, NULL,
+        MHD_OPTION_END);
     freeaddrinfo(ai);
     KMS_ENSURE(srv->daemon != NULL, KMS_ERR_INTERNAL, "cannot listen on %s", srv->cfg.listen);
     const union MHD_DaemonInfo *info = MHD_get_daemon_info(srv->daemon, MHD_DAEMON_INFO_BIND_PORT);

@@ -46,8 +46,9 @@ struct kms_server {
     pthread_cond_t active_done;
     unsigned active;
     int stopping;
-    unsigned long parked; /* atomic: answers waiting for their audit line to be on disk */
-    unsigned port;        /* the port actually bound */
+    unsigned long parked;      /* atomic: answers waiting for their audit line to be on disk */
+    unsigned long connections; /* atomic: client connections open (past the connection limits) */
+    unsigned port;             /* the port actually bound */
     char host[256];
 };
 

@@ -94,6 +94,10 @@ static kms_err collect(void *arg, struct kms_metrics_writer *w)
     KMS_GUARD(kms_metrics_write_gauge(w, "p11kms_start_time_seconds",
                                       "When this p11kmsd started, in seconds since the epoch", NULL,
                                       srv->stats->started));
+    KMS_GUARD(kms_metrics_write_gauge(
+        w, "p11kms_connections_open",
+        "Client connections open now (max_connections in all, per_ip_connections from one address)",
+        NULL, (double)__atomic_load_n(&srv->connections, __ATOMIC_RELAXED)));
     kms_hsm_load(srv->hsm, &load);
     KMS_GUARD(kms_metrics_write_gauge(w, "p11kms_token_sessions", "Token sessions in the pool",
                                       NULL, load.sessions));

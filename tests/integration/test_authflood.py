@@ -444,6 +444,9 @@ def test_connections_per_address_are_capped():
             eq(got, b"", "the 257th connection from one address: closed without an answer")
         finally:
             extra.close()
+        # p11kms_connections_open: the address's connections and the scrape's own, not
+        # the refused one.
+        connections_open_becomes(PER_IP_CONNECTIONS + 1)
         for i in (0, PER_IP_CONNECTIONS - 1):
             held[i].sendall(probe)
             check(held[i].recv(65536).startswith(b"HTTP/1.1 200"),
@@ -453,6 +456,25 @@ def test_connections_per_address_are_capped():
     finally:
         for s in held:
             s.close()
+    connections_open_becomes(1)
+
+
+def connections_open_becomes(n, timeout=10.0):
+    """Waits until p11kms_connections_open, scraped from another address, is n (libmicrohttpd
+    sees a client's close at its next poll)."""
+    deadline = time.monotonic() + timeout
+    seen = []
+    while True:
+        r = h.get_metrics(C.server.endpoint)
+        eq(r.status, 200, "GET /metrics")
+        m = re.search(r"^p11kms_connections_open (\S+)$", r.body.decode(), re.M)
+        check(m, "p11kms_connections_open in /metrics")
+        seen.append(float(m.group(1)))
+        if seen[-1] == n:
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError("p11kms_connections_open: %r, never %d" % (seen[-10:], n))
+        time.sleep(0.05)
 
 
 @test

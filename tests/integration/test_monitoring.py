@@ -70,7 +70,8 @@ TOPICS = [
     ("Audit lines per flush", "p11kms_audit_flushed_lines_total{"),
     ("Audit write failures", "p11kms_audit_write_failures_total{"),
     ("Audit flushes and their latency", "p11kms_audit_flush_seconds_bucket{"),
-    ("Requests in flight", "p11kms_requests_running{"),
+    ("Requests in flight and connections open", "p11kms_requests_running{"),
+    ("Requests in flight and connections open", "p11kms_connections_open{"),
     ("Version and restarts", "p11kms_start_time_seconds{"),
 ]
 
