@@ -58,10 +58,13 @@ static const struct {
     NAMED(CKR_FUNCTION_FAILED),
     NAMED(CKR_MECHANISM_INVALID),
     NAMED(CKR_OPERATION_ACTIVE),
+    NAMED(CKR_WRAPPED_KEY_INVALID),
+    NAMED(CKR_UNWRAPPING_KEY_HANDLE_INVALID),
     {CKR_OK, "other"},
 };
 #undef NAMED
 #define FAILURE_KINDS (sizeof failure_kinds / sizeof failure_kinds[0])
+_Static_assert(FAILURE_KINDS == KMS_HSM_FAILURE_KINDS, "hsm.h's count of the rows");
 
 static uint64_t failures[FAILURE_KINDS];
 
@@ -605,6 +608,7 @@ kms_err kms_hsm_unwrap_failed(struct kms_session *holder, CK_RV rv, const char *
         rv == CKR_GENERAL_ERROR || rv == CKR_FUNCTION_FAILED ||
         rv == CKR_UNWRAPPING_KEY_HANDLE_INVALID) {
         holder->last_rv = rv;
+        count_failure(rv);
         kms_error("C_UnwrapKey refused a stored key version (%s): the database row is corrupt "
                   "or names the wrong root key",
                   p11_kit_strerror(rv));

@@ -55,6 +55,7 @@ extern const char *const kms_hsm_call_names[KMS_HSM_CALL_COUNT + 1];
  * "other" for any return value not named) and a count, always in the same
  * order; answers how many pairs it wrote.
  */
+#define KMS_HSM_FAILURE_KINDS 18
 size_t kms_hsm_failures(const char **names, uint64_t *counts, size_t n);
 
 /* Called after every timed call, from the calling thread; must be cheap. */

@@ -854,8 +854,6 @@ static void *commit_thread(void *arg)
         uint64_t from = a->durable + 1, target = a->tickets;
         int have = a->fd >= 0;
         int fd = have ? dup(a->fd) : -1;
-        kms_audit_observer observe = a->observe;
-        void *observe_arg = a->observe_arg;
         pthread_mutex_unlock(&a->lock);
         /* No file: every line was flushed (or lost) when its file was let go. */
         struct timespec t0 = mono_now();
@@ -865,9 +863,10 @@ static void *commit_thread(void *arg)
         int64_t took = (int64_t)(t1.tv_sec - t0.tv_sec) * 1000000000 + (t1.tv_nsec - t0.tv_nsec);
         if (fd >= 0)
             close(fd);
-        if (fd >= 0 && observe)
-            observe(observe_arg, took > 0 ? (uint64_t)took : 0);
         pthread_mutex_lock(&a->lock);
+        /* Under the lock, so that kms_audit_observe(a, NULL, NULL) stops it at once. */
+        if (fd >= 0 && a->observe)
+            a->observe(a->observe_arg, took > 0 ? (uint64_t)took : 0);
         a->gather_ns = target - from >= 1 ? (took < GATHER_MAX_NS ? took : GATHER_MAX_NS) : 0;
         if (!ok) {
             if (!a->flush_failing)

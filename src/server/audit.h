@@ -185,7 +185,8 @@ struct kms_audit_commit_stats {
 void kms_audit_commit_stats(struct kms_audit *a, struct kms_audit_commit_stats *out);
 /*
  * fn is called by the committer after each of its fdatasync calls, failed or
- * not, with the time it took (outside the log's lock); NULL: no longer.
+ * not, with the time it took, under the log's lock (it must be quick and take
+ * no lock of its own). NULL: no longer, from the moment this returns.
  */
 typedef void (*kms_audit_observer)(void *arg, uint64_t ns);
 void kms_audit_observe(struct kms_audit *a, kms_audit_observer fn, void *arg);

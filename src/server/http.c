@@ -1214,7 +1214,6 @@ static void on_completed(void *cls, struct MHD_Connection *c, void **con_cls,
     request_done(cls);
 }
 
-/* libmicrohttpd's own messages (a client that went away, ...) are for debugging only. */
 /* Counts the connections open: libmicrohttpd tells of each one it took and of its close. */
 static void on_connection(void *cls, struct MHD_Connection *c, void **socket_context,
                           enum MHD_ConnectionNotificationCode code)
@@ -1228,6 +1227,7 @@ static void on_connection(void *cls, struct MHD_Connection *c, void **socket_con
         __atomic_sub_fetch(&srv->connections, 1, __ATOMIC_RELAXED);
 }
 
+/* libmicrohttpd's own messages (a client that went away, ...) are for debugging only. */
 static void mhd_log(void *cls, const char *fmt, va_list ap)
 {
     char line[512];

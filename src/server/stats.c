@@ -122,9 +122,9 @@ static kms_err collect(void *arg, struct kms_metrics_writer *w)
                                       "1 while a token call took over the stall time within the "
                                       "last second: every request then goes to a worker",
                                       NULL, srv->pool ? kms_pool_token_slow(srv->pool) : 0));
-    const char *rv[32];
-    uint64_t failed[32];
-    size_t kinds = kms_hsm_failures(rv, failed, sizeof failed / sizeof failed[0]);
+    const char *rv[KMS_HSM_FAILURE_KINDS];
+    uint64_t failed[KMS_HSM_FAILURE_KINDS];
+    size_t kinds = kms_hsm_failures(rv, failed, KMS_HSM_FAILURE_KINDS);
     for (size_t i = 0; i < kinds; i++) {
         const char *labels[] = {"rv", rv[i], NULL};
         KMS_GUARD(kms_metrics_write_counter(w, "p11kms_token_errors_total",

@@ -386,7 +386,7 @@ static kms_err schema(struct sq_store *st, sqlite3 *db, int mode)
     }
     if (rc == KMS_OK)
         rc = exec(db, "COMMIT", "migration");
-    if (rc == KMS_OK)
+    if (rc == KMS_OK && have < want) /* not when another process migrated meanwhile */
         kms_store_log_migration(st->base.name, have, want);
     if (rc != KMS_OK) {
         char *err = NULL;

@@ -141,12 +141,13 @@ class Call(threading.Thread):
 
 
 def flush_times(n):
-    """(flushes timed, of which longer than 0.5 s, seconds in all) of p11kms_audit_flush_seconds."""
+    """(flushes timed, of which longer than 0.25 s, seconds in all) of
+    p11kms_audit_flush_seconds."""
     r = h.get_metrics(n.ep)
     eq(r.status, 200, "GET /metrics")
     m = promtext.parse(r.body.decode())
     count = promtext.value(m, "p11kms_audit_flush_seconds_count")
-    return (count, count - promtext.value(m, "p11kms_audit_flush_seconds_bucket", le="0.5"),
+    return (count, count - promtext.value(m, "p11kms_audit_flush_seconds_bucket", le="0.25"),
             promtext.value(m, "p11kms_audit_flush_seconds_sum"))
 
 
@@ -170,11 +171,13 @@ def answer_waits_for_its_line(n):
     eq(c.result.header("x-amzn-RequestId"), line["request_id"],
        "the answer is the request the line records")
     eq(len(base64.b64decode(c.result.json()["Plaintext"])), 32, "the data key")
-    # p11kms_audit_flush_seconds timed the held flush: one more above 0.5 s.
+    # p11kms_audit_flush_seconds timed the held flush (held for 0.5 s after its line was
+    # seen, its timing begun just after the line was written): one more above 0.25 s.
     after = flush_times(n)
     check(after[0] >= times[0] + 1, "flushes timed: %r, then %r" % (times[0], after[0]))
-    eq(after[1] - times[1], 1, "flushes longer than 0.5 s since the one held")
-    check(after[2] - times[2] >= 0.5, "seconds in flushes grew by the held one's: %r, then %r"
+    check(after[1] >= times[1] + 1, "flushes longer than 0.25 s: %r, then %r (the one held)"
+          % (times[1], after[1]))
+    check(after[2] - times[2] >= 0.25, "seconds in flushes grew by the held one's: %r, then %r"
           % (times[2], after[2]))
 
 

@@ -424,7 +424,8 @@ def test_flood_of_bad_signatures_is_bounded():
 def test_connections_per_address_are_capped():
     """per_ip_connections, 256 by default: one address holding 256 (idle)
     connections has its next one closed at once, unanswered; the connections
-    it holds are still served, and so is another address."""
+    it holds are still served, and so is another address. p11kms_connections_open
+    counts them, and goes back to 1 (the scrape's own) once they close."""
     import socket
     held = []
     probe = b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"
@@ -444,8 +445,8 @@ def test_connections_per_address_are_capped():
             eq(got, b"", "the 257th connection from one address: closed without an answer")
         finally:
             extra.close()
-        # p11kms_connections_open: the address's connections and the scrape's own, not
-        # the refused one.
+        # p11kms_connections_open: the address's connections and the scrape's own (the
+        # refused one is closed at once, counted or not).
         connections_open_becomes(PER_IP_CONNECTIONS + 1)
         for i in (0, PER_IP_CONNECTIONS - 1):
             held[i].sendall(probe)

@@ -281,6 +281,19 @@ static void test_unwrap_and_gcm(void **state)
     assert_int_equal(session_keys(s), 2);
 }
 
+/* Every failed token call kms_hsm_failures has counted so far, whatever its return value. */
+static uint64_t failures_counted(void)
+{
+    const char *names[KMS_HSM_FAILURE_KINDS];
+    uint64_t counts[KMS_HSM_FAILURE_KINDS], sum = 0;
+    size_t n = kms_hsm_failures(names, counts, KMS_HSM_FAILURE_KINDS);
+    assert_int_equal(n, KMS_HSM_FAILURE_KINDS);
+    assert_string_equal(names[n - 1], "other");
+    for (size_t i = 0; i < n; i++)
+        sum += counts[i];
+    return sum;
+}
+
 static void test_unwrap_refused(void **state)
 {
     struct fixture *f = *state;
@@ -292,8 +305,9 @@ static void test_unwrap_refused(void **state)
     wrap_new(s, root, w, &wlen);
     assert_int_equal(wlen, 40);
 
-    /* a flipped bit anywhere: the integrity check of RFC 5649 fails */
+    /* a flipped bit anywhere: the integrity check of RFC 5649 fails, a token failure each */
     static const size_t where[] = {0, 7, 8, 20, 39};
+    uint64_t counted = failures_counted();
     for (size_t i = 0; i < sizeof where / sizeof where[0]; i++) {
         memcpy(bad, w, wlen);
         bad[where[i]] ^= 0x01;
@@ -301,6 +315,7 @@ static void test_unwrap_refused(void **state)
         assert_string_equal(kms_err_message(),
                             "The key store could not unwrap a stored key version");
     }
+    assert_int_equal(failures_counted() - counted, sizeof where / sizeof where[0]);
     /* truncated: to a whole block shorter, to a part block, to nothing useful */
     static const size_t lens[] = {32, 39, 24, 16, 8};
     for (size_t i = 0; i < sizeof lens / sizeof lens[0]; i++)

@@ -250,7 +250,7 @@ static kms_err open_logged(struct fixture *f, int mode, struct kms_store **st, c
     size_t used = 0;
     snprintf(path, sizeof path, "%s/store.log", f->dir);
     unlink(path);
-    kms_log_set_level(KMS_LOG_INFO);
+    kms_log_set_level(KMS_LOG_INFO); /* the default, said again */
     assert_int_equal(kms_log_open(path), KMS_OK);
     kms_err rc = open_store(f->url, mode, 0, st);
     kms_log_close();
