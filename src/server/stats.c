@@ -242,7 +242,7 @@ kms_err kms_stats_start(struct kms_server *srv)
     if (rc == KMS_OK)
         rc = kms_counter_family_new("p11kms_database_failures_total",
                                     "Database transactions the database failed (could not begin "
-                                    "or commit), by kind",
+                                    "or commit, or failed a statement), by kind",
                                     "kind", tx_kinds, NULL, NULL, &st->db_failures);
     if (rc == KMS_OK)
         rc = kms_metrics_add_counter(st->registry, st->db_failures);

@@ -28,6 +28,7 @@ struct kms_tx {
     struct kms_store *store;
     int64_t began_ns; /* 0: ended (or observed already) */
     int write;
+    uint64_t faults; /* the thread's kms_store_fault count when it began */
 };
 
 struct kms_store_engine {
@@ -133,6 +134,13 @@ extern const struct kms_store_engine kms_store_pg;
  * every engine. KMS_OK when have is this binary's version, or older in INIT.
  */
 KMS_MUST_CHECK kms_err kms_store_schema_usable(const char *name, int have, int mode);
+
+/*
+ * The engines call this where the database itself failed a statement (not a
+ * conflict such as a duplicate key): the transaction the calling thread has
+ * open then counts as failed when it ends (store.c).
+ */
+void kms_store_fault(void);
 
 /* The one line a committed migration from version have to want logs (store.c). */
 void kms_store_log_migration(const char *name, int have, int want);

@@ -114,6 +114,14 @@ static int64_t now_ns(void)
     return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
 }
 
+/* Statements the database failed on this thread (kms_store_fault). */
+static __thread uint64_t thread_faults;
+
+void kms_store_fault(void)
+{
+    thread_faults++;
+}
+
 static void observe(struct kms_store *st, int write, int failed, int64_t began)
 {
     kms_store_observer fn = __atomic_load_n(&st->observe, __ATOMIC_ACQUIRE);
@@ -123,12 +131,16 @@ static void observe(struct kms_store *st, int write, int failed, int64_t began)
            ns > 0 ? (uint64_t)ns : 0);
 }
 
-/* A transaction ends: told once, whichever of commit and rollback comes first. */
+/*
+ * A transaction ends: told once, whichever of commit and rollback comes
+ * first; failed when it could not commit or the database failed one of its
+ * statements.
+ */
 static void ended(struct kms_tx *tx, int failed)
 {
     if (!tx->began_ns)
         return;
-    observe(tx->store, tx->write, failed, tx->began_ns);
+    observe(tx->store, tx->write, failed || tx->faults != thread_faults, tx->began_ns);
     tx->began_ns = 0;
 }
 
@@ -151,6 +163,7 @@ kms_err kms_store_begin(struct kms_store *st, int mode, struct kms_tx **out)
     (*out)->store = st;
     (*out)->write = mode == KMS_TX_WRITE;
     (*out)->began_ns = began ? began : 1;
+    (*out)->faults = thread_faults;
     return KMS_OK;
 }
 

@@ -147,7 +147,8 @@ enum { KMS_STORE_OPEN = 0, KMS_STORE_INIT = 1 };
 KMS_MUST_CHECK kms_err kms_store_open(const struct kms_store_config *cfg, struct kms_store **out);
 /*
  * Told of every transaction as it ends (p11kmsd's metrics): a write or a
- * read, whether the database failed it (it could not begin, or could not
+ * read, whether the database failed it (it could not begin, failed one of
+ * its statements — not a conflict such as a duplicate name — or could not
  * commit), and its time from the begin call to its commit or rollback.
  */
 typedef void (*kms_store_observer)(void *arg, int write, int failed, uint64_t ns);

@@ -561,6 +561,8 @@ static kms_err pg_fail(struct pg_store *st, struct pg_conn *c, PGresult *r, cons
         one_line(primary ? primary : PQerrorMessage(pg), msg, sizeof msg);
     if (words)
         snprintf(words, n, "%s", msg);
+    if (c->hung || !state || strcmp(state, "23505") != 0)
+        kms_store_fault();
     if (c->hung) {
         kms_warn("database %s: %s: %s", st->base.name, what, msg);
         e = KMS_FAIL(KMS_ERR_DEPENDENCY_TIMEOUT, "The key store's database did not answer in time");

@@ -206,6 +206,8 @@ static kms_err db_fail(sqlite3 *db, int rc, const char *what)
 {
     const char *msg = db ? sqlite3_errmsg(db) : sqlite3_errstr(rc);
     int primary = rc & 0xff;
+    if (rc != SQLITE_CONSTRAINT_PRIMARYKEY && rc != SQLITE_CONSTRAINT_UNIQUE)
+        kms_store_fault();
     if (primary == SQLITE_BUSY || primary == SQLITE_LOCKED) {
         kms_warn("database: %s: %s", what, msg);
         return KMS_FAIL(KMS_ERR_DEPENDENCY_TIMEOUT,

@@ -560,6 +560,7 @@ def test_full_disk():
         blobs = [encrypt(s, key), generate(s, key)]
         before = list_keys(s)
         mark = len(s.stderr_text())
+        failed = db_failures(s)
         filler = fill(mnt)
         # The write-ahead log may still have room for a transaction or two it
         # reuses; a write that needs a new page must fail, whole.
@@ -583,6 +584,12 @@ def test_full_disk():
         if not alias_landed:
             doc = h.check_error_response(r, r.json().get("__type"), r.status)
             check(r.status in (500, 503), "CreateAlias on a full disk: %d %r" % (r.status, doc))
+        # The writes the full disk refused failed a statement or the commit: counted.
+        now = db_failures(s)
+        h.diag("p11kms_database_failures_total: %r, then %r" % (failed, now))
+        check(now["write"] - failed["write"] >= (1 if alias_landed else 2),
+              "p11kms_database_failures_total{kind=write} counts the refused writes: %r, then %r"
+              % (failed, now))
         # the key in use needs no write
         fresh = [generate(s, key), encrypt(s, key)]
         for item in blobs + fresh:
@@ -680,6 +687,7 @@ def test_corrupt_at_run_time():
         decrypt_error(s, (key, blob, pt, dict(ctx, case="other")), INVALID_BLOB, 400)
         eq(describe(s, k)["KeyId"], k, "DescribeKey of a cached key")
     # anything that reads or writes the overwritten tables: 500, never a wrong answer
+    failed = db_failures(s)
     for op, params in (("ListKeys", {}),
                        ("CreateKey", {"Description": "on a corrupt database"}),
                        ("DescribeKey", {"KeyId": keys[0]}),
@@ -696,6 +704,15 @@ def test_corrupt_at_run_time():
     made_up = bytearray(blobs[keys[0]][1])
     made_up[1:17] = uuid.uuid4().bytes
     decrypt_error(s, (keys[0], bytes(made_up), None, blobs[keys[0]][3]), *internal)
+    # Each of those 12 answers is a transaction the database failed (a statement, not the
+    # begin or the commit): p11kms_database_failures_total counts them.
+    now = db_failures(s)
+    h.diag("p11kms_database_failures_total: %r, then %r" % (failed, now))
+    check(sum(now.values()) - sum(failed.values()) >= 12,
+          "p11kms_database_failures_total grew by the 12 failed requests: %r, then %r"
+          % (failed, now))
+    check(now["write"] - failed["write"] >= 3, "the 3 failed writes are counted: %r, then %r"
+          % (failed, now))
     check_log(log_since(s, mark), "malformed", extra_secrets=plaintexts(blobs.values()))
     s.stop()
 
