@@ -449,8 +449,7 @@ out:
     if (srv.ks)
         kms_keystore_stop(srv.ks);
     kms_audit_close(srv.audit); /* its close checkpoint, the node's head */
-    srv.audit = NULL;
-    kms_stats_free(&srv); /* after every thread that calls the token */
+    kms_stats_free(&srv);       /* after every thread that calls the token, the audit log's too */
     kms_ratelimit_free(srv.limits);
     kms_breaker_free(srv.breaker);
     kms_tls_free(srv.tls);

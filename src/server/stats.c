@@ -294,8 +294,7 @@ void kms_stats_free(struct kms_server *srv)
         kms_hsm_observe(srv->hsm, NULL, NULL);
     if (srv->store)
         kms_store_observe(srv->store, NULL, NULL);
-    if (srv->audit)
-        kms_audit_observe(srv->audit, NULL, NULL);
+    /* The audit log, closed before (its committer joined), tells nobody any more. */
     kms_metrics_free(st->registry); /* and the families added to it */
     free(st);
     srv->stats = NULL;

@@ -28,7 +28,7 @@ struct kms_tx {
     struct kms_store *store;
     int64_t began_ns; /* 0: ended (or observed already) */
     int write;
-    uint64_t faults; /* the thread's kms_store_fault count when it began */
+    uint64_t faults; /* the thread's count of kms_store_failed faults when it began */
 };
 
 struct kms_store_engine {
@@ -136,13 +136,17 @@ extern const struct kms_store_engine kms_store_pg;
 KMS_MUST_CHECK kms_err kms_store_schema_usable(const char *name, int have, int mode);
 
 /*
- * The engines call this where the database itself failed a statement (not a
- * conflict such as a duplicate key): the transaction the calling thread has
- * open then counts as failed when it ends (store.c).
+ * The engines pass every database error through this, classified (e): any
+ * but a conflict (KMS_ERR_ALREADY_EXISTS, a duplicate key) means the database
+ * failed, and the transaction the calling thread has open then counts as
+ * failed when it ends (store.c). Returns e.
  */
-void kms_store_fault(void);
+kms_err kms_store_failed(kms_err e);
 
-/* The one line a committed migration from version have to want logs (store.c). */
+/*
+ * After a committed schema check from version have (this binary's is want):
+ * the one line a migration logs; nothing when there was none to make.
+ */
 void kms_store_log_migration(const char *name, int have, int want);
 
 #endif

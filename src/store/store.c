@@ -83,6 +83,8 @@ kms_err kms_store_schema_usable(const char *name, int have, int mode)
 
 void kms_store_log_migration(const char *name, int have, int want)
 {
+    if (have >= want)
+        return; /* nothing migrated, or another process did it meanwhile */
     if (have == 0)
         kms_info("database %s: schema made at version %d", name, want);
     else
@@ -114,12 +116,14 @@ static int64_t now_ns(void)
     return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
 }
 
-/* Statements the database failed on this thread (kms_store_fault). */
+/* Statements the database failed on this thread (kms_store_failed). */
 static __thread uint64_t thread_faults;
 
-void kms_store_fault(void)
+kms_err kms_store_failed(kms_err e)
 {
-    thread_faults++;
+    if (e != KMS_ERR_ALREADY_EXISTS)
+        thread_faults++;
+    return e;
 }
 
 static void observe(struct kms_store *st, int write, int failed, int64_t began)

@@ -561,8 +561,6 @@ static kms_err pg_fail(struct pg_store *st, struct pg_conn *c, PGresult *r, cons
         one_line(primary ? primary : PQerrorMessage(pg), msg, sizeof msg);
     if (words)
         snprintf(words, n, "%s", msg);
-    if (c->hung || !state || strcmp(state, "23505") != 0)
-        kms_store_fault();
     if (c->hung) {
         kms_warn("database %s: %s: %s", st->base.name, what, msg);
         e = KMS_FAIL(KMS_ERR_DEPENDENCY_TIMEOUT, "The key store's database did not answer in time");
@@ -578,7 +576,7 @@ static kms_err pg_fail(struct pg_store *st, struct pg_conn *c, PGresult *r, cons
         e = KMS_FAIL(KMS_ERR_INTERNAL, "The key store's database failed");
     }
     PQclear(r);
-    return e;
+    return kms_store_failed(e);
 }
 
 /* ---- connections ---- */
@@ -983,13 +981,12 @@ static kms_err schema(struct pg_store *st, int mode)
         words[0] = '\0';
         rc = kms_store_schema_usable(st->base.name, have, mode);
     }
-    int migrating = rc == KMS_OK && have < kms_schema_count();
-    if (migrating)
+    if (rc == KMS_OK && have < kms_schema_count())
         rc = migrate(t, have, words, sizeof words);
     if (rc == KMS_OK)
         rc = pg_commit(tx);
     pg_rollback(tx);
-    if (rc == KMS_OK && migrating)
+    if (rc == KMS_OK)
         kms_store_log_migration(st->base.name, have, kms_schema_count());
     if (rc != KMS_OK && words[0])
         rc = KMS_FAIL(rc, "cannot use the database %s: %s", st->base.name, words);

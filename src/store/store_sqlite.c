@@ -206,17 +206,15 @@ static kms_err db_fail(sqlite3 *db, int rc, const char *what)
 {
     const char *msg = db ? sqlite3_errmsg(db) : sqlite3_errstr(rc);
     int primary = rc & 0xff;
-    if (rc != SQLITE_CONSTRAINT_PRIMARYKEY && rc != SQLITE_CONSTRAINT_UNIQUE)
-        kms_store_fault();
     if (primary == SQLITE_BUSY || primary == SQLITE_LOCKED) {
         kms_warn("database: %s: %s", what, msg);
-        return KMS_FAIL(KMS_ERR_DEPENDENCY_TIMEOUT,
-                        "The key store's database did not answer in time");
+        return kms_store_failed(KMS_FAIL(KMS_ERR_DEPENDENCY_TIMEOUT,
+                                         "The key store's database did not answer in time"));
     }
     if (rc == SQLITE_CONSTRAINT_PRIMARYKEY || rc == SQLITE_CONSTRAINT_UNIQUE)
-        return KMS_FAIL(KMS_ERR_ALREADY_EXISTS, "The entry already exists");
+        return kms_store_failed(KMS_FAIL(KMS_ERR_ALREADY_EXISTS, "The entry already exists"));
     kms_error("database: %s: %s (%s)", what, msg, sqlite3_errstr(rc));
-    return KMS_FAIL(KMS_ERR_INTERNAL, "The key store's database failed");
+    return kms_store_failed(KMS_FAIL(KMS_ERR_INTERNAL, "The key store's database failed"));
 }
 
 static kms_err exec(sqlite3 *db, const char *text, const char *what)
@@ -388,7 +386,7 @@ static kms_err schema(struct sq_store *st, sqlite3 *db, int mode)
     }
     if (rc == KMS_OK)
         rc = exec(db, "COMMIT", "migration");
-    if (rc == KMS_OK && have < want) /* not when another process migrated meanwhile */
+    if (rc == KMS_OK)
         kms_store_log_migration(st->base.name, have, want);
     if (rc != KMS_OK) {
         char *err = NULL;
